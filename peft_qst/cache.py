@@ -1,0 +1,83 @@
+"""`QSTCache`: the backbone's KV cache and the side networks' KV caches, carried through generation as one object.
+
+During cached generation the backbone and every side network each need their own cache of past keys and values.
+transformers' `generate` holds one cache object per call: it passes it to the model, takes the model's returned cache
+for the next step, and reorders, crops or repeats it for beam search, assisted decoding and the like. `QSTCache`
+is that one object. Everything that changes the batch or sequence layout (reorder, crop, repeat, select, reset) is
+applied to every half, so a beam-search reorder can never leave a side cache behind (a bug of the reference code);
+everything else — ``update``, ``get_seq_length``, mask sizes, ... — is the backbone cache's, because the backbone's
+attention is what transformers asks about.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from transformers.cache_utils import Cache
+
+_LAYOUT_METHODS = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset")
+
+
+class QSTCache(Cache):
+    """A backbone cache plus one side cache per adapter name.
+
+    Attribute access other than the layout methods goes to the backbone cache, so transformers sees the backbone's
+    cache (its layers, sequence length, mask sizes) exactly as it would without QST.
+    """
+
+    _own = frozenset(("backbone", "side", "side_cache", "with_side", "_each", *_LAYOUT_METHODS))
+
+    def __init__(self, backbone: Cache, side: Optional[dict[str, Cache]] = None):
+        # Cache.__init__ is not called: the storage belongs to the wrapped caches.
+        object.__setattr__(self, "backbone", backbone)
+        object.__setattr__(self, "side", dict(side or {}))
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("__") or name in QSTCache._own or name == "_own":
+            return object.__getattribute__(self, name)
+        return getattr(object.__getattribute__(self, "backbone"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in QSTCache._own:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.backbone, name, value)
+
+    def __len__(self) -> int:
+        return len(self.backbone)
+
+    def __repr__(self) -> str:
+        return f"QSTCache(backbone={self.backbone!r}, side={sorted(self.side)})"
+
+    def side_cache(self, adapter_name: str) -> Optional[Cache]:
+        return self.side.get(adapter_name)
+
+    def with_side(self, adapter_name: str, cache: Optional[Cache]) -> "QSTCache":
+        if cache is not None:
+            self.side[adapter_name] = cache
+        return self
+
+    def _each(self):
+        yield self.backbone
+        yield from self.side.values()
+
+    def reorder_cache(self, beam_idx):
+        for cache in self._each():
+            cache.reorder_cache(beam_idx)
+
+    def crop(self, max_length: int):
+        for cache in self._each():
+            cache.crop(max_length)
+
+    def batch_repeat_interleave(self, repeats: int):
+        for cache in self._each():
+            cache.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices):
+        for cache in self._each():
+            cache.batch_select_indices(indices)
+
+    def reset(self):
+        for cache in self._each():
+            cache.reset()
+

@@ -1,0 +1,194 @@
+"""`QSTConfig`: the configuration of a Quantized Side Tuning adapter.
+
+Only plain values live here, validated the moment the config is built, so that a bad value fails where the user
+wrote it and not as a shape error deep inside a forward pass. Whether a value fits a *particular* model (does ``r``
+divide its hidden size and head layout?) is checked by `get_peft_model`, which has the model at hand
+(see :mod:`peft_qst.side`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+
+PEFT_TYPE = "QST"
+
+DOWNSAMPLE_KINDS = ("adapter", "linear", "lora", "maxpool", "avgpool")
+SIDE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _activation_names() -> list[str]:
+    from transformers.activations import ACT2FN
+
+    return sorted(ACT2FN.keys())
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class QSTConfig(PeftConfig):
+    """Configuration of a QST (Quantized Side Tuning, Zhang et al., ACL 2024) adapter.
+
+    The pretrained model (4-bit or not) runs frozen under ``torch.no_grad()``. A small *side network* — one block per
+    backbone block, built from the model's own transformers classes with hidden and FFN sizes divided by ``r`` —
+    reads every backbone hidden state through a downsampler and a learnable gate, and its output is upsampled and
+    gated into the backbone's final hidden state, in front of the model's own frozen LM head. Only the side network
+    is trained and saved.
+
+    Use it wherever a `LoraConfig` would go: ``get_peft_model(model, QSTConfig(task_type="CAUSAL_LM"))``, or
+    ``SFTTrainer(..., peft_config=QSTConfig(...))``.
+
+    Args:
+        r (`int`): Reduction factor. The side network's hidden and FFN sizes are the backbone's divided by ``r``; the
+            number of attention and key/value heads is kept, so the head dimension shrinks by ``r`` too. ``r`` must
+            divide the model's hidden size into a whole head dimension (even, for rotary models); `get_peft_model`
+            lists the values that fit when one does not. Paper default: 16.
+        downsample (`str`): How each backbone hidden state (width d) is brought down to the side width d/r:
+            ``"adapter"`` (the paper's best: Linear d->rank, activation, Linear rank->d/r, LayerNorm),
+            ``"lora"`` (Linear d->rank->d/r, no activation), ``"linear"`` (one Linear d->d/r),
+            ``"maxpool"`` / ``"avgpool"`` (pool each group of r channels; no trainable parameters).
+        downsample_rank (`int`): Bottleneck width of the ``"adapter"`` and ``"lora"`` downsamplers (paper: 16).
+        activation (`str`): Activation of the ``"adapter"`` downsampler, any name in transformers' ``ACT2FN``.
+        dropout (`float`): Dropout on each downsampled hidden state during training, in [0, 1).
+        side_gate_init (`float`): Initial value, in (0, 1), of the per-channel gates of the side recurrence
+            ``g = (1 - s) * down(h_i) + s * g``: how much of the side network's own state each block keeps.
+        output_gate_init (`float`): Initial value of the per-channel output gate ``a`` in
+            ``h_out = h_L + a * up(side)``. The default 0 makes the adapted model start exactly at the pretrained
+            model's output (as LoRA does with its zero-initialised B), while the upsample is randomly initialised so
+            that ``a`` gets a gradient from the first step.
+        side_dtype (`str`, *optional*): dtype of the side network: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+            Default (None): the model's compute dtype (``bnb_4bit_compute_dtype`` for a bitsandbytes 4-bit model,
+            else the model's dtype).
+        target_modules (`str`, *optional*): Name of the decoder trunk to wrap. Found automatically
+            (``model.get_decoder()``); set it only for a model where that fails.
+        modules_to_save (`list[str]`, *optional*): Modules besides the side network to train and save, e.g. a
+            classification head (set automatically for ``task_type="SEQ_CLS"``).
+        base_model_signature (`dict`, *optional*): Filled in by `get_peft_model`: the model type, hidden size and
+            number of layers of the model the adapter was built for. Loading refuses any other model.
+        adapter_weights_sha256 (`str`, *optional*): Filled in by `save_pretrained`: a digest of the saved weights,
+            checked when they are loaded so that a corrupt file fails loudly.
+    """
+
+    r: int = field(default=16, metadata={"help": "Reduction factor of the side network's hidden and FFN sizes."})
+    downsample: str = field(
+        default="adapter", metadata={"help": f"Downsampler of each hidden state, one of {DOWNSAMPLE_KINDS}."}
+    )
+    downsample_rank: int = field(default=16, metadata={"help": "Bottleneck width of 'adapter'/'lora' downsamplers."})
+    activation: str = field(default="silu", metadata={"help": "Activation of the 'adapter' downsampler."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on downsampled hidden states, in [0, 1)."})
+    side_gate_init: float = field(default=0.5, metadata={"help": "Initial side-recurrence gate value, in (0, 1)."})
+    output_gate_init: float = field(default=0.0, metadata={"help": "Initial per-channel output gate value."})
+    side_dtype: Optional[str] = field(
+        default=None, metadata={"help": f"dtype of the side network, one of {SIDE_DTYPES}; None: the compute dtype."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the decoder trunk to wrap; found automatically when None."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train and save, e.g. a classification head."}
+    )
+    base_model_signature: Optional[dict] = field(
+        default=None, metadata={"help": "Set by get_peft_model: the base model this adapter fits."}
+    )
+    adapter_weights_sha256: Optional[str] = field(
+        default=None, metadata={"help": "Set by save_pretrained: digest of the saved adapter weights."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        self._validate()
+
+    def _validate(self) -> None:
+        if not _is_int(self.r) or self.r < 1:
+            raise ValueError(
+                f"QSTConfig.r={self.r!r} is invalid: r is the reduction factor of the side network and must be a "
+                "positive integer (paper default 16)."
+            )
+        if self.downsample not in DOWNSAMPLE_KINDS:
+            raise ValueError(
+                f"QSTConfig.downsample={self.downsample!r} is invalid: choose one of {', '.join(DOWNSAMPLE_KINDS)}."
+            )
+        if not _is_int(self.downsample_rank) or self.downsample_rank < 1:
+            raise ValueError(
+                f"QSTConfig.downsample_rank={self.downsample_rank!r} is invalid: it must be a positive integer "
+                "(paper default 16)."
+            )
+        activations = _activation_names()
+        if self.activation not in activations:
+            raise ValueError(
+                f"QSTConfig.activation={self.activation!r} is invalid: choose one of {', '.join(activations)}."
+            )
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"QSTConfig.dropout={self.dropout!r} is invalid: it must be a number in [0, 1).")
+        if not _is_number(self.side_gate_init) or not 0.0 < self.side_gate_init < 1.0:
+            raise ValueError(
+                f"QSTConfig.side_gate_init={self.side_gate_init!r} is invalid: it must be a number strictly between "
+                "0 and 1 (it is a sigmoid gate's initial value)."
+            )
+        if not _is_number(self.output_gate_init):
+            raise ValueError(
+                f"QSTConfig.output_gate_init={self.output_gate_init!r} is invalid: it must be a finite number "
+                "(0 starts training at the pretrained model's output)."
+            )
+        if self.side_dtype is not None and self.side_dtype not in SIDE_DTYPES:
+            raise ValueError(
+                f"QSTConfig.side_dtype={self.side_dtype!r} is invalid: choose one of {', '.join(SIDE_DTYPES)}, or "
+                "None to follow the model's compute dtype."
+            )
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list, set)):
+            raise ValueError(
+                f"QSTConfig.target_modules={self.target_modules!r} is invalid: give the name of the decoder trunk "
+                "(a string), or None to find it automatically."
+            )
+        if self.base_model_signature is not None and not isinstance(self.base_model_signature, dict):
+            raise ValueError(
+                f"QSTConfig.base_model_signature={self.base_model_signature!r} is invalid: it is filled in by "
+                "get_peft_model; leave it None."
+            )
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # saving and loading
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save ``adapter_config.json``; when the adapter's weights were just written beside it (as
+        ``PeftModel.save_pretrained`` does, weights first), record their digest so that loading can detect a
+        corrupt file."""
+        import json
+        import os
+
+        from peft.utils import CONFIG_NAME
+
+        from .serialization import SAFETENSORS_NAME, file_digest
+
+        super().save_pretrained(save_directory, **kwargs)
+        weights_path = os.path.join(save_directory, SAFETENSORS_NAME)
+        if os.path.isfile(weights_path):
+            config_path = os.path.join(save_directory, CONFIG_NAME)
+            with open(config_path) as handle:
+                saved = json.load(handle)
+            saved["adapter_weights_sha256"] = file_digest(weights_path)
+            with open(config_path, "w") as handle:
+                handle.write(json.dumps(saved, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config; for a local folder, first make sure its weights are safetensors and readable."""
+        import os
+
+        from .serialization import check_adapter_folder
+
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        if os.path.isdir(folder):
+            check_adapter_folder(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -1,0 +1,191 @@
+"""`QSTLayer`: the PEFT tuner layer that wraps a model's decoder trunk.
+
+QST lives *inside* the Hugging Face model, in place of its decoder trunk (``model.model`` for Llama-likes). The
+model's own forward, LM head, loss, ``logits_to_keep``, ``generate`` and TRL's fused LM-head loss all call the trunk
+and so run unchanged; the wrapped trunk only returns a better ``last_hidden_state``:
+
+1. the original trunk runs under ``torch.no_grad()`` with ``output_hidden_states=True``: no autograd graph is ever
+   recorded through the backbone, whatever hooks a training script installed (``enable_input_require_grads``,
+   gradient checkpointing, ``prepare_model_for_kbit_training``);
+2. the active adapter's side network reads those hidden states (detached) and runs with gradients;
+3. ``last_hidden_state = h_L + a * up(side)``.
+
+With the adapters disabled the layer is a pass-through: outputs equal the base model's exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .cache import QSTCache
+from .config import QSTConfig
+from .side import QSTSideNetwork
+
+#: trunk keyword arguments that belong to the backbone only; the rest (masks, positions, packing metadata) are shared
+_BACKBONE_ONLY_KWARGS = ("input_ids", "inputs_embeds", "output_hidden_states", "output_attentions", "return_dict")
+
+
+class QSTLayer(nn.Module, BaseTunerLayer):
+    """Wraps a decoder trunk; holds one :class:`~peft_qst.side.QSTSideNetwork` per adapter in ``qst_side``."""
+
+    adapter_layer_names = ("qst_side",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.qst_side = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        params = inspect.signature(type(base_layer).forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._positional_names = [
+            name
+            for name, p in params.items()
+            if name != "self" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+
+    def __getattr__(self, name: str) -> Any:
+        # Code around the trunk reads its attributes (``model.model.embed_tokens``, ``.layers``, ``.config``,
+        # ``.gradient_checkpointing``): they are the wrapped trunk's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "qst_side"):
+                raise
+            return getattr(self.base_layer, name)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # adapters
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def update_layer(self, adapter_name: str, config: QSTConfig, dtype: torch.dtype) -> None:
+        base = self.get_base_layer()
+        self.qst_side[adapter_name] = QSTSideNetwork(base, base.config, config, dtype)
+        self.set_adapter(self.active_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(
+            "QST adapters cannot be merged into the base weights: the side network is a separate computation path, "
+            "not a weight delta. Keep the adapter loaded with PeftModel, or use unload() to get the base model back."
+        )
+
+    def unmerge(self) -> None:
+        pass
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # forward
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _as_kwargs(self, args: tuple, kwargs: dict) -> dict:
+        if len(args) > len(self._positional_names):
+            raise TypeError(f"{type(self.base_layer).__name__}.forward got too many positional arguments")
+        for name, value in zip(self._positional_names, args):
+            if name in kwargs:
+                raise TypeError(f"{type(self.base_layer).__name__}.forward got multiple values for argument {name!r}")
+            kwargs[name] = value
+        return kwargs
+
+    def _pop_cache(self, kwargs: dict):
+        cache = kwargs.pop("cache", None)
+        legacy = kwargs.pop("past_key_values", None)
+        return cache if cache is not None else legacy
+
+    def forward(self, *args, **kwargs):
+        kwargs = self._as_kwargs(args, kwargs)
+        cache = self._pop_cache(kwargs)
+        active = [name for name in self.active_adapters if name in self.qst_side]
+        if self.disable_adapters or not active:
+            return self._forward_base(cache, kwargs)
+        if len(active) > 1:
+            raise ValueError(
+                f"QST runs one adapter at a time, but adapters {active} are active. Call set_adapter(name) to pick one."
+            )
+        return self._forward_adapted(active[0], cache, kwargs)
+
+    def _forward_base(self, cache, kwargs: dict):
+        """The trunk exactly as without QST; a paired cache keeps its side halves for later adapted steps."""
+        backbone_cache = cache.backbone if isinstance(cache, QSTCache) else cache
+        out = self.base_layer(**kwargs, **{self._cache_kwarg: backbone_cache})
+        if isinstance(cache, QSTCache) and not isinstance(out, tuple):
+            new_backbone_cache = self._output_cache(out)
+            if new_backbone_cache is not None:
+                cache.backbone = new_backbone_cache
+                out[self._cache_field(out)] = cache
+        return out
+
+    def _forward_adapted(self, adapter_name: str, cache, kwargs: dict):
+        config = self.base_layer.config
+        return_dict = kwargs.pop("return_dict", None)
+        want_hidden = kwargs.pop("output_hidden_states", None)
+        if want_hidden is None:
+            want_hidden = getattr(config, "output_hidden_states", False)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(config, "use_cache", False)
+
+        backbone_cache, side_cache = self._split_cache(cache, adapter_name)
+        with torch.no_grad():
+            out = self.base_layer(
+                **kwargs, **{self._cache_kwarg: backbone_cache}, output_hidden_states=True, return_dict=True
+            )
+        hidden_states = out.hidden_states
+
+        side_kwargs = {k: v for k, v in kwargs.items() if k not in _BACKBONE_ONLY_KWARGS}
+        side_kwargs["use_cache"] = bool(use_cache)
+        side = self.qst_side[adapter_name]
+        side_out, new_side_cache = side(hidden_states, cache=side_cache, **side_kwargs)
+        mixed = side.mix(out.last_hidden_state, side_out)
+
+        fields = dict(out.items())
+        fields["last_hidden_state"] = mixed
+        # the last hidden state is the adapted one; the backbone's are dropped unless asked for
+        fields["hidden_states"] = tuple(hidden_states[:-1]) + (mixed,) if want_hidden else None
+        new_backbone_cache = self._output_cache(out)
+        if use_cache and new_backbone_cache is not None:
+            paired = cache if isinstance(cache, QSTCache) else QSTCache(new_backbone_cache)
+            paired.backbone = new_backbone_cache
+            fields[self._cache_field(out)] = paired.with_side(adapter_name, new_side_cache)
+        out = type(out)(**fields)
+        if return_dict is False:
+            return out.to_tuple()
+        return out
+
+    def _split_cache(self, cache, adapter_name: str):
+        """The backbone half and this adapter's side half of whatever cache the caller passed."""
+        if cache is None:
+            return None, None
+        if isinstance(cache, QSTCache):
+            side_cache = cache.side_cache(adapter_name)
+            if side_cache is None and cache.backbone.get_seq_length() > 0:
+                raise ValueError(
+                    f"The cache holds {cache.backbone.get_seq_length()} past tokens but no side-network state for "
+                    f"adapter {adapter_name!r}: it was filled with another adapter or with adapters disabled. Start "
+                    "generation again with a fresh cache."
+                )
+            return cache.backbone, side_cache
+        if cache.get_seq_length() > 0:
+            raise ValueError(
+                f"A plain {type(cache).__name__} with {cache.get_seq_length()} past tokens was passed to a QST model; "
+                "it has no side-network state. Pass the cache the QST model returned (a QSTCache), or a fresh one."
+            )
+        return cache, None
+
+    @staticmethod
+    def _output_cache(out):
+        for name in ("cache", "past_key_values"):
+            if name in out:
+                return out[name]
+        return None
+
+    @staticmethod
+    def _cache_field(out) -> str:
+        names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set(out.keys())
+        return "cache" if "cache" in names else "past_key_values"

@@ -1,0 +1,233 @@
+"""`QSTModel`: the PEFT tuner that injects Quantized Side Tuning into a transformers model.
+
+It finds the model's decoder trunk, checks that the model and the config fit together (before touching anything), and
+replaces the trunk by a :class:`~peft_qst.layer.QSTLayer`. On loading it also checks that an adapter fits the model it
+is loaded onto: the recorded base-model signature, the exact set of weight names, and the weights' digest.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+)
+from torch import nn
+
+from .config import QSTConfig
+from .layer import QSTLayer
+from .serialization import QSTAdapterFileError, weights_digest
+from .side import QSTUnsupportedModelError, find_layer_list, shrink_config
+
+#: attribute holding the side networks inside a QSTLayer; every saved key goes through it
+SIDE_ATTR = "qst_side"
+
+
+def find_trunk_name(model: nn.Module) -> str:
+    """Module name of the decoder trunk to wrap (an already wrapped one counts)."""
+    for name, module in model.named_modules():
+        if isinstance(module, QSTLayer):
+            return name
+    get_decoder = getattr(model, "get_decoder", None)
+    trunk = get_decoder() if callable(get_decoder) else None
+    if trunk is None or trunk is model:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise QSTUnsupportedModelError(
+            f"QST cannot find the decoder trunk of this {model_type} model ({type(model).__name__}): QST wraps the "
+            "module that maps embeddings to the final hidden state (model.get_decoder()). Pass a *ForCausalLM or "
+            "*ForSequenceClassification model, or set QSTConfig(target_modules=<trunk module name>)."
+        )
+    for name, module in model.named_modules():
+        if module is trunk:
+            return name
+    raise QSTUnsupportedModelError(f"the decoder trunk of {type(model).__name__} is not one of its submodules")
+
+
+def model_signature(model: nn.Module) -> dict:
+    """What an adapter must match: model type, widths, depth, and the trunk class the side network is built from."""
+    config = model.config
+    return {
+        "model_type": config.model_type,
+        "hidden_size": int(config.hidden_size),
+        "num_hidden_layers": int(config.num_hidden_layers),
+        "num_attention_heads": int(config.num_attention_heads),
+    }
+
+
+def _describe(signature: dict) -> str:
+    return (
+        f"a {signature.get('model_type')} model (hidden_size={signature.get('hidden_size')}, "
+        f"{signature.get('num_hidden_layers')} layers, {signature.get('num_attention_heads')} attention heads)"
+    )
+
+
+def resolve_side_dtype(model: nn.Module, config: QSTConfig) -> torch.dtype:
+    """The side network's dtype: the config's, else the 4-bit compute dtype, else the model's dtype."""
+    if config.side_dtype is not None:
+        return getattr(torch, config.side_dtype)
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is not None:
+        as_dict = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        compute = as_dict.get("bnb_4bit_compute_dtype")
+        if as_dict.get("load_in_4bit") and compute is not None:
+            return getattr(torch, compute) if isinstance(compute, str) else compute
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    return torch.float32
+
+
+class QSTModel(BaseTuner):
+    """Creates a QST model from a pretrained transformers model. Use it through `get_peft_model` with a
+    :class:`~peft_qst.QSTConfig`; see that class for the method and its options.
+
+    Example:
+        ```py
+        >>> import peft_qst
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_qst.QSTConfig(task_type="CAUSAL_LM"))
+        ```
+    """
+
+    prefix: str = "qst_"
+    tuner_layer_cls = QSTLayer
+    target_module_mapping: dict = {}
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # injection
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        self._bind_config_to_model(self.peft_config[adapter_name], model)
+        super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _bind_config_to_model(self, config: QSTConfig, model: nn.Module) -> None:
+        """Check, before anything changes, that this config can side-tune this model; fill in what it records."""
+        model_config = getattr(model, "config", None)
+        model_type = getattr(model_config, "model_type", type(model).__name__)
+        if model_config is None:
+            raise QSTUnsupportedModelError(
+                f"QST side-tunes transformers models; {type(model).__name__} has no transformers config."
+            )
+        if getattr(model_config, "is_encoder_decoder", False):
+            raise QSTUnsupportedModelError(
+                f"QST does not support the {model_type} model: it is an encoder-decoder model, and QST side-tunes "
+                "decoder-only models."
+            )
+        for attribute in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if getattr(model_config, attribute, None) is None:
+                raise QSTUnsupportedModelError(
+                    f"QST does not support the {model_type} model: its config has no {attribute}, which the side "
+                    "network's shape is derived from."
+                )
+
+        signature = model_signature(model)
+        recorded = config.base_model_signature
+        if recorded is not None and dict(recorded) != signature:
+            raise ValueError(
+                f"This QST adapter was built for {_describe(recorded)} but is being loaded onto {_describe(signature)}"
+                f" ({type(model).__name__}). Load it onto the base model it was trained on"
+                + (f" ({config.base_model_name_or_path})." if config.base_model_name_or_path else ".")
+            )
+        config.base_model_signature = signature
+
+        if config.target_modules is None:
+            config.target_modules = re.escape(find_trunk_name(model))
+        trunk = self._matching_trunk(model, config)
+        if trunk is None:
+            raise QSTUnsupportedModelError(
+                f"QSTConfig.target_modules={config.target_modules!r} matches no module of {type(model).__name__}."
+            )
+        base_trunk = trunk.get_base_layer() if isinstance(trunk, QSTLayer) else trunk
+        forward_params = inspect.signature(type(base_trunk).forward).parameters
+        if "inputs_embeds" not in forward_params:
+            raise QSTUnsupportedModelError(
+                f"QST does not support the {model_type} model: its trunk {type(base_trunk).__name__} does not accept "
+                "inputs_embeds, which the side network is fed through."
+            )
+        find_layer_list(base_trunk, int(model_config.num_hidden_layers))
+        # raises a ValueError naming the fitting values when r does not fit the model's widths and heads
+        shrink_config(model_config, config, torch.float32)
+
+    @staticmethod
+    def _matching_trunk(model: nn.Module, config: QSTConfig) -> Optional[nn.Module]:
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        for name, module in model.named_modules():
+            if name and check_target_module_exists(config, name):
+                return module
+        return None
+
+    def _prepare_adapter_config(self, peft_config: QSTConfig, model_config: dict) -> QSTConfig:
+        # target_modules was set from the model itself in _bind_config_to_model
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: QSTConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        dtype = resolve_side_dtype(self.model, peft_config)
+        if isinstance(target, QSTLayer):
+            target.update_layer(adapter_name, peft_config, dtype)
+            return
+        new_module = QSTLayer(target)
+        new_module.update_layer(adapter_name, peft_config, dtype)
+        setattr(parent, target_name, new_module)
+
+    def _check_merge_allowed(self):
+        raise ValueError(
+            "QST adapters cannot be merged into the base model: the side network is a separate computation path, "
+            "not a weight delta. Keep the model as a PeftModel, or call unload() to get the base model back."
+        )
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # saving and loading
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """``...qst_side.<adapter>.trunk...`` -> ``...qst_side.trunk...``: saved keys never carry the adapter name,
+        so an adapter loads under any name without touching the others."""
+        marker = f"{SIDE_ATTR}.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f"{SIDE_ATTR}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: QSTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        if config.adapter_weights_sha256 is not None:
+            digest = weights_digest(state_dict)
+            if digest != config.adapter_weights_sha256:
+                raise QSTAdapterFileError(
+                    "The adapter weights read do not match the digest recorded in adapter_config.json when they were "
+                    "saved: adapter_model.safetensors is corrupt or was replaced. Save or download the adapter again."
+                )
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        marker = f".{SIDE_ATTR}.{adapter_name}."
+        expected = {k for k in _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes) if marker in k}
+        loaded = {k for k in remapped if marker in k}
+        strays = {k for k in remapped if f".{SIDE_ATTR}." in k and marker not in k}
+        missing, unexpected = sorted(expected - loaded), sorted((loaded - expected) | strays)
+        if missing or unexpected:
+            raise QSTAdapterFileError(
+                f"The checkpoint does not fit QST adapter {adapter_name!r} of this model: "
+                f"{len(missing)} weights missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:3]}). It was saved from a different QST configuration or base model; nothing "
+                "was loaded."
+            )
+        return remapped

@@ -1,0 +1,316 @@
+"""The side network: a narrow copy of the backbone's architecture that learns while the backbone stays frozen.
+
+The side network is built from the base model's *own* transformers classes: the decoder trunk class (e.g.
+``LlamaModel``) is instantiated with a shrunk config (hidden and FFN sizes divided by ``r``). That trunk's forward
+then does all the architecture-specific work — attention masks, rotary embeddings, sliding windows, packed sequences,
+its KV cache, its final norm — exactly as the backbone does, with no copied modeling code. QST adds three things
+around it:
+
+- downsamplers that bring each backbone hidden state from width d to d/r;
+- a gated recurrence: before side block i runs, its input is mixed with the downsampled output of backbone block i,
+  ``g = (1 - s_i) * down_i(h_i) + s_i * g`` (:class:`QSTSideBlock` wraps each side block to do this);
+- an upsample d/r -> d and a per-channel output gate that adds the result to the backbone's final hidden state.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .config import QSTConfig
+
+#: config attributes holding the FFN width; whichever the model defines is divided by r
+FFN_SIZE_ATTRIBUTES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+
+
+class QSTUnsupportedModelError(ValueError):
+    """Raised by `get_peft_model` for a model QST cannot side-tune, naming the model type and the reason."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shrinking a config
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _uses_rotary(config) -> bool:
+    return any(
+        getattr(config, name, None) is not None for name in ("rope_parameters", "rope_theta", "rope_scaling")
+    ) or getattr(config, "position_embedding_type", None) == "rotary"
+
+
+def _num_heads(config) -> int:
+    return int(config.num_attention_heads)
+
+
+def _fitting_r_values(config, limit: int = 64) -> list[int]:
+    return [r for r in range(1, limit + 1) if _shrink_problem(config, r) is None]
+
+
+def _shrink_problem(config, r: int) -> Optional[str]:
+    """Why ``r`` cannot shrink this config, or None when it can."""
+    hidden = int(config.hidden_size)
+    heads = _num_heads(config)
+    if hidden % r:
+        return f"r={r} does not divide hidden_size={hidden}"
+    side_hidden = hidden // r
+    if side_hidden % heads:
+        return (
+            f"r={r} gives a side hidden size of {side_hidden}, which does not split into the model's "
+            f"{heads} attention heads"
+        )
+    if _uses_rotary(config) and (side_hidden // heads) % 2:
+        return f"r={r} gives an odd side head dimension ({side_hidden // heads}), which rotary embeddings cannot use"
+    return None
+
+
+def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
+    """Return the config of the side trunk: the base config with hidden and FFN sizes divided by ``r``.
+
+    Rules (they follow from the config, not from a per-model table):
+    - hidden size d -> d / r; every attribute that holds an FFN width is divided by r (at least 1);
+    - the numbers of attention and key/value heads are kept, so the head dimension becomes (d / r) / heads;
+      an explicit ``head_dim`` is rewritten accordingly;
+    - the vocabulary is dropped (the side trunk reads downsampled hidden states, never token ids) and embeddings are
+      untied; the quantization config is removed (the side network is never quantized);
+    - everything else (layer count, layer types, sliding windows, rope parameters, norms, attention implementation)
+      is kept, so the side trunk runs the same code paths as the backbone.
+    """
+    r = qst_config.r
+    problem = _shrink_problem(base_config, r)
+    if problem is not None:
+        fitting = _fitting_r_values(base_config)
+        raise ValueError(
+            f"QSTConfig.r={r} cannot be used with this {base_config.model_type} model: {problem}. "
+            f"Values of r that fit this model: {fitting}."
+        )
+    side = copy.deepcopy(base_config)
+    side_hidden = int(base_config.hidden_size) // r
+    side.hidden_size = side_hidden
+    if getattr(base_config, "head_dim", None) is not None or _uses_rotary(base_config):
+        side.head_dim = side_hidden // _num_heads(base_config)
+    for name in FFN_SIZE_ATTRIBUTES:
+        value = getattr(base_config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(side, name, max(1, value // r))
+    side.vocab_size = 1
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if hasattr(side, name):
+            setattr(side, name, None)
+    side.tie_word_embeddings = False
+    if hasattr(side, "quantization_config"):
+        del side.quantization_config
+    side.dtype = dtype
+    side._attn_implementation = getattr(base_config, "_attn_implementation", None) or "eager"
+    return side
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Downsamplers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class AdapterDownsample(nn.Sequential):
+    """The paper's default downsampler: Linear d->rank, activation, Linear rank->d/r, LayerNorm."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, activation: str):
+        super().__init__(
+            nn.Linear(in_features, rank),
+            ACT2FN[activation],
+            nn.Linear(rank, out_features),
+            nn.LayerNorm(out_features),
+        )
+
+
+class LoRADownsample(nn.Sequential):
+    """A low-rank linear map d->rank->d/r without activation."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__(nn.Linear(in_features, rank, bias=False), nn.Linear(rank, out_features, bias=False))
+
+
+class PoolDownsample(nn.Module):
+    """Max or average over each group of r consecutive channels; no trainable parameters."""
+
+    def __init__(self, r: int, kind: str):
+        super().__init__()
+        self.r = r
+        self.kind = kind
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        grouped = hidden.unflatten(-1, (-1, self.r))
+        return grouped.amax(-1) if self.kind == "maxpool" else grouped.mean(-1)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, kind={self.kind}"
+
+
+def build_downsample(config: QSTConfig, in_features: int, out_features: int) -> nn.Module:
+    if config.downsample == "adapter":
+        return AdapterDownsample(in_features, out_features, config.downsample_rank, config.activation)
+    if config.downsample == "lora":
+        return LoRADownsample(in_features, out_features, config.downsample_rank)
+    if config.downsample == "linear":
+        return nn.Linear(in_features, out_features)
+    return PoolDownsample(config.r, config.downsample)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The side network
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def find_layer_list(trunk: nn.Module, num_layers: int) -> tuple[nn.Module, str]:
+    """The ``nn.ModuleList`` of decoder blocks inside a trunk, as (parent module, attribute name)."""
+    candidates = []
+    for name, module in trunk.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            candidates.append(name)
+    if not candidates:
+        raise QSTUnsupportedModelError(
+            f"cannot find the list of {num_layers} decoder blocks in {type(trunk).__name__}"
+        )
+    name = min(candidates, key=lambda n: n.count("."))  # the outermost one: blocks, not sub-blocks
+    parent_name, _, attr = name.rpartition(".")
+    return trunk.get_submodule(parent_name) if parent_name else trunk, attr
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter (or buffer); CPU for a module with neither."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class QSTSideBlock(nn.Module):
+    """One side block with its downsampler and gate: ``block((1 - s) * down(h_i) + s * g)``.
+
+    It stands in the side trunk's layer list where the plain block stood, so the trunk's own forward calls it with
+    the trunk's own arguments (masks, position embeddings, cache). The backbone hidden state ``h_i`` it mixes in is
+    handed over by :class:`QSTSideNetwork` for the duration of one forward (``self.backbone_hidden``). The mixing
+    happens outside the wrapped block, so gradient checkpointing of the block (which re-runs only the block) never
+    needs ``h_i`` again.
+    """
+
+    def __init__(self, block: nn.Module, downsample: nn.Module, width: int, gate_init: float, dropout: float):
+        super().__init__()
+        self.block = block
+        self.downsample = downsample
+        self.gate_logit = nn.Parameter(torch.full((width,), math.log(gate_init / (1.0 - gate_init))))
+        self.dropout = nn.Dropout(dropout)
+        self.backbone_hidden: Optional[torch.Tensor] = None
+
+    def __getattr__(self, name: str) -> Any:
+        # trunks read attributes of their blocks (e.g. ``attention_type`` for hybrid sliding-window models)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "block":
+                raise
+            return getattr(self.block, name)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.backbone_hidden is None:
+            raise RuntimeError("QSTSideBlock was called outside QSTSideNetwork.forward.")
+        down = self.dropout(self.downsample(self.backbone_hidden.to(hidden_states.device, hidden_states.dtype)))
+        gate = torch.sigmoid(self.gate_logit)
+        mixed = (1.0 - gate) * down + gate * hidden_states
+        return self.block(mixed, *args, **kwargs)
+
+
+class QSTSideNetwork(nn.Module):
+    """Everything one QST adapter owns: the side trunk (blocks with downsamplers and gates), the downsampler of the
+    embedding output, the upsample and the output gate.
+
+    ``forward(hidden_states, **trunk_kwargs)`` takes the backbone's hidden states (embedding output, then each block's
+    output, the last one after the final norm) and returns the side trunk's output (after the side final norm) and
+    its cache. :meth:`mix` then combines it with the backbone's final hidden state.
+    """
+
+    def __init__(self, base_trunk: nn.Module, base_config, qst_config: QSTConfig, dtype: torch.dtype):
+        super().__init__()
+        num_layers = int(base_config.num_hidden_layers)
+        side_config = shrink_config(base_config, qst_config, dtype)
+        hidden, side_hidden = int(base_config.hidden_size), int(side_config.hidden_size)
+        self.side_config = side_config
+
+        trunk = type(base_trunk)(side_config)
+        # the side trunk reads inputs_embeds only: drop its token embedding
+        embedding = trunk.get_input_embeddings()
+        for name, child in list(trunk.named_children()):
+            if child is embedding:
+                setattr(trunk, name, None)
+
+        base_parent, base_attr = find_layer_list(base_trunk, num_layers)
+        side_parent, side_attr = find_layer_list(trunk, num_layers)
+        base_blocks = getattr(base_parent, base_attr)
+        side_blocks = getattr(side_parent, side_attr)
+        wrapped = []
+        for i, block in enumerate(side_blocks):
+            side_block = QSTSideBlock(
+                block,
+                build_downsample(qst_config, hidden, side_hidden),
+                side_hidden,
+                qst_config.side_gate_init,
+                qst_config.dropout,
+            )
+            # the side block lives where the backbone block whose output it reads lives
+            wrapped.append(side_block.to(module_device(base_blocks[i])))
+        setattr(side_parent, side_attr, nn.ModuleList(wrapped))
+        self.trunk = trunk
+        self.embed_downsample = build_downsample(qst_config, hidden, side_hidden)
+        self.embed_dropout = nn.Dropout(qst_config.dropout)
+        self.upsample = nn.Linear(side_hidden, hidden, bias=False)
+        self.output_gate = nn.Parameter(torch.full((hidden,), float(qst_config.output_gate_init)))
+
+        # parameters take the side dtype; buffers (e.g. rotary inverse frequencies) keep their precision
+        for parameter in self.parameters():
+            parameter.data = parameter.data.to(dtype)
+
+        embed_device = module_device(base_trunk.get_input_embeddings())
+        self.embed_downsample.to(embed_device)
+        # the trunk-level modules (final norm, rotary embedding) and the output side sit with the last block
+        last_device = module_device(base_blocks[-1])
+        for name, child in trunk.named_children():
+            if name != side_attr or side_parent is not trunk:
+                child.to(last_device)
+        self.upsample.to(last_device)
+        self.output_gate.data = self.output_gate.data.to(last_device)
+
+        self._blocks = list(wrapped)  # plain list: a view of the blocks, not a second registration
+        self._trunk_params = set(inspect.signature(type(trunk).forward).parameters)
+
+    @property
+    def blocks(self) -> list[QSTSideBlock]:
+        return self._blocks
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...], cache=None, **trunk_kwargs):
+        if len(hidden_states) != len(self._blocks) + 1:
+            raise RuntimeError(
+                f"QST expected {len(self._blocks) + 1} hidden states from the backbone, got {len(hidden_states)}."
+            )
+        dtype = self.upsample.weight.dtype
+        first = hidden_states[0].detach()
+        inputs = self.embed_dropout(self.embed_downsample(first.to(module_device(self.embed_downsample), dtype)))
+        for block, hidden in zip(self._blocks, hidden_states[1:]):
+            block.backbone_hidden = hidden.detach()
+        cache_name = "cache" if "cache" in self._trunk_params else "past_key_values"
+        try:
+            out = self.trunk(inputs_embeds=inputs, return_dict=True, **{cache_name: cache}, **trunk_kwargs)
+        finally:
+            for block in self._blocks:
+                block.backbone_hidden = None
+        new_cache = out.get("cache", out.get("past_key_values"))
+        return out.last_hidden_state, new_cache
+
+    def mix(self, backbone_last: torch.Tensor, side_out: torch.Tensor) -> torch.Tensor:
+        """``h_L + a * up(side)``: with the output gate ``a`` at 0 this is exactly the backbone's output."""
+        update = self.output_gate * self.upsample(side_out.to(self.upsample.weight.device))
+        return backbone_last + update.to(backbone_last.device, backbone_last.dtype)
