@@ -268,6 +268,8 @@ class QSTSideNetwork(nn.Module):
         self.embed_downsample = build_downsample(qst_config, hidden, side_hidden)
         self.embed_dropout = nn.Dropout(qst_config.dropout)
         self.upsample = nn.Linear(side_hidden, hidden, bias=False)
+        # zero, as LoRA's B: training starts exactly at the pretrained model's output
+        nn.init.zeros_(self.upsample.weight)
         self.output_gate = nn.Parameter(torch.full((hidden,), float(qst_config.output_gate_init)))
 
         # parameters take the side dtype; buffers (e.g. rotary inverse frequencies) keep their precision
@@ -311,6 +313,6 @@ class QSTSideNetwork(nn.Module):
         return out.last_hidden_state, new_cache
 
     def mix(self, backbone_last: torch.Tensor, side_out: torch.Tensor) -> torch.Tensor:
-        """``h_L + a * up(side)``: with the output gate ``a`` at 0 this is exactly the backbone's output."""
+        """``h_L + a * up(side)``; ``up`` starts at zero, so an untrained adapter returns the backbone's output."""
         update = self.output_gate * self.upsample(side_out.to(self.upsample.weight.device))
         return backbone_last + update.to(backbone_last.device, backbone_last.dtype)

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random models for plumbing, the real 4-bit SmolLM2 where realism matters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import peft_qst  # noqa: F401  (registers QST with PEFT)
+
+warnings.filterwarnings("ignore", message=".*kernels.*")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_llama_config(**overrides):
+    from transformers import AutoConfig
+
+    sizes = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+    )
+    sizes.update(overrides)
+    return AutoConfig.for_model("llama", **sizes)
+
+
+def tiny_causal_lm(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(**overrides) if model_type == "llama" else AutoConfig.for_model(model_type, **overrides)
+    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_causal_lm()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved to disk, so adapters record a base_model_name_or_path that resolves."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_causal_lm()
+    model.save_pretrained(path)
+    return str(path)
+
+
+def bnb_config(quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from peft_qst.smollm2 import smollm2_path
+
+    return smollm2_path()
+
+
+def load_smollm2_4bit(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config())
+
+
+def run_python(code: str, timeout: int = 600) -> str:
+    """Run code in a fresh Python process (nothing imported, nothing registered) and return its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result.stdout

@@ -1,0 +1,161 @@
+"""What QST promises about autograd: only the side network learns, and the backbone records nothing for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model, prepare_model_for_kbit_training
+
+from peft_qst import QSTConfig, QSTLayer
+
+from .conftest import load_smollm2_4bit, tiny_causal_lm
+
+
+def qst_layer(model) -> QSTLayer:
+    return next(m for m in model.modules() if isinstance(m, QSTLayer))
+
+
+def audit_backward(model, input_ids):
+    """Run forward + backward while recording every tensor autograd saves for backward.
+
+    Returns (saved, backbone_outputs, handed_over): the saved tensors' storage pointers and sizes, the storage
+    pointers of every tensor any backbone module produced, and those of the hidden states handed to the side network.
+    """
+    layer = qst_layer(model)
+    # tensors are kept alive (dict values) so that their storage cannot be reused by later tensors during the audit
+    backbone_outputs: dict[int, torch.Tensor] = {}
+    handed_over: set[int] = set()
+
+    def collect(_module, _inputs, output):
+        stack = [output]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                backbone_outputs[item.untyped_storage().data_ptr()] = item
+            elif isinstance(item, (tuple, list)):
+                stack.extend(item)
+            elif hasattr(item, "values") and callable(item.values):
+                stack.extend(item.values())
+
+    def record_handover(_module, args, kwargs):
+        for hidden in args[0]:
+            handed_over.add(hidden.untyped_storage().data_ptr())
+
+    hooks = [m.register_forward_hook(collect) for m in layer.base_layer.modules()]
+    hooks += [side.register_forward_pre_hook(record_handover, with_kwargs=True) for side in layer.qst_side.values()]
+    saved: list[tuple[int, torch.Size]] = []
+
+    def pack(tensor):
+        saved.append((tensor.untyped_storage().data_ptr(), tensor.shape))
+        return tensor
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=input_ids, labels=input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out.loss.backward()
+    return out, saved, backbone_outputs, handed_over
+
+
+def take_one_step(model, input_ids, lr=1e-2):
+    """One optimizer step, so that the zero-initialised upsample no longer blocks gradients to the side blocks."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def assert_only_side_learns_and_backbone_saves_nothing(model, input_ids):
+    take_one_step(model, input_ids)
+    out, saved, backbone_outputs, handed_over = audit_backward(model, input_ids)
+    assert torch.isfinite(out.loss)
+    config = model.get_base_model().config
+    num_hidden_states = config.num_hidden_layers + 1
+
+    # 1. every side parameter has a finite gradient, no backbone parameter has one
+    side_params = {n: p for n, p in model.named_parameters() if ".qst_side." in n}
+    assert side_params and all(p.requires_grad for p in side_params.values())
+    for name, param in side_params.items():
+        assert param.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+    for name, param in model.named_parameters():
+        if ".qst_side." not in name:
+            assert param.grad is None, f"backbone parameter {name} got a gradient"
+            assert not param.requires_grad, f"backbone parameter {name} is trainable"
+
+    # 2. nothing the backbone computed is saved for backward, except the hidden states handed to the downsamplers
+    leaked = [shape for ptr, shape in saved if ptr in backbone_outputs and ptr not in handed_over]
+    assert not leaked, f"backbone activations saved for backward: {leaked[:5]}"
+    assert len(handed_over) == num_hidden_states
+    # the hidden states themselves are saved only as the downsamplers' inputs: at most once per state and downsampler
+    # linear layer of the default 'adapter' downsampler
+    saved_handovers = [ptr for ptr, _ in saved if ptr in handed_over]
+    assert len(set(saved_handovers)) <= num_hidden_states
+    return out
+
+
+def test_tiny_model_only_side_learns(tiny_model):
+    model = get_peft_model(tiny_model, QSTConfig(r=4))
+    model.train()
+    ids = torch.randint(0, 128, (2, 9))
+    assert_only_side_learns_and_backbone_saves_nothing(model, ids)
+    # once the upsample has moved off zero, the side network's gradients are not merely finite but non-zero
+    side_grads = [p.grad for n, p in model.named_parameters() if ".qst_side." in n]
+    assert all(g.abs().sum() > 0 for g in side_grads)
+
+
+def test_tiny_model_with_input_grads_and_gradient_checkpointing(tiny_model):
+    # what prepare_model_for_kbit_training and TRL do to the model before get_peft_model
+    tiny_model.enable_input_require_grads()
+    tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model = get_peft_model(tiny_model, QSTConfig(r=4))
+    model.train()
+    ids = torch.randint(0, 128, (2, 9))
+    assert_only_side_learns_and_backbone_saves_nothing(model, ids)
+
+
+def test_training_starts_at_the_pretrained_output(tiny_model):
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        expected = tiny_model(input_ids=ids).logits
+    model = get_peft_model(tiny_model, QSTConfig(r=4))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_a_few_steps_reduce_the_loss(tiny_model):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model, QSTConfig(r=4))
+    model.train()
+    ids = torch.randint(0, 128, (4, 16))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.smollm2
+def test_smollm2_4bit_after_prepare_model_for_kbit_training(smollm2_dir):
+    base = load_smollm2_4bit(smollm2_dir)
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    model.train()
+    ids = torch.randint(0, 49152, (2, 24))
+    assert_only_side_learns_and_backbone_saves_nothing(model, ids)
+
+
+@pytest.mark.smollm2
+def test_smollm2_default_config_trains_under_one_percent(smollm2_dir):
+    model = get_peft_model(load_smollm2_4bit(smollm2_dir), QSTConfig(task_type="CAUSAL_LM"))
+    trainable, total = model.get_nb_trainable_parameters()
+    share = trainable / total
+    assert 0 < share < 0.01, share
+    # the side network follows bnb_4bit_compute_dtype
+    assert {p.dtype for n, p in model.named_parameters() if ".qst_side." in n} == {torch.bfloat16}
