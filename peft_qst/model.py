@@ -185,6 +185,10 @@ class QSTModel(BaseTuner):
         new_module.update_layer(adapter_name, peft_config, dtype)
         setattr(parent, target_name, new_module)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT upcasts bf16/fp16 adapter weights to fp32 by default; QST's dtype rule is its own (``side_dtype``:
+        the compute dtype unless set), so that the side network computes in the dtype the backbone hands it."""
+
     def _check_merge_allowed(self):
         raise ValueError(
             "QST adapters cannot be merged into the base model: the side network is a separate computation path, "

@@ -1,0 +1,269 @@
+"""Multi-adapter API, save/load round trips in fresh processes, and the refusals that keep loading honest."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from peft_qst import QSTAdapterFileError, QSTConfig
+
+from .conftest import REPO, bnb_config, load_smollm2_4bit, run_python, tiny_causal_lm
+
+IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def train_steps(model, steps=3, lr=1e-2, ids=IDS):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def side_state(model, adapter_name):
+    marker = f".qst_side.{adapter_name}."
+    return {k: v.clone() for k, v in model.state_dict().items() if marker in k}
+
+
+@pytest.fixture
+def trained(tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    train_steps(model)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# multi-adapter API
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_disable_adapter_gives_the_base_model_exactly(tiny_model_dir, trained):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        expected = base(input_ids=IDS).logits
+        adapted = trained(input_ids=IDS).logits
+        with trained.disable_adapter():
+            disabled = trained(input_ids=IDS).logits
+        again = trained(input_ids=IDS).logits
+    assert not torch.allclose(adapted, expected)  # the adapter does something
+    assert torch.equal(disabled, expected)
+    assert torch.equal(again, adapted)
+
+
+def test_add_set_delete_adapter(trained):
+    trained.add_adapter("second", QSTConfig(task_type="CAUSAL_LM", r=2, downsample="linear"))
+    assert set(trained.peft_config) == {"default", "second"}
+    # adding does not activate: only the active adapter is trainable
+    trainable = {n.split(".qst_side.")[1].split(".")[0] for n, p in trained.named_parameters() if p.requires_grad}
+    assert trainable == {"default"}
+    with torch.no_grad():
+        first = trained(input_ids=IDS).logits
+    trained.set_adapter("second")
+    trainable = {n.split(".qst_side.")[1].split(".")[0] for n, p in trained.named_parameters() if p.requires_grad}
+    assert trainable == {"second"}
+    train_steps(trained)
+    with torch.no_grad():
+        second = trained(input_ids=IDS).logits
+    assert not torch.allclose(first, second)
+    trained.set_adapter("default")
+    with torch.no_grad():
+        assert torch.equal(trained(input_ids=IDS).logits, first)
+    trained.delete_adapter("second")
+    assert set(trained.peft_config) == {"default"}
+    assert not any(".qst_side.second." in n for n, _ in trained.named_parameters())
+
+
+def test_load_adapter_under_a_second_name_never_changes_the_first(tmp_path, tiny_model_dir, trained):
+    trained.save_pretrained(tmp_path / "a")
+    other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    torch.manual_seed(1)
+    train_steps(other, steps=2)
+    before = side_state(other, "default")
+    other.load_adapter(str(tmp_path / "a"), adapter_name="loaded")
+    after = side_state(other, "default")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # and the loaded adapter equals the saved one
+    other.set_adapter("loaded")
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=IDS).logits, trained(input_ids=IDS).logits)
+
+
+def test_saved_keys_carry_qst_and_never_the_adapter_name(tmp_path, trained):
+    trained.save_pretrained(tmp_path)
+    keys = load_file(str(tmp_path / "adapter_model.safetensors")).keys()
+    assert keys and all("qst_" in k for k in keys)
+    assert not any(".default." in k for k in keys)
+    assert {p for n, p in trained.named_parameters() if p.requires_grad}.__len__() == len(keys)
+
+
+def test_merge_is_refused_with_a_reason(trained):
+    with pytest.raises(ValueError, match="cannot be merged"):
+        trained.merge_and_unload()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# round trips in a fresh process
+# --------------------------------------------------------------------------------------------------------------------
+
+ROUND_TRIP = textwrap.dedent(
+    """
+    import torch
+    import peft_qst
+    from peft import PeftModel, AutoPeftModelForCausalLM
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
+    base_dir, adapter_dir, ids_file, out_file, quantized = ARGS
+    ids = load_file(ids_file)["ids"]
+    kwargs = {}
+    if quantized == "1":
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    with torch.no_grad():
+        via_peft = PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids).logits
+        via_auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, **kwargs).eval()(input_ids=ids).logits
+    save_file({"peft": via_peft.contiguous(), "auto": via_auto.contiguous()}, out_file)
+    print("ok")
+    """
+)
+
+
+def round_trip_in_fresh_process(tmp_path, base_dir, adapter_dir, ids, quantized=False):
+    ids_file, out_file = str(tmp_path / "ids.safetensors"), str(tmp_path / "logits.safetensors")
+    save_file({"ids": ids}, ids_file)
+    args = [base_dir, str(adapter_dir), ids_file, out_file, "1" if quantized else "0"]
+    run_python(f"ARGS = {args!r}\n" + ROUND_TRIP)
+    return load_file(out_file)
+
+
+def test_fresh_process_round_trip_tiny(tmp_path, tiny_model_dir, trained):
+    trained.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = trained(input_ids=IDS).logits
+    got = round_trip_in_fresh_process(tmp_path, tiny_model_dir, tmp_path / "adapter", IDS)
+    assert torch.equal(got["peft"], expected)
+    assert torch.equal(got["auto"], expected)
+
+
+@pytest.mark.smollm2
+def test_fresh_process_round_trip_smollm2_4bit(tmp_path, smollm2_dir):
+    model = get_peft_model(load_smollm2_4bit(smollm2_dir), QSTConfig(task_type="CAUSAL_LM"))
+    ids = torch.tensor([[1, 4093, 314, 253, 1345, 30, 2, 2015, 563, 7, 28, 9]])
+    train_steps(model, steps=2, lr=1e-3, ids=ids)
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    got = round_trip_in_fresh_process(tmp_path, smollm2_dir, tmp_path / "adapter", ids, quantized=True)
+    assert torch.equal(got["peft"], expected)
+    assert torch.equal(got["auto"], expected)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# refusals
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "other, fragment",
+    [
+        (dict(hidden_size=32, intermediate_size=64), "hidden_size=32"),
+        (dict(num_hidden_layers=2), "2 layers"),
+        ("mistral", "a mistral model"),
+    ],
+    ids=["hidden-size", "layer-count", "model-type"],
+)
+def test_adapter_refuses_a_base_model_it_was_not_trained_for(tmp_path, trained, other, fragment):
+    trained.save_pretrained(tmp_path)
+    if other == "mistral":
+        wrong = tiny_causal_lm(
+            "mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128,
+        )
+    else:
+        wrong = tiny_causal_lm(**other)
+    with pytest.raises(ValueError) as info:
+        PeftModel.from_pretrained(wrong, str(tmp_path))
+    message = str(info.value)
+    assert "built for a llama model (hidden_size=64, 3 layers" in message
+    assert fragment in message
+
+
+def test_truncated_weights_file_fails_clearly(tmp_path, tiny_model_dir, trained):
+    trained.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(QSTAdapterFileError, match="truncated or corrupt"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+
+
+def test_corrupt_weights_fail_the_digest_check(tmp_path, tiny_model_dir, trained):
+    trained.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 64, len(data) - 8):  # garble tensor bytes, keep the header valid
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+
+
+def test_pickled_weights_are_never_read(tmp_path, tiny_model_dir, trained):
+    trained.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists()
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    with pytest.raises(QSTAdapterFileError, match="never unpickles"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+
+
+def test_weights_of_another_configuration_fail_loudly(tmp_path, tiny_model_dir, trained):
+    trained.save_pretrained(tmp_path / "adapter")
+    other = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4, downsample="lora")
+    )
+    other.save_pretrained(tmp_path / "lora")
+    # weights of the 'lora' adapter under the 'adapter' adapter's config (digest removed, as a hand-edited folder)
+    os.replace(tmp_path / "lora" / "adapter_model.safetensors", tmp_path / "adapter" / "adapter_model.safetensors")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["adapter_weights_sha256"] = None
+    config_path.write_text(json.dumps(config))
+    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    before = side_state(fresh, "default")
+    with pytest.raises(QSTAdapterFileError, match="does not fit QST adapter 'resumed'"):
+        fresh.load_adapter(str(tmp_path / "adapter"), adapter_name="resumed")
+    after = side_state(fresh, "default")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_import_twice_is_harmless_and_loading_needs_the_import(tmp_path, trained):
+    trained.save_pretrained(tmp_path)
+    out = run_python(
+        textwrap.dedent(
+            f"""
+            from peft import PeftConfig
+            try:
+                PeftConfig.from_pretrained({str(tmp_path)!r})
+            except KeyError as err:
+                print("without import:", err)
+            import importlib, peft_qst
+            peft_qst.register(); importlib.reload(peft_qst)
+            config = PeftConfig.from_pretrained({str(tmp_path)!r})
+            print(type(config).__name__, config.peft_type, config.r)
+            """
+        )
+    )
+    assert "without import: 'QST'" in out
+    assert "QSTConfig QST 4" in out
