@@ -11,11 +11,21 @@ attention is what transformers asks about.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from transformers.cache_utils import Cache
 
 _LAYOUT_METHODS = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset")
+
+
+def cache_field(output) -> str:
+    """Name of a model output's cache field: ``cache`` in transformers >= 5.24, ``past_key_values`` before.
+
+    Read from the output class's fields, because asking a 5.24 output for the old name logs a deprecation warning.
+    """
+    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set(output.keys())
+    return "cache" if "cache" in names else "past_key_values"
 
 
 class QSTCache(Cache):

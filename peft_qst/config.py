@@ -64,8 +64,9 @@ class QSTConfig(PeftConfig):
         output_gate_init (`float`): Initial value of the per-channel output gate ``a`` in
             ``h_out = h_L + a * up(side)``. The upsample ``up`` starts at zero (as LoRA's B matrix does), so the
             adapted model starts exactly at the pretrained model's output whatever ``a`` is, while ``up`` gets a
-            full gradient from the first step. With ``a`` at 1 that gradient is not scaled down; measured on a tiny
-            model, zero-initialising ``a`` instead (with a random ``up``) learned several times slower.
+            full gradient from the first step. With ``a`` at 1 that gradient is not scaled down; zero-initialising
+            ``a`` instead (with a random ``up``) scales every gradient into the side network by ``a`` and learned far
+            slower in our first trials.
         side_dtype (`str`, *optional*): dtype of the side network: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
             Default (None): the model's compute dtype (``bnb_4bit_compute_dtype`` for a bitsandbytes 4-bit model,
             else the model's dtype).

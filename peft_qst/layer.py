@@ -15,7 +15,6 @@ With the adapters disabled the layer is a pass-through: outputs equal the base m
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import Any, Optional
 
@@ -23,7 +22,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .cache import QSTCache
+from .cache import QSTCache, cache_field
 from .config import QSTConfig
 from .side import QSTSideNetwork
 
@@ -115,10 +114,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         backbone_cache = cache.backbone if isinstance(cache, QSTCache) else cache
         out = self.base_layer(**kwargs, **{self._cache_kwarg: backbone_cache})
         if isinstance(cache, QSTCache) and not isinstance(out, tuple):
-            new_backbone_cache = self._output_cache(out)
+            new_backbone_cache = out.get(cache_field(out))
             if new_backbone_cache is not None:
                 cache.backbone = new_backbone_cache
-                out[self._cache_field(out)] = cache
+                out[cache_field(out)] = cache
         return out
 
     def _forward_adapted(self, adapter_name: str, cache, kwargs: dict):
@@ -148,11 +147,11 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         fields["last_hidden_state"] = mixed
         # the last hidden state is the adapted one; the backbone's are dropped unless asked for
         fields["hidden_states"] = tuple(hidden_states[:-1]) + (mixed,) if want_hidden else None
-        new_backbone_cache = self._output_cache(out)
+        new_backbone_cache = out.get(cache_field(out))
         if use_cache and new_backbone_cache is not None:
             paired = cache if isinstance(cache, QSTCache) else QSTCache(new_backbone_cache)
             paired.backbone = new_backbone_cache
-            fields[self._cache_field(out)] = paired.with_side(adapter_name, new_side_cache)
+            fields[cache_field(out)] = paired.with_side(adapter_name, new_side_cache)
         out = type(out)(**fields)
         if return_dict is False:
             return out.to_tuple()
@@ -178,14 +177,3 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             )
         return cache, None
 
-    @staticmethod
-    def _output_cache(out):
-        for name in ("cache", "past_key_values"):
-            if name in out:
-                return out[name]
-        return None
-
-    @staticmethod
-    def _cache_field(out) -> str:
-        names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set(out.keys())
-        return "cache" if "cache" in names else "past_key_values"

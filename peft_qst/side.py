@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .cache import cache_field
 from .config import QSTConfig
 
 #: config attributes holding the FFN width; whichever the model defines is divided by r
@@ -309,8 +310,7 @@ class QSTSideNetwork(nn.Module):
         finally:
             for block in self._blocks:
                 block.backbone_hidden = None
-        new_cache = out.get("cache", out.get("past_key_values"))
-        return out.last_hidden_state, new_cache
+        return out.last_hidden_state, out.get(cache_field(out))
 
     def mix(self, backbone_last: torch.Tensor, side_out: torch.Tensor) -> torch.Tensor:
         """``h_L + a * up(side)``; ``up`` starts at zero, so an untrained adapter returns the backbone's output."""
