@@ -26,6 +26,9 @@ from .cache import QSTCache, cache_field
 from .config import QSTConfig
 from .side import QSTSideNetwork
 
+#: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
+BASE_ADAPTER_NAME = "__base__"
+
 #: trunk keyword arguments that belong to the backbone only; the rest (masks, positions, packing metadata) are shared
 _BACKBONE_ONLY_KWARGS = ("input_ids", "inputs_embeds", "output_hidden_states", "output_attentions", "return_dict")
 
@@ -100,14 +103,32 @@ class QSTLayer(nn.Module, BaseTunerLayer):
     def forward(self, *args, **kwargs):
         kwargs = self._as_kwargs(args, kwargs)
         cache = self._pop_cache(kwargs)
+        row_adapters = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            return self._forward_base(cache, kwargs)
+        if row_adapters is not None:
+            return self._forward_adapted(self._adapters_of_rows(row_adapters), cache, kwargs, row_adapters)
         active = [name for name in self.active_adapters if name in self.qst_side]
-        if self.disable_adapters or not active:
+        if not active:
             return self._forward_base(cache, kwargs)
         if len(active) > 1:
             raise ValueError(
-                f"QST runs one adapter at a time, but adapters {active} are active. Call set_adapter(name) to pick one."
+                f"QST runs one adapter at a time, but adapters {active} are active. Call set_adapter(name) to pick "
+                "one, or pass adapter_names=[...] to route each row of a batch to an adapter."
             )
-        return self._forward_adapted(active[0], cache, kwargs)
+        return self._forward_adapted(active, cache, kwargs)
+
+    def _adapters_of_rows(self, row_adapters) -> list[str]:
+        if isinstance(row_adapters, str) or not all(isinstance(name, str) for name in row_adapters):
+            raise TypeError(f"adapter_names must be a list with one adapter name per row, got {row_adapters!r}.")
+        names = list(dict.fromkeys(name for name in row_adapters if name != BASE_ADAPTER_NAME))
+        unknown = [name for name in names if name not in self.qst_side]
+        if unknown:
+            raise ValueError(
+                f"adapter_names refers to adapter(s) {unknown} that this model does not have; available: "
+                f"{sorted(self.qst_side)} and {BASE_ADAPTER_NAME!r} for the base model."
+            )
+        return names
 
     def _forward_base(self, cache, kwargs: dict):
         """The trunk exactly as without QST; a paired cache keeps its side halves for later adapted steps."""
@@ -120,7 +141,14 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 out[cache_field(out)] = cache
         return out
 
-    def _forward_adapted(self, adapter_name: str, cache, kwargs: dict):
+    def _forward_adapted(self, adapter_names: list[str], cache, kwargs: dict, row_adapters=None):
+        """The backbone once under no_grad, then the side network of each adapter in ``adapter_names``.
+
+        Without ``row_adapters`` there is one adapter and it adapts every row. With ``row_adapters`` (one name per
+        row, ``"__base__"`` for the base model) each row takes its own adapter's output. Each side network runs over
+        the whole batch, so that its cache keeps the batch layout that generate reorders and selects; side networks are
+        small next to the backbone, which still runs once.
+        """
         config = self.base_layer.config
         return_dict = kwargs.pop("return_dict", None)
         want_hidden = kwargs.pop("output_hidden_states", None)
@@ -130,18 +158,32 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         if use_cache is None:
             use_cache = getattr(config, "use_cache", False)
 
-        backbone_cache, side_cache = self._split_cache(cache, adapter_name)
+        backbone_cache, side_caches = self._split_cache(cache, adapter_names)
         with torch.no_grad():
             out = self.base_layer(
                 **kwargs, **{self._cache_kwarg: backbone_cache}, output_hidden_states=True, return_dict=True
             )
         hidden_states = out.hidden_states
+        backbone_last = out.last_hidden_state
+        if row_adapters is not None and len(row_adapters) != backbone_last.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(row_adapters)} entries for a batch of {backbone_last.shape[0]} rows; give "
+                "one adapter name per row."
+            )
 
         side_kwargs = {k: v for k, v in kwargs.items() if k not in _BACKBONE_ONLY_KWARGS}
         side_kwargs["use_cache"] = bool(use_cache)
-        side = self.qst_side[adapter_name]
-        side_out, new_side_cache = side(hidden_states, cache=side_cache, **side_kwargs)
-        mixed = side.mix(out.last_hidden_state, side_out)
+        mixed = backbone_last
+        new_side_caches = {}
+        for name in adapter_names:
+            side = self.qst_side[name]
+            side_out, new_side_caches[name] = side(hidden_states, cache=side_caches.get(name), **side_kwargs)
+            adapted = side.mix(backbone_last, side_out)
+            if row_adapters is None:
+                mixed = adapted
+            else:
+                rows = torch.tensor([n == name for n in row_adapters], device=adapted.device)
+                mixed = torch.where(rows.view(-1, *([1] * (adapted.dim() - 1))), adapted, mixed)
 
         fields = dict(out.items())
         fields["last_hidden_state"] = mixed
@@ -151,29 +193,30 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         if use_cache and new_backbone_cache is not None:
             paired = cache if isinstance(cache, QSTCache) else QSTCache(new_backbone_cache)
             paired.backbone = new_backbone_cache
-            fields[cache_field(out)] = paired.with_side(adapter_name, new_side_cache)
+            for name, side_cache in new_side_caches.items():
+                paired.with_side(name, side_cache)
+            fields[cache_field(out)] = paired
         out = type(out)(**fields)
         if return_dict is False:
             return out.to_tuple()
         return out
 
-    def _split_cache(self, cache, adapter_name: str):
-        """The backbone half and this adapter's side half of whatever cache the caller passed."""
+    def _split_cache(self, cache, adapter_names: list[str]):
+        """The backbone half of whatever cache the caller passed, and the side halves of the given adapters."""
         if cache is None:
-            return None, None
+            return None, {}
         if isinstance(cache, QSTCache):
-            side_cache = cache.side_cache(adapter_name)
-            if side_cache is None and cache.backbone.get_seq_length() > 0:
+            past = cache.backbone.get_seq_length()
+            missing = [name for name in adapter_names if cache.side_cache(name) is None]
+            if missing and past > 0:
                 raise ValueError(
-                    f"The cache holds {cache.backbone.get_seq_length()} past tokens but no side-network state for "
-                    f"adapter {adapter_name!r}: it was filled with another adapter or with adapters disabled. Start "
-                    "generation again with a fresh cache."
+                    f"The cache holds {past} past tokens but no side-network state for adapter(s) {missing}: it was "
+                    "filled with other adapters or with adapters disabled. Start generation again with a fresh cache."
                 )
-            return cache.backbone, side_cache
+            return cache.backbone, {name: cache.side_cache(name) for name in adapter_names}
         if cache.get_seq_length() > 0:
             raise ValueError(
                 f"A plain {type(cache).__name__} with {cache.get_seq_length()} past tokens was passed to a QST model; "
                 "it has no side-network state. Pass the cache the QST model returned (a QSTCache), or a fresh one."
             )
-        return cache, None
-
+        return cache, {}

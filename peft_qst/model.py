@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -184,6 +185,39 @@ class QSTModel(BaseTuner):
         new_module = QSTLayer(target)
         new_module.update_layer(adapter_name, peft_config, dtype)
         setattr(parent, target_name, new_module)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Route ``adapter_names=[...]`` (one adapter per row, ``"__base__"`` for the base model) from
+        ``PeftModel.forward``/``generate`` to the QST layer, as PEFT's LoRA does."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}.")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # generate repeats every row num_beams times; so does the routing
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        adapter_names = list(adapter_names)
+
+        def inject(_module, args, module_kwargs):
+            module_kwargs["adapter_names"] = adapter_names
+            return args, module_kwargs
+
+        handles = [
+            module.register_forward_pre_hook(inject, with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, QSTLayer)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT upcasts bf16/fp16 adapter weights to fp32 by default; QST's dtype rule is its own (``side_dtype``:

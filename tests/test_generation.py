@@ -1,0 +1,204 @@
+"""Generation with QST models: paired caches in every decoding mode, left padding, disabled and mixed adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_qst import QSTCache, QSTConfig
+
+from .conftest import tiny_causal_lm
+
+PAD = 0
+PROMPTS = [[5, 17, 33, 2, 99, 64, 7, 21, 3, 9], [11, 12, 13], [40, 41, 42, 43, 44, 45]]
+
+
+def trained_model(adapters=("default",), steps=8):
+    """A tiny Llama whose QST adapters were trained a little each, so that each visibly changes the output."""
+    model = get_peft_model(tiny_causal_lm(pad_token_id=PAD), QSTConfig(task_type="CAUSAL_LM", r=4), adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.add_adapter(name, QSTConfig(task_type="CAUSAL_LM", r=2))
+    for i, name in enumerate(adapters):
+        model.set_adapter(name)
+        model.train()
+        torch.manual_seed(100 + i)
+        ids = torch.randint(1, 128, (4, 24))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+        for _ in range(steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.set_adapter(adapters[0])
+    return model.eval()
+
+
+def left_padded(prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def generate(model, ids, mask=None, seed=None, **kwargs):
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs.setdefault("max_new_tokens", 24)
+    kwargs.setdefault("do_sample", False)
+    return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=PAD, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return trained_model()
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(),
+        dict(do_sample=True, top_k=20, temperature=0.9),
+        dict(num_beams=3),
+        dict(num_beams=2, do_sample=True),
+        dict(max_new_tokens=300),
+    ],
+    ids=["greedy", "sampling", "beam-search", "beam-sampling", "300-new-tokens"],
+)
+def test_cached_equals_uncached(model, mode):
+    ids, mask = left_padded(PROMPTS)
+    cached = generate(model, ids, mask, seed=0, use_cache=True, **mode)
+    uncached = generate(model, ids, mask, seed=0, use_cache=False, **mode)
+    assert torch.equal(cached, uncached)
+    with model.disable_adapter():
+        base = generate(model, ids, mask, seed=0, **mode)
+    assert not torch.equal(cached, base), "the adapter should change the generation"
+
+
+def test_long_prompt(model):
+    torch.manual_seed(3)
+    ids = torch.randint(1, 128, (1, 200))
+    assert torch.equal(generate(model, ids, use_cache=True), generate(model, ids, use_cache=False))
+
+
+def test_each_left_padded_row_generates_what_its_prompt_generates_alone(model):
+    ids, mask = left_padded(PROMPTS)
+    batch = generate(model, ids, mask)
+    width = ids.shape[1]
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(model, torch.tensor([prompt]))
+        assert batch[row, width:].tolist() == alone[0, len(prompt):].tolist()
+
+
+def test_disable_adapter_generates_like_the_base_model(model):
+    ids, mask = left_padded(PROMPTS)
+    with model.disable_adapter():
+        disabled = generate(model, ids, mask, num_beams=2)
+    base = model.get_base_model()
+    # the same weights without QST: a fresh tiny model built from the same seed
+    plain = tiny_causal_lm(pad_token_id=PAD)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), _backbone_state(base).values()))
+    expected = plain.generate(input_ids=ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=24,
+                              do_sample=False, num_beams=2)
+    assert torch.equal(disabled, expected)
+
+
+def _backbone_state(model):
+    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".qst_side." not in k}
+
+
+def test_beam_search_reorders_the_side_caches():
+    # beams of one prompt diverge, so reordering matters; a side cache left unreordered would change the tokens
+    model = trained_model()
+    ids = torch.tensor([PROMPTS[0]])
+    out = model.generate(input_ids=ids, num_beams=4, num_return_sequences=4, max_new_tokens=20, do_sample=False,
+                         pad_token_id=PAD, return_dict_in_generate=True, output_scores=True)
+    uncached = model.generate(input_ids=ids, num_beams=4, num_return_sequences=4, max_new_tokens=20,
+                              do_sample=False, pad_token_id=PAD, use_cache=False)
+    assert torch.equal(out.sequences, uncached)
+
+
+def test_manual_decoding_loop_with_either_cache_keyword(model):
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([ids, torch.tensor([[7, 8]])], dim=1)).logits[:, -1]
+        for keyword in ("cache", "past_key_values"):
+            first = model(input_ids=ids, use_cache=True)
+            cache = first.cache
+            assert isinstance(cache, QSTCache) and set(cache.side) == {"default"}
+            step = model(input_ids=torch.tensor([[7]]), use_cache=True, **{keyword: cache})
+            step = model(input_ids=torch.tensor([[8]]), use_cache=True, **{keyword: step.cache})
+            torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-4, atol=1e-4)
+
+
+def test_a_plain_filled_cache_is_refused(model):
+    from transformers import DynamicCache
+
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad(), model.disable_adapter():
+        plain = model(input_ids=ids, use_cache=True).cache
+    assert not isinstance(plain, QSTCache)
+    with pytest.raises(ValueError, match="no side-network state"):
+        model(input_ids=torch.tensor([[7]]), cache=plain, use_cache=True)
+    assert isinstance(DynamicCache(), DynamicCache)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# mixed-adapter batches
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_adapters():
+    return trained_model(adapters=("a", "b"))
+
+
+ROUTES = ["a", "b", "__base__"]
+
+
+def _per_adapter(model, fn):
+    results = {}
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        results[name] = fn()
+    with model.disable_adapter():
+        results["__base__"] = fn()
+    model.set_adapter("a")
+    return results
+
+
+def test_mixed_batch_forward(two_adapters):
+    ids, mask = left_padded(PROMPTS)
+    calls = []
+    hook = two_adapters.get_base_model().model.base_layer.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        mixed = two_adapters(input_ids=ids, attention_mask=mask, adapter_names=ROUTES).logits
+    hook.remove()
+    assert len(calls) == 1, "the backbone runs once for the whole batch"
+    with torch.no_grad():
+        alone = _per_adapter(two_adapters, lambda: two_adapters(input_ids=ids, attention_mask=mask).logits)
+    for row, name in enumerate(ROUTES):
+        assert torch.equal(mixed[row], alone[name][row]), name
+    assert not torch.equal(alone["a"], alone["b"])
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=2)], ids=["greedy", "beam-search"])
+def test_mixed_batch_generate(two_adapters, mode):
+    ids, mask = left_padded(PROMPTS)
+    mixed = generate(two_adapters, ids, mask, adapter_names=ROUTES, **mode)
+    alone = _per_adapter(two_adapters, lambda: generate(two_adapters, ids, mask, **mode))
+    for row, name in enumerate(ROUTES):
+        assert torch.equal(mixed[row], alone[name][row]), name
+
+
+def test_mixed_batch_refusals(two_adapters):
+    ids, mask = left_padded(PROMPTS)
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['c'\]"):
+        two_adapters(input_ids=ids, attention_mask=mask, adapter_names=["a", "c", "b"])
+    with pytest.raises(ValueError, match="one adapter name per row"):
+        two_adapters(input_ids=ids, attention_mask=mask, adapter_names=["a", "b"])
+    two_adapters.train()
+    try:
+        with pytest.raises(ValueError, match="training mode"):
+            two_adapters(input_ids=ids, attention_mask=mask, adapter_names=ROUTES)
+    finally:
+        two_adapters.eval()
