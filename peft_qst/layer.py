@@ -73,6 +73,12 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         self.qst_side[adapter_name] = QSTSideNetwork(base, base.config, config, dtype)
         self.set_adapter(self.active_adapters)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # PEFT's default moves and casts an adapter to its base layer's single device and dtype; a side network is
+        # spread like the backbone it reads from and keeps its own dtype
+        if adapter_name in self.qst_side:
+            self.qst_side[adapter_name].place(self.get_base_layer())
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(
             "QST adapters cannot be merged into the base weights: the side network is a separate computation path, "

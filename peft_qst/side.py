@@ -249,21 +249,18 @@ class QSTSideNetwork(nn.Module):
             if child is embedding:
                 setattr(trunk, name, None)
 
-        base_parent, base_attr = find_layer_list(base_trunk, num_layers)
         side_parent, side_attr = find_layer_list(trunk, num_layers)
-        base_blocks = getattr(base_parent, base_attr)
         side_blocks = getattr(side_parent, side_attr)
-        wrapped = []
-        for i, block in enumerate(side_blocks):
-            side_block = QSTSideBlock(
+        wrapped = [
+            QSTSideBlock(
                 block,
                 build_downsample(qst_config, hidden, side_hidden),
                 side_hidden,
                 qst_config.side_gate_init,
                 qst_config.dropout,
             )
-            # the side block lives where the backbone block whose output it reads lives
-            wrapped.append(side_block.to(module_device(base_blocks[i])))
+            for block in side_blocks
+        ]
         setattr(side_parent, side_attr, nn.ModuleList(wrapped))
         self.trunk = trunk
         self.embed_downsample = build_downsample(qst_config, hidden, side_hidden)
@@ -276,23 +273,38 @@ class QSTSideNetwork(nn.Module):
         # parameters take the side dtype; buffers (e.g. rotary inverse frequencies) keep their precision
         for parameter in self.parameters():
             parameter.data = parameter.data.to(dtype)
-
-        embed_device = module_device(base_trunk.get_input_embeddings())
-        self.embed_downsample.to(embed_device)
-        # the trunk-level modules (final norm, rotary embedding) and the output side sit with the last block
-        last_device = module_device(base_blocks[-1])
-        for name, child in trunk.named_children():
-            if name != side_attr or side_parent is not trunk:
-                child.to(last_device)
-        self.upsample.to(last_device)
-        self.output_gate.data = self.output_gate.data.to(last_device)
-
         self._blocks = list(wrapped)  # plain list: a view of the blocks, not a second registration
         self._trunk_params = set(inspect.signature(type(trunk).forward).parameters)
+        self.place(base_trunk)
 
     @property
     def blocks(self) -> list[QSTSideBlock]:
         return self._blocks
+
+    def place(self, base_trunk: nn.Module) -> None:
+        """Put each part of the side network on the device of the backbone part it reads from.
+
+        Side block i goes where backbone block i is (it reads that block's output), the embedding downsampler where
+        the embeddings are, and the side trunk's own final norm and rotary embedding, the upsample and the output gate
+        where the last backbone block is. With a model spread over devices (``device_map="auto"``) the side network
+        is spread the same way. Parameters still on the meta device (``low_cpu_mem_usage=True`` before the weights
+        are loaded) are left alone.
+        """
+        if any(p.device.type == "meta" for p in self.parameters()):
+            return
+        num_layers = len(self._blocks)
+        base_parent, base_attr = find_layer_list(base_trunk, num_layers)
+        base_blocks = getattr(base_parent, base_attr)
+        for side_block, base_block in zip(self._blocks, base_blocks):
+            side_block.to(module_device(base_block))
+        self.embed_downsample.to(module_device(base_trunk.get_input_embeddings()))
+        last_device = module_device(base_blocks[-1])
+        side_parent, side_attr = find_layer_list(self.trunk, num_layers)
+        for name, child in self.trunk.named_children():
+            if child is not None and not (side_parent is self.trunk and name == side_attr):
+                child.to(last_device)
+        self.upsample.to(last_device)
+        self.output_gate.data = self.output_gate.data.to(last_device)
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], cache=None, **trunk_kwargs):
         if len(hidden_states) != len(self._blocks) + 1:

@@ -267,3 +267,37 @@ def test_import_twice_is_harmless_and_loading_needs_the_import(tmp_path, trained
     )
     assert "without import: 'QST'" in out
     assert "QSTConfig QST 4" in out
+
+
+def test_low_cpu_mem_usage_loading(tmp_path, tiny_model_dir, trained):
+    trained.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = trained(input_ids=IDS).logits
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path), low_cpu_mem_usage=True).eval()
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, expected)
+
+
+def test_auto_peft_model_loads_a_task_less_adapter_in_a_fresh_process(tmp_path, tiny_model_dir):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(r=4))  # task_type=None
+    train_steps(model)
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    save_file({"ids": IDS}, str(tmp_path / "ids.safetensors"))
+    run_python(
+        textwrap.dedent(
+            f"""
+            import torch, peft_qst
+            from peft import AutoPeftModel
+            from safetensors.torch import load_file, save_file
+            model = AutoPeftModel.from_pretrained({str(tmp_path / "adapter")!r}).eval()
+            ids = load_file({str(tmp_path / "ids.safetensors")!r})["ids"]
+            with torch.no_grad():
+                save_file({{"logits": model(input_ids=ids).logits.contiguous()}}, {str(tmp_path / "out.safetensors")!r})
+            """
+        )
+    )
+    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["logits"], expected)

