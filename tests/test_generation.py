@@ -202,3 +202,51 @@ def test_mixed_batch_refusals(two_adapters):
             two_adapters(input_ids=ids, attention_mask=mask, adapter_names=ROUTES)
     finally:
         two_adapters.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the real 4-bit SmolLM2
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def first_divergence(a: torch.Tensor, b: torch.Tensor):
+    for i, (x, y) in enumerate(zip(a.tolist(), b.tolist())):
+        if x != y:
+            return i
+    return None
+
+
+@pytest.mark.smollm2
+def test_smollm2_4bit_cached_equals_uncached(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from .conftest import load_smollm2_4bit
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = get_peft_model(load_smollm2_4bit(smollm2_dir), QSTConfig(task_type="CAUSAL_LM"))
+    # a few steps on a fixed text make the adapter change the output
+    text = tokenizer("The capital of France is Paris. The capital of Italy is Rome.", return_tensors="pt").input_ids
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(input_ids=text, labels=text).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    chat = [{"role": "user", "content": "Name three rivers in Europe."}]
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt_length = inputs["input_ids"].shape[1]
+    runs = {}
+    for use_cache in (True, False):
+        runs[use_cache] = model.generate(**inputs, max_new_tokens=40, do_sample=False, use_cache=use_cache,
+                                         output_scores=True, return_dict_in_generate=True)
+    with model.disable_adapter():
+        base = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+    cached, uncached = runs[True].sequences[0, prompt_length:], runs[False].sequences[0, prompt_length:]
+    assert not torch.equal(cached, base[0, prompt_length:]), "the adapter should change the generation"
+    step = first_divergence(cached, uncached)
+    if step is not None:
+        # allowed only at a genuine near-tie: bf16 logits of the two tokens within bf16 resolution of each other
+        scores = runs[False].scores[step][0]
+        gap = (scores[uncached[step]] - scores[cached[step]]).abs().item()
+        assert gap <= 2 ** -7 * scores.abs().max().item(), f"diverged at step {step} with a logit gap of {gap}"
