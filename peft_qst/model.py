@@ -23,7 +23,7 @@ from torch import nn
 from .config import QSTConfig
 from .layer import QSTLayer
 from .serialization import QSTAdapterFileError, weights_digest
-from .side import QSTUnsupportedModelError, find_layer_list, shrink_config
+from .side import QSTUnsupportedModelError, find_layer_list, shrink_config, unsupported_reason
 
 #: attribute holding the side networks inside a QSTLayer; every saved key goes through it
 SIDE_ATTR = "qst_side"
@@ -126,6 +126,10 @@ class QSTModel(BaseTuner):
                     f"QST does not support the {model_type} model: its config has no {attribute}, which the side "
                     "network's shape is derived from."
                 )
+
+        reason = unsupported_reason(model_config)
+        if reason is not None:
+            raise QSTUnsupportedModelError(f"QST does not support this {model_type} model: {reason}.")
 
         signature = model_signature(model)
         recorded = config.base_model_signature

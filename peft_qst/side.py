@@ -26,6 +26,9 @@ from transformers.activations import ACT2FN
 from .cache import cache_field
 from .config import QSTConfig
 
+#: config attributes holding the width of token embeddings where it may differ from the hidden size
+EMBEDDING_WIDTH_ATTRIBUTES = ("word_embed_proj_dim",)
+
 #: config attributes holding the FFN width; whichever the model defines is divided by r
 FFN_SIZE_ATTRIBUTES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 
@@ -47,6 +50,19 @@ def _uses_rotary(config) -> bool:
 
 def _num_heads(config) -> int:
     return int(config.num_attention_heads)
+
+
+def unsupported_reason(config) -> Optional[str]:
+    """Why QST cannot side-tune a model with this config whatever r is, or None."""
+    hidden = int(config.hidden_size)
+    for name in EMBEDDING_WIDTH_ATTRIBUTES:
+        width = getattr(config, name, None)
+        if width is not None and width != hidden:
+            return (
+                f"its {name}={width} differs from hidden_size={hidden}: its trunk projects embeddings in and hidden "
+                "states out at another width, which QST does not support"
+            )
+    return None
 
 
 def _fitting_r_values(config, limit: int = 64) -> list[int]:
@@ -93,8 +109,14 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     side = copy.deepcopy(base_config)
     side_hidden = int(base_config.hidden_size) // r
     side.hidden_size = side_hidden
-    if getattr(base_config, "head_dim", None) is not None or _uses_rotary(base_config):
+    head_dim_is_derived = isinstance(getattr(type(base_config), "head_dim", None), property)
+    if not head_dim_is_derived and (getattr(base_config, "head_dim", None) is not None or _uses_rotary(base_config)):
         side.head_dim = side_hidden // _num_heads(base_config)
+    for name in EMBEDDING_WIDTH_ATTRIBUTES:
+        # a separate embedding width (OPT's word_embed_proj_dim) projects in and out of the trunk; the side trunk reads
+        # no embeddings and writes no logits, so its embedding width is its hidden width (no projections)
+        if getattr(base_config, name, None) is not None:
+            setattr(side, name, side_hidden)
     for name in FFN_SIZE_ATTRIBUTES:
         value = getattr(base_config, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
