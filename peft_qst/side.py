@@ -81,8 +81,13 @@ def _shrink_problem(config, r: int) -> Optional[str]:
             f"r={r} gives a side hidden size of {side_hidden}, which does not split into the model's "
             f"{heads} attention heads"
         )
-    if _uses_rotary(config) and (side_hidden // heads) % 2:
-        return f"r={r} gives an odd side head dimension ({side_hidden // heads}), which rotary embeddings cannot use"
+    if _uses_rotary(config):
+        head_dim = side_hidden // heads
+        factor = float((getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) or 1.0)
+        rotary_dims = int(head_dim * factor)
+        if rotary_dims < 2 or rotary_dims % 2:
+            what = "head dimension" if factor == 1.0 else f"rotary dimension ({head_dim} x partial_rotary_factor {factor})"
+            return f"r={r} gives an odd or too small side {what} ({rotary_dims}), which rotary embeddings cannot use"
     return None
 
 

@@ -24,6 +24,9 @@ For each method the table reports:
   loading, where allowed);
 - **trainable parameters**.
 
+The JSON also records the CPU time of the training loop (``train_cpu_s``, all threads of the child), which another
+process on the machine distorts far less than wall-clock, and the 1-minute load average before and after each child.
+
 Methods (a *spec* is ``METHOD`` or ``METHOD:key=value,key=value``)
 ------------------------------------------------------------------
 - ``base``: no training (reference row).
@@ -256,7 +259,7 @@ def wrap_model(model, method: str, options: dict):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if method == "base":
-        return model, {}
+        return model, {}  # nothing is trained (its parameters are not counted as trainable either)
     if method in ("qlora", "topk-lora"):
         lora = dict(
             r=int(options.get("r", 64)),
@@ -274,6 +277,8 @@ def wrap_model(model, method: str, options: dict):
             k = int(options.get("k", 4))
             if not 1 <= k <= n_layers:
                 raise ValueError(f"topk-lora: k={k} must be in [1, {n_layers}]")
+            # PEFT refuses layers_to_transform with the string "all-linear": spell out the same module names
+            lora["target_modules"] = linear_module_names(model)
             lora["layers_to_transform"] = list(range(n_layers - k, n_layers))
             lora["layers_pattern"] = "layers"
             described.update(k=k, layers=f"{n_layers - k}-{n_layers - 1}", gradient_checkpointing=False)
@@ -286,6 +291,21 @@ def wrap_model(model, method: str, options: dict):
         described = {key: getattr(config, key) for key in QST_KEYS}
         return get_peft_model(model, config), described
     raise ValueError(method)
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the linear layers inside the decoder blocks: what ``target_modules="all-linear"`` selects
+    (every linear layer but the output head), as an explicit list."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    output_head = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, bnb.nn.Linear4bit)) and module is not output_head
+    }
+    return sorted(names)
 
 
 def count_trainable(model) -> int:
@@ -365,6 +385,7 @@ def train(model, encoded_train, args, lr: float, warmup: int, time_budget_s: flo
     epochs_seen = 0
     model.train()
     batches = batch_order(len(encoded_train), args.batch_size, args.seed)
+    cpu_start = time.process_time()
     start = time.perf_counter()
     step = 0
     while True:
@@ -397,12 +418,15 @@ def train(model, encoded_train, args, lr: float, warmup: int, time_budget_s: flo
                 f"{step_times[-1]:.2f} s/step, {time.perf_counter() - start:.0f} s"
             )
     train_time = time.perf_counter() - start
+    train_cpu = time.process_time() - cpu_start
     model.eval()
     tail = losses[-max(1, min(10, len(losses))) :] if losses else []
     return {
         "steps": step,
         "epochs_seen": epochs_seen,
         "train_time_s": train_time,
+        # CPU seconds of this process (all threads): less sensitive than wall-clock to other processes on the machine
+        "train_cpu_s": train_cpu,
         "median_step_s": statistics.median(step_times) if step_times else None,
         "mean_step_s": statistics.fmean(step_times) if step_times else None,
         "final_train_loss": statistics.fmean(tail) if tail else None,
@@ -514,7 +538,7 @@ def run_one(spec: str, args, time_budget_s: float | None) -> dict:
 
     torch.manual_seed(args.seed)
     model, adapter_config = wrap_model(model, method, options)
-    trainable = count_trainable(model)
+    trainable = count_trainable(model) if method != "base" else 0
     load_time = time.perf_counter() - load_start
     rss_after_load = rss_mb()
     peak_at_load = peak_rss_mb()
@@ -675,17 +699,18 @@ def markdown(results: list[dict], env: dict, args) -> str:
         + f" (unless the config says otherwise), {args.schedule} lr after {args.warmup} warm-up steps, AdamW. "
         f"Held-out eval: {args.eval_size} examples, seed {args.seed}.",
         "",
-        "| method | config | exact match % | eval loss | steps | train time s | median step s | peak RSS MB "
-        "| trainable params | load avg 1m (before/after) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | config | exact match % | eval loss | steps | train time s | train CPU s | median step s "
+        "| peak RSS MB | trainable params | load avg 1m (before/after) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         if r.get("error"):
-            lines.append(f"| {r['label']} | {r['spec']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['label']} | {r['spec']} | failed: {r['error']} | | | | | | | | |")
             continue
         lines.append(
             f"| {r['label']} | {describe_config(r)} | {100 * r['exact_match']:.1f} | {r['eval_loss']:.4f} | "
-            f"{r.get('steps', 0)} | {_fmt(r.get('train_time_s'), '.0f')} | {_fmt(r.get('median_step_s'), '.2f')} | "
+            f"{r.get('steps', 0)} | {_fmt(r.get('train_time_s'), '.0f')} | {_fmt(r.get('train_cpu_s'), '.0f')} | "
+            f"{_fmt(r.get('median_step_s'), '.2f')} | "
             f"{r['peak_rss_mb']:.0f} | {r['trainable_params']:,} | "
             f"{_fmt(r.get('loadavg_1m_before'), '.1f')}/{_fmt(r.get('loadavg_1m_after'), '.1f')} |"
         )

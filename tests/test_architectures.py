@@ -1,0 +1,118 @@
+"""Every decoder-only family listed in the README works with the default QSTConfig, by general shrink rules.
+
+Tiny random configs exercise what makes shrinking delicate: explicit head_dim (Qwen3, Gemma), grouped and multi-query
+KV heads (Mistral, Falcon), partial rotary (GPT-NeoX), sliding-window and hybrid layer types (Mistral, Gemma 2/3),
+parallel attention (Falcon, GPT-NeoX), learned positional embeddings (OPT, GPT-2), tied embeddings (Gemma).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from peft_qst import QSTConfig, QSTUnsupportedModelError
+
+from .conftest import REPO, bnb_config
+from .test_training_graph import assert_only_side_learns_and_backbone_saves_nothing
+
+V = 96
+COMMON = dict(hidden_size=512, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, vocab_size=V)
+TINY = {
+    "llama": dict(COMMON, num_key_value_heads=2),
+    "mistral": dict(COMMON, num_key_value_heads=1, sliding_window=6),
+    "qwen2": dict(COMMON, num_key_value_heads=2),
+    "qwen3": dict(COMMON, num_key_value_heads=2, head_dim=64),
+    "gemma2": dict(COMMON, num_key_value_heads=2, head_dim=64, sliding_window=6),
+    "gemma3_text": dict(COMMON, num_key_value_heads=2, head_dim=64, sliding_window=6),
+    "phi3": dict(COMMON, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "opt": dict(hidden_size=512, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256, vocab_size=V,
+                word_embed_proj_dim=512, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt2": dict(n_embd=512, n_layer=2, n_head=4, vocab_size=V, n_positions=64, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": dict(COMMON),
+    "falcon": dict(hidden_size=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=V, multi_query=True,
+                   new_decoder_architecture=False, parallel_attn=True),
+}
+
+
+def readme_architectures() -> list[str]:
+    text = open(f"{REPO}/README.md").read()
+    section = text.split("## Supported architectures", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.M)
+
+
+def test_readme_lists_exactly_the_tested_architectures():
+    assert readme_architectures() == list(TINY)
+
+
+def tiny(model_type, **kwargs):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **TINY[model_type]), **kwargs).eval()
+
+
+def generate_both_ways(model, ids):
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    return model.generate(input_ids=ids, **kwargs), model.generate(input_ids=ids, use_cache=False, **kwargs)
+
+
+@pytest.mark.parametrize("model_type", list(TINY))
+def test_default_config_end_to_end(model_type, tmp_path):
+    base = tiny(model_type)
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected_start = base(input_ids=ids).logits
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected_start)
+    model.train()
+    assert_only_side_learns_and_backbone_saves_nothing(model, ids)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, expected_start)
+
+    cached, uncached = generate_both_ways(model, ids)
+    assert torch.equal(cached, uncached)
+
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny(model_type), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, adapted)
+
+
+# transformers' bitsandbytes integration finds no quantizable linear layer in tiny GPT-2 (Conv1D) and Falcon models
+@pytest.mark.parametrize("model_type", [t for t in TINY if t not in ("gpt2", "falcon")])
+def test_default_config_on_4bit(model_type, tmp_path):
+    config = AutoConfig.for_model(model_type, **TINY[model_type])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config())
+    assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    model.train()
+    assert_only_side_learns_and_backbone_saves_nothing(model, ids)
+    model.eval()
+    cached, uncached = generate_both_ways(model, ids)
+    assert torch.equal(cached, uncached)
+
+
+def test_unsupported_model_fails_at_get_peft_model_naming_type_and_reason():
+    config = AutoConfig.for_model("opt", hidden_size=64, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64,
+                                  vocab_size=V, word_embed_proj_dim=32)
+    with pytest.raises(QSTUnsupportedModelError, match="opt model: its word_embed_proj_dim=32 differs"):
+        get_peft_model(AutoModelForCausalLM.from_config(config), QSTConfig(r=4))
+
+
+def test_partial_rotary_rule():
+    # GPT-NeoX rotates a quarter of each head: at r=32 the side head (512/32/4 = 4 dims) keeps a single rotary dim
+    with pytest.raises(ValueError, match=r"rotary dimension \(4 x partial_rotary_factor 0.25\)"):
+        get_peft_model(tiny("gpt_neox"), QSTConfig(r=32))
