@@ -174,6 +174,9 @@ class QSTConfig(PeftConfig):
         from .serialization import SAFETENSORS_NAME, file_digest
 
         super().save_pretrained(save_directory, **kwargs)
+        from .card import add_usage_section
+
+        add_usage_section(save_directory, self.base_model_name_or_path)
         weights_path = os.path.join(save_directory, SAFETENSORS_NAME)
         if os.path.isfile(weights_path):
             config_path = os.path.join(save_directory, CONFIG_NAME)

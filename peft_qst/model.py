@@ -168,6 +168,11 @@ class QSTModel(BaseTuner):
                 return module
         return None
 
+    def _post_injection_hook(self, model: nn.Module, config: QSTConfig, adapter_name: str) -> None:
+        # the tags end up in the model cards PEFT and the trainers write
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(["qst", "peft-qst"])
+
     def _prepare_adapter_config(self, peft_config: QSTConfig, model_config: dict) -> QSTConfig:
         # target_modules was set from the model itself in _bind_config_to_model
         return peft_config
