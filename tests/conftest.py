@@ -78,10 +78,11 @@ def load_smollm2_4bit(path):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config())
 
 
-def run_python(code: str, timeout: int = 600) -> str:
+def run_python(code: str, timeout: int = 600, env: dict | None = None) -> str:
     """Run code in a fresh Python process (nothing imported, nothing registered) and return its stdout."""
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
     if result.returncode != 0:
         raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stderr[-4000:]}")

@@ -1,0 +1,115 @@
+"""push_to_hub up to the network: the model card, and the uploaded folder loading back from a Hub cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import textwrap
+from types import SimpleNamespace
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from peft import get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from peft_qst import QSTConfig
+
+from .conftest import run_python
+
+IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21]])
+REPO_ID = "qst-user/tiny-qst-adapter"
+COMMIT = "3f1c2b9e8d7a6f5e4d3c2b1a0f9e8d7c6b5a4f3e"
+
+
+def lay_out_as_hub_cache(cache: str, repo_id: str, files: dict[str, str]) -> None:
+    """Write files as huggingface_hub's cache holds a downloaded snapshot: blobs by hash, snapshot links, refs/main."""
+    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    snapshot = os.path.join(repo, "snapshots", COMMIT)
+    for path_in_repo, local in files.items():
+        data = open(local, "rb").read()
+        blob = os.path.join(repo, "blobs", hashlib.sha256(data).hexdigest())
+        shutil.copyfile(local, blob)
+        link = os.path.join(snapshot, path_in_repo)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    with open(os.path.join(repo, "refs", "main"), "w") as handle:
+        handle.write(COMMIT)
+
+
+def test_push_to_hub_card_and_loading_from_a_hub_cache(tmp_path, tiny_model_dir, monkeypatch):
+    from transformers.utils import hub as transformers_hub
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+    # everything up to the network is real; the network calls record what they would send
+    api = transformers_hub.hf_api()
+    uploaded: dict[str, str] = {}
+    staging = tmp_path / "uploaded"
+
+    def create_commit(repo_id, operations, **kwargs):
+        for op in operations:
+            target = staging / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(op.path_or_fileobj, target)
+            uploaded[op.path_in_repo] = str(target)
+        return SimpleNamespace(oid=COMMIT, commit_url=f"https://hub/{repo_id}/commit/{COMMIT}", pr_url=None)
+
+    def new_repo_card(repo_id, tags=None, token=None):  # what transformers does for a repo without a card
+        data = ModelCardData(tags=list(tags or []), library_name="transformers")
+        return ModelCard.from_template(data, model_description="generic")
+
+    monkeypatch.setattr(api, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(api, "create_commit", create_commit)
+    monkeypatch.setattr(transformers_hub, "create_and_tag_model_card", new_repo_card)
+    model.push_to_hub(REPO_ID, tags=["my-tag"])
+
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(uploaded)
+    card = ModelCard.load(uploaded["README.md"])
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == tiny_model_dir
+    assert {"qst", "peft-qst", "my-tag"} <= set(card.data.tags)
+    assert "import peft_qst" in card.text
+
+    cache = str(tmp_path / "hub-cache")
+    lay_out_as_hub_cache(cache, REPO_ID, uploaded)
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    save_file({"ids": IDS}, str(tmp_path / "ids.safetensors"))
+    run_python(
+        textwrap.dedent(
+            f"""
+            import torch, peft_qst
+            from peft import PeftModel
+            from safetensors.torch import load_file, save_file
+            from transformers import AutoModelForCausalLM
+            base = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r})
+            model = PeftModel.from_pretrained(base, {REPO_ID!r}).eval()
+            ids = load_file({str(tmp_path / "ids.safetensors")!r})["ids"]
+            with torch.no_grad():
+                save_file({{"logits": model(input_ids=ids).logits.contiguous()}}, {str(tmp_path / "out.safetensors")!r})
+            """
+        ),
+        env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"},
+    )
+    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["logits"], expected)
+
+
+def test_save_pretrained_writes_the_card(tmp_path, tiny_model_dir):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # saving again does not repeat the section
+    card = ModelCard.load(str(tmp_path / "README.md"))
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == tiny_model_dir
+    assert {"qst", "peft-qst"} <= set(card.data.tags)
+    assert card.text.count("## How to load this QST adapter") == 1
