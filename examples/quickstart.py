@@ -9,9 +9,10 @@ What it does, step by step:
    ``Sentiment: positive``, ``Sentiment: negative`` or ``Sentiment: mixed``. Examples are rendered with the tokenizer's
    chat template and the loss is computed on the assistant's answer only. The held-out reviews use adjectives that
    never occur in training ("superb", "dreadful", ...), so the adapter must lean on what the frozen backbone knows;
-4. shows the greedy answer to a held-out prompt *before* training (the instruct model answers in a full sentence, and
-   often gets the sentiment wrong), trains with a plain PyTorch loop (AdamW, progress bar with the running loss), and
-   shows the answer to the same prompt *after* training, plus the exact-match accuracy on the held-out set;
+4. shows the greedy answer to a held-out prompt *before* training (the instruct model paraphrases the review in a
+   full sentence instead of giving the label), trains with a plain PyTorch loop (AdamW, a progress bar with the
+   running loss), and shows the answer to the same prompt *after* training, plus the exact-match accuracy on the
+   held-out set before and after;
 5. saves the adapter with ``model.save_pretrained(output_dir)`` (standard PEFT format), loads it back onto a fresh 4-bit
    base model with ``PeftModel.from_pretrained`` and checks that it answers the same.
 
@@ -34,14 +35,14 @@ import os
 # threads sleep costs almost nothing on an idle machine and removes that cliff. It must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import random  # noqa: E402
-import time  # noqa: E402
+import argparse
+import random
+import time
 
-import torch  # noqa: E402
-from peft import PeftModel, get_peft_model  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from peft import PeftModel, get_peft_model
+from tqdm.auto import tqdm
+from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -49,9 +50,8 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-import peft_qst  # noqa: E402, F401  (registers the "QST" tuner type with PEFT)
-from peft_qst import QSTConfig  # noqa: E402
-from peft_qst.smollm2 import smollm2_path  # noqa: E402
+import peft_qst  # registers the "QST" tuner type with PEFT: import it before get_peft_model / from_pretrained
+from peft_qst.smollm2 import smollm2_path
 
 
 def parse_args():
@@ -73,20 +73,27 @@ THINGS = [
     "food", "service", "hotel room", "movie", "phone", "battery", "concert", "support team", "delivery", "pizza",
     "coffee", "book", "laptop", "staff", "app", "headphones", "sofa", "flight", "museum tour", "shoes", "camera",
     "soundtrack", "price", "screen", "breakfast", "keyboard",
-]  # fmt: skip
-POSITIVE = ["amazing", "excellent", "wonderful", "fantastic", "great", "lovely", "outstanding", "impressive", "perfect",
-            "brilliant"]  # fmt: skip
-NEGATIVE = ["terrible", "awful", "disappointing", "horrible", "poor", "frustrating", "useless", "disgusting", "broken",
-            "boring"]  # fmt: skip
-# held out: these adjectives appear only in the evaluation reviews
+]
+POSITIVE = "amazing excellent wonderful fantastic great lovely outstanding impressive perfect brilliant".split()
+NEGATIVE = "terrible awful disappointing horrible poor frustrating useless disgusting broken boring".split()
+# held out: these adjectives occur only in the evaluation reviews, never in training
 HELD_OUT_POSITIVE = ["superb", "delightful", "marvelous"]
 HELD_OUT_NEGATIVE = ["dreadful", "appalling", "atrocious"]
 
-ONE_CLAUSE = ["The {t} was {a}.", "Honestly, the {t} was {a}.", "Wow, the {t} was {a}!", "I found the {t} {a}.",
-              "The {t} is {a}, to be honest.", "Our {t} turned out {a}."]  # fmt: skip
+ONE_CLAUSE = [
+    "The {t} was {a}.",
+    "Honestly, the {t} was {a}.",
+    "Wow, the {t} was {a}!",
+    "I found the {t} {a}.",
+    "The {t} is {a}, to be honest.",
+    "Our {t} turned out {a}.",
+]
 TWO_CLAUSES_SAME = ["The {t} was {a} and the {t2} was {a2}.", "Both the {t} and the {t2} were {a}."]
-TWO_CLAUSES_MIXED = ["The {t} was {a}, but the {t2} was {a2}.", "The {t} was {a}; however, the {t2} was {a2}.",
-                     "Although the {t} was {a}, the {t2} was {a2}."]  # fmt: skip
+TWO_CLAUSES_MIXED = [
+    "The {t} was {a}, but the {t2} was {a2}.",
+    "The {t} was {a}; however, the {t2} was {a2}.",
+    "Although the {t} was {a}, the {t2} was {a2}.",
+]
 LABELS = ("positive", "negative", "mixed")
 
 
@@ -195,13 +202,13 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb_config)
 
     # --- QST: frozen 4-bit backbone + trainable side network --------------------------------------------------------
-    peft_config = QSTConfig(
+    peft_config = peft_qst.QSTConfig(
         task_type="CAUSAL_LM",
         r=args.r,
-        # The side network is tiny (hidden size 576/16 = 36), so its compute is dominated by per-op overhead, and on
-        # a CPU bf16 adds a cast around every matmul. float32 measured ~20% faster per step here (0.99 s vs 1.23 s at
-        # batch 8) with the same or slightly lower loss; on a GPU the default (the 4-bit compute dtype, bf16) is the
-        # usual choice.
+        # The side network is tiny (hidden size 576 / 16 = 36), so on a CPU its cost is per-op overhead, and a bf16
+        # side network adds a dtype cast around each of its matmuls. Measured on 2 CPU cores, batch 8: float32 trains
+        # 15-20% faster per step than the default (bf16, the 4-bit compute dtype) and reaches the same or a slightly
+        # lower loss. On a GPU, keep the default.
         side_dtype="float32",
     )
     model = get_peft_model(model, peft_config)
@@ -211,8 +218,8 @@ def main():
     train_pairs, held_out = make_dataset(args.seed)
     train_data = [encode(tokenizer, prompt, answer) for prompt, answer in train_pairs]
     demo_prompt, demo_target = held_out[0]
-    print(f"{len(train_data)} training examples, {len(held_out)} held-out; e.g.\n"
-          f"  user: {train_pairs[0][0]}\n  assistant: {train_pairs[0][1]}")  # fmt: skip
+    print(f"{len(train_data)} training examples, {len(held_out)} held-out. A training example:")
+    print(f"  user:      {train_pairs[0][0]}\n  assistant: {train_pairs[0][1]}")
 
     # --- before -----------------------------------------------------------------------------------------------------
     show("before training (held-out prompt)", demo_prompt, generate(model, tokenizer, [demo_prompt])[0])
@@ -220,12 +227,14 @@ def main():
 
     # --- training ---------------------------------------------------------------------------------------------------
     # Only the side network requires gradients; the 4-bit backbone runs under no_grad inside the QST layer. The side
-    # network is freshly initialised (not a small delta on pretrained weights, as LoRA is), so it wants a larger
-    # learning rate than LoRA: 1e-3 to 3e-3 all converge on this task, 2e-3 fastest.
+    # network is freshly initialised (not a small delta on pretrained weights, as LoRA is), so it takes a larger
+    # learning rate than LoRA: on this task 1e-3 to 5e-3 all reach 100% held-out accuracy in 150 steps; 2e-3 is the
+    # middle of that range.
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=max(1, args.steps // 10),
-                                                num_training_steps=args.steps)  # fmt: skip
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, num_warmup_steps=max(1, args.steps // 10), num_training_steps=args.steps
+    )
     order_rng = random.Random(args.seed)
     order: list[int] = []
     log_every = max(1, args.steps // 5)
@@ -269,10 +278,15 @@ def main():
     output_dir = os.path.abspath(args.output_dir)
     print(f"\nDone in {time.time() - start:.0f} s. QST adapter saved to {output_dir}")
     print(
-        "Load it on top of the 4-bit base model with:\n\n"
-        "    import peft_qst  # registers QST with PEFT; must come before from_pretrained\n"
+        "Load it on top of the 4-bit base model:\n\n"
+        "    import torch\n"
+        "    import peft_qst  # registers QST with PEFT; import it before PeftModel.from_pretrained\n"
         "    from peft import PeftModel\n"
-        "    base_model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb_config)\n"
+        "    from transformers import AutoModelForCausalLM, BitsAndBytesConfig\n"
+        "    from peft_qst.smollm2 import smollm2_path\n\n"
+        "    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\",\n"
+        "                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)\n"
+        "    base_model = AutoModelForCausalLM.from_pretrained(smollm2_path(), quantization_config=bnb_config)\n"
         f"    model = PeftModel.from_pretrained(base_model, {args.output_dir!r})\n\n"
         f"or chat with it: .venv/bin/python examples/generate.py --adapter {args.output_dir}"
     )
