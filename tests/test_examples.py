@@ -1,0 +1,31 @@
+"""The examples users copy run end to end (shortened), as real processes on the real 4-bit SmolLM2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+
+def run_example(*args: str, timeout: int = 900) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.smollm2
+def test_quickstart_then_generate(tmp_path):
+    out = run_example("examples/quickstart.py", "--steps", "12", "--output-dir", str(tmp_path / "adapter"))
+    assert "trainable params: 746,704 || all params: 135,261,712 || trainable%: 0.5520" in out
+    assert "before training (held-out prompt)" in out and "after training (same held-out prompt)" in out
+    assert "training: 100%" in out  # tqdm's progress bar reached the end
+    assert "reloaded adapter answers the same: yes" in out
+    assert f"QST adapter saved to {tmp_path / 'adapter'}" in out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    answer = run_example("examples/generate.py", "--adapter", str(tmp_path / "adapter"), "--prompt",
+                         "Classify the sentiment of this review: \"The soup was superb.\"", "--max-new-tokens", "8")
+    assert answer.strip()
