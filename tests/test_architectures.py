@@ -103,6 +103,13 @@ def test_default_config_on_4bit(model_type, tmp_path):
     model.eval()
     cached, uncached = generate_both_ways(model, ids)
     assert torch.equal(cached, uncached)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config())
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, adapted)
 
 
 def test_unsupported_model_fails_at_get_peft_model_naming_type_and_reason():
