@@ -62,6 +62,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--side-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="QSTConfig.side_dtype (default: None, the 4-bit compute dtype bf16)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -72,7 +74,7 @@ def main():
                                       bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization).eval()
     qst = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization), peft_qst.QSTConfig(task_type="CAUSAL_LM")
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization), peft_qst.QSTConfig(task_type="CAUSAL_LM", side_dtype=args.side_dtype),
     ).eval()
 
     rows = []
@@ -91,6 +93,7 @@ def main():
         qst_tps = tokens / statistics.median(timings["qst"])
         rows.append({
             "batch_size": batch_size,
+            "side_dtype": args.side_dtype or "default",
             "new_tokens": args.new_tokens,
             "base_tokens_per_s": round(base_tps, 1),
             "qst_tokens_per_s": round(qst_tps, 1),
@@ -99,7 +102,7 @@ def main():
 
     env = environment()
     print(f"\nGeneration, SmolLM2-135M-Instruct 4-bit NF4, greedy, {args.new_tokens} new tokens, median of "
-          f"{args.repeats} interleaved runs")
+          f"{args.repeats} interleaved runs, QST side_dtype={args.side_dtype or 'default (bf16)'}")
     print("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print("\n| batch | base tokens/s | QST tokens/s | QST time overhead |")
     print("|---|---|---|---|")

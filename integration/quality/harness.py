@@ -18,10 +18,11 @@ For each method the table reports:
 - **eval loss**: teacher-forced cross-entropy per answer token on the eval set;
 - **train time**: wall-clock of the training loop (model loading and evaluation excluded), and the **median step
   time** (forward + backward + optimizer step);
-- **peak RSS**: the peak resident memory of the process that trained the method. Each method runs in its own child
-  process (``harness.py --run-one SPEC``), so peaks do not mix. The JSON also gives the RSS after loading and the peak
-  during the training loop alone (the kernel's high-water mark is reset through ``/proc/self/clear_refs`` after
-  loading, where allowed);
+- **peak RSS**: the peak resident memory of the process that trained the method, over loading and training (the
+  memory fine-tuning needs; evaluation comes after and is measured apart). Each method runs in its own child process
+  (``harness.py --run-one SPEC``), so peaks do not mix. The JSON also gives the RSS after loading, the peak during the
+  training loop alone and the peak during evaluation (the kernel's high-water mark is reset through
+  ``/proc/self/clear_refs`` between phases; where that is not allowed, the whole-process peak is all there is);
 - **trainable parameters**.
 
 The JSON also records the CPU time of the training loop (``train_cpu_s``, all threads of the child), which another
@@ -441,8 +442,9 @@ def eval_loss(model, encoded_eval, args) -> float:
 
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(encoded_eval), args.eval_batch_size):
-            batch = collate_right(encoded_eval[start : start + args.eval_batch_size], args.pad_id)
+        # the training batch size: full-vocabulary logits of a large batch would dominate the process's memory
+        for start in range(0, len(encoded_eval), args.batch_size):
+            batch = collate_right(encoded_eval[start : start + args.batch_size], args.pad_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             shift_logits = logits[:, :-1].float()
             shift_labels = batch["labels"][:, 1:]
@@ -558,6 +560,7 @@ def run_one(spec: str, args, time_budget_s: float | None) -> dict:
         "peak_rss_load_mb": peak_at_load,
     }
     reset_ok = reset_peak_rss()
+    result["peak_rss_train_mb"] = None
     if method != "base":
         torch.manual_seed(args.seed)
         result.update(train(model, encoded_train, args, lr, warmup, time_budget_s, log))
@@ -566,13 +569,16 @@ def run_one(spec: str, args, time_budget_s: float | None) -> dict:
             f"trained {result['steps']} steps in {result['train_time_s']:.0f} s, median step "
             f"{result['median_step_s']:.2f} s, final train loss {result['final_train_loss']:.4f}"
         )
+    # the memory of fine-tuning: loading + training (evaluation, measured apart below, is not part of it)
+    result["peak_rss_mb"] = max(peak_at_load, peak_rss_mb())
+    reset_ok = reset_peak_rss()
     model.eval()
     model.config.use_cache = True
     eval_start = time.perf_counter()
     result["eval_loss"] = eval_loss(model, encoded_eval, args)
     result.update(exact_match(model, tokenizer, eval_set, encoded_eval, args, eos_id))
     result["eval_time_s"] = time.perf_counter() - eval_start
-    result["peak_rss_mb"] = max(peak_at_load, peak_rss_mb())
+    result["peak_rss_eval_mb"] = peak_rss_mb() if reset_ok else None
     result["cpu_time_s"] = time.process_time() - cpu_start
     result["n_train_pool"] = len(train_set)
     result["n_eval"] = len(eval_set)
