@@ -54,6 +54,22 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
+def train_steps(model, input_ids, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """A few AdamW steps of causal-LM loss on fixed ids (so an adapter visibly changes the output); returns the
+    losses and leaves the model in eval mode."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def bnb_config(quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16):
     from transformers import BitsAndBytesConfig
 

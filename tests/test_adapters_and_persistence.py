@@ -14,19 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from peft_qst import QSTAdapterFileError, QSTConfig
 
-from .conftest import REPO, bnb_config, load_smollm2_4bit, run_python, tiny_causal_lm
+from .conftest import load_smollm2_4bit, run_python, tiny_causal_lm, train_steps
 
 IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21], [1, 2, 3, 4, 5, 6, 7, 8]])
-
-
-def train_steps(model, steps=3, lr=1e-2, ids=IDS):
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
 
 
 def side_state(model, adapter_name):
@@ -38,7 +28,7 @@ def side_state(model, adapter_name):
 def trained(tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
-    train_steps(model)
+    train_steps(model, IDS)
     return model
 
 
@@ -71,7 +61,7 @@ def test_add_set_delete_adapter(trained):
     trained.set_adapter("second")
     trainable = {n.split(".qst_side.")[1].split(".")[0] for n, p in trained.named_parameters() if p.requires_grad}
     assert trainable == {"second"}
-    train_steps(trained)
+    train_steps(trained, IDS)
     with torch.no_grad():
         second = trained(input_ids=IDS).logits
     assert not torch.allclose(first, second)
@@ -87,7 +77,7 @@ def test_load_adapter_under_a_second_name_never_changes_the_first(tmp_path, tiny
     trained.save_pretrained(tmp_path / "a")
     other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
     torch.manual_seed(1)
-    train_steps(other, steps=2)
+    train_steps(other, IDS, steps=2)
     before = side_state(other, "default")
     other.load_adapter(str(tmp_path / "a"), adapter_name="loaded")
     after = side_state(other, "default")
@@ -161,7 +151,7 @@ def test_fresh_process_round_trip_tiny(tmp_path, tiny_model_dir, trained):
 def test_fresh_process_round_trip_smollm2_4bit(tmp_path, smollm2_dir):
     model = get_peft_model(load_smollm2_4bit(smollm2_dir), QSTConfig(task_type="CAUSAL_LM"))
     ids = torch.tensor([[1, 4093, 314, 253, 1345, 30, 2, 2015, 563, 7, 28, 9]])
-    train_steps(model, steps=2, lr=1e-3, ids=ids)
+    train_steps(model, ids, steps=2, lr=1e-3)
     model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -282,7 +272,7 @@ def test_low_cpu_mem_usage_loading(tmp_path, tiny_model_dir, trained):
 
 def test_auto_peft_model_loads_a_task_less_adapter_in_a_fresh_process(tmp_path, tiny_model_dir):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(r=4))  # task_type=None
-    train_steps(model)
+    train_steps(model, IDS)
     model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = model(input_ids=IDS).logits

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from peft_qst import QSTConfig, QSTUnsupportedModelError
 
-from .conftest import REPO, bnb_config
+from .conftest import REPO, bnb_config, train_steps
 from .test_training_graph import assert_only_side_learns_and_backbone_saves_nothing
 
 V = 96
@@ -69,12 +69,7 @@ def test_default_config_end_to_end(model_type, tmp_path):
         assert torch.equal(model(input_ids=ids).logits, expected_start)
     model.train()
     assert_only_side_learns_and_backbone_saves_nothing(model, ids)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    for _ in range(3):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    train_steps(model, ids, lr=3e-2)
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
     assert not torch.allclose(adapted, expected_start)

@@ -8,7 +8,7 @@ from peft import get_peft_model
 
 from peft_qst import QSTCache, QSTConfig
 
-from .conftest import tiny_causal_lm
+from .conftest import tiny_causal_lm, train_steps
 
 PAD = 0
 PROMPTS = [[5, 17, 33, 2, 99, 64, 7, 21, 3, 9], [11, 12, 13], [40, 41, 42, 43, 44, 45]]
@@ -21,16 +21,10 @@ def trained_model(adapters=("default",), steps=8):
         model.add_adapter(name, QSTConfig(task_type="CAUSAL_LM", r=2))
     for i, name in enumerate(adapters):
         model.set_adapter(name)
-        model.train()
         torch.manual_seed(100 + i)
-        ids = torch.randint(1, 128, (4, 24))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-        for _ in range(steps):
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        train_steps(model, torch.randint(1, 128, (4, 24)), steps=steps, lr=3e-2)
     model.set_adapter(adapters[0])
-    return model.eval()
+    return model
 
 
 def left_padded(prompts):
@@ -131,15 +125,12 @@ def test_manual_decoding_loop_with_either_cache_keyword(model):
 
 
 def test_a_plain_filled_cache_is_refused(model):
-    from transformers import DynamicCache
-
     ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad(), model.disable_adapter():
         plain = model(input_ids=ids, use_cache=True).cache
     assert not isinstance(plain, QSTCache)
     with pytest.raises(ValueError, match="no side-network state"):
         model(input_ids=torch.tensor([[7]]), cache=plain, use_cache=True)
-    assert isinstance(DynamicCache(), DynamicCache)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -226,13 +217,7 @@ def test_smollm2_4bit_cached_equals_uncached(smollm2_dir):
     model = get_peft_model(load_smollm2_4bit(smollm2_dir), QSTConfig(task_type="CAUSAL_LM"))
     # a few steps on a fixed text make the adapter change the output
     text = tokenizer("The capital of France is Paris. The capital of Italy is Rome.", return_tensors="pt").input_ids
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(3):
-        model(input_ids=text, labels=text).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    train_steps(model, text)
     chat = [{"role": "user", "content": "Name three rivers in Europe."}]
     inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     prompt_length = inputs["input_ids"].shape[1]

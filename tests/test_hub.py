@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_qst import QSTConfig
 
-from .conftest import run_python
+from .conftest import run_python, train_steps
 
 IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21]])
 REPO_ID = "qst-user/tiny-qst-adapter"
@@ -44,12 +44,7 @@ def test_push_to_hub_card_and_loading_from_a_hub_cache(tmp_path, tiny_model_dir,
     from transformers.utils import hub as transformers_hub
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        model(input_ids=IDS, labels=IDS).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    train_steps(model, IDS, steps=2)
 
     # everything up to the network is real; the network calls record what they would send
     api = transformers_hub.hf_api()

@@ -8,7 +8,7 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 
 from peft_qst import QSTConfig, QSTLayer
 
-from .conftest import load_smollm2_4bit, tiny_causal_lm
+from .conftest import load_smollm2_4bit, train_steps
 
 
 def qst_layer(model) -> QSTLayer:
@@ -128,16 +128,7 @@ def test_training_starts_at_the_pretrained_output(tiny_model):
 def test_a_few_steps_reduce_the_loss(tiny_model):
     torch.manual_seed(0)
     model = get_peft_model(tiny_model, QSTConfig(r=4))
-    model.train()
-    ids = torch.randint(0, 128, (4, 16))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, torch.randint(0, 128, (4, 16)), steps=30)
     assert losses[-1] < losses[0] - 0.5, losses
 
 
