@@ -139,14 +139,12 @@ class QSTModel(BaseTuner):
                 f" ({type(model).__name__}). Load it onto the base model it was trained on"
                 + (f" ({config.base_model_name_or_path})." if config.base_model_name_or_path else ".")
             )
-        config.base_model_signature = signature
 
-        if config.target_modules is None:
-            config.target_modules = re.escape(find_trunk_name(model))
-        trunk = self._matching_trunk(model, config)
+        target_modules = config.target_modules or re.escape(find_trunk_name(model))
+        trunk = self._matching_trunk(model, target_modules)
         if trunk is None:
             raise QSTUnsupportedModelError(
-                f"QSTConfig.target_modules={config.target_modules!r} matches no module of {type(model).__name__}."
+                f"QSTConfig.target_modules={target_modules!r} matches no module of {type(model).__name__}."
             )
         base_trunk = trunk.get_base_layer() if isinstance(trunk, QSTLayer) else trunk
         forward_params = inspect.signature(type(base_trunk).forward).parameters
@@ -159,12 +157,20 @@ class QSTModel(BaseTuner):
         # raises a ValueError naming the fitting values when r does not fit the model's widths and heads
         shrink_config(model_config, config, torch.float32)
 
-    @staticmethod
-    def _matching_trunk(model: nn.Module, config: QSTConfig) -> Optional[nn.Module]:
-        from peft.tuners.tuners_utils import check_target_module_exists
+        # every check passed: record what the adapter is bound to
+        config.base_model_signature = signature
+        config.target_modules = target_modules
 
+    @staticmethod
+    def _matching_trunk(model: nn.Module, target_modules) -> Optional[nn.Module]:
+        """The module named by ``target_modules``: a regex matched in full (as PEFT does), or a list of names."""
         for name, module in model.named_modules():
-            if name and check_target_module_exists(config, name):
+            if not name:
+                continue
+            if isinstance(target_modules, str):
+                if re.fullmatch(target_modules, name):
+                    return module
+            elif name in target_modules:
                 return module
         return None
 

@@ -44,13 +44,15 @@ def test_defaults_follow_the_paper():
 
 def test_r_that_does_not_fit_the_model_is_refused_with_the_fitting_values():
     model = tiny_causal_lm()  # hidden 64, 4 heads, rotary
+    config = QSTConfig(r=3)
     with pytest.raises(ValueError) as info:
-        get_peft_model(model, QSTConfig(r=3))
+        get_peft_model(model, config)
     message = str(info.value)
     assert "r=3 does not divide hidden_size=64" in message
     assert "Values of r that fit this model: [1, 2, 4, 8]" in message
-    # the model was not modified
+    # neither the model nor the config was modified
     assert type(model.model).__name__ == "LlamaModel"
+    assert config.base_model_signature is None and config.target_modules is None
 
 
 def test_r_that_breaks_the_head_layout_is_refused():
