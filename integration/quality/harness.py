@@ -37,9 +37,9 @@ Methods (a *spec* is ``METHOD`` or ``METHOD:key=value,key=value``)
   only (``layers_to_transform``), no gradient checkpointing. Keys: ``k``, ``r``, ``alpha``, ``dropout``.
 - ``qst``: ``peft_qst.QSTConfig(task_type="CAUSAL_LM", ...)``. Keys: any ``QSTConfig`` field (``r``, ``downsample``,
   ``downsample_rank``, ``activation``, ``dropout``, ``side_gate_init``, ``output_gate_init``, ``side_dtype``).
-- Common keys: ``lr``, ``warmup``, ``label`` (name shown in the table), ``time_s`` (train for that many seconds
-  instead of ``--steps``; ``time_s=match`` uses the training time measured for the first earlier ``qlora`` spec of the
-  same invocation, ``time_s=match:LABEL`` that of the spec labelled LABEL).
+- Common keys: ``lr``, ``warmup``, ``label`` (name shown in the table; default: the spec itself), ``time_s`` (train
+  for that many seconds instead of ``--steps``; ``time_s=match`` uses the training time measured for the first earlier
+  ``qlora`` spec of the same invocation, ``time_s=match:LABEL`` that of the spec labelled LABEL).
 
 How to run
 ----------
@@ -153,7 +153,8 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         if not sep:
             raise ValueError(f"option {item!r} of spec {spec!r} is not key=value")
         if key not in METHOD_KEYS[method]:
-            raise ValueError(f"{method} takes no option {key!r} (spec {spec!r}); allowed: {', '.join(METHOD_KEYS[method])}")
+            allowed = ", ".join(METHOD_KEYS[method])
+            raise ValueError(f"{method} takes no option {key!r} (spec {spec!r}); allowed: {allowed}")
         options[key] = value.strip() if key in ("label", "time_s") else _coerce(value.strip())
     return method, options
 
@@ -432,6 +433,7 @@ def train(model, encoded_train, args, lr: float, warmup: int, time_budget_s: flo
         "mean_step_s": statistics.fmean(step_times) if step_times else None,
         "final_train_loss": statistics.fmean(tail) if tail else None,
         "train_losses": losses,
+        "step_times_s": step_times,
     }
 
 
@@ -514,7 +516,7 @@ def run_one(spec: str, args, time_budget_s: float | None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     method, options = parse_spec(spec)
-    label = options.get("label", method)
+    label = options.get("label", spec)
     log = lambda message: print(f"[{label}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     lr = float(options.get("lr", args.lr))
     warmup = int(options.get("warmup", args.warmup))
@@ -627,7 +629,7 @@ def run_children(args) -> list[dict]:
     results = []
     for spec in args.specs:
         method, options = parse_spec(spec)
-        label = options.get("label", method)
+        label = options.get("label", spec)
         try:
             budget = resolve_time_budget(spec, results)
         except ValueError as error:
