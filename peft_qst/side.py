@@ -267,7 +267,6 @@ class QSTSideNetwork(nn.Module):
         num_layers = int(base_config.num_hidden_layers)
         side_config = shrink_config(base_config, qst_config, dtype)
         hidden, side_hidden = int(base_config.hidden_size), int(side_config.hidden_size)
-        self.side_config = side_config
 
         trunk = type(base_trunk)(side_config)
         # the side trunk reads inputs_embeds only: drop its token embedding
@@ -303,10 +302,6 @@ class QSTSideNetwork(nn.Module):
         self._blocks = list(wrapped)  # plain list: a view of the blocks, not a second registration
         self._trunk_params = set(inspect.signature(type(trunk).forward).parameters)
         self.place(base_trunk)
-
-    @property
-    def blocks(self) -> list[QSTSideBlock]:
-        return self._blocks
 
     def place(self, base_trunk: nn.Module) -> None:
         """Put each part of the side network on the device of the backbone part it reads from.
