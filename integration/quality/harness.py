@@ -263,13 +263,13 @@ def wrap_model(model, method: str, options: dict):
     if method == "base":
         return model, {}  # nothing is trained (its parameters are not counted as trainable either)
     if method in ("qlora", "topk-lora"):
-        lora = dict(
-            r=int(options.get("r", 64)),
-            lora_alpha=float(options.get("alpha", 16)),
-            lora_dropout=float(options.get("dropout", 0.05)),
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
+        lora = {
+            "r": int(options.get("r", 64)),
+            "lora_alpha": float(options.get("alpha", 16)),
+            "lora_dropout": float(options.get("dropout", 0.05)),
+            "target_modules": "all-linear",
+            "task_type": "CAUSAL_LM",
+        }
         described = {"r": lora["r"], "alpha": lora["lora_alpha"], "dropout": lora["lora_dropout"]}
         if method == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
@@ -507,17 +507,19 @@ def exact_match(model, tokenizer, eval_set, encoded_eval, args, eos_id: int) -> 
 
 def run_one(spec: str, args, time_budget_s: float | None) -> dict:
     """Load, wrap, train and evaluate one method spec in this process; returns the result dict."""
+    import tasks
     import torch
     from transformers.utils import logging as hf_logging
-
-    import tasks
 
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
     method, options = parse_spec(spec)
     label = options.get("label", spec)
-    log = lambda message: print(f"[{label}] {message}", file=sys.stderr, flush=True)  # noqa: E731
+
+    def log(message: str) -> None:
+        print(f"[{label}] {message}", file=sys.stderr, flush=True)
+
     lr = float(options.get("lr", args.lr))
     warmup = int(options.get("warmup", args.warmup))
     if time_budget_s is None and args.time_budget_s:
@@ -644,7 +646,7 @@ def run_children(args) -> list[dict]:
             print(f"[{label}] running: {' '.join(command[1:])}", file=sys.stderr, flush=True)
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
             try:
-                proc = subprocess.run(command, env=env, timeout=args.child_timeout_s)
+                proc = subprocess.run(command, check=False, env=env, timeout=args.child_timeout_s)
                 returncode = proc.returncode
             except subprocess.TimeoutExpired:
                 returncode = "timeout"
@@ -697,18 +699,22 @@ def describe_config(result: dict) -> str:
 
 def markdown(results: list[dict], env: dict, args) -> str:
     lines = [
-        f"Machine: {env['cpu']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
-        f"{env['memory_gb']} GB RAM. Python {env['python']}, torch {env['torch']}, transformers "
-        f"{env['transformers']}, peft {env['peft']}, bitsandbytes {env['bitsandbytes']}, accelerate "
-        f"{env['accelerate']}, peft_qst {env['peft_qst']}.",
+        (
+            f"Machine: {env['cpu']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
+            f"{env['memory_gb']} GB RAM. Python {env['python']}, torch {env['torch']}, transformers "
+            f"{env['transformers']}, peft {env['peft']}, bitsandbytes {env['bitsandbytes']}, accelerate "
+            f"{env['accelerate']}, peft_qst {env['peft_qst']}."
+        ),
         "",
         f"SmolLM2-135M-Instruct, 4-bit NF4 (double quant, bf16 compute). Batch {args.batch_size}, "
         + (f"{args.steps} steps" if not args.time_budget_s else f"time budget {args.time_budget_s:g} s")
         + f" (unless the config says otherwise), {args.schedule} lr after {args.warmup} warm-up steps, AdamW. "
         f"Held-out eval: {args.eval_size} examples, seed {args.seed}.",
         "",
-        "| method | config | exact match % | eval loss | steps | train time s | train CPU s | median step s "
-        "| peak RSS MB | trainable params | load avg 1m (before/after) |",
+        (
+            "| method | config | exact match % | eval loss | steps | train time s | train CPU s | median step s "
+            "| peak RSS MB | trainable params | load avg 1m (before/after) |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:

@@ -28,8 +28,8 @@ tokens (and the end-of-turn token that stops generation).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 # ------------------------------------------------------------------------------------------------------------------
 # vocabulary
