@@ -94,6 +94,27 @@ def load_smollm2_4bit(path):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config())
 
 
+def logits_in_fresh_process(tmp_path, load_model: str, input_ids, env: dict | None = None):
+    """Logits of ``input_ids`` from a model built in a fresh process by ``load_model``: Python statements, run after
+    ``import torch, peft_qst``, that bind ``model``. Tensors cross the process boundary as safetensors files."""
+    import textwrap
+
+    from safetensors.torch import load_file, save_file
+
+    ids_file, out_file = str(tmp_path / "fresh-ids.safetensors"), str(tmp_path / "fresh-logits.safetensors")
+    save_file({"ids": input_ids}, ids_file)
+    script = "import torch, peft_qst\n" + textwrap.dedent(load_model) + textwrap.dedent(
+        f"""
+        from safetensors.torch import load_file, save_file
+        ids = load_file({ids_file!r})["ids"]
+        with torch.no_grad():
+            save_file({{"logits": model.eval()(input_ids=ids).logits.contiguous()}}, {out_file!r})
+        """
+    )
+    run_python(script, env=env)
+    return load_file(out_file)["logits"]
+
+
 def run_python(code: str, timeout: int = 600, env: dict | None = None) -> str:
     """Run code in a fresh Python process (nothing imported, nothing registered) and return its stdout."""
     result = subprocess.run(

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_qst import QSTAdapterFileError, QSTConfig
 
-from .conftest import load_smollm2_4bit, run_python, tiny_causal_lm, train_steps
+from .conftest import load_smollm2_4bit, logits_in_fresh_process, run_python, tiny_causal_lm, train_steps
 
 IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21], [1, 2, 3, 4, 5, 6, 7, 8]])
 
@@ -276,18 +276,12 @@ def test_auto_peft_model_loads_a_task_less_adapter_in_a_fresh_process(tmp_path, 
     model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         expected = model(input_ids=IDS).logits
-    save_file({"ids": IDS}, str(tmp_path / "ids.safetensors"))
-    run_python(
-        textwrap.dedent(
-            f"""
-            import torch, peft_qst
-            from peft import AutoPeftModel
-            from safetensors.torch import load_file, save_file
-            model = AutoPeftModel.from_pretrained({str(tmp_path / "adapter")!r}).eval()
-            ids = load_file({str(tmp_path / "ids.safetensors")!r})["ids"]
-            with torch.no_grad():
-                save_file({{"logits": model(input_ids=ids).logits.contiguous()}}, {str(tmp_path / "out.safetensors")!r})
-            """
-        )
+    got = logits_in_fresh_process(
+        tmp_path,
+        f"""
+        from peft import AutoPeftModel
+        model = AutoPeftModel.from_pretrained({str(tmp_path / "adapter")!r})
+        """,
+        IDS,
     )
-    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["logits"], expected)
+    assert torch.equal(got, expected)

@@ -5,18 +5,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import textwrap
 from types import SimpleNamespace
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 from peft import get_peft_model
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from peft_qst import QSTConfig
 
-from .conftest import run_python, train_steps
+from .conftest import logits_in_fresh_process, train_steps
 
 IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21]])
 REPO_ID = "qst-user/tiny-qst-adapter"
@@ -79,24 +77,17 @@ def test_push_to_hub_card_and_loading_from_a_hub_cache(tmp_path, tiny_model_dir,
     lay_out_as_hub_cache(cache, REPO_ID, uploaded)
     with torch.no_grad():
         expected = model(input_ids=IDS).logits
-    save_file({"ids": IDS}, str(tmp_path / "ids.safetensors"))
-    run_python(
-        textwrap.dedent(
-            f"""
-            import torch, peft_qst
-            from peft import PeftModel
-            from safetensors.torch import load_file, save_file
-            from transformers import AutoModelForCausalLM
-            base = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r})
-            model = PeftModel.from_pretrained(base, {REPO_ID!r}).eval()
-            ids = load_file({str(tmp_path / "ids.safetensors")!r})["ids"]
-            with torch.no_grad():
-                save_file({{"logits": model(input_ids=ids).logits.contiguous()}}, {str(tmp_path / "out.safetensors")!r})
-            """
-        ),
+    got = logits_in_fresh_process(
+        tmp_path,
+        f"""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({tiny_model_dir!r}), {REPO_ID!r})
+        """,
+        IDS,
         env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"},
     )
-    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["logits"], expected)
+    assert torch.equal(got, expected)
 
 
 def test_save_pretrained_writes_the_card(tmp_path, tiny_model_dir):
