@@ -17,11 +17,18 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers.activations import ACT2FN
+
+try:  # builds real (not meta) side weights under PEFT's low_cpu_mem_usage; see QSTSideNetwork.__init__
+    from peft.utils.integrations import _skip_init_on_device
+except ImportError:  # pragma: no cover - older PEFT without the helper
+    _skip_init_on_device = nullcontext
 
 from .cache import cache_field
 from .config import QSTConfig
@@ -189,6 +196,61 @@ def build_downsample(config: QSTConfig, in_features: int, out_features: int) -> 
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Parameters that start at a constant
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ConstantOffset(nn.Module):
+    """Parametrization ``value = constant + offset``, with the stored ``offset`` starting at zero.
+
+    Norm weights start at 1, gates at their configured value. Stored as such in bf16 (the default side dtype under a
+    bf16 compute dtype, and what TRL casts trainable parameters of 4-bit models to), an optimizer update of about the
+    learning rate (1e-3) is below bf16's resolution near 1 (2**-8 relative) and is lost: those parameters would never
+    train. Stored as an offset from their starting value, they sit near zero, where bf16 keeps every update.
+    """
+
+    def __init__(self, constant: float):
+        super().__init__()
+        self.constant = float(constant)
+
+    def forward(self, offset: torch.Tensor) -> torch.Tensor:
+        return offset + self.constant
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value - self.constant
+
+    def extra_repr(self) -> str:
+        return f"constant={self.constant}"
+
+
+def store_constant_parameters_as_offsets(module: nn.Module) -> int:
+    """Reparametrize every vector parameter of ``module`` (and its children) that holds one nonzero value in all its
+    entries — norm weights, gates — as a :class:`ConstantOffset`; returns how many were reparametrized."""
+    count = 0
+    for child in list(module.modules()):
+        for name, parameter in list(child._parameters.items()):
+            if parameter is None or parameter.dim() != 1 or parameter.numel() == 0 or parameter.device.type == "meta":
+                continue
+            first = parameter.detach().flatten()[0]
+            if first.item() == 0.0 or not bool(torch.all(parameter.detach() == first)):
+                continue
+            parametrize.register_parametrization(child, name, ConstantOffset(first.item()))
+            count += 1
+    return count
+
+
+class OutputGate(nn.Module):
+    """The per-channel output gate ``a`` of ``h_L + a * up(side)``."""
+
+    def __init__(self, width: int, init: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((width,), float(init)))
+
+    def forward(self, update: torch.Tensor) -> torch.Tensor:
+        return self.weight * update
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # The side network
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -264,6 +326,12 @@ class QSTSideNetwork(nn.Module):
 
     def __init__(self, base_trunk: nn.Module, base_config, qst_config: QSTConfig, dtype: torch.dtype):
         super().__init__()
+        # Always real weights, also under PEFT's low_cpu_mem_usage (meta) context: the side network is small, and
+        # which parameters start at a constant (see ConstantOffset) is read from their initial values.
+        with _skip_init_on_device():
+            self._build(base_trunk, base_config, qst_config, dtype)
+
+    def _build(self, base_trunk: nn.Module, base_config, qst_config: QSTConfig, dtype: torch.dtype) -> None:
         num_layers = int(base_config.num_hidden_layers)
         side_config = shrink_config(base_config, qst_config, dtype)
         hidden, side_hidden = int(base_config.hidden_size), int(side_config.hidden_size)
@@ -294,8 +362,9 @@ class QSTSideNetwork(nn.Module):
         self.upsample = nn.Linear(side_hidden, hidden, bias=False)
         # zero, as LoRA's B: training starts exactly at the pretrained model's output
         nn.init.zeros_(self.upsample.weight)
-        self.output_gate = nn.Parameter(torch.full((hidden,), float(qst_config.output_gate_init)))
+        self.output_gate = OutputGate(hidden, qst_config.output_gate_init)
 
+        store_constant_parameters_as_offsets(self)
         # parameters take the side dtype; buffers (e.g. rotary inverse frequencies) keep their precision
         for parameter in self.parameters():
             parameter.data = parameter.data.to(dtype)
@@ -326,7 +395,7 @@ class QSTSideNetwork(nn.Module):
             if child is not None and not (side_parent is self.trunk and name == side_attr):
                 child.to(last_device)
         self.upsample.to(last_device)
-        self.output_gate.data = self.output_gate.data.to(last_device)
+        self.output_gate.to(last_device)
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], cache=None, **trunk_kwargs):
         if len(hidden_states) != len(self._blocks) + 1:
@@ -348,5 +417,5 @@ class QSTSideNetwork(nn.Module):
 
     def mix(self, backbone_last: torch.Tensor, side_out: torch.Tensor) -> torch.Tensor:
         """``h_L + a * up(side)``; ``up`` starts at zero, so an untrained adapter returns the backbone's output."""
-        update = self.output_gate * self.upsample(side_out.to(self.upsample.weight.device))
+        update = self.output_gate(self.upsample(side_out.to(self.upsample.weight.device)))
         return backbone_last + update.to(backbone_last.device, backbone_last.dtype)

@@ -52,3 +52,42 @@ def test_side_dtype_override(tiny_model_dir):
     with torch.no_grad():
         logits = model(input_ids=IDS).logits
     assert torch.isfinite(logits).all()
+
+
+def test_bf16_side_parameters_that_start_at_a_constant_keep_their_updates(tiny_model_dir):
+    """Norm weights start at 1 and the output gate at output_gate_init; stored in bf16, an AdamW update of 1e-3 on
+    such a value is below bf16's resolution and would be lost. They are stored as offsets from their start
+    (ConstantOffset), which bf16 resolves: every one of them keeps its updates, as the matrices do."""
+    from torch.nn.utils import parametrize
+
+    from peft_qst.side import ConstantOffset
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, side_gate_init=0.9))
+    side = model.base_model.model.model.qst_side["default"]
+    offsets = {
+        name: module.parametrizations[attr].original
+        for name, module in side.named_modules()
+        if parametrize.is_parametrized(module)
+        for attr in module.parametrizations
+        if isinstance(module.parametrizations[attr][0], ConstantOffset)
+    }
+    # the side trunk's norms (2 per block + final), the LayerNorm of each "adapter" downsampler (3 blocks + embeddings),
+    # every block's gate (0.9 is not 0 in logit space), the output gate
+    assert len(offsets) == (3 * 2 + 1) + (3 + 1) + 3 + 1, sorted(offsets)
+    assert all(p.dtype == torch.bfloat16 and p.requires_grad and not p.any() for p in offsets.values())
+    # a plain bf16 parameter equal to 1 keeps 1 under the same update: the failure this guards against
+    assert torch.ones(1, dtype=torch.bfloat16).add_(-1e-3).item() == 1.0
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(5):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, offset in offsets.items():
+        moved = (offset != 0).float().mean().item()
+        assert moved > 0.9, f"{name}: only {moved:.0%} of its entries moved"
+    # the value used in the forward is constant + offset, rounded to bf16 like every bf16 weight; the offset keeps
+    # accumulating the updates until they show
+    assert side.output_gate.weight.dtype == torch.bfloat16

@@ -149,4 +149,4 @@ def test_smollm2_default_config_trains_under_one_percent(smollm2_dir):
     share = trainable / total
     assert 0 < share < 0.01, share
     # the side network follows bnb_4bit_compute_dtype
-    assert {p.dtype for n, p in model.named_parameters() if ".qst_side." in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in model.named_parameters() if ".qst_side." in n} == {torch.bfloat16}  # compute dtype
