@@ -18,6 +18,7 @@ PEFT_TYPE = "QST"
 
 DOWNSAMPLE_KINDS = ("adapter", "linear", "lora", "maxpool", "avgpool")
 SIDE_DTYPES = ("float32", "bfloat16", "float16")
+INIT_KINDS = ("random", "pruned")
 
 
 def _activation_names() -> list[str]:
@@ -67,6 +68,13 @@ class QSTConfig(PeftConfig):
             full gradient from the first step. With ``a`` at 1 that gradient is not scaled down; zero-initialising
             ``a`` instead (with a random ``up``) scales every gradient into the side network by ``a`` and learned far
             slower in our first trials.
+        init (`str`): How the side blocks' own weights start. ``"random"`` (the paper): the model's own random
+            initialisation. ``"pruned"`` (LST, Sung et al. 2022): each side block starts from the corresponding
+            backbone block's weights, keeping the most important residual channels, FFN neurons and per-head
+            dimensions by weight magnitude (the criterion is documented in :mod:`peft_qst.pruning`); a 4-bit backbone
+            is dequantised one block at a time. Either way the upsample starts at zero, so training starts exactly
+            at the pretrained model's output. `get_peft_model` refuses ``"pruned"`` for an architecture whose
+            weights it cannot map onto the side blocks, naming the model type.
         side_dtype (`str`, *optional*): dtype of the side network: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
             Default (None): the model's compute dtype (``bnb_4bit_compute_dtype`` for a bitsandbytes 4-bit model,
             else the model's dtype).
@@ -89,6 +97,9 @@ class QSTConfig(PeftConfig):
     dropout: float = field(default=0.0, metadata={"help": "Dropout on downsampled hidden states, in [0, 1)."})
     side_gate_init: float = field(default=0.5, metadata={"help": "Initial side-recurrence gate value, in (0, 1)."})
     output_gate_init: float = field(default=1.0, metadata={"help": "Initial per-channel output gate value."})
+    init: str = field(
+        default="random", metadata={"help": f"Initialisation of the side blocks, one of {INIT_KINDS}."}
+    )
     side_dtype: Optional[str] = field(
         default=None, metadata={"help": f"dtype of the side network, one of {SIDE_DTYPES}; None: the compute dtype."}
     )
@@ -141,6 +152,11 @@ class QSTConfig(PeftConfig):
             raise ValueError(
                 f"QSTConfig.output_gate_init={self.output_gate_init!r} is invalid: it must be a finite number "
                 "(default 1.0)."
+            )
+        if self.init not in INIT_KINDS:
+            raise ValueError(
+                f"QSTConfig.init={self.init!r} is invalid: choose \"random\" (the paper's random side blocks) or "
+                "\"pruned\" (side blocks start from the backbone's weights, pruned to the side width)."
             )
         if self.side_dtype is not None and self.side_dtype not in SIDE_DTYPES:
             raise ValueError(

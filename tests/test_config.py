@@ -27,6 +27,8 @@ from .conftest import tiny_causal_lm
         ({"side_gate_init": 1.0}, "strictly between 0 and 1"),
         ({"output_gate_init": float("nan")}, "output_gate_init=nan"),
         ({"side_dtype": "int8"}, "float32, bfloat16, float16"),
+        ({"init": "lst"}, "QSTConfig.init='lst'"),
+        ({"init": None}, "choose \"random\""),
         ({"target_modules": 3}, "target_modules=3"),
     ],
 )
@@ -40,6 +42,7 @@ def test_defaults_follow_the_paper():
     config = QSTConfig()
     assert config.peft_type == "QST"
     assert (config.r, config.downsample, config.downsample_rank) == (16, "adapter", 16)
+    assert config.init == "random"
 
 
 def test_r_that_does_not_fit_the_model_is_refused_with_the_fitting_values():
@@ -75,7 +78,8 @@ def test_encoder_decoder_model_is_refused():
 
 def test_adapter_config_json_round_trips(tmp_path, tiny_model):
     config = QSTConfig(task_type="CAUSAL_LM", r=4, downsample="lora", downsample_rank=8, dropout=0.1,
-                       side_gate_init=0.25, output_gate_init=0.01, side_dtype="float32", activation="gelu")
+                       side_gate_init=0.25, output_gate_init=0.01, side_dtype="float32", activation="gelu",
+                       init="pruned")
     model = get_peft_model(tiny_model, config)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -87,5 +91,5 @@ def test_adapter_config_json_round_trips(tmp_path, tiny_model):
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, QSTConfig)
     for name in ("r", "downsample", "downsample_rank", "dropout", "side_gate_init", "output_gate_init",
-                 "side_dtype", "activation", "task_type", "target_modules", "base_model_signature"):
+                 "side_dtype", "activation", "init", "task_type", "target_modules", "base_model_signature"):
         assert getattr(loaded, name) == getattr(config, name), name
