@@ -12,8 +12,22 @@ import os
 MARKER = "<!-- peft-qst usage -->"
 
 
-def usage_section(base_model: str | None) -> str:
+#: the transformers Auto class that builds the base model for each PEFT task type (CAUSAL_LM, and no task type, load
+#: as causal LMs)
+AUTO_CLASS_OF_TASK = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def usage_section(base_model: str | None, task_type: str | None = None, num_labels: int | None = None) -> str:
     base = base_model or "<base model>"
+    auto_class = AUTO_CLASS_OF_TASK.get(task_type or "", "AutoModelForCausalLM")
+    extra = ""
+    if task_type == "SEQ_CLS":
+        # the saved head has num_labels rows; the base model must be built with the same number
+        extra = f", num_labels={num_labels if num_labels is not None else '<number of labels>'}"
     return f"""{MARKER}
 ## How to load this QST adapter
 
@@ -24,14 +38,40 @@ tuner type. Install `peft-qst` and import it before loading: the import register
 import torch
 import peft_qst  # registers "QST" with PEFT
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import {auto_class}, BitsAndBytesConfig
 
 bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                          bnb_4bit_compute_dtype=torch.bfloat16)
-base = AutoModelForCausalLM.from_pretrained("{base}", quantization_config=bnb)
+base = {auto_class}.from_pretrained("{base}", quantization_config=bnb{extra})
 model = PeftModel.from_pretrained(base, "<this repository id, or the folder holding this card>")
 ```
 """
+
+
+def _saved_adapter_facts(folder: str) -> tuple[str | None, int | None]:
+    """The task type recorded in ``adapter_config.json`` beside the card and, for a classification adapter, the number
+    of labels (rows of the saved head in ``modules_to_save``); None where the folder does not tell."""
+    import json
+
+    config_path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        return None, None
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    task_type = config.get("task_type")
+    weights_path = os.path.join(folder, "adapter_model.safetensors")
+    heads = config.get("modules_to_save") or []
+    if task_type != "SEQ_CLS" or not heads or not os.path.isfile(weights_path):
+        return task_type, None
+    from safetensors import safe_open
+
+    with safe_open(weights_path, framework="pt") as handle:
+        for key in handle.keys():
+            if any(key.endswith(f".{head}.weight") for head in heads):
+                shape = handle.get_slice(key).get_shape()
+                if len(shape) == 2:
+                    return task_type, int(shape[0])
+    return task_type, None
 
 
 def add_usage_section(folder: str, base_model: str | None) -> None:
@@ -43,5 +83,6 @@ def add_usage_section(folder: str, base_model: str | None) -> None:
         text = handle.read()
     if MARKER in text:
         return
+    task_type, num_labels = _saved_adapter_facts(folder)
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write("\n" + usage_section(base_model))
+        handle.write("\n" + usage_section(base_model, task_type, num_labels))

@@ -38,16 +38,13 @@ def lay_out_as_hub_cache(cache: str, repo_id: str, files: dict[str, str]) -> Non
         handle.write(COMMIT)
 
 
-def test_push_to_hub_card_and_loading_from_a_hub_cache(tmp_path, tiny_model_dir, monkeypatch):
+def push_to_recording_hub(model, repo_id: str, staging, monkeypatch, **push_kwargs) -> dict[str, str]:
+    """``model.push_to_hub(repo_id)`` with everything up to the network real; the network calls copy what they would
+    send into ``staging``. Returns {path in the repository: local copy}."""
     from transformers.utils import hub as transformers_hub
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
-    train_steps(model, IDS, steps=2)
-
-    # everything up to the network is real; the network calls record what they would send
     api = transformers_hub.hf_api()
     uploaded: dict[str, str] = {}
-    staging = tmp_path / "uploaded"
 
     def create_commit(repo_id, operations, **kwargs):
         for op in operations:
@@ -64,7 +61,14 @@ def test_push_to_hub_card_and_loading_from_a_hub_cache(tmp_path, tiny_model_dir,
     monkeypatch.setattr(api, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
     monkeypatch.setattr(api, "create_commit", create_commit)
     monkeypatch.setattr(transformers_hub, "create_and_tag_model_card", new_repo_card)
-    model.push_to_hub(REPO_ID, tags=["my-tag"])
+    model.push_to_hub(repo_id, **push_kwargs)
+    return uploaded
+
+
+def test_push_to_hub_card_and_loading_from_a_hub_cache(tmp_path, tiny_model_dir, monkeypatch):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    train_steps(model, IDS, steps=2)
+    uploaded = push_to_recording_hub(model, REPO_ID, tmp_path / "uploaded", monkeypatch, tags=["my-tag"])
 
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(uploaded)
     card = ModelCard.load(uploaded["README.md"])
@@ -72,6 +76,7 @@ def test_push_to_hub_card_and_loading_from_a_hub_cache(tmp_path, tiny_model_dir,
     assert card.data.base_model == tiny_model_dir
     assert {"qst", "peft-qst", "my-tag"} <= set(card.data.tags)
     assert "import peft_qst" in card.text
+    assert f'AutoModelForCausalLM.from_pretrained("{tiny_model_dir}"' in card.text
 
     cache = str(tmp_path / "hub-cache")
     lay_out_as_hub_cache(cache, REPO_ID, uploaded)
