@@ -364,6 +364,9 @@ class QSTSideNetwork(nn.Module):
         nn.init.zeros_(self.upsample.weight)
         self.output_gate = OutputGate(hidden, qst_config.output_gate_init)
 
+        from .pruning import initialise_side_network  # imported here: pruning.py imports this module
+
+        initialise_side_network(self, base_trunk, base_config, side_config, qst_config)  # QSTConfig.init
         store_constant_parameters_as_offsets(self)
         # parameters take the side dtype; buffers (e.g. rotary inverse frequencies) keep their precision
         for parameter in self.parameters():

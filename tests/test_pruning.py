@@ -1,0 +1,252 @@
+"""QSTConfig(init="pruned"): side blocks start as slices of the (dequantised) backbone blocks, chosen by weight
+magnitude; the model still starts at the pretrained output, trains, saves and loads; unmapped models are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from peft_qst import QSTConfig, QSTUnsupportedModelError
+from peft_qst.pruning import select_indices
+
+from .conftest import bnb_config, tiny_causal_lm, train_steps
+from .test_architectures import TINY
+
+V = 128
+IDS = torch.randint(3, V, (2, 11), generator=torch.Generator().manual_seed(3))
+
+#: the role of each dimension of each Llama-layout weight: (output segments, input) -- the specification under test
+ROLES = {
+    "q_proj": (("q",), ("residual",)),
+    "k_proj": (("k",), ("residual",)),
+    "v_proj": (("v",), ("residual",)),
+    "qkv_proj": (("q", "k", "v"), ("residual",)),
+    "o_proj": (("residual",), ("o",)),
+    "gate_proj": (("ffn",), ("residual",)),
+    "up_proj": (("ffn",), ("residual",)),
+    "gate_up_proj": (("ffn", "ffn"), ("residual",)),
+    "down_proj": (("residual",), ("ffn",)),
+}
+
+
+def side_network(model):
+    return model.base_model.model.model.qst_side["default"]
+
+
+def dense(parameter):
+    """A backbone weight as float32; a 4-bit weight dequantised."""
+    if getattr(parameter, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(parameter.data, parameter.quant_state).float()
+    return parameter.detach().float()
+
+
+def segmented(index_sets, roles, sizes):
+    parts, offset = [], 0
+    for role in roles:
+        parts.append(index_sets[role] + offset)
+        offset += sizes[role]
+    return torch.cat(parts)
+
+
+def expected_slice(name, weight, index_sets, sizes):
+    """The backbone weight ``name`` indexed along each dimension by its role's kept indices."""
+    parts = name.split(".")
+    leaf, kind = parts[-2], parts[-1]
+    if leaf in ROLES:
+        out_roles, in_roles = ROLES[leaf]
+        weight = weight.index_select(0, segmented(index_sets, out_roles, sizes))
+        if kind == "weight":
+            weight = weight.index_select(1, segmented(index_sets, in_roles, sizes))
+        return weight
+    if leaf in ("q_norm", "k_norm"):
+        return weight[index_sets["qk_dim"]]
+    return weight[index_sets["residual"]]  # the block's norms
+
+
+def role_sizes(config):
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    kv, head_dim = config.num_key_value_heads, getattr(config, "head_dim", None) or hidden // heads
+    return {"residual": hidden, "ffn": config.intermediate_size, "q": heads * head_dim, "o": heads * head_dim,
+            "k": kv * head_dim, "v": kv * head_dim, "qk_dim": head_dim}
+
+
+def assert_side_blocks_are_backbone_slices(model):
+    """Every parameter of every side block (and the side final norm) equals the backbone parameter of the same name,
+    indexed along each dimension by the kept indices of that dimension's role."""
+    base_trunk = model.base_model.model.model.get_base_layer()
+    config = model.base_model.model.config
+    side = side_network(model)
+    selected = select_indices(side, base_trunk, config, side.trunk.config)
+    sizes = role_sizes(config)
+    checked = 0
+    for base_block, wrapped, index_sets in zip(base_trunk.layers, side.trunk.layers, selected):
+        base_parameters = dict(base_block.named_parameters())
+        for module_name, module in wrapped.block.named_modules():
+            for kind in ("weight", "bias"):
+                if not isinstance(getattr(module, kind, None), torch.Tensor):
+                    continue
+                name = f"{module_name}.{kind}"
+                value = getattr(module, kind)  # the effective value, also when stored as an offset
+                expected = expected_slice(name, dense(base_parameters[name]), index_sets, sizes)
+                assert value.shape == expected.shape, name
+                assert torch.equal(value, expected.to(value.dtype)), name
+                checked += 1
+    assert torch.equal(side.trunk.norm.weight, base_trunk.norm.weight[selected[0]["residual"]].to(side.trunk.norm.weight.dtype))
+    return selected, checked
+
+
+def randomise_norms(model):
+    """Random norm weights, so that keeping the right norm channels is visible (fresh models have all ones)."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(0.5 + torch.rand(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama-norms")
+    randomise_norms(tiny_causal_lm()).save_pretrained(path)
+    return path
+
+
+def load_base(base_dir, four_bit):
+    kwargs = {"quantization_config": bnb_config()} if four_bit else {"dtype": torch.float32}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs).eval()
+    if four_bit:
+        assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    return model
+
+
+def column_norms(weight, dim):
+    return weight.norm(dim=dim)
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "4bit"])
+def test_pruned_side_is_the_most_important_slice_of_the_backbone(base_dir, four_bit):
+    base = load_base(base_dir, four_bit)
+    config = base.config
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))
+    selected, checked = assert_side_blocks_are_backbone_slices(model)
+    assert checked == 3 * 9  # q, k, v, o, gate, up, down, two norms per block
+
+    # the criterion, recomputed here from the (dequantised) backbone
+    layers = model.base_model.model.model.get_base_layer().layers
+    weights = [{n: dense(p) for n, p in layer.named_parameters()} for layer in layers]
+    residual = torch.zeros(config.hidden_size)
+    for w in weights:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            norms = w[f"self_attn.{name}.weight"].norm(dim=0)
+            residual += norms / norms.mean()
+        for name in ("gate_proj", "up_proj"):
+            norms = w[f"mlp.{name}.weight"].norm(dim=0)
+            residual += norms / norms.mean()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            norms = w[f"{name}.weight"].norm(dim=1)
+            residual += norms / norms.mean()
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            scale = w[f"{name}.weight"].abs()
+            residual += scale / scale.mean()
+    final = model.base_model.model.model.get_base_layer().norm.weight.detach().float().abs()
+    residual += final / final.mean()
+    expected_residual = residual.topk(16).indices.sort().values
+    heads, kv, head_dim, side_head_dim = 4, 2, 16, 4
+    for w, index_sets in zip(weights, selected):
+        assert torch.equal(index_sets["residual"], expected_residual)  # one channel set for every block
+        ffn = (w["mlp.gate_proj.weight"].norm(dim=1) * w["mlp.up_proj.weight"].norm(dim=1)
+               * w["mlp.down_proj.weight"].norm(dim=0))
+        assert torch.equal(index_sets["ffn"], ffn.topk(32).indices.sort().values)
+        q = w["self_attn.q_proj.weight"].norm(dim=1).reshape(kv, heads // kv, head_dim).sum(1)
+        k = w["self_attn.k_proj.weight"].norm(dim=1).reshape(kv, head_dim)
+        pair = (q * k)[:, :8] + (q * k)[:, 8:]
+        dims = index_sets["k"].reshape(kv, side_head_dim) - torch.arange(kv).unsqueeze(1) * head_dim
+        for group in range(kv):
+            top_pairs = pair[group].topk(2).indices.sort().values
+            # rotary pairs (i, i + head_dim/2), the most important pairs of this key/value group
+            assert torch.equal(dims[group], torch.cat([top_pairs, top_pairs + 8]))
+            # the group's query heads keep the same dimensions as its key head
+            q_dims = index_sets["q"].reshape(heads, side_head_dim) - torch.arange(heads).unsqueeze(1) * head_dim
+            for head in range(group * 2, group * 2 + 2):
+                assert torch.equal(q_dims[head], dims[group])
+        v = w["self_attn.v_proj.weight"].norm(dim=1).reshape(kv, head_dim)
+        o = w["self_attn.o_proj.weight"].norm(dim=0).reshape(kv, heads // kv, head_dim).sum(1)
+        v_dims = index_sets["v"].reshape(kv, side_head_dim) - torch.arange(kv).unsqueeze(1) * head_dim
+        assert torch.equal(v_dims, (v * o).topk(side_head_dim, dim=1).indices.sort(dim=1).values)
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "4bit"])
+def test_pruned_start_trains_and_reloads_identically(base_dir, four_bit, tmp_path):
+    base = load_base(base_dir, four_bit)
+    with torch.no_grad():
+        pretrained = base(input_ids=IDS).logits
+    random_start = get_peft_model(load_base(base_dir, four_bit), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))
+    # the side blocks differ from the random initialisation, yet the model starts exactly at the pretrained output
+    assert not torch.equal(side_network(model).trunk.layers[0].block.mlp.down_proj.weight,
+                           side_network(random_start).trunk.layers[0].block.mlp.down_proj.weight)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, pretrained)
+
+    losses = train_steps(model, IDS, steps=4, lr=1e-2)
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        trained = model(input_ids=IDS).logits
+    assert not torch.allclose(trained, pretrained)
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_base(base_dir, four_bit), str(tmp_path / "adapter")).eval()
+    assert reloaded.peft_config["default"].init == "pruned"
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, trained)
+
+
+def test_linear_downsample_starts_as_the_residual_channel_selection(base_dir):
+    model = get_peft_model(load_base(base_dir, False), QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned",
+                                                                 downsample="linear"))
+    side = side_network(model)
+    residual = select_indices(side, model.base_model.model.model.get_base_layer(), model.base_model.model.config,
+                              side.trunk.config)[0]["residual"]
+    hidden = torch.randn(2, 5, 64)
+    for downsample in [side.embed_downsample] + [block.downsample for block in side.trunk.layers]:
+        with torch.no_grad():
+            assert torch.equal(downsample(hidden), hidden[..., residual])
+
+
+ARCHITECTURES = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_pruned_init_on_other_architectures(model_type):
+    torch.manual_seed(0)
+    base = randomise_norms(AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **TINY[model_type]))).eval()
+    ids = IDS % 96
+    with torch.no_grad():
+        pretrained = base(input_ids=ids).logits
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, pretrained)
+    selected, checked = assert_side_blocks_are_backbone_slices(model)
+    assert checked >= 2 * 6
+    if model_type in ("qwen3", "gemma3_text"):  # q_norm/k_norm are shared by all heads: one dimension set
+        kv, side_head_dim = base.config.num_key_value_heads, 512 // 4 // base.config.num_attention_heads
+        for index_sets in selected:
+            dims = index_sets["k"].reshape(kv, side_head_dim) % base.config.head_dim
+            assert all(torch.equal(dims[g], index_sets["qk_dim"]) for g in range(kv))
+    losses = train_steps(model, ids, steps=2, lr=1e-2)
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_unmapped_architecture_is_refused_naming_the_model_type():
+    config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=1, n_head=4, vocab_size=V, n_positions=32)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(QSTUnsupportedModelError, match=r'init="pruned"\) does not support the gpt2 model') as info:
+        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))
+    assert 'Use init="random"' in str(info.value)
+    assert type(model.transformer).__name__ == "GPT2Model"  # nothing was wrapped
+    get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))  # the paper's random start works for it
