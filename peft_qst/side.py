@@ -270,8 +270,29 @@ def find_layer_list(trunk: nn.Module, num_layers: int) -> tuple[nn.Module, str]:
     return trunk.get_submodule(parent_name) if parent_name else trunk, attr
 
 
+def _execution_device(module: nn.Module) -> Optional[torch.device]:
+    """The device accelerate's dispatch hook (``AlignDevicesHook``, set by ``from_pretrained(device_map=...)``) runs
+    this module on, or None for a module without one."""
+    hooks = [getattr(module, "_hf_hook", None)]
+    while hooks:
+        hook = hooks.pop(0)
+        if hook is None:
+            continue
+        hooks.extend(getattr(hook, "hooks", ()))  # a SequentialHook holds several
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return None
+
+
 def module_device(module: nn.Module) -> torch.device:
-    """Device of a module's first parameter (or buffer); CPU for a module with neither."""
+    """Device a module computes on: the execution device of an accelerate dispatch hook on it or inside it (with CPU
+    or disk offload its weights wait on the meta device and the hook brings them there for each forward), else the
+    device of its first parameter (or buffer); CPU for a module with neither."""
+    for submodule in module.modules():
+        device = _execution_device(submodule)
+        if device is not None:
+            return device
     for tensor in module.parameters():
         return tensor.device
     for tensor in module.buffers():
