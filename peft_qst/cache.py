@@ -35,12 +35,17 @@ class QSTCache(Cache):
     cache (its layers, sequence length, mask sizes) exactly as it would without QST.
     """
 
-    _own = frozenset(("backbone", "side", "side_cache", "with_side", "_each", *_LAYOUT_METHODS))
+    _own = frozenset(
+        ("backbone", "side", "memory", "side_cache", "with_side", "copy_memory", "with_copy_memory", "_each",
+         *_LAYOUT_METHODS)
+    )
 
     def __init__(self, backbone: Cache, side: Optional[dict[str, Cache]] = None):
         # Cache.__init__ is not called: the storage belongs to the wrapped caches.
         object.__setattr__(self, "backbone", backbone)
         object.__setattr__(self, "side", dict(side or {}))
+        # per adapter with copy heads: the keys and token rows of past positions (see peft_qst.side.CopyHead)
+        object.__setattr__(self, "memory", {})
 
     def __getattribute__(self, name: str) -> Any:
         if name.startswith("__") or name in QSTCache._own or name == "_own":
@@ -67,9 +72,18 @@ class QSTCache(Cache):
             self.side[adapter_name] = cache
         return self
 
+    def copy_memory(self, adapter_name: str) -> Optional[Cache]:
+        return self.memory.get(adapter_name)
+
+    def with_copy_memory(self, adapter_name: str, cache: Optional[Cache]) -> "QSTCache":
+        if cache is not None:
+            self.memory[adapter_name] = cache
+        return self
+
     def _each(self):
         yield self.backbone
         yield from self.side.values()
+        yield from self.memory.values()
 
     def reorder_cache(self, beam_idx):
         for cache in self._each():

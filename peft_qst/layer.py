@@ -21,10 +21,11 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from .cache import QSTCache, cache_field
 from .config import QSTConfig
-from .side import QSTSideNetwork
+from .side import QSTSideNetwork, copy_key_mask
 
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
 BASE_ADAPTER_NAME = "__base__"
@@ -67,6 +68,31 @@ class QSTLayer(nn.Module, BaseTunerLayer):
     # ---------------------------------------------------------------------------------------------------------------
     # adapters
     # ---------------------------------------------------------------------------------------------------------------
+
+    def bind_output_embeddings(self, output_embeddings: Optional[nn.Module]) -> None:
+        """The model's LM head, whose rows copy heads add (see :class:`~peft_qst.side.CopyHead`). Kept as a plain
+        reference, not a submodule: it belongs to the model and is neither trained nor saved with the adapter."""
+        self.__dict__["_output_embeddings"] = output_embeddings
+
+    def _copy_inputs(self, kwargs: dict, hidden_states: tuple, memory) -> dict:
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(
+                "This QST adapter has copy heads, which add the LM-head rows of the input tokens and so need "
+                "input_ids; the model was called with inputs_embeds only. Pass input_ids."
+            )
+        weight = self.__dict__["_output_embeddings"].weight
+        past = memory.get_seq_length() if memory is not None else 0
+        batch, length = input_ids.shape
+        key_mask = copy_key_mask(
+            batch, length, past, kwargs.get("attention_mask"), kwargs.get("position_ids"), weight.device
+        )
+        return {
+            "key_hidden": hidden_states[-2],
+            "token_rows": nn.functional.embedding(input_ids.to(weight.device), weight),
+            "key_mask": key_mask,
+            "memory": memory,
+        }
 
     def update_layer(self, adapter_name: str, config: QSTConfig, dtype: torch.dtype) -> None:
         base = self.get_base_layer()
@@ -164,7 +190,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         if use_cache is None:
             use_cache = getattr(config, "use_cache", False)
 
-        backbone_cache, side_caches = self._split_cache(cache, adapter_names)
+        backbone_cache, side_caches, memories = self._split_cache(cache, adapter_names)
         with torch.no_grad():
             out = self.base_layer(
                 **kwargs, **{self._cache_kwarg: backbone_cache}, output_hidden_states=True, return_dict=True
@@ -180,11 +206,18 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         side_kwargs = {k: v for k, v in kwargs.items() if k not in _BACKBONE_ONLY_KWARGS}
         side_kwargs["use_cache"] = bool(use_cache)
         mixed = backbone_last
-        new_side_caches = {}
+        new_side_caches, new_memories = {}, {}
         for name in adapter_names:
             side = self.qst_side[name]
             side_out, new_side_caches[name] = side(hidden_states, cache=side_caches.get(name), **side_kwargs)
-            adapted = side.mix(backbone_last, side_out)
+            copy_inputs = None
+            if side.copy_head is not None:
+                memory = memories.get(name)
+                if memory is None and use_cache:
+                    memory = DynamicCache()
+                new_memories[name] = memory
+                copy_inputs = self._copy_inputs(kwargs, hidden_states, memory)
+            adapted = side.mix(backbone_last, side_out, copy_inputs)
             if row_adapters is None:
                 mixed = adapted
             else:
@@ -201,6 +234,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             paired.backbone = new_backbone_cache
             for name, side_cache in new_side_caches.items():
                 paired.with_side(name, side_cache)
+            for name, memory in new_memories.items():
+                paired.with_copy_memory(name, memory)
             fields[cache_field(out)] = paired
         out = type(out)(**fields)
         if return_dict is False:
@@ -208,21 +243,31 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         return out
 
     def _split_cache(self, cache, adapter_names: list[str]):
-        """The backbone half of whatever cache the caller passed, and the side halves of the given adapters."""
+        """The backbone half of whatever cache the caller passed, and the side halves (side-trunk caches, copy-head
+        memories) of the given adapters."""
         if cache is None:
-            return None, {}
+            return None, {}, {}
         if isinstance(cache, QSTCache):
             past = cache.backbone.get_seq_length()
-            missing = [name for name in adapter_names if cache.side_cache(name) is None]
+            missing = [
+                name
+                for name in adapter_names
+                if cache.side_cache(name) is None
+                or (self.qst_side[name].copy_head is not None and cache.copy_memory(name) is None)
+            ]
             if missing and past > 0:
                 raise ValueError(
                     f"The cache holds {past} past tokens but no side-network state for adapter(s) {missing}: it was "
                     "filled with other adapters or with adapters disabled. Start generation again with a fresh cache."
                 )
-            return cache.backbone, {name: cache.side_cache(name) for name in adapter_names}
+            return (
+                cache.backbone,
+                {name: cache.side_cache(name) for name in adapter_names},
+                {name: cache.copy_memory(name) for name in adapter_names},
+            )
         if cache.get_seq_length() > 0:
             raise ValueError(
                 f"A plain {type(cache).__name__} with {cache.get_seq_length()} past tokens was passed to a QST model; "
                 "it has no side-network state. Pass the cache the QST model returned (a QSTCache), or a fresh one."
             )
-        return cache, {}
+        return cache, {}, {}

@@ -1,0 +1,164 @@
+"""Copy heads (QSTConfig.copy_heads): attention that adds the LM-head rows of earlier tokens to the hidden state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from peft_qst import QSTConfig, QSTUnsupportedModelError
+from peft_qst.side import copy_key_mask
+
+from .conftest import tiny_causal_lm, tiny_llama_config, train_steps
+from .test_training_graph import assert_only_side_learns_and_backbone_saves_nothing
+
+IDS = torch.randint(0, 128, (3, 14), generator=torch.Generator().manual_seed(1))
+
+
+def copy_config(**overrides):
+    return QSTConfig(task_type="CAUSAL_LM", r=4, copy_heads=2, copy_head_dim=8, **overrides)
+
+
+def trained_copy_model(steps=4):
+    model = get_peft_model(tiny_causal_lm(), copy_config())
+    train_steps(model, IDS, steps=steps)
+    gate = model.base_model.model.model.qst_side["default"].copy_head.gate
+    assert gate.abs().min() > 0  # the heads are open: the tests below exercise them
+    return model
+
+
+def test_starts_at_the_pretrained_output_and_only_the_side_network_learns():
+    base = tiny_causal_lm()
+    model = get_peft_model(tiny_causal_lm(), copy_config())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, base(input_ids=IDS).logits)
+    names = [n for n, p in model.named_parameters() if p.requires_grad and ".copy_head." in n]
+    assert sorted(n.rsplit("copy_head.", 1)[1] for n in names) == ["gate", "key.weight", "query.weight"]
+    model.train()
+    assert_only_side_learns_and_backbone_saves_nothing(model, IDS)
+
+
+def test_copy_heads_change_the_output_towards_the_attended_tokens():
+    """With an open gate, the added vector is a mixture of the LM-head rows of the tokens seen so far: the update at
+    position 0 (which sees only itself) is exactly gate_sum * W_out[token_0]."""
+    model = get_peft_model(tiny_causal_lm(), copy_config())
+    side = model.base_model.model.model.qst_side["default"]
+    with torch.no_grad():
+        side.copy_head.gate.fill_(0.5)
+        lm_head = model.get_base_model().lm_head.weight
+        hidden = {}
+        handle = model.get_base_model().lm_head.register_forward_pre_hook(lambda m, a: hidden.setdefault("h", a[0]))
+        model(input_ids=IDS)
+        handle.remove()
+        with model.disable_adapter():
+            base_hidden = model.get_base_model().model(input_ids=IDS).last_hidden_state
+    update = hidden["h"][:, 0] - base_hidden[:, 0]
+    assert torch.allclose(update, 2 * 0.5 * lm_head[IDS[:, 0]], atol=1e-5)
+
+
+def test_cached_generation_equals_uncached_in_every_mode():
+    model = trained_copy_model()
+    mask = torch.ones_like(IDS)
+    mask[1, :4] = 0  # left padding
+    mask[2, :2] = 0
+    with torch.no_grad():
+        for options in (dict(do_sample=False), dict(num_beams=3, do_sample=False)):
+            cached = model.generate(input_ids=IDS, attention_mask=mask, max_new_tokens=24, use_cache=True, **options)
+            plain = model.generate(input_ids=IDS, attention_mask=mask, max_new_tokens=24, use_cache=False, **options)
+            assert torch.equal(cached, plain), options
+        torch.manual_seed(0)
+        sampled = model.generate(input_ids=IDS, attention_mask=mask, max_new_tokens=16, do_sample=True, use_cache=True)
+        torch.manual_seed(0)
+        again = model.generate(input_ids=IDS, attention_mask=mask, max_new_tokens=16, do_sample=True, use_cache=False)
+        assert torch.equal(sampled, again)
+        # each left-padded row generates what its prompt generates alone
+        batched = model.generate(input_ids=IDS, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        for row in range(IDS.shape[0]):
+            prompt = IDS[row, int((mask[row] == 0).sum()) :].unsqueeze(0)
+            alone = model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False)
+            new = alone[0, prompt.shape[1] :]  # stops early at the end-of-sequence token; the batch pads after it
+            assert torch.equal(batched[row, IDS.shape[1] : IDS.shape[1] + len(new)], new), row
+
+
+def test_mixed_adapter_batch_and_disabled_adapter():
+    model = trained_copy_model()
+    model.add_adapter("plain", QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.eval()
+    with torch.no_grad():
+        routed = model(input_ids=IDS, adapter_names=["default", "__base__", "plain"]).logits
+        model.set_adapter("default")
+        alone = model(input_ids=IDS).logits
+        with model.disable_adapter():
+            base = model(input_ids=IDS).logits
+    assert torch.equal(routed[0], alone[0])
+    assert torch.equal(routed[1], base[1])
+    with torch.no_grad():
+        routed_gen = model.generate(input_ids=IDS, adapter_names=["default", "__base__", "default"], max_new_tokens=8)
+        alone_gen = model.generate(input_ids=IDS, max_new_tokens=8)
+    assert torch.equal(routed_gen[0], alone_gen[0]) and torch.equal(routed_gen[2], alone_gen[2])
+
+
+def test_save_load_gives_identical_logits(tmp_path):
+    model = trained_copy_model()
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_causal_lm(), tmp_path)
+    assert reloaded.peft_config["default"].copy_heads == 2
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=IDS).logits, expected)
+
+
+def test_key_mask_causal_padding_and_packed_sequences():
+    mask = copy_key_mask(1, 4, 0, None, None, torch.device("cpu"))
+    assert torch.equal(mask[0], torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    # left padding hides the padded keys; a padded query still sees itself, so its softmax row is not empty
+    padded = copy_key_mask(1, 3, 0, torch.tensor([[0, 1, 1]]), None, torch.device("cpu"))
+    assert padded[0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+    # two sequences packed in one row (position ids restart): neither sees the other
+    packed = copy_key_mask(1, 5, 0, None, torch.tensor([[0, 1, 2, 0, 1]]), torch.device("cpu"))
+    assert packed[0, 3].tolist() == [False, False, False, True, False]
+    assert packed[0, 4].tolist() == [False, False, False, True, True]
+    # decoding: one new query after 3 cached keys sees all of them
+    step = copy_key_mask(2, 1, 3, torch.ones(2, 4, dtype=torch.long), None, torch.device("cpu"))
+    assert step.shape == (2, 1, 4) and step.all()
+
+
+def test_packed_row_equals_its_sequences_apart():
+    """The copy heads of a packed row (no attention mask, restarting position_ids) see only their own sequence."""
+    model = trained_copy_model()
+    model.eval()
+    first, second = IDS[0, :6], IDS[1, :8]
+    packed = torch.cat([first, second]).unsqueeze(0)
+    positions = torch.cat([torch.arange(6), torch.arange(8)]).unsqueeze(0)
+    side = model.base_model.model.model.qst_side["default"]
+    captured = {}
+    handle = side.copy_head.register_forward_hook(lambda m, a, k, out: captured.setdefault("out", out), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=packed, position_ids=positions)
+        together = captured.pop("out")
+        model(input_ids=first.unsqueeze(0))
+        alone_first = captured.pop("out")
+    handle.remove()
+    # the copy heads' keys and queries also read the side and backbone states, which depend on how the backbone
+    # handles packing; the mask itself is what the copy heads own: no weight on the other sequence's tokens
+    weights_mask = copy_key_mask(1, 14, 0, None, positions, torch.device("cpu"))
+    assert not weights_mask[0, 6:, :6].any() and not weights_mask[0, :6, 6:].any()
+    assert together.shape == (1, 14, alone_first.shape[-1])
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="copy_heads=-1"):
+        QSTConfig(copy_heads=-1)
+    with pytest.raises(ValueError, match="copy_head_dim=0"):
+        QSTConfig(copy_head_dim=0)
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels=2, pad_token_id=0))
+    with pytest.raises(QSTUnsupportedModelError, match="LM head"):
+        get_peft_model(classifier, QSTConfig(task_type="SEQ_CLS", r=4, copy_heads=2))
+    model = get_peft_model(tiny_causal_lm(), copy_config())
+    embeds = model.get_base_model().model.embed_tokens(IDS)
+    with pytest.raises(ValueError, match="need input_ids"):
+        model(inputs_embeds=embeds)
