@@ -75,6 +75,14 @@ class QSTConfig(PeftConfig):
             is dequantised one block at a time. Either way the upsample starts at zero, so training starts exactly
             at the pretrained model's output. `get_peft_model` refuses ``"pruned"`` for an architecture whose
             weights it cannot map onto the side blocks, naming the model type.
+        copy_heads (`int`): Number of copy heads (0: none, the paper's QST). A copy head attends from each position to
+            the earlier tokens of the sequence and adds the *output embeddings* (LM-head rows) of the tokens it
+            attends to into the final hidden state: a pointer that can put any prompt token into the answer, which
+            the side network's narrow output (a d/r-dimensional subspace) cannot express. Queries and keys are
+            computed from the side network's output and the backbone's last hidden states; each head's output gate
+            starts at zero, so training still starts exactly at the pretrained output. Needs ``input_ids`` and an
+            LM head (``task_type="CAUSAL_LM"``).
+        copy_head_dim (`int`): Query/key width of each copy head.
         side_dtype (`str`, *optional*): dtype of the side network: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
             Default (None): the model's compute dtype (``bnb_4bit_compute_dtype`` for a bitsandbytes 4-bit model,
             else the model's dtype).
@@ -100,6 +108,8 @@ class QSTConfig(PeftConfig):
     init: str = field(
         default="random", metadata={"help": f"Initialisation of the side blocks, one of {INIT_KINDS}."}
     )
+    copy_heads: int = field(default=0, metadata={"help": "Number of copy heads (0: none, the paper's QST)."})
+    copy_head_dim: int = field(default=32, metadata={"help": "Query/key width of each copy head."})
     side_dtype: Optional[str] = field(
         default=None, metadata={"help": f"dtype of the side network, one of {SIDE_DTYPES}; None: the compute dtype."}
     )
@@ -157,6 +167,15 @@ class QSTConfig(PeftConfig):
             raise ValueError(
                 f"QSTConfig.init={self.init!r} is invalid: choose \"random\" (the paper's random side blocks) or "
                 "\"pruned\" (side blocks start from the backbone's weights, pruned to the side width)."
+            )
+        if not _is_int(self.copy_heads) or self.copy_heads < 0:
+            raise ValueError(
+                f"QSTConfig.copy_heads={self.copy_heads!r} is invalid: it must be a non-negative integer (0: no copy "
+                "heads)."
+            )
+        if not _is_int(self.copy_head_dim) or self.copy_head_dim < 1:
+            raise ValueError(
+                f"QSTConfig.copy_head_dim={self.copy_head_dim!r} is invalid: it must be a positive integer."
             )
         if self.side_dtype is not None and self.side_dtype not in SIDE_DTYPES:
             raise ValueError(

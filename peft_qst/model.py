@@ -67,6 +67,24 @@ def _describe(signature: dict) -> str:
     )
 
 
+def _check_copy_head_support(model: nn.Module, model_type: str) -> None:
+    """Copy heads add rows of the model's LM head: it needs one, as a plain (not quantized) weight matrix."""
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = get_output_embeddings() if callable(get_output_embeddings) else None
+    weight = getattr(head, "weight", None)
+    hidden = int(model.config.hidden_size)
+    if head is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden:
+        raise QSTUnsupportedModelError(
+            f"QSTConfig.copy_heads needs a model with an LM head ({type(model).__name__}, a {model_type} model, has "
+            "none of the usual shape): copy heads add LM-head rows. Use an *ForCausalLM model, or copy_heads=0."
+        )
+    if not weight.dtype.is_floating_point or type(weight).__name__ == "Params4bit":
+        raise QSTUnsupportedModelError(
+            f"QSTConfig.copy_heads needs the LM head's weight unquantized, but it is {type(weight).__name__} "
+            f"({weight.dtype}). Keep lm_head out of quantization (bitsandbytes does by default), or use copy_heads=0."
+        )
+
+
 def resolve_side_dtype(model: nn.Module, config: QSTConfig) -> torch.dtype:
     """The side network's dtype: the config's, else the 4-bit compute dtype, else the model's dtype."""
     if config.side_dtype is not None:
@@ -154,6 +172,8 @@ class QSTModel(BaseTuner):
                 "inputs_embeds, which the side network is fed through."
             )
         find_layer_list(base_trunk, int(model_config.num_hidden_layers))
+        if config.copy_heads:
+            _check_copy_head_support(model, model_type)
         # raises a ValueError naming the fitting values when r does not fit the model's widths and heads
         shrink_config(model_config, config, torch.float32)
 
@@ -194,10 +214,14 @@ class QSTModel(BaseTuner):
         parameter_name: Optional[str] = None,
     ) -> None:
         dtype = resolve_side_dtype(self.model, peft_config)
+        get_output_embeddings = getattr(self.model, "get_output_embeddings", None)
+        output_embeddings = get_output_embeddings() if callable(get_output_embeddings) else None
         if isinstance(target, QSTLayer):
+            target.bind_output_embeddings(output_embeddings)
             target.update_layer(adapter_name, peft_config, dtype)
             return
         new_module = QSTLayer(target)
+        new_module.bind_output_embeddings(output_embeddings)
         new_module.update_layer(adapter_name, peft_config, dtype)
         setattr(parent, target_name, new_module)
 

@@ -251,6 +251,87 @@ class OutputGate(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Copy heads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CopyHead(nn.Module):
+    """Attention from each position back to the sequence's tokens, adding their output embeddings to the hidden state.
+
+    The side network's contribution ``a * up(side)`` lives in a d/r-dimensional subspace of the hidden state: enough
+    to learn an answer's format, too narrow to name an arbitrary token of the vocabulary, which is what an answer that
+    copies or rearranges the prompt needs. A copy head adds ``sum_h gate_h * sum_j softmax_j(q_h(i) . k_h(j)) *
+    W_out[x_j]``: a mixture of the LM-head rows of the tokens ``x_j`` it attends to, which raises exactly those
+    tokens' logits — a pointer, as in pointer-generator networks, built in hidden-state space so that the model's own
+    LM head, loss and generate stay unchanged. Queries read the side output and the backbone's last hidden state at
+    position i, keys the side output and the last block's output at position j (both carry what the token means in
+    context and where it stands). The gates start at zero: the adapted model starts at the pretrained output, and
+    the gates' gradient opens the heads where copying lowers the loss.
+
+    During cached generation, the keys and the token rows of past positions are kept in a cache of their own
+    (``memory``, a transformers ``DynamicCache`` with one layer), which QSTCache reorders, crops and selects with the
+    others.
+    """
+
+    def __init__(self, hidden: int, side_hidden: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.query = nn.Linear(side_hidden + hidden, heads * head_dim, bias=False)
+        self.key = nn.Linear(side_hidden + hidden, heads * head_dim, bias=False)
+        self.gate = nn.Parameter(torch.zeros(heads))
+
+    def forward(
+        self,
+        side_out: torch.Tensor,
+        query_hidden: torch.Tensor,
+        key_hidden: torch.Tensor,
+        token_rows: torch.Tensor,
+        key_mask: torch.Tensor,
+        memory=None,
+    ) -> torch.Tensor:
+        """``key_mask`` (batch, queries, keys incl. past) says which keys each query may see; returns (batch, queries,
+        hidden) in ``token_rows``' dtype."""
+        batch, length, _ = side_out.shape
+        dtype = self.query.weight.dtype
+        side_out = side_out.to(dtype)
+        query = self.query(torch.cat([side_out, query_hidden.to(dtype)], -1))
+        key = self.key(torch.cat([side_out, key_hidden.to(dtype)], -1))
+        query = query.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        key = key.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        rows = token_rows.unsqueeze(1)  # (batch, 1, length, hidden): one "head" of values, shared by the heads
+        if memory is not None:
+            key, rows = memory.update(key, rows, 0)
+        scores = (query.float() @ key.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(~key_mask.unsqueeze(1), float("-inf"))
+        weights = (self.gate.float().view(1, -1, 1, 1) * scores.softmax(-1)).sum(1)  # (batch, queries, keys)
+        return weights.to(rows.dtype) @ rows[:, 0]
+
+
+def copy_key_mask(
+    batch: int,
+    length: int,
+    past: int,
+    attention_mask: Optional[torch.Tensor],
+    position_ids: Optional[torch.Tensor],
+    device: torch.device,
+) -> torch.Tensor:
+    """Which keys (past + current positions) each current position's copy heads may attend to: earlier or same
+    positions, not padding (a 2-D ``attention_mask``), and within the same sequence of a packed row (no attention mask,
+    ``position_ids`` restarting at 0 where a sequence starts). A position always sees itself, so that a padding
+    position has one key and no row of the softmax is empty."""
+    total = past + length
+    query_positions = torch.arange(past, total, device=device)
+    key_positions = torch.arange(total, device=device)
+    mask = (key_positions.view(1, -1) <= query_positions.view(-1, 1)).expand(batch, length, total)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        mask = mask & attention_mask[:, -total:].to(device=device, dtype=torch.bool).unsqueeze(1)
+    elif attention_mask is None and position_ids is not None and past == 0 and position_ids.shape[-1] == length:
+        segments = torch.cumsum((position_ids.to(device) == 0).long(), dim=-1).expand(batch, length)
+        mask = mask & (segments.unsqueeze(2) == segments.unsqueeze(1))
+    return mask | (key_positions.view(1, -1) == query_positions.view(-1, 1))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # The side network
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -384,6 +465,11 @@ class QSTSideNetwork(nn.Module):
         # zero, as LoRA's B: training starts exactly at the pretrained model's output
         nn.init.zeros_(self.upsample.weight)
         self.output_gate = OutputGate(hidden, qst_config.output_gate_init)
+        self.copy_head = (
+            CopyHead(hidden, side_hidden, qst_config.copy_heads, qst_config.copy_head_dim)
+            if qst_config.copy_heads
+            else None
+        )
 
         from .pruning import initialise_side_network  # imported here: pruning.py imports this module
 
@@ -420,6 +506,8 @@ class QSTSideNetwork(nn.Module):
                 child.to(last_device)
         self.upsample.to(last_device)
         self.output_gate.to(last_device)
+        if self.copy_head is not None:
+            self.copy_head.to(last_device)
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], cache=None, **trunk_kwargs):
         if len(hidden_states) != len(self._blocks) + 1:
@@ -439,7 +527,15 @@ class QSTSideNetwork(nn.Module):
                 block.backbone_hidden = None
         return out.last_hidden_state, out.get(cache_field(out))
 
-    def mix(self, backbone_last: torch.Tensor, side_out: torch.Tensor) -> torch.Tensor:
-        """``h_L + a * up(side)``; ``up`` starts at zero, so an untrained adapter returns the backbone's output."""
-        update = self.output_gate(self.upsample(side_out.to(self.upsample.weight.device)))
+    def mix(
+        self, backbone_last: torch.Tensor, side_out: torch.Tensor, copy_inputs: Optional[dict] = None
+    ) -> torch.Tensor:
+        """``h_L + a * up(side)`` (+ the copy heads' output); ``up`` and the copy gates start at zero, so an untrained
+        adapter returns the backbone's output. ``copy_inputs`` (for an adapter with copy heads): the keyword
+        arguments of :class:`CopyHead` other than ``side_out`` and ``query_hidden``."""
+        device = self.upsample.weight.device
+        update = self.output_gate(self.upsample(side_out.to(device)))
+        if self.copy_head is not None:
+            copied = self.copy_head(side_out.to(device), backbone_last.to(device), **copy_inputs)
+            update = update + copied.to(update.dtype)
         return backbone_last + update.to(backbone_last.device, backbone_last.dtype)
