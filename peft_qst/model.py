@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import QSTConfig
 from .layer import QSTLayer
+from .loss import install_chunked_loss, uninstall_chunked_loss
 from .serialization import QSTAdapterFileError, weights_digest
 from .side import QSTUnsupportedModelError, find_layer_list, shrink_config, unsupported_reason
 
@@ -198,6 +199,14 @@ class QSTModel(BaseTuner):
         # the tags end up in the model cards PEFT and the trainers write
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["qst", "peft-qst"])
+        # the same causal-LM loss without float32 copies of the full-vocabulary logits: with a frozen LM head they are
+        # most of a QST step's memory and a large part of its time (peft_qst/loss.py)
+        install_chunked_loss(model)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        uninstall_chunked_loss(model)
+        return model
 
     def _prepare_adapter_config(self, peft_config: QSTConfig, model_config: dict) -> QSTConfig:
         # target_modules was set from the model itself in _bind_config_to_model
@@ -292,6 +301,10 @@ class QSTModel(BaseTuner):
                     "The adapter weights read do not match the digest recorded in adapter_config.json when they were "
                     "saved: adapter_model.safetensors is corrupt or was replaced. Save or download the adapter again."
                 )
+            # The digest describes the file just read, not the adapter from now on: once it trains, a trainer
+            # checkpoint of it (resume_from_checkpoint, load_best_model_at_end) is loaded into this same adapter with
+            # this same config and would be refused as "corrupt" against the old file's digest.
+            config.adapter_weights_sha256 = None
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)

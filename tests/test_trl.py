@@ -37,3 +37,264 @@ def test_sft_trainer_with_qst_config(tmp_path, smollm2_dir):
     side = {n: p for n, p in trainer.model.named_parameters() if ".qst_side." in n}
     assert side and all(p.requires_grad for p in side.values())
     assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".qst_side." not in n)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What SFTTrainer reports, checked against the model's own logits
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def chat_rows(kind: str, n: int, offset: int = 0) -> list[dict]:
+    """Generated chat data: plain conversations (``"messages"``) or conversational prompt/completion pairs."""
+    rows = []
+    for i in range(offset, offset + n):
+        user = {"role": "user", "content": f"Repeat the number {i} twice."}
+        answer = {"role": "assistant", "content": f"{i} {i}"}
+        rows.append({"messages": [user, answer]} if kind == "messages" else {"prompt": [user], "completion": [answer]})
+    return rows
+
+
+def tiny_sft_trainer(tmp_path, tokenizer, train_rows, peft_config=None, eval_rows=None, **config):
+    """SFTTrainer on the tiny random Llama (vocabulary of the real SmolLM2 tokenizer), fp32 on CPU."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = tiny_causal_lm(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    defaults = dict(output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+                    disable_tqdm=True, learning_rate=1e-2, logging_steps=1)
+    args = SFTConfig(**{**defaults, **config})
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                      eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tokenizer,
+                      peft_config=peft_config or QSTConfig(task_type="CAUSAL_LM", r=4))
+
+
+def side_network(peft_model):
+    return next(m for m in peft_model.modules() if isinstance(m, QSTLayer)).qst_side["default"]
+
+
+def randomize_upsample(peft_model, seed: int = 1) -> None:
+    """An untrained adapter returns the base model's output (zero upsample); a random one makes the side network count
+    from the first step, so that a metric computed without it would differ."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        side_network(peft_model).upsample.weight.normal_(std=2.0)
+
+
+def metrics_from_logits(model, batch: dict) -> dict:
+    """Loss, entropy, top-1 accuracy over the labelled tokens, and the token count, from ``model(...).logits``."""
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits.float()[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    log_probs = logits.log_softmax(-1)
+    token_log_probs = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return {
+        "loss": -token_log_probs[mask].mean().item(),
+        "entropy": -(log_probs.exp() * log_probs).sum(-1)[mask].mean().item(),
+        "mean_token_accuracy": (logits.argmax(-1) == labels)[mask].float().mean().item(),
+        "num_tokens": int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].shape[1],
+        "labelled": int(mask.sum()),
+    }
+
+
+#: SmolLM2's ChatML template with the {% generation %} markers assistant_only_loss needs (the shipped one has none)
+CHATML_WITH_GENERATION_MARKERS = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def collate_all(trainer, dataset) -> dict:
+    return trainer.data_collator([dataset[i] for i in range(len(dataset))])
+
+
+@pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer and chat template
+@pytest.mark.parametrize(
+    "kind, loss_on",
+    [("messages", "all"), ("prompt-completion", "completion"), ("messages", "assistant")],
+)
+def test_sft_metrics_equal_the_models_logits(tmp_path, smollm2_dir, kind, loss_on):
+    """loss, entropy, mean_token_accuracy and num_tokens as SFTTrainer logs them in training (one step, the whole data
+    set in the batch) and in evaluation (eval_strategy="steps") equal what the QST model's own logits give on the same
+    batch, for full-sequence, completion-only and assistant-only loss."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    if loss_on == "assistant":
+        tokenizer.chat_template = CHATML_WITH_GENERATION_MARKERS
+    trainer = tiny_sft_trainer(
+        tmp_path, tokenizer, chat_rows(kind, 8), eval_rows=chat_rows(kind, 6, offset=100), max_steps=1,
+        per_device_train_batch_size=8, per_device_eval_batch_size=6, eval_strategy="steps", eval_steps=1,
+        assistant_only_loss=loss_on == "assistant",
+    )
+    randomize_upsample(trainer.model)
+    train_batch = collate_all(trainer, trainer.train_dataset)
+    eval_batch = collate_all(trainer, trainer.eval_dataset)
+    labels = train_batch["labels"]
+    tokens = int(train_batch["attention_mask"].sum())
+    if loss_on == "all":
+        assert int((labels != -100).sum()) == tokens
+    else:  # the prompt (system + user turn) is left out of the loss
+        assert 0 < int((labels != -100).sum()) < tokens / 2
+
+    expected_train = metrics_from_logits(trainer.model, train_batch)
+    with trainer.model.disable_adapter():
+        base_train = metrics_from_logits(trainer.model, train_batch)
+    assert abs(base_train["loss"] - expected_train["loss"]) > 0.1  # the side network is in what is measured
+
+    trainer.train()
+    expected_eval = metrics_from_logits(trainer.model, eval_batch)  # the weights after the step, as eval saw them
+    train_log = next(e for e in trainer.state.log_history if "loss" in e)
+    eval_log = next(e for e in trainer.state.log_history if "eval_loss" in e)
+    for key in ("loss", "entropy", "mean_token_accuracy"):
+        assert train_log[key] == pytest.approx(expected_train[key], rel=1e-4, abs=1e-5), key
+        assert eval_log[f"eval_{key}"] == pytest.approx(expected_eval[key], rel=1e-4, abs=1e-5), key
+    assert train_log["num_tokens"] == expected_train["num_tokens"]
+    assert expected_eval["loss"] < expected_train["loss"]  # one step on the same kind of data helped
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gradient checkpointing as TRL turns it on
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer and chat template
+def test_trl_checkpointing_recomputes_side_blocks_not_the_backbone(tmp_path, smollm2_dir, monkeypatch):
+    """With SFTConfig's default gradient_checkpointing=True, each side block runs twice per step (forward, then again
+    in backward) and each backbone block once, without gradients: checkpointing costs nothing on the frozen trunk."""
+    from transformers import AutoTokenizer
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    trainer = tiny_sft_trainer(tmp_path, tokenizer, chat_rows("messages", 8), max_steps=1,
+                               per_device_train_batch_size=8)
+    assert trainer.args.gradient_checkpointing
+    calls = []
+    original = LlamaMLP.forward
+
+    def counting_forward(self, x):
+        calls.append((id(self), torch.is_grad_enabled()))
+        return original(self, x)
+
+    monkeypatch.setattr(LlamaMLP, "forward", counting_forward)
+    trainer.train()
+    layer = next(m for m in trainer.model.modules() if isinstance(m, QSTLayer))
+    backbone = [id(block.mlp) for block in layer.base_layer.layers]
+    side = [id(block.block.mlp) for block in side_network(trainer.model).trunk.layers]
+    for mlp in backbone:
+        assert [grad for m, grad in calls if m == mlp] == [False]
+    for mlp in side:
+        assert [grad for m, grad in calls if m == mlp] == [True, True]
+
+
+def test_checkpointing_frees_side_activations_and_keeps_gradients():
+    """gradient_checkpointing_enable() (what the trainers call) keeps fewer activations for backward (counted with
+    saved_tensors_hooks) and gives the same side-network gradients as without it."""
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_causal_lm(num_hidden_layers=4), QSTConfig(task_type="CAUSAL_LM", r=4))
+    randomize_upsample(model)
+    input_ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def step(checkpointing: bool):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        else:
+            model.gradient_checkpointing_disable()
+        model.train()
+        model.zero_grad()
+        saved_bytes = []
+
+        def pack(tensor):
+            saved_bytes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return grads, sum(saved_bytes)
+
+    plain_grads, plain_bytes = step(False)
+    ckpt_grads, ckpt_bytes = step(True)
+    assert ckpt_bytes < 0.75 * plain_bytes
+    assert plain_grads.keys() == ckpt_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Packed and padding-free batches
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_packed_row_equals_the_sequences_alone(attn_implementation):
+    """Two sequences packed in one row (position_ids restarting at 0, cu_seq_lens, no attention mask, use_cache=False,
+    as TRL's padding-free collator and compute_loss give them) get the logits each gets alone: they do not see each
+    other in the backbone nor in the side network. (transformers derives the block-diagonal mask from position_ids
+    only without a cache, for the base model as for the side trunk.)"""
+    from peft import get_peft_model
+
+    model = tiny_causal_lm(attn_implementation=attn_implementation)
+    model = get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4)).eval()
+    randomize_upsample(model)
+    first, second = torch.randint(0, 128, (1, 5)), torch.randint(0, 128, (1, 7))
+    packed_ids = torch.cat([first, second], dim=1)
+    position_ids = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)
+    cu_seq_lens = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(input_ids=packed_ids, position_ids=position_ids, cu_seq_lens_q=cu_seq_lens,
+                       cu_seq_lens_k=cu_seq_lens, max_length_q=7, max_length_k=7, use_cache=False).logits
+        alone = torch.cat([model(input_ids=first).logits, model(input_ids=second).logits], dim=1)
+        concatenated = model(input_ids=packed_ids, use_cache=False).logits  # one 12-token sequence
+        with model.disable_adapter():
+            base_packed = model(input_ids=packed_ids, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(concatenated[:, 5:], alone[:, 5:], atol=1e-3)
+    assert not torch.allclose(base_packed, packed, atol=1e-3)  # the side network is part of what was compared
+
+
+@pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer and chat template
+@pytest.mark.parametrize("mode", ["padding_free", "packing"])
+def test_sft_padding_free_loss_equals_padded_loss(tmp_path, smollm2_dir, mode):
+    """SFTTrainer's loss on a padding-free (or BFD-packed) batch equals its loss on the same sequences padded, and
+    training on such batches learns."""
+    from transformers import AutoTokenizer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    if mode == "padding_free":
+        config = {"padding_free": True, "max_length": None}
+    else:
+        config = {"packing": True, "max_length": 128}
+    trainer = tiny_sft_trainer(tmp_path, tokenizer, chat_rows("prompt-completion", 16), max_steps=6,
+                               per_device_train_batch_size=4, **config)
+    randomize_upsample(trainer.model)
+    rows = [trainer.train_dataset[i] for i in range(4 if mode == "padding_free" else 2)]
+    packed = trainer.data_collator(rows)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    if mode == "packing":  # the rows of a packed data set hold several sequences each
+        assert sum(len(row["seq_lengths"]) for row in rows) >= 4
+        unpacked_rows = []
+        for row in rows:
+            start = 0
+            for length in row["seq_lengths"]:
+                unpacked_rows.append({k: v[start:start + length] for k, v in row.items() if k != "seq_lengths"})
+                start += length
+    else:
+        unpacked_rows = rows
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(unpacked_rows)
+    assert padded["input_ids"].shape[0] > 1 and "attention_mask" in padded
+    trainer.model.eval()
+    with torch.no_grad():
+        packed_loss = trainer.compute_loss(trainer.model, dict(packed))
+        padded_loss = trainer.compute_loss(trainer.model, dict(padded))
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
+
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0]
