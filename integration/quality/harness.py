@@ -37,7 +37,7 @@ Methods (a *spec* is ``METHOD`` or ``METHOD:key=value,key=value``)
   only (``layers_to_transform``), no gradient checkpointing. Keys: ``k``, ``r``, ``alpha``, ``dropout``.
 - ``qst``: ``peft_qst.QSTConfig(task_type="CAUSAL_LM", ...)``. Keys: any ``QSTConfig`` field (``r``, ``downsample``,
   ``downsample_rank``, ``activation``, ``dropout``, ``side_gate_init``, ``output_gate_init``, ``side_dtype``,
-  ``copy_heads``, ``copy_head_dim``).
+  ``copy_heads``, ``copy_head_dim``, ``init``).
 - Common keys: ``lr``, ``warmup``, ``label`` (name shown in the table; default: the spec itself), ``time_s`` (train
   for that many seconds instead of ``--steps``; ``time_s=match`` uses the training time measured for the first earlier
   ``qlora`` spec of the same invocation, ``time_s=match:LABEL`` that of the spec labelled LABEL).
@@ -97,6 +97,7 @@ QST_KEYS = (
     "side_dtype",
     "copy_heads",
     "copy_head_dim",
+    "init",
 )
 METHOD_KEYS = {
     "base": ("label",),
@@ -691,7 +692,7 @@ def describe_config(result: dict) -> str:
 
         defaults = QSTConfig()
         shown = ("activation", "dropout", "side_gate_init", "output_gate_init", "side_dtype", "copy_heads",
-                 "copy_head_dim")
+                 "copy_head_dim", "init")
         for key in shown:
             if config.get(key) != getattr(defaults, key):
                 parts.append(f"{key}={config.get(key)}")
