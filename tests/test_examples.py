@@ -29,3 +29,14 @@ def test_quickstart_then_generate(tmp_path):
     answer = run_example("examples/generate.py", "--adapter", str(tmp_path / "adapter"), "--prompt",
                          "Classify the sentiment of this review: \"The soup was superb.\"", "--max-new-tokens", "8")
     assert answer.strip()
+
+
+@pytest.mark.smollm2
+def test_classify(tmp_path):
+    out = run_example("examples/classify.py", "--max-steps", "4", "--eval-size", "32",
+                      "--output-dir", str(tmp_path / "classifier"))
+    assert "trainable params: 747,856 || all params: 135,264,016 || trainable%: 0.5529" in out
+    assert "modules_to_save: ['classifier', 'score']" in out
+    assert "held-out accuracy before training:" in out and "held-out accuracy after training:" in out
+    assert "reloaded adapter gives the same logits: yes" in out
+    assert (tmp_path / "classifier" / "adapter_model.safetensors").is_file()
