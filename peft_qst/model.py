@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import QSTConfig
 from .layer import QSTLayer
+from .loss import install_chunked_loss, uninstall_chunked_loss
 from .serialization import QSTAdapterFileError, weights_digest
 from .side import QSTUnsupportedModelError, find_layer_list, shrink_config, unsupported_reason
 
@@ -198,6 +199,23 @@ class QSTModel(BaseTuner):
         # the tags end up in the model cards PEFT and the trainers write
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["qst", "peft-qst"])
+        # the same causal-LM loss without float32 copies of the full-vocabulary logits: with a frozen LM head they are
+        # most of a QST step's memory and a large part of its time (peft_qst/loss.py)
+        install_chunked_loss(model)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        uninstall_chunked_loss(model)
+        return model
+
+    def _replace_module(self, parent, child_name, new_module, child):
+        # unload(): put the original trunk back. PEFT's default also copies ``weight``/``bias`` from the wrapped module
+        # onto the replacement, which fits single layers, not a whole trunk (it has neither, and unload() failed with
+        # "'LlamaModel' object has no attribute 'weight'")
+        if isinstance(child, QSTLayer) and new_module is child.get_base_layer():
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def _prepare_adapter_config(self, peft_config: QSTConfig, model_config: dict) -> QSTConfig:
         # target_modules was set from the model itself in _bind_config_to_model

@@ -1,0 +1,113 @@
+"""A causal-LM loss that never materialises the full-vocabulary logits in float32.
+
+transformers' ``ForCausalLMLoss`` upcasts the whole ``(tokens, vocabulary)`` logits tensor to float32 and runs
+``cross_entropy`` on it; autograd then keeps the float32 log-softmax for backward and builds float32 gradients of the
+same size. With SmolLM2's 49k vocabulary, a batch of 4 x 256 tokens makes each of those tensors 200 MB, and the copies,
+fills and casts cost as much time as the LM head's matmul. A QST step differentiates only through the LM head into a
+small side network, so this is most of its memory and a large part of its time.
+
+:func:`chunked_causal_lm_loss` computes the same loss (same shifting, ``ignore_index``, ``num_items_in_batch`` and
+``shift_labels`` handling) in row chunks: each chunk is upcast, reduced to its log-sum-exp and target logit, and
+dropped; backward recomputes the softmax chunk by chunk and writes the gradient straight into the logits' dtype. The
+logits themselves (in the model's dtype) are what the model returns anyway. QST installs it as the model's
+``loss_function`` where the model uses transformers' default causal-LM loss (see :func:`install_chunked_loss`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+#: elements of one float32 chunk (32 MB): large enough for fast kernels, small next to the full logits
+CHUNK_ELEMENTS = 1 << 23
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy ``logsumexp(logits) - logits[target]`` (0 where the target is ignored)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        rows, vocab = logits.shape
+        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        valid = targets != ignore_index
+        safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+        losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        log_normalizers = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        for start in range(0, rows, chunk):
+            block = logits[start : start + chunk].float()
+            lse = torch.logsumexp(block, dim=-1)
+            picked = block.gather(1, safe_targets[start : start + chunk, None]).squeeze(1)
+            log_normalizers[start : start + chunk] = lse
+            losses[start : start + chunk] = lse - picked
+        losses = losses.masked_fill_(~valid, 0.0)
+        ctx.save_for_backward(logits, safe_targets, valid, log_normalizers)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        logits, safe_targets, valid, log_normalizers = ctx.saved_tensors
+        rows, vocab = logits.shape
+        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        scale = (grad_losses.float() * valid).unsqueeze(1)
+        grad = torch.empty_like(logits)
+        for start in range(0, rows, chunk):
+            end = start + chunk
+            probs = torch.exp(logits[start:end].float() - log_normalizers[start:end, None])  # softmax
+            probs.scatter_add_(1, safe_targets[start:end, None], -torch.ones_like(scale[start:end]))
+            grad[start:end] = probs.mul_(scale[start:end])
+        return grad, None, None
+
+
+def chunked_causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    shift_labels: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Drop-in for transformers' ``ForCausalLMLoss``: the same value, without float32 copies of the full logits."""
+    if shift_labels is None:
+        # shift so that tokens < n predict n
+        labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:]
+    logits = logits.reshape(-1, vocab_size)
+    targets = shift_labels.reshape(-1).to(logits.device)
+    losses = _ChunkedCrossEntropy.apply(logits, targets, ignore_index)
+    if num_items_in_batch is not None:  # "sum" reduction over the items of the whole (accumulated) batch
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(losses.device)
+        return losses.sum() / num_items_in_batch
+    return losses.sum() / (targets != ignore_index).sum()  # "mean" over the non-ignored targets, as cross_entropy
+
+
+def install_chunked_loss(model: nn.Module) -> bool:
+    """Make ``model`` compute its causal-LM loss with :func:`chunked_causal_lm_loss`.
+
+    Only where the model would use transformers' default ``ForCausalLMLoss`` and nobody set a loss function on it;
+    anything else (a sequence-classification loss, a user's own ``loss_function``) is left alone. Returns whether it
+    was installed.
+    """
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:  # pragma: no cover - older transformers
+        return False
+    if "_loss_function" in vars(model) or not hasattr(type(model), "loss_function"):
+        return vars(model).get("_loss_function") is chunked_causal_lm_loss
+    try:
+        current = model.loss_function
+    except Exception:  # noqa: BLE001 - a model whose loss cannot be resolved keeps whatever it does
+        return False
+    if current is not ForCausalLMLoss:
+        return False
+    model.loss_function = chunked_causal_lm_loss
+    return True
+
+
+def uninstall_chunked_loss(model: nn.Module) -> None:
+    """Undo :func:`install_chunked_loss` (the model resolves its default loss again)."""
+    if vars(model).get("_loss_function") is chunked_causal_lm_loss:
+        del model._loss_function

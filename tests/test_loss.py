@@ -1,0 +1,68 @@
+"""The chunked causal-LM loss QST installs: the same loss and gradients as transformers' ForCausalLMLoss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+import peft_qst
+from peft_qst import loss as qst_loss
+
+from .conftest import tiny_causal_lm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "options", [{}, {"num_items_in_batch": torch.tensor(37)}, {"ignore_index": -1}, {"shift_labels": True}]
+)
+def test_chunked_loss_equals_transformers_loss(monkeypatch, dtype, options):
+    monkeypatch.setattr(qst_loss, "CHUNK_ELEMENTS", 1000)  # several chunks of 9 rows, the last one partial
+    torch.manual_seed(0)
+    vocab = 101
+    logits = (3 * torch.randn(3, 17, vocab)).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (3, 17))
+    labels[0, :5] = options.get("ignore_index", -100)
+    kwargs = dict(options)
+    if kwargs.pop("shift_labels", False):
+        kwargs["shift_labels"], labels = labels, None
+    expected = ForCausalLMLoss(logits, labels, vocab, **kwargs)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    got = qst_loss.chunked_causal_lm_loss(logits, labels, vocab, **kwargs)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    assert got.dtype == expected.dtype == torch.float32
+    assert got_grad.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad.float(), expected_grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-6)
+
+
+def test_qst_model_uses_it_and_unload_gives_the_default_back():
+    base = tiny_causal_lm()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        expected = base(input_ids=ids, labels=ids).loss
+    model = get_peft_model(base, peft_qst.QSTConfig(task_type="CAUSAL_LM", r=4))
+    assert model.get_base_model().loss_function is qst_loss.chunked_causal_lm_loss
+    with torch.no_grad():  # the untrained adapter is the base model, and so is its loss
+        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, expected)
+    unloaded = model.unload()
+    assert type(unloaded.model).__name__ == "LlamaModel"  # the original trunk is back, no side network left
+    assert not any("qst_" in name for name, _ in unloaded.named_parameters())
+    assert unloaded.loss_function is ForCausalLMLoss
+    with torch.no_grad():
+        torch.testing.assert_close(unloaded(input_ids=ids, labels=ids).loss, expected)
+
+
+def test_a_loss_function_set_by_the_user_is_kept():
+    base = tiny_causal_lm()
+
+    def own_loss(logits, labels, vocab_size, **kwargs):
+        return logits.float().mean() * 0 + 7.0
+
+    base.loss_function = own_loss
+    model = get_peft_model(base, peft_qst.QSTConfig(task_type="CAUSAL_LM", r=4))
+    assert model.get_base_model().loss_function is own_loss
+    ids = torch.randint(0, 128, (1, 6))
+    assert model(input_ids=ids, labels=ids).loss.item() == 7.0
