@@ -48,7 +48,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .side import FFN_SIZE_ATTRIBUTES, QSTSideBlock, QSTUnsupportedModelError, _uses_rotary, find_layer_list
+from .side import (
+    FFN_SIZE_ATTRIBUTES,
+    QSTSideBlock,
+    QSTUnsupportedModelError,
+    _uses_rotary,
+    find_layer_list,
+)
 
 #: model types whose decoder blocks follow the layouts mapped here (checked on the real modules as well)
 PRUNABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
@@ -112,7 +118,7 @@ def _norm_scale(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     try:
         with torch.no_grad():
             probe = module(torch.ones(1, weight.numel(), dtype=weight.dtype, device=weight.device))
-    except Exception:  # a norm with another calling convention: fall back to its weight
+    except (TypeError, ValueError, RuntimeError):  # a norm with another calling convention: use its weight
         return weight.abs()
     probe = probe.detach().float().flatten()
     return probe.abs() if probe.numel() == weight.numel() else weight.float().abs()
@@ -199,7 +205,7 @@ def _plan_block(layout: _Layout, side_block: nn.Module, base_block: nn.Module, w
     """For every parameter of a side block: the roles of each of its dimensions (None where it is not shrunk)."""
     base = {full: (leaf, kind, p) for full, leaf, _m, kind, p in _block_parameters(base_block)}
     plan = {}
-    for full, leaf, _module, kind, parameter in _block_parameters(side_block):
+    for full, leaf, module, kind, parameter in _block_parameters(side_block):
         if full not in base:
             raise _refuse(layout.model_type, f"the side parameter {where}.{full} has no backbone counterpart")
         base_shape = logical_shape(base[full][2])
@@ -214,7 +220,7 @@ def _plan_block(layout: _Layout, side_block: nn.Module, base_block: nn.Module, w
                 if base_size != side_size:
                     raise _refuse(
                         layout.model_type,
-                        f"no rule maps dimension {position} of {where}.{full} ({type(_module).__name__}, "
+                        f"no rule maps dimension {position} of {where}.{full} ({type(module).__name__}, "
                         f"{tuple(base_shape)} in the model, {tuple(side_shape)} in the side block) onto the model's",
                     )
                 roles.append(None)
@@ -237,9 +243,10 @@ def _plan_block(layout: _Layout, side_block: nn.Module, base_block: nn.Module, w
 
 
 def _slice_norms(tensor: torch.Tensor, position: int) -> torch.Tensor:
-    """L2 norm of each slice of ``tensor`` along dimension ``position`` (over all other dimensions)."""
+    """L2 norm of each slice of ``tensor`` along dimension ``position`` (over all other dimensions), on the CPU: the
+    importances and kept indices are small vectors, whatever device each block is on."""
     moved = tensor.movedim(position, 0)
-    return moved.reshape(moved.shape[0], -1).norm(dim=1)
+    return moved.reshape(moved.shape[0], -1).norm(dim=1).cpu()
 
 
 def _segments(layout: _Layout, roles: tuple[str, ...], norms: torch.Tensor):
@@ -264,7 +271,7 @@ def _residual_importance(layout, plan, dense, modules) -> torch.Tensor:
                 module = modules[full]
                 values = _norm_scale(module, module.weight.detach()).cpu()
             else:
-                values = _slice_norms(tensor, position).cpu()
+                values = _slice_norms(tensor, position)
             mean = values.mean()
             if mean > 0:
                 total += values / mean

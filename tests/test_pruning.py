@@ -95,7 +95,8 @@ def assert_side_blocks_are_backbone_slices(model):
                 assert value.shape == expected.shape, name
                 assert torch.equal(value, expected.to(value.dtype)), name
                 checked += 1
-    assert torch.equal(side.trunk.norm.weight, base_trunk.norm.weight[selected[0]["residual"]].to(side.trunk.norm.weight.dtype))
+    final_norm = side.trunk.norm.weight
+    assert torch.equal(final_norm, base_trunk.norm.weight[selected[0]["residual"]].to(final_norm.dtype))
     return selected, checked
 
 
@@ -122,10 +123,6 @@ def load_base(base_dir, four_bit):
     if four_bit:
         assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     return model
-
-
-def column_norms(weight, dim):
-    return weight.norm(dim=dim)
 
 
 @pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "4bit"])
@@ -226,7 +223,8 @@ CONFIGS["gemma"] = dict(TINY["gemma2"], sliding_window=None)
 @pytest.mark.parametrize("model_type", list(CONFIGS))
 def test_pruned_init_on_other_architectures(model_type):
     torch.manual_seed(0)
-    base = randomise_norms(AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **CONFIGS[model_type]))).eval()
+    config = AutoConfig.for_model(model_type, **CONFIGS[model_type])
+    base = randomise_norms(AutoModelForCausalLM.from_config(config)).eval()
     ids = IDS % 96
     with torch.no_grad():
         pretrained = base(input_ids=ids).logits
