@@ -83,6 +83,13 @@ class QSTConfig(PeftConfig):
             starts at zero, so training still starts exactly at the pretrained output. Needs ``input_ids`` and an
             LM head (``task_type="CAUSAL_LM"``).
         copy_head_dim (`int`): Query/key width of each copy head.
+        backbone_lora_layers (`int`): Number of top backbone blocks that also get low-rank adapters (0: none, the
+            paper's QST). Every linear layer of the last ``k`` blocks gets a LoRA delta trained together with the side
+            network: full-width changes right before the LM head, which the side network's narrow output cannot make.
+            Gradients then enter the backbone above block ``L - k`` only; the blocks below still run under
+            ``torch.no_grad()``, so the cost grows with ``k``, not with the model's depth.
+        backbone_lora_r (`int`): Rank of those adapters.
+        backbone_lora_alpha (`float`): Their scaling numerator (the delta is scaled by alpha / rank, as in LoRA).
         side_dtype (`str`, *optional*): dtype of the side network: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
             Default (None): the model's compute dtype (``bnb_4bit_compute_dtype`` for a bitsandbytes 4-bit model,
             else the model's dtype).
@@ -110,6 +117,11 @@ class QSTConfig(PeftConfig):
     )
     copy_heads: int = field(default=0, metadata={"help": "Number of copy heads (0: none, the paper's QST)."})
     copy_head_dim: int = field(default=32, metadata={"help": "Query/key width of each copy head."})
+    backbone_lora_layers: int = field(
+        default=0, metadata={"help": "Number of top backbone blocks with low-rank adapters (0: none)."}
+    )
+    backbone_lora_r: int = field(default=16, metadata={"help": "Rank of the backbone low-rank adapters."})
+    backbone_lora_alpha: float = field(default=16.0, metadata={"help": "Scaling numerator of those adapters."})
     side_dtype: Optional[str] = field(
         default=None, metadata={"help": f"dtype of the side network, one of {SIDE_DTYPES}; None: the compute dtype."}
     )
@@ -176,6 +188,19 @@ class QSTConfig(PeftConfig):
         if not _is_int(self.copy_head_dim) or self.copy_head_dim < 1:
             raise ValueError(
                 f"QSTConfig.copy_head_dim={self.copy_head_dim!r} is invalid: it must be a positive integer."
+            )
+        if not _is_int(self.backbone_lora_layers) or self.backbone_lora_layers < 0:
+            raise ValueError(
+                f"QSTConfig.backbone_lora_layers={self.backbone_lora_layers!r} is invalid: it must be a non-negative "
+                "integer (the number of top backbone blocks with low-rank adapters; 0: none)."
+            )
+        if not _is_int(self.backbone_lora_r) or self.backbone_lora_r < 1:
+            raise ValueError(
+                f"QSTConfig.backbone_lora_r={self.backbone_lora_r!r} is invalid: it must be a positive integer."
+            )
+        if not _is_number(self.backbone_lora_alpha) or self.backbone_lora_alpha <= 0:
+            raise ValueError(
+                f"QSTConfig.backbone_lora_alpha={self.backbone_lora_alpha!r} is invalid: it must be a positive number."
             )
         if self.side_dtype is not None and self.side_dtype not in SIDE_DTYPES:
             raise ValueError(

@@ -25,7 +25,8 @@ from transformers.cache_utils import DynamicCache
 
 from .cache import QSTCache, cache_field
 from .config import QSTConfig
-from .side import QSTSideNetwork, copy_key_mask
+from .backbone_lora import top_block_linears
+from .side import QSTSideNetwork, copy_key_mask, find_layer_list
 
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
 BASE_ADAPTER_NAME = "__base__"
@@ -97,7 +98,57 @@ class QSTLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: QSTConfig, dtype: torch.dtype) -> None:
         base = self.get_base_layer()
         self.qst_side[adapter_name] = QSTSideNetwork(base, base.config, config, dtype)
+        self._install_backbone_lora_hooks(self.qst_side[adapter_name])
         self.set_adapter(self.active_adapters)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # backbone low-rank adapters (QSTConfig.backbone_lora_layers)
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _install_backbone_lora_hooks(self, side: QSTSideNetwork) -> None:
+        """Hooks on the top backbone blocks: each linear layer adds the deltas of the adapters that adapt the current
+        forward (``_lora_routing``); each block turns gradients on for itself and the blocks above it when the
+        current forward trains such an adapter (``_grad_from``). Installed once per module, shared by adapters."""
+        if side.backbone_lora is None:
+            return
+        hooks = self.__dict__.setdefault("_backbone_hooks", {})
+        parent, attr = find_layer_list(self.base_layer, len(side._blocks))
+        blocks = getattr(parent, attr)
+        self.__dict__["_backbone_blocks"] = blocks
+        num_top = len(blocks) - side.backbone_lora.first_block
+        for index, name, module in top_block_linears(blocks, num_top):
+            if id(module) not in hooks:
+                hooks[id(module)] = module.register_forward_hook(self._backbone_lora_hook(index, name))
+        for index in range(side.backbone_lora.first_block, len(blocks)):
+            if ("grad", index) not in hooks:
+                hooks[("grad", index)] = blocks[index].register_forward_pre_hook(self._enable_grad_hook(index))
+
+    def _backbone_lora_hook(self, index: int, name: str):
+        def add_deltas(module, args, output):
+            routing = self.__dict__.get("_lora_routing")
+            if not routing:
+                return None
+            for adapter_name, rows in routing:
+                delta_module = self.qst_side[adapter_name].backbone_lora.delta(index, name)
+                if delta_module is None:
+                    continue
+                delta = delta_module(args[0])
+                if rows is not None:  # a mixed-adapter batch: only this adapter's rows
+                    delta = delta * rows.view(-1, *([1] * (delta.dim() - 1))).to(delta.device, delta.dtype)
+                output = output + delta.to(output.dtype)
+            return output
+
+        return add_deltas
+
+    def _enable_grad_hook(self, index: int):
+        def enable_grad(module, args):
+            start = self.__dict__.get("_grad_from")
+            if start is not None and index >= start:
+                # inside the backbone's no_grad: from this block up, autograd records (into the adapters); the
+                # no_grad context restores the previous mode when the backbone returns
+                torch.set_grad_enabled(True)
+
+        return enable_grad
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         # PEFT's default moves and casts an adapter to its base layer's single device and dtype; a side network is
@@ -191,10 +242,39 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             use_cache = getattr(config, "use_cache", False)
 
         backbone_cache, side_caches, memories = self._split_cache(cache, adapter_names)
-        with torch.no_grad():
-            out = self.base_layer(
-                **kwargs, **{self._cache_kwarg: backbone_cache}, output_hidden_states=True, return_dict=True
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if row_adapters is not None and inputs is not None and len(row_adapters) != inputs.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(row_adapters)} entries for a batch of {inputs.shape[0]} rows; give "
+                "one adapter name per row."
             )
+        routing = []
+        for name in adapter_names:
+            lora = self.qst_side[name].backbone_lora
+            if lora is not None:
+                rows = None if row_adapters is None else torch.tensor([n == name for n in row_adapters])
+                routing.append((name, rows, lora.first_block))
+        self.__dict__["_lora_routing"] = [(name, rows) for name, rows, _ in routing]
+        grad_from = min(first for _, _, first in routing) if routing and torch.is_grad_enabled() else None
+        self.__dict__["_grad_from"] = grad_from
+        # Blocks that train adapters are not gradient-checkpointed: a recomputation in backward would run after this
+        # forward's routing is gone. It costs the activations of those k blocks only.
+        checkpointed = []
+        if grad_from is not None:
+            for block in self.__dict__["_backbone_blocks"][grad_from:]:
+                if getattr(block, "gradient_checkpointing", False):
+                    checkpointed.append(block)
+                    block.gradient_checkpointing = False
+        try:
+            with torch.no_grad():
+                out = self.base_layer(
+                    **kwargs, **{self._cache_kwarg: backbone_cache}, output_hidden_states=True, return_dict=True
+                )
+        finally:
+            self.__dict__["_lora_routing"] = None
+            self.__dict__["_grad_from"] = None
+            for block in checkpointed:
+                block.gradient_checkpointing = True
         hidden_states = out.hidden_states
         backbone_last = out.last_hidden_state
         if row_adapters is not None and len(row_adapters) != backbone_last.shape[0]:

@@ -175,6 +175,12 @@ class QSTModel(BaseTuner):
         find_layer_list(base_trunk, int(model_config.num_hidden_layers))
         if config.copy_heads:
             _check_copy_head_support(model, model_type)
+        num_layers = int(model_config.num_hidden_layers)
+        if config.backbone_lora_layers > num_layers:
+            raise ValueError(
+                f"QSTConfig.backbone_lora_layers={config.backbone_lora_layers} exceeds the {num_layers} blocks of this "
+                f"{model_type} model; choose at most {num_layers}."
+            )
         # raises a ValueError naming the fitting values when r does not fit the model's widths and heads
         shrink_config(model_config, config, torch.float32)
 

@@ -471,6 +471,13 @@ class QSTSideNetwork(nn.Module):
             else None
         )
 
+        self.backbone_lora = None
+        if qst_config.backbone_lora_layers:
+            from .backbone_lora import BackboneLoRA
+
+            base_parent, base_attr = find_layer_list(base_trunk, num_layers)
+            self.backbone_lora = BackboneLoRA(getattr(base_parent, base_attr), qst_config)
+
         from .pruning import initialise_side_network  # imported here: pruning.py imports this module
 
         initialise_side_network(self, base_trunk, base_config, side_config, qst_config)  # QSTConfig.init
@@ -508,6 +515,8 @@ class QSTSideNetwork(nn.Module):
         self.output_gate.to(last_device)
         if self.copy_head is not None:
             self.copy_head.to(last_device)
+        if self.backbone_lora is not None:
+            self.backbone_lora.place(base_blocks, module_device)
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], cache=None, **trunk_kwargs):
         if len(hidden_states) != len(self._blocks) + 1:
@@ -515,10 +524,12 @@ class QSTSideNetwork(nn.Module):
                 f"QST expected {len(self._blocks) + 1} hidden states from the backbone, got {len(hidden_states)}."
             )
         dtype = self.upsample.weight.dtype
-        first = hidden_states[0].detach()
+        # hidden states of blocks with backbone low-rank adapters carry gradients (into those adapters); the others
+        # were computed under no_grad and carry none
+        first = hidden_states[0]
         inputs = self.embed_dropout(self.embed_downsample(first.to(module_device(self.embed_downsample), dtype)))
         for block, hidden in zip(self._blocks, hidden_states[1:]):
-            block.backbone_hidden = hidden.detach()
+            block.backbone_hidden = hidden
         cache_name = "cache" if "cache" in self._trunk_params else "past_key_values"
         try:
             out = self.trunk(inputs_embeds=inputs, return_dict=True, **{cache_name: cache}, **trunk_kwargs)

@@ -1,0 +1,80 @@
+"""Low-rank adapters on the top backbone blocks, trained together with the side network (``backbone_lora_layers``).
+
+Side tuning alone keeps the whole backbone frozen and out of autograd; its output enters the model only through the
+side network's narrow upsample (a d/r-dimensional subspace of the final hidden state). LoRA on the last ``k`` backbone
+blocks adds what that cannot: full-width changes of the representation right before the LM head. Gradients then enter
+the backbone, but only above block ``L - k``: the blocks below still run under ``torch.no_grad()`` and record nothing
+for backward, so memory and backward time grow with ``k``, not with the depth of the model.
+
+Every ``nn.Linear`` inside those blocks (bitsandbytes' ``Linear4bit`` is one) gets ``y += (x A^T B^T) * alpha / rank``
+through a forward hook, with ``B`` zero-initialised as in LoRA, so training starts at the pretrained output. The
+adapter matrices belong to the QST adapter (they live in its :class:`~peft_qst.side.QSTSideNetwork`, are saved and
+loaded with it, and carry ``qst_`` in their names); the hooks ask the QST layer which adapter, if any, adapts the
+current forward and which rows of the batch it owns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import QSTConfig
+
+
+class LowRankDelta(nn.Module):
+    """``x -> (x A^T) B^T * alpha / rank``, with ``A`` initialised as PEFT's LoRA does and ``B`` at zero."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.dtype)
+        return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
+
+
+def _key(name: str) -> str:
+    # ModuleDict keys cannot contain dots
+    return name.replace(".", "__")
+
+
+def top_block_linears(blocks: nn.ModuleList, num_top: int) -> Iterator[tuple[int, str, nn.Linear]]:
+    """(block index, name inside the block, module) of every ``nn.Linear`` in the last ``num_top`` blocks."""
+    for index in range(len(blocks) - num_top, len(blocks)):
+        for name, module in blocks[index].named_modules():
+            if isinstance(module, nn.Linear):
+                yield index, name, module
+
+
+class BackboneLoRA(nn.Module):
+    """The low-rank deltas of one QST adapter, keyed by block index and the linear layer's name inside the block."""
+
+    def __init__(self, blocks: nn.ModuleList, config: QSTConfig):
+        super().__init__()
+        self.first_block = len(blocks) - config.backbone_lora_layers
+        self.deltas = nn.ModuleDict()
+        for index, name, module in top_block_linears(blocks, config.backbone_lora_layers):
+            if str(index) not in self.deltas:
+                self.deltas[str(index)] = nn.ModuleDict()
+            self.deltas[str(index)][_key(name)] = LowRankDelta(
+                module.in_features, module.out_features, config.backbone_lora_r, config.backbone_lora_alpha
+            )
+        if not len(self.deltas):
+            raise ValueError(
+                f"QSTConfig.backbone_lora_layers={config.backbone_lora_layers} found no nn.Linear layer in the top "
+                "backbone blocks of this model to adapt; use backbone_lora_layers=0."
+            )
+
+    def delta(self, index: int, name: str) -> Optional[LowRankDelta]:
+        per_block = self.deltas[str(index)] if str(index) in self.deltas else None
+        return per_block[_key(name)] if per_block is not None and _key(name) in per_block else None
+
+    def place(self, blocks: nn.ModuleList, device_of: Callable[[nn.Module], torch.device]) -> None:
+        for index, per_block in self.deltas.items():
+            per_block.to(device_of(blocks[int(index)]))

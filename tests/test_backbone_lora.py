@@ -1,0 +1,192 @@
+"""QSTConfig.backbone_lora_layers: low-rank adapters on the top k backbone blocks, trained with the side network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peft_qst import QSTConfig, QSTLayer
+
+from .conftest import bnb_config, tiny_causal_lm, train_steps
+
+IDS = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(2))
+LAYERS = 4
+
+
+def hybrid_config(**overrides):
+    return QSTConfig(**{"task_type": "CAUSAL_LM", "r": 4, "backbone_lora_layers": 2, "backbone_lora_r": 4, **overrides})
+
+
+def hybrid_model(seed=0, **overrides):
+    return get_peft_model(tiny_causal_lm(seed=seed, num_hidden_layers=LAYERS), hybrid_config(**overrides))
+
+
+def test_starts_at_the_pretrained_output_and_adapts_only_the_top_blocks():
+    base = tiny_causal_lm(num_hidden_layers=LAYERS)
+    model = hybrid_model()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, base(input_ids=IDS).logits)
+    lora = {n: p for n, p in model.named_parameters() if ".backbone_lora." in n}
+    # every linear layer (q, k, v, o, gate, up, down) of blocks 2 and 3, an A and a B each
+    assert len(lora) == 2 * 7 * 2 and all(".qst_side.default." in n and p.requires_grad for n, p in lora.items())
+    assert {n.split(".deltas.")[1].split(".")[0] for n in lora} == {"2", "3"}
+    losses = train_steps(model, IDS, steps=5)
+    assert losses[-1] < losses[0]
+    assert all(p.abs().sum() > 0 for n, p in lora.items() if n.endswith("lora_B"))  # every B left zero
+
+
+def saved_activations_by_block(model, input_ids):
+    """Blocks (index, or -1 for the embeddings) whose modules produced a tensor that autograd saved for backward."""
+    layer = next(m for m in model.modules() if isinstance(m, QSTLayer))
+    produced: dict[int, tuple[int, torch.Tensor]] = {}
+    blocks = layer.base_layer.layers
+
+    def collector(index):
+        def collect(_module, _inputs, output):
+            for item in output if isinstance(output, tuple) else (output,):
+                if isinstance(item, torch.Tensor):
+                    produced[item.untyped_storage().data_ptr()] = (index, item)
+
+        return collect
+
+    hooks = [m.register_forward_hook(collector(-1)) for m in layer.base_layer.embed_tokens.modules()]
+    for index, block in enumerate(blocks):
+        hooks += [m.register_forward_hook(collector(index)) for m in block.modules()]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        out = model(input_ids=input_ids, labels=input_ids)
+    for hook in hooks:
+        hook.remove()
+    out.loss.backward()
+    return {produced[ptr][0] for ptr in saved if ptr in produced}
+
+
+def test_no_graph_below_the_adapted_blocks():
+    model = hybrid_model()
+    model.train()
+    train_steps(model, IDS, steps=1)
+    model.train()
+    blocks_with_saved = saved_activations_by_block(model, IDS)
+    # the downsamplers read every block's output (handed over), so a block's *output* may be saved; what must not be
+    # saved is anything inside the frozen blocks below the adapted ones
+    assert blocks_with_saved - {0, 1, -1} == {2, 3}  # the adapted blocks record their graph
+    model.zero_grad()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    for name, param in model.named_parameters():
+        if ".qst_side." not in name:
+            assert param.grad is None and not param.requires_grad, name
+    plain = get_peft_model(tiny_causal_lm(num_hidden_layers=LAYERS), QSTConfig(task_type="CAUSAL_LM", r=4))
+    plain.train()
+    # the same audit on plain QST: only the handed-over block outputs (one per block) may show up, never more
+    assert saved_activations_by_block(plain, IDS) <= {0, 1, 2, 3, -1}
+
+
+def test_no_internal_activation_of_frozen_blocks_is_saved():
+    """Inside blocks 0 and 1 (below the adapted ones) nothing but their outputs may be saved for backward."""
+    model = hybrid_model()
+    model.train()
+    train_steps(model, IDS, steps=1)
+    model.train()
+    layer = next(m for m in model.modules() if isinstance(m, QSTLayer))
+    # tensors kept alive (dict values), so that their storage cannot be reused by a later tensor during the audit
+    internal: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def collect(name):
+        def hook(_module, _inputs, output):
+            for item in output if isinstance(output, tuple) else (output,):
+                if isinstance(item, torch.Tensor):
+                    internal[item.untyped_storage().data_ptr()] = (name, item)
+
+        return hook
+
+    hooks = []
+    for index in (0, 1):
+        for name, module in layer.base_layer.layers[index].named_modules():
+            if name:  # submodules only: the block's own output is the hidden state handed to the downsamplers
+                hooks.append(module.register_forward_hook(collect(f"{index}.{name}")))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        out = model(input_ids=IDS, labels=IDS)
+    for hook in hooks:
+        hook.remove()
+    leaked = sorted({internal[p][0] for p in saved if p in internal})
+    assert not leaked, leaked
+    out.loss.backward()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = hybrid_model()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        train_steps(model, IDS, steps=1)
+        model.train()
+        model.zero_grad()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_generation_disable_and_mixed_batches():
+    model = hybrid_model()
+    train_steps(model, IDS, steps=3)
+    base = tiny_causal_lm(num_hidden_layers=LAYERS)
+    mask = torch.ones_like(IDS)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        for options in (dict(do_sample=False), dict(num_beams=3, do_sample=False)):
+            cached = model.generate(input_ids=IDS, attention_mask=mask, max_new_tokens=16, use_cache=True, **options)
+            plain = model.generate(input_ids=IDS, attention_mask=mask, max_new_tokens=16, use_cache=False, **options)
+            assert torch.equal(cached, plain), options
+        with model.disable_adapter():
+            disabled = model.generate(input_ids=IDS, attention_mask=mask, max_new_tokens=16, do_sample=False)
+            assert torch.equal(model(input_ids=IDS).logits, base(input_ids=IDS).logits)
+        expected = base.generate(input_ids=IDS, attention_mask=mask, max_new_tokens=16, do_sample=False)
+        assert torch.equal(disabled, expected)
+
+        model.add_adapter("other", hybrid_config(backbone_lora_layers=1))
+        routed = model(input_ids=IDS, adapter_names=["default", "__base__", "other"]).logits
+        model.set_adapter("default")
+        alone = model(input_ids=IDS).logits
+        model.set_adapter("other")
+        other = model(input_ids=IDS).logits
+        assert torch.allclose(routed[0], alone[0], atol=1e-6)
+        assert torch.allclose(routed[1], base(input_ids=IDS).logits[1], atol=1e-6)
+        assert torch.allclose(routed[2], other[2], atol=1e-6)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
+def test_save_load_identical_logits(quantized, tmp_path):
+    config = tiny_causal_lm(num_hidden_layers=LAYERS).config
+    path = tmp_path / "base"
+    tiny_causal_lm(num_hidden_layers=LAYERS).save_pretrained(path)
+    kwargs = dict(quantization_config=bnb_config()) if quantized else {}
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, **kwargs), hybrid_config())
+    if quantized:
+        assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    train_steps(model, IDS, steps=3)
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, **kwargs), tmp_path / "adapter")
+    assert reloaded.peft_config["default"].backbone_lora_layers == 2 and config.num_hidden_layers == LAYERS
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=IDS).logits, expected)
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="backbone_lora_layers=-1"):
+        QSTConfig(backbone_lora_layers=-1)
+    with pytest.raises(ValueError, match="backbone_lora_r=0"):
+        QSTConfig(backbone_lora_r=0)
+    with pytest.raises(ValueError, match="exceeds the 4 blocks"):
+        get_peft_model(tiny_causal_lm(num_hidden_layers=LAYERS), hybrid_config(backbone_lora_layers=5))
