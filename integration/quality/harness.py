@@ -98,6 +98,9 @@ QST_KEYS = (
     "copy_heads",
     "copy_head_dim",
     "init",
+    "backbone_lora_layers",
+    "backbone_lora_r",
+    "backbone_lora_alpha",
 )
 METHOD_KEYS = {
     "base": ("label",),
@@ -692,7 +695,7 @@ def describe_config(result: dict) -> str:
 
         defaults = QSTConfig()
         shown = ("activation", "dropout", "side_gate_init", "output_gate_init", "side_dtype", "copy_heads",
-                 "copy_head_dim", "init")
+                 "copy_head_dim", "init", "backbone_lora_layers", "backbone_lora_r", "backbone_lora_alpha")
         for key in shown:
             if config.get(key) != getattr(defaults, key):
                 parts.append(f"{key}={config.get(key)}")
