@@ -190,3 +190,29 @@ def test_refusals():
         QSTConfig(backbone_lora_r=0)
     with pytest.raises(ValueError, match="exceeds the 4 blocks"):
         get_peft_model(tiny_causal_lm(num_hidden_layers=LAYERS), hybrid_config(backbone_lora_layers=5))
+
+
+@pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer and chat template
+def test_sft_trainer_with_backbone_lora(tmp_path, smollm2_dir):
+    """TRL's defaults (gradient checkpointing on, input grads enabled) with adapters in the top backbone blocks."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = tiny_causal_lm(num_hidden_layers=LAYERS, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    data = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": f"Repeat {i}"}, {"role": "assistant", "content": f"{i} {i}"}]}
+         for i in range(48)]
+    )
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=3e-3,
+                     logging_steps=2, report_to=[], save_strategy="no", use_cpu=True, bf16=False)
+    assert args.gradient_checkpointing
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=hybrid_config())
+    lora_b = {n: p for n, p in trainer.model.named_parameters() if n.endswith("lora_B")}
+    assert lora_b and not any(p.any() for p in lora_b.values())
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]
+    assert all(p.any() for p in lora_b.values())  # gradients reached the adapters of the top blocks
