@@ -83,7 +83,8 @@ def test_resume_from_checkpoint_ends_at_the_same_weights(tmp_path, method):
     resumed = build(seed=1)
     other_start = trainable_state(resumed)
     assert any(not torch.equal(other_start[n], p) for n, p in trainable_state(build(seed=0)).items())
-    make_trainer(tmp_path / "resumed", resumed).train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"))
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    make_trainer(tmp_path / "resumed", resumed).train(resume_from_checkpoint=str(checkpoint))
 
     expected, got = trainable_state(straight), trainable_state(resumed)
     assert expected.keys() == got.keys()

@@ -298,3 +298,36 @@ def test_sft_padding_free_loss_equals_padded_loss(tmp_path, smollm2_dir, mode):
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Progress and logging are the trainer's
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer and chat template
+def test_training_output_is_the_trainers_own(tmp_path, smollm2_dir, capfd, caplog):
+    """During SFTTrainer training the progress bar and the log lines are the trainer's; peft_qst adds no output, no
+    log record and no warning of its own."""
+    import logging
+    import os
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    import peft_qst
+
+    package_dir = os.path.dirname(os.path.abspath(peft_qst.__file__))
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    trainer = tiny_sft_trainer(tmp_path, tokenizer, chat_rows("messages", 12), max_steps=3,
+                               per_device_train_batch_size=4, disable_tqdm=False)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        trainer.train()
+    out, err = capfd.readouterr()
+    assert "3/3" in err  # tqdm's bar reached the end
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    assert len(lines) == 4 and all(line.startswith("{'") for line in lines)  # 3 step logs + the train summary
+    assert not [w for w in caught if os.path.abspath(w.filename).startswith(package_dir)]
+    assert not [r for r in caplog.records if os.path.abspath(r.pathname).startswith(package_dir)]
