@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
+from .bnb_compat import keep_4bit_weights_through_state_dict
 from .config import QSTConfig
 from .layer import QSTLayer
 from .loss import install_chunked_loss, uninstall_chunked_loss
@@ -208,6 +209,9 @@ class QSTModel(BaseTuner):
         # the same causal-LM loss without float32 copies of the full-vocabulary logits: with a frozen LM head they are
         # most of a QST step's memory and a large part of its time (peft_qst/loss.py)
         install_chunked_loss(model)
+        # saving (save_pretrained, trainer checkpoints) calls model.state_dict(); after an eval forward on a CPU with
+        # AVX512-BF16, bitsandbytes' Linear4bit would unpack its weights lossily in memory there (peft_qst/bnb_compat.py)
+        keep_4bit_weights_through_state_dict(model)
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         model = super()._unload_and_optionally_merge(*args, **kwargs)

@@ -1,0 +1,100 @@
+"""Keep a 4-bit backbone unchanged by ``state_dict()`` on CPUs where bitsandbytes repacks it for inference.
+
+On a CPU with AVX512-BF16, bitsandbytes (0.49+) converts a ``Linear4bit`` weight into a CPU-only layout the first time
+the layer runs in eval mode without gradients (``Linear4bit.forward`` -> ``_convert_weight_packed_for_cpu``): the
+nibbles are reordered (losslessly) and the quantization state is rewritten (a double-quantized ``absmax`` is
+dequantized, and ``absmax`` becomes a transposed ``[K / blocksize, N]`` bfloat16 matrix). ``Linear4bit.
+_save_to_state_dict`` converts back in place (``_convert_weight_packed_for_cpu_inverse``) before saving, and that
+inverse is lossy: a nested ``absmax`` is re-quantized from its bfloat16 rounding, and a plain ``absmax`` keeps the
+transposed layout, so the next eval forward assigns block scales to the wrong blocks. Every ``model.state_dict()``
+after an eval forward therefore changes the frozen backbone in memory (on 4-bit SmolLM2-135M the logits moved by up
+to 15.8 with double quantization, 42 without).
+
+That is exactly what QST users run into: PEFT's ``save_pretrained`` (``get_peft_model_state_dict``) and trainer
+checkpoints call ``model.state_dict()``, typically after ``trainer.evaluate()``, and QST's promise is a frozen
+backbone. So at injection QST registers a state-dict pre-hook and post-hook on every ``Linear4bit`` of the model: the
+pre-hook remembers the packed weight and the quantization state's fields, bitsandbytes then unpacks and saves as it
+always does, and the post-hook puts the packed weight and the very same quantization-state object back, field for
+field. What ``state_dict()`` returns is what bitsandbytes returns, except that a plain (not double-quantized)
+``absmax`` is written back in its standard flat layout instead of the transposed one.
+
+The hooks act only when a layer is in the packed CPU layout at the time of the call; without bitsandbytes, or
+without that layout (GPUs, CPUs without AVX512-BF16, training mode, never run in eval), nothing changes. No upstream
+report of the state_dict side was found; the same CPU packing also breaks ``model.to(device)``
+(bitsandbytes-foundation/bitsandbytes#2078, fix proposed in #2083).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+#: set on a Linear4bit once its state-dict hooks are registered, so injecting a second adapter does not add more
+_PROTECTED_ATTR = "_qst_state_dict_keeps_cpu_packing"
+#: where the pre-hook leaves (packed weight data, quantization-state fields, keep_vars) for the post-hook
+_SNAPSHOT_ATTR = "_qst_cpu_packed_snapshot"
+
+
+def _linear4bit_class():
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except Exception:  # bitsandbytes absent or unusable here: there is nothing to protect
+        return None
+    return Linear4bit
+
+
+def _is_cpu_packed(module: nn.Module) -> bool:
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return quant_state is not None and bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
+def _remember_cpu_packing(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook: keep what bitsandbytes' ``_save_to_state_dict`` is about to unpack in place."""
+    if not _is_cpu_packed(module):
+        return
+    quant_state = module.weight.quant_state
+    # the inverse conversion only rebinds attributes of the quantization state (and builds a new weight tensor), so
+    # a shallow copy of its fields and a reference to the packed data are enough to restore it exactly
+    setattr(module, _SNAPSHOT_ATTR, (module.weight.data, dict(quant_state.__dict__), keep_vars))
+
+
+def _restore_cpu_packing(module: nn.Module, destination: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: put the packed weight and its quantization state back as they were before the call."""
+    snapshot = module.__dict__.pop(_SNAPSHOT_ATTR, None)
+    if snapshot is None:
+        return
+    packed_data, packed_fields, keep_vars = snapshot
+    quant_state = module.weight.quant_state
+    unpacked_absmax = destination.get(prefix + "weight.absmax")
+    if (
+        unpacked_absmax is not None
+        and not getattr(quant_state, "nested", False)
+        and unpacked_absmax.dim() == 2
+        and unpacked_absmax.shape[1] == quant_state.shape[0]
+    ):
+        # bitsandbytes leaves a plain absmax as the packed [K / blocksize, N] matrix; its own format (what
+        # from_pretrained and dequantize_4bit read) is the flat row-major [N * K / blocksize] vector of the weight's
+        # blocks, in the absmax dtype quantize_4bit writes (float32)
+        flat = unpacked_absmax.T.reshape(-1).float()
+        destination[prefix + "weight.absmax"] = flat if keep_vars else flat.detach()
+    module.weight.data = packed_data
+    # restore the same object (the module and its weight both refer to it), not a copy
+    quant_state.__dict__.clear()
+    quant_state.__dict__.update(packed_fields)
+    module.weight.quant_state = quant_state
+
+
+def keep_4bit_weights_through_state_dict(model: nn.Module) -> int:
+    """Make ``model.state_dict()`` leave every bitsandbytes ``Linear4bit`` of ``model`` exactly as it was (see the
+    module docstring). Idempotent; returns how many layers were newly protected (0 without bitsandbytes)."""
+    linear4bit = _linear4bit_class()
+    if linear4bit is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, linear4bit) or getattr(module, _PROTECTED_ATTR, False):
+            continue
+        module.register_state_dict_pre_hook(_remember_cpu_packing)
+        module.register_state_dict_post_hook(_restore_cpu_packing)
+        setattr(module, _PROTECTED_ATTR, True)
+        count += 1
+    return count

@@ -1,0 +1,97 @@
+"""``state_dict()`` / ``save_pretrained`` leave a QST model's 4-bit backbone exactly as it was (peft_qst/bnb_compat.py).
+
+On a CPU with AVX512-BF16, bitsandbytes repacks ``Linear4bit`` weights at the first eval forward without gradients and
+unpacks them lossily in place at every ``state_dict()``; these tests assert the invariant (bit-identical logits after
+saving), which holds whether or not the CPU running them repacks. Where it does, they check the repacked path ran.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from peft_qst import QSTConfig
+from peft_qst.bnb_compat import keep_4bit_weights_through_state_dict
+
+from .conftest import bnb_config, train_steps
+
+bnb = pytest.importorskip("bitsandbytes")
+from bitsandbytes.functional import QuantState, dequantize_4bit, has_avx512bf16  # noqa: E402
+
+
+def _linear4bit_layers(model):
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+
+
+def _cpu_packed(model) -> bool:
+    return any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for _, m in _linear4bit_layers(model))
+
+
+def _dequantized_from_state_dict(state_dict: dict, prefix: str) -> torch.Tensor:
+    """A Linear4bit's weight rebuilt from its state-dict entries, as from_pretrained reads them."""
+    entries = {k[len(prefix) + len("weight.") :]: v for k, v in state_dict.items() if k.startswith(prefix + "weight.")}
+    quant_state = QuantState.from_dict(entries, device=torch.device("cpu"))
+    return dequantize_4bit(state_dict[prefix + "weight"], quant_state).float()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "single-quant"])
+def test_eval_then_save_keeps_backbone_and_adapter_reloads(tiny_model_dir, tmp_path, double_quant):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config(double_quant=double_quant))
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    train_steps(model, ids, steps=2)  # a trained adapter, so reloading it is a real check; leaves eval mode
+
+    # the backbone as loaded, before any eval forward could repack it
+    fresh_state = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
+    before = _logits(model, ids)  # eval + no_grad: where the CPU supports it, bitsandbytes repacks here
+    if has_avx512bf16():
+        assert _cpu_packed(model), "expected bitsandbytes' CPU repacking on this AVX512-BF16 CPU"
+
+    first_state = model.state_dict()
+    assert torch.equal(_logits(model, ids), before)
+    second_state = model.state_dict()
+    assert first_state.keys() == second_state.keys()
+    assert all(torch.equal(first_state[k], second_state[k]) for k in first_state)
+
+    model.save_pretrained(tmp_path / "adapter")
+    assert torch.equal(_logits(model, ids), before)
+    # still the repacked layout in memory, not an unpacked one (the next eval forward would repack it differently)
+    assert _cpu_packed(model) == has_avx512bf16()
+
+    # the backbone entries state_dict() returns decode to the loaded weights: the packed layout keeps absmax in
+    # bfloat16, so they agree to bfloat16 rounding (a scrambled absmax layout is off by whole block scales)
+    base_state = model.get_base_model().state_dict()
+    for name, _ in _linear4bit_layers(model.get_base_model()):
+        prefix = name + "."
+        assert torch.equal(base_state[prefix + "weight"], fresh_state[prefix + "weight"])
+        expected = _dequantized_from_state_dict(fresh_state, prefix)
+        got = _dequantized_from_state_dict(base_state, prefix)
+        assert torch.allclose(got, expected, rtol=1e-2, atol=0), f"{name}: {(got - expected).abs().max()}"
+
+    # the saved adapter holds the side network as trained, and reloads onto a fresh 4-bit base to the same logits
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved and all(".qst_side." in key for key in saved)
+    fresh_base = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=bnb_config(double_quant=double_quant)
+    )
+    reloaded = PeftModel.from_pretrained(fresh_base, str(tmp_path / "adapter")).eval()
+    assert torch.equal(_logits(reloaded, ids), before)
+
+
+def test_protection_is_idempotent_and_a_no_op_without_4bit_layers(tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+    layers = _linear4bit_layers(base)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    # injection protected every Linear4bit; a second adapter adds no second pair of hooks
+    assert keep_4bit_weights_through_state_dict(model) == 0
+    model.add_adapter("other", QSTConfig(task_type="CAUSAL_LM", r=4))
+    assert all(len(m._state_dict_pre_hooks) == 1 and len(m._state_dict_hooks) == 1 for _, m in layers)
+    assert keep_4bit_weights_through_state_dict(torch.nn.Sequential(torch.nn.Linear(4, 4))) == 0
