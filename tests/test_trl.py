@@ -190,9 +190,11 @@ def test_trl_checkpointing_recomputes_side_blocks_not_the_backbone(tmp_path, smo
         assert [grad for m, grad in calls if m == mlp] == [True, True]
 
 
-def test_checkpointing_frees_side_activations_and_keeps_gradients():
-    """gradient_checkpointing_enable() (what the trainers call) keeps fewer activations for backward (counted with
-    saved_tensors_hooks) and gives the same side-network gradients as without it."""
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointing_frees_side_activations_and_keeps_gradients(use_reentrant):
+    """gradient_checkpointing_enable() (what the trainers call; reentrant is what TRL forces under DeepSpeed ZeRO-3)
+    keeps fewer activations for backward (counted with saved_tensors_hooks) and gives the same side-network gradients
+    as without it."""
     from peft import get_peft_model
 
     model = get_peft_model(tiny_causal_lm(num_hidden_layers=4), QSTConfig(task_type="CAUSAL_LM", r=4))
@@ -201,7 +203,7 @@ def test_checkpointing_frees_side_activations_and_keeps_gradients():
 
     def step(checkpointing: bool):
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
         else:
             model.gradient_checkpointing_disable()
         model.train()

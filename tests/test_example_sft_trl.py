@@ -1,0 +1,46 @@
+"""examples/sft_trl.py: the QLoRA script switched to QST in one line, run end to end (shortened) as a real process;
+the one-line diff shown in the README is the script's."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from .conftest import REPO
+from .test_examples import run_example
+
+
+def readme_diff_lines() -> list[str]:
+    """The +/- lines of the diff block in the README's "Training with TRL" section."""
+    with open(os.path.join(REPO, "README.md")) as handle:
+        readme = handle.read()
+    section = readme.split("## Training with TRL", 1)[1]
+    block = re.search(r"```diff\n(.*?)```", section, re.DOTALL).group(1)
+    return [line for line in block.splitlines() if line[:1] in "+-"]
+
+
+def test_readme_diff_is_the_scripts():
+    with open(os.path.join(REPO, "examples", "sft_trl.py")) as handle:
+        script = [line.strip() for line in handle.read().splitlines()]
+    diff = readme_diff_lines()
+    removed = [line[1:].strip() for line in diff if line.startswith("-")]
+    added = [line[1:].strip() for line in diff if line.startswith("+")]
+    assert len(removed) == len(added) == 1
+    assert removed[0].startswith("peft_config = LoraConfig(") and added[0].startswith("peft_config = QSTConfig(")
+    for line in removed + added:
+        assert line in script, line
+
+
+@pytest.mark.smollm2
+def test_sft_trl_example_runs_and_reports(tmp_path):
+    out = run_example("examples/sft_trl.py", "--max-steps", "2", "--output-dir", str(tmp_path / "run"))
+    assert "trainable params: 746,704 || all params: 135,261,712 || trainable%: 0.5520" in out
+    assert "2/2" in out  # the trainer's progress bar
+    for line in ("train loss:", "train mean_token_accuracy:", "held-out eval loss:", "held-out token accuracy:"):
+        assert re.search(re.escape(line) + r"\s+\d+\.\d{3} .*-> \d+\.\d{3}", out), line
+    with open(tmp_path / "run" / "adapter_config.json") as handle:
+        assert json.load(handle)["peft_type"] == "QST"
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
