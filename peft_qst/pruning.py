@@ -96,10 +96,31 @@ def logical_shape(parameter: torch.Tensor) -> torch.Size:
     return parameter.shape
 
 
+def _dequantise_cpu_packed(packed: torch.Tensor, quant_state, block_n: int = 32) -> torch.Tensor:
+    """Dequantise a ``Linear4bit`` weight that bitsandbytes has repacked for its CPU kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.49+) rewrites a 4-bit weight the first time its layer runs in eval mode
+    without gradients (``bitsandbytes.functional._convert_weight_packed_for_cpu``): the 4-bit codes are reordered in
+    tiles of ``block_n`` output rows, and ``absmax`` becomes a transposed ``[in / blocksize, out]`` bfloat16 matrix
+    (already dequantised when it was double-quantised). ``dequantize_4bit`` does not read that layout (it returns wrong
+    values), and bitsandbytes' own inverse conversion works in place; this undoes the reordering on a copy: the codes,
+    looked up in the codebook, times the block scales the packed kernel itself computes with."""
+    out_features, in_features = (int(size) for size in quant_state.shape)
+    nibbles = packed.reshape(-1, block_n)
+    codes = torch.cat([nibbles & 0xF, (nibbles >> 4) & 0xF], dim=-1)  # each byte: low nibble first 32, high last 32
+    codes = codes.reshape(out_features // block_n, in_features // 2, block_n, 2).transpose(1, 2)
+    codes = codes.reshape(out_features, in_features).long()
+    scales = quant_state.absmax.float().T.repeat_interleave(quant_state.blocksize, dim=1)
+    return quant_state.code.float().to(codes.device)[codes] * scales
+
+
 def dequantised(parameter: torch.Tensor, model_type: str) -> torch.Tensor:
-    """The parameter as a dense float32 tensor; a bitsandbytes 4-bit weight is dequantised."""
+    """The parameter as a dense float32 tensor; a bitsandbytes 4-bit weight is dequantised (also when bitsandbytes
+    has repacked it for its CPU kernel, see :func:`_dequantise_cpu_packed`)."""
     quant_state = getattr(parameter, "quant_state", None)
     if quant_state is not None:
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            return _dequantise_cpu_packed(parameter.data, quant_state)
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(parameter.data, quant_state).float()

@@ -74,9 +74,9 @@ def role_sizes(config):
             "k": kv * head_dim, "v": kv * head_dim, "qk_dim": head_dim}
 
 
-def assert_side_blocks_are_backbone_slices(model):
-    """Every parameter of every side block (and the side final norm) equals the backbone parameter of the same name,
-    indexed along each dimension by the kept indices of that dimension's role."""
+def assert_side_blocks_are_backbone_slices(model, read=dense):
+    """Every parameter of every side block (and the side final norm) equals the backbone parameter of the same name
+    (as ``read`` gives it), indexed along each dimension by the kept indices of that dimension's role."""
     base_trunk = model.base_model.model.model.get_base_layer()
     config = model.base_model.model.config
     side = side_network(model)
@@ -91,7 +91,7 @@ def assert_side_blocks_are_backbone_slices(model):
                     continue
                 name = f"{module_name}.{kind}"
                 value = getattr(module, kind)  # the effective value, also when stored as an offset
-                expected = expected_slice(name, dense(base_parameters[name]), index_sets, sizes)
+                expected = expected_slice(name, read(base_parameters[name]), index_sets, sizes)
                 assert value.shape == expected.shape, name
                 assert torch.equal(value, expected.to(value.dtype)), name
                 checked += 1
@@ -250,3 +250,27 @@ def test_unmapped_architecture_is_refused_naming_the_model_type():
     assert 'Use init="random"' in str(info.value)
     assert type(model.transformer).__name__ == "GPT2Model"  # nothing was wrapped
     get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))  # the paper's random start works for it
+
+
+def test_pruning_reads_4bit_weights_bitsandbytes_repacked_for_its_cpu_kernel(base_dir):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit weight at its first eval forward without gradients
+    (codes reordered, absmax transposed to bfloat16), and dequantize_4bit then returns wrong values (off by up to 5.8
+    on SmolLM2). Pruning after such a forward -- PeftModel.from_pretrained or add_adapter on a model that already
+    generated -- must read the same weights, up to the bfloat16 rounding of the block scales. (Where bitsandbytes does
+    not repack, the weights are simply unchanged.)"""
+    from peft_qst.pruning import dequantised
+
+    fresh = load_base(base_dir, True)
+    used = load_base(base_dir, True)
+    with torch.no_grad():
+        used(input_ids=IDS)
+    linears = [(name, m) for name, m in used.named_modules() if type(m).__name__ == "Linear4bit"]
+    fresh_modules = dict(fresh.named_modules())
+    for name, module in linears:
+        before, after = dequantised(fresh_modules[name].weight, "llama"), dequantised(module.weight, "llama")
+        assert (after - before).abs().max() <= before.abs().max() * 2**-8, name
+
+    # the side blocks are slices of those weights (which slices may differ from a fresh model's at near-ties of the
+    # importances, since the block scales were rounded)
+    model = get_peft_model(used, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned", side_dtype="float32"))
+    assert_side_blocks_are_backbone_slices(model, read=lambda parameter: dequantised(parameter, "llama"))
