@@ -123,3 +123,38 @@ def test_resume_from_a_checkpoint_of_another_configuration_fails_loudly(tmp_path
         make_trainer(tmp_path / "resumed", other).train(resume_from_checkpoint=str(checkpoint))
     for name, tensor in trainable_state(other).items():
         assert torch.equal(tensor, before[name]), name
+
+
+@pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer and chat template
+def test_sft_resume_on_a_4bit_model_in_bf16_is_exact(tmp_path, smollm2_dir):
+    """The QLoRA setting: a bitsandbytes 4-bit model under SFTTrainer's defaults (bf16, trainable parameters cast to
+    bf16 by TRL, gradient checkpointing). 4 steps straight and 2 steps + resume_from_checkpoint (from another
+    initialisation) end at bit-identical bf16 side weights. (PEFT's LoRA in the same setting ends about 1e-3 apart:
+    load_adapter upcasts the resumed LoRA weights to float32, so the resumed run no longer trains in bf16.)"""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from .conftest import bnb_config
+    from .test_trl import chat_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tiny_causal_lm(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp_path / "base")
+
+    def run(output_dir, seed, resume_from_checkpoint=None):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config())
+        torch.manual_seed(seed)
+        args = SFTConfig(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                         save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True)
+        assert args.bf16 and args.gradient_checkpointing
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(chat_rows("messages", 16)),
+                             processing_class=tokenizer, peft_config=QSTConfig(task_type="CAUSAL_LM", r=4))
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        return trainable_state(trainer.model)
+
+    straight = run(tmp_path / "straight", seed=0)
+    resumed = run(tmp_path / "resumed", seed=1, resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+    assert {tensor.dtype for tensor in straight.values()} == {torch.bfloat16}
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
