@@ -176,6 +176,11 @@ class QSTModel(BaseTuner):
         find_layer_list(base_trunk, int(model_config.num_hidden_layers))
         if config.copy_heads:
             _check_copy_head_support(model, model_type)
+        if config.init == "pruned":
+            from .pruning import PRUNABLE_MODEL_TYPES, _refuse
+
+            if model_type not in PRUNABLE_MODEL_TYPES:
+                raise _refuse(model_type, "its block layout (module roles and rotary layout) is not mapped")
         num_layers = int(model_config.num_hidden_layers)
         if config.backbone_lora_layers > num_layers:
             raise ValueError(

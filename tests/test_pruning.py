@@ -245,9 +245,11 @@ def test_pruned_init_on_other_architectures(model_type):
 def test_unmapped_architecture_is_refused_naming_the_model_type():
     config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=1, n_head=4, vocab_size=V, n_positions=32)
     model = AutoModelForCausalLM.from_config(config)
+    config = QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned")
     with pytest.raises(QSTUnsupportedModelError, match=r'init="pruned"\) does not support the gpt2 model') as info:
-        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))
+        get_peft_model(model, config)
     assert 'Use init="random"' in str(info.value)
+    assert config.base_model_signature is None and config.target_modules is None  # refused before anything changed
     assert type(model.transformer).__name__ == "GPT2Model"  # nothing was wrapped
     get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))  # the paper's random start works for it
 
