@@ -20,8 +20,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-#: elements of one float32 chunk (32 MB): large enough for fast kernels, small next to the full logits
-CHUNK_ELEMENTS = 1 << 23
+#: elements of one float32 chunk on CPU (4 MB: it stays in cache across the chunk's few passes; measured on a 2-core
+#: EPYC, 1024 x 49152 bf16 logits, forward + backward: 0.46 s CPU time with ForCausalLMLoss, 0.22 s with 32 MB chunks,
+#: 0.15 s with 4 MB chunks)
+CHUNK_ELEMENTS = 1 << 20
+#: on accelerators, larger chunks (64 MB) keep the number of kernel launches small
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_rows(logits: torch.Tensor) -> int:
+    elements = CHUNK_ELEMENTS if logits.device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    return max(1, elements // logits.shape[1])
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -29,18 +38,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        rows, vocab = logits.shape
-        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        rows = logits.shape[0]
+        chunk = _chunk_rows(logits)
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
         losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
         log_normalizers = torch.empty(rows, dtype=torch.float32, device=logits.device)
         for start in range(0, rows, chunk):
-            block = logits[start : start + chunk].float()
-            lse = torch.logsumexp(block, dim=-1)
-            picked = block.gather(1, safe_targets[start : start + chunk, None]).squeeze(1)
-            log_normalizers[start : start + chunk] = lse
-            losses[start : start + chunk] = lse - picked
+            end = start + chunk
+            block = logits[start:end].to(torch.float32, copy=True)  # a copy even of float32 logits: changed in place
+            picked = block.gather(1, safe_targets[start:end, None]).squeeze(1)
+            # log-sum-exp in place on the one float32 chunk
+            peak = block.amax(dim=1, keepdim=True)
+            lse = block.sub_(peak).exp_().sum(dim=1).log_().add_(peak.squeeze(1))
+            log_normalizers[start:end] = lse
+            losses[start:end] = lse - picked
         losses = losses.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(logits, safe_targets, valid, log_normalizers)
         return losses
@@ -48,13 +60,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
         logits, safe_targets, valid, log_normalizers = ctx.saved_tensors
-        rows, vocab = logits.shape
-        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        rows = logits.shape[0]
+        chunk = _chunk_rows(logits)
         scale = (grad_losses.float() * valid).unsqueeze(1)
         grad = torch.empty_like(logits)
         for start in range(0, rows, chunk):
             end = start + chunk
-            probs = torch.exp(logits[start:end].float() - log_normalizers[start:end, None])  # softmax
+            probs = logits[start:end].to(torch.float32, copy=True)
+            probs.sub_(log_normalizers[start:end, None]).exp_()  # softmax, in place
             probs.scatter_add_(1, safe_targets[start:end, None], -torch.ones_like(scale[start:end]))
             grad[start:end] = probs.mul_(scale[start:end])
         return grad, None, None

@@ -29,8 +29,10 @@ def test_chunked_loss_equals_transformers_loss(monkeypatch, dtype, options):
         kwargs["shift_labels"], labels = labels, None
     expected = ForCausalLMLoss(logits, labels, vocab, **kwargs)
     (expected_grad,) = torch.autograd.grad(expected, logits)
+    before = logits.detach().clone()
     got = qst_loss.chunked_causal_lm_loss(logits, labels, vocab, **kwargs)
     (got_grad,) = torch.autograd.grad(got, logits)
+    assert torch.equal(logits.detach(), before)  # the chunks are computed in place, never in the caller's logits
     assert got.dtype == expected.dtype == torch.float32
     assert got_grad.dtype == dtype
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
