@@ -298,7 +298,12 @@ class CopyHead(nn.Module):
         key = self.key(torch.cat([side_out, key_hidden.to(dtype)], -1))
         query = query.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
         key = key.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-        rows = token_rows.unsqueeze(1)  # (batch, 1, length, hidden): one "head" of values, shared by the heads
+        # LM-head rows at unit RMS: a gate of g raises the copied token's logit by about g * sqrt(d) * |row|, so
+        # that the gates reach useful values at ordinary learning rates whatever the embeddings' scale (raw rows
+        # of SmolLM2 have norm ~3: a gate would need to grow to ~1, a thousand steps at lr 1e-3, to move a logit by 10)
+        rows = token_rows.float()
+        rows = (rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6)).to(token_rows.dtype)
+        rows = rows.unsqueeze(1)  # (batch, 1, length, hidden): one "head" of values, shared by the heads
         if memory is not None:
             key, rows = memory.update(key, rows, 0)
         scores = (query.float() @ key.float().transpose(-1, -2)) / math.sqrt(self.head_dim)

@@ -40,7 +40,7 @@ def test_starts_at_the_pretrained_output_and_only_the_side_network_learns():
 
 def test_copy_heads_change_the_output_towards_the_attended_tokens():
     """With an open gate, the added vector is a mixture of the LM-head rows of the tokens seen so far: the update at
-    position 0 (which sees only itself) is exactly gate_sum * W_out[token_0]."""
+    position 0 (which sees only itself) is exactly gate_sum * W_out[token_0], the row scaled to unit RMS."""
     model = get_peft_model(tiny_causal_lm(), copy_config())
     side = model.base_model.model.model.qst_side["default"]
     with torch.no_grad():
@@ -53,7 +53,9 @@ def test_copy_heads_change_the_output_towards_the_attended_tokens():
         with model.disable_adapter():
             base_hidden = model.get_base_model().model(input_ids=IDS).last_hidden_state
     update = hidden["h"][:, 0] - base_hidden[:, 0]
-    assert torch.allclose(update, 2 * 0.5 * lm_head[IDS[:, 0]], atol=1e-5)
+    rows = lm_head[IDS[:, 0]]
+    unit_rms_rows = rows / rows.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    assert torch.allclose(update, 2 * 0.5 * unit_rms_rows, atol=1e-5)
 
 
 def test_cached_generation_equals_uncached_in_every_mode():
