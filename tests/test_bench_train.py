@@ -1,0 +1,70 @@
+"""The training benchmark (integration/bench_train.py) runs every method end to end on a tiny setting.
+
+No timing is asserted (the machine is shared); the test checks that each method ran in its own process on the real
+4-bit model, trained what it should, and produced finite step times and memory figures in the table and the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+
+@pytest.mark.smollm2
+def test_bench_train_all_methods_tiny(tmp_path):
+    output = tmp_path / "bench.json"
+    completed = subprocess.run(
+        # a 2-layer model of SmolLM2's shape keeps the four child processes quick
+        [sys.executable, "integration/bench_train.py", "--steps", "2", "--warmup", "1", "--seq", "16", "--batch", "2",
+         "--layers", "2", "--threads", "1", "--output", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads(output.read_text())
+
+    rows = {row["method"]: row for row in result["rows"]}
+    assert list(rows) == ["qst", "qlora", "lora", "floor"]
+    for row in rows.values():
+        for key in ("step_s", "step_cpu_s", "tokens_per_s", "peak_rss_mb", "load_rss_mb", "step_peak_rss_mb",
+                    "first_loss"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["method"], key, row[key])
+        assert row["peak_rss_mb"] >= row["load_rss_mb"]
+        assert math.isfinite(row["step_increment_mb"])
+    # each method ran in its own process, on the same batches of the same model: the untrained adapters (QST's
+    # upsample and LoRA's B start at zero) give the base model's first loss
+    pids = {run["pid"] for run in result["runs"]}
+    assert len(pids) == len(result["runs"]) == 4
+    first_losses = [row["first_loss"] for row in rows.values()]
+    assert max(first_losses) - min(first_losses) < 0.05 * first_losses[0], first_losses
+    # what is trained: nothing for the floor, QST's side network, LoRA r=64 on all linear layers (QLoRA the same)
+    assert rows["floor"]["trainable_params"] == 0
+    assert rows["qst"]["trainable_params"] > 0
+    assert rows["qlora"]["trainable_params"] == rows["lora"]["trainable_params"] > 10 * rows["qst"]["trainable_params"]
+    for run in result["runs"]:  # warm-up + measured steps, each with a finite loss
+        assert len(run["step_times_s"]) == 2 and len(run["losses"]) == 3
+        assert all(math.isfinite(loss) for loss in run["losses"])
+
+    assert set(result["ratios"]) >= {"qlora_over_qst_step_time", "qlora_over_qst_peak_memory",
+                                     "qst_over_floor_step_time", "qst_over_floor_peak_memory"}
+    assert all(value is None or math.isfinite(value) for value in result["ratios"].values())
+    for label in ("QST (default config)", "QLoRA", "LoRA", "floor: no-grad forward", "torch threads [1]"):
+        assert label in completed.stdout
+    assert "| method | step (s) | step CPU time (s) | tokens/s | peak RSS (MB) |" in completed.stdout
+    assert result["model"]["num_hidden_layers"] == 2
+
+
+def test_bench_train_refuses_unknown_method():
+    completed = subprocess.run(
+        [sys.executable, "integration/bench_train.py", "--methods", "qst", "dora"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
+    assert completed.returncode != 0
+    assert "unknown method 'dora'" in completed.stderr and "qst, qlora, lora, floor" in completed.stderr
