@@ -8,7 +8,8 @@ with:
 
 - ``qst``: ``peft_qst.QSTConfig(task_type="CAUSAL_LM")`` (``qst:key=value,...`` sets ``QSTConfig`` fields, e.g.
   ``qst:side_dtype=float32``; ``qst:loss=transformers`` swaps QST's chunked causal-LM loss back to transformers'
-  ``ForCausalLMLoss``, to measure what the chunked loss saves);
+  ``ForCausalLMLoss``, to measure what the chunked loss saves; ``qst:gc=true`` turns on gradient checkpointing as
+  TRL's ``SFTConfig`` does, which checkpoints the side blocks);
 - ``qlora``: ``prepare_model_for_kbit_training(use_gradient_checkpointing=True)`` + ``LoraConfig(r=64,
   lora_alpha=16, target_modules="all-linear")``, as the QLoRA paper and PEFT's docs do it;
 - ``lora``: the same LoRA config on the 4-bit model, without ``prepare_model_for_kbit_training`` and without
@@ -251,9 +252,13 @@ def wrap(model, method: str, options: dict):
 
         options = dict(options)
         loss = options.pop("loss", "chunked")
+        checkpointing = str(options.pop("gc", "false")).lower() in ("1", "true", "yes")
         model = get_peft_model(model, peft_qst.QSTConfig(task_type="CAUSAL_LM", **options))
         if loss == "transformers":  # measure QST with transformers' own ForCausalLMLoss (before peft_qst/loss.py)
             uninstall_chunked_loss(model.get_base_model())
+        if checkpointing:  # what TRL's SFTConfig(gradient_checkpointing=True) does: the side blocks get checkpointed
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         return model
     lora = LoraConfig(r=64, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     if method == "qlora":
