@@ -98,3 +98,38 @@ def keep_4bit_weights_through_state_dict(model: nn.Module) -> int:
         setattr(module, _PROTECTED_ATTR, True)
         count += 1
     return count
+
+
+def keep_unpacked_for_backward(modules) -> int:
+    """Keep these bitsandbytes ``Linear4bit`` layers out of the CPU packed layout, unpacking any that already are.
+
+    Gradients through a packed layer are wrong: bitsandbytes' backward dequantizes the weight as if it were in the
+    standard layout (measured on a 4-bit tiny Llama, the LoRA gradients of ``backbone_lora_layers`` blocks changed by
+    40-90% after one eval forward had packed their layers). Plain QST never differentiates through the backbone; the
+    layers of the blocks that carry ``backbone_lora_layers`` adapters do, so they must stay unpacked. The inverse
+    conversion keeps the 4-bit codes exactly and the block scales to bfloat16 rounding (a plain ``absmax`` is moved
+    back to the standard flat layout, which bitsandbytes' own inverse leaves transposed). Returns how many layers were
+    unpacked now.
+    """
+    linear4bit = _linear4bit_class()
+    if linear4bit is None:
+        return 0
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # a bitsandbytes without the CPU packed layout: nothing to do
+        return 0
+    unpacked = 0
+    for module in modules:
+        if not isinstance(module, linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False  # the repack condition of Linear4bit.forward
+        if not _is_cpu_packed(module):
+            continue
+        data, quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, module.weight.quant_state)
+        absmax = quant_state.absmax
+        if absmax.dim() == 2 and absmax.shape[1] == quant_state.shape[0]:  # plain absmax, left transposed
+            quant_state.absmax = absmax.T.reshape(-1).float().contiguous()
+        module.weight.data = data
+        module.weight.quant_state = quant_state
+        unpacked += 1
+    return unpacked

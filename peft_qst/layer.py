@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicCache
 from .cache import QSTCache, cache_field
 from .config import QSTConfig
 from .backbone_lora import top_block_linears
+from .bnb_compat import keep_unpacked_for_backward
 from .side import QSTSideNetwork, copy_key_mask, find_layer_list
 
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
@@ -116,6 +117,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         blocks = getattr(parent, attr)
         self.__dict__["_backbone_blocks"] = blocks
         num_top = len(blocks) - side.backbone_lora.first_block
+        # gradients go through these blocks' frozen 4-bit layers, which bitsandbytes' CPU packed layout gets wrong
+        keep_unpacked_for_backward(module for _, _, module in top_block_linears(blocks, num_top))
         for index, name, module in top_block_linears(blocks, num_top):
             if id(module) not in hooks:
                 hooks[id(module)] = module.register_forward_hook(self._backbone_lora_hook(index, name))
