@@ -280,11 +280,6 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 block.gradient_checkpointing = True
         hidden_states = out.hidden_states
         backbone_last = out.last_hidden_state
-        if row_adapters is not None and len(row_adapters) != backbone_last.shape[0]:
-            raise ValueError(
-                f"adapter_names has {len(row_adapters)} entries for a batch of {backbone_last.shape[0]} rows; give "
-                "one adapter name per row."
-            )
 
         side_kwargs = {k: v for k, v in kwargs.items() if k not in _BACKBONE_ONLY_KWARGS}
         side_kwargs["use_cache"] = bool(use_cache)
