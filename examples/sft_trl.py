@@ -145,6 +145,8 @@ def main():
     after = trainer.evaluate()
     trainer.save_model(output_dir)
 
+    if not trainer.is_world_process_zero():  # under `accelerate launch`, one summary (the trainer saved once already)
+        return
     logs = [entry for entry in trainer.state.log_history if "loss" in entry and "mean_token_accuracy" in entry]
     first, last = logs[0], logs[-1]
     method = "QLoRA (LoraConfig)" if args.lora else "QST (QSTConfig)"
