@@ -264,8 +264,8 @@ class CopyHead(nn.Module):
     W_out[x_j]``: a mixture of the LM-head rows of the tokens ``x_j`` it attends to, which raises exactly those
     tokens' logits — a pointer, as in pointer-generator networks, built in hidden-state space so that the model's own
     LM head, loss and generate stay unchanged. Queries read the side output and the backbone's last hidden state at
-    position i, keys the side output and the last block's output at position j (both carry what the token means in
-    context and where it stands). The gates start at zero: the adapted model starts at the pretrained output, and
+    position i, keys the side output and the second-to-last backbone block's output at position j (both carry what the
+    token means in context and where it stands). The gates start at zero: the adapted model starts at the pretrained output, and
     the gates' gradient opens the heads where copying lowers the loss.
 
     During cached generation, the keys and the token rows of past positions are kept in a cache of their own
