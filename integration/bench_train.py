@@ -73,6 +73,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import cpu_model, peak_rss_mb, reset_peak_rss, status_kb
+
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("qst", "qlora", "lora", "floor")
 LABELS = {
@@ -93,42 +95,11 @@ LLAMA2_7B_SHAPE = dict(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def rss_mb() -> float:
-    kb = _status_kb("VmRSS")
+    kb = status_kb("VmRSS")
     if kb is None:  # no /proc: the peak is the best available figure
         return peak_rss_mb()
     return kb / 1024
-
-
-def peak_rss_mb() -> float:
-    """The RSS high-water mark of this process (since start, or since the last :func:`reset_peak_rss`)."""
-    kb = _status_kb("VmHWM")
-    if kb is None:
-        import resource
-
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark of this process (Linux ``clear_refs`` 5); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def release_free_heap() -> None:
@@ -140,17 +111,6 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: str) -> dict:
@@ -308,7 +268,7 @@ def run_one(args) -> dict:
         load_memory_mb = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     load_rss = rss_mb()
-    load_rss_file = (_status_kb("RssFile") or 0) / 1024
+    load_rss_file = (status_kb("RssFile") or 0) / 1024
     peak_before_steps = peak_rss_mb()
     hwm_reset = reset_peak_rss()
 

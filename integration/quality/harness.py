@@ -82,6 +82,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # integration/: measure.py
+
+from measure import cpu_model, peak_rss_mb, reset_peak_rss, status_kb  # noqa: E402
 
 METHODS = ("base", "qlora", "topk-lora", "qst")
 COMMON_KEYS = ("lr", "warmup", "label", "time_s")
@@ -171,51 +174,9 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def rss_mb() -> float | None:
-    kb = _status_kb("VmRSS")
+    kb = status_kb("VmRSS")
     return kb / 1024 if kb is not None else None
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process since start (or since the last :func:`reset_peak_rss`)."""
-    kb = _status_kb("VmHWM")
-    if kb is None:
-        import resource
-
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark of this process (Linux ``clear_refs`` 5); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
