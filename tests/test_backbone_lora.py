@@ -37,23 +37,21 @@ def test_starts_at_the_pretrained_output_and_adapts_only_the_top_blocks():
     assert all(p.abs().sum() > 0 for n, p in lora.items() if n.endswith("lora_B"))  # every B left zero
 
 
-def saved_activations_by_block(model, input_ids):
-    """Blocks (index, or -1 for the embeddings) whose modules produced a tensor that autograd saved for backward."""
-    layer = next(m for m in model.modules() if isinstance(m, QSTLayer))
-    produced: dict[int, tuple[int, torch.Tensor]] = {}
-    blocks = layer.base_layer.layers
+def saved_producers(model, input_ids, producers):
+    """Labels of the ``(label, module)`` pairs in ``producers`` whose forward output autograd saved for backward in a
+    forward + backward of ``model`` on ``input_ids``."""
+    # tensors kept alive (dict values), so that their storage cannot be reused by a later tensor during the audit
+    produced: dict[int, tuple[object, torch.Tensor]] = {}
 
-    def collector(index):
+    def collector(label):
         def collect(_module, _inputs, output):
             for item in output if isinstance(output, tuple) else (output,):
                 if isinstance(item, torch.Tensor):
-                    produced[item.untyped_storage().data_ptr()] = (index, item)
+                    produced[item.untyped_storage().data_ptr()] = (label, item)
 
         return collect
 
-    hooks = [m.register_forward_hook(collector(-1)) for m in layer.base_layer.embed_tokens.modules()]
-    for index, block in enumerate(blocks):
-        hooks += [m.register_forward_hook(collector(index)) for m in block.modules()]
+    hooks = [module.register_forward_hook(collector(label)) for label, module in producers]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
                                                   lambda t: t):
@@ -62,6 +60,14 @@ def saved_activations_by_block(model, input_ids):
         hook.remove()
     out.loss.backward()
     return {produced[ptr][0] for ptr in saved if ptr in produced}
+
+
+def saved_activations_by_block(model, input_ids):
+    """Blocks (index, or -1 for the embeddings) whose modules produced a tensor that autograd saved for backward."""
+    trunk = next(m for m in model.modules() if isinstance(m, QSTLayer)).base_layer
+    producers = [(-1, m) for m in trunk.embed_tokens.modules()]
+    producers += [(index, m) for index, block in enumerate(trunk.layers) for m in block.modules()]
+    return saved_producers(model, input_ids, producers)
 
 
 def test_no_graph_below_the_adapted_blocks():
@@ -91,31 +97,15 @@ def test_no_internal_activation_of_frozen_blocks_is_saved():
     train_steps(model, IDS, steps=1)
     model.train()
     layer = next(m for m in model.modules() if isinstance(m, QSTLayer))
-    # tensors kept alive (dict values), so that their storage cannot be reused by a later tensor during the audit
-    internal: dict[int, tuple[str, torch.Tensor]] = {}
-
-    def collect(name):
-        def hook(_module, _inputs, output):
-            for item in output if isinstance(output, tuple) else (output,):
-                if isinstance(item, torch.Tensor):
-                    internal[item.untyped_storage().data_ptr()] = (name, item)
-
-        return hook
-
-    hooks = []
-    for index in (0, 1):
-        for name, module in layer.base_layer.layers[index].named_modules():
-            if name:  # submodules only: the block's own output is the hidden state handed to the downsamplers
-                hooks.append(module.register_forward_hook(collect(f"{index}.{name}")))
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
-                                                  lambda t: t):
-        out = model(input_ids=IDS, labels=IDS)
-    for hook in hooks:
-        hook.remove()
-    leaked = sorted({internal[p][0] for p in saved if p in internal})
+    # submodules only: the block's own output is the hidden state handed to the downsamplers
+    producers = [
+        (f"{index}.{name}", module)
+        for index in (0, 1)
+        for name, module in layer.base_layer.layers[index].named_modules()
+        if name
+    ]
+    leaked = sorted(saved_producers(model, IDS, producers))
     assert not leaked, leaked
-    out.loss.backward()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
