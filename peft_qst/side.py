@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - older PEFT without the helper
 
 from .cache import cache_field
 from .config import QSTConfig
+from .fast_path import fast_mix, fast_side_forward, keep_cache_dtype, packed_weights_for
 
 #: config attributes holding the width of token embeddings where it may differ from the hidden size
 EMBEDDING_WIDTH_ATTRIBUTES = ("word_embed_proj_dim",)
@@ -528,7 +529,12 @@ class QSTSideNetwork(nn.Module):
             raise RuntimeError(
                 f"QST expected {len(self._blocks) + 1} hidden states from the backbone, got {len(hidden_states)}."
             )
+        packed = packed_weights_for(self, trunk_kwargs)
+        if packed is not None:  # inference, Llama-style blocks: the same function in far fewer operations
+            return fast_side_forward(self, packed, hidden_states, cache, **trunk_kwargs)
         dtype = self.upsample.weight.dtype
+        if cache is not None:  # the fast path keeps its side cache in float32
+            keep_cache_dtype(cache, dtype)
         # hidden states of blocks with backbone low-rank adapters carry gradients (into those adapters); the others
         # were computed under no_grad and carry none
         first = hidden_states[0]
@@ -549,6 +555,10 @@ class QSTSideNetwork(nn.Module):
         """``h_L + a * up(side)`` (+ the copy heads' output); ``up`` and the copy gates start at zero, so an untrained
         adapter returns the backbone's output. ``copy_inputs`` (for an adapter with copy heads): the keyword
         arguments of :class:`CopyHead` other than ``side_out`` and ``query_hidden``."""
+        if copy_inputs is None and not torch.is_grad_enabled():
+            mixed = fast_mix(self, backbone_last, side_out)
+            if mixed is not None:
+                return mixed
         device = self.upsample.weight.device
         update = self.output_gate(self.upsample(side_out.to(device)))
         if self.copy_head is not None:

@@ -1,0 +1,216 @@
+"""The inference fast path (peft_qst/fast_path.py) computes what the general path through the transformers modules
+computes, is used where it applies and only there, and follows every change of the side weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from peft_qst import QSTConfig
+from peft_qst.fast_path import fast_path_disabled
+
+from .conftest import tiny_causal_lm, train_steps
+
+PAD = 0
+
+
+def open_adapter(model, seed: int = 0):
+    """Random side weights with the upsample and gates open, so that the side network visibly changes the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                noise = torch.randn(parameter.shape, generator=generator) * 0.2
+                parameter.add_(noise.to(parameter.dtype))
+    return model
+
+
+def qst_model(model_type="llama", side_dtype=None, **config):
+    if model_type == "llama":
+        base = tiny_causal_lm(pad_token_id=PAD)
+    else:
+        torch.manual_seed(0)
+        sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=128, pad_token_id=PAD)
+        sizes.update(config.pop("base", {}))
+        base = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes)).eval()
+    qst = QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype=side_dtype, **config)
+    return open_adapter(get_peft_model(base, qst)).eval()
+
+
+def side_of(model):
+    return model.base_model.model.model.qst_side["default"]
+
+
+def left_padded_batch():
+    ids = torch.tensor([[PAD, PAD, PAD, 5, 17, 33, 2, 99], [11, 12, 13, 14, 15, 16, 17, 18]])
+    mask = (ids != PAD).long()
+    return ids, mask
+
+
+def both_paths(fn):
+    fast = fn()
+    with fast_path_disabled():
+        general = fn()
+    return fast, general
+
+
+FAST_TYPES = [
+    ("llama", {}),
+    ("mistral", {"base": {"sliding_window": None}}),
+    ("qwen2", {}),  # q/k/v biases
+]
+
+
+@pytest.mark.parametrize("model_type,config", FAST_TYPES, ids=[t for t, _ in FAST_TYPES])
+def test_forward_equals_the_general_path(model_type, config):
+    model = qst_model(model_type, **dict(config))
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    assert side_of(model).__dict__.get("_packed_weights") is not None  # the fast path ran
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (fast - base)[real].abs().max() > 0.1  # the adapter changes the output
+    torch.testing.assert_close(fast[real], general[real], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("downsample", ["adapter", "lora", "linear", "maxpool", "avgpool"])
+def test_every_downsampler_equals_the_general_path(downsample):
+    model = qst_model(downsample=downsample)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(fast[mask.bool()], general[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
+def test_cached_decoding_equals_the_general_path_step_by_step():
+    """Prefill and decode steps with the paired cache, left padding included: logits of every step agree."""
+    model = qst_model()
+    ids, mask = left_padded_batch()
+
+    def decode():
+        steps, cache, step_ids, step_mask = [], None, ids, mask
+        with torch.no_grad():
+            for _ in range(6):
+                out = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                steps.append(out.logits[:, -1])
+                step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], 1)
+        return torch.stack(steps)
+
+    fast, general = both_paths(decode)
+    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3), dict(do_sample=True, top_k=20)],
+                         ids=["greedy", "beams", "sampling"])
+def test_generate_equals_the_general_path(mode):
+    model = qst_model()
+    ids, mask = left_padded_batch()
+
+    def run():
+        torch.manual_seed(0)
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, pad_token_id=PAD, **mode)
+
+    fast, general = both_paths(run)
+    assert torch.equal(fast, general)
+
+
+def test_bfloat16_side_network_agrees_with_its_general_path():
+    """A bf16 side network runs in float32 on the fast path: the same function, more precisely rounded."""
+    model = qst_model(side_dtype="bfloat16")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    real = mask.bool()
+    assert (fast - general)[real].abs().max() < 0.05 * general[real].abs().max()
+
+
+def test_switching_paths_in_the_middle_of_a_generation():
+    """The fast path keeps its side cache in float32, the general path in the side dtype: a cache filled by one
+    continues on the other."""
+    model = qst_model(side_dtype="bfloat16")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)  # fast
+        step = prefill.logits[:, -1].argmax(-1, keepdim=True)
+        step_mask = torch.cat([mask, torch.ones_like(step)], 1)
+        with fast_path_disabled():
+            general_step = model(input_ids=step, attention_mask=step_mask, past_key_values=prefill.past_key_values)
+            reference = model(input_ids=torch.cat([ids, step], 1), attention_mask=step_mask).logits[:, -1]
+    torch.testing.assert_close(general_step.logits[:, -1], reference, atol=0.05, rtol=0.05)
+
+
+def test_fast_path_follows_training_steps_and_loaded_weights(tmp_path):
+    """The packed weights are rebuilt after every change of the side parameters: an optimizer step, a load."""
+    model = qst_model()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # packs the current weights
+    train_steps(model, torch.randint(1, 128, (2, 12)), steps=2, lr=1e-2)
+    with torch.no_grad():
+        fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(fast[mask.bool()], general[mask.bool()], atol=2e-5, rtol=1e-4)
+
+    model.save_pretrained(tmp_path)
+    other = qst_model()
+    with torch.no_grad():
+        before = other(input_ids=ids, attention_mask=mask).logits  # packs the other model's own weights
+    other.load_adapter(str(tmp_path), adapter_name="default")
+    other.eval()
+    with torch.no_grad():
+        after = other(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after[mask.bool()], fast[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
+def test_general_path_where_the_fast_path_does_not_apply():
+    ids, mask = left_padded_batch()
+    # other block structures (q/k norms in Qwen3, sliding windows), gradients, dropout in training mode
+    for model in (qst_model("qwen3", base={"head_dim": 16}), qst_model("mistral", base={"sliding_window": 4})):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        assert side_of(model).__dict__.get("_packed_weights") is None
+    model = qst_model()
+    model(input_ids=ids, attention_mask=mask)
+    assert side_of(model).__dict__.get("_packed_weights") is None
+    dropout = qst_model(dropout=0.1).train()
+    with torch.no_grad():
+        dropout(input_ids=ids, attention_mask=mask)
+    assert side_of(dropout).__dict__.get("_packed_weights") is None
+    with torch.no_grad():
+        dropout.eval()(input_ids=ids, attention_mask=mask)
+    assert side_of(dropout).__dict__.get("_packed_weights") is not None
+
+
+def test_packed_sequences_take_the_general_path():
+    """No attention mask and position ids restarting: packed sequences, which must not see each other."""
+    model = qst_model()
+    first, second = torch.tensor([5, 17, 33, 2, 99]), torch.tensor([11, 12, 13, 14])
+    with torch.no_grad():
+        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+        packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions, use_cache=False)
+        alone = model(input_ids=second[None], use_cache=False).logits
+    torch.testing.assert_close(packed.logits[:, 5:], alone, atol=2e-5, rtol=1e-4)
+
+
+def test_lm_head_gets_one_token_inputs_with_standard_strides():
+    """Generation's last-position logits take PyTorch's fast matmul path (peft_qst/lm_head.py): the LM head's input
+    has standard strides under no_grad, and the logits are unchanged."""
+    model = qst_model()
+    seen = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].stride()))
+    ids = torch.tensor([[5, 17, 33, 2, 99, 64]])
+    with torch.no_grad():
+        last = model(input_ids=ids, logits_to_keep=1).logits
+        full = model(input_ids=ids).logits
+    handle.remove()
+    assert seen[0] == (64, 64, 1)  # a (1, 1, 64) slice of the (1, 6, 64) hidden states, restrided
+    torch.testing.assert_close(last[:, -1], full[:, -1])
