@@ -1,8 +1,11 @@
 """Benchmark: tokens/s of QST generation against the base model's own generation.
 
 Same 4-bit SmolLM2-135M-Instruct (NF4, double quantisation, bf16 compute), same prompts, greedy decoding with a fixed
-number of new tokens (``min_new_tokens == max_new_tokens``, so both generate exactly as many tokens), CPU. Runs are
-interleaved (base, QST, base, QST, ...) so that drift of the machine hits both alike; the table gives medians.
+number of new tokens (``min_new_tokens == max_new_tokens``, so all generate exactly as many tokens), CPU. Three ways
+are timed: the base model alone, the QST model (its inference fast path, ``peft_qst/fast_path.py``), and the same QST
+model with the fast path switched off (``fast_path_disabled()``: the side network through the transformers modules).
+Runs are interleaved (base, QST, QST general, base, ...) so that drift of the machine hits all alike; the table gives
+medians.
 
     .venv/bin/python integration/bench_generate.py [--new-tokens 64] [--repeats 5] [--batch-sizes 1 4]
 
@@ -12,6 +15,7 @@ Prints a Markdown table with the machine and versions, and writes it as JSON nex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -22,6 +26,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import peft_qst
+from peft_qst.fast_path import fast_path_disabled
 from peft_qst.smollm2 import smollm2_path
 
 PROMPTS = [
@@ -48,13 +53,13 @@ def environment() -> dict:
     }
 
 
-def time_generate(model, inputs, new_tokens: int) -> float:
+def time_generate(model, inputs, new_tokens: int, general_path: bool = False) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), fast_path_disabled() if general_path else contextlib.nullcontext():
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     elapsed = time.perf_counter() - start
     assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
-    return elapsed
+    return elapsed, out
 
 
 def main():
@@ -82,33 +87,42 @@ def main():
         chats = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch_size)]
         texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
         inputs = tokenizer(texts, return_tensors="pt", padding=True)
-        for model in (base, qst):  # warm-up
-            time_generate(model, inputs, 4)
-        timings = {"base": [], "qst": []}
+        runs = {"base": (base, False), "qst": (qst, False), "qst_general": (qst, True)}
+        for model, general in runs.values():  # warm-up
+            time_generate(model, inputs, 4, general)
+        timings, outputs = {name: [] for name in runs}, {}
         for _ in range(args.repeats):
-            timings["base"].append(time_generate(base, inputs, args.new_tokens))
-            timings["qst"].append(time_generate(qst, inputs, args.new_tokens))
+            for name, (model, general) in runs.items():
+                elapsed, outputs[name] = time_generate(model, inputs, args.new_tokens, general)
+                timings[name].append(elapsed)
+        # the untrained adapter's upsample is zero, so all three compute the base model's tokens: a check that the
+        # timed computations are the same work with the same result
+        if not (torch.equal(outputs["base"], outputs["qst"]) and torch.equal(outputs["qst"], outputs["qst_general"])):
+            raise AssertionError("base, QST and QST's general path generated different tokens")
         tokens = batch_size * args.new_tokens
-        base_tps = tokens / statistics.median(timings["base"])
-        qst_tps = tokens / statistics.median(timings["qst"])
+        tps = {name: tokens / statistics.median(times) for name, times in timings.items()}
         rows.append({
             "batch_size": batch_size,
             "side_dtype": args.side_dtype or "default",
             "new_tokens": args.new_tokens,
-            "base_tokens_per_s": round(base_tps, 1),
-            "qst_tokens_per_s": round(qst_tps, 1),
-            "qst_overhead_percent": round(100 * (base_tps / qst_tps - 1), 1),
+            "base_tokens_per_s": round(tps["base"], 1),
+            "qst_tokens_per_s": round(tps["qst"], 1),
+            "qst_overhead_percent": round(100 * (tps["base"] / tps["qst"] - 1), 1),
+            "qst_general_path_tokens_per_s": round(tps["qst_general"], 1),
+            "qst_general_path_overhead_percent": round(100 * (tps["base"] / tps["qst_general"] - 1), 1),
+            "timings_s": timings,
         })
 
     env = environment()
     print(f"\nGeneration, SmolLM2-135M-Instruct 4-bit NF4, greedy, {args.new_tokens} new tokens, median of "
           f"{args.repeats} interleaved runs, QST side_dtype={args.side_dtype or 'default (bf16)'}")
     print("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    print("\n| batch | base tokens/s | QST tokens/s | QST time overhead |")
-    print("|---|---|---|---|")
+    print("\n| batch | base tokens/s | QST tokens/s | QST time overhead | QST general path tokens/s | its overhead |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['batch_size']} | {row['base_tokens_per_s']} | {row['qst_tokens_per_s']} | "
-              f"{row['qst_overhead_percent']:+.1f}% |")
+              f"{row['qst_overhead_percent']:+.1f}% | {row['qst_general_path_tokens_per_s']} | "
+              f"{row['qst_general_path_overhead_percent']:+.1f}% |")
     if args.output:
         with open(args.output, "w") as handle:
             json.dump({"environment": env, "rows": rows}, handle, indent=2)
