@@ -392,9 +392,12 @@ class QSTSideBlock(nn.Module):
 
     It stands in the side trunk's layer list where the plain block stood, so the trunk's own forward calls it with
     the trunk's own arguments (masks, position embeddings, cache). The backbone hidden state ``h_i`` it mixes in is
-    handed over by :class:`QSTSideNetwork` for the duration of one forward (``self.backbone_hidden``). The mixing
-    happens outside the wrapped block, so gradient checkpointing of the block (which re-runs only the block) never
-    needs ``h_i`` again.
+    handed over by :class:`QSTSideNetwork` for the duration of one forward (``self.backbone_hidden``).
+
+    Under gradient checkpointing (``gradient_checkpointing_enable()``, TRL's default) the whole of it is checkpointed,
+    downsampler and gate included, not only the wrapped block: backward then keeps, per layer, ``h_i`` (which the
+    downsampler's weight gradient needs in any case) and the block's narrow input, and recomputes the rest. So memory
+    grows with depth by little more than the hidden states the downsamplers need.
     """
 
     def __init__(self, block: nn.Module, downsample: nn.Module, width: int, gate_init: float, dropout: float):
@@ -417,7 +420,24 @@ class QSTSideBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.backbone_hidden is None:
             raise RuntimeError("QSTSideBlock was called outside QSTSideNetwork.forward.")
-        down = self.dropout(self.downsample(self.backbone_hidden.to(hidden_states.device, hidden_states.dtype)))
+        block = self.block
+        checkpointing = getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()
+        filled_cache = any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "layer_past"))
+        if not checkpointing or filled_cache:  # with a cache the block's own checkpointing drops it, as without QST
+            return self._mix_and_run(hidden_states, self.backbone_hidden, *args, **kwargs)
+
+        def run_unwrapped(hidden, backbone_hidden, *inner_args):
+            # the block's own checkpointing stays off inside this one, in forward and in its recomputation
+            block.gradient_checkpointing = False
+            try:
+                return self._mix_and_run(hidden, backbone_hidden, *inner_args, **kwargs)
+            finally:
+                block.gradient_checkpointing = True
+
+        return block._gradient_checkpointing_func(run_unwrapped, hidden_states, self.backbone_hidden, *args)
+
+    def _mix_and_run(self, hidden_states: torch.Tensor, backbone_hidden: torch.Tensor, *args, **kwargs):
+        down = self.dropout(self.downsample(backbone_hidden.to(hidden_states.device, hidden_states.dtype)))
         gate = torch.sigmoid(self.gate_logit)
         mixed = (1.0 - gate) * down + gate * hidden_states
         return self.block(mixed, *args, **kwargs)

@@ -347,3 +347,35 @@ def test_training_output_is_the_trainers_own(tmp_path, smollm2_dir, capfd, caplo
     assert len(lines) == 4 and all(line.startswith("{'") for line in lines)  # 3 step logs + the train summary
     assert not [w for w in caught if os.path.abspath(w.filename).startswith(package_dir)]
     assert not [r for r in caplog.records if os.path.abspath(r.pathname).startswith(package_dir)]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointed_memory_grows_with_depth_by_the_hidden_states_only(use_reentrant):
+    """Under gradient checkpointing each side layer keeps, for backward, the backbone hidden state its downsampler
+    reads (which the downsampler's weight gradient needs) and its narrow block input, nothing else: the bytes saved for
+    backward grow with depth by about that much per layer (counted with saved_tensors_hooks, 2 against 6 layers)."""
+    from peft import get_peft_model
+
+    batch, length, hidden, r = 2, 48, 64, 4
+
+    def saved_bytes(layers: int) -> int:
+        model = get_peft_model(tiny_causal_lm(num_hidden_layers=layers), QSTConfig(task_type="CAUSAL_LM", r=r))
+        randomize_upsample(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.train()
+        input_ids = torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(0))
+        seen = {}
+
+        def pack(tensor):
+            seen[(tensor.data_ptr(), tensor.shape, tensor.dtype)] = tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        return sum(seen.values())
+
+    per_layer = (saved_bytes(6) - saved_bytes(2)) / 4
+    hidden_state = batch * length * hidden * 4  # float32
+    block_input = batch * length * (hidden // r) * 4
+    assert per_layer <= 1.1 * (hidden_state + block_input), (per_layer, hidden_state, block_input)
