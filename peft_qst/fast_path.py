@@ -107,11 +107,11 @@ class PackedSideWeights:
             self.keep = 1.0 - gates
             self.layers = [self._pack_block(b.block) for b in blocks]
             self.final_norm = side.trunk.norm.weight.detach().float() * float(side.trunk.norm.weight.numel()) ** 0.5
-            # computed in float32 whatever the side dtype: as precise as the bf16 path's float32 norms and attention
-            # accumulation or more, and on CPUs small float32 matmuls are several times faster than bfloat16 ones
             # the upsample with the output gate folded in: ``a * (W s) = (diag(a) W) s``
             self.upsample = side.upsample.weight.detach().float().t() * side.output_gate.weight.detach().float()
             self.last_output = None  # (the output fast_side_forward returned, the same in float32)
+            # computed in float32 whatever the side dtype: as precise as the bf16 path's float32 norms and attention
+            # accumulation or more, and on CPUs small float32 matmuls are several times faster than bfloat16 ones
             for name in ("downsample", "gates", "keep", "layers", "final_norm", "upsample"):
                 setattr(self, name, _as_float32(getattr(self, name)))
 
