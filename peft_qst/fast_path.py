@@ -11,10 +11,12 @@ Under ``torch.no_grad()`` this module computes the same function with far fewer,
 - the downsamplers of all layers run as one batched computation over the stacked hidden states, with the gates'
   ``(1 - s_i)`` applied to all at once, so each block's input mixing is one ``addcmul``;
 - each block's q/k/v projections and rotary ``rotate_half`` (a signed channel permutation, so linear) are one matmul,
-  with the RMSNorm weight and the attention scaling folded into its weights; rotary embeddings are then one multiply
-  and one ``addcmul``; the gate/up projections are one matmul; the output and down projections add their residual
-  in the same ``addmm``;
-- one decode token attends with two batched matmuls and a softmax (cheaper than SDPA's kernel at head dim 4);
+  with the RMSNorm weight and the attention scaling folded into its weights and the RMS denominator applied to its
+  result (two operations, :func:`_denominator`); rotary embeddings are then one multiply and one ``addcmul``; the
+  gate/up projections are one matmul; the output and down projections add their residual in the same ``addmm``;
+- one decode token attends with two batched matmuls and a softmax (cheaper than SDPA's kernel at head dim 4), and
+  the loop over blocks does no Python-level tensor indexing (at these sizes a ``t[:, :k]`` costs as much as a small
+  matmul): about 20 tensor operations per block;
 - everything runs in float32 whatever the side dtype (on CPUs small float32 matmuls are several times faster than
   bfloat16 ones, and float32 is at least as precise as the bf16 path, whose norms and attention accumulate in float32
   too); the side network's own transformers ``DynamicCache`` holds float32 keys and values (:func:`keep_cache_dtype`
@@ -22,7 +24,9 @@ Under ``torch.no_grad()`` this module computes the same function with far fewer,
 - the output upsample and output gate are one ``addmm`` onto the backbone's last hidden state (:func:`fast_mix`).
 
 The packed weights are built once and rebuilt when any side parameter changes (an optimizer step, ``load_adapter``,
-a move to another device): see :func:`weights_key`.
+a move to another device): see :func:`weights_key`. That is checked at the start of every sequence and at every
+forward without a cache, not at the decoding steps that continue a cache the weights were checked for (it walks
+every side parameter, a few percent of a decoding step).
 
 It applies to side trunks of the Llama block structure (``llama``, ``mistral`` and ``qwen2`` without sliding windows)
 on one device, with a 2-D or no attention mask, outside training mode unless the side network has no dropout; packed
@@ -33,6 +37,8 @@ floating-point rounding (tests/test_fast_path.py); :func:`fast_path_disabled` sw
 
 from __future__ import annotations
 
+import math
+import weakref
 from contextlib import contextmanager
 from typing import Optional
 
@@ -94,12 +100,15 @@ class PackedSideWeights:
         self.head_dim = int(first.self_attn.head_dim)
         self.scaling = float(first.self_attn.scaling)
         width = int(config.hidden_size)
-        self.eps_sum = width * float(first.input_layernorm.variance_epsilon)  # see _normalize
+        self.eps_sum = width * float(first.input_layernorm.variance_epsilon)  # see _denominator
         self.final_eps_sum = width * float(side.trunk.norm.variance_epsilon)
         self.act = first.mlp.act_fn
         self.q_width = self.heads * self.head_dim
         self.kv_width = self.kv_heads * self.head_dim
         self.qk_width = self.q_width + self.kv_width
+        # how one block's projection splits: [q k | rot(q) rot(k) | v], then [q | k]
+        self.qkv_split = [self.qk_width, self.qk_width, self.kv_width]
+        self.q_k_split = [self.q_width, self.kv_width]
         with torch.no_grad():
             self.downsample = _stack_downsamplers([side.embed_downsample] + [b.downsample for b in blocks])
             gates = torch.stack([torch.sigmoid(b.gate_logit) for b in blocks]).unsqueeze(1)
@@ -114,8 +123,15 @@ class PackedSideWeights:
             # accumulation or more, and on CPUs small float32 matmuls are several times faster than bfloat16 ones
             for name in ("downsample", "gates", "keep", "layers", "final_norm", "upsample"):
                 setattr(self, name, _as_float32(getattr(self, name)))
+            self.layers = [tuple(layer) for layer in self.layers]
+            self.gate_rows = list(self.gates.unbind(0))  # per layer, indexed without a tensor op
+            # the RMS denominators' epsilon terms (see _denominator), as tensors on the weights' device
+            device = self.gates.device
+            self.root_eps = torch.tensor(math.sqrt(self.eps_sum), device=device)
+            self.final_root_eps = torch.tensor(math.sqrt(self.final_eps_sum), device=device)
+        self.checked_cache = None  # weak reference to the side cache these weights were last checked for
 
-    def _pack_block(self, block) -> dict:
+    def _pack_block(self, block) -> list:
         """One block's weights as (in, out) matrices with the cheap parts of the block folded in:
 
         - the RMSNorm weights scale the rows of the projection that follows them (``(n * w) @ W = n @ (diag(w) W)``);
@@ -124,7 +140,7 @@ class PackedSideWeights:
           it is a linear map too, and its columns are computed by the same matmul as q, k and v.
         """
         attention, mlp = block.self_attn, block.mlp
-        root_width = float(block.input_layernorm.weight.numel()) ** 0.5  # see _normalize
+        root_width = float(block.input_layernorm.weight.numel()) ** 0.5  # see _denominator
         norm1 = block.input_layernorm.weight.detach().float() * root_width
         norm2 = block.post_attention_layernorm.weight.detach().float() * root_width
 
@@ -141,25 +157,26 @@ class PackedSideWeights:
         q_w, q_b = columns(attention.q_proj, self.scaling)
         k_w, k_b = columns(attention.k_proj)
         v_w, v_b = columns(attention.v_proj)
-        qkv_w = torch.cat([q_w, k_w, v_w, rotate_half(q_w, self.heads), rotate_half(k_w, self.kv_heads)], 1)
+        qkv_w = torch.cat([q_w, k_w, rotate_half(q_w, self.heads), rotate_half(k_w, self.kv_heads), v_w], 1)
         qkv_b = None
         if q_b is not None:
-            qkv_b = torch.cat([q_b, k_b, v_b, rotate_half(q_b, self.heads), rotate_half(k_b, self.kv_heads)])
+            qkv_b = torch.cat([q_b, k_b, rotate_half(q_b, self.heads), rotate_half(k_b, self.kv_heads), v_b])
         gate_w, gate_b = columns(mlp.gate_proj)
         up_w, up_b = columns(mlp.up_proj)
         o_w, o_b = columns(attention.o_proj)
         down_w, down_b = columns(mlp.down_proj)
-        return {
-            "qkv_w": (norm1.unsqueeze(1) * qkv_w).contiguous(),
-            "qkv_b": qkv_b,
-            "o_w": o_w.contiguous(),
-            "o_b": o_b,
-            "gate_up_w": (norm2.unsqueeze(1) * torch.cat([gate_w, up_w], 1)).contiguous(),
-            "gate_up_b": None if gate_b is None else torch.cat([gate_b, up_b]),
-            "down_w": down_w.contiguous(),
-            "down_b": down_b,
-            "layer_idx": int(attention.layer_idx),
-        }
+        # a list, not a tuple, so that _as_float32 converts it; turned into a tuple for unpacking in the loop
+        return [
+            (norm1.unsqueeze(1) * qkv_w).contiguous(),
+            qkv_b,
+            o_w.contiguous(),
+            o_b,
+            (norm2.unsqueeze(1) * torch.cat([gate_w, up_w], 1)).contiguous(),
+            None if gate_b is None else torch.cat([gate_b, up_b]),
+            down_w.contiguous(),
+            down_b,
+            int(attention.layer_idx),
+        ]
 
 
 #: counts parameter (re)registrations anywhere (``setattr``, ``register_parameter``, ``load_state_dict(assign=True)``)
@@ -263,8 +280,13 @@ def _is_deterministic_in_training_mode(side) -> bool:
     return all(module.p == 0 for module in side.modules() if isinstance(module, torch.nn.Dropout))
 
 
-def packed_weights_for(side, trunk_kwargs: dict) -> Optional[PackedSideWeights]:
-    """The packed weights to run this forward on the fast path, or None where the general path must run it."""
+def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedSideWeights]:
+    """The packed weights to run this forward on the fast path, or None where the general path must run it.
+
+    Whether the side parameters changed since the weights were packed is checked at the start of each sequence, and
+    at every forward without a cache; a forward that continues a cache these weights were checked for (the decoding
+    steps of one generation) reuses them unchecked: its cached keys and values were computed with them.
+    """
     if not _enabled or torch.is_grad_enabled():
         return None
     # "never": another block structure; "eval": only in eval mode (dropout); "always": also in training mode
@@ -289,20 +311,30 @@ def packed_weights_for(side, trunk_kwargs: dict) -> Optional[PackedSideWeights]:
         if not bool((positions[..., 1:] - positions[..., :-1] == 1).all()):
             return None
     packed = side.__dict__.get("_packed_weights")
+    if (
+        packed is not None
+        and cache is not None
+        and packed.checked_cache is not None
+        and packed.checked_cache() is cache
+        and cache.get_seq_length() > 0
+    ):
+        return packed
     key = weights_key(side)
     if packed is None or packed.key != key:
         if len({p.device for p in side.parameters()}) != 1:
             return None  # spread over devices (device_map): the general path places each block
         packed = PackedSideWeights(side, key)
         side.__dict__["_packed_weights"] = packed
+    packed.checked_cache = None if cache is None else weakref.ref(cache)
     return packed
 
 
-def _normalize(hidden: torch.Tensor, eps_sum: float) -> torch.Tensor:
-    """LlamaRMSNorm without its weight and without the factor sqrt(width), both folded into the next projection:
-    ``x * rsqrt(mean(x^2) + eps) = sqrt(n) * x * rsqrt(sum(x^2) + n * eps)``, with ``eps_sum = n * eps``. Fewer
-    dispatches than ``F.rms_norm`` at these sizes."""
-    return hidden * (hidden * hidden).sum(-1, keepdim=True).add_(eps_sum).rsqrt_()
+def _denominator(hidden: torch.Tensor, root_eps: torch.Tensor) -> torch.Tensor:
+    """The RMSNorm denominator without its factor sqrt(width), which is folded into the next projection with the norm's
+    weight: ``x * rsqrt(mean(x^2) + eps) = sqrt(n) * x / sqrt(sum(x^2) + n * eps)``, and ``sqrt(sum(x^2) + n * eps)``
+    is ``hypot(||x||, sqrt(n * eps))``: two operations instead of the five of the plain formula, which is what counts
+    at these sizes."""
+    return torch.linalg.vector_norm(hidden, dim=-1, keepdim=True).hypot_(root_eps)
 
 
 def _attention_mask(attention_mask, batch: int, length: int, past: int, device) -> Optional[torch.Tensor]:
@@ -325,18 +357,6 @@ def _attention_mask(attention_mask, batch: int, length: int, past: int, device) 
     return mask.unsqueeze(1)
 
 
-def _decode_attention(query, key, value, mask, packed) -> torch.Tensor:
-    """Attention of one new token per row in a few batched matmuls (SDPA's kernel costs more than the arithmetic at
-    these sizes): ``query`` (batch, 1, heads, head_dim), already scaled; ``key``/``value`` (batch, kv_heads, keys,
-    head_dim), contiguous; ``mask`` None or (batch, 1, 1, keys). Returns (batch, heads * head_dim)."""
-    batch, kv_heads, keys, head_dim = key.shape
-    grouped = query.reshape(batch * kv_heads, -1, head_dim)  # the query heads sharing each KV head
-    scores = torch.bmm(grouped, key.view(batch * kv_heads, keys, head_dim).transpose(1, 2))
-    if mask is not None:
-        scores = scores.view(batch, kv_heads, -1, keys).masked_fill(~mask, float("-inf")).view(batch * kv_heads, -1, keys)
-    return torch.bmm(torch.softmax(scores, dim=-1), value.view(batch * kv_heads, keys, head_dim)).reshape(batch, -1)
-
-
 def keep_cache_dtype(cache, dtype: torch.dtype) -> None:
     """Cast the side cache's filled layers to ``dtype`` where they hold another: the fast path keeps its keys and
     values in float32, the general path in the side dtype, and a generation may switch between them."""
@@ -349,13 +369,19 @@ def keep_cache_dtype(cache, dtype: torch.dtype) -> None:
 
 def fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cache, attention_mask=None,
                       position_ids=None, cache_position=None, use_cache=None):
-    """The side trunk's output (after its final norm) and its cache, as ``QSTSideNetwork.forward`` returns them."""
+    """The side trunk's output (after its final norm) and its cache, as ``QSTSideNetwork.forward`` returns them.
+
+    Written for few operations per block, since at decoding sizes each costs more than its arithmetic: a block is
+    about 20 tensor operations (one token per row: two batched matmuls and a softmax for attention, against the cache
+    transformers keeps; several tokens: SDPA), with no Python-level tensor indexing in the loop.
+    """
     dtype = packed.dtype
     batch, length, width = hidden_states[0].shape
     tokens = batch * length
     device = packed.gates.device
     if use_cache and cache is None:
         cache = DynamicCache(config=side.trunk.config)
+        packed.checked_cache = weakref.ref(cache)  # filled with the weights just checked (packed_weights_for)
     past = cache.get_seq_length() if cache is not None else 0
     if past:
         keep_cache_dtype(cache, torch.float32)
@@ -365,47 +391,60 @@ def fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cac
     layers = len(hidden_states) - 1
     stacked = torch.stack(hidden_states).to(device=device, dtype=torch.float32).view(layers + 1, tokens, width)
     down = _downsample_all(packed.downsample, stacked)  # (layers + 1, tokens, side width)
-    keep_down = packed.keep * down[1:]  # (1 - s_i) * down_i(h_i)
-    gates = packed.gates
+    keep_down = (packed.keep * down[1:]).unbind(0)  # (1 - s_i) * down_i(h_i)
+    gate_rows = packed.gate_rows
 
     x = down[0]
+    heads, kv_heads, head_dim = packed.heads, packed.kv_heads, packed.head_dim
+    # rotary factors for the q and k columns of each token, (tokens, qk width): q * cos + rotate_half(q) * sin
     cos, sin = side.trunk.rotary_emb(x, position_ids)  # (1 or batch, length, head_dim)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    per_column = (batch, length, heads + kv_heads, head_dim)
+    cos = cos.unsqueeze(2).expand(per_column).reshape(tokens, -1)
+    sin = sin.unsqueeze(2).expand(per_column).reshape(tokens, -1)
     mask = _attention_mask(attention_mask, batch, length, past, device)
-    heads, head_dim, qk_width, kv_width = packed.heads, packed.head_dim, packed.qk_width, packed.kv_width
-    for index, layer in enumerate(packed.layers):
-        x = torch.addcmul(keep_down[index], gates[index], x)
-        projected = _normalize(x, packed.eps_sum) @ layer["qkv_w"]
-        if layer["qkv_b"] is not None:
-            projected = projected + layer["qkv_b"]
-        # (batch, length, heads + kv_heads, head_dim), rotary embeddings applied
-        qk = projected[:, :qk_width].view(batch, length, -1, head_dim) * cos
-        qk = torch.addcmul(qk, projected[:, qk_width + kv_width:].view(batch, length, -1, head_dim), sin)
-        query = qk[:, :, :heads]
-        key = qk[:, :, heads:].transpose(1, 2)
-        value = projected[:, qk_width : qk_width + kv_width].view(batch, length, -1, head_dim).transpose(1, 2)
-        if cache is not None:
-            key, value = cache.update(key, value, layer["layer_idx"])
+    decoding = length == 1
+    group = heads // kv_heads
+    qkv_split, q_k_split = packed.qkv_split, packed.q_k_split
+    root_eps, act = packed.root_eps, packed.act
+    for index, (qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b, layer_idx) in enumerate(packed.layers):
+        x = torch.addcmul(keep_down[index], gate_rows[index], x)
+        projected = torch.mm(x, qkv_w).div_(_denominator(x, root_eps))
+        if qkv_b is not None:
+            projected += qkv_b
+        qk, rotated, value = projected.split(qkv_split, 1)
+        query, key = torch.addcmul(qk * cos, rotated, sin).split(q_k_split, 1)
+        if decoding:  # one token per row: (batch, kv heads, 1, head_dim) is the row's memory as it is
+            key = key.view(batch, kv_heads, 1, head_dim)
+            value = value.view(batch, kv_heads, 1, head_dim)
+            if cache is not None:
+                key, value = cache.update(key, value, layer_idx)
+            # the query heads that share each key/value head, against that head's keys (bmm: torch.matmul would
+            # spend more on broadcasting 4-D shapes than on the arithmetic)
+            rows, keys = batch * kv_heads, key.shape[-2]
+            scores = torch.bmm(query.reshape(rows, group, head_dim), key.reshape(rows, keys, head_dim).transpose(1, 2))
+            if mask is not None:
+                scores = scores.view(batch, kv_heads, group, keys).masked_fill_(~mask, float("-inf")).view(rows, group, keys)
+            attended = torch.bmm(scores.softmax(-1), value.reshape(rows, keys, head_dim)).view(batch, -1)
         else:
-            key, value = key.contiguous(), value.contiguous()
-        if length == 1:
-            attended = _decode_attention(query, key, value, mask, packed)
-        else:
+            query = query.view(batch, length, heads, head_dim).transpose(1, 2)
+            key = key.view(batch, length, kv_heads, head_dim).transpose(1, 2)
+            value = value.view(batch, length, kv_heads, head_dim).transpose(1, 2)
+            if cache is not None:
+                key, value = cache.update(key, value, layer_idx)
             attended = F.scaled_dot_product_attention(
-                query.transpose(1, 2), key, value, attn_mask=mask, scale=1.0, is_causal=mask is None,
-                enable_gqa=packed.kv_heads != heads,
+                query, key, value, attn_mask=mask, scale=1.0, is_causal=mask is None, enable_gqa=group > 1,
             ).transpose(1, 2).reshape(tokens, -1)
-        x = torch.addmm(x, attended, layer["o_w"])
-        if layer["o_b"] is not None:
-            x = x + layer["o_b"]
-        gate_up = _normalize(x, packed.eps_sum) @ layer["gate_up_w"]
-        if layer["gate_up_b"] is not None:
-            gate_up = gate_up + layer["gate_up_b"]
+        x = torch.addmm(x, attended, o_w)
+        if o_b is not None:
+            x += o_b
+        gate_up = torch.mm(x, gate_up_w).div_(_denominator(x, root_eps))
+        if gate_up_b is not None:
+            gate_up += gate_up_b
         gate, up = gate_up.chunk(2, dim=-1)
-        x = torch.addmm(x, packed.act(gate) * up, layer["down_w"])
-        if layer["down_b"] is not None:
-            x = x + layer["down_b"]
-    out32 = packed.final_norm * _normalize(x, packed.final_eps_sum)
+        x = torch.addmm(x, act(gate).mul_(up), down_w)
+        if down_b is not None:
+            x += down_b
+    out32 = x.div(_denominator(x, packed.final_root_eps)).mul_(packed.final_norm)
     out = out32.to(dtype).view(batch, length, -1)
     packed.last_output = (out, out32)
     return out, cache

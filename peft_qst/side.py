@@ -549,7 +549,7 @@ class QSTSideNetwork(nn.Module):
             raise RuntimeError(
                 f"QST expected {len(self._blocks) + 1} hidden states from the backbone, got {len(hidden_states)}."
             )
-        packed = packed_weights_for(self, trunk_kwargs)
+        packed = packed_weights_for(self, trunk_kwargs, cache)
         if packed is not None:  # inference, Llama-style blocks: the same function in far fewer operations
             return fast_side_forward(self, packed, hidden_states, cache, **trunk_kwargs)
         dtype = self.upsample.weight.dtype

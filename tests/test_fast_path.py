@@ -170,6 +170,30 @@ def test_fast_path_follows_training_steps_and_loaded_weights(tmp_path):
     torch.testing.assert_close(after[mask.bool()], fast[mask.bool()], atol=2e-5, rtol=1e-4)
 
 
+def test_weights_are_checked_once_per_sequence_and_again_for_the_next(monkeypatch):
+    """Decoding steps that continue a cache the packed weights were checked for skip the check; the next generation
+    (a new cache) checks again and runs on the weights as they are then."""
+    from peft_qst import fast_path
+
+    model = qst_model()
+    ids, mask = left_padded_batch()
+    checks = []
+    original = fast_path.weights_key
+    monkeypatch.setattr(fast_path, "weights_key", lambda side: checks.append(1) or original(side))
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, pad_token_id=PAD)
+    assert len(checks) == 1  # the prefill; not the 5 decoding steps
+
+    train_steps(model, torch.randint(1, 128, (2, 12)), steps=2, lr=1e-2)
+    model.eval()
+    fast, general = both_paths(
+        lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, pad_token_id=PAD,
+                               output_logits=True, return_dict_in_generate=True)
+    )
+    assert torch.equal(fast.sequences, general.sequences)
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(general.logits), atol=2e-5, rtol=1e-4)
+
+
 def test_general_path_where_the_fast_path_does_not_apply():
     ids, mask = left_padded_batch()
     # other block structures (q/k norms in Qwen3, sliding windows), gradients, dropout in training mode
