@@ -233,6 +233,7 @@ class QSTModel(BaseTuner):
         # onto the replacement, which fits single layers, not a whole trunk (it has neither, and unload() failed with
         # "'LlamaModel' object has no attribute 'weight'")
         if isinstance(child, QSTLayer) and new_module is child.get_base_layer():
+            child.remove_hooks()
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)

@@ -118,3 +118,35 @@ def test_partial_rotary_rule():
     # GPT-NeoX rotates a quarter of each head: at r=32 the side head (512/32/4 = 4 dims) keeps a single rotary dim
     with pytest.raises(ValueError, match=r"rotary dimension \(4 x partial_rotary_factor 0.25\)"):
         get_peft_model(tiny("gpt_neox"), QSTConfig(r=32))
+
+
+@pytest.mark.parametrize("model_type", list(TINY))
+def test_side_network_reads_the_hidden_states_transformers_reports(model_type):
+    """QST records the backbone's hidden states with its own block hooks; they are exactly transformers'
+    ``output_hidden_states`` (embedding output, every block's output, the last one after the final norm)."""
+    model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM")).eval()
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    side = next(m for m in model.modules() if type(m).__name__ == "QSTLayer").qst_side["default"]
+    seen = []
+    original = side.forward
+    side.forward = lambda hidden_states, **kwargs: seen.append(hidden_states) or original(hidden_states, **kwargs)
+    with torch.no_grad():
+        model(input_ids=ids)
+        with model.disable_adapter():
+            reference = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(seen) == 1 and len(seen[0]) == len(reference) == TINY_LAYERS[model_type] + 1
+    for ours, theirs in zip(seen[0], reference):
+        assert torch.equal(ours, theirs)
+
+
+TINY_LAYERS = {name: sizes.get("num_hidden_layers", sizes.get("n_layer")) for name, sizes in TINY.items()}
+
+
+def test_unload_removes_every_hook_qst_put_on_the_backbone():
+    base = tiny("llama")
+    blocks = base.model.layers
+    before = [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in base.modules()]
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", backbone_lora_layers=1))
+    assert len(blocks[0]._forward_hooks) == 1 and len(blocks[-1]._forward_pre_hooks) == 1
+    unloaded = model.unload()
+    assert [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in unloaded.modules()] == before
