@@ -367,9 +367,32 @@ def keep_cache_dtype(cache, dtype: torch.dtype) -> None:
             layer.values = layer.values.to(dtype)
 
 
-def fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cache, attention_mask=None,
-                      position_ids=None, cache_position=None, use_cache=None):
+#: at most this many tokens (batch x length) in a forward, the fast path runs on one thread (see fast_side_forward)
+ONE_THREAD_TOKENS = 64
+
+
+def fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cache, **trunk_kwargs):
     """The side trunk's output (after its final norm) and its cache, as ``QSTSideNetwork.forward`` returns them.
+
+    Decoding steps (at most :data:`ONE_THREAD_TOKENS` tokens) run with one intra-op thread: their operations are far
+    too small to split, and with several threads each one still pays for waking and joining the others (measured on a
+    2-core CPU: a decoding step of the side network of SmolLM2-135M took 10-20% longer with 2 threads than with 1). The
+    thread count is process-wide, so it is set back as soon as the side network returns.
+    """
+    batch, length = hidden_states[0].shape[:2]
+    threads = torch.get_num_threads()
+    if threads == 1 or batch * length > ONE_THREAD_TOKENS:
+        return _fast_side_forward(side, packed, hidden_states, cache, **trunk_kwargs)
+    torch.set_num_threads(1)
+    try:
+        return _fast_side_forward(side, packed, hidden_states, cache, **trunk_kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cache, attention_mask=None,
+                       position_ids=None, cache_position=None, use_cache=None):
+    """See :func:`fast_side_forward`.
 
     Written for few operations per block, since at decoding sizes each costs more than its arithmetic: a block is
     about 20 tensor operations (one token per row: two batched matmuls and a softmax for attention, against the cache
@@ -404,6 +427,10 @@ def fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cac
     mask = _attention_mask(attention_mask, batch, length, past, device)
     decoding = length == 1
     group = heads // kv_heads
+    score_bias = None  # decoding with padding: -inf on the keys each row must not see, added by the scores' matmul
+    if decoding and mask is not None:
+        hidden = (~mask).expand(batch, kv_heads, 1, past + length).reshape(batch * kv_heads, 1, past + length)
+        score_bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf"))
     qkv_split, q_k_split = packed.qkv_split, packed.q_k_split
     root_eps, act = packed.root_eps, packed.act
     for index, (qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b, layer_idx) in enumerate(packed.layers):
@@ -421,9 +448,8 @@ def fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cac
             # the query heads that share each key/value head, against that head's keys (bmm: torch.matmul would
             # spend more on broadcasting 4-D shapes than on the arithmetic)
             rows, keys = batch * kv_heads, key.shape[-2]
-            scores = torch.bmm(query.reshape(rows, group, head_dim), key.reshape(rows, keys, head_dim).transpose(1, 2))
-            if mask is not None:
-                scores = scores.view(batch, kv_heads, group, keys).masked_fill_(~mask, float("-inf")).view(rows, group, keys)
+            query, key = query.reshape(rows, group, head_dim), key.reshape(rows, keys, head_dim).transpose(1, 2)
+            scores = torch.bmm(query, key) if score_bias is None else torch.baddbmm(score_bias, query, key)
             attended = torch.bmm(scores.softmax(-1), value.reshape(rows, keys, head_dim)).view(batch, -1)
         else:
             query = query.view(batch, length, heads, head_dim).transpose(1, 2)

@@ -238,3 +238,40 @@ def test_lm_head_gets_one_token_inputs_with_standard_strides():
     handle.remove()
     assert seen[0] == (64, 64, 1)  # a (1, 1, 64) slice of the (1, 6, 64) hidden states, restrided
     torch.testing.assert_close(last[:, -1], full[:, -1])
+
+
+def test_decoding_steps_run_on_one_thread_and_give_the_thread_count_back(monkeypatch):
+    from peft_qst import fast_path
+
+    model = qst_model()
+    ids, mask = left_padded_batch()
+    seen = []
+    inner = fast_path._fast_side_forward
+
+    def record(*args, **kwargs):
+        seen.append((args[2][0].shape[1], torch.get_num_threads()))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(fast_path, "_fast_side_forward", record)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, pad_token_id=PAD)
+        assert torch.get_num_threads() == 2
+        assert seen == [(8, 1), (1, 1), (1, 1)]  # 2 x 8 prompt tokens and the decoding steps: at most 64 tokens
+        seen.clear()
+        long_ids = torch.randint(1, 128, (2, 40))
+        with torch.no_grad():
+            model(input_ids=long_ids)  # 80 tokens: the side network may use every thread
+        assert seen == [(40, 2)] and torch.get_num_threads() == 2
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(fast_path, "_fast_side_forward", fail)
+        with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
