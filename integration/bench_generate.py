@@ -1,13 +1,15 @@
 """Benchmark: tokens/s of QST generation against the base model's own generation.
 
-Same 4-bit SmolLM2-135M-Instruct (NF4, double quantisation, bf16 compute), same prompts, greedy decoding with a fixed
-number of new tokens (``min_new_tokens == max_new_tokens``, so all generate exactly as many tokens), CPU. Three ways
+Same 4-bit model (NF4, double quantisation, bf16 compute) -- the embedded SmolLM2-135M-Instruct, or with
+``--model smollm2-1.7b-shape`` a randomly initialised model of SmolLM2-1.7B's shape --, same prompts, greedy decoding
+with a fixed number of new tokens (``min_new_tokens == max_new_tokens``, so all generate exactly as many tokens), CPU. Three ways
 are timed: the base model alone, the QST model (its inference fast path, ``peft_qst/fast_path.py``), and the same QST
 model with the fast path switched off (``fast_path_disabled()``: the side network through the transformers modules).
-Runs are interleaved (base, QST, QST general, base, ...) so that drift of the machine hits all alike; the table gives
-medians.
+The base model and QST alternate (base, QST, base, ...) so that drift of the machine hits both alike, and the table
+gives medians; the general path, timed for reference, runs after them.
 
-    .venv/bin/python integration/bench_generate.py [--new-tokens 64] [--repeats 5] [--batch-sizes 1 4]
+    .venv/bin/python integration/bench_generate.py [--new-tokens 64] [--repeats 5] [--batch-sizes 1 4] [--threads N]
+        [--model smollm2|smollm2-1.7b-shape]
 
 Prints a Markdown table with the machine and versions, and writes it as JSON next to ``--output`` if given.
 """
@@ -17,8 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 
 import torch
@@ -28,6 +33,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 import peft_qst
 from peft_qst.fast_path import fast_path_disabled
 from peft_qst.smollm2 import smollm2_path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # integration/: measure.py
+from measure import build_random_model  # noqa: E402
+
+#: SmolLM2-1.7B's shape (hidden 2048, 24 layers, 32 heads, FFN 8192, SmolLM2's vocabulary and tokenizer), built with
+#: random weights: generation speed does not depend on the weights' values
+SMOLLM2_1_7B_SHAPE = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+    vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=130000.0, tie_word_embeddings=True,
+    bos_token_id=1, eos_token_id=2,
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -69,17 +85,46 @@ def main():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--side-dtype", default=None, choices=["float32", "bfloat16"],
                         help="QSTConfig.side_dtype (default: None, the 4-bit compute dtype bf16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--model", choices=["smollm2", "smollm2-1.7b-shape"], default="smollm2",
+                        help="the embedded SmolLM2-135M-Instruct, or a randomly initialised model of SmolLM2-1.7B's "
+                             "shape (built in a temporary folder, about 3.4 GB)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
+    with tempfile.TemporaryDirectory(prefix="qst-bench-generate-") as workdir:
+        rows, env = run(args, workdir)
+    model_name = "SmolLM2-135M-Instruct" if args.model == "smollm2" else "random SmolLM2-1.7B-shaped model"
+    print(f"\nGeneration, {model_name} 4-bit NF4, greedy, {args.new_tokens} new tokens, median of "
+          f"{args.repeats} alternating runs, QST side_dtype={args.side_dtype or 'default (bf16)'}")
+    print("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    print("\n| batch | base tokens/s | QST tokens/s | QST time overhead | QST general path tokens/s | its overhead |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['batch_size']} | {row['base_tokens_per_s']} | {row['qst_tokens_per_s']} | "
+              f"{row['qst_overhead_percent']:+.1f}% | {row['qst_general_path_tokens_per_s']} | "
+              f"{row['qst_general_path_overhead_percent']:+.1f}% |")
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump({"model": model_name, "environment": env, "rows": rows}, handle, indent=2)
+
+
+def run(args, workdir: str) -> tuple[list, dict]:
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
+    if args.model == "smollm2-1.7b-shape":
+        path = os.path.join(workdir, "model")
+        print(f"building a random SmolLM2-1.7B-shaped model in {path}", file=sys.stderr, flush=True)
+        build_random_model(SMOLLM2_1_7B_SHAPE, path, "cpu")
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization).eval()
     qst = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization), peft_qst.QSTConfig(task_type="CAUSAL_LM", side_dtype=args.side_dtype),
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization),
+        peft_qst.QSTConfig(task_type="CAUSAL_LM", side_dtype=args.side_dtype),
     ).eval()
 
     rows = []
@@ -91,10 +136,16 @@ def main():
         for model, general in runs.values():  # warm-up
             time_generate(model, inputs, 4, general)
         timings, outputs = {name: [] for name in runs}, {}
+        # the two compared ways alternate; the general path (for reference) is timed after them, so that its many
+        # small operations do not disturb their timings
         for _ in range(args.repeats):
-            for name, (model, general) in runs.items():
+            for name in ("base", "qst"):
+                model, general = runs[name]
                 elapsed, outputs[name] = time_generate(model, inputs, args.new_tokens, general)
                 timings[name].append(elapsed)
+        for _ in range(max(1, args.repeats // 2)):
+            elapsed, outputs["qst_general"] = time_generate(qst, inputs, args.new_tokens, general_path=True)
+            timings["qst_general"].append(elapsed)
         # the untrained adapter's upsample is zero, so all three compute the base model's tokens: a check that the
         # timed computations are the same work with the same result
         if not (torch.equal(outputs["base"], outputs["qst"]) and torch.equal(outputs["qst"], outputs["qst_general"])):
@@ -113,19 +164,7 @@ def main():
             "timings_s": timings,
         })
 
-    env = environment()
-    print(f"\nGeneration, SmolLM2-135M-Instruct 4-bit NF4, greedy, {args.new_tokens} new tokens, median of "
-          f"{args.repeats} interleaved runs, QST side_dtype={args.side_dtype or 'default (bf16)'}")
-    print("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    print("\n| batch | base tokens/s | QST tokens/s | QST time overhead | QST general path tokens/s | its overhead |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['batch_size']} | {row['base_tokens_per_s']} | {row['qst_tokens_per_s']} | "
-              f"{row['qst_overhead_percent']:+.1f}% | {row['qst_general_path_tokens_per_s']} | "
-              f"{row['qst_general_path_overhead_percent']:+.1f}% |")
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump({"environment": env, "rows": rows}, handle, indent=2)
+    return rows, environment()
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import cpu_model, peak_rss_mb, reset_peak_rss, status_kb
+from measure import build_random_model, cpu_model, peak_rss_mb, reset_peak_rss, status_kb
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("qst", "qlora", "lora", "floor")
@@ -166,21 +166,6 @@ def parse_method(spec: str) -> tuple[str, dict]:
     if options.get("loss", "chunked") not in ("chunked", "transformers"):
         raise SystemExit(f"bad loss={options['loss']!r} in {spec!r}: use loss=chunked or loss=transformers")
     return method, options
-
-
-def build_random_model(config_kwargs: dict, path: str, device: str) -> None:
-    """Save a randomly initialised LlamaForCausalLM (bf16, safetensors) with the given config to ``path``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model("llama", **config_kwargs)
-    torch.manual_seed(0)
-    with torch.device(device):  # on a GPU, initialising 7B parameters takes seconds instead of minutes
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path, safe_serialization=True)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def load_4bit(path: str, device: str):

@@ -1,5 +1,6 @@
-"""Process measurements shared by the benchmarks and the quality harness: RSS from ``/proc/self/status``, its
-high-water mark and how to reset it, and the CPU model for the tables."""
+"""Helpers shared by the benchmarks and the quality harness: RSS from ``/proc/self/status``, its high-water mark and
+how to reset it, the CPU model for the tables, and randomly initialised checkpoints of a given shape (speed and
+memory do not depend on the weights' values)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def build_random_model(config_kwargs: dict, path: str, device: str) -> None:
+    """Save a randomly initialised LlamaForCausalLM (bf16, safetensors) with the given config to ``path``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", **config_kwargs)
+    torch.manual_seed(0)
+    with torch.device(device):  # on a GPU, initialising 7B parameters takes seconds instead of minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
