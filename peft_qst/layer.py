@@ -4,9 +4,9 @@ QST lives *inside* the Hugging Face model, in place of its decoder trunk (``mode
 model's own forward, LM head, loss, ``logits_to_keep``, ``generate`` and TRL's fused LM-head loss all call the trunk
 and so run unchanged; the wrapped trunk only returns a better ``last_hidden_state``:
 
-1. the original trunk runs under ``torch.no_grad()`` with ``output_hidden_states=True``: no autograd graph is ever
-   recorded through the backbone, whatever hooks a training script installed (``enable_input_require_grads``,
-   gradient checkpointing, ``prepare_model_for_kbit_training``);
+1. the original trunk runs under ``torch.no_grad()``, one hook per block recording its hidden states: no autograd
+   graph is ever recorded through the backbone, whatever hooks a training script installed
+   (``enable_input_require_grads``, gradient checkpointing, ``prepare_model_for_kbit_training``);
 2. the active adapter's side network reads those hidden states (detached) and runs with gradients;
 3. ``last_hidden_state = h_L + a * up(side)``.
 
@@ -113,8 +113,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         forward), and does nothing otherwise.
 
         transformers' own ``output_hidden_states=True`` records the same tensors, but through hooks on every block and
-        on every attention module; 60 hooks instead of 30 cost about 4% of a decoding step of the 4-bit SmolLM2-135M on
-        a CPU (each hooked module call takes PyTorch's slow path). Installed once; removed by :meth:`remove_hooks`.
+        on every attention module (each hooked module call takes PyTorch's slower path): on a decoding step of the
+        4-bit SmolLM2-135M on a CPU that capture cost about 1 ms of 20, these hooks about 0.4 ms. Installed once;
+        removed by :meth:`remove_hooks`.
         """
         if "_hook_handles" in self.__dict__:
             return
