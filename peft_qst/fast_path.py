@@ -38,6 +38,7 @@ floating-point rounding (tests/test_fast_path.py); :func:`fast_path_disabled` sw
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from contextlib import contextmanager
 from typing import Optional
@@ -380,14 +381,34 @@ def fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cac
     threads than with 1). The thread count is process-wide, so it is set back as soon as the side network returns.
     """
     batch, length = hidden_states[0].shape[:2]
-    threads = torch.get_num_threads()
-    if threads == 1 or batch * length > ONE_THREAD_TOKENS:
+    if batch * length > ONE_THREAD_TOKENS or (torch.get_num_threads() == 1 and not _one_thread["sections"]):
         return _fast_side_forward(side, packed, hidden_states, cache, **trunk_kwargs)
-    torch.set_num_threads(1)
+    with _one_thread_section():
+        return _fast_side_forward(side, packed, hidden_states, cache, **trunk_kwargs)
+
+
+#: the thread count to restore and how many sections run on one thread now (several Python threads may generate at once)
+_one_thread = {"saved": None, "sections": 0}
+_one_thread_lock = threading.Lock()
+
+
+@contextmanager
+def _one_thread_section():
+    """One intra-op thread while any section is open; the first section to open saves the thread count and the last
+    to close sets it back, so that overlapping sections (generation in several Python threads) cannot leave the
+    process on one thread."""
+    with _one_thread_lock:
+        if not _one_thread["sections"]:
+            _one_thread["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _one_thread["sections"] += 1
     try:
-        return _fast_side_forward(side, packed, hidden_states, cache, **trunk_kwargs)
+        yield
     finally:
-        torch.set_num_threads(threads)
+        with _one_thread_lock:
+            _one_thread["sections"] -= 1
+            if not _one_thread["sections"]:
+                torch.set_num_threads(_one_thread["saved"])
 
 
 def _fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cache, attention_mask=None,

@@ -275,3 +275,22 @@ def test_decoding_steps_run_on_one_thread_and_give_the_thread_count_back(monkeyp
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+def test_overlapping_one_thread_sections_give_the_first_thread_count_back():
+    """Generation in several Python threads: sections that overlap in any order leave the thread count as it was."""
+    from peft_qst.fast_path import _one_thread_section
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = _one_thread_section(), _one_thread_section()
+        first.__enter__()
+        assert torch.get_num_threads() == 1
+        second.__enter__()  # another thread enters while the first is inside: it must not save "1"
+        first.__exit__(None, None, None)
+        assert torch.get_num_threads() == 1  # the second is still inside
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
