@@ -120,6 +120,9 @@ def test_partial_rotary_rule():
         get_peft_model(tiny("gpt_neox"), QSTConfig(r=32))
 
 
+TINY_LAYERS = {name: sizes.get("num_hidden_layers", sizes.get("n_layer")) for name, sizes in TINY.items()}
+
+
 @pytest.mark.parametrize("model_type", list(TINY))
 def test_side_network_reads_the_hidden_states_transformers_reports(model_type):
     """QST records the backbone's hidden states with its own block hooks; they are exactly transformers'
@@ -137,9 +140,6 @@ def test_side_network_reads_the_hidden_states_transformers_reports(model_type):
     assert len(seen) == 1 and len(seen[0]) == len(reference) == TINY_LAYERS[model_type] + 1
     for ours, theirs in zip(seen[0], reference):
         assert torch.equal(ours, theirs)
-
-
-TINY_LAYERS = {name: sizes.get("num_hidden_layers", sizes.get("n_layer")) for name, sizes in TINY.items()}
 
 
 def test_unload_removes_every_hook_qst_put_on_the_backbone():
