@@ -45,11 +45,17 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache
+import transformers.activations
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 #: model types whose decoder block this path reproduces (pre-norm RMSNorm, rotary attention with q/k/v/o projections,
 #: gated MLP with gate/up/down projections, no q/k norms)
 FAST_PATH_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+#: activation modules that compute plain SiLU (``hidden_act`` "silu": transformers' own class; "swish": torch's)
+_SILU_MODULES = (torch.nn.SiLU,) + tuple(
+    cls for cls in (getattr(transformers.activations, "SiLUActivation", None),) if isinstance(cls, type)
+)
 
 #: trunk keyword arguments the fast path understands; any other (packed-sequence metadata, output flags) falls back
 _UNDERSTOOD_KWARGS = {"attention_mask", "position_ids", "cache_position", "use_cache"}
@@ -103,13 +109,17 @@ class PackedSideWeights:
         width = int(config.hidden_size)
         self.eps_sum = width * float(first.input_layernorm.variance_epsilon)  # see _denominator
         self.final_eps_sum = width * float(side.trunk.norm.variance_epsilon)
-        self.act = first.mlp.act_fn
+        # the activation as a plain function: a module call costs more than SiLU's arithmetic at these sizes
+        act = first.mlp.act_fn
+        self.act = torch._C._nn.silu if type(act) in _SILU_MODULES else act.forward
         self.q_width = self.heads * self.head_dim
         self.kv_width = self.kv_heads * self.head_dim
         self.qk_width = self.q_width + self.kv_width
         # how one block's projection splits: [q k | rot(q) rot(k) | v], then [q | k]
         self.qkv_split = [self.qk_width, self.qk_width, self.kv_width]
         self.q_k_split = [self.q_width, self.kv_width]
+        ffn = int(first.mlp.gate_proj.out_features)
+        self.gate_up_split = [ffn, ffn]
         with torch.no_grad():
             self.downsample = _stack_downsamplers([side.embed_downsample] + [b.downsample for b in blocks])
             gates = torch.stack([torch.sigmoid(b.gate_logit) for b in blocks]).unsqueeze(1)
@@ -130,6 +140,7 @@ class PackedSideWeights:
             device = self.gates.device
             self.root_eps = torch.tensor(math.sqrt(self.eps_sum), device=device)
             self.final_root_eps = torch.tensor(math.sqrt(self.final_eps_sum), device=device)
+            self.column_inv_freq = _column_inv_freq(side.trunk.rotary_emb, self.heads + self.kv_heads, device)
         self.checked_cache = None  # weak reference to the side cache these weights were last checked for
 
     def _pack_block(self, block) -> list:
@@ -200,6 +211,22 @@ def _as_float32(value):
     if isinstance(value, list):
         return [_as_float32(item) for item in value]
     return value
+
+
+def _column_inv_freq(rotary, heads: int, device) -> Optional[torch.Tensor]:
+    """The rotary inverse frequency of every query/key column, (1, (heads + kv heads) * head_dim), so that a forward
+    gets its cos/sin per column as ``cos(position * column_inv_freq)``: four operations instead of the rotary module
+    call and the expansion of its output to the columns. Only for the plain rotary embedding (``rope_type``
+    "default", no attention scaling), whose frequencies never change; None for the others (scaled, dynamic), which the
+    rotary module computes. Same arithmetic as the module (``position.float() * inv_freq`` in float32, then cos and
+    sin), so the same values."""
+    if getattr(rotary, "rope_type", None) != "default" or float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        return None
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor):
+        return None
+    inv_freq = inv_freq.detach().to(device=device, dtype=torch.float32)
+    return torch.cat((inv_freq, inv_freq)).repeat(heads).unsqueeze(0).contiguous()
 
 
 def weights_key(side) -> tuple:
@@ -368,6 +395,17 @@ def keep_cache_dtype(cache, dtype: torch.dtype) -> None:
             layer.values = layer.values.to(dtype)
 
 
+def _plain_float32_layers(cache, layers: int) -> Optional[list]:
+    """The cache's layers if it is a plain ``DynamicCache`` (no offloading) whose layers are filled ``DynamicLayer``s
+    holding float32 keys and values, else None."""
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", False) or len(cache.layers) < layers:
+        return None
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.dtype != torch.float32:
+            return None
+    return cache.layers
+
+
 #: at most this many tokens (batch x length) in a forward, the fast path runs on one thread (see fast_side_forward)
 ONE_THREAD_TOKENS = 64
 
@@ -427,7 +465,11 @@ def _fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, ca
         cache = DynamicCache(config=side.trunk.config)
         packed.checked_cache = weakref.ref(cache)  # filled with the weights just checked (packed_weights_for)
     past = cache.get_seq_length() if cache is not None else 0
-    if past:
+    decoding = length == 1
+    # decoding steps append to the layers of a plain DynamicCache directly (one torch.cat each for keys and values,
+    # which is all DynamicLayer.update does, without the two method calls around it)
+    direct_layers = _plain_float32_layers(cache, len(packed.layers)) if decoding and past else None
+    if past and direct_layers is None:
         keep_cache_dtype(cache, torch.float32)
     if position_ids is None:
         position_ids = torch.arange(past, past + length, device=device).unsqueeze(0)
@@ -441,37 +483,51 @@ def _fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, ca
     x = down[0]
     heads, kv_heads, head_dim = packed.heads, packed.kv_heads, packed.head_dim
     # rotary factors for the q and k columns of each token, (tokens, qk width): q * cos + rotate_half(q) * sin
-    cos, sin = side.trunk.rotary_emb(x, position_ids)  # (1 or batch, length, head_dim)
-    per_column = (batch, length, heads + kv_heads, head_dim)
-    cos = cos.unsqueeze(2).expand(per_column).reshape(tokens, -1)
-    sin = sin.unsqueeze(2).expand(per_column).reshape(tokens, -1)
+    if packed.column_inv_freq is not None:
+        angles = position_ids.reshape(-1, 1).float() * packed.column_inv_freq
+        if angles.shape[0] != tokens:  # one row of position ids for the whole batch
+            angles = angles.expand(batch, length, -1).reshape(tokens, -1)
+        cos, sin = angles.cos(), angles.sin()
+    else:
+        cos, sin = side.trunk.rotary_emb(x, position_ids)  # (1 or batch, length, head_dim)
+        per_column = (batch, length, heads + kv_heads, head_dim)
+        cos = cos.unsqueeze(2).expand(per_column).reshape(tokens, -1)
+        sin = sin.unsqueeze(2).expand(per_column).reshape(tokens, -1)
     mask = _attention_mask(attention_mask, batch, length, past, device)
-    decoding = length == 1
     group = heads // kv_heads
     score_bias = None  # decoding with padding: -inf on the keys each row must not see, added by the scores' matmul
     if decoding and mask is not None:
         hidden = (~mask).expand(batch, kv_heads, 1, past + length).reshape(batch * kv_heads, 1, past + length)
         score_bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf"))
     qkv_split, q_k_split = packed.qkv_split, packed.q_k_split
-    root_eps, act = packed.root_eps, packed.act
+    root_eps, act, gate_up_split = packed.root_eps, packed.act, packed.gate_up_split
+    # local names for what the loop calls: each global or attribute lookup costs about as much as a tiny operation's
+    # arithmetic here (the RMS denominators are _denominator, inlined)
+    mm, addmm, addcmul, bmm, cat = torch.mm, torch.addmm, torch.addcmul, torch.bmm, torch.cat
+    norm = torch.linalg.vector_norm
     for index, (qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b, layer_idx) in enumerate(packed.layers):
-        x = torch.addcmul(keep_down[index], gate_rows[index], x)
-        projected = torch.mm(x, qkv_w).div_(_denominator(x, root_eps))
+        x = addcmul(keep_down[index], gate_rows[index], x)
+        projected = mm(x, qkv_w).div_(norm(x, dim=-1, keepdim=True).hypot_(root_eps))
         if qkv_b is not None:
             projected += qkv_b
-        qk, rotated, value = projected.split(qkv_split, 1)
-        query, key = torch.addcmul(qk * cos, rotated, sin).split(q_k_split, 1)
+        # (split_with_sizes: Tensor.split is a Python wrapper around it)
+        qk, rotated, value = projected.split_with_sizes(qkv_split, 1)
+        query, key = addcmul(qk * cos, rotated, sin).split_with_sizes(q_k_split, 1)
         if decoding:  # one token per row: (batch, kv heads, 1, head_dim) is the row's memory as it is
             key = key.view(batch, kv_heads, 1, head_dim)
             value = value.view(batch, kv_heads, 1, head_dim)
-            if cache is not None:
+            if direct_layers is not None:
+                layer = direct_layers[layer_idx]
+                layer.keys = key = cat((layer.keys, key), -2)
+                layer.values = value = cat((layer.values, value), -2)
+            elif cache is not None:
                 key, value = cache.update(key, value, layer_idx)
             # the query heads that share each key/value head, against that head's keys (bmm: torch.matmul would
             # spend more on broadcasting 4-D shapes than on the arithmetic)
             rows, keys = batch * kv_heads, key.shape[-2]
             query, key = query.reshape(rows, group, head_dim), key.reshape(rows, keys, head_dim).transpose(1, 2)
-            scores = torch.bmm(query, key) if score_bias is None else torch.baddbmm(score_bias, query, key)
-            attended = torch.bmm(scores.softmax(-1), value.reshape(rows, keys, head_dim)).view(batch, -1)
+            scores = bmm(query, key) if score_bias is None else torch.baddbmm(score_bias, query, key)
+            attended = bmm(scores.softmax(-1), value.reshape(rows, keys, head_dim)).view(batch, -1)
         else:
             query = query.view(batch, length, heads, head_dim).transpose(1, 2)
             key = key.view(batch, length, kv_heads, head_dim).transpose(1, 2)
@@ -481,14 +537,14 @@ def _fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, ca
             attended = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, scale=1.0, is_causal=mask is None, enable_gqa=group > 1,
             ).transpose(1, 2).reshape(tokens, -1)
-        x = torch.addmm(x, attended, o_w)
+        x = addmm(x, attended, o_w)
         if o_b is not None:
             x += o_b
-        gate_up = torch.mm(x, gate_up_w).div_(_denominator(x, root_eps))
+        gate_up = mm(x, gate_up_w).div_(norm(x, dim=-1, keepdim=True).hypot_(root_eps))
         if gate_up_b is not None:
             gate_up += gate_up_b
-        gate, up = gate_up.chunk(2, dim=-1)
-        x = torch.addmm(x, act(gate).mul_(up), down_w)
+        gate, up = gate_up.split_with_sizes(gate_up_split, 1)
+        x = addmm(x, act(gate).mul_(up), down_w)
         if down_b is not None:
             x += down_b
     out32 = x.div(_denominator(x, packed.final_root_eps)).mul_(packed.final_norm)

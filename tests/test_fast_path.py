@@ -28,7 +28,7 @@ def open_adapter(model, seed: int = 0):
 
 
 def qst_model(model_type="llama", side_dtype=None, **config):
-    if model_type == "llama":
+    if model_type == "llama" and "base" not in config:
         base = tiny_causal_lm(pad_token_id=PAD)
     else:
         torch.manual_seed(0)
@@ -88,9 +88,19 @@ def test_every_downsampler_equals_the_general_path(downsample):
     torch.testing.assert_close(fast[mask.bool()], general[mask.bool()], atol=2e-5, rtol=1e-4)
 
 
-def test_cached_decoding_equals_the_general_path_step_by_step():
+#: the fast path computes plain rotary embeddings itself and takes scaled ones and other activations from the modules
+DECODING_VARIANTS = [
+    ("llama", {}),
+    ("llama", {"base": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}}),
+    ("llama", {"base": {"hidden_act": "gelu_pytorch_tanh"}}),
+    ("qwen2", {}),
+]
+
+
+@pytest.mark.parametrize("model_type,config", DECODING_VARIANTS, ids=["llama", "linear-rope", "gelu", "qwen2"])
+def test_cached_decoding_equals_the_general_path_step_by_step(model_type, config):
     """Prefill and decode steps with the paired cache, left padding included: logits of every step agree."""
-    model = qst_model()
+    model = qst_model(model_type, **dict(config))
     ids, mask = left_padded_batch()
 
     def decode():
