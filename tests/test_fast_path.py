@@ -157,6 +157,36 @@ def test_switching_paths_in_the_middle_of_a_generation():
     torch.testing.assert_close(general_step.logits[:, -1], reference, atol=0.05, rtol=0.05)
 
 
+def test_a_cache_filled_on_the_fast_path_continues_with_gradients():
+    """The fast path runs under inference mode, so the side cache it fills holds inference tensors; a forward with
+    gradients that continues that cache (the general path) still back-propagates, with the gradients a cache filled
+    on the general path gives."""
+    ids, mask = left_padded_batch()
+
+    def gradients():
+        model = qst_model()
+        with torch.no_grad():
+            prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            step = prefill.logits[:, -1].argmax(-1, keepdim=True)
+            step_mask = torch.cat([mask, torch.ones_like(step)], 1)
+            decoded = model(input_ids=step, attention_mask=step_mask, past_key_values=prefill.past_key_values)
+        cache = decoded.past_key_values
+        inference = cache.side_cache("default").layers[0].keys.is_inference()
+        last = decoded.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(input_ids=last, attention_mask=torch.cat([step_mask, torch.ones_like(last)], 1),
+                    past_key_values=cache)
+        out.logits.float().pow(2).mean().backward()
+        return inference, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fast_inference, fast = gradients()
+    with fast_path_disabled():
+        general_inference, general = gradients()
+    assert fast_inference and not general_inference
+    assert any(g.abs().max() > 0 for g in fast.values())
+    for name in fast:
+        torch.testing.assert_close(fast[name], general[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
 def test_fast_path_follows_training_steps_and_loaded_weights(tmp_path):
     """The packed weights are rebuilt after every change of the side parameters: an optimizer step, a load."""
     model = qst_model()
