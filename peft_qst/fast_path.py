@@ -14,9 +14,13 @@ Under ``torch.no_grad()`` this module computes the same function with far fewer,
   with the RMSNorm weight and the attention scaling folded into its weights and the RMS denominator applied to its
   result (two operations, :func:`_denominator`); rotary embeddings are then one multiply and one ``addcmul``; the
   gate/up projections are one matmul; the output and down projections add their residual in the same ``addmm``;
-- one decode token attends with two batched matmuls and a softmax (cheaper than SDPA's kernel at head dim 4), and
-  the loop over blocks does no Python-level tensor indexing (at these sizes a ``t[:, :k]`` costs as much as a small
-  matmul): about 20 tensor operations per block;
+- one decode token attends with two batched matmuls and a softmax (cheaper than SDPA's kernel at head dim 4), its
+  key and value are appended to a plain ``DynamicCache``'s layers directly, and the loop over blocks does no
+  Python-level tensor indexing (at these sizes a ``t[:, :k]`` costs as much as a small matmul): about 20 tensor
+  operations per block, called through local names, under ``torch.inference_mode()`` (views and splits skip
+  autograd's tracking);
+- plain rotary embeddings are computed per query/key column from the positions (``cos(position * inv_freq)``)
+  instead of through the rotary module;
 - everything runs in float32 whatever the side dtype (on CPUs small float32 matmuls are several times faster than
   bfloat16 ones, and float32 is at least as precise as the bf16 path, whose norms and attention accumulate in float32
   too); the side network's own transformers ``DynamicCache`` holds float32 keys and values (:func:`keep_cache_dtype`
