@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - older PEFT without the helper
 from .cache import cache_field
 from .config import QSTConfig
 from .fast_path import fast_mix, fast_side_forward, keep_cache_dtype, packed_weights_for
+from .side_attention import side_attention_implementation
 
 #: config attributes holding the width of token embeddings where it may differ from the hidden size
 EMBEDDING_WIDTH_ATTRIBUTES = ("word_embed_proj_dim",)
@@ -142,7 +143,7 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     if hasattr(side, "quantization_config"):
         del side.quantization_config
     side.dtype = dtype
-    side._attn_implementation = getattr(base_config, "_attn_implementation", None) or "eager"
+    side._attn_implementation = side_attention_implementation(base_config)  # SDPA in float32 on CPU where it can
     return side
 
 
