@@ -34,6 +34,7 @@ from .cache import cache_field
 from .config import QSTConfig
 from .fast_path import fast_mix, fast_side_forward, keep_cache_dtype, packed_weights_for
 from .side_attention import side_attention_implementation
+from .lm_head import mark_low_rank_update
 
 #: config attributes holding the width of token embeddings where it may differ from the hidden size
 EMBEDDING_WIDTH_ATTRIBUTES = ("word_embed_proj_dim",)
@@ -585,4 +586,15 @@ class QSTSideNetwork(nn.Module):
         if self.copy_head is not None:
             copied = self.copy_head(side_out.to(device), backbone_last.to(device), **copy_inputs)
             update = update + copied.to(update.dtype)
-        return backbone_last + update.to(backbone_last.device, backbone_last.dtype)
+        mixed = backbone_last + update.to(backbone_last.device, backbone_last.dtype)
+        if (
+            self.copy_head is None
+            and torch.is_grad_enabled()
+            and not backbone_last.requires_grad
+            and side_out.requires_grad
+            and backbone_last.device == device
+        ):
+            # the update is exactly a * (up s) on a constant h_L: the LM head can back-propagate through that
+            # low-rank form instead of the full hidden width (peft_qst/lm_head.py)
+            mark_low_rank_update(mixed, side_out.to(device), self.output_gate, self.upsample)
+        return mixed

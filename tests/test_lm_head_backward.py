@@ -1,0 +1,132 @@
+"""The LM head's low-rank backward in training (peft_qst/lm_head.py): the gradients autograd gives, where it applies,
+and autograd's own backward everywhere else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import peft_qst.lm_head as lm_head
+from peft_qst import QSTConfig
+
+V = 100
+
+
+def qst_model(dtype=torch.float32, **config):
+    torch.manual_seed(0)
+    base_config = AutoConfig.for_model(
+        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=V,
+    )
+    base = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, **config))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # open the zero-initialised upsample so that every side parameter gets a gradient
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                noise = torch.randn(parameter.shape, generator=generator) * 0.1
+                parameter.add_(noise.to(parameter.dtype))
+    return model
+
+
+def count_low_rank_backwards(monkeypatch) -> list:
+    calls = []
+    original = lm_head.LowRankHeadGradient.backward
+
+    def counted(ctx, grad):
+        calls.append(1)
+        return original(ctx, grad)
+
+    monkeypatch.setattr(lm_head.LowRankHeadGradient, "backward", staticmethod(counted))
+    return calls
+
+
+def gradients(model, low_rank: bool, **inputs) -> dict:
+    head = model.get_output_embeddings()
+    handle = getattr(head, lm_head._LOW_RANK_HANDLE_ATTR)
+    if not low_rank:
+        handle.remove()
+        delattr(head, lm_head._LOW_RANK_HANDLE_ATTR)
+    try:
+        model.zero_grad()
+        out = model(**inputs)
+        loss = out.loss if out.loss is not None else out.logits.float().pow(2).mean()
+        loss.backward()
+    finally:
+        lm_head.install_lm_head_restride(model)
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def batch():
+    ids = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
+def test_low_rank_backward_gives_autograds_gradients(monkeypatch):
+    model = qst_model()
+    calls = count_low_rank_backwards(monkeypatch)
+    mine = gradients(model, True, **batch())
+    assert len(calls) == 1
+    reference = gradients(model, False, **batch())
+    assert len(calls) == 1
+    assert set(mine) == set(reference) and len(mine) > 10
+    for name in reference:
+        torch.testing.assert_close(mine[name], reference[name], atol=1e-6, rtol=1e-4, msg=name)
+    for name in ("upsample", "output_gate"):  # the three parameters the low-rank backward computes directly
+        assert any(name in n and g.abs().max() > 0 for n, g in mine.items())
+
+
+def test_bfloat16_gradients_agree_to_rounding(monkeypatch):
+    model = qst_model(dtype=torch.bfloat16)
+    calls = count_low_rank_backwards(monkeypatch)
+    mine = gradients(model, True, **batch())
+    reference = gradients(model, False, **batch())
+    assert len(calls) == 1
+    for name in reference:
+        scale = reference[name].float().abs().max().clamp(min=1e-6)
+        assert (mine[name].float() - reference[name].float()).abs().max() <= 0.03 * scale, name
+
+
+@pytest.mark.parametrize(
+    "config,inputs",
+    [
+        ({"copy_heads": 2}, {}),  # the copy heads add another term to the hidden state
+        ({}, {"logits_to_keep": 4}),  # the head sees a slice of the hidden state
+        ({"backbone_lora_layers": 1}, {}),  # the backbone's last hidden state has a gradient too
+    ],
+    ids=["copy-heads", "sliced", "backbone-lora"],
+)
+def test_autograds_backward_wherever_the_low_rank_form_does_not_hold(monkeypatch, config, inputs):
+    model = qst_model(**config)
+    calls = count_low_rank_backwards(monkeypatch)
+    data = batch()
+    if "logits_to_keep" in inputs:
+        data = dict(data, labels=None, **inputs)
+    mine = gradients(model, True, **data)
+    assert calls == []
+    reference = gradients(model, False, **data)
+    for name in reference:
+        torch.testing.assert_close(mine[name], reference[name], msg=name)
+
+
+def test_a_trained_lm_head_keeps_autograds_backward(monkeypatch):
+    model = qst_model()
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(True)
+    calls = count_low_rank_backwards(monkeypatch)
+    grads = gradients(model, True, **batch())
+    assert calls == [] and head.weight.grad is not None and head.weight.grad.abs().max() > 0
+    assert any("upsample" in name for name in grads)
+
+
+def test_unload_removes_the_hook():
+    model = qst_model()
+    head = model.get_output_embeddings()
+    assert getattr(head, lm_head._LOW_RANK_HANDLE_ATTR, None) is not None
+    base = model.unload()
+    assert getattr(base.get_output_embeddings(), lm_head._LOW_RANK_HANDLE_ATTR, None) is None
+    assert not base.get_output_embeddings()._forward_hooks
