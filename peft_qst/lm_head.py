@@ -17,7 +17,7 @@ d/r) upsampled by ``U`` (d x d/r) and gated per channel by ``a``. Autograd back-
 operations as the head's forward (for SmolLM2, 1024 tokens x 49152 x 576, about 6% of a CPU training step). Since
 only ``s``, ``a`` and ``U`` need gradients, the same gradients follow from products of width d/r:
 ``P = W^T (G^T s)`` (d x d/r), ``dU = a * P``, ``da = rowsum(U * P)``, ``ds = G (W (a * U))`` -- about 5 times fewer
-operations at r=16, the same values up to rounding. :func:`mark_low_rank_update` records that structure on the mixed
+operations at r=16, the same values up to rounding. :func:`mark_low_rank_update` records that structure for the mixed
 hidden state (``QSTSideNetwork.mix`` does, where it holds: no copy heads, no gradient into the backbone, one device),
 and a forward hook on the head wraps the logits of exactly that tensor in :class:`LowRankHeadGradient`; a sliced
 input, a head that trains, or anything else keeps autograd's own backward.
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -34,14 +36,25 @@ from torch import nn
 _HANDLE_ATTR = "_qst_restride_handle"
 _LOW_RANK_HANDLE_ATTR = "_qst_low_rank_handle"
 
-#: set on a mixed hidden state whose update is ``a * (U s)`` on a constant: (s, output gate, upsample)
-_LOW_RANK_ATTR = "_qst_low_rank_update"
+#: id of a mixed hidden state whose update is ``a * (U s)`` on a constant -> (weak reference to it, s, output gate,
+#: upsample). Kept beside the tensor rather than as an attribute on it, so that copying or saving the tensor cannot
+#: drag the side network's modules along (``torch.load(weights_only=True)`` would refuse such a file); an entry is
+#: removed when its tensor is freed.
+_low_rank_records: dict = {}
 
 
 def mark_low_rank_update(mixed: torch.Tensor, side_out: torch.Tensor, output_gate: nn.Module, upsample: nn.Module):
-    """Record on ``mixed`` (= constant + ``output_gate(upsample(side_out))``) the parts of its low-rank update. The
-    record lives as long as the tensor."""
-    setattr(mixed, _LOW_RANK_ATTR, (side_out, output_gate, upsample))
+    """Record that ``mixed`` = constant + ``output_gate(upsample(side_out))``, for as long as ``mixed`` lives."""
+    key = id(mixed)
+    _low_rank_records[key] = (weakref.ref(mixed), side_out, output_gate, upsample)
+    weakref.finalize(mixed, _low_rank_records.pop, key, None)
+
+
+def _low_rank_record(tensor: Optional[torch.Tensor]) -> Optional[tuple]:
+    entry = _low_rank_records.get(id(tensor)) if tensor is not None else None
+    if entry is None or entry[0]() is not tensor:
+        return None
+    return entry[1:]
 
 
 class LowRankHeadGradient(torch.autograd.Function):
@@ -82,8 +95,10 @@ def _low_rank_backward(module: nn.Module, args: tuple, output):
     hidden = args[0]
     if not isinstance(hidden, torch.Tensor):
         return None
-    source = hidden if hasattr(hidden, _LOW_RANK_ATTR) else hidden._base
-    record = getattr(source, _LOW_RANK_ATTR, None) if source is not None else None
+    source, record = hidden, _low_rank_record(hidden)
+    if record is None:
+        source = hidden._base
+        record = _low_rank_record(source)
     if record is None:
         return None
     # the whole mixed tensor (transformers passes hidden[:, slice(0, None)], a view of all of it), not a slice

@@ -130,3 +130,20 @@ def test_unload_removes_the_hook():
     base = model.unload()
     assert getattr(base.get_output_embeddings(), lm_head._LOW_RANK_HANDLE_ATTR, None) is None
     assert not base.get_output_embeddings()._forward_hooks
+
+
+def test_the_record_lives_with_the_hidden_state_and_does_not_travel_with_it(tmp_path):
+    """The mixed hidden state is recorded beside the tensor, not on it: saving the tensor writes plain weights, and
+    the record goes when the tensor does."""
+    import gc
+
+    model = qst_model()
+    out = model(**batch(), output_hidden_states=True)
+    mixed = out.hidden_states[-1]
+    assert lm_head._low_rank_record(mixed) is not None
+    torch.save(mixed, tmp_path / "h.pt")
+    assert torch.equal(torch.load(tmp_path / "h.pt", weights_only=True), mixed)
+    before = len(lm_head._low_rank_records)
+    del out, mixed
+    gc.collect()
+    assert len(lm_head._low_rank_records) == before - 1
