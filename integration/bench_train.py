@@ -31,9 +31,14 @@ loaded model. On CUDA: ``torch.cuda.max_memory_allocated`` after loading and dur
 Time. ``step_s`` is the median wall-clock of a step; on CPU ``step_cpu_s`` is the median CPU time of the step (all
 threads of the child, ``time.process_time``), which other processes on a shared machine distort far less.
 
-Allocator. On CPU the children run with ``MALLOC_MMAP_THRESHOLD_=131072`` (``--malloc-mmap-threshold``): glibc then
-returns every freed tensor above 128 KB to the OS, so RSS follows the tensors alive instead of what glibc's heap
-happened to keep (its default threshold grows up to 32 MB as blocks are freed).
+Allocator. On CPU each method runs twice per round, in two fresh processes: a *memory* child with
+``MALLOC_MMAP_THRESHOLD_=131072`` (``--malloc-mmap-threshold``), where glibc returns every freed tensor above 128 KB to
+the OS, so RSS follows the tensors alive instead of what glibc's heap happened to keep (its default threshold grows up
+to 32 MB as blocks are freed); and a *timing* child with glibc's default allocator, as a user's training runs. The
+memory figures come from the first, the step times from the second: with the forced threshold every tensor above
+128 KB is a fresh mapping whose pages fault in on first touch, which slowed the no-grad forward with transformers'
+loss from 0.82 to 1.27 s per step and QST from 1.25 to 1.55 s, so step times measured that way compare wrongly.
+``--malloc-mmap-threshold 0`` runs one child per method with glibc's defaults for both.
 
 Rounds. The machine may be shared; ``--rounds N`` runs every method N times, interleaved (qst, qlora, lora, floor,
 qst, ...), each time in a fresh process, and reports the median over rounds.
@@ -297,6 +302,7 @@ def run_one(args) -> dict:
         "peak_reset_after_load": hwm_reset,
         "torch_threads": torch.get_num_threads(),
         "pid": os.getpid(),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
     if cuda:
         result["load_memory_mb"] = load_memory_mb
@@ -353,24 +359,37 @@ def run_children(args, model_path: str) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # without it, idle OpenMP threads spin and distort the timings
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if args.malloc_mmap_threshold:
+    timing_env = dict(env)
+    timing_env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    memory_env = None  # CPU with a forced threshold: a second child per method measures memory (module docstring)
+    if args.device == "cpu" and args.malloc_mmap_threshold:
         # glibc serves allocations above this size with their own mappings and unmaps them when freed, so RSS follows
         # the tensors alive; by default the threshold grows with freed blocks (up to 32 MB) and freed tensors stay
         # resident in the heap, which makes peaks depend on the allocation history more than on what a step needs
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(args.malloc_mmap_threshold))
+        memory_env = dict(timing_env, MALLOC_MMAP_THRESHOLD_=str(args.malloc_mmap_threshold))
+    memory_keys = ("peak_rss_mb", "load_rss_mb", "step_peak_rss_mb", "step_increment_mb")
     runs = []
     with tempfile.TemporaryDirectory(prefix="qst-bench-train-") as tmp:
+
+        def child(spec: str, child_env: dict) -> dict:
+            result_file = os.path.join(tmp, f"{len(runs)}-{int(child_env is memory_env)}.json")
+            proc = subprocess.run(child_command(spec, args, model_path, result_file), env=child_env,
+                                  timeout=args.child_timeout_s, check=False)
+            if proc.returncode != 0 or not os.path.isfile(result_file):
+                raise SystemExit(f"{spec} failed (exit code {proc.returncode}); its error is printed above")
+            with open(result_file) as handle:
+                return json.load(handle)
+
         for round_index in range(args.rounds):
             for spec in args.methods:
-                result_file = os.path.join(tmp, f"{round_index}-{len(runs)}.json")
-                command = child_command(spec, args, model_path, result_file)
                 print(f"[round {round_index + 1}/{args.rounds}] {spec}", file=sys.stderr, flush=True)
                 load_before = os.getloadavg()[0]
-                proc = subprocess.run(command, env=env, timeout=args.child_timeout_s, check=False)
-                if proc.returncode != 0 or not os.path.isfile(result_file):
-                    raise SystemExit(f"{spec} failed (exit code {proc.returncode}); its error is printed above")
-                with open(result_file) as handle:
-                    run = json.load(handle)
+                run = child(spec, timing_env)
+                if memory_env is not None:
+                    measured = child(spec, memory_env)
+                    run["timing_child_memory"] = {key: run[key] for key in memory_keys}
+                    run.update({key: measured[key] for key in memory_keys})
+                    run["memory_child"] = {key: measured[key] for key in ("pid", "malloc_mmap_threshold", "step_s")}
                 run.update(round=round_index, loadavg_1m_before=load_before, loadavg_1m_after=os.getloadavg()[0])
                 runs.append(run)
                 print(f"    step {run['step_s']:.3f} s, peak RSS {run['peak_rss_mb']:.0f} MB, "
@@ -449,7 +468,8 @@ def markdown(rows: list[dict], ratio: dict, env: dict, model: dict, args) -> str
         lines.append(
             f"1-minute load average before each child: {min(loads):.1f} to {max(loads):.1f} on {env['cpu_count']} "
             "cores (above the thread count, other processes took CPU time; the step CPU time is the steadier figure)"
-            + (f"; MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold else "")
+            + (f"; step times with glibc's default allocator, memory from a second child per method with "
+               f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold else "")
         )
     lines.append("")
     if args.device == "cuda":
