@@ -25,9 +25,8 @@ input, a head that trains, or anything else keeps autograd's own backward.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import weakref
+from typing import Optional
 
 import torch
 from torch import nn
@@ -134,7 +133,7 @@ def _restride_one_token_input(module: nn.Module, args: tuple) -> Optional[tuple]
     return (hidden.clone(memory_format=torch.contiguous_format),) + tuple(args[1:])
 
 
-def install_lm_head_restride(model: nn.Module) -> bool:
+def install_lm_head_hooks(model: nn.Module) -> bool:
     """Register the hooks on ``model``'s output embeddings (once): the one-token restride and the low-rank backward;
     returns whether a head was found."""
     get_head = getattr(model, "get_output_embeddings", None)
@@ -148,7 +147,7 @@ def install_lm_head_restride(model: nn.Module) -> bool:
     return True
 
 
-def uninstall_lm_head_restride(model: nn.Module) -> None:
+def uninstall_lm_head_hooks(model: nn.Module) -> None:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     for attr in (_HANDLE_ATTR, _LOW_RANK_HANDLE_ATTR):

@@ -23,7 +23,7 @@ from torch import nn
 from .bnb_compat import keep_4bit_weights_through_state_dict
 from .config import QSTConfig
 from .layer import QSTLayer
-from .lm_head import install_lm_head_restride, uninstall_lm_head_restride
+from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loss import install_chunked_loss, uninstall_chunked_loss
 from .serialization import QSTAdapterFileError, weights_digest
 from .side import QSTUnsupportedModelError, find_layer_list, shrink_config, unsupported_reason
@@ -219,13 +219,13 @@ class QSTModel(BaseTuner):
         # AVX512-BF16, bitsandbytes' Linear4bit would unpack its weights lossily in memory there (peft_qst/bnb_compat.py)
         keep_4bit_weights_through_state_dict(model)
         # generation's last-position logits: with a frozen LM head, PyTorch's CPU matmul would copy the whole head
-        # weight for each prefill (peft_qst/lm_head.py)
-        install_lm_head_restride(model)
+        # weight for each prefill; in training, the head's backward in the side update's low rank (peft_qst/lm_head.py)
+        install_lm_head_hooks(model)
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         uninstall_chunked_loss(model)
-        uninstall_lm_head_restride(model)
+        uninstall_lm_head_hooks(model)
         return model
 
     def _replace_module(self, parent, child_name, new_module, child):

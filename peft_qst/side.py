@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover - older PEFT without the helper
 from .cache import cache_field
 from .config import QSTConfig
 from .fast_path import fast_mix, fast_side_forward, keep_cache_dtype, packed_weights_for
-from .side_attention import side_attention_implementation
 from .lm_head import mark_low_rank_update
+from .side_attention import side_attention_implementation
 
 #: config attributes holding the width of token embeddings where it may differ from the hidden size
 EMBEDDING_WIDTH_ATTRIBUTES = ("word_embed_proj_dim",)
@@ -582,9 +582,10 @@ class QSTSideNetwork(nn.Module):
             if mixed is not None:
                 return mixed
         device = self.upsample.weight.device
-        update = self.output_gate(self.upsample(side_out.to(device)))
+        side_out = side_out.to(device)
+        update = self.output_gate(self.upsample(side_out))
         if self.copy_head is not None:
-            copied = self.copy_head(side_out.to(device), backbone_last.to(device), **copy_inputs)
+            copied = self.copy_head(side_out, backbone_last.to(device), **copy_inputs)
             update = update + copied.to(update.dtype)
         mixed = backbone_last + update.to(backbone_last.device, backbone_last.dtype)
         if (
@@ -596,5 +597,5 @@ class QSTSideNetwork(nn.Module):
         ):
             # the update is exactly a * (up s) on a constant h_L: the LM head can back-propagate through that
             # low-rank form instead of the full hidden width (peft_qst/lm_head.py)
-            mark_low_rank_update(mixed, side_out.to(device), self.output_gate, self.upsample)
+            mark_low_rank_update(mixed, side_out, self.output_gate, self.upsample)
         return mixed

@@ -55,7 +55,7 @@ def gradients(model, low_rank: bool, **inputs) -> dict:
         loss = out.loss if out.loss is not None else out.logits.float().pow(2).mean()
         loss.backward()
     finally:
-        lm_head.install_lm_head_restride(model)
+        lm_head.install_lm_head_hooks(model)
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
