@@ -53,6 +53,12 @@ class QSTConfig(PeftConfig):
             number of attention and key/value heads is kept, so the head dimension shrinks by ``r`` too. ``r`` must
             divide the model's hidden size into a whole head dimension (even, for rotary models); `get_peft_model`
             lists the values that fit when one does not. Paper default: 16.
+        side_heads (`int`, *optional*): Number of attention heads of the side blocks. None (the default): the
+            backbone's own numbers of attention and key/value heads, as in the paper's reference code, so the head
+            dimension is the backbone's divided by ``r`` (4 for SmolLM2 at r=16). A smaller number gives wider heads
+            and makes the side network's attention, its costliest part in training on CPU, proportionally cheaper;
+            the key/value heads keep the backbone's grouping where it divides (else one). It must divide the side
+            hidden size ``d / r``. `init="pruned"` keeps the backbone's heads and refuses any other count.
         downsample (`str`): How each backbone hidden state (width d) is brought down to the side width d/r:
             ``"adapter"`` (the paper's best: Linear d->rank, activation, Linear rank->d/r, LayerNorm),
             ``"lora"`` (Linear d->rank->d/r, no activation), ``"linear"`` (one Linear d->d/r),
@@ -104,6 +110,9 @@ class QSTConfig(PeftConfig):
     """
 
     r: int = field(default=16, metadata={"help": "Reduction factor of the side network's hidden and FFN sizes."})
+    side_heads: Optional[int] = field(
+        default=None, metadata={"help": "Attention heads of the side blocks; None: the backbone's (the paper)."}
+    )
     downsample: str = field(
         default="adapter", metadata={"help": f"Downsampler of each hidden state, one of {DOWNSAMPLE_KINDS}."}
     )
@@ -148,6 +157,11 @@ class QSTConfig(PeftConfig):
             raise ValueError(
                 f"QSTConfig.r={self.r!r} is invalid: r is the reduction factor of the side network and must be a "
                 "positive integer (paper default 16)."
+            )
+        if self.side_heads is not None and (not _is_int(self.side_heads) or self.side_heads < 1):
+            raise ValueError(
+                f"QSTConfig.side_heads={self.side_heads!r} is invalid: it must be a positive integer (the side blocks' "
+                "number of attention heads), or None to keep the model's."
             )
         if self.downsample not in DOWNSAMPLE_KINDS:
             raise ValueError(

@@ -62,6 +62,28 @@ def _num_heads(config) -> int:
     return int(config.num_attention_heads)
 
 
+def _num_kv_heads(config) -> Optional[int]:
+    value = getattr(config, "num_key_value_heads", None)
+    return int(value) if value is not None else None
+
+
+def side_head_counts(config, side_heads: Optional[int]) -> tuple[int, Optional[int]]:
+    """The side blocks' numbers of attention heads and key/value heads (None: the config has no separate count).
+
+    ``side_heads`` None keeps the backbone's counts (the paper's reference code). Otherwise the side trunk gets
+    ``side_heads`` query heads and as many key/value heads as keep the backbone's grouping (query heads per key/value
+    head) where that divides, else one: SmolLM2's 9 heads / 3 key/value heads become 3 / 1, or 1 / 1.
+    """
+    heads, kv_heads = _num_heads(config), _num_kv_heads(config)
+    if side_heads is None:
+        return heads, kv_heads
+    if kv_heads is None:
+        return side_heads, None
+    group = max(1, heads // kv_heads)
+    side_kv = side_heads // group if side_heads % group == 0 else 1
+    return side_heads, max(1, side_kv)
+
+
 def unsupported_reason(config) -> Optional[str]:
     """Why QST cannot side-tune a model with this config whatever r is, or None."""
     hidden = int(config.hidden_size)
@@ -75,22 +97,20 @@ def unsupported_reason(config) -> Optional[str]:
     return None
 
 
-def _fitting_r_values(config, limit: int = 64) -> list[int]:
-    return [r for r in range(1, limit + 1) if _shrink_problem(config, r) is None]
+def _fitting_r_values(config, side_heads: Optional[int] = None, limit: int = 64) -> list[int]:
+    return [r for r in range(1, limit + 1) if _shrink_problem(config, r, side_heads) is None]
 
 
-def _shrink_problem(config, r: int) -> Optional[str]:
-    """Why ``r`` cannot shrink this config, or None when it can."""
+def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optional[str]:
+    """Why ``r`` (with ``side_heads`` attention heads, None: the model's) cannot shrink this config, or None."""
     hidden = int(config.hidden_size)
-    heads = _num_heads(config)
+    heads = side_heads or _num_heads(config)
     if hidden % r:
         return f"r={r} does not divide hidden_size={hidden}"
     side_hidden = hidden // r
     if side_hidden % heads:
-        return (
-            f"r={r} gives a side hidden size of {side_hidden}, which does not split into the model's "
-            f"{heads} attention heads"
-        )
+        whose = f"side_heads={heads}" if side_heads else f"the model's {heads} attention heads"
+        return f"r={r} gives a side hidden size of {side_hidden}, which does not split into {whose}"
     if _uses_rotary(config):
         head_dim = side_hidden // heads
         factor = float((getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) or 1.0)
@@ -106,27 +126,33 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
 
     Rules (they follow from the config, not from a per-model table):
     - hidden size d -> d / r; every attribute that holds an FFN width is divided by r (at least 1);
-    - the numbers of attention and key/value heads are kept, so the head dimension becomes (d / r) / heads;
-      an explicit ``head_dim`` is rewritten accordingly;
+    - the numbers of attention and key/value heads are kept (or set from ``side_heads``, see
+      :func:`side_head_counts`), so the head dimension becomes (d / r) / heads; an explicit ``head_dim`` is
+      rewritten accordingly;
     - the vocabulary is dropped (the side trunk reads downsampled hidden states, never token ids) and embeddings are
       untied; the quantization config is removed (the side network is never quantized);
     - everything else (layer count, layer types, sliding windows, rope parameters, norms, attention implementation)
       is kept, so the side trunk runs the same code paths as the backbone.
     """
-    r = qst_config.r
-    problem = _shrink_problem(base_config, r)
+    r, side_heads = qst_config.r, qst_config.side_heads
+    problem = _shrink_problem(base_config, r, side_heads)
     if problem is not None:
-        fitting = _fitting_r_values(base_config)
+        fitting = _fitting_r_values(base_config, side_heads)
         raise ValueError(
             f"QSTConfig.r={r} cannot be used with this {base_config.model_type} model: {problem}. "
-            f"Values of r that fit this model: {fitting}."
+            f"Values of r that fit this model{f' with side_heads={side_heads}' if side_heads else ''}: {fitting}."
         )
     side = copy.deepcopy(base_config)
     side_hidden = int(base_config.hidden_size) // r
     side.hidden_size = side_hidden
+    heads, kv_heads = side_head_counts(base_config, side_heads)
+    if side_heads is not None:
+        side.num_attention_heads = heads
+        if kv_heads is not None:
+            side.num_key_value_heads = kv_heads
     head_dim_is_derived = isinstance(getattr(type(base_config), "head_dim", None), property)
     if not head_dim_is_derived and (getattr(base_config, "head_dim", None) is not None or _uses_rotary(base_config)):
-        side.head_dim = side_hidden // _num_heads(base_config)
+        side.head_dim = side_hidden // heads
     for name in EMBEDDING_WIDTH_ATTRIBUTES:
         # a separate embedding width (OPT's word_embed_proj_dim) projects in and out of the trunk; the side trunk reads
         # no embeddings and writes no logits, so its embedding width is its hidden width (no projections)

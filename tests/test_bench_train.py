@@ -25,7 +25,7 @@ def test_bench_train_all_methods_tiny(tmp_path):
         [sys.executable, "integration/bench_train.py", "--steps", "2", "--warmup", "1", "--seq", "16", "--batch", "2",
          "--layers", "2", "--threads", "1", "--output", str(output)],
         capture_output=True, text=True, timeout=600, cwd=REPO,
-        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+        env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(output.read_text())
@@ -51,6 +51,8 @@ def test_bench_train_all_methods_tiny(tmp_path):
     assert rows["floor"]["trainable_params"] == 0
     assert rows["qst"]["trainable_params"] > 0
     assert rows["qlora"]["trainable_params"] == rows["lora"]["trainable_params"] > 10 * rows["qst"]["trainable_params"]
+    # the floor runs in training mode, the bitsandbytes kernels QST's backbone runs (not the repacked eval-mode ones)
+    assert all(run["model_training_mode"] for run in result["runs"])
     for run in result["runs"]:  # warm-up + measured steps, each with a finite loss
         assert len(run["step_times_s"]) == 2 and len(run["losses"]) == 3
         assert all(math.isfinite(loss) for loss in run["losses"])
@@ -71,3 +73,12 @@ def test_bench_train_refuses_unknown_method():
     )
     assert completed.returncode != 0
     assert "unknown method 'dora'" in completed.stderr and "qst, qlora, lora, floor" in completed.stderr
+
+
+def test_bench_train_refuses_an_unknown_floor_mode():
+    completed = subprocess.run(
+        [sys.executable, "integration/bench_train.py", "--methods", "floor:mode=inference"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert completed.returncode != 0
+    assert "bad mode='inference'" in completed.stderr and "mode=train or mode=eval" in completed.stderr
