@@ -32,7 +32,10 @@ import os
 # PyTorch's OpenMP threads busy-wait between parallel regions. When anything else competes for the cores (another
 # job, a test run, a browser), a spinning thread waits for a descheduled one at every one of the thousands of tiny
 # matmuls of a forward pass: on 2 cores we measured training steps 15-35x slower (0.5 s -> 17 s). Letting idle
-# threads sleep costs almost nothing on an idle machine and removes that cliff. It must be set before torch loads.
+# threads sleep removes that cliff; on an idle machine it costs each step a wake-up per parallel region (a QST step of
+# this size: 0.64 s with spinning, 1.0 s with sleeping, on an idle 2-core Xeon). This script is meant to run on
+# shared machines too, so it takes the safe side; `OMP_WAIT_POLICY=ACTIVE python examples/quickstart.py` runs it with
+# spinning threads. It must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
