@@ -184,9 +184,9 @@ class QSTModel(BaseTuner):
                 raise _refuse(model_type, "its block layout (module roles and rotary layout) is not mapped")
             if config.side_heads is not None and config.side_heads != int(model_config.num_attention_heads):
                 raise ValueError(
-                    f"QSTConfig(init=\"pruned\", side_heads={config.side_heads}) cannot be built: pruning keeps each of "
-                    f"the model's {int(model_config.num_attention_heads)} attention heads as a narrower side head. Use "
-                    "side_heads=None with init=\"pruned\", or init=\"random\" with another head count."
+                    f"QSTConfig(init=\"pruned\", side_heads={config.side_heads}) cannot be built: pruning keeps "
+                    f"each of the model's {int(model_config.num_attention_heads)} attention heads as a narrower side "
+                    "head. Use side_heads=None with init=\"pruned\", or init=\"random\" with another head count."
                 )
         num_layers = int(model_config.num_hidden_layers)
         if config.backbone_lora_layers > num_layers:

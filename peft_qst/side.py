@@ -62,9 +62,17 @@ def _num_heads(config) -> int:
     return int(config.num_attention_heads)
 
 
+#: config attributes holding the number of key/value heads (Falcon names it ``num_kv_heads``)
+KV_HEAD_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads")
+
+
+def _kv_head_attribute(config) -> Optional[str]:
+    return next((name for name in KV_HEAD_ATTRIBUTES if getattr(config, name, None) is not None), None)
+
+
 def _num_kv_heads(config) -> Optional[int]:
-    value = getattr(config, "num_key_value_heads", None)
-    return int(value) if value is not None else None
+    name = _kv_head_attribute(config)
+    return int(getattr(config, name)) if name is not None else None
 
 
 def side_head_counts(config, side_heads: Optional[int]) -> tuple[int, Optional[int]]:
@@ -138,10 +146,15 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     problem = _shrink_problem(base_config, r, side_heads)
     if problem is not None:
         fitting = _fitting_r_values(base_config, side_heads)
-        raise ValueError(
+        message = (
             f"QSTConfig.r={r} cannot be used with this {base_config.model_type} model: {problem}. "
             f"Values of r that fit this model{f' with side_heads={side_heads}' if side_heads else ''}: {fitting}."
         )
+        if side_heads and int(base_config.hidden_size) % r == 0:
+            side_hidden = int(base_config.hidden_size) // r
+            heads_fitting = [h for h in range(1, side_hidden + 1) if _shrink_problem(base_config, r, h) is None]
+            message += f" Values of side_heads that fit r={r}: {heads_fitting}."
+        raise ValueError(message)
     side = copy.deepcopy(base_config)
     side_hidden = int(base_config.hidden_size) // r
     side.hidden_size = side_hidden
@@ -149,7 +162,7 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     if side_heads is not None:
         side.num_attention_heads = heads
         if kv_heads is not None:
-            side.num_key_value_heads = kv_heads
+            setattr(side, _kv_head_attribute(base_config), kv_heads)
     head_dim_is_derived = isinstance(getattr(type(base_config), "head_dim", None), property)
     if not head_dim_is_derived and (getattr(base_config, "head_dim", None) is not None or _uses_rotary(base_config)):
         side.head_dim = side_hidden // heads

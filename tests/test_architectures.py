@@ -83,6 +83,25 @@ def test_default_config_end_to_end(model_type, tmp_path):
         assert torch.equal(reloaded(input_ids=ids).logits, adapted)
 
 
+@pytest.mark.parametrize("model_type", list(TINY))
+def test_fewer_side_heads_train_generate_and_reload(model_type, tmp_path):
+    """side_heads=2 (of the model's 4): the side attention runs with two wider heads in every architecture."""
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM", side_heads=2))
+    side = next(m for m in model.modules() if type(m).__name__ == "QSTLayer").qst_side["default"]
+    assert side.trunk.config.num_attention_heads == 2
+    model.train()
+    train_steps(model, ids, lr=3e-2)
+    cached, uncached = generate_both_ways(model, ids)
+    assert torch.equal(cached, uncached)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny(model_type), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, adapted)
+
+
 # transformers' bitsandbytes integration finds no quantizable linear layer in tiny GPT-2 (Conv1D) and Falcon models
 @pytest.mark.parametrize("model_type", [t for t in TINY if t not in ("gpt2", "falcon")])
 def test_default_config_on_4bit(model_type, tmp_path):

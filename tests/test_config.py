@@ -94,6 +94,7 @@ def test_side_heads_that_do_not_fit_are_refused_with_the_fitting_values():
     message = str(info.value)
     assert "does not split into side_heads=3" in message
     assert "Values of r that fit this model with side_heads=3: []" in message
+    assert "Values of side_heads that fit r=4: [1, 2, 4, 8]" in message  # 16 channels, even head dimensions
     with pytest.raises(ValueError, match="pruning keeps each of the model's 4 attention heads"):
         get_peft_model(tiny_causal_lm(), QSTConfig(r=4, side_heads=2, init="pruned"))
 
@@ -122,5 +123,6 @@ def test_adapter_config_json_round_trips(tmp_path, tiny_model):
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, QSTConfig)
     for name in ("r", "downsample", "downsample_rank", "dropout", "side_gate_init", "output_gate_init",
-                 "side_dtype", "activation", "init", "side_heads", "task_type", "target_modules", "base_model_signature"):
+                 "side_dtype", "activation", "init", "side_heads", "task_type", "target_modules",
+                 "base_model_signature"):
         assert getattr(loaded, name) == getattr(config, name), name

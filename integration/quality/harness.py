@@ -35,9 +35,9 @@ Methods (a *spec* is ``METHOD`` or ``METHOD:key=value,key=value``)
   target_modules="all-linear", lora_dropout=0.05)``. Keys: ``r``, ``alpha``, ``dropout``, plus the common keys.
 - ``topk-lora``: LoRA (r=64, alpha 16, dropout 0.05) on all linear layers of the top ``k`` (default 4) decoder layers
   only (``layers_to_transform``), no gradient checkpointing. Keys: ``k``, ``r``, ``alpha``, ``dropout``.
-- ``qst``: ``peft_qst.QSTConfig(task_type="CAUSAL_LM", ...)``. Keys: any ``QSTConfig`` field (``r``, ``side_heads``, ``downsample``,
-  ``downsample_rank``, ``activation``, ``dropout``, ``side_gate_init``, ``output_gate_init``, ``side_dtype``,
-  ``copy_heads``, ``copy_head_dim``, ``init``).
+- ``qst``: ``peft_qst.QSTConfig(task_type="CAUSAL_LM", ...)``. Keys: any ``QSTConfig`` field (``r``,
+  ``side_heads``, ``downsample``, ``downsample_rank``, ``activation``, ``dropout``, ``side_gate_init``,
+  ``output_gate_init``, ``side_dtype``, ``copy_heads``, ``copy_head_dim``, ``init``).
 - Common keys: ``lr``, ``warmup``, ``label`` (name shown in the table; default: the spec itself), ``time_s`` (train
   for that many seconds instead of ``--steps``; ``time_s=match`` uses the training time measured for the first earlier
   ``qlora`` spec of the same invocation, ``time_s=match:LABEL`` that of the spec labelled LABEL).
@@ -656,8 +656,9 @@ def describe_config(result: dict) -> str:
         from peft_qst.config import QSTConfig
 
         defaults = QSTConfig()
-        shown = ("side_heads", "activation", "dropout", "side_gate_init", "output_gate_init", "side_dtype", "copy_heads",
-                 "copy_head_dim", "init", "backbone_lora_layers", "backbone_lora_r", "backbone_lora_alpha")
+        shown = ("side_heads", "activation", "dropout", "side_gate_init", "output_gate_init", "side_dtype",
+                 "copy_heads", "copy_head_dim", "init", "backbone_lora_layers", "backbone_lora_r",
+                 "backbone_lora_alpha")
         for key in shown:
             if config.get(key) != getattr(defaults, key):
                 parts.append(f"{key}={config.get(key)}")
