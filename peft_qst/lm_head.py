@@ -75,16 +75,19 @@ class LowRankHeadGradient(torch.autograd.Function):
         weight = head_weight.to(dtype)  # (vocabulary, d)
         gate32, up32 = gate.float(), up.float()  # (d,), (d, r')
         d_side = d_gate = d_up = None
+        # the products are written with the wide gradient as the right operand ((s^T G) W, not W^T (G^T s)): the
+        # same values, and the CPU matmul kernels handle that layout faster (2-core Xeon, SmolLM2's head, batch 4 x
+        # 256 tokens: 34.5 -> 26.8 ms for the three products)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            # P[k, j] = sum_tokens (G W)[n, k] s[n, j], computed as W^T (G^T s)
-            projected = (weight.t() @ (grad.t() @ side)).float()  # (d, r')
+            # P[k, j] = sum_tokens (G W)[n, k] s[n, j], computed as ((s^T G) W)^T
+            projected = ((side.t() @ grad) @ weight).t().float()  # (d, r')
             if ctx.needs_input_grad[2]:
                 d_gate = (up32 * projected).sum(1).to(gate.dtype)
             if ctx.needs_input_grad[3]:
                 d_up = (gate32.unsqueeze(1) * projected).to(up.dtype)
         if ctx.needs_input_grad[1]:
             gated_columns = weight @ (gate32.unsqueeze(1) * up32).to(dtype)  # W diag(a) U: (vocabulary, r')
-            d_side = (grad @ gated_columns).view(side_out.shape).to(side_out.dtype)
+            d_side = (gated_columns.t() @ grad.t()).t().reshape(side_out.shape).to(side_out.dtype)
         return None, d_side, d_gate, d_up, None
 
 
