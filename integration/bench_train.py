@@ -48,6 +48,11 @@ loss from 0.82 to 1.27 s per step and QST from 1.25 to 1.55 s, so step times mea
 Rounds. The machine may be shared; ``--rounds N`` runs every method N times, interleaved (qst, qlora, lora, floor,
 qst, ...), each time in a fresh process, and reports the median over rounds.
 
+Paired. Separate processes run minutes apart, and a VM's speed drifts over minutes (measured: the floor 0.52 s in one
+run, 0.61 s an hour later). ``--paired`` adds one more child that loads every method's model in the same process and
+alternates their steps batch by batch (``--warmup`` + ``--steps`` batches), so drift hits all of them alike; it
+reports each method's median step time and the same ratios ("paired ..."). It measures time only.
+
 Models. On CPU the default is the embedded SmolLM2-135M-Instruct (``peft_qst.smollm2.smollm2_path()``), batch 4,
 sequence 256. ``--layers L`` instead builds a randomly initialised model with SmolLM2's config and L layers (saved once
 in bf16 to a temporary folder, then loaded in 4-bit like the real one), for the memory-scaling points. With
@@ -82,6 +87,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from measure import build_random_model, cpu_model, peak_rss_mb, reset_peak_rss, status_kb
 
@@ -234,6 +240,74 @@ def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int, device: st
     ]
 
 
+def train_step(model, optimizer, ids) -> float:
+    """One step of a method: a no-grad forward for the floor (no optimizer), else forward, backward, AdamW step."""
+    import torch
+
+    if optimizer is None:
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.item()  # .item() waits for the device, so the step is timed whole
+
+
+def build_method(spec: str, args):
+    """The wrapped model of one method spec, in the mode it trains in, and its optimizer (None for the floor)."""
+    import torch
+
+    method, options = parse_method(spec)
+    model = wrap(load_4bit(args.model_path, args.device), method, options)
+    if method == "floor" and options.get("mode") == "eval":
+        model.eval()
+    else:
+        model.train()  # the floor too: the kernels QST's backbone runs (module docstring)
+    optimizer = (
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4) if method != "floor" else None
+    )
+    return model, optimizer
+
+
+def run_paired(args) -> dict:
+    """Every method in this one process, their steps alternating (floor, QST, ... for each batch): the machine's
+    drift between the separate children then hits every method alike, so the step-time ratios are the steadier
+    figure. Memory is not measured here (the models share the process)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [(spec, *build_method(spec, args)) for spec in args.methods]
+    vocab = methods[0][1].config.vocab_size
+    batches = make_batches(args.warmup + args.steps, args.batch, args.seq, vocab, args.seed, args.device)
+    times = {spec: [] for spec, _, _ in methods}
+    for i, ids in enumerate(batches):
+        for spec, model, optimizer in methods:
+            t0 = time.perf_counter()
+            train_step(model, optimizer, ids)
+            if i >= args.warmup:
+                times[spec].append(time.perf_counter() - t0)
+    return {"step_times_s": times, "step_s": {spec: statistics.median(t) for spec, t in times.items()},
+            "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
+
+
+def paired_ratios(paired: dict) -> dict:
+    """QLoRA/QST, QST/floor and QST/fastest floor from the paired step times (the first spec of each method)."""
+    first = {}
+    for spec, step_s in paired["step_s"].items():
+        first.setdefault(parse_method(spec)[0], step_s)
+    floors = [step_s for spec, step_s in paired["step_s"].items() if parse_method(spec)[0] == "floor"]
+    out = {}
+    if "qst" in first and "qlora" in first:
+        out["qlora_over_qst_step_time"] = first["qlora"] / first["qst"]
+    if "qst" in first and floors:
+        out["qst_over_floor_step_time"] = first["qst"] / first["floor"]
+        out["qst_over_fastest_floor_step_time"] = first["qst"] / min(floors)
+    return out
+
+
 def run_one(args) -> dict:
     import torch
 
@@ -242,18 +316,10 @@ def run_one(args) -> dict:
         torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     started = time.perf_counter()
-    model = load_4bit(args.model_path, args.device)
-    model = wrap(model, method, options)
-    if method == "floor" and options.get("mode") == "eval":
-        model.eval()
-    else:
-        model.train()  # the floor too: the kernels QST's backbone runs (module docstring)
+    model, optimizer = build_method(args.run_one, args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if method != "floor" else 0
     vocab = model.config.vocab_size
     batches = make_batches(args.warmup + args.steps, args.batch, args.seq, vocab, args.seed, args.device)
-    optimizer = (
-        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4) if method != "floor" else None
-    )
     load_s = time.perf_counter() - started
 
     # loading frees a lot of heap memory (transient bf16 copies, the loader's thread pool) that glibc keeps mapped
@@ -269,21 +335,10 @@ def run_one(args) -> dict:
     peak_before_steps = peak_rss_mb()
     hwm_reset = reset_peak_rss()
 
-    def step(ids):
-        if optimizer is None:
-            with torch.no_grad():
-                loss = model(input_ids=ids, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss.item()  # .item() waits for the device, so the step is timed whole
-
     times, cpu_times, losses = [], [], []
     for i, ids in enumerate(batches):
         t0, c0 = time.perf_counter(), time.process_time()
-        losses.append(step(ids))
+        losses.append(train_step(model, optimizer, ids))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
@@ -352,9 +407,11 @@ def prepare_model_path(args, workdir: str) -> tuple[str, dict]:
     return random_path, {"model": f"random SmolLM2-135M-shaped, {args.layers} layers", "num_hidden_layers": args.layers}
 
 
-def child_command(spec: str, args, model_path: str, result_file: str) -> list[str]:
+def child_command(spec: Optional[str], args, model_path: str, result_file: str) -> list[str]:
+    """The command of a child measuring ``spec``, or (spec None) of the paired child running every method."""
+    what = ["--run-one", spec] if spec is not None else ["--run-paired", "--methods", *args.methods]
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--run-one", spec, "--model-path", model_path,
+        sys.executable, str(Path(__file__).resolve()), *what, "--model-path", model_path,
         "--result-file", result_file, "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed),
     ]
@@ -363,13 +420,30 @@ def child_command(spec: str, args, model_path: str, result_file: str) -> list[st
     return command
 
 
-def run_children(args, model_path: str) -> list[dict]:
+def timing_environment() -> dict:
+    """The environment of the children that time steps: this package first on the path, glibc's default allocator."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     # OMP_WAIT_POLICY is left as the user has it: PASSIVE (threads sleep between parallel regions) slowed a QST step
     # from 0.81 to 1.33 s on a 2-core Xeon, far more than the floor, and only one child runs at a time
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    timing_env = dict(env)
-    timing_env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    return env
+
+
+def run_paired_child(args, model_path: str) -> dict:
+    """Run :func:`run_paired` in a fresh child process and return its result."""
+    with tempfile.TemporaryDirectory(prefix="qst-bench-paired-") as tmp:
+        result_file = os.path.join(tmp, "paired.json")
+        proc = subprocess.run(child_command(None, args, model_path, result_file), env=timing_environment(),
+                              timeout=args.child_timeout_s, check=False)
+        if proc.returncode != 0 or not os.path.isfile(result_file):
+            raise SystemExit(f"the paired run failed (exit code {proc.returncode}); its error is printed above")
+        with open(result_file) as handle:
+            return json.load(handle)
+
+
+def run_children(args, model_path: str) -> list[dict]:
+    timing_env = timing_environment()
     memory_env = None  # CPU with a forced threshold: a second child per method measures memory (module docstring)
     if args.device == "cpu" and args.malloc_mmap_threshold:
         # glibc serves allocations above this size with their own mappings and unmaps them when freed, so RSS follows
@@ -537,7 +611,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write settings, environment, every run and the table as JSON")
     parser.add_argument("--child-timeout-s", type=float, default=3600)
+    parser.add_argument("--paired", action="store_true",
+                        help="also time every method in one process, steps alternating (drift-free step-time ratios)")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--run-paired", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -554,20 +631,30 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.run_one:
-        result = run_one(args)
+    if args.run_one or args.run_paired:
+        result = run_one(args) if args.run_one else run_paired(args)
         with open(args.result_file, "w") as handle:
             json.dump(result, handle)
         return 0
 
+    paired = None
     with tempfile.TemporaryDirectory(prefix="qst-bench-model-") as workdir:
         model_path, model = prepare_model_path(args, workdir)
         runs = run_children(args, model_path)
+        if args.paired:
+            print("[paired] every method in one process, steps alternating", file=sys.stderr, flush=True)
+            paired = run_paired_child(args, model_path)
+            paired["ratios"] = paired_ratios(paired)
     args._threads_seen = {run["torch_threads"] for run in runs}
     rows = summarise(runs, args)
     ratio = ratios(rows, args)
     env = environment(args.device)
     table = markdown(rows, ratio, env, model, args)
+    if paired is not None:
+        table += "\n\nPaired (one process, every method's steps alternating; medians of the measured steps):\n"
+        table += "\n".join(f"- {LABELS.get(spec, spec)}: {step_s:.3f} s" for spec, step_s in paired["step_s"].items())
+        table += "\n" + "\n".join(f"- paired {key.replace('_', ' ')}: {value:.2f}x"
+                                   for key, value in paired["ratios"].items())
     print(table)
     for row in rows:
         for key in ("step_s", "tokens_per_s", memory_key(args)):
@@ -575,11 +662,11 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{row['spec']}: {key} is not finite ({row[key]})")
     if args.output:
         settings = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in
-                    ("run_one", "model_path", "result_file")}
+                    ("run_one", "run_paired", "model_path", "result_file")}
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "w") as handle:
             json.dump({"settings": settings, "model": model, "environment": env, "rows": rows, "ratios": ratio,
-                       "runs": runs, "table": table}, handle, indent=2)
+                       "runs": runs, "paired": paired, "table": table}, handle, indent=2)
     return 0
 
 

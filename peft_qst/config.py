@@ -50,9 +50,9 @@ class QSTConfig(PeftConfig):
 
     Args:
         r (`int`): Reduction factor. The side network's hidden and FFN sizes are the backbone's divided by ``r``; the
-            number of attention and key/value heads is kept, so the head dimension shrinks by ``r`` too. ``r`` must
-            divide the model's hidden size into a whole head dimension (even, for rotary models); `get_peft_model`
-            lists the values that fit when one does not. Paper default: 16.
+            number of attention and key/value heads is kept (unless ``side_heads`` is set), so the head dimension
+            shrinks by ``r`` too. ``r`` must divide the model's hidden size into a whole head dimension (even, for
+            rotary models); `get_peft_model` lists the values that fit when one does not. Paper default: 16.
         side_heads (`int`, *optional*): Number of attention heads of the side blocks. None (the default): the
             backbone's own numbers of attention and key/value heads, as in the paper's reference code, so the head
             dimension is the backbone's divided by ``r`` (4 for SmolLM2 at r=16). A smaller number gives wider heads

@@ -23,7 +23,7 @@ def test_bench_train_all_methods_tiny(tmp_path):
     completed = subprocess.run(
         # a 2-layer model of SmolLM2's shape keeps the four child processes quick
         [sys.executable, "integration/bench_train.py", "--steps", "2", "--warmup", "1", "--seq", "16", "--batch", "2",
-         "--layers", "2", "--threads", "1", "--output", str(output)],
+         "--layers", "2", "--threads", "1", "--paired", "--output", str(output)],
         capture_output=True, text=True, timeout=600, cwd=REPO,
         env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
     )
@@ -64,6 +64,15 @@ def test_bench_train_all_methods_tiny(tmp_path):
         assert label in completed.stdout
     assert "| method | step (s) | step CPU time (s) | tokens/s | peak RSS (MB) |" in completed.stdout
     assert result["model"]["num_hidden_layers"] == 2
+    # the paired child: every method in one process, each timed on the same measured batches
+    paired = result["paired"]
+    assert paired["pid"] not in pids
+    assert set(paired["step_s"]) == {"qst", "qlora", "lora", "floor"}
+    assert all(len(times) == 2 for times in paired["step_times_s"].values())
+    assert all(math.isfinite(value) and value > 0 for value in paired["ratios"].values())
+    assert set(paired["ratios"]) == {"qlora_over_qst_step_time", "qst_over_floor_step_time",
+                                     "qst_over_fastest_floor_step_time"}
+    assert "paired qst over floor step time" in completed.stdout
 
 
 def test_bench_train_refuses_unknown_method():
