@@ -293,12 +293,15 @@ def run_paired(args) -> dict:
             "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
 
 
-def paired_ratios(paired: dict) -> dict:
-    """QLoRA/QST, QST/floor and QST/fastest floor from the paired step times (the first spec of each method)."""
-    first = {}
-    for spec, step_s in paired["step_s"].items():
-        first.setdefault(parse_method(spec)[0], step_s)
-    floors = [step_s for spec, step_s in paired["step_s"].items() if parse_method(spec)[0] == "floor"]
+def step_time_ratios(step_s: dict) -> dict:
+    """QLoRA/QST, QST/floor and QST over the fastest floor, from each spec's step time (the first spec of each method
+    stands for it)."""
+    first, floors = {}, []
+    for spec, seconds in step_s.items():
+        method = parse_method(spec)[0]
+        first.setdefault(method, seconds)
+        if method == "floor":
+            floors.append(seconds)
     out = {}
     if "qst" in first and "qlora" in first:
         out["qlora_over_qst_step_time"] = first["qlora"] / first["qst"]
@@ -430,16 +433,21 @@ def timing_environment() -> dict:
     return env
 
 
+def run_child(spec: Optional[str], args, model_path: str, result_file: str, env: dict) -> dict:
+    """Run one child (``spec``, or the paired child when ``spec`` is None) and return the JSON result it wrote."""
+    proc = subprocess.run(child_command(spec, args, model_path, result_file), env=env,
+                          timeout=args.child_timeout_s, check=False)
+    if proc.returncode != 0 or not os.path.isfile(result_file):
+        what = spec if spec is not None else "the paired run"
+        raise SystemExit(f"{what} failed (exit code {proc.returncode}); its error is printed above")
+    with open(result_file) as handle:
+        return json.load(handle)
+
+
 def run_paired_child(args, model_path: str) -> dict:
     """Run :func:`run_paired` in a fresh child process and return its result."""
     with tempfile.TemporaryDirectory(prefix="qst-bench-paired-") as tmp:
-        result_file = os.path.join(tmp, "paired.json")
-        proc = subprocess.run(child_command(None, args, model_path, result_file), env=timing_environment(),
-                              timeout=args.child_timeout_s, check=False)
-        if proc.returncode != 0 or not os.path.isfile(result_file):
-            raise SystemExit(f"the paired run failed (exit code {proc.returncode}); its error is printed above")
-        with open(result_file) as handle:
-            return json.load(handle)
+        return run_child(None, args, model_path, os.path.join(tmp, "paired.json"), timing_environment())
 
 
 def run_children(args, model_path: str) -> list[dict]:
@@ -456,12 +464,7 @@ def run_children(args, model_path: str) -> list[dict]:
 
         def child(spec: str, child_env: dict) -> dict:
             result_file = os.path.join(tmp, f"{len(runs)}-{int(child_env is memory_env)}.json")
-            proc = subprocess.run(child_command(spec, args, model_path, result_file), env=child_env,
-                                  timeout=args.child_timeout_s, check=False)
-            if proc.returncode != 0 or not os.path.isfile(result_file):
-                raise SystemExit(f"{spec} failed (exit code {proc.returncode}); its error is printed above")
-            with open(result_file) as handle:
-                return json.load(handle)
+            return run_child(spec, args, model_path, result_file, child_env)
 
         for round_index in range(args.rounds):
             for spec in args.methods:
@@ -532,10 +535,10 @@ def ratios(rows: list[dict], args) -> dict:
 
     add("qlora_over_qst", "qlora", "qst")
     add("qst_over_floor", "qst", "floor")
-    floors = [row for row in rows if row["method"] == "floor"]
-    if "qst" in first and len(floors) > 1:  # the strictest bound: the fastest of the floors measured
-        fastest = min(floors, key=lambda row: row["step_s"])
-        out["qst_over_fastest_floor_step_time"] = first["qst"]["step_s"] / fastest["step_s"]
+    # the strictest bound: the fastest of the floors measured
+    fastest = step_time_ratios({row["spec"]: row["step_s"] for row in rows}).get("qst_over_fastest_floor_step_time")
+    if fastest is not None:
+        out["qst_over_fastest_floor_step_time"] = fastest
     return out
 
 
@@ -644,7 +647,7 @@ def main(argv=None) -> int:
         if args.paired:
             print("[paired] every method in one process, steps alternating", file=sys.stderr, flush=True)
             paired = run_paired_child(args, model_path)
-            paired["ratios"] = paired_ratios(paired)
+            paired["ratios"] = step_time_ratios(paired["step_s"])
     args._threads_seen = {run["torch_threads"] for run in runs}
     rows = summarise(runs, args)
     ratio = ratios(rows, args)

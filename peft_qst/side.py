@@ -109,6 +109,11 @@ def _fitting_r_values(config, side_heads: Optional[int] = None, limit: int = 64)
     return [r for r in range(1, limit + 1) if _shrink_problem(config, r, side_heads) is None]
 
 
+def _fitting_side_heads(config, r: int) -> list[int]:
+    side_hidden = int(config.hidden_size) // r
+    return [h for h in range(1, side_hidden + 1) if _shrink_problem(config, r, h) is None]
+
+
 def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optional[str]:
     """Why ``r`` (with ``side_heads`` attention heads, None: the model's) cannot shrink this config, or None."""
     hidden = int(config.hidden_size)
@@ -151,9 +156,7 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
             f"Values of r that fit this model{f' with side_heads={side_heads}' if side_heads else ''}: {fitting}."
         )
         if side_heads and int(base_config.hidden_size) % r == 0:
-            side_hidden = int(base_config.hidden_size) // r
-            heads_fitting = [h for h in range(1, side_hidden + 1) if _shrink_problem(base_config, r, h) is None]
-            message += f" Values of side_heads that fit r={r}: {heads_fitting}."
+            message += f" Values of side_heads that fit r={r}: {_fitting_side_heads(base_config, r)}."
         raise ValueError(message)
     side = copy.deepcopy(base_config)
     side_hidden = int(base_config.hidden_size) // r
