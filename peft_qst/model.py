@@ -21,12 +21,12 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .bnb_compat import keep_4bit_weights_through_state_dict
-from .config import QSTConfig
+from .config import AUTO, QSTConfig
 from .layer import QSTLayer
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loss import install_chunked_loss, uninstall_chunked_loss
 from .serialization import QSTAdapterFileError, weights_digest
-from .side import QSTUnsupportedModelError, find_layer_list, shrink_config, unsupported_reason
+from .side import QSTUnsupportedModelError, find_layer_list, resolve_side_heads, shrink_config, unsupported_reason
 
 #: attribute holding the side networks inside a QSTLayer; every saved key goes through it
 SIDE_ATTR = "qst_side"
@@ -182,11 +182,12 @@ class QSTModel(BaseTuner):
 
             if model_type not in PRUNABLE_MODEL_TYPES:
                 raise _refuse(model_type, "its block layout (module roles and rotary layout) is not mapped")
-            if config.side_heads is not None and config.side_heads != int(model_config.num_attention_heads):
+            if config.side_heads not in (None, AUTO) and config.side_heads != int(model_config.num_attention_heads):
                 raise ValueError(
                     f"QSTConfig(init=\"pruned\", side_heads={config.side_heads}) cannot be built: pruning keeps "
                     f"each of the model's {int(model_config.num_attention_heads)} attention heads as a narrower side "
-                    "head. Use side_heads=None with init=\"pruned\", or init=\"random\" with another head count."
+                    "head. Use side_heads=None (or \"auto\") with init=\"pruned\", or init=\"random\" with another "
+                    "head count."
                 )
         num_layers = int(model_config.num_hidden_layers)
         if config.backbone_lora_layers > num_layers:
@@ -197,9 +198,11 @@ class QSTModel(BaseTuner):
         # raises a ValueError naming the fitting values when r does not fit the model's widths and heads
         shrink_config(model_config, config, torch.float32)
 
-        # every check passed: record what the adapter is bound to
+        # every check passed: record what the adapter is bound to, and the head count "auto" chose, so that a saved
+        # adapter says what it holds whatever a later version's "auto" would choose
         config.base_model_signature = signature
         config.target_modules = target_modules
+        config.side_heads = resolve_side_heads(model_config, config)
 
     @staticmethod
     def _matching_trunk(model: nn.Module, target_modules) -> Optional[nn.Module]:

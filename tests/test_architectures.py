@@ -84,12 +84,13 @@ def test_default_config_end_to_end(model_type, tmp_path):
 
 
 @pytest.mark.parametrize("model_type", list(TINY))
-def test_fewer_side_heads_train_generate_and_reload(model_type, tmp_path):
-    """side_heads=2 (of the model's 4): the side attention runs with two wider heads in every architecture."""
+def test_model_side_heads_train_generate_and_reload(model_type, tmp_path):
+    """side_heads=None (the paper's layout: the model's 4 heads, narrower) in every architecture; the other tests
+    here run the default, "auto", which gives these tiny models one or two side heads."""
     ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
-    model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM", side_heads=2))
+    model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM", side_heads=None))
     side = next(m for m in model.modules() if type(m).__name__ == "QSTLayer").qst_side["default"]
-    assert side.trunk.config.num_attention_heads == 2
+    assert side.trunk.config.num_attention_heads == 4
     model.train()
     train_steps(model, ids, lr=3e-2)
     cached, uncached = generate_both_ways(model, ids)
@@ -134,9 +135,13 @@ def test_unsupported_model_fails_at_get_peft_model_naming_type_and_reason():
 
 
 def test_partial_rotary_rule():
-    # GPT-NeoX rotates a quarter of each head: at r=32 the side head (512/32/4 = 4 dims) keeps a single rotary dim
+    # GPT-NeoX rotates a quarter of each head: at r=32 with the model's 4 heads the side head (512/32/4 = 4 dims)
+    # keeps a single rotary dim
     with pytest.raises(ValueError, match=r"rotary dimension \(4 x partial_rotary_factor 0.25\)"):
-        get_peft_model(tiny("gpt_neox"), QSTConfig(r=32))
+        get_peft_model(tiny("gpt_neox"), QSTConfig(r=32, side_heads=None))
+    # side_heads="auto" makes one head of all 16 channels: 4 rotary dims
+    model = get_peft_model(tiny("gpt_neox"), QSTConfig(r=32))
+    assert model.peft_config["default"].side_heads == 1
 
 
 TINY_LAYERS = {name: sizes.get("num_hidden_layers", sizes.get("n_layer")) for name, sizes in TINY.items()}

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from peft import PeftConfig, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 
 from peft_qst import QSTConfig
 from peft_qst.side import QSTUnsupportedModelError
@@ -46,7 +46,9 @@ def test_defaults_follow_the_paper():
     assert config.peft_type == "QST"
     assert (config.r, config.downsample, config.downsample_rank) == (16, "adapter", 16)
     assert config.init == "random"
-    assert config.side_heads is None  # the reference code's head count: the model's own
+    # not the paper's reference code (the model's head count, None): heads of the model's head dimension, chosen per
+    # model by get_peft_model (test_auto_side_heads_keep_the_models_head_dimension)
+    assert config.side_heads == "auto"
 
 
 def test_r_that_does_not_fit_the_model_is_refused_with_the_fitting_values():
@@ -56,19 +58,71 @@ def test_r_that_does_not_fit_the_model_is_refused_with_the_fitting_values():
         get_peft_model(model, config)
     message = str(info.value)
     assert "r=3 does not divide hidden_size=64" in message
-    assert "Values of r that fit this model: [1, 2, 4, 8]" in message
+    assert "Values of r that fit this model: [1, 2, 4, 8, 16, 32]" in message
     # neither the model nor the config was modified
     assert type(model.model).__name__ == "LlamaModel"
     assert config.base_model_signature is None and config.target_modules is None
 
 
 def test_r_that_breaks_the_head_layout_is_refused():
-    # hidden 64 / r=16 = 4 channels for 4 heads -> head_dim 1: odd, unusable by rotary embeddings
+    # with the model's heads: hidden 64 / r=16 = 4 channels for 4 heads -> head_dim 1: odd, unusable by rotary embeddings
     with pytest.raises(ValueError, match="odd or too small side head dimension"):
-        get_peft_model(tiny_causal_lm(), QSTConfig(r=16))
+        get_peft_model(tiny_causal_lm(), QSTConfig(r=16, side_heads=None))
     # hidden 64 / r=32 = 2 channels cannot hold 4 heads
     with pytest.raises(ValueError, match="does not split into the model's 4 attention heads"):
-        get_peft_model(tiny_causal_lm(), QSTConfig(r=32))
+        get_peft_model(tiny_causal_lm(), QSTConfig(r=32, side_heads=None))
+    # "auto" fits both with one head; one channel (r=64) is no head for rotary embeddings whatever the count
+    with pytest.raises(ValueError) as info:
+        get_peft_model(tiny_causal_lm(), QSTConfig(r=64))
+    message = str(info.value)
+    assert "side hidden size of 1, which no number of heads splits into heads of an even dimension" in message
+    assert "Values of r that fit this model: [1, 2, 4, 8, 16, 32]" in message
+
+
+@pytest.mark.parametrize("r, heads, kv_heads, head_dim", [(4, 1, 1, 16), (2, 2, 1, 16), (1, 4, 2, 16), (16, 1, 1, 4)])
+def test_auto_side_heads_keep_the_models_head_dimension(r, heads, kv_heads, head_dim, tmp_path):
+    model = get_peft_model(tiny_causal_lm(), QSTConfig(r=r))  # hidden 64, 4 heads of 16, 2 key/value heads
+    side = model.base_model.model.model.qst_side["default"]
+    attention = side._blocks[0].block.self_attn
+    config = side.trunk.config
+    assert (config.num_attention_heads, config.num_key_value_heads, attention.head_dim) == (heads, kv_heads, head_dim)
+    # the choice is written into the config, and so into the saved adapter
+    assert model.peft_config["default"].side_heads == heads
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["side_heads"] == heads
+
+
+def test_auto_side_heads_for_real_model_shapes():
+    from transformers import LlamaConfig
+
+    from peft_qst.side import auto_side_heads
+
+    smollm2_135m = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    llama2_7b = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32)
+    assert auto_side_heads(smollm2_135m, 16) == 1  # 36 channels: one head of 36 (the paper's layout: 9 of 4)
+    assert auto_side_heads(smollm2_135m, 4) == 2  # 144 channels: two heads of 72, the nearest to 64
+    assert auto_side_heads(llama2_7b, 16) == 2  # 256 channels: two heads of 128 (the paper's layout: 32 of 8)
+    assert auto_side_heads(LlamaConfig(hidden_size=576, num_attention_heads=9, head_dim=32), 16) == 1
+
+
+def test_pruned_init_keeps_the_models_heads_under_auto():
+    model = get_peft_model(tiny_causal_lm(), QSTConfig(r=4, init="pruned"))
+    assert model.peft_config["default"].side_heads is None
+    assert model.base_model.model.model.qst_side["default"].trunk.config.num_attention_heads == 4
+
+
+def test_adapter_config_without_side_heads_loads_with_the_models_heads(tmp_path):
+    """An adapter saved before side_heads existed has no such key: its side blocks have the model's heads."""
+    model = get_peft_model(tiny_causal_lm(), QSTConfig(r=4, side_heads=None))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    del saved["side_heads"]
+    path.write_text(json.dumps(saved))
+    loaded = QSTConfig.from_pretrained(tmp_path)
+    assert loaded.side_heads is None
+    reloaded = PeftModel.from_pretrained(tiny_causal_lm(), tmp_path)
+    assert reloaded.base_model.model.model.qst_side["default"].trunk.config.num_attention_heads == 4
 
 
 @pytest.mark.parametrize("side_heads, expected", [(None, (4, 2, 4)), (4, (4, 2, 4)), (2, (2, 1, 8)), (1, (1, 1, 16))])

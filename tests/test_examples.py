@@ -19,7 +19,7 @@ def run_example(*args: str, timeout: int = 900) -> str:
 @pytest.mark.smollm2
 def test_quickstart_then_generate(tmp_path):
     out = run_example("examples/quickstart.py", "--steps", "12", "--output-dir", str(tmp_path / "adapter"))
-    assert "trainable params: 746,704 || all params: 135,261,712 || trainable%: 0.5520" in out
+    assert "trainable params: 798,544 || all params: 135,313,552 || trainable%: 0.5901" in out
     assert "before training (held-out prompt)" in out and "after training (same held-out prompt)" in out
     assert "training: 100%" in out  # tqdm's progress bar reached the end
     assert "reloaded adapter answers the same: yes" in out
@@ -35,7 +35,7 @@ def test_quickstart_then_generate(tmp_path):
 def test_classify(tmp_path):
     out = run_example("examples/classify.py", "--max-steps", "4", "--eval-size", "32",
                       "--output-dir", str(tmp_path / "classifier"))
-    assert "trainable params: 747,856 || all params: 135,264,016 || trainable%: 0.5529" in out
+    assert "trainable params: 799,696 || all params: 135,315,856 || trainable%: 0.5910" in out
     assert "modules_to_save: ['classifier', 'score']" in out
     assert "held-out accuracy before training:" in out and "held-out accuracy after training:" in out
     assert "reloaded adapter gives the same logits: yes" in out

@@ -94,13 +94,13 @@ DECODING_VARIANTS = [
     ("llama", {"base": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}}),
     ("llama", {"base": {"hidden_act": "gelu_pytorch_tanh"}}),
     ("qwen2", {}),
-    ("llama", {"side_heads": 2}),  # wider side heads, one key/value head
-    ("llama", {"side_heads": 1}),
+    ("llama", {"side_heads": 2}),  # two side heads, one key/value head ("auto" makes one head here)
+    ("llama", {"side_heads": None}),  # the model's 4 heads over 2 key/value heads (the paper's layout)
 ]
 
 
 @pytest.mark.parametrize("model_type,config", DECODING_VARIANTS,
-                         ids=["llama", "linear-rope", "gelu", "qwen2", "side-heads-2", "side-heads-1"])
+                         ids=["llama", "linear-rope", "gelu", "qwen2", "side-heads-2", "model-heads"])
 def test_cached_decoding_equals_the_general_path_step_by_step(model_type, config):
     """Prefill and decode steps with the paired cache, left padding included: logits of every step agree."""
     model = qst_model(model_type, **dict(config))

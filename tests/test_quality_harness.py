@@ -56,5 +56,5 @@ def test_harness_runs_one_method_end_to_end(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(result_file.read_text())
     assert result["method"] == "qst" and result["steps"] == 3
-    assert result["trainable_params"] == 746704
+    assert result["trainable_params"] == 798544
     assert 0.0 <= result["exact_match"] <= 1.0 and result["eval_loss"] > 0
