@@ -57,14 +57,14 @@ class QSTConfig(PeftConfig):
             heads (of an even dimension, for rotary models); `get_peft_model` lists the values that fit when one does
             not. Paper default: 16.
         side_heads (`int`, `"auto"` or None): Number of attention heads of the side blocks. ``"auto"`` (the
-            default): the head count whose head dimension is closest to the backbone's (whole heads of the backbone's
-            width, as LST's structural pruning keeps them): 1 head of dimension 36 for SmolLM2-135M at r=16, 2 heads
-            of 128 for LLaMA-2-7B; `get_peft_model` writes the number it chose into the config, so a saved adapter
-            records it. None: the backbone's own numbers of attention and key/value heads, as in the paper's reference
-            code, so the head dimension is the backbone's divided by ``r`` (4 for SmolLM2 at r=16). Measured on
-            SmolLM2-135M (README, Performance): the same accuracy and eval loss as the paper's layout within what a
-            seed moves (three seeds), and a training step 16% shorter on a 2-core CPU (attention at head dimension 4
-            costs far more than its arithmetic). The key/value heads keep the backbone's grouping
+            default): the head count whose head dimension is closest to the backbone's (heads about as wide as the
+            backbone's, as LST's structural pruning keeps whole heads): 1 head of dimension 36 for SmolLM2-135M at
+            r=16, 2 heads of 128 for LLaMA-2-7B; `get_peft_model` writes the number it chose into the config, so a
+            saved adapter records it. None: the backbone's own numbers of attention and key/value heads, as in the
+            paper's reference code, so the head dimension is the backbone's divided by ``r`` (4 for SmolLM2 at r=16).
+            Measured on SmolLM2-135M (README, Performance): the same accuracy and eval loss as the paper's layout
+            within what a seed moves (three seeds), and a training step 16% shorter on a 2-core CPU (attention at
+            head dimension 4 costs far more than its arithmetic). The key/value heads keep the backbone's grouping
             where it divides (else one). A number must divide the side hidden size ``d / r``. `init="pruned"` keeps
             the backbone's heads: ``"auto"`` then means None, and any other count is refused.
         downsample (`str`): How each backbone hidden state (width d) is brought down to the side width d/r:

@@ -65,7 +65,7 @@ def test_r_that_does_not_fit_the_model_is_refused_with_the_fitting_values():
 
 
 def test_r_that_breaks_the_head_layout_is_refused():
-    # with the model's heads: hidden 64 / r=16 = 4 channels for 4 heads -> head_dim 1: odd, unusable by rotary embeddings
+    # with the model's heads: hidden 64 / r=16 = 4 channels for 4 heads -> head_dim 1, unusable by rotary embeddings
     with pytest.raises(ValueError, match="odd or too small side head dimension"):
         get_peft_model(tiny_causal_lm(), QSTConfig(r=16, side_heads=None))
     # hidden 64 / r=32 = 2 channels cannot hold 4 heads
