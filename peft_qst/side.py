@@ -105,8 +105,6 @@ def auto_side_heads(config, r: int) -> Optional[int]:
     (4 for SmolLM2-135M, 8 for LLaMA-2-7B at r=16), and attention at such widths costs far more than its arithmetic:
     on a 2-core CPU a QST training step of SmolLM2-135M took 2.21 s with its 9 side heads of 4 and 1.86 s with one
     head of 36, for the same accuracy on the quality harness over three seeds (README, Performance)."""
-    if int(config.hidden_size) % r:
-        return None
     fitting = _fitting_side_heads(config, r)
     if not fitting:
         return None
@@ -137,7 +135,10 @@ def unsupported_reason(config) -> Optional[str]:
     return None
 
 
-def _fitting_r_values(config, side_heads: Optional[int] = None, limit: int = 64) -> list[int]:
+def _fitting_r_values(config, side_heads=None, limit: int = 64) -> list[int]:
+    """The r values up to ``limit`` that shrink this config with ``side_heads`` (a count, None or ``"auto"``)."""
+    if side_heads == AUTO:
+        return [r for r in range(1, limit + 1) if auto_side_heads(config, r) is not None]
     return [r for r in range(1, limit + 1) if _shrink_problem(config, r, side_heads) is None]
 
 
@@ -181,31 +182,28 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
       is kept, so the side trunk runs the same code paths as the backbone.
     """
     r, side_heads = qst_config.r, resolve_side_heads(base_config, qst_config)
-    if qst_config.side_heads == AUTO and side_heads is None and qst_config.init != "pruned":
-        hidden = int(base_config.hidden_size)
+    auto = qst_config.side_heads == AUTO and qst_config.init != "pruned"
+    hidden = int(base_config.hidden_size)
+    if auto and side_heads is None:  # "auto" found no head count for this r
         problem = (
             f"r={r} does not divide hidden_size={hidden}"
             if hidden % r
             else f"r={r} gives a side hidden size of {hidden // r}, which no number of heads splits into heads of an "
             "even dimension (rotary embeddings need one)"
         )
-        fitting = [value for value in range(1, 65) if auto_side_heads(base_config, value) is not None]
-        raise ValueError(
-            f"QSTConfig.r={r} cannot be used with this {base_config.model_type} model: {problem}. "
-            f"Values of r that fit this model: {fitting}."
-        )
-    problem = _shrink_problem(base_config, r, side_heads)
+    else:
+        problem = _shrink_problem(base_config, r, side_heads)
     if problem is not None:
-        fitting = _fitting_r_values(base_config, side_heads)
+        fitting = _fitting_r_values(base_config, AUTO if auto else side_heads)
         message = (
             f"QSTConfig.r={r} cannot be used with this {base_config.model_type} model: {problem}. "
             f"Values of r that fit this model{f' with side_heads={side_heads}' if side_heads else ''}: {fitting}."
         )
-        if side_heads and int(base_config.hidden_size) % r == 0:
+        if side_heads and hidden % r == 0:
             message += f" Values of side_heads that fit r={r}: {_fitting_side_heads(base_config, r)}."
         raise ValueError(message)
     side = copy.deepcopy(base_config)
-    side_hidden = int(base_config.hidden_size) // r
+    side_hidden = hidden // r
     side.hidden_size = side_hidden
     heads, kv_heads = side_head_counts(base_config, side_heads)
     if side_heads is not None:
