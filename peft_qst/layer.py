@@ -15,8 +15,9 @@ With the adapters disabled the layer is a pass-through: outputs equal the base m
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -34,6 +35,13 @@ BASE_ADAPTER_NAME = "__base__"
 
 #: trunk keyword arguments that belong to the backbone only; the rest (masks, positions, packing metadata) are shared
 _BACKBONE_ONLY_KWARGS = ("input_ids", "inputs_embeds", "output_hidden_states", "output_attentions", "return_dict")
+
+
+def _non_reentrant(checkpoint: Callable) -> bool:
+    """Whether a block's checkpoint function is PyTorch's non-reentrant checkpoint, as transformers'
+    ``gradient_checkpointing_enable()`` builds it (``functools.partial(checkpoint, use_reentrant=False)``, its default
+    and TRL's)."""
+    return isinstance(checkpoint, functools.partial) and checkpoint.keywords.get("use_reentrant") is False
 
 
 class QSTLayer(nn.Module, BaseTunerLayer):
@@ -197,6 +205,63 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
         return enable_grad
 
+    def _checkpoint_adapted_blocks(self, grad_from: Optional[int]) -> Callable[[], None]:
+        """Prepare the gradient checkpointing of the backbone blocks that train adapters in this forward (from block
+        ``grad_from`` up); returns what undoes it once the forward is over.
+
+        Under gradient checkpointing (``gradient_checkpointing_enable()``, TRL's default) a block's forward runs again
+        in backward, after this forward's adapter routing (``_lora_routing``) is gone. So each checkpointed block from
+        ``grad_from`` up gets a checkpoint function that re-installs this forward's routing around both runs of the
+        block's ``forward``; backward then keeps each such block's input only, as QLoRA's checkpointing does.
+        transformers checkpoints a block's ``forward``, not its hooks, and only while gradients are enabled: the
+        block's pre-hook that turns them on (:meth:`_enable_grad_hook`) has run by then, and the hidden-state capture
+        hooks run once. With reentrant checkpointing (``use_reentrant=True``) the first of these blocks is not
+        checkpointed: its input comes from the blocks below, computed under ``no_grad``, and a reentrant checkpoint
+        whose inputs require no gradient records no graph.
+        """
+        if grad_from is None:
+            return lambda: None
+        routing = self.__dict__["_lora_routing"]
+        routed, unchecked = [], []  # (block, its own checkpoint function); blocks run without checkpointing
+        for index, block in enumerate(self.__dict__["_backbone_blocks"][grad_from:], start=grad_from):
+            if not getattr(block, "gradient_checkpointing", False):
+                continue
+            checkpoint = vars(block).get("_gradient_checkpointing_func")
+            if checkpoint is None or (index == grad_from and not _non_reentrant(checkpoint)):
+                # not set by gradient_checkpointing_enable(), or reentrant checkpointing of the first adapted block,
+                # whose input (computed under no_grad) does not require grad: reentrant checkpointing would then
+                # record no graph at all. Such a block keeps its activations.
+                unchecked.append(block)
+                block.gradient_checkpointing = False
+            else:
+                routed.append((block, checkpoint))
+                block._gradient_checkpointing_func = self._routed_checkpoint(checkpoint, routing)
+
+        def restore() -> None:
+            for block, checkpoint in routed:
+                block._gradient_checkpointing_func = checkpoint
+            for block in unchecked:
+                block.gradient_checkpointing = True
+
+        return restore
+
+    def _routed_checkpoint(self, checkpoint: Callable, routing) -> Callable:
+        """``checkpoint`` (a block's ``_gradient_checkpointing_func``) whose function runs with ``routing`` installed,
+        in the forward and in backward's recomputation alike."""
+
+        def routed_checkpoint(function, *args, **kwargs):
+            def run_routed(*inner_args, **inner_kwargs):
+                previous = self.__dict__.get("_lora_routing")
+                self.__dict__["_lora_routing"] = routing
+                try:
+                    return function(*inner_args, **inner_kwargs)
+                finally:
+                    self.__dict__["_lora_routing"] = previous
+
+            return checkpoint(run_routed, *args, **kwargs)
+
+        return routed_checkpoint
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         # PEFT's default moves and casts an adapter to its base layer's single device and dtype; a side network is
         # spread like the backbone it reads from and keeps its own dtype
@@ -304,14 +369,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         self.__dict__["_lora_routing"] = [(name, rows) for name, rows, _ in routing]
         grad_from = min(first for _, _, first in routing) if routing and torch.is_grad_enabled() else None
         self.__dict__["_grad_from"] = grad_from
-        # Blocks that train adapters are not gradient-checkpointed: a recomputation in backward would run after this
-        # forward's routing is gone. It costs the activations of those k blocks only.
-        checkpointed = []
-        if grad_from is not None:
-            for block in self.__dict__["_backbone_blocks"][grad_from:]:
-                if getattr(block, "gradient_checkpointing", False):
-                    checkpointed.append(block)
-                    block.gradient_checkpointing = False
+        restore_checkpointing = self._checkpoint_adapted_blocks(grad_from)
         captured = self.__dict__["_captured"] = []
         try:
             with torch.no_grad():
@@ -322,8 +380,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             self.__dict__["_captured"] = None
             self.__dict__["_lora_routing"] = None
             self.__dict__["_grad_from"] = None
-            for block in checkpointed:
-                block.gradient_checkpointing = True
+            restore_checkpointing()
         backbone_last = out.last_hidden_state
         if len(captured) != self.__dict__["_num_blocks"] + 1:
             raise RuntimeError(

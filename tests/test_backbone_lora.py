@@ -108,22 +108,53 @@ def test_no_internal_activation_of_frozen_blocks_is_saved():
     assert not leaked, leaked
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    grads = []
-    for checkpointing in (False, True):
-        model = hybrid_model()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model.train()
-        train_steps(model, IDS, steps=1)
-        model.train()
-        model.zero_grad()
-        model(input_ids=IDS, labels=IDS).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+def adapted_block_internals(model):
+    """``(label, module)`` for every submodule inside the adapted backbone blocks (2 and 3)."""
+    layer = next(m for m in model.modules() if isinstance(m, QSTLayer))
+    return [
+        (f"{index}.{name}", module)
+        for index in (2, 3)
+        for name, module in layer.base_layer.layers[index].named_modules()
+        if name
+    ]
+
+
+@pytest.mark.parametrize("reentrant", [None, False, True], ids=["off", "non-reentrant", "reentrant"])
+def test_gradient_checkpointing_of_the_adapted_blocks(reentrant):
+    """Under gradient checkpointing the adapted backbone blocks are checkpointed too (their recomputation in backward
+    adds their adapters' deltas again), with the gradients of a run without it. Non-reentrant (transformers' and TRL's
+    default): no activation inside blocks 2 and 3 is kept for backward. Reentrant: the first adapted block keeps its
+    activations (its input carries no gradient, so a reentrant checkpoint would record nothing), block 3 does not."""
+    reference = hybrid_model()
+    reference.train()
+    train_steps(reference, IDS, steps=1)
+    reference.train()
+    reference.zero_grad()
+    reference(input_ids=IDS, labels=IDS).loss.backward()
+    expected = {n: p.grad.clone() for n, p in reference.named_parameters() if p.requires_grad}
+
+    model = hybrid_model()
+    if reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+    model.train()
+    train_steps(model, IDS, steps=1)
+    model.train()
+    saved = {label.split(".")[0] for label in saved_producers(model, IDS, adapted_block_internals(model))}
+    assert saved == {None: {"2", "3"}, False: set(), True: {"2"}}[reentrant]
+    model.zero_grad()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == expected.keys()
+    for name in expected:
+        assert grads[name].abs().sum() > 0 or expected[name].abs().sum() == 0, name
+        assert torch.allclose(grads[name], expected[name], atol=1e-6, rtol=1e-4), name
+    # the checkpoint functions are the model's own again after the forward
+    layer = next(m for m in model.modules() if isinstance(m, QSTLayer))
+    for block in layer.base_layer.layers:
+        assert block.gradient_checkpointing is (reentrant is not None)
+        if reentrant is not None:
+            assert block._gradient_checkpointing_func.keywords["use_reentrant"] is reentrant
 
 
 def test_generation_disable_and_mixed_batches():
