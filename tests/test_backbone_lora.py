@@ -90,33 +90,26 @@ def test_no_graph_below_the_adapted_blocks():
     assert saved_activations_by_block(plain, IDS) <= {0, 1, 2, 3, -1}
 
 
+def block_internals(model, indices):
+    """``("block.name", module)`` for every submodule inside the given backbone blocks. Submodules only: a block's own
+    output is the hidden state handed to the downsamplers, which may be saved."""
+    layer = next(m for m in model.modules() if isinstance(m, QSTLayer))
+    return [
+        (f"{index}.{name}", module)
+        for index in indices
+        for name, module in layer.base_layer.layers[index].named_modules()
+        if name
+    ]
+
+
 def test_no_internal_activation_of_frozen_blocks_is_saved():
     """Inside blocks 0 and 1 (below the adapted ones) nothing but their outputs may be saved for backward."""
     model = hybrid_model()
     model.train()
     train_steps(model, IDS, steps=1)
     model.train()
-    layer = next(m for m in model.modules() if isinstance(m, QSTLayer))
-    # submodules only: the block's own output is the hidden state handed to the downsamplers
-    producers = [
-        (f"{index}.{name}", module)
-        for index in (0, 1)
-        for name, module in layer.base_layer.layers[index].named_modules()
-        if name
-    ]
-    leaked = sorted(saved_producers(model, IDS, producers))
+    leaked = sorted(saved_producers(model, IDS, block_internals(model, (0, 1))))
     assert not leaked, leaked
-
-
-def adapted_block_internals(model):
-    """``(label, module)`` for every submodule inside the adapted backbone blocks (2 and 3)."""
-    layer = next(m for m in model.modules() if isinstance(m, QSTLayer))
-    return [
-        (f"{index}.{name}", module)
-        for index in (2, 3)
-        for name, module in layer.base_layer.layers[index].named_modules()
-        if name
-    ]
 
 
 @pytest.mark.parametrize("reentrant", [None, False, True], ids=["off", "non-reentrant", "reentrant"])
@@ -140,7 +133,7 @@ def test_gradient_checkpointing_of_the_adapted_blocks(reentrant):
     model.train()
     train_steps(model, IDS, steps=1)
     model.train()
-    saved = {label.split(".")[0] for label in saved_producers(model, IDS, adapted_block_internals(model))}
+    saved = {label.split(".")[0] for label in saved_producers(model, IDS, block_internals(model, (2, 3)))}
     assert saved == {None: {"2", "3"}, False: set(), True: {"2"}}[reentrant]
     model.zero_grad()
     model(input_ids=IDS, labels=IDS).loss.backward()
