@@ -39,6 +39,15 @@ class LowRankDelta(nn.Module):
         return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
 
 
+def resolve_backbone_lora_layers(backbone_lora_layers: int | float, num_layers: int) -> int:
+    """The number of top blocks ``QSTConfig.backbone_lora_layers`` asks for on a model of ``num_layers`` blocks: a
+    count as it is, a fraction of the depth rounded to the nearest whole block (halves up), at least one (a fraction
+    in (0, 1) asks for some adapters, never for none)."""
+    if isinstance(backbone_lora_layers, float):
+        return max(1, math.floor(backbone_lora_layers * num_layers + 0.5))
+    return backbone_lora_layers
+
+
 def _key(name: str) -> str:
     # ModuleDict keys cannot contain dots
     return name.replace(".", "__")

@@ -98,15 +98,18 @@ class QSTConfig(PeftConfig):
             starts at zero, so training still starts exactly at the pretrained output. Needs ``input_ids`` and an
             LM head (``task_type="CAUSAL_LM"``).
         copy_head_dim (`int`): Query/key width of each copy head.
-        backbone_lora_layers (`int`): Number of top backbone blocks that also get low-rank adapters (0: none, the
-            paper's QST). Every linear layer of the last ``k`` blocks gets a LoRA delta trained together with the side
-            network: full-width changes right before the LM head, which the side network's narrow output cannot make.
-            Gradients then enter the backbone above block ``L - k`` only; the blocks below still run under
-            ``torch.no_grad()``, so the cost grows with ``k``, not with the model's depth. Measured on SmolLM2-135M
-            with the quality harness (README, Quality): ``k`` = 16 of 30 blocks with ``backbone_lora_r=64`` scored
-            1.3 and 4.6 points below QLoRA at equal steps (two seeds), ``k`` = 20 scored 2.1 and 0.8 points below,
-            and both scored above it at equal wall-clock, where the paper's QST (``k`` = 0) stays far below on tasks
-            that copy or compute content from the prompt. Gradient
+        backbone_lora_layers (`int` or `float`): Number of top backbone blocks that also get low-rank adapters (0:
+            none, the paper's QST), or a fraction of the model's depth strictly between 0 and 1 (``2 / 3``: the top
+            two thirds, whatever the model's number of blocks), which `get_peft_model` rounds to a whole number of
+            blocks (at least one) and writes into the config, so the saved adapter records the count. Every linear
+            layer of the last ``k`` blocks gets a LoRA delta trained together with the side network: full-width
+            changes right before the LM head, which the side network's narrow output cannot make. Gradients then
+            enter the backbone above block ``L - k`` only; the blocks below still run under ``torch.no_grad()``, so
+            the cost grows with ``k``, not with the model's depth. Measured on SmolLM2-135M with the quality harness
+            (README, Quality), with ``backbone_lora_r=64``: ``k`` = 16 of 30 blocks scored 1.3 and 4.6 points below
+            QLoRA at equal steps (two seeds) and 9.5 above it at equal wall-clock (one seed); ``k`` = 20 scored 2.1,
+            0.8 and 7.9 points below at equal steps and 7-9 above at equal wall-clock (three seeds), where the
+            paper's QST (``k`` = 0) stays far below on tasks that copy or compute content from the prompt. Gradient
             checkpointing reaches these blocks too; without it they keep their activations for backward.
         backbone_lora_r (`int`): Rank of those adapters.
         backbone_lora_alpha (`float`): Their scaling numerator (the delta is scaled by alpha / rank, as in LoRA).
@@ -144,8 +147,12 @@ class QSTConfig(PeftConfig):
     )
     copy_heads: int = field(default=0, metadata={"help": "Number of copy heads (0: none, the paper's QST)."})
     copy_head_dim: int = field(default=32, metadata={"help": "Query/key width of each copy head."})
-    backbone_lora_layers: int = field(
-        default=0, metadata={"help": "Number of top backbone blocks with low-rank adapters (0: none)."}
+    backbone_lora_layers: Union[int, float] = field(
+        default=0,
+        metadata={
+            "help": "Number of top backbone blocks with low-rank adapters (0: none), or a fraction of the depth in "
+            "(0, 1)."
+        },
     )
     backbone_lora_r: int = field(default=16, metadata={"help": "Rank of the backbone low-rank adapters."})
     backbone_lora_alpha: float = field(default=16.0, metadata={"help": "Scaling numerator of those adapters."})
@@ -232,10 +239,14 @@ class QSTConfig(PeftConfig):
             raise ValueError(
                 f"QSTConfig.copy_head_dim={self.copy_head_dim!r} is invalid: it must be a positive integer."
             )
-        if not _is_int(self.backbone_lora_layers) or self.backbone_lora_layers < 0:
+        layers = self.backbone_lora_layers
+        whole = _is_int(layers) and layers >= 0
+        fraction = isinstance(layers, float) and 0 < layers < 1
+        if not (whole or fraction):
             raise ValueError(
-                f"QSTConfig.backbone_lora_layers={self.backbone_lora_layers!r} is invalid: it must be a non-negative "
-                "integer (the number of top backbone blocks with low-rank adapters; 0: none)."
+                f"QSTConfig.backbone_lora_layers={layers!r} is invalid: give a non-negative integer (the number of top "
+                "backbone blocks with low-rank adapters; 0: none) or a fraction of the model's depth strictly between "
+                "0 and 1 (e.g. 0.5 for the top half)."
             )
         if not _is_int(self.backbone_lora_r) or self.backbone_lora_r < 1:
             raise ValueError(

@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
+from .backbone_lora import resolve_backbone_lora_layers
 from .bnb_compat import keep_4bit_weights_through_state_dict
 from .config import AUTO, QSTConfig
 from .layer import QSTLayer
@@ -190,7 +191,8 @@ class QSTModel(BaseTuner):
                     "head count."
                 )
         num_layers = int(model_config.num_hidden_layers)
-        if config.backbone_lora_layers > num_layers:
+        backbone_lora_layers = resolve_backbone_lora_layers(config.backbone_lora_layers, num_layers)
+        if backbone_lora_layers > num_layers:
             raise ValueError(
                 f"QSTConfig.backbone_lora_layers={config.backbone_lora_layers} exceeds the {num_layers} blocks of this "
                 f"{model_type} model; choose at most {num_layers}."
@@ -198,11 +200,13 @@ class QSTModel(BaseTuner):
         # raises a ValueError naming the fitting values when r does not fit the model's widths and heads
         shrink_config(model_config, config, torch.float32)
 
-        # every check passed: record what the adapter is bound to, and the head count "auto" chose, so that a saved
-        # adapter says what it holds whatever a later version's "auto" would choose
+        # every check passed: record what the adapter is bound to, the head count "auto" chose and the number of
+        # blocks a fraction of the depth came to, so that a saved adapter says what it holds whatever a later
+        # version's "auto" or rounding would choose
         config.base_model_signature = signature
         config.target_modules = target_modules
         config.side_heads = resolve_side_heads(model_config, config)
+        config.backbone_lora_layers = backbone_lora_layers
 
     @staticmethod
     def _matching_trunk(model: nn.Module, target_modules) -> Optional[nn.Module]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_qst import QSTConfig, QSTLayer
+from peft_qst.backbone_lora import resolve_backbone_lora_layers
 
 from .conftest import bnb_config, tiny_causal_lm, train_steps
 
@@ -204,6 +207,20 @@ def test_refusals():
         QSTConfig(backbone_lora_r=0)
     with pytest.raises(ValueError, match="exceeds the 4 blocks"):
         get_peft_model(tiny_causal_lm(num_hidden_layers=LAYERS), hybrid_config(backbone_lora_layers=5))
+
+
+def test_a_fraction_of_the_depth_becomes_a_block_count(tmp_path):
+    # rounded to the nearest block, halves up, at least one: two thirds of SmolLM2's 30 blocks are its top 20
+    assert [resolve_backbone_lora_layers(f, n) for f, n in [(2 / 3, 30), (0.5, 5), (0.3, 5), (0.01, 4)]] == [20, 3, 2, 1]
+    assert resolve_backbone_lora_layers(3, 4) == 3
+    by_fraction, by_count = hybrid_model(backbone_lora_layers=0.5), hybrid_model(backbone_lora_layers=2)
+    assert by_fraction.peft_config["default"].backbone_lora_layers == 2
+    assert [n for n, _ in by_fraction.named_parameters()] == [n for n, _ in by_count.named_parameters()]
+    with torch.no_grad():  # the same seed, the same adapters: the same model
+        assert all(torch.equal(a, b) for a, b in zip(by_fraction.parameters(), by_count.parameters()))
+    # the saved adapter records the count, so that loading it never depends on the rounding
+    by_fraction.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["backbone_lora_layers"] == 2
 
 
 @pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer and chat template

@@ -33,6 +33,11 @@ from .conftest import tiny_causal_lm
         ({"side_heads": 0}, "QSTConfig.side_heads=0"),
         ({"side_heads": 1.5}, "QSTConfig.side_heads=1.5"),
         ({"side_heads": True}, "QSTConfig.side_heads=True"),
+        ({"backbone_lora_layers": -1}, "QSTConfig.backbone_lora_layers=-1"),
+        ({"backbone_lora_layers": 1.0}, "strictly between 0 and 1"),
+        ({"backbone_lora_layers": 0.0}, "strictly between 0 and 1"),
+        ({"backbone_lora_layers": 2.5}, "backbone_lora_layers=2.5"),
+        ({"backbone_lora_layers": True}, "backbone_lora_layers=True"),
     ],
 )
 def test_bad_values_are_refused_at_construction(kwargs, fragment):
