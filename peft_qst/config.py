@@ -109,9 +109,10 @@ class QSTConfig(PeftConfig):
             (README, Quality), with ``backbone_lora_r=64``: ``k`` = 16 of 30 blocks scored 1.3 and 4.6 points below
             QLoRA at equal steps (two seeds) and 9.5 above it at equal wall-clock (one seed); ``k`` = 20 scored 2.1,
             0.8 and 7.9 points below and 2.5 above at equal steps (four seeds, 2.1 below on their mean) and 7-9
-            above at equal wall-clock (three seeds), where the paper's QST (``k`` = 0) stays far below on tasks
-            that copy or compute content from the prompt. Gradient checkpointing reaches these blocks too; without
-            it they keep their activations for backward.
+            above at equal wall-clock (three seeds); ``k`` = 24 scored 0.9 points below on the same four seeds'
+            mean and 3-5 above at equal wall-clock (two seeds), where the paper's QST (``k`` = 0) stays far below
+            on tasks that copy or compute content from the prompt. Gradient checkpointing reaches these blocks too;
+            without it they keep their activations for backward.
         backbone_lora_r (`int`): Rank of those adapters.
         backbone_lora_alpha (`float`): Their scaling numerator (the delta is scaled by alpha / rank, as in LoRA).
         side_dtype (`str`, *optional*): dtype of the side network: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
