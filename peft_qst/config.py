@@ -110,7 +110,7 @@ class QSTConfig(PeftConfig):
             QLoRA at equal steps (two seeds) and 9.5 above it at equal wall-clock (one seed); ``k`` = 20 scored 2.1,
             0.8 and 7.9 points below and 2.5 above at equal steps (four seeds, 2.1 below on their mean) and 7-9
             above at equal wall-clock (three seeds); ``k`` = 24 scored 0.9 points below on the same four seeds'
-            mean and 3-5 above at equal wall-clock (two seeds), where the paper's QST (``k`` = 0) stays far below
+            mean and 3-9 above at equal wall-clock (four seeds), where the paper's QST (``k`` = 0) stays far below
             on tasks that copy or compute content from the prompt. Gradient checkpointing reaches these blocks too;
             without it they keep their activations for backward.
         backbone_lora_r (`int`): Rank of those adapters.
