@@ -122,8 +122,9 @@ class QSTConfig(PeftConfig):
             (``model.get_decoder()``); set it only for a model where that fails.
         modules_to_save (`list[str]`, *optional*): Modules besides the side network to train and save, e.g. a
             classification head (set automatically for ``task_type="SEQ_CLS"``).
-        base_model_signature (`dict`, *optional*): Filled in by `get_peft_model`: the model type, hidden size and
-            number of layers of the model the adapter was built for. Loading refuses any other model.
+        base_model_signature (`dict`, *optional*): Filled in by `get_peft_model`: the model type, hidden size,
+            number of layers, attention and key/value heads, head dimension, FFN width and vocabulary size of the
+            model the adapter was built for. Loading refuses a model that differs in any of them.
         adapter_weights_sha256 (`str`, *optional*): Filled in by `save_pretrained`: a digest of the saved weights,
             checked when they are loaded so that a corrupt file fails loudly.
     """

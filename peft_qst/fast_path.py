@@ -27,8 +27,8 @@ Under ``torch.no_grad()`` this module computes the same function with far fewer,
   converts when a generation moves between the two paths), so generate reorders, crops and selects it as before;
 - the output upsample and output gate are one ``addmm`` onto the backbone's last hidden state (:func:`fast_mix`).
 
-The packed weights are built once and rebuilt when any side parameter changes (an optimizer step, ``load_adapter``,
-a move to another device): see :func:`weights_key`. That is checked at the start of every sequence and at every
+The packed weights are built once and rebuilt when any side parameter may have changed (an optimizer step, fused or
+not, ``load_adapter``, a move to another device): see :func:`weights_key`. That is checked at the start of every sequence and at every
 forward without a cache, not at the decoding steps that continue a cache the weights were checked for (it walks
 every side parameter, a few percent of a decoding step).
 
@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 import torch.nn.functional as F
 import transformers.activations
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -206,6 +207,19 @@ def _count_registration(module, name, parameter):
 
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 
+#: counts optimizer steps anywhere in the process. Fused optimizers (``AdamW(fused=True)``, transformers' and TRL's
+#: default ``optim="adamw_torch_fused"``) write parameters without bumping their version counters, so the versions
+#: alone would miss their updates and the fast path would keep computing with the weights from before training.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
 
 def _as_float32(value):
     if isinstance(value, torch.Tensor):
@@ -234,13 +248,14 @@ def _column_inv_freq(rotary, heads: int, device) -> Optional[torch.Tensor]:
 
 
 def weights_key(side) -> tuple:
-    """Changes whenever a side parameter is updated in place (an optimizer step, a load: the version counter), gets
-    new storage (a move, ``param.data = ...``) or is replaced by a new Parameter (a registration)."""
+    """Changes whenever a side parameter is updated in place (a load, an in-place op: the version counter), an
+    optimizer steps (fused ones leave the version counters as they are), a parameter gets new storage (a move,
+    ``param.data = ...``) or is replaced by a new Parameter (a registration)."""
     cached = side.__dict__.get("_parameter_list")
     if cached is None or cached[0] != _registrations:
         cached = (_registrations, list(side.parameters()))
         side.__dict__["_parameter_list"] = cached
-    return (cached[0],) + tuple((p.data_ptr(), p._version) for p in cached[1])
+    return (cached[0], _optimizer_steps) + tuple((p.data_ptr(), p._version) for p in cached[1])
 
 
 def _stack_downsamplers(downsamplers: list) -> dict:
@@ -333,6 +348,8 @@ def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedS
         return None
     if not set(trunk_kwargs) <= _UNDERSTOOD_KWARGS:
         return None
+    if cache is not None and not isinstance(cache, DynamicCache):
+        return None  # a static (preallocated) side cache: the general path runs it, as transformers' modules do
     mask = trunk_kwargs.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         return None

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 
 from .cache import QSTCache, cache_field
 from .config import QSTConfig
@@ -33,8 +33,12 @@ from .side import QSTSideNetwork, copy_key_mask, find_layer_list
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
 BASE_ADAPTER_NAME = "__base__"
 
-#: trunk keyword arguments that belong to the backbone only; the rest (masks, positions, packing metadata) are shared
-_BACKBONE_ONLY_KWARGS = ("input_ids", "inputs_embeds", "output_hidden_states", "output_attentions", "return_dict")
+#: trunk keyword arguments that belong to the backbone only; the rest (masks, positions, packing metadata) are shared.
+#: ``num_items_in_batch`` (the Trainer's token count for the loss) reaches the trunk through the model's **kwargs and
+#: means nothing to the side network; passed on, it would keep evaluation off the inference fast path.
+_BACKBONE_ONLY_KWARGS = (
+    "input_ids", "inputs_embeds", "output_hidden_states", "output_attentions", "return_dict", "num_items_in_batch"
+)
 
 
 def _non_reentrant(checkpoint: Callable) -> bool:
@@ -42,6 +46,19 @@ def _non_reentrant(checkpoint: Callable) -> bool:
     ``gradient_checkpointing_enable()`` builds it (``functools.partial(checkpoint, use_reentrant=False)``, its default
     and TRL's)."""
     return isinstance(checkpoint, functools.partial) and checkpoint.keywords.get("use_reentrant") is False
+
+
+def _side_cache_like(backbone_cache, side_config) -> Optional[StaticCache]:
+    """A side cache of the backbone cache's kind where the side network cannot start with its own default.
+
+    With a static backbone cache (``generate(cache_implementation="static")``, a ``StaticCache`` passed in),
+    generate builds the decoding steps' 4-D attention masks over the cache's full preallocated length, and the side
+    network reads the same masks: its cache must be static, of the same length, too. For every other backbone cache
+    the side trunk starts its own ``DynamicCache`` (None here)."""
+    if not isinstance(backbone_cache, StaticCache):
+        return None
+    lengths = [layer.max_cache_len for layer in backbone_cache.layers if hasattr(layer, "max_cache_len")]
+    return StaticCache(config=side_config, max_cache_len=max(lengths), offloading=backbone_cache.offloading)
 
 
 class QSTLayer(nn.Module, BaseTunerLayer):
@@ -89,7 +106,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         if input_ids is None:
             raise ValueError(
                 "This QST adapter has copy heads, which add the LM-head rows of the input tokens and so need "
-                "input_ids; the model was called with inputs_embeds only. Pass input_ids."
+                "input_ids; the decoder trunk got inputs_embeds without them (generate(inputs_embeds=...) runs its "
+                "first step on the embeddings alone, even when input_ids are given too). Pass input_ids only."
             )
         weight = self.__dict__["_output_embeddings"].weight
         past = memory.get_seq_length() if memory is not None else 0
@@ -397,7 +415,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         new_side_caches, new_memories = {}, {}
         for name in adapter_names:
             side = self.qst_side[name]
-            side_out, new_side_caches[name] = side(hidden_states, cache=side_caches.get(name), **side_kwargs)
+            side_cache = side_caches.get(name)
+            if side_cache is None and use_cache:
+                side_cache = _side_cache_like(backbone_cache, side.trunk.config)
+            side_out, new_side_caches[name] = side(hidden_states, cache=side_cache, **side_kwargs)
             copy_inputs = None
             if side.copy_head is not None:
                 memory = memories.get(name)
@@ -447,6 +468,21 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 raise ValueError(
                     f"The cache holds {past} past tokens but no side-network state for adapter(s) {missing}: it was "
                     "filled with other adapters or with adapters disabled. Start generation again with a fresh cache."
+                )
+            # a side half that fell behind: tokens were added while this adapter was disabled or another one was
+            # active (the backbone half moves on at every step, a side half only when its adapter runs)
+            behind = {}
+            for name in adapter_names:
+                for half in (cache.side_cache(name), cache.copy_memory(name)):
+                    if half is not None and half.get_seq_length() != past:
+                        behind[name] = half.get_seq_length()
+            if behind:
+                held = ", ".join(f"{name!r} {length}" for name, length in behind.items())
+                raise ValueError(
+                    f"The cache holds {past} past tokens but the side-network state of adapter(s) {held}: tokens were "
+                    "added to it with adapters disabled or with another adapter active, so this adapter never saw "
+                    "them. Continue a cache only with the adapter that filled it, or start generation again with a "
+                    "fresh cache."
                 )
             return (
                 cache.backbone,

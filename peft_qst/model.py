@@ -7,6 +7,7 @@ is loaded onto: the recorded base-model signature, the exact set of weight names
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from contextlib import contextmanager
@@ -53,14 +54,50 @@ def find_trunk_name(model: nn.Module) -> str:
     raise QSTUnsupportedModelError(f"the decoder trunk of {type(model).__name__} is not one of its submodules")
 
 
+def _json_size(value):
+    """A config size as JSON stores it: an int, or a list of ints for per-layer sizes."""
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return int(value)
+
+
 def model_signature(model: nn.Module) -> dict:
-    """What an adapter must match: model type, widths, depth, and the trunk class the side network is built from."""
+    """What an adapter must match: model type, widths, depth, head layout, FFN width and vocabulary.
+
+    Every entry shapes the side network (its widths and heads are the model's divided by r) or what its output means
+    (the vocabulary the frozen LM head maps it onto), so a model that differs in any of them is another base model.
+    """
     config = model.config
-    return {
+    heads = int(config.num_attention_heads)
+    signature = {
         "model_type": config.model_type,
         "hidden_size": int(config.hidden_size),
         "num_hidden_layers": int(config.num_hidden_layers),
-        "num_attention_heads": int(config.num_attention_heads),
+        "num_attention_heads": heads,
+    }
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    signature["num_key_value_heads"] = int(kv_heads) if kv_heads is not None else heads
+    head_dim = getattr(config, "head_dim", None)
+    signature["head_dim"] = int(head_dim) if head_dim else int(config.hidden_size) // heads
+    for name in ("intermediate_size", "ffn_dim", "n_inner"):  # the FFN width's name differs between families
+        value = getattr(config, name, None)
+        if value is not None:
+            signature["intermediate_size"] = _json_size(value)
+            break
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None:
+        signature["vocab_size"] = int(vocab_size)
+    return signature
+
+
+def signature_differences(recorded: dict, signature: dict) -> dict:
+    """The recorded entries this model does not match, as {name: (recorded, this model's)}.
+
+    Only the entries the adapter recorded are compared: adapters saved by earlier versions recorded fewer of them."""
+    return {
+        name: (value, signature.get(name))
+        for name, value in recorded.items()
+        if signature.get(name) != value
     }
 
 
@@ -155,10 +192,12 @@ class QSTModel(BaseTuner):
 
         signature = model_signature(model)
         recorded = config.base_model_signature
-        if recorded is not None and dict(recorded) != signature:
+        differences = signature_differences(dict(recorded), signature) if recorded is not None else {}
+        if differences:
+            listed = ", ".join(f"{name} {ours} against {theirs}" for name, (ours, theirs) in differences.items())
             raise ValueError(
                 f"This QST adapter was built for {_describe(recorded)} but is being loaded onto {_describe(signature)}"
-                f" ({type(model).__name__}). Load it onto the base model it was trained on"
+                f" ({type(model).__name__}); they differ in {listed}. Load it onto the base model it was trained on"
                 + (f" ({config.base_model_name_or_path})." if config.base_model_name_or_path else ".")
             )
 
@@ -346,13 +385,18 @@ class QSTModel(BaseTuner):
                 )
             # The digest describes the file just read, not the adapter from now on: once it trains, a trainer
             # checkpoint of it (resume_from_checkpoint, load_best_model_at_end) is loaded into this same adapter with
-            # this same config and would be refused as "corrupt" against the old file's digest.
+            # this same config and would be refused as "corrupt" against the old file's digest. The adapter gets a
+            # copy without it; the caller's config object (PeftModel.from_pretrained(..., config=...)) keeps its
+            # digest, so loading the same folder again with it is checked again.
+            config = copy.copy(config)
             config.adapter_weights_sha256 = None
+            model.peft_config[adapter_name] = config
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         marker = f".{SIDE_ATTR}.{adapter_name}."
-        expected = {k for k in _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes) if marker in k}
+        own = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        expected = {k for k in own if marker in k}
         loaded = {k for k in remapped if marker in k}
         strays = {k for k in remapped if f".{SIDE_ATTR}." in k and marker not in k}
         missing, unexpected = sorted(expected - loaded), sorted((loaded - expected) | strays)
@@ -362,5 +406,18 @@ class QSTModel(BaseTuner):
                 f"{len(missing)} weights missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                 f"(e.g. {unexpected[:3]}). It was saved from a different QST configuration or base model; nothing "
                 "was loaded."
+            )
+        # the same names with other shapes: an adapter recorded before the signature named every width, or a
+        # hand-edited config; torch's own size-mismatch error would come after part of the state was loaded
+        misshapen = [
+            f"{key} {tuple(remapped[key].shape)} against {tuple(own[key].shape)}"
+            for key in sorted(loaded)
+            if tuple(remapped[key].shape) != tuple(own[key].shape)
+        ]
+        if misshapen:
+            raise QSTAdapterFileError(
+                f"The checkpoint does not fit QST adapter {adapter_name!r} of this model: {len(misshapen)} weights "
+                f"have other shapes than this model's side network (e.g. {misshapen[:3]}). It was saved from a "
+                "different base model or QST configuration; nothing was loaded."
             )
         return remapped

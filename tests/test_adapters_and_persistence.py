@@ -190,6 +190,60 @@ def test_adapter_refuses_a_base_model_it_was_not_trained_for(tmp_path, trained, 
     assert fragment in message
 
 
+@pytest.mark.parametrize(
+    "other, fragment",
+    [
+        (dict(num_key_value_heads=4), "num_key_value_heads 2 against 4"),
+        (dict(num_key_value_heads=1), "num_key_value_heads 2 against 1"),
+        (dict(head_dim=32), "head_dim 16 against 32"),
+        (dict(intermediate_size=96), "intermediate_size 128 against 96"),
+        (dict(vocab_size=200), "vocab_size 128 against 200"),
+    ],
+    ids=["more-kv-heads", "fewer-kv-heads", "head-dim", "ffn-width", "vocabulary"],
+)
+def test_adapter_refuses_a_base_model_with_other_heads_widths_or_vocabulary(tmp_path, trained, other, fragment):
+    """Same type, width and depth, but another head layout, FFN width or vocabulary: another base model."""
+    trained.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="differ in") as info:
+        PeftModel.from_pretrained(tiny_causal_lm(**other), str(tmp_path))
+    assert fragment in str(info.value)
+
+
+def test_an_adapter_recorded_with_the_earlier_signature_still_loads(tmp_path, tiny_model_dir, trained):
+    """Adapters saved before the signature named head layout, FFN width and vocabulary recorded four entries: they
+    load onto their base model as before, and one of another FFN width is refused by the weights' shapes."""
+    trained.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_signature"] = {
+        key: config["base_model_signature"][key]
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    }
+    config_path.write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
+    with pytest.raises(QSTAdapterFileError, match="other shapes than this model's side network"):
+        PeftModel.from_pretrained(tiny_causal_lm(intermediate_size=96), str(tmp_path))
+
+
+def test_a_reused_config_object_keeps_the_digest_check(tmp_path, tiny_model_dir, trained):
+    """PeftModel.from_pretrained(..., config=c) twice with the same PeftConfig: the first load must not switch the
+    integrity check off for the second."""
+    from peft import PeftConfig
+
+    trained.save_pretrained(tmp_path)
+    config = PeftConfig.from_pretrained(str(tmp_path))
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path), config=config)
+    assert config.adapter_weights_sha256 is not None
+    path = tmp_path / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # a tensor byte, the header stays valid
+    path.write_bytes(bytes(data))
+    with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path), config=config)
+
+
 def test_truncated_weights_file_fails_clearly(tmp_path, tiny_model_dir, trained):
     trained.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"

@@ -177,6 +177,7 @@ def test_adapter_config_json_round_trips(tmp_path, tiny_model):
     assert saved["peft_type"] == "QST"
     assert saved["base_model_signature"] == {
         "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": 128,
     }
     assert len(saved["adapter_weights_sha256"]) == 64
     loaded = PeftConfig.from_pretrained(tmp_path)

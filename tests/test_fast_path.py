@@ -213,6 +213,31 @@ def test_fast_path_follows_training_steps_and_loaded_weights(tmp_path):
     torch.testing.assert_close(after[mask.bool()], fast[mask.bool()], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("optimizer", ["fused", "foreach"])
+def test_fast_path_follows_a_fused_optimizer(optimizer):
+    """A fused AdamW (transformers' and TRL's default ``optim="adamw_torch_fused"``) writes the parameters without
+    bumping their version counters; the packed weights must be rebuilt after its steps all the same."""
+    model = qst_model()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits  # packs the current weights
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    adamw = torch.optim.AdamW(parameters, lr=1e-2, **{optimizer: True})
+    versions = [p._version for p in parameters]
+    model.train()
+    for _ in range(2):
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        adamw.step()
+        adamw.zero_grad()
+    model.eval()
+    if optimizer == "fused":
+        assert [p._version for p in parameters] == versions  # what the optimizer-step count is there for
+    with torch.no_grad():
+        fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    assert not torch.allclose(fast, before)
+    torch.testing.assert_close(fast[mask.bool()], general[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
 def test_weights_are_checked_once_per_sequence_and_again_for_the_next(monkeypatch):
     """Decoding steps that continue a cache the packed weights were checked for skip the check; the next generation
     (a new cache) checks again and runs on the weights as they are then."""

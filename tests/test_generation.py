@@ -133,6 +133,39 @@ def test_a_plain_filled_cache_is_refused(model):
         model(input_ids=torch.tensor([[7]]), cache=plain, use_cache=True)
 
 
+def test_a_side_cache_left_behind_is_refused(model):
+    """Tokens added to a paired cache with the adapter disabled move its backbone half only; continuing it with the
+    adapter again would run the side network on a history it never saw."""
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(pad_token_id=PAD, do_sample=False, return_dict_in_generate=True)
+    adapted = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, **kwargs)
+    mask = torch.cat([mask, torch.ones(mask.shape[0], 3, dtype=mask.dtype)], dim=1)
+    with model.disable_adapter():
+        base = model.generate(input_ids=adapted.sequences, attention_mask=mask, past_key_values=adapted.past_key_values,
+                              max_new_tokens=3, **kwargs)
+    cache = base.past_key_values
+    assert cache.side_cache("default").get_seq_length() < cache.backbone.get_seq_length()
+    mask = torch.cat([mask, torch.ones(mask.shape[0], 3, dtype=mask.dtype)], dim=1)
+    with pytest.raises(ValueError, match="with adapters disabled or with another adapter active"):
+        model.generate(input_ids=base.sequences, attention_mask=mask, past_key_values=cache, max_new_tokens=3, **kwargs)
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3)], ids=["greedy", "beam-search"])
+def test_a_static_cache_generates_what_the_dynamic_cache_generates(model, mode):
+    """generate(cache_implementation="static") builds the decoding masks over the preallocated length; the side
+    network gets a static cache of that length too."""
+    from transformers import StaticCache
+
+    ids, mask = left_padded(PROMPTS)
+    dynamic = generate(model, ids, mask, **mode)
+    assert torch.equal(generate(model, ids, mask, cache_implementation="static", **mode), dynamic)
+    if not mode:
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        assert torch.equal(generate(model, ids, mask, past_key_values=cache), dynamic)
+    with model.disable_adapter():
+        assert not torch.equal(generate(model, ids, mask, cache_implementation="static", **mode), dynamic)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # mixed-adapter batches
 # --------------------------------------------------------------------------------------------------------------------

@@ -71,6 +71,24 @@ def test_trainer_with_a_plain_collator_trains_only_the_side_network(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
+def test_evaluation_during_training_sees_the_current_weights(tmp_path):
+    """With the Trainer's default optimizer (the fused AdamW, which leaves the parameters' version counters alone),
+    every evaluation scores the weights of that moment: the eval losses move with training, and the last one equals
+    a fresh evaluation through the general path."""
+    from peft_qst.fast_path import fast_path_disabled
+
+    model = qst_model()
+    trainer = make_trainer(tmp_path, model, max_steps=9, save_strategy="no", eval_strategy="steps", eval_steps=3)
+    assert trainer.args.optim == "adamw_torch_fused"
+    first = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(losses) == 3 and len({first, *losses}) == 4 and losses[-1] < first, (first, losses)
+    with fast_path_disabled():
+        general = trainer.evaluate()["eval_loss"]
+    assert abs(general - losses[-1]) < 1e-4
+
+
 @pytest.mark.parametrize("method", ["qst", "lora"])
 def test_resume_from_checkpoint_ends_at_the_same_weights(tmp_path, method):
     """6 steps straight, and 3 steps + resume_from_checkpoint to 6 starting from a differently initialised adapter,
