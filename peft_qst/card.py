@@ -20,12 +20,15 @@ AUTO_CLASS_OF_TASK = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
 }
 
+#: task types whose saved head has one row per label, so that the base model must be built with ``num_labels``
+LABELLED_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+
 
 def usage_section(base_model: str | None, task_type: str | None = None, num_labels: int | None = None) -> str:
     base = base_model or "<base model>"
     auto_class = AUTO_CLASS_OF_TASK.get(task_type or "", "AutoModelForCausalLM")
     extra = ""
-    if task_type == "SEQ_CLS":
+    if task_type in LABELLED_TASKS:
         # the saved head has num_labels rows; the base model must be built with the same number
         extra = f", num_labels={num_labels if num_labels is not None else '<number of labels>'}"
     return f"""{MARKER}
@@ -61,7 +64,7 @@ def _saved_adapter_facts(folder: str) -> tuple[str | None, int | None]:
     task_type = config.get("task_type")
     weights_path = os.path.join(folder, "adapter_model.safetensors")
     heads = config.get("modules_to_save") or []
-    if task_type != "SEQ_CLS" or not heads or not os.path.isfile(weights_path):
+    if task_type not in LABELLED_TASKS or not heads or not os.path.isfile(weights_path):
         return task_type, None
     from safetensors import safe_open
 

@@ -33,6 +33,11 @@ from .side import QSTUnsupportedModelError, find_layer_list, resolve_side_heads,
 #: attribute holding the side networks inside a QSTLayer; every saved key goes through it
 SIDE_ATTR = "qst_side"
 
+#: the QSTConfig fields get_peft_model fills in for the model it binds the config to
+_BOUND_FIELDS = ("base_model_signature", "target_modules", "side_heads", "backbone_lora_layers")
+#: where a bound config keeps those fields as they were before binding (an instance attribute, never saved)
+_AS_WRITTEN = "_qst_as_written"
+
 
 def find_trunk_name(model: nn.Module) -> str:
     """Module name of the decoder trunk to wrap (an already wrapped one counts)."""
@@ -163,7 +168,22 @@ class QSTModel(BaseTuner):
     # ---------------------------------------------------------------------------------------------------------------
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        self._bind_config_to_model(self.peft_config[adapter_name], model)
+        config = self.peft_config[adapter_name]
+        written = config.__dict__.get(_AS_WRITTEN)
+        if written is not None:
+            # This config object was bound to a model by an earlier get_peft_model (it is that model's adapter
+            # config now): bind a copy, from the values as written, so that one QSTConfig can be applied to several
+            # base models, as a LoraConfig can, with "auto" and fractions resolved for each, and the earlier model
+            # keeps its own record. (The first binding fills in the caller's object itself, as PEFT's task classes
+            # expect: some of them add their heads to modules_to_save on it after injection.)
+            config = copy.copy(config)
+            for name, value in written.items():
+                setattr(config, name, value)
+            self.peft_config[adapter_name] = config
+        else:
+            written = {name: getattr(config, name) for name in _BOUND_FIELDS}
+        self._bind_config_to_model(config, model)
+        config.__dict__[_AS_WRITTEN] = written
         super().inject_adapter(model, adapter_name, **kwargs)
 
     def _bind_config_to_model(self, config: QSTConfig, model: nn.Module) -> None:
@@ -215,6 +235,19 @@ class QSTModel(BaseTuner):
                 "inputs_embeds, which the side network is fed through."
             )
         find_layer_list(base_trunk, int(model_config.num_hidden_layers))
+        # encoder-only models (BERT, RoBERTa, ...) attend both ways and their heads read other outputs (a pooler)
+        # than the final hidden state QST adapts: their attention modules say so with is_causal=False
+        causal = {
+            module.is_causal
+            for module in base_trunk.modules()
+            if isinstance(getattr(module, "is_causal", None), bool)
+        }
+        if causal == {False}:
+            raise QSTUnsupportedModelError(
+                f"QST does not support the {model_type} model: its attention is bidirectional (an encoder-only model), "
+                "and QST side-tunes decoder-only models, whose final hidden state is what the side network adapts. "
+                "Use a decoder-only model (see the README's supported architectures), or LoRA for this one."
+            )
         if config.copy_heads:
             _check_copy_head_support(model, model_type)
         if config.init == "pruned":

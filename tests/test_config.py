@@ -167,6 +167,34 @@ def test_encoder_decoder_model_is_refused():
         get_peft_model(model, QSTConfig(r=2))
 
 
+@pytest.mark.parametrize("head", ["SequenceClassification", "MaskedLM"])
+def test_encoder_only_model_is_refused(head):
+    """BERT has get_decoder() and takes inputs_embeds, but attends both ways and classifies from its pooler: the
+    side network would train without changing anything."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("bert", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, vocab_size=128)
+    model = getattr(transformers, f"AutoModelFor{head}").from_config(config)
+    with pytest.raises(QSTUnsupportedModelError, match="bert model: its attention is bidirectional"):
+        get_peft_model(model, QSTConfig(task_type="SEQ_CLS" if head == "SequenceClassification" else None, r=4))
+
+
+def test_one_config_applies_to_several_base_models():
+    """As with a LoraConfig, the same QSTConfig object can be applied to several models: each binds it anew ("auto"
+    heads, a fraction of the depth) and keeps its own record."""
+    config = QSTConfig(task_type="CAUSAL_LM", r=4, backbone_lora_layers=0.5)
+    small = get_peft_model(tiny_causal_lm(num_hidden_layers=2), config)
+    wide = get_peft_model(tiny_causal_lm(hidden_size=128, intermediate_size=256, num_hidden_layers=6), config)
+    third = get_peft_model(tiny_causal_lm(num_hidden_layers=4), config)
+    assert third.peft_config["default"].backbone_lora_layers == 2
+    assert small.peft_config["default"].backbone_lora_layers == 1
+    assert wide.peft_config["default"].backbone_lora_layers == 3
+    assert small.peft_config["default"].base_model_signature["hidden_size"] == 64
+    assert wide.peft_config["default"].base_model_signature["hidden_size"] == 128
+
+
 def test_adapter_config_json_round_trips(tmp_path, tiny_model):
     config = QSTConfig(task_type="CAUSAL_LM", r=4, downsample="lora", downsample_rank=8, dropout=0.1,
                        side_gate_init=0.25, output_gate_init=0.01, side_dtype="float32", activation="gelu",
@@ -182,6 +210,7 @@ def test_adapter_config_json_round_trips(tmp_path, tiny_model):
     assert len(saved["adapter_weights_sha256"]) == 64
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, QSTConfig)
+    config = model.peft_config["default"]  # the adapter's copy, with what get_peft_model recorded
     for name in ("r", "downsample", "downsample_rank", "dropout", "side_gate_init", "output_gate_init",
                  "side_dtype", "activation", "init", "side_heads", "task_type", "target_modules",
                  "base_model_signature"):

@@ -40,3 +40,34 @@ def test_classify(tmp_path):
     assert "held-out accuracy before training:" in out and "held-out accuracy after training:" in out
     assert "reloaded adapter gives the same logits: yes" in out
     assert (tmp_path / "classifier" / "adapter_model.safetensors").is_file()
+
+
+def test_generate_uses_the_base_model_it_is_given(tmp_path, monkeypatch, tiny_model_dir):
+    """examples/generate.py --base: used as given (a typo fails instead of silently loading another model); without
+    it, the adapter's recorded base model where that folder exists."""
+    import importlib.util
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peft_qst import QSTConfig
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4)) \
+        .save_pretrained(tmp_path / "adapter")
+    spec = importlib.util.spec_from_file_location("generate_example", f"{REPO}/examples/generate.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def from_pretrained(path, *args, **kwargs):
+        asked.append(path)
+        raise Stop
+
+    monkeypatch.setattr(example.AutoTokenizer, "from_pretrained", from_pretrained)
+    for base, expected in [("some-org/another-model", "some-org/another-model"), (None, tiny_model_dir)]:
+        with pytest.raises(Stop):
+            example.load(str(tmp_path / "adapter"), base)
+        assert asked[-1] == expected

@@ -58,3 +58,27 @@ def test_harness_runs_one_method_end_to_end(tmp_path):
     assert result["method"] == "qst" and result["steps"] == 3
     assert result["trainable_params"] == 798544
     assert 0.0 <= result["exact_match"] <= 1.0 and result["eval_loss"] > 0
+
+
+def load_harness():
+    sys.path.insert(0, f"{REPO}/integration/quality")
+    try:
+        spec = importlib.util.spec_from_file_location("quality_harness", f"{REPO}/integration/quality/harness.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(f"{REPO}/integration/quality")
+    return module
+
+
+def test_harness_settings_are_checked_and_reported():
+    harness = load_harness()
+    # a train pool smaller than one batch would leave the batch stream empty forever
+    with pytest.raises(SystemExit):
+        harness.parse_args(["qst", "--train-size", "4", "--batch-size", "8"])
+    # decaying schedules: full rate right after warm-up, a last step that still learns
+    for schedule in ("linear", "cosine"):
+        assert harness.lr_factor(10, 10, schedule, 150) == 1.0
+        assert 0.0 < harness.lr_factor(149, 10, schedule, 150) < 0.01
+    # the table reports the thread count the children were given, not the parent's
+    assert harness.environment(1)["torch_threads"] == 1

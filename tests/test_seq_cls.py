@@ -148,3 +148,22 @@ def test_seq_cls_card_and_loading_from_a_hub_cache(tmp_path, classifier_dir, mon
         env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"},
     )
     assert torch.equal(got, expected)
+
+
+def test_token_classification_card_names_the_number_of_labels(tmp_path, classifier_dir):
+    """TOKEN_CLS saves a head of num_labels rows too: the card's loading snippet must build the base model with as
+    many, and following it loads the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForTokenClassification
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForTokenClassification.from_pretrained(classifier_dir, num_labels=5),
+                           QSTConfig(task_type="TOKEN_CLS", r=4))
+    model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert f'AutoModelForTokenClassification.from_pretrained("{classifier_dir}", quantization_config=bnb, ' \
+           "num_labels=5)" in card.text
+    loaded = PeftModel.from_pretrained(AutoModelForTokenClassification.from_pretrained(classifier_dir, num_labels=5),
+                                       str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, model.eval()(input_ids=IDS).logits)

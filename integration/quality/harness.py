@@ -180,7 +180,9 @@ def rss_mb() -> float | None:
     return kb / 1024 if kb is not None else None
 
 
-def environment() -> dict:
+def environment(threads: int | None = None) -> dict:
+    """The machine and versions; ``threads``: the torch thread count the children were given (--threads), which the
+    parent itself does not set."""
     import accelerate
     import bitsandbytes
     import peft
@@ -192,7 +194,7 @@ def environment() -> dict:
     return {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads or torch.get_num_threads(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -339,7 +341,9 @@ def lr_factor(step: int, warmup: int, schedule: str, total: int | None) -> float
         return (step + 1) / warmup
     if schedule == "constant" or not total:
         return 1.0
-    progress = min(1.0, (step - warmup + 1) / max(1, total - warmup))
+    # the first step after warm-up runs at the full rate and the last at 1/(total - warmup) of it (as transformers'
+    # schedules do), not at zero
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -717,7 +721,7 @@ def markdown(results: list[dict], env: dict, args) -> str:
 
 
 def write_output(args, results: list[dict]) -> None:
-    env = environment()
+    env = environment(args.threads)
     payload = {
         "environment": env,
         "settings": {dest: getattr(args, dest) for dest in FORWARDED} | {"specs": args.specs},
@@ -755,6 +759,8 @@ def parse_args(argv=None):
     parser.add_argument("--result-file", default=None, help="with --run-one: write the result JSON here")
     parser.add_argument("--spec-time-budget-s", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.train_size < args.batch_size:
+        parser.error(f"--train-size ({args.train_size}) must hold at least one batch (--batch-size {args.batch_size})")
     for spec in [args.run_one] if args.run_one else args.specs:
         parse_spec(spec)  # fail on a bad spec before anything runs
     return args
@@ -781,7 +787,7 @@ def main(argv=None):
             print(json.dumps({k: v for k, v in result.items() if k != "train_losses"}, indent=2))
         return
     results = run_children(args)
-    env = environment()
+    env = environment(args.threads)
     print(markdown(results, env, args))
     if args.output:
         write_output(args, results)
