@@ -3,8 +3,9 @@
 During cached generation the backbone and every side network each need their own cache of past keys and values.
 transformers' `generate` holds one cache object per call: it passes it to the model, takes the model's returned cache
 for the next step, and reorders, crops or repeats it for beam search, assisted decoding and the like. `QSTCache`
-is that one object. Everything that changes the batch or sequence layout (reorder, crop, repeat, select, reset) is
-applied to every half, so a beam-search reorder can never leave a side cache behind (a bug of the reference code);
+is that one object. Everything that changes the batch or sequence layout (reorder, crop, repeat, select, reset,
+past recording) is applied to every half, so a beam-search reorder can never leave a side cache behind (a bug of the
+reference code);
 everything else — ``update``, ``get_seq_length``, mask sizes, ... — is the backbone cache's, because the backbone's
 attention is what transformers asks about.
 """
@@ -16,7 +17,9 @@ from typing import Any, Optional
 
 from transformers.cache_utils import Cache
 
-_LAYOUT_METHODS = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset")
+_LAYOUT_METHODS = (
+    "reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset", "activate_past_recording"
+)
 
 
 def cache_field(output) -> str:
@@ -37,7 +40,7 @@ class QSTCache(Cache):
 
     _own = frozenset(
         ("backbone", "side", "memory", "side_cache", "with_side", "copy_memory", "with_copy_memory", "_each",
-         *_LAYOUT_METHODS)
+         "is_croppable", *_LAYOUT_METHODS)
     )
 
     def __init__(self, backbone: Cache, side: Optional[dict[str, Cache]] = None):
@@ -104,4 +107,14 @@ class QSTCache(Cache):
     def reset(self):
         for cache in self._each():
             cache.reset()
+
+    def activate_past_recording(self):
+        """Keep past states in every half, so that a later ``crop`` (assisted decoding's rollback) can restore
+        sliding-window layers of the side caches too."""
+        for cache in self._each():
+            cache.activate_past_recording()
+
+    @property
+    def is_croppable(self) -> bool:
+        return all(cache.is_croppable for cache in self._each())
 

@@ -28,9 +28,9 @@ Under ``torch.no_grad()`` this module computes the same function with far fewer,
 - the output upsample and output gate are one ``addmm`` onto the backbone's last hidden state (:func:`fast_mix`).
 
 The packed weights are built once and rebuilt when any side parameter may have changed (an optimizer step, fused or
-not, ``load_adapter``, a move to another device): see :func:`weights_key`. That is checked at the start of every sequence and at every
-forward without a cache, not at the decoding steps that continue a cache the weights were checked for (it walks
-every side parameter, a few percent of a decoding step).
+not, ``load_adapter``, a move to another device): see :func:`weights_key`. That is checked at the start of every
+sequence and at every forward without a cache, not at the decoding steps that continue a cache the weights were
+checked for (it walks every side parameter, a few percent of a decoding step).
 
 It applies to side trunks of the Llama block structure (``llama``, ``mistral`` and ``qwen2`` without sliding windows)
 on one device, with a 2-D or no attention mask, outside training mode unless the side network has no dropout; packed

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
 from .cache import QSTCache, cache_field
 from .config import QSTConfig
@@ -48,17 +48,27 @@ def _non_reentrant(checkpoint: Callable) -> bool:
     return isinstance(checkpoint, functools.partial) and checkpoint.keywords.get("use_reentrant") is False
 
 
-def _side_cache_like(backbone_cache, side_config) -> Optional[StaticCache]:
+def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:
     """A side cache of the backbone cache's kind where the side network cannot start with its own default.
 
-    With a static backbone cache (``generate(cache_implementation="static")``, a ``StaticCache`` passed in),
-    generate builds the decoding steps' 4-D attention masks over the cache's full preallocated length, and the side
-    network reads the same masks: its cache must be static, of the same length, too. For every other backbone cache
-    the side trunk starts its own ``DynamicCache`` (None here)."""
-    if not isinstance(backbone_cache, StaticCache):
+    - A static backbone cache (``generate(cache_implementation="static")``, a ``StaticCache`` passed in): generate
+      builds the decoding steps' 4-D attention masks over the cache's full preallocated length, and the side network
+      reads the same masks, so its cache is static, of the same length, too.
+    - A backbone cache that records past states (assisted and prompt-lookup decoding, and generate's deferred stop
+      check, call ``activate_past_recording`` before the first forward, so that ``crop`` can roll back sliding-window
+      layers): the side cache must record them from its first token too, or its sliding layers cannot be cropped.
+
+    For every other backbone cache the side trunk starts its own ``DynamicCache`` (None here)."""
+    if backbone_cache is None:
         return None
-    lengths = [layer.max_cache_len for layer in backbone_cache.layers if hasattr(layer, "max_cache_len")]
-    return StaticCache(config=side_config, max_cache_len=max(lengths), offloading=backbone_cache.offloading)
+    if isinstance(backbone_cache, StaticCache):
+        lengths = [layer.max_cache_len for layer in backbone_cache.layers if hasattr(layer, "max_cache_len")]
+        return StaticCache(config=side_config, max_cache_len=max(lengths), offloading=backbone_cache.offloading)
+    if any(getattr(layer, "record_past", False) for layer in getattr(backbone_cache, "layers", ())):
+        cache = DynamicCache(config=side_config)
+        cache.activate_past_recording()
+        return cache
+    return None
 
 
 class QSTLayer(nn.Module, BaseTunerLayer):
@@ -108,6 +118,14 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 "This QST adapter has copy heads, which add the LM-head rows of the input tokens and so need "
                 "input_ids; the decoder trunk got inputs_embeds without them (generate(inputs_embeds=...) runs its "
                 "first step on the embeddings alone, even when input_ids are given too). Pass input_ids only."
+            )
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            raise ValueError(
+                "This QST adapter has copy heads, which read which positions are padding from a 2-D attention mask, "
+                f"but the model was given a {type(attention_mask).__name__} mask of another form (generate with a "
+                "static cache builds 4-D masks over the preallocated length). Generate with the default dynamic "
+                "cache, or pass a 2-D attention_mask."
             )
         weight = self.__dict__["_output_embeddings"].weight
         past = memory.get_seq_length() if memory is not None else 0

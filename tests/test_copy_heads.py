@@ -164,3 +164,16 @@ def test_refusals():
     embeds = model.get_base_model().model.embed_tokens(IDS)
     with pytest.raises(ValueError, match="need input_ids"):
         model(inputs_embeds=embeds)
+
+
+def test_a_static_cache_is_refused_with_copy_heads():
+    """Copy heads read padding from a 2-D mask; generate hands a static cache's steps 4-D masks over the
+    preallocated length (a dict of them for hybrid models): refused, not silently attending to padding."""
+    model = trained_copy_model().eval()
+    ids = torch.tensor([[0, 0, 5, 17, 33], [8, 3, 120, 45, 6]])
+    mask = (ids != 0).long()
+    dynamic = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert dynamic.shape == (2, 8)
+    with pytest.raises(ValueError, match="copy heads, which read which positions are padding from a 2-D"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")
