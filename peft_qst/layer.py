@@ -207,39 +207,41 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         num_top = len(blocks) - side.backbone_lora.first_block
         # gradients go through these blocks' frozen 4-bit layers, which bitsandbytes' CPU packed layout gets wrong
         keep_unpacked_for_backward(module for _, _, module in top_block_linears(blocks, num_top))
+        # The hooks are partials of bound methods, not closures: copy.deepcopy rebinds a bound method to the copy, so
+        # a deep-copied model's blocks call its own layer (a closure would keep calling the original's). Keyed by
+        # position, not by id(module), so that the copy finds them installed too.
         for index, name, module in top_block_linears(blocks, num_top):
-            if id(module) not in hooks:
-                hooks[id(module)] = module.register_forward_hook(self._backbone_lora_hook(index, name))
+            if ("lora", index, name) not in hooks:
+                hooks[("lora", index, name)] = module.register_forward_hook(
+                    functools.partial(self._add_backbone_deltas, index, name)
+                )
         for index in range(side.backbone_lora.first_block, len(blocks)):
             if ("grad", index) not in hooks:
-                hooks[("grad", index)] = blocks[index].register_forward_pre_hook(self._enable_grad_hook(index))
+                hooks[("grad", index)] = blocks[index].register_forward_pre_hook(
+                    functools.partial(self._enable_grad_from, index)
+                )
 
-    def _backbone_lora_hook(self, index: int, name: str):
-        def add_deltas(module, args, output):
-            routing = self.__dict__.get("_lora_routing")
-            if not routing:
-                return None
-            for adapter_name, rows in routing:
-                delta_module = self.qst_side[adapter_name].backbone_lora.delta(index, name)
-                if delta_module is None:
-                    continue
-                delta = delta_module(args[0])
-                if rows is not None:  # a mixed-adapter batch: only this adapter's rows
-                    delta = delta * rows.view(-1, *([1] * (delta.dim() - 1))).to(delta.device, delta.dtype)
-                output = output + delta.to(output.dtype)
-            return output
+    def _add_backbone_deltas(self, index: int, name: str, module, args, output):
+        """Forward hook of a top block's linear layer: adds the deltas of the adapters routed in this forward."""
+        routing = self.__dict__.get("_lora_routing")
+        if not routing:
+            return None
+        for adapter_name, rows in routing:
+            delta_module = self.qst_side[adapter_name].backbone_lora.delta(index, name)
+            if delta_module is None:
+                continue
+            delta = delta_module(args[0])
+            if rows is not None:  # a mixed-adapter batch: only this adapter's rows
+                delta = delta * rows.view(-1, *([1] * (delta.dim() - 1))).to(delta.device, delta.dtype)
+            output = output + delta.to(output.dtype)
+        return output
 
-        return add_deltas
-
-    def _enable_grad_hook(self, index: int):
-        def enable_grad(module, args):
-            start = self.__dict__.get("_grad_from")
-            if start is not None and index >= start:
-                # inside the backbone's no_grad: from this block up, autograd records (into the adapters); the
-                # no_grad context restores the previous mode when the backbone returns
-                torch.set_grad_enabled(True)
-
-        return enable_grad
+    def _enable_grad_from(self, index: int, module, args) -> None:
+        """Forward pre-hook of a top block: inside the backbone's no_grad, from block ``_grad_from`` up, autograd
+        records (into the adapters); the no_grad context restores the previous mode when the backbone returns."""
+        start = self.__dict__.get("_grad_from")
+        if start is not None and index >= start:
+            torch.set_grad_enabled(True)
 
     def _checkpoint_adapted_blocks(self, grad_from: Optional[int]) -> Callable[[], None]:
         """Prepare the gradient checkpointing of the backbone blocks that train adapters in this forward (from block
@@ -250,7 +252,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         ``grad_from`` up gets a checkpoint function that re-installs this forward's routing around both runs of the
         block's ``forward``; backward then keeps each such block's input only, as QLoRA's checkpointing does.
         transformers checkpoints a block's ``forward``, not its hooks, and only while gradients are enabled: the
-        block's pre-hook that turns them on (:meth:`_enable_grad_hook`) has run by then, and the hidden-state capture
+        block's pre-hook that turns them on (:meth:`_enable_grad_from`) has run by then, and the hidden-state capture
         hooks run once. With reentrant checkpointing (``use_reentrant=True``) the first of these blocks is not
         checkpointed: its input comes from the blocks below, computed under ``no_grad``, and a reentrant checkpoint
         whose inputs require no gradient records no graph.

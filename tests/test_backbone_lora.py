@@ -276,3 +276,30 @@ def test_gradients_stay_right_after_an_eval_forward_on_a_4bit_backbone(tmp_path)
     after = lora_a_grads()
     for name in before:
         assert (after[name] - before[name]).norm() <= 0.1 * before[name].norm(), name
+
+
+def test_a_deep_copy_runs_and_trains_its_own_backbone_adapters():
+    """copy.deepcopy of a hybrid model: the copy's blocks call the copy's layer (the hooks are bound methods, which
+    deepcopy rebinds), so it computes what the original does, its backbone adapters get gradients, and unloading it
+    leaves the original's hooks alone."""
+    import copy
+
+    model = hybrid_model()
+    train_steps(model, IDS, steps=3)
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(input_ids=IDS).logits, expected, rtol=0, atol=0)
+        for name, parameter in twin.named_parameters():
+            if ".backbone_lora." in name:
+                parameter.mul_(3.0)
+        assert not torch.allclose(twin(input_ids=IDS).logits, expected)  # the copy's own adapters act
+    twin.train()
+    twin(input_ids=IDS, labels=IDS).loss.backward()
+    grads = [p.grad for n, p in twin.named_parameters() if ".backbone_lora." in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+    twin.unload()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=0, atol=0)
