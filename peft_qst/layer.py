@@ -494,8 +494,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             behind = {}
             for name in adapter_names:
                 for half in (cache.side_cache(name), cache.copy_memory(name)):
-                    if half is not None and half.get_seq_length() != past:
-                        behind[name] = half.get_seq_length()
+                    length = half.get_seq_length() if half is not None else past
+                    if length != past:
+                        behind[name] = length
             if behind:
                 held = ", ".join(f"{name!r} {length}" for name, length in behind.items())
                 raise ValueError(
