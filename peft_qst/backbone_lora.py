@@ -54,11 +54,18 @@ def _key(name: str) -> str:
 
 
 def top_block_linears(blocks: nn.ModuleList, num_top: int) -> Iterator[tuple[int, str, nn.Linear]]:
-    """(block index, name inside the block, module) of every ``nn.Linear`` in the last ``num_top`` blocks."""
+    """(block index, name inside the block, module) of every linear layer in the last ``num_top`` blocks: every
+    ``nn.Linear`` (bitsandbytes' quantized layers and model-specific subclasses such as Falcon's included) except the
+    mixture-of-experts routers that subclass it (Phi-MoE's, Llama 4's): they return routing weights, not a projection
+    to add a delta to."""
     for index in range(len(blocks) - num_top, len(blocks)):
         for name, module in blocks[index].named_modules():
-            if isinstance(module, nn.Linear):
+            if _is_linear_projection(module):
                 yield index, name, module
+
+
+def _is_linear_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and "Router" not in type(module).__name__
 
 
 class BackboneLoRA(nn.Module):

@@ -15,6 +15,7 @@ With the adapters disabled the layer is a pass-through: outputs equal the base m
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable, Optional
@@ -28,7 +29,7 @@ from .cache import QSTCache, cache_field
 from .config import QSTConfig
 from .backbone_lora import top_block_linears
 from .bnb_compat import keep_unpacked_for_backward
-from .side import QSTSideNetwork, copy_key_mask, find_layer_list
+from .side import QSTSideNetwork, QSTUnsupportedModelError, copy_key_mask, find_layer_list
 
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
 BASE_ADAPTER_NAME = "__base__"
@@ -46,6 +47,11 @@ def _non_reentrant(checkpoint: Callable) -> bool:
     ``gradient_checkpointing_enable()`` builds it (``functools.partial(checkpoint, use_reentrant=False)``, its default
     and TRL's)."""
     return isinstance(checkpoint, functools.partial) and checkpoint.keywords.get("use_reentrant") is False
+
+
+def _has_cache_field(output) -> bool:
+    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set(output.keys())
+    return bool(names & {"cache", "past_key_values"})
 
 
 def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:
@@ -175,12 +181,12 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         captured = self.__dict__.get("_captured")
         if captured is not None:
             captured.append(args[0] if args else kwargs["hidden_states"])
-            captured.append(output[0] if isinstance(output, tuple) else output)
+            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
 
     def _capture_block(self, module, args, output) -> None:
         captured = self.__dict__.get("_captured")
-        if captured is not None:
-            captured.append(output[0] if isinstance(output, tuple) else output)
+        if captured is not None:  # (OpenAI GPT's blocks return a list)
+            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
 
     def remove_hooks(self) -> None:
         """Remove every hook QST put on the backbone (hidden-state capture, backbone low-rank adapters): ``unload()``
@@ -421,10 +427,22 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             restore_checkpointing()
         backbone_last = out.last_hidden_state
         if len(captured) != self.__dict__["_num_blocks"] + 1:
-            raise RuntimeError(
-                f"QST recorded {len(captured)} hidden states from the {type(self.base_layer).__name__} backbone, "
-                f"expected {self.__dict__['_num_blocks'] + 1} (the embedding output and one per block): its blocks did "
-                "not run once each, or something replaced their hooks."
+            model_type = getattr(self.base_layer.config, "model_type", type(self.base_layer).__name__)
+            raise QSTUnsupportedModelError(
+                f"QST does not support this {model_type} model as it runs: QST recorded {len(captured)} hidden states "
+                f"from the {type(self.base_layer).__name__} backbone, expected {self.__dict__['_num_blocks'] + 1} (the "
+                "embedding output and one per block): its blocks did not run once each (a model that loops over its "
+                "blocks), or something replaced their hooks."
+            )
+        unexpected = next(
+            (tuple(h.shape) for h in captured[:-1] if h.shape != backbone_last.shape), None
+        )
+        if unexpected is not None:
+            model_type = getattr(self.base_layer.config, "model_type", type(self.base_layer).__name__)
+            raise QSTUnsupportedModelError(
+                f"QST does not support the {model_type} model: its blocks pass hidden states of shape {unexpected} "
+                f"between them, not {tuple(backbone_last.shape)} as its output is (several residual streams, or "
+                "time-major states), so no side network can read them."
             )
         # the last entry is the last block's output; the side network reads the trunk's output after its final norm
         hidden_states = tuple(captured[:-1]) + (backbone_last,)
@@ -458,6 +476,14 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         # the last hidden state is the adapted one; the backbone's are dropped unless asked for
         fields["hidden_states"] = tuple(hidden_states[:-1]) + (mixed,) if want_hidden else None
         new_backbone_cache = out.get(cache_field(out))
+        if use_cache and new_backbone_cache is None and cache is not None and not _has_cache_field(out):
+            # the trunk filled the cache it was given and returns none (RecurrentGemma): there is no output to pair
+            # the side networks' caches with, and the next step would get the backbone's cache alone
+            model_type = getattr(self.base_layer.config, "model_type", type(self.base_layer).__name__)
+            raise QSTUnsupportedModelError(
+                f"QST cannot continue a cache with this {model_type} model: its trunk keeps the cache it is given and "
+                "returns none, so the side network's cache cannot travel with it. Generate with use_cache=False."
+            )
         if use_cache and new_backbone_cache is not None:
             paired = cache if isinstance(cache, QSTCache) else QSTCache(new_backbone_cache)
             paired.backbone = new_backbone_cache

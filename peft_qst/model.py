@@ -46,6 +46,15 @@ def find_trunk_name(model: nn.Module) -> str:
             return name
     get_decoder = getattr(model, "get_decoder", None)
     trunk = get_decoder() if callable(get_decoder) else None
+    if trunk is None or trunk is model or not _takes_inputs_embeds(trunk):
+        # transformers' get_decoder() returns the model itself for some (Llama 4, Mllama: their base_model_prefix
+        # names no attribute) and an output projection named "decoder" for others (ModernBERT-decoder): then the
+        # trunk is the model's base model under one of the usual names
+        names = (getattr(model, "base_model_prefix", ""), "model", "transformer")
+        candidates = [getattr(model, name, None) for name in names]
+        trunk = next(
+            (c for c in candidates if isinstance(c, nn.Module) and c is not model and _takes_inputs_embeds(c)), trunk
+        )
     if trunk is None or trunk is model:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise QSTUnsupportedModelError(
@@ -57,6 +66,85 @@ def find_trunk_name(model: nn.Module) -> str:
         if module is trunk:
             return name
     raise QSTUnsupportedModelError(f"the decoder trunk of {type(model).__name__} is not one of its submodules")
+
+
+def _takes_inputs_embeds(module: nn.Module) -> bool:
+    try:
+        return "inputs_embeds" in inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_causal(model_config, trunk: nn.Module) -> bool:
+    """Whether the trunk's attention is causal. BERT-family classes run either way and their config says which
+    (``is_decoder``; XLM: ``causal``); other models' attention modules say it with their ``is_causal`` flags (all False:
+    an encoder-only model). A config's ``is_decoder=False`` alone does not decide: GPT-NeoX's carries it and is causal;
+    where no attention module has a flag (BigBird, RoFormer, Megatron-BERT), it does."""
+    if getattr(model_config, "is_decoder", None) is True:
+        return True
+    if isinstance(getattr(model_config, "causal", None), bool):
+        return model_config.causal
+    flags = {m.is_causal for m in trunk.modules() if isinstance(getattr(m, "is_causal", None), bool)}
+    if flags:
+        return flags != {False}
+    if getattr(model_config, "is_decoder", None) is not False:
+        return True
+    return _attends_only_backwards(trunk, model_config)
+
+
+def _attends_only_backwards(trunk: nn.Module, model_config) -> bool:
+    """Run the trunk on two 4-token sequences that differ in their last token only: causal attention gives the first
+    three positions the same hidden states. Only for the few models whose flags and config leave it open (BERT-style
+    models with ``is_decoder=False``, GPT-NeoX-Japanese), in the mode the model is in, with the random state kept."""
+    embeddings = trunk.get_input_embeddings() if hasattr(trunk, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is None or weight.device.type == "meta":
+        return True
+    vocab = int(getattr(model_config, "vocab_size", weight.shape[0]) or weight.shape[0])
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]], device=weight.device) % vocab
+    outputs = []
+    for row in ids:
+        with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(0)
+            outputs.append(trunk(input_ids=row[None], return_dict=True).last_hidden_state[0, :3].float())
+    return torch.allclose(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
+
+
+def _check_side_network_runs(side: nn.Module, model: nn.Module, config: QSTConfig) -> None:
+    """Run a freshly built side network once on made-up hidden states (one row of 4 positions), so that a model whose
+    config the shrink rules do not fully cover (a width or head layout derived from the hidden size under a name they
+    do not know) is refused at `get_peft_model`, naming the model, instead of failing at its first forward. The side
+    network runs in eval mode (no dropout: the random state is left alone) with gradients on (so the inference fast
+    path keeps no packed weights); its training flags are restored."""
+    if any(p.device.type == "meta" for p in side.parameters()):
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    hidden = int(model.config.hidden_size)
+    device, dtype = side.upsample.weight.device, side.upsample.weight.dtype
+    generator = torch.Generator().manual_seed(0)
+    states = tuple(
+        torch.randn(1, 4, hidden, generator=generator).to(device, dtype) for _ in range(len(side._blocks) + 1)
+    )
+    modes = {module: module.training for module in side.modules()}
+    side.eval()
+    try:
+        with torch.enable_grad():
+            out, _ = side(states, use_cache=False)
+        expected = (1, 4, side.upsample.in_features)
+        problem = None if tuple(out.shape) == expected else f"an output of shape {tuple(out.shape)}, not {expected}"
+    except Exception as error:  # noqa: BLE001 - any failure here is a model the rules do not cover
+        problem = f"{type(error).__name__}: {error}"
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if problem is not None:
+        heads = "" if config.side_heads is None else f", side_heads={config.side_heads}"
+        raise QSTUnsupportedModelError(
+            f"QST does not support this {model_type} model with r={config.r}{heads}: the side network built from its "
+            f"config by QST's shrink rules does not run ({problem}). Some models derive widths or head layouts from "
+            "their hidden size in ways the rules do not cover; QSTConfig(side_heads=None) (the model's own heads) or "
+            "another r may fit, otherwise the model is not supported (see the README's supported architectures)."
+        )
 
 
 def _json_size(value):
@@ -200,7 +288,20 @@ class QSTModel(BaseTuner):
                 "decoder-only models."
             )
         for attribute in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
-            if getattr(model_config, attribute, None) is None:
+            try:
+                value = getattr(model_config, attribute, None)
+            except Exception as error:  # noqa: BLE001 - heterogeneous configs refuse global access to per-layer sizes
+                raise QSTUnsupportedModelError(
+                    f"QST does not support the {model_type} model: its config's {attribute} varies from layer to layer "
+                    f"({type(error).__name__}), and QST's side network is built from one value per model."
+                ) from error
+            if value is None and getattr(model_config, "text_config", None) is not None:
+                raise QSTUnsupportedModelError(
+                    f"QST does not support the {model_type} model as a whole: it is a composite (multimodal) model "
+                    "whose language model has its own config (text_config). Load its language model alone (with the "
+                    "text model's *ForCausalLM class, e.g. Gemma3ForCausalLM for gemma3) and side-tune that."
+                )
+            if value is None:
                 raise QSTUnsupportedModelError(
                     f"QST does not support the {model_type} model: its config has no {attribute}, which the side "
                     "network's shape is derived from."
@@ -237,12 +338,7 @@ class QSTModel(BaseTuner):
         find_layer_list(base_trunk, int(model_config.num_hidden_layers))
         # encoder-only models (BERT, RoBERTa, ...) attend both ways and their heads read other outputs (a pooler)
         # than the final hidden state QST adapts: their attention modules say so with is_causal=False
-        causal = {
-            module.is_causal
-            for module in base_trunk.modules()
-            if isinstance(getattr(module, "is_causal", None), bool)
-        }
-        if causal == {False}:
+        if not _is_causal(model_config, base_trunk):
             raise QSTUnsupportedModelError(
                 f"QST does not support the {model_type} model: its attention is bidirectional (an encoder-only model), "
                 "and QST side-tunes decoder-only models, whose final hidden state is what the side network adapts. "
@@ -342,11 +438,22 @@ class QSTModel(BaseTuner):
         output_embeddings = get_output_embeddings() if callable(get_output_embeddings) else None
         if isinstance(target, QSTLayer):
             target.bind_output_embeddings(output_embeddings)
-            target.update_layer(adapter_name, peft_config, dtype)
+            try:
+                target.update_layer(adapter_name, peft_config, dtype)
+                _check_side_network_runs(target.qst_side[adapter_name], self.model, peft_config)
+            except QSTUnsupportedModelError:
+                if adapter_name in target.qst_side:
+                    del target.qst_side[adapter_name]
+                raise
             return
         new_module = QSTLayer(target)
         new_module.bind_output_embeddings(output_embeddings)
-        new_module.update_layer(adapter_name, peft_config, dtype)
+        try:
+            new_module.update_layer(adapter_name, peft_config, dtype)
+            _check_side_network_runs(new_module.qst_side[adapter_name], self.model, peft_config)
+        except QSTUnsupportedModelError:
+            new_module.remove_hooks()  # the model is left as it was
+            raise
         setattr(parent, target_name, new_module)
 
     @contextmanager

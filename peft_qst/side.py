@@ -36,15 +36,34 @@ from .fast_path import fast_mix, fast_side_forward, keep_cache_dtype, packed_wei
 from .lm_head import mark_low_rank_update
 from .side_attention import side_attention_implementation
 
-#: config attributes holding the width of token embeddings where it may differ from the hidden size
-EMBEDDING_WIDTH_ATTRIBUTES = ("word_embed_proj_dim",)
+#: config attributes holding the width of token embeddings where it may differ from the hidden size (OPT, ELECTRA,
+#: RoFormer, RemBERT)
+EMBEDDING_WIDTH_ATTRIBUTES = ("word_embed_proj_dim", "embedding_size", "input_embedding_size")
 
 #: config attributes holding the FFN width; whichever the model defines is divided by r
 FFN_SIZE_ATTRIBUTES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 
 
+def _is_ffn_width_attribute(name: str) -> bool:
+    """Whether a config attribute holds an FFN width: the names above, and the variants mixture-of-experts and
+    other models add (``moe_intermediate_size``, ``shared_expert_intermediate_size``, ``decoder_ffn_dim``,
+    ``intermediate_size_mlp``, ...). Each is divided by r, so that a side expert is as much narrower than a backbone
+    expert as a side FFN is than a backbone FFN."""
+    return name in FFN_SIZE_ATTRIBUTES or name == "d_ff" or any(
+        part in name for part in ("intermediate_size", "ffn_dim", "ffn_hidden_size")
+    )
+
+
+#: config attributes of multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, ...): its query/key/value head widths
+#: are set by these, not by hidden_size / heads, and ``head_dim`` is the rotary width
+MLA_ATTRIBUTE = "qk_rope_head_dim"
+MLA_RANK_ATTRIBUTES = ("q_lora_rank", "kv_lora_rank")
+
+
 class QSTUnsupportedModelError(ValueError):
-    """Raised by `get_peft_model` for a model QST cannot side-tune, naming the model type and the reason."""
+    """Raised by `get_peft_model` for a model QST cannot side-tune, naming the model type and the reason; or, for the
+    few models where only running them shows it (blocks that pass several residual streams or loop, a trunk that
+    keeps its cache to itself), at their first forward or first cached generation step."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -157,7 +176,24 @@ def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optiona
     if side_hidden % heads:
         whose = f"side_heads={heads}" if side_heads else f"the model's {heads} attention heads"
         return f"r={r} gives a side hidden size of {side_hidden}, which does not split into {whose}"
-    if _uses_rotary(config):
+    mamba = _mamba_head_attributes(config)
+    if mamba is not None:
+        count = int(getattr(config, mamba[0]))
+        inner = int(getattr(config, "mamba_expand", 2)) * side_hidden
+        if inner % count:
+            return (
+                f"r={r} gives a side Mamba width of {inner} (mamba_expand x {side_hidden}), which the model's {count} "
+                f"Mamba heads ({mamba[0]}) do not split into equal heads"
+            )
+    rotary_dim = getattr(config, "rotary_dim", None)
+    if isinstance(rotary_dim, int) and rotary_dim and getattr(config, MLA_ATTRIBUTE, None) is None:
+        side_rotary = _side_rotary_dim(config, side_hidden // heads)
+        if side_rotary < 2:
+            return (
+                f"r={r} gives a side head dimension of {side_hidden // heads}, too small for the model's rotary "
+                f"fraction (rotary_dim {rotary_dim} of head dimension {_backbone_head_dim(config)})"
+            )
+    elif _uses_rotary(config):
         head_dim = side_hidden // heads
         factor = float((getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) or 1.0)
         rotary_dims = int(head_dim * factor)
@@ -167,15 +203,49 @@ def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optiona
     return None
 
 
+def _config_attribute_names(config) -> list[str]:
+    """The attributes a config object holds (its own, not the class's)."""
+    return [name for name in vars(config) if not name.startswith("_")]
+
+
+def _side_rotary_dim(config, side_head_dim: int) -> int:
+    """``rotary_dim`` (GPT-J, CodeGen: the channels of each head that are rotated) for a side head: the same fraction
+    of it, rounded down to an even number."""
+    fraction = int(config.rotary_dim) / _backbone_head_dim(config)
+    return int(side_head_dim * fraction) // 2 * 2
+
+
+def _mamba_head_attributes(config) -> Optional[tuple[str, str]]:
+    """(head-count, head-width) attribute names of a hybrid model's Mamba mixers whose heads must tile
+    ``mamba_expand * hidden_size`` (Bamba, GraniteMoeHybrid), or None."""
+    if getattr(config, "mamba_d_ssm", None) is not None:  # Falcon-H1: its own inner width, independent of d
+        return None
+    if getattr(config, "mamba_n_heads", None) and getattr(config, "mamba_d_head", None) not in (None, "auto"):
+        return "mamba_n_heads", "mamba_d_head"
+    return None
+
+
+def _set_token_id(config, name: str, value) -> None:
+    try:
+        setattr(config, name, value)
+    except Exception:  # strict (dataclass-validated) configs refuse None for an int field
+        setattr(config, name, 0)
+
+
 def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     """Return the config of the side trunk: the base config with hidden and FFN sizes divided by ``r``.
 
     Rules (they follow from the config, not from a per-model table):
-    - hidden size d -> d / r; every attribute that holds an FFN width is divided by r (at least 1);
+    - hidden size d -> d / r; every attribute that holds an FFN width is divided by r (at least 1), expert widths of
+      mixture-of-experts models included (the number of experts is kept);
     - the numbers of attention and key/value heads follow ``side_heads`` (:func:`resolve_side_heads`,
       :func:`side_head_counts`: by default the count whose head dimension is closest to the backbone's; None keeps
       the backbone's counts), so the head dimension becomes (d / r) / heads; an explicit ``head_dim`` is rewritten
       accordingly;
+    - widths that follow from the head width are rescaled with it: GPT-J's ``rotary_dim`` (the same fraction of a side
+      head), the Mamba head width of hybrid models (Bamba) so that the heads tile ``mamba_expand`` x the side width;
+      multi-head latent attention (DeepSeek-V2/V3) keeps its head widths and divides its low-rank compressions by r;
+      per-layer token inputs (Gemma 3n/4), which need token ids, are switched off;
     - the vocabulary is dropped (the side trunk reads downsampled hidden states, never token ids) and embeddings are
       untied; the quantization config is removed (the side network is never quantized);
     - everything else (layer count, layer types, sliding windows, rope parameters, norms, attention implementation)
@@ -211,21 +281,43 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         if kv_heads is not None:
             setattr(side, _kv_head_attribute(base_config), kv_heads)
     head_dim_is_derived = isinstance(getattr(type(base_config), "head_dim", None), property)
-    if not head_dim_is_derived and (getattr(base_config, "head_dim", None) is not None or _uses_rotary(base_config)):
+    latent_attention = getattr(base_config, MLA_ATTRIBUTE, None) is not None
+    if latent_attention:
+        # multi-head latent attention: the head widths (qk_nope/qk_rope/v_head_dim, and head_dim, the rotary width)
+        # do not follow hidden_size and are kept; its low-rank query and key/value compressions are divided by r
+        for name in MLA_RANK_ATTRIBUTES:
+            value = getattr(base_config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(side, name, max(1, value // r))
+    elif not head_dim_is_derived and (getattr(base_config, "head_dim", None) is not None or _uses_rotary(base_config)):
         side.head_dim = side_hidden // heads
+    if isinstance(getattr(base_config, "rotary_dim", None), int) and base_config.rotary_dim and not latent_attention:
+        side.rotary_dim = _side_rotary_dim(base_config, side_hidden // heads)
+    mamba = _mamba_head_attributes(base_config)
+    if mamba is not None:  # checked in _shrink_problem: the heads tile the side's Mamba width
+        count, width = mamba
+        inner = int(getattr(base_config, "mamba_expand", 2)) * side_hidden
+        setattr(side, width, inner // int(getattr(base_config, count)))
+    if getattr(base_config, "hidden_size_per_layer_input", None):
+        # per-layer inputs (Gemma 3n/4) are looked up from token ids, which the side trunk never sees
+        side.hidden_size_per_layer_input = 0
     for name in EMBEDDING_WIDTH_ATTRIBUTES:
         # a separate embedding width (OPT's word_embed_proj_dim) projects in and out of the trunk; the side trunk reads
         # no embeddings and writes no logits, so its embedding width is its hidden width (no projections)
         if getattr(base_config, name, None) is not None:
             setattr(side, name, side_hidden)
-    for name in FFN_SIZE_ATTRIBUTES:
+    for name in dict.fromkeys([*FFN_SIZE_ATTRIBUTES, *_config_attribute_names(base_config)]):
         value = getattr(base_config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if _is_ffn_width_attribute(name) and isinstance(value, int) and not isinstance(value, bool):
             setattr(side, name, max(1, value // r))
     side.vocab_size = 1
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+    for name in ("bos_token_id", "eos_token_id"):
         if hasattr(side, name):
-            setattr(side, name, None)
+            _set_token_id(side, name, None)
+    if hasattr(side, "pad_token_id"):
+        # RoBERTa-style embeddings number positions from the padding index: keep one (inside the side's vocabulary
+        # of 1, as the side trunk reads no token ids) where the model has one
+        _set_token_id(side, "pad_token_id", 0 if isinstance(getattr(base_config, "pad_token_id", None), int) else None)
     side.tie_word_embeddings = False
     if hasattr(side, "quantization_config"):
         del side.quantization_config
@@ -552,12 +644,28 @@ class QSTSideNetwork(nn.Module):
         side_config = shrink_config(base_config, qst_config, dtype)
         hidden, side_hidden = int(base_config.hidden_size), int(side_config.hidden_size)
 
-        trunk = type(base_trunk)(side_config)
-        # the side trunk reads inputs_embeds only: drop its token embedding
+        try:
+            trunk = type(base_trunk)(side_config)
+        except Exception as error:  # noqa: BLE001 - the model's own checks of a config the shrink rules produced
+            heads = "" if qst_config.side_heads is None else f", side_heads={qst_config.side_heads}"
+            raise QSTUnsupportedModelError(
+                f"QST does not support this {base_config.model_type} model with r={qst_config.r}{heads}: "
+                f"{type(base_trunk).__name__} refuses the side network's config that QST's shrink rules made "
+                f"({type(error).__name__}: {error}). QSTConfig(side_heads=None) (the model's own heads) or another r "
+                "may fit, otherwise the model is not supported (see the README's supported architectures)."
+            ) from error
+        # the side trunk reads inputs_embeds only: drop its token embedding (a child of the trunk, or of its embeddings
+        # module, as in RoBERTa-style models, whose embeddings module also adds positions to inputs_embeds)
         embedding = trunk.get_input_embeddings()
         for name, child in list(trunk.named_children()):
-            if child is embedding:
+            # parts the backbone's trunk was built without (a pooler, which the *ForCausalLM class leaves out through
+            # a constructor argument the side trunk's construction does not pass)
+            if getattr(base_trunk, name, None) is None:
                 setattr(trunk, name, None)
+        for parent in list(trunk.modules()):
+            for name, child in list(parent.named_children()):
+                if child is embedding:
+                    setattr(parent, name, None)
 
         side_parent, side_attr = find_layer_list(trunk, num_layers)
         side_blocks = getattr(side_parent, side_attr)

@@ -1,0 +1,191 @@
+"""Architectures beyond the README's main table: the shrink rules for layouts the main families do not have, and the
+refusals at `get_peft_model` (or, where only running the model shows it, at its first forward) for models QST cannot
+side-tune.
+
+Each family here stands for a rule (found by running every causal-LM type of transformers 5.24 through QST):
+multi-head latent attention (DeepSeek-V3), a rotated fraction of each head (`rotary_dim`, GPT-J), Mamba heads that
+tile a width derived from the hidden size (Bamba), per-layer token inputs (Gemma 4), mixture-of-experts FFN widths
+(Qwen2-MoE), a trunk that `get_decoder()` does not return (Llama 4), RoBERTa-style positions counted from the
+padding index, and configs that refuse None token ids (CWM). `integration/arch_sweep.py` runs every type.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from peft_qst import QSTConfig, QSTUnsupportedModelError
+
+from .conftest import REPO, train_steps
+from .test_training_graph import assert_only_side_learns_and_backbone_saves_nothing
+
+V = 128
+# Every key a type's config knows is passed (the others are left out), so one set of sizes fits all the types below
+SIZES = dict(
+    hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    intermediate_size=256, vocab_size=V, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    initializer_range=0.1, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=64, shared_expert_intermediate_size=64, n_embd=128, n_layer=2, n_head=4,
+    n_positions=128, rotary_dim=16, embedding_size=128,
+)
+#: per type: sizes that differ from SIZES (None: leave the key out)
+OVERRIDES = {
+    "deepseek_v3": dict(head_dim=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, kv_lora_rank=32,
+                        q_lora_rank=48, first_k_dense_replace=1, n_group=1, topk_group=1),
+    "bamba": dict(mamba_n_heads=16, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, attn_layer_indices=[1]),
+    "roberta": dict(is_decoder=True),
+    "llama4_text": dict(num_experts_per_tok=1, interleave_moe_layer_step=2, intermediate_size_mlp=256),
+    "gemma4_text": dict(hidden_size_per_layer_input=16, vocab_size_per_layer_input=V, global_head_dim=32,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "gemma3n_text": dict(num_kv_shared_layers=0, layer_types=["sliding_attention", "full_attention"],
+                         intermediate_size=[256, 256], hidden_size_per_layer_input=16, vocab_size_per_layer_input=V,
+                         laurel_rank=8, activation_sparsity_pattern=[0.0, 0.0], altup_num_inputs=2),
+    "dbrx": dict(d_model=128, n_heads=4, n_layers=2, max_seq_len=128,
+                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                 ffn_config={"ffn_hidden_size": 256, "moe_num_experts": 4, "moe_top_k": 2}),
+}
+#: families that run end to end (init equals the base model, only the side network learns, training changes the
+#: output, cached generation equals uncached)
+WORKING = ["deepseek_v3", "gptj", "bamba", "gemma4_text", "qwen2_moe", "llama4_text", "roberta", "cwm"]
+
+
+def tiny_config(model_type, **extra):
+    known = AutoConfig.for_model(model_type)
+    names = set(known.to_dict()) | set(getattr(known, "attribute_map", {}) or {})
+    kwargs = {k: v for k, v in SIZES.items() if k in names}
+    for name, value in {**OVERRIDES.get(model_type, {}), **extra}.items():
+        if value is None:
+            kwargs.pop(name, None)
+        else:
+            kwargs[name] = value
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny(model_type, **extra):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type, **extra)).eval()
+
+
+def side_of(model):
+    return next(m for m in model.modules() if type(m).__name__ == "QSTLayer").qst_side["default"]
+
+
+def test_readme_lists_exactly_these_families():
+    text = open(f"{REPO}/README.md").read()
+    section = text.split("## Supported architectures", 1)[1].split("\n## ", 1)[0]
+    listed = section.split("Also run end to end", 1)[1].split("\n\n", 1)[0]
+    assert re.findall(r"`([a-z0-9_-]+)`", listed.split(":", 1)[1]) == WORKING
+
+
+@pytest.mark.parametrize("model_type", WORKING)
+def test_family_runs_end_to_end(model_type):
+    base = tiny(model_type)
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected_start = base(input_ids=ids).logits
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected_start)
+    model.train()
+    assert_only_side_learns_and_backbone_saves_nothing(model, ids)
+    train_steps(model, ids, lr=3e-2)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, expected_start)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = model.generate(input_ids=ids, **kwargs)
+    assert torch.equal(cached, model.generate(input_ids=ids, use_cache=False, **kwargs))
+
+
+def test_side_widths_follow_the_rules():
+    """What each rule does to the side config (r=16, side width 8): the expert FFNs are divided like the dense one;
+    latent attention keeps its head widths and divides its compressions; GPT-J rotates the same fraction of a side
+    head; Bamba's Mamba heads tile mamba_expand x the side width."""
+    moe = side_of(get_peft_model(tiny("qwen2_moe"), QSTConfig(task_type="CAUSAL_LM"))).trunk.config
+    assert (moe.moe_intermediate_size, moe.shared_expert_intermediate_size, moe.intermediate_size) == (4, 4, 16)
+    mla = side_of(get_peft_model(tiny("deepseek_v3"), QSTConfig(task_type="CAUSAL_LM"))).trunk.config
+    assert (mla.qk_rope_head_dim, mla.qk_nope_head_dim, mla.v_head_dim) == (16, 16, 32)
+    assert (mla.kv_lora_rank, mla.q_lora_rank) == (2, 3)
+    gptj = side_of(get_peft_model(tiny("gptj"), QSTConfig(task_type="CAUSAL_LM"))).trunk.config
+    assert (gptj.n_head, gptj.rotary_dim) == (1, 4)  # 16 of each 32-wide head rotated: 4 of the one side head of 8
+    with pytest.raises(ValueError, match="too small for the model's rotary fraction"):
+        get_peft_model(tiny("gptj"), QSTConfig(task_type="CAUSAL_LM", side_heads=None))  # 4 heads of 2: 1 rotated
+    bamba = side_of(get_peft_model(tiny("bamba"), QSTConfig(task_type="CAUSAL_LM"))).trunk.config
+    assert bamba.mamba_n_heads * bamba.mamba_d_head == bamba.mamba_expand * 8
+
+
+@pytest.mark.parametrize(
+    "model_type, extra, message",
+    [
+        ("electra", dict(embedding_size=64, is_decoder=True), "embedding_size=64 differs from hidden_size=128"),
+        ("big_bird", dict(attention_type="original_full"), "bidirectional"),
+        ("xlm", dict(emb_dim=128, n_layers=2, n_heads=4), "bidirectional"),
+        ("diffllama", {}, "side_heads=None"),
+        ("dbrx", {}, "does not run"),
+    ],
+    ids=["embedding-width", "bert-style-encoder", "xlm-encoder", "model-refuses-side-config", "side-does-not-run"],
+)
+def test_unsupported_model_is_refused_at_get_peft_model(model_type, extra, message):
+    base = tiny(model_type, **extra)
+    trunk_before = {name for name, _ in base.named_modules()}
+    with pytest.raises(QSTUnsupportedModelError, match=re.escape(message)) as raised:
+        get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    assert model_type in str(raised.value)
+    assert {name for name, _ in base.named_modules()} == trunk_before  # nothing was wrapped
+
+
+def test_a_model_whose_own_heads_fit_runs_with_side_heads_none():
+    model = get_peft_model(tiny("diffllama"), QSTConfig(task_type="CAUSAL_LM", side_heads=None))
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    train_steps(model, ids, lr=3e-2)
+
+
+def test_causality_left_open_by_flags_and_config_is_measured():
+    """GPT-NeoX-Japanese's config says is_decoder=False and its attention modules carry no flag; it is causal, and
+    accepted. A RoFormer with is_decoder=False has neither either, attends both ways, and is refused."""
+    get_peft_model(tiny("gpt_neox_japanese"), QSTConfig(task_type="CAUSAL_LM"))
+    with pytest.raises(QSTUnsupportedModelError, match="bidirectional"):
+        get_peft_model(tiny("roformer"), QSTConfig(task_type="CAUSAL_LM"))
+
+
+def test_blocks_passing_several_streams_are_refused_at_the_first_forward():
+    """Gemma 3n's blocks pass a stack of residual streams (AltUp) between them; only running it shows the shape."""
+    model = get_peft_model(tiny("gemma3n_text"), QSTConfig(task_type="CAUSAL_LM"))
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(QSTUnsupportedModelError, match="gemma3n_text model: its blocks pass hidden states of shape"):
+        model(input_ids=ids)
+
+
+@pytest.mark.parametrize("model_type", ["phimoe", "falcon"])
+def test_hybrid_adapts_projections_and_leaves_mixture_of_experts_routers_alone(model_type):
+    """Phi-MoE's router subclasses nn.Linear and returns routing weights: the backbone adapters leave it alone. Falcon's
+    projections subclass nn.Linear too (FalconLinear), and are adapted. Both hybrids train."""
+    extra = dict(head_dim=None) if model_type == "falcon" else {}
+    model = get_peft_model(tiny(model_type, **extra), QSTConfig(task_type="CAUSAL_LM", backbone_lora_layers=1))
+    adapted = [name for name in side_of(model).backbone_lora.deltas["1"]]
+    assert adapted and not any("gate" == name.split("-")[-1] or "router" in name for name in adapted)
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    losses = train_steps(model, ids, lr=3e-2)
+    assert losses[-1] < losses[0]
+
+
+def test_architecture_sweep_classifies_what_it_runs(tmp_path):
+    """integration/arch_sweep.py, on a type that runs end to end, one refused at get_peft_model and one refused at
+    its first forward."""
+    import json
+    import subprocess
+    import sys
+
+    output = tmp_path / "sweep.json"
+    subprocess.run(
+        [sys.executable, f"{REPO}/integration/arch_sweep.py", "--output", str(output), "llama", "bert",
+         "gemma3n_text"],
+        check=True, capture_output=True, timeout=600,
+    )
+    records = {rec["type"]: rec for rec in json.loads(output.read_text())["records"]}
+    assert {name: rec["cls"] for name, rec in records.items()} == {
+        "llama": "OK", "bert": "REFUSED", "gemma3n_text": "REFUSED-AT-RUN",
+    }
