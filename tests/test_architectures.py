@@ -58,10 +58,10 @@ def generate_both_ways(model, ids):
     return model.generate(input_ids=ids, **kwargs), model.generate(input_ids=ids, use_cache=False, **kwargs)
 
 
-@pytest.mark.parametrize("model_type", list(TINY))
-def test_default_config_end_to_end(model_type, tmp_path):
-    base = tiny(model_type)
-    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+def check_default_config_end_to_end(base, ids):
+    """The default QSTConfig on a base model: it starts at the base model's logits, only the side network learns
+    (nothing the backbone computed is kept for backward), training changes the output, and cached greedy generation
+    equals uncached. Returns the adapted model and its logits."""
     with torch.no_grad():
         expected_start = base(input_ids=ids).logits
     model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
@@ -73,9 +73,15 @@ def test_default_config_end_to_end(model_type, tmp_path):
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
     assert not torch.allclose(adapted, expected_start)
-
     cached, uncached = generate_both_ways(model, ids)
     assert torch.equal(cached, uncached)
+    return model, adapted
+
+
+@pytest.mark.parametrize("model_type", list(TINY))
+def test_default_config_end_to_end(model_type, tmp_path):
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    model, adapted = check_default_config_end_to_end(tiny(model_type), ids)
 
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(tiny(model_type), str(tmp_path)).eval()

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from peft_qst import QSTConfig, QSTUnsupportedModelError
 
 from .conftest import REPO, train_steps
-from .test_training_graph import assert_only_side_learns_and_backbone_saves_nothing
+from .test_architectures import check_default_config_end_to_end
 
 V = 128
 # Every key a type's config knows is passed (the others are left out), so one set of sizes fits all the types below
@@ -83,21 +83,8 @@ def test_readme_lists_exactly_these_families():
 
 @pytest.mark.parametrize("model_type", WORKING)
 def test_family_runs_end_to_end(model_type):
-    base = tiny(model_type)
     ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected_start = base(input_ids=ids).logits
-    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, expected_start)
-    model.train()
-    assert_only_side_learns_and_backbone_saves_nothing(model, ids)
-    train_steps(model, ids, lr=3e-2)
-    with torch.no_grad():
-        assert not torch.allclose(model(input_ids=ids).logits, expected_start)
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    cached = model.generate(input_ids=ids, **kwargs)
-    assert torch.equal(cached, model.generate(input_ids=ids, use_cache=False, **kwargs))
+    check_default_config_end_to_end(tiny(model_type), ids)
 
 
 def test_side_widths_follow_the_rules():
