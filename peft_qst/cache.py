@@ -27,8 +27,16 @@ def cache_field(output) -> str:
 
     Read from the output class's fields, because asking a 5.24 output for the old name logs a deprecation warning.
     """
-    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set(output.keys())
-    return "cache" if "cache" in names else "past_key_values"
+    return "cache" if "cache" in _field_names(output) else "past_key_values"
+
+
+def has_cache_field(output) -> bool:
+    """Whether a model output has a cache field at all (some trunks, e.g. RecurrentGemma's, return none)."""
+    return bool(_field_names(output) & {"cache", "past_key_values"})
+
+
+def _field_names(output) -> set[str]:
+    return {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set(output.keys())
 
 
 class QSTCache(Cache):

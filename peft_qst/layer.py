@@ -15,7 +15,6 @@ With the adapters disabled the layer is a pass-through: outputs equal the base m
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 from typing import Any, Callable, Optional
@@ -25,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
-from .cache import QSTCache, cache_field
+from .cache import QSTCache, cache_field, has_cache_field
 from .config import QSTConfig
 from .backbone_lora import top_block_linears
 from .bnb_compat import keep_unpacked_for_backward
@@ -47,11 +46,6 @@ def _non_reentrant(checkpoint: Callable) -> bool:
     ``gradient_checkpointing_enable()`` builds it (``functools.partial(checkpoint, use_reentrant=False)``, its default
     and TRL's)."""
     return isinstance(checkpoint, functools.partial) and checkpoint.keywords.get("use_reentrant") is False
-
-
-def _has_cache_field(output) -> bool:
-    names = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set(output.keys())
-    return bool(names & {"cache", "past_key_values"})
 
 
 def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:
@@ -145,6 +139,11 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             "key_mask": key_mask,
             "memory": memory,
         }
+
+    @property
+    def _model_type(self) -> str:
+        """The backbone's model type, for errors."""
+        return getattr(self.base_layer.config, "model_type", type(self.base_layer).__name__)
 
     def update_layer(self, adapter_name: str, config: QSTConfig, dtype: torch.dtype) -> None:
         base = self.get_base_layer()
@@ -427,22 +426,18 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             restore_checkpointing()
         backbone_last = out.last_hidden_state
         if len(captured) != self.__dict__["_num_blocks"] + 1:
-            model_type = getattr(self.base_layer.config, "model_type", type(self.base_layer).__name__)
             raise QSTUnsupportedModelError(
-                f"QST does not support this {model_type} model as it runs: QST recorded {len(captured)} hidden states "
-                f"from the {type(self.base_layer).__name__} backbone, expected {self.__dict__['_num_blocks'] + 1} (the "
-                "embedding output and one per block): its blocks did not run once each (a model that loops over its "
-                "blocks), or something replaced their hooks."
+                f"QST does not support this {self._model_type} model as it runs: QST recorded {len(captured)} hidden "
+                f"states from the {type(self.base_layer).__name__} backbone, expected "
+                f"{self.__dict__['_num_blocks'] + 1} (the embedding output and one per block): its blocks did not run "
+                "once each (a model that loops over its blocks), or something replaced their hooks."
             )
-        unexpected = next(
-            (tuple(h.shape) for h in captured[:-1] if h.shape != backbone_last.shape), None
-        )
+        unexpected = next((tuple(h.shape) for h in captured[:-1] if h.shape != backbone_last.shape), None)
         if unexpected is not None:
-            model_type = getattr(self.base_layer.config, "model_type", type(self.base_layer).__name__)
             raise QSTUnsupportedModelError(
-                f"QST does not support the {model_type} model: its blocks pass hidden states of shape {unexpected} "
-                f"between them, not {tuple(backbone_last.shape)} as its output is (several residual streams, or "
-                "time-major states), so no side network can read them."
+                f"QST does not support the {self._model_type} model: its blocks pass hidden states of shape "
+                f"{unexpected} between them, not {tuple(backbone_last.shape)} as its output is (several residual "
+                "streams, or time-major states), so no side network can read them."
             )
         # the last entry is the last block's output; the side network reads the trunk's output after its final norm
         hidden_states = tuple(captured[:-1]) + (backbone_last,)
@@ -476,13 +471,13 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         # the last hidden state is the adapted one; the backbone's are dropped unless asked for
         fields["hidden_states"] = tuple(hidden_states[:-1]) + (mixed,) if want_hidden else None
         new_backbone_cache = out.get(cache_field(out))
-        if use_cache and new_backbone_cache is None and cache is not None and not _has_cache_field(out):
+        if use_cache and new_backbone_cache is None and cache is not None and not has_cache_field(out):
             # the trunk filled the cache it was given and returns none (RecurrentGemma): there is no output to pair
             # the side networks' caches with, and the next step would get the backbone's cache alone
-            model_type = getattr(self.base_layer.config, "model_type", type(self.base_layer).__name__)
             raise QSTUnsupportedModelError(
-                f"QST cannot continue a cache with this {model_type} model: its trunk keeps the cache it is given and "
-                "returns none, so the side network's cache cannot travel with it. Generate with use_cache=False."
+                f"QST cannot continue a cache with this {self._model_type} model: its trunk keeps the cache it is "
+                "given and returns none, so the side network's cache cannot travel with it. Generate with "
+                "use_cache=False."
             )
         if use_cache and new_backbone_cache is not None:
             paired = cache if isinstance(cache, QSTCache) else QSTCache(new_backbone_cache)

@@ -110,43 +110,6 @@ def _attends_only_backwards(trunk: nn.Module, model_config) -> bool:
     return torch.allclose(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
 
 
-def _check_side_network_runs(side: nn.Module, model: nn.Module, config: QSTConfig) -> None:
-    """Run a freshly built side network once on made-up hidden states (one row of 4 positions), so that a model whose
-    config the shrink rules do not fully cover (a width or head layout derived from the hidden size under a name they
-    do not know) is refused at `get_peft_model`, naming the model, instead of failing at its first forward. The side
-    network runs in eval mode (no dropout: the random state is left alone) with gradients on (so the inference fast
-    path keeps no packed weights); its training flags are restored."""
-    if any(p.device.type == "meta" for p in side.parameters()):
-        return
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    hidden = int(model.config.hidden_size)
-    device, dtype = side.upsample.weight.device, side.upsample.weight.dtype
-    generator = torch.Generator().manual_seed(0)
-    states = tuple(
-        torch.randn(1, 4, hidden, generator=generator).to(device, dtype) for _ in range(len(side._blocks) + 1)
-    )
-    modes = {module: module.training for module in side.modules()}
-    side.eval()
-    try:
-        with torch.enable_grad():
-            out, _ = side(states, use_cache=False)
-        expected = (1, 4, side.upsample.in_features)
-        problem = None if tuple(out.shape) == expected else f"an output of shape {tuple(out.shape)}, not {expected}"
-    except Exception as error:  # noqa: BLE001 - any failure here is a model the rules do not cover
-        problem = f"{type(error).__name__}: {error}"
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    if problem is not None:
-        heads = "" if config.side_heads is None else f", side_heads={config.side_heads}"
-        raise QSTUnsupportedModelError(
-            f"QST does not support this {model_type} model with r={config.r}{heads}: the side network built from its "
-            f"config by QST's shrink rules does not run ({problem}). Some models derive widths or head layouts from "
-            "their hidden size in ways the rules do not cover; QSTConfig(side_heads=None) (the model's own heads) or "
-            "another r may fit, otherwise the model is not supported (see the README's supported architectures)."
-        )
-
-
 def _json_size(value):
     """A config size as JSON stores it: an int, or a list of ints for per-layer sizes."""
     if isinstance(value, (list, tuple)):
@@ -436,24 +399,14 @@ class QSTModel(BaseTuner):
         dtype = resolve_side_dtype(self.model, peft_config)
         get_output_embeddings = getattr(self.model, "get_output_embeddings", None)
         output_embeddings = get_output_embeddings() if callable(get_output_embeddings) else None
+        # a side network that cannot be used raises from update_layer before the layer holds it or hooks anything
         if isinstance(target, QSTLayer):
             target.bind_output_embeddings(output_embeddings)
-            try:
-                target.update_layer(adapter_name, peft_config, dtype)
-                _check_side_network_runs(target.qst_side[adapter_name], self.model, peft_config)
-            except QSTUnsupportedModelError:
-                if adapter_name in target.qst_side:
-                    del target.qst_side[adapter_name]
-                raise
+            target.update_layer(adapter_name, peft_config, dtype)
             return
         new_module = QSTLayer(target)
         new_module.bind_output_embeddings(output_embeddings)
-        try:
-            new_module.update_layer(adapter_name, peft_config, dtype)
-            _check_side_network_runs(new_module.qst_side[adapter_name], self.model, peft_config)
-        except QSTUnsupportedModelError:
-            new_module.remove_hooks()  # the model is left as it was
-            raise
+        new_module.update_layer(adapter_name, peft_config, dtype)
         setattr(parent, target_name, new_module)
 
     @contextmanager

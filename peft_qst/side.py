@@ -178,15 +178,14 @@ def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optiona
         return f"r={r} gives a side hidden size of {side_hidden}, which does not split into {whose}"
     mamba = _mamba_head_attributes(config)
     if mamba is not None:
-        count = int(getattr(config, mamba[0]))
-        inner = int(getattr(config, "mamba_expand", 2)) * side_hidden
+        count, inner = int(getattr(config, mamba[0])), _side_mamba_width(config, side_hidden)
         if inner % count:
             return (
                 f"r={r} gives a side Mamba width of {inner} (mamba_expand x {side_hidden}), which the model's {count} "
                 f"Mamba heads ({mamba[0]}) do not split into equal heads"
             )
-    rotary_dim = getattr(config, "rotary_dim", None)
-    if isinstance(rotary_dim, int) and rotary_dim and getattr(config, MLA_ATTRIBUTE, None) is None:
+    rotary_dim = _rotary_dim(config)
+    if rotary_dim is not None:
         side_rotary = _side_rotary_dim(config, side_hidden // heads)
         if side_rotary < 2:
             return (
@@ -208,6 +207,15 @@ def _config_attribute_names(config) -> list[str]:
     return [name for name in vars(config) if not name.startswith("_")]
 
 
+def _rotary_dim(config) -> Optional[int]:
+    """GPT-J/CodeGen's ``rotary_dim`` (the channels of each head that are rotated), or None where the model has none
+    (multi-head latent attention sets its rotary width otherwise)."""
+    value = getattr(config, "rotary_dim", None)
+    if isinstance(value, int) and value and getattr(config, MLA_ATTRIBUTE, None) is None:
+        return value
+    return None
+
+
 def _side_rotary_dim(config, side_head_dim: int) -> int:
     """``rotary_dim`` (GPT-J, CodeGen: the channels of each head that are rotated) for a side head: the same fraction
     of it, rounded down to an even number."""
@@ -223,6 +231,10 @@ def _mamba_head_attributes(config) -> Optional[tuple[str, str]]:
     if getattr(config, "mamba_n_heads", None) and getattr(config, "mamba_d_head", None) not in (None, "auto"):
         return "mamba_n_heads", "mamba_d_head"
     return None
+
+
+def _side_mamba_width(config, side_hidden: int) -> int:
+    return int(getattr(config, "mamba_expand", 2)) * side_hidden
 
 
 def _set_token_id(config, name: str, value) -> None:
@@ -291,13 +303,12 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
                 setattr(side, name, max(1, value // r))
     elif not head_dim_is_derived and (getattr(base_config, "head_dim", None) is not None or _uses_rotary(base_config)):
         side.head_dim = side_hidden // heads
-    if isinstance(getattr(base_config, "rotary_dim", None), int) and base_config.rotary_dim and not latent_attention:
+    if _rotary_dim(base_config) is not None:
         side.rotary_dim = _side_rotary_dim(base_config, side_hidden // heads)
     mamba = _mamba_head_attributes(base_config)
     if mamba is not None:  # checked in _shrink_problem: the heads tile the side's Mamba width
         count, width = mamba
-        inner = int(getattr(base_config, "mamba_expand", 2)) * side_hidden
-        setattr(side, width, inner // int(getattr(base_config, count)))
+        setattr(side, width, _side_mamba_width(base_config, side_hidden) // int(getattr(base_config, count)))
     if getattr(base_config, "hidden_size_per_layer_input", None):
         # per-layer inputs (Gemma 3n/4) are looked up from token ids, which the side trunk never sees
         side.hidden_size_per_layer_input = 0
@@ -623,6 +634,17 @@ class QSTSideBlock(nn.Module):
         return self.block(mixed, *args, **kwargs)
 
 
+def _unsupported_side_network(base_config, qst_config: QSTConfig, problem: str) -> QSTUnsupportedModelError:
+    """The error for a side network that QST's shrink rules built for a model but that cannot be used."""
+    heads = "" if qst_config.side_heads is None else f", side_heads={qst_config.side_heads}"
+    return QSTUnsupportedModelError(
+        f"QST does not support this {base_config.model_type} model with r={qst_config.r}{heads}: the side network "
+        f"built from its config by QST's shrink rules cannot be used: {problem}. Some models derive widths or head "
+        "layouts from their hidden size in ways the rules do not cover; QSTConfig(side_heads=None) (the model's own "
+        "heads) or another r may fit, otherwise the model is not supported (see the README's supported architectures)."
+    )
+
+
 class QSTSideNetwork(nn.Module):
     """Everything one QST adapter owns: the side trunk (blocks with downsamplers and gates), the downsampler of the
     embedding output, the upsample and the output gate.
@@ -638,6 +660,36 @@ class QSTSideNetwork(nn.Module):
         # which parameters start at a constant (see ConstantOffset) is read from their initial values.
         with _skip_init_on_device():
             self._build(base_trunk, base_config, qst_config, dtype)
+        self._check_runs(base_config, qst_config)
+
+    def _check_runs(self, base_config, qst_config: QSTConfig) -> None:
+        """Run the freshly built side network once on made-up hidden states (one row of 4 positions), so that a model
+        whose config the shrink rules do not fully cover (a width or head layout derived from the hidden size under a
+        name they do not know) is refused when the adapter is created, naming the model, instead of failing at its
+        first forward. It runs in eval mode (no dropout: the random state is left alone) with gradients on (so the
+        inference fast path keeps no packed weights); its training flags are restored."""
+        if any(p.device.type == "meta" for p in self.parameters()):
+            return
+        device, dtype = self.upsample.weight.device, self.upsample.weight.dtype
+        generator = torch.Generator().manual_seed(0)
+        states = tuple(
+            torch.randn(1, 4, int(base_config.hidden_size), generator=generator).to(device, dtype)
+            for _ in range(len(self._blocks) + 1)
+        )
+        modes = {module: module.training for module in self.modules()}
+        self.eval()
+        try:
+            with torch.enable_grad():
+                out, _ = self(states, use_cache=False)
+            expected = (1, 4, self.upsample.in_features)
+            problem = None if tuple(out.shape) == expected else f"an output of shape {tuple(out.shape)}, not {expected}"
+        except Exception as error:  # noqa: BLE001 - any failure here is a model the rules do not cover
+            problem = f"{type(error).__name__}: {error}"
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        if problem is not None:
+            raise _unsupported_side_network(base_config, qst_config, f"the side network does not run ({problem})")
 
     def _build(self, base_trunk: nn.Module, base_config, qst_config: QSTConfig, dtype: torch.dtype) -> None:
         num_layers = int(base_config.num_hidden_layers)
@@ -647,13 +699,8 @@ class QSTSideNetwork(nn.Module):
         try:
             trunk = type(base_trunk)(side_config)
         except Exception as error:  # noqa: BLE001 - the model's own checks of a config the shrink rules produced
-            heads = "" if qst_config.side_heads is None else f", side_heads={qst_config.side_heads}"
-            raise QSTUnsupportedModelError(
-                f"QST does not support this {base_config.model_type} model with r={qst_config.r}{heads}: "
-                f"{type(base_trunk).__name__} refuses the side network's config that QST's shrink rules made "
-                f"({type(error).__name__}: {error}). QSTConfig(side_heads=None) (the model's own heads) or another r "
-                "may fit, otherwise the model is not supported (see the README's supported architectures)."
-            ) from error
+            problem = f"{type(base_trunk).__name__} refuses its config ({type(error).__name__}: {error})"
+            raise _unsupported_side_network(base_config, qst_config, problem) from error
         # the side trunk reads inputs_embeds only: drop its token embedding (a child of the trunk, or of its embeddings
         # module, as in RoBERTa-style models, whose embeddings module also adds positions to inputs_embeds)
         embedding = trunk.get_input_embeddings()
