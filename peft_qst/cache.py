@@ -8,6 +8,11 @@ past recording) is applied to every half, so a beam-search reorder can never lea
 reference code);
 everything else — ``update``, ``get_seq_length``, mask sizes, ... — is the backbone cache's, because the backbone's
 attention is what transformers asks about.
+
+A caller who passes their own cache object (``generate(past_key_values=DynamicCache())``, transformers' multi-turn
+pattern) keeps that object, not the `QSTCache` generate got back, and passes it again for the next turn. The backbone
+half *is* that object, updated in place, so the `QSTCache` is recorded on it (:func:`remember_pairing`) and found
+again from it (:func:`paired_cache`).
 """
 
 from __future__ import annotations
@@ -126,3 +131,24 @@ class QSTCache(Cache):
     def is_croppable(self) -> bool:
         return all(cache.is_croppable for cache in self._each())
 
+
+
+#: the attribute of a backbone cache that holds the QSTCache pairing it with its side halves
+_PAIRING_ATTR = "_peft_qst_paired"
+
+
+def remember_pairing(paired: QSTCache) -> None:
+    """Record ``paired`` on its backbone cache, so that the caller's own cache object leads back to it."""
+    backbone_vars = getattr(paired.backbone, "__dict__", None)
+    if backbone_vars is not None:
+        backbone_vars[_PAIRING_ATTR] = paired
+
+
+def paired_cache(cache):
+    """The `QSTCache` recorded on a plain, non-empty backbone cache by an earlier forward, else ``cache`` itself."""
+    if cache is None or isinstance(cache, QSTCache):
+        return cache
+    paired = getattr(cache, "__dict__", {}).get(_PAIRING_ATTR)
+    if paired is not None and paired.backbone is cache and cache.get_seq_length() > 0:
+        return paired
+    return cache

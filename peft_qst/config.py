@@ -117,7 +117,8 @@ class QSTConfig(PeftConfig):
         backbone_lora_alpha (`float`): Their scaling numerator (the delta is scaled by alpha / rank, as in LoRA).
         side_dtype (`str`, *optional*): dtype of the side network: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
             Default (None): the model's compute dtype (``bnb_4bit_compute_dtype`` for a bitsandbytes 4-bit model,
-            else the model's dtype).
+            else the model's dtype), float32 where that is float16 (float16 weights do not train under fp16 mixed
+            precision's gradient scaler).
         target_modules (`str`, *optional*): Name of the decoder trunk to wrap. Found automatically
             (``model.get_decoder()``); set it only for a model where that fails.
         modules_to_save (`list[str]`, *optional*): Modules besides the side network to train and save, e.g. a
@@ -160,7 +161,9 @@ class QSTConfig(PeftConfig):
     backbone_lora_r: int = field(default=16, metadata={"help": "Rank of the backbone low-rank adapters."})
     backbone_lora_alpha: float = field(default=16.0, metadata={"help": "Scaling numerator of those adapters."})
     side_dtype: Optional[str] = field(
-        default=None, metadata={"help": f"dtype of the side network, one of {SIDE_DTYPES}; None: the compute dtype."}
+        default=None, metadata={
+            "help": f"dtype of the side network, one of {SIDE_DTYPES}; None: the compute dtype (float32 for float16)."
+        }
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Name of the decoder trunk to wrap; found automatically when None."}
@@ -294,14 +297,15 @@ class QSTConfig(PeftConfig):
         from .card import add_usage_section
 
         add_usage_section(save_directory, self.base_model_name_or_path)
+        # the digest describes the weights beside this file, never a digest carried over in memory from a folder
+        # this config was once read from
         weights_path = os.path.join(save_directory, SAFETENSORS_NAME)
-        if os.path.isfile(weights_path):
-            config_path = os.path.join(save_directory, CONFIG_NAME)
-            with open(config_path) as handle:
-                saved = json.load(handle)
-            saved["adapter_weights_sha256"] = file_digest(weights_path)
-            with open(config_path, "w") as handle:
-                handle.write(json.dumps(saved, indent=2, sort_keys=True))
+        config_path = os.path.join(save_directory, CONFIG_NAME)
+        with open(config_path) as handle:
+            saved = json.load(handle)
+        saved["adapter_weights_sha256"] = file_digest(weights_path) if os.path.isfile(weights_path) else None
+        with open(config_path, "w") as handle:
+            handle.write(json.dumps(saved, indent=2, sort_keys=True))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

@@ -28,7 +28,7 @@ Under ``torch.no_grad()`` this module computes the same function with far fewer,
 - the output upsample and output gate are one ``addmm`` onto the backbone's last hidden state (:func:`fast_mix`).
 
 The packed weights are built once and rebuilt when any side parameter may have changed (an optimizer step, fused or
-not, ``load_adapter``, a move to another device): see :func:`weights_key`. That is checked at the start of every
+not, ``load_adapter``, a move to another device, an update through ``param.data``): see :func:`weights_key`. That is checked at the start of every
 sequence and at every forward without a cache, not at the decoding steps that continue a cache the weights were
 checked for (it walks every side parameter, a few percent of a decoding step).
 
@@ -250,12 +250,21 @@ def _column_inv_freq(rotary, heads: int, device) -> Optional[torch.Tensor]:
 def weights_key(side) -> tuple:
     """Changes whenever a side parameter is updated in place (a load, an in-place op: the version counter), an
     optimizer steps (fused ones leave the version counters as they are), a parameter gets new storage (a move,
-    ``param.data = ...``) or is replaced by a new Parameter (a registration)."""
+    ``param.data = ...``) or is replaced by a new Parameter (a registration), or its values change in a way none of
+    those record: an update through ``param.data`` (a hand-written SGD step, an EMA, weight surgery), which bumps no
+    version counter. For the last, the key holds each parameter's sum in float64, one reduction over the side
+    network's few parameters per sequence."""
     cached = side.__dict__.get("_parameter_list")
     if cached is None or cached[0] != _registrations:
         cached = (_registrations, list(side.parameters()))
         side.__dict__["_parameter_list"] = cached
-    return (cached[0], _optimizer_steps) + tuple((p.data_ptr(), p._version) for p in cached[1])
+    params = cached[1]
+    if not params:
+        return (cached[0], _optimizer_steps)
+    with torch.no_grad():
+        device = params[0].device
+        sums = torch.stack([p.detach().sum(dtype=torch.float64).to(device) for p in params]).tolist()
+    return (cached[0], _optimizer_steps, tuple(sums)) + tuple((p.data_ptr(), p._version) for p in params)
 
 
 def _stack_downsamplers(downsamplers: list) -> dict:

@@ -24,10 +24,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
-from .cache import QSTCache, cache_field, has_cache_field
+from .cache import QSTCache, cache_field, has_cache_field, paired_cache, remember_pairing
 from .config import QSTConfig
 from .backbone_lora import top_block_linears
 from .bnb_compat import keep_unpacked_for_backward
+from .per_call import call_state
 from .side import QSTSideNetwork, QSTUnsupportedModelError, copy_key_mask, find_layer_list
 
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
@@ -36,8 +37,11 @@ BASE_ADAPTER_NAME = "__base__"
 #: trunk keyword arguments that belong to the backbone only; the rest (masks, positions, packing metadata) are shared.
 #: ``num_items_in_batch`` (the Trainer's token count for the loss) reaches the trunk through the model's **kwargs and
 #: means nothing to the side network; passed on, it would keep evaluation off the inference fast path.
+#: ``token_type_ids`` (GPT-2, GPT-J) are embedded with the token embedding the side trunk does not have; the backbone's
+#: embedding output, which the side network reads, already holds them.
 _BACKBONE_ONLY_KWARGS = (
-    "input_ids", "inputs_embeds", "output_hidden_states", "output_attentions", "return_dict", "num_items_in_batch"
+    "input_ids", "inputs_embeds", "output_hidden_states", "output_attentions", "return_dict", "num_items_in_batch",
+    "token_type_ids",
 )
 
 
@@ -148,9 +152,30 @@ class QSTLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: QSTConfig, dtype: torch.dtype) -> None:
         base = self.get_base_layer()
         self.qst_side[adapter_name] = QSTSideNetwork(base, base.config, config, dtype)
+        self._follow_gradient_checkpointing(self.qst_side[adapter_name])
         self._install_capture_hooks()
         self._install_backbone_lora_hooks(self.qst_side[adapter_name])
         self.set_adapter(self.active_adapters)
+
+    def _follow_gradient_checkpointing(self, side: QSTSideNetwork) -> None:
+        """A side network built after gradient checkpointing was switched on (PEFT's QLoRA recipe:
+        ``prepare_model_for_kbit_training`` before ``get_peft_model``; or ``add_adapter`` later) checkpoints as if it
+        had been there when it was: transformers sets the flag and function on every module that has the flag (the
+        trunk, which then runs without a cache, and its blocks), and side block i follows backbone block i (which
+        ``every_n_layers`` may have left out)."""
+        flagged = [m for m in self.base_layer.modules() if getattr(m, "gradient_checkpointing", False)]
+        function = vars(flagged[0]).get("_gradient_checkpointing_func") if flagged else None
+        if function is None:
+            return
+        parent, attr = find_layer_list(self.base_layer, len(side._blocks))
+        per_block = {
+            id(block.block): bool(getattr(backbone_block, "gradient_checkpointing", True))
+            for block, backbone_block in zip(side._blocks, getattr(parent, attr))
+        }
+        for module in side.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module._gradient_checkpointing_func = function
+                module.gradient_checkpointing = per_block.get(id(module), True)
 
     # ---------------------------------------------------------------------------------------------------------------
     # reading the backbone's hidden states
@@ -158,8 +183,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
     def _install_capture_hooks(self) -> None:
         """One forward hook per backbone block records the hidden states the side network reads: the first block's
-        input (the embedding output) and every block's output, while ``_captured`` is a list (during an adapted
-        forward), and does nothing otherwise.
+        input (the embedding output) and every block's output, while this thread's ``captured`` list is set (during an
+        adapted forward), and does nothing otherwise.
 
         transformers' own ``output_hidden_states=True`` records the same tensors, but through hooks on every block and
         on every attention module (each hooked module call takes PyTorch's slower path): on a decoding step of the
@@ -177,13 +202,13 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         self.__dict__["_num_blocks"] = len(blocks)
 
     def _capture_first_block(self, module, args, kwargs, output) -> None:
-        captured = self.__dict__.get("_captured")
+        captured = call_state(self).get("captured")
         if captured is not None:
             captured.append(args[0] if args else kwargs["hidden_states"])
             captured.append(output[0] if isinstance(output, (tuple, list)) else output)
 
     def _capture_block(self, module, args, output) -> None:
-        captured = self.__dict__.get("_captured")
+        captured = call_state(self).get("captured")
         if captured is not None:  # (OpenAI GPT's blocks return a list)
             captured.append(output[0] if isinstance(output, (tuple, list)) else output)
 
@@ -201,8 +226,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
     def _install_backbone_lora_hooks(self, side: QSTSideNetwork) -> None:
         """Hooks on the top backbone blocks: each linear layer adds the deltas of the adapters that adapt the current
-        forward (``_lora_routing``); each block turns gradients on for itself and the blocks above it when the
-        current forward trains such an adapter (``_grad_from``). Installed once per module, shared by adapters."""
+        forward (``lora_routing``); each block turns gradients on for itself and the blocks above it when the
+        current forward trains such an adapter (``grad_from``). Installed once per module, shared by adapters."""
         if side.backbone_lora is None:
             return
         hooks = self.__dict__.setdefault("_backbone_hooks", {})
@@ -228,7 +253,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
     def _add_backbone_deltas(self, index: int, name: str, module, args, output):
         """Forward hook of a top block's linear layer: adds the deltas of the adapters routed in this forward."""
-        routing = self.__dict__.get("_lora_routing")
+        routing = call_state(self).get("lora_routing")
         if not routing:
             return None
         for adapter_name, rows in routing:
@@ -242,9 +267,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         return output
 
     def _enable_grad_from(self, index: int, module, args) -> None:
-        """Forward pre-hook of a top block: inside the backbone's no_grad, from block ``_grad_from`` up, autograd
+        """Forward pre-hook of a top block: inside the backbone's no_grad, from block ``grad_from`` up, autograd
         records (into the adapters); the no_grad context restores the previous mode when the backbone returns."""
-        start = self.__dict__.get("_grad_from")
+        start = call_state(self).get("grad_from")
         if start is not None and index >= start:
             torch.set_grad_enabled(True)
 
@@ -253,7 +278,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         ``grad_from`` up); returns what undoes it once the forward is over.
 
         Under gradient checkpointing (``gradient_checkpointing_enable()``, TRL's default) a block's forward runs again
-        in backward, after this forward's adapter routing (``_lora_routing``) is gone. So each checkpointed block from
+        in backward, after this forward's adapter routing (``lora_routing``) is gone. So each checkpointed block from
         ``grad_from`` up gets a checkpoint function that re-installs this forward's routing around both runs of the
         block's ``forward``; backward then keeps each such block's input only, as QLoRA's checkpointing does.
         transformers checkpoints a block's ``forward``, not its hooks, and only while gradients are enabled: the
@@ -264,7 +289,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         """
         if grad_from is None:
             return lambda: None
-        routing = self.__dict__["_lora_routing"]
+        routing = call_state(self)["lora_routing"]
         routed, unchecked = [], []  # (block, its own checkpoint function); blocks run without checkpointing
         for index, block in enumerate(self.__dict__["_backbone_blocks"][grad_from:], start=grad_from):
             if not getattr(block, "gradient_checkpointing", False):
@@ -294,12 +319,13 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
         def routed_checkpoint(function, *args, **kwargs):
             def run_routed(*inner_args, **inner_kwargs):
-                previous = self.__dict__.get("_lora_routing")
-                self.__dict__["_lora_routing"] = routing
+                state = call_state(self)  # backward's recomputation may run on another thread than the forward
+                previous = state.get("lora_routing")
+                state["lora_routing"] = routing
                 try:
                     return function(*inner_args, **inner_kwargs)
                 finally:
-                    self.__dict__["_lora_routing"] = previous
+                    state["lora_routing"] = previous
 
             return checkpoint(run_routed, *args, **kwargs)
 
@@ -340,7 +366,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
     def forward(self, *args, **kwargs):
         kwargs = self._as_kwargs(args, kwargs)
-        cache = self._pop_cache(kwargs)
+        cache = paired_cache(self._pop_cache(kwargs))
         row_adapters = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             return self._forward_base(cache, kwargs)
@@ -376,6 +402,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             new_backbone_cache = out.get(cache_field(out))
             if new_backbone_cache is not None:
                 cache.backbone = new_backbone_cache
+                remember_pairing(cache)
                 out[cache_field(out)] = cache
         return out
 
@@ -409,20 +436,19 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             if lora is not None:
                 rows = None if row_adapters is None else torch.tensor([n == name for n in row_adapters])
                 routing.append((name, rows, lora.first_block))
-        self.__dict__["_lora_routing"] = [(name, rows) for name, rows, _ in routing]
+        state = call_state(self)
+        state["lora_routing"] = [(name, rows) for name, rows, _ in routing]
         grad_from = min(first for _, _, first in routing) if routing and torch.is_grad_enabled() else None
-        self.__dict__["_grad_from"] = grad_from
+        state["grad_from"] = grad_from
         restore_checkpointing = self._checkpoint_adapted_blocks(grad_from)
-        captured = self.__dict__["_captured"] = []
+        captured = state["captured"] = []
         try:
             with torch.no_grad():
                 out = self.base_layer(
                     **kwargs, **{self._cache_kwarg: backbone_cache}, output_hidden_states=want_hidden, return_dict=True
                 )
         finally:
-            self.__dict__["_captured"] = None
-            self.__dict__["_lora_routing"] = None
-            self.__dict__["_grad_from"] = None
+            state["captured"] = state["lora_routing"] = state["grad_from"] = None
             restore_checkpointing()
         backbone_last = out.last_hidden_state
         if len(captured) != self.__dict__["_num_blocks"] + 1:
@@ -482,6 +508,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         if use_cache and new_backbone_cache is not None:
             paired = cache if isinstance(cache, QSTCache) else QSTCache(new_backbone_cache)
             paired.backbone = new_backbone_cache
+            remember_pairing(paired)
             for name, side_cache in new_side_caches.items():
                 paired.with_side(name, side_cache)
             for name, memory in new_memories.items():
@@ -523,8 +550,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 raise ValueError(
                     f"The cache holds {past} past tokens but the side-network state of adapter(s) {held}: tokens were "
                     "added to it with adapters disabled or with another adapter active, so this adapter never saw "
-                    "them. Continue a cache only with the adapter that filled it, or start generation again with a "
-                    "fresh cache."
+                    "them, or the cache was cropped or changed outside the model. Continue a cache only with the "
+                    "adapter that filled it, or start generation again with a fresh cache."
                 )
             return (
                 cache.backbone,

@@ -27,7 +27,7 @@ from .config import AUTO, QSTConfig
 from .layer import QSTLayer
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loss import install_chunked_loss, uninstall_chunked_loss
-from .serialization import QSTAdapterFileError, weights_digest
+from .serialization import QSTAdapterFileError
 from .side import QSTUnsupportedModelError, find_layer_list, resolve_side_heads, shrink_config, unsupported_reason
 
 #: attribute holding the side networks inside a QSTLayer; every saved key goes through it
@@ -182,10 +182,58 @@ def _check_copy_head_support(model: nn.Module, model_type: str) -> None:
         )
 
 
+def _target_modules_hint(model: nn.Module, config: QSTConfig) -> str:
+    """For a target_modules set by hand (often left over from a LoraConfig): what the field means for QST."""
+    if not config.target_modules:
+        return ""
+    try:
+        found = f" (here {find_trunk_name(model)!r})"
+    except Exception:  # noqa: BLE001 - only a hint; the error being raised says what failed
+        found = ""
+    return (
+        " For QST, target_modules names the decoder trunk the side network runs beside, found automatically"
+        f"{found}, not the layers LoRA adapts: leave it None."
+    )
+
+
+def _check_modules_to_save_outside(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
+    """modules_to_save inside the decoder trunk (embeddings, norms, a LoraConfig's list) cannot train: the trunk
+    runs frozen under no_grad. PEFT matches entries as suffixes of module names."""
+    entries = [config.modules_to_save] if isinstance(config.modules_to_save, str) else config.modules_to_save or []
+    names = {module: name for name, module in model.named_modules()}
+    trunk_name = names.get(trunk)
+    if not entries or trunk_name is None:
+        return
+    inside = sorted(
+        {
+            entry
+            for name in names.values()
+            if name.startswith(trunk_name + ".")
+            for entry in entries
+            if name == entry or name.endswith("." + entry)
+        }
+    )
+    if inside:
+        raise ValueError(
+            f"QSTConfig.modules_to_save={entries!r}: {inside} lie inside the decoder trunk {trunk_name!r}, which QST "
+            "runs frozen without gradients, so they could not train. Only modules outside it can be trained and "
+            "saved with the adapter (an LM head, a classification head); remove these entries."
+        )
+
+
 def resolve_side_dtype(model: nn.Module, config: QSTConfig) -> torch.dtype:
-    """The side network's dtype: the config's, else the 4-bit compute dtype, else the model's dtype."""
+    """The side network's dtype: the config's, else the 4-bit compute dtype, else the model's dtype; float32 where
+    that is float16. Trainable float16 weights do not train under fp16 mixed precision (``Trainer(fp16=True)``: its
+    gradient scaler refuses to unscale float16 gradients), which the float16 compute dtype of the usual QLoRA recipe
+    on GPUs without bfloat16 comes with; PEFT keeps LoRA weights in float32 there for the same reason. Under autocast
+    the side network's matmuls still run in float16."""
     if config.side_dtype is not None:
         return getattr(torch, config.side_dtype)
+    dtype = _compute_dtype(model)
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
     quantization = getattr(model.config, "quantization_config", None)
     if quantization is not None:
         as_dict = quantization if isinstance(quantization, dict) else quantization.to_dict()
@@ -282,7 +330,13 @@ class QSTModel(BaseTuner):
             raise ValueError(
                 f"This QST adapter was built for {_describe(recorded)} but is being loaded onto {_describe(signature)}"
                 f" ({type(model).__name__}); they differ in {listed}. Load it onto the base model it was trained on"
-                + (f" ({config.base_model_name_or_path})." if config.base_model_name_or_path else ".")
+                + (f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else "")
+                + (
+                    f", with its token embeddings resized to {differences['vocab_size'][0]} "
+                    "(model.resize_token_embeddings) as they were when the adapter was saved."
+                    if set(differences) == {"vocab_size"}
+                    else "."
+                )
             )
 
         target_modules = config.target_modules or re.escape(find_trunk_name(model))
@@ -290,14 +344,21 @@ class QSTModel(BaseTuner):
         if trunk is None:
             raise QSTUnsupportedModelError(
                 f"QSTConfig.target_modules={target_modules!r} matches no module of {type(model).__name__}."
+                + _target_modules_hint(model, config)
             )
         base_trunk = trunk.get_base_layer() if isinstance(trunk, QSTLayer) else trunk
         forward_params = inspect.signature(type(base_trunk).forward).parameters
         if "inputs_embeds" not in forward_params:
+            if config.target_modules:
+                raise QSTUnsupportedModelError(
+                    f"QSTConfig.target_modules={config.target_modules!r} matches {type(base_trunk).__name__}, which "
+                    "is not a decoder trunk (it takes no inputs_embeds)." + _target_modules_hint(model, config)
+                )
             raise QSTUnsupportedModelError(
                 f"QST does not support the {model_type} model: its trunk {type(base_trunk).__name__} does not accept "
                 "inputs_embeds, which the side network is fed through."
             )
+        _check_modules_to_save_outside(model, trunk, config)
         find_layer_list(base_trunk, int(model_config.num_hidden_layers))
         # encoder-only models (BERT, RoBERTa, ...) attend both ways and their heads read other outputs (a pooler)
         # than the final hidden state QST adapts: their attention modules say so with is_causal=False
@@ -444,7 +505,21 @@ class QSTModel(BaseTuner):
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT upcasts bf16/fp16 adapter weights to fp32 by default; QST's dtype rule is its own (``side_dtype``:
-        the compute dtype unless set), so that the side network computes in the dtype the backbone hands it."""
+        the compute dtype unless set), so that the side network computes in the dtype the backbone hands it.
+
+        PEFT calls this after creating or loading an adapter. A load with ``low_cpu_mem_usage=True`` assigns the
+        file's tensors as they are, in the dtype they were saved in (an adapter trained on a 4-bit model with bf16
+        compute loaded onto an fp32 model, or the reverse); they are brought back to the rule here.
+        """
+        config = self.peft_config.get(adapter_name)
+        if config is None:
+            return
+        dtype = resolve_side_dtype(self.model, config)
+        for layer in self.model.modules():
+            if isinstance(layer, QSTLayer) and adapter_name in layer.qst_side:
+                for parameter in layer.qst_side[adapter_name].parameters():
+                    if parameter.is_floating_point() and parameter.dtype != dtype and parameter.device.type != "meta":
+                        parameter.data = parameter.data.to(dtype)
 
     def _check_merge_allowed(self):
         raise ValueError(
@@ -469,26 +544,12 @@ class QSTModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: QSTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        if config.adapter_weights_sha256 is not None:
-            digest = weights_digest(state_dict)
-            if digest != config.adapter_weights_sha256:
-                raise QSTAdapterFileError(
-                    "The adapter weights read do not match the digest recorded in adapter_config.json when they were "
-                    "saved: adapter_model.safetensors is corrupt or was replaced. Save or download the adapter again."
-                )
-            # The digest describes the file just read, not the adapter from now on: once it trains, a trainer
-            # checkpoint of it (resume_from_checkpoint, load_best_model_at_end) is loaded into this same adapter with
-            # this same config and would be refused as "corrupt" against the old file's digest. The adapter gets a
-            # copy without it; the caller's config object (PeftModel.from_pretrained(..., config=...)) keeps its
-            # digest, so loading the same folder again with it is checked again.
-            config = copy.copy(config)
-            config.adapter_weights_sha256 = None
-            model.peft_config[adapter_name] = config
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         marker = f".{SIDE_ATTR}.{adapter_name}."
-        own = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        model_state = model.state_dict()
+        own = _filter_state_dict_by_key_prefixes(model_state, prefixes)
         expected = {k for k in own if marker in k}
         loaded = {k for k in remapped if marker in k}
         strays = {k for k in remapped if f".{SIDE_ATTR}." in k and marker not in k}
@@ -513,4 +574,51 @@ class QSTModel(BaseTuner):
                 f"have other shapes than this model's side network (e.g. {misshapen[:3]}). It was saved from a "
                 "different base model or QST configuration; nothing was loaded."
             )
+        # the modules saved whole beside the side network (modules_to_save: a classification head): torch's own
+        # size-mismatch error would not say that the head was built for another number of labels
+        heads = [
+            (key, tuple(remapped[key].shape), tuple(model_state[key].shape))
+            for key in sorted(set(remapped) - loaded)
+            if key in model_state and tuple(remapped[key].shape) != tuple(model_state[key].shape)
+        ]
+        if heads:
+            key, saved, here = heads[0]
+            hint = (
+                f" A classification head saved with {saved[0]} outputs needs the base model loaded with "
+                f"num_labels={saved[0]}."
+                if config.task_type in ("SEQ_CLS", "TOKEN_CLS")
+                else " It was saved from a different base model."
+            )
+            raise QSTAdapterFileError(
+                f"The checkpoint does not fit this model: {key} is {saved} in the file and {here} here (a module "
+                f"saved whole with the adapter, modules_to_save).{hint} Nothing was loaded."
+            )
         return remapped
+
+
+def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: dict, saved_config: dict) -> None:
+    """Before PEFT touches the model: the file read for ``adapter_name`` holds every module saved whole with the
+    adapter (``modules_to_save``; PEFT would fail on the first one missing with a bare KeyError), and an
+    ``adapter_config.json`` written before ``side_heads`` existed is not loaded into side blocks built with another
+    head layout (their weights have the same shapes, so nothing else would notice)."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    config = peft_model.peft_config[adapter_name]
+    if saved_config and "side_heads" not in saved_config and config.side_heads is not None:
+        raise QSTAdapterFileError(
+            f"The adapter_config.json saved with these weights predates side_heads: its side blocks have the model's "
+            f"head count, but adapter {adapter_name!r} was built with side_heads={config.side_heads!r}. Load the "
+            "folder without config= (PeftModel.from_pretrained reads it with QSTConfig.from_pretrained), or set "
+            "config.side_heads = None. Nothing was loaded."
+        )
+    missing = []
+    for name, module in peft_model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            name = name.removeprefix("_fsdp_wrapped_module.")
+            missing += [f"{name}.{key}" for key in module.adapter_state_dict_load_map(adapter_name) if f"{name}.{key}" not in tensors]
+    if missing:
+        raise QSTAdapterFileError(
+            f"The checkpoint does not fit QST adapter {adapter_name!r} of this model: it lacks {len(missing)} weights "
+            f"of the modules saved whole with the adapter (modules_to_save), e.g. {missing[:3]}. It was saved with "
+            "another modules_to_save or task_type; nothing was loaded."
+        )

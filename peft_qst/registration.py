@@ -5,7 +5,16 @@ out-of-tree method cannot use it. PEFT looks methods up by ``config.peft_type`` 
 ``str`` enum, so the plain string ``"QST"`` works as a key alongside the enum members. There is no entry-point
 discovery in PEFT: ``import peft_qst`` must run before an adapter is loaded.
 
-One fix rides along: ``PeftModel.push_to_hub`` (transformers' ``PushToHubMixin``) saves the adapter, then overwrites
+Two guards ride along. Loading: every load of QST weights, whatever the path (``from_pretrained`` with or without
+``config=``, ``load_adapter`` into a new or existing name as trainers do to resume, local or Hub), reads them through
+`serialization.read_adapter_weights` (safetensors only, readable, the digest of the folder's own config) and checks
+that they fit the model before PEFT loads anything; PEFT's own reader would fall back to unpickling
+``adapter_model.bin``. Saving: the recorded base-model signature is refreshed (token embeddings resized since
+``get_peft_model`` are saved resized), and ``safe_serialization=False`` is ignored with a warning for QST adapters,
+which are read only from safetensors (a pickle written would be refused when loaded, and could sit beside an older
+safetensors file that would then load instead).
+
+One fix rides along too: ``PeftModel.push_to_hub`` (transformers' ``PushToHubMixin``) saves the adapter, then overwrites
 the model card PEFT just wrote with a generic transformers card (``library_name: transformers``, no base model) before
 uploading. For models holding a QST adapter, the card is restored on the way to the upload: PEFT's fields
 (``library_name: peft``, ``base_model``, tags) over whatever the push wrote, its tags kept, and QST's loading section.
@@ -13,11 +22,18 @@ uploading. For models holding a QST adapter, the card is restored on the way to 
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
+from contextvars import ContextVar
 
 from .card import add_usage_section
 from .config import PEFT_TYPE, QSTConfig
-from .model import QSTModel
+from .model import QSTModel, check_saved_adapter_fits, model_signature
+from .serialization import read_adapter_weights
+
+# (PeftModel, adapter name) while PeftModel.load_adapter runs: the weights PEFT is about to read are for that adapter
+_LOADING: ContextVar = ContextVar("peft_qst_loading_adapter", default=None)
 
 
 def register() -> None:
@@ -28,6 +44,8 @@ def register() -> None:
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = QSTModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = QSTModel.prefix
     _restore_model_card_on_push()
+    _read_qst_weights_safely()
+    _save_qst_weights_as_safetensors()
 
 
 def _holds_qst_adapter(model) -> bool:
@@ -55,3 +73,70 @@ def _restore_model_card_on_push() -> None:
 
     _upload_modified_files._restores_qst_card = True
     PeftModel._upload_modified_files = _upload_modified_files
+
+
+def _read_qst_weights_safely() -> None:
+    import peft.peft_model as peft_model_module
+    from peft import PeftModel
+
+    original_load_adapter = PeftModel.load_adapter
+    if getattr(original_load_adapter, "_reads_qst_weights_safely", False):
+        return
+    original_load_weights = peft_model_module.load_peft_weights
+
+    @functools.wraps(original_load_adapter)
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        token = _LOADING.set((self, adapter_name))
+        try:
+            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        finally:
+            _LOADING.reset(token)
+
+    @functools.wraps(original_load_weights)
+    def load_peft_weights(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
+        loading = _LOADING.get()
+        config = loading[0].peft_config.get(loading[1]) if loading is not None else None
+        if getattr(config, "peft_type", None) != PEFT_TYPE:
+            return original_load_weights(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+        tensors, saved_config = read_adapter_weights(model_id, device, dict(hf_hub_download_kwargs))
+        if key_mapping:
+            # PEFT's renaming, on a file now known to be safetensors, readable and as saved
+            tensors = original_load_weights(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+        check_saved_adapter_fits(loading[0], loading[1], tensors, saved_config)
+        return tensors
+
+    load_adapter._reads_qst_weights_safely = True
+    PeftModel.load_adapter = load_adapter
+    peft_model_module.load_peft_weights = load_peft_weights
+
+
+def _save_qst_weights_as_safetensors() -> None:
+    from peft import PeftModel
+
+    original = PeftModel.save_pretrained
+    if getattr(original, "_saves_qst_as_safetensors", False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # the base model as it is now: its token embeddings may have been resized since get_peft_model, and PEFT then
+        # saves the resized embeddings with the adapter, which fit only a base model resized the same way
+        for config in self.peft_config.values():
+            if getattr(config, "peft_type", None) == PEFT_TYPE and config.base_model_signature is not None:
+                config.base_model_signature = model_signature(self.get_base_model())
+        args = list(args)
+        safe = args[0] if args else kwargs.get("safe_serialization", True)
+        if not safe and _holds_qst_adapter(self):
+            warnings.warn(
+                "safe_serialization=False is ignored for QST adapters: they are saved as adapter_model.safetensors, "
+                "because QST loads weights only from safetensors and never unpickles adapter_model.bin.",
+                stacklevel=2,
+            )
+            if args:
+                args[0] = True
+            else:
+                kwargs["safe_serialization"] = True
+        return original(self, save_directory, *args, **kwargs)
+
+    save_pretrained._saves_qst_as_safetensors = True
+    PeftModel.save_pretrained = save_pretrained

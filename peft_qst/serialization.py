@@ -1,47 +1,65 @@
 """Integrity checks for saved QST adapters: safetensors only, never a pickle, and no silently corrupt weights.
 
 PEFT writes ``adapter_model.safetensors`` and then ``adapter_config.json``. `QSTConfig.save_pretrained` records a
-digest of the weights just written (:func:`weights_digest`) in the config; when the weights are loaded back,
-`QSTModel` recomputes it over the tensors actually read and refuses a mismatch. A truncated or garbled file is caught
-even earlier, when the config is read from a local folder (:func:`check_adapter_folder`).
+digest of the weights just written (:func:`weights_digest`) in that config. Every load of QST weights, whatever the
+path (``PeftModel.from_pretrained`` with or without ``config=``, ``load_adapter`` into a new or an existing adapter
+name, a trainer's ``resume_from_checkpoint`` and ``load_best_model_at_end``, a local folder or a Hub repository),
+reads them with :func:`read_adapter_weights`: the safetensors file or an error (never ``adapter_model.bin``), a
+readable header, and the digest recorded in the ``adapter_config.json`` beside the file compared with the tensors
+actually read. The digest belongs to the folder, not to the config object in memory, so a config reused for another
+model or a checkpoint of an adapter that trained on is judged by the file it comes with.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
 
 
 class QSTAdapterFileError(ValueError):
     """An adapter folder whose weights are missing, corrupt, or stored in a format QST refuses to read."""
 
 
-def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's dtype, shape and bytes, independent of key names and order.
+def _tensor_digest(tensor: torch.Tensor) -> hashlib.sha256:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    h = hashlib.sha256()
+    h.update(f"{flat.dtype}|{tuple(tensor.shape)}|".encode())
+    h.update(data)
+    return h
 
-    Key names are left out on purpose: PEFT renames keys on the way in (adapter names, auxiliary modules), and the set
-    of keys is checked separately against the model.
-    """
-    per_tensor = []
-    for tensor in tensors.values():
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-        h = hashlib.sha256()
-        h.update(f"{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(data)
-        per_tensor.append(h.hexdigest())
+
+def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in key order: two tensors swapped between names
+    change it. Computed over the keys as they are in the file (PEFT renames them only after reading)."""
     total = hashlib.sha256()
-    for item in sorted(per_tensor):
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if isinstance(tensor, torch.Tensor):
+            total.update(f"{name}|{_tensor_digest(tensor).hexdigest()}\n".encode())
+    return total.hexdigest()
+
+
+def _unnamed_weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The digest adapters saved before :func:`weights_digest` named the tensors recorded: the sorted per-tensor
+    hashes without names. Accepted for those files only; it cannot tell two same-shaped tensors swapped."""
+    total = hashlib.sha256()
+    for item in sorted(_tensor_digest(t).hexdigest() for t in tensors.values() if isinstance(t, torch.Tensor)):
         total.update(item.encode())
     return total.hexdigest()
+
+
+def digest_matches(tensors: Mapping[str, torch.Tensor], recorded: str) -> bool:
+    return weights_digest(tensors) == recorded or _unnamed_weights_digest(tensors) == recorded
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -50,25 +68,109 @@ def file_digest(path: str | os.PathLike) -> str:
     return weights_digest(load_file(str(path)))
 
 
+def check_readable(safetensors_path: str) -> None:
+    """Parse every tensor entry of the safetensors header; a truncated or garbled file raises QSTAdapterFileError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(safetensors_path, framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)  # parses the tensor's entry in the header
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError for I/O failures)
+        raise QSTAdapterFileError(
+            f"{safetensors_path} is truncated or corrupt and cannot be read ({type(err).__name__}: {err}). "
+            "Save the adapter again, or download it again."
+        ) from err
+
+
+def _refuse_pickle_only(where: str) -> QSTAdapterFileError:
+    return QSTAdapterFileError(
+        f"{where} holds no {SAFETENSORS_NAME}: QST loads weights only from safetensors and never unpickles "
+        f"{PICKLE_NAME}. Re-save the adapter with save_pretrained (it writes safetensors)."
+    )
+
+
 def check_adapter_folder(folder: str | os.PathLike) -> None:
     """Refuse a local adapter folder whose weights are pickled only, or whose safetensors file is unreadable."""
     folder = os.fspath(folder)
     safetensors_path = os.path.join(folder, SAFETENSORS_NAME)
     if os.path.isfile(safetensors_path):
-        from safetensors import safe_open
+        check_readable(safetensors_path)
+    elif os.path.isfile(os.path.join(folder, PICKLE_NAME)):
+        raise _refuse_pickle_only(folder)
 
-        try:
-            with safe_open(safetensors_path, framework="pt") as handle:
-                for key in handle.keys():
-                    handle.get_slice(key)  # parses the tensor's entry in the header
-        except Exception as err:  # safetensors raises its own SafetensorError (and OSError for I/O failures)
-            raise QSTAdapterFileError(
-                f"{safetensors_path} is truncated or corrupt and cannot be read ({type(err).__name__}: {err}). "
-                "Save the adapter again, or download it again."
-            ) from err
-        return
-    if os.path.isfile(os.path.join(folder, PICKLE_NAME)):
+
+def _locate(model_id: str, filename: str, hub_kwargs: dict, required: bool) -> Optional[str]:
+    """``filename`` of the adapter at ``model_id`` (a local folder, or a Hub repository through the download cache,
+    with PEFT's hub arguments: subfolder, revision, token, cache_dir, ...); None when absent and not ``required``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    subfolder = hub_kwargs.get("subfolder")
+    folder = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(folder):
+        path = os.path.join(folder, filename)
+        if os.path.isfile(path):
+            return path
+        if required:
+            if os.path.isfile(os.path.join(folder, PICKLE_NAME)):
+                raise _refuse_pickle_only(folder)
+            raise QSTAdapterFileError(f"{folder} holds no {filename}: it is not a saved QST adapter.")
+        return None
+    try:
+        return hf_hub_download(model_id, filename, **hub_kwargs)
+    except LocalEntryNotFoundError as err:
+        if not required:
+            return None
+        if _cached(model_id, PICKLE_NAME, hub_kwargs):
+            raise _refuse_pickle_only(f"The Hub repository {model_id!r}") from err
         raise QSTAdapterFileError(
-            f"{folder} holds only {PICKLE_NAME}, a pickle file; QST loads weights only from safetensors and never "
-            "unpickles. Re-save the adapter with save_pretrained(..., safe_serialization=True)."
+            f"{filename} of {model_id!r} is not in the local Hugging Face cache and cannot be downloaded now "
+            f"({err}). QST reads only {SAFETENSORS_NAME}: if the repository holds only {PICKLE_NAME}, re-save the "
+            "adapter with save_pretrained and upload it again."
+        ) from err
+    except EntryNotFoundError as err:
+        if not required:
+            return None
+        raise _refuse_pickle_only(f"The Hub repository {model_id!r}") from err
+
+
+def _cached(model_id: str, filename: str, hub_kwargs: dict) -> bool:
+    """Whether the Hub cache holds ``filename`` of ``model_id`` (looked up, never opened)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(model_id, filename, **{**hub_kwargs, "local_files_only": True})
+    except (EntryNotFoundError, OSError, ValueError):
+        return False
+    return True
+
+
+def read_adapter_weights(model_id: str, device, hub_kwargs: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of the QST adapter at ``model_id`` and the ``adapter_config.json`` saved with them ({} when the
+    folder has none), after the checks above: safetensors only, readable, and equal to the recorded digest."""
+    from safetensors.torch import load_file
+
+    hub_kwargs = dict(hub_kwargs)
+    legacy_token = hub_kwargs.pop("use_auth_token", None)  # PEFT passes it on; hf_hub_download takes token=
+    if legacy_token is not None and hub_kwargs.get("token") is None:
+        hub_kwargs["token"] = legacy_token
+    weights_path = _locate(model_id, SAFETENSORS_NAME, hub_kwargs, required=True)
+    check_readable(weights_path)
+    config_path = _locate(model_id, CONFIG_NAME, hub_kwargs, required=False)
+    saved_config = {}
+    if config_path is not None:
+        with open(config_path) as handle:
+            saved_config = json.load(handle)
+    if isinstance(device, torch.device):
+        device = str(device)
+    tensors = load_file(weights_path, device="cpu" if device in (None, "mps") else device)
+    recorded = saved_config.get("adapter_weights_sha256")
+    if recorded is not None and not digest_matches(tensors, recorded):
+        raise QSTAdapterFileError(
+            f"The adapter weights read from {weights_path} do not match the digest recorded in the "
+            f"{CONFIG_NAME} beside them when they were saved: the file is corrupt or was replaced. Save or download "
+            "the adapter again."
         )
+    return tensors, saved_config

@@ -34,6 +34,7 @@ from .cache import cache_field
 from .config import AUTO, QSTConfig
 from .fast_path import fast_mix, fast_side_forward, keep_cache_dtype, packed_weights_for
 from .lm_head import mark_low_rank_update
+from .per_call import call_state
 from .side_attention import side_attention_implementation
 
 #: config attributes holding the width of token embeddings where it may differ from the hidden size (OPT, ELECTRA,
@@ -583,7 +584,8 @@ class QSTSideBlock(nn.Module):
 
     It stands in the side trunk's layer list where the plain block stood, so the trunk's own forward calls it with
     the trunk's own arguments (masks, position embeddings, cache). The backbone hidden state ``h_i`` it mixes in is
-    handed over by :class:`QSTSideNetwork` for the duration of one forward (``self.backbone_hidden``).
+    handed over by :class:`QSTSideNetwork` for the duration of one forward, in this thread's call state (several
+    threads may run the model at once).
 
     Under gradient checkpointing (``gradient_checkpointing_enable()``, TRL's default) the whole of it is checkpointed,
     downsampler and gate included, not only the wrapped block: backward then keeps, per layer, ``h_i`` (which the
@@ -597,7 +599,6 @@ class QSTSideBlock(nn.Module):
         self.downsample = downsample
         self.gate_logit = nn.Parameter(torch.full((width,), math.log(gate_init / (1.0 - gate_init))))
         self.dropout = nn.Dropout(dropout)
-        self.backbone_hidden: Optional[torch.Tensor] = None
 
     def __getattr__(self, name: str) -> Any:
         # trunks read attributes of their blocks (e.g. ``attention_type`` for hybrid sliding-window models)
@@ -609,13 +610,14 @@ class QSTSideBlock(nn.Module):
             return getattr(self.block, name)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if self.backbone_hidden is None:
+        backbone_hidden = call_state(self).get("backbone_hidden")
+        if backbone_hidden is None:
             raise RuntimeError("QSTSideBlock was called outside QSTSideNetwork.forward.")
         block = self.block
         checkpointing = getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()
         filled_cache = any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "layer_past"))
         if not checkpointing or filled_cache:  # with a cache the block's own checkpointing drops it, as without QST
-            return self._mix_and_run(hidden_states, self.backbone_hidden, *args, **kwargs)
+            return self._mix_and_run(hidden_states, backbone_hidden, *args, **kwargs)
 
         def run_unwrapped(hidden, backbone_hidden, *inner_args):
             # the block's own checkpointing stays off inside this one, in forward and in its recomputation
@@ -625,7 +627,7 @@ class QSTSideBlock(nn.Module):
             finally:
                 block.gradient_checkpointing = True
 
-        return block._gradient_checkpointing_func(run_unwrapped, hidden_states, self.backbone_hidden, *args)
+        return block._gradient_checkpointing_func(run_unwrapped, hidden_states, backbone_hidden, *args)
 
     def _mix_and_run(self, hidden_states: torch.Tensor, backbone_hidden: torch.Tensor, *args, **kwargs):
         down = self.dropout(self.downsample(backbone_hidden.to(hidden_states.device, hidden_states.dtype)))
@@ -803,13 +805,13 @@ class QSTSideNetwork(nn.Module):
         first = hidden_states[0]
         inputs = self.embed_dropout(self.embed_downsample(first.to(module_device(self.embed_downsample), dtype)))
         for block, hidden in zip(self._blocks, hidden_states[1:]):
-            block.backbone_hidden = hidden
+            call_state(block)["backbone_hidden"] = hidden
         cache_name = "cache" if "cache" in self._trunk_params else "past_key_values"
         try:
             out = self.trunk(inputs_embeds=inputs, return_dict=True, **{cache_name: cache}, **trunk_kwargs)
         finally:
             for block in self._blocks:
-                block.backbone_hidden = None
+                call_state(block)["backbone_hidden"] = None
         return out.last_hidden_state, out.get(cache_field(out))
 
     def mix(

@@ -264,12 +264,154 @@ def test_corrupt_weights_fail_the_digest_check(tmp_path, tiny_model_dir, trained
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
 
 
-def test_pickled_weights_are_never_read(tmp_path, tiny_model_dir, trained):
-    trained.save_pretrained(tmp_path, safe_serialization=False)
-    assert (tmp_path / "adapter_model.bin").exists()
-    assert not (tmp_path / "adapter_model.safetensors").exists()
+def pickled_adapter_folder(model, folder) -> None:
+    """A folder as an older PEFT or a hand-written script leaves it: the config and a pickled adapter_model.bin."""
+    from peft import get_peft_model_state_dict
+
+    model.peft_config["default"].save_pretrained(str(folder))
+    torch.save(get_peft_model_state_dict(model), folder / "adapter_model.bin")
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        lambda base, path, fresh: PeftModel.from_pretrained(base, path),
+        lambda base, path, fresh: PeftModel.from_pretrained(base, path, config=QSTConfig(task_type="CAUSAL_LM", r=4)),
+        lambda base, path, fresh: fresh.load_adapter(path, adapter_name="other"),
+        # what Trainer's resume_from_checkpoint and load_best_model_at_end do
+        lambda base, path, fresh: fresh.load_adapter(path, adapter_name="default", is_trainable=True),
+    ],
+    ids=["from_pretrained", "from_pretrained-config", "load_adapter-new-name", "load_adapter-existing-name"],
+)
+def test_pickled_weights_are_never_read(tmp_path, tiny_model_dir, trained, monkeypatch, load):
+    pickled_adapter_folder(trained, tmp_path)
+    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called on a QST adapter")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
     with pytest.raises(QSTAdapterFileError, match="never unpickles"):
+        load(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path), fresh)
+
+
+def test_save_with_safe_serialization_false_writes_safetensors(tmp_path, tiny_model_dir, trained):
+    """No pickle is written (it could not be loaded), and an older adapter's safetensors file in the same folder is
+    replaced, not left to load in place of the new one."""
+    older = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    train_steps(older, IDS[:, :4], steps=2)
+    older.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="safe_serialization=False is ignored"):
+        trained.save_pretrained(tmp_path, safe_serialization=False)
+    assert not (tmp_path / "adapter_model.bin").exists()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
+
+
+def garble_tensor_bytes(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # a tensor byte, the header stays valid
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["garbled", "truncated"])
+def test_a_damaged_checkpoint_is_refused_when_resumed(tmp_path, tiny_model_dir, trained, damage):
+    """load_adapter into the adapter the model already has (how trainers resume a checkpoint or load the best one)
+    checks the file against the config saved beside it, as from_pretrained does."""
+    trained.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    if damage == "garbled":
+        garble_tensor_bytes(path)
+    else:
+        path.write_bytes(path.read_bytes()[:-100])
+    before = side_state(trained, "default")
+    match = "do not match the digest" if damage == "garbled" else "truncated or corrupt"
+    with pytest.raises(QSTAdapterFileError, match=match):
+        trained.load_adapter(str(tmp_path), adapter_name="default", is_trainable=True)
+    after = side_state(trained, "default")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_config_read_from_a_saved_adapter_starts_a_new_one(tmp_path, tiny_model_dir, trained):
+    """get_peft_model with QSTConfig.from_pretrained(old adapter): the config carries the old file's digest, which
+    must not make the new adapter's own checkpoints look corrupt."""
+    trained.save_pretrained(tmp_path / "old")
+    config = QSTConfig.from_pretrained(str(tmp_path / "old"))
+    assert config.adapter_weights_sha256 is not None
+    config.inference_mode = False  # saved configs are marked for inference
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+    train_steps(model, IDS[:, :5], steps=2)
+    model.save_pretrained(tmp_path / "checkpoint")
+    with torch.no_grad():
+        expected = model.eval()(input_ids=IDS).logits
+    train_steps(model, IDS, steps=2)
+    model.load_adapter(str(tmp_path / "checkpoint"), adapter_name="default", is_trainable=True)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=IDS).logits, expected)
+
+
+def test_the_digest_tells_tensors_swapped_between_names(tmp_path, tiny_model_dir, trained):
+    trained.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    by_shape = {}
+    for key, tensor in sorted(tensors.items()):
+        by_shape.setdefault((tensor.dtype, tuple(tensor.shape)), []).append(key)
+    first, second = next(keys for keys in by_shape.values() if len(keys) > 1 and
+                         not torch.equal(tensors[keys[0]], tensors[keys[1]]))[:2]
+    tensors[first], tensors[second] = tensors[second], tensors[first]
+    save_file(tensors, str(path))
+    with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+
+
+def test_an_adapter_with_the_earlier_unnamed_digest_still_loads(tmp_path, tiny_model_dir, trained):
+    from peft_qst.serialization import _unnamed_weights_digest
+
+    trained.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["adapter_weights_sha256"] = _unnamed_weights_digest(load_file(str(tmp_path / "adapter_model.safetensors")))
+    config_path.write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
+
+
+def test_a_module_to_save_missing_from_the_file_is_refused(tmp_path, tiny_model_dir, trained):
+    trained.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["modules_to_save"] = ["lm_head"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(QSTAdapterFileError, match=r"lacks 1 weights of the modules saved whole.*lm_head"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+
+
+def test_a_config_from_before_side_heads_is_not_loaded_into_other_heads(tmp_path):
+    """A config file without side_heads (written before it existed) means the model's heads; read with PeftConfig and
+    passed as config=, it would build today's default instead. With as many key/value heads as query heads the
+    weights have the same shapes either way, so only the config can tell."""
+    from peft import PeftConfig
+
+    tiny_causal_lm(num_key_value_heads=4).save_pretrained(tmp_path / "base")
+    base = lambda: AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))  # noqa: E731
+    legacy = get_peft_model(base(), QSTConfig(task_type="CAUSAL_LM", r=4, side_heads=None))
+    train_steps(legacy, IDS)
+    legacy.save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["side_heads"]
+    config_path.write_text(json.dumps(config))
+    read = PeftConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert read.side_heads == "auto"
+    with pytest.raises(QSTAdapterFileError, match="predates side_heads"):
+        PeftModel.from_pretrained(base(), str(tmp_path / "adapter"), config=read)
+    loaded = PeftModel.from_pretrained(base(), str(tmp_path / "adapter")).eval()
+    assert loaded.peft_config["default"].side_heads is None
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, legacy.eval()(input_ids=IDS).logits)
 
 
 def test_weights_of_another_configuration_fail_loudly(tmp_path, tiny_model_dir, trained):
@@ -311,6 +453,38 @@ def test_import_twice_is_harmless_and_loading_needs_the_import(tmp_path, trained
     )
     assert "without import: 'QST'" in out
     assert "QSTConfig QST 4" in out
+
+
+def test_token_embeddings_resized_after_wrapping_are_saved_for_a_base_resized_the_same_way(tmp_path, tiny_model_dir):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.resize_token_embeddings(130)
+    train_steps(model, IDS)
+    ids = torch.cat([IDS, torch.tensor([[129], [128]])], dim=1)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    assert model.peft_config["default"].base_model_signature["vocab_size"] == 130
+    resized = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    resized.resize_token_embeddings(130)
+    loaded = PeftModel.from_pretrained(resized, str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    with pytest.raises(ValueError, match=r"vocab_size 130 against 128.*resized to 130"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+
+
+def test_low_cpu_mem_usage_loading_keeps_the_side_dtype(tmp_path, tiny_model_dir, trained):
+    """An adapter saved in float32 loaded onto a bfloat16 model: the side network takes the bfloat16 rule whether
+    PEFT copies the file's tensors into it or assigns them (low_cpu_mem_usage=True)."""
+    trained.save_pretrained(tmp_path)
+    results = {}
+    for low_memory in (False, True):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        loaded = PeftModel.from_pretrained(base, str(tmp_path), low_cpu_mem_usage=low_memory).eval()
+        assert {p.dtype for n, p in loaded.named_parameters() if ".qst_side." in n} == {torch.bfloat16}
+        with torch.no_grad():
+            results[low_memory] = loaded(input_ids=IDS).logits
+    assert torch.equal(results[False], results[True])
 
 
 def test_low_cpu_mem_usage_loading(tmp_path, tiny_model_dir, trained):

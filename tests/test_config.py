@@ -215,3 +215,21 @@ def test_adapter_config_json_round_trips(tmp_path, tiny_model):
                  "side_dtype", "activation", "init", "side_heads", "task_type", "target_modules",
                  "base_model_signature"):
         assert getattr(loaded, name) == getattr(config, name), name
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(target_modules="all-linear"), "target_modules names the decoder trunk"),
+        (dict(target_modules=["q_proj", "v_proj"]), "target_modules names the decoder trunk"),
+        (dict(target_modules=r".*proj"), "is not a decoder trunk"),
+        (dict(modules_to_save=["embed_tokens", "lm_head"]), r"\['embed_tokens'\] lie inside the decoder trunk"),
+        (dict(modules_to_save=["norm"]), "lie inside the decoder trunk"),
+    ],
+    ids=["all-linear", "lora-targets", "regex", "embeddings", "norm"],
+)
+def test_lora_settings_left_in_the_config_are_refused_with_what_they_mean_for_qst(kwargs, fragment):
+    """Swapping LoraConfig(...) for QSTConfig(...) may carry LoRA's target_modules or an embeddings entry in
+    modules_to_save along: the error says what the field means for QST."""
+    with pytest.raises(ValueError, match=fragment):
+        get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4, **kwargs))

@@ -54,6 +54,33 @@ def test_side_dtype_override(tiny_model_dir):
     assert torch.isfinite(logits).all()
 
 
+def test_a_float16_compute_dtype_gives_a_float32_side_network_that_fp16_mixed_precision_trains(tiny_model_dir):
+    """The QLoRA recipe for GPUs without bfloat16: bnb_4bit_compute_dtype=float16 and Trainer(fp16=True), whose
+    gradient scaler refuses float16 gradients. The side network is float32 there (PEFT keeps LoRA in float32 too); the
+    step below is the scaler's sequence as accelerate runs it, with the CPU scaler."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config(compute_dtype=torch.float16))
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in params} == {torch.float32}
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    before = [p.detach().clone() for p in params]
+    model.train()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(input_ids=IDS, labels=IDS).loss
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
+    explicit = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config(compute_dtype=torch.float16)),
+        QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype="float16"),
+    )
+    assert {p.dtype for n, p in explicit.named_parameters() if ".qst_side." in n} == {torch.float16}
+
+
 def test_bf16_side_parameters_that_start_at_a_constant_keep_their_updates(tiny_model_dir):
     """Norm weights start at 1 and the output gate at output_gate_init; stored in bf16, an AdamW update of 1e-3 on
     such a value is below bf16's resolution and would be lost. They are stored as offsets from their start

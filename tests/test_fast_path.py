@@ -213,6 +213,27 @@ def test_fast_path_follows_training_steps_and_loaded_weights(tmp_path):
     torch.testing.assert_close(after[mask.bool()], fast[mask.bool()], atol=2e-5, rtol=1e-4)
 
 
+def test_fast_path_follows_updates_through_data():
+    """A hand-written SGD step or an EMA writes through ``param.data``, which bumps no version counter and is no
+    optimizer step: the packed weights must follow it too."""
+    model = qst_model()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits  # packs the current weights
+    model.train()
+    for _ in range(2):
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.data.add_(p.grad, alpha=-1e-1)
+                p.grad = None
+    model.eval()
+    with torch.no_grad():
+        fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    assert not torch.allclose(fast, before)
+    torch.testing.assert_close(fast[mask.bool()], general[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("optimizer", ["fused", "foreach"])
 def test_fast_path_follows_a_fused_optimizer(optimizer):
     """A fused AdamW (transformers' and TRL's default ``optim="adamw_torch_fused"``) writes the parameters without

@@ -124,6 +124,61 @@ def test_manual_decoding_loop_with_either_cache_keyword(model):
             torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-4, atol=1e-4)
 
 
+def test_the_callers_own_cache_continues_across_generate_calls(model):
+    """transformers' multi-turn pattern: one DynamicCache passed to every generate call. generate keeps the caller's
+    object (the backbone half), not the paired cache the model returned; the side halves are found from it."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    first = generate(model, torch.tensor([PROMPTS[0]]), past_key_values=cache, max_new_tokens=5)
+    history = torch.cat([first, torch.tensor([[7, 8, 9]])], dim=1)
+    second = generate(model, history, past_key_values=cache, max_new_tokens=6)
+    assert torch.equal(second, generate(model, history, max_new_tokens=6))
+
+
+def test_several_threads_generate_at_once(model):
+    """A server may run generate on one model from several Python threads; each forward's captured hidden states
+    and side inputs are its own."""
+    import threading
+
+    prompts = [torch.tensor([p]) for p in PROMPTS] + [torch.tensor([PROMPTS[0][:5]])]
+    expected = [generate(model, ids, max_new_tokens=8) for ids in prompts]
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            results[i] = [generate(model, prompts[i], max_new_tokens=8) for _ in range(3)]
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert all(torch.equal(out, expected[i]) for i, outs in results.items() for out in outs)
+
+
+def test_token_type_ids_go_to_the_backbone(tiny_model_dir):
+    """GPT-2 embeds token types with its token embedding, which the side trunk does not have; the embedding output the
+    side network reads already holds them."""
+    base = tiny_causal_lm("gpt2", vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64).eval()
+    ids = torch.tensor([PROMPTS[0]])
+    types = torch.tensor([[0] * 5 + [1] * 5])
+    with torch.no_grad():
+        expected = base(input_ids=ids, token_type_ids=types).logits
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, token_type_ids=types).logits, expected)  # the side output starts at 0
+    train_steps(model, ids)
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids, token_type_ids=types).logits, expected)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids, token_type_ids=types).logits, expected)
+    assert model.generate(input_ids=ids, token_type_ids=types, max_new_tokens=3, do_sample=False).shape == (1, 13)
+
+
 def test_a_plain_filled_cache_is_refused(model):
     ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad(), model.disable_adapter():

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_qst import QSTConfig
 
-from .conftest import logits_in_fresh_process, train_steps
+from .conftest import logits_in_fresh_process, run_python, train_steps
 
 IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21]])
 REPO_ID = "qst-user/tiny-qst-adapter"
@@ -104,3 +104,32 @@ def test_save_pretrained_writes_the_card(tmp_path, tiny_model_dir):
     assert card.data.base_model == tiny_model_dir
     assert {"qst", "peft-qst"} <= set(card.data.tags)
     assert card.text.count("## How to load this QST adapter") == 1
+
+
+def test_a_hub_adapter_with_pickled_weights_only_is_refused(tmp_path, tiny_model_dir):
+    """A repository holding adapter_model.bin and no safetensors file (an older PEFT's upload): refused before
+    anything is unpickled, through the Hub cache as through a local folder."""
+    from peft import get_peft_model_state_dict
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    folder = tmp_path / "adapter"
+    model.peft_config["default"].save_pretrained(str(folder))
+    torch.save(get_peft_model_state_dict(model), folder / "adapter_model.bin")
+    cache = str(tmp_path / "hub-cache")
+    lay_out_as_hub_cache(cache, REPO_ID, {name: str(folder / name) for name in os.listdir(folder)})
+    out = run_python(
+        f"""
+import torch, peft_qst
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+def no_unpickling(*args, **kwargs):
+    raise AssertionError("torch.load was called")
+torch.load = no_unpickling
+try:
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({tiny_model_dir!r}), {REPO_ID!r})
+except peft_qst.QSTAdapterFileError as err:
+    print("refused:", err)
+""",
+        env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"},
+    )
+    assert "refused:" in out and "never unpickles" in out

@@ -94,6 +94,19 @@ def test_seq_cls_head_trains_saves_and_reloads_in_a_fresh_process(tmp_path, clas
         assert torch.equal(logits_in_fresh_process(tmp_path, load, IDS), expected)
 
 
+def test_a_head_for_another_number_of_labels_is_refused_with_the_fix(tmp_path, classifier_dir):
+    from peft import AutoPeftModelForSequenceClassification, PeftModel
+
+    from peft_qst import QSTAdapterFileError
+
+    model = get_peft_model(load_classifier(classifier_dir), QSTConfig(task_type="SEQ_CLS", r=4))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(QSTAdapterFileError, match=f"num_labels={NUM_LABELS}"):
+        PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(classifier_dir), str(tmp_path))
+    with pytest.raises(QSTAdapterFileError, match=f"num_labels={NUM_LABELS}"):
+        AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path))
+
+
 def test_seq_cls_on_a_4bit_backbone(tmp_path, classifier_dir):
     model = get_peft_model(load_classifier(classifier_dir, quantization_config=bnb_config()),
                            QSTConfig(task_type="SEQ_CLS", r=4))

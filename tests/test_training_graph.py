@@ -116,6 +116,38 @@ def test_tiny_model_with_input_grads_and_gradient_checkpointing(tiny_model):
     assert_only_side_learns_and_backbone_saves_nothing(model, ids)
 
 
+def _side_block_runs_in_a_training_step(model, ids, monkeypatch) -> int:
+    """How often the side blocks run in one forward and backward: once each, twice under gradient checkpointing
+    (backward recomputes them)."""
+    from peft_qst.side import QSTSideBlock
+
+    runs = []
+    original = QSTSideBlock._mix_and_run
+    monkeypatch.setattr(QSTSideBlock, "_mix_and_run", lambda self, *a, **k: runs.append(1) or original(self, *a, **k))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    monkeypatch.setattr(QSTSideBlock, "_mix_and_run", original)
+    return len(runs)
+
+
+def test_gradient_checkpointing_switched_on_before_wrapping_reaches_the_side_blocks(monkeypatch):
+    """PEFT's QLoRA recipe turns checkpointing on before get_peft_model (prepare_model_for_kbit_training); the side
+    network, built later, checkpoints like the blocks that existed then, and so does an adapter added afterwards."""
+    from .conftest import tiny_causal_lm
+
+    ids = torch.randint(0, 128, (2, 9))
+    plain = get_peft_model(tiny_causal_lm(), QSTConfig(r=4))
+    blocks = plain.base_model.model.config.num_hidden_layers
+    assert _side_block_runs_in_a_training_step(plain, ids, monkeypatch) == blocks
+    base = tiny_causal_lm()
+    base.gradient_checkpointing_enable()
+    model = get_peft_model(base, QSTConfig(r=4))
+    assert _side_block_runs_in_a_training_step(model, ids, monkeypatch) == 2 * blocks
+    model.add_adapter("second", QSTConfig(r=4))
+    model.set_adapter("second")
+    assert _side_block_runs_in_a_training_step(model, ids, monkeypatch) == 2 * blocks
+
+
 def test_training_starts_at_the_pretrained_output(tiny_model):
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
