@@ -52,91 +52,96 @@ def _holds_qst_adapter(model) -> bool:
     return any(getattr(c, "peft_type", None) == PEFT_TYPE for c in (getattr(model, "peft_config", None) or {}).values())
 
 
+def _patch_once(owner, name: str, make_replacement) -> None:
+    """Replace ``owner.name`` with ``make_replacement(original)``, once: a second ``register()`` (a reloaded
+    package) finds it replaced and leaves it."""
+    original = getattr(owner, name)
+    if getattr(original, "_peft_qst_patch", False):
+        return
+    replacement = functools.wraps(original)(make_replacement(original))
+    replacement._peft_qst_patch = True
+    setattr(owner, name, replacement)
+
+
 def _restore_model_card_on_push() -> None:
     from huggingface_hub import ModelCard
     from peft import PeftModel
 
-    original = PeftModel._upload_modified_files
-    if getattr(original, "_restores_qst_card", False):
-        return
+    def make(original):
+        def _upload_modified_files(self, working_dir, *args, **kwargs):
+            card_path = os.path.join(working_dir, "README.md")
+            if _holds_qst_adapter(self) and os.path.isfile(card_path):
+                pushed_tags = list(ModelCard.load(card_path).data.tags or [])
+                self.create_or_update_model_card(working_dir)
+                card = ModelCard.load(card_path)
+                card.data.tags = sorted(set(card.data.tags or []) | set(pushed_tags))
+                card.save(card_path)
+                add_usage_section(working_dir, self.active_peft_config.base_model_name_or_path)
+            return original(self, working_dir, *args, **kwargs)
 
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
-        card_path = os.path.join(working_dir, "README.md")
-        if _holds_qst_adapter(self) and os.path.isfile(card_path):
-            pushed_tags = list(ModelCard.load(card_path).data.tags or [])
-            self.create_or_update_model_card(working_dir)
-            card = ModelCard.load(card_path)
-            card.data.tags = sorted(set(card.data.tags or []) | set(pushed_tags))
-            card.save(card_path)
-            add_usage_section(working_dir, self.active_peft_config.base_model_name_or_path)
-        return original(self, working_dir, *args, **kwargs)
+        return _upload_modified_files
 
-    _upload_modified_files._restores_qst_card = True
-    PeftModel._upload_modified_files = _upload_modified_files
+    _patch_once(PeftModel, "_upload_modified_files", make)
 
 
 def _read_qst_weights_safely() -> None:
     import peft.peft_model as peft_model_module
     from peft import PeftModel
 
-    original_load_adapter = PeftModel.load_adapter
-    if getattr(original_load_adapter, "_reads_qst_weights_safely", False):
-        return
-    original_load_weights = peft_model_module.load_peft_weights
+    def make_load_adapter(original):
+        def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+            token = _LOADING.set((self, adapter_name))
+            try:
+                return original(self, model_id, adapter_name, *args, **kwargs)
+            finally:
+                _LOADING.reset(token)
 
-    @functools.wraps(original_load_adapter)
-    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
-        token = _LOADING.set((self, adapter_name))
-        try:
-            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
-        finally:
-            _LOADING.reset(token)
+        return load_adapter
 
-    @functools.wraps(original_load_weights)
-    def load_peft_weights(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
-        loading = _LOADING.get()
-        config = loading[0].peft_config.get(loading[1]) if loading is not None else None
-        if getattr(config, "peft_type", None) != PEFT_TYPE:
-            return original_load_weights(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
-        tensors, saved_config = read_adapter_weights(model_id, device, dict(hf_hub_download_kwargs))
-        if key_mapping:
-            # PEFT's renaming, on a file now known to be safetensors, readable and as saved
-            tensors = original_load_weights(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
-        check_saved_adapter_fits(loading[0], loading[1], tensors, saved_config)
-        return tensors
+    def make_load_peft_weights(original):
+        def load_peft_weights(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
+            loading = _LOADING.get()
+            config = loading[0].peft_config.get(loading[1]) if loading is not None else None
+            if getattr(config, "peft_type", None) != PEFT_TYPE:
+                return original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+            tensors, saved_config = read_adapter_weights(model_id, device, dict(hf_hub_download_kwargs))
+            if key_mapping:
+                # PEFT's renaming, on a file now known to be safetensors, readable and as saved
+                tensors = original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+            check_saved_adapter_fits(loading[0], loading[1], tensors, saved_config)
+            return tensors
 
-    load_adapter._reads_qst_weights_safely = True
-    PeftModel.load_adapter = load_adapter
-    peft_model_module.load_peft_weights = load_peft_weights
+        return load_peft_weights
+
+    _patch_once(PeftModel, "load_adapter", make_load_adapter)
+    _patch_once(peft_model_module, "load_peft_weights", make_load_peft_weights)
 
 
 def _save_qst_weights_as_safetensors() -> None:
     from peft import PeftModel
 
-    original = PeftModel.save_pretrained
-    if getattr(original, "_saves_qst_as_safetensors", False):
-        return
+    def make(original):
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            # the base model as it is now: its token embeddings may have been resized since get_peft_model, and PEFT
+            # then saves the resized embeddings with the adapter, which fit only a base model resized the same way
+            for config in self.peft_config.values():
+                if getattr(config, "peft_type", None) == PEFT_TYPE and config.base_model_signature is not None:
+                    config.base_model_signature = model_signature(self.get_base_model())
+            args = list(args)
+            safe = args[0] if args else kwargs.get("safe_serialization", True)
+            if not safe and _holds_qst_adapter(self):
+                warnings.warn(
+                    "safe_serialization=False is ignored for QST adapters: they are saved as "
+                    "adapter_model.safetensors, because QST loads weights only from safetensors and never unpickles "
+                    "adapter_model.bin.",
+                    stacklevel=2,
+                )
+                if args:
+                    args[0] = True
+                else:
+                    kwargs["safe_serialization"] = True
+            return original(self, save_directory, *args, **kwargs)
 
-    @functools.wraps(original)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        # the base model as it is now: its token embeddings may have been resized since get_peft_model, and PEFT then
-        # saves the resized embeddings with the adapter, which fit only a base model resized the same way
-        for config in self.peft_config.values():
-            if getattr(config, "peft_type", None) == PEFT_TYPE and config.base_model_signature is not None:
-                config.base_model_signature = model_signature(self.get_base_model())
-        args = list(args)
-        safe = args[0] if args else kwargs.get("safe_serialization", True)
-        if not safe and _holds_qst_adapter(self):
-            warnings.warn(
-                "safe_serialization=False is ignored for QST adapters: they are saved as adapter_model.safetensors, "
-                "because QST loads weights only from safetensors and never unpickles adapter_model.bin.",
-                stacklevel=2,
-            )
-            if args:
-                args[0] = True
-            else:
-                kwargs["safe_serialization"] = True
-        return original(self, save_directory, *args, **kwargs)
+        return save_pretrained
 
-    save_pretrained._saves_qst_as_safetensors = True
-    PeftModel.save_pretrained = save_pretrained
+    _patch_once(PeftModel, "save_pretrained", make)
