@@ -11,8 +11,8 @@ attention is what transformers asks about.
 
 A caller who passes their own cache object (``generate(past_key_values=DynamicCache())``, transformers' multi-turn
 pattern) keeps that object, not the `QSTCache` generate got back, and passes it again for the next turn. The backbone
-half *is* that object, updated in place, so the `QSTCache` is recorded on it (:func:`remember_pairing`) and found
-again from it (:func:`paired_cache`).
+half *is* that object, updated in place, so the side halves are recorded on it (:func:`remember_pairing`) and paired
+with it again when it comes back (:func:`paired_cache`).
 """
 
 from __future__ import annotations
@@ -133,22 +133,27 @@ class QSTCache(Cache):
 
 
 
-#: the attribute of a backbone cache that holds the QSTCache pairing it with its side halves
-_PAIRING_ATTR = "_peft_qst_paired"
+#: the attribute of a backbone cache that holds its side halves: (side caches, copy memories) by adapter name
+_PAIRING_ATTR = "_peft_qst_side_halves"
 
 
 def remember_pairing(paired: QSTCache) -> None:
-    """Record ``paired`` on its backbone cache, so that the caller's own cache object leads back to it."""
+    """Record ``paired``'s side halves on its backbone cache, so that the caller's own cache object leads back to
+    them. The halves, not the `QSTCache`: that refers to the backbone cache, and a reference back would make a cycle
+    that keeps every generation's caches alive until the garbage collector runs."""
     backbone_vars = getattr(paired.backbone, "__dict__", None)
     if backbone_vars is not None:
-        backbone_vars[_PAIRING_ATTR] = paired
+        backbone_vars[_PAIRING_ATTR] = (paired.side, paired.memory)
 
 
 def paired_cache(cache):
-    """The `QSTCache` recorded on a plain, non-empty backbone cache by an earlier forward, else ``cache`` itself."""
+    """A `QSTCache` of a plain, non-empty backbone cache and the side halves an earlier forward recorded on it, else
+    ``cache`` itself."""
     if cache is None or isinstance(cache, QSTCache):
         return cache
-    paired = getattr(cache, "__dict__", {}).get(_PAIRING_ATTR)
-    if paired is not None and paired.backbone is cache and cache.get_seq_length() > 0:
-        return paired
-    return cache
+    halves = getattr(cache, "__dict__", {}).get(_PAIRING_ATTR)
+    if halves is None or cache.get_seq_length() == 0:
+        return cache
+    paired = QSTCache(cache, halves[0])
+    paired.memory.update(halves[1])
+    return paired

@@ -11,6 +11,7 @@ import copy
 import inspect
 import re
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Optional
 
 import torch
@@ -32,6 +33,10 @@ from .side import QSTUnsupportedModelError, find_layer_list, resolve_side_heads,
 
 #: attribute holding the side networks inside a QSTLayer; every saved key goes through it
 SIDE_ATTR = "qst_side"
+
+#: (PeftModel, adapter name, ignore_mismatched_sizes) while ``PeftModel.load_adapter`` runs (set by its wrapper in
+#: registration.py): the weights PEFT is about to read are for that adapter, loaded with those options
+loading_adapter: ContextVar = ContextVar("peft_qst_loading_adapter", default=None)
 
 #: the QSTConfig fields get_peft_model fills in for the model it binds the config to
 _BOUND_FIELDS = ("base_model_signature", "target_modules", "side_heads", "backbone_lora_layers")
@@ -576,7 +581,9 @@ class QSTModel(BaseTuner):
             )
         # the modules saved whole beside the side network (modules_to_save: a classification head): torch's own
         # size-mismatch error would not say that the head was built for another number of labels
-        heads = [
+        loading = loading_adapter.get()
+        ignore_mismatched = loading is not None and loading[2]  # PEFT then leaves such modules as they are, as for LoRA
+        heads = [] if ignore_mismatched else [
             (key, tuple(remapped[key].shape), tuple(model_state[key].shape))
             for key in sorted(set(remapped) - loaded)
             if key in model_state and tuple(remapped[key].shape) != tuple(model_state[key].shape)
@@ -615,7 +622,8 @@ def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: 
     for name, module in peft_model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
             name = name.removeprefix("_fsdp_wrapped_module.")
-            missing += [f"{name}.{key}" for key in module.adapter_state_dict_load_map(adapter_name) if f"{name}.{key}" not in tensors]
+            keys = (f"{name}.{key}" for key in module.adapter_state_dict_load_map(adapter_name))
+            missing += [key for key in keys if key not in tensors]
     if missing:
         raise QSTAdapterFileError(
             f"The checkpoint does not fit QST adapter {adapter_name!r} of this model: it lacks {len(missing)} weights "

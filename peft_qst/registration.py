@@ -25,15 +25,11 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from contextvars import ContextVar
 
 from .card import add_usage_section
 from .config import PEFT_TYPE, QSTConfig
-from .model import QSTModel, check_saved_adapter_fits, model_signature
+from .model import QSTModel, check_saved_adapter_fits, loading_adapter, model_signature
 from .serialization import read_adapter_weights
-
-# (PeftModel, adapter name) while PeftModel.load_adapter runs: the weights PEFT is about to read are for that adapter
-_LOADING: ContextVar = ContextVar("peft_qst_loading_adapter", default=None)
 
 
 def register() -> None:
@@ -90,17 +86,17 @@ def _read_qst_weights_safely() -> None:
 
     def make_load_adapter(original):
         def load_adapter(self, model_id, adapter_name, *args, **kwargs):
-            token = _LOADING.set((self, adapter_name))
+            token = loading_adapter.set((self, adapter_name, bool(kwargs.get("ignore_mismatched_sizes", False))))
             try:
                 return original(self, model_id, adapter_name, *args, **kwargs)
             finally:
-                _LOADING.reset(token)
+                loading_adapter.reset(token)
 
         return load_adapter
 
     def make_load_peft_weights(original):
         def load_peft_weights(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
-            loading = _LOADING.get()
+            loading = loading_adapter.get()
             config = loading[0].peft_config.get(loading[1]) if loading is not None else None
             if getattr(config, "peft_type", None) != PEFT_TYPE:
                 return original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)

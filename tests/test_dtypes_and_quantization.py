@@ -58,7 +58,8 @@ def test_a_float16_compute_dtype_gives_a_float32_side_network_that_fp16_mixed_pr
     """The QLoRA recipe for GPUs without bfloat16: bnb_4bit_compute_dtype=float16 and Trainer(fp16=True), whose
     gradient scaler refuses float16 gradients. The side network is float32 there (PEFT keeps LoRA in float32 too); the
     step below is the scaler's sequence as accelerate runs it, with the CPU scaler."""
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config(compute_dtype=torch.float16))
+    fp16_compute = bnb_config(compute_dtype=torch.float16)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=fp16_compute)
     model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
     params = [p for p in model.parameters() if p.requires_grad]
     assert {p.dtype for p in params} == {torch.float32}
@@ -75,7 +76,7 @@ def test_a_float16_compute_dtype_gives_a_float32_side_network_that_fp16_mixed_pr
     scaler.update()
     assert any(not torch.equal(p, b) for p, b in zip(params, before))
     explicit = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config(compute_dtype=torch.float16)),
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=fp16_compute),
         QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype="float16"),
     )
     assert {p.dtype for n, p in explicit.named_parameters() if ".qst_side." in n} == {torch.float16}

@@ -136,6 +136,34 @@ def test_the_callers_own_cache_continues_across_generate_calls(model):
     assert torch.equal(second, generate(model, history, max_new_tokens=6))
 
 
+def test_a_generations_caches_are_freed_when_it_returns(model):
+    """The side halves recorded on the backbone cache (for the caller's own cache object) must not refer back to it:
+    a cycle would keep every generation's KV tensors alive until the garbage collector runs."""
+    import gc
+    import weakref
+
+    from transformers import DynamicCache
+
+    caches = []
+    original = DynamicCache.__init__
+
+    def tracked(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        caches.append(weakref.ref(self))
+
+    DynamicCache.__init__ = tracked
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            generate(model, torch.tensor([PROMPTS[0]]), max_new_tokens=4)
+        alive = sum(ref() is not None for ref in caches)
+    finally:
+        gc.enable()
+        DynamicCache.__init__ = original
+    assert caches and alive == 0
+
+
 def test_several_threads_generate_at_once(model):
     """A server may run generate on one model from several Python threads; each forward's captured hidden states
     and side inputs are its own."""

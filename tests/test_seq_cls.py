@@ -105,6 +105,13 @@ def test_a_head_for_another_number_of_labels_is_refused_with_the_fix(tmp_path, c
         PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(classifier_dir), str(tmp_path))
     with pytest.raises(QSTAdapterFileError, match=f"num_labels={NUM_LABELS}"):
         AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path))
+    # asked for, as with LoRA: the side network loads and the head of the other size stays as it is
+    other = AutoModelForSequenceClassification.from_pretrained(classifier_dir, num_labels=5)
+    head = other.score.weight.detach().clone()
+    loaded = PeftModel.from_pretrained(other, str(tmp_path), ignore_mismatched_sizes=True)
+    saved = {k: v for k, v in model.state_dict().items() if ".qst_side." in k}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
+    assert torch.equal(loaded.base_model.model.score.modules_to_save["default"].weight, head)
 
 
 def test_seq_cls_on_a_4bit_backbone(tmp_path, classifier_dir):
