@@ -60,7 +60,14 @@ def parse_args():
     parser.add_argument("--eval-size", type=int, default=200, help="held-out examples (default: 200)")
     parser.add_argument("--output-dir", default="outputs/qst-smollm2-classify", help="where to save the adapter")
     parser.add_argument("--seed", type=int, default=42, help="seed of the data, the initialisation and the order")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if min(args.max_steps, args.batch_size, args.eval_size) < 1:
+        parser.error("--max-steps, --batch-size and --eval-size must be at least 1")
+    try:  # fail now, not at the save after training
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as err:
+        parser.error(f"cannot write to --output-dir {args.output_dir}: {err}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -141,7 +148,10 @@ def main():
         r=args.r,
         side_dtype="float32",  # fp32 side network: trains its norms and gates, and is faster on a CPU (see README)
     )
-    model = get_peft_model(model, peft_config)
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as err:  # e.g. an --r that does not fit the model: the message lists the values that do
+        raise SystemExit(f"error: {err}") from None
     model.print_trainable_parameters()
     print(f"modules_to_save: {sorted(model.peft_config['default'].modules_to_save)}")
 

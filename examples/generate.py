@@ -3,8 +3,8 @@
     .venv/bin/python examples/generate.py --adapter outputs/qst-smollm2-quickstart            # interactive chat
     .venv/bin/python examples/generate.py --adapter outputs/qst-smollm2-quickstart --prompt "..."   # one answer
 
-The base model is the one recorded in the adapter (``base_model_name_or_path`` in ``adapter_config.json``); pass
-``--base`` to point elsewhere. ``import peft_qst`` must come before ``PeftModel.from_pretrained``: it registers QST with
+The base model is the one recorded in the adapter (``base_model_name_or_path`` in ``adapter_config.json``) when that
+is a folder here, else the embedded SmolLM2-135M-Instruct; pass ``--base`` to point elsewhere. ``import peft_qst`` must come before ``PeftModel.from_pretrained``: it registers QST with
 PEFT. Generation runs the frozen 4-bit backbone and the side network together, each with its own KV cache.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import torch
@@ -21,21 +22,34 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 import peft_qst  # noqa: F401  (registers QST with PEFT)
 
 
+DEFAULT_ADAPTER = "outputs/qst-smollm2-quickstart"
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", default="outputs/qst-smollm2-quickstart", help="folder of a saved QST adapter")
+    parser.add_argument("--adapter", default=DEFAULT_ADAPTER, help="folder of a saved QST adapter")
     parser.add_argument("--base", default=None, help="base model folder or Hub id (default: the adapter's own)")
     parser.add_argument("--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
     parser.add_argument("--no-adapter", action="store_true", help="answer with the base model (adapter disabled)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if os.path.exists(args.adapter) and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        parser.error(f"--adapter {args.adapter} holds no adapter_config.json: it is not a saved adapter")
+    hub_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", args.adapter) and args.adapter != DEFAULT_ADAPTER
+    if not os.path.exists(args.adapter) and not hub_id and not args.no_adapter:
+        parser.error(f"no adapter at --adapter {args.adapter}: run examples/quickstart.py first, or pass the folder "
+                     "(or Hub id) of a saved QST adapter")
+    return args
 
 
-def load(adapter: str, base: str | None):
-    config = PeftConfig.from_pretrained(adapter)
+def load(adapter: str | None, base: str | None):
+    """The tokenizer and the 4-bit base model with the adapter (without one when ``adapter`` is None)."""
+    config = PeftConfig.from_pretrained(adapter) if adapter is not None else None
     if base is None:  # --base given: used as given (a folder or a Hub id), so that a typo fails loudly
-        recorded = config.base_model_name_or_path
+        recorded = config.base_model_name_or_path if config is not None else None
         if recorded and os.path.exists(recorded):
             base = recorded
         else:
@@ -43,8 +57,9 @@ def load(adapter: str, base: str | None):
             from peft_qst.smollm2 import smollm2_path
 
             base = smollm2_path()
-            print(f"the adapter's base model {recorded!r} is not a folder here; using the embedded SmolLM2-135M-Instruct "
-                  f"({base}); pass --base to choose another", file=sys.stderr)
+            if config is not None:
+                print(f"the adapter's base model {recorded!r} is not a folder here; using the embedded "
+                      f"SmolLM2-135M-Instruct ({base}); pass --base to choose another", file=sys.stderr)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -53,8 +68,9 @@ def load(adapter: str, base: str | None):
     )
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization)
-    model = PeftModel.from_pretrained(model, adapter).eval()
-    return tokenizer, model
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    return tokenizer, model.eval()
 
 
 def answer(tokenizer, model, history: list[dict], args) -> str:
@@ -62,7 +78,7 @@ def answer(tokenizer, model, history: list[dict], args) -> str:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = dict(do_sample=True, temperature=0.7, top_p=0.9) if args.sample else dict(do_sample=False)
     with torch.no_grad():
-        if args.no_adapter:
+        if args.no_adapter and isinstance(model, PeftModel):
             with model.disable_adapter():
                 output = model.generate(**inputs, streamer=streamer, max_new_tokens=args.max_new_tokens, **sampling)
         else:
@@ -72,7 +88,12 @@ def answer(tokenizer, model, history: list[dict], args) -> str:
 
 def main():
     args = parse_args()
-    tokenizer, model = load(args.adapter, args.base)
+    # --no-adapter without a saved adapter: the base model alone
+    adapter = None if args.no_adapter and not os.path.exists(args.adapter) else args.adapter
+    try:
+        tokenizer, model = load(adapter, args.base)
+    except ValueError as err:  # an adapter of another base model, a corrupt file: the message says what to do
+        sys.exit(f"error: {err}")
     if args.prompt is not None:
         answer(tokenizer, model, [{"role": "user", "content": args.prompt}], args)
         return

@@ -4,7 +4,7 @@ What it does, step by step:
 
 1. loads SmolLM2-135M-Instruct in 4-bit NF4 with bitsandbytes (the embedded copy: no Hugging Face Hub access needed);
 2. wraps it with ``get_peft_model(model, QSTConfig(...))``: the 4-bit backbone is frozen and runs without gradients,
-   and only a small side network (about 0.5% of the parameters) is trained;
+   and only a small side network (about 0.6% of the parameters) is trained;
 3. builds a small instruction data set in code (seeded, no downloads): classify a short product review as
    ``Sentiment: positive``, ``Sentiment: negative`` or ``Sentiment: mixed``. Examples are rendered with the tokenizer's
    chat template and the loss is computed on the assistant's answer only. The held-out reviews use adjectives that
@@ -65,7 +65,19 @@ def parse_args():
     parser.add_argument("--r", type=int, default=16, help="QST reduction factor of the side network (default: 16)")
     parser.add_argument("--output-dir", default="outputs/qst-smollm2-quickstart", help="where to save the adapter")
     parser.add_argument("--seed", type=int, default=42, help="seed of the data, the side network's init and the order")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.steps < 1 or args.batch_size < 1:
+        parser.error(f"--steps and --batch-size must be at least 1, got {args.steps} and {args.batch_size}")
+    check_writable(parser, args.output_dir)
+    return args
+
+
+def check_writable(parser, folder: str) -> None:
+    """Fail before minutes of training, not at the save after them."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        parser.error(f"cannot write to --output-dir {folder}: {err}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -215,7 +227,10 @@ def main():
         # default.
         side_dtype="float32",
     )
-    model = get_peft_model(model, peft_config)
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as err:  # e.g. an --r that does not fit the model: the message lists the values that do
+        raise SystemExit(f"error: {err}") from None
     model.print_trainable_parameters()
 
     # --- data -------------------------------------------------------------------------------------------------------

@@ -48,7 +48,15 @@ def parse_args():
     parser.add_argument("--max-steps", type=int, default=60, help="optimizer steps (default: 60)")
     parser.add_argument("--output-dir", default=None, help="where TRL writes (default: outputs/sft-trl-{qst,lora})")
     parser.add_argument("--seed", type=int, default=42, help="seed of the data, the adapter's init and the order")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.max_steps < 1:
+        parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
+    args.output_dir = args.output_dir or f"outputs/sft-trl-{'lora' if args.lora else 'qst'}"
+    try:  # fail now, not at the save after training
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as err:
+        parser.error(f"cannot write to --output-dir {args.output_dir}: {err}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -98,7 +106,7 @@ def make_datasets(seed: int, n_train: int = 1000, n_eval: int = 32) -> tuple[Dat
 def main():
     args = parse_args()
     set_seed(args.seed)
-    output_dir = args.output_dir or f"outputs/sft-trl-{'lora' if args.lora else 'qst'}"
+    output_dir = args.output_dir
     train_dataset, eval_dataset = make_datasets(args.seed)
 
     model_path = smollm2_path()  # a local SmolLM2-135M-Instruct checkpoint (no Hub access needed)

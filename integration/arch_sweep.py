@@ -44,6 +44,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from peft_qst import QSTConfig, QSTUnsupportedModelError  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # integration/: measure.py
+from measure import check_output_path  # noqa: E402
+
 TIMEOUT_S = 120
 VOCAB = 128
 SEED = 0
@@ -432,6 +435,11 @@ def main() -> None:
     parser.add_argument("--output", help="write the JSON report here")
     parser.add_argument("types", nargs="*", help="model types (<type>+dec: with is_decoder=True); default: all")
     args = parser.parse_args()
+    unknown = sorted(set(args.types) - set(all_types()))
+    if unknown:
+        parser.error(f"unknown model types {unknown}: give MODEL_FOR_CAUSAL_LM_MAPPING types (<type>+dec for the "
+                     "BERT-style ones with is_decoder=True)")
+    check_output_path(parser, args.output)
     transformers.logging.set_verbosity_error()
     records = []
     for variant in args.types or all_types():

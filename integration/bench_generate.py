@@ -35,7 +35,7 @@ from peft_qst.fast_path import fast_path_disabled
 from peft_qst.smollm2 import smollm2_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # integration/: measure.py
-from measure import build_random_model  # noqa: E402
+from measure import build_random_model, check_output_path  # noqa: E402
 
 #: SmolLM2-1.7B's shape (hidden 2048, 24 layers, 32 heads, FFN 8192, SmolLM2's vocabulary and tokenizer), built with
 #: random weights: generation speed does not depend on the weights' values
@@ -91,6 +91,9 @@ def main():
                              "shape (built in a temporary folder, about 3.4 GB)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if min(args.new_tokens, args.repeats, *args.batch_sizes) < 1:
+        parser.error("--new-tokens, --repeats and every --batch-sizes value must be at least 1")
+    check_output_path(parser, args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -89,7 +89,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from measure import build_random_model, cpu_model, peak_rss_mb, reset_peak_rss, status_kb
+from measure import build_random_model, check_output_path, cpu_model, peak_rss_mb, reset_peak_rss, status_kb
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("qst", "qlora", "lora", "floor")
@@ -629,6 +629,9 @@ def parse_args(argv=None):
         parse_method(spec)
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be at least 1")
+    if min(args.steps, args.batch, args.seq, args.rounds) < 1 or args.warmup < 0:
+        parser.error("--steps, --batch, --seq and --rounds must be at least 1, --warmup at least 0")
+    check_output_path(parser, args.output)
     return args
 
 

@@ -1,10 +1,24 @@
 """Helpers shared by the benchmarks and the quality harness: RSS from ``/proc/self/status``, its high-water mark and
-how to reset it, the CPU model for the tables, and randomly initialised checkpoints of a given shape (speed and
-memory do not depend on the weights' values)."""
+how to reset it, the CPU model for the tables, randomly initialised checkpoints of a given shape (speed and
+memory do not depend on the weights' values), and the check of an ``--output`` path before a long run."""
 
 from __future__ import annotations
 
+import os
 import platform
+
+
+def check_output_path(parser, path) -> None:
+    """``parser.error`` now for an ``--output`` that cannot be written, not after the minutes of the run."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        parser.error(f"cannot write --output {path}: {err}")
+    if not os.access(folder, os.W_OK):
+        parser.error(f"cannot write --output {path}: {folder} is not writable")
 
 
 def status_kb(field: str) -> int | None:

@@ -71,3 +71,28 @@ def test_generate_uses_the_base_model_it_is_given(tmp_path, monkeypatch, tiny_mo
         with pytest.raises(Stop):
             example.load(str(tmp_path / "adapter"), base)
         assert asked[-1] == expected
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["examples/quickstart.py", "--steps", "-3"], "--steps and --batch-size must be at least 1"),
+        (["examples/quickstart.py", "--output-dir", "/proc/no-such-dir/adapter"], "cannot write to --output-dir"),
+        (["examples/sft_trl.py", "--max-steps", "0"], "--max-steps must be at least 1"),
+        (["examples/classify.py", "--batch-size", "0"], "must be at least 1"),
+        (["examples/generate.py", "--adapter", "/no/such/adapter"], "no adapter at --adapter /no/such/adapter"),
+        (["examples/generate.py", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["integration/quality/harness.py", "qst:foo=1"], "qst takes no option 'foo'"),
+        (["integration/bench_generate.py", "--repeats", "0"], "must be at least 1"),
+        (["integration/bench_train.py", "--output", "/proc/no-such-dir/out.json"], "cannot write --output"),
+        (["integration/arch_sweep.py", "nosuchtype"], "unknown model types"),
+    ],
+    ids=["quickstart-steps", "quickstart-output", "sft-steps", "classify-batch", "generate-adapter",
+         "generate-tokens", "harness-spec", "bench-generate-repeats", "bench-train-output", "sweep-type"],
+)
+def test_bad_arguments_are_refused_before_any_work(args, message):
+    """A usage error (exit status 2, one line naming the argument) before the model loads, not a traceback after
+    minutes of training."""
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr

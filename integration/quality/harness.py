@@ -84,7 +84,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # integration/: measure.py
 
-from measure import cpu_model, peak_rss_mb, reset_peak_rss, status_kb  # noqa: E402
+from measure import check_output_path, cpu_model, peak_rss_mb, reset_peak_rss, status_kb  # noqa: E402
 
 METHODS = ("base", "qlora", "topk-lora", "qst")
 COMMON_KEYS = ("lr", "warmup", "label", "time_s")
@@ -762,7 +762,11 @@ def parse_args(argv=None):
     if args.batch_size < 1 or args.train_size < args.batch_size:
         parser.error(f"--train-size ({args.train_size}) must hold at least one batch (--batch-size {args.batch_size})")
     for spec in [args.run_one] if args.run_one else args.specs:
-        parse_spec(spec)  # fail on a bad spec before anything runs
+        try:
+            parse_spec(spec)  # fail on a bad spec before anything runs
+        except ValueError as err:
+            parser.error(str(err))
+    check_output_path(parser, args.output)
     return args
 
 
