@@ -123,6 +123,9 @@ class QSTConfig(PeftConfig):
             (``model.get_decoder()``); set it only for a model where that fails.
         modules_to_save (`list[str]`, *optional*): Modules besides the side network to train and save, e.g. a
             classification head (set automatically for ``task_type="SEQ_CLS"``).
+        trainable_token_indices (`list[int]` or `dict`, *optional*): LoRA's option for training the embeddings of
+            some tokens, which TRL sets when its chat-template cloning adds tokens. Ignored with a warning: the token
+            embeddings lie inside the decoder trunk, which runs frozen; added tokens keep their initial embeddings.
         base_model_signature (`dict`, *optional*): Filled in by `get_peft_model`: the model type, hidden size,
             number of layers, attention and key/value heads, head dimension, FFN width and vocabulary size of the
             model the adapter was built for. Loading refuses a model that differs in any of them.
@@ -170,6 +173,13 @@ class QSTConfig(PeftConfig):
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules to train and save, e.g. a classification head."}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={
+            "help": "LoRA's option for training the embeddings of some tokens (TRL sets it when it adds chat tokens); "
+            "ignored with a warning: the embeddings lie in the frozen trunk."
+        },
     )
     base_model_signature: Optional[dict] = field(
         default=None, metadata={"help": "Set by get_peft_model: the base model this adapter fits."}

@@ -45,6 +45,15 @@ _BACKBONE_ONLY_KWARGS = (
 )
 
 
+#: transformers' continuous batching (``generate_batch``, TRL's ``use_transformers_continuous_batching``) runs the model
+#: on a paged cache of the backbone's attention layout, and a side network has no paged cache of its own
+CONTINUOUS_BATCHING_REFUSAL = (
+    "QST does not support transformers' continuous batching (generate_batch, or TRL's "
+    "use_transformers_continuous_batching=True): its paged KV cache holds the backbone's attention layers only, and the "
+    "side network keeps a cache of its own. Use generate() (TRL: leave use_transformers_continuous_batching off)."
+)
+
+
 def _non_reentrant(checkpoint: Callable) -> bool:
     """Whether a block's checkpoint function is PyTorch's non-reentrant checkpoint, as transformers'
     ``gradient_checkpointing_enable()`` builds it (``functools.partial(checkpoint, use_reentrant=False)``, its default
@@ -367,6 +376,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
     def forward(self, *args, **kwargs):
         kwargs = self._as_kwargs(args, kwargs)
         cache = paired_cache(self._pop_cache(kwargs))
+        if type(cache).__name__ == "PagedAttentionCache":  # not a transformers Cache; not imported to check
+            raise QSTUnsupportedModelError(CONTINUOUS_BATCHING_REFUSAL)
         row_adapters = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             return self._forward_base(cache, kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Optional
@@ -25,7 +26,7 @@ from torch import nn
 from .backbone_lora import resolve_backbone_lora_layers
 from .bnb_compat import keep_4bit_weights_through_state_dict
 from .config import AUTO, QSTConfig
-from .layer import QSTLayer
+from .layer import CONTINUOUS_BATCHING_REFUSAL, QSTLayer
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loss import install_chunked_loss, uninstall_chunked_loss
 from .serialization import QSTAdapterFileError
@@ -292,6 +293,16 @@ class QSTModel(BaseTuner):
 
     def _bind_config_to_model(self, config: QSTConfig, model: nn.Module) -> None:
         """Check, before anything changes, that this config can side-tune this model; fill in what it records."""
+        if config.trainable_token_indices:
+            # TRL sets it when its chat-template cloning added tokens (SFTTrainer/RewardTrainer chat_template_path)
+            warnings.warn(
+                f"QSTConfig.trainable_token_indices={config.trainable_token_indices!r} is ignored: the token "
+                "embeddings lie inside the decoder trunk, which QST runs frozen under no_grad, so they cannot train. "
+                "Added tokens keep the embeddings they were given when the vocabulary was resized; the side network "
+                "still reads them. To let the model generate them, add 'lm_head' to modules_to_save.",
+                stacklevel=2,
+            )
+            config.trainable_token_indices = None
         model_config = getattr(model, "config", None)
         model_type = getattr(model_config, "model_type", type(model).__name__)
         if model_config is None:
@@ -525,6 +536,11 @@ class QSTModel(BaseTuner):
                 for parameter in layer.qst_side[adapter_name].parameters():
                     if parameter.is_floating_point() and parameter.dtype != dtype and parameter.device.type != "meta":
                         parameter.data = parameter.data.to(dtype)
+
+    def generate_batch(self, *args, **kwargs):
+        raise QSTUnsupportedModelError(CONTINUOUS_BATCHING_REFUSAL)
+
+    init_continuous_batching = continuous_batching_context_manager = generate_batch
 
     def _check_merge_allowed(self):
         raise ValueError(

@@ -233,3 +233,14 @@ def test_lora_settings_left_in_the_config_are_refused_with_what_they_mean_for_qs
     modules_to_save along: the error says what the field means for QST."""
     with pytest.raises(ValueError, match=fragment):
         get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4, **kwargs))
+
+
+def test_trainable_token_indices_are_ignored_with_a_warning():
+    """TRL sets trainable_token_indices on the PEFT config when its chat-template cloning adds tokens; those
+    embeddings lie in the frozen trunk, so QST trains the side network (and modules_to_save) and says so."""
+    config = QSTConfig(task_type="CAUSAL_LM", r=4, trainable_token_indices={"embed_tokens": [3, 4]})
+    with pytest.warns(UserWarning, match="trainable_token_indices.*is ignored"):
+        model = get_peft_model(tiny_causal_lm(), config)
+    assert model.peft_config["default"].trainable_token_indices is None
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".qst_side." in n for n in trainable)

@@ -207,6 +207,15 @@ def test_token_type_ids_go_to_the_backbone(tiny_model_dir):
     assert model.generate(input_ids=ids, token_type_ids=types, max_new_tokens=3, do_sample=False).shape == (1, 13)
 
 
+def test_continuous_batching_is_refused_clearly(model):
+    """transformers' generate_batch (TRL's use_transformers_continuous_batching) runs a paged cache of the backbone's
+    layers only; it would swallow a failure deep in the forward and return empty completions."""
+    from peft_qst import QSTUnsupportedModelError
+
+    with pytest.raises(QSTUnsupportedModelError, match="continuous batching"):
+        model.generate_batch(inputs=[PROMPTS[0]], max_new_tokens=4)
+
+
 def test_a_plain_filled_cache_is_refused(model):
     ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad(), model.disable_adapter():
