@@ -4,8 +4,9 @@
     .venv/bin/python examples/generate.py --adapter outputs/qst-smollm2-quickstart --prompt "..."   # one answer
 
 The base model is the one recorded in the adapter (``base_model_name_or_path`` in ``adapter_config.json``) when that
-is a folder here, else the embedded SmolLM2-135M-Instruct; pass ``--base`` to point elsewhere. ``import peft_qst`` must come before ``PeftModel.from_pretrained``: it registers QST with
-PEFT. Generation runs the frozen 4-bit backbone and the side network together, each with its own KV cache.
+is a folder here, else the embedded SmolLM2-135M-Instruct; pass ``--base`` to point elsewhere. ``import peft_qst``
+must come before ``PeftModel.from_pretrained``: it registers QST with PEFT. Generation runs the frozen 4-bit
+backbone and the side network together, each with its own KV cache.
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ _BACKBONE_ONLY_KWARGS = (
 #: on a paged cache of the backbone's attention layout, and a side network has no paged cache of its own
 CONTINUOUS_BATCHING_REFUSAL = (
     "QST does not support transformers' continuous batching (generate_batch, or TRL's "
-    "use_transformers_continuous_batching=True): its paged KV cache holds the backbone's attention layers only, and the "
-    "side network keeps a cache of its own. Use generate() (TRL: leave use_transformers_continuous_batching off)."
+    "use_transformers_continuous_batching=True): its paged KV cache holds the backbone's attention layers only, and "
+    "the side network keeps a cache of its own. Use generate() (TRL: leave use_transformers_continuous_batching off)."
 )
 
 
