@@ -172,8 +172,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         had been there when it was: transformers sets the flag and function on every module that has the flag (the
         trunk, which then runs without a cache, and its blocks), and side block i follows backbone block i (which
         ``every_n_layers`` may have left out)."""
-        flagged = [m for m in self.base_layer.modules() if getattr(m, "gradient_checkpointing", False)]
-        function = vars(flagged[0]).get("_gradient_checkpointing_func") if flagged else None
+        flagged = next((m for m in self.base_layer.modules() if getattr(m, "gradient_checkpointing", False)), None)
+        function = vars(flagged).get("_gradient_checkpointing_func") if flagged is not None else None
         if function is None:
             return
         parent, attr = find_layer_list(self.base_layer, len(side._blocks))

@@ -29,13 +29,13 @@ class QSTAdapterFileError(ValueError):
     """An adapter folder whose weights are missing, corrupt, or stored in a format QST refuses to read."""
 
 
-def _tensor_digest(tensor: torch.Tensor) -> hashlib.sha256:
+def _tensor_digest(tensor: torch.Tensor) -> str:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     h = hashlib.sha256()
     h.update(f"{flat.dtype}|{tuple(tensor.shape)}|".encode())
     h.update(data)
-    return h
+    return h.hexdigest()
 
 
 def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -45,7 +45,7 @@ def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name]
         if isinstance(tensor, torch.Tensor):
-            total.update(f"{name}|{_tensor_digest(tensor).hexdigest()}\n".encode())
+            total.update(f"{name}|{_tensor_digest(tensor)}\n".encode())
     return total.hexdigest()
 
 
@@ -53,7 +53,7 @@ def _unnamed_weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """The digest adapters saved before :func:`weights_digest` named the tensors recorded: the sorted per-tensor
     hashes without names. Accepted for those files only; it cannot tell two same-shaped tensors swapped."""
     total = hashlib.sha256()
-    for item in sorted(_tensor_digest(t).hexdigest() for t in tensors.values() if isinstance(t, torch.Tensor)):
+    for item in sorted(_tensor_digest(t) for t in tensors.values() if isinstance(t, torch.Tensor)):
         total.update(item.encode())
     return total.hexdigest()
 
