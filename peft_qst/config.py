@@ -14,7 +14,39 @@ from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 
-PEFT_TYPE = "QST"
+
+
+class QSTPeftType(str):
+    """The ``peft_type`` of QST adapters: the string ``"QST"`` that behaves like a member of PEFT's `PeftType` enum.
+
+    `PeftType` is a closed ``str`` enum, so an out-of-tree method cannot add a member; a plain string works as a key of
+    PEFT's lookup tables and compares equal to ``"QST"`` read back from ``adapter_config.json``. PEFT, transformers
+    and TRL also read ``peft_type.value`` (error messages, transformers' adapter loading, hotswapping) and parse
+    ``str(peft_type)`` as ``"PeftType.NAME"`` (``get_model_status``, TRL's teacher sync); a bare string broke both
+    (``'str' object has no attribute 'value'``; ``peft_types={'default': ''}``). It is written to JSON as ``"QST"``.
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        return f"PeftType.{self.value}"
+
+    def __repr__(self) -> str:
+        return f"<PeftType.{self.value}: {self.value!r}>"
+
+    def __reduce__(self):
+        return (QSTPeftType, (self.value,))
+
+
+PEFT_TYPE = QSTPeftType("QST")
 
 DOWNSAMPLE_KINDS = ("adapter", "linear", "lora", "maxpool", "avgpool")
 SIDE_DTYPES = ("float32", "bfloat16", "float16")

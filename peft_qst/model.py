@@ -619,6 +619,33 @@ class QSTModel(BaseTuner):
         return remapped
 
 
+def remove_injected_adapters(model: nn.Module, model_tags: Optional[list] = None) -> None:
+    """Undo ``peft.inject_adapter_in_model`` of QST on a model no PeftModel wraps (transformers' own adapter loading,
+    which has no working ``delete_adapter`` with this PEFT): the trunk and any module saved whole go back in place of
+    their wrappers, QST's hooks and loss come off, and the model forgets the adapter configs. ``model_tags``: the
+    tags the model had before, put back (injection adds QST's)."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QSTLayer):
+            original = module.get_base_layer()
+            module.remove_hooks()
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            original = module.original_module
+        else:
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, original)
+    uninstall_chunked_loss(model)
+    uninstall_lm_head_hooks(model)
+    if "peft_config" in model.__dict__:
+        del model.peft_config
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = False
+    if hasattr(model, "model_tags"):
+        model.model_tags = model_tags
+
+
 def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: dict, saved_config: dict) -> None:
     """Before PEFT touches the model: the file read for ``adapter_name`` holds every module saved whole with the
     adapter (``modules_to_save``; PEFT would fail on the first one missing with a bare KeyError), and an

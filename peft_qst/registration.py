@@ -28,8 +28,11 @@ import warnings
 
 from .card import add_usage_section
 from .config import PEFT_TYPE, QSTConfig
-from .model import QSTModel, check_saved_adapter_fits, loading_adapter, model_signature
-from .serialization import read_adapter_weights
+from .model import QSTModel, check_saved_adapter_fits, loading_adapter, model_signature, remove_injected_adapters
+from .serialization import QSTAdapterFileError, read_adapter_weights
+
+#: the download arguments of transformers' loaders that ``hf_hub_download`` (and so the QST reader) takes too
+_HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
 
 def register() -> None:
@@ -41,6 +44,7 @@ def register() -> None:
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = QSTModel.prefix
     _restore_model_card_on_push()
     _read_qst_weights_safely()
+    _read_qst_weights_safely_in_transformers()
     _save_qst_weights_as_safetensors()
 
 
@@ -111,6 +115,88 @@ def _read_qst_weights_safely() -> None:
 
     _patch_once(PeftModel, "load_adapter", make_load_adapter)
     _patch_once(peft_model_module, "load_peft_weights", make_load_peft_weights)
+
+
+def _transformers_hub_kwargs(kwargs: dict) -> dict:
+    """The download arguments transformers' ``load_adapter`` was given, wherever they came in: its ``load_config``
+    (``from_pretrained`` passes its own), ``adapter_kwargs``, ``local_files_only`` and plain keyword arguments."""
+    hub_kwargs = {}
+    load_config = kwargs.get("load_config")
+    if load_config is not None:
+        hub_kwargs.update(getattr(load_config, "download_kwargs", None) or {})
+    hub_kwargs.update(kwargs.get("adapter_kwargs") or {})
+    hub_kwargs.update({name: value for name, value in kwargs.items() if name in _HUB_ARGUMENTS})
+    if kwargs.get("local_files_only"):
+        hub_kwargs["local_files_only"] = True
+    return {name: value for name, value in hub_kwargs.items() if name in _HUB_ARGUMENTS and value is not None}
+
+
+def _saved_qst_config(model_id, hub_kwargs: dict):
+    """The QSTConfig saved at ``model_id``, or None when the adapter there is not QST or its config cannot be read
+    (transformers' own loader then runs and reports whatever is wrong). A QST adapter whose weights QST refuses to
+    read (pickled only, unreadable) is refused here."""
+    from peft import PeftConfig
+
+    try:
+        peft_type = PeftConfig._get_peft_type(model_id, **hub_kwargs)
+    except Exception:  # noqa: BLE001 - no readable adapter_config.json: transformers' loader decides
+        return None
+    if peft_type != PEFT_TYPE:
+        return None
+    return QSTConfig.from_pretrained(model_id, **hub_kwargs)
+
+
+def _read_qst_weights_safely_in_transformers() -> None:
+    """transformers loads PEFT adapters itself: ``AutoModelForCausalLM.from_pretrained(adapter_folder)``,
+    and ``model.load_adapter(adapter_folder)`` inject the adapter with PEFT and read its weights with transformers'
+    own loader. That loader falls back to ``adapter_model.bin`` (unpickled),
+    knows nothing of the digest recorded in ``adapter_config.json``, and starts a weight missing from the file at
+    its fresh initialisation with a log line. For QST adapters the weights are read by
+    `serialization.read_adapter_weights` instead and handed to transformers as ``adapter_state_dict``; a load that
+    leaves any adapter weight missing, unexpected or of another shape is undone and refused. A second adapter on the
+    same model is refused: transformers' ``set_adapter`` and ``delete_adapter`` need a newer PEFT than this one."""
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    def make(original):
+        def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None,
+                         *args, **kwargs):
+            if adapter_state_dict is None and peft_model_id is not None:
+                hub_kwargs = _transformers_hub_kwargs(kwargs)
+                config = peft_config if peft_config is not None else _saved_qst_config(peft_model_id, hub_kwargs)
+                if getattr(config, "peft_type", None) == PEFT_TYPE:
+                    peft_config = config
+                    adapter_state_dict, _ = read_adapter_weights(peft_model_id, None, hub_kwargs)
+            if getattr(peft_config, "peft_type", None) != PEFT_TYPE:
+                return original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, *args, **kwargs)
+            if getattr(self, "peft_config", None):
+                raise ValueError(
+                    f"This model already holds the adapter(s) {sorted(self.peft_config)}; transformers' own adapter "
+                    "loading takes one QST adapter per model (with this PEFT version, transformers cannot switch "
+                    "between adapters). To hold several QST adapters, load them with PEFT: "
+                    "model = PeftModel.from_pretrained(base_model, first_folder), then "
+                    "model.load_adapter(second_folder, adapter_name=...) and model.set_adapter(...)."
+                )
+            model_tags = list(self.model_tags) if getattr(self, "model_tags", None) is not None else None
+            info = original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, *args, **kwargs)
+            problems = {
+                "missing from the file": sorted(info.missing_keys),
+                "not in this model": sorted(info.unexpected_keys),
+                "of another shape": sorted(str(key[0]) if isinstance(key, tuple) else key for key in info.mismatched_keys),
+            }
+            problems = {what: keys for what, keys in problems.items() if keys}
+            if problems:
+                remove_injected_adapters(self, model_tags)
+                found = "; ".join(f"{len(keys)} {what}, e.g. {keys[:3]}" for what, keys in problems.items())
+                raise QSTAdapterFileError(
+                    f"The QST adapter at {peft_model_id!r} does not fit this model: of its weights, {found}. It was "
+                    "saved with another configuration or is damaged; it was removed again, so the model is as it "
+                    "was before load_adapter."
+                )
+            return info
+
+        return load_adapter
+
+    _patch_once(PeftAdapterMixin, "load_adapter", make)
 
 
 def _save_qst_weights_as_safetensors() -> None:

@@ -447,7 +447,7 @@ def test_import_twice_is_harmless_and_loading_needs_the_import(tmp_path, trained
             import importlib, peft_qst
             peft_qst.register(); importlib.reload(peft_qst)
             config = PeftConfig.from_pretrained({str(tmp_path)!r})
-            print(type(config).__name__, config.peft_type, config.r)
+            print(type(config).__name__, config.peft_type.value, config.r)
             """
         )
     )

@@ -1,0 +1,154 @@
+"""transformers' own adapter loading: ``AutoModelForCausalLM.from_pretrained(adapter_folder)`` and
+``model.load_adapter(adapter_folder)`` inject the adapter with PEFT and read its weights with transformers' loader.
+A QST adapter loads there as through PEFT (same logits, same generation) with the same refusals; and the ``peft_type``
+that PEFT, transformers and TRL read as an enum member (``.value``, ``"PeftType.NAME"``) behaves like one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from peft_qst import QSTAdapterFileError, QSTConfig
+
+from .conftest import train_steps
+
+IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+@pytest.fixture
+def saved_adapter(tmp_path, tiny_model_dir):
+    """A trained QST adapter saved to disk, and the PeftModel it was saved from (eval mode)."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    train_steps(model, IDS)
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    return folder, model.eval()
+
+
+@pytest.mark.parametrize("how", ["AutoModelForCausalLM.from_pretrained", "load_adapter"])
+def test_transformers_loads_a_qst_adapter_as_peft_does(tiny_model_dir, saved_adapter, how):
+    folder, reference = saved_adapter
+    if how == "load_adapter":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model.load_adapter(str(folder))
+    else:  # reads the base model's path from adapter_config.json
+        model = AutoModelForCausalLM.from_pretrained(str(folder))
+    model.eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+        assert torch.equal(logits, reference(input_ids=IDS).logits)
+        assert not torch.allclose(logits, base(input_ids=IDS).logits)  # the adapter is there and does something
+        generated = model.generate(input_ids=IDS[:1], max_new_tokens=6, do_sample=False)
+        assert torch.equal(generated, reference.generate(input_ids=IDS[:1], max_new_tokens=6, do_sample=False))
+
+
+def _pickled_only(folder):
+    torch.save(load_file(folder / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    (folder / "adapter_model.safetensors").unlink()
+
+
+def _tampered(folder):
+    tensors = load_file(folder / "adapter_model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
+def _missing_weight_without_digest(folder):
+    """A weight dropped from a file whose config records no digest (as adapters saved by early versions): only the
+    key check after loading can notice."""
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("adapter_weights_sha256")
+    config_path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_pickled_only, "never unpickles"),
+        (_tampered, "do not match the digest"),
+        (_missing_weight_without_digest, "1 missing from the file"),
+    ],
+    ids=["pickled-only", "tampered", "missing-weight"],
+)
+def test_transformers_loading_refuses_what_peft_loading_refuses(
+    tiny_model_dir, saved_adapter, monkeypatch, damage, message
+):
+    """Before the fix transformers unpickled adapter_model.bin, loaded tampered weights, and started a missing weight
+    at its fresh initialisation with a log line. Now each is refused and the model is left as it was."""
+    folder, _ = saved_adapter
+    damage(folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tags = model.model_tags
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called on a QST adapter")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(QSTAdapterFileError, match=message):
+        model.load_adapter(str(folder))
+    assert not getattr(model, "peft_config", {})
+    assert model.model_tags == tags
+    assert not any(".qst_side." in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, before)
+
+
+def test_transformers_still_loads_other_peft_adapters(tmp_path, tiny_model_dir):
+    """The QST checks apply to QST adapters only: a LoRA adapter loads through transformers as it always did."""
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, init_lora_weights=False))
+    lora.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.load_adapter(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=IDS).logits, lora.eval()(input_ids=IDS).logits)
+
+
+def test_peft_type_reads_like_a_peft_type_member(saved_adapter):
+    """PEFT's get_model_status parses str(peft_type) as "PeftType.NAME" (it reported ''); PEFT, transformers and TRL
+    read peft_type.value; adapter_config.json holds the plain name."""
+    folder, model = saved_adapter
+    assert model.get_model_status().peft_types == {"default": "QST"}
+    assert model.peft_config["default"].peft_type.value == "QST"
+    assert model.peft_config["default"].peft_type == "QST"
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "QST"
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model.peft_config["default"].base_model_name_or_path), str(folder))
+    assert reloaded.get_model_status().peft_types == {"default": "QST"}
+
+
+def test_a_second_adapter_through_transformers_is_refused(tiny_model_dir, saved_adapter):
+    """transformers cannot switch adapters with this PEFT (its set_adapter asks for a newer one), and a second QST
+    adapter injected next to the first changed what the model computed: refused, with the PEFT way to hold several."""
+    folder, reference = saved_adapter
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.load_adapter(str(folder))
+    with pytest.raises(ValueError, match="PeftModel.from_pretrained"):
+        model.load_adapter(str(folder), adapter_name="second")
+    assert list(model.peft_config) == ["default"]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=IDS).logits, reference(input_ids=IDS).logits)
+
+
+def test_a_4bit_smollm2_adapter_loads_through_transformers_with_its_quantization(tmp_path, smollm2_dir):
+    """The real case: ``AutoModelForCausalLM.from_pretrained(adapter_folder, quantization_config=...)`` loads the
+    4-bit base model the adapter names and the adapter on it, computing what the PeftModel saved computes."""
+    from .conftest import bnb_config, load_smollm2_4bit
+
+    model = get_peft_model(load_smollm2_4bit(smollm2_dir), QSTConfig(task_type="CAUSAL_LM"))
+    train_steps(model, IDS, steps=2)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), quantization_config=bnb_config()).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, model.eval()(input_ids=IDS).logits)
