@@ -96,6 +96,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         self.qst_side = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters = []
+        # PEFT's disable_input_dtype_casting toggles this on every tuner layer (LoRA layers define it); QST casts the
+        # backbone's hidden states into the side network's dtype by design and keeps doing so, but the flag must exist:
+        # read through __getattr__ it was looked up on the trunk and failed
+        self.cast_input_dtype_enabled = True
         self.kwargs = kwargs
         params = inspect.signature(type(base_layer).forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -114,6 +118,18 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             if name in ("base_layer", "qst_side"):
                 raise
             return getattr(self.base_layer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ... and write them: transformers' set_input_embeddings does ``setattr(model.model, "embed_tokens", new)``.
+        # A submodule of the trunk assigned through the wrapper goes to the trunk, which runs it; registered on the
+        # wrapper instead, the trunk kept its old module (a new embedding was silently ignored) and a resized one was
+        # registered twice (saved twice in every adapter file).
+        modules = self.__dict__.get("_modules")
+        base_layer = modules.get("base_layer") if modules is not None else None
+        if base_layer is not None and name not in modules and name in base_layer._modules:
+            setattr(base_layer, name, value)
+            return
+        super().__setattr__(name, value)
 
     # ---------------------------------------------------------------------------------------------------------------
     # adapters

@@ -63,6 +63,14 @@ def find_trunk_name(model: nn.Module) -> str:
         )
     if trunk is None or trunk is model:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        if trunk is model or (trunk is None and _takes_inputs_embeds(model)):
+            raise QSTUnsupportedModelError(
+                f"{type(model).__name__} is a bare decoder trunk (as AutoModel loads it, e.g. for "
+                "task_type='FEATURE_EXTRACTION'): QST wraps the trunk inside a model with a head and adds the side "
+                "network's output to the trunk's final hidden state, so it needs the model around the trunk. Load "
+                "the model with AutoModelForCausalLM or AutoModelForSequenceClassification; its final hidden states "
+                "(output_hidden_states=True) are the adapted features."
+            )
         raise QSTUnsupportedModelError(
             f"QST cannot find the decoder trunk of this {model_type} model ({type(model).__name__}): QST wraps the "
             "module that maps embeddings to the final hidden state (model.get_decoder()). Pass a *ForCausalLM or "
@@ -542,10 +550,19 @@ class QSTModel(BaseTuner):
 
     init_continuous_batching = continuous_batching_context_manager = generate_batch
 
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise ValueError(
+            "QST adapters cannot be combined with add_weighted_adapter: each adapter is a separate side network, not a "
+            "weight delta that could be summed. Switch adapters with set_adapter(name), or route each row of a batch "
+            "to its own adapter with adapter_names=[...]."
+        )
+
     def _check_merge_allowed(self):
         raise ValueError(
             "QST adapters cannot be merged into the base model: the side network is a separate computation path, "
-            "not a weight delta. Keep the model as a PeftModel, or call unload() to get the base model back."
+            "not a weight delta. Keep the model as a PeftModel, or call unload() to get the base model back. "
+            "(Inference servers that load merged weights cannot run QST either: TRL's use_vllm=True merges the "
+            "adapter to sync vLLM; generate with the trainer's default, transformers' generate, instead.)"
         )
 
     # ---------------------------------------------------------------------------------------------------------------
