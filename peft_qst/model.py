@@ -63,7 +63,10 @@ def find_trunk_name(model: nn.Module) -> str:
         )
     if trunk is None or trunk is model:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        if trunk is model or (trunk is None and _takes_inputs_embeds(model)):
+        # a bare trunk takes inputs_embeds itself and holds no module that does; a model with a head around a trunk
+        # QST could not find (a remote-code causal LM whose get_decoder() returns itself) is not one
+        holds_a_trunk = any(_takes_inputs_embeds(module) for module in model.modules() if module is not model)
+        if (trunk is model or (trunk is None and _takes_inputs_embeds(model))) and not holds_a_trunk:
             raise QSTUnsupportedModelError(
                 f"{type(model).__name__} is a bare decoder trunk (as AutoModel loads it, e.g. for "
                 "task_type='FEATURE_EXTRACTION'): QST wraps the trunk inside a model with a head and adds the side "

@@ -177,7 +177,24 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     "model.load_adapter(second_folder, adapter_name=...) and model.set_adapter(...)."
                 )
             model_tags = list(self.model_tags) if getattr(self, "model_tags", None) is not None else None
-            info = original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, *args, **kwargs)
+            # injection freezes every base weight and loading sets eval mode: an undone load puts both back
+            requires_grad = {name: p.requires_grad for name, p in self.named_parameters()}
+            training = {name: module.training for name, module in self.named_modules()}
+
+            def undo():
+                remove_injected_adapters(self, model_tags)
+                for name, parameter in self.named_parameters():
+                    parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
+                for name, module in self.named_modules():
+                    module.training = training.get(name, module.training)
+
+            try:
+                info = original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, *args, **kwargs)
+            except BaseException:
+                # transformers raises for a weight of another shape (ignore_mismatched_sizes=False) after injecting
+                # the adapter and loading the weights that fit: without this, the half-loaded adapter stayed
+                undo()
+                raise
             problems = {
                 "missing from the file": sorted(info.missing_keys),
                 "not in this model": sorted(info.unexpected_keys),
@@ -185,7 +202,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
             }
             problems = {what: keys for what, keys in problems.items() if keys}
             if problems:
-                remove_injected_adapters(self, model_tags)
+                undo()
                 found = "; ".join(f"{len(keys)} {what}, e.g. {keys[:3]}" for what, keys in problems.items())
                 raise QSTAdapterFileError(
                     f"The QST adapter at {peft_model_id!r} does not fit this model: of its weights, {found}. It was "

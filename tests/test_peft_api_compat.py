@@ -91,3 +91,35 @@ def test_a_bare_trunk_is_refused_with_the_model_to_load_instead(tiny_model_dir):
 
     with pytest.raises(QSTUnsupportedModelError, match="bare decoder trunk.*AutoModelForCausalLM"):
         get_peft_model(AutoModel.from_pretrained(tiny_model_dir), QSTConfig(task_type="FEATURE_EXTRACTION", r=4))
+
+
+def test_a_causal_lm_whose_trunk_is_not_found_is_not_called_a_bare_trunk(tiny_model_dir):
+    """A (remote-code) causal LM whose get_decoder() returns the model itself and whose trunk has an unusual name is a
+    model with a head, not the bare trunk AutoModel loads: the error must point at target_modules (which works), not
+    tell the user to load it with AutoModelForCausalLM, which they did."""
+    from transformers import GenerationMixin, LlamaConfig, LlamaModel, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from peft_qst import QSTUnsupportedModelError
+
+    class BodyForCausalLM(PreTrainedModel, GenerationMixin):
+        config_class = LlamaConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.body = LlamaModel(config)
+            self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.post_init()
+
+        def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+            hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               **kwargs).last_hidden_state
+            return CausalLMOutputWithPast(logits=self.lm_head(hidden))
+
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    assert BodyForCausalLM(config).get_decoder() is not None
+    with pytest.raises(QSTUnsupportedModelError, match="target_modules") as error:
+        get_peft_model(BodyForCausalLM(config), QSTConfig(task_type="CAUSAL_LM", r=4))
+    assert "bare decoder trunk" not in str(error.value)
+    model = get_peft_model(BodyForCausalLM(config), QSTConfig(task_type="CAUSAL_LM", r=4, target_modules="body"))
+    assert model(input_ids=IDS).logits.shape == (2, 8, 128)

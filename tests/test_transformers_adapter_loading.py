@@ -152,3 +152,43 @@ def test_a_4bit_smollm2_adapter_loads_through_transformers_with_its_quantization
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), quantization_config=bnb_config()).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, model.eval()(input_ids=IDS).logits)
+
+
+def test_a_load_that_fails_on_a_misshapen_weight_is_undone(tiny_model_dir, saved_adapter):
+    """A config that does not match its weights (here downsample_rank edited; the digest covers the weights only, so
+    it still matches) makes transformers raise on the size mismatch after it injected the adapter and loaded the
+    weights that fit. The half-loaded adapter stayed on the model, changed its output and made every later load
+    fail with "already holds the adapter(s)"; now the load is undone before the error surfaces."""
+    folder, reference = saved_adapter
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["downsample_rank"] = 8
+    config_path.write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+    with pytest.raises(Exception, match="mismatch|shape"):
+        model.load_adapter(str(folder))
+    assert not getattr(model, "peft_config", {})
+    assert not any(".qst_side." in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, before)
+    config["downsample_rank"] = 16
+    config_path.write_text(json.dumps(config))
+    model.load_adapter(str(folder))  # the right adapter still loads
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=IDS).logits, reference(input_ids=IDS).logits)
+
+
+def test_a_refused_load_leaves_the_model_trainable_as_it_was(tiny_model_dir, saved_adapter):
+    """Injection freezes every base weight and loading switches to eval mode; a refused load left the whole model
+    frozen (a full fine-tune afterwards got a loss without grad_fn) and in eval mode."""
+    folder, _ = saved_adapter
+    _missing_weight_without_digest(folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(QSTAdapterFileError, match="1 missing from the file"):
+        model.load_adapter(str(folder))
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(module.training for module in model.modules())
+    assert model(input_ids=IDS, labels=IDS).loss.requires_grad

@@ -124,7 +124,9 @@ def check_only_the_adapter_trained(model, before: dict, head: bool = False) -> N
     """The trainable parameters are the side network's (and the SEQ_CLS score head's copy in ``modules_to_save``,
     when ``head``); training changed some of them, the side network's upsample (its only way into the output) and the
     head among them, and nothing else: every backbone weight, 4-bit or not, is bit-identical to before training. A
-    trainer that unfroze or cast the trunk, or an optimizer given the backbone, fails here."""
+    trainer that unfroze the trunk, or an optimizer given the backbone, fails here. (``before`` is taken after the
+    trainer was built: a trunk changed in its constructor shows in the reference comparison of DPO, KTO and RLOO,
+    which runs a fresh copy of the base model.)"""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     side = {n for n in trainable if ".qst_side." in n}
     head_copy = {n for n in trainable if ".modules_to_save." in n}
