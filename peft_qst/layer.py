@@ -77,9 +77,14 @@ def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:
     if isinstance(backbone_cache, StaticCache):
         lengths = [layer.max_cache_len for layer in backbone_cache.layers if hasattr(layer, "max_cache_len")]
         return StaticCache(config=side_config, max_cache_len=max(lengths), offloading=backbone_cache.offloading)
-    if any(getattr(layer, "record_past", False) for layer in getattr(backbone_cache, "layers", ())):
+    recording = [layer for layer in getattr(backbone_cache, "layers", ()) if getattr(layer, "record_past", False)]
+    if recording:
         cache = DynamicCache(config=side_config)
-        cache.activate_past_recording()
+        # transformers >= 5.25: linear-attention layers also keep their last recurrent states, as many as generate
+        # asked the backbone's to keep (the side trunk's layers are of the backbone's kinds); none before 5.25
+        keep = [layer.recurrent_states_to_keep for layer in recording
+                if getattr(layer, "recurrent_states_to_keep", None) is not None]
+        cache.activate_past_recording(**({"recurrent_states_to_keep": max(keep)} if keep else {}))
         return cache
     return None
 

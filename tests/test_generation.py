@@ -280,6 +280,30 @@ def test_assisted_decoding_on_a_sliding_window_model(assistant):
         assert not torch.equal(generate(model, ids, max_new_tokens=20), greedy)
 
 
+def test_assisted_decoding_continues_the_cache_qst_returned():
+    """A second turn of prompt-lookup decoding on the QSTCache the first turn returned: generate asks that cache
+    (not a fresh backbone cache) to record its past, with transformers >= 5.25's ``recurrent_states_to_keep``."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, sliding_window=4,
+                                  pad_token_id=PAD)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(), QSTConfig(task_type="CAUSAL_LM", r=4))
+    torch.manual_seed(7)
+    train_steps(model, torch.randint(1, 128, (4, 24)), steps=8, lr=3e-2)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])
+    first = generate(model, ids, max_new_tokens=6, return_dict_in_generate=True)
+    cache = first.cache if "cache" in first else first.past_key_values
+    assert isinstance(cache, QSTCache)
+    ids = torch.cat([first.sequences, torch.tensor([[5, 6, 7]])], 1)
+    plain = generate(model, ids, max_new_tokens=12, past_key_values=copy.deepcopy(cache))
+    assert torch.equal(generate(model, ids, max_new_tokens=12, past_key_values=cache, prompt_lookup_num_tokens=3),
+                       plain)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # mixed-adapter batches
 # --------------------------------------------------------------------------------------------------------------------
