@@ -139,7 +139,7 @@ class QSTConfig(PeftConfig):
             enter the backbone above block ``L - k`` only; the blocks below still run under ``torch.no_grad()``, so
             the cost grows with ``k``, not with the model's depth. Measured on SmolLM2-135M with the quality harness
             (README, Quality), with ``backbone_lora_r=64``: ``k`` = 16 of 30 blocks scored 1.3 and 4.6 points below
-            QLoRA at equal steps (two seeds) and 9.5 above it at equal wall-clock (one seed); ``k`` = 20 scored 2.1,
+            QLoRA at equal steps (two seeds) and 9.6 above it at equal wall-clock (one seed); ``k`` = 20 scored 2.1,
             0.8 and 7.9 points below and 2.5 above at equal steps (four seeds, 2.1 below on their mean) and 7-9
             above at equal wall-clock (three seeds); ``k`` = 24 scored 0.9 points below on the same four seeds'
             mean and 3-9 above at equal wall-clock (four seeds), where the paper's QST (``k`` = 0) stays far below
