@@ -220,6 +220,22 @@ def _count_optimizer_step(optimizer, args, kwargs):
 
 register_optimizer_step_post_hook(_count_optimizer_step)
 
+#: counts adapter weights loaded into existing parameters (``load_adapter``, as trainers resume or reload the best
+#: checkpoint): PEFT copies them in place, which the version counters record but the check of a continued cache
+#: (below) does not read
+_adapter_loads = 0
+
+
+def note_adapter_loaded() -> None:
+    """Called after adapter weights were loaded into a model, by the loading wrappers in `registration`."""
+    global _adapter_loads
+    _adapter_loads += 1
+
+
+def _counters() -> tuple:
+    """What changes with every optimizer step, parameter registration and adapter load: O(1) to read."""
+    return (_registrations, _optimizer_steps, _adapter_loads)
+
 
 def _as_float32(value):
     if isinstance(value, torch.Tensor):
@@ -261,12 +277,14 @@ def weights_key(side) -> tuple:
         side.__dict__["_parameter_list"] = cached
     params = cached[1]
     if not params:
-        return (cached[0], _optimizer_steps)
+        return (cached[0], _optimizer_steps, _adapter_loads)
     with torch.no_grad():
         device = params[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64
         sums = torch.stack([p.detach().sum(dtype=dtype).to(device) for p in params]).tolist()
-    return (cached[0], _optimizer_steps, tuple(sums)) + tuple((p.data_ptr(), p._version) for p in params)
+    return (cached[0], _optimizer_steps, _adapter_loads, tuple(sums)) + tuple(
+        (p.data_ptr(), p._version) for p in params
+    )
 
 
 def _stack_downsamplers(downsamplers: list) -> dict:
@@ -343,7 +361,10 @@ def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedS
 
     Whether the side parameters changed since the weights were packed is checked at the start of each sequence, and
     at every forward without a cache; a forward that continues a cache these weights were checked for (the decoding
-    steps of one generation) reuses them unchecked: its cached keys and values were computed with them.
+    steps of one generation) reuses them unchecked: its cached keys and values were computed with them. An optimizer
+    step, a parameter registration or an adapter load since the check (three counters) makes even such a forward
+    check again; other in-place writes between two turns of one cache (``param.data`` edits, a direct
+    ``set_peft_model_state_dict``) are seen at the next sequence, not within the continued cache.
     """
     if not _enabled or torch.is_grad_enabled():
         return None
@@ -377,6 +398,10 @@ def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedS
         and packed.checked_cache is not None
         and packed.checked_cache() is cache
         and cache.get_seq_length() > 0
+        # no optimizer step, parameter registration or adapter load since the check (O(1) to see): a cache continued
+        # after a training step (the next turn of a chat) must run its new tokens on the new weights, as the general
+        # path does, not on the weights its earlier tokens were computed with
+        and packed.key[:3] == _counters()
     ):
         return packed
     key = weights_key(side)

@@ -28,6 +28,7 @@ import warnings
 
 from .card import add_usage_section
 from .config import PEFT_TYPE, QSTConfig
+from .fast_path import note_adapter_loaded
 from .model import QSTModel, check_saved_adapter_fits, loading_adapter, model_signature, remove_injected_adapters
 from .serialization import QSTAdapterFileError, read_adapter_weights
 
@@ -95,6 +96,7 @@ def _read_qst_weights_safely() -> None:
                 return original(self, model_id, adapter_name, *args, **kwargs)
             finally:
                 loading_adapter.reset(token)
+                note_adapter_loaded()  # a continued generation cache checks the weights again
 
         return load_adapter
 

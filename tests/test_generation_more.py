@@ -1,0 +1,98 @@
+"""More generate() paths: cached generation equals uncached decoding, and the fast path follows weights that changed
+between two turns of one cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from .conftest import train_steps
+from .test_generation import PAD, PROMPTS, left_padded, trained_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return trained_model()
+
+
+def _generate(model, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    kwargs.setdefault("max_new_tokens", 10)
+    kwargs.setdefault("do_sample", False)
+    return model.generate(pad_token_id=PAD, **kwargs)
+
+
+@torch.no_grad()
+def _greedy_by_full_forwards(model, ids, mask, steps):
+    """Greedy decoding by repeated full forwards without a cache (left padding: positions from the mask)."""
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(do_sample=True, num_return_sequences=3),
+        dict(num_beams=4, num_return_sequences=3, length_penalty=-1.0, early_stopping=True, eos_token_id=[7, 9]),
+        dict(min_new_tokens=10, eos_token_id=[3, 9]),
+        dict(suppress_tokens=[3, 9, 21]),
+    ],
+    ids=["sampling-3-returns", "beams-3-returns", "min-new-tokens", "suppress-tokens"],
+)
+def test_cached_equals_uncached_in_more_modes(model, mode):
+    ids, mask = left_padded(PROMPTS)
+    cached = _generate(model, input_ids=ids, attention_mask=mask, use_cache=True, **mode)
+    assert torch.equal(cached, _generate(model, input_ids=ids, attention_mask=mask, use_cache=False, **mode))
+
+
+def test_inputs_embeds_and_chunked_prefill_generate_the_greedy_tokens(model):
+    ids, mask = left_padded(PROMPTS)
+    expected = _greedy_by_full_forwards(model, ids, mask, 10)
+    embeds = model.get_input_embeddings()(ids).detach()
+    assert torch.equal(_generate(model, inputs_embeds=embeds, attention_mask=mask), expected[:, ids.shape[1]:])
+    assert torch.equal(_generate(model, inputs_embeds=embeds, input_ids=ids, attention_mask=mask), expected)
+    assert torch.equal(_generate(model, input_ids=ids, attention_mask=mask, prefill_chunk_size=3), expected)
+
+
+@pytest.mark.parametrize("change", ["optimizer-step", "load_adapter"])
+def test_the_next_turn_after_the_weights_changed_runs_on_the_new_weights(tmp_path, change):
+    """Two turns of one cache with the adapter's weights changed in between (online learning, a chat that keeps
+    training; a checkpoint loaded into the adapter, as trainers do): the second turn's new tokens run on the weights
+    as they are now, on the fast path as on the general path. The fast path skips its weight check for forwards that
+    continue a cache it checked; it must not skip it across an optimizer step or an adapter load, or the turn runs on
+    the packed weights from before (and, worse, on the new weights whenever some other sequence happened to start in
+    between)."""
+    from transformers import DynamicCache
+
+    from peft_qst.fast_path import fast_path_disabled
+
+    model = trained_model()
+    if change == "load_adapter":
+        other = trained_model()
+        torch.manual_seed(56)
+        train_steps(other, torch.randint(1, 128, (4, 24)), steps=2, lr=3e-2)
+        other.save_pretrained(tmp_path)
+    ids, mask = left_padded(PROMPTS)
+    cache = DynamicCache()
+    first = _generate(model, input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6)
+    if change == "load_adapter":
+        model.load_adapter(str(tmp_path), adapter_name="default")
+    else:
+        torch.manual_seed(56)
+        train_steps(model, torch.randint(1, 128, (4, 24)), steps=1, lr=3e-2)
+    ids = torch.cat([first, torch.tensor([[7, 8, 9, 10]] * len(PROMPTS))], 1)
+    mask = torch.cat([mask, torch.ones(len(PROMPTS), 10, dtype=mask.dtype)], 1)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, return_dict_in_generate=True,
+                  output_logits=True)
+    general_cache = copy.deepcopy(cache)
+    fast = _generate(model, past_key_values=cache, **kwargs)
+    with fast_path_disabled():
+        general = _generate(model, past_key_values=general_cache, **kwargs)
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(general.logits), atol=2e-5, rtol=1e-4)
+    assert torch.equal(fast.sequences, general.sequences)
