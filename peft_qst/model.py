@@ -519,10 +519,14 @@ class QSTModel(BaseTuner):
             module_kwargs["adapter_names"] = adapter_names
             return args, module_kwargs
 
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        # the modules saved whole beside the side network (modules_to_save: a classification head, an LM head) route
+        # rows too, as under LoRA: without the names each row went through the active adapter's copy of the head
         handles = [
             module.register_forward_pre_hook(inject, with_kwargs=True)
             for module in self.model.modules()
-            if isinstance(module, QSTLayer)
+            if isinstance(module, (QSTLayer, AuxiliaryTrainingWrapper))
         ]
         try:
             yield

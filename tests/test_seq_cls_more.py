@@ -1,0 +1,73 @@
+"""More sequence-classification checks: behaviours users expect from LoraConfig(task_type="SEQ_CLS")."""
+
+from __future__ import annotations
+
+import torch
+from peft import get_peft_model
+
+from peft_qst import QSTConfig
+
+from .conftest import tiny_causal_lm, tiny_llama_config
+
+IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21], [8, 9, 10, 11, 12, 0, 0, 0], [40, 41, 0, 0, 0, 0, 0, 0]])
+MASK = (IDS != 0).long()
+
+
+def _perturb(model, adapter, seed):
+    """Move an adapter's side output and its copy of the head away from their start, so that adapters differ."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if f".{adapter}." in name and ("upsample" in name or "modules_to_save" in name):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+def test_mixed_adapter_batch_routes_each_row_to_its_own_classification_head():
+    """adapter_names=[...] with SEQ_CLS: each row takes its adapter's side network AND its adapter's copy of the
+    score head ("__base__": the original head), as with LoRA. Before the fix every row went through the active
+    adapter's head, so rows of other adapters and base rows got wrong logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(tiny_llama_config(pad_token_id=0, num_labels=3)).eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=IDS, attention_mask=MASK).logits
+    model = get_peft_model(base, QSTConfig(task_type="SEQ_CLS", r=4), adapter_name="a")
+    model.add_adapter("b", QSTConfig(task_type="SEQ_CLS", r=4))
+    _perturb(model, "a", 1)
+    _perturb(model, "b", 2)
+    model.eval()
+    with torch.no_grad():
+        model.set_adapter("a")
+        logits_a = model(input_ids=IDS, attention_mask=MASK).logits
+        model.set_adapter("b")
+        logits_b = model(input_ids=IDS, attention_mask=MASK).logits
+        expected = {"a": logits_a, "b": logits_b, "__base__": base_logits}
+        for names in (["a", "__base__", "b"], ["__base__", "a", "a"]):
+            mixed = model(input_ids=IDS, attention_mask=MASK, adapter_names=names).logits
+            for row, name in enumerate(names):
+                torch.testing.assert_close(mixed[row], expected[name][row], rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_adapter_generation_routes_rows_to_their_own_lm_head_copy():
+    """The same with a trained LM head (modules_to_save=["lm_head"]) through generate, greedy and beam search."""
+    model = tiny_causal_lm(pad_token_id=0)
+    config = lambda: QSTConfig(task_type="CAUSAL_LM", r=4, modules_to_save=["lm_head"])  # noqa: E731
+    model = get_peft_model(model, config(), adapter_name="a")
+    model.add_adapter("b", config())
+    _perturb(model, "a", 1)
+    _perturb(model, "b", 2)
+    model.eval()
+    ids = torch.tensor([[5, 17, 33, 2], [8, 9, 10, 11], [40, 41, 42, 43]])
+    names = ["a", "__base__", "b"]
+    for num_beams in (1, 2):
+        kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=num_beams, pad_token_id=0)
+        alone = {}
+        for name in ("a", "b"):
+            model.set_adapter(name)
+            alone[name] = model.generate(input_ids=ids, **kwargs)
+        with model.disable_adapter():
+            alone["__base__"] = model.generate(input_ids=ids, **kwargs)
+        mixed = model.generate(input_ids=ids, adapter_names=names, **kwargs)
+        for row, name in enumerate(names):
+            assert torch.equal(mixed[row], alone[name][row]), (num_beams, row, name)
