@@ -124,7 +124,8 @@ class QSTCache(Cache):
     def activate_past_recording(self, **kwargs):
         """Keep past states in every half, so that a later ``crop`` (assisted decoding's rollback) can restore
         sliding-window layers of the side caches too. ``kwargs`` go to every half as given: transformers >= 5.25
-        passes ``recurrent_states_to_keep`` (how many recurrent states linear-attention layers keep for the rollback)."""
+        passes ``recurrent_states_to_keep`` (how many recurrent states linear-attention layers keep for the
+        rollback)."""
         for cache in self._each():
             cache.activate_past_recording(**kwargs)
 

@@ -15,7 +15,6 @@ from typing import Any, Optional, Union
 from peft.config import PeftConfig
 
 
-
 class QSTPeftType(str):
     """The ``peft_type`` of QST adapters: the string ``"QST"`` that behaves like a member of PEFT's `PeftType` enum.
 

@@ -149,11 +149,11 @@ def _saved_qst_config(model_id, hub_kwargs: dict):
 
 
 def _read_qst_weights_safely_in_transformers() -> None:
-    """transformers loads PEFT adapters itself: ``AutoModelForCausalLM.from_pretrained(adapter_folder)``,
-    and ``model.load_adapter(adapter_folder)`` inject the adapter with PEFT and read its weights with transformers'
-    own loader. That loader falls back to ``adapter_model.bin`` (unpickled),
-    knows nothing of the digest recorded in ``adapter_config.json``, and starts a weight missing from the file at
-    its fresh initialisation with a log line. For QST adapters the weights are read by
+    """transformers loads PEFT adapters itself: ``AutoModelForCausalLM.from_pretrained(adapter_folder)`` and
+    ``model.load_adapter(adapter_folder)`` inject the adapter with PEFT and read its weights with transformers' own
+    loader. That loader falls back to ``adapter_model.bin`` (unpickled), knows nothing of the digest recorded in
+    ``adapter_config.json``, and starts a weight missing from the file at its fresh initialisation with a log line.
+    For QST adapters the weights are read by
     `serialization.read_adapter_weights` instead and handed to transformers as ``adapter_state_dict``; a load that
     leaves any adapter weight missing, unexpected or of another shape is undone and refused. A second adapter on the
     same model is refused: transformers' ``set_adapter`` and ``delete_adapter`` need a newer PEFT than this one."""
@@ -200,7 +200,9 @@ def _read_qst_weights_safely_in_transformers() -> None:
             problems = {
                 "missing from the file": sorted(info.missing_keys),
                 "not in this model": sorted(info.unexpected_keys),
-                "of another shape": sorted(str(key[0]) if isinstance(key, tuple) else key for key in info.mismatched_keys),
+                "of another shape": sorted(
+                    str(key[0]) if isinstance(key, tuple) else key for key in info.mismatched_keys
+                ),
             }
             problems = {what: keys for what, keys in problems.items() if keys}
             if problems:

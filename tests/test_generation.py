@@ -258,10 +258,8 @@ def test_a_static_cache_generates_what_the_dynamic_cache_generates(model, mode):
         assert not torch.equal(generate(model, ids, mask, cache_implementation="static", **mode), dynamic)
 
 
-@pytest.mark.parametrize("assistant", ["prompt-lookup", "assistant-model"])
-def test_assisted_decoding_on_a_sliding_window_model(assistant):
-    """Assisted and prompt-lookup decoding roll the cache back with crop(); sliding-window layers can be rolled back
-    only if they recorded their past from the first token, in the side caches as in the backbone's."""
+def trained_sliding_window_model():
+    """A tiny Mistral with a 4-token sliding window and a trained QST adapter, and its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -271,6 +269,16 @@ def test_assisted_decoding_on_a_sliding_window_model(assistant):
     model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(), QSTConfig(task_type="CAUSAL_LM", r=4))
     torch.manual_seed(7)
     train_steps(model, torch.randint(1, 128, (4, 24)), steps=8, lr=3e-2)
+    return model, config
+
+
+@pytest.mark.parametrize("assistant", ["prompt-lookup", "assistant-model"])
+def test_assisted_decoding_on_a_sliding_window_model(assistant):
+    """Assisted and prompt-lookup decoding roll the cache back with crop(); sliding-window layers can be rolled back
+    only if they recorded their past from the first token, in the side caches as in the backbone's."""
+    from transformers import AutoModelForCausalLM
+
+    model, config = trained_sliding_window_model()
     ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])  # repeats, so that prompt lookup proposes drafts
     greedy = generate(model, ids, max_new_tokens=20)
     extra = (dict(prompt_lookup_num_tokens=3) if assistant == "prompt-lookup"
@@ -285,15 +293,7 @@ def test_assisted_decoding_continues_the_cache_qst_returned():
     (not a fresh backbone cache) to record its past, with transformers >= 5.25's ``recurrent_states_to_keep``."""
     import copy
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, sliding_window=4,
-                                  pad_token_id=PAD)
-    model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(), QSTConfig(task_type="CAUSAL_LM", r=4))
-    torch.manual_seed(7)
-    train_steps(model, torch.randint(1, 128, (4, 24)), steps=8, lr=3e-2)
+    model, _ = trained_sliding_window_model()
     ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])
     first = generate(model, ids, max_new_tokens=6, return_dict_in_generate=True)
     cache = first.cache if "cache" in first else first.past_key_values

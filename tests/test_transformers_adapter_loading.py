@@ -108,7 +108,8 @@ def test_transformers_loading_refuses_what_peft_loading_refuses(
 
 def test_transformers_still_loads_other_peft_adapters(tmp_path, tiny_model_dir):
     """The QST checks apply to QST adapters only: a LoRA adapter loads through transformers as it always did."""
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, init_lora_weights=False))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = get_peft_model(base, LoraConfig(r=4, init_lora_weights=False))
     lora.save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.load_adapter(str(tmp_path))
@@ -116,7 +117,7 @@ def test_transformers_still_loads_other_peft_adapters(tmp_path, tiny_model_dir):
         assert torch.equal(model.eval()(input_ids=IDS).logits, lora.eval()(input_ids=IDS).logits)
 
 
-def test_peft_type_reads_like_a_peft_type_member(saved_adapter):
+def test_peft_type_reads_like_a_peft_type_member(tiny_model_dir, saved_adapter):
     """PEFT's get_model_status parses str(peft_type) as "PeftType.NAME" (it reported ''); PEFT, transformers and TRL
     read peft_type.value; adapter_config.json holds the plain name."""
     folder, model = saved_adapter
@@ -124,7 +125,7 @@ def test_peft_type_reads_like_a_peft_type_member(saved_adapter):
     assert model.peft_config["default"].peft_type.value == "QST"
     assert model.peft_config["default"].peft_type == "QST"
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "QST"
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model.peft_config["default"].base_model_name_or_path), str(folder))
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(folder))
     assert reloaded.get_model_status().peft_types == {"default": "QST"}
 
 
