@@ -405,6 +405,10 @@ def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedS
     ):
         return packed
     key = weights_key(side)
+    if packed is not None and packed.key != key and packed.key[3:] == key[3:]:
+        # only the counters moved (an optimizer stepping another model, say, while this one generates): the values,
+        # versions and storage of every side parameter are as packed, so the packed weights still hold
+        packed.key = key
     if packed is None or packed.key != key:
         if len({p.device for p in side.parameters()}) != 1:
             return None  # spread over devices (device_map): the general path places each block

@@ -26,7 +26,7 @@ from torch import nn
 from .backbone_lora import resolve_backbone_lora_layers
 from .bnb_compat import keep_4bit_weights_through_state_dict
 from .config import AUTO, QSTConfig
-from .layer import CONTINUOUS_BATCHING_REFUSAL, QSTLayer
+from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, QSTLayer
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loss import install_chunked_loss, uninstall_chunked_loss
 from .serialization import QSTAdapterFileError
@@ -515,19 +515,29 @@ class QSTModel(BaseTuner):
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
         adapter_names = list(adapter_names)
 
-        def inject(_module, args, module_kwargs):
-            module_kwargs["adapter_names"] = adapter_names
-            return args, module_kwargs
+        def injecting(names: list):
+            def inject(_module, args, module_kwargs):
+                module_kwargs["adapter_names"] = names
+                return args, module_kwargs
+
+            return inject
 
         from peft.utils.other import AuxiliaryTrainingWrapper
 
         # the modules saved whole beside the side network (modules_to_save: a classification head, an LM head) route
-        # rows too, as under LoRA: without the names each row went through the active adapter's copy of the head
-        handles = [
-            module.register_forward_pre_hook(inject, with_kwargs=True)
-            for module in self.model.modules()
-            if isinstance(module, (QSTLayer, AuxiliaryTrainingWrapper))
-        ]
+        # rows too, as under LoRA: without the names each row went through the active adapter's copy of the head.
+        # An adapter saved without this module runs its original, as it does alone (the wrapper's passthrough); PEFT's
+        # wrapper would look the adapter up among its copies and fail with a KeyError
+        handles = []
+        for module in self.model.modules():
+            if isinstance(module, QSTLayer):
+                names = adapter_names
+            elif isinstance(module, AuxiliaryTrainingWrapper):
+                held = getattr(module, "_adapters", ())
+                names = [name if name in held else BASE_ADAPTER_NAME for name in adapter_names]
+            else:
+                continue
+            handles.append(module.register_forward_pre_hook(injecting(names), with_kwargs=True))
         try:
             yield
         finally:

@@ -46,9 +46,13 @@ def _greedy_by_full_forwards(model, ids, mask, steps):
     ids=["sampling-3-returns", "beams-3-returns", "min-new-tokens", "suppress-tokens"],
 )
 def test_cached_equals_uncached_in_more_modes(model, mode):
+    from peft_qst.fast_path import fast_path_disabled
+
     ids, mask = left_padded(PROMPTS)
-    cached = _generate(model, input_ids=ids, attention_mask=mask, use_cache=True, **mode)
-    assert torch.equal(cached, _generate(model, input_ids=ids, attention_mask=mask, use_cache=False, **mode))
+    cached = _generate(model, input_ids=ids, attention_mask=mask, use_cache=True, **mode)  # the fast path
+    with fast_path_disabled():  # the transformers modules, without a cache
+        uncached = _generate(model, input_ids=ids, attention_mask=mask, use_cache=False, **mode)
+    assert torch.equal(cached, uncached)
 
 
 def test_inputs_embeds_and_chunked_prefill_generate_the_greedy_tokens(model):
@@ -96,3 +100,42 @@ def test_the_next_turn_after_the_weights_changed_runs_on_the_new_weights(tmp_pat
         general = _generate(model, past_key_values=general_cache, **kwargs)
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(general.logits), atol=2e-5, rtol=1e-4)
     assert torch.equal(fast.sequences, general.sequences)
+
+
+def test_an_optimizer_stepping_another_model_during_generation_keeps_the_packed_weights(monkeypatch):
+    """The fast path's weight check watches process-wide counters; an optimizer stepping an unrelated model while this
+    one decodes (training in another thread) moves them at every token. Each such step makes the next decoding step
+    check the weights again, but the side weights did not change: they are not packed again, and the tokens are the
+    general path's."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from peft_qst import fast_path
+
+    model = trained_model()
+    other = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+
+    class StepAnotherModel(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            with torch.enable_grad():  # generate runs under no_grad
+                other(torch.ones(1, 4)).sum().backward()
+            optimizer.step()
+            return scores
+
+    packings = []
+    original_init = fast_path.PackedSideWeights.__init__
+
+    def counting_init(self, *args, **kwargs):
+        packings.append(1)
+        original_init(self, *args, **kwargs)
+
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, logits_processor=LogitsProcessorList(
+        [StepAnotherModel()]))
+    _generate(model, **kwargs)  # packs the weights once
+    monkeypatch.setattr(fast_path.PackedSideWeights, "__init__", counting_init)
+    fast = _generate(model, **kwargs)
+    with fast_path.fast_path_disabled():
+        general = _generate(model, **kwargs)
+    assert torch.equal(fast, general)
+    assert packings == []

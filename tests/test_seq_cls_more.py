@@ -71,3 +71,37 @@ def test_mixed_adapter_generation_routes_rows_to_their_own_lm_head_copy():
         mixed = model.generate(input_ids=ids, adapter_names=names, **kwargs)
         for row, name in enumerate(names):
             assert torch.equal(mixed[row], alone[name][row]), (num_beams, row, name)
+
+
+def test_mixed_adapter_batch_with_an_adapter_saved_without_the_head():
+    """An adapter saved without the head (modules_to_save=None beside one with modules_to_save=["lm_head"]) runs the
+    original head, as it does alone, whichever adapter is active: PEFT's wrapper looked its name up among its copies
+    and failed with KeyError: 'b'."""
+    model = tiny_causal_lm(pad_token_id=0)
+    model = get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4, modules_to_save=["lm_head"]), adapter_name="a")
+    model.add_adapter("b", QSTConfig(task_type="CAUSAL_LM", r=4))
+    _perturb(model, "a", 1)
+    _perturb(model, "b", 2)
+    model.eval()
+    ids = torch.tensor([[5, 17, 33, 2], [8, 9, 10, 11], [40, 41, 42, 43]])
+    names = ["a", "__base__", "b"]
+    with torch.no_grad():
+        expected = {}
+        for name in ("a", "b"):
+            model.set_adapter(name)
+            expected[name] = model(input_ids=ids).logits
+        with model.disable_adapter():
+            expected["__base__"] = model(input_ids=ids).logits
+        for active in ("a", "b"):
+            model.set_adapter(active)
+            mixed = model(input_ids=ids, adapter_names=names).logits
+            for row, name in enumerate(names):
+                torch.testing.assert_close(mixed[row], expected[name][row], rtol=1e-5, atol=1e-5)
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=2, pad_token_id=0)
+    alone = {}
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        alone[name] = model.generate(input_ids=ids, **kwargs)
+    mixed = model.generate(input_ids=ids, adapter_names=["b", "a", "b"], **kwargs)
+    for row, name in enumerate(["b", "a", "b"]):
+        assert torch.equal(mixed[row], alone[name][row]), (row, name)
