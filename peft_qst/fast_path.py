@@ -488,7 +488,7 @@ def fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cac
     """
     batch, length = hidden_states[0].shape[:2]
     with torch.inference_mode():
-        if batch * length > ONE_THREAD_TOKENS or (torch.get_num_threads() == 1 and not _one_thread["sections"]):
+        if batch * length > ONE_THREAD_TOKENS or (torch.get_num_threads() == 1 and not _sections_open()):
             return _fast_side_forward(side, packed, hidden_states, cache, **trunk_kwargs)
         with _one_thread_section():
             return _fast_side_forward(side, packed, hidden_states, cache, **trunk_kwargs)
@@ -497,13 +497,36 @@ def fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cac
 #: the thread count to restore and how many sections run on one thread now (several Python threads may generate at once)
 _one_thread = {"saved": None, "sections": 0}
 _one_thread_lock = threading.Lock()
+#: with OpenMP (PyTorch's default CPU backend) the intra-op thread count is each Python thread's own
+#: (``omp_set_num_threads``, ``mkl_set_num_threads_local``): each thread then saves and restores its own count
+_PER_THREAD_COUNT = "parallel backend: openmp" in torch.__config__.parallel_info().lower()
+_own = threading.local()
+
+
+def _sections_open() -> bool:
+    return bool(getattr(_own, "sections", 0)) if _PER_THREAD_COUNT else bool(_one_thread["sections"])
 
 
 @contextmanager
 def _one_thread_section():
     """One intra-op thread while any section is open; the first section to open saves the thread count and the last
     to close sets it back, so that overlapping sections (generation in several Python threads) cannot leave the
-    process on one thread."""
+    process on one thread. Where the count is per thread (OpenMP), that holds per thread: a thread that opened a
+    section gets its own count back when it closes it, whatever other threads do meanwhile (one process-wide saved
+    count, restored by the last thread to close, left every other overlapping thread on one thread for good)."""
+    if _PER_THREAD_COUNT:
+        sections = getattr(_own, "sections", 0)
+        if not sections:
+            _own.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _own.sections = sections + 1
+        try:
+            yield
+        finally:
+            _own.sections -= 1
+            if not _own.sections:
+                torch.set_num_threads(_own.saved)
+        return
     with _one_thread_lock:
         if not _one_thread["sections"]:
             _one_thread["saved"] = torch.get_num_threads()

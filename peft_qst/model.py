@@ -41,6 +41,10 @@ loading_adapter: ContextVar = ContextVar("peft_qst_loading_adapter", default=Non
 
 #: the QSTConfig fields get_peft_model fills in for the model it binds the config to
 _BOUND_FIELDS = ("base_model_signature", "target_modules", "side_heads", "backbone_lora_layers")
+#: the model tags QST adds (they end up in the model cards PEFT and the trainers write), and where the tuner keeps
+#: (the tags it added, whether the model had tags of its own) so that unload() takes them off again
+_QST_TAGS = ("qst", "peft-qst")
+_TAGS_ADDED = "_qst_tags_added"
 #: where a bound config keeps those fields as they were before binding (an instance attribute, never saved)
 _AS_WRITTEN = "_qst_as_written"
 
@@ -443,7 +447,10 @@ class QSTModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: QSTConfig, adapter_name: str) -> None:
         # the tags end up in the model cards PEFT and the trainers write
         if hasattr(model, "add_model_tags"):
-            model.add_model_tags(["qst", "peft-qst"])
+            if _TAGS_ADDED not in self.__dict__:  # what unload() takes off again: the tags the model did not have
+                present = set(getattr(model, "model_tags", None) or ())
+                self.__dict__[_TAGS_ADDED] = ([t for t in _QST_TAGS if t not in present], "model_tags" in vars(model))
+            model.add_model_tags(list(_QST_TAGS))
         # the same causal-LM loss without float32 copies of the full-vocabulary logits: with a frozen LM head they are
         # most of a QST step's memory and a large part of its time (peft_qst/loss.py)
         install_chunked_loss(model)
@@ -458,6 +465,13 @@ class QSTModel(BaseTuner):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         uninstall_chunked_loss(model)
         uninstall_lm_head_hooks(model)
+        added = self.__dict__.pop(_TAGS_ADDED, None)
+        if added is not None and hasattr(model, "add_model_tags"):
+            tags = [t for t in (getattr(model, "model_tags", None) or ()) if t not in added[0]]
+            if tags or added[1]:
+                model.model_tags = tags
+            else:  # the model had no tags of its own: back to the class default
+                vars(model).pop("model_tags", None)
         return model
 
     def _replace_module(self, parent, child_name, new_module, child):

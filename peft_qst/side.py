@@ -824,6 +824,11 @@ class QSTSideNetwork(nn.Module):
             mixed = fast_mix(self, backbone_last, side_out)
             if mixed is not None:
                 return mixed
+        packed = self.__dict__.get("_packed_weights")
+        if packed is not None:
+            # a fast forward's output that the general mix below does not consume (copy heads): not kept on the
+            # module until the next forward
+            packed.last_output = None
         device = self.upsample.weight.device
         side_out = side_out.to(device)
         update = self.output_gate(self.upsample(side_out))
