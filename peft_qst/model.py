@@ -41,8 +41,8 @@ loading_adapter: ContextVar = ContextVar("peft_qst_loading_adapter", default=Non
 
 #: the QSTConfig fields get_peft_model fills in for the model it binds the config to
 _BOUND_FIELDS = ("base_model_signature", "target_modules", "side_heads", "backbone_lora_layers")
-#: the model tags QST adds (they end up in the model cards PEFT and the trainers write), and where the tuner keeps
-#: (the tags it added, whether the model had tags of its own) so that unload() takes them off again
+#: the model tags QST adds (they end up in the model cards PEFT and the trainers write), and the model attribute that
+#: keeps (the tags QST added, whether the model had tags of its own) so that undoing the injection takes them off again
 _QST_TAGS = ("qst", "peft-qst")
 _TAGS_ADDED = "_qst_tags_added"
 #: where a bound config keeps those fields as they were before binding (an instance attribute, never saved)
@@ -447,9 +447,9 @@ class QSTModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: QSTConfig, adapter_name: str) -> None:
         # the tags end up in the model cards PEFT and the trainers write
         if hasattr(model, "add_model_tags"):
-            if _TAGS_ADDED not in self.__dict__:  # what unload() takes off again: the tags the model did not have
+            if _TAGS_ADDED not in vars(model):  # what undo_post_injection takes off again: the tags the model lacked
                 present = set(getattr(model, "model_tags", None) or ())
-                self.__dict__[_TAGS_ADDED] = ([t for t in _QST_TAGS if t not in present], "model_tags" in vars(model))
+                vars(model)[_TAGS_ADDED] = ([t for t in _QST_TAGS if t not in present], "model_tags" in vars(model))
             model.add_model_tags(list(_QST_TAGS))
         # the same causal-LM loss without float32 copies of the full-vocabulary logits: with a frozen LM head they are
         # most of a QST step's memory and a large part of its time (peft_qst/loss.py)
@@ -463,15 +463,7 @@ class QSTModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
-        uninstall_chunked_loss(model)
-        uninstall_lm_head_hooks(model)
-        added = self.__dict__.pop(_TAGS_ADDED, None)
-        if added is not None and hasattr(model, "add_model_tags"):
-            tags = [t for t in (getattr(model, "model_tags", None) or ()) if t not in added[0]]
-            if tags or added[1]:
-                model.model_tags = tags
-            else:  # the model had no tags of its own: back to the class default
-                vars(model).pop("model_tags", None)
+        undo_post_injection(model)
         return model
 
     def _replace_module(self, parent, child_name, new_module, child):
@@ -667,11 +659,24 @@ class QSTModel(BaseTuner):
         return remapped
 
 
-def remove_injected_adapters(model: nn.Module, model_tags: Optional[list] = None) -> None:
+def undo_post_injection(model: nn.Module) -> None:
+    """Undo what `QSTModel._post_injection_hook` did to the model: the chunked loss and the LM-head hooks come off,
+    and of the model tags, those QST added (the model's own stay)."""
+    uninstall_chunked_loss(model)
+    uninstall_lm_head_hooks(model)
+    added = vars(model).pop(_TAGS_ADDED, None)
+    if added is not None:
+        tags = [t for t in (getattr(model, "model_tags", None) or ()) if t not in added[0]]
+        if tags or added[1]:
+            model.model_tags = tags
+        else:  # the model had no tags of its own: back to the class default
+            vars(model).pop("model_tags", None)
+
+
+def remove_injected_adapters(model: nn.Module) -> None:
     """Undo ``peft.inject_adapter_in_model`` of QST on a model no PeftModel wraps (transformers' own adapter loading,
     which has no working ``delete_adapter`` with this PEFT): the trunk and any module saved whole go back in place of
-    their wrappers, QST's hooks and loss come off, and the model forgets the adapter configs. ``model_tags``: the
-    tags the model had before, put back (injection adds QST's)."""
+    their wrappers, QST's hooks, loss and tags come off, and the model forgets the adapter configs."""
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     for name, module in list(model.named_modules()):
@@ -684,14 +689,11 @@ def remove_injected_adapters(model: nn.Module, model_tags: Optional[list] = None
             continue
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, original)
-    uninstall_chunked_loss(model)
-    uninstall_lm_head_hooks(model)
+    undo_post_injection(model)
     if "peft_config" in model.__dict__:
         del model.peft_config
     if hasattr(model, "_hf_peft_config_loaded"):
         model._hf_peft_config_loaded = False
-    if hasattr(model, "model_tags"):
-        model.model_tags = model_tags
 
 
 def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: dict, saved_config: dict) -> None:

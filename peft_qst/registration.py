@@ -178,13 +178,12 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     "model = PeftModel.from_pretrained(base_model, first_folder), then "
                     "model.load_adapter(second_folder, adapter_name=...) and model.set_adapter(...)."
                 )
-            model_tags = list(self.model_tags) if getattr(self, "model_tags", None) is not None else None
             # injection freezes every base weight and loading sets eval mode: an undone load puts both back
             requires_grad = {name: p.requires_grad for name, p in self.named_parameters()}
             training = {name: module.training for name, module in self.named_modules()}
 
             def undo():
-                remove_injected_adapters(self, model_tags)
+                remove_injected_adapters(self)
                 for name, parameter in self.named_parameters():
                     parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
                 for name, module in self.named_modules():
