@@ -102,6 +102,12 @@ OVERRIDES = {
     "granitemoehybrid": dict(MAMBA, layer_types=["linear_attention", "full_attention"]),
     "falcon_h1": dict(MAMBA, mamba_d_ssm=256),
     "falcon": dict(head_dim=None),
+    # Kolibri 1.1 (transformers 5.25): one indexed-attention layer after a sliding one, a dense MLP then experts
+    "kolibri1_1": dict(index_num_heads=1, layer_types=["sliding_attention", "indexed_attention"], index_layers=[1],
+                       kv_source_layers=[0, 1], mlp_only_layers=[0], mlp_only_intermediate_size=256,
+                       moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4,
+                       num_experts_per_tok=2, index_topk=8, index_pool_size=32, index_compression=4,
+                       index_num_local_tokens=4, index_num_sink_tokens=1),
     "gptj": dict(rotary_dim=16),
     "codegen": dict(rotary_dim=16),
     "cohere_compass_text": dict(rope_parameters={"full_attention": ROPE, "sliding_attention": ROPE}),
