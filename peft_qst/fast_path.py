@@ -34,9 +34,10 @@ a cache the weights were checked for (it walks every side parameter, a few perce
 
 It applies to side trunks of the Llama block structure (``llama``, ``mistral`` and ``qwen2`` without sliding windows)
 on one device, with a 2-D or no attention mask, outside training mode unless the side network has no dropout; packed
-sequences (no mask, restarting position ids), other keyword arguments, other architectures, gradients, and the copy
-heads' mix take the general path through the transformers modules. Outputs equal the general path's to
-floating-point rounding (tests/test_fast_path.py); :func:`fast_path_disabled` switches it off.
+sequences (no mask, restarting position ids), other keyword arguments, other architectures, gradients, side networks
+that FSDP shards (:func:`fsdp_managed`), and the copy heads' mix take the general path through the transformers
+modules. Outputs equal the general path's to floating-point rounding (tests/test_fast_path.py);
+:func:`fast_path_disabled` switches it off.
 """
 
 from __future__ import annotations
@@ -357,6 +358,15 @@ def _is_deterministic_in_training_mode(side) -> bool:
     return all(module.p == 0 for module in side.modules() if isinstance(module, torch.nn.Dropout))
 
 
+def fsdp_managed(module) -> bool:
+    """Whether FSDP shards this module's parameters (``FullyShardedDataParallel`` or ``fully_shard`` wraps it or a
+    module around it: torch marks every module it manages with ``_is_fsdp_managed_module``). Its parameters then hold
+    their full values only inside the forward of the FSDP unit that holds them: outside it they are shards (DTensors
+    under FSDP2, flat views under FSDP1). Code that reads the side network's weights outside their modules' forwards
+    (the packed weights of the fast path, the LM head's low-rank backward) must leave such a side network alone."""
+    return bool(getattr(module, "_is_fsdp_managed_module", False))
+
+
 def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedSideWeights]:
     """The packed weights to run this forward on the fast path, or None where the general path must run it.
 
@@ -367,7 +377,7 @@ def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedS
     check again; other in-place writes between two turns of one cache (``param.data`` edits, a direct
     ``set_peft_model_state_dict``) are seen at the next sequence, not within the continued cache.
     """
-    if not _enabled or torch.is_grad_enabled():
+    if not _enabled or torch.is_grad_enabled() or fsdp_managed(side):
         return None
     # "never": another block structure; "eval": only in eval mode (dropout); "always": also in training mode
     when = side.__dict__.get("_fast_path_when")

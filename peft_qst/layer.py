@@ -89,6 +89,19 @@ def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:
     return None
 
 
+def _gathered_head_weight(head: nn.Module) -> torch.Tensor:
+    """The LM head's weight for looking up the input tokens' rows, which copy heads add. The trunk runs before the
+    head, so where FSDP2 made the head an FSDP unit of its own (as accelerate wraps it) its weight is still sharded
+    here: the head is gathered now (``FSDPModule.unshard``, collective, as every rank runs this forward), and its own
+    forward later in the step finds it gathered."""
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(head, FSDPModule):
+            head.unshard()
+    return head.weight
+
+
 class QSTLayer(nn.Module, BaseTunerLayer):
     """Wraps a decoder trunk; holds one :class:`~peft_qst.side.QSTSideNetwork` per adapter in ``qst_side``."""
 
@@ -161,7 +174,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 "static cache builds 4-D masks over the preallocated length). Generate with the default dynamic "
                 "cache, or pass a 2-D attention_mask."
             )
-        weight = self.__dict__["_output_embeddings"].weight
+        weight = _gathered_head_weight(self.__dict__["_output_embeddings"])
         past = memory.get_seq_length() if memory is not None else 0
         batch, length = input_ids.shape
         key_mask = copy_key_mask(

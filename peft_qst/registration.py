@@ -14,6 +14,12 @@ that they fit the model before PEFT loads anything; PEFT's own reader would fall
 which are read only from safetensors (a pickle written would be refused when loaded, and could sit beside an older
 safetensors file that would then load instead).
 
+FSDP: PEFT's ``fsdp_auto_wrap_policy(model)`` (which the Trainer installs for a PEFT model under FSDP1, and which
+accelerate recipes call) gives each trainable leaf layer with a ``weight`` its own FSDP unit, so that no unit mixes
+frozen and trainable parameters, which FSDP1 with ``use_orig_params=False`` refuses. A QST side network also holds
+parameters elsewhere (the side blocks' gates, norms whose weights are parametrized as offsets, the output gate); for
+a model holding a QST adapter the policy also wraps every module of a side network that holds parameters of its own.
+
 One fix rides along too: ``PeftModel.push_to_hub`` (transformers' ``PushToHubMixin``) saves the adapter, then overwrites
 the model card PEFT just wrote with a generic transformers card (``library_name: transformers``, no base model) before
 uploading. For models holding a QST adapter, the card is restored on the way to the upload: PEFT's fields
@@ -25,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+import weakref
 
 from .card import add_usage_section
 from .config import PEFT_TYPE, QSTConfig
@@ -47,6 +54,7 @@ def register() -> None:
     _read_qst_weights_safely()
     _read_qst_weights_safely_in_transformers()
     _save_qst_weights_as_safetensors()
+    _wrap_side_modules_in_fsdp_units()
 
 
 def _holds_qst_adapter(model) -> bool:
@@ -247,3 +255,47 @@ def _save_qst_weights_as_safetensors() -> None:
         return save_pretrained
 
     _patch_once(PeftModel, "save_pretrained", make)
+
+
+def _side_modules_with_parameters(model) -> list:
+    """The modules of the model's QST side networks that hold parameters of their own (directly, or through a
+    parametrization such as the offsets of norm weights), each of which the FSDP policy below makes an FSDP unit: a
+    side block (its gate), a norm, a linear layer, the output gate. Each is called as a module where its parameters
+    are used, so FSDP gathers them for that call."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    from .layer import QSTLayer
+
+    owners = []
+    for layer in model.modules():
+        if not isinstance(layer, QSTLayer):
+            continue
+        for side in layer.qst_side.values():
+            for module in side.modules():
+                if isinstance(module, ParametrizationList):  # part of the parametrized module that uses it
+                    continue
+                if parametrize.is_parametrized(module) or next(module.parameters(recurse=False), None) is not None:
+                    owners.append(module)
+    return owners
+
+
+def _wrap_side_modules_in_fsdp_units() -> None:
+    """PEFT's ``fsdp_auto_wrap_policy`` (see the module docstring), extended for models that hold QST adapters."""
+    import peft.utils.other as peft_other
+
+    def make(original):
+        def fsdp_auto_wrap_policy(model):
+            policy = original(model)
+            owners = _side_modules_with_parameters(model)
+            if not owners:
+                return policy
+            from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy
+
+            wrapped = weakref.WeakSet(owners)
+            side_policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda module: module in wrapped)
+            return functools.partial(_or_policy, policies=[policy, side_policy])
+
+        return fsdp_auto_wrap_policy
+
+    _patch_once(peft_other, "fsdp_auto_wrap_policy", make)
