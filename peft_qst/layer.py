@@ -102,6 +102,19 @@ def _gathered_head_weight(head: nn.Module) -> torch.Tensor:
     return head.weight
 
 
+def _mix_as_fsdp_forward(side: nn.Module) -> None:
+    """``QSTSideNetwork.mix`` uses the upsample, the output gate and the copy head after the side network's forward
+    has returned. Where ``fully_shard`` made the side network itself an FSDP unit (a size-based wrap policy, say),
+    their weights are shards again by then: register ``mix`` as a forward method of that unit, so FSDP gathers them
+    for it (and again for its backward). A no-op otherwise, and once per side network."""
+    if "mix" in vars(side) or not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if isinstance(side, FSDPModule):
+        register_fsdp_forward_method(side, "mix")
+
+
 class QSTLayer(nn.Module, BaseTunerLayer):
     """Wraps a decoder trunk; holds one :class:`~peft_qst.side.QSTSideNetwork` per adapter in ``qst_side``."""
 
@@ -530,6 +543,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                     memory = DynamicCache()
                 new_memories[name] = memory
                 copy_inputs = self._copy_inputs(kwargs, hidden_states, memory)
+            _mix_as_fsdp_forward(side)
             adapted = side.mix(backbone_last, side_out, copy_inputs)
             if row_adapters is None:
                 mixed = adapted

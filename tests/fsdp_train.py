@@ -17,6 +17,7 @@ gathered as accelerate gathers it for ``Trainer.save_model``, and rank 0 saves t
 FSDP wrapping itself: accelerate and the Trainer turn FSDP on only with GPUs and fall back to DDP on CPUs).
 
 Usage: torchrun --nproc_per_node 2 tests/fsdp_train.py --out DIR [--fsdp 1|2] [--steps N] [--qst '{"copy_heads": 1}']
+[--side-unit]
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def main():
     parser.add_argument("--fsdp", type=int, choices=[1, 2], default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--qst", default="{}", help="further QSTConfig arguments, as JSON")
+    parser.add_argument("--side-unit", action="store_true",
+                        help="FSDP2: also make each side network one unit (as a size-based wrap policy can)")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -116,6 +119,12 @@ def main():
         for module in list(peft_model.modules()):
             if isinstance(module, LlamaDecoderLayer):
                 fully_shard(module, mesh=mesh)
+        if args.side_unit:
+            from peft_qst.side import QSTSideNetwork
+
+            for module in list(peft_model.modules()):
+                if isinstance(module, QSTSideNetwork):
+                    fully_shard(module, mesh=mesh)
         fully_shard(peft_model.get_input_embeddings(), mesh=mesh)
         fully_shard(peft_model.get_output_embeddings(), mesh=mesh, reshard_after_forward=False)
         model = fully_shard(peft_model, mesh=mesh)

@@ -54,18 +54,21 @@ def reference_training(qst: dict):
 
 
 # FSDP2 with accelerate's layout; FSDP1 with PEFT's wrap policy and use_orig_params=False; FSDP2 with a copy head, which
-# reads the LM head's weight during the trunk's forward, while the head (an FSDP unit of its own) is still sharded
-CASES = [(2, {}), (1, {}), (2, {"copy_heads": 1})]
+# reads the LM head's weight during the trunk's forward, while the head (an FSDP unit of its own) is still sharded;
+# FSDP2 with each side network one unit too, whose mix with the backbone runs after the side network's own forward
+CASES = [(2, {}, False), (1, {}, False), (2, {"copy_heads": 1}, False), (2, {"copy_heads": 1}, True)]
 
 
-@pytest.mark.parametrize("fsdp, qst", CASES, ids=["fsdp2", "fsdp1-peft-policy", "fsdp2-copy-head"])
-def test_fsdp_training_saving_and_reloading(tmp_path, fsdp, qst):
+@pytest.mark.parametrize(
+    "fsdp, qst, side_unit", CASES, ids=["fsdp2", "fsdp1-peft-policy", "fsdp2-copy-head", "fsdp2-side-network-unit"]
+)
+def test_fsdp_training_saving_and_reloading(tmp_path, fsdp, qst, side_unit):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
         "tests/fsdp_train.py", "--out", str(tmp_path), "--fsdp", str(fsdp), "--steps", str(STEPS),
         "--qst", json.dumps(qst),
-    ]
+    ] + (["--side-unit"] if side_unit else [])
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
