@@ -37,7 +37,8 @@ on one device, with a 2-D or no attention mask, outside training mode unless the
 sequences (no mask, restarting position ids), other keyword arguments, other architectures, gradients, side networks
 that FSDP shards (:func:`fsdp_managed`), and the copy heads' mix take the general path through the transformers
 modules. Outputs equal the general path's to floating-point rounding (tests/test_fast_path.py);
-:func:`fast_path_disabled` switches it off.
+:func:`fast_path_disabled` switches it off. Code that ``torch.compile`` traces takes the general path too
+(tests/test_torch_compile.py).
 """
 
 from __future__ import annotations
@@ -377,7 +378,10 @@ def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedS
     check again; other in-place writes between two turns of one cache (``param.data`` edits, a direct
     ``set_peft_model_state_dict``) are seen at the next sequence, not within the continued cache.
     """
-    if not _enabled or torch.is_grad_enabled() or fsdp_managed(side):
+    if not _enabled or torch.is_grad_enabled() or fsdp_managed(side) or torch.compiler.is_compiling():
+        # under torch.compile the general path runs: the compiler fuses it, and what decides here whether packed
+        # weights still hold (the counters of optimizer steps, the parameters' sums) is Python state that the compiled
+        # code would be specialised on, so every optimizer step recompiled the side network's frames
         return None
     # "never": another block structure; "eval": only in eval mode (dropout); "always": also in training mode
     when = side.__dict__.get("_fast_path_when")

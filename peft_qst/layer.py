@@ -28,7 +28,7 @@ from .cache import QSTCache, cache_field, has_cache_field, paired_cache, remembe
 from .config import QSTConfig
 from .backbone_lora import top_block_linears
 from .bnb_compat import keep_unpacked_for_backward
-from .per_call import call_state
+from .per_call import call_state, hold_call_state
 from .side import QSTSideNetwork, QSTUnsupportedModelError, copy_key_mask, find_layer_list
 
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
@@ -125,6 +125,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.qst_side = nn.ModuleDict()
+        hold_call_state(self, ("captured", "lora_routing", "grad_from"))
         self._disable_adapters = False
         self.merged_adapters = []
         # PEFT's disable_input_dtype_casting toggles this on every tuner layer (LoRA layers define it); QST casts the

@@ -34,7 +34,7 @@ from .cache import cache_field
 from .config import AUTO, QSTConfig
 from .fast_path import fast_mix, fast_side_forward, fsdp_managed, keep_cache_dtype, packed_weights_for
 from .lm_head import mark_low_rank_update
-from .per_call import call_state
+from .per_call import call_state, hold_call_state
 from .side_attention import side_attention_implementation
 
 #: config attributes holding the width of token embeddings where it may differ from the hidden size (OPT, ELECTRA,
@@ -595,6 +595,7 @@ class QSTSideBlock(nn.Module):
 
     def __init__(self, block: nn.Module, downsample: nn.Module, width: int, gate_init: float, dropout: float):
         super().__init__()
+        hold_call_state(self, ("backbone_hidden",))
         self.block = block
         self.downsample = downsample
         self.gate_logit = nn.Parameter(torch.full((width,), math.log(gate_init / (1.0 - gate_init))))
@@ -820,11 +821,12 @@ class QSTSideNetwork(nn.Module):
         """``h_L + a * up(side)`` (+ the copy heads' output); ``up`` and the copy gates start at zero, so an untrained
         adapter returns the backbone's output. ``copy_inputs`` (for an adapter with copy heads): the keyword
         arguments of :class:`CopyHead` other than ``side_out`` and ``query_hidden``."""
-        if copy_inputs is None and not torch.is_grad_enabled():
+        compiling = torch.compiler.is_compiling()  # the fast path does not run then (packed_weights_for)
+        if copy_inputs is None and not torch.is_grad_enabled() and not compiling:
             mixed = fast_mix(self, backbone_last, side_out)
             if mixed is not None:
                 return mixed
-        packed = self.__dict__.get("_packed_weights")
+        packed = None if compiling else self.__dict__.get("_packed_weights")
         if packed is not None:
             # a fast forward's output that the general mix below does not consume (copy heads): not kept on the
             # module until the next forward
