@@ -20,7 +20,7 @@ only ``s``, ``a`` and ``U`` need gradients, the same gradients follow from produ
 operations at r=16, the same values up to rounding. :func:`mark_low_rank_update` records that structure for the mixed
 hidden state (``QSTSideNetwork.mix`` does, where it holds: no copy heads, no gradient into the backbone, one device),
 and a forward hook on the head wraps the logits of exactly that tensor in :class:`LowRankHeadGradient`; a sliced
-input, a head that trains, or anything else keeps autograd's own backward.
+input, a head that trains, code that ``torch.compile`` traces, or anything else keeps autograd's own backward.
 """
 
 from __future__ import annotations
@@ -42,12 +42,8 @@ _LOW_RANK_HANDLE_ATTR = "_qst_low_rank_handle"
 _low_rank_records: dict = {}
 
 
-@torch.compiler.disable
 def mark_low_rank_update(mixed: torch.Tensor, side_out: torch.Tensor, output_gate: nn.Module, upsample: nn.Module):
-    """Record that ``mixed`` = constant + ``output_gate(upsample(side_out))``, for as long as ``mixed`` lives.
-
-    Records are keyed by the tensor's identity, so under ``torch.compile`` this runs outside the compiled graph, on
-    the real tensor (inside it, ``mixed`` is a stand-in whose identity the hook below never sees)."""
+    """Record that ``mixed`` = constant + ``output_gate(upsample(side_out))``, for as long as ``mixed`` lives."""
     key = id(mixed)
     _low_rank_records[key] = (weakref.ref(mixed), side_out, output_gate, upsample)
     weakref.finalize(mixed, _low_rank_records.pop, key, None)
@@ -98,15 +94,12 @@ class LowRankHeadGradient(torch.autograd.Function):
 def _low_rank_backward(module: nn.Module, args: tuple, output):
     if not torch.is_grad_enabled() or not args or not isinstance(output, torch.Tensor):
         return None
-    return _wrap_low_rank_logits(module, args, output)
-
-
-@torch.compiler.disable
-def _wrap_low_rank_logits(module: nn.Module, args: tuple, output: torch.Tensor):
-    """The logits wrapped in :class:`LowRankHeadGradient` where the head's input is a recorded mixed hidden state,
-    else None. Outside ``torch.compile``'s graphs (a graph break where a training forward is compiled): the lookup is
-    by tensor identity, which compiled code would guard on, recompiling this hook at every step until the recompile
-    limit."""
+    if torch.compiler.is_compiling():
+        # records are found by tensor identity: in code torch.compile traces, the lookup made a graph break and the
+        # compiled hook was guarded on the identity of that step's hidden state, so it recompiled at every training
+        # step (until Dynamo's recompile limit). Compiled training takes autograd's backward through the head (the
+        # same gradients up to rounding); QSTSideNetwork.mix records nothing there either
+        return None
     hidden = args[0]
     if not isinstance(hidden, torch.Tensor):
         return None

@@ -821,7 +821,7 @@ class QSTSideNetwork(nn.Module):
         """``h_L + a * up(side)`` (+ the copy heads' output); ``up`` and the copy gates start at zero, so an untrained
         adapter returns the backbone's output. ``copy_inputs`` (for an adapter with copy heads): the keyword
         arguments of :class:`CopyHead` other than ``side_out`` and ``query_hidden``."""
-        compiling = torch.compiler.is_compiling()  # the fast path does not run then (packed_weights_for)
+        compiling = torch.compiler.is_compiling()  # neither the fast path nor the low-rank head backward then
         if copy_inputs is None and not torch.is_grad_enabled() and not compiling:
             mixed = fast_mix(self, backbone_last, side_out)
             if mixed is not None:
@@ -847,6 +847,8 @@ class QSTSideNetwork(nn.Module):
             # under FSDP the gate and upsample weights are shards outside their own forwards, where the head's
             # backward would read them: autograd's own backward then
             and not fsdp_managed(self)
+            # under torch.compile the record, kept by tensor identity, is not used (see lm_head._low_rank_backward)
+            and not compiling
         ):
             # the update is exactly a * (up s) on a constant h_L: the LM head can back-propagate through that
             # low-rank form instead of the full hidden width (peft_qst/lm_head.py)

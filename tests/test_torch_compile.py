@@ -5,7 +5,8 @@ which keeps these tests fast; Inductor was checked by hand (fp32 logits within 3
 greedy tokens equal). QST keeps Python state beside the model (the inference fast path's packed weights, checked
 against counters of optimizer steps and the parameters' sums; the low-rank LM-head backward, keyed by tensor
 identity; the per-call state of its hooks): compiled code specialised on it recompiled after every optimizer step,
-until Dynamo's recompile limit, or whenever another QST model or thread came along.
+until Dynamo's recompile limit, or whenever another QST model or thread came along. Compiled code now takes the
+general path and autograd's backward through the head, and reads the per-call state from the module it runs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-import peft_qst.lm_head as lm_head
 from peft_qst import QSTConfig
 
 from .conftest import tiny_causal_lm
@@ -64,15 +64,7 @@ def optimizer(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
 
-def test_compiled_model_trains_and_evaluates_as_eager_without_recompiling(monkeypatch):
-    low_rank_backwards = []
-    backward = lm_head.LowRankHeadGradient.backward
-
-    def counting_backward(ctx, grad):
-        low_rank_backwards.append(1)
-        return backward(ctx, grad)
-
-    monkeypatch.setattr(lm_head.LowRankHeadGradient, "backward", staticmethod(counting_backward))
+def test_compiled_model_trains_and_evaluates_as_eager_without_recompiling():
     ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     other = qst_twins(seed=5)[0]  # another QST model that has run
@@ -87,15 +79,12 @@ def test_compiled_model_trains_and_evaluates_as_eager_without_recompiling(monkey
         with no_recompiles() if step >= 2 else contextlib.nullcontext():
             for twin in (eager, model):
                 twin.train()
-            low_rank_backwards.clear()
             eager(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-            assert len(low_rank_backwards) == 1
             compiled(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-            # the low-rank LM-head backward runs under compile too (it silently did not)
-            assert len(low_rank_backwards) == 2
+            # (the eager twin back-propagates through the LM head in low rank, compiled code through autograd's own)
             for (name, p_eager), p_compiled in zip(eager.named_parameters(), model.parameters()):
                 if p_eager.requires_grad:
-                    torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-5, atol=1e-7, msg=name)
+                    torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-5, atol=1e-6, msg=name)
                 else:
                     assert p_compiled.grad is None, name  # nothing flows into the frozen backbone
             for opt in optimizers:
@@ -135,6 +124,27 @@ def test_compiled_model_trains_and_evaluates_as_eager_without_recompiling(monkey
             compiled_logits = compiled(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(results["logits"], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled_logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_compiles_to_one_graph_without_a_cache():
+    """As for LoRA, ``fullgraph=True`` traces a training forward and backward whole, here with ``use_cache=False``
+    (with a cache, the QSTCache pairing the backbone's and the side networks' caches is not traceable). The low-rank
+    LM-head backward's lookup by tensor identity was a graph break it could not trace."""
+    eager, model = qst_twins(seed=7)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(3))
+    for twin in (eager, model):
+        twin.train()
+    expected = eager(input_ids=ids, labels=ids, use_cache=False).loss
+    expected.backward()
+    loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    for (name, p_eager), p_compiled in zip(eager.named_parameters(), model.parameters()):
+        if p_eager.requires_grad:
+            torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert p_compiled.grad is None, name
 
 
 def test_generate_with_compiled_forward_matches_eager_after_training_steps():
