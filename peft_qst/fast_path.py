@@ -368,6 +368,16 @@ def fsdp_managed(module) -> bool:
     return bool(getattr(module, "_is_fsdp_managed_module", False))
 
 
+def fsdp2_unit(module) -> bool:
+    """Whether ``fully_shard`` made this module an FSDP2 unit of its own (an ``FSDPModule``, which can be gathered
+    with ``unshard()`` and given further forward methods); the flag test first keeps this cheap for unsharded models."""
+    if not fsdp_managed(module):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedSideWeights]:
     """The packed weights to run this forward on the fast path, or None where the general path must run it.
 

@@ -28,6 +28,7 @@ from .cache import QSTCache, cache_field, has_cache_field, paired_cache, remembe
 from .config import QSTConfig
 from .backbone_lora import top_block_linears
 from .bnb_compat import keep_unpacked_for_backward
+from .fast_path import fsdp2_unit
 from .per_call import call_state, hold_call_state
 from .side import QSTSideNetwork, QSTUnsupportedModelError, copy_key_mask, find_layer_list
 
@@ -94,11 +95,8 @@ def _gathered_head_weight(head: nn.Module) -> torch.Tensor:
     head, so where FSDP2 made the head an FSDP unit of its own (as accelerate wraps it) its weight is still sharded
     here: the head is gathered now (``FSDPModule.unshard``, collective, as every rank runs this forward), and its own
     forward later in the step finds it gathered."""
-    if torch.distributed.is_available():
-        from torch.distributed.fsdp import FSDPModule
-
-        if isinstance(head, FSDPModule):
-            head.unshard()
+    if fsdp2_unit(head):
+        head.unshard()
     return head.weight
 
 
@@ -107,11 +105,9 @@ def _mix_as_fsdp_forward(side: nn.Module) -> None:
     has returned. Where ``fully_shard`` made the side network itself an FSDP unit (a size-based wrap policy, say),
     their weights are shards again by then: register ``mix`` as a forward method of that unit, so FSDP gathers them
     for it (and again for its backward). A no-op otherwise, and once per side network."""
-    if "mix" in vars(side) or not torch.distributed.is_available():
-        return
-    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    if "mix" not in vars(side) and fsdp2_unit(side):
+        from torch.distributed.fsdp import register_fsdp_forward_method
 
-    if isinstance(side, FSDPModule):
         register_fsdp_forward_method(side, "mix")
 
 
