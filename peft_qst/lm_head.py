@@ -20,7 +20,8 @@ only ``s``, ``a`` and ``U`` need gradients, the same gradients follow from produ
 operations at r=16, the same values up to rounding. :func:`mark_low_rank_update` records that structure for the mixed
 hidden state (``QSTSideNetwork.mix`` does, where it holds: no copy heads, no gradient into the backbone, one device),
 and a forward hook on the head wraps the logits of exactly that tensor in :class:`LowRankHeadGradient`; a sliced
-input, a head that trains, code that ``torch.compile`` traces, or anything else keeps autograd's own backward.
+input, a head that trains, a quantized head (a torchao tensor-subclass weight), code that ``torch.compile`` traces,
+or anything else keeps autograd's own backward.
 """
 
 from __future__ import annotations
@@ -116,12 +117,24 @@ def _low_rank_backward(module: nn.Module, args: tuple, output):
     bias = getattr(module, "bias", None)
     if type(module) is not nn.Linear or weight.requires_grad or (bias is not None and bias.requires_grad):
         return None
+    if not _is_plain_tensor(weight):
+        # a quantized head that stays an nn.Linear (torchao's quantize_ swaps the weight for a tensor subclass such
+        # as Int8Tensor) implements F.linear, which its forward used, but not the plain matmuls of the low-rank
+        # backward ("Int8Tensor dispatch: ... unimplemented operator aten.mm"): autograd's backward through the
+        # head's own F.linear computes the same gradients
+        return None
     side_out, output_gate, upsample = record
     if output.shape[:-1] != hidden.shape[:-1] or side_out.shape[:-1] != hidden.shape[:-1]:
         return None
     if not (weight.device == hidden.device == side_out.device == output.device):
         return None
     return LowRankHeadGradient.apply(output.detach(), side_out, output_gate.weight, upsample.weight, weight)
+
+
+def _is_plain_tensor(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a dense tensor (or a parameter holding one), not a tensor subclass such as a torchao
+    quantized weight, whose operators beyond the module's own forward may be missing."""
+    return type(weight) in (torch.Tensor, nn.Parameter)
 
 
 def _has_standard_strides(tensor: torch.Tensor) -> bool:

@@ -191,15 +191,21 @@ def _check_copy_head_support(model: nn.Module, model_type: str) -> None:
     head = get_output_embeddings() if callable(get_output_embeddings) else None
     weight = getattr(head, "weight", None)
     hidden = int(model.config.hidden_size)
+    # quantization first: a bitsandbytes 4-bit weight is stored packed, as a (rows x columns / 2, 1) tensor (uint8, or
+    # the bnb_4bit_quant_storage dtype), so the shape check below would blame a missing LM head for it
+    if isinstance(weight, torch.Tensor) and (
+        not weight.dtype.is_floating_point
+        or type(weight).__name__ == "Params4bit"
+        or getattr(weight, "quant_state", None) is not None
+    ):
+        raise QSTUnsupportedModelError(
+            f"QSTConfig.copy_heads needs the LM head's weight unquantized, but it is {type(weight).__name__} "
+            f"({weight.dtype}). Keep lm_head out of quantization (bitsandbytes does by default), or use copy_heads=0."
+        )
     if head is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden:
         raise QSTUnsupportedModelError(
             f"QSTConfig.copy_heads needs a model with an LM head ({type(model).__name__}, a {model_type} model, has "
             "none of the usual shape): copy heads add LM-head rows. Use an *ForCausalLM model, or copy_heads=0."
-        )
-    if not weight.dtype.is_floating_point or type(weight).__name__ == "Params4bit":
-        raise QSTUnsupportedModelError(
-            f"QSTConfig.copy_heads needs the LM head's weight unquantized, but it is {type(weight).__name__} "
-            f"({weight.dtype}). Keep lm_head out of quantization (bitsandbytes does by default), or use copy_heads=0."
         )
 
 

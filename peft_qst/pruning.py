@@ -125,10 +125,39 @@ def dequantised(parameter: torch.Tensor, model_type: str) -> torch.Tensor:
 
         return bnbf.dequantize_4bit(parameter.data, quant_state).float()
     if type(parameter).__name__ == "Int8Params" or parameter.dtype in (torch.int8, torch.uint8):
-        raise _refuse(model_type, "its weights are 8-bit quantised; pruning reads dense or bitsandbytes 4-bit weights")
+        raise _refuse(
+            model_type,
+            "its weights are 8-bit integers (bitsandbytes load_in_8bit); pruning reads dense, bitsandbytes 4-bit and "
+            "torchao-quantized weights",
+        )
     if parameter.device.type == "meta":
         raise _refuse(model_type, "its weights are not loaded (meta device); build the adapter on a loaded model")
+    if type(parameter) not in (torch.Tensor, nn.Parameter):
+        return _dequantised_subclass(parameter, model_type)
     return parameter.detach().float()
+
+
+def _dequantised_subclass(parameter: torch.Tensor, model_type: str) -> torch.Tensor:
+    """A weight held as a tensor subclass: torchao's quantized weights (``quantize_`` or transformers'
+    ``TorchAoConfig``: ``Int8Tensor``, ``Float8Tensor``, ...) implement the module's ``F.linear`` but not the
+    transposes, reductions and indexing pruning does (``NotImplementedError: Int8Tensor dispatch: ...
+    aten.permute``), so they are read through their own ``dequantize()``; a subclass without a working one is
+    refused by name."""
+    dequantize = getattr(parameter, "dequantize", None)
+    dense = None
+    if callable(dequantize):
+        try:
+            with torch.no_grad():
+                dense = dequantize()
+        except Exception:  # noqa: BLE001 - refused below, naming the weight's class
+            dense = None
+    if isinstance(dense, torch.Tensor) and type(dense) is torch.Tensor and dense.shape == parameter.shape:
+        return dense.detach().float()
+    raise _refuse(
+        model_type,
+        f"its weights are {type(parameter).__name__} tensors, which pruning cannot read as dense weights (no working "
+        "dequantize()); pruning reads dense, bitsandbytes 4-bit and torchao-quantized weights",
+    )
 
 
 def _norm_scale(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -222,13 +251,31 @@ class _Layout:
         return None
 
 
+def _no_counterpart(base_block: nn.Module, where: str, full: str) -> str:
+    """Why a side parameter has no backbone parameter of its name. Usually the backbone module is there but is a
+    quantized layer of another library that keeps its weight in other attributes (HQQ's ``HQQLinear`` holds ``W_q``
+    and its scales, not ``weight``): say so, rather than that the module is missing."""
+    module_name, _, kind = full.rpartition(".")
+    try:
+        owner = base_block.get_submodule(module_name) if module_name else base_block
+    except AttributeError:
+        owner = None
+    if owner is not None and not isinstance(getattr(owner, kind, None), torch.Tensor):
+        return (
+            f"its {where}.{module_name} is a {type(owner).__name__}, which holds no {kind!r} parameter pruning could "
+            "read (a quantized layer that stores its weight in another form); pruning reads dense, bitsandbytes 4-bit "
+            "and torchao-quantized weights"
+        )
+    return f"the side parameter {where}.{full} has no backbone counterpart"
+
+
 def _plan_block(layout: _Layout, side_block: nn.Module, base_block: nn.Module, where: str) -> dict:
     """For every parameter of a side block: the roles of each of its dimensions (None where it is not shrunk)."""
     base = {full: (leaf, kind, p) for full, leaf, _m, kind, p in _block_parameters(base_block)}
     plan = {}
     for full, leaf, module, kind, parameter in _block_parameters(side_block):
         if full not in base:
-            raise _refuse(layout.model_type, f"the side parameter {where}.{full} has no backbone counterpart")
+            raise _refuse(layout.model_type, _no_counterpart(base_block, where, full))
         base_shape = logical_shape(base[full][2])
         side_shape = parameter.shape
         if len(base_shape) != len(side_shape):

@@ -166,6 +166,23 @@ def test_refusals():
         model(inputs_embeds=embeds)
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16-storage"])
+def test_a_4bit_lm_head_is_refused_as_quantized(tiny_model_dir, storage):
+    """bitsandbytes quantizes the LM head too when told to (llm_int8_skip_modules=[]); its packed (n, 1) weight was
+    refused as "no LM head of the usual shape" with the advice to use an *ForCausalLM model, which it is. The error
+    says the head is quantized and how to keep it unquantized."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantized_head = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=storage,
+        llm_int8_skip_modules=[],
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantized_head)
+    assert type(base.lm_head).__name__ == "Linear4bit"
+    with pytest.raises(QSTUnsupportedModelError, match="needs the LM head's weight unquantized, but it is Params4bit"):
+        get_peft_model(base, copy_config())
+
+
 def test_a_static_cache_is_refused_with_copy_heads():
     """Copy heads read padding from a 2-D mask; generate hands a static cache's steps 4-D masks over the
     preallocated length (a dict of them for hybrid models): refused, not silently attending to padding."""

@@ -123,6 +123,34 @@ def test_a_trained_lm_head_keeps_autograds_backward(monkeypatch):
     assert any("upsample" in name for name in grads)
 
 
+class LinearOnlyWeight(torch.Tensor):
+    """A weight as torchao's ``quantize_`` leaves it in an ``nn.Linear`` (a tensor subclass such as ``Int8Tensor``):
+    ``F.linear`` works, plain matrix products are not implemented."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "mm", "__matmul__", "__rmatmul__"):
+            raise NotImplementedError(f"{cls.__name__} dispatch: unimplemented operator {func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_quantized_tensor_subclass_head_keeps_autograds_backward(monkeypatch):
+    """torchao's quantize_(model, Int8WeightOnlyConfig()) quantizes every nn.Linear, the LM head included, and leaves it
+    an nn.Linear whose weight is a tensor subclass implementing F.linear only: the low-rank backward's matmuls failed
+    with NotImplementedError at the first training step (LoRA trains there). Such a head keeps autograd's backward."""
+    model = qst_model()
+    reference = gradients(model, True, **batch())
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(LinearOnlyWeight(head.weight.detach().clone()), requires_grad=False)
+    assert type(head.weight) is LinearOnlyWeight
+    calls = count_low_rank_backwards(monkeypatch)
+    grads = gradients(model, True, **batch())
+    assert calls == []
+    assert set(grads) == set(reference)
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_unload_removes_the_hook():
     model = qst_model()
     head = model.get_output_embeddings()

@@ -276,3 +276,84 @@ def test_pruning_reads_4bit_weights_bitsandbytes_repacked_for_its_cpu_kernel(bas
     # importances, since the block scales were rounded)
     model = get_peft_model(used, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned", side_dtype="float32"))
     assert_side_blocks_are_backbone_slices(model, read=lambda parameter: dequantised(parameter, "llama"))
+
+
+class DequantizeOnlyWeight(torch.Tensor):
+    """A weight as torchao leaves it in an ``nn.Linear`` (``quantize_`` or transformers' ``TorchAoConfig``:
+    ``Int8Tensor``, ``Float8Tensor``, ...): the module's ``F.linear`` and ``dequantize()`` work, the transposes,
+    reductions and indexing pruning does on dense weights are not implemented (torchao raises NotImplementedError:
+    "Int8Tensor dispatch: attempting to run unimplemented operator ... aten.permute")."""
+
+    ALLOWED = {"detach", "__get__", "__set__", "requires_grad_", "numel", "dim", "size", "__repr__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", None)
+        if name == "linear":  # the module's forward: a plain output, as torchao's
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        if name not in cls.ALLOWED:
+            raise NotImplementedError(f"{cls.__name__} dispatch: unimplemented operator {func}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+    def dequantize(self):
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(torch.Tensor).clone()
+
+
+def test_pruning_reads_tensor_subclass_weights_through_their_dequantize(base_dir):
+    """torchao-quantized weights are tensor subclasses whose only dense view is dequantize(): pruning read them as
+    dense tensors and failed with torchao's NotImplementedError; it reads them through dequantize() now, and gives
+    the side blocks the dense model's slices. A subclass that cannot be dequantized is refused, naming its class."""
+    dense_base = load_base(base_dir, False)
+    torch.manual_seed(0)
+    expected = get_peft_model(dense_base, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))
+
+    def with_subclass_weights(weight_class):
+        model = load_base(base_dir, False)
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(weight_class(module.weight.detach().clone()), requires_grad=False)
+        return model
+
+    quantized = with_subclass_weights(DequantizeOnlyWeight)
+    assert type(quantized.model.layers[0].mlp.down_proj.weight) is DequantizeOnlyWeight
+    torch.manual_seed(0)
+    model = get_peft_model(quantized, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))
+    side, reference = side_network(model).state_dict(), side_network(expected).state_dict()
+    assert side.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(side[name], reference[name]), name
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, expected(input_ids=IDS).logits)
+
+    class Undequantizable(DequantizeOnlyWeight):
+        def dequantize(self):
+            raise NotImplementedError("no dense view")
+
+    config = QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned")
+    with pytest.raises(QSTUnsupportedModelError, match="its weights are Undequantizable tensors"):
+        get_peft_model(with_subclass_weights(Undequantizable), config)
+
+
+def test_a_layer_that_keeps_its_weight_in_another_form_is_refused_naming_its_class(base_dir):
+    """HQQ's quantize_model swaps each nn.Linear of the blocks for an HQQLinear, which stores W_q and its scales, not a
+    weight: pruning refused it saying that the side parameter had "no backbone counterpart", as if the module were
+    missing. The error names the layer and its class now, before anything is wrapped (init="random" trains there)."""
+
+    class PackedLinear(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.register_buffer("W_q", linear.weight.detach().clone())
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.W_q.to(x.dtype))
+
+    model = load_base(base_dir, False)
+    for layer in model.model.layers:
+        layer.self_attn.q_proj = PackedLinear(layer.self_attn.q_proj)
+    refusal = r"its layer 0\.self_attn\.q_proj is a PackedLinear, which holds no"
+    with pytest.raises(QSTUnsupportedModelError, match=refusal):
+        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))
+    assert type(model.model).__name__ == "LlamaModel"  # nothing was wrapped
+    get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))
