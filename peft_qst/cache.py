@@ -12,12 +12,17 @@ attention is what transformers asks about.
 A caller who passes their own cache object (``generate(past_key_values=DynamicCache())``, transformers' multi-turn
 pattern) keeps that object, not the `QSTCache` generate got back, and passes it again for the next turn. The backbone
 half *is* that object, updated in place, so the side halves are recorded on it (:func:`remember_pairing`) and paired
-with it again when it comes back (:func:`paired_cache`).
+with it again when it comes back (:func:`paired_cache`). Between turns the caller may change that object's layout
+(``crop`` to regenerate a reply, ``batch_select_indices`` to drop finished rows, ``reorder_cache``): its layout
+methods apply to the side halves recorded on it too (:func:`_follow_layout_methods`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Optional
 
 from transformers.cache_utils import Cache
@@ -102,32 +107,38 @@ class QSTCache(Cache):
         yield from self.memory.values()
 
     def reorder_cache(self, beam_idx):
-        for cache in self._each():
-            cache.reorder_cache(beam_idx)
+        with _halves_applied_here():
+            for cache in self._each():
+                cache.reorder_cache(beam_idx)
 
     def crop(self, max_length: int):
-        for cache in self._each():
-            cache.crop(max_length)
+        with _halves_applied_here():
+            for cache in self._each():
+                cache.crop(max_length)
 
     def batch_repeat_interleave(self, repeats: int):
-        for cache in self._each():
-            cache.batch_repeat_interleave(repeats)
+        with _halves_applied_here():
+            for cache in self._each():
+                cache.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices):
-        for cache in self._each():
-            cache.batch_select_indices(indices)
+        with _halves_applied_here():
+            for cache in self._each():
+                cache.batch_select_indices(indices)
 
     def reset(self):
-        for cache in self._each():
-            cache.reset()
+        with _halves_applied_here():
+            for cache in self._each():
+                cache.reset()
 
     def activate_past_recording(self, **kwargs):
         """Keep past states in every half, so that a later ``crop`` (assisted decoding's rollback) can restore
         sliding-window layers of the side caches too. ``kwargs`` go to every half as given: transformers >= 5.25
         passes ``recurrent_states_to_keep`` (how many recurrent states linear-attention layers keep for the
         rollback)."""
-        for cache in self._each():
-            cache.activate_past_recording(**kwargs)
+        with _halves_applied_here():
+            for cache in self._each():
+                cache.activate_past_recording(**kwargs)
 
     @property
     def is_croppable(self) -> bool:
@@ -146,6 +157,53 @@ def remember_pairing(paired: QSTCache) -> None:
     backbone_vars = getattr(paired.backbone, "__dict__", None)
     if backbone_vars is not None:
         backbone_vars[_PAIRING_ATTR] = (paired.side, paired.memory)
+        _follow_layout_methods(type(paired.backbone))
+
+
+#: False while a `QSTCache` applies a layout method to every half itself: the backbone's own method must not apply it
+#: to the side halves recorded on the backbone a second time
+_halves_follow: ContextVar[bool] = ContextVar("peft_qst_halves_follow", default=True)
+
+
+@contextmanager
+def _halves_applied_here():
+    token = _halves_follow.set(False)
+    try:
+        yield
+    finally:
+        _halves_follow.reset(token)
+
+
+def _follow_layout_methods(cache_class: type) -> None:
+    """Make the layout methods of ``cache_class`` (``reorder_cache``, ``crop``, ``batch_select_indices``, ...) apply
+    to the side halves recorded on a backbone cache as well, wherever they are defined (transformers' ``Cache`` for
+    its dynamic, static and quantized caches). Once per defining class; a cache without recorded halves is unchanged.
+
+    The caller's own cache object is the backbone half only. Changed between turns by its own methods (``crop`` to
+    regenerate the last reply, ``batch_select_indices`` to drop finished rows, ``reorder_cache``), it left the side
+    halves as they were: a reorder continued every row with another row's side history (silently wrong tokens), a
+    selection or a crop failed with a shape error or a refusal, where LoRA's cache just continues."""
+    for name in _LAYOUT_METHODS:
+        owner = next((klass for klass in cache_class.__mro__ if name in vars(klass)), None)
+        method = vars(owner).get(name) if owner is not None else None
+        if owner is None or owner is QSTCache or not callable(method) or getattr(method, "_peft_qst_follows", False):
+            continue
+        setattr(owner, name, _following(name, method))
+
+
+def _following(name: str, method):
+    @functools.wraps(method)
+    def layout_method(self, *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        halves = getattr(self, "__dict__", {}).get(_PAIRING_ATTR)
+        if halves is not None and _halves_follow.get():
+            for half in (*halves[0].values(), *halves[1].values()):
+                if half is not None:
+                    getattr(half, name)(*args, **kwargs)
+        return result
+
+    layout_method._peft_qst_follows = True
+    return layout_method
 
 
 def paired_cache(cache):

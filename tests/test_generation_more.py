@@ -139,3 +139,64 @@ def test_an_optimizer_stepping_another_model_during_generation_keeps_the_packed_
         general = _generate(model, **kwargs)
     assert torch.equal(fast, general)
     assert packings == []
+
+
+@pytest.mark.parametrize("change", ["reorder_cache", "batch_select_indices", "crop", "batch_repeat_interleave"])
+def test_the_callers_own_cache_changed_between_turns_continues_like_a_fresh_generation(change):
+    """The caller's own cache object is the backbone half; its layout methods, called between two turns (crop to
+    regenerate a reply, batch_select_indices to drop finished rows, a reorder), must move the side halves recorded on
+    it too, as they do under LoRA. Left behind, a reorder continued every row with another row's side history (wrong
+    logits and tokens, no error), and the other changes failed with shape errors or a refusal."""
+    from transformers import DynamicCache
+
+    model = trained_model()
+    ids, mask = left_padded(PROMPTS)
+    cache = DynamicCache()
+    first = _generate(model, input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4)
+    history, history_mask = first, torch.cat([mask, torch.ones(len(PROMPTS), 4, dtype=mask.dtype)], 1)
+    if change == "reorder_cache":
+        rows = torch.tensor([2, 0, 1])
+        cache.reorder_cache(rows)
+    elif change == "batch_select_indices":
+        rows = torch.tensor([0, 2])
+        cache.batch_select_indices(rows)
+    elif change == "batch_repeat_interleave":
+        rows = torch.arange(len(PROMPTS)).repeat_interleave(2)
+        cache.batch_repeat_interleave(2)
+    else:  # drop the last two tokens of the history (the cache holds all but the last generated token)
+        rows = torch.arange(len(PROMPTS))
+        cache.crop(-2)
+        history, history_mask = history[:, :-2], history_mask[:, :-2]
+    history, history_mask = history[rows], history_mask[rows]
+    ids = torch.cat([history, torch.full((len(rows), 2), 7)], 1)
+    mask = torch.cat([history_mask, torch.ones(len(rows), 2, dtype=mask.dtype)], 1)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True,
+                  output_logits=True)
+    continued = _generate(model, past_key_values=cache, **kwargs)
+    fresh = _generate(model, **kwargs)
+    torch.testing.assert_close(torch.stack(continued.logits), torch.stack(fresh.logits), atol=2e-5, rtol=1e-4)
+    assert torch.equal(continued.sequences, fresh.sequences)
+
+
+def test_generate_returns_the_adapted_logits_and_final_hidden_states(model):
+    """return_dict_in_generate: each step's logits are the adapted model's forward logits (general path, no cache),
+    and the last hidden-state entry is the adapted one the LM head read, as under LoRA; the others are the
+    backbone's."""
+    from peft_qst.fast_path import fast_path_disabled
+
+    ids, mask = left_padded(PROMPTS)
+    out = _generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True,
+                    output_logits=True, output_scores=True, output_hidden_states=True)
+    head = model.get_output_embeddings()
+    for step, (logits, hidden) in enumerate(zip(out.logits, out.hidden_states)):
+        step_mask = torch.cat([mask, torch.ones(len(PROMPTS), step, dtype=mask.dtype)], 1)
+        with torch.no_grad(), fast_path_disabled():
+            reference = model(input_ids=out.sequences[:, :ids.shape[1] + step], attention_mask=step_mask,
+                              position_ids=(step_mask.cumsum(-1) - 1).clamp(min=0), use_cache=False,
+                              output_hidden_states=True)
+            torch.testing.assert_close(head(hidden[-1][:, -1]), logits)
+        torch.testing.assert_close(logits, reference.logits[:, -1], atol=2e-5, rtol=1e-4)
+        assert len(hidden) == len(reference.hidden_states)
+        for mine, theirs in zip(hidden, reference.hidden_states):
+            torch.testing.assert_close(mine[:, -1], theirs[:, -1], atol=2e-5, rtol=1e-4)
+    assert all(torch.equal(s, l) for s, l in zip(out.scores, out.logits))
