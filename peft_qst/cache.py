@@ -107,27 +107,27 @@ class QSTCache(Cache):
         yield from self.memory.values()
 
     def reorder_cache(self, beam_idx):
-        with _halves_applied_here():
+        with _halves_applied_here(self.backbone):
             for cache in self._each():
                 cache.reorder_cache(beam_idx)
 
     def crop(self, max_length: int):
-        with _halves_applied_here():
+        with _halves_applied_here(self.backbone):
             for cache in self._each():
                 cache.crop(max_length)
 
     def batch_repeat_interleave(self, repeats: int):
-        with _halves_applied_here():
+        with _halves_applied_here(self.backbone):
             for cache in self._each():
                 cache.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices):
-        with _halves_applied_here():
+        with _halves_applied_here(self.backbone):
             for cache in self._each():
                 cache.batch_select_indices(indices)
 
     def reset(self):
-        with _halves_applied_here():
+        with _halves_applied_here(self.backbone):
             for cache in self._each():
                 cache.reset()
 
@@ -136,7 +136,7 @@ class QSTCache(Cache):
         sliding-window layers of the side caches too. ``kwargs`` go to every half as given: transformers >= 5.25
         passes ``recurrent_states_to_keep`` (how many recurrent states linear-attention layers keep for the
         rollback)."""
-        with _halves_applied_here():
+        with _halves_applied_here(self.backbone):
             for cache in self._each():
                 cache.activate_past_recording(**kwargs)
 
@@ -156,22 +156,45 @@ def remember_pairing(paired: QSTCache) -> None:
     that keeps every generation's caches alive until the garbage collector runs."""
     backbone_vars = getattr(paired.backbone, "__dict__", None)
     if backbone_vars is not None:
-        backbone_vars[_PAIRING_ATTR] = (paired.side, paired.memory)
+        backbone_vars[_PAIRING_ATTR] = _SideHalves(type(paired.backbone), paired.side, paired.memory)
         _follow_layout_methods(type(paired.backbone))
 
 
-#: False while a `QSTCache` applies a layout method to every half itself: the backbone's own method must not apply it
-#: to the side halves recorded on the backbone a second time
-_halves_follow: ContextVar[bool] = ContextVar("peft_qst_halves_follow", default=True)
+class _SideHalves(tuple):
+    """(side caches, copy memories) by adapter name, as recorded on a backbone cache, with the backbone cache's class.
+
+    The class's layout methods are patched when a pairing is recorded in this process. A cache saved with its halves
+    (``torch.save``, pickle) and loaded in a fresh process has none recorded there yet: a ``reorder_cache`` before its
+    first forward left the side halves in the old order (silently wrong logits). Unpickling the halves patches the
+    class first."""
+
+    def __new__(cls, cache_class: type, side: dict, memory: dict):
+        halves = super().__new__(cls, (side, memory))
+        halves.cache_class = cache_class
+        return halves
+
+    def __reduce__(self):
+        return _restored_halves, (self.cache_class, self[0], self[1])
+
+
+def _restored_halves(cache_class: type, side: dict, memory: dict) -> _SideHalves:
+    _follow_layout_methods(cache_class)
+    return _SideHalves(cache_class, side, memory)
+
+
+#: ids of the backbone caches whose side halves a layout method is being applied to in this context: an inner call on
+#: the same cache (``QSTCache``'s own methods, which move every half themselves; a subclass's override that calls
+#: ``super()``, both patched) must not move the halves a second time
+_halves_handled: ContextVar[frozenset] = ContextVar("peft_qst_halves_handled", default=frozenset())
 
 
 @contextmanager
-def _halves_applied_here():
-    token = _halves_follow.set(False)
+def _halves_applied_here(backbone):
+    token = _halves_handled.set(_halves_handled.get() | {id(backbone)})
     try:
         yield
     finally:
-        _halves_follow.reset(token)
+        _halves_handled.reset(token)
 
 
 def _follow_layout_methods(cache_class: type) -> None:
@@ -194,9 +217,12 @@ def _follow_layout_methods(cache_class: type) -> None:
 def _following(name: str, method):
     @functools.wraps(method)
     def layout_method(self, *args, **kwargs):
-        result = method(self, *args, **kwargs)
         halves = getattr(self, "__dict__", {}).get(_PAIRING_ATTR)
-        if halves is not None and _halves_follow.get():
+        if halves is None or id(self) in _halves_handled.get():
+            return method(self, *args, **kwargs)
+        # the method of a user's subclass may call the (also patched) method it overrides: the halves move once
+        with _halves_applied_here(self):
+            result = method(self, *args, **kwargs)
             for half in (*halves[0].values(), *halves[1].values()):
                 if half is not None:
                     getattr(half, name)(*args, **kwargs)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 
 from .cache import QSTCache, cache_field, has_cache_field, paired_cache, remember_pairing
 from .config import QSTConfig
@@ -68,6 +68,12 @@ def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:
     - A static backbone cache (``generate(cache_implementation="static")``, a ``StaticCache`` passed in): generate
       builds the decoding steps' 4-D attention masks over the cache's full preallocated length, and the side network
       reads the same masks, so its cache is static, of the same length, too.
+    - A ``DynamicCache()`` made without a config (the caller's own, as in transformers' multi-turn examples): its
+      layers are all full-attention layers, also on a sliding-window model, so it can be cropped anywhere (to
+      regenerate a reply) and assisted decoding can roll it back without recording its past. The side cache is made
+      the same way: with the side trunk's default sliding layers, a ``crop`` past the window cropped the caller's
+      cache and then failed on the side cache (asking for ``activate_past_recording``), and prompt-lookup decoding
+      with such a cache failed, where LoRA's continue.
     - A backbone cache that records past states (assisted and prompt-lookup decoding, and generate's deferred stop
       check, call ``activate_past_recording`` before the first forward, so that ``crop`` can roll back sliding-window
       layers): the side cache must record them from its first token too, or its sliding layers cannot be cropped.
@@ -78,6 +84,9 @@ def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:
     if isinstance(backbone_cache, StaticCache):
         lengths = [layer.max_cache_len for layer in backbone_cache.layers if hasattr(layer, "max_cache_len")]
         return StaticCache(config=side_config, max_cache_len=max(lengths), offloading=backbone_cache.offloading)
+    lazy_layers = getattr(backbone_cache, "layer_class_to_replicate", None)
+    if type(backbone_cache) is DynamicCache and lazy_layers is DynamicLayer:
+        return DynamicCache(offloading=backbone_cache.offloading)
     recording = [layer for layer in getattr(backbone_cache, "layers", ()) if getattr(layer, "record_past", False)]
     if recording:
         cache = DynamicCache(config=side_config)

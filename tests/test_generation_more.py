@@ -200,3 +200,103 @@ def test_generate_returns_the_adapted_logits_and_final_hidden_states(model):
         for mine, theirs in zip(hidden, reference.hidden_states):
             torch.testing.assert_close(mine[:, -1], theirs[:, -1], atol=2e-5, rtol=1e-4)
     assert all(torch.equal(s, l) for s, l in zip(out.scores, out.logits))
+
+
+def _side_keys(cache):
+    """The first layer's keys of every side half recorded on a caller's cache object."""
+    from peft_qst.cache import _PAIRING_ATTR
+
+    side, memory = cache.__dict__[_PAIRING_ATTR]
+    return [half.layers[0].keys.clone() for half in (*side.values(), *memory.values())]
+
+
+def test_a_cache_subclass_whose_override_calls_super_moves_the_side_caches_once(model):
+    """A user's cache class that overrides a layout method and calls ``super()``: both methods are patched (the
+    subclass's when its object is paired, transformers' ``Cache``'s at any QST forward with a cache), and each moved
+    the side halves, so a reorder was applied to them twice (silently wrong logits, no error) and a crop cut twice as
+    many tokens."""
+    from transformers import DynamicCache
+
+    class LoggingCache(DynamicCache):
+        def reorder_cache(self, beam_idx):
+            super().reorder_cache(beam_idx)
+
+        def crop(self, tokens_to_remove):
+            super().crop(tokens_to_remove)
+
+    ids, mask = left_padded(PROMPTS)
+    _generate(model, input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), max_new_tokens=2)
+    cache = LoggingCache()
+    first = _generate(model, input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4)
+    before, backbone_before = _side_keys(cache), cache.layers[0].keys.clone()
+    rows = torch.tensor([2, 0, 1])
+    cache.reorder_cache(rows)
+    assert torch.equal(cache.layers[0].keys, backbone_before[rows])
+    for moved, was in zip(_side_keys(cache), before):
+        assert torch.equal(moved, was[rows])
+    cache.crop(-1)
+    assert [keys.shape[-2] for keys in _side_keys(cache)] == [cache.get_seq_length()] * len(before)
+    history = first[rows][:, :-1]
+    history_mask = torch.cat([mask, torch.ones(len(PROMPTS), 3, dtype=mask.dtype)], 1)[rows]
+    kwargs = dict(input_ids=torch.cat([history, torch.full((3, 2), 7)], 1),
+                  attention_mask=torch.cat([history_mask, torch.ones(3, 2, dtype=mask.dtype)], 1), max_new_tokens=4,
+                  return_dict_in_generate=True, output_logits=True)
+    continued = _generate(model, past_key_values=cache, **kwargs)
+    fresh = _generate(model, **kwargs)
+    torch.testing.assert_close(torch.stack(continued.logits), torch.stack(fresh.logits), atol=2e-5, rtol=1e-4)
+
+
+def test_a_cache_loaded_in_a_fresh_process_moves_its_side_caches(model, tmp_path):
+    """A caller's cache saved after a turn (torch.save) and loaded in a fresh process, where no QST forward has run
+    yet: its class's layout methods were patched only at the first pairing recorded in that process, so a
+    ``reorder_cache`` before the next turn left the side halves in the old order (silently wrong logits). Loading the
+    recorded halves patches the class."""
+    from transformers import DynamicCache
+
+    from .conftest import run_python
+
+    ids, mask = left_padded(PROMPTS)
+    cache = DynamicCache()
+    _generate(model, input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3)
+    rows = torch.tensor([2, 0, 1])
+    torch.save({"cache": cache, "rows": rows, "expected": [keys[rows] for keys in _side_keys(cache)]},
+               tmp_path / "cache.pt")
+    run_python(
+        "import torch, peft_qst\n"
+        "from peft_qst.cache import _PAIRING_ATTR\n"
+        f"saved = torch.load({str(tmp_path / 'cache.pt')!r}, weights_only=False)\n"
+        "cache = saved['cache']\n"
+        "cache.reorder_cache(saved['rows'])\n"
+        "side, memory = cache.__dict__[_PAIRING_ATTR]\n"
+        "halves = [half.layers[0].keys for half in (*side.values(), *memory.values())]\n"
+        "moved = all(torch.equal(h, e) for h, e in zip(halves, saved['expected'], strict=True))\n"
+        "assert moved, 'the side halves were not reordered'\n"
+    )
+
+
+@pytest.mark.parametrize("use", ["crop", "prompt-lookup"])
+def test_a_config_less_dynamic_cache_on_a_sliding_window_model(use):
+    """The caller's own ``DynamicCache()`` made without a config has full-attention layers, also on a sliding-window
+    model, so LoRA's can be cropped past the window (to regenerate a reply) and prompt-lookup decoding rolls it back.
+    The side cache, made with the side trunk's sliding layers, refused both (``activate_past_recording``), a crop
+    after it had already cropped the caller's cache."""
+    from transformers import DynamicCache
+
+    from .test_generation import trained_sliding_window_model
+
+    model, _ = trained_sliding_window_model()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])  # repeats, so that prompt lookup proposes drafts
+    cache = DynamicCache()
+    if use == "prompt-lookup":
+        greedy = _generate(model, input_ids=ids, max_new_tokens=12)
+        assert torch.equal(_generate(model, input_ids=ids, max_new_tokens=12, past_key_values=cache,
+                                     prompt_lookup_num_tokens=3), greedy)
+        return
+    first = _generate(model, input_ids=ids, past_key_values=cache, max_new_tokens=6)  # far past the 4-token window
+    cache.crop(-3)  # regenerate from three tokens back
+    kwargs = dict(input_ids=torch.cat([first[:, :-3], torch.tensor([[9, 5]])], 1), max_new_tokens=6,
+                  return_dict_in_generate=True, output_logits=True)
+    continued = _generate(model, past_key_values=cache, **kwargs)
+    fresh = _generate(model, **kwargs)
+    torch.testing.assert_close(torch.stack(continued.logits), torch.stack(fresh.logits), atol=2e-5, rtol=1e-4)
+    assert torch.equal(continued.sequences, fresh.sequences)
