@@ -30,7 +30,7 @@ from .backbone_lora import top_block_linears
 from .bnb_compat import keep_unpacked_for_backward
 from .fast_path import fsdp2_unit
 from .per_call import call_state, hold_call_state
-from .side import QSTSideNetwork, QSTUnsupportedModelError, copy_key_mask, find_layer_list
+from .side import QSTSideNetwork, QSTUnsupportedModelError, copy_key_mask, find_layer_list, onloaded_tensor
 
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
 BASE_ADAPTER_NAME = "__base__"
@@ -103,10 +103,19 @@ def _gathered_head_weight(head: nn.Module) -> torch.Tensor:
     """The LM head's weight for looking up the input tokens' rows, which copy heads add. The trunk runs before the
     head, so where FSDP2 made the head an FSDP unit of its own (as accelerate wraps it) its weight is still sharded
     here: the head is gathered now (``FSDPModule.unshard``, collective, as every rank runs this forward), and its own
-    forward later in the step finds it gathered."""
+    forward later in the step finds it gathered. Where accelerate offloads the head (``device_map`` with ``lm_head`` on
+    ``"disk"``, or on ``"cpu"`` beside GPUs), its weight waits on the meta device outside its forward: the stored
+    weight is read through accelerate's hook instead (:func:`~peft_qst.side.onloaded_tensor`)."""
     if fsdp2_unit(head):
         head.unshard()
-    return head.weight
+    weight = onloaded_tensor(head, "weight")
+    if weight is None:
+        raise RuntimeError(
+            "This QST adapter has copy heads, which read rows of the LM head's weight, but that weight is on the meta "
+            "device and no accelerate offload hook holds its values. Load the model's weights (or dispatch it with "
+            "accelerate, which keeps offloaded weights in its hooks), or use copy_heads=0."
+        )
+    return weight
 
 
 def _mix_as_fsdp_forward(side: nn.Module) -> None:

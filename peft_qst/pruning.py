@@ -54,6 +54,7 @@ from .side import (
     QSTUnsupportedModelError,
     _uses_rotary,
     find_layer_list,
+    onloaded_tensor,
 )
 
 #: model types whose decoder blocks follow the layouts mapped here (checked on the real modules as well)
@@ -131,7 +132,11 @@ def dequantised(parameter: torch.Tensor, model_type: str) -> torch.Tensor:
             "torchao-quantized weights",
         )
     if parameter.device.type == "meta":
-        raise _refuse(model_type, "its weights are not loaded (meta device); build the adapter on a loaded model")
+        raise _refuse(
+            model_type,
+            "its weights are not loaded (meta device, and no accelerate offload hook holds them); build the adapter "
+            "on a loaded or dispatched model",
+        )
     if type(parameter) not in (torch.Tensor, nn.Parameter):
         return _dequantised_subclass(parameter, model_type)
     return parameter.detach().float()
@@ -172,6 +177,12 @@ def _norm_scale(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         return weight.abs()
     probe = probe.detach().float().flatten()
     return probe.abs() if probe.numel() == weight.numel() else weight.float().abs()
+
+
+def _loaded_or(value: Optional[torch.Tensor], parameter: torch.Tensor) -> torch.Tensor:
+    """``value`` (a weight read through accelerate's offload hook), or the parameter itself where no hook held it (a
+    meta parameter is then refused by :func:`dequantised`)."""
+    return value if value is not None else parameter
 
 
 def _block_parameters(block: nn.Module):
@@ -337,7 +348,7 @@ def _residual_importance(layout, plan, dense, modules) -> torch.Tensor:
                 if full.endswith(".bias") or full == "bias":
                     continue
                 module = modules[full]
-                values = _norm_scale(module, module.weight.detach()).cpu()
+                values = _norm_scale(module, _loaded_or(onloaded_tensor(module, "weight"), module.weight).detach()).cpu()
             else:
                 values = _slice_norms(tensor, position)
             mean = values.mean()
@@ -521,9 +532,12 @@ def _prune(side_network, base_trunk, base_config, side_config, copy: bool) -> li
     rest_plan = _plan_block(layout, side_rest, base_rest, "trunk")
 
     def dense_of(block, plan):
-        parameters = {full: (m, p) for full, _l, m, _k, p in _block_parameters(block)}
+        # a block accelerate offloads (device_map "cpu"/"disk" entries) keeps its weights on the meta device outside
+        # its forward: they are read from the offload hook's weights map (onloaded_tensor) as its forward reads them
+        parameters = {full: (m, onloaded_tensor(m, k) if p.device.type == "meta" else p, p)
+                      for full, _l, m, k, p in _block_parameters(block)}
         return (
-            {full: dequantised(parameters[full][1], model_type) for full in plan},
+            {full: dequantised(_loaded_or(parameters[full][1], parameters[full][2]), model_type) for full in plan},
             {full: parameters[full][0] for full in plan},
         )
 

@@ -28,10 +28,12 @@ uploading. For models holding a QST adapter, the card is restored on the way to 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
 import weakref
+from typing import Optional
 
 from .card import add_usage_section
 from .config import PEFT_TYPE, QSTConfig
@@ -101,6 +103,9 @@ def _read_qst_weights_safely() -> None:
         def load_adapter(self, model_id, adapter_name, *args, **kwargs):
             token = loading_adapter.set((self, adapter_name, bool(kwargs.get("ignore_mismatched_sizes", False))))
             try:
+                if _holds_qst_adapter(self):
+                    with _accelerate_dispatch_kept(self.get_base_model()):
+                        return original(self, model_id, adapter_name, *args, **kwargs)
                 return original(self, model_id, adapter_name, *args, **kwargs)
             finally:
                 loading_adapter.reset(token)
@@ -125,6 +130,68 @@ def _read_qst_weights_safely() -> None:
 
     _patch_once(PeftModel, "load_adapter", make_load_adapter)
     _patch_once(peft_model_module, "load_peft_weights", make_load_peft_weights)
+    _keep_accelerate_dispatch_in_from_pretrained()
+
+
+def _offloaded_device_map(model) -> Optional[dict]:
+    """The ``hf_device_map`` of a model that accelerate offloads parts of (``"cpu"`` or ``"disk"`` entries), else None."""
+    device_map = vars(model).get("hf_device_map")
+    if isinstance(device_map, dict) and {"cpu", "disk"} & {str(device) for device in device_map.values()}:
+        return device_map
+    return None
+
+
+@contextlib.contextmanager
+def _accelerate_dispatch_kept(model):
+    """Hide an offloading model's ``hf_device_map`` from PEFT while a QST adapter is built and loaded onto it.
+
+    For such a model PEFT's ``from_pretrained`` removes accelerate's hooks before it builds the adapter, and
+    ``load_adapter`` dispatches the whole ``PeftModel`` again, rewriting the offloaded weights under the names LoRA
+    layers give the modules they replace. QST replaces no backbone module (it wraps the trunk and reads its hidden
+    states), so those names do not exist (``KeyError: 'base_model.model.model.layers.1...'`` in ``_update_offload``),
+    and without its hooks an offloaded block's weights are meta tensors with no values (the side block placed beside
+    it would follow it to the meta device). The backbone's own dispatch is what QST needs: the side network is placed
+    on the hooks' execution devices (:meth:`~peft_qst.side.QSTSideNetwork.place`) and its weights load there, so the
+    map is restored afterwards and the model runs as ``get_peft_model`` on the same base model does. A ``device_map``
+    given to ``from_pretrained`` is not applied: the base model keeps the one it was loaded with."""
+    device_map = _offloaded_device_map(model)
+    if device_map is None:
+        yield
+        return
+    del model.hf_device_map
+    try:
+        yield
+    finally:
+        model.hf_device_map = device_map
+
+
+def _keep_accelerate_dispatch_in_from_pretrained() -> None:
+    from peft import PeftConfig, PeftModel
+
+    original = vars(PeftModel)["from_pretrained"].__func__
+    if getattr(original, "_peft_qst_patch", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, model, model_id, *args, **kwargs):
+        if _offloaded_device_map(model) is None:
+            return original(cls, model, model_id, *args, **kwargs)
+        config = args[2] if len(args) > 2 else kwargs.get("config")
+        if config is None:
+            hub = {name: kwargs[name] for name in ("subfolder", "revision", "cache_dir", "token") if name in kwargs}
+            try:
+                peft_type = PeftConfig._get_peft_type(model_id, **hub)
+            except Exception:  # noqa: BLE001 - PEFT's own call below reports it
+                peft_type = None
+        else:
+            peft_type = getattr(config, "peft_type", None)
+        if peft_type != PEFT_TYPE:
+            return original(cls, model, model_id, *args, **kwargs)
+        with _accelerate_dispatch_kept(model):
+            return original(cls, model, model_id, *args, **kwargs)
+
+    from_pretrained._peft_qst_patch = True
+    PeftModel.from_pretrained = classmethod(from_pretrained)
 
 
 def _transformers_hub_kwargs(kwargs: dict) -> dict:

@@ -245,6 +245,48 @@ def _set_token_id(config, name: str, value) -> None:
         setattr(config, name, 0)
 
 
+#: rope parameters that hold one factor per rotary frequency (LongRoPE: Phi-3-128k, Phi-3.5, Phi-4-mini)
+ROPE_FACTOR_LISTS = ("short_factor", "long_factor")
+
+
+def _resample_factors(factors: list, length: int) -> list:
+    """``factors`` (one per backbone rotary frequency) at ``length`` side frequencies. Side frequency i of n is
+    ``base ** (-i / n)``, the backbone's frequency ``j = i * len(factors) / n`` of its ``len(factors)``: the factor is
+    read there, interpolated linearly between the two neighbouring entries, so the side network rotates each of its
+    channel pairs at the rate the backbone uses for that frequency."""
+    count = len(factors)
+    resampled = []
+    for index in range(length):
+        position = min(index * count / length, count - 1)
+        low = int(position)
+        high = min(low + 1, count - 1)
+        weight = position - low
+        resampled.append(float(factors[low]) * (1 - weight) + float(factors[high]) * weight)
+    return resampled
+
+
+def _resample_rope_factor_lists(base_config, side, side_head_dim: int) -> None:
+    """LongRoPE's per-frequency factor lists have one entry per rotary frequency of a head (rotary width / 2), and
+    transformers refuses a config whose lists do not match its head width. A side head narrower (or wider) than the
+    backbone's (``side_heads`` "auto" where no head count keeps the backbone's width, e.g. Phi-4-mini's 128-wide
+    heads at r=16 give 96-wide side heads; ``side_heads=None``) gets the lists resampled to its own frequencies (see
+    :func:`_resample_factors`), so that it follows the backbone's scaling rather than being refused."""
+    parameters = getattr(side, "rope_parameters", None)
+    if not isinstance(parameters, dict):
+        return
+    # per-layer-type parameters (Gemma 3: {"sliding_attention": {...}, "full_attention": {...}}) or one set
+    groups = [v for v in parameters.values() if isinstance(v, dict)] if "rope_type" not in parameters else [parameters]
+    for group in groups:
+        lists = [name for name in ROPE_FACTOR_LISTS if isinstance(group.get(name), (list, tuple))]
+        if not lists:
+            continue
+        partial = group.get("partial_rotary_factor", getattr(base_config, "partial_rotary_factor", None))
+        length = int(side_head_dim * float(partial if partial is not None else 1.0)) // 2
+        for name in lists:
+            if len(group[name]) != length and length > 0:
+                group[name] = _resample_factors(list(group[name]), length)
+
+
 def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     """Return the config of the side trunk: the base config with hidden and FFN sizes divided by ``r``.
 
@@ -262,7 +304,8 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     - the vocabulary is dropped (the side trunk reads downsampled hidden states, never token ids) and embeddings are
       untied; the quantization config is removed (the side network is never quantized);
     - everything else (layer count, layer types, sliding windows, rope parameters, norms, attention implementation)
-      is kept, so the side trunk runs the same code paths as the backbone.
+      is kept, so the side trunk runs the same code paths as the backbone; only per-frequency rope factor lists
+      (LongRoPE) are resampled to a side head of another width (:func:`_resample_rope_factor_lists`).
     """
     r, side_heads = qst_config.r, resolve_side_heads(base_config, qst_config)
     auto = qst_config.side_heads == AUTO and qst_config.init != "pruned"
@@ -322,6 +365,7 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         value = getattr(base_config, name, None)
         if _is_ffn_width_attribute(name) and isinstance(value, int) and not isinstance(value, bool):
             setattr(side, name, max(1, value // r))
+    _resample_rope_factor_lists(base_config, side, side_hidden // side.num_attention_heads)
     side.vocab_size = 1
     for name in ("bos_token_id", "eos_token_id"):
         if hasattr(side, name):
@@ -561,6 +605,32 @@ def _execution_device(module: nn.Module) -> Optional[torch.device]:
         device = getattr(hook, "execution_device", None)
         if device is not None:
             return torch.device(device)
+    return None
+
+
+def onloaded_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``module``'s tensor ``name`` (e.g. ``"weight"``) where code reads it outside the module's forward: as it is,
+    or, where accelerate offloads the module to the CPU or disk (``from_pretrained(device_map=...)`` with ``"cpu"`` or
+    ``"disk"`` entries, ``cpu_offload``, ``disk_offload``), whose weights wait on the meta device and are loaded by its
+    ``AlignDevicesHook`` only for the module's own forward, the stored value from the hook's weights map, on the hook's
+    execution device. None where the tensor is on the meta device and no hook holds it."""
+    tensor = getattr(module, name, None)
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
+        return tensor
+    hooks = [getattr(module, "_hf_hook", None)]
+    while hooks:
+        hook = hooks.pop(0)
+        if hook is None:
+            continue
+        hooks.extend(getattr(hook, "hooks", ()))  # a SequentialHook holds several
+        weights_map = getattr(hook, "weights_map", None)
+        if getattr(hook, "offload", False) and weights_map is not None:
+            try:
+                value = weights_map[name]
+            except KeyError:
+                continue
+            device = getattr(hook, "execution_device", None)
+            return value.to(device if device is not None else value.device, dtype=tensor.dtype)
     return None
 
 
