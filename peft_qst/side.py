@@ -596,16 +596,21 @@ def find_layer_list(trunk: nn.Module, num_layers: int) -> tuple[nn.Module, str]:
 def _execution_device(module: nn.Module) -> Optional[torch.device]:
     """The device accelerate's dispatch hook (``AlignDevicesHook``, set by ``from_pretrained(device_map=...)``) runs
     this module on, or None for a module without one."""
-    hooks = [getattr(module, "_hf_hook", None)]
-    while hooks:
-        hook = hooks.pop(0)
-        if hook is None:
-            continue
-        hooks.extend(getattr(hook, "hooks", ()))  # a SequentialHook holds several
+    for hook in _accelerate_hooks(module):
         device = getattr(hook, "execution_device", None)
         if device is not None:
             return torch.device(device)
     return None
+
+
+def _accelerate_hooks(module: nn.Module):
+    """The accelerate hooks on ``module`` itself, those a ``SequentialHook`` holds included, outermost first."""
+    hooks = [getattr(module, "_hf_hook", None)]
+    while hooks:
+        hook = hooks.pop(0)
+        if hook is not None:
+            hooks.extend(getattr(hook, "hooks", ()))
+            yield hook
 
 
 def onloaded_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
@@ -617,12 +622,7 @@ def onloaded_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     tensor = getattr(module, name, None)
     if not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
         return tensor
-    hooks = [getattr(module, "_hf_hook", None)]
-    while hooks:
-        hook = hooks.pop(0)
-        if hook is None:
-            continue
-        hooks.extend(getattr(hook, "hooks", ()))  # a SequentialHook holds several
+    for hook in _accelerate_hooks(module):
         weights_map = getattr(hook, "weights_map", None)
         if getattr(hook, "offload", False) and weights_map is not None:
             try:
