@@ -35,8 +35,8 @@ a cache the weights were checked for (it walks every side parameter, a few perce
 It applies to side trunks of the Llama block structure (``llama``, ``mistral`` and ``qwen2`` without sliding windows)
 on one device, with a 2-D or no attention mask, outside training mode unless the side network has no dropout; packed
 sequences (no mask, restarting position ids), other keyword arguments, other architectures, gradients, side networks
-that FSDP shards (:func:`fsdp_managed`), and the copy heads' mix take the general path through the transformers
-modules. Outputs equal the general path's to floating-point rounding (tests/test_fast_path.py);
+that FSDP or DeepSpeed ZeRO-3 shards (:func:`sharded`), and the copy heads' mix take the general path through the
+transformers modules. Outputs equal the general path's to floating-point rounding (tests/test_fast_path.py);
 :func:`fast_path_disabled` switches it off. Code that ``torch.compile`` traces takes the general path too
 (tests/test_torch_compile.py).
 """
@@ -368,6 +368,25 @@ def fsdp_managed(module) -> bool:
     return bool(getattr(module, "_is_fsdp_managed_module", False))
 
 
+def zero3_partitioned(module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions this module's parameters (``deepspeed.initialize`` with stage 3, or
+    ``deepspeed.zero.Init``, as the Trainer and accelerate set it up): every parameter then carries a ``ds_id``, and
+    outside the forward (and backward) of the module that owns it, its ``data`` is an empty placeholder while each
+    rank keeps a slice elsewhere. DeepSpeed gathers a parameter in its module's hooks; within a forward called through
+    the DeepSpeed engine it also gathers one read from elsewhere, but not in calls on the model itself
+    (``model.generate``, as the Trainer and TRL generate under ZeRO-3). Code that reads the side network's weights
+    outside their modules' forwards must then leave it alone, as under FSDP (:func:`fsdp_managed`). DeepSpeed
+    partitions all of a model's parameters or none, so the first one tells."""
+    first = next(module.parameters(), None)
+    return first is not None and hasattr(first, "ds_id")
+
+
+def sharded(module) -> bool:
+    """Whether FSDP or DeepSpeed ZeRO-3 shards this module's parameters, so that they hold their full values only
+    inside their own modules' forwards (:func:`fsdp_managed`, :func:`zero3_partitioned`)."""
+    return fsdp_managed(module) or zero3_partitioned(module)
+
+
 def fsdp2_unit(module) -> bool:
     """Whether ``fully_shard`` made this module an FSDP2 unit of its own (an ``FSDPModule``, which can be gathered
     with ``unshard()`` and given further forward methods); the flag test first keeps this cheap for unsharded models."""
@@ -388,7 +407,7 @@ def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedS
     check again; other in-place writes between two turns of one cache (``param.data`` edits, a direct
     ``set_peft_model_state_dict``) are seen at the next sequence, not within the continued cache.
     """
-    if not _enabled or torch.is_grad_enabled() or fsdp_managed(side) or torch.compiler.is_compiling():
+    if not _enabled or torch.is_grad_enabled() or torch.compiler.is_compiling() or sharded(side):
         # under torch.compile the general path runs: the compiler fuses it, and what decides here whether packed
         # weights still hold (the counters of optimizer steps, the parameters' sums) is Python state that the compiled
         # code would be specialised on, so every optimizer step recompiled the side network's frames

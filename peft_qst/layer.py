@@ -118,6 +118,21 @@ def _gathered_head_weight(head: nn.Module) -> torch.Tensor:
     return weight
 
 
+def _head_rows(weight: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The LM-head rows of ``input_ids``. Under DeepSpeed ZeRO-3 the head's weight is an empty placeholder outside the
+    head's own forward: in a forward called through the DeepSpeed engine, DeepSpeed gathers it as soon as it is read,
+    but not in calls on the model itself (``model.generate``, as the Trainer and TRL generate under ZeRO-3), where the
+    lookup failed. There the weight is gathered for the lookup alone (collective, as every rank runs this forward) and
+    partitioned again: the rows are a copy, and the frozen head needs no gradient."""
+    input_ids = input_ids.to(weight.device)
+    if getattr(weight, "ds_status", None) is not None and weight.ds_status.name == "NOT_AVAILABLE":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return nn.functional.embedding(input_ids, weight)
+    return nn.functional.embedding(input_ids, weight)
+
+
 def _mix_as_fsdp_forward(side: nn.Module) -> None:
     """``QSTSideNetwork.mix`` uses the upsample, the output gate and the copy head after the side network's forward
     has returned. Where ``fully_shard`` made the side network itself an FSDP unit (a size-based wrap policy, say),
@@ -210,7 +225,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         )
         return {
             "key_hidden": hidden_states[-2],
-            "token_rows": nn.functional.embedding(input_ids.to(weight.device), weight),
+            "token_rows": _head_rows(weight, input_ids),
             "key_mask": key_mask,
             "memory": memory,
         }

