@@ -553,8 +553,12 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 f"{unexpected} between them, not {tuple(backbone_last.shape)} as its output is (several residual "
                 "streams, or time-major states), so no side network can read them."
             )
-        # the last entry is the last block's output; the side network reads the trunk's output after its final norm
-        hidden_states = tuple(captured[:-1]) + (backbone_last,)
+        # the last entry is the last block's output; the side network reads the trunk's output after its final norm.
+        # The first entry is the first block's input, which for many trunks is the inputs_embeds tensor they were
+        # handed, computed outside the no_grad above: a composite (multimodal) model merges image features into it,
+        # and with enable_input_require_grads (prepare_model_for_kbit_training, gradient checkpointing) it carries the
+        # graph of the frozen vision tower. Detached, the side network's backward never reaches that graph.
+        hidden_states = (captured[0].detach(),) + tuple(captured[1:-1]) + (backbone_last,)
 
         side_kwargs = {k: v for k, v in kwargs.items() if k not in _BACKBONE_ONLY_KWARGS}
         side_kwargs["use_cache"] = bool(use_cache)

@@ -89,6 +89,41 @@ def find_trunk_name(model: nn.Module) -> str:
     raise QSTUnsupportedModelError(f"the decoder trunk of {type(model).__name__} is not one of its submodules")
 
 
+#: composite (multimodal) model types whose language model QST side-tunes, each checked end to end with images
+#: (tests/test_multimodal.py). Their composite model merges the image features into ``inputs_embeds`` and calls its
+#: language model on them (with the 1-D positions of a text model, or Qwen2-VL's multimodal rotary positions, which
+#: the side trunk, of the same class, is handed too); the side network reads that trunk's hidden states, so it sees
+#: the image tokens; the side output is added to the trunk's final hidden state, before the composite model's LM head.
+SUPPORTED_COMPOSITE_TYPES = (
+    "llava", "idefics3", "smolvlm", "paligemma", "gemma3", "mistral3", "qwen2_vl", "qwen2_5_vl",
+)
+
+
+#: why some composite types are not among them: their language model takes image inputs beyond inputs_embeds, which
+#: a side network reading its hidden states would not follow
+_COMPOSITE_REASONS = {
+    "mllama": "its language model cross-attends to the vision states in dedicated layers (cross_attention_states)",
+    "qwen3_vl": "its language model adds visual features to the hidden states inside its first blocks "
+    "(deepstack_visual_embeds)",
+    "qwen3_vl_moe": "its language model adds visual features to the hidden states inside its first blocks "
+    "(deepstack_visual_embeds)",
+}
+
+
+def text_config_of(config):
+    """The config the side network is sized from: a composite (multimodal) model's ``text_config`` where the config
+    itself has no sizes (Llava, Gemma 3, Qwen2-VL, ...), else the config itself. A composite config that carries the
+    text sizes at its top level (Phi-4-multimodal) is its own text config, as before."""
+    text = getattr(config, "text_config", None)
+    if text is None or not hasattr(text, "hidden_size"):
+        return config
+    try:
+        sized = all(getattr(config, name, None) is not None for name in ("hidden_size", "num_hidden_layers"))
+    except Exception:  # noqa: BLE001 - heterogeneous configs; the size checks name the problem
+        return config
+    return config if sized else text
+
+
 def _takes_inputs_embeds(module: nn.Module) -> bool:
     try:
         return "inputs_embeds" in inspect.signature(type(module).forward).parameters
@@ -144,10 +179,11 @@ def model_signature(model: nn.Module) -> dict:
     Every entry shapes the side network (its widths and heads are the model's divided by r) or what its output means
     (the vocabulary the frozen LM head maps it onto), so a model that differs in any of them is another base model.
     """
-    config = model.config
+    config = text_config_of(model.config)
     heads = int(config.num_attention_heads)
     signature = {
-        "model_type": config.model_type,
+        # a composite model's own type (``llava``), with its language model's sizes
+        "model_type": model.config.model_type,
         "hidden_size": int(config.hidden_size),
         "num_hidden_layers": int(config.num_hidden_layers),
         "num_attention_heads": heads,
@@ -190,7 +226,7 @@ def _check_copy_head_support(model: nn.Module, model_type: str) -> None:
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     head = get_output_embeddings() if callable(get_output_embeddings) else None
     weight = getattr(head, "weight", None)
-    hidden = int(model.config.hidden_size)
+    hidden = int(text_config_of(model.config).hidden_size)
     # quantization first: a bitsandbytes 4-bit weight is stored packed, as a (rows x columns / 2, 1) tensor (uint8, or
     # the bnb_4bit_quant_storage dtype), so the shape check below would blame a missing LM head for it
     if isinstance(weight, torch.Tensor) and (
@@ -206,6 +242,42 @@ def _check_copy_head_support(model: nn.Module, model_type: str) -> None:
         raise QSTUnsupportedModelError(
             f"QSTConfig.copy_heads needs a model with an LM head ({type(model).__name__}, a {model_type} model, has "
             "none of the usual shape): copy heads add LM-head rows. Use an *ForCausalLM model, or copy_heads=0."
+        )
+
+
+def _check_composite_model(model_type: str, config: QSTConfig) -> None:
+    """A composite (multimodal) model: QST side-tunes its language model where the type was checked end to end with
+    images (:data:`SUPPORTED_COMPOSITE_TYPES`), and refuses the others, whose language models may take inputs the
+    side network would have to follow too (cross-attention to image states in Mllama, visual features added inside
+    the blocks in Qwen3-VL, several text models in one) and would otherwise silently ignore."""
+    if model_type not in SUPPORTED_COMPOSITE_TYPES:
+        reason = _COMPOSITE_REASONS.get(model_type)
+        raise QSTUnsupportedModelError(
+            f"QST does not support the {model_type} model as a whole: it is a composite (multimodal) model whose "
+            "language model has its own config (text_config), and QST side-tunes the language model of the "
+            f"composite types checked with images only ({', '.join(SUPPORTED_COMPOSITE_TYPES)})"
+            + (f"; {reason}, which the side network would not follow" if reason else "")
+            + ". Load its language model alone (with the text model's *ForCausalLM class) and side-tune that."
+        )
+    if config.copy_heads:
+        raise QSTUnsupportedModelError(
+            f"QSTConfig.copy_heads cannot be used with the {model_type} model: a composite (multimodal) model calls "
+            "its language model with inputs_embeds (the image features merged into the token embeddings), never "
+            "with the token ids copy heads look up. Use copy_heads=0."
+        )
+
+
+def _check_composite_trunk(model_type: str, trunk: nn.Module, text_config) -> None:
+    """The wrapped trunk of a composite model must be its language model: the side network is built from the trunk's
+    class and config, and sized from the text config."""
+    trunk_config = getattr(trunk, "config", None)
+    if getattr(trunk_config, "model_type", None) != text_config.model_type or getattr(
+        trunk_config, "hidden_size", None
+    ) != getattr(text_config, "hidden_size", None):
+        raise QSTUnsupportedModelError(
+            f"QST side-tunes the language model of a {model_type} model, but the module it would wrap "
+            f"({type(trunk).__name__}) is not it (its config is not the model's text_config). Leave "
+            "QSTConfig.target_modules None, so that QST wraps model.get_decoder()."
         )
 
 
@@ -335,6 +407,12 @@ class QSTModel(BaseTuner):
                 f"QST does not support the {model_type} model: it is an encoder-decoder model, and QST side-tunes "
                 "decoder-only models."
             )
+        text_config = text_config_of(model_config)
+        composite = text_config is not model_config
+        if composite:
+            _check_composite_model(model_type, config)
+            # the side network runs beside the language model: every size below is its config's
+            model_config = text_config
         for attribute in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
             try:
                 value = getattr(model_config, attribute, None)
@@ -343,12 +421,6 @@ class QSTModel(BaseTuner):
                     f"QST does not support the {model_type} model: its config's {attribute} varies from layer to layer "
                     f"({type(error).__name__}), and QST's side network is built from one value per model."
                 ) from error
-            if value is None and getattr(model_config, "text_config", None) is not None:
-                raise QSTUnsupportedModelError(
-                    f"QST does not support the {model_type} model as a whole: it is a composite (multimodal) model "
-                    "whose language model has its own config (text_config). Load its language model alone (with the "
-                    "text model's *ForCausalLM class, e.g. Gemma3ForCausalLM for gemma3) and side-tune that."
-                )
             if value is None:
                 raise QSTUnsupportedModelError(
                     f"QST does not support the {model_type} model: its config has no {attribute}, which the side "
@@ -395,11 +467,16 @@ class QSTModel(BaseTuner):
                 f"QST does not support the {model_type} model: its trunk {type(base_trunk).__name__} does not accept "
                 "inputs_embeds, which the side network is fed through."
             )
+        if composite:
+            _check_composite_trunk(model_type, base_trunk, text_config)
         _check_modules_to_save_outside(model, trunk, config)
         find_layer_list(base_trunk, int(model_config.num_hidden_layers))
         # encoder-only models (BERT, RoBERTa, ...) attend both ways and their heads read other outputs (a pooler)
         # than the final hidden state QST adapts: their attention modules say so with is_causal=False
-        if not _is_causal(model_config, base_trunk):
+        # (a composite model's language model may be flagged bidirectional: PaliGemma's attends both ways over the
+        # image and the prompt, a prefix-LM mask the composite model builds and hands the side trunk too, and
+        # generates causally after it)
+        if not composite and not _is_causal(model_config, base_trunk):
             raise QSTUnsupportedModelError(
                 f"QST does not support the {model_type} model: its attention is bidirectional (an encoder-only model), "
                 "and QST side-tunes decoder-only models, whose final hidden state is what the side network adapts. "
@@ -410,8 +487,9 @@ class QSTModel(BaseTuner):
         if config.init == "pruned":
             from .pruning import PRUNABLE_MODEL_TYPES, _refuse
 
-            if model_type not in PRUNABLE_MODEL_TYPES:
-                raise _refuse(model_type, "its block layout (module roles and rotary layout) is not mapped")
+            pruned_type = model_config.model_type  # a composite model's: its language model's
+            if pruned_type not in PRUNABLE_MODEL_TYPES:
+                raise _refuse(pruned_type, "its block layout (module roles and rotary layout) is not mapped")
             if config.side_heads not in (None, AUTO) and config.side_heads != int(model_config.num_attention_heads):
                 raise ValueError(
                     f"QSTConfig(init=\"pruned\", side_heads={config.side_heads}) cannot be built: pruning keeps "

@@ -185,6 +185,14 @@ def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optiona
                 f"r={r} gives a side Mamba width of {inner} (mamba_expand x {side_hidden}), which the model's {count} "
                 f"Mamba heads ({mamba[0]}) do not split into equal heads"
             )
+    sections = _mrope_section(config)
+    if sections is not None and _side_mrope_section(config, side_hidden // heads) is not None:
+        factor = float((getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) or 1.0)
+        if int(side_hidden // heads * factor) // 2 < len(sections):
+            return (
+                f"r={r} gives a side head dimension of {side_hidden // heads}, too small for the model's "
+                f"{len(sections)} multimodal rotary sections (mrope_section {sections})"
+            )
     rotary_dim = _rotary_dim(config)
     if rotary_dim is not None:
         side_rotary = _side_rotary_dim(config, side_hidden // heads)
@@ -222,6 +230,44 @@ def _side_rotary_dim(config, side_head_dim: int) -> int:
     of it, rounded down to an even number."""
     fraction = int(config.rotary_dim) / _backbone_head_dim(config)
     return int(side_head_dim * fraction) // 2 * 2
+
+
+def _mrope_section(config) -> Optional[list[int]]:
+    """Multimodal rotary sections (Qwen2-VL, Qwen2.5-VL, Qwen3.5: how many rotary frequencies follow the temporal,
+    height and width position of a token), or None where the model has none."""
+    sections = (getattr(config, "rope_parameters", None) or {}).get("mrope_section")
+    return [int(s) for s in sections] if isinstance(sections, (list, tuple)) and sections else None
+
+
+def _side_mrope_section(config, side_head_dim: int) -> Optional[list[int]]:
+    """The multimodal rotary sections for a side head of ``side_head_dim``: the backbone's (which add up to half its
+    rotated head width) scaled to half the side head's rotated width, each at least one frequency; the rounding
+    remainder goes to the sections that lost most. The side trunk gets the backbone's 3-D position ids, so its
+    rotary follows the image's height and width as the backbone's does, in the same proportions. None where the model
+    has no sections, or where they do not add up to half its rotated width (a layout these rules do not know: the
+    side network is left as built, and :meth:`QSTSideNetwork._check_runs` refuses it if it does not run)."""
+    sections = _mrope_section(config)
+    if sections is None:
+        return None
+    factor = float((getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) or 1.0)
+    if int(_backbone_head_dim(config) * factor) // 2 != sum(sections):
+        return None
+    target = int(side_head_dim * factor) // 2
+    if target == sum(sections):
+        return sections
+    if target < len(sections):
+        return [1] * len(sections)  # too narrow; _shrink_problem names it
+    exact = [s * target / sum(sections) for s in sections]
+    scaled = [max(1, int(e)) for e in exact]
+    step = 1 if sum(scaled) < target else -1  # -1: the minimum of one frequency each took more than the remainder
+    order = sorted(range(len(sections)), key=lambda i: step * (scaled[i] - exact[i]))
+    i = 0
+    while sum(scaled) != target:
+        index = order[i % len(order)]
+        if scaled[index] + step >= 1:
+            scaled[index] += step
+        i += 1
+    return scaled
 
 
 def _mamba_head_attributes(config) -> Optional[tuple[str, str]]:
@@ -349,6 +395,9 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         side.head_dim = side_hidden // heads
     if _rotary_dim(base_config) is not None:
         side.rotary_dim = _side_rotary_dim(base_config, side_hidden // heads)
+    sections = _side_mrope_section(base_config, side_hidden // heads)
+    if sections is not None:
+        side.rope_parameters = dict(side.rope_parameters, mrope_section=sections)
     mamba = _mamba_head_attributes(base_config)
     if mamba is not None:  # checked in _shrink_problem: the heads tile the side's Mamba width
         count, width = mamba

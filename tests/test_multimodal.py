@@ -1,0 +1,503 @@
+"""QST on composite (multimodal) models: the side network runs beside the language model of a vision-language model.
+
+Tiny random models of each supported family (Llava with a Llama text model, Idefics3, SmolVLM, PaliGemma, Gemma 3,
+Mistral 3, Qwen2-VL, Qwen2.5-VL) are fed real ``pixel_values`` (random tensors of the vision tower's shape) with as
+many image tokens in ``input_ids`` as each model's processor would put there. For each family: the start (and
+``disable_adapter()``) equals the base model exactly, training changes side parameters only and the frozen model
+records nothing for backward, the side network's output depends on the image, cached greedy generation equals
+token-by-token recomputation, and a saved adapter reloads onto a fresh base model with identical logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from peft_qst import QSTConfig, QSTLayer
+from peft_qst.side import QSTUnsupportedModelError
+
+IMAGE = 200  # the image token id of every tiny model below
+TEXT = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, vocab_size=256, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+
+
+def _vision(**overrides):
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                 patch_size=14)
+    return {**sizes, **overrides}
+
+
+def _qwen_vision(version: str):
+    if version == "qwen2_vl":
+        return dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                    temporal_patch_size=2)
+    return dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
+
+
+#: config of each family, and the number of image tokens one 28x28 (Mistral 3: 56x56) image takes, as the model's
+#: processor counts them: Llava (patches, CLS dropped) 2x2; Idefics3/SmolVLM 2x2 patches / scale_factor^2 = 1;
+#: PaliGemma 2x2 patches; Gemma 3 mm_tokens_per_image; Mistral 3 4x4 Pixtral patches merged 2x2 (the processor's
+#: [IMG_BREAK]/[IMG_END] tokens are plain text to the model); Qwen2-VL/2.5-VL a 1x4x4 patch grid merged 2x2
+FAMILIES = {
+    "llava": (dict(text_config=dict(TEXT, model_type="llama"), image_token_index=IMAGE,
+                   vision_config=_vision(model_type="clip_vision_model", projection_dim=32)), 4),
+    "idefics3": (dict(text_config=dict(TEXT, model_type="llama"), vision_config=_vision(), scale_factor=2,
+                      image_token_id=IMAGE), 1),
+    "smolvlm": (dict(text_config=dict(TEXT, model_type="llama"), vision_config=_vision(), scale_factor=2,
+                     image_token_id=IMAGE), 1),
+    "paligemma": (dict(text_config=dict(TEXT, model_type="gemma"), vision_config=_vision(projection_dim=64),
+                       image_token_index=IMAGE, projection_dim=64), 4),
+    "gemma3": (dict(text_config=dict(TEXT, model_type="gemma3_text", sliding_window=4,
+                                     layer_types=["sliding_attention", "full_attention"]),
+                    vision_config=_vision(), mm_tokens_per_image=4, image_token_index=IMAGE, boi_token_index=201,
+                    eoi_token_index=202), 4),
+    "mistral3": (dict(text_config=dict(TEXT, model_type="mistral"), image_token_index=IMAGE, spatial_merge_size=2,
+                      vision_config=_vision(model_type="pixtral", image_size=56, head_dim=16)), 4),
+    **{
+        version: (dict(text_config=dict(TEXT, model_type=f"{version}_text", rope_parameters=MROPE),
+                       vision_config=_qwen_vision(version), image_token_id=IMAGE, video_token_id=203,
+                       vision_start_token_id=201, vision_end_token_id=202), 4)
+        for version in ("qwen2_vl", "qwen2_5_vl")
+    },
+}
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def build(family: str, seed: int = 0, **vision_overrides):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    kwargs = dict(FAMILIES[family][0])
+    kwargs["vision_config"] = {**kwargs["vision_config"], **vision_overrides}
+    config = AutoConfig.for_model(family, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config).float().eval()
+    for name, parameter in model.named_parameters():
+        if "mm_input_projection_weight" in name:  # Gemma 3 starts its projection at zero: no image would get through
+            torch.nn.init.normal_(parameter, std=0.5, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def make_inputs(family: str, batch: int = 2, words: int = 5, pixel_seed: int = 0):
+    """input_ids with one image per row (its tokens laid out as the family's processor lays them out) and the
+    keyword arguments the model takes with them (pixel_values and what goes with them)."""
+    image_tokens = FAMILIES[family][1]
+    text = torch.randint(3, 150, (batch, words), generator=torch.Generator().manual_seed(1))
+    image = torch.full((batch, image_tokens), IMAGE)
+
+    def col(token):
+        return torch.full((batch, 1), token)
+
+    pixels = torch.Generator().manual_seed(pixel_seed)
+    extra = {}
+    if family in MROPE_FAMILIES:
+        ids = torch.cat([col(1), col(201), image, col(202), text], 1)
+        extra["pixel_values"] = torch.randn(batch * 16, 3 * 2 * 14 * 14, generator=pixels)
+        extra["image_grid_thw"] = torch.tensor([[1, 4, 4]] * batch)
+        extra["mm_token_type_ids"] = (ids == IMAGE).long()
+    elif family == "gemma3":
+        ids = torch.cat([col(1), col(201), image, col(202), text], 1)
+        extra["pixel_values"] = torch.randn(batch, 3, 28, 28, generator=pixels)
+        extra["token_type_ids"] = (ids == IMAGE).long()
+    elif family == "paligemma":
+        ids = torch.cat([image, col(1), text], 1)
+        extra["pixel_values"] = torch.randn(batch, 3, 28, 28, generator=pixels)
+        extra["token_type_ids"] = torch.zeros_like(ids)  # the prompt: the prefix, attended both ways
+    elif family == "mistral3":
+        ids = torch.cat([col(1), image, text], 1)
+        extra["pixel_values"] = torch.randn(batch, 3, 56, 56, generator=pixels)
+        extra["image_sizes"] = torch.tensor([[56, 56]] * batch)
+    else:
+        ids = torch.cat([col(1), image, text], 1)
+        shape = (batch, 1, 3, 28, 28) if family in ("idefics3", "smolvlm") else (batch, 3, 28, 28)
+        extra["pixel_values"] = torch.randn(*shape, generator=pixels)
+    return ids, extra
+
+
+def training_inputs(family: str, ids, extra):
+    """Labels (image tokens ignored, as the processors' collators do) and, for PaliGemma, the suffix marked in
+    token_type_ids (the prefix-LM mask it trains with)."""
+    labels = ids.masked_fill(ids == IMAGE, -100)
+    extra = dict(extra)
+    if family == "paligemma":
+        extra["token_type_ids"] = torch.zeros_like(ids)
+        extra["token_type_ids"][:, FAMILIES[family][1] + 2:] = 1
+        labels = labels.masked_fill(extra["token_type_ids"] == 0, -100)
+    return labels, extra
+
+
+def qst_layer(model) -> QSTLayer:
+    return next(m for m in model.modules() if isinstance(m, QSTLayer))
+
+
+def side_network(model):
+    return qst_layer(model).qst_side["default"]
+
+
+def perturb_upsample(model, seed: int = 0, scale: float = 0.5):
+    """Move the zero-initialised upsample off zero, so that the side network changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        weight = side_network(model).upsample.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) * scale)
+
+
+def logits(model, ids, extra):
+    with torch.no_grad():
+        return model(input_ids=ids, **extra).logits
+
+
+def train(model, family, ids, extra, steps=3, lr=1e-2):
+    labels, extra = training_inputs(family, ids, extra)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(input_ids=ids, labels=labels, **extra).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+SUPPORTED = list(FAMILIES)
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_side_network_runs_beside_the_language_model(family):
+    base = build(family)
+    language_model = base.get_decoder()
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    layer = qst_layer(model)
+    assert layer.get_base_layer() is language_model  # the language model, not the vision tower or the whole
+    text = base.config.get_text_config()
+    assert side_network(model).upsample.out_features == text.hidden_size
+    assert model.peft_config["default"].base_model_signature["model_type"] == family
+    assert model.peft_config["default"].base_model_signature["hidden_size"] == text.hidden_size
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_start_and_disabled_adapter_equal_the_base_model(family):
+    ids, extra = make_inputs(family)
+    base = build(family)
+    expected = logits(base, ids, extra)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    assert torch.equal(logits(model, ids, extra), expected)  # an untrained side network adds exactly zero
+    perturb_upsample(model)
+    assert not torch.equal(logits(model, ids, extra), expected)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, ids, extra), expected)
+
+
+def _audit_training_step(model, ids, labels, extra):
+    """One forward + backward recording every tensor autograd saves, every tensor a frozen module of the composite
+    model produces (vision tower, projector, language model: everything inside ``model.model`` but the side network;
+    the LM head's output, the logits, is what the loss saves, as without QST) and the hidden states handed to the
+    side network."""
+    layer = qst_layer(model)
+    side = layer.qst_side["default"]
+    side_modules = set(side.modules())
+    outputs: dict[int, torch.Tensor] = {}
+    handed_over: dict[int, torch.Tensor] = {}
+
+    def collect(_module, _inputs, output):
+        stack = [output]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                outputs[item.untyped_storage().data_ptr()] = item
+            elif isinstance(item, (tuple, list)):
+                stack.extend(item)
+            elif hasattr(item, "values") and callable(item.values):
+                stack.extend(item.values())
+
+    def record_handover(_module, args, _kwargs):
+        for hidden in args[0]:
+            handed_over[hidden.untyped_storage().data_ptr()] = hidden
+
+    composite = model.get_base_model().model
+    frozen = [m for m in composite.modules() if m not in side_modules and m is not composite]
+    hooks = [m.register_forward_hook(collect) for m in frozen if not isinstance(m, QSTLayer)]
+    hooks.append(side.register_forward_pre_hook(record_handover, with_kwargs=True))
+    saved = []
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append((t.untyped_storage().data_ptr(), t.shape)) or t, lambda t: t
+        ):
+            out = model(input_ids=ids, labels=labels, **extra)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out.loss.backward()
+    return out, saved, outputs, handed_over
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_training_changes_only_the_side_network_and_saves_nothing_frozen(family):
+    ids, extra = make_inputs(family)
+    base = build(family)
+    frozen_before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    side_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert side_before and all(".qst_side." in n for n in side_before)
+    train(model, family, ids, extra)
+
+    # the vision tower, the projector, the language model and the LM head are bit-identical
+    for key, value in model.get_base_model().state_dict().items():
+        if ".qst_side." in key:
+            continue
+        original = key.replace(".base_layer.", ".")
+        assert torch.equal(value, frozen_before[original]), f"{key} changed"
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, side_before[n])]
+    assert changed, "no side parameter changed"
+
+    # one more step, audited: only side parameters get gradients, nothing a frozen module computed is saved for
+    # backward except the hidden states handed to the side network, and those carry no graph
+    model.train()
+    labels, train_extra = training_inputs(family, ids, extra)
+    out, saved, outputs, handed_over = _audit_training_step(model, ids, labels, train_extra)
+    assert torch.isfinite(out.loss)
+    for name, parameter in model.named_parameters():
+        if ".qst_side." in name:
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        else:
+            assert parameter.grad is None and not parameter.requires_grad, name
+    leaked = [shape for ptr, shape in saved if ptr in outputs and ptr not in handed_over]
+    assert not leaked, f"frozen activations saved for backward: {leaked[:5]}"
+    assert len(handed_over) == base.config.get_text_config().num_hidden_layers + 1
+    assert all(h.grad_fn is None for h in handed_over.values())
+
+
+def test_input_require_grads_does_not_pull_the_vision_tower_into_backward():
+    """prepare_model_for_kbit_training and gradient checkpointing call enable_input_require_grads, which in a
+    composite model hooks the vision tower's embeddings too: the merged inputs_embeds then carry the vision tower's
+    graph into the language model. The side network reads them detached, so backward never runs through the frozen
+    vision tower and projector."""
+    family = "llava"
+    ids, extra = make_inputs(family)
+    base = build(family)
+    base.enable_input_require_grads()
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    perturb_upsample(model)
+    reached = []
+
+    def watch(_module, _inputs, output):
+        if output.requires_grad:
+            output.register_hook(lambda grad: reached.append(grad))
+
+    handle = base.model.multi_modal_projector.register_forward_hook(watch)
+    try:
+        model.train()
+        labels, extra = training_inputs(family, ids, extra)
+        model(input_ids=ids, labels=labels, **extra).loss.backward()
+    finally:
+        handle.remove()
+    assert not reached, "backward ran into the frozen projector and vision tower"
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".qst_side." in n)
+
+
+def _side_output(model, ids, extra):
+    """What the side network hands to the upsample (its contribution before the gate), at every position."""
+    seen = []
+    handle = side_network(model).register_forward_hook(lambda _m, _args, out: seen.append(out[0]))
+    try:
+        logits(model, ids, extra)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_the_side_network_sees_the_image(family):
+    ids, extra = make_inputs(family, pixel_seed=0)
+    _, other = make_inputs(family, pixel_seed=1)
+    model = get_peft_model(build(family), QSTConfig(task_type="CAUSAL_LM", r=4))
+    first, second = _side_output(model, ids, extra), _side_output(model, ids, other)
+    # the image tokens and the text after them differ (Llava-style models: the text before the image does not)
+    after_image = (ids == IMAGE).int().cumsum(1) > 0
+    assert (first - second).abs()[after_image].amax() > 1e-3
+    assert torch.equal(first[~after_image], second[~after_image])
+    # and so its contribution to the logits changes with the image
+    perturb_upsample(model)
+    with model.disable_adapter():
+        base_first, base_second = logits(model, ids, extra), logits(model, ids, other)
+    delta = (logits(model, ids, extra) - base_first) - (logits(model, ids, other) - base_second)
+    assert delta.abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("family", MROPE_FAMILIES)
+@pytest.mark.parametrize("r", [4, 8])
+def test_side_rotary_follows_the_multimodal_positions(family, r):
+    """Qwen2-VL's language model rotates by 3-D positions (time, height, width of each image token): the side trunk
+    gets the same position ids, and its multimodal rotary sections are scaled to its head width (r=8: heads of 8,
+    half the backbone's, so the sections [2, 3, 3] become four frequencies)."""
+    ids, extra = make_inputs(family)
+    model = get_peft_model(build(family), QSTConfig(task_type="CAUSAL_LM", r=r))
+    layer = qst_layer(model)
+    side = side_network(model)
+    sections = side.trunk.config.rope_parameters["mrope_section"]
+    assert sum(sections) == side.trunk.config.head_dim // 2 and len(sections) == 3
+    positions = {}
+
+    def grab(key):
+        return lambda _m, args, kwargs: positions.__setitem__(key, kwargs.get("position_ids", args[1] if len(args) > 1
+                                                                                    else None))
+
+    handles = [layer.base_layer.rotary_emb.register_forward_pre_hook(grab("backbone"), with_kwargs=True),
+               side.trunk.rotary_emb.register_forward_pre_hook(grab("side"), with_kwargs=True)]
+    try:
+        logits(model, ids, extra)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert positions["backbone"].dim() == 3 and torch.equal(positions["side"], positions["backbone"])
+    image = (ids == IMAGE)[0]
+    assert not torch.equal(positions["side"][1, 0, image], positions["side"][2, 0, image])  # heights != widths
+
+
+def _grown(family, extra, new_tokens: int):
+    """The per-token keyword arguments of a prompt grown by ``new_tokens`` generated tokens, for recomputing the
+    whole sequence (PaliGemma: generated tokens are the causal suffix)."""
+    grown = dict(extra)
+    for key in ("token_type_ids", "mm_token_type_ids"):
+        if key in extra:
+            fill = 1 if family == "paligemma" and key == "token_type_ids" else 0
+            grown[key] = torch.cat([extra[key], torch.full((extra[key].shape[0], new_tokens), fill)], 1)
+    return grown
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_cached_generation_with_an_image_equals_recomputation(family):
+    ids, extra = make_inputs(family)
+    model = get_peft_model(build(family), QSTConfig(task_type="CAUSAL_LM", r=4))
+    perturb_upsample(model, scale=2.0)
+    steps = 5
+    generated = model.generate(input_ids=ids, **extra, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
+    sequence = ids
+    for step in range(steps):
+        nxt = logits(model, sequence, _grown(family, extra, step))[:, -1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, nxt], 1)
+    assert torch.equal(generated, sequence)
+    with model.disable_adapter():  # the side network changed what was generated
+        plain = model.generate(input_ids=ids, **extra, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
+    assert not torch.equal(plain, generated)
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_left_padded_batch_generates_as_each_row_alone(family):
+    """A batch whose second row is left-padded (as batched generation pads prompts): cached generation equals
+    uncached, and the padded row generates what it generates alone."""
+    ids, extra = make_inputs(family)
+    model = get_peft_model(build(family), QSTConfig(task_type="CAUSAL_LM", r=4))
+    perturb_upsample(model, scale=2.0)
+    padded = torch.cat([torch.tensor([[1, 1], [0, 0]]), ids], 1)
+    mask = torch.ones_like(padded)
+    mask[1, :2] = 0
+    padded_extra = dict(extra)
+    for key in ("token_type_ids", "mm_token_type_ids"):
+        if key in extra:
+            padded_extra[key] = torch.cat([torch.zeros(2, 2, dtype=extra[key].dtype), extra[key]], 1)
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    cached = model.generate(input_ids=padded, attention_mask=mask, **padded_extra, **options)
+    uncached = model.generate(input_ids=padded, attention_mask=mask, **padded_extra, **options, use_cache=False)
+    assert torch.equal(cached, uncached)
+    _, alone_extra = make_inputs(family, batch=1)
+    if family in MROPE_FAMILIES:  # the same image as the second row's: its patches are rows 16-31 of the batch's
+        alone_extra["pixel_values"] = extra["pixel_values"][16:]
+    else:
+        alone_extra["pixel_values"] = extra["pixel_values"][1:]
+    alone = model.generate(input_ids=ids[1:], **alone_extra, **options)
+    assert torch.equal(cached[1, padded.shape[1]:], alone[0, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_save_and_load_on_a_fresh_base_model(family, tmp_path):
+    ids, extra = make_inputs(family)
+    model = get_peft_model(build(family), QSTConfig(task_type="CAUSAL_LM", r=4))
+    train(model, family, ids, extra)
+    expected = logits(model, ids, extra)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build(family), tmp_path)
+    assert torch.equal(logits(loaded, ids, extra), expected)
+
+
+def test_unsupported_composite_types_are_refused_by_name():
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.for_model(
+        "llava_next", text_config=dict(TEXT, model_type="llama"), image_token_index=IMAGE,
+        vision_config=_vision(model_type="clip_vision_model", projection_dim=32),
+    )
+    model = AutoModelForImageTextToText.from_config(config)
+    with pytest.raises(QSTUnsupportedModelError, match="llava_next.*composite.*checked with images"):
+        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))
+
+
+def test_copy_heads_are_refused_for_composite_models():
+    with pytest.raises(QSTUnsupportedModelError, match="copy_heads.*inputs_embeds"):
+        get_peft_model(build("llava"), QSTConfig(task_type="CAUSAL_LM", r=4, copy_heads=1))
+
+
+def test_llava_in_4bit_trains_generates_and_reloads(tmp_path):
+    """The QLoRA setting: the whole composite model (vision tower, projector, language model) in bitsandbytes 4-bit
+    with bf16 compute. The side network starts at the base model, trains in bf16, generates with the image and
+    reloads onto a fresh 4-bit base with identical logits. (The vision tower is 64 wide here: bitsandbytes' CPU
+    4-bit layout does not take a layer narrower than its block of 64.)"""
+    from transformers import AutoModelForImageTextToText
+
+    from .conftest import bnb_config
+
+    family = "llava"
+    build(family, hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+
+    def load():
+        return AutoModelForImageTextToText.from_pretrained(tmp_path / "base", quantization_config=bnb_config())
+
+    base = load()
+    assert any(type(m).__name__ == "Linear4bit" for m in base.model.language_model.modules())
+    ids, extra = make_inputs(family)
+    extra["pixel_values"] = extra["pixel_values"].to(torch.bfloat16)
+    expected = logits(base, ids, extra)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert torch.equal(logits(model, ids, extra), expected)
+    train(model, family, ids, extra)
+    trained = logits(model, ids, extra)
+    assert not torch.equal(trained, expected)
+    generated = model.generate(input_ids=ids, **extra, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (ids.shape[0], ids.shape[1] + 3)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(load(), tmp_path / "adapter")
+    assert torch.equal(logits(loaded, ids, extra), trained)
+
+
+def test_qwen3_vl_is_refused_naming_its_visual_inputs_inside_the_blocks():
+    """Qwen3-VL adds visual features to the language model's hidden states inside its first blocks (deepstack):
+    a side network reading those hidden states would not see them added to its own, so the type is refused."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    text = dict(TEXT, model_type="qwen3_vl_text", rope_parameters=dict(MROPE, mrope_interleaved=True))
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0])
+    config = AutoConfig.for_model("qwen3_vl", text_config=text, vision_config=vision, image_token_id=IMAGE)
+    model = AutoModelForImageTextToText.from_config(config)
+    with pytest.raises(QSTUnsupportedModelError, match="qwen3_vl.*deepstack_visual_embeds"):
+        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))
+
+
+@pytest.mark.parametrize("options", [dict(init="pruned"), dict(backbone_lora_layers=1)])
+def test_pruned_start_and_backbone_adapters_on_a_composite_model(options):
+    """The options that reach into the language model: pruned initialisation (mapped by the text model's type, here
+    llama) and low-rank adapters on its top block; the vision tower and projector stay as they are."""
+    family = "llava"
+    ids, extra = make_inputs(family)
+    base = build(family)
+    expected = logits(base, ids, extra)
+    vision = {k: v.clone() for k, v in base.model.vision_tower.state_dict().items()}
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, **options))
+    assert torch.equal(logits(model, ids, extra), expected)
+    train(model, family, ids, extra)
+    assert not torch.equal(logits(model, ids, extra), expected)
+    assert all(torch.equal(v, base.model.vision_tower.state_dict()[k]) for k, v in vision.items())
