@@ -238,7 +238,12 @@ def _check_copy_head_support(model: nn.Module, model_type: str) -> None:
             f"QSTConfig.copy_heads needs the LM head's weight unquantized, but it is {type(weight).__name__} "
             f"({weight.dtype}). Keep lm_head out of quantization (bitsandbytes does by default), or use copy_heads=0."
         )
-    if head is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden:
+    # DeepSpeed ZeRO-3 (``deepspeed.zero.Init``, which ``from_pretrained`` enters under the Trainer's or accelerate's
+    # ZeRO-3 config) leaves an empty placeholder in ``weight`` and the weight's own shape in ``ds_shape``; the copy
+    # heads' lookup gathers the weight (layer._head_rows)
+    shape = getattr(weight, "ds_shape", None) if isinstance(weight, torch.Tensor) else None
+    shape = tuple(shape) if shape is not None else tuple(getattr(weight, "shape", ()))
+    if head is None or not isinstance(weight, torch.Tensor) or len(shape) != 2 or shape[1] != hidden:
         raise QSTUnsupportedModelError(
             f"QSTConfig.copy_heads needs a model with an LM head ({type(model).__name__}, a {model_type} model, has "
             "none of the usual shape): copy heads add LM-head rows. Use an *ForCausalLM model, or copy_heads=0."

@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .fast_path import zero3_partitioned
 from .side import (
     FFN_SIZE_ATTRIBUTES,
     QSTSideBlock,
@@ -347,8 +348,8 @@ def _residual_importance(layout, plan, dense, modules) -> torch.Tensor:
             if tensor.dim() == 1:
                 if full.endswith(".bias") or full == "bias":
                     continue
-                module = modules[full]
-                values = _norm_scale(module, _loaded_or(onloaded_tensor(module, "weight"), module.weight).detach()).cpu()
+                module, weight = modules[full]
+                values = _norm_scale(module, weight.detach()).cpu()
             else:
                 values = _slice_norms(tensor, position)
             mean = values.mean()
@@ -519,8 +520,25 @@ def initialise_side_network(side_network, base_trunk, base_config, side_config, 
                     linear.bias.zero_()
 
 
+def _refuse_zero3_partitioned(base_trunk: nn.Module) -> None:
+    """Pruning reads every backbone weight outside the backbone's forward. Where DeepSpeed ZeRO-3 partitioned them
+    when the model was loaded (``from_pretrained`` enters ``deepspeed.zero.Init`` once the Trainer's
+    ``TrainingArguments(deepspeed=...)`` or accelerate's ZeRO-3 plugin is set up), each is an empty placeholder and
+    every rank holds a slice: the shape checks failed on ``(0,)`` and blamed the model type. Gathering the whole trunk
+    on every rank would undo what ZeRO-3 is used for, so this is refused, naming the way round it."""
+    if zero3_partitioned(base_trunk):
+        raise QSTUnsupportedModelError(
+            'QSTConfig(init="pruned") reads the backbone\'s weights, but DeepSpeed ZeRO-3 has partitioned them '
+            "(the model was loaded under deepspeed.zero.Init, as from_pretrained does once TrainingArguments(deepspeed="
+            "...) or accelerate's ZeRO-3 plugin is set up): each rank holds only a slice. Load the model and call "
+            "get_peft_model before setting up ZeRO-3 (deepspeed.initialize, which the Trainer calls, partitions the "
+            'adapted model afterwards), or use init="random" (the default).'
+        )
+
+
 def _prune(side_network, base_trunk, base_config, side_config, copy: bool) -> list[dict]:
     model_type = base_config.model_type
+    _refuse_zero3_partitioned(base_trunk)
     if model_type not in PRUNABLE_MODEL_TYPES:
         raise _refuse(model_type, "its block layout (module roles and rotary layout) is not mapped")
     layout = _Layout(base_config, side_config)
@@ -534,11 +552,12 @@ def _prune(side_network, base_trunk, base_config, side_config, copy: bool) -> li
     def dense_of(block, plan):
         # a block accelerate offloads (device_map "cpu"/"disk" entries) keeps its weights on the meta device outside
         # its forward: they are read from the offload hook's weights map (onloaded_tensor) as its forward reads them
-        parameters = {full: (m, onloaded_tensor(m, k) if p.device.type == "meta" else p, p)
+        # (with preload_module_classes, one hook on the whole block holds them: onloaded_tensor's root)
+        parameters = {full: (m, _loaded_or(onloaded_tensor(m, k, root=block) if p.device.type == "meta" else p, p))
                       for full, _l, m, k, p in _block_parameters(block)}
         return (
-            {full: dequantised(_loaded_or(parameters[full][1], parameters[full][2]), model_type) for full in plan},
-            {full: parameters[full][0] for full in plan},
+            {full: dequantised(parameters[full][1], model_type) for full in plan},
+            {full: parameters[full] for full in plan},  # (module, weight as loaded), for the norms' scales
         )
 
     # pass 1: the residual channels, from every block (one dequantised at a time) and the final norm

@@ -662,20 +662,37 @@ def _accelerate_hooks(module: nn.Module):
             yield hook
 
 
-def onloaded_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+def onloaded_tensor(module: nn.Module, name: str, root: Optional[nn.Module] = None) -> Optional[torch.Tensor]:
     """``module``'s tensor ``name`` (e.g. ``"weight"``) where code reads it outside the module's forward: as it is,
     or, where accelerate offloads the module to the CPU or disk (``from_pretrained(device_map=...)`` with ``"cpu"`` or
     ``"disk"`` entries, ``cpu_offload``, ``disk_offload``), whose weights wait on the meta device and are loaded by its
     ``AlignDevicesHook`` only for the module's own forward, the stored value from the hook's weights map, on the hook's
-    execution device. None where the tensor is on the meta device and no hook holds it."""
+    execution device. None where the tensor is on the meta device and no hook holds it.
+
+    ``root``, a module that holds ``module`` (a decoder block), is searched too: accelerate's
+    ``preload_module_classes`` (``dispatch_model``, ``load_checkpoint_and_dispatch``) puts one hook on a whole block,
+    which loads its submodules' weights together (``place_submodules``), and the submodules have no hook of their own:
+    the block's weights map holds their tensors under their names within the block."""
     tensor = getattr(module, name, None)
     if not isinstance(tensor, torch.Tensor) or tensor.device.type != "meta":
         return tensor
-    for hook in _accelerate_hooks(module):
-        weights_map = getattr(hook, "weights_map", None)
-        if getattr(hook, "offload", False) and weights_map is not None:
+    owners = [(module, name, False)]
+    path = next((p for p, m in root.named_modules() if m is module), None) if root is not None else None
+    if path:  # the ancestors within root, innermost first, with the tensor's name relative to each
+        parts = path.split(".")
+        owners += [
+            (root.get_submodule(".".join(parts[:depth])), ".".join([*parts[depth:], name]), True)
+            for depth in range(len(parts) - 1, -1, -1)
+        ]
+    for owner, key, ancestor in owners:
+        for hook in _accelerate_hooks(owner):
+            weights_map = getattr(hook, "weights_map", None)
+            if not getattr(hook, "offload", False) or weights_map is None:
+                continue
+            if ancestor and not getattr(hook, "place_submodules", False):
+                continue
             try:
-                value = weights_map[name]
+                value = weights_map[key]
             except KeyError:
                 continue
             device = getattr(hook, "execution_device", None)

@@ -9,7 +9,11 @@ a greedy ``generate`` (first, before any forward has gathered a parameter) and a
 eval mode); their tokens and logits are written to
 ``<out>/deepspeed.safetensors``, the same model's outputs before partitioning to ``<out>/reference.safetensors``.
 
-Usage: python tests/deepspeed_generate.py --out DIR [--qst '{"copy_heads": 1}']
+With ``--zero-init`` the base model is loaded the way the Trainer loads it once ``TrainingArguments(deepspeed=...)``
+is set up: ``from_pretrained`` under ZeRO-3's ``deepspeed.zero.Init``, so that the backbone's weights are already
+partitioned when ``get_peft_model`` adds the adapter (the reference model's adapter weights are loaded into it).
+
+Usage: python tests/deepspeed_generate.py --out DIR [--qst '{"copy_heads": 1}'] [--zero-init]
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--qst", default="{}", help="further QSTConfig arguments, as JSON")
+    parser.add_argument("--zero-init", action="store_true", help="load the base model under deepspeed.zero.Init")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -65,6 +70,20 @@ def main():
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0},
     }
+    if args.zero_init:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        base_dir = os.path.join(args.out, "base")
+        tiny_causal_lm().save_pretrained(base_dir)
+        adapter = get_peft_model_state_dict(model)
+        zero_config = HfDeepSpeedConfig(config)  # noqa: F841 - from_pretrained partitions while it is alive
+        partitioned = AutoModelForCausalLM.from_pretrained(base_dir)
+        assert partitioned.lm_head.weight.numel() == 0  # the backbone really is partitioned
+        model = get_peft_model(partitioned, QSTConfig(task_type="CAUSAL_LM", r=4, **json.loads(args.qst)))
+        set_peft_model_state_dict(model, adapter)
+        model.eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     assert all(p.numel() == 0 for p in model.parameters())  # every parameter partitioned

@@ -141,6 +141,17 @@ def test_peft_model_from_pretrained_onto_a_disk_offloaded_base(tmp_path, tiny_mo
         torch.testing.assert_close(model(input_ids=IDS).logits, expected)
 
 
+def assert_pruned_side_networks_equal(offloaded, plain):
+    """init="pruned" builds the same side network on the offloaded base model as on the plain one."""
+    sides = []
+    for base in (offloaded, plain):
+        torch.manual_seed(0)
+        sides.append(side_of(get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))).state_dict())
+    assert sides[0].keys() == sides[1].keys()
+    for name, value in sides[1].items():
+        torch.testing.assert_close(sides[0][name], value, msg=name)
+
+
 def test_pruned_initialisation_reads_disk_offloaded_blocks(tmp_path, tiny_model_dir):
     """init="pruned" reads the backbone's weights outside its forward; blocks and the final norm offloaded to disk keep
     them in accelerate's hooks, which the pruning reads: the same side network as on the plain model."""
@@ -150,10 +161,22 @@ def test_pruned_initialisation_reads_disk_offloaded_blocks(tmp_path, tiny_model_
         tiny_model_dir, device_map=device_map, offload_folder=str(tmp_path / "offload")
     )
     assert offloaded.model.layers[2].mlp.down_proj.weight.device.type == "meta"
-    sides = []
-    for base in (offloaded, AutoModelForCausalLM.from_pretrained(tiny_model_dir)):
-        torch.manual_seed(0)
-        sides.append(side_of(get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))).state_dict())
-    assert sides[0].keys() == sides[1].keys()
-    for name, value in sides[1].items():
-        torch.testing.assert_close(sides[0][name], value, msg=name)
+    assert_pruned_side_networks_equal(offloaded, AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+
+
+def test_pruned_initialisation_reads_blocks_offloaded_whole(tmp_path, tiny_model_dir):
+    """accelerate's dispatch_model(preload_module_classes=[...]) (and load_checkpoint_and_dispatch) puts one offload
+    hook on each such block, which loads all of its submodules' weights for the block's forward; the submodules have
+    no hook of their own. Pruning refused those blocks as not loaded although the model ran; it reads them from the
+    block's hook: the same side network as on the plain model."""
+    from accelerate import dispatch_model
+
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{index}": "disk" if index else "cpu" for index in range(3)})
+    offloaded = dispatch_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), device_map=device_map,
+        offload_dir=str(tmp_path / "offload"), preload_module_classes=["LlamaDecoderLayer"],
+    )
+    assert offloaded.model.layers[2].mlp.down_proj.weight.device.type == "meta"
+    assert not hasattr(offloaded.model.layers[2].mlp.down_proj, "_hf_hook")  # the block's hook holds it
+    assert_pruned_side_networks_equal(offloaded, AutoModelForCausalLM.from_pretrained(tiny_model_dir))
