@@ -13,7 +13,7 @@ MARKER = "<!-- peft-qst usage -->"
 
 
 #: the transformers Auto class that builds the base model for each PEFT task type (CAUSAL_LM, and no task type, load
-#: as causal LMs)
+#: as causal LMs; a composite vision-language model as an image-text-to-text model, see usage_section)
 AUTO_CLASS_OF_TASK = {
     "SEQ_CLS": "AutoModelForSequenceClassification",
     "TOKEN_CLS": "AutoModelForTokenClassification",
@@ -24,9 +24,17 @@ AUTO_CLASS_OF_TASK = {
 LABELLED_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
-def usage_section(base_model: str | None, task_type: str | None = None, num_labels: int | None = None) -> str:
+def usage_section(
+    base_model: str | None, task_type: str | None = None, num_labels: int | None = None, model_type: str | None = None
+) -> str:
+    from .model import SUPPORTED_COMPOSITE_TYPES
+
     base = base_model or "<base model>"
-    auto_class = AUTO_CLASS_OF_TASK.get(task_type or "", "AutoModelForCausalLM")
+    # a composite (vision-language) base model, by the type the adapter recorded (base_model_signature), loads with
+    # AutoModelForImageTextToText: AutoModelForCausalLM refuses most of them ("Unrecognized configuration class" for
+    # Llava, Qwen2-VL, ...)
+    causal_lm = "AutoModelForImageTextToText" if model_type in SUPPORTED_COMPOSITE_TYPES else "AutoModelForCausalLM"
+    auto_class = AUTO_CLASS_OF_TASK.get(task_type or "", causal_lm)
     extra = ""
     if task_type in LABELLED_TASKS:
         # the saved head has num_labels rows; the base model must be built with the same number
@@ -51,21 +59,23 @@ model = PeftModel.from_pretrained(base, "<this repository id, or the folder hold
 """
 
 
-def _saved_adapter_facts(folder: str) -> tuple[str | None, int | None]:
-    """The task type recorded in ``adapter_config.json`` beside the card and, for a classification adapter, the number
-    of labels (rows of the saved head in ``modules_to_save``); None where the folder does not tell."""
+def _saved_adapter_facts(folder: str) -> tuple[str | None, int | None, str | None]:
+    """The task type recorded in ``adapter_config.json`` beside the card, for a classification adapter the number of
+    labels (rows of the saved head in ``modules_to_save``), and the base model's type (``base_model_signature``);
+    None where the folder does not tell."""
     import json
 
     config_path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(config_path):
-        return None, None
+        return None, None, None
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
     task_type = config.get("task_type")
+    model_type = (config.get("base_model_signature") or {}).get("model_type")
     weights_path = os.path.join(folder, "adapter_model.safetensors")
     heads = config.get("modules_to_save") or []
     if task_type not in LABELLED_TASKS or not heads or not os.path.isfile(weights_path):
-        return task_type, None
+        return task_type, None, model_type
     from safetensors import safe_open
 
     with safe_open(weights_path, framework="pt") as handle:
@@ -73,8 +83,8 @@ def _saved_adapter_facts(folder: str) -> tuple[str | None, int | None]:
             if any(key.endswith(f".{head}.weight") for head in heads):
                 shape = handle.get_slice(key).get_shape()
                 if len(shape) == 2:
-                    return task_type, int(shape[0])
-    return task_type, None
+                    return task_type, int(shape[0]), model_type
+    return task_type, None, model_type
 
 
 def add_usage_section(folder: str, base_model: str | None) -> None:
@@ -86,6 +96,6 @@ def add_usage_section(folder: str, base_model: str | None) -> None:
         text = handle.read()
     if MARKER in text:
         return
-    task_type, num_labels = _saved_adapter_facts(folder)
+    task_type, num_labels, model_type = _saved_adapter_facts(folder)
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write("\n" + usage_section(base_model, task_type, num_labels))
+        handle.write("\n" + usage_section(base_model, task_type, num_labels, model_type))

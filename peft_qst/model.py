@@ -188,6 +188,11 @@ def model_signature(model: nn.Module) -> dict:
         "num_hidden_layers": int(config.num_hidden_layers),
         "num_attention_heads": heads,
     }
+    if config is not model.config:
+        # and its language model's type: the side network is built from that model's class (a Llava with a Llama or a
+        # Mistral language model of the same sizes holds side networks of the same weight names and shapes, which
+        # would load into each other silently, where the text models alone are refused by their model_type)
+        signature["text_model_type"] = config.model_type
     kv_heads = getattr(config, "num_key_value_heads", None)
     signature["num_key_value_heads"] = int(kv_heads) if kv_heads is not None else heads
     head_dim = getattr(config, "head_dim", None)
@@ -215,8 +220,11 @@ def signature_differences(recorded: dict, signature: dict) -> dict:
 
 
 def _describe(signature: dict) -> str:
+    text = signature.get("text_model_type")
     return (
-        f"a {signature.get('model_type')} model (hidden_size={signature.get('hidden_size')}, "
+        f"a {signature.get('model_type')} model"
+        + (f" with a {text} language model" if text else "")
+        + f" (hidden_size={signature.get('hidden_size')}, "
         f"{signature.get('num_hidden_layers')} layers, {signature.get('num_attention_heads')} attention heads)"
     )
 
@@ -322,6 +330,42 @@ def _check_modules_to_save_outside(model: nn.Module, trunk: nn.Module, config: Q
             f"QSTConfig.modules_to_save={entries!r}: {inside} lie inside the decoder trunk {trunk_name!r}, which QST "
             "runs frozen without gradients, so they could not train. Only modules outside it can be trained and "
             "saved with the adapter (an LM head, a classification head); remove these entries."
+        )
+
+
+def _check_modules_to_save_before_trunk(model: nn.Module, trunk: nn.Module, config: QSTConfig, model_type: str) -> None:
+    """modules_to_save before the language model of a composite (multimodal) model (its vision tower, its projector)
+    cannot train either: their output reaches the loss only through the language model, which QST runs frozen under
+    no_grad, and the side network reads the merged embeddings detached (:meth:`QSTLayer._forward_adapted`). PEFT would
+    wrap them, count them as trainable and save them, while their gradients stayed None (LoRA trains them: its backward
+    runs through the language model). They are the modules beside the trunk in the model that holds it (LlavaModel,
+    Qwen2VLModel, ...); the heads after it (``lm_head``, ``score``) lie outside that model."""
+    entries = [config.modules_to_save] if isinstance(config.modules_to_save, str) else config.modules_to_save or []
+    names = {module: name for name, module in model.named_modules()}
+    trunk_name = names.get(trunk)
+    if not entries or trunk_name is None:
+        return
+    holder = trunk_name.rpartition(".")[0]  # "" where the composite base model itself was passed (LlavaModel)
+    before = sorted(
+        {
+            entry
+            for name in names.values()
+            if name
+            and (not holder or name == holder or name.startswith(holder + "."))
+            and name != trunk_name
+            and not name.startswith(trunk_name + ".")
+            and not trunk_name.startswith(name + ".")  # a module holding the trunk: the trunk check's concern
+            for entry in entries
+            if name == entry or name.endswith("." + entry)
+        }
+    )
+    if before:
+        raise ValueError(
+            f"QSTConfig.modules_to_save={entries!r}: {before} lie before the language model {trunk_name!r} of this "
+            f"{model_type} model (its vision tower or projector). Their output reaches the loss only through the "
+            "language model, which QST runs frozen without gradients (the side network reads its hidden states "
+            "detached), so they could not train. Remove these entries: QST trains the side network beside the "
+            "language model, and modules after it (the LM head)."
         )
 
 
@@ -475,6 +519,8 @@ class QSTModel(BaseTuner):
         if composite:
             _check_composite_trunk(model_type, base_trunk, text_config)
         _check_modules_to_save_outside(model, trunk, config)
+        if composite:
+            _check_modules_to_save_before_trunk(model, trunk, config, model_type)
         find_layer_list(base_trunk, int(model_config.num_hidden_layers))
         # encoder-only models (BERT, RoBERTa, ...) attend both ways and their heads read other outputs (a pooler)
         # than the final hidden state QST adapts: their attention modules say so with is_causal=False

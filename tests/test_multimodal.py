@@ -501,3 +501,63 @@ def test_pruned_start_and_backbone_adapters_on_a_composite_model(options):
     train(model, family, ids, extra)
     assert not torch.equal(logits(model, ids, extra), expected)
     assert all(torch.equal(v, base.model.vision_tower.state_dict()[k]) for k, v in vision.items())
+
+
+@pytest.mark.parametrize("family,module", [("llava", "multi_modal_projector"), ("qwen2_vl", "visual"),
+                                           ("idefics3", "connector")])
+def test_modules_before_the_language_model_are_refused_in_modules_to_save(family, module):
+    """The projector or vision tower in modules_to_save (LLaVA-style recipes train the projector): their output
+    reaches the loss only through the language model, which QST runs under no_grad, so PEFT's trainable copies got
+    no gradient and were saved unchanged, silently (LoRA trains them). Refused, naming them."""
+    with pytest.raises(ValueError, match=f"{module}.*before the language model.*could not train"):
+        get_peft_model(build(family), QSTConfig(task_type="CAUSAL_LM", r=4, modules_to_save=[module]))
+
+
+def test_the_lm_head_in_modules_to_save_trains_on_a_composite_model():
+    family = "llava"
+    ids, extra = make_inputs(family)
+    model = get_peft_model(build(family), QSTConfig(task_type="CAUSAL_LM", r=4, modules_to_save=["lm_head"]))
+    model.train()
+    labels, extra = training_inputs(family, ids, extra)
+    model(input_ids=ids, labels=labels, **extra).loss.backward()
+    head = [p for n, p in model.named_parameters() if "lm_head.modules_to_save" in n]
+    assert head and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+
+
+def test_the_model_card_of_a_composite_adapter_loads_the_base_model_with_its_auto_class(tmp_path):
+    """The card's usage section names the Auto class to build the base model with: AutoModelForCausalLM refuses a
+    Llava or Qwen2-VL config ("Unrecognized configuration class"), so a composite adapter's card names
+    AutoModelForImageTextToText, and that class loads the base model."""
+    import re
+
+    import transformers
+
+    for family in ("llava", "qwen2_vl"):
+        base_dir = str(tmp_path / f"{family}_base")
+        build(family).save_pretrained(base_dir)
+        model = get_peft_model(build(family), QSTConfig(task_type="CAUSAL_LM", r=4))
+        model.peft_config["default"].base_model_name_or_path = base_dir
+        model.save_pretrained(tmp_path / family)
+        card = (tmp_path / family / "README.md").read_text()
+        auto_class = re.search(r"base = (\w+)\.from_pretrained\(", card).group(1)
+        assert auto_class == "AutoModelForImageTextToText"
+        assert type(getattr(transformers, auto_class).from_pretrained(base_dir)) is type(build(family))
+
+
+def test_an_adapter_is_refused_on_a_composite_model_with_another_language_model_of_the_same_sizes(tmp_path):
+    """A Llava whose language model is a Mistral instead of a Llama of the same sizes: its side network has the same
+    weight names and shapes, but is another model's (the text models alone are refused by their model_type), so the
+    recorded signature names the language model's type too."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    def llava(text_type):
+        kwargs = dict(FAMILIES["llava"][0], text_config=dict(TEXT, model_type=text_type))
+        torch.manual_seed(0)
+        return AutoModelForImageTextToText.from_config(AutoConfig.for_model("llava", **kwargs))
+
+    model = get_peft_model(llava("llama"), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="llama language model.*mistral language model"):
+        PeftModel.from_pretrained(llava("mistral"), tmp_path)
+    PeftModel.from_pretrained(llava("llama"), tmp_path)  # the same base model loads
+    assert model.peft_config["default"].base_model_signature["text_model_type"] == "llama"
