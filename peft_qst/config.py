@@ -88,7 +88,7 @@ class QSTConfig(PeftConfig):
             heads (of an even dimension, for rotary models); `get_peft_model` lists the values that fit when one does
             not. Paper default: 16.
         side_heads (`int`, `"auto"` or None): Number of attention heads of the side blocks. ``"auto"`` (the
-            default): the head count whose head dimension is closest to the backbone's (heads about as wide as the
+            default): the head count whose head dimension is closest to the backbone's, by ratio (heads about as wide as the
             backbone's, as LST's structural pruning keeps whole heads): 1 head of dimension 36 for SmolLM2-135M at
             r=16, 2 heads of 128 for LLaMA-2-7B; `get_peft_model` writes the number it chose into the config, so a
             saved adapter records it. None: the backbone's own numbers of attention and key/value heads, as in the

@@ -119,7 +119,13 @@ def _backbone_head_dim(config) -> int:
 
 def auto_side_heads(config, r: int) -> Optional[int]:
     """``side_heads="auto"``: of the head counts that fit the side hidden size ``d / r``, the one whose head dimension
-    is closest to the backbone's (ties: the wider heads); None where none fits (``r`` itself does not fit).
+    is closest to the backbone's by ratio (ties: the wider heads); None where none fits (``r`` itself does not fit).
+
+    By ratio, not by difference: where the side width has few divisors, the fitting head dimensions lie far apart, and
+    the nearest by difference can be the narrowest. Falcon-7B (4544 = 71 heads of 64) at r=16 has 284 channels, whose
+    even head dimensions are 284, 142, 4 and 2: 4 is 60 from 64 and 142 is 78 away, so a difference picked 71 heads of
+    4 (the paper's layout, which "auto" exists to avoid; a side training step took 3.3x as long as with 2 heads of
+    142), where by ratio 142 (2.2x wider) is nearer than 4 (16x narrower).
 
     Why not the model's head count, as the paper's reference code keeps it: that divides the head dimension by ``r``
     (4 for SmolLM2-135M, 8 for LLaMA-2-7B at r=16), and attention at such widths costs far more than its arithmetic:
@@ -129,7 +135,7 @@ def auto_side_heads(config, r: int) -> Optional[int]:
     if not fitting:
         return None
     side_hidden, target = int(config.hidden_size) // r, _backbone_head_dim(config)
-    return min(fitting, key=lambda heads: (abs(side_hidden / heads - target), heads))
+    return min(fitting, key=lambda heads: (abs(math.log(side_hidden / heads / target)), heads))
 
 
 def resolve_side_heads(config, qst_config: QSTConfig) -> Optional[int]:
@@ -333,6 +339,24 @@ def _resample_rope_factor_lists(base_config, side, side_head_dim: int) -> None:
                 group[name] = _resample_factors(list(group[name]), length)
 
 
+def _auto_heads_alternative(base_config, qst_config: QSTConfig) -> str:
+    """The working alternative to name when the model's own heads (``side_heads=None``, or ``init="pruned"``, which
+    keeps them) do not fit ``r``: side heads chosen by ``"auto"``, which fit far more r values. Without it the refusal
+    of a model whose head count fits no r at all (gpt-oss-20b: 2880 channels in 64 heads of 45, an odd dimension at
+    every r) listed no values and no way out."""
+    r, hidden = qst_config.r, int(base_config.hidden_size)
+    auto = auto_side_heads(base_config, r) if hidden % r == 0 else None
+    if auto is not None:
+        fits = f"fits r={r} ({auto} head{'s' if auto > 1 else ''} of {hidden // r // auto})"
+    else:
+        fits = f"fits r in {_fitting_r_values(base_config, AUTO)}"
+    if qst_config.init == "pruned":
+        return (
+            f" init='pruned' keeps the model's heads; with init='random', side_heads={AUTO!r} (the default) {fits}."
+        )
+    return f" side_heads={AUTO!r} (the default: heads about as wide as the model's) {fits}."
+
+
 def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     """Return the config of the side trunk: the base config with hidden and FFN sizes divided by ``r``.
 
@@ -373,6 +397,8 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         )
         if side_heads and hidden % r == 0:
             message += f" Values of side_heads that fit r={r}: {_fitting_side_heads(base_config, r)}."
+        elif side_heads is None:
+            message += _auto_heads_alternative(base_config, qst_config)
         raise ValueError(message)
     side = copy.deepcopy(base_config)
     side_hidden = hidden // r
@@ -428,7 +454,40 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         del side.quantization_config
     side.dtype = dtype
     side._attn_implementation = side_attention_implementation(base_config)  # SDPA in float32 on CPU where it can
+    _avoid_misaligned_grouped_experts(base_config, side)
     return side
+
+
+#: width multiple that keeps every row of a bf16/fp16 (and float32) expert matrix a multiple of 16 bytes
+GROUPED_MM_ALIGNMENT = 8
+
+
+def _avoid_misaligned_grouped_experts(base_config, side) -> None:
+    """Run the side trunk's experts with transformers' ``"eager"`` implementation (a loop over the experts a batch
+    routes to) where its widths do not suit ``"grouped_mm"``, the default for mixture-of-experts models.
+
+    ``torch._grouped_mm`` (CPU and CUDA) requires every stride to be a multiple of 16 bytes: widths that are multiples
+    of 8 in bf16/fp16. A backbone's widths are; d / r need not be: gpt-oss-20b's 2880 at r=16 gives 180-wide side
+    experts (360 bytes a row in bf16), whose first forward failed with "strides should be multiple of 16 bytes", so
+    a bf16 gpt-oss-20b (its usual dtype) was refused at the default QSTConfig (r=32 failed in float32 too). The side
+    experts are small; the loop costs little beside the backbone. The expert width is the FFN width named for experts
+    where the config has one (``moe_intermediate_size``: DeepSeek, Qwen MoE, whose dense FFNs do not run grouped), else
+    every FFN width (Mixtral and gpt-oss size their experts by ``intermediate_size``)."""
+    if getattr(base_config, "_experts_implementation", None) != "grouped_mm":
+        return
+    ffn = {
+        name: int(getattr(side, name))
+        for name in _config_attribute_names(side)
+        if _is_ffn_width_attribute(name) and _is_int_width(getattr(side, name, None))
+    }
+    experts = [width for name, width in ffn.items() if "moe" in name or ("expert" in name and "shared" not in name)]
+    widths = [int(side.hidden_size), *(experts or ffn.values())]
+    if any(width % GROUPED_MM_ALIGNMENT for width in widths):
+        side._experts_implementation = "eager"
+
+
+def _is_int_width(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -110,6 +110,70 @@ def test_auto_side_heads_for_real_model_shapes():
     assert auto_side_heads(LlamaConfig(hidden_size=576, num_attention_heads=9, head_dim=32), 16) == 1
 
 
+def test_auto_side_heads_match_the_head_dimension_by_ratio_on_falcon_7b():
+    """Falcon-7B's real widths (4544 = 71 heads of 64, multi-query): at r=16 its 284 side channels split into even
+    head dimensions of 284, 142, 4 and 2 only. The nearest to 64 by difference is 4 (71 heads: the paper's layout,
+    which "auto" exists to avoid, 3.3x slower per side step), by ratio 142; the side trunk runs and generates with
+    2 heads of 142. One block, a small FFN and vocabulary: the head layout depends on the width and heads only."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "falcon", hidden_size=4544, num_attention_heads=71, multi_query=True, new_decoder_architecture=False,
+        parallel_attn=True, bias=False, alibi=False, num_hidden_layers=1, ffn_hidden_size=4544, vocab_size=64,
+        bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(), QSTConfig(task_type="CAUSAL_LM"))
+    assert model.peft_config["default"].side_heads == 2
+    side = model.base_model.model.transformer.qst_side["default"]
+    assert (side.trunk.config.num_attention_heads, side._blocks[0].block.self_attention.head_dim) == (2, 142)
+    torch.nn.init.normal_(side.upsample.weight, std=0.05)  # the side network's output now moves the logits
+    ids = torch.tensor([[5, 9, 11, 3, 7]])
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=ids, **kwargs), model.generate(input_ids=ids, use_cache=False, **kwargs))
+
+
+def test_model_heads_that_fit_no_r_are_refused_naming_auto_heads_that_work():
+    """gpt-oss-20b's real widths: 2880 channels in 64 heads of 64. With the model's heads (side_heads=None, the paper's
+    layout) every r gives an odd side head dimension (2880 / r / 64), so the refusal could list no r that fits; it
+    names side_heads="auto", which fits r=16 with 3 heads of 60, and that alternative builds and runs. One block, two
+    experts and a small vocabulary: the head layout depends on the width and heads only."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gpt_oss", hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=64, num_hidden_layers=1, layer_types=["sliding_attention"], sliding_window=128,
+        num_local_experts=2, num_experts_per_tok=1, vocab_size=64,
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError) as info:
+        get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", side_heads=None))
+    message = str(info.value)
+    assert "Values of r that fit this model: []" in message
+    assert "side_heads='auto' (the default: heads about as wide as the model's) fits r=16 (3 heads of 60)" in message
+    ids = torch.tensor([[5, 9, 11, 3]])
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    assert model.peft_config["default"].side_heads == 3
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_pruned_init_refusal_names_the_r_values_and_the_random_init_alternative():
+    """init="pruned" keeps the model's heads; where they do not fit r, the refusal lists the r values that fit and
+    says that init="random" (side_heads="auto") fits this r."""
+    with pytest.raises(ValueError) as info:
+        get_peft_model(tiny_causal_lm(), QSTConfig(r=32, init="pruned"))  # 2 channels for 4 heads
+    message = str(info.value)
+    assert "Values of r that fit this model: [1, 2, 4, 8]" in message
+    assert "init='pruned' keeps the model's heads; with init='random', side_heads='auto' (the default) fits r=32" in message
+
+
 def test_pruned_init_keeps_the_models_heads_under_auto():
     model = get_peft_model(tiny_causal_lm(), QSTConfig(r=4, init="pruned"))
     assert model.peft_config["default"].side_heads is None

@@ -195,3 +195,39 @@ def test_architecture_sweep_classifies_what_it_runs(tmp_path):
     assert {name: rec["cls"] for name, rec in records.items()} == {
         "llama": "OK", "bert": "REFUSED", "gemma3n_text": "REFUSED-AT-RUN",
     }
+
+
+def test_gpt_oss_real_widths_in_bf16_run_at_the_default_config():
+    """gpt-oss-20b's real widths (2880, experts of 2880, 64 heads of 64) at r=16 give 180-wide side experts: 360 bytes
+    a row in bf16 (the model's usual dtype), which ``torch._grouped_mm``, transformers' default experts kernel, refuses
+    ("strides should be multiple of 16 bytes"), so get_peft_model refused the model. The side trunk's experts now run
+    transformers' eager loop there: it builds, starts at the base model, back-propagates into the side experts and
+    generates the same with and without its cache. One block, two experts and a small vocabulary: the widths are real."""
+    config = AutoConfig.for_model(
+        "gpt_oss", hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=64, num_hidden_layers=1, layer_types=["sliding_attention"], sliding_window=128,
+        num_local_experts=2, num_experts_per_tok=1, vocab_size=64,
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    assert base.config._experts_implementation == "grouped_mm"
+    ids = torch.tensor([[5, 9, 11, 3, 7]])
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    side = side_of(model)
+    assert (side.trunk.config.hidden_size, side.trunk.config.intermediate_size) == (180, 180)
+    assert side.trunk.config._experts_implementation == "eager"
+    assert base.model.config._experts_implementation == "grouped_mm"  # the backbone keeps its kernel
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+        torch.nn.init.normal_(side.upsample.weight, std=0.05)  # the side network's output now moves the logits
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    expert_grads = [p.grad for n, p in model.named_parameters() if "qst_side" in n and "experts" in n]
+    assert expert_grads and all(g is not None and torch.isfinite(g).all() for g in expert_grads)
+    assert any(g.abs().sum() > 0 for g in expert_grads)
+    model.eval()
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=ids, **kwargs), model.generate(input_ids=ids, use_cache=False, **kwargs))
