@@ -166,6 +166,9 @@ def _accelerate_dispatch_kept(model):
 
 
 def _keep_accelerate_dispatch_in_from_pretrained() -> None:
+    """Wrap ``PeftModel.from_pretrained`` so that loading a QST adapter onto a base model accelerate offloads keeps
+    that model's dispatch (:func:`_accelerate_dispatch_kept`); LoRA and other adapters, and bases that offload
+    nothing, take PEFT's own path unchanged."""
     from peft import PeftConfig, PeftModel
 
     original = vars(PeftModel)["from_pretrained"].__func__
