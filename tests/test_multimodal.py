@@ -17,6 +17,8 @@ from peft import PeftModel, get_peft_model
 from peft_qst import QSTConfig, QSTLayer
 from peft_qst.side import QSTUnsupportedModelError
 
+from .test_training_graph import audit_backward, qst_layer
+
 IMAGE = 200  # the image token id of every tiny model below
 TEXT = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -130,10 +132,6 @@ def training_inputs(family: str, ids, extra):
     return labels, extra
 
 
-def qst_layer(model) -> QSTLayer:
-    return next(m for m in model.modules() if isinstance(m, QSTLayer))
-
-
 def side_network(model):
     return qst_layer(model).qst_side["default"]
 
@@ -192,46 +190,17 @@ def test_start_and_disabled_adapter_equal_the_base_model(family):
 
 
 def _audit_training_step(model, ids, labels, extra):
-    """One forward + backward recording every tensor autograd saves, every tensor a frozen module of the composite
-    model produces (vision tower, projector, language model: everything inside ``model.model`` but the side network;
-    the LM head's output, the logits, is what the loss saves, as without QST) and the hidden states handed to the
-    side network."""
+    """One forward + backward audited as tests/test_training_graph.py audits a text model, watching every frozen
+    module of the composite model (vision tower, projector, language model: everything inside ``model.model`` but the
+    side network; the LM head's output, the logits, is what the loss saves, as without QST)."""
     layer = qst_layer(model)
-    side = layer.qst_side["default"]
-    side_modules = set(side.modules())
-    outputs: dict[int, torch.Tensor] = {}
-    handed_over: dict[int, torch.Tensor] = {}
-
-    def collect(_module, _inputs, output):
-        stack = [output]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, torch.Tensor):
-                outputs[item.untyped_storage().data_ptr()] = item
-            elif isinstance(item, (tuple, list)):
-                stack.extend(item)
-            elif hasattr(item, "values") and callable(item.values):
-                stack.extend(item.values())
-
-    def record_handover(_module, args, _kwargs):
-        for hidden in args[0]:
-            handed_over[hidden.untyped_storage().data_ptr()] = hidden
-
+    side_modules = set(layer.qst_side["default"].modules())
     composite = model.get_base_model().model
-    frozen = [m for m in composite.modules() if m not in side_modules and m is not composite]
-    hooks = [m.register_forward_hook(collect) for m in frozen if not isinstance(m, QSTLayer)]
-    hooks.append(side.register_forward_pre_hook(record_handover, with_kwargs=True))
-    saved = []
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(
-            lambda t: saved.append((t.untyped_storage().data_ptr(), t.shape)) or t, lambda t: t
-        ):
-            out = model(input_ids=ids, labels=labels, **extra)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    out.loss.backward()
-    return out, saved, outputs, handed_over
+    frozen = [
+        m for m in composite.modules()
+        if m not in side_modules and m is not composite and not isinstance(m, QSTLayer)
+    ]
+    return audit_backward(model, ids, watched=frozen, labels=labels, **extra)
 
 
 @pytest.mark.parametrize("family", SUPPORTED)

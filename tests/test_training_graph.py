@@ -15,16 +15,19 @@ def qst_layer(model) -> QSTLayer:
     return next(m for m in model.modules() if isinstance(m, QSTLayer))
 
 
-def audit_backward(model, input_ids):
+def audit_backward(model, input_ids, watched=None, **inputs):
     """Run forward + backward while recording every tensor autograd saves for backward.
 
-    Returns (saved, backbone_outputs, handed_over): the saved tensors' storage pointers and sizes, the storage
-    pointers of every tensor any backbone module produced, and those of the hidden states handed to the side network.
+    ``watched``: the frozen modules whose outputs are recorded (default: every module of the wrapped trunk);
+    ``inputs``: further forward arguments (``labels`` defaults to ``input_ids``).
+    Returns (out, saved, backbone_outputs, handed_over): the output, the saved tensors' storage pointers and sizes,
+    the storage pointers of every tensor a watched module produced, and the hidden states handed to the side network
+    by storage pointer. Tensors are kept alive (dict values) so that their storage cannot be reused by later tensors
+    during the audit.
     """
     layer = qst_layer(model)
-    # tensors are kept alive (dict values) so that their storage cannot be reused by later tensors during the audit
     backbone_outputs: dict[int, torch.Tensor] = {}
-    handed_over: set[int] = set()
+    handed_over: dict[int, torch.Tensor] = {}
 
     def collect(_module, _inputs, output):
         stack = [output]
@@ -39,9 +42,10 @@ def audit_backward(model, input_ids):
 
     def record_handover(_module, args, kwargs):
         for hidden in args[0]:
-            handed_over.add(hidden.untyped_storage().data_ptr())
+            handed_over[hidden.untyped_storage().data_ptr()] = hidden
 
-    hooks = [m.register_forward_hook(collect) for m in layer.base_layer.modules()]
+    watched = layer.base_layer.modules() if watched is None else watched
+    hooks = [m.register_forward_hook(collect) for m in watched]
     hooks += [side.register_forward_pre_hook(record_handover, with_kwargs=True) for side in layer.qst_side.values()]
     saved: list[tuple[int, torch.Size]] = []
 
@@ -49,9 +53,10 @@ def audit_backward(model, input_ids):
         saved.append((tensor.untyped_storage().data_ptr(), tensor.shape))
         return tensor
 
+    inputs.setdefault("labels", input_ids)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(input_ids=input_ids, labels=input_ids)
+            out = model(input_ids=input_ids, **inputs)
     finally:
         for hook in hooks:
             hook.remove()
