@@ -193,7 +193,7 @@ def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optiona
             )
     sections = _mrope_section(config)
     if sections is not None and _side_mrope_section(config, side_hidden // heads) is not None:
-        factor = float((getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) or 1.0)
+        factor = _partial_rotary_factor(config)
         if int(side_hidden // heads * factor) // 2 < len(sections):
             return (
                 f"r={r} gives a side head dimension of {side_hidden // heads}, too small for the model's "
@@ -209,7 +209,7 @@ def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optiona
             )
     elif _uses_rotary(config):
         head_dim = side_hidden // heads
-        factor = float((getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) or 1.0)
+        factor = _partial_rotary_factor(config)
         rotary_dims = int(head_dim * factor)
         if rotary_dims < 2 or rotary_dims % 2:
             what = "head dimension" if factor == 1.0 else f"rotary dimension ({head_dim} x partial_rotary_factor {factor})"
@@ -220,6 +220,11 @@ def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optiona
 def _config_attribute_names(config) -> list[str]:
     """The attributes a config object holds (its own, not the class's)."""
     return [name for name in vars(config) if not name.startswith("_")]
+
+
+def _partial_rotary_factor(config) -> float:
+    """The fraction of each head's channels that rotary embeddings rotate (``rope_parameters``), 1.0 where unset."""
+    return float((getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) or 1.0)
 
 
 def _rotary_dim(config) -> Optional[int]:
@@ -255,7 +260,7 @@ def _side_mrope_section(config, side_head_dim: int) -> Optional[list[int]]:
     sections = _mrope_section(config)
     if sections is None:
         return None
-    factor = float((getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) or 1.0)
+    factor = _partial_rotary_factor(config)
     if int(_backbone_head_dim(config) * factor) // 2 != sum(sections):
         return None
     target = int(side_head_dim * factor) // 2
