@@ -16,6 +16,19 @@ warnings.filterwarnings("ignore", message=".*kernels.*")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_script(path: str, name: str, register: bool = False):
+    """A script of the repository (``path`` relative to its root) imported as module ``name``; ``register`` puts it
+    in ``sys.modules`` (needed where its dataclasses or pickling look the module up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_llama_config(**overrides):
     from transformers import AutoConfig
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, load_script
 
 
 def run_example(*args: str, timeout: int = 900) -> str:
@@ -45,8 +45,6 @@ def test_classify(tmp_path):
 def test_generate_uses_the_base_model_it_is_given(tmp_path, monkeypatch, tiny_model_dir):
     """examples/generate.py --base: used as given (a typo fails instead of silently loading another model); without
     it, the adapter's recorded base model where that folder exists."""
-    import importlib.util
-
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -54,9 +52,7 @@ def test_generate_uses_the_base_model_it_is_given(tmp_path, monkeypatch, tiny_mo
 
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4)) \
         .save_pretrained(tmp_path / "adapter")
-    spec = importlib.util.spec_from_file_location("generate_example", f"{REPO}/examples/generate.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/generate.py", "generate_example")
     asked = []
 
     class Stop(Exception):

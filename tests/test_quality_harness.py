@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, load_script
 
 
 def load_tasks():
-    spec = importlib.util.spec_from_file_location("quality_tasks", f"{REPO}/integration/quality/tasks.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality_tasks"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("integration/quality/tasks.py", "quality_tasks", register=True)
 
 
 def test_splits_are_deterministic_balanced_and_disjoint():
@@ -63,9 +58,7 @@ def test_harness_runs_one_method_end_to_end(tmp_path):
 def load_harness():
     sys.path.insert(0, f"{REPO}/integration/quality")
     try:
-        spec = importlib.util.spec_from_file_location("quality_harness", f"{REPO}/integration/quality/harness.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_script("integration/quality/harness.py", "quality_harness")
     finally:
         sys.path.remove(f"{REPO}/integration/quality")
     return module
