@@ -91,11 +91,13 @@ def find_trunk_name(model: nn.Module) -> str:
 
 #: composite (multimodal) model types whose language model QST side-tunes, each checked end to end with images
 #: (tests/test_multimodal.py). Their composite model merges the image features into ``inputs_embeds`` and calls its
-#: language model on them (with the 1-D positions of a text model, or Qwen2-VL's multimodal rotary positions, which
-#: the side trunk, of the same class, is handed too); the side network reads that trunk's hidden states, so it sees
-#: the image tokens; the side output is added to the trunk's final hidden state, before the composite model's LM head.
+#: language model on them (with the 1-D positions of a text model, or the multimodal rotary positions of Qwen2-VL and
+#: GLM-4.1V, which the side trunk, of the same class, is handed too); the side network reads that trunk's hidden
+#: states, so it sees the image (and video) tokens; the side output is added to the trunk's final hidden state, before
+#: the composite model's LM head.
 SUPPORTED_COMPOSITE_TYPES = (
-    "llava", "idefics3", "smolvlm", "paligemma", "gemma3", "mistral3", "qwen2_vl", "qwen2_5_vl",
+    "llava", "idefics3", "smolvlm", "paligemma", "gemma3", "mistral3", "qwen2_vl", "qwen2_5_vl", "llava_next",
+    "llava_next_video", "llava_onevision", "idefics2", "internvl", "aya_vision", "got_ocr2", "glm4v",
 )
 
 
@@ -107,6 +109,8 @@ _COMPOSITE_REASONS = {
     "(deepstack_visual_embeds)",
     "qwen3_vl_moe": "its language model adds visual features to the hidden states inside its first blocks "
     "(deepstack_visual_embeds)",
+    "gemma3n": "its language model passes several residual streams between its blocks (AltUp) and takes per-layer "
+    "inputs computed from the token ids (per_layer_inputs)",
 }
 
 
