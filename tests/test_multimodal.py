@@ -490,16 +490,17 @@ def test_copy_heads_are_refused_for_composite_models():
         get_peft_model(build("llava"), QSTConfig(task_type="CAUSAL_LM", r=4, copy_heads=1))
 
 
-def test_llava_in_4bit_trains_generates_and_reloads(tmp_path):
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_llava_in_4bit_trains_generates_and_reloads(family, tmp_path):
     """The QLoRA setting: the whole composite model (vision tower, projector, language model) in bitsandbytes 4-bit
-    with bf16 compute. The side network starts at the base model, trains in bf16, generates with the image and
-    reloads onto a fresh 4-bit base with identical logits. (The vision tower is 64 wide here: bitsandbytes' CPU
-    4-bit layout does not take a layer narrower than its block of 64.)"""
+    with bf16 compute; LLaVA-NeXT with its anyres tiles (``image_sizes``). The side network starts at the base
+    model, trains in bf16, generates with the image and reloads onto a fresh 4-bit base with identical logits. (The
+    vision tower is 64 wide here: bitsandbytes' CPU 4-bit layout does not take a layer narrower than its block of
+    64.)"""
     from transformers import AutoModelForImageTextToText
 
     from .conftest import bnb_config
 
-    family = "llava"
     build(family, hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
 
     def load():
