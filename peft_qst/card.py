@@ -25,7 +25,11 @@ LABELLED_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
 def usage_section(
-    base_model: str | None, task_type: str | None = None, num_labels: int | None = None, model_type: str | None = None
+    base_model: str | None,
+    task_type: str | None = None,
+    num_labels: int | None = None,
+    model_type: str | None = None,
+    bare_trunk: bool = False,
 ) -> str:
     from .model import SUPPORTED_COMPOSITE_TYPES
 
@@ -35,6 +39,9 @@ def usage_section(
     # Llava, Qwen2-VL, ...)
     causal_lm = "AutoModelForImageTextToText" if model_type in SUPPORTED_COMPOSITE_TYPES else "AutoModelForCausalLM"
     auto_class = AUTO_CLASS_OF_TASK.get(task_type or "", causal_lm)
+    if bare_trunk:
+        # an adapter on the bare trunk (task_type="FEATURE_EXTRACTION" on what AutoModel loads) loads onto that alone
+        auto_class = "AutoModel"
     extra = ""
     if task_type in LABELLED_TASKS:
         # the saved head has num_labels rows; the base model must be built with the same number
@@ -59,23 +66,29 @@ model = PeftModel.from_pretrained(base, "<this repository id, or the folder hold
 """
 
 
-def _saved_adapter_facts(folder: str) -> tuple[str | None, int | None, str | None]:
-    """The task type recorded in ``adapter_config.json`` beside the card, for a classification adapter the number of
-    labels (rows of the saved head in ``modules_to_save``), and the base model's type (``base_model_signature``);
-    None where the folder does not tell."""
+def _saved_adapter_facts(folder: str) -> dict:
+    """What ``usage_section`` needs from the adapter saved beside the card: the task type recorded in
+    ``adapter_config.json``, for a classification adapter the number of labels (rows of the saved head in
+    ``modules_to_save``), the base model's type (``base_model_signature``), and whether it was made for a bare decoder
+    trunk (its ``target_modules``); nothing where the folder does not tell."""
     import json
+
+    from .model import ROOT_TRUNK
 
     config_path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(config_path):
-        return None, None, None
+        return {}
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
-    task_type = config.get("task_type")
-    model_type = (config.get("base_model_signature") or {}).get("model_type")
+    facts = {
+        "task_type": config.get("task_type"),
+        "model_type": (config.get("base_model_signature") or {}).get("model_type"),
+        "bare_trunk": config.get("target_modules") == ROOT_TRUNK,
+    }
     weights_path = os.path.join(folder, "adapter_model.safetensors")
     heads = config.get("modules_to_save") or []
-    if task_type not in LABELLED_TASKS or not heads or not os.path.isfile(weights_path):
-        return task_type, None, model_type
+    if facts["task_type"] not in LABELLED_TASKS or not heads or not os.path.isfile(weights_path):
+        return facts
     from safetensors import safe_open
 
     with safe_open(weights_path, framework="pt") as handle:
@@ -83,8 +96,8 @@ def _saved_adapter_facts(folder: str) -> tuple[str | None, int | None, str | Non
             if any(key.endswith(f".{head}.weight") for head in heads):
                 shape = handle.get_slice(key).get_shape()
                 if len(shape) == 2:
-                    return task_type, int(shape[0]), model_type
-    return task_type, None, model_type
+                    return {**facts, "num_labels": int(shape[0])}
+    return facts
 
 
 def add_usage_section(folder: str, base_model: str | None) -> None:
@@ -96,6 +109,5 @@ def add_usage_section(folder: str, base_model: str | None) -> None:
         text = handle.read()
     if MARKER in text:
         return
-    task_type, num_labels, model_type = _saved_adapter_facts(folder)
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write("\n" + usage_section(base_model, task_type, num_labels, model_type))
+        handle.write("\n" + usage_section(base_model, **_saved_adapter_facts(folder)))

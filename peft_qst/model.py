@@ -1,7 +1,8 @@
 """`QSTModel`: the PEFT tuner that injects Quantized Side Tuning into a transformers model.
 
 It finds the model's decoder trunk, checks that the model and the config fit together (before touching anything), and
-replaces the trunk by a :class:`~peft_qst.layer.QSTLayer`. On loading it also checks that an adapter fits the model it
+replaces the trunk by a :class:`~peft_qst.layer.QSTLayer` (a bare trunk, which is the root model itself, is wrapped
+whole: see :data:`ROOT_TRUNK`). On loading it also checks that an adapter fits the model it
 is loaded onto: the recorded base-model signature, the exact set of weight names, and the weights' digest.
 """
 
@@ -49,11 +50,32 @@ _TAGS_ADDED = "_qst_tags_added"
 _AS_WRITTEN = "_qst_as_written"
 
 
+#: ``target_modules`` of an adapter on a bare decoder trunk (as ``AutoModel`` loads it, for
+#: task_type="FEATURE_EXTRACTION"). PEFT injects by replacing a child module and never targets the root model, which
+#: such a trunk is; so the tuner wraps the root itself in a QSTLayer (``PeftModel.base_model.model``) and PEFT targets
+#: the wrapped trunk by its name there. The value also tells such an adapter apart from one saved from a model with a
+#: head around the trunk (target_modules="model"), whose saved weight names and head modules differ.
+ROOT_TRUNK = "base_layer"
+
+
+def is_bare_trunk(model: nn.Module) -> bool:
+    """Whether ``model`` is itself a decoder trunk (it takes inputs_embeds and holds no module that does), or the
+    QSTLayer the tuner wrapped such a trunk in."""
+    if isinstance(model, QSTLayer):
+        return True
+    return _takes_inputs_embeds(model) and not any(
+        _takes_inputs_embeds(module) for module in model.modules() if module is not model
+    )
+
+
 def find_trunk_name(model: nn.Module) -> str:
-    """Module name of the decoder trunk to wrap (an already wrapped one counts)."""
+    """Module name of the decoder trunk to wrap (an already wrapped one counts); "" for a bare trunk, the model
+    itself."""
     for name, module in model.named_modules():
         if isinstance(module, QSTLayer):
             return name
+    if is_bare_trunk(model):
+        return ""
     get_decoder = getattr(model, "get_decoder", None)
     trunk = get_decoder() if callable(get_decoder) else None
     if trunk is None or trunk is model or not _takes_inputs_embeds(trunk):
@@ -67,17 +89,6 @@ def find_trunk_name(model: nn.Module) -> str:
         )
     if trunk is None or trunk is model:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        # a bare trunk takes inputs_embeds itself and holds no module that does; a model with a head around a trunk
-        # QST could not find (a remote-code causal LM whose get_decoder() returns itself) is not one
-        holds_a_trunk = any(_takes_inputs_embeds(module) for module in model.modules() if module is not model)
-        if (trunk is model or (trunk is None and _takes_inputs_embeds(model))) and not holds_a_trunk:
-            raise QSTUnsupportedModelError(
-                f"{type(model).__name__} is a bare decoder trunk (as AutoModel loads it, e.g. for "
-                "task_type='FEATURE_EXTRACTION'): QST wraps the trunk inside a model with a head and adds the side "
-                "network's output to the trunk's final hidden state, so it needs the model around the trunk. Load "
-                "the model with AutoModelForCausalLM or AutoModelForSequenceClassification; its final hidden states "
-                "(output_hidden_states=True) are the adapted features."
-            )
         raise QSTUnsupportedModelError(
             f"QST cannot find the decoder trunk of this {model_type} model ({type(model).__name__}): QST wraps the "
             "module that maps embeddings to the final hidden state (model.get_decoder()). Pass a *ForCausalLM or "
@@ -324,14 +335,15 @@ def _check_modules_to_save_outside(model: nn.Module, trunk: nn.Module, config: Q
         {
             entry
             for name in names.values()
-            if name.startswith(trunk_name + ".")
+            if name.startswith(trunk_name + ".") or (trunk_name == "" and name)  # a bare trunk: every module
             for entry in entries
             if name == entry or name.endswith("." + entry)
         }
     )
     if inside:
         raise ValueError(
-            f"QSTConfig.modules_to_save={entries!r}: {inside} lie inside the decoder trunk {trunk_name!r}, which QST "
+            f"QSTConfig.modules_to_save={entries!r}: {inside} lie inside the decoder trunk "
+            f"{repr(trunk_name) if trunk_name else '(the bare trunk is the whole model)'}, which QST "
             "runs frozen without gradients, so they could not train. Only modules outside it can be trained and "
             "saved with the adapter (an LM head, a classification head); remove these entries."
         )
@@ -370,6 +382,30 @@ def _check_modules_to_save_before_trunk(model: nn.Module, trunk: nn.Module, conf
             "language model, which QST runs frozen without gradients (the side network reads its hidden states "
             "detached), so they could not train. Remove these entries: QST trains the side network beside the "
             "language model, and modules after it (the LM head)."
+        )
+
+
+def _check_bare_trunk_config(model: nn.Module, config: QSTConfig) -> None:
+    """A bare decoder trunk (AutoModel) is side-tuned for its features only: its QST output is the adapted
+    ``last_hidden_state``, which ``PeftModelForFeatureExtraction`` returns. Other task types' PEFT wrappers would
+    run the trunk through a forward built for a model with a head (PEFT's plain ``PeftModel`` even through
+    ``get_base_model()``, which is the unadapted trunk here), and an adapter saved from such a model has other weight
+    names and its head."""
+    name = type(model.get_base_layer() if isinstance(model, QSTLayer) else model).__name__
+    if config.target_modules not in (None, ROOT_TRUNK):
+        raise QSTUnsupportedModelError(
+            f"QSTConfig.target_modules={config.target_modules!r} names a module inside the model, but {name} is a bare "
+            "decoder trunk (as AutoModel loads it), which QST wraps whole. An adapter saved from a model with a head "
+            "around the trunk (AutoModelForCausalLM, ...) loads onto that model class again, whose final hidden "
+            "states (output_hidden_states=True) are its adapted features; for a new adapter leave target_modules "
+            "None."
+        )
+    task_type = getattr(config.task_type, "value", config.task_type)
+    if task_type != "FEATURE_EXTRACTION":
+        raise QSTUnsupportedModelError(
+            f"{name} is a bare decoder trunk (as AutoModel loads it): QST side-tunes it for its features, with "
+            f"QSTConfig(task_type='FEATURE_EXTRACTION'), not task_type={task_type!r}. For a causal LM or a "
+            "classifier, load the model with AutoModelForCausalLM or AutoModelForSequenceClassification."
         )
 
 
@@ -435,7 +471,16 @@ class QSTModel(BaseTuner):
             written = {name: getattr(config, name) for name in _BOUND_FIELDS}
         self._bind_config_to_model(config, model)
         config.__dict__[_AS_WRITTEN] = written
+        wrapping_root = config.target_modules == ROOT_TRUNK and not isinstance(model, QSTLayer)
+        if wrapping_root:
+            # a bare trunk: PEFT never targets the root model, so the tuner wraps it here and PEFT targets the trunk
+            # inside the wrapper (_create_and_replace adds the side network to the wrapper itself)
+            model = self.model = QSTLayer(model)
         super().inject_adapter(model, adapter_name, **kwargs)
+        if wrapping_root:
+            # PEFT took the new wrapper (a tuner layer) for an earlier adapter's and kept the trunk's parameters as
+            # trainable as they were; a first injection freezes the base model
+            self._mark_only_adapters_as_trainable(model)
 
     def _bind_config_to_model(self, config: QSTConfig, model: nn.Module) -> None:
         """Check, before anything changes, that this config can side-tune this model; fill in what it records."""
@@ -501,8 +546,20 @@ class QSTModel(BaseTuner):
                 )
             )
 
-        target_modules = config.target_modules or re.escape(find_trunk_name(model))
-        trunk = self._matching_trunk(model, target_modules)
+        if is_bare_trunk(model):
+            _check_bare_trunk_config(model, config)
+            target_modules, trunk = ROOT_TRUNK, model
+        else:
+            if config.target_modules == ROOT_TRUNK:
+                raise QSTUnsupportedModelError(
+                    f"This QST adapter was made for a bare decoder trunk (as AutoModel loads it, "
+                    f"task_type='FEATURE_EXTRACTION'), but is being loaded onto {type(model).__name__}, a model with "
+                    "a head around the trunk. Load the base model with AutoModel.from_pretrained(...). (An adapter "
+                    "does not move between the two: the bare trunk's adapter holds no head, and the weight names "
+                    "differ.)"
+                )
+            target_modules = config.target_modules or re.escape(find_trunk_name(model))
+            trunk = self._matching_trunk(model, target_modules)
         if trunk is None:
             raise QSTUnsupportedModelError(
                 f"QSTConfig.target_modules={target_modules!r} matches no module of {type(model).__name__}."
@@ -584,6 +641,8 @@ class QSTModel(BaseTuner):
         return None
 
     def _post_injection_hook(self, model: nn.Module, config: QSTConfig, adapter_name: str) -> None:
+        # a bare trunk's wrapper: tags, loss and hooks belong to the trunk, which unload() hands back
+        model = model.get_base_layer() if isinstance(model, QSTLayer) else model
         # the tags end up in the model cards PEFT and the trainers write
         if hasattr(model, "add_model_tags"):
             if _TAGS_ADDED not in vars(model):  # what undo_post_injection takes off again: the tags the model lacked
@@ -602,6 +661,11 @@ class QSTModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
+        if isinstance(model, QSTLayer):
+            # a bare trunk's wrapper is the root, which PEFT's unloading never visits: it skips what lies inside a
+            # tuner layer, and the root's parent counts as inside
+            self._replace_module(None, "", model.get_base_layer(), model)
+            model = self.model
         undo_post_injection(model)
         return model
 
@@ -611,7 +675,10 @@ class QSTModel(BaseTuner):
         # "'LlamaModel' object has no attribute 'weight'")
         if isinstance(child, QSTLayer) and new_module is child.get_base_layer():
             child.remove_hooks()
-            setattr(parent, child_name, new_module)
+            if child is self.model:  # the wrapper of a bare trunk is the root (PEFT names it "")
+                self.model = new_module
+            else:
+                setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
 
@@ -629,6 +696,8 @@ class QSTModel(BaseTuner):
         current_key: str,
         parameter_name: Optional[str] = None,
     ) -> None:
+        if isinstance(parent, QSTLayer) and target is parent.get_base_layer():
+            target = parent  # a bare trunk (ROOT_TRUNK): the side network goes into the root wrapper around it
         dtype = resolve_side_dtype(self.model, peft_config)
         get_output_embeddings = getattr(self.model, "get_output_embeddings", None)
         output_embeddings = get_output_embeddings() if callable(get_output_embeddings) else None

@@ -38,8 +38,16 @@ from typing import Optional
 from .card import add_usage_section
 from .config import PEFT_TYPE, QSTConfig
 from .fast_path import note_adapter_loaded
-from .model import QSTModel, check_saved_adapter_fits, loading_adapter, model_signature, remove_injected_adapters
+from .model import (
+    QSTModel,
+    check_saved_adapter_fits,
+    is_bare_trunk,
+    loading_adapter,
+    model_signature,
+    remove_injected_adapters,
+)
 from .serialization import QSTAdapterFileError, read_adapter_weights
+from .side import QSTUnsupportedModelError
 
 #: the download arguments of transformers' loaders that ``hf_hub_download`` (and so the QST reader) takes too
 _HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
@@ -57,6 +65,7 @@ def register() -> None:
     _read_qst_weights_safely_in_transformers()
     _save_qst_weights_as_safetensors()
     _wrap_side_modules_in_fsdp_units()
+    _return_the_bare_trunk_from_get_base_model()
 
 
 def _holds_qst_adapter(model) -> bool:
@@ -256,6 +265,14 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     "model = PeftModel.from_pretrained(base_model, first_folder), then "
                     "model.load_adapter(second_folder, adapter_name=...) and model.set_adapter(...)."
                 )
+            if is_bare_trunk(self):
+                raise QSTUnsupportedModelError(
+                    f"transformers' own adapter loading injects an adapter into {type(self).__name__} in place, but "
+                    "this model is a bare decoder trunk (AutoModel), which QST wraps from outside: PEFT cannot inject "
+                    "into the root model. Load the adapter with PEFT: PeftModel.from_pretrained(AutoModel."
+                    "from_pretrained(base), adapter_folder) or AutoPeftModelForFeatureExtraction.from_pretrained("
+                    "adapter_folder)."
+                )
             # injection freezes every base weight and loading sets eval mode: an undone load puts both back
             requires_grad = {name: p.requires_grad for name, p in self.named_parameters()}
             training = {name: module.training for name, module in self.named_modules()}
@@ -369,3 +386,22 @@ def _wrap_side_modules_in_fsdp_units() -> None:
         return fsdp_auto_wrap_policy
 
     _patch_once(peft_other, "fsdp_auto_wrap_policy", make)
+
+
+def _return_the_bare_trunk_from_get_base_model() -> None:
+    """``PeftModel.get_base_model()`` returns ``base_model.model``, which for a bare decoder trunk (AutoModel) is the
+    QSTLayer the tuner wrapped it in (PEFT cannot inject below the root): return the trunk itself, the model the user
+    passed in, as the Trainer expects (it reads the forward's signature to keep the dataset's columns). Its forward
+    is the trunk's own, without the side network around it; the PeftModel runs the adapted one."""
+    from peft import PeftModel
+
+    from .layer import QSTLayer
+
+    def make(original):
+        def get_base_model(self):
+            model = original(self)
+            return model.get_base_layer() if isinstance(model, QSTLayer) else model
+
+        return get_base_model
+
+    _patch_once(PeftModel, "get_base_model", make)

@@ -107,9 +107,10 @@ def load_smollm2_4bit(path):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config())
 
 
-def logits_in_fresh_process(tmp_path, load_model: str, input_ids, env: dict | None = None):
-    """Logits of ``input_ids`` from a model built in a fresh process by ``load_model``: Python statements, run after
-    ``import torch, peft_qst``, that bind ``model``. Tensors cross the process boundary as safetensors files."""
+def logits_in_fresh_process(tmp_path, load_model: str, input_ids, env: dict | None = None, field: str = "logits"):
+    """Logits (or another output ``field``, e.g. ``last_hidden_state``) of ``input_ids`` from a model built in a fresh
+    process by ``load_model``: Python statements, run after ``import torch, peft_qst``, that bind ``model``. Tensors
+    cross the process boundary as safetensors files."""
     import textwrap
 
     from safetensors.torch import load_file, save_file
@@ -121,7 +122,7 @@ def logits_in_fresh_process(tmp_path, load_model: str, input_ids, env: dict | No
         from safetensors.torch import load_file, save_file
         ids = load_file({ids_file!r})["ids"]
         with torch.no_grad():
-            save_file({{"logits": model.eval()(input_ids=ids).logits.contiguous()}}, {out_file!r})
+            save_file({{"logits": model.eval()(input_ids=ids).{field}.contiguous()}}, {out_file!r})
         """
     )
     run_python(script, env=env)

@@ -82,17 +82,6 @@ def test_add_weighted_adapter_is_refused_with_a_reason(tiny_model_dir):
     assert sorted(model.peft_config) == ["default", "other"]
 
 
-def test_a_bare_trunk_is_refused_with_the_model_to_load_instead(tiny_model_dir):
-    """AutoModel gives the bare trunk (LoRA's FEATURE_EXTRACTION set-up); QST needs the model around it. The error
-    said to set target_modules=<trunk module name>, which cannot help when the trunk is the whole model."""
-    from transformers import AutoModel
-
-    from peft_qst import QSTUnsupportedModelError
-
-    with pytest.raises(QSTUnsupportedModelError, match="bare decoder trunk.*AutoModelForCausalLM"):
-        get_peft_model(AutoModel.from_pretrained(tiny_model_dir), QSTConfig(task_type="FEATURE_EXTRACTION", r=4))
-
-
 def test_a_causal_lm_whose_trunk_is_not_found_is_not_called_a_bare_trunk(tiny_model_dir):
     """A (remote-code) causal LM whose get_decoder() returns the model itself and whose trunk has an unusual name is a
     model with a head, not the bare trunk AutoModel loads: the error must point at target_modules (which works), not

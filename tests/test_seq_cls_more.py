@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import get_peft_model
 
@@ -105,3 +106,51 @@ def test_mixed_adapter_batch_with_an_adapter_saved_without_the_head():
     mixed = model.generate(input_ids=ids, adapter_names=["b", "a", "b"], **kwargs)
     for row, name in enumerate(["b", "a", "b"]):
         assert torch.equal(mixed[row], alone[name][row]), (row, name)
+
+
+@pytest.mark.parametrize(
+    "task_type, auto_class, head, labels",
+    [
+        ("QUESTION_ANS", "AutoModelForQuestionAnswering", "qa_outputs",
+         {"start_positions": torch.tensor([1, 2, 0]), "end_positions": torch.tensor([3, 4, 1])}),
+        ("TOKEN_CLS", "AutoModelForTokenClassification", "score", {"labels": (IDS % 3).masked_fill(MASK == 0, -100)}),
+    ],
+)
+def test_question_answering_and_token_classification(tmp_path, tiny_model_dir, task_type, auto_class, head, labels):
+    """As with LoRA: the output starts at the base model's, PEFT's head (modules_to_save) and the side network train
+    and nothing else moves, and the saved adapter loads back to the same outputs."""
+    import transformers
+    from peft import PeftModel
+
+    def load_base():
+        torch.manual_seed(1)  # the new head's initialisation
+        return getattr(transformers, auto_class).from_pretrained(tiny_model_dir, num_labels=3).eval()
+
+    def outputs(model):
+        with torch.no_grad():
+            out = model(input_ids=IDS, attention_mask=MASK)
+        return [out[name] for name in ("start_logits", "end_logits", "logits") if name in out]
+
+    base = load_base()
+    expected = outputs(base)
+    model = get_peft_model(base, QSTConfig(task_type=task_type, r=4))
+    assert all(torch.equal(a, b) for a, b in zip(outputs(model), expected))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert all(".qst_side.default." in name or f"{head}.modules_to_save.default." in name for name in trainable)
+    assert any(f"{head}.modules_to_save" in name for name in trainable)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=IDS, attention_mask=MASK, **labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert changed <= trainable
+    assert any(".qst_side." in name for name in changed) and any(f"{head}.modules_to_save" in name for name in changed)
+    trained = outputs(model)
+    assert not torch.allclose(trained[0], expected[0])
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(load_base(), str(tmp_path)).eval()
+    assert all(torch.equal(a, b) for a, b in zip(outputs(loaded), trained))
