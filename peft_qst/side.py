@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers.activations import ACT2FN
 
 try:  # builds real (not meta) side weights under PEFT's low_cpu_mem_usage; see QSTSideNetwork.__init__
@@ -779,6 +780,12 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+# The backbone hidden state each side block mixed in during a training forward, by the block's input tensor (a weak
+# key, by identity: the entry lives as long as the input, which a checkpoint around the block keeps for its
+# recomputation in backward).
+_BACKBONE_HIDDEN_BY_BLOCK_INPUT = WeakIdKeyDictionary()
+
+
 class QSTSideBlock(nn.Module):
     """One side block with its downsampler and gate: ``block((1 - s) * down(h_i) + s * g)``.
 
@@ -802,18 +809,29 @@ class QSTSideBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def __getattr__(self, name: str) -> Any:
-        # trunks read attributes of their blocks (e.g. ``attention_type`` for hybrid sliding-window models)
+        # trunks read attributes of their blocks (e.g. ``attention_type`` for hybrid sliding-window models). Private
+        # names are not passed on: wrappers look for their own on a module (torch's ``CheckpointWrapper`` for
+        # ``_checkpoint_wrapped_module``, which accelerate's FSDP2 wrap policy reads to see through it), and found
+        # on the (wrapped) block they made this one look like the wrapper of a decoder layer: accelerate's FSDP2
+        # activation checkpointing wrapped it too, and its recomputation ran it without its backbone hidden state.
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "block":
+            if name == "block" or name.startswith("_"):
                 raise
             return getattr(self.block, name)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         backbone_hidden = call_state(self).get("backbone_hidden")
         if backbone_hidden is None:
-            raise RuntimeError("QSTSideBlock was called outside QSTSideNetwork.forward.")
+            # a checkpoint wrapper around this block (FSDP1's activation checkpointing wraps what PEFT's FSDP wrap
+            # policy wraps, side blocks included) recomputes it in backward, outside QSTSideNetwork.forward: it takes
+            # the backbone hidden state its forward mixed into the same input
+            backbone_hidden = _BACKBONE_HIDDEN_BY_BLOCK_INPUT.get(hidden_states)
+            if backbone_hidden is None:
+                raise RuntimeError("QSTSideBlock was called outside QSTSideNetwork.forward.")
+        elif self.training and torch.is_grad_enabled():
+            _BACKBONE_HIDDEN_BY_BLOCK_INPUT[hidden_states] = backbone_hidden
         block = self.block
         checkpointing = getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()
         filled_cache = any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "layer_past"))

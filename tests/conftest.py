@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import subprocess
 import sys
@@ -83,7 +85,7 @@ def train_steps(model, input_ids, steps: int = 3, lr: float = 1e-2) -> list[floa
     return losses
 
 
-def bnb_config(quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16):
+def bnb_config(quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16, quant_storage=torch.uint8):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -91,6 +93,7 @@ def bnb_config(quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 
@@ -138,3 +141,83 @@ def run_python(code: str, timeout: int = 600, env: dict | None = None) -> str:
     if result.returncode != 0:
         raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trainer runs under DeepSpeed and FSDP, compared with a plain Trainer
+# --------------------------------------------------------------------------------------------------------------------
+
+TRAINER_RUN_IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21]])  # the logits the saved adapters must reproduce
+
+
+@pytest.fixture(scope="module")
+def plain_trainer(tmp_path_factory):
+    """The reference for tests/test_deepspeed.py and tests/test_fsdp_trainer.py: the same model trained by a plain
+    Trainer (no DeepSpeed, no FSDP) in this process, one per model setting (trained on first use): its trained model,
+    the weights before training, and the losses it logged."""
+    from tests.deepspeed_train import build_model, save_base_model, train
+
+    out = tmp_path_factory.mktemp("plain-trainer")
+    save_base_model(str(out / "base"))
+    trained = {}
+
+    def reference(run: dict):
+        setting = {key: run[key] for key in ("qst", "task", "four_bit", "quant_storage", "training") if key in run}
+        key = json.dumps(setting, sort_keys=True)
+        if key not in trained:
+            initial = {n: p.detach().clone() for n, p in build_model(str(out / "base"), setting).named_parameters()}
+            trainer, losses, _ = train(str(out), str(out / "base"), {"name": f"plain-{len(trained)}", **setting})
+            trained[key] = trainer.model.eval(), initial, losses
+        return trained[key]
+
+    return reference
+
+
+def assert_trained_as_by_a_plain_trainer(runs, name, plain_trainer):
+    """The run's side weights and losses (tests/deepspeed_train.py's and tests/fsdp_trainer_train.py's runs) are the
+    plain Trainer's, the backbone is untouched, only the side network (and a classification head) trained, and the
+    adapter save_model wrote loads to the trained weights and logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from tests.deepspeed_train import STEPS, load_base_model
+
+    out, by_name = runs
+    run, directory = by_name[name], out / name
+    errors = sorted(glob.glob(str(directory / "error-rank*.txt")))
+    assert not errors, open(errors[0]).read()
+    model, initial, losses = plain_trainer(run)
+    report = json.load(open(directory / "report.json"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert report["trainable"] == trainable
+    assert report["optimizer"] == run.get("expected_optimizer", "AdamW")
+    assert all(".qst_side." in n or (run.get("task") == "SEQ_CLS" and ".score." in n) for n in trainable), trainable
+    # the resumed runs log the steps after the checkpoint only
+    torch.testing.assert_close(report["losses"], losses[STEPS - len(report["losses"]):], atol=1e-5, rtol=1e-5)
+    if "resume" in run:
+        assert len(report["losses"]) == STEPS - 2
+
+    weights, trained = load_file(directory / "weights.safetensors"), dict(model.named_parameters())
+    assert weights.keys() == trained.keys()
+    assert all(not torch.equal(trained[n].detach(), initial[n]) for n in trainable if "upsample" in n)  # it trained
+    for n in trained:
+        if n in trainable:
+            torch.testing.assert_close(weights[n], trained[n].detach(), atol=1e-5, rtol=1e-4, msg=n)
+        else:
+            # the backbone stays as it was, bit for bit (4-bit weights stored as floats may hold NaN patterns)
+            assert weights[n].dtype == initial[n].dtype, n
+            assert torch.equal(weights[n].view(torch.uint8), initial[n].contiguous().view(torch.uint8)), n
+    if "resume" in run:  # and continues to the straight run's weights
+        straight = load_file(out / run["resume"] / "weights.safetensors")
+        for n in trainable:
+            torch.testing.assert_close(weights[n], straight[n], msg=n)
+
+    if not run.get("save", True):
+        return
+    loaded = PeftModel.from_pretrained(load_base_model(str(out / "base"), run), str(directory / "adapter")).eval()
+    for n, p in loaded.named_parameters():
+        if n in trainable:
+            assert torch.equal(p, weights[n]), n
+    with torch.no_grad():
+        logits = loaded(input_ids=TRAINER_RUN_IDS).logits
+        torch.testing.assert_close(logits, model(input_ids=TRAINER_RUN_IDS).logits, atol=1e-5, rtol=1e-5)

@@ -68,8 +68,9 @@ def load_base_model(base_dir: str, run: dict):
     from tests.conftest import bnb_config
 
     kwargs = {"dtype": torch.float32}
-    if run.get("four_bit"):
-        kwargs["quantization_config"] = bnb_config(compute_dtype=torch.float32)
+    if run.get("four_bit"):  # "quant_storage": the dtype the packed 4-bit weights are stored in (FSDP shards them)
+        storage = getattr(torch, run.get("quant_storage", "uint8"))
+        kwargs["quantization_config"] = bnb_config(compute_dtype=torch.float32, quant_storage=storage)
     if run.get("task", "CAUSAL_LM") == "SEQ_CLS":
         torch.manual_seed(1)
         return AutoModelForSequenceClassification.from_pretrained(
@@ -132,7 +133,8 @@ class RecordingCollator:
 
 
 def train(out: str, base_dir: str, run: dict, world_size: int = 1):
-    """Train as ``run`` says into ``<out>/<name>`` (``"stage"`` absent: a plain Trainer, no DeepSpeed; ``"resume"``:
+    """Train as ``run`` says into ``<out>/<name>`` (``"stage"`` absent: a plain Trainer, no DeepSpeed; ``"fsdp"``: the
+    TrainingArguments that turn FSDP on, tests/fsdp_trainer_train.py; ``"resume"``:
     the name of a run to resume from at its step-2 checkpoint; ``"training"``: further TrainingArguments); returns the
     trainer, the losses it logged and the rows it trained on."""
     from datasets import Dataset
@@ -145,7 +147,7 @@ def train(out: str, base_dir: str, run: dict, world_size: int = 1):
         logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
         deepspeed=deepspeed_config(run) if run.get("stage") else None,
     )
-    args = TrainingArguments(**{**settings, **run.get("training", {})})
+    args = TrainingArguments(**{**settings, **run.get("fsdp", {}), **run.get("training", {})})
     model = build_model(base_dir, run)
     rows = Dataset.from_list(training_rows(run.get("task", "CAUSAL_LM")))
     losses, collator = [], RecordingCollator()
@@ -173,6 +175,26 @@ def gathered_parameters(model) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone().contiguous() for name, p in parameters.items()}
 
 
+def write_run(directory: str, rank: int, batches, weights: dict, report: dict) -> None:
+    """What a run leaves for the test: the rows this rank trained on; on rank 0 the gathered weights and the report."""
+    from safetensors.torch import save_file
+
+    with open(os.path.join(directory, f"rank{rank}-rows.json"), "w") as handle:
+        json.dump(batches, handle)
+    if rank == 0:
+        save_file(weights, os.path.join(directory, "weights.safetensors"))
+        with open(os.path.join(directory, "report.json"), "w") as handle:
+            json.dump(report, handle)
+
+
+def write_failure(directory: str, rank: int) -> None:
+    """The traceback of the exception being handled, where the test reads it (the next run still runs)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"error-rank{rank}.txt"), "w") as handle:
+        handle.write(traceback.format_exc())
+    traceback.print_exc()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -182,7 +204,6 @@ def main():
 
     import deepspeed.ops
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
     # the CPU accelerator's JIT-compiled shared-memory all-reduce (a C++ build at the first run) is not needed here
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -197,20 +218,13 @@ def main():
             trainer, losses, batches = train(args.out, os.path.join(args.out, "base"), run, world_size)
             weights = gathered_parameters(trainer.model)
             trainer.save_model(os.path.join(directory, "adapter"))
-            with open(os.path.join(directory, f"rank{rank}-rows.json"), "w") as handle:
-                json.dump(batches, handle)
-            if rank == 0:
-                save_file(weights, os.path.join(directory, "weights.safetensors"))
-                trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
-                with open(os.path.join(directory, "report.json"), "w") as handle:
-                    # the optimizer DeepSpeed steps (inside its ZeRO optimizer)
-                    optimizer = type(trainer.model_wrapped.basic_optimizer).__name__
-                    json.dump({"losses": losses, "trainable": trainable, "optimizer": optimizer}, handle)
+            trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+            # the optimizer DeepSpeed steps (inside its ZeRO optimizer)
+            optimizer = type(trainer.model_wrapped.basic_optimizer).__name__
+            write_run(directory, rank, batches, weights,
+                      {"losses": losses, "trainable": trainable, "optimizer": optimizer})
         except Exception:
-            os.makedirs(directory, exist_ok=True)
-            with open(os.path.join(directory, f"error-rank{rank}.txt"), "w") as handle:
-                handle.write(traceback.format_exc())
-            traceback.print_exc()
+            write_failure(directory, rank)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -20,7 +20,6 @@ fresh base model to the trained weights and logits. Skipped where DeepSpeed is n
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import socket
@@ -31,7 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import REPO
+from .conftest import REPO, assert_trained_as_by_a_plain_trainer
 
 pytest.importorskip("deepspeed")
 
@@ -125,7 +124,6 @@ TWO_RANK_RUNS = [
     {"name": "zero3", **TWO_RANK_SETTINGS},
     {"name": "zero3-resumed", "resume": "zero3", **TWO_RANK_SETTINGS},
 ]
-IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21]])
 
 
 def _train_under_deepspeed(out, runs, ranks: int = 1):
@@ -159,79 +157,14 @@ def two_rank_runs(tmp_path_factory):
     return _train_under_deepspeed(tmp_path_factory.mktemp("deepspeed-two-ranks"), TWO_RANK_RUNS, ranks=2)
 
 
-@pytest.fixture(scope="module")
-def plain_trainer(tmp_path_factory):
-    """The reference: the same model trained by a plain Trainer (no DeepSpeed) in this process, one per model setting
-    (trained on first use): its trained model, the weights before training, and the losses it logged."""
-    from tests.deepspeed_train import build_model, save_base_model, train
-
-    out = tmp_path_factory.mktemp("plain-trainer")
-    save_base_model(str(out / "base"))
-    trained = {}
-
-    def reference(run: dict):
-        setting = {key: run[key] for key in ("qst", "task", "four_bit", "training") if key in run}
-        key = json.dumps(setting, sort_keys=True)
-        if key not in trained:
-            initial = {n: p.detach().clone() for n, p in build_model(str(out / "base"), setting).named_parameters()}
-            trainer, losses, _ = train(str(out), str(out / "base"), {"name": f"plain-{len(trained)}", **setting})
-            trained[key] = trainer.model.eval(), initial, losses
-        return trained[key]
-
-    return reference
-
-
-def assert_trained_as_without_deepspeed(runs, name, plain_trainer):
-    """The run's side weights and losses are the plain Trainer's, the backbone is untouched, only the side network
-    (and a classification head) trained, and the adapter save_model wrote loads to the trained weights and logits."""
-    from peft import PeftModel
-
-    from tests.deepspeed_train import STEPS, load_base_model
-
-    out, by_name = runs
-    run, directory = by_name[name], out / name
-    errors = sorted(glob.glob(str(directory / "error-rank*.txt")))
-    assert not errors, open(errors[0]).read()
-    model, initial, losses = plain_trainer(run)
-    report = json.load(open(directory / "report.json"))
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert report["trainable"] == trainable
-    assert report["optimizer"] == run.get("expected_optimizer", "AdamW")
-    assert all(".qst_side." in n or (run.get("task") == "SEQ_CLS" and ".score." in n) for n in trainable), trainable
-    # the resumed runs log the steps after the checkpoint only
-    torch.testing.assert_close(report["losses"], losses[STEPS - len(report["losses"]):], atol=1e-5, rtol=1e-5)
-    if "resume" in run:
-        assert len(report["losses"]) == STEPS - 2
-
-    weights, trained = load_file(directory / "weights.safetensors"), dict(model.named_parameters())
-    assert weights.keys() == trained.keys()
-    assert all(not torch.equal(trained[n].detach(), initial[n]) for n in trainable if "upsample" in n)  # it trained
-    for n in trained:
-        if n in trainable:
-            torch.testing.assert_close(weights[n], trained[n].detach(), atol=1e-5, rtol=1e-4, msg=n)
-        else:
-            assert torch.equal(weights[n], initial[n]), n  # the backbone stays as it was
-    if "resume" in run:  # and continues to the straight run's weights
-        straight = load_file(out / run["resume"] / "weights.safetensors")
-        for n in trainable:
-            torch.testing.assert_close(weights[n], straight[n], msg=n)
-
-    loaded = PeftModel.from_pretrained(load_base_model(str(out / "base"), run), str(directory / "adapter")).eval()
-    for n, p in loaded.named_parameters():
-        if n in trainable:
-            assert torch.equal(p, weights[n]), n
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("name", [run["name"] for run in ONE_RANK_RUNS])
 def test_trainer_under_zero_trains_and_saves_as_without_deepspeed(one_rank_runs, plain_trainer, name):
-    assert_trained_as_without_deepspeed(one_rank_runs, name, plain_trainer)
+    assert_trained_as_by_a_plain_trainer(one_rank_runs, name, plain_trainer)
 
 
 @pytest.mark.parametrize("name", [run["name"] for run in CPU_ADAM_RUNS])
 def test_zero_offload_with_deepspeed_cpu_adam(cpu_adam_runs, plain_trainer, name):
-    assert_trained_as_without_deepspeed(cpu_adam_runs, name, plain_trainer)
+    assert_trained_as_by_a_plain_trainer(cpu_adam_runs, name, plain_trainer)
 
 
 @pytest.mark.parametrize("name", [run["name"] for run in TWO_RANK_RUNS])
@@ -241,7 +174,7 @@ def test_trainer_under_zero3_on_two_ranks(two_rank_runs, plain_trainer, name):
     from tests.deepspeed_train import STEPS, training_rows
 
     out, by_name = two_rank_runs
-    assert_trained_as_without_deepspeed(two_rank_runs, name, plain_trainer)
+    assert_trained_as_by_a_plain_trainer(two_rank_runs, name, plain_trainer)
     ranks = [json.load(open(out / name / f"rank{rank}-rows.json")) for rank in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == (STEPS - 2 if "resume" in by_name[name] else STEPS)
     every_row = sorted(row["input_ids"] for row in training_rows())
