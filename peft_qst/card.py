@@ -29,7 +29,7 @@ def usage_section(
     task_type: str | None = None,
     num_labels: int | None = None,
     model_type: str | None = None,
-    bare_trunk: bool = False,
+    auto_model: bool = False,
 ) -> str:
     from .model import SUPPORTED_COMPOSITE_TYPES
 
@@ -39,8 +39,9 @@ def usage_section(
     # Llava, Qwen2-VL, ...)
     causal_lm = "AutoModelForImageTextToText" if model_type in SUPPORTED_COMPOSITE_TYPES else "AutoModelForCausalLM"
     auto_class = AUTO_CLASS_OF_TASK.get(task_type or "", causal_lm)
-    if bare_trunk:
-        # an adapter on the bare trunk (task_type="FEATURE_EXTRACTION" on what AutoModel loads) loads onto that alone
+    if auto_model:
+        # an adapter made on what AutoModel loads (task_type="FEATURE_EXTRACTION" on a bare decoder trunk, or on a
+        # composite model without its LM head) loads onto that alone: its trunk has another name in a model with a head
         auto_class = "AutoModel"
     extra = ""
     if task_type in LABELLED_TASKS:
@@ -66,14 +67,27 @@ model = PeftModel.from_pretrained(base, "<this repository id, or the folder hold
 """
 
 
+def _made_on_auto_model(config: dict) -> bool:
+    """Whether the adapter of this ``adapter_config.json`` was made on what ``AutoModel`` loads, by the trunk it
+    targets: a bare decoder trunk is the root (:data:`~peft_qst.model.ROOT_TRUNK`); a composite model's language model
+    is a child of what AutoModel loads (``LlavaModel.language_model``), and lies one level deeper, under ``model.``, in
+    the model with the LM head (``LlavaForConditionalGeneration.model.language_model``)."""
+    from .model import ROOT_TRUNK, SUPPORTED_COMPOSITE_TYPES
+
+    target = config.get("target_modules")
+    if target == ROOT_TRUNK:
+        return True
+    model_type = (config.get("base_model_signature") or {}).get("model_type")
+    # target_modules holds the trunk's name as a regular expression (``model\\.language_model``)
+    return model_type in SUPPORTED_COMPOSITE_TYPES and isinstance(target, str) and "." not in target
+
+
 def _saved_adapter_facts(folder: str) -> dict:
     """What ``usage_section`` needs from the adapter saved beside the card: the task type recorded in
     ``adapter_config.json``, for a classification adapter the number of labels (rows of the saved head in
-    ``modules_to_save``), the base model's type (``base_model_signature``), and whether it was made for a bare decoder
-    trunk (its ``target_modules``); nothing where the folder does not tell."""
+    ``modules_to_save``), the base model's type (``base_model_signature``), and whether it was made on what
+    ``AutoModel`` loads (:func:`_made_on_auto_model`); nothing where the folder does not tell."""
     import json
-
-    from .model import ROOT_TRUNK
 
     config_path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(config_path):
@@ -83,7 +97,7 @@ def _saved_adapter_facts(folder: str) -> dict:
     facts = {
         "task_type": config.get("task_type"),
         "model_type": (config.get("base_model_signature") or {}).get("model_type"),
-        "bare_trunk": config.get("target_modules") == ROOT_TRUNK,
+        "auto_model": _made_on_auto_model(config),
     }
     weights_path = os.path.join(folder, "adapter_model.safetensors")
     heads = config.get("modules_to_save") or []

@@ -45,6 +45,12 @@ _BACKBONE_ONLY_KWARGS = (
     "token_type_ids",
 )
 
+#: the trunk's methods that switch gradient (activation) checkpointing on or off, over the trunk's own modules only
+_CHECKPOINTING_SWITCHES = frozenset(
+    {"activation_checkpointing_enable", "activation_checkpointing_disable", "gradient_checkpointing_enable",
+     "gradient_checkpointing_disable"}
+)
+
 
 #: transformers' continuous batching (``generate_batch``, TRL's ``use_transformers_continuous_batching``) runs the model
 #: on a paged cache of the backbone's attention layout, and a side network has no paged cache of its own
@@ -178,7 +184,13 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         except AttributeError:
             if name in ("base_layer", "qst_side"):
                 raise
-            return getattr(self.base_layer, name)
+            value = getattr(self.base_layer, name)
+            if name in _CHECKPOINTING_SWITCHES:
+                # reached on a bare trunk's wrapper, the root model (PeftModel, and the Trainer's
+                # activation_checkpointing=True through it): the side networks, whose activations are what QST trains
+                # through, follow the trunk. A model with a head switches every module it holds, side networks too.
+                return functools.partial(self._switch_checkpointing, value)
+            return value
 
     def __setattr__(self, name: str, value: Any) -> None:
         # ... and write them: transformers' set_input_embeddings does ``setattr(model.model, "embed_tokens", new)``.
@@ -251,7 +263,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         ``every_n_layers`` may have left out)."""
         flagged = next((m for m in self.base_layer.modules() if getattr(m, "gradient_checkpointing", False)), None)
         function = vars(flagged).get("_gradient_checkpointing_func") if flagged is not None else None
-        if function is None:
+        if function is None:  # off in the trunk: off in the side network (switched off after it was on)
+            for module in side.modules():
+                if getattr(module, "gradient_checkpointing", False):
+                    module.gradient_checkpointing = False
             return
         parent, attr = find_layer_list(self.base_layer, len(side._blocks))
         per_block = {
@@ -262,6 +277,14 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             if hasattr(module, "gradient_checkpointing"):
                 module._gradient_checkpointing_func = function
                 module.gradient_checkpointing = per_block.get(id(module), True)
+
+    def _switch_checkpointing(self, switch: Callable, *args, **kwargs) -> Any:
+        """Run the trunk's checkpointing ``switch`` (one of :data:`_CHECKPOINTING_SWITCHES`), then have every side
+        network follow what it left on or off."""
+        result = switch(*args, **kwargs)
+        for side in self.qst_side.values():
+            self._follow_gradient_checkpointing(side)
+        return result
 
     # ---------------------------------------------------------------------------------------------------------------
     # reading the backbone's hidden states

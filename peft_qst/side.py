@@ -829,8 +829,20 @@ class QSTSideBlock(nn.Module):
             # the backbone hidden state its forward mixed into the same input
             backbone_hidden = _BACKBONE_HIDDEN_BY_BLOCK_INPUT.get(hidden_states)
             if backbone_hidden is None:
-                raise RuntimeError("QSTSideBlock was called outside QSTSideNetwork.forward.")
-        elif self.training and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "QSTSideBlock was called outside QSTSideNetwork.forward, on an input no forward of it recorded. "
+                    "A reentrant activation checkpoint around side blocks (torch.utils.checkpoint with "
+                    "use_reentrant=True, checkpoint_wrapper with CheckpointImpl.REENTRANT) does this: it recomputes "
+                    "them in backward on copies of their inputs, so the backbone hidden state they mixed in cannot be "
+                    "found. Use a non-reentrant one (use_reentrant=False, CheckpointImpl.NO_REENTRANT, as accelerate's "
+                    "FSDP activation checkpointing does) or the model's gradient_checkpointing_enable()."
+                )
+        elif torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # in eval mode too: a checkpoint wrapper recomputes whether or not the model trains. Without one the entry
+            # costs nothing: it lives as long as the input, and backward keeps the backbone hidden state for the
+            # downsampler's weight gradient anyway. Not in compiled code: Dynamo does not trace the weak dictionary
+            # (a compiled training step would break its graph there); a checkpoint traced into a compiled graph
+            # recomputes inside that graph, without calling this forward again.
             _BACKBONE_HIDDEN_BY_BLOCK_INPUT[hidden_states] = backbone_hidden
         block = self.block
         checkpointing = getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()

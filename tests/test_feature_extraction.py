@@ -93,6 +93,37 @@ def test_features_start_at_the_trunks_and_training_moves_only_the_side_network(t
         assert torch.equal(base(input_ids=IDS).last_hidden_state, expected)  # the trunk's own forward is untouched
 
 
+def test_trainer_gradient_checkpointing_checkpoints_the_side_network_too(tmp_path, tiny_model_dir):
+    """Trainer(gradient_checkpointing=True) calls model.gradient_checkpointing_enable(), which reaches the bare trunk's
+    wrapper: the trunk's own method switched the trunk's blocks only, and the side network, whose activations are what
+    QST trains through, kept all of them (a model with a head switches every module it holds, the side network's too).
+    Checkpointed side blocks run again in backward; the training is otherwise the same."""
+    rows = [
+        {"input_ids": torch.stack([ids, ids.flip(0)]), "attention_mask": torch.ones(2, len(ids), dtype=torch.long)}
+        for ids in torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(0))
+    ]
+    trained, side_runs = {}, {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same side network both times
+        model = feature_model(tiny_model_dir)
+        side_block = model.base_model.model.qst_side["default"]._blocks[0].block
+        runs = []
+        side_block.register_forward_pre_hook(lambda *_: runs.append(None))  # (recomputation stops before its end)
+        args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-2,
+                                 report_to=[], save_strategy="no", use_cpu=True, label_names=[],
+                                 gradient_checkpointing=checkpointing)
+        ContrastiveTrainer(model=model, args=args, train_dataset=rows).train()
+        trained[checkpointing] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        side_runs[checkpointing] = len(runs)
+    # one step, two views: each side block runs twice forward, and twice more in backward when checkpointed
+    assert side_runs == {False: 2, True: 4}
+    for name, weight in trained[False].items():
+        torch.testing.assert_close(trained[True][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+    model.gradient_checkpointing_disable()  # and off again, trunk and side network alike
+    assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
 def test_hidden_states_masks_and_left_padding_behave_as_for_the_trunk(tiny_model_dir):
     model = feature_model(tiny_model_dir)
     train_features(model, IDS)
@@ -233,3 +264,45 @@ def test_what_cannot_work_on_a_bare_trunk_is_refused(tmp_path, tiny_model_dir):
     with pytest.raises(QSTUnsupportedModelError, match="bare decoder trunk.*PeftModel.from_pretrained"):
         base.load_adapter(str(tmp_path))
     assert not any(isinstance(m, QSTLayer) for m in base.modules()) and not getattr(base, "peft_config", None)
+
+
+def test_a_composite_models_bare_model_side_tunes_its_language_model(tmp_path):
+    """AutoModel on a Llava config loads LlavaModel (vision tower, projector, language model; no LM head): QST
+    side-tunes its language model as in LlavaForConditionalGeneration, and the adapted features are LlavaModel's
+    last_hidden_state. Its trunk is ``language_model`` there, ``model.language_model`` in the model with the head, so
+    the card must name AutoModel (it named AutoModelForImageTextToText, onto which the adapter does not load)."""
+    from transformers import AutoConfig
+
+    from .test_multimodal import FAMILIES, make_inputs
+
+    config = AutoConfig.for_model("llava", **FAMILIES["llava"][0])
+    torch.manual_seed(0)
+    base = AutoModel.from_config(config).eval()
+    assert type(base).__name__ == "LlavaModel"
+    ids, images = make_inputs("llava")
+    _, other_images = make_inputs("llava", pixel_seed=1)
+    with torch.no_grad():
+        expected = base(input_ids=ids, **images).last_hidden_state
+    model = get_peft_model(base, QSTConfig(task_type="FEATURE_EXTRACTION", r=4))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, **images).last_hidden_state, expected)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        adapted = model(input_ids=ids, **images).last_hidden_state
+        with model.disable_adapter():
+            other_base = model(input_ids=ids, **other_images).last_hidden_state
+        # the side network reads the image: its share of the features changes with it
+        assert not torch.allclose(model(input_ids=ids, **other_images).last_hidden_state - other_base,
+                                  adapted - expected)
+    assert not torch.allclose(adapted, expected)
+
+    model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "base = AutoModel.from_pretrained(" in card.text
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(AutoModel.from_config(config), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, **images).last_hidden_state, adapted)

@@ -187,3 +187,75 @@ def test_smollm2_default_config_trains_under_one_percent(smollm2_dir):
     assert 0 < share < 0.01, share
     # the side network follows bnb_4bit_compute_dtype
     assert {p.dtype for n, p in model.named_parameters() if ".qst_side." in n} == {torch.bfloat16}  # compute dtype
+
+
+def _side_gradients_of_two_micro_batches(model, ids) -> dict[str, torch.Tensor]:
+    """The gradients of the summed loss of two forwards (the rows of ``ids`` split between them) before one backward,
+    by parameter name without checkpoint wrappers' prefixes; the RNG seeded, so that dropout draws the same masks."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    sum(model(input_ids=rows, labels=rows).loss for rows in ids.chunk(2)).backward()
+    return {
+        name.replace("_checkpoint_wrapped_module.", ""): param.grad
+        for name, param in model.named_parameters()
+        if param.grad is not None
+    }
+
+
+def _qst_model_with_side_blocks_checkpointed(checkpoint_impl):
+    """A tiny QST model (side dropout, a backbone low-rank adapter, upsample off zero so that every side parameter
+    gets a gradient) and the same model with torch's checkpoint wrapper around each side block, as FSDP1's activation
+    checkpointing puts it there (None: unwrapped)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    from peft_qst.side import QSTSideBlock
+
+    from .conftest import tiny_causal_lm
+
+    model = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4, dropout=0.2, backbone_lora_layers=1))
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if name.endswith("upsample.weight"):
+            param.data.normal_(0.0, 0.1, generator=generator)
+    if checkpoint_impl is not None:
+        apply_activation_checkpointing(
+            model,
+            checkpoint_wrapper_fn=lambda block: checkpoint_wrapper(block, checkpoint_impl=checkpoint_impl),
+            check_fn=lambda module: isinstance(module, QSTSideBlock),
+        )
+    return model
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_side_blocks_in_non_reentrant_checkpoint_wrappers_get_the_gradients_of_unwrapped_ones(training):
+    """FSDP1's activation checkpointing wraps side blocks and recomputes them in backward, outside the side network's
+    forward: they find the backbone hidden state they mixed in by their input, with two forwards before one backward,
+    dropout (the recomputation draws the same mask), a backbone low-rank adapter and in eval mode too (the wrapper
+    recomputes whether or not the model trains); nothing stays recorded after backward."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl
+
+    from peft_qst.side import _BACKBONE_HIDDEN_BY_BLOCK_INPUT
+
+    ids = torch.randint(0, 128, (4, 9), generator=torch.Generator().manual_seed(0))
+    unwrapped = _qst_model_with_side_blocks_checkpointed(None).train(training)
+    wrapped = _qst_model_with_side_blocks_checkpointed(CheckpointImpl.NO_REENTRANT).train(training)
+    expected = _side_gradients_of_two_micro_batches(unwrapped, ids)
+    got = _side_gradients_of_two_micro_batches(wrapped, ids)
+    assert len(_BACKBONE_HIDDEN_BY_BLOCK_INPUT) == 0
+    assert got.keys() == expected.keys() and any(".qst_side." in name for name in got)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, msg=name)
+
+
+def test_side_blocks_in_reentrant_checkpoint_wrappers_are_refused_by_name():
+    """A reentrant checkpoint recomputes side blocks on copies of their inputs, by which the backbone hidden state
+    cannot be found: backward fails with the error naming the non-reentrant alternatives."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl
+
+    model = _qst_model_with_side_blocks_checkpointed(CheckpointImpl.REENTRANT).train()
+    ids = torch.randint(0, 128, (2, 9))
+    with pytest.raises(RuntimeError, match="reentrant activation checkpoint.*use_reentrant=False"):
+        model(input_ids=ids, labels=ids).loss.backward()
