@@ -780,9 +780,9 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-# The backbone hidden state each side block mixed in during a training forward, by the block's input tensor (a weak
-# key, by identity: the entry lives as long as the input, which a checkpoint around the block keeps for its
-# recomputation in backward).
+# The backbone hidden state each side block that a checkpoint wrapper holds mixed in during a forward with gradients,
+# by the block's input tensor (a weak key, by identity: the entry lives as long as the input, which the wrapper keeps
+# for its recomputation in backward).
 _BACKBONE_HIDDEN_BY_BLOCK_INPUT = WeakIdKeyDictionary()
 
 
@@ -802,7 +802,9 @@ class QSTSideBlock(nn.Module):
 
     def __init__(self, block: nn.Module, downsample: nn.Module, width: int, gate_init: float, dropout: float):
         super().__init__()
-        hold_call_state(self, ("backbone_hidden",))
+        # "wrapped": a wrapper in the trunk's list of blocks runs this block (a checkpoint wrapper, which may run it
+        # again in backward); set with the backbone hidden state by QSTSideNetwork.forward
+        hold_call_state(self, ("backbone_hidden", "wrapped"))
         self.block = block
         self.downsample = downsample
         self.gate_logit = nn.Parameter(torch.full((width,), math.log(gate_init / (1.0 - gate_init))))
@@ -822,7 +824,8 @@ class QSTSideBlock(nn.Module):
             return getattr(self.block, name)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        backbone_hidden = call_state(self).get("backbone_hidden")
+        state = call_state(self)
+        backbone_hidden = state.get("backbone_hidden")
         if backbone_hidden is None:
             # a checkpoint wrapper around this block (FSDP1's activation checkpointing wraps what PEFT's FSDP wrap
             # policy wraps, side blocks included) recomputes it in backward, outside QSTSideNetwork.forward: it takes
@@ -834,15 +837,17 @@ class QSTSideBlock(nn.Module):
                     "A reentrant activation checkpoint around side blocks (torch.utils.checkpoint with "
                     "use_reentrant=True, checkpoint_wrapper with CheckpointImpl.REENTRANT) does this: it recomputes "
                     "them in backward on copies of their inputs, so the backbone hidden state they mixed in cannot be "
-                    "found. Use a non-reentrant one (use_reentrant=False, CheckpointImpl.NO_REENTRANT, as accelerate's "
-                    "FSDP activation checkpointing does) or the model's gradient_checkpointing_enable()."
+                    "found; so does a checkpoint applied to a side block in place rather than by a wrapper put in the "
+                    "trunk's list of blocks. Use a non-reentrant wrapper (use_reentrant=False, "
+                    "CheckpointImpl.NO_REENTRANT, as accelerate's FSDP activation checkpointing does) or the model's "
+                    "gradient_checkpointing_enable()."
                 )
-        elif torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # in eval mode too: a checkpoint wrapper recomputes whether or not the model trains. Without one the entry
-            # costs nothing: it lives as long as the input, and backward keeps the backbone hidden state for the
-            # downsampler's weight gradient anyway. Not in compiled code: Dynamo does not trace the weak dictionary
-            # (a compiled training step would break its graph there); a checkpoint traced into a compiled graph
-            # recomputes inside that graph, without calling this forward again.
+        elif state.get("wrapped") and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # only under a wrapper: the entry keeps the backbone hidden state until backward, which a pooling
+            # downsampler, or one of another dtype or device, would not; in eval mode too, as a checkpoint wrapper
+            # recomputes whether or not the model trains. Not in compiled code: Dynamo does not trace the weak
+            # dictionary (a compiled training step would break its graph there); a checkpoint traced into a compiled
+            # graph recomputes inside that graph, without calling this forward again.
             _BACKBONE_HIDDEN_BY_BLOCK_INPUT[hidden_states] = backbone_hidden
         block = self.block
         checkpointing = getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()
@@ -960,6 +965,8 @@ class QSTSideNetwork(nn.Module):
             for block in side_blocks
         ]
         setattr(side_parent, side_attr, nn.ModuleList(wrapped))
+        # where the trunk finds its blocks: a wrapper put around one (activation checkpointing) replaces it there
+        self._block_list = (side_parent, side_attr)
         self.trunk = trunk
         self.embed_downsample = build_downsample(qst_config, hidden, side_hidden)
         self.embed_dropout = nn.Dropout(qst_config.dropout)
@@ -1035,8 +1042,11 @@ class QSTSideNetwork(nn.Module):
         # were computed under no_grad and carry none
         first = hidden_states[0]
         inputs = self.embed_dropout(self.embed_downsample(first.to(module_device(self.embed_downsample), dtype)))
-        for block, hidden in zip(self._blocks, hidden_states[1:]):
-            call_state(block)["backbone_hidden"] = hidden
+        run_by_trunk = getattr(*self._block_list)  # each block, or the wrapper put around it
+        for block, runner, hidden in zip(self._blocks, run_by_trunk, hidden_states[1:]):
+            state = call_state(block)
+            state["backbone_hidden"] = hidden
+            state["wrapped"] = runner is not block
         cache_name = "cache" if "cache" in self._trunk_params else "past_key_values"
         try:
             out = self.trunk(inputs_embeds=inputs, return_dict=True, **{cache_name: cache}, **trunk_kwargs)
