@@ -27,7 +27,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,7 +34,6 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's peft_qst
 
-import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
@@ -45,7 +43,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from peft_qst import QSTConfig, QSTUnsupportedModelError  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # integration/: measure.py
-from measure import check_output_path  # noqa: E402
+from measure import check_output_path, versions  # noqa: E402
 
 TIMEOUT_S = 120
 VOCAB = 128
@@ -431,11 +429,6 @@ def all_types() -> list:
     return types
 
 
-def environment() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "platform": platform.platform()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", help="write the JSON report here")
@@ -463,7 +456,7 @@ def main() -> None:
         print(f"| {cls} | {len(names)} | {', '.join(names) if cls != 'OK' else ''} |")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        report = {"environment": environment(), "counts": {c: len(n) for c, n in counts.items()}, "records": records}
+        report = {"environment": versions(), "counts": {c: len(n) for c, n in counts.items()}, "records": records}
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1, default=str)
 

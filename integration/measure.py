@@ -21,6 +21,16 @@ def check_output_path(parser, path) -> None:
         parser.error(f"cannot write --output {path}: {folder} is not writable")
 
 
+def versions() -> dict:
+    """The Python, library and platform versions a sweep writes beside its results."""
+    import peft
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "platform": platform.platform()}
+
+
 def status_kb(field: str) -> int | None:
     """A ``/proc/self/status`` field in kB (e.g. ``VmRSS``, ``VmHWM``, ``RssFile``); None where there is no /proc."""
     try:

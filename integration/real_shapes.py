@@ -20,20 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's peft_qst
 
-import peft  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from peft_qst import QSTConfig  # noqa: E402
 from peft_qst.layer import QSTLayer  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # integration/: measure.py
+from measure import check_output_path, versions  # noqa: E402
 
 _LLAMA3_ROPE = dict(
     rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -266,6 +266,7 @@ def main() -> None:
     parser.add_argument("--run", action="store_true", help="also run 2 layers at the real widths on the CPU")
     parser.add_argument("--output", help="write the results as JSON")
     args = parser.parse_args()
+    check_output_path(parser, args.output)
     results = {}
     for name in args.names or PUBLISHED:
         start = time.perf_counter()
@@ -288,12 +289,8 @@ def main() -> None:
             flush=True,
         )
     if args.output:
-        environment = {
-            "machine": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-        }
         with open(args.output, "w") as f:
-            json.dump({"environment": environment, "results": results}, f, indent=1)
+            json.dump({"environment": versions(), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
