@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from typing import Any, Callable, Optional
 
 import torch
@@ -50,6 +51,14 @@ _CHECKPOINTING_SWITCHES = frozenset(
     {"activation_checkpointing_enable", "activation_checkpointing_disable", "gradient_checkpointing_enable",
      "gradient_checkpointing_disable"}
 )
+
+#: the trunk's methods that count or measure the parameters of the model they are called on. On a bare trunk's wrapper,
+#: the root model under ``task_type="FEATURE_EXTRACTION"``, ``PeftModel.num_parameters()`` reached the trunk's own and
+#: counted the trunk alone (``only_trainable=True``: 0, where PEFT's ``get_nb_trainable_parameters()`` counts the side
+#: networks), and the Trainer's ``total_flos`` (``num_parameters(exclude_embeddings=True)``) missed them too. Bound to
+#: the wrapper they cover the side networks as well, as on a model with a head (and as LoRA's, whose layers lie inside
+#: the trunk, are counted).
+_WHOLE_MODEL_MEASURES = frozenset({"num_parameters", "get_memory_footprint"})
 
 
 #: transformers' continuous batching (``generate_batch``, TRL's ``use_transformers_continuous_batching``) runs the model
@@ -190,6 +199,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 # activation_checkpointing=True through it): the side networks, whose activations are what QST trains
                 # through, follow the trunk. A model with a head switches every module it holds, side networks too.
                 return functools.partial(self._switch_checkpointing, value)
+            if name in _WHOLE_MODEL_MEASURES and getattr(value, "__self__", None) is self.base_layer:
+                return types.MethodType(value.__func__, self)
             return value
 
     def __setattr__(self, name: str, value: Any) -> None:
