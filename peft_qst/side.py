@@ -586,8 +586,44 @@ def store_constant_parameters_as_offsets(module: nn.Module) -> int:
             if first.item() == 0.0 or not bool(torch.all(parameter.detach() == first)):
                 continue
             parametrize.register_parametrization(child, name, ConstantOffset(first.item()))
+            _picklable_parametrized_class(child)
             count += 1
     return count
+
+
+def _picklable_parametrized_class(module: nn.Module) -> None:
+    """Let ``module``, parametrized by :func:`store_constant_parameters_as_offsets`, be pickled.
+
+    ``register_parametrization`` moves the module to a class made for it alone (``ParametrizedLlamaRMSNorm``), which
+    pickle cannot name, and whose ``__getstate__`` refuses: "Serialization of parametrized modules is only supported
+    through state_dict()". So ``torch.save(model)``, ``pickle`` and anything that pickles a model (multiprocessing
+    with spawn, Ray, joblib) failed on every QST model, where a LoRA PeftModel pickles. Pickled instead as its original
+    class, its state and the names of its parametrized tensors, the module is rebuilt by
+    :func:`_rebuild_parametrized` with the same parametrizations, offsets and parameter objects (``copy.deepcopy``
+    keeps torch's own ``__deepcopy__`` for such classes)."""
+    type(module).__reduce_ex__ = _reduce_parametrized
+
+
+def _reduce_parametrized(module: nn.Module, protocol: int):
+    original_class = type(module).__bases__[0]
+    # the state as the original class gives it (nn.Module's leaves out a compiled forward): the parametrized class's
+    # own __getstate__ is the one that refuses
+    state = original_class.__getstate__(module)
+    return _rebuild_parametrized, (original_class, tuple(module.parametrizations)), state
+
+
+def _rebuild_parametrized(original_class: type, tensor_names: tuple) -> nn.Module:
+    """An empty instance of ``original_class`` under a parametrized class of its own, as ``register_parametrization``
+    leaves a module, with a property per parametrized tensor; pickle then sets its state (its ``parametrizations``,
+    which hold the stored offsets, among it). torch's own (private) helpers, the ones ``register_parametrization``
+    calls, build the class, so it behaves as one made by it (deepcopy, ``is_parametrized``,
+    ``remove_parametrizations``)."""
+    module = original_class.__new__(original_class)
+    parametrize._inject_new_class(module)
+    for name in tensor_names:
+        parametrize._inject_property(module, name)
+    _picklable_parametrized_class(module)
+    return module
 
 
 class OutputGate(nn.Module):
@@ -899,6 +935,18 @@ class QSTSideNetwork(nn.Module):
         with _skip_init_on_device():
             self._build(base_trunk, base_config, qst_config, dtype)
         self._check_runs(base_config, qst_config)
+
+    #: what the inference fast path keeps on the side network (peft_qst/fast_path.py), derived from its parameters:
+    #: left out of copies and pickles, which build their own from their own parameters. The packed weights hold a weak
+    #: reference to the last generation cache, which pickle refuses ("cannot pickle 'weakref.ReferenceType' object":
+    #: ``torch.save(model)`` failed after any ``generate``).
+    _DERIVED_STATE = ("_packed_weights", "_parameter_list")
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        for name in self._DERIVED_STATE:
+            state.pop(name, None)
+        return state
 
     def _check_runs(self, base_config, qst_config: QSTConfig) -> None:
         """Run the freshly built side network once on made-up hidden states (one row of 4 positions), so that a model
