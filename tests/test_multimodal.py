@@ -607,6 +607,25 @@ def test_the_model_card_of_a_composite_adapter_loads_the_base_model_with_its_aut
     PeftModel.from_pretrained(base, tmp_path / "adapter")
 
 
+#: the composite types whose configs AutoModelForCausalLM also builds (the README says so for AutoPeftModelForCausalLM)
+CAUSAL_LM_AUTO_CLASS_LOADS = ("gemma3", "got_ocr2")
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_auto_model_for_causal_lm_refuses_the_composite_configs_the_readme_names(family):
+    """The README sends composite adapters through AutoModelForImageTextToText because AutoPeftModelForCausalLM's
+    AutoModelForCausalLM refuses these configs, all but Gemma 3's and GOT-OCR2's: a transformers fact the README states,
+    checked here so that a transformers release that changes it shows up."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, **FAMILIES[family][0])
+    if family in CAUSAL_LM_AUTO_CLASS_LOADS:
+        assert AutoModelForCausalLM.from_config(config) is not None
+    else:
+        with pytest.raises(ValueError, match="Unrecognized configuration class"):
+            AutoModelForCausalLM.from_config(config)
+
+
 def test_an_adapter_is_refused_on_a_composite_model_with_another_language_model_of_the_same_sizes(tmp_path):
     """A Llava whose language model is a Mistral instead of a Llama of the same sizes: its side network has the same
     weight names and shapes, but is another model's (the text models alone are refused by their model_type), so the
