@@ -24,6 +24,8 @@ One fix rides along too: ``PeftModel.push_to_hub`` (transformers' ``PushToHubMix
 the model card PEFT just wrote with a generic transformers card (``library_name: transformers``, no base model) before
 uploading. For models holding a QST adapter, the card is restored on the way to the upload: PEFT's fields
 (``library_name: peft``, ``base_model``, tags) over whatever the push wrote, its tags kept, and QST's loading section.
+The same section is kept in every ``create_or_update_model_card`` of a QST model, which transformers'
+``Trainer.create_model_card`` (run by ``Trainer.push_to_hub``) calls after replacing the card with a training summary.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def register() -> None:
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = QSTModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = QSTModel.prefix
     _restore_model_card_on_push()
+    _keep_the_loading_section_in_updated_cards()
+    _restore_model_card_on_trainer_push()
     _read_qst_weights_safely()
     _read_qst_weights_safely_in_transformers()
     _save_qst_weights_as_safetensors()
@@ -84,24 +88,91 @@ def _patch_once(owner, name: str, make_replacement) -> None:
 
 
 def _restore_model_card_on_push() -> None:
-    from huggingface_hub import ModelCard
     from peft import PeftModel
 
     def make(original):
         def _upload_modified_files(self, working_dir, *args, **kwargs):
-            card_path = os.path.join(working_dir, "README.md")
-            if _holds_qst_adapter(self) and os.path.isfile(card_path):
-                pushed_tags = list(ModelCard.load(card_path).data.tags or [])
-                self.create_or_update_model_card(working_dir)
-                card = ModelCard.load(card_path)
-                card.data.tags = sorted(set(card.data.tags or []) | set(pushed_tags))
-                card.save(card_path)
-                add_usage_section(working_dir, self.active_peft_config.base_model_name_or_path)
+            if _holds_qst_adapter(self):
+                _restore_peft_card(self, working_dir)
             return original(self, working_dir, *args, **kwargs)
 
         return _upload_modified_files
 
     _patch_once(PeftModel, "_upload_modified_files", make)
+
+
+def _restore_peft_card(model, folder: str) -> None:
+    """Put PEFT's fields (``library_name: peft``, ``base_model``, its tags) and QST's loading section back into the
+    card in ``folder`` that something else just wrote, keeping that card's tags (PEFT's update replaces them) and
+    text; no card, nothing to do."""
+    from huggingface_hub import ModelCard
+
+    card_path = os.path.join(folder, "README.md")
+    if not os.path.isfile(card_path):
+        return
+    written_tags = list(ModelCard.load(card_path).data.tags or [])
+    model.create_or_update_model_card(folder)
+    card = ModelCard.load(card_path)
+    card.data.tags = sorted(set(card.data.tags or []) | set(written_tags))
+    card.save(card_path)
+    add_usage_section(folder, model.active_peft_config.base_model_name_or_path)
+
+
+def _restore_model_card_on_trainer_push() -> None:
+    """``Trainer.push_to_hub`` saves the model (PEFT's card with QST's loading section), then writes the trainer's own
+    card over it with ``create_model_card`` and uploads the output folder. TRL's trainers (``SFTTrainer``,
+    ``DPOTrainer``, ...) override ``create_model_card`` with a card of their own (``library_name: transformers``, no
+    PEFT fields, no base model for a local one), so the Hub card of a QST adapter trained with TRL did not say that
+    loading it needs ``import peft_qst``. For a model holding a QST adapter, the trainer's card is followed, within the
+    push, by PEFT's fields and the loading section (the trainer's text and tags kept). The class's own
+    ``create_model_card`` is left as it is: the instance gets a wrapped one for the push only."""
+    from transformers import Trainer
+
+    def make(original):
+        def push_to_hub(self, *args, **kwargs):
+            model = self.model
+            if not _holds_qst_adapter(model) or "create_model_card" in vars(self):
+                return original(self, *args, **kwargs)
+            trainer_card = self.create_model_card
+
+            def create_model_card(*card_args, **card_kwargs):
+                result = trainer_card(*card_args, **card_kwargs)
+                if self.is_world_process_zero():
+                    _restore_peft_card(model, self.args.output_dir)
+                return result
+
+            self.create_model_card = create_model_card
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                del self.create_model_card
+
+        return push_to_hub
+
+    _patch_once(Trainer, "push_to_hub", make)
+
+
+def _keep_the_loading_section_in_updated_cards() -> None:
+    """transformers' ``Trainer.create_model_card`` (which ``Trainer.push_to_hub`` calls before uploading the output
+    folder) overwrites the card ``save_model`` just wrote with a training summary, then has PEFT's
+    ``create_or_update_model_card`` put PEFT's fields back; QST's loading section (written by ``QSTConfig.save_pretrained``
+    only) was lost, so the Hub card no longer said that loading needs ``import peft_qst``. Every card update of a model
+    holding a QST adapter now ends with the section. Where the folder holds no ``adapter_config.json`` yet (within
+    ``save_pretrained``, which updates the card before it writes the config), the section is left to
+    ``QSTConfig.save_pretrained``, which reads the task type and labels from the config it has just written."""
+    from peft import PeftModel
+    from peft.utils import CONFIG_NAME
+
+    def make(original):
+        def create_or_update_model_card(self, output_dir, *args, **kwargs):
+            result = original(self, output_dir, *args, **kwargs)
+            if _holds_qst_adapter(self) and os.path.isfile(os.path.join(output_dir, CONFIG_NAME)):
+                add_usage_section(output_dir, self.active_peft_config.base_model_name_or_path)
+            return result
+
+        return create_or_update_model_card
+
+    _patch_once(PeftModel, "create_or_update_model_card", make)
 
 
 def _read_qst_weights_safely() -> None:
