@@ -8,8 +8,13 @@ PEFT user would guess, so the card says it.
 from __future__ import annotations
 
 import os
+import re
 
 MARKER = "<!-- peft-qst usage -->"
+
+#: a section as :func:`usage_section` writes it: the marker, the heading and text, and the code block up to its closing
+#: fence (the card's last line where PEFT's card update has dropped the final newline)
+_SECTION = re.compile(re.escape(MARKER) + r"\n.*?```python\n.*?\n```(?=\n|$)", re.DOTALL)
 
 
 #: the transformers Auto class that builds the base model for each PEFT task type (CAUSAL_LM, and no task type, load
@@ -115,13 +120,28 @@ def _saved_adapter_facts(folder: str) -> dict:
 
 
 def add_usage_section(folder: str, base_model: str | None) -> None:
-    """Append the loading instructions to the card in ``folder`` once (no card, nothing to do)."""
+    """Put the loading instructions for the adapter saved in ``folder`` into its card: appended where the card has
+    none, rewritten where it has them already (no card, nothing to do).
+
+    Rewritten, not kept: ``PeftModel.save_pretrained`` updates the card of a folder before it writes the new
+    ``adapter_config.json``, and a card update of a QST model writes the section (``registration``), from the config
+    the folder still holds. A folder saved over (a causal-LM adapter, then a classifier) kept the first adapter's
+    section ("AutoModelForCausalLM", no ``num_labels``) once the card had one. A section edited by hand (its code
+    block changed beyond recognition) is left as it is."""
     path = os.path.join(folder, "README.md")
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
-    if MARKER in text:
+    section = usage_section(base_model, **_saved_adapter_facts(folder))
+    written = _SECTION.search(text)
+    if written is None:
+        if MARKER in text:
+            return
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("\n" + section)
         return
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write("\n" + usage_section(base_model, **_saved_adapter_facts(folder)))
+    updated = text[: written.start()] + section.rstrip("\n") + text[written.end():]
+    if updated != text:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(updated)

@@ -159,7 +159,8 @@ def _keep_the_loading_section_in_updated_cards() -> None:
     only) was lost, so the Hub card no longer said that loading needs ``import peft_qst``. Every card update of a model
     holding a QST adapter now ends with the section. Where the folder holds no ``adapter_config.json`` yet (within
     ``save_pretrained``, which updates the card before it writes the config), the section is left to
-    ``QSTConfig.save_pretrained``, which reads the task type and labels from the config it has just written."""
+    ``QSTConfig.save_pretrained``, which reads the task type and labels from the config it has just written; where it
+    holds an older one (a folder saved over), the section written here from it is rewritten there."""
     from peft import PeftModel
     from peft.utils import CONFIG_NAME
 

@@ -36,7 +36,7 @@ from .config import AUTO, QSTConfig
 from .fast_path import fast_mix, fast_side_forward, keep_cache_dtype, packed_weights_for, sharded
 from .lm_head import mark_low_rank_update
 from .per_call import call_state, hold_call_state
-from .side_attention import side_attention_implementation
+from .side_attention import SIDE_SDPA, register_side_sdpa, side_attention_implementation
 
 #: config attributes holding the width of token embeddings where it may differ from the hidden size (OPT, ELECTRA,
 #: RoFormer, RemBERT)
@@ -947,6 +947,15 @@ class QSTSideNetwork(nn.Module):
         for name in self._DERIVED_STATE:
             state.pop(name, None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        # The side trunk's attention implementation (SIDE_SDPA) is registered with transformers when a side network is
+        # built, in the process that builds it. One unpickled in another process (torch.load of a whole model, the
+        # child of a multiprocessing spawn) was built elsewhere: every forward outside the inference fast path (any
+        # training step) failed with "`qst_side_sdpa` is not a valid attention implementation".
+        super().__setstate__(state)
+        if getattr(getattr(self._modules.get("trunk"), "config", None), "_attn_implementation", None) == SIDE_SDPA:
+            register_side_sdpa()
 
     def _check_runs(self, base_config, qst_config: QSTConfig) -> None:
         """Run the freshly built side network once on made-up hidden states (one row of 4 positions), so that a model

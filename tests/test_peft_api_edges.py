@@ -121,6 +121,43 @@ def test_a_whole_model_saved_with_torch_save_loads_in_a_fresh_process(tmp_path):
     assert torch.equal(loaded, expected)
 
 
+def test_a_whole_model_saved_with_torch_save_trains_in_a_fresh_process(tmp_path):
+    """The side trunk's attention implementation ("qst_side_sdpa", SDPA in float32 on CPU) is registered with
+    transformers when a side network is built. A process that only unpickles one (torch.load of a whole model, the
+    child of a multiprocessing spawn; unpickling imports peft_qst itself) did not have it: its inference ran (the fast
+    path does not go through transformers' attention) but every forward with gradients failed ("`qst_side_sdpa` is
+    not a valid attention implementation"). Loaded in a process that imported nothing, the model's training forward
+    and backward are the original's."""
+    from safetensors.torch import load_file
+
+    from .conftest import run_python
+
+    model = trained_model()
+    side = next(m for m in model.modules() if isinstance(m, QSTSideNetwork))
+    assert side.trunk.config._attn_implementation == "qst_side_sdpa"
+    path, out_file = tmp_path / "model.pt", tmp_path / "grads.safetensors"
+    torch.save(model, path)
+    model.eval()
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    expected = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    run_python(f"""
+import torch
+from safetensors.torch import save_file
+model = torch.load({str(path)!r}, weights_only=False).eval()
+loss = model(input_ids=torch.tensor({IDS.tolist()}), labels=torch.tensor({IDS.tolist()})).loss
+loss.backward()
+grads = {{name: p.grad for name, p in model.named_parameters() if p.requires_grad}}
+save_file({{"loss": loss.detach().reshape(1), **grads}}, {str(out_file)!r})
+""")
+    got = load_file(out_file)
+    assert torch.equal(got.pop("loss"), loss.detach().reshape(1))
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name, grad in expected.items():
+        assert torch.equal(got[name], grad), name
+
+
 def test_deep_copy_after_generation_is_independent_and_equal():
     """copy.deepcopy after a generate: the copy computes the same, trains alone, and carries no copy of the fast
     path's packed weights (a float32 copy of every side weight, keyed to the original's storage: never used by the

@@ -170,6 +170,30 @@ def test_seq_cls_card_and_loading_from_a_hub_cache(tmp_path, classifier_dir, mon
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("card", ["kept", "replaced"])
+def test_a_classifier_saved_over_a_causal_lm_adapter_gets_the_classifiers_loading_section(tmp_path, classifier_dir,
+                                                                                         card):
+    """PeftModel.save_pretrained updates the folder's card before it writes the new adapter_config.json, and every
+    card update of a QST model writes the loading section from the config the folder holds. Saved over a folder with
+    a causal-LM QST adapter, the classifier's card said AutoModelForCausalLM without num_labels: where the card kept
+    the first adapter's section ("kept"), and where the card had been rewritten without it since ("replaced", a
+    trainer's card in an output folder reused). The section follows the adapter the folder holds now, once."""
+    from transformers import AutoModelForCausalLM
+
+    causal = get_peft_model(AutoModelForCausalLM.from_pretrained(classifier_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    causal.save_pretrained(tmp_path)
+    assert f'AutoModelForCausalLM.from_pretrained("{classifier_dir}"' in (tmp_path / "README.md").read_text()
+    if card == "replaced":
+        (tmp_path / "README.md").write_text("---\nlibrary_name: transformers\n---\n# A training run\n")
+
+    get_peft_model(load_classifier(classifier_dir), QSTConfig(task_type="SEQ_CLS", r=4)).save_pretrained(tmp_path)
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert text.count("## How to load this QST adapter") == 1
+    assert f'AutoModelForSequenceClassification.from_pretrained("{classifier_dir}", quantization_config=bnb, ' \
+           f"num_labels={NUM_LABELS})" in text
+    assert "AutoModelForCausalLM" not in text
+
+
 def test_token_classification_card_names_the_number_of_labels(tmp_path, classifier_dir):
     """TOKEN_CLS saves a head of num_labels rows too: the card's loading snippet must build the base model with as
     many, and following it loads the adapter."""
