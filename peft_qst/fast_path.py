@@ -223,15 +223,25 @@ def _count_optimizer_step(optimizer, args, kwargs):
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 #: counts adapter weights loaded into existing parameters (``load_adapter``, as trainers resume or reload the best
-#: checkpoint): PEFT copies them in place, which the version counters record but the check of a continued cache
-#: (below) does not read
+#: checkpoint; ``load_state_dict`` of a side network or of a model holding one, which ``set_peft_model_state_dict``
+#: and accelerate's ``load_state`` call): they are copied in place, which the version counters record but the check of
+#: a continued cache (below) does not read
 _adapter_loads = 0
 
 
 def note_adapter_loaded() -> None:
-    """Called after adapter weights were loaded into a model, by the loading wrappers in `registration`."""
+    """Called after adapter weights were loaded into a model, by the loading wrappers in `registration` and by every
+    side network's ``load_state_dict`` post-hook (:func:`note_side_weights_loaded`)."""
     global _adapter_loads
     _adapter_loads += 1
+
+
+def note_side_weights_loaded(module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook of each side network: the load ran through it (``model.load_state_dict``,
+    ``set_peft_model_state_dict``, accelerate's ``load_state``), so its weights may have been copied in place. Without
+    it, the next turn of a cache continued after such a load ran on the packed weights from before the load (the
+    general path runs on the loaded ones). A module-level function, so that the model still pickles."""
+    note_adapter_loaded()
 
 
 def _counters() -> tuple:

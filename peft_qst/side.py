@@ -33,7 +33,14 @@ except ImportError:  # pragma: no cover - older PEFT without the helper
 
 from .cache import cache_field
 from .config import AUTO, QSTConfig
-from .fast_path import fast_mix, fast_side_forward, keep_cache_dtype, packed_weights_for, sharded
+from .fast_path import (
+    fast_mix,
+    fast_side_forward,
+    keep_cache_dtype,
+    note_side_weights_loaded,
+    packed_weights_for,
+    sharded,
+)
 from .lm_head import mark_low_rank_update
 from .per_call import call_state, hold_call_state
 from .side_attention import SIDE_SDPA, register_side_sdpa, side_attention_implementation
@@ -935,6 +942,8 @@ class QSTSideNetwork(nn.Module):
         with _skip_init_on_device():
             self._build(base_trunk, base_config, qst_config, dtype)
         self._check_runs(base_config, qst_config)
+        # weights loaded in place between two turns of a cache: the fast path checks them again (see the hook)
+        self.register_load_state_dict_post_hook(note_side_weights_loaded)
 
     #: what the inference fast path keeps on the side network (peft_qst/fast_path.py), derived from its parameters:
     #: left out of copies and pickles, which build their own from their own parameters. The packed weights hold a weak
