@@ -904,21 +904,53 @@ def remove_injected_adapters(model: nn.Module) -> None:
         model._hf_peft_config_loaded = False
 
 
+#: QSTConfig fields that decide what an adapter's weights compute without changing their names or shapes: the
+#: activation of the "adapter" downsampler, the pooling kind of a parameter-free one, the side blocks' head layout
+#: (with as many key/value heads as query heads, every head count gives the same shapes), the backbone low-rank
+#: adapters' scaling, and the modules saved whole beside the side network (without them in the adapter's
+#: modules_to_save, a saved ``lm_head.weight`` is loaded over the frozen base model's own LM head). Weights loaded
+#: into a side network built with other values would load without an error and compute something else.
+_COMPUTATION_FIELDS = ("downsample", "activation", "side_heads", "backbone_lora_alpha", "modules_to_save")
+
+
+def _computation_differences(saved_config: dict, config: QSTConfig) -> dict:
+    """The fields of :data:`_COMPUTATION_FIELDS` in which the ``adapter_config.json`` saved with the weights and the
+    config of the adapter they are loaded into differ, as {field: (saved, adapter's)}; a field the file does not hold
+    (written by an earlier version) is not compared, nor one that cannot matter (the activation of another downsampler,
+    the scaling of backbone adapters there are none of)."""
+    differences = {}
+    for name in _COMPUTATION_FIELDS:
+        if name not in saved_config:
+            continue
+        saved, here = saved_config[name], getattr(config, name, None)
+        if name == "activation" and config.downsample != "adapter":
+            continue
+        if name == "backbone_lora_alpha" and not config.backbone_lora_layers:
+            continue
+        if name == "side_heads" and saved == AUTO:
+            continue  # a config written by hand, never bound to a model: "auto" means what binding this one chose
+        if name == "modules_to_save":
+            # PEFT's task classes add their head names to the list (order and repeats vary): compare the sets
+            saved, here = sorted(set(saved or ())), sorted(set(here or ()))
+        elif name == "backbone_lora_alpha" and isinstance(saved, (int, float)) and isinstance(here, (int, float)):
+            saved, here = float(saved), float(here)
+        if saved != here:
+            differences[name] = (saved, here)
+    return differences
+
+
 def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: dict, saved_config: dict) -> None:
     """Before PEFT touches the model: the file read for ``adapter_name`` holds every module saved whole with the
-    adapter (``modules_to_save``; PEFT would fail on the first one missing with a bare KeyError), and an
-    ``adapter_config.json`` written before ``side_heads`` existed is not loaded into side blocks built with another
-    head layout (their weights have the same shapes, so nothing else would notice)."""
+    adapter (``modules_to_save``; PEFT would fail on the first one missing with a bare KeyError), and the weights were
+    saved by an adapter that computes what ``adapter_name`` computes. The adapter's config comes from the folder when
+    ``PeftModel.from_pretrained`` reads it there, but not when it is given (``config=``) or when the adapter already
+    exists (``load_adapter`` into its name, as trainers do to resume a checkpoint): a config of another activation,
+    pooling kind, head layout, backbone-adapter scaling or ``modules_to_save`` builds a side network the weights load
+    into without an error (:data:`_COMPUTATION_FIELDS`). An ``adapter_config.json`` written before ``side_heads``
+    existed means the model's head count."""
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    config = peft_model.peft_config[adapter_name]
-    if saved_config and "side_heads" not in saved_config and config.side_heads is not None:
-        raise QSTAdapterFileError(
-            f"The adapter_config.json saved with these weights predates side_heads: its side blocks have the model's "
-            f"head count, but adapter {adapter_name!r} was built with side_heads={config.side_heads!r}. Load the "
-            "folder without config= (PeftModel.from_pretrained reads it with QSTConfig.from_pretrained), or set "
-            "config.side_heads = None. Nothing was loaded."
-        )
+    check_saved_config_matches(peft_model.peft_config[adapter_name], adapter_name, saved_config)
     missing = []
     for name, module in peft_model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
@@ -930,4 +962,27 @@ def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: 
             f"The checkpoint does not fit QST adapter {adapter_name!r} of this model: it lacks {len(missing)} weights "
             f"of the modules saved whole with the adapter (modules_to_save), e.g. {missing[:3]}. It was saved with "
             "another modules_to_save or task_type; nothing was loaded."
+        )
+
+
+def check_saved_config_matches(config: QSTConfig, adapter_name: str, saved_config: dict) -> None:
+    """The ``adapter_config.json`` saved with the weights (``saved_config``, {} where there is none) describes an
+    adapter that computes what ``config``, the config of adapter ``adapter_name`` they are loaded into, computes."""
+    if saved_config and "side_heads" not in saved_config and config.side_heads is not None:
+        raise QSTAdapterFileError(
+            f"The adapter_config.json saved with these weights predates side_heads: its side blocks have the model's "
+            f"head count, but adapter {adapter_name!r} was built with side_heads={config.side_heads!r}. Load the "
+            "folder without config= (PeftModel.from_pretrained reads it with QSTConfig.from_pretrained), or set "
+            "config.side_heads = None. Nothing was loaded."
+        )
+    differences = _computation_differences(saved_config, config) if saved_config else {}
+    if differences:
+        listed = ", ".join(f"{name}={saved!r} (adapter {adapter_name!r}: {here!r})" for name, (saved, here) in
+                           differences.items())
+        raise QSTAdapterFileError(
+            f"The checkpoint does not fit QST adapter {adapter_name!r}: it was saved by a QST adapter with {listed} "
+            "(weights that fit by name and shape would compute something else). Load the folder without a config of "
+            "your own (PeftModel.from_pretrained without config=, transformers' load_adapter without peft_config=: "
+            "the adapter is then built from the adapter_config.json beside the weights), load it under a new adapter "
+            "name, or build the adapter with the saved values; nothing was loaded."
         )

@@ -35,6 +35,7 @@ import functools
 import os
 import warnings
 import weakref
+from contextvars import ContextVar
 from typing import Optional
 
 from .card import add_usage_section
@@ -43,6 +44,7 @@ from .fast_path import note_adapter_loaded
 from .model import (
     QSTModel,
     check_saved_adapter_fits,
+    check_saved_config_matches,
     is_bare_trunk,
     loading_adapter,
     model_signature,
@@ -182,12 +184,24 @@ def _read_qst_weights_safely() -> None:
 
     def make_load_adapter(original):
         def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+            built = _built_by_from_pretrained.get()
+            if built is not None and not built:
+                built.append(self)  # the PeftModel PeftModel.from_pretrained is loading into: undone if this fails
+            new_name = adapter_name not in self.peft_config
             token = loading_adapter.set((self, adapter_name, bool(kwargs.get("ignore_mismatched_sizes", False))))
             try:
                 if _holds_qst_adapter(self):
                     with _accelerate_dispatch_kept(self.get_base_model()):
                         return original(self, model_id, adapter_name, *args, **kwargs)
                 return original(self, model_id, adapter_name, *args, **kwargs)
+            except BaseException:
+                # PEFT adds an adapter of a new name before it reads the weights: a refused load left it there, with
+                # its fresh weights, to be activated by set_adapter (and a second try into that name built with the
+                # refused folder's config)
+                added = self.peft_config.get(adapter_name) if new_name else None
+                if getattr(added, "peft_type", None) == PEFT_TYPE:
+                    self.delete_adapter(adapter_name)
+                raise
             finally:
                 loading_adapter.reset(token)
                 note_adapter_loaded()  # a continued generation cache checks the weights again
@@ -246,11 +260,34 @@ def _accelerate_dispatch_kept(model):
         model.hf_device_map = device_map
 
 
+#: while ``PeftModel.from_pretrained`` runs: a list that receives the PeftModel it builds (its ``load_adapter`` puts it
+#: there), so that a load refused after the adapter was injected can be undone on the caller's base model
+_built_by_from_pretrained: ContextVar = ContextVar("peft_qst_built_by_from_pretrained", default=None)
+
+
+def trainability(model) -> tuple[dict, dict]:
+    """Each parameter's ``requires_grad`` and each module's mode: what injecting an adapter (which freezes the base
+    model) and loading one (which sets eval mode) change, for :func:`restore_trainability` to put back."""
+    return (
+        {name: parameter.requires_grad for name, parameter in model.named_parameters()},
+        {name: module.training for name, module in model.named_modules()},
+    )
+
+
+def restore_trainability(model, flags: tuple[dict, dict]) -> None:
+    requires_grad, training = flags
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
+    for name, module in model.named_modules():
+        module.training = training.get(name, module.training)
+
+
 def _keep_accelerate_dispatch_in_from_pretrained() -> None:
     """Wrap ``PeftModel.from_pretrained`` so that loading a QST adapter onto a base model accelerate offloads keeps
     that model's dispatch (:func:`_accelerate_dispatch_kept`); LoRA and other adapters, and bases that offload
     nothing, take PEFT's own path unchanged."""
     from peft import PeftConfig, PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     original = vars(PeftModel)["from_pretrained"].__func__
     if getattr(original, "_peft_qst_patch", False):
@@ -258,6 +295,29 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
 
     @functools.wraps(original)
     def from_pretrained(cls, model, model_id, *args, **kwargs):
+        """PEFT injects the adapter into ``model`` in place and then loads its weights: where QST refuses them (the
+        digest, the weights' names and shapes, the config saved with them), ``model`` was left holding a side network
+        of fresh weights, its own parameters frozen. For a model that held no adapter before, that is undone."""
+        fresh = not getattr(model, "peft_config", None) and not any(
+            isinstance(module, BaseTunerLayer) for module in model.modules()
+        )
+        flags = trainability(model) if fresh else None
+        built = []
+        token = _built_by_from_pretrained.set(built)
+        try:
+            return _from_pretrained(cls, model, model_id, *args, **kwargs)
+        except BaseException:
+            if flags is not None and built and _holds_qst_adapter(built[0]):
+                try:
+                    built[0].base_model.unload()
+                    restore_trainability(model, flags)
+                except Exception as err:  # noqa: BLE001 - the refusal is what the caller must see
+                    warnings.warn(f"The base model could not be handed back unwrapped ({err!r}); load it again.")
+            raise
+        finally:
+            _built_by_from_pretrained.reset(token)
+
+    def _from_pretrained(cls, model, model_id, *args, **kwargs):
         if _offloaded_device_map(model) is None:
             return original(cls, model, model_id, *args, **kwargs)
         config = args[2] if len(args) > 2 else kwargs.get("config")
@@ -307,6 +367,25 @@ def _saved_qst_config(model_id, hub_kwargs: dict):
     return QSTConfig.from_pretrained(model_id, **hub_kwargs)
 
 
+def _check_given_config(model, config: QSTConfig, adapter_name: str, saved_config: dict) -> None:
+    """:func:`check_saved_config_matches` for a config not bound to ``model`` yet, with ``side_heads="auto"`` resolved
+    as binding it would (a model binding refuses is left to the binding's own error)."""
+    import copy
+
+    from .config import AUTO
+    from .model import text_config_of
+    from .side import resolve_side_heads
+
+    if config.side_heads == AUTO:
+        try:
+            resolved = resolve_side_heads(text_config_of(model.config), config)
+        except Exception:  # noqa: BLE001 - binding the config to the model reports it
+            return
+        config = copy.copy(config)
+        config.side_heads = resolved
+    check_saved_config_matches(config, adapter_name, saved_config)
+
+
 def _read_qst_weights_safely_in_transformers() -> None:
     """transformers loads PEFT adapters itself: ``AutoModelForCausalLM.from_pretrained(adapter_folder)`` and
     ``model.load_adapter(adapter_folder)`` inject the adapter with PEFT and read its weights with transformers' own
@@ -321,12 +400,15 @@ def _read_qst_weights_safely_in_transformers() -> None:
     def make(original):
         def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None,
                          *args, **kwargs):
+            # the adapter_config.json saved with the weights, where a config given here builds the adapter instead
+            saved_config = {}
             if adapter_state_dict is None and peft_model_id is not None:
                 hub_kwargs = _transformers_hub_kwargs(kwargs)
                 config = peft_config if peft_config is not None else _saved_qst_config(peft_model_id, hub_kwargs)
                 if getattr(config, "peft_type", None) == PEFT_TYPE:
+                    adapter_state_dict, read_config = read_adapter_weights(peft_model_id, None, hub_kwargs)
+                    saved_config = read_config if peft_config is not None else {}
                     peft_config = config
-                    adapter_state_dict, _ = read_adapter_weights(peft_model_id, None, hub_kwargs)
             if getattr(peft_config, "peft_type", None) != PEFT_TYPE:
                 return original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, *args, **kwargs)
             if getattr(self, "peft_config", None):
@@ -345,16 +427,17 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     "from_pretrained(base), adapter_folder) or AutoPeftModelForFeatureExtraction.from_pretrained("
                     "adapter_folder)."
                 )
+            if saved_config:
+                # a config given with peft_config= that computes otherwise than the one the weights were saved with:
+                # refused before anything is injected or loaded (transformers loads a module saved whole, such as
+                # lm_head, over the model's own where the config does not list it in modules_to_save)
+                _check_given_config(self, peft_config, adapter_name or "default", saved_config)
             # injection freezes every base weight and loading sets eval mode: an undone load puts both back
-            requires_grad = {name: p.requires_grad for name, p in self.named_parameters()}
-            training = {name: module.training for name, module in self.named_modules()}
+            flags = trainability(self)
 
             def undo():
                 remove_injected_adapters(self)
-                for name, parameter in self.named_parameters():
-                    parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
-                for name, module in self.named_modules():
-                    module.training = training.get(name, module.training)
+                restore_trainability(self, flags)
 
             try:
                 info = original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, *args, **kwargs)

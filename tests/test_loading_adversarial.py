@@ -1,0 +1,187 @@
+"""Loads that must not succeed silently with wrong weights, and refused loads that must leave nothing behind.
+
+The weights' names, shapes and digest are checked elsewhere (test_adapters_and_persistence.py). These tests cover
+what those checks cannot see: an adapter whose config computes otherwise with weights of the same names and shapes
+(another activation, pooling kind, head layout, backbone-adapter scaling, or ``modules_to_save``), which loads
+whenever the adapter is not built from the folder's own config (``config=``, ``load_adapter`` into an existing name
+as trainers resume, transformers' ``peft_config=``); and the state a refused load leaves: PEFT adds the adapter (and
+``from_pretrained`` injects it into the caller's base model) before the weights are read.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModel, AutoModelForCausalLM
+
+from peft_qst import QSTAdapterFileError, QSTConfig
+
+from .conftest import train_steps
+
+IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def side_names(model) -> set[str]:
+    return {name.split(".qst_side.")[1].split(".")[0] for name, _ in model.named_parameters() if ".qst_side." in name}
+
+
+def garble(folder) -> None:
+    path = folder / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # a tensor byte: the header stays valid, the digest does not match
+    path.write_bytes(bytes(data))
+
+
+def saved_adapter(base_dir, folder, **options):
+    """A QST adapter with ``options``, trained a step (so that its side network and any module saved whole differ
+    from a fresh one), saved to ``folder``."""
+    config = QSTConfig(task_type="CAUSAL_LM", r=4, **options)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    train_steps(model, IDS, steps=1)
+    model.save_pretrained(folder)
+    return model
+
+
+# the tiny Llama has 4 attention and 2 key/value heads: side_heads=None (its own 4 and 2) and 2 (2 and 2, of width 8)
+# give the side blocks weights of the same shapes
+SAME_SHAPES_OTHER_COMPUTATION = [
+    (dict(), dict(activation="gelu"), "activation='silu'"),
+    (dict(downsample="maxpool"), dict(downsample="avgpool"), "downsample='maxpool'"),
+    (dict(side_heads=None), dict(side_heads=2), "side_heads=None"),
+    (dict(backbone_lora_layers=1), dict(backbone_lora_layers=1, backbone_lora_alpha=64.0), "backbone_lora_alpha=16.0"),
+    (dict(modules_to_save=["lm_head"]), dict(), r"modules_to_save=\['lm_head'\]"),
+]
+IDS_OF_CASES = ["activation", "pooling-kind", "side-heads", "backbone-lora-alpha", "modules-to-save"]
+
+
+def _from_pretrained_with_config(base, folder, options):
+    PeftModel.from_pretrained(base, str(folder), config=QSTConfig(task_type="CAUSAL_LM", r=4, **options))
+
+
+def _load_into_the_existing_adapter(base, folder, options):
+    # what Trainer's resume_from_checkpoint does, with a model built by a script whose QSTConfig changed since
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, **options))
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    try:
+        model.load_adapter(str(folder), adapter_name="default", is_trainable=True)
+    finally:
+        after = model.state_dict()
+        assert all(torch.equal(before[name], after[name]) for name in before)  # nothing was loaded
+
+
+def _transformers_load_adapter_with_config(base, folder, options):
+    base.load_adapter(str(folder), peft_config=QSTConfig(task_type="CAUSAL_LM", r=4, **options))
+
+
+@pytest.mark.parametrize(
+    "load",
+    [_from_pretrained_with_config, _load_into_the_existing_adapter, _transformers_load_adapter_with_config],
+    ids=["from_pretrained-config", "load_adapter-existing-name", "transformers-peft_config"],
+)
+@pytest.mark.parametrize("saved_options, other_options, named", SAME_SHAPES_OTHER_COMPUTATION, ids=IDS_OF_CASES)
+def test_weights_are_not_loaded_into_an_adapter_that_computes_otherwise(
+    tmp_path, tiny_model_dir, saved_options, other_options, named, load
+):
+    """Every weight fits by name and shape, so only the config saved with them can tell. In the modules_to_save case
+    the adapter's trained ``lm_head.weight`` was loaded over the frozen base model's own LM head (which every adapter
+    and ``disable_adapter`` share)."""
+    saved_adapter(tiny_model_dir, tmp_path / "adapter", **saved_options)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    head = base.lm_head.weight.clone()
+    refusal = rf"does not fit QST adapter 'default': it was saved by a QST adapter with {named}"
+    with pytest.raises(QSTAdapterFileError, match=refusal):
+        load(base, tmp_path / "adapter", other_options)
+    assert torch.equal(base.lm_head.weight, head)
+
+
+def test_the_same_options_given_again_still_load(tmp_path, tiny_model_dir):
+    """A config given to the loaders that builds what was saved (side_heads "auto" resolving to the saved count, the
+    task class adding its head to modules_to_save) is not refused, for a causal LM and a classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    trained = saved_adapter(tiny_model_dir, tmp_path / "lm", backbone_lora_layers=1)
+    with torch.no_grad():
+        expected = trained.eval()(input_ids=IDS).logits
+    options = dict(task_type="CAUSAL_LM", r=4, backbone_lora_layers=1)
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "lm"), config=QSTConfig(**options)
+    ).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, expected)
+
+    classifier = lambda: AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)  # noqa: E731
+    model = get_peft_model(classifier(), QSTConfig(task_type="SEQ_CLS", r=4))
+    model.save_pretrained(tmp_path / "cls")
+    PeftModel.from_pretrained(classifier(), str(tmp_path / "cls"), config=QSTConfig(task_type="SEQ_CLS", r=4))
+    model.load_adapter(str(tmp_path / "cls"), adapter_name="default", is_trainable=True)
+
+
+def test_a_refused_load_under_a_new_name_leaves_no_adapter_behind(tmp_path, tiny_model_dir):
+    """PEFT adds the new adapter before it reads the weights. A refused file left it there, with fresh weights, for
+    set_adapter to run; and a second try into that name reused the refused folder's config."""
+    trained = saved_adapter(tiny_model_dir, tmp_path / "good")
+    saved_adapter(tiny_model_dir, tmp_path / "garbled", downsample="linear")
+    garble(tmp_path / "garbled")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.train()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
+        model.load_adapter(str(tmp_path / "garbled"), adapter_name="other")
+    assert set(model.peft_config) == {"default"} and side_names(model) == {"default"}
+    assert model.active_adapter == "default" and model.training
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
+    # the name is free again: the right folder loads under it, with its own config
+    model.load_adapter(str(tmp_path / "good"), adapter_name="other")
+    model.set_adapter("other")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
+
+
+def _causal_lm(base_dir):
+    return AutoModelForCausalLM.from_pretrained(base_dir)
+
+
+def _trunk(base_dir):
+    return AutoModel.from_pretrained(base_dir)
+
+
+@pytest.mark.parametrize(
+    "load_base, options",
+    [
+        (_causal_lm, dict(task_type="CAUSAL_LM")),
+        (_causal_lm, dict(task_type="CAUSAL_LM", modules_to_save=["lm_head"], backbone_lora_layers=1)),
+        (_trunk, dict(task_type="FEATURE_EXTRACTION")),
+    ],
+    ids=["causal-lm", "modules-to-save-and-backbone-lora", "bare-trunk"],
+)
+def test_a_refused_from_pretrained_leaves_the_base_model_as_it_was(tmp_path, tiny_model_dir, load_base, options):
+    """PeftModel.from_pretrained injects the adapter into the caller's model in place before it reads the weights. A
+    refused file left that model wrapped (a side network of fresh weights, hooks on its blocks, QST's loss and tags)
+    and frozen; it is handed back as it was, and a second from_pretrained with the right folder works on it."""
+    model = get_peft_model(load_base(tiny_model_dir), QSTConfig(r=4, **options))
+    if options["task_type"] == "CAUSAL_LM":
+        train_steps(model, IDS, steps=1)
+    model.save_pretrained(tmp_path / "good")
+    model.save_pretrained(tmp_path / "garbled")
+    garble(tmp_path / "garbled")
+
+    base = load_base(tiny_model_dir)
+    base.get_input_embeddings().weight.requires_grad_(False)  # a flag of the caller's own, to be kept
+    base.train()
+    modules = [(name, type(module)) for name, module in base.named_modules()]
+    flags = {name: p.requires_grad for name, p in base.named_parameters()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base.modules())
+    with torch.no_grad():
+        expected = load_base(tiny_model_dir).eval()(input_ids=IDS)[0]
+    with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
+        PeftModel.from_pretrained(base, str(tmp_path / "garbled"))
+    assert [(name, type(module)) for name, module in base.named_modules()] == modules
+    assert {name: p.requires_grad for name, p in base.named_parameters()} == flags
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base.modules()) == hooks
+    assert base.training and not hasattr(base, "peft_config") and "qst" not in (getattr(base, "model_tags", None) or [])
+    with torch.no_grad():
+        assert torch.equal(base.eval()(input_ids=IDS)[0], expected)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "good")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS)[0], model.eval()(input_ids=IDS)[0])
