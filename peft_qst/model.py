@@ -912,6 +912,16 @@ def remove_injected_adapters(model: nn.Module) -> None:
 #: into a side network built with other values would load without an error and compute something else.
 _COMPUTATION_FIELDS = ("downsample", "activation", "side_heads", "backbone_lora_alpha", "modules_to_save")
 
+#: the heads PEFT's task classes (``PeftModelForSequenceClassification`` and its siblings) add to ``modules_to_save``
+#: of every adapter they hold, so that a saved adapter lists them whether or not its user did. transformers'
+#: ``load_adapter(..., peft_config=...)`` builds the adapter without a task class: the user's config does not list
+#: them, and the saved head is loaded into the base model's own head, which computes what the saved adapter did.
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
 
 def _computation_differences(saved_config: dict, config: QSTConfig) -> dict:
     """The fields of :data:`_COMPUTATION_FIELDS` in which the ``adapter_config.json`` saved with the weights and the
@@ -930,8 +940,11 @@ def _computation_differences(saved_config: dict, config: QSTConfig) -> dict:
         if name == "side_heads" and saved == AUTO:
             continue  # a config written by hand, never bound to a model: "auto" means what binding this one chose
         if name == "modules_to_save":
-            # PEFT's task classes add their head names to the list (order and repeats vary): compare the sets
-            saved, here = sorted(set(saved or ())), sorted(set(here or ()))
+            # PEFT's task classes add their head names to the list (order and repeats vary, and a config given to
+            # transformers' load_adapter lacks them): compare the sets, with the task's heads on both sides
+            task_type = getattr(config, "task_type", None)
+            heads = _TASK_HEADS.get(getattr(task_type, "value", task_type), ())
+            saved, here = sorted(set(saved or ()) | set(heads)), sorted(set(here or ()) | set(heads))
         elif name == "backbone_lora_alpha" and isinstance(saved, (int, float)) and isinstance(here, (int, float)):
             saved, here = float(saved), float(here)
         if saved != here:

@@ -117,6 +117,28 @@ def test_the_same_options_given_again_still_load(tmp_path, tiny_model_dir):
     model.load_adapter(str(tmp_path / "cls"), adapter_name="default", is_trainable=True)
 
 
+def test_a_classifier_loads_with_transformers_and_the_config_it_was_trained_with(tmp_path, tiny_model_dir):
+    """PEFT's task class adds the classification head to the modules_to_save of the config it trains with, so the
+    saved adapter lists it; transformers' load_adapter(..., peft_config=QSTConfig(task_type="SEQ_CLS")) builds the
+    adapter without a task class, and the config the user trained with does not list it. That is not another
+    computation (the saved head loads into the base model's own head, as for LoRA) and was refused."""
+    from transformers import AutoModelForSequenceClassification
+
+    def classifier():
+        return AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3, pad_token_id=0)
+
+    model = get_peft_model(classifier(), QSTConfig(task_type="SEQ_CLS", r=4))
+    with torch.no_grad():  # a trained side network and head, so that loading them is visible in the logits
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    model.save_pretrained(tmp_path)
+    base = classifier()
+    base.load_adapter(str(tmp_path), peft_config=QSTConfig(task_type="SEQ_CLS", r=4))
+    with torch.no_grad():
+        assert torch.equal(base.eval()(input_ids=IDS).logits, model.eval()(input_ids=IDS).logits)
+
+
 def test_a_refused_load_under_a_new_name_leaves_no_adapter_behind(tmp_path, tiny_model_dir):
     """PEFT adds the new adapter before it reads the weights. A refused file left it there, with fresh weights, for
     set_adapter to run; and a second try into that name reused the refused folder's config."""
