@@ -102,6 +102,12 @@ def main():
     }
     with open(os.path.join(args.out, f"rank{rank}-report.json"), "w") as handle:
         json.dump(report, handle)
+    if torch.distributed.is_initialized():
+        # left to interpreter exit, the gloo group's threads were torn down mid-use once in a loaded full run (rank 1:
+        # "terminate called without an active exception", SIGABRT after training had finished), as the other
+        # multi-process scripts avoid by ending the group themselves
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
