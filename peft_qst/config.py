@@ -8,6 +8,8 @@ divide its hidden size and head layout?) is checked by `get_peft_model`, which h
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -359,3 +361,38 @@ class QSTConfig(PeftConfig):
         if os.path.isdir(folder):
             check_adapter_folder(folder)
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+
+def _refuse_lora_options(dataclass_init):
+    """``QSTConfig``'s constructor, refusing LoRA's options by name. A QLoRA script switched to QST by renaming
+    ``LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, bias="none", ...)`` got Python's bare "unexpected keyword
+    argument 'lora_alpha'", which names the problem but not the fix, and says nothing of the option it kept: ``r``,
+    LoRA's rank there, is the side network's reduction factor here."""
+
+    @functools.wraps(dataclass_init)
+    def __init__(self, *args, **kwargs):
+        own = {f.name for f in dataclasses.fields(QSTConfig)}
+        lora_only = sorted(name for name in kwargs if name not in own and name in _lora_option_names())
+        if lora_only:
+            # worded as Python's own error, which PEFT's loading of a config file written by a newer version looks
+            # for to drop the keys it does not know with a warning (a future QST option may share a LoRA name)
+            raise TypeError(
+                f"QSTConfig got an unexpected keyword argument {lora_only[0]!r}: LoRA options side tuning does not "
+                f"have ({', '.join(lora_only)}). QST trains a side "
+                "network beside the frozen model, not low-rank updates of its layers: drop them. Note that r is the "
+                "side network's reduction factor (hidden and FFN sizes divided by r; 16 by default, the paper's), "
+                "not a LoRA rank: leave it out unless you mean that. The optional LoRA on the top blocks "
+                "(backbone_lora_layers) takes backbone_lora_r and backbone_lora_alpha."
+            )
+        dataclass_init(self, *args, **kwargs)
+
+    return __init__
+
+
+def _lora_option_names() -> set:
+    from peft import LoraConfig
+
+    return {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+QSTConfig.__init__ = _refuse_lora_options(QSTConfig.__init__)

@@ -299,6 +299,23 @@ def test_lora_settings_left_in_the_config_are_refused_with_what_they_mean_for_qs
         get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4, **kwargs))
 
 
+def test_lora_only_options_are_refused_by_name_with_the_fix(tmp_path):
+    """A QLoRA script renamed to QSTConfig keeps LoRA's options (lora_alpha, lora_dropout, bias, ...): the error names
+    them, says to drop them and what r means here; an unknown option keeps Python's own error. A config file holding
+    such a key (written by hand or by a newer version) still loads, the key dropped with PEFT's warning."""
+    with pytest.raises(TypeError, match=r"LoRA options side tuning does not have \(bias, lora_alpha, lora_dropout\)"
+                       r".*drop them.*reduction factor"):
+        QSTConfig(task_type="CAUSAL_LM", r=64, lora_alpha=16, lora_dropout=0.05, bias="none")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'not_an_option'$"):
+        QSTConfig(task_type="CAUSAL_LM", not_an_option=1)
+    QSTConfig(task_type="CAUSAL_LM", r=8).save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "lora_alpha": 16}))
+    with pytest.warns(UserWarning, match="Unexpected keyword arguments.*lora_alpha"):
+        loaded = PeftConfig.from_pretrained(str(tmp_path))
+    assert isinstance(loaded, QSTConfig) and loaded.r == 8
+
+
 def test_trainable_token_indices_are_ignored_with_a_warning():
     """TRL sets trainable_token_indices on the PEFT config when its chat-template cloning adds tokens; those
     embeddings lie in the frozen trunk, so QST trains the side network (and modules_to_save) and says so."""
