@@ -29,14 +29,56 @@ AUTO_CLASS_OF_TASK = {
 LABELLED_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
+#: where the card tells the reader to load from (the card lies at the root of the repository or folder it describes)
+_THIS_FOLDER = "<this repository id, or the folder holding this card>"
+
+
+def _loading_lines(adapter_names: list[str]) -> str:
+    """The code that loads the named adapters onto ``base``: PEFT saves the adapter called ``"default"`` in the folder
+    itself, every other one in a subfolder of its name, which ``PeftModel.from_pretrained`` only finds when told
+    (``subfolder=``); ``adapter_name=`` keeps the name it was trained under (``set_adapter``, ``adapter_names=``, a
+    Trainer resuming it). The first loads with ``from_pretrained``, the others with ``load_adapter``."""
+    if adapter_names == ["default"]:
+        return f'model = PeftModel.from_pretrained(base, "{_THIS_FOLDER}")'
+
+    def where(name: str) -> str:
+        return "" if name == "default" else f', subfolder="{name}"'
+
+    first, *others = adapter_names
+    if not others:
+        return (f'model = PeftModel.from_pretrained(base, "{_THIS_FOLDER}"{where(first)},\n'
+                f'                                  adapter_name="{first}")')
+    lines = [f'adapters = "{_THIS_FOLDER}"',
+             f'model = PeftModel.from_pretrained(base, adapters{where(first)}, adapter_name="{first}")']
+    lines += [f'model.load_adapter(adapters, adapter_name="{name}"{where(name)})' for name in others]
+    lines.append(f'model.set_adapter("{first}")  # the adapter that runs; switch with set_adapter(name)')
+    return "\n".join(lines)
+
+
+def _where_saved(adapter_names: list[str]) -> str:
+    """The sentence naming the adapters a card describes and where each lies, for any but the single default."""
+    if adapter_names == ["default"]:
+        return ""
+    places = [f"`{name}` (" + ("at the top level" if name == "default" else f"in `{name}/`") + ")"
+              for name in adapter_names]
+    if len(places) == 1:
+        return f"\nThe adapter is saved under the name {places[0]}.\n"
+    return f"\nThis repository holds {len(places)} QST adapters: {', '.join(places)}.\n"
+
+
 def usage_section(
     base_model: str | None,
     task_type: str | None = None,
     num_labels: int | None = None,
     model_type: str | None = None,
     auto_model: bool = False,
+    adapter_names: list[str] | None = None,
 ) -> str:
+    """The card's loading section for the adapters ``adapter_names`` (by default the one saved in the card's own
+    folder, ``"default"``), all made on the same base model, which the section loads as the first one's facts say."""
     from .model import SUPPORTED_COMPOSITE_TYPES
+
+    adapter_names = list(adapter_names or ["default"])
 
     base = base_model or "<base model>"
     # a composite (vision-language) base model, by the type the adapter recorded (base_model_signature), loads with
@@ -57,7 +99,7 @@ def usage_section(
 
 This adapter was trained with [Quantized Side Tuning](https://arxiv.org/abs/2401.07159) through `peft-qst`, a PEFT
 tuner type. Install `peft-qst` and import it before loading: the import registers the `QST` method with PEFT.
-
+{_where_saved(adapter_names)}
 ```python
 import torch
 import peft_qst  # registers "QST" with PEFT
@@ -67,7 +109,7 @@ from transformers import {auto_class}, BitsAndBytesConfig
 bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                          bnb_4bit_compute_dtype=torch.bfloat16)
 base = {auto_class}.from_pretrained("{base}", quantization_config=bnb{extra})
-model = PeftModel.from_pretrained(base, "<this repository id, or the folder holding this card>")
+{_loading_lines(adapter_names)}
 ```
 """
 
@@ -119,9 +161,43 @@ def _saved_adapter_facts(folder: str) -> dict:
     return facts
 
 
-def add_usage_section(folder: str, base_model: str | None) -> None:
+def adapter_folder(folder: str, adapter_name: str) -> str:
+    """Where ``PeftModel.save_pretrained(folder)`` saves the adapter ``adapter_name``: ``"default"`` in ``folder``
+    itself, any other in a subfolder of its name (and only there does ``from_pretrained`` find it, by ``subfolder=``)."""
+    return folder if adapter_name == "default" else os.path.join(folder, adapter_name)
+
+
+def saved_qst_adapters(folder: str, adapter_names) -> list[str]:
+    """Those of ``adapter_names`` that ``folder`` holds as QST adapters (an ``adapter_config.json`` of peft_type QST
+    where :func:`adapter_folder` puts it), in the order given."""
+    import json
+
+    from .config import PEFT_TYPE
+
+    saved = []
+    for name in adapter_names:
+        config_path = os.path.join(adapter_folder(folder, name), "adapter_config.json")
+        if not os.path.isfile(config_path):
+            continue
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                peft_type = json.load(handle).get("peft_type")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if peft_type == PEFT_TYPE:
+            saved.append(name)
+    return saved
+
+
+def add_usage_section(folder: str, base_model: str | None, adapter_names=None) -> None:
     """Put the loading instructions for the adapter saved in ``folder`` into its card: appended where the card has
     none, rewritten where it has them already (no card, nothing to do).
+
+    ``adapter_names``: the model's adapters, of which the section names those ``folder`` holds as QST adapters
+    (:func:`saved_qst_adapters`), with the ``subfolder=`` and ``adapter_name=`` that load each; PEFT writes the card
+    only at the root of a save, and saves an adapter of another name than ``"default"`` in a subfolder, where a card
+    that only described the root (``adapter_names`` left out: the one in ``folder`` itself) told nothing of it. None
+    of them there, nothing to do. The base model is loaded as the first one's ``adapter_config.json`` says.
 
     Rewritten, not kept: ``PeftModel.save_pretrained`` updates the card of a folder before it writes the new
     ``adapter_config.json``, and a card update of a QST model writes the section (``registration``), from the config
@@ -133,7 +209,14 @@ def add_usage_section(folder: str, base_model: str | None) -> None:
         return
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
-    section = usage_section(base_model, **_saved_adapter_facts(folder))
+    if adapter_names is None:
+        section = usage_section(base_model, **_saved_adapter_facts(folder))
+    else:
+        adapter_names = saved_qst_adapters(folder, adapter_names)
+        if not adapter_names:
+            return
+        facts = _saved_adapter_facts(adapter_folder(folder, adapter_names[0]))
+        section = usage_section(base_model, **facts, adapter_names=adapter_names)
     written = _SECTION.search(text)
     if written is None:
         if MARKER in text:

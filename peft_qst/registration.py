@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import warnings
 import weakref
 from contextvars import ContextVar
 from typing import Optional
 
-from .card import add_usage_section
+from .card import add_usage_section, saved_qst_adapters
 from .config import PEFT_TYPE, QSTConfig
 from .fast_path import note_adapter_loaded
 from .model import (
@@ -76,6 +77,22 @@ def register() -> None:
 
 def _holds_qst_adapter(model) -> bool:
     return any(getattr(c, "peft_type", None) == PEFT_TYPE for c in (getattr(model, "peft_config", None) or {}).values())
+
+
+def _qst_adapter_names(model) -> list[str]:
+    return [name for name, c in (getattr(model, "peft_config", None) or {}).items()
+            if getattr(c, "peft_type", None) == PEFT_TYPE]
+
+
+def _write_loading_section(model, folder: str) -> None:
+    """QST's loading section in the card at the root of ``folder``, for every QST adapter of ``model`` saved there:
+    ``"default"`` in the folder itself, any other name in its subfolder (a model made with
+    ``get_peft_model(..., adapter_name="side")`` saves only ``side/``, which a section written from the root's
+    ``adapter_config.json`` alone never named); the base model as the first one's config says."""
+    names = _qst_adapter_names(model)
+    base_model = next((model.peft_config[name].base_model_name_or_path for name in saved_qst_adapters(folder, names)),
+                      model.active_peft_config.base_model_name_or_path)
+    add_usage_section(folder, base_model, adapter_names=names)
 
 
 def _patch_once(owner, name: str, make_replacement) -> None:
@@ -117,7 +134,7 @@ def _restore_peft_card(model, folder: str) -> None:
     card = ModelCard.load(card_path)
     card.data.tags = sorted(set(card.data.tags or []) | set(written_tags))
     card.save(card_path)
-    add_usage_section(folder, model.active_peft_config.base_model_name_or_path)
+    _write_loading_section(model, folder)
 
 
 def _restore_model_card_on_trainer_push() -> None:
@@ -159,18 +176,19 @@ def _keep_the_loading_section_in_updated_cards() -> None:
     folder) overwrites the card ``save_model`` just wrote with a training summary, then has PEFT's
     ``create_or_update_model_card`` put PEFT's fields back; QST's loading section (written by ``QSTConfig.save_pretrained``
     only) was lost, so the Hub card no longer said that loading needs ``import peft_qst``. Every card update of a model
-    holding a QST adapter now ends with the section. Where the folder holds no ``adapter_config.json`` yet (within
-    ``save_pretrained``, which updates the card before it writes the config), the section is left to
-    ``QSTConfig.save_pretrained``, which reads the task type and labels from the config it has just written; where it
-    holds an older one (a folder saved over), the section written here from it is rewritten there."""
+    holding a QST adapter now ends with the section, for each of its QST adapters the folder holds
+    (:func:`_write_loading_section`). Where the folder holds none yet (within ``save_pretrained``, which updates the
+    card before it writes the configs), the section is left to ``QSTConfig.save_pretrained``, which reads the task type
+    and labels from the config it has just written, and to ``save_pretrained`` itself once all are saved
+    (:func:`_save_qst_weights_as_safetensors`); where it holds older ones (a folder saved over), the section written
+    here from them is rewritten there."""
     from peft import PeftModel
-    from peft.utils import CONFIG_NAME
 
     def make(original):
         def create_or_update_model_card(self, output_dir, *args, **kwargs):
             result = original(self, output_dir, *args, **kwargs)
-            if _holds_qst_adapter(self) and os.path.isfile(os.path.join(output_dir, CONFIG_NAME)):
-                add_usage_section(output_dir, self.active_peft_config.base_model_name_or_path)
+            if _holds_qst_adapter(self):
+                _write_loading_section(self, output_dir)
             return result
 
         return create_or_update_model_card
@@ -492,7 +510,15 @@ def _save_qst_weights_as_safetensors() -> None:
                     args[0] = True
                 else:
                     kwargs["safe_serialization"] = True
-            return original(self, save_directory, *args, **kwargs)
+            result = original(self, save_directory, *args, **kwargs)
+            # PEFT writes the card at the root before it saves the adapters, each of another name than "default" in
+            # its own subfolder, whose QSTConfig.save_pretrained finds no card there: the root card names them all
+            # once they are saved
+            is_main_process = inspect.signature(original).bind(self, save_directory, *args, **kwargs).arguments.get(
+                "is_main_process", True)
+            if is_main_process and _holds_qst_adapter(self):
+                _write_loading_section(self, save_directory)
+            return result
 
         return save_pretrained
 

@@ -1,0 +1,187 @@
+"""QST adapters under other names than "default", and the model card that says how to load them.
+
+PEFT saves the adapter called "default" in the save folder itself and any other one in a subfolder of its name
+(``side/adapter_config.json``), but writes the card (README.md) only at the root. The card's loading section must name
+every QST adapter saved there, with the ``subfolder=`` and ``adapter_name=`` that load it: it is run here, as a reader
+would copy it, and must rebuild the saved adapters.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peft_qst import QSTConfig
+from peft_qst.card import MARKER
+
+from .conftest import logits_in_fresh_process, tiny_causal_lm, train_steps
+from .test_trainer import make_trainer, trainable_state
+
+IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21]])
+THIS_FOLDER = "<this repository id, or the folder holding this card>"
+
+
+def model_with_adapters(base_dir: str, names: list[str], task_type: str = "CAUSAL_LM", **base_kwargs):
+    """A QST model on the base model in ``base_dir`` holding an adapter for each name, each trained apart (so that
+    each gives other logits); returns the model and {name: its logits of IDS}."""
+    auto = {"CAUSAL_LM": AutoModelForCausalLM}.get(task_type)
+    if auto is None:
+        from transformers import AutoModelForSequenceClassification as auto
+    torch.manual_seed(0)
+    model = get_peft_model(auto.from_pretrained(base_dir, **base_kwargs), QSTConfig(task_type=task_type, r=4),
+                           adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, QSTConfig(task_type=task_type, r=4))
+    logits = {}
+    for steps, name in enumerate(names, start=2):
+        model.set_adapter(name)
+        if task_type == "CAUSAL_LM":
+            train_steps(model, IDS, steps=steps)
+        else:
+            with torch.no_grad():  # a side network moved off its start, and a head of its own
+                for parameter in model.parameters():
+                    if parameter.requires_grad:
+                        parameter.add_(0.05 * steps * torch.randn_like(parameter))
+        with torch.no_grad():
+            logits[name] = model.eval()(input_ids=IDS).logits
+    return model, logits
+
+
+def loading_code(card_path) -> str:
+    """The code block of the card's QST section, as a reader copies it, with the folder put in for the placeholder;
+    the 4-bit quantization (which the tiny CPU model has no use for) left out."""
+    text = ModelCard.load(str(card_path)).text
+    assert text.count(MARKER) == 1
+    code = re.search(re.escape(MARKER) + r".*?```python\n(.*?)\n```", text, re.DOTALL).group(1)
+    assert ", quantization_config=bnb" in code
+    return code.replace(", quantization_config=bnb", "").replace(THIS_FOLDER, str(card_path.parent))
+
+
+def run_card(card_path):
+    """Run the card's loading code; returns the model it builds."""
+    scope = {}
+    exec(loading_code(card_path), scope)
+    return scope["model"]
+
+
+def assert_loads_the_saved_adapters(loaded, logits):
+    assert set(loaded.peft_config) == set(logits)
+    for name, expected in logits.items():
+        loaded.set_adapter(name)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(input_ids=IDS).logits, expected), name
+
+
+@pytest.mark.parametrize("names", [["side"], ["default", "side"], ["a", "b"]], ids=["side", "default+side", "a+b"])
+def test_the_card_loads_every_adapter_saved_under_its_name(tmp_path, tiny_model_dir, names):
+    """``get_peft_model(..., adapter_name="side")`` then ``save_pretrained(out)`` saves ``out/side/`` and ``out/README.md``:
+    the card had no loading section at all (QST wrote it from ``out/adapter_config.json`` only), and with a default
+    adapter beside ``side`` it spoke of the default one alone. Its code now loads each, under its name."""
+    model, logits = model_with_adapters(tiny_model_dir, names)
+    model.save_pretrained(tmp_path / "out")
+    model.save_pretrained(tmp_path / "out")  # saved over: still one section
+
+    code = loading_code(tmp_path / "out" / "README.md")
+    for name in names:
+        if name != "default":
+            assert f'subfolder="{name}"' in code and f'adapter_name="{name}"' in code
+    assert_loads_the_saved_adapters(run_card(tmp_path / "out" / "README.md"), logits)
+
+
+def test_adapters_saved_one_at_a_time_with_selected_adapters_are_all_named(tmp_path, tiny_model_dir):
+    """``save_pretrained(out, selected_adapters=[...])`` saves the adapters named; saved one after the other into one
+    folder, the card names what the folder holds of the model's adapters (both), never one not saved there."""
+    model, logits = model_with_adapters(tiny_model_dir, ["a", "b", "c"])
+    model.save_pretrained(tmp_path / "out", selected_adapters=["a"])
+    code = loading_code(tmp_path / "out" / "README.md")
+    assert 'adapter_name="a"' in code and '"b"' not in code and '"c"' not in code
+    model.save_pretrained(tmp_path / "out", selected_adapters=["b"])
+
+    code = loading_code(tmp_path / "out" / "README.md")
+    assert '"c"' not in code
+    del logits["c"]
+    assert_loads_the_saved_adapters(run_card(tmp_path / "out" / "README.md"), logits)
+
+
+def test_the_card_of_a_classifier_under_another_name_builds_its_head(tmp_path, tiny_model_dir):
+    """The base model's class and ``num_labels`` come from the adapter's own config and head, in its subfolder."""
+    model, logits = model_with_adapters(tiny_model_dir, ["cls"], task_type="SEQ_CLS", num_labels=3)
+    model.save_pretrained(tmp_path / "out")
+
+    code = loading_code(tmp_path / "out" / "README.md")
+    assert "AutoModelForSequenceClassification.from_pretrained(" in code and "num_labels=3" in code
+    assert_loads_the_saved_adapters(run_card(tmp_path / "out" / "README.md"), logits)
+
+
+def test_push_to_hub_of_an_adapter_under_another_name_loads_from_the_hub_by_subfolder(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch):
+    """``push_to_hub`` uploads ``side/`` and the card (restored after transformers' generic one), which names
+    ``subfolder="side"``; the upload, as a Hub cache holds it, loads by that subfolder in a fresh process."""
+    from .test_hub import REPO_ID, lay_out_as_hub_cache, push_to_recording_hub
+
+    model, logits = model_with_adapters(tiny_model_dir, ["side"])
+    uploaded = push_to_recording_hub(model, REPO_ID, tmp_path / "uploaded", monkeypatch)
+
+    assert {"side/adapter_config.json", "side/adapter_model.safetensors", "README.md"} <= set(uploaded)
+    card = ModelCard.load(uploaded["README.md"])
+    assert card.data.library_name == "peft" and card.data.base_model == tiny_model_dir
+    assert 'subfolder="side"' in loading_code(tmp_path / "uploaded" / "README.md")
+    cache = str(tmp_path / "hub-cache")
+    lay_out_as_hub_cache(cache, REPO_ID, uploaded)
+    got = logits_in_fresh_process(
+        tmp_path,
+        f"""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r})
+        model = PeftModel.from_pretrained(base, {REPO_ID!r}, subfolder="side", adapter_name="side")
+        assert model.active_adapter == "side"
+        """,
+        IDS,
+        env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"},
+    )
+    assert torch.equal(got, logits["side"])
+
+
+def side_model(seed: int):
+    """The tiny random Llama with one QST adapter, called "side", seeded by ``seed``."""
+    base = tiny_causal_lm()
+    torch.manual_seed(seed)
+    return get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4), adapter_name="side")
+
+
+def test_trainer_checkpoints_resumes_and_pushes_a_model_whose_only_adapter_is_not_default(tmp_path, monkeypatch):
+    """A Trainer saves the adapter "side" in ``checkpoint-N/side/``, whose card says so; resuming from it into a model
+    started elsewhere ends at the straight run's weights; the pushed card names the subfolder."""
+    from .test_trainer_lifecycle import capture_uploads
+
+    straight = side_model(seed=0)
+    trainer = make_trainer(tmp_path / "straight", straight, hub_model_id="qst-user/side-run")
+    trainer.train()
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    assert (checkpoint / "side" / "adapter_model.safetensors").is_file()
+    assert 'subfolder="side", adapter_name="side"' in " ".join(loading_code(checkpoint / "README.md").split())
+
+    resumed = side_model(seed=1)
+    make_trainer(tmp_path / "resumed", resumed).train(resume_from_checkpoint=str(checkpoint))
+    expected, got = trainable_state(straight), trainable_state(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    capture_uploads(monkeypatch, tmp_path)
+    trainer.push_to_hub()
+    uploaded = tmp_path / "uploaded"
+    card = ModelCard.load(str(uploaded / "README.md"))
+    assert "### Training hyperparameters" in card.text  # the trainer's summary, kept
+    code = " ".join(loading_code(uploaded / "README.md").split())
+    # the card names "side", never a checkpoint folder beside it (which holds it too, under checkpoint-N/side/)
+    assert 'subfolder="side", adapter_name="side"' in code and code.count("subfolder=") == 1
+    loaded = PeftModel.from_pretrained(tiny_causal_lm(), str(uploaded), subfolder="side", adapter_name="side")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=IDS).logits, straight.eval()(input_ids=IDS).logits)
