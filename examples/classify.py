@@ -51,7 +51,7 @@ import peft_qst  # registers the "QST" tuner type with PEFT: import it before ge
 from peft_qst.smollm2 import smollm2_path
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-steps", type=int, default=150, help="optimizer steps (default: 150)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step (default: 16)")
@@ -60,7 +60,7 @@ def parse_args():
     parser.add_argument("--eval-size", type=int, default=200, help="held-out examples (default: 200)")
     parser.add_argument("--output-dir", default="outputs/qst-smollm2-classify", help="where to save the adapter")
     parser.add_argument("--seed", type=int, default=42, help="seed of the data, the initialisation and the order")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.max_steps, args.batch_size, args.eval_size) < 1:
         parser.error("--max-steps, --batch-size and --eval-size must be at least 1")
     try:  # fail now, not at the save after training

@@ -26,7 +26,7 @@ import peft_qst  # noqa: F401  (registers QST with PEFT)
 DEFAULT_ADAPTER = "outputs/qst-smollm2-quickstart"
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default=DEFAULT_ADAPTER, help="folder of a saved QST adapter")
     parser.add_argument("--base", default=None, help="base model folder or Hub id (default: the adapter's own)")
@@ -34,7 +34,7 @@ def parse_args():
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
     parser.add_argument("--no-adapter", action="store_true", help="answer with the base model (adapter disabled)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if os.path.exists(args.adapter) and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
@@ -43,6 +43,11 @@ def parse_args():
     if not os.path.exists(args.adapter) and not hub_id and not args.no_adapter:
         parser.error(f"no adapter at --adapter {args.adapter}: run examples/quickstart.py first, or pass the folder "
                      "(or Hub id) of a saved QST adapter")
+    if args.base is not None:
+        if os.path.isdir(args.base) and not os.path.isfile(os.path.join(args.base, "config.json")):
+            parser.error(f"--base {args.base} holds no config.json: it is not a model folder")
+        if not os.path.exists(args.base) and not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", args.base):
+            parser.error(f"no model at --base {args.base}: pass a model folder or a Hub id")
     return args
 
 
@@ -95,6 +100,8 @@ def main():
         tokenizer, model = load(adapter, args.base)
     except ValueError as err:  # an adapter of another base model, a corrupt file: the message says what to do
         sys.exit(f"error: {err}")
+    except OSError as err:  # a --base Hub id that is not on the Hub or not reachable (offline)
+        sys.exit(f"error: cannot load the base model {args.base or 'recorded in the adapter'}: {err}")
     if args.prompt is not None:
         answer(tokenizer, model, [{"role": "user", "content": args.prompt}], args)
         return

@@ -57,7 +57,7 @@ import peft_qst  # registers the "QST" tuner type with PEFT: import it before ge
 from peft_qst.smollm2 import smollm2_path
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
@@ -65,7 +65,7 @@ def parse_args():
     parser.add_argument("--r", type=int, default=16, help="QST reduction factor of the side network (default: 16)")
     parser.add_argument("--output-dir", default="outputs/qst-smollm2-quickstart", help="where to save the adapter")
     parser.add_argument("--seed", type=int, default=42, help="seed of the data, the side network's init and the order")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         parser.error(f"--steps and --batch-size must be at least 1, got {args.steps} and {args.batch_size}")
     check_writable(parser, args.output_dir)

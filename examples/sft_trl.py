@@ -42,13 +42,13 @@ from peft_qst import QSTConfig
 from peft_qst.smollm2 import smollm2_path
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora", action="store_true", help="run the original QLoRA form (LoraConfig) instead of QST")
     parser.add_argument("--max-steps", type=int, default=60, help="optimizer steps (default: 60)")
     parser.add_argument("--output-dir", default=None, help="where TRL writes (default: outputs/sft-trl-{qst,lora})")
     parser.add_argument("--seed", type=int, default=42, help="seed of the data, the adapter's init and the order")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.max_steps < 1:
         parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
     args.output_dir = args.output_dir or f"outputs/sft-trl-{'lora' if args.lora else 'qst'}"

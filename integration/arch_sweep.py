@@ -429,16 +429,21 @@ def all_types() -> list:
     return types
 
 
-def main() -> None:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", help="write the JSON report here")
     parser.add_argument("types", nargs="*", help="model types (<type>+dec: with is_decoder=True); default: all")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     unknown = sorted(set(args.types) - set(all_types()))
     if unknown:
         parser.error(f"unknown model types {unknown}: give MODEL_FOR_CAUSAL_LM_MAPPING types (<type>+dec for the "
                      "BERT-style ones with is_decoder=True)")
     check_output_path(parser, args.output)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     transformers.logging.set_verbosity_error()
     records = []
     for variant in args.types or all_types():

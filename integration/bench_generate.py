@@ -78,7 +78,7 @@ def time_generate(model, inputs, new_tokens: int, general_path: bool = False) ->
     return elapsed, out
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
@@ -90,10 +90,15 @@ def main():
                         help="the embedded SmolLM2-135M-Instruct, or a randomly initialised model of SmolLM2-1.7B's "
                              "shape (built in a temporary folder, about 3.4 GB)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.new_tokens, args.repeats, *args.batch_sizes) < 1:
         parser.error("--new-tokens, --repeats and every --batch-sizes value must be at least 1")
     check_output_path(parser, args.output)
+    return args
+
+
+def main():
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 

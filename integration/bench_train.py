@@ -183,6 +183,18 @@ def parse_method(spec: str) -> tuple[str, dict]:
         raise SystemExit(f"bad mode={options['mode']!r} in {spec!r}: use mode=train or mode=eval")
     if options.get("loss", "chunked") not in ("chunked", "transformers"):
         raise SystemExit(f"bad loss={options['loss']!r} in {spec!r}: use loss=chunked or loss=transformers")
+    if method == "qst":
+        # build the QSTConfig now: a misspelt field or a bad value fails before any run, not in the child of that
+        # method after the methods before it have run (their results would be lost with the whole benchmark)
+        from peft_qst import QSTConfig
+
+        fields = {key: value for key, value in options.items() if key not in ("loss", "gc")}
+        try:
+            QSTConfig(task_type="CAUSAL_LM", **fields)
+        except TypeError as err:
+            raise SystemExit(f"bad option in {spec!r}: {err}; qst takes QSTConfig fields, loss= and gc=") from None
+        except ValueError as err:
+            raise SystemExit(f"bad option in {spec!r}: {err}") from None
     return method, options
 
 
@@ -626,7 +638,10 @@ def parse_args(argv=None):
     if args.model is None:
         args.model = "llama2-7b-shape" if args.device == "cuda" else "smollm2"
     for spec in args.methods:
-        parse_method(spec)
+        try:
+            parse_method(spec)
+        except SystemExit as err:
+            parser.error(str(err.code))
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be at least 1")
     if min(args.steps, args.batch, args.seq, args.rounds) < 1 or args.warmup < 0:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import check_output_path  # noqa: E402
 from bench_train import load_4bit, make_batches, parse_method, peak_rss_mb, reset_peak_rss, rss_mb, wrap  # noqa: E402
 
 SECTION_ORDER = ("backbone", "backbone.linear4bit", "side", "side.downsample", "side.block", "side.upsample",
@@ -90,7 +91,7 @@ def instrument(model, sections: Sections):
     model.get_base_model().loss_function = timed_loss
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
@@ -101,6 +102,18 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=18, help="operators listed per table")
     parser.add_argument("--output", default=None, help="write the section times and memory points as JSON")
     args = parser.parse_args(argv)
+    if min(args.batch, args.seq, args.steps) < 1 or args.warmup < 0:
+        parser.error("--batch, --seq and --steps must be at least 1, --warmup at least 0")
+    try:
+        parse_method("qst:" + args.qst if args.qst else "qst")  # a bad QSTConfig field fails here, before the load
+    except SystemExit as err:
+        parser.error(str(err.code))
+    check_output_path(parser, args.output)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -260,13 +260,21 @@ def check_run(name: str, layers: int = 2, vocab: int = 1024, dtype=torch.bfloat1
     }
 
 
-def main() -> None:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"models to check (default: all {len(PUBLISHED)})")
     parser.add_argument("--run", action="store_true", help="also run 2 layers at the real widths on the CPU")
     parser.add_argument("--output", help="write the results as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in PUBLISHED]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {', '.join(PUBLISHED)}")
     check_output_path(parser, args.output)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     results = {}
     for name in args.names or PUBLISHED:
         start = time.perf_counter()

@@ -82,9 +82,15 @@ def test_generate_uses_the_base_model_it_is_given(tmp_path, monkeypatch, tiny_mo
         (["integration/bench_generate.py", "--repeats", "0"], "must be at least 1"),
         (["integration/bench_train.py", "--output", "/proc/no-such-dir/out.json"], "cannot write --output"),
         (["integration/arch_sweep.py", "nosuchtype"], "unknown model types"),
+        (["examples/generate.py", "--no-adapter", "--base", "/proc/self"], "--base /proc/self holds no config.json"),
+        (["integration/bench_train.py", "--methods", "qst", "qst:side_head=1"], "unexpected keyword argument"),
+        (["integration/quality/harness.py", "qst", "qst:time_s=match"], "an earlier qlora spec"),
+        (["integration/quality/harness.py", "qlora", "qst:downsample=conv"], "QSTConfig.downsample='conv'"),
+        (["integration/real_shapes.py", "Llama-9"], "unknown models ['Llama-9']"),
     ],
     ids=["quickstart-steps", "quickstart-output", "sft-steps", "classify-batch", "generate-adapter",
-         "generate-tokens", "harness-spec", "bench-generate-repeats", "bench-train-output", "sweep-type"],
+         "generate-tokens", "harness-spec", "bench-generate-repeats", "bench-train-output", "sweep-type",
+         "generate-base", "bench-train-qst-field", "harness-match", "harness-qst-value", "real-shapes-name"],
 )
 def test_bad_arguments_are_refused_before_any_work(args, message):
     """A usage error (exit status 2, one line naming the argument) before the model loads, not a traceback after

@@ -170,6 +170,36 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return method, options
 
 
+def check_specs(specs: list[str]) -> None:
+    """Fail now on what would fail a child only after the methods before it have trained: a QST value that
+    ``QSTConfig`` refuses, a ``time_s`` that is no number of seconds, a ``time_s=match`` with nothing to match."""
+    earlier: list[tuple[str, dict]] = []
+    for spec in specs:
+        method, options = parse_spec(spec)
+        if method == "qst":
+            from peft_qst import QSTConfig
+
+            try:
+                QSTConfig(task_type="CAUSAL_LM", **{key: options[key] for key in QST_KEYS if key in options})
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"spec {spec!r}: {err}") from None
+        value = options.get("time_s")
+        if value is not None and not value.startswith("match"):
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = float("nan")
+            if not seconds > 0:
+                raise ValueError(f"spec {spec!r}: time_s={value} must be a number of seconds > 0, match or match:LABEL")
+        elif value is not None:
+            target = value.partition(":")[2]
+            if not any((target and opts.get("label", s) == target) or (not target and m == "qlora")
+                       for s, m, opts in ((s, *parse_spec(s)) for s, _ in earlier)):
+                raise ValueError(f"spec {spec!r}: time_s={value} matches the training time of an earlier "
+                                 f"{'spec labelled ' + target if target else 'qlora spec'}; put one before it")
+        earlier.append((spec, options))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # environment and memory
 # ------------------------------------------------------------------------------------------------------------------
@@ -761,11 +791,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.train_size < args.batch_size:
         parser.error(f"--train-size ({args.train_size}) must hold at least one batch (--batch-size {args.batch_size})")
-    for spec in [args.run_one] if args.run_one else args.specs:
-        try:
-            parse_spec(spec)  # fail on a bad spec before anything runs
-        except ValueError as err:
-            parser.error(str(err))
+    try:
+        if args.run_one:
+            parse_spec(args.run_one)  # time_s=match is refused in main: it needs the parent
+        else:
+            check_specs(args.specs)  # fail on a bad spec before anything runs
+    except ValueError as err:
+        parser.error(str(err))
     check_output_path(parser, args.output)
     return args
 

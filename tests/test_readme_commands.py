@@ -1,0 +1,160 @@
+"""The README's commands and file references still match the repository.
+
+The README quotes dozens of commands (benchmarks, the quality harness with its method specs, the examples) and names
+the results files its figures come from. Scripts and options get renamed; a quoted command that no longer parses, or a
+results file that is gone, is found here instead of by a reader. Every quoted command is parsed by its own script's
+``parse_args`` (flags, values, method specs: the checks each script makes before any work), in a temporary working
+directory so that ``--output`` folders land there; nothing is run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import shlex
+import sys
+
+import pytest
+
+from .conftest import REPO, load_script
+
+README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+
+SCRIPTS = {
+    "examples/quickstart.py": "readme_quickstart",
+    "examples/classify.py": "readme_classify",
+    "examples/sft_trl.py": "readme_sft_trl",
+    "examples/generate.py": "readme_generate",
+    "integration/bench_train.py": "readme_bench_train",
+    "integration/bench_generate.py": "readme_bench_generate",
+    "integration/profile_train.py": "readme_profile_train",
+    "integration/real_shapes.py": "readme_real_shapes",
+    "integration/arch_sweep.py": "readme_arch_sweep",
+    "integration/quality/harness.py": "readme_harness",
+}
+SCRIPT_PATTERN = re.compile(r"(?:^|\s)((?:examples|integration)/[\w/]+\.py)(?=\s|$)")
+
+
+def _shell_lines(block: str) -> list[str]:
+    """The block's commands: continuation lines joined, ``NAME="..."`` assignments substituted into later lines,
+    a ``for v in a b; do CMD; done`` loop reduced to CMD with ``$v`` set to its first value."""
+    variables: dict[str, str] = {}
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        assignment = re.fullmatch(r'(\w+)="([^"]*)"', line)
+        if assignment:
+            variables[assignment.group(1)] = assignment.group(2)
+            continue
+        loop = re.fullmatch(r"for (\w+) in (\S+)[^;]*; do (.*); done", line)
+        if loop:
+            variables[loop.group(1)] = loop.group(2)
+            line = loop.group(3)
+        for name, value in variables.items():
+            line = re.sub(rf"\$(?:{name}\b|\{{{name}\}})", value, line)
+        commands.append(line)
+    return commands
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """``(script, argv)`` for every quoted invocation of an example or integration script: in fenced code blocks,
+    and in inline code spans that start with ``.venv/bin/python`` or ``python``."""
+    candidates = []
+    for block in re.findall(r"^```[\w-]*\n(.*?)^```", README, flags=re.S | re.M):
+        candidates += _shell_lines(block)
+    candidates += re.findall(r"`((?:\.venv/bin/)?python [^`]+)`", README)
+    commands = []
+    for line in candidates:
+        if not SCRIPT_PATTERN.search(line):
+            continue
+        words = shlex.split(line, comments=True)
+        for index, word in enumerate(words):
+            if word in SCRIPTS:
+                commands.append((word, words[index + 1:]))
+                break
+        else:
+            raise AssertionError(f"the README quotes a script this test does not know (add it to SCRIPTS): {line}")
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_quotes_commands_of_every_kind():
+    """The extraction itself works: each kind of quoted command is found (a change of the README's code-block style
+    would otherwise silently leave nothing to check)."""
+    quoted = {script for script, _ in COMMANDS}
+    assert {"integration/quality/harness.py", "integration/bench_train.py", "integration/bench_generate.py",
+            "integration/real_shapes.py", "integration/arch_sweep.py", "examples/sft_trl.py"} <= quoted
+    harness_specs = [argv for script, argv in COMMANDS if script == "integration/quality/harness.py"]
+    assert any("qst:backbone_lora_layers=24,backbone_lora_r=64,backbone_lora_alpha=16,time_s=795.0,"
+               "label=qst+lora24-wallclock" in argv for argv in harness_specs)
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    # the integration scripts import their shared helpers (measure.py, bench_train.py) from their own folder
+    sys.path.insert(0, os.path.join(REPO, "integration"))
+    return {path: load_script(path, name) for path, name in SCRIPTS.items()}
+
+
+@pytest.mark.parametrize("script, argv", COMMANDS, ids=[f"{s}:{' '.join(a)[:60]}" for s, a in COMMANDS])
+def test_readme_command_parses(script, argv, scripts, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if script == "examples/generate.py":  # the adapter the quickstart would have saved
+        os.makedirs("outputs/qst-smollm2-quickstart")
+        open("outputs/qst-smollm2-quickstart/adapter_config.json", "w").close()
+    try:
+        scripts[script].parse_args(argv)
+    except SystemExit as err:  # argparse's usage error, printed to stderr
+        pytest.fail(f"the README's command `{script} {shlex.join(argv)}` is refused (exit {err.code})")
+
+
+def _expand_braces(path: str) -> list[str]:
+    match = re.search(r"\{([^{}]*)\}", path)
+    if not match:
+        return [path]
+    return [expanded for choice in match.group(1).split(",")
+            for expanded in _expand_braces(path[:match.start()] + choice + path[match.end():])]
+
+
+def readme_paths() -> list[str]:
+    """Repository paths the README names: ``integration/...``, ``examples/...``, ``tests/...``, ``peft_qst/...``,
+    ``scripts/...`` (with ``{a,b}`` and ``*`` patterns), and bare results-file names, which live in
+    ``integration/results/``."""
+    named = re.findall(r"(?<![\w/.-])((?:integration|examples|tests|peft_qst|scripts)/[\w./*{},+-]*[\w*}/])", README)
+    bare = re.findall(r"(?<![\w/.-])((?:quality|bench|profile|arch_sweep|real_shapes)_[\w.{},*-]*\.(?:json|txt))",
+                      README)
+    return sorted(set(named) | {f"integration/results/{name}" for name in bare})
+
+
+def test_every_path_the_readme_names_exists():
+    paths = readme_paths()
+    assert "integration/results/quality_hybrid24_seed3_cpu.json" in {p for x in paths for p in _expand_braces(x)}
+    missing = [path for pattern in paths for path in _expand_braces(pattern)
+               if not glob.glob(os.path.join(REPO, path))]
+    assert not missing, f"the README names files that do not exist: {missing}"
+
+
+def test_options_table_matches_qstconfig_defaults():
+    """The README's Options table lists every user-facing ``QSTConfig`` field with the default the code has."""
+    from peft_qst import QSTConfig
+
+    section = README.split("### Options (`QSTConfig`)", 1)[1].split("\n\n", 2)[1]
+    documented = {}
+    for fields, default in re.findall(r"^\| ((?:`\w+`(?:, )?)+) \| ([^|]+) \|", section, flags=re.M):
+        names = re.findall(r"`(\w+)`", fields)
+        values = [value.strip() for value in default.split(",")]
+        values = values if len(values) == len(names) else [default.strip()] * len(names)  # one default for all
+        documented.update(zip(names, values))
+    inherited = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                 "peft_version"}
+    code = {field.name: field.default for field in dataclasses.fields(QSTConfig) if field.name not in inherited}
+    assert set(documented) == set(code), f"table vs QSTConfig fields: {set(documented) ^ set(code)}"
+    for name, default in code.items():
+        written = documented[name].strip("`").strip('"')
+        expected = "None" if default is None else str(default)
+        assert written == expected or (isinstance(default, float) and float(written) == default), (
+            f"README says {name} defaults to {documented[name]}, QSTConfig says {default!r}")
