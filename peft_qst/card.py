@@ -189,15 +189,15 @@ def saved_qst_adapters(folder: str, adapter_names) -> list[str]:
     return saved
 
 
-def add_usage_section(folder: str, base_model: str | None, adapter_names=None) -> None:
-    """Put the loading instructions for the adapter saved in ``folder`` into its card: appended where the card has
+def add_usage_section(folder: str, base_model: str | None, adapter_names) -> None:
+    """Put the loading instructions for the adapters saved in ``folder`` into its card: appended where the card has
     none, rewritten where it has them already (no card, nothing to do).
 
     ``adapter_names``: the model's adapters, of which the section names those ``folder`` holds as QST adapters
     (:func:`saved_qst_adapters`), with the ``subfolder=`` and ``adapter_name=`` that load each; PEFT writes the card
     only at the root of a save, and saves an adapter of another name than ``"default"`` in a subfolder, where a card
-    that only described the root (``adapter_names`` left out: the one in ``folder`` itself) told nothing of it. None
-    of them there, nothing to do. The base model is loaded as the first one's ``adapter_config.json`` says.
+    that only described the root told nothing of it. None of them there, nothing to do. The base model is loaded as
+    the first one's ``adapter_config.json`` says.
 
     Rewritten, not kept: ``PeftModel.save_pretrained`` updates the card of a folder before it writes the new
     ``adapter_config.json``, and a card update of a QST model writes the section (``registration``), from the config
@@ -209,14 +209,11 @@ def add_usage_section(folder: str, base_model: str | None, adapter_names=None) -
         return
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
-    if adapter_names is None:
-        section = usage_section(base_model, **_saved_adapter_facts(folder))
-    else:
-        adapter_names = saved_qst_adapters(folder, adapter_names)
-        if not adapter_names:
-            return
-        facts = _saved_adapter_facts(adapter_folder(folder, adapter_names[0]))
-        section = usage_section(base_model, **facts, adapter_names=adapter_names)
+    adapter_names = saved_qst_adapters(folder, adapter_names)
+    if not adapter_names:
+        return
+    facts = _saved_adapter_facts(adapter_folder(folder, adapter_names[0]))
+    section = usage_section(base_model, **facts, adapter_names=adapter_names)
     written = _SECTION.search(text)
     if written is None:
         if MARKER in text:

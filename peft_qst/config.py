@@ -337,9 +337,6 @@ class QSTConfig(PeftConfig):
         from .serialization import SAFETENSORS_NAME, file_digest
 
         super().save_pretrained(save_directory, **kwargs)
-        from .card import add_usage_section
-
-        add_usage_section(save_directory, self.base_model_name_or_path)
         # the digest describes the weights beside this file, never a digest carried over in memory from a folder
         # this config was once read from
         weights_path = os.path.join(save_directory, SAFETENSORS_NAME)

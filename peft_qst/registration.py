@@ -92,7 +92,7 @@ def _write_loading_section(model, folder: str) -> None:
     names = _qst_adapter_names(model)
     base_model = next((model.peft_config[name].base_model_name_or_path for name in saved_qst_adapters(folder, names)),
                       model.active_peft_config.base_model_name_or_path)
-    add_usage_section(folder, base_model, adapter_names=names)
+    add_usage_section(folder, base_model, names)
 
 
 def _patch_once(owner, name: str, make_replacement) -> None:
@@ -123,7 +123,8 @@ def _restore_model_card_on_push() -> None:
 def _restore_peft_card(model, folder: str) -> None:
     """Put PEFT's fields (``library_name: peft``, ``base_model``, its tags) and QST's loading section back into the
     card in ``folder`` that something else just wrote, keeping that card's tags (PEFT's update replaces them) and
-    text; no card, nothing to do."""
+    text; no card, nothing to do. PEFT's card update writes the section too
+    (:func:`_keep_the_loading_section_in_updated_cards`), and the tags are set after it, leaving the text as it is."""
     from huggingface_hub import ModelCard
 
     card_path = os.path.join(folder, "README.md")
@@ -134,7 +135,6 @@ def _restore_peft_card(model, folder: str) -> None:
     card = ModelCard.load(card_path)
     card.data.tags = sorted(set(card.data.tags or []) | set(written_tags))
     card.save(card_path)
-    _write_loading_section(model, folder)
 
 
 def _restore_model_card_on_trainer_push() -> None:
@@ -174,14 +174,13 @@ def _restore_model_card_on_trainer_push() -> None:
 def _keep_the_loading_section_in_updated_cards() -> None:
     """transformers' ``Trainer.create_model_card`` (which ``Trainer.push_to_hub`` calls before uploading the output
     folder) overwrites the card ``save_model`` just wrote with a training summary, then has PEFT's
-    ``create_or_update_model_card`` put PEFT's fields back; QST's loading section (written by ``QSTConfig.save_pretrained``
+    ``create_or_update_model_card`` put PEFT's fields back; QST's loading section (written by ``save_pretrained``
     only) was lost, so the Hub card no longer said that loading needs ``import peft_qst``. Every card update of a model
     holding a QST adapter now ends with the section, for each of its QST adapters the folder holds
     (:func:`_write_loading_section`). Where the folder holds none yet (within ``save_pretrained``, which updates the
-    card before it writes the configs), the section is left to ``QSTConfig.save_pretrained``, which reads the task type
-    and labels from the config it has just written, and to ``save_pretrained`` itself once all are saved
-    (:func:`_save_qst_weights_as_safetensors`); where it holds older ones (a folder saved over), the section written
-    here from them is rewritten there."""
+    card before it writes the configs), the section is left to ``save_pretrained`` itself once all are saved
+    (:func:`_save_qst_weights_as_safetensors`), which reads the task type and labels from the configs it has just
+    written; where it holds older ones (a folder saved over), the section written here from them is rewritten there."""
     from peft import PeftModel
 
     def make(original):
@@ -511,9 +510,9 @@ def _save_qst_weights_as_safetensors() -> None:
                 else:
                     kwargs["safe_serialization"] = True
             result = original(self, save_directory, *args, **kwargs)
-            # PEFT writes the card at the root before it saves the adapters, each of another name than "default" in
-            # its own subfolder, whose QSTConfig.save_pretrained finds no card there: the root card names them all
-            # once they are saved
+            # PEFT writes the card at the root before it saves the adapters ("default" there, each of another name
+            # in its own subfolder): the root card's loading section is written once they are all saved, from
+            # their configs
             is_main_process = inspect.signature(original).bind(self, save_directory, *args, **kwargs).arguments.get(
                 "is_main_process", True)
             if is_main_process and _holds_qst_adapter(self):
