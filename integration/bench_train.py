@@ -9,7 +9,9 @@ with:
 - ``qst``: ``peft_qst.QSTConfig(task_type="CAUSAL_LM")`` (``qst:key=value,...`` sets ``QSTConfig`` fields, e.g.
   ``qst:side_dtype=float32``; ``qst:loss=transformers`` swaps QST's chunked causal-LM loss back to transformers'
   ``ForCausalLMLoss``, to measure what the chunked loss saves; ``qst:gc=true`` turns on gradient checkpointing as
-  TRL's ``SFTConfig`` does, which checkpoints the side blocks);
+  TRL's ``SFTConfig`` does, which checkpoints the side blocks; ``qst:compile=true`` compiles the wrapped model with
+  ``model.compile()`` (Inductor), as ``TrainingArguments(torch_compile=True)`` does; its compilation falls in the
+  warm-up steps, whose times are reported as ``warmup_times_s``);
 - ``qlora``: ``prepare_model_for_kbit_training(use_gradient_checkpointing=True)`` + ``LoraConfig(r=64,
   lora_alpha=16, target_modules="all-linear")``, as the QLoRA paper and PEFT's docs do it;
 - ``lora``: the same LoRA config on the 4-bit model, without ``prepare_model_for_kbit_training`` and without
@@ -188,7 +190,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
         # method after the methods before it have run (their results would be lost with the whole benchmark)
         from peft_qst import QSTConfig
 
-        fields = {key: value for key, value in options.items() if key not in ("loss", "gc")}
+        fields = {key: value for key, value in options.items() if key not in ("loss", "gc", "compile")}
         try:
             QSTConfig(task_type="CAUSAL_LM", **fields)
         except TypeError as err:
@@ -228,12 +230,15 @@ def wrap(model, method: str, options: dict):
         options = dict(options)
         loss = options.pop("loss", "chunked")
         checkpointing = str(options.pop("gc", "false")).lower() in ("1", "true", "yes")
+        compiled = str(options.pop("compile", "false")).lower() in ("1", "true", "yes")
         model = get_peft_model(model, peft_qst.QSTConfig(task_type="CAUSAL_LM", **options))
         if loss == "transformers":  # measure QST with transformers' own ForCausalLMLoss (before peft_qst/loss.py)
             uninstall_chunked_loss(model.get_base_model())
         if checkpointing:  # what TRL's SFTConfig(gradient_checkpointing=True) does: the side blocks get checkpointed
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+        if compiled:
+            model.compile()
         return model
     lora = LoraConfig(r=64, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     if method == "qlora":
@@ -350,13 +355,15 @@ def run_one(args) -> dict:
     peak_before_steps = peak_rss_mb()
     hwm_reset = reset_peak_rss()
 
-    times, cpu_times, losses = [], [], []
+    times, cpu_times, losses, warmup_times = [], [], [], []
     for i, ids in enumerate(batches):
         t0, c0 = time.perf_counter(), time.process_time()
         losses.append(train_step(model, optimizer, ids))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
+        else:
+            warmup_times.append(time.perf_counter() - t0)
 
     step_peak = peak_rss_mb()
     result = {
@@ -365,6 +372,7 @@ def run_one(args) -> dict:
         "options": options,
         "trainable_params": trainable,
         "step_times_s": times,
+        "warmup_times_s": warmup_times,
         "step_s": statistics.median(times),
         "step_cpu_times_s": cpu_times,
         "step_cpu_s": statistics.median(cpu_times),
@@ -490,7 +498,8 @@ def run_children(args, model_path: str) -> list[dict]:
                     run["memory_child"] = {key: measured[key] for key in ("pid", "malloc_mmap_threshold", "step_s")}
                 run.update(round=round_index, loadavg_1m_before=load_before, loadavg_1m_after=os.getloadavg()[0])
                 runs.append(run)
-                print(f"    step {run['step_s']:.3f} s, peak RSS {run['peak_rss_mb']:.0f} MB, "
+                print(f"    step {run['step_s']:.3f} s (warm-up steps {sum(run['warmup_times_s']):.1f} s), "
+                      f"peak RSS {run['peak_rss_mb']:.0f} MB, "
                       f"step increment {run['step_increment_mb']:.0f} MB", file=sys.stderr, flush=True)
     return runs
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, load_script, tiny_causal_lm
 
 
 @pytest.mark.smollm2
@@ -54,7 +54,7 @@ def test_bench_train_all_methods_tiny(tmp_path):
     # the floor runs in training mode, the bitsandbytes kernels QST's backbone runs (not the repacked eval-mode ones)
     assert all(run["model_training_mode"] for run in result["runs"])
     for run in result["runs"]:  # warm-up + measured steps, each with a finite loss
-        assert len(run["step_times_s"]) == 2 and len(run["losses"]) == 3
+        assert len(run["step_times_s"]) == 2 and len(run["losses"]) == 3 and len(run["warmup_times_s"]) == 1
         assert all(math.isfinite(loss) for loss in run["losses"])
 
     assert set(result["ratios"]) >= {"qlora_over_qst_step_time", "qlora_over_qst_peak_memory",
@@ -91,3 +91,15 @@ def test_bench_train_refuses_an_unknown_floor_mode():
     )
     assert completed.returncode != 0
     assert "bad mode='inference'" in completed.stderr and "mode=train or mode=eval" in completed.stderr
+
+
+def test_bench_train_qst_options_compile_and_checkpoint_the_wrapped_model():
+    """``qst:compile=true`` compiles the wrapped model (``model.compile()``, what ``torch_compile=True`` does) and
+    ``qst:gc=true`` turns on gradient checkpointing; neither is passed to QSTConfig, and without them neither is on."""
+    sys.path.insert(0, os.path.join(REPO, "integration"))
+    bench = load_script("integration/bench_train.py", "bench_train_for_options")
+    compiled = bench.wrap(tiny_causal_lm(), *bench.parse_method("qst:compile=true,gc=true,r=4"))
+    plain = bench.wrap(tiny_causal_lm(), *bench.parse_method("qst:r=4"))
+    assert compiled._compiled_call_impl is not None and plain._compiled_call_impl is None
+    assert compiled.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    assert compiled.peft_config["default"].r == plain.peft_config["default"].r == 4

@@ -30,6 +30,7 @@ SCRIPTS = {
     "integration/bench_train.py": "readme_bench_train",
     "integration/bench_generate.py": "readme_bench_generate",
     "integration/profile_train.py": "readme_profile_train",
+    "integration/profile_cuda.py": "readme_profile_cuda",
     "integration/real_shapes.py": "readme_real_shapes",
     "integration/arch_sweep.py": "readme_arch_sweep",
     "integration/quality/harness.py": "readme_harness",
