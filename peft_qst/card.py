@@ -7,6 +7,7 @@ PEFT user would guess, so the card says it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -33,6 +34,14 @@ LABELLED_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 _THIS_FOLDER = "<this repository id, or the folder holding this card>"
 
 
+def _literal(text: str) -> str:
+    """``text`` as a Python string literal in double quotes: an adapter name (any string PEFT accepts, ``it's "x"``
+    or ``C:\\new`` among them) or a base model's path put between quotes as it stands broke the card's code
+    (a quote ends the literal early: a SyntaxError) or changed it (``\\n`` read as a newline). JSON's string
+    escapes (``\\"``, ``\\\\``, ``\\n``, ``\\uXXXX``) are Python's, with the same meaning."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _loading_lines(adapter_names: list[str]) -> str:
     """The code that loads the named adapters onto ``base``: PEFT saves the adapter called ``"default"`` in the folder
     itself, every other one in a subfolder of its name, which ``PeftModel.from_pretrained`` only finds when told
@@ -42,16 +51,16 @@ def _loading_lines(adapter_names: list[str]) -> str:
         return f'model = PeftModel.from_pretrained(base, "{_THIS_FOLDER}")'
 
     def where(name: str) -> str:
-        return "" if name == "default" else f', subfolder="{name}"'
+        return "" if name == "default" else f", subfolder={_literal(name)}"
 
     first, *others = adapter_names
     if not others:
         return (f'model = PeftModel.from_pretrained(base, "{_THIS_FOLDER}"{where(first)},\n'
-                f'                                  adapter_name="{first}")')
+                f'                                  adapter_name={_literal(first)})')
     lines = [f'adapters = "{_THIS_FOLDER}"',
-             f'model = PeftModel.from_pretrained(base, adapters{where(first)}, adapter_name="{first}")']
-    lines += [f'model.load_adapter(adapters, adapter_name="{name}"{where(name)})' for name in others]
-    lines.append(f'model.set_adapter("{first}")  # the adapter that runs; switch with set_adapter(name)')
+             f"model = PeftModel.from_pretrained(base, adapters{where(first)}, adapter_name={_literal(first)})"]
+    lines += [f"model.load_adapter(adapters, adapter_name={_literal(name)}{where(name)})" for name in others]
+    lines.append(f"model.set_adapter({_literal(first)})  # the adapter that runs; switch with set_adapter(name)")
     return "\n".join(lines)
 
 
@@ -108,10 +117,18 @@ from transformers import {auto_class}, BitsAndBytesConfig
 
 bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                          bnb_4bit_compute_dtype=torch.bfloat16)
-base = {auto_class}.from_pretrained("{base}", quantization_config=bnb{extra})
+base = {auto_class}.from_pretrained({_literal(base)}, quantization_config=bnb{extra})
 {_loading_lines(adapter_names)}
 ```
 """
+
+
+def _recorded_model_type(config: dict) -> str | None:
+    """The base model's type an ``adapter_config.json`` records (``base_model_signature``), None where it records none.
+    The card is written from the folder's old config before ``save_pretrained`` writes the new one, so saving an
+    adapter again over a config edited by hand (the fix that loading's refusal of it names) must not fail on it."""
+    signature = config.get("base_model_signature")
+    return signature.get("model_type") if isinstance(signature, dict) else None
 
 
 def _made_on_auto_model(config: dict) -> bool:
@@ -124,7 +141,7 @@ def _made_on_auto_model(config: dict) -> bool:
     target = config.get("target_modules")
     if target == ROOT_TRUNK:
         return True
-    model_type = (config.get("base_model_signature") or {}).get("model_type")
+    model_type = _recorded_model_type(config)
     # target_modules holds the trunk's name as a regular expression (``model\\.language_model``)
     return model_type in SUPPORTED_COMPOSITE_TYPES and isinstance(target, str) and "." not in target
 
@@ -143,7 +160,7 @@ def _saved_adapter_facts(folder: str) -> dict:
         config = json.load(handle)
     facts = {
         "task_type": config.get("task_type"),
-        "model_type": (config.get("base_model_signature") or {}).get("model_type"),
+        "model_type": _recorded_model_type(config),
         "auto_model": _made_on_auto_model(config),
     }
     weights_path = os.path.join(folder, "adapter_model.safetensors")

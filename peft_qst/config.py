@@ -71,6 +71,42 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+#: ``base_model_signature`` entries (see ``peft_qst.model.model_signature``) that name a model type
+_SIGNATURE_TYPES = ("model_type", "text_model_type")
+#: its entries that count something (``intermediate_size`` may also be a list: one FFN width per layer)
+_SIGNATURE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                    "intermediate_size", "vocab_size")
+#: the entries every version recorded: a signature without them checks nothing of the model it is loaded onto
+_SIGNATURE_REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _signature_problem(signature: Any) -> Optional[str]:
+    """What is wrong with a ``base_model_signature`` (None where nothing is). Loading compares it entry by entry with
+    the model's own, so a value of another type than ``get_peft_model`` records never matches (the string ``"64"``
+    against 64 was refused as "hidden_size 64 against 64"), and a signature without its entries compares nothing (an
+    empty one loaded onto any model)."""
+    if not isinstance(signature, dict):
+        return (f"it is {signature!r} (of type {type(signature).__name__}) where a dict of the base model's type and sizes "
+                "is expected (e.g. {'model_type': 'llama', 'hidden_size': 4096, 'num_hidden_layers': 32, ...})")
+    missing = [name for name in _SIGNATURE_REQUIRED if name not in signature]
+    if missing:
+        return f"it lacks {', '.join(missing)}, which every QST adapter records"
+    for name in _SIGNATURE_TYPES:
+        if name in signature and not isinstance(signature[name], str):
+            return (f"its {name} is {signature[name]!r} (of type {type(signature[name]).__name__}) where a model type "
+                    "(a string, e.g. \"llama\") is expected")
+    for name in _SIGNATURE_SIZES:
+        value = signature.get(name)
+        # the type alone: a size of another value is another model, which loading reports as a difference
+        per_layer = name == "intermediate_size" and isinstance(value, list) and value
+        if name in signature and not (_is_int(value) and value >= 0) and not (
+            per_layer and all(_is_int(v) and v >= 0 for v in value)
+        ):
+            expected = "an integer" + (" (or a list of them, one per layer)" if name == "intermediate_size" else "")
+            return f"its {name} is {value!r} (of type {type(value).__name__}) where {expected} is expected"
+    return None
+
+
 @dataclass
 class QSTConfig(PeftConfig):
     """Configuration of a QST (Quantized Side Tuning, Zhang et al., ACL 2024) adapter.
@@ -315,10 +351,15 @@ class QSTConfig(PeftConfig):
                 f"QSTConfig.target_modules={self.target_modules!r} is invalid: give the name of the decoder trunk "
                 "(a string), or None to find it automatically."
             )
-        if self.base_model_signature is not None and not isinstance(self.base_model_signature, dict):
+        problem = None if self.base_model_signature is None else _signature_problem(self.base_model_signature)
+        if problem is not None:
             raise ValueError(
-                f"QSTConfig.base_model_signature={self.base_model_signature!r} is invalid: it is filled in by "
-                "get_peft_model; leave it None."
+                f"QSTConfig.base_model_signature is invalid: {problem}. It records the base model the adapter was "
+                "made on (get_peft_model fills it in, save_pretrained writes it to adapter_config.json) and loading "
+                "checks the model against it, so a value get_peft_model does not write means an adapter_config.json "
+                "edited by hand or damaged: restore the file from where the adapter came from, or save the adapter "
+                "again (PeftModel.save_pretrained) from the model it was trained with. Building a QSTConfig yourself, "
+                "leave it None. Nothing was loaded."
             )
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -354,10 +395,18 @@ class QSTConfig(PeftConfig):
 
         from .serialization import check_adapter_folder
 
+        from peft.utils import CONFIG_NAME
+
         folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         if os.path.isdir(folder):
             check_adapter_folder(folder)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except ValueError as error:
+            # a value _validate refuses (its messages begin "QSTConfig.<field>"), read from the file: say which file
+            if not str(error).startswith("QSTConfig."):
+                raise
+            raise ValueError(f"{os.path.join(folder, CONFIG_NAME)}: {error}") from error
 
 
 def _refuse_lora_options(dataclass_init):

@@ -93,6 +93,24 @@ def test_the_card_loads_every_adapter_saved_under_its_name(tmp_path, tiny_model_
     assert_loads_the_saved_adapters(run_card(tmp_path / "out" / "README.md"), logits)
 
 
+def test_the_card_quotes_adapter_names_and_base_model_paths_of_any_characters(tmp_path):
+    """PEFT takes any adapter name without a dot (torch refuses those as module names), and a base model's path may
+    hold quotes or backslashes (a Windows path). The card put them between double quotes as they stood: ``it's "x"``
+    ended the literal early (a SyntaxError), and ``C:\\new`` loaded the subfolder ``C:`` + newline + ``ew``. Its
+    code now holds them as Python string literals, and run as a reader copies it, rebuilds both adapters from the
+    base model at that path."""
+    base_dir = tmp_path / 'the "base" model\\it\'s'
+    tiny_causal_lm().save_pretrained(base_dir)
+    names = ['it\'s "x"', "C:\\new"]
+    model, logits = model_with_adapters(str(base_dir), names)
+    model.save_pretrained(tmp_path / "out")
+
+    code = loading_code(tmp_path / "out" / "README.md")
+    compile(code, "card", "exec")
+    assert 'adapter_name="it\'s \\"x\\""' in code and 'subfolder="C:\\\\new"' in code
+    assert_loads_the_saved_adapters(run_card(tmp_path / "out" / "README.md"), logits)
+
+
 def test_adapters_saved_one_at_a_time_with_selected_adapters_are_all_named(tmp_path, tiny_model_dir):
     """``save_pretrained(out, selected_adapters=[...])`` saves the adapters named; saved one after the other into one
     folder, the card names what the folder holds of the model's adapters (both), never one not saved there."""

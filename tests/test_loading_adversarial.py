@@ -207,3 +207,68 @@ def test_a_refused_from_pretrained_leaves_the_base_model_as_it_was(tmp_path, tin
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "good")).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS)[0], model.eval()(input_ids=IDS)[0])
+
+
+def _set_signature_entry(name, value):
+    def edit(config):
+        config["base_model_signature"][name] = value
+    return edit
+
+
+def _set(name, value):
+    def edit(config):
+        config[name] = value
+    return edit
+
+
+def _signature_as_pairs(config):
+    config["base_model_signature"] = sorted(config["base_model_signature"].items())
+
+
+# an adapter_config.json edited by hand: (edit, what the error names)
+HAND_EDITED_CONFIGS = [
+    (_set_signature_entry("hidden_size", "64"), r"its hidden_size is '64' \(of type str\) where an integer"),
+    (_set_signature_entry("vocab_size", None), r"its vocab_size is None \(of type NoneType\)"),
+    (_set_signature_entry("intermediate_size", 128.0), r"its intermediate_size is 128.0 \(of type float\)"),
+    (_set_signature_entry("model_type", 3), r"its model_type is 3 \(of type int\) where a model type"),
+    (_signature_as_pairs, r"it is \[\['head_dim', 16\].* \(of type list\) where a dict"),
+    (_set("base_model_signature", "llama"), r"it is 'llama' \(of type str\) where a dict"),
+    (_set("base_model_signature", {}), "it lacks model_type, hidden_size, num_hidden_layers, num_attention_heads"),
+    (_set("r", "4"), r"QSTConfig.r='4' is invalid"),
+]
+
+
+@pytest.mark.parametrize("edit, named", HAND_EDITED_CONFIGS,
+                         ids=["size-string", "size-null", "size-float", "type-int", "signature-list",
+                              "signature-string", "signature-empty", "r-string"])
+def test_a_hand_edited_adapter_config_is_refused_naming_the_file_and_the_fix(tmp_path, tiny_model_dir, edit, named):
+    """``base_model_signature`` entries of another type than get_peft_model writes never equal the model's: the string
+    "64" was refused as "they differ in hidden_size 64 against 64", a null vocabulary asked for embeddings "resized to
+    None", a signature that was not a dict was to be "left None" (which would switch the check off), and an empty one
+    loaded onto any model. Each is refused naming the file, the entry, what was expected and the fix; the base model
+    is left as it was, and saving the adapter again over the file (the fix) works."""
+    import json
+    import re
+
+    trained = saved_adapter(tiny_model_dir, tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    edit(config)
+    config_path.write_text(json.dumps(config))
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    modules = [name for name, _ in base.named_modules()]
+    for load in (lambda: PeftModel.from_pretrained(base, str(tmp_path)), lambda: base.load_adapter(str(tmp_path))):
+        with pytest.raises(ValueError, match=named) as info:
+            load()
+        message = str(info.value)
+        assert message.startswith(f"{config_path}: QSTConfig.")
+        if "base_model_signature" in message:
+            assert re.search("restore the file .* or save the adapter again", message)
+            assert "Nothing was loaded" in message
+        assert [name for name, _ in base.named_modules()] == modules and not hasattr(base, "peft_config")
+
+    trained.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
