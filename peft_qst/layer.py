@@ -46,12 +46,6 @@ _BACKBONE_ONLY_KWARGS = (
     "token_type_ids",
 )
 
-#: the trunk's methods that switch gradient (activation) checkpointing on or off, over the trunk's own modules only
-_CHECKPOINTING_SWITCHES = frozenset(
-    {"activation_checkpointing_enable", "activation_checkpointing_disable", "gradient_checkpointing_enable",
-     "gradient_checkpointing_disable"}
-)
-
 #: the trunk's methods that count or measure the parameters of the model they are called on. On a bare trunk's wrapper,
 #: the root model under ``task_type="FEATURE_EXTRACTION"``, ``PeftModel.num_parameters()`` reached the trunk's own and
 #: counted the trunk alone (``only_trainable=True``: 0, where PEFT's ``get_nb_trainable_parameters()`` counts the side
@@ -194,11 +188,6 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             if name in ("base_layer", "qst_side"):
                 raise
             value = getattr(self.base_layer, name)
-            if name in _CHECKPOINTING_SWITCHES:
-                # reached on a bare trunk's wrapper, the root model (PeftModel, and the Trainer's
-                # activation_checkpointing=True through it): the side networks, whose activations are what QST trains
-                # through, follow the trunk. A model with a head switches every module it holds, side networks too.
-                return functools.partial(self._switch_checkpointing, value)
             if name in _WHOLE_MODEL_MEASURES and getattr(value, "__self__", None) is self.base_layer:
                 return types.MethodType(value.__func__, self)
             return value
@@ -262,6 +251,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         self.qst_side[adapter_name] = QSTSideNetwork(base, base.config, config, dtype)
         self._follow_gradient_checkpointing(self.qst_side[adapter_name])
+        self._install_checkpointing_hook()
         self._install_capture_hooks()
         self._install_backbone_lora_hooks(self.qst_side[adapter_name])
         self.set_adapter(self.active_adapters)
@@ -289,13 +279,30 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 module._gradient_checkpointing_func = function
                 module.gradient_checkpointing = per_block.get(id(module), True)
 
-    def _switch_checkpointing(self, switch: Callable, *args, **kwargs) -> Any:
-        """Run the trunk's checkpointing ``switch`` (one of :data:`_CHECKPOINTING_SWITCHES`), then have every side
-        network follow what it left on or off."""
-        result = switch(*args, **kwargs)
+    def _install_checkpointing_hook(self) -> None:
+        """Have the side networks follow every checkpointing switch of the trunk. On a bare trunk's wrapper
+        (``task_type="FEATURE_EXTRACTION"``) the trunk does not hold the side networks, and its switches
+        (``gradient_checkpointing_enable``/``_disable``, ``activation_checkpointing_enable``/``_disable``) are reached
+        through the ``PeftModel`` (the Trainer's ``gradient_checkpointing=True``) and through ``get_base_model()``,
+        the trunk itself: ``get_base_model().gradient_checkpointing_enable()`` checkpointed no side block, whose
+        activations are what QST trains through, and its ``_disable()`` left them checkpointed. Every switch sets the
+        flags through the trunk's ``_set_gradient_checkpointing``, so the hook sits there, on the trunk instance (a
+        model with a head sets every module it holds, side networks too). A bound method, not a closure:
+        ``copy.deepcopy`` rebinds it to the copy's layer. Removed by :meth:`remove_hooks`. Trunks of transformers'
+        pre-4.35 format (``_set_gradient_checkpointing(module, value)``, applied module by module) are left alone."""
+        trunk = self.base_layer
+        setter = getattr(type(trunk), "_set_gradient_checkpointing", None)
+        if setter is None or "_set_gradient_checkpointing" in vars(trunk):
+            return
+        if "value" in inspect.signature(setter).parameters:
+            return
+        vars(trunk)["_set_gradient_checkpointing"] = self._set_trunk_checkpointing
+
+    def _set_trunk_checkpointing(self, *args, **kwargs) -> None:
+        """The trunk's own ``_set_gradient_checkpointing``, then every side network follows what it left on or off."""
+        type(self.base_layer)._set_gradient_checkpointing(self.base_layer, *args, **kwargs)
         for side in self.qst_side.values():
             self._follow_gradient_checkpointing(side)
-        return result
 
     # ---------------------------------------------------------------------------------------------------------------
     # reading the backbone's hidden states
@@ -333,8 +340,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             captured.append(output[0] if isinstance(output, (tuple, list)) else output)
 
     def remove_hooks(self) -> None:
-        """Remove every hook QST put on the backbone (hidden-state capture, backbone low-rank adapters): ``unload()``
-        hands back the trunk as it was."""
+        """Remove every hook QST put on the backbone (hidden-state capture, backbone low-rank adapters, checkpointing
+        switches): ``unload()`` hands back the trunk as it was."""
+        if vars(self.base_layer).get("_set_gradient_checkpointing") == self._set_trunk_checkpointing:
+            del vars(self.base_layer)["_set_gradient_checkpointing"]
         for handle in self.__dict__.pop("_hook_handles", ()):
             handle.remove()
         for handle in self.__dict__.pop("_backbone_hooks", {}).values():

@@ -52,7 +52,7 @@ from .model import (
     remove_injected_adapters,
 )
 from .serialization import QSTAdapterFileError, read_adapter_weights
-from .side import QSTUnsupportedModelError
+from .side import QSTSideNetwork, QSTUnsupportedModelError
 
 #: the download arguments of transformers' loaders that ``hf_hub_download`` (and so the QST reader) takes too
 _HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
@@ -73,6 +73,7 @@ def register() -> None:
     _save_qst_weights_as_safetensors()
     _wrap_side_modules_in_fsdp_units()
     _return_the_bare_trunk_from_get_base_model()
+    _keep_the_side_attention_on_set_attn_implementation()
 
 
 def _holds_qst_adapter(model) -> bool:
@@ -585,3 +586,31 @@ def _return_the_bare_trunk_from_get_base_model() -> None:
         return get_base_model
 
     _patch_once(PeftModel, "get_base_model", make)
+
+
+def _keep_the_side_attention_on_set_attn_implementation() -> None:
+    """``model.set_attn_implementation(...)`` (transformers) sets the implementation on every ``PreTrainedModel`` the
+    model holds, and a side network's trunk is one: switching an adapted model's backbone to ``"eager"`` (or back to
+    ``"sdpa"``) also took the side trunk off its own implementation, :data:`~peft_qst.side_attention.SIDE_SDPA` (SDPA
+    in float32 on CPU, chosen for the side's tiny heads; see peft_qst/side_attention.py), to the one asked for the
+    backbone. The side trunk never returns attention weights (``output_attentions`` goes to the backbone alone) and its
+    heads are not the backbone's, so its implementation, chosen when it was built, is kept; a call on a side trunk
+    itself (``side.trunk.set_attn_implementation(...)``) still changes it."""
+    from transformers import PreTrainedModel
+
+    def make(original):
+        def set_attn_implementation(self, *args, **kwargs):
+            kept = [
+                (module.config, module.config._attn_implementation_internal)
+                for side in self.modules() if isinstance(side, QSTSideNetwork)
+                for module in side.modules() if isinstance(module, PreTrainedModel)
+            ]
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                for config, implementation in kept:
+                    config._attn_implementation_internal = implementation
+
+        return set_attn_implementation
+
+    _patch_once(PreTrainedModel, "set_attn_implementation", make)

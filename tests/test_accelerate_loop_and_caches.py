@@ -23,11 +23,14 @@ IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21], [3, 9, 11, 12, 13, 40, 41, 42
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """accelerate keeps its state process-wide; it is cleared after each test here, so that no later Trainer meets
-    the settings of these loops."""
-    yield
+    """accelerate keeps its state process-wide; it is cleared before and after each test here, so that these loops
+    meet no earlier Trainer's settings (a Trainer with torch_compile=True left its dynamo backend there, and the
+    loop's model came out compiled, its state-dict keys under ``_orig_mod.``) and no later Trainer meets theirs."""
     from accelerate.state import AcceleratorState, GradientState
 
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
 

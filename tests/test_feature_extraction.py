@@ -124,6 +124,39 @@ def test_trainer_gradient_checkpointing_checkpoints_the_side_network_too(tmp_pat
     assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
 
 
+def test_checkpointing_switched_on_the_trunk_itself_reaches_the_side_network(tiny_model_dir):
+    """get_base_model() is the trunk, whose own gradient_checkpointing_enable() set the flags of the trunk's modules
+    only: the side network, which the trunk does not hold, kept all its activations (and gradient_checkpointing_disable()
+    on it left side blocks checkpointed after the PeftModel's switch). Switched there, the side blocks follow: each
+    runs again in backward, with the same gradients, and the trunk's disable turns both off."""
+    grads, side_runs = {}, {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same side network both times
+        model = feature_model(tiny_model_dir)
+        train_features(model, IDS, steps=2)  # the side network starts closed: open it so that gradients reach it all
+        side = model.base_model.model.qst_side["default"]
+        runs = []
+        side._blocks[0].block.register_forward_pre_hook(lambda *_: runs.append(None))
+        if checkpointing:
+            model.get_base_model().gradient_checkpointing_enable()
+            assert all(block.block.gradient_checkpointing for block in side._blocks)
+        model.train()
+        model(input_ids=IDS).last_hidden_state.pow(2).mean().backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        side_runs[checkpointing] = len(runs)
+    assert side_runs == {False: 1, True: 2}  # recomputed in backward when checkpointed
+    assert any(grad.abs().max() > 0 for name, grad in grads[False].items() if ".block." in name)
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+    model.get_base_model().gradient_checkpointing_disable()
+    assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    model.gradient_checkpointing_enable()  # on through the PeftModel, off through the trunk itself
+    model.get_base_model().gradient_checkpointing_disable()
+    assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    assert "_set_gradient_checkpointing" not in vars(model.unload())  # unload() hands the trunk back as it was
+
+
 def test_hidden_states_masks_and_left_padding_behave_as_for_the_trunk(tiny_model_dir):
     model = feature_model(tiny_model_dir)
     train_features(model, IDS)

@@ -78,3 +78,26 @@ def test_families_with_their_own_sdpa_branches_keep_sdpa():
         "gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32,
     )
     assert implementation == "sdpa"
+
+
+def test_switching_the_backbones_attention_keeps_the_side_trunks():
+    """set_attn_implementation on the adapted model (transformers sets every PreTrainedModel it holds) switched the
+    side trunk too, off SIDE_SDPA: the side trunk keeps its own, chosen for its tiny heads; a call on the side trunk
+    itself still changes it."""
+    model, side, _ = _side_implementation(
+        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100,
+    )
+    base = model.get_base_model()
+    base.set_attn_implementation("eager")
+    assert base.config._attn_implementation == "eager"
+    assert side.trunk.config._attn_implementation == SIDE_SDPA
+    model.set_attn_implementation("sdpa")  # through the PeftModel
+    assert base.config._attn_implementation == "sdpa"
+    assert side.trunk.config._attn_implementation == SIDE_SDPA
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+
+    side.trunk.set_attn_implementation("eager")
+    assert side.trunk.config._attn_implementation == "eager"
+    assert base.config._attn_implementation == "sdpa"
