@@ -86,8 +86,8 @@ def _signature_problem(signature: Any) -> Optional[str]:
     against 64 was refused as "hidden_size 64 against 64"), and a signature without its entries compares nothing (an
     empty one loaded onto any model)."""
     if not isinstance(signature, dict):
-        return (f"it is {signature!r} (of type {type(signature).__name__}) where a dict of the base model's type and sizes "
-                "is expected (e.g. {'model_type': 'llama', 'hidden_size': 4096, 'num_hidden_layers': 32, ...})")
+        return (f"it is {signature!r} (of type {type(signature).__name__}) where a dict of the base model's type and "
+                "sizes is expected (e.g. {'model_type': 'llama', 'hidden_size': 4096, 'num_hidden_layers': 32, ...})")
     missing = [name for name in _SIGNATURE_REQUIRED if name not in signature]
     if missing:
         return f"it lacks {', '.join(missing)}, which every QST adapter records"
@@ -395,18 +395,12 @@ class QSTConfig(PeftConfig):
 
         from .serialization import check_adapter_folder
 
-        from peft.utils import CONFIG_NAME
-
         folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         if os.path.isdir(folder):
             check_adapter_folder(folder)
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except ValueError as error:
-            # a value _validate refuses (its messages begin "QSTConfig.<field>"), read from the file: say which file
-            if not str(error).startswith("QSTConfig."):
-                raise
-            raise ValueError(f"{os.path.join(folder, CONFIG_NAME)}: {error}") from error
+        # a value _validate refuses is reported naming the file by PEFT's from_pretrained, which this calls
+        # (peft_qst.registration._name_the_file_in_config_refusals)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
 
 def _refuse_lora_options(dataclass_init):

@@ -74,6 +74,7 @@ def register() -> None:
     _wrap_side_modules_in_fsdp_units()
     _return_the_bare_trunk_from_get_base_model()
     _keep_the_side_attention_on_set_attn_implementation()
+    _name_the_file_in_config_refusals()
 
 
 def _holds_qst_adapter(model) -> bool:
@@ -614,3 +615,32 @@ def _keep_the_side_attention_on_set_attn_implementation() -> None:
         return set_attn_implementation
 
     _patch_once(PreTrainedModel, "set_attn_implementation", make)
+
+
+def _name_the_file_in_config_refusals() -> None:
+    """A value of ``adapter_config.json`` that ``QSTConfig`` refuses (its messages begin ``"QSTConfig.<field>"``) is
+    reported naming the file. The patch sits on PEFT's ``from_pretrained``, which builds the config of the type the
+    file names: ``PeftConfig.from_pretrained(folder)``, with which ``AutoPeftModelForCausalLM.from_pretrained`` reads
+    the folder, never reaches ``QSTConfig.from_pretrained`` (whose own call of it is covered too), and its refusal
+    named the field and the fix but not the file. Other refusals and other methods' configs pass unchanged."""
+    from peft.config import PeftConfigMixin
+    from peft.utils import CONFIG_NAME
+
+    original = vars(PeftConfigMixin)["from_pretrained"].__func__
+    if getattr(original, "_peft_qst_patch", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        try:
+            return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except ValueError as error:
+            if not str(error).startswith("QSTConfig."):
+                raise
+            folder = pretrained_model_name_or_path
+            if subfolder:
+                folder = os.path.join(folder, subfolder)
+            raise ValueError(f"{os.path.join(folder, CONFIG_NAME)}: {error}") from error
+
+    from_pretrained._peft_qst_patch = True
+    PeftConfigMixin.from_pretrained = classmethod(from_pretrained)

@@ -272,3 +272,27 @@ def test_a_hand_edited_adapter_config_is_refused_naming_the_file_and_the_fix(tmp
     loaded = PeftModel.from_pretrained(base, str(tmp_path)).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
+
+
+def test_a_hand_edited_adapter_config_read_by_peft_config_or_auto_peft_model_names_the_file(tmp_path, tiny_model_dir):
+    """``PeftConfig.from_pretrained`` (with which ``AutoPeftModelForCausalLM.from_pretrained`` reads the folder) builds
+    the config of the type the file names without going through ``QSTConfig.from_pretrained``: its refusal named the
+    field and the fix but not the file, where every other way of loading names it."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM, PeftConfig
+
+    saved_adapter(tiny_model_dir, tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_signature"]["hidden_size"] = "64"
+    config_path.write_text(json.dumps(config))
+    for load in (PeftConfig.from_pretrained, QSTConfig.from_pretrained, AutoPeftModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match="its hidden_size is '64'") as info:
+            load(str(tmp_path))
+        assert str(info.value).startswith(f"{config_path}: QSTConfig.base_model_signature is invalid")
+    (tmp_path / "sub").mkdir()  # in a subfolder: the file in it
+    config_path.rename(tmp_path / "sub" / "adapter_config.json")
+    with pytest.raises(ValueError) as info:
+        PeftConfig.from_pretrained(str(tmp_path), subfolder="sub")
+    assert str(info.value).startswith(f"{tmp_path / 'sub' / 'adapter_config.json'}: QSTConfig.")
