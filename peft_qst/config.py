@@ -151,7 +151,8 @@ class QSTConfig(PeftConfig):
             adapted model starts exactly at the pretrained model's output whatever ``a`` is, while ``up`` gets a
             full gradient from the first step. With ``a`` at 1 that gradient is not scaled down; zero-initialising
             ``a`` instead (with a random ``up``) scales every gradient into the side network by ``a`` and learned far
-            slower in our first trials.
+            slower in our first trials. Zero itself is refused: with ``up`` at zero too, neither would get a
+            gradient.
         init (`str`): How the side blocks' own weights start. ``"random"`` (the paper): the model's own random
             initialisation. ``"pruned"`` (LST, Sung et al. 2022): each side block starts from the corresponding
             backbone block's weights, keeping the most important residual channels, FFN neurons and per-head
@@ -305,10 +306,14 @@ class QSTConfig(PeftConfig):
                 f"QSTConfig.side_gate_init={self.side_gate_init!r} is invalid: it must be a number strictly between "
                 "0 and 1 (it is a sigmoid gate's initial value)."
             )
-        if not _is_number(self.output_gate_init):
+        if not _is_number(self.output_gate_init) or self.output_gate_init == 0:
+            # zero is a saddle point: the output is a * up(side) with up starting at zero, so the gradient of a
+            # (up(side)) and that of up (scaled by a) are both zero, and the side network never trains
             raise ValueError(
-                f"QSTConfig.output_gate_init={self.output_gate_init!r} is invalid: it must be a finite number "
-                "(default 1.0)."
+                f"QSTConfig.output_gate_init={self.output_gate_init!r} is invalid: it must be a finite, nonzero "
+                "number (default 1.0). The side network's output is gated as a * up(side) with the upsample up "
+                "starting at zero, so with the gate a at zero too neither gets a gradient and the side network "
+                "never trains."
             )
         if self.init not in INIT_KINDS:
             raise ValueError(
@@ -345,6 +350,18 @@ class QSTConfig(PeftConfig):
             raise ValueError(
                 f"QSTConfig.side_dtype={self.side_dtype!r} is invalid: choose one of {', '.join(SIDE_DTYPES)}, or "
                 "None to follow the model's compute dtype."
+            )
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, (list, tuple, set))
+            and all(isinstance(name, str) for name in self.modules_to_save)
+        ):
+            # a bare string reached PEFT, which matches each of its characters as a module name ("lm_head": every
+            # module whose name ends in "l", the wrapped trunk "model" among them) and failed with "modules_to_save
+            # cannot be applied to modules of type QSTLayer"; other values failed deeper still
+            example = [self.modules_to_save] if isinstance(self.modules_to_save, str) else ["lm_head"]
+            raise ValueError(
+                f"QSTConfig.modules_to_save={self.modules_to_save!r} is invalid: give a list of module names, e.g. "
+                f"modules_to_save={example!r}, or None."
             )
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list, set)):
             raise ValueError(

@@ -26,6 +26,14 @@ from .conftest import tiny_causal_lm
         ({"side_gate_init": 0.0}, "strictly between 0 and 1"),
         ({"side_gate_init": 1.0}, "strictly between 0 and 1"),
         ({"output_gate_init": float("nan")}, "output_gate_init=nan"),
+        # zero: with the upsample starting at zero too, neither gets a gradient and the side network never trains
+        ({"output_gate_init": 0.0}, "finite, nonzero"),
+        ({"output_gate_init": 0}, "never trains"),
+        # a bare string reached PEFT, which took each character for a module name
+        ({"modules_to_save": "lm_head"}, "modules_to_save=['lm_head']"),
+        ({"modules_to_save": [3]}, "give a list of module names"),
+        ({"modules_to_save": 3}, "QSTConfig.modules_to_save=3"),
+        ({"modules_to_save": ("lm_head", None)}, "give a list of module names"),
         ({"side_dtype": "int8"}, "float32, bfloat16, float16"),
         ({"init": "lst"}, "QSTConfig.init='lst'"),
         ({"init": None}, "choose \"random\""),
