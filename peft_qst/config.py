@@ -274,6 +274,15 @@ class QSTConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
+        if getattr(self.task_type, "value", self.task_type) == "SEQ_2_SEQ_LM":
+            # PEFT would wrap a decoder-only model in PeftModelForSeq2SeqLM without a word, and the adapter saved from
+            # it names AutoModelForSeq2SeqLM, which cannot load a decoder-only base model
+            raise ValueError(
+                "QSTConfig.task_type='SEQ_2_SEQ_LM' is invalid: QST side-tunes decoder-only models, and "
+                "encoder-decoder models (T5, BART, ...) are not supported. For a decoder-only model use "
+                "task_type='CAUSAL_LM' (or 'SEQ_CLS', 'TOKEN_CLS', 'QUESTION_ANS', 'FEATURE_EXTRACTION'); for an "
+                "encoder-decoder model use LoRA."
+            )
         if not _is_int(self.r) or self.r < 1:
             raise ValueError(
                 f"QSTConfig.r={self.r!r} is invalid: r is the reduction factor of the side network and must be a "

@@ -450,6 +450,24 @@ class QSTModel(BaseTuner):
     tuner_layer_cls = QSTLayer
     target_module_mapping: dict = {}
 
+    def __init__(self, model: nn.Module, *args, **kwargs) -> None:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            # checked before BaseTuner.__init__, which would put the QST config into that PeftModel's own peft_config
+            # (replacing its adapter's under the same name). PEFT otherwise nests the two with a warning only: the
+            # first one's trainable weights lie inside the trunk, which QST runs under no_grad (they never train), and
+            # the adapter is saved under nested names that load onto no base model
+            kinds = sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in model.peft_config.values()})
+            raise QSTUnsupportedModelError(
+                f"get_peft_model was given a PeftModel (adapters {sorted(model.peft_config)}: {', '.join(kinds)}), "
+                "not a transformers model: QST cannot be stacked on another PEFT wrapper. To add a QST adapter "
+                "beside an existing QST one, call model.add_adapter(name, QSTConfig(...)); to side-tune a model with "
+                "a LoRA adapter in it, merge it first (model = model.merge_and_unload()); to start over, pass "
+                "model.unload() (or the base model as loaded)."
+            )
+        super().__init__(model, *args, **kwargs)
+
     # ---------------------------------------------------------------------------------------------------------------
     # injection
     # ---------------------------------------------------------------------------------------------------------------
@@ -495,7 +513,7 @@ class QSTModel(BaseTuner):
             )
             config.trainable_token_indices = None
         model_config = getattr(model, "config", None)
-        model_type = getattr(model_config, "model_type", type(model).__name__)
+        model_type = getattr(model_config, "model_type", None) or type(model).__name__
         if model_config is None:
             raise QSTUnsupportedModelError(
                 f"QST side-tunes transformers models; {type(model).__name__} has no transformers config."
@@ -842,6 +860,21 @@ class QSTModel(BaseTuner):
                 f"The checkpoint does not fit QST adapter {adapter_name!r} of this model: {len(misshapen)} weights "
                 f"have other shapes than this model's side network (e.g. {misshapen[:3]}). It was saved from a "
                 "different base model or QST configuration; nothing was loaded."
+            )
+        # integers (or booleans) for a float weight: load_state_dict would cast them without an error, and the side
+        # network (or a head saved whole) would compute with truncated values. (The other way round is left alone: a
+        # head saved from an unquantized model may meet a 4-bit one here, whose packed weight is uint8.)
+        miskinded = [
+            f"{key} {remapped[key].dtype} for a {model_state[key].dtype} weight"
+            for key in sorted(remapped)
+            if key in model_state and model_state[key].is_floating_point() and not remapped[key].is_floating_point()
+        ]
+        if miskinded:
+            raise QSTAdapterFileError(
+                f"The checkpoint does not fit QST adapter {adapter_name!r} of this model: {len(miskinded)} weights "
+                f"are not stored as floating-point numbers like the weights they load into (e.g. {miskinded[:3]}). "
+                "The file was written by something other than save_pretrained or was altered: save or download the "
+                "adapter again; nothing was loaded."
             )
         # the modules saved whole beside the side network (modules_to_save: a classification head): torch's own
         # size-mismatch error would not say that the head was built for another number of labels

@@ -1098,6 +1098,15 @@ class QSTSideNetwork(nn.Module):
             raise RuntimeError(
                 f"QST expected {len(self._blocks) + 1} hidden states from the backbone, got {len(hidden_states)}."
             )
+        if hidden_states[0].dim() != 3:
+            # a 3-D input_ids runs through the backbone (its layers broadcast over the extra dimension); the side
+            # network then computed other logits than for the same ids given as 2-D, or failed deep in the fast path
+            raise ValueError(
+                f"QST's side network reads hidden states of shape (batch, sequence, width), but the backbone returned "
+                f"shape {tuple(hidden_states[0].shape)}. Pass input_ids and attention_mask of shape (batch, "
+                "sequence), or inputs_embeds of shape (batch, sequence, hidden_size): for several rows, stack them "
+                "along the batch dimension."
+            )
         packed = packed_weights_for(self, trunk_kwargs, cache)
         if packed is not None:  # inference, Llama-style blocks: the same function in far fewer operations
             return fast_side_forward(self, packed, hidden_states, cache, **trunk_kwargs)

@@ -46,6 +46,7 @@ from .conftest import tiny_causal_lm
         ({"backbone_lora_layers": 0.0}, "strictly between 0 and 1"),
         ({"backbone_lora_layers": 2.5}, "backbone_lora_layers=2.5"),
         ({"backbone_lora_layers": True}, "backbone_lora_layers=True"),
+        ({"task_type": "SEQ_2_SEQ_LM"}, "task_type='CAUSAL_LM'"),
     ],
 )
 def test_bad_values_are_refused_at_construction(kwargs, fragment):
@@ -251,6 +252,36 @@ def test_encoder_only_model_is_refused(head):
     model = getattr(transformers, f"AutoModelFor{head}").from_config(config)
     with pytest.raises(QSTUnsupportedModelError, match="bert model: its attention is bidirectional"):
         get_peft_model(model, QSTConfig(task_type="SEQ_CLS" if head == "SequenceClassification" else None, r=4))
+
+
+@pytest.mark.parametrize("first", ["lora", "qst"])
+def test_a_peft_model_is_refused_and_left_as_it_was(first):
+    """get_peft_model on a PeftModel nested a second one with only PEFT's warning: the first adapter's trainable
+    weights (a LoRA inside the trunk QST runs under no_grad) never trained, and the saved adapter, named through both
+    wrappers, loaded onto no base model. The refusal comes before the QST config could replace the first adapter's."""
+    from peft import LoraConfig
+
+    first_config = LoraConfig(r=4, target_modules=["q_proj"]) if first == "lora" else QSTConfig(r=4)
+    model = get_peft_model(tiny_causal_lm(), first_config)
+    with pytest.raises(QSTUnsupportedModelError, match=r"given a PeftModel .*merge_and_unload\(\)"):
+        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))
+    assert model.peft_config == {"default": first_config}
+    assert type(model.get_base_model().model).__name__ == ("LlamaModel" if first == "lora" else "QSTLayer")
+
+
+def test_a_model_whose_config_has_no_model_type_is_named_by_its_class():
+    """A bare PretrainedConfig has model_type "": the refusal read "QST does not support the  model"."""
+    import torch
+    from transformers import PretrainedConfig
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = PretrainedConfig()
+            self.linear = torch.nn.Linear(4, 4)
+
+    with pytest.raises(QSTUnsupportedModelError, match="does not support the Custom model: its config has no hidden"):
+        get_peft_model(Custom(), QSTConfig(r=2))
 
 
 def test_one_config_applies_to_several_base_models():

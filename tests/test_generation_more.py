@@ -300,3 +300,20 @@ def test_a_config_less_dynamic_cache_on_a_sliding_window_model(use):
     fresh = _generate(model, **kwargs)
     torch.testing.assert_close(torch.stack(continued.logits), torch.stack(fresh.logits), atol=2e-5, rtol=1e-4)
     assert torch.equal(continued.sequences, fresh.sequences)
+
+
+@pytest.mark.parametrize("route", ["forward", "forward-no-grad", "generate"])
+def test_input_ids_of_three_dimensions_are_refused(model, route):
+    """The backbone runs a 3-D input_ids (batch, 1, sequence), broadcasting over the extra dimension, but the side
+    network is built for (batch, sequence, width) hidden states: with gradients the logits differed from those of the
+    same ids given as 2-D, without them (the inference fast path, generate) it failed with "too many values to
+    unpack"."""
+    ids = torch.tensor([[PROMPTS[0]]])  # (1, 1, sequence)
+    with pytest.raises(ValueError, match=r"hidden states of shape \(batch, sequence, width\).*input_ids"):
+        if route == "generate":
+            _generate(model, input_ids=ids, max_new_tokens=2)
+        elif route == "forward-no-grad":
+            with torch.no_grad():
+                model(input_ids=ids)
+        else:
+            model(input_ids=ids)

@@ -296,3 +296,25 @@ def test_a_hand_edited_adapter_config_read_by_peft_config_or_auto_peft_model_nam
     with pytest.raises(ValueError) as info:
         PeftConfig.from_pretrained(str(tmp_path), subfolder="sub")
     assert str(info.value).startswith(f"{tmp_path / 'sub' / 'adapter_config.json'}: QSTConfig.")
+
+
+def test_weights_stored_as_integers_are_refused(tmp_path, tiny_model_dir):
+    """A tensor of the right name and shape but an integer dtype (a file not written by save_pretrained, whose config
+    carries no digest or a digest of that file) was cast into the float weight by load_state_dict: the side network
+    computed with truncated values."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from peft_qst.serialization import weights_digest
+
+    saved_adapter(tiny_model_dir, tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    name = sorted(key for key in weights if key.endswith("weight"))[0]
+    weights[name] = (weights[name] * 100).to(torch.int32)
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["adapter_weights_sha256"] = weights_digest(weights)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(QSTAdapterFileError, match=r"not stored as floating-point .*torch\.int32 for a torch\.float32"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
