@@ -317,12 +317,13 @@ class QSTConfig(PeftConfig):
             )
         if not _is_number(self.output_gate_init) or self.output_gate_init == 0:
             # zero is a saddle point: the output is a * up(side) with up starting at zero, so the gradient of a
-            # (up(side)) and that of up (scaled by a) are both zero, and the side network never trains
+            # (up(side)) and that of up (scaled by a) are both zero: that path never trains (without copy heads or
+            # backbone LoRA, the only way the side network reaches the output)
             raise ValueError(
                 f"QSTConfig.output_gate_init={self.output_gate_init!r} is invalid: it must be a finite, nonzero "
                 "number (default 1.0). The side network's output is gated as a * up(side) with the upsample up "
-                "starting at zero, so with the gate a at zero too neither gets a gradient and the side network "
-                "never trains."
+                "starting at zero, so with the gate a at zero too neither gets a gradient: that output never "
+                "trains."
             )
         if self.init not in INIT_KINDS:
             raise ValueError(

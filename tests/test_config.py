@@ -28,7 +28,7 @@ from .conftest import tiny_causal_lm
         ({"output_gate_init": float("nan")}, "output_gate_init=nan"),
         # zero: with the upsample starting at zero too, neither gets a gradient and the side network never trains
         ({"output_gate_init": 0.0}, "finite, nonzero"),
-        ({"output_gate_init": 0}, "never trains"),
+        ({"output_gate_init": 0}, "neither gets a gradient"),
         # a bare string reached PEFT, which took each character for a module name
         ({"modules_to_save": "lm_head"}, "modules_to_save=['lm_head']"),
         ({"modules_to_save": [3]}, "give a list of module names"),
