@@ -23,8 +23,9 @@ Under ``torch.no_grad()`` this module computes the same function with far fewer,
   instead of through the rotary module;
 - everything runs in float32 whatever the side dtype (on CPUs small float32 matmuls are several times faster than
   bfloat16 ones, and float32 is at least as precise as the bf16 path, whose norms and attention accumulate in float32
-  too); the side network's own transformers ``DynamicCache`` holds float32 keys and values (:func:`keep_cache_dtype`
-  converts when a generation moves between the two paths), so generate reorders, crops and selects it as before;
+  too; a float64 side network, which float32 would round, takes the general path); the side network's own
+  transformers ``DynamicCache`` holds float32 keys and values (:func:`keep_cache_dtype` converts when a generation
+  moves between the two paths), so generate reorders, crops and selects it as before;
 - the output upsample and output gate are one ``addmm`` onto the backbone's last hidden state (:func:`fast_mix`).
 
 The packed weights are built once and rebuilt when any side parameter may have changed (an optimizer step, fused or
@@ -280,9 +281,12 @@ def weights_key(side) -> tuple:
     optimizer steps (fused ones leave the version counters as they are), a parameter gets new storage (a move,
     ``param.data = ...``) or is replaced by a new Parameter (a registration), or its values change in a way none of
     those record: an update through ``param.data`` (a hand-written SGD step, an EMA, weight surgery), which bumps no
-    version counter. For the last, the key holds each parameter's sum in float64 (float32 on MPS, which has no
-    float64): one reduction per parameter and one device sync, about 2.5 ms for SmolLM2-135M's 489 side tensors on a
-    CPU, once per sequence.
+    version counter. For the last, the key holds a weighted sum of each parameter in float64 (float32 on MPS, which
+    has no float64), element ``i`` weighted ``1 + i / 2**24`` (:func:`_position_weights`): a plain sum missed an edit
+    that moves values without changing their sum (rows permuted, a square matrix transposed, a rotary layout converted
+    through ``param.data.copy_``), and the fast path kept computing with the weights from before it. One product and
+    one reduction per parameter and one device sync, about 4 ms for SmolLM2-135M's 489 side tensors on a CPU, once per
+    sequence.
 
     The key is ``(counters, parameter state)``: the counters of optimizer steps, parameter registrations and adapter
     loads (O(1) to read, :func:`_counters`), and the parameters' sums, storage and versions (the costly part)."""
@@ -296,8 +300,29 @@ def weights_key(side) -> tuple:
     with torch.no_grad():
         device = params[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        sums = torch.stack([p.detach().sum(dtype=dtype).to(device) for p in params]).tolist()
+        longest = max(p.numel() for p in params)
+        weights = {where: _position_weights(longest, where, dtype) for where in {p.device for p in params}}
+        sums = torch.stack(
+            [torch.dot(p.detach().reshape(-1).to(dtype), weights[p.device][: p.numel()]).to(device) for p in params]
+        ).tolist()
     return (_counters(), (tuple(sums),) + tuple((p.data_ptr(), p._version) for p in params))
+
+
+#: per (device, dtype): the position weights of elements 0, 1, ... (see weights_key), the longest made so far
+_position_weight_cache: dict = {}
+
+
+def _position_weights(length: int, device, dtype) -> torch.Tensor:
+    """At least ``length`` position weights ``1 + i * step`` for :func:`weights_key`'s weighted sums: distinct (a step
+    of 2**-24 in float64, exactly represented for far more elements than a parameter holds; 2**-22 in float32 on MPS)
+    and about 1 for the first 2**24 elements, so that each element counts about as much as in a plain sum (whose
+    float64 rounding does not lose a small update)."""
+    cached = _position_weight_cache.get((device, dtype))
+    if cached is None or cached.numel() < length:
+        step = 2.0 ** -24 if dtype == torch.float64 else 2.0 ** -22
+        cached = torch.arange(length, device=device, dtype=dtype).mul_(step).add_(1.0)
+        _position_weight_cache[(device, dtype)] = cached
+    return cached
 
 
 def _stack_downsamplers(downsamplers: list) -> dict:
@@ -421,6 +446,11 @@ def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedS
         # under torch.compile the general path runs: the compiler fuses it, and what decides here whether packed
         # weights still hold (the counters of optimizer steps, the parameters' sums) is Python state that the compiled
         # code would be specialised on, so every optimizer step recompiled the side network's frames
+        return None
+    if side.upsample.weight.dtype == torch.float64:
+        # the fast path computes in float32, which suits float32, bfloat16 and float16 side networks but would round
+        # a float64 one (``model.double()``, a float64 default dtype) to float32's precision, silently: ~1e-7
+        # instead of ~1e-16 off the general path's logits; whoever asks for float64 gets the general path
         return None
     # "never": another block structure; "eval": only in eval mode (dropout); "always": also in training mode
     when = side.__dict__.get("_fast_path_when")

@@ -383,3 +383,60 @@ def test_overlapping_one_thread_sections_give_the_first_thread_count_back():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("make_double", ["double", "default_dtype"])
+def test_a_float64_side_network_keeps_float64_precision(make_double):
+    """The fast path computes in float32; a float64 model (``model.double()``, or built under a float64 default dtype)
+    must not be rounded to float32 by it: its forward and generation equal the general path's to float64 rounding."""
+    if make_double == "double":
+        model = qst_model().double()
+    else:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            base = tiny_causal_lm(pad_token_id=PAD, dtype=torch.float64)
+            model = open_adapter(get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))).eval()
+        finally:
+            torch.set_default_dtype(previous)
+    assert {p.dtype for p in side_of(model).parameters()} == {torch.float64}
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    assert fast.dtype == torch.float64
+    torch.testing.assert_close(fast[mask.bool()], general[mask.bool()], atol=1e-12, rtol=1e-12)
+    fast, general = both_paths(
+        lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD,
+                               output_logits=True, return_dict_in_generate=True)
+    )
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(general.logits), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("edit", ["flip_rows", "transpose", "swap_q_heads"])
+def test_fast_path_follows_data_edits_that_keep_each_sum(edit):
+    """Weight surgery through ``param.data`` that only moves values (rows permuted, a square matrix transposed, heads
+    reordered) keeps each parameter's sum, storage and version: the packed weights must follow it all the same."""
+    model = qst_model()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits  # packs the current weights
+    side = side_of(model)
+    attention = side._blocks[0].block.self_attn
+    with torch.no_grad():
+        if edit == "flip_rows":
+            for p in side.parameters():
+                if p.dim() == 2:
+                    p.data.copy_(p.data.flip(0))
+        elif edit == "transpose":
+            square = [p for p in side.parameters() if p.dim() == 2 and p.shape[0] == p.shape[1]]
+            assert square
+            for p in square:
+                p.data.copy_(p.data.t().clone())
+        else:
+            weight = attention.q_proj.weight
+            heads = weight.data.unflatten(0, (-1, attention.head_dim))
+            weight.data.copy_(heads.roll(1, 0).flatten(0, 1))
+    with torch.no_grad():
+        fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    assert not torch.allclose(general, before)
+    torch.testing.assert_close(fast[mask.bool()], general[mask.bool()], atol=2e-5, rtol=1e-4)
