@@ -62,7 +62,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         logits, safe_targets, valid, log_normalizers = ctx.saved_tensors
         rows = logits.shape[0]
         chunk = _chunk_rows(logits)
-        scale = (grad_losses.float() * valid).unsqueeze(1)
+        # ignored rows get no gradient whatever flows in: with no target at all the mean divides by zero, the incoming
+        # gradient is inf and inf * 0 would fill the logits' gradient with NaN (cross_entropy leaves it at 0)
+        scale = torch.where(valid, grad_losses.float(), 0.0).unsqueeze(1)
         grad = torch.empty_like(logits)
         for start in range(0, rows, chunk):
             end = start + chunk

@@ -40,6 +40,47 @@ def test_chunked_loss_equals_transformers_loss(monkeypatch, dtype, options):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "case", ["all ignored", "all ignored, num_items_in_batch=0", "all ignored, shift_labels", "single token"]
+)
+def test_a_batch_without_targets_gets_zero_gradients_as_with_transformers_loss(dtype, case):
+    """No target at all (a TRL batch whose completions are empty, a single-token sequence): the loss is NaN (0 / 0) with
+    both, but transformers' gradient is 0, not NaN: NaN gradients would wreck the side network's weights in one step."""
+    torch.manual_seed(0)
+    vocab = 101
+    length = 1 if case == "single token" else 7
+    logits = (3 * torch.randn(2, length, vocab)).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (2, length)) if case == "single token" else torch.full((2, length), -100)
+    kwargs = {"num_items_in_batch": torch.tensor(0)} if "num_items_in_batch" in case else {}
+    if "shift_labels" in case:
+        kwargs["shift_labels"], labels = labels, None
+    expected = ForCausalLMLoss(logits, labels, vocab, **kwargs)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    got = qst_loss.chunked_causal_lm_loss(logits, labels, vocab, **kwargs)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    assert expected.isnan() and got.isnan()
+    assert torch.equal(expected_grad, torch.zeros_like(logits))
+    assert torch.equal(got_grad, expected_grad)
+
+
+def test_a_qst_model_trained_on_labels_without_targets_gets_the_gradients_of_transformers_loss():
+    base = tiny_causal_lm()
+    model = get_peft_model(base, peft_qst.QSTConfig(task_type="CAUSAL_LM", r=4)).train()
+    ids = torch.randint(0, 128, (2, 12))
+    labels = torch.full_like(ids, -100)  # completion-only loss on examples whose completion is empty
+    grads = []
+    for installed in (True, False):
+        if not installed:
+            qst_loss.uninstall_chunked_loss(model.get_base_model())
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=labels).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert all(grad is not None and not grad.isnan().any() for grad in grads[0])
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected)
+
+
 def test_qst_model_uses_it_and_unload_gives_the_default_back():
     base = tiny_causal_lm()
     ids = torch.randint(0, 128, (2, 12))
