@@ -68,6 +68,7 @@ def register() -> None:
     _restore_model_card_on_push()
     _keep_the_loading_section_in_updated_cards()
     _restore_model_card_on_trainer_push()
+    _load_the_best_checkpoint_of_the_trained_adapter()
     _read_qst_weights_safely()
     _read_qst_weights_safely_in_transformers()
     _save_qst_weights_as_safetensors()
@@ -171,6 +172,47 @@ def _restore_model_card_on_trainer_push() -> None:
         return push_to_hub
 
     _patch_once(Trainer, "push_to_hub", make)
+
+
+def _load_the_best_checkpoint_of_the_trained_adapter() -> None:
+    """transformers' ``Trainer(load_best_model_at_end=True)`` reloads the best checkpoint with
+    ``model.load_adapter(best_checkpoint, active_adapter)``: the checkpoint folder's root. A model holding several
+    adapters saves ``"default"`` there and every other adapter in its own subfolder, so training adapter ``"b"`` beside
+    ``"default"`` ended with ``"default"``'s weights copied into ``"b"`` (silently, where the two have the same
+    configuration; otherwise with a refusal that blamed the checkpoint). For a model holding a QST adapter whose active
+    adapter is not ``"default"``, that reload reads the active adapter's own subfolder. Resuming
+    (``resume_from_checkpoint``) already loads each subfolder into its own name. The instance gets a wrapped
+    ``load_adapter`` for the reload only, as :func:`_restore_model_card_on_trainer_push` does."""
+    from transformers import Trainer
+
+    def make(original):
+        def _load_best_model(self):
+            model = self.model
+            best = self.state.best_model_checkpoint
+            active = getattr(model, "active_adapter", None) if _holds_qst_adapter(model) else None
+            folder = os.path.join(best, active) if best and isinstance(active, str) and active != "default" else None
+            if (
+                folder is None
+                or not os.path.isfile(os.path.join(folder, "adapter_model.safetensors"))
+                or "load_adapter" in vars(model)
+            ):
+                return original(self)
+            load_adapter = model.load_adapter
+
+            def load_the_active_adapters_folder(model_id, adapter_name, *args, **kwargs):
+                if adapter_name == active and os.path.normpath(str(model_id)) == os.path.normpath(best):
+                    model_id = folder
+                return load_adapter(model_id, adapter_name, *args, **kwargs)
+
+            model.load_adapter = load_the_active_adapters_folder
+            try:
+                return original(self)
+            finally:
+                del model.load_adapter
+
+        return _load_best_model
+
+    _patch_once(Trainer, "_load_best_model", make)
 
 
 def _keep_the_loading_section_in_updated_cards() -> None:

@@ -130,6 +130,28 @@ def test_load_best_model_at_end_for_an_adapter_loaded_from_disk(tmp_path):
     assert any(not torch.equal(last[key], saved[key]) for key in saved)
 
 
+def test_load_best_model_at_end_reloads_the_trained_adapter_beside_default(tmp_path):
+    """Training adapter "b" beside "default": the checkpoints hold "default" at their root and "b" in its subfolder,
+    and transformers reloaded the root into "b", ending with "default"'s weights in "b". "b" must end as the best
+    checkpoint's "b/", with "default" untouched."""
+    model = qst_model()
+    model.add_adapter("b", QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.set_adapter("b")
+    default_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+    trainer = make_trainer(tmp_path / "run", model, eval_strategy="steps", eval_steps=3, load_best_model_at_end=True,
+                           metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-3")
+    saved = load_file(str(tmp_path / "run" / "checkpoint-3" / "b" / "adapter_model.safetensors"))
+    state = {n.replace(".b.", ".", 1): p for n, p in model.named_parameters() if ".qst_side.b." in n}
+    assert saved.keys() == state.keys()
+    for key, tensor in saved.items():
+        torch.testing.assert_close(state[key], tensor, rtol=0, atol=0, msg=key)
+    assert all(torch.equal(p, default_before[n]) for n, p in model.named_parameters() if ".default." in n)
+    assert model.active_adapters == ["b"] and all(".qst_side.b." in n for n in trainable_state(model))
+
+
 def test_resume_from_a_checkpoint_of_another_configuration_fails_loudly(tmp_path):
     """Trainer resumes with load_adapter(..., is_trainable=True) and PEFT's strict=False; QST checks the key set itself,
     so a checkpoint saved from another QST configuration is refused instead of resuming from the wrong weights."""
