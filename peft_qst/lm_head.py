@@ -65,7 +65,10 @@ class LowRankHeadGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, side_out, gate, up, head_weight):
         ctx.save_for_backward(side_out, gate, up, head_weight)
-        return logits.view_as(logits)
+        # a detached alias (no copy), not ``view_as``: autograd forbids in-place changes to a view a custom Function
+        # returns ("Output 0 of LowRankHeadGradient is a view and is being modified inplace"), and user code may edit
+        # the logits in place (``logits.div_(temperature)``, ``logits[..., banned] = -inf``), as it can F.linear's
+        return logits.detach()
 
     @staticmethod
     def backward(ctx, grad_logits):

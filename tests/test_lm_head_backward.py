@@ -175,3 +175,36 @@ def test_the_record_lives_with_the_hidden_state_and_does_not_travel_with_it(tmp_
     del out, mixed
     gc.collect()
     assert len(lm_head._low_rank_records) == before - 1
+
+
+def test_logits_edited_in_place_keep_autograds_gradients(monkeypatch):
+    """User code may change the logits in place before its loss (a temperature, a banned token): the low-rank
+    backward's output was a view of its input, which autograd refuses to modify in place ("Output 0 of
+    LowRankHeadGradient is a view and is being modified inplace"), where the head's own F.linear output allows it."""
+    model = qst_model()
+    data = batch()
+    inputs = dict(data, labels=None)
+
+    def edited_logits_loss(low_rank: bool) -> dict:
+        head = model.get_output_embeddings()
+        if not low_rank:
+            getattr(head, lm_head._LOW_RANK_HANDLE_ATTR).remove()
+            delattr(head, lm_head._LOW_RANK_HANDLE_ATTR)
+        try:
+            model.zero_grad()
+            logits = model(**inputs).logits
+            logits.div_(0.7)
+            logits[..., 0] = -1e4
+            logp = logits[:, :-1].log_softmax(-1).gather(-1, data["input_ids"][:, 1:, None]).squeeze(-1)
+            (-logp.mean()).backward()
+        finally:
+            lm_head.install_lm_head_hooks(model)
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    calls = count_low_rank_backwards(monkeypatch)
+    mine = edited_logits_loss(True)
+    assert len(calls) == 1
+    reference = edited_logits_loss(False)
+    assert set(mine) == set(reference) and len(mine) > 10
+    for name in reference:
+        torch.testing.assert_close(mine[name], reference[name], atol=1e-6, rtol=1e-4, msg=name)
