@@ -301,27 +301,26 @@ def weights_key(side) -> tuple:
         device = params[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64
         longest = max(p.numel() for p in params)
-        weights = {where: _position_weights(longest, where, dtype) for where in {p.device for p in params}}
+        weights = {where: _position_weights(side, longest, where, dtype) for where in {p.device for p in params}}
         sums = torch.stack(
             [torch.dot(p.detach().reshape(-1).to(dtype), weights[p.device][: p.numel()]).to(device) for p in params]
         ).tolist()
     return (_counters(), (tuple(sums),) + tuple((p.data_ptr(), p._version) for p in params))
 
 
-#: per (device, dtype): the position weights of elements 0, 1, ... (see weights_key), the longest made so far
-_position_weight_cache: dict = {}
-
-
-def _position_weights(length: int, device, dtype) -> torch.Tensor:
+def _position_weights(side, length: int, device, dtype) -> torch.Tensor:
     """At least ``length`` position weights ``1 + i * step`` for :func:`weights_key`'s weighted sums: distinct (a step
     of 2**-24 in float64, exactly represented for far more elements than a parameter holds; 2**-22 in float32 on MPS)
     and about 1 for the first 2**24 elements, so that each element counts about as much as in a plain sum (whose
-    float64 rounding does not lose a small update)."""
-    cached = _position_weight_cache.get((device, dtype))
+    float64 rounding does not lose a small update). Kept on the side network, per (device, dtype), as its parameter
+    list is: a module-level cache held the longest weights any model had needed, on every device, after the model
+    was gone."""
+    caches = side.__dict__.setdefault("_position_weights", {})
+    cached = caches.get((device, dtype))
     if cached is None or cached.numel() < length:
         step = 2.0 ** -24 if dtype == torch.float64 else 2.0 ** -22
         cached = torch.arange(length, device=device, dtype=dtype).mul_(step).add_(1.0)
-        _position_weight_cache[(device, dtype)] = cached
+        caches[(device, dtype)] = cached
     return cached
 
 

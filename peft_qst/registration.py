@@ -182,8 +182,12 @@ def _load_the_best_checkpoint_of_the_trained_adapter() -> None:
     configuration; otherwise with a refusal that blamed the checkpoint). For a model holding a QST adapter whose active
     adapter is not ``"default"``, that reload reads the active adapter's own subfolder. Resuming
     (``resume_from_checkpoint``) already loads each subfolder into its own name. The instance gets a wrapped
-    ``load_adapter`` for the reload only, as :func:`_restore_model_card_on_trainer_push` does."""
+    ``load_adapter`` for the reload only, as :func:`_restore_model_card_on_trainer_push` does. A model that holds no
+    ``"default"`` (``get_peft_model(..., adapter_name="b")``) saves nothing at the checkpoint's root, where
+    transformers looks before it calls ``load_adapter``: it only warned that it "could not locate the best model" and
+    kept the last step's weights, so that subfolder is loaded here directly."""
     from transformers import Trainer
+    from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
     def make(original):
         def _load_best_model(self):
@@ -197,6 +201,13 @@ def _load_the_best_checkpoint_of_the_trained_adapter() -> None:
                 or "load_adapter" in vars(model)
             ):
                 return original(self)
+            root_has_weights = any(
+                os.path.isfile(os.path.join(best, name))
+                for name in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
+            )
+            if not root_has_weights and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+                model.load_adapter(folder, active)
+                return None
             load_adapter = model.load_adapter
 
             def load_the_active_adapters_folder(model_id, adapter_name, *args, **kwargs):

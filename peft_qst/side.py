@@ -949,7 +949,7 @@ class QSTSideNetwork(nn.Module):
     #: left out of copies and pickles, which build their own from their own parameters. The packed weights hold a weak
     #: reference to the last generation cache, which pickle refuses ("cannot pickle 'weakref.ReferenceType' object":
     #: ``torch.save(model)`` failed after any ``generate``).
-    _DERIVED_STATE = ("_packed_weights", "_parameter_list")
+    _DERIVED_STATE = ("_packed_weights", "_parameter_list", "_position_weights")
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())

@@ -201,3 +201,19 @@ def test_repeated_wrap_and_unload_leaves_no_qst_hooks_or_attributes():
         assert model.unload() is base
     after = {name: (set(vars(m)), len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in base.named_modules()}
     assert after == before
+
+
+def test_the_fast_paths_change_check_keeps_nothing_after_the_model_is_gone():
+    """The fast path's check for edited side weights multiplies each parameter by position weights as long as the
+    longest one. Those were kept in a module-level cache, per device, at the longest length seen in the process: a
+    model with wider side parameters than any before left them behind (on its device) after it was deleted."""
+    ids = torch.randint(1, 128, (2, 8))
+    with torch.no_grad():
+        qst_model()(input_ids=ids)  # whatever the first use of the fast path sets up for good
+    before = _live_tensors()
+    wide = get_peft_model(tiny_causal_lm(pad_token_id=PAD, hidden_size=256, intermediate_size=512),
+                          QSTConfig(task_type="CAUSAL_LM", r=4)).eval()
+    with torch.no_grad():
+        wide(input_ids=ids)
+    del wide
+    assert _live_tensors() == before

@@ -152,6 +152,27 @@ def test_load_best_model_at_end_reloads_the_trained_adapter_beside_default(tmp_p
     assert model.active_adapters == ["b"] and all(".qst_side.b." in n for n in trainable_state(model))
 
 
+def test_load_best_model_at_end_reloads_a_lone_adapter_not_named_default(tmp_path):
+    """A model made with get_peft_model(..., adapter_name="b") saves nothing at the checkpoint's root, only "b/";
+    transformers found no weights at the root, warned that it could not locate the best model and kept the last
+    step's weights. "b" must end as the best checkpoint's "b/"."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4), adapter_name="b")
+    trainer = make_trainer(tmp_path / "run", model, eval_strategy="steps", eval_steps=3, load_best_model_at_end=True,
+                           metric_for_best_model="eval_loss", greater_is_better=True, save_only_model=True)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-3")
+    assert not (tmp_path / "run" / "checkpoint-3" / "adapter_model.safetensors").exists()
+    saved = load_file(str(tmp_path / "run" / "checkpoint-3" / "b" / "adapter_model.safetensors"))
+    last = load_file(str(tmp_path / "run" / "checkpoint-6" / "b" / "adapter_model.safetensors"))
+    state = {n.replace(".b.", ".", 1): p for n, p in model.named_parameters() if ".qst_side.b." in n}
+    assert saved.keys() == state.keys()
+    for key, tensor in saved.items():
+        torch.testing.assert_close(state[key], tensor, rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(last[key], saved[key]) for key in saved)
+
+
 def test_resume_from_a_checkpoint_of_another_configuration_fails_loudly(tmp_path):
     """Trainer resumes with load_adapter(..., is_trainable=True) and PEFT's strict=False; QST checks the key set itself,
     so a checkpoint saved from another QST configuration is refused instead of resuming from the wrong weights."""
