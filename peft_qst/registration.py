@@ -551,6 +551,17 @@ def _save_qst_weights_as_safetensors() -> None:
             for config in self.peft_config.values():
                 if getattr(config, "peft_type", None) == PEFT_TYPE and config.base_model_signature is not None:
                     config.base_model_signature = model_signature(self.get_base_model())
+            arguments = inspect.signature(original).bind(self, save_directory, *args, **kwargs).arguments
+            # PEFT's weight conversion (PiSSA/CorDA/OLoRA) first rewrites the adapter_config.json of the folder it is
+            # given with this model's config and a digest of that folder's own weights, and only then refuses QST:
+            # the refused save left another saved adapter with a config that is not its own, yet passes the digest
+            # check and loads computing something else. Refused here, before anything is written.
+            if arguments.get("path_initial_model_for_weight_conversion") is not None and _holds_qst_adapter(self):
+                raise ValueError(
+                    "save_pretrained(path_initial_model_for_weight_conversion=...) is not supported for QST adapters: "
+                    "it converts PiSSA/CorDA/OLoRA-initialised LoRA adapters, and QST has no such initialisation. "
+                    "Call save_pretrained without it. Nothing was written."
+                )
             args = list(args)
             safe = args[0] if args else kwargs.get("safe_serialization", True)
             if not safe and _holds_qst_adapter(self):
@@ -568,9 +579,7 @@ def _save_qst_weights_as_safetensors() -> None:
             # PEFT writes the card at the root before it saves the adapters ("default" there, each of another name
             # in its own subfolder): the root card's loading section is written once they are all saved, from
             # their configs
-            is_main_process = inspect.signature(original).bind(self, save_directory, *args, **kwargs).arguments.get(
-                "is_main_process", True)
-            if is_main_process and _holds_qst_adapter(self):
+            if arguments.get("is_main_process", True) and _holds_qst_adapter(self):
                 _write_loading_section(self, save_directory)
             return result
 

@@ -309,6 +309,26 @@ def test_save_with_safe_serialization_false_writes_safetensors(tmp_path, tiny_mo
         assert torch.equal(loaded(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
 
 
+def test_weight_conversion_is_refused_before_another_saved_adapter_is_touched(tmp_path, tiny_model_dir, trained):
+    """PEFT's path_initial_model_for_weight_conversion (PiSSA/CorDA/OLoRA) rewrote the adapter_config.json of the
+    folder it was given with this model's config and a fresh digest of that folder's weights, then refused QST: the
+    other adapter then loaded with an activation it was not trained with, the digest check passing."""
+    initial = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                             QSTConfig(task_type="CAUSAL_LM", r=4, downsample="adapter", activation="gelu"))
+    train_steps(initial, IDS, steps=2)
+    initial.save_pretrained(tmp_path / "initial")
+    config_before = (tmp_path / "initial" / "adapter_config.json").read_text()
+    other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           QSTConfig(task_type="CAUSAL_LM", r=4, downsample="adapter", activation="relu"))
+    with pytest.raises(ValueError, match="not supported for QST adapters.*Nothing was written"):
+        other.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    assert (tmp_path / "initial" / "adapter_config.json").read_text() == config_before
+    assert not (tmp_path / "out").exists()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "initial"))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=IDS).logits, initial.eval()(input_ids=IDS).logits)
+
+
 def garble_tensor_bytes(path) -> None:
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF  # a tensor byte, the header stays valid
