@@ -187,8 +187,6 @@ def adapter_folder(folder: str, adapter_name: str) -> str:
 def saved_qst_adapters(folder: str, adapter_names) -> list[str]:
     """Those of ``adapter_names`` that ``folder`` holds as QST adapters (an ``adapter_config.json`` of peft_type QST
     where :func:`adapter_folder` puts it), in the order given."""
-    import json
-
     from .config import PEFT_TYPE
 
     saved = []

@@ -78,13 +78,13 @@ def register() -> None:
     _name_the_file_in_config_refusals()
 
 
-def _holds_qst_adapter(model) -> bool:
-    return any(getattr(c, "peft_type", None) == PEFT_TYPE for c in (getattr(model, "peft_config", None) or {}).values())
-
-
 def _qst_adapter_names(model) -> list[str]:
     return [name for name, c in (getattr(model, "peft_config", None) or {}).items()
             if getattr(c, "peft_type", None) == PEFT_TYPE]
+
+
+def _holds_qst_adapter(model) -> bool:
+    return bool(_qst_adapter_names(model))
 
 
 def _write_loading_section(model, folder: str) -> None:
@@ -107,6 +107,18 @@ def _patch_once(owner, name: str, make_replacement) -> None:
     replacement = functools.wraps(original)(make_replacement(original))
     replacement._peft_qst_patch = True
     setattr(owner, name, replacement)
+
+
+def _patch_classmethod_once(owner, name: str, make_replacement) -> None:
+    """:func:`_patch_once` for a classmethod defined on ``owner`` itself: the replacement wraps the underlying
+    function and is installed as a classmethod, so subclasses that inherit it (``PeftModelForCausalLM``,
+    ``QSTConfig``) get it too."""
+    original = vars(owner)[name].__func__
+    if getattr(original, "_peft_qst_patch", False):
+        return
+    replacement = functools.wraps(original)(make_replacement(original))
+    replacement._peft_qst_patch = True
+    setattr(owner, name, classmethod(replacement))
 
 
 def _restore_model_card_on_push() -> None:
@@ -361,53 +373,54 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
     from peft import PeftConfig, PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    original = vars(PeftModel)["from_pretrained"].__func__
-    if getattr(original, "_peft_qst_patch", False):
-        return
-
-    @functools.wraps(original)
-    def from_pretrained(cls, model, model_id, *args, **kwargs):
-        """PEFT injects the adapter into ``model`` in place and then loads its weights: where QST refuses them (the
-        digest, the weights' names and shapes, the config saved with them), ``model`` was left holding a side network
-        of fresh weights, its own parameters frozen. For a model that held no adapter before, that is undone."""
-        fresh = not getattr(model, "peft_config", None) and not any(
-            isinstance(module, BaseTunerLayer) for module in model.modules()
-        )
-        flags = trainability(model) if fresh else None
-        built = []
-        token = _built_by_from_pretrained.set(built)
-        try:
-            return _from_pretrained(cls, model, model_id, *args, **kwargs)
-        except BaseException:
-            if flags is not None and built and _holds_qst_adapter(built[0]):
-                try:
-                    built[0].base_model.unload()
-                    restore_trainability(model, flags)
-                except Exception as err:  # noqa: BLE001 - the refusal is what the caller must see
-                    warnings.warn(f"The base model could not be handed back unwrapped ({err!r}); load it again.")
-            raise
-        finally:
-            _built_by_from_pretrained.reset(token)
-
-    def _from_pretrained(cls, model, model_id, *args, **kwargs):
-        if _offloaded_device_map(model) is None:
-            return original(cls, model, model_id, *args, **kwargs)
-        config = args[2] if len(args) > 2 else kwargs.get("config")
-        if config is None:
-            hub = {name: kwargs[name] for name in ("subfolder", "revision", "cache_dir", "token") if name in kwargs}
+    def make(original):
+        def from_pretrained(cls, model, model_id, *args, **kwargs):
+            # PEFT injects the adapter into ``model`` in place and then loads its weights: where QST refuses them
+            # (the digest, the weights' names and shapes, the config saved with them), ``model`` was left holding a
+            # side network of fresh weights, its own parameters frozen. For a model that held no adapter before, that
+            # is undone.
+            fresh = not getattr(model, "peft_config", None) and not any(
+                isinstance(module, BaseTunerLayer) for module in model.modules()
+            )
+            flags = trainability(model) if fresh else None
+            built = []
+            token = _built_by_from_pretrained.set(built)
             try:
-                peft_type = PeftConfig._get_peft_type(model_id, **hub)
-            except Exception:  # noqa: BLE001 - PEFT's own call below reports it
-                peft_type = None
-        else:
-            peft_type = getattr(config, "peft_type", None)
-        if peft_type != PEFT_TYPE:
-            return original(cls, model, model_id, *args, **kwargs)
-        with _accelerate_dispatch_kept(model):
-            return original(cls, model, model_id, *args, **kwargs)
+                return _from_pretrained(cls, model, model_id, *args, **kwargs)
+            except BaseException:
+                if flags is not None and built and _holds_qst_adapter(built[0]):
+                    try:
+                        built[0].base_model.unload()
+                        restore_trainability(model, flags)
+                    except Exception as err:  # noqa: BLE001 - the refusal is what the caller must see
+                        warnings.warn(
+                            f"The base model could not be handed back unwrapped ({err!r}); load it again."
+                        )
+                raise
+            finally:
+                _built_by_from_pretrained.reset(token)
 
-    from_pretrained._peft_qst_patch = True
-    PeftModel.from_pretrained = classmethod(from_pretrained)
+        def _from_pretrained(cls, model, model_id, *args, **kwargs):
+            if _offloaded_device_map(model) is None:
+                return original(cls, model, model_id, *args, **kwargs)
+            config = args[2] if len(args) > 2 else kwargs.get("config")
+            if config is None:
+                hub = {name: kwargs[name] for name in ("subfolder", "revision", "cache_dir", "token")
+                       if name in kwargs}
+                try:
+                    peft_type = PeftConfig._get_peft_type(model_id, **hub)
+                except Exception:  # noqa: BLE001 - PEFT's own call below reports it
+                    peft_type = None
+            else:
+                peft_type = getattr(config, "peft_type", None)
+            if peft_type != PEFT_TYPE:
+                return original(cls, model, model_id, *args, **kwargs)
+            with _accelerate_dispatch_kept(model):
+                return original(cls, model, model_id, *args, **kwargs)
+
+        return from_pretrained
+
+    _patch_classmethod_once(PeftModel, "from_pretrained", make)
 
 
 def _transformers_hub_kwargs(kwargs: dict) -> dict:
@@ -556,15 +569,15 @@ def _save_qst_weights_as_safetensors() -> None:
             # given with this model's config and a digest of that folder's own weights, and only then refuses QST:
             # the refused save left another saved adapter with a config that is not its own, yet passes the digest
             # check and loads computing something else. Refused here, before anything is written.
-            if arguments.get("path_initial_model_for_weight_conversion") is not None and _holds_qst_adapter(self):
+            holds_qst = _holds_qst_adapter(self)
+            if arguments.get("path_initial_model_for_weight_conversion") is not None and holds_qst:
                 raise ValueError(
                     "save_pretrained(path_initial_model_for_weight_conversion=...) is not supported for QST adapters: "
                     "it converts PiSSA/CorDA/OLoRA-initialised LoRA adapters, and QST has no such initialisation. "
                     "Call save_pretrained without it. Nothing was written."
                 )
             args = list(args)
-            safe = args[0] if args else kwargs.get("safe_serialization", True)
-            if not safe and _holds_qst_adapter(self):
+            if not arguments.get("safe_serialization", True) and holds_qst:
                 warnings.warn(
                     "safe_serialization=False is ignored for QST adapters: they are saved as "
                     "adapter_model.safetensors, because QST loads weights only from safetensors and never unpickles "
@@ -579,7 +592,7 @@ def _save_qst_weights_as_safetensors() -> None:
             # PEFT writes the card at the root before it saves the adapters ("default" there, each of another name
             # in its own subfolder): the root card's loading section is written once they are all saved, from
             # their configs
-            if arguments.get("is_main_process", True) and _holds_qst_adapter(self):
+            if arguments.get("is_main_process", True) and holds_qst:
                 _write_loading_section(self, save_directory)
             return result
 
@@ -688,21 +701,18 @@ def _name_the_file_in_config_refusals() -> None:
     from peft.config import PeftConfigMixin
     from peft.utils import CONFIG_NAME
 
-    original = vars(PeftConfigMixin)["from_pretrained"].__func__
-    if getattr(original, "_peft_qst_patch", False):
-        return
+    def make(original):
+        def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+            try:
+                return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            except ValueError as error:
+                if not str(error).startswith("QSTConfig."):
+                    raise
+                folder = pretrained_model_name_or_path
+                if subfolder:
+                    folder = os.path.join(folder, subfolder)
+                raise ValueError(f"{os.path.join(folder, CONFIG_NAME)}: {error}") from error
 
-    @functools.wraps(original)
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
-        try:
-            return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except ValueError as error:
-            if not str(error).startswith("QSTConfig."):
-                raise
-            folder = pretrained_model_name_or_path
-            if subfolder:
-                folder = os.path.join(folder, subfolder)
-            raise ValueError(f"{os.path.join(folder, CONFIG_NAME)}: {error}") from error
+        return from_pretrained
 
-    from_pretrained._peft_qst_patch = True
-    PeftConfigMixin.from_pretrained = classmethod(from_pretrained)
+    _patch_classmethod_once(PeftConfigMixin, "from_pretrained", make)
