@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -130,6 +131,14 @@ def logits_in_fresh_process(tmp_path, load_model: str, input_ids, env: dict | No
     )
     run_python(script, env=env)
     return load_file(out_file)["logits"]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launcher's rendezvous: fixed ports (accelerate's and torchrun's
+    29500) collide when tests run side by side (scripts/test.sh runs two pytest workers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_python(code: str, timeout: int = 600, env: dict | None = None) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -30,15 +29,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import REPO, assert_trained_as_by_a_plain_trainer
+from .conftest import REPO, free_port, assert_trained_as_by_a_plain_trainer
 
 pytest.importorskip("deepspeed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _environment() -> dict[str, str]:
@@ -46,7 +39,7 @@ def _environment() -> dict[str, str]:
         **os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",
         # DeepSpeed may be importable from a further entry of the path (an install with pip --target)
         "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-        "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(_free_port()),
+        "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port()),
     }
 
 
@@ -130,7 +123,7 @@ def _train_under_deepspeed(out, runs, ranks: int = 1):
     from tests.deepspeed_train import save_base_model
 
     save_base_model(str(out / "base"))
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(_free_port())]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
     command = [sys.executable, *(launcher if ranks > 1 else []), "tests/deepspeed_train.py", "--out", str(out),
                "--runs", json.dumps(runs)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=_environment())

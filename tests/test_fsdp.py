@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,15 +22,9 @@ from safetensors.torch import load_file
 
 from peft_qst import QSTConfig
 
-from .conftest import REPO, tiny_causal_lm
+from .conftest import REPO, free_port, tiny_causal_lm
 
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reference_training(qst: dict):
@@ -65,7 +58,7 @@ CASES = [(2, {}, False), (1, {}, False), (2, {"copy_heads": 1}, False), (2, {"co
 def test_fsdp_training_saving_and_reloading(tmp_path, fsdp, qst, side_unit):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "tests/fsdp_train.py", "--out", str(tmp_path), "--fsdp", str(fsdp), "--steps", str(STEPS),
         "--qst", json.dumps(qst),
     ] + (["--side-unit"] if side_unit else [])

@@ -25,8 +25,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO, assert_trained_as_by_a_plain_trainer
-from .test_fsdp import _free_port
+from .conftest import REPO, free_port, assert_trained_as_by_a_plain_trainer
 
 LAYER_WRAP = {"fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}
 FSDP2 = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2, **LAYER_WRAP}}
@@ -72,7 +71,7 @@ def fsdp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp-trainer")
     save_base_model(str(out / "base"))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "tests/fsdp_trainer_train.py", "--out", str(out), "--runs", json.dumps(RUNS)]
+               str(free_port()), "tests/fsdp_trainer_train.py", "--out", str(out), "--runs", json.dumps(RUNS)]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from peft_qst import QSTConfig
 from peft_qst.side import module_device
 
-from .conftest import REPO, tiny_causal_lm
+from .conftest import REPO, free_port, tiny_causal_lm
 
 IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21]])
 
@@ -119,7 +119,7 @@ def test_ddp_with_accelerate_launch_all_reduces_side_gradients(tmp_path):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "tests/ddp_sft.py", "--out", str(tmp_path), "--max-steps", str(steps),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
