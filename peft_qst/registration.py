@@ -692,27 +692,62 @@ def _keep_the_side_attention_on_set_attn_implementation() -> None:
     _patch_once(PreTrainedModel, "set_attn_implementation", make)
 
 
+def _config_file(model_id, subfolder=None) -> str:
+    from peft.utils import CONFIG_NAME
+
+    return os.path.join(model_id, *([subfolder] if subfolder else []), CONFIG_NAME)
+
+
+def _misspelt_qst_peft_type(peft_type, file: str) -> Optional[ValueError]:
+    """The refusal of a ``peft_type`` that reads "qst", "Qst" or " QST" (a file edited by hand, or written by another
+    tool), which PEFT, looking types up by exact name, reported as a bare ``KeyError: 'qst'``; None for any other
+    value, other methods' included."""
+    if not isinstance(peft_type, str) or peft_type == PEFT_TYPE or peft_type.strip().upper() != PEFT_TYPE:
+        return None
+    return ValueError(
+        f"{file}: peft_type {peft_type!r} is not a PEFT method name; QST adapters have peft_type 'QST' (PEFT matches "
+        "the name exactly). Write \"peft_type\": \"QST\" in the file, or save the adapter again with save_pretrained."
+    )
+
+
 def _name_the_file_in_config_refusals() -> None:
     """A value of ``adapter_config.json`` that ``QSTConfig`` refuses (its messages begin ``"QSTConfig.<field>"``) is
     reported naming the file. The patch sits on PEFT's ``from_pretrained``, which builds the config of the type the
-    file names: ``PeftConfig.from_pretrained(folder)``, with which ``AutoPeftModelForCausalLM.from_pretrained`` reads
-    the folder, never reaches ``QSTConfig.from_pretrained`` (whose own call of it is covered too), and its refusal
-    named the field and the fix but not the file. Other refusals and other methods' configs pass unchanged."""
+    file names: ``PeftConfig.from_pretrained(folder)``, with which ``AutoPeftModelForCausalLM.from_pretrained`` and
+    transformers' ``load_adapter`` read the folder, never reaches ``QSTConfig.from_pretrained`` (whose own call of it
+    is covered too), and its refusal named the field and the fix but not the file. A misspelt QST ``peft_type``
+    (:func:`_misspelt_qst_peft_type`) is refused naming the file there and in ``PeftConfig._get_peft_type``, through
+    which ``PeftModel.from_pretrained`` and ``load_adapter`` read the type. Other refusals and other methods' configs
+    pass unchanged."""
     from peft.config import PeftConfigMixin
-    from peft.utils import CONFIG_NAME
 
-    def make(original):
+    def make_from_pretrained(original):
         def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
             try:
                 return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
             except ValueError as error:
                 if not str(error).startswith("QSTConfig."):
                     raise
-                folder = pretrained_model_name_or_path
-                if subfolder:
-                    folder = os.path.join(folder, subfolder)
-                raise ValueError(f"{os.path.join(folder, CONFIG_NAME)}: {error}") from error
+                raise ValueError(f"{_config_file(pretrained_model_name_or_path, subfolder)}: {error}") from error
+            except KeyError as error:
+                refusal = _misspelt_qst_peft_type(error.args[0] if error.args else None,
+                                                  _config_file(pretrained_model_name_or_path, subfolder))
+                if refusal is None:
+                    raise
+                raise refusal from None
 
         return from_pretrained
 
-    _patch_classmethod_once(PeftConfigMixin, "from_pretrained", make)
+    def make_get_peft_type(original):
+        def _get_peft_type(cls, model_id, **hf_hub_download_kwargs):
+            peft_type = original(cls, model_id, **hf_hub_download_kwargs)
+            file = _config_file(model_id, hf_hub_download_kwargs.get("subfolder"))
+            refusal = _misspelt_qst_peft_type(peft_type, file)
+            if refusal is not None:
+                raise refusal
+            return peft_type
+
+        return _get_peft_type
+
+    _patch_classmethod_once(PeftConfigMixin, "from_pretrained", make_from_pretrained)
+    _patch_classmethod_once(PeftConfigMixin, "_get_peft_type", make_get_peft_type)

@@ -298,6 +298,48 @@ def test_a_hand_edited_adapter_config_read_by_peft_config_or_auto_peft_model_nam
     assert str(info.value).startswith(f"{tmp_path / 'sub' / 'adapter_config.json'}: QSTConfig.")
 
 
+@pytest.mark.parametrize("peft_type", ["qst", "Qst", " QST"])
+def test_a_misspelt_peft_type_is_refused_naming_the_file_and_the_fix(tmp_path, tiny_model_dir, peft_type):
+    """PEFT looks a config's class up by the exact ``peft_type``: "qst" (a file edited by hand, or written by another
+    tool) failed with a bare ``KeyError: 'qst'`` on every way of loading. Each is refused naming the file, the value
+    and the fix, and the fixed file loads."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM, PeftConfig
+
+    trained = saved_adapter(tiny_model_dir, tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["peft_type"] = peft_type
+    config_path.write_text(json.dumps(config))
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    loads = [
+        lambda: PeftModel.from_pretrained(fresh(), str(tmp_path)),
+        lambda: get_peft_model(fresh(), QSTConfig(task_type="CAUSAL_LM", r=4)).load_adapter(str(tmp_path), "other"),
+        lambda: AutoPeftModelForCausalLM.from_pretrained(str(tmp_path)),
+        lambda: fresh().load_adapter(str(tmp_path)),
+        lambda: PeftConfig.from_pretrained(str(tmp_path)),
+        lambda: QSTConfig.from_pretrained(str(tmp_path)),
+    ]
+    for load in loads:
+        with pytest.raises(ValueError) as info:
+            load()
+        assert str(info.value) == (
+            f"{config_path}: peft_type {peft_type!r} is not a PEFT method name; QST adapters have peft_type 'QST' "
+            "(PEFT matches the name exactly). Write \"peft_type\": \"QST\" in the file, or save the adapter again with "
+            "save_pretrained."
+        )
+
+    config["peft_type"] = "QST"
+    config_path.write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(fresh(), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
+
+
 def test_weights_stored_as_integers_are_refused(tmp_path, tiny_model_dir):
     """A tensor of the right name and shape but an integer dtype (a file not written by save_pretrained, whose config
     carries no digest or a digest of that file) was cast into the float weight by load_state_dict: the side network
