@@ -621,7 +621,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 new_memories[name] = memory
                 copy_inputs = self._copy_inputs(kwargs, hidden_states, memory)
             _mix_as_fsdp_forward(side)
-            adapted = side.mix(backbone_last, side_out, copy_inputs)
+            adapted = side.mix(backbone_last, side_out, copy_inputs, low_rank_head=not want_hidden)
             if row_adapters is None:
                 mixed = adapted
             else:

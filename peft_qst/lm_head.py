@@ -18,7 +18,8 @@ operations as the head's forward (for SmolLM2, 1024 tokens x 49152 x 576, about 
 only ``s``, ``a`` and ``U`` need gradients, the same gradients follow from products of width d/r:
 ``P = W^T (G^T s)`` (d x d/r), ``dU = a * P``, ``da = rowsum(U * P)``, ``ds = G (W (a * U))`` -- about 5 times fewer
 operations at r=16, the same values up to rounding. :func:`mark_low_rank_update` records that structure for the mixed
-hidden state (``QSTSideNetwork.mix`` does, where it holds: no copy heads, no gradient into the backbone, one device),
+hidden state (``QSTSideNetwork.mix`` does, where it holds: no copy heads, no gradient into the backbone, one device,
+and the mixed state not handed out by ``output_hidden_states=True``, where a gradient with respect to it is asked for),
 and a forward hook on the head wraps the logits of exactly that tensor in :class:`LowRankHeadGradient`; a sliced
 input, a head that trains, a quantized head (a torchao tensor-subclass weight), code that ``torch.compile`` traces,
 or anything else keeps autograd's own backward.

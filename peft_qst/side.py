@@ -1131,11 +1131,18 @@ class QSTSideNetwork(nn.Module):
         return out.last_hidden_state, out.get(cache_field(out))
 
     def mix(
-        self, backbone_last: torch.Tensor, side_out: torch.Tensor, copy_inputs: Optional[dict] = None
+        self,
+        backbone_last: torch.Tensor,
+        side_out: torch.Tensor,
+        copy_inputs: Optional[dict] = None,
+        low_rank_head: bool = True,
     ) -> torch.Tensor:
         """``h_L + a * up(side)`` (+ the copy heads' output); ``up`` and the copy gates start at zero, so an untrained
         adapter returns the backbone's output. ``copy_inputs`` (for an adapter with copy heads): the keyword
-        arguments of :class:`CopyHead` other than ``side_out`` and ``query_hidden``."""
+        arguments of :class:`CopyHead` other than ``side_out`` and ``query_hidden``. ``low_rank_head=False`` keeps
+        autograd's own backward through the LM head: the caller hands the mixed tensor out (``output_hidden_states``),
+        and a gradient with respect to it (``torch.autograd.grad(loss, out.hidden_states[-1])``) only exists on that
+        path; the low-rank backward goes from the logits straight to the side output, gate and upsample."""
         compiling = torch.compiler.is_compiling()  # neither the fast path nor the low-rank head backward then
         if copy_inputs is None and not torch.is_grad_enabled() and not compiling:
             mixed = fast_mix(self, backbone_last, side_out)
@@ -1154,7 +1161,8 @@ class QSTSideNetwork(nn.Module):
             update = update + copied.to(update.dtype)
         mixed = backbone_last + update.to(backbone_last.device, backbone_last.dtype)
         if (
-            self.copy_head is None
+            low_rank_head
+            and self.copy_head is None
             and torch.is_grad_enabled()
             and not backbone_last.requires_grad
             and side_out.requires_grad

@@ -91,6 +91,33 @@ def test_bfloat16_gradients_agree_to_rounding(monkeypatch):
         assert (mine[name].float() - reference[name].float()).abs().max() <= 0.03 * scale, name
 
 
+def test_a_gradient_with_respect_to_the_returned_hidden_state_is_autograds(monkeypatch):
+    """With ``output_hidden_states=True`` the mixed hidden state is handed out, and a gradient with respect to it
+    (``torch.autograd.grad(loss, out.hidden_states[-1])``, as attribution methods take) must exist: the low-rank
+    backward, which goes from the logits straight to the side output, gate and upsample, failed that with "The
+    differentiated Tensor ... appears to not have been used in the graph". Autograd's backward runs instead, with
+    the side parameters' gradients the low-rank backward gives without hidden states."""
+    model = qst_model()
+    calls = count_low_rank_backwards(monkeypatch)
+    data = batch()
+    out = model(**data, output_hidden_states=True)
+    hidden = out.hidden_states[-1]
+    assert hidden is not None and hidden.requires_grad
+    (by_hidden,) = torch.autograd.grad(out.logits.float().pow(2).mean(), hidden, retain_graph=True)
+    assert calls == []
+    detached = hidden.detach().requires_grad_()
+    (reference,) = torch.autograd.grad(model.get_output_embeddings()(detached).float().pow(2).mean(), detached)
+    assert reference.abs().max() > 0
+    torch.testing.assert_close(by_hidden, reference)
+    with_hidden = gradients(model, True, **data, output_hidden_states=True)
+    assert calls == []
+    without_hidden = gradients(model, True, **data)
+    assert len(calls) == 1
+    assert set(with_hidden) == set(without_hidden)
+    for name in without_hidden:
+        torch.testing.assert_close(with_hidden[name], without_hidden[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize(
     "config,inputs",
     [
@@ -166,8 +193,13 @@ def test_the_record_lives_with_the_hidden_state_and_does_not_travel_with_it(tmp_
     import gc
 
     model = qst_model()
-    out = model(**batch(), output_hidden_states=True)
-    mixed = out.hidden_states[-1]
+    seen = []  # the mixed hidden state, as the LM head receives it
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    out = model(**batch())
+    handle.remove()
+    view = seen.pop()  # transformers hands the head hidden[:, slice(0, None)]
+    mixed = view if view._base is None else view._base
+    del view
     assert lm_head._low_rank_record(mixed) is not None
     torch.save(mixed, tmp_path / "h.pt")
     assert torch.equal(torch.load(tmp_path / "h.pt", weights_only=True), mixed)
