@@ -32,6 +32,8 @@ from torch import nn
 _PROTECTED_ATTR = "_qst_state_dict_keeps_cpu_packing"
 #: where the pre-hook leaves (packed weight data, quantization-state fields, keep_vars) for the post-hook
 _SNAPSHOT_ATTR = "_qst_cpu_packed_snapshot"
+#: a Linear4bit's own ``support_avx512bf16_for_cpu``, kept while backbone adapters hold it in the standard layout
+_OWN_PACKING_ATTR = "_qst_own_support_avx512bf16_for_cpu"
 
 
 def _linear4bit_class():
@@ -122,6 +124,8 @@ def keep_unpacked_for_backward(modules) -> int:
     for module in modules:
         if not isinstance(module, linear4bit):
             continue
+        if _OWN_PACKING_ATTR not in vars(module):  # what allow_cpu_packing_again puts back
+            setattr(module, _OWN_PACKING_ATTR, module.support_avx512bf16_for_cpu)
         module.support_avx512bf16_for_cpu = False  # the repack condition of Linear4bit.forward
         if not _is_cpu_packed(module):
             continue
@@ -133,3 +137,17 @@ def keep_unpacked_for_backward(modules) -> int:
         module.weight.quant_state = quant_state
         unpacked += 1
     return unpacked
+
+
+def allow_cpu_packing_again(modules) -> int:
+    """Undo :func:`keep_unpacked_for_backward` on these layers once no backbone adapter differentiates through them
+    (its adapter deleted, or the model unloaded): each gets its own ``support_avx512bf16_for_cpu`` back, so it runs
+    bitsandbytes' CPU inference kernel again, as the base model does. Left off, the layers stayed on the slower
+    standard kernel, and the base model's outputs (``disable_adapter()``, the model ``unload()`` hands back) differed
+    from the same model never adapted by bfloat16 rounding. Returns how many layers were given their setting back."""
+    restored = 0
+    for module in modules:
+        if _OWN_PACKING_ATTR in vars(module):
+            module.support_avx512bf16_for_cpu = vars(module).pop(_OWN_PACKING_ATTR)
+            restored += 1
+    return restored

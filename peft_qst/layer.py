@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCa
 from .cache import QSTCache, cache_field, has_cache_field, paired_cache, remember_pairing
 from .config import QSTConfig
 from .backbone_lora import top_block_linears
-from .bnb_compat import keep_unpacked_for_backward
+from .bnb_compat import allow_cpu_packing_again, keep_unpacked_for_backward
 from .fast_path import fsdp2_unit
 from .per_call import call_state, hold_call_state
 from .side import QSTSideNetwork, QSTUnsupportedModelError, copy_key_mask, find_layer_list, onloaded_tensor
@@ -341,13 +341,19 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
     def remove_hooks(self) -> None:
         """Remove every hook QST put on the backbone (hidden-state capture, backbone low-rank adapters, checkpointing
-        switches): ``unload()`` hands back the trunk as it was."""
+        switches) and give the backbone adapters' 4-bit layers their CPU kernel back: ``unload()`` hands back the
+        trunk as it was."""
         if vars(self.base_layer).get("_set_gradient_checkpointing") == self._set_trunk_checkpointing:
             del vars(self.base_layer)["_set_gradient_checkpointing"]
         for handle in self.__dict__.pop("_hook_handles", ()):
             handle.remove()
-        for handle in self.__dict__.pop("_backbone_hooks", {}).values():
-            handle.remove()
+        self._remove_unused_backbone_hooks(())
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's deletion (the side network and its backbone adapters go), then the backbone hooks and the
+        bitsandbytes layout pinning that no remaining adapter needs: see :meth:`_remove_unused_backbone_hooks`."""
+        super().delete_adapter(adapter_name)
+        self._remove_unused_backbone_hooks(self.qst_side.values())
 
     # ---------------------------------------------------------------------------------------------------------------
     # backbone low-rank adapters (QSTConfig.backbone_lora_layers)
@@ -379,6 +385,35 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 hooks[("grad", index)] = blocks[index].register_forward_pre_hook(
                     functools.partial(self._enable_grad_from, index)
                 )
+
+    def _remove_unused_backbone_hooks(self, sides) -> None:
+        """Remove the backbone hooks :meth:`_install_backbone_lora_hooks` installed that none of the side networks
+        ``sides`` (the adapters that remain) uses: the linear-layer hook where none of them has a delta, the block
+        pre-hook below the lowest block any of them adapts; and give the linear layers no adapter differentiates
+        through any more their bitsandbytes CPU kernel back (:func:`~peft_qst.bnb_compat.allow_cpu_packing_again`).
+        After ``delete_adapter`` of an adapter with backbone adapters, its hooks stayed on the backbone: inert, but
+        every call of those layers took PyTorch's slower hooked path, their 4-bit layers kept bitsandbytes' slower
+        standard kernel (and outputs off the base model's by bfloat16 rounding), and the model unload() hands back
+        kept that kernel too."""
+        hooks = self.__dict__.get("_backbone_hooks")
+        if not hooks:
+            return
+        blocks = self.__dict__["_backbone_blocks"]
+        loras = [side.backbone_lora for side in sides if side.backbone_lora is not None]
+        lowest = min((lora.first_block for lora in loras), default=len(blocks))
+        released = []
+        for key in list(hooks):
+            if key[0] == "lora":
+                if any(lora.delta(key[1], key[2]) is not None for lora in loras):
+                    continue
+                released.append(blocks[key[1]].get_submodule(key[2]))
+            elif key[1] >= lowest:
+                continue
+            hooks.pop(key).remove()
+        allow_cpu_packing_again(released)
+        if not hooks:
+            del self.__dict__["_backbone_hooks"]
+            del self.__dict__["_backbone_blocks"]
 
     def _add_backbone_deltas(self, index: int, name: str, module, args, output):
         """Forward hook of a top block's linear layer: adds the deltas of the adapters routed in this forward."""

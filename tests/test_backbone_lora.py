@@ -303,3 +303,84 @@ def test_a_deep_copy_runs_and_trains_its_own_backbone_adapters():
     twin.unload()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=0, atol=0)
+
+
+def backbone_hooks(model) -> dict:
+    """{module name: (forward hooks, forward pre-hooks)} of every backbone module that has hooks."""
+    counts = {
+        name: (len(module._forward_hooks), len(module._forward_pre_hooks))
+        for name, module in model.named_modules()
+        if ".qst_side." not in name
+    }
+    return {name: count for name, count in counts.items() if any(count)}
+
+
+def test_delete_adapter_removes_the_backbone_hooks_no_remaining_adapter_uses():
+    """delete_adapter of an adapter with backbone adapters left its hooks on the top blocks (a forward hook on every
+    linear layer, a pre-hook on every block): now the hooks the remaining adapters use stay, the others go, and
+    deleting the last such adapter leaves the backbone hooked as a plain QST model's is."""
+    model = hybrid_model(backbone_lora_layers=0)
+    plain = backbone_hooks(model)
+    model.add_adapter("wide", hybrid_config(backbone_lora_layers=3))
+    model.add_adapter("narrow", hybrid_config(backbone_lora_layers=1))
+    model.set_adapter("narrow")
+    train_steps(model, IDS, steps=2)
+    with torch.no_grad():
+        narrow = model(input_ids=IDS).logits
+    hybrid = get_peft_model(tiny_causal_lm(num_hidden_layers=LAYERS), hybrid_config(backbone_lora_layers=1))
+
+    model.delete_adapter("wide")
+    assert backbone_hooks(model) == backbone_hooks(hybrid)  # only the top block's, which "narrow" adapts
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, narrow)
+    train_steps(model, IDS, steps=1)  # "narrow" still trains its backbone adapters
+    assert all(p.grad is None or p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
+
+    model.delete_adapter("narrow")
+    assert backbone_hooks(model) == plain
+    assert sorted(model.state_dict()) == sorted(hybrid_model(backbone_lora_layers=0).state_dict())
+
+    # the same name again, with other blocks: its hooks come back and its adapters act
+    model.add_adapter("wide", hybrid_config(backbone_lora_layers=2))
+    model.set_adapter("wide")
+    assert backbone_hooks(model) == backbone_hooks(hybrid_model())
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+        for name, param in model.named_parameters():
+            if ".wide." in name and name.endswith("lora_B"):
+                param.normal_(0, 0.1)
+        assert not torch.allclose(model(input_ids=IDS).logits, before)
+
+
+def test_deleting_or_unloading_the_hybrid_gives_4bit_layers_their_cpu_kernel_back(tmp_path):
+    """The hybrid keeps its blocks' 4-bit layers off bitsandbytes' CPU packed layout (gradients through it are wrong).
+    Once no adapter differentiates through them (the adapter deleted, the model unloaded) they get their own setting
+    back: before, they kept the slower standard kernel, and the base model's logits (disable_adapter(), the unloaded
+    model) differed from the never-adapted model's by bfloat16 rounding (0.004 on this model). On CPUs without
+    AVX512-BF16 bitsandbytes never repacks, and this holds trivially."""
+    tiny_causal_lm(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config())
+
+    def flags(model):
+        return [m.support_avx512bf16_for_cpu for m in model.modules() if type(m).__name__ == "Linear4bit"]
+
+    base = load()
+    with torch.no_grad():
+        expected = base(input_ids=IDS).logits  # the base model runs packed here where the CPU supports it
+    model = get_peft_model(load(), hybrid_config(backbone_lora_layers=0))
+    model.add_adapter("hybrid", hybrid_config())
+    model.set_adapter("hybrid")
+    train_steps(model, IDS, steps=1)
+    with torch.no_grad():
+        model(input_ids=IDS)  # an eval forward: the blocks below the hybrid's are packed, its own are not
+    model.delete_adapter("hybrid")
+    assert flags(model) == flags(base)
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(model(input_ids=IDS).logits, expected)
+
+    unloaded = get_peft_model(load(), hybrid_config()).unload()
+    assert flags(unloaded) == flags(base)
+    with torch.no_grad():
+        assert torch.equal(unloaded(input_ids=IDS).logits, expected)
