@@ -242,6 +242,40 @@ def test_pruned_init_on_other_architectures(model_type):
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_fused_phi3_projections_prune_as_the_same_weights_in_the_llama_layout():
+    """Phi-3's fused qkv_proj and gate_up_proj count as their parts in the residual-channel criterion: a Phi-3 model
+    holding a Llama model's weights keeps the same channels, neurons and head dimensions. One norm over each whole
+    fused column chose other residual channels (6 of 64 here)."""
+    sizes = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=96)
+    torch.manual_seed(0)
+    llama = randomise_norms(AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **sizes))).eval()
+    phi3_config = AutoConfig.for_model("phi3", **sizes, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    phi3 = AutoModelForCausalLM.from_config(phi3_config).eval()
+    with torch.no_grad():
+        phi3.model.norm.weight.copy_(llama.model.norm.weight)
+        for fused, split in zip(phi3.model.layers, llama.model.layers):
+            attention, mlp = split.self_attn, split.mlp
+            fused.self_attn.qkv_proj.weight.copy_(
+                torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]))
+            fused.self_attn.o_proj.weight.copy_(attention.o_proj.weight)
+            fused.mlp.gate_up_proj.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            fused.mlp.down_proj.weight.copy_(mlp.down_proj.weight)
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                getattr(fused, name).weight.copy_(getattr(split, name).weight)
+
+    def selected(base):
+        model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))
+        side = side_network(model)
+        return select_indices(side, model.base_model.model.model.get_base_layer(), model.base_model.model.config,
+                              side.trunk.config)
+
+    for ours, llamas in zip(selected(phi3), selected(llama)):
+        assert ours.keys() == llamas.keys()
+        for role in ours:
+            assert torch.equal(ours[role], llamas[role]), role
+
+
 def test_unmapped_architecture_is_refused_naming_the_model_type():
     config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=1, n_head=4, vocab_size=V, n_positions=32)
     model = AutoModelForCausalLM.from_config(config)
