@@ -192,7 +192,8 @@ class QSTConfig(PeftConfig):
         target_modules (`str`, *optional*): Name of the decoder trunk to wrap. Found automatically
             (``model.get_decoder()``); set it only for a model where that fails.
         modules_to_save (`list[str]`, *optional*): Modules besides the side network to train and save, e.g. a
-            classification head (set automatically for ``task_type="SEQ_CLS"``).
+            classification head (set automatically for ``task_type`` ``"SEQ_CLS"``, ``"TOKEN_CLS"`` and
+            ``"QUESTION_ANS"``).
         trainable_token_indices (`list[int]` or `dict`, *optional*): LoRA's option for training the embeddings of
             some tokens, which TRL sets when its chat-template cloning adds tokens. Ignored with a warning: the token
             embeddings lie inside the decoder trunk, which runs frozen; added tokens keep their initial embeddings.

@@ -510,8 +510,13 @@ def _denominator(hidden: torch.Tensor, root_eps: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_mask(attention_mask, batch: int, length: int, past: int, device) -> Optional[torch.Tensor]:
-    """Boolean (batch, 1, length, past + length) mask, or None where no position needs masking. A padding position
-    always sees itself, so that no softmax row is empty (its output is never read)."""
+    """Boolean (batch, 1, length, past + length) mask, or None where no position needs masking.
+
+    It is the general path's (transformers' SDPA mask): each position sees the earlier and its own non-padding
+    positions. Padding positions' outputs are read: question answering's start/end logits of every position enter its
+    loss, token classification returns them. A padding position with no non-padding position before it (left padding)
+    sees nothing, and SDPA gives it zeros, as in the general path. Only a decoding step's one-token rows (attended by
+    a softmax, which would give NaN for an empty row) let such a position see itself: a row of padding alone."""
     total = past + length
     if attention_mask is not None:
         attention_mask = attention_mask[:, -total:].to(device=device, dtype=torch.bool)
@@ -523,7 +528,9 @@ def _attention_mask(attention_mask, batch: int, length: int, past: int, device) 
     keys = torch.arange(total, device=device).view(1, -1)
     mask = keys <= queries  # (length, total)
     if attention_mask is not None:
-        mask = (mask.unsqueeze(0) & attention_mask.unsqueeze(1)) | (keys == queries)
+        mask = mask.unsqueeze(0) & attention_mask.unsqueeze(1)
+        if length == 1:
+            mask |= (keys == queries) & ~mask.any(-1, keepdim=True)
     else:
         mask = mask.unsqueeze(0).expand(batch, -1, -1)
     return mask.unsqueeze(1)
