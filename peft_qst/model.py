@@ -31,7 +31,14 @@ from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, QSTLayer
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loss import install_chunked_loss, uninstall_chunked_loss
 from .serialization import QSTAdapterFileError
-from .side import QSTUnsupportedModelError, find_layer_list, resolve_side_heads, shrink_config, unsupported_reason
+from .side import (
+    QSTUnsupportedModelError,
+    auto_side_head_candidates,
+    find_layer_list,
+    resolve_side_heads,
+    shrink_config,
+    unsupported_reason,
+)
 
 #: attribute holding the side networks inside a QSTLayer; every saved key goes through it
 SIDE_ATTR = "qst_side"
@@ -434,6 +441,43 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _update_layer(layer: QSTLayer, adapter_name: str, config: QSTConfig, dtype: torch.dtype) -> None:
+    """``layer.update_layer``, which builds the side network and runs it once; where ``side_heads="auto"`` chose the
+    head count (the caller named none) and the model's own class refuses that side network or it does not run, the
+    other head counts that fit r are tried in "auto"'s order (:func:`auto_side_head_candidates`, the model's own heads
+    last) and the first that works is recorded in the config. DiffLlama needs an even number of key/value heads and
+    Kolibri 1.1 keys and values of at least 16 channels: "auto"'s one 8-wide side head (r=16) gives neither, so both
+    were refused although their own heads fit. Where every count fails, the error is the first one's, naming the
+    others tried. A side network that works at once is built once, as before."""
+    written = config.__dict__.get(_AS_WRITTEN) or {}
+    if written.get("side_heads") != AUTO or config.init == "pruned":
+        layer.update_layer(adapter_name, config, dtype)
+        return
+    chosen = config.side_heads
+    base_config = layer.get_base_layer().config
+    others = [heads for heads in auto_side_head_candidates(base_config, config.r) if heads != chosen]
+    first_error = None
+    for heads in [chosen, *others]:
+        config.side_heads = heads
+        try:
+            layer.update_layer(adapter_name, config, dtype)
+            return
+        except QSTUnsupportedModelError as error:
+            first_error = first_error or error
+    config.side_heads = chosen
+    if not others:
+        raise first_error
+    own = int(base_config.num_attention_heads)
+    tried = ", ".join(
+        "None (the model's own heads)" if heads is None else f"{heads} (the model's own)" if heads == own else str(heads)
+        for heads in others
+    )
+    raise QSTUnsupportedModelError(
+        f"{first_error} side_heads={AUTO!r} also tried the other head counts that fit r={config.r} ({tried}), and none "
+        "of their side networks can be used either: another r may fit."
+    ) from first_error
+
+
 class QSTModel(BaseTuner):
     """Creates a QST model from a pretrained transformers model. Use it through `get_peft_model` with a
     :class:`~peft_qst.QSTConfig`; see that class for the method and its options.
@@ -722,11 +766,11 @@ class QSTModel(BaseTuner):
         # a side network that cannot be used raises from update_layer before the layer holds it or hooks anything
         if isinstance(target, QSTLayer):
             target.bind_output_embeddings(output_embeddings)
-            target.update_layer(adapter_name, peft_config, dtype)
+            _update_layer(target, adapter_name, peft_config, dtype)
             return
         new_module = QSTLayer(target)
         new_module.bind_output_embeddings(output_embeddings)
-        new_module.update_layer(adapter_name, peft_config, dtype)
+        _update_layer(new_module, adapter_name, peft_config, dtype)
         setattr(parent, target_name, new_module)
 
     @contextmanager

@@ -452,23 +452,33 @@ def _saved_qst_config(model_id, hub_kwargs: dict):
     return QSTConfig.from_pretrained(model_id, **hub_kwargs)
 
 
-def _check_given_config(model, config: QSTConfig, adapter_name: str, saved_config: dict) -> None:
+def _check_given_config(model, config: QSTConfig, adapter_name: str, saved_config: dict) -> bool:
     """:func:`check_saved_config_matches` for a config not bound to ``model`` yet, with ``side_heads="auto"`` resolved
-    as binding it would (a model binding refuses is left to the binding's own error)."""
+    as binding it would (a model binding refuses is left to the binding's own error). Returns whether the head count
+    is left for after the binding: where the saved count is one "auto" reaches only when the side networks of the
+    counts before it cannot be used (DiffLlama, Kolibri 1.1: ``model._update_layer``), only building them tells, so
+    the caller checks the bound config again (an adapter saved with ``side_heads="auto"`` on such a model was refused
+    as saved with another head count)."""
     import copy
 
     from .config import AUTO
     from .model import text_config_of
-    from .side import resolve_side_heads
+    from .side import auto_side_head_candidates, resolve_side_heads
 
+    deferred = False
     if config.side_heads == AUTO:
         try:
-            resolved = resolve_side_heads(text_config_of(model.config), config)
+            base_config = text_config_of(model.config)
+            resolved = resolve_side_heads(base_config, config)
+            later = auto_side_head_candidates(base_config, config.r)[1:] if config.init != "pruned" else []
         except Exception:  # noqa: BLE001 - binding the config to the model reports it
-            return
+            return False
         config = copy.copy(config)
-        config.side_heads = resolved
+        saved = saved_config.get("side_heads", resolved)
+        deferred = saved != resolved and saved in later
+        config.side_heads = saved if deferred else resolved
     check_saved_config_matches(config, adapter_name, saved_config)
+    return deferred
 
 
 def _read_qst_weights_safely_in_transformers() -> None:
@@ -516,7 +526,9 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 # a config given with peft_config= that computes otherwise than the one the weights were saved with:
                 # refused before anything is injected or loaded (transformers loads a module saved whole, such as
                 # lm_head, over the model's own where the config does not list it in modules_to_save)
-                _check_given_config(self, peft_config, adapter_name or "default", saved_config)
+                heads_deferred = _check_given_config(self, peft_config, adapter_name or "default", saved_config)
+            else:
+                heads_deferred = False
             # injection freezes every base weight and loading sets eval mode: an undone load puts both back
             flags = trainability(self)
 
@@ -531,6 +543,13 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 # the adapter and loading the weights that fit: without this, the half-loaded adapter stayed
                 undo()
                 raise
+            if heads_deferred:
+                try:
+                    check_saved_config_matches(self.peft_config[adapter_name or "default"], adapter_name or "default",
+                                               saved_config)
+                except BaseException:
+                    undo()
+                    raise
             problems = {
                 "missing from the file": sorted(info.missing_keys),
                 "not in this model": sorted(info.unexpected_keys),

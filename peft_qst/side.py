@@ -49,6 +49,11 @@ from .side_attention import SIDE_SDPA, register_side_sdpa, side_attention_implem
 #: RoFormer, RemBERT)
 EMBEDDING_WIDTH_ATTRIBUTES = ("word_embed_proj_dim", "embedding_size", "input_embedding_size")
 
+#: config attributes holding a width that is a whole multiple of the hidden size, divided by r with it: Zamba's and
+#: Zamba2's attention reads the block input concatenated with the embedding output (``attention_hidden_size`` = 2 d,
+#: which their configs derive once; left at the backbone's, the side attention's norm met a narrower input)
+HIDDEN_MULTIPLE_ATTRIBUTES = ("attention_hidden_size",)
+
 #: config attributes holding the FFN width; whichever the model defines is divided by r
 FFN_SIZE_ATTRIBUTES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 
@@ -90,8 +95,9 @@ def _num_heads(config) -> int:
     return int(config.num_attention_heads)
 
 
-#: config attributes holding the number of key/value heads (Falcon names it ``num_kv_heads``)
-KV_HEAD_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads")
+#: config attributes holding the number of key/value heads (Falcon names it ``num_kv_heads``, DBRX's attention
+#: sub-config ``kv_n_heads``)
+KV_HEAD_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads", "kv_n_heads")
 
 
 def _kv_head_attribute(config) -> Optional[str]:
@@ -139,11 +145,29 @@ def auto_side_heads(config, r: int) -> Optional[int]:
     (4 for SmolLM2-135M, 8 for LLaMA-2-7B at r=16), and attention at such widths costs far more than its arithmetic:
     on a 2-core CPU a QST training step of SmolLM2-135M took 2.21 s with its 9 side heads of 4 and 1.86 s with one
     head of 36, for the same accuracy on the quality harness over three seeds (README, Performance)."""
+    candidates = auto_side_head_candidates(config, r)
+    return candidates[0] if candidates else None
+
+
+def auto_side_head_candidates(config, r: int) -> list[Optional[int]]:
+    """The side head counts ``side_heads="auto"`` tries, in order: every count that fits the side hidden size ``d / r``,
+    by closeness of its head dimension to the backbone's (see :func:`auto_side_heads`, the first), then None (the
+    model's own numbers of heads) where that fits and is not already among them. The first is the one "auto" means;
+    `get_peft_model` builds the next only where the model's own class refuses the side network of the one before or
+    it does not run (DiffLlama needs an even number of key/value heads, which one side head of its grouping does not
+    give; Kolibri 1.1 rounds keys and values in blocks of 16 channels, which 8-wide side heads do not fill)."""
     fitting = _fitting_side_heads(config, r)
     if not fitting:
-        return None
+        return []
     side_hidden, target = int(config.hidden_size) // r, _backbone_head_dim(config)
-    return min(fitting, key=lambda heads: (abs(math.log(side_hidden / heads / target)), heads))
+    ordered: list[Optional[int]] = sorted(
+        fitting, key=lambda heads: (abs(math.log(side_hidden / heads / target)), heads)
+    )
+    own = _num_heads(config)
+    same_as_own = own in fitting and side_head_counts(config, own) == side_head_counts(config, None)
+    if not same_as_own and _shrink_problem(config, r, None) is None:
+        ordered.append(None)
+    return ordered
 
 
 def resolve_side_heads(config, qst_config: QSTConfig) -> Optional[int]:
@@ -289,13 +313,20 @@ def _side_mrope_section(config, side_head_dim: int) -> Optional[list[int]]:
     return scaled
 
 
+#: (head-count, head-width) attribute names of Mamba mixers whose heads tile ``mamba_expand * hidden_size``: Bamba's
+#: and GraniteMoeHybrid's, and Zamba2's (whose mixer reshapes its ``mamba_expand`` x d channels into ``n_mamba_heads``
+#: heads of ``mamba_headdim``: left at the backbone's width, the side mixer's reshape failed)
+MAMBA_HEAD_ATTRIBUTES = (("mamba_n_heads", "mamba_d_head"), ("n_mamba_heads", "mamba_headdim"))
+
+
 def _mamba_head_attributes(config) -> Optional[tuple[str, str]]:
     """(head-count, head-width) attribute names of a hybrid model's Mamba mixers whose heads must tile
-    ``mamba_expand * hidden_size`` (Bamba, GraniteMoeHybrid), or None."""
+    ``mamba_expand * hidden_size`` (:data:`MAMBA_HEAD_ATTRIBUTES`), or None."""
     if getattr(config, "mamba_d_ssm", None) is not None:  # Falcon-H1: its own inner width, independent of d
         return None
-    if getattr(config, "mamba_n_heads", None) and getattr(config, "mamba_d_head", None) not in (None, "auto"):
-        return "mamba_n_heads", "mamba_d_head"
+    for count, width in MAMBA_HEAD_ATTRIBUTES:
+        if getattr(config, count, None) and getattr(config, width, None) not in (None, "auto"):
+            return count, width
     return None
 
 
@@ -381,7 +412,8 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
       the backbone's counts), so the head dimension becomes (d / r) / heads; an explicit ``head_dim`` is rewritten
       accordingly;
     - widths that follow from the head width are rescaled with it: GPT-J's ``rotary_dim`` (the same fraction of a side
-      head), the Mamba head width of hybrid models (Bamba) so that the heads tile ``mamba_expand`` x the side width;
+      head), the Mamba head width of hybrid models (Bamba) so that the heads tile ``mamba_expand`` x the side width,
+      a value head width set apart from ``head_dim`` (MiMo-V2-Flash's ``v_head_dim``: the same ratio to a side head);
       multi-head latent attention (DeepSeek-V2/V3) keeps its head widths and divides its low-rank compressions by r;
       per-layer token inputs (Gemma 3n/4), which need token ids, are switched off;
     - the vocabulary is dropped (the side trunk reads downsampled hidden states, never token ids) and embeddings are
@@ -432,6 +464,11 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
                 setattr(side, name, max(1, value // r))
     elif not head_dim_is_derived and (getattr(base_config, "head_dim", None) is not None or _uses_rotary(base_config)):
         side.head_dim = side_hidden // heads
+    if not latent_attention and _is_int_width(getattr(base_config, "v_head_dim", None)):
+        # a value head width set apart from head_dim (MiMo-V2-Flash: values of 128 beside queries and keys of 192)
+        # follows the side head width in the same ratio; kept, the side blocks' values were as wide as the backbone's
+        ratio = (side_hidden // heads) / _backbone_head_dim(base_config)
+        side.v_head_dim = max(1, round(int(base_config.v_head_dim) * ratio))
     if _rotary_dim(base_config) is not None:
         side.rotary_dim = _side_rotary_dim(base_config, side_hidden // heads)
     sections = _side_mrope_section(base_config, side_hidden // heads)
@@ -444,6 +481,10 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     if getattr(base_config, "hidden_size_per_layer_input", None):
         # per-layer inputs (Gemma 3n/4) are looked up from token ids, which the side trunk never sees
         side.hidden_size_per_layer_input = 0
+    for name in HIDDEN_MULTIPLE_ATTRIBUTES:
+        value = getattr(base_config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value and value % hidden == 0:
+            setattr(side, name, value // hidden * side_hidden)
     for name in EMBEDDING_WIDTH_ATTRIBUTES:
         # a separate embedding width (OPT's word_embed_proj_dim) projects in and out of the trunk; the side trunk reads
         # no embeddings and writes no logits, so its embedding width is its hidden width (no projections)
@@ -453,6 +494,7 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         value = getattr(base_config, name, None)
         if _is_ffn_width_attribute(name) and isinstance(value, int) and not isinstance(value, bool):
             setattr(side, name, max(1, value // r))
+    _shrink_block_sub_configs(base_config, side, r, kv_heads)
     _resample_rope_factor_lists(base_config, side, side_hidden // side.num_attention_heads)
     side.vocab_size = 1
     for name in ("bos_token_id", "eos_token_id"):
@@ -469,6 +511,29 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     side._attn_implementation = side_attention_implementation(base_config)  # SDPA in float32 on CPU where it can
     _avoid_misaligned_grouped_experts(base_config, side)
     return side
+
+
+def _shrink_block_sub_configs(base_config, side, r: int, kv_heads: Optional[int]) -> None:
+    """Sub-configs that configure parts of every block rather than a tower of their own (DBRX's ``attn_config`` and
+    ``ffn_config``: no layers of their own) take the rules the config took: a ``hidden_size`` that mirrors the model's
+    becomes the side's, FFN widths are divided by r, and a key/value head count equal to the model's becomes the side's.
+    DBRX's experts read ``ffn_config.hidden_size`` and ``ffn_hidden_size`` and its attention ``attn_config.kv_n_heads``,
+    not the top-level copies, so its side network kept the backbone's expert widths and key/value heads and did not run
+    ("mat1 and mat2 shapes cannot be multiplied"). Towers (vision, audio: they have layers) are left alone."""
+    hidden, base_kv = int(base_config.hidden_size), _num_kv_heads(base_config)
+    for name in getattr(base_config, "sub_configs", None) or {}:
+        sub = getattr(side, name, None)
+        if not hasattr(sub, "to_dict") or getattr(sub, "num_hidden_layers", None) is not None:
+            continue
+        if getattr(sub, "hidden_size", None) == hidden:
+            sub.hidden_size = int(side.hidden_size)
+        for attribute in _config_attribute_names(sub):
+            value = getattr(sub, attribute)
+            if _is_ffn_width_attribute(attribute) and isinstance(value, int) and not isinstance(value, bool):
+                setattr(sub, attribute, max(1, value // r))
+        kv_name = _kv_head_attribute(sub)
+        if kv_name is not None and kv_heads is not None and getattr(sub, kv_name) == base_kv:
+            setattr(sub, kv_name, kv_heads)
 
 
 #: width multiple that keeps every row of a bf16/fp16 (and float32) expert matrix a multiple of 16 bytes

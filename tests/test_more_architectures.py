@@ -4,9 +4,11 @@ side-tune.
 
 Each family here stands for a rule (found by running every causal-LM type of transformers 5.24 through QST):
 multi-head latent attention (DeepSeek-V3), a rotated fraction of each head (`rotary_dim`, GPT-J), Mamba heads that
-tile a width derived from the hidden size (Bamba), per-layer token inputs (Gemma 4), mixture-of-experts FFN widths
-(Qwen2-MoE), a trunk that `get_decoder()` does not return (Llama 4), RoBERTa-style positions counted from the
-padding index, and configs that refuse None token ids (CWM). `integration/arch_sweep.py` runs every type.
+tile a width derived from the hidden size (Bamba, Zamba2), per-layer token inputs (Gemma 4), mixture-of-experts FFN
+widths (Qwen2-MoE), a trunk that `get_decoder()` does not return (Llama 4), RoBERTa-style positions counted from the
+padding index, configs that refuse None token ids (CWM), block parts configured in sub-configs (DBRX), an attention
+width that is a multiple of the hidden size (Zamba), and "auto" side heads the model's class refuses (DiffLlama).
+`integration/arch_sweep.py` runs every type.
 """
 
 from __future__ import annotations
@@ -47,10 +49,16 @@ OVERRIDES = {
     "dbrx": dict(d_model=128, n_heads=4, n_layers=2, max_seq_len=128,
                  attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
                  ffn_config={"ffn_hidden_size": 256, "moe_num_experts": 4, "moe_top_k": 2}),
+    # a Mamba layer, then two hybrid ones (shared attention on [hidden, embeddings], then Mamba): the shared attention
+    # block is tied between hybrid layers, which transformers needs two of
+    "zamba": dict(num_hidden_layers=3, layers_block_type=["mamba", "hybrid", "hybrid"], n_mamba_heads=4,
+                  attention_head_dim=32),
+    "zamba2": dict(layers_block_type=["mamba", "hybrid"], n_mamba_heads=16, mamba_headdim=16, mamba_ngroups=1),
 }
 #: families that run end to end (init equals the base model, only the side network learns, training changes the
 #: output, cached generation equals uncached)
-WORKING = ["deepseek_v3", "gptj", "bamba", "gemma4_text", "qwen2_moe", "llama4_text", "roberta", "cwm"]
+WORKING = ["deepseek_v3", "gptj", "bamba", "gemma4_text", "qwen2_moe", "llama4_text", "roberta", "cwm", "dbrx", "zamba",
+           "zamba2", "diffllama", "mimo_v2_flash"]
 
 
 def tiny_config(model_type, **extra):
@@ -121,6 +129,88 @@ def test_side_widths_follow_the_rules():
         get_peft_model(tiny("gptj"), QSTConfig(task_type="CAUSAL_LM", side_heads=None))  # 4 heads of 2: 1 rotated
     bamba = side_of(get_peft_model(tiny("bamba"), QSTConfig(task_type="CAUSAL_LM"))).trunk.config
     assert bamba.mamba_n_heads * bamba.mamba_d_head == bamba.mamba_expand * 8
+    zamba2 = side_of(get_peft_model(tiny("zamba2"), QSTConfig(task_type="CAUSAL_LM"))).trunk.config
+    assert zamba2.n_mamba_heads * zamba2.mamba_headdim == zamba2.mamba_expand * 8  # Zamba2's names for the same rule
+    assert zamba2.attention_hidden_size == 16  # 2 d: the block input and the embeddings, side by side
+    zamba = side_of(get_peft_model(tiny("zamba"), QSTConfig(task_type="CAUSAL_LM"))).trunk.config
+    assert zamba.attention_hidden_size == 16
+    # DBRX configures its blocks in sub-configs: the experts' widths and the attention's key/value heads live there
+    dbrx = side_of(get_peft_model(tiny("dbrx"), QSTConfig(task_type="CAUSAL_LM"))).trunk.config
+    assert (dbrx.ffn_config.hidden_size, dbrx.ffn_config.ffn_hidden_size, dbrx.attn_config.kv_n_heads) == (8, 16, 1)
+    assert (dbrx.n_heads, dbrx.ffn_config.moe_num_experts) == (1, 4)
+
+
+def test_auto_side_heads_try_the_next_count_that_the_model_accepts():
+    """"auto" prefers one side head of 8 (r=16) for the tiny DiffLlama, whose class refuses it (one key/value head:
+    its differential attention needs an even number); two heads (one key/value head) are refused too, and the model's
+    own four heads (two key/value heads) work: get_peft_model records 4. A head count the user chose is not replaced."""
+    config = QSTConfig(task_type="CAUSAL_LM")
+    model = get_peft_model(tiny("diffllama"), config)
+    assert model.peft_config["default"].side_heads == 4
+    assert side_of(model).trunk.config.num_key_value_heads == 2
+    with pytest.raises(QSTUnsupportedModelError, match="DiffLlamaModel refuses its config") as raised:
+        get_peft_model(tiny("diffllama"), QSTConfig(task_type="CAUSAL_LM", side_heads=1))
+    assert "also tried" not in str(raised.value)
+
+
+def test_side_heads_split_among_key_value_heads_multiplied_in_some_layers():
+    """MiMo-V2-Flash's sliding-window layers have twice num_key_value_heads key/value heads (its modeling code, not its
+    config, says so): "auto"'s one side head (8 channels, nearest the model's heads of 32) leaves them no query head
+    each, and that side network does not run, so "auto" takes the next count, 2 heads of 4 with one key/value head
+    (two in the sliding layers). Its value heads (128 beside query/key heads of 32) follow the side head width in
+    that ratio; kept at 128, the side blocks' values were as wide as the backbone's."""
+    model = get_peft_model(tiny("mimo_v2_flash"), QSTConfig(task_type="CAUSAL_LM"))
+    side = side_of(model).trunk.config
+    assert model.peft_config["default"].side_heads == 2
+    assert (side.num_attention_heads, side.num_key_value_heads, side.head_dim, side.v_head_dim) == (2, 1, 4, 16)
+
+
+def test_an_adapter_whose_auto_side_heads_took_a_later_count_loads_with_the_config_it_was_made_with(tmp_path):
+    """transformers' load_adapter(peft_config=QSTConfig(...)) checks the given config against the saved one before
+    binding it, resolving "auto" to its first choice: the DiffLlama adapter "auto" gave 4 heads (the first choice, one
+    head, is refused by the model) was refused as saved with another head count. The check of the head count now
+    waits for the binding, which tries the counts as get_peft_model did; a saved count the binding does not reach
+    (a Llama without grouped key/value heads, so both layouts have weights of the same shapes: "auto" builds one
+    head, an adapter saved with side_heads=2) is still refused, and the load undone."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21]])
+    for model_type, extra, saved_heads, loads in [("diffllama", {}, "auto", True),
+                                                   ("llama", dict(num_key_value_heads=4), 2, False)]:
+        base_dir, folder = tmp_path / model_type / "base", tmp_path / model_type / "adapter"
+        tiny(model_type, **extra).save_pretrained(base_dir)
+        trained = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                 QSTConfig(task_type="CAUSAL_LM", side_heads=saved_heads))
+        train_steps(trained, ids, steps=1)
+        trained.save_pretrained(folder)
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+        if loads:
+            base.load_adapter(str(folder), peft_config=QSTConfig(task_type="CAUSAL_LM"))
+            assert base.peft_config["default"].side_heads == 4
+            with torch.no_grad():
+                assert torch.equal(base(input_ids=ids).logits, trained.eval()(input_ids=ids).logits)
+        else:
+            modules = [name for name, _ in base.named_modules()]
+            with pytest.raises(ValueError, match=r"side_heads=2 \(adapter 'default': 1\)"):
+                base.load_adapter(str(folder), peft_config=QSTConfig(task_type="CAUSAL_LM"))
+            assert [name for name, _ in base.named_modules()] == modules and not getattr(base, "peft_config", None)
+
+
+def test_auto_side_heads_name_every_count_tried_when_none_works():
+    """Kolibri 1.1 rounds keys and values in blocks of 16 channels; the tiny model's side width at r=16 (8) fits no
+    such head, so every count "auto" tries fails: the error is the first count's, naming the others; at r=8 one side
+    head of 16 works."""
+    extra = dict(index_num_heads=1, layer_types=["sliding_attention", "indexed_attention"], index_layers=[1],
+                 kv_source_layers=[0, 1], mlp_only_layers=[0], mlp_only_intermediate_size=256, index_topk=8,
+                 index_pool_size=32, index_compression=4, index_num_local_tokens=4, index_num_sink_tokens=1)
+    base = tiny("kolibri1_1", **extra)
+    trunk_before = {name for name, _ in base.named_modules()}
+    with pytest.raises(QSTUnsupportedModelError, match=re.escape("side_heads=1: the side network")) as raised:
+        get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    assert "also tried the other head counts that fit r=16 (2, 4 (the model's own))" in str(raised.value)
+    assert {name for name, _ in base.named_modules()} == trunk_before  # nothing was wrapped
+    model = get_peft_model(tiny("kolibri1_1", **extra), QSTConfig(task_type="CAUSAL_LM", r=8))
+    assert model.peft_config["default"].side_heads == 1
 
 
 @pytest.mark.parametrize(
@@ -129,10 +219,8 @@ def test_side_widths_follow_the_rules():
         ("electra", dict(embedding_size=64, is_decoder=True), "embedding_size=64 differs from hidden_size=128"),
         ("big_bird", dict(attention_type="original_full"), "bidirectional"),
         ("xlm", dict(emb_dim=128, n_layers=2, n_heads=4), "bidirectional"),
-        ("diffllama", {}, "side_heads=None"),
-        ("dbrx", {}, "does not run"),
     ],
-    ids=["embedding-width", "bert-style-encoder", "xlm-encoder", "model-refuses-side-config", "side-does-not-run"],
+    ids=["embedding-width", "bert-style-encoder", "xlm-encoder"],
 )
 def test_unsupported_model_is_refused_at_get_peft_model(model_type, extra, message):
     base = tiny(model_type, **extra)
@@ -145,6 +233,7 @@ def test_unsupported_model_is_refused_at_get_peft_model(model_type, extra, messa
 
 def test_a_model_whose_own_heads_fit_runs_with_side_heads_none():
     model = get_peft_model(tiny("diffllama"), QSTConfig(task_type="CAUSAL_LM", side_heads=None))
+    assert model.peft_config["default"].side_heads is None
     ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
     train_steps(model, ids, lr=3e-2)
 
