@@ -519,11 +519,16 @@ def _shrink_block_sub_configs(base_config, side, r: int, kv_heads: Optional[int]
     becomes the side's, FFN widths are divided by r, and a key/value head count equal to the model's becomes the side's.
     DBRX's experts read ``ffn_config.hidden_size`` and ``ffn_hidden_size`` and its attention ``attn_config.kv_n_heads``,
     not the top-level copies, so its side network kept the backbone's expert widths and key/value heads and did not run
-    ("mat1 and mat2 shapes cannot be multiplied"). Towers (vision, audio: they have layers) are left alone."""
+    ("mat1 and mat2 shapes cannot be multiplied"). Towers (vision, audio) are left alone: they are models of their own,
+    with a ``model_type`` (block parts have none) and layers. A layer count alone did not tell: Phi-4 multimodal's audio
+    tower counts its layers as ``num_blocks``, and its widths were divided, which changed the shapes of the unused tower
+    the side trunk builds (adapters saved before no longer loaded)."""
     hidden, base_kv = int(base_config.hidden_size), _num_kv_heads(base_config)
     for name in getattr(base_config, "sub_configs", None) or {}:
         sub = getattr(side, name, None)
-        if not hasattr(sub, "to_dict") or getattr(sub, "num_hidden_layers", None) is not None:
+        if not hasattr(sub, "to_dict") or getattr(sub, "model_type", None):
+            continue
+        if getattr(sub, "num_hidden_layers", None) is not None:
             continue
         if getattr(sub, "hidden_size", None) == hidden:
             sub.hidden_size = int(side.hidden_size)

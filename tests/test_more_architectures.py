@@ -140,6 +140,21 @@ def test_side_widths_follow_the_rules():
     assert (dbrx.n_heads, dbrx.ffn_config.moe_num_experts) == (1, 4)
 
 
+def test_sub_configs_of_towers_are_left_alone():
+    """Only sub-configs of block parts (DBRX's, which have no model type of their own) take the shrink rules. Phi-4
+    multimodal's trunk holds its audio tower, whose config counts its layers as ``num_blocks``: the rules divided its
+    ``intermediate_size`` (and its ``hidden_size`` where it equals the text model's), so the unused tower the side trunk
+    builds changed shape and adapters saved before no longer loaded."""
+    audio = dict(hidden_size=128, intermediate_size=256, num_blocks=2, num_attention_heads=4,
+                 depthwise_separable_out_channel=128, nemo_conv_channels=128, ext_pw_out_channel=128)
+    vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    base = tiny("phi4_multimodal", audio_config=audio, vision_config=vision)
+    side = side_of(get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))).trunk.config
+    assert side.hidden_size == 8  # the text model's width is divided
+    assert side.audio_config.to_dict() == base.config.audio_config.to_dict()
+    assert side.vision_config.to_dict() == base.config.vision_config.to_dict()
+
+
 def test_auto_side_heads_try_the_next_count_that_the_model_accepts():
     """"auto" prefers one side head of 8 (r=16) for the tiny DiffLlama, whose class refuses it (one key/value head:
     its differential attention needs an even number); two heads (one key/value head) are refused too, and the model's
