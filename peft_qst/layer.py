@@ -208,10 +208,27 @@ class QSTLayer(nn.Module, BaseTunerLayer):
     # adapters
     # ---------------------------------------------------------------------------------------------------------------
 
-    def bind_output_embeddings(self, output_embeddings: Optional[nn.Module]) -> None:
-        """The model's LM head, whose rows copy heads add (see :class:`~peft_qst.side.CopyHead`). Kept as a plain
-        reference, not a submodule: it belongs to the model and is neither trained nor saved with the adapter."""
-        self.__dict__["_output_embeddings"] = output_embeddings
+    def bind_output_embeddings(self, model: Optional[nn.Module]) -> None:
+        """The model whose LM head's rows copy heads add (see :class:`~peft_qst.side.CopyHead`). Kept as a plain
+        reference, not a submodule: the head belongs to the model and is neither trained nor saved with the adapter.
+        The head is looked up again at each forward (:meth:`_output_head`): ``resize_token_embeddings`` after
+        ``get_peft_model`` replaces an untied head with a new, larger module, and a head bound once kept the old rows
+        (the added tokens' ids failed the lookup)."""
+        self.__dict__["_output_model"] = model
+        self._output_head()
+
+    def _output_head(self) -> Optional[nn.Module]:
+        """The model's LM head as it is now; under ``modules_to_save`` (PEFT's wrapper around the head) its frozen
+        original, not the adapter's trained copy, as in training so in generation; inside an FSDP1 unit of its own,
+        the wrapped head."""
+        model = self.__dict__.get("_output_model")
+        get_output_embeddings = getattr(model, "get_output_embeddings", None)
+        head = get_output_embeddings() if callable(get_output_embeddings) else None
+        for wrapped in ("original_module", "_fsdp_wrapped_module"):
+            inner = getattr(head, wrapped, None)
+            head = head if inner is None else inner
+        self.__dict__["_output_embeddings"] = head
+        return head
 
     def _copy_inputs(self, kwargs: dict, hidden_states: tuple, memory) -> dict:
         input_ids = kwargs.get("input_ids")
@@ -229,7 +246,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 "static cache builds 4-D masks over the preallocated length). Generate with the default dynamic "
                 "cache, or pass a 2-D attention_mask."
             )
-        weight = _gathered_head_weight(self.__dict__["_output_embeddings"])
+        weight = _gathered_head_weight(self._output_head())
         past = memory.get_seq_length() if memory is not None else 0
         batch, length = input_ids.shape
         key_mask = copy_key_mask(

@@ -761,15 +761,13 @@ class QSTModel(BaseTuner):
         if isinstance(parent, QSTLayer) and target is parent.get_base_layer():
             target = parent  # a bare trunk (ROOT_TRUNK): the side network goes into the root wrapper around it
         dtype = resolve_side_dtype(self.model, peft_config)
-        get_output_embeddings = getattr(self.model, "get_output_embeddings", None)
-        output_embeddings = get_output_embeddings() if callable(get_output_embeddings) else None
         # a side network that cannot be used raises from update_layer before the layer holds it or hooks anything
         if isinstance(target, QSTLayer):
-            target.bind_output_embeddings(output_embeddings)
+            target.bind_output_embeddings(self.model)
             _update_layer(target, adapter_name, peft_config, dtype)
             return
         new_module = QSTLayer(target)
-        new_module.bind_output_embeddings(output_embeddings)
+        new_module.bind_output_embeddings(self.model)
         _update_layer(new_module, adapter_name, peft_config, dtype)
         setattr(parent, target_name, new_module)
 

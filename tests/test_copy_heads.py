@@ -194,3 +194,47 @@ def test_a_static_cache_is_refused_with_copy_heads():
     with pytest.raises(ValueError, match="copy heads, which read which positions are padding from a 2-D"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
                        cache_implementation="static")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_copy_heads_read_the_lm_head_of_a_vocabulary_resized_after_get_peft_model(tied):
+    """resize_token_embeddings after get_peft_model (to add tokens) replaces an untied LM head with a new, larger
+    module. The copy heads kept the head they were given at injection: the added tokens' ids failed the row lookup
+    (IndexError: index out of range) and the others read the old head's rows. They read the model's head as it is."""
+    model = get_peft_model(tiny_causal_lm(tie_word_embeddings=tied), copy_config())
+    model.resize_token_embeddings(136)
+    head = model.get_base_model().get_output_embeddings()
+    ids = IDS.clone()
+    ids[:, 0] = torch.tensor([128, 135, 7])  # two of the added tokens
+    with torch.no_grad():
+        head.weight[7].mul_(3.0)  # a row the new head holds and the old one does not
+        side = model.base_model.model.model.qst_side["default"]
+        side.copy_head.gate.fill_(0.5)
+        hidden = {}
+        handle = head.register_forward_pre_hook(lambda m, a: hidden.setdefault("h", a[0]))
+        model(input_ids=ids)
+        handle.remove()
+        with model.disable_adapter():
+            base_hidden = model.get_base_model().model(input_ids=ids).last_hidden_state
+    rows = head.weight[ids[:, 0]]
+    unit_rms_rows = rows / rows.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    assert torch.allclose(hidden["h"][:, 0] - base_hidden[:, 0], 2 * 0.5 * unit_rms_rows, atol=1e-5)
+
+
+def test_copy_heads_read_the_frozen_lm_head_under_modules_to_save():
+    """With modules_to_save=["lm_head"] the logits come from the adapter's trained copy of the head, while the copy
+    heads add the rows of the frozen original (as documented), in training and in generation alike."""
+    model = get_peft_model(tiny_causal_lm(), copy_config(modules_to_save=["lm_head"]))
+    train_steps(model, IDS, steps=3)
+    wrapper = model.get_base_model().lm_head
+    trained, original = wrapper.modules_to_save["default"].weight, wrapper.original_module.weight
+    assert not torch.equal(trained, original) and not original.requires_grad
+    captured = []
+    side = model.base_model.model.model.qst_side["default"]
+    handle = side.copy_head.register_forward_pre_hook(lambda m, a, k: captured.append(k["token_rows"]), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=IDS)
+        model.generate(input_ids=IDS[:1], max_new_tokens=2, do_sample=False)
+    handle.remove()
+    assert torch.equal(captured[0], original[IDS])
+    assert torch.equal(captured[1], original[IDS[:1]])
