@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Optional
 
+import torch
 from transformers.cache_utils import Cache
 
 _LAYOUT_METHODS = (
@@ -57,8 +58,8 @@ class QSTCache(Cache):
     """
 
     _own = frozenset(
-        ("backbone", "side", "memory", "side_cache", "with_side", "copy_memory", "with_copy_memory", "_each",
-         "is_croppable", *_LAYOUT_METHODS)
+        ("backbone", "side", "memory", "routing", "side_cache", "with_side", "copy_memory", "with_copy_memory",
+         "_each", "is_croppable", *_LAYOUT_METHODS)
     )
 
     def __init__(self, backbone: Cache, side: Optional[dict[str, Cache]] = None):
@@ -67,6 +68,8 @@ class QSTCache(Cache):
         object.__setattr__(self, "side", dict(side or {}))
         # per adapter with copy heads: the keys and token rows of past positions (see peft_qst.side.CopyHead)
         object.__setattr__(self, "memory", {})
+        # which hybrid adapters' backbone LoRA computed the backbone half (see BackboneRouting)
+        object.__setattr__(self, "routing", BackboneRouting())
 
     def __getattribute__(self, name: str) -> Any:
         if name.startswith("__") or name in QSTCache._own or name == "_own":
@@ -105,6 +108,7 @@ class QSTCache(Cache):
         yield self.backbone
         yield from self.side.values()
         yield from self.memory.values()
+        yield self.routing
 
     def reorder_cache(self, beam_idx):
         with _halves_applied_here(self.backbone):
@@ -146,6 +150,58 @@ class QSTCache(Cache):
 
 
 
+class BackboneRouting:
+    """Which hybrid adapter (``backbone_lora_layers``) adapted the backbone blocks that filled each row of a backbone
+    cache: ``rows`` is None (no row's backbone was adapted), an adapter name (every row's was, by that adapter), or a
+    tuple with one entry per row (a mixed batch, ``adapter_names=[...]``).
+
+    Without backbone LoRA the backbone half is the same whichever adapter runs, so any adapter, or none, may continue
+    it. A hybrid adapter's LoRA changes the keys and values of its top blocks: a cache it filled, continued with
+    adapters disabled (or the reverse, or by another hybrid), attended to keys and values of another model (silently
+    wrong tokens, not the base model's). The layer refuses a continuation whose routing differs
+    (:meth:`QSTLayer._check_routing`). It has the layout methods of a cache, so that it follows the rows of the batch
+    wherever the side halves do."""
+
+    is_croppable = True
+
+    def __init__(self, rows=None):
+        self.rows = rows
+
+    def __repr__(self) -> str:
+        return f"BackboneRouting({self.rows!r})"
+
+    @staticmethod
+    def uniform(rows):
+        """``rows`` with a tuple whose rows all agree written as that one entry (None for an empty batch)."""
+        if isinstance(rows, tuple) and len(set(rows)) <= 1:
+            return rows[0] if rows else None
+        return rows
+
+    def _select(self, indices) -> None:
+        if isinstance(self.rows, tuple):
+            picked = torch.arange(len(self.rows))[torch.as_tensor(indices).cpu()].tolist()
+            self.rows = self.uniform(tuple(self.rows[i] for i in picked))
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices) -> None:
+        self._select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if isinstance(self.rows, tuple):
+            self.rows = tuple(row for row in self.rows for _ in range(repeats))
+
+    def crop(self, max_length: int) -> None:
+        pass  # the rows stay as they are
+
+    def activate_past_recording(self, **kwargs) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.rows = None
+
+
 #: the attribute of a backbone cache that holds its side halves: (side caches, copy memories) by adapter name
 _PAIRING_ATTR = "_peft_qst_side_halves"
 
@@ -156,30 +212,32 @@ def remember_pairing(paired: QSTCache) -> None:
     that keeps every generation's caches alive until the garbage collector runs."""
     backbone_vars = getattr(paired.backbone, "__dict__", None)
     if backbone_vars is not None:
-        backbone_vars[_PAIRING_ATTR] = _SideHalves(type(paired.backbone), paired.side, paired.memory)
+        backbone_vars[_PAIRING_ATTR] = _SideHalves(type(paired.backbone), paired.side, paired.memory, paired.routing)
         _follow_layout_methods(type(paired.backbone))
 
 
 class _SideHalves(tuple):
-    """(side caches, copy memories) by adapter name, as recorded on a backbone cache, with the backbone cache's class.
+    """(side caches, copy memories) by adapter name, as recorded on a backbone cache, with the backbone cache's class
+    and its :class:`BackboneRouting`.
 
     The class's layout methods are patched when a pairing is recorded in this process. A cache saved with its halves
     (``torch.save``, pickle) and loaded in a fresh process has none recorded there yet: a ``reorder_cache`` before its
     first forward left the side halves in the old order (silently wrong logits). Unpickling the halves patches the
     class first."""
 
-    def __new__(cls, cache_class: type, side: dict, memory: dict):
+    def __new__(cls, cache_class: type, side: dict, memory: dict, routing: Optional[BackboneRouting] = None):
         halves = super().__new__(cls, (side, memory))
         halves.cache_class = cache_class
+        halves.routing = routing if routing is not None else BackboneRouting()
         return halves
 
     def __reduce__(self):
-        return _restored_halves, (self.cache_class, self[0], self[1])
+        return _restored_halves, (self.cache_class, self[0], self[1], self.routing)
 
 
-def _restored_halves(cache_class: type, side: dict, memory: dict) -> _SideHalves:
+def _restored_halves(cache_class: type, side: dict, memory: dict, routing=None) -> _SideHalves:
     _follow_layout_methods(cache_class)
-    return _SideHalves(cache_class, side, memory)
+    return _SideHalves(cache_class, side, memory, routing)
 
 
 #: ids of the backbone caches whose side halves a layout method is being applied to in this context: an inner call on
@@ -223,7 +281,7 @@ def _following(name: str, method):
         # the method of a user's subclass may call the (also patched) method it overrides: the halves move once
         with _halves_applied_here(self):
             result = method(self, *args, **kwargs)
-            for half in (*halves[0].values(), *halves[1].values()):
+            for half in (*halves[0].values(), *halves[1].values(), halves.routing):
                 if half is not None:
                     getattr(half, name)(*args, **kwargs)
         return result
@@ -242,4 +300,5 @@ def paired_cache(cache):
         return cache
     paired = QSTCache(cache, halves[0])
     paired.memory.update(halves[1])
+    paired.routing = halves.routing
     return paired

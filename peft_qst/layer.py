@@ -25,7 +25,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 
-from .cache import QSTCache, cache_field, has_cache_field, paired_cache, remember_pairing
+from .cache import BackboneRouting, QSTCache, cache_field, has_cache_field, paired_cache, remember_pairing
 from .config import QSTConfig
 from .backbone_lora import top_block_linears
 from .bnb_compat import allow_cpu_packing_again, keep_unpacked_for_backward
@@ -580,11 +580,14 @@ class QSTLayer(nn.Module, BaseTunerLayer):
     def _forward_base(self, cache, kwargs: dict):
         """The trunk exactly as without QST; a paired cache keeps its side halves for later adapted steps."""
         backbone_cache = cache.backbone if isinstance(cache, QSTCache) else cache
+        if isinstance(cache, QSTCache):
+            self._check_routing(cache, None)
         out = self.base_layer(**kwargs, **{self._cache_kwarg: backbone_cache})
         if isinstance(cache, QSTCache) and not isinstance(out, tuple):
             new_backbone_cache = out.get(cache_field(out))
             if new_backbone_cache is not None:
                 cache.backbone = new_backbone_cache
+                cache.routing.rows = None
                 remember_pairing(cache)
                 out[cache_field(out)] = cache
         return out
@@ -607,21 +610,24 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             use_cache = getattr(config, "use_cache", False)
 
         backbone_cache, side_caches, memories = self._split_cache(cache, adapter_names)
+        routing = self._routing(adapter_names, row_adapters)
+        if isinstance(cache, QSTCache):
+            self._check_routing(cache, routing)
         inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         if row_adapters is not None and inputs is not None and len(row_adapters) != inputs.shape[0]:
             raise ValueError(
                 f"adapter_names has {len(row_adapters)} entries for a batch of {inputs.shape[0]} rows; give "
                 "one adapter name per row."
             )
-        routing = []
+        lora_routing = []
         for name in adapter_names:
             lora = self.qst_side[name].backbone_lora
             if lora is not None:
                 rows = None if row_adapters is None else torch.tensor([n == name for n in row_adapters])
-                routing.append((name, rows, lora.first_block))
+                lora_routing.append((name, rows, lora.first_block))
         state = call_state(self)
-        state["lora_routing"] = [(name, rows) for name, rows, _ in routing]
-        grad_from = min(first for _, _, first in routing) if routing and torch.is_grad_enabled() else None
+        state["lora_routing"] = [(name, rows) for name, rows, _ in lora_routing]
+        grad_from = min(first for _, _, first in lora_routing) if lora_routing and torch.is_grad_enabled() else None
         state["grad_from"] = grad_from
         restore_checkpointing = self._checkpoint_adapted_blocks(grad_from)
         captured = state["captured"] = []
@@ -696,6 +702,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         if use_cache and new_backbone_cache is not None:
             paired = cache if isinstance(cache, QSTCache) else QSTCache(new_backbone_cache)
             paired.backbone = new_backbone_cache
+            paired.routing.rows = routing
             remember_pairing(paired)
             for name, side_cache in new_side_caches.items():
                 paired.with_side(name, side_cache)
@@ -706,6 +713,37 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         if return_dict is False:
             return out.to_tuple()
         return out
+
+    def _routing(self, adapter_names: list[str], row_adapters=None):
+        """The :class:`~peft_qst.cache.BackboneRouting` rows of a forward of ``adapter_names`` (one per row with
+        ``row_adapters``): which hybrid adapter's backbone LoRA adapts each row's backbone blocks."""
+        def hybrid(name):
+            return name if name in self.qst_side and self.qst_side[name].backbone_lora is not None else None
+
+        if row_adapters is None:
+            return hybrid(adapter_names[0])
+        return BackboneRouting.uniform(tuple(hybrid(name) for name in row_adapters))
+
+    def _check_routing(self, cache: QSTCache, routing) -> None:
+        """Refuse to continue a backbone cache whose keys and values were computed under other backbone adapters
+        than this forward's: a hybrid adapter's cache continued with adapters disabled (or by another adapter)
+        attended to keys and values of another model and generated neither model's tokens, without an error."""
+        filled = cache.routing.rows
+        if filled == routing or cache.backbone.get_seq_length() == 0:
+            return
+        def described(rows):
+            if rows is None:
+                return "no backbone adapter (adapters disabled, or adapters without backbone_lora_layers)"
+            if isinstance(rows, str):
+                return f"the backbone LoRA of adapter {rows!r}"
+            return f"per-row backbone LoRA {list(rows)} (None: none)"
+        raise ValueError(
+            f"The cache holds {cache.backbone.get_seq_length()} past tokens whose backbone keys and values were "
+            f"computed with {described(filled)}, but this forward runs {described(routing)}: adapters with "
+            "backbone_lora_layers change the backbone's keys and values, so the continuation would attend to another "
+            "model's history. Continue a cache only with the adapter (and adapter_names rows) that filled it, or "
+            "start generation again with a fresh cache."
+        )
 
     def _split_cache(self, cache, adapter_names: list[str]):
         """The backbone half of whatever cache the caller passed, and the side halves (side-trunk caches, copy-head

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -384,3 +385,48 @@ def test_deleting_or_unloading_the_hybrid_gives_4bit_layers_their_cpu_kernel_bac
     assert flags(unloaded) == flags(base)
     with torch.no_grad():
         assert torch.equal(unloaded(input_ids=IDS).logits, expected)
+
+
+@pytest.mark.parametrize("own_cache", [False, True], ids=["returned-cache", "callers-own-cache"])
+def test_a_hybrid_adapters_cache_is_not_continued_under_another_backbone(own_cache):
+    """A hybrid adapter's backbone LoRA changes the keys and values its top blocks cache. Such a cache continued with
+    adapters disabled generated neither the base model's tokens nor the adapter's (the base model attending to the
+    adapted history), without an error; now the continuation is refused, and one with the adapter still matches
+    decoding without a cache."""
+    from transformers import DynamicCache
+
+    model = hybrid_model()
+    train_steps(model, IDS, steps=3, lr=3e-2)
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cache = DynamicCache() if own_cache else None
+        first = model.generate(input_ids=IDS[:1], past_key_values=cache, max_new_tokens=4, return_dict_in_generate=True,
+                               **kwargs)
+        cache = cache if own_cache else first.past_key_values
+        history = torch.cat([first.sequences, torch.tensor([[7, 8]])], 1)
+        with model.disable_adapter(), pytest.raises(ValueError, match="backbone LoRA of adapter 'default'"):
+            model.generate(input_ids=history, past_key_values=cache, max_new_tokens=6, **kwargs)
+        continued = model.generate(input_ids=history, past_key_values=cache, max_new_tokens=6, **kwargs)
+        assert torch.equal(continued, model.generate(input_ids=history, max_new_tokens=6, use_cache=False, **kwargs))
+
+
+def test_a_mixed_batch_cache_follows_its_rows_and_refuses_other_rows():
+    """In a mixed batch each row's backbone is adapted by its own hybrid adapter: the cache remembers which, follows
+    a reorder of its rows, and refuses a continuation that routes a row to another backbone."""
+    model = hybrid_model()
+    model.add_adapter("other", hybrid_config(backbone_lora_layers=1))
+    model.set_adapter("default")
+    model.eval()
+    routes = ["default", "__base__", "other"]
+    with torch.no_grad():
+        cache = model(input_ids=IDS, adapter_names=routes, use_cache=True).cache
+        step = torch.tensor([[7], [8], [9]])
+        with pytest.raises(ValueError, match=r"per-row backbone LoRA \['default', None, 'other'\]"):
+            model(input_ids=step, cache=copy.deepcopy(cache), use_cache=True)
+        rows = torch.tensor([2, 0, 1])
+        cache.reorder_cache(rows)
+        continued = model(input_ids=step, cache=cache, adapter_names=[routes[i] for i in rows], use_cache=True).logits
+        full = model(input_ids=torch.cat([IDS[rows], step], 1), adapter_names=[routes[i] for i in rows]).logits
+        torch.testing.assert_close(continued[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)
+        with pytest.raises(ValueError, match="per-row backbone LoRA"):
+            model(input_ids=step, cache=cache, adapter_names=routes, use_cache=True)
