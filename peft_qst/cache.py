@@ -82,6 +82,11 @@ class QSTCache(Cache):
         else:
             setattr(self.backbone, name, value)
 
+    def __setstate__(self, state: dict) -> None:
+        # a QSTCache pickled before caches recorded their routing: which backbone adapters filled it is unknown
+        state = {"routing": BackboneRouting(recorded=False), **state}
+        object.__getattribute__(self, "__dict__").update(state)
+
     def __len__(self) -> int:
         return len(self.backbone)
 
@@ -160,12 +165,24 @@ class BackboneRouting:
     adapters disabled (or the reverse, or by another hybrid), attended to keys and values of another model (silently
     wrong tokens, not the base model's). The layer refuses a continuation whose routing differs
     (:meth:`QSTLayer._check_routing`). It has the layout methods of a cache, so that it follows the rows of the batch
-    wherever the side halves do."""
+    wherever the side halves do.
+
+    ``recorded`` is False for a cache saved (``torch.save``, pickle) before caches recorded their routing: nothing
+    says which backbone adapters filled it, so its continuation is not checked (as before), rather than refused for
+    the adapter that filled it and allowed for the others."""
 
     is_croppable = True
+    recorded = True
 
-    def __init__(self, rows=None):
+    def __init__(self, rows=None, recorded: bool = True):
         self.rows = rows
+        if not recorded:
+            self.recorded = False
+
+    def record(self, rows) -> None:
+        """The rows of the forward that just extended the cache."""
+        self.rows = rows
+        self.recorded = True
 
     def __repr__(self) -> str:
         return f"BackboneRouting({self.rows!r})"
@@ -237,7 +254,8 @@ class _SideHalves(tuple):
 
 def _restored_halves(cache_class: type, side: dict, memory: dict, routing=None) -> _SideHalves:
     _follow_layout_methods(cache_class)
-    return _SideHalves(cache_class, side, memory, routing)
+    # halves pickled before they recorded their routing (three arguments): unknown, not "no backbone adapter"
+    return _SideHalves(cache_class, side, memory, BackboneRouting(recorded=False) if routing is None else routing)
 
 
 #: ids of the backbone caches whose side halves a layout method is being applied to in this context: an inner call on

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -153,6 +154,29 @@ def _mix_as_fsdp_forward(side: nn.Module) -> None:
         register_fsdp_forward_method(side, "mix")
 
 
+class _ModelReference:
+    """A weak reference to the model whose LM head copy heads read (:meth:`QSTLayer.bind_output_embeddings`). The model
+    holds the layer: a strong reference back made a cycle, and ``del model`` (then ``torch.cuda.empty_cache()``) no
+    longer freed the model's weights until the garbage collector ran. A deep copy of the model refers to the copied
+    model, a layer copied without it to none (it keeps the head it last saw); pickled, it is the model (the pickle's
+    memo makes that the unpickled model)."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, model: Optional[nn.Module]):
+        self._ref = weakref.ref(model) if model is not None else None
+
+    def __call__(self) -> Optional[nn.Module]:
+        return self._ref() if self._ref is not None else None
+
+    def __deepcopy__(self, memo) -> "_ModelReference":
+        model = self()
+        return _ModelReference(memo.get(id(model)) if model is not None else None)
+
+    def __reduce__(self):
+        return _ModelReference, (self(),)
+
+
 class QSTLayer(nn.Module, BaseTunerLayer):
     """Wraps a decoder trunk; holds one :class:`~peft_qst.side.QSTSideNetwork` per adapter in ``qst_side``."""
 
@@ -214,14 +238,17 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         The head is looked up again at each forward (:meth:`_output_head`): ``resize_token_embeddings`` after
         ``get_peft_model`` replaces an untied head with a new, larger module, and a head bound once kept the old rows
         (the added tokens' ids failed the lookup)."""
-        self.__dict__["_output_model"] = model
+        self.__dict__["_output_model"] = _ModelReference(model)
         self._output_head()
 
     def _output_head(self) -> Optional[nn.Module]:
         """The model's LM head as it is now; under ``modules_to_save`` (PEFT's wrapper around the head) its frozen
         original, not the adapter's trained copy, as in training so in generation; inside an FSDP1 unit of its own,
-        the wrapped head."""
-        model = self.__dict__.get("_output_model")
+        the wrapped head. A layer copied or unpickled without its model keeps the head it last saw."""
+        reference = self.__dict__.get("_output_model")
+        model = reference() if reference is not None else None
+        if model is None:
+            return self.__dict__.get("_output_embeddings")
         get_output_embeddings = getattr(model, "get_output_embeddings", None)
         head = get_output_embeddings() if callable(get_output_embeddings) else None
         for wrapped in ("original_module", "_fsdp_wrapped_module"):
@@ -587,7 +614,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             new_backbone_cache = out.get(cache_field(out))
             if new_backbone_cache is not None:
                 cache.backbone = new_backbone_cache
-                cache.routing.rows = None
+                cache.routing.record(None)
                 remember_pairing(cache)
                 out[cache_field(out)] = cache
         return out
@@ -702,7 +729,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         if use_cache and new_backbone_cache is not None:
             paired = cache if isinstance(cache, QSTCache) else QSTCache(new_backbone_cache)
             paired.backbone = new_backbone_cache
-            paired.routing.rows = routing
+            paired.routing.record(routing)
             remember_pairing(paired)
             for name, side_cache in new_side_caches.items():
                 paired.with_side(name, side_cache)
@@ -729,7 +756,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         than this forward's: a hybrid adapter's cache continued with adapters disabled (or by another adapter)
         attended to keys and values of another model and generated neither model's tokens, without an error."""
         filled = cache.routing.rows
-        if filled == routing or cache.backbone.get_seq_length() == 0:
+        if filled == routing or not cache.routing.recorded or cache.backbone.get_seq_length() == 0:
             return
         def described(rows):
             if rows is None:

@@ -430,3 +430,34 @@ def test_a_mixed_batch_cache_follows_its_rows_and_refuses_other_rows():
         torch.testing.assert_close(continued[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)
         with pytest.raises(ValueError, match="per-row backbone LoRA"):
             model(input_ids=step, cache=cache, adapter_names=routes, use_cache=True)
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["plain", "hybrid"])
+def test_a_cache_saved_before_caches_recorded_their_routing_continues(hybrid, monkeypatch):
+    """A cache pickled before caches recorded which backbone adapters filled them has no routing: the returned
+    QSTCache failed with AttributeError (for plain adapters too), and a caller's own cache read as filled with no
+    backbone adapter, so the adapter that filled it was refused. Such a cache continues unchecked, as before."""
+    import pickle
+
+    from transformers import DynamicCache
+
+    from peft_qst import cache as cache_module
+
+    model = (hybrid_model() if hybrid else get_peft_model(tiny_causal_lm(num_hidden_layers=LAYERS),
+                                                          QSTConfig(task_type="CAUSAL_LM", r=4))).eval()
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    # the pickled form of that version: a QSTCache without routing, side halves reduced to three arguments
+    monkeypatch.setattr(cache_module._SideHalves, "__reduce__",
+                        lambda self: (cache_module._restored_halves, (self.cache_class, self[0], self[1])))
+    with torch.no_grad():
+        own = DynamicCache()
+        first = model.generate(input_ids=IDS[:1], past_key_values=own, max_new_tokens=3, **kwargs)
+        returned = model.generate(input_ids=IDS[:1], max_new_tokens=3, return_dict_in_generate=True,
+                                  **kwargs).past_key_values
+        del vars(returned)["routing"]
+        history = torch.cat([first, torch.tensor([[7]])], 1)
+        expected = model.generate(input_ids=history, max_new_tokens=3, use_cache=False, **kwargs)
+        for saved in (own, returned):
+            loaded = pickle.loads(pickle.dumps(saved))
+            assert torch.equal(model.generate(input_ids=history, past_key_values=loaded, max_new_tokens=3, **kwargs),
+                               expected)

@@ -231,10 +231,58 @@ def test_copy_heads_read_the_frozen_lm_head_under_modules_to_save():
     assert not torch.equal(trained, original) and not original.requires_grad
     captured = []
     side = model.base_model.model.model.qst_side["default"]
-    handle = side.copy_head.register_forward_pre_hook(lambda m, a, k: captured.append(k["token_rows"]), with_kwargs=True)
+    handle = side.copy_head.register_forward_pre_hook(lambda m, a, k: captured.append(k["token_rows"]),
+                                                      with_kwargs=True)
     with torch.no_grad():
         model(input_ids=IDS)
         model.generate(input_ids=IDS[:1], max_new_tokens=2, do_sample=False)
     handle.remove()
     assert torch.equal(captured[0], original[IDS])
     assert torch.equal(captured[1], original[IDS[:1]])
+
+
+
+def test_a_deleted_model_is_freed_without_the_garbage_collector():
+    """The layers look the LM head up on the model at each forward. A strong reference from a layer to the model that
+    holds it made a cycle: ``del model`` (then ``torch.cuda.empty_cache()``) no longer freed the model's weights, only
+    the garbage collector's next run did."""
+    import gc
+    import weakref
+
+    model = get_peft_model(tiny_causal_lm(), copy_config()).eval()
+    with torch.no_grad():
+        model(input_ids=IDS)
+    base = weakref.ref(model.get_base_model())
+    gc.collect()
+    gc.disable()
+    try:
+        del model
+        assert base() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copied_model_reads_its_own_lm_head(how):
+    """A deep copy or a pickled model (the layers refer to their model weakly) reads its own model's LM head."""
+    import copy
+    import io
+
+    from peft_qst import QSTLayer
+
+    model = trained_copy_model(steps=2).eval()
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    if how == "deepcopy":
+        copied = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    layer = next(m for m in copied.modules() if isinstance(m, QSTLayer))
+    assert layer._output_head() is copied.get_base_model().get_output_embeddings()
+    with torch.no_grad():
+        copied.get_base_model().get_output_embeddings().weight[IDS[0, 0]].mul_(2.0)
+        assert torch.equal(model(input_ids=IDS).logits, expected)  # the copy's head, not the original's
+        assert not torch.equal(copied(input_ids=IDS).logits, expected)
