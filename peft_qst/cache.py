@@ -172,12 +172,10 @@ class BackboneRouting:
     the adapter that filled it and allowed for the others."""
 
     is_croppable = True
-    recorded = True
 
     def __init__(self, rows=None, recorded: bool = True):
         self.rows = rows
-        if not recorded:
-            self.recorded = False
+        self.recorded = recorded
 
     def record(self, rows) -> None:
         """The rows of the forward that just extended the cache."""

@@ -209,7 +209,7 @@ def _load_the_best_checkpoint_of_the_trained_adapter() -> None:
             folder = os.path.join(best, active) if best and isinstance(active, str) and active != "default" else None
             if (
                 folder is None
-                or not os.path.isfile(os.path.join(folder, "adapter_model.safetensors"))
+                or not os.path.isfile(os.path.join(folder, ADAPTER_SAFE_WEIGHTS_NAME))
                 or "load_adapter" in vars(model)
             ):
                 return original(self)

@@ -483,17 +483,15 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         side.hidden_size_per_layer_input = 0
     for name in HIDDEN_MULTIPLE_ATTRIBUTES:
         value = getattr(base_config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value and value % hidden == 0:
+        if _is_int_width(value) and value and value % hidden == 0:
             setattr(side, name, value // hidden * side_hidden)
     for name in EMBEDDING_WIDTH_ATTRIBUTES:
         # a separate embedding width (OPT's word_embed_proj_dim) projects in and out of the trunk; the side trunk reads
         # no embeddings and writes no logits, so its embedding width is its hidden width (no projections)
         if getattr(base_config, name, None) is not None:
             setattr(side, name, side_hidden)
-    for name in dict.fromkeys([*FFN_SIZE_ATTRIBUTES, *_config_attribute_names(base_config)]):
-        value = getattr(base_config, name, None)
-        if _is_ffn_width_attribute(name) and isinstance(value, int) and not isinstance(value, bool):
-            setattr(side, name, max(1, value // r))
+    ffn_names = dict.fromkeys([*FFN_SIZE_ATTRIBUTES, *_config_attribute_names(base_config)])
+    _divide_ffn_widths(base_config, side, r, ffn_names)
     _shrink_block_sub_configs(base_config, side, r, kv_heads)
     _resample_rope_factor_lists(base_config, side, side_hidden // side.num_attention_heads)
     side.vocab_size = 1
@@ -511,6 +509,14 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     side._attn_implementation = side_attention_implementation(base_config)  # SDPA in float32 on CPU where it can
     _avoid_misaligned_grouped_experts(base_config, side)
     return side
+
+
+def _divide_ffn_widths(source, target, r: int, names) -> None:
+    """Each of ``names`` that holds an FFN width in config ``source`` set on ``target`` divided by r (at least 1)."""
+    for name in names:
+        value = getattr(source, name, None)
+        if _is_ffn_width_attribute(name) and _is_int_width(value):
+            setattr(target, name, max(1, value // r))
 
 
 def _shrink_block_sub_configs(base_config, side, r: int, kv_heads: Optional[int]) -> None:
@@ -532,10 +538,7 @@ def _shrink_block_sub_configs(base_config, side, r: int, kv_heads: Optional[int]
             continue
         if getattr(sub, "hidden_size", None) == hidden:
             sub.hidden_size = int(side.hidden_size)
-        for attribute in _config_attribute_names(sub):
-            value = getattr(sub, attribute)
-            if _is_ffn_width_attribute(attribute) and isinstance(value, int) and not isinstance(value, bool):
-                setattr(sub, attribute, max(1, value // r))
+        _divide_ffn_widths(sub, sub, r, _config_attribute_names(sub))
         kv_name = _kv_head_attribute(sub)
         if kv_name is not None and kv_heads is not None and getattr(sub, kv_name) == base_kv:
             setattr(sub, kv_name, kv_heads)
