@@ -472,9 +472,19 @@ def _update_layer(layer: QSTLayer, adapter_name: str, config: QSTConfig, dtype: 
         "None (the model's own heads)" if heads is None else f"{heads} (the model's own)" if heads == own else str(heads)
         for heads in others
     )
+    problem = getattr(first_error, "problem", None)
+    if problem is None:
+        raise QSTUnsupportedModelError(
+            f"{first_error} side_heads={AUTO!r} also tried the other head counts that fit r={config.r} ({tried}), and "
+            "none of their side networks can be used either: another r may fit."
+        ) from first_error
+    # the first error's own advice (side_heads=None, the model's heads) was tried already: not repeated
     raise QSTUnsupportedModelError(
-        f"{first_error} side_heads={AUTO!r} also tried the other head counts that fit r={config.r} ({tried}), and none "
-        "of their side networks can be used either: another r may fit."
+        f"QST does not support this {base_config.model_type} model with r={config.r}, side_heads={chosen}: the side "
+        f"network built from its config by QST's shrink rules cannot be used: {problem}. side_heads={AUTO!r} also "
+        "tried the other "
+        f"head counts that fit r={config.r} ({tried}), and none of their side networks can be used either: another r "
+        "may fit, otherwise the model is not supported (see the README's supported architectures)."
     ) from first_error
 
 

@@ -789,16 +789,23 @@ def copy_key_mask(
 ) -> torch.Tensor:
     """Which keys (past + current positions) each current position's copy heads may attend to: earlier or same
     positions, not padding (a 2-D ``attention_mask``), and within the same sequence of a packed row (no attention mask,
-    ``position_ids`` restarting at 0 where a sequence starts). A position always sees itself, so that a padding
-    position has one key and no row of the softmax is empty."""
+    and a new sequence wherever ``position_ids`` do not go up by one: transformers' rule for the backbone's own
+    attention, ``find_packed_sequence_indices``, so that the copy heads never read across a boundary the backbone
+    keeps). A position always sees itself, so that a padding position has one key and no row of the softmax is
+    empty."""
     total = past + length
     query_positions = torch.arange(past, total, device=device)
     key_positions = torch.arange(total, device=device)
     mask = (key_positions.view(1, -1) <= query_positions.view(-1, 1)).expand(batch, length, total)
     if attention_mask is not None and attention_mask.dim() == 2:
         mask = mask & attention_mask[:, -total:].to(device=device, dtype=torch.bool).unsqueeze(1)
-    elif attention_mask is None and position_ids is not None and past == 0 and position_ids.shape[-1] == length:
-        segments = torch.cumsum((position_ids.to(device) == 0).long(), dim=-1).expand(batch, length)
+    elif (
+        attention_mask is None and position_ids is not None and position_ids.dim() <= 2 and past == 0
+        and position_ids.shape[-1] == length
+    ):
+        positions = position_ids.to(device).view(-1, length)
+        steps = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1)
+        segments = torch.cumsum((steps != 1).long(), dim=-1).expand(batch, length)
         mask = mask & (segments.unsqueeze(2) == segments.unsqueeze(1))
     return mask | (key_positions.view(1, -1) == query_positions.view(-1, 1))
 
@@ -991,12 +998,14 @@ class QSTSideBlock(nn.Module):
 def _unsupported_side_network(base_config, qst_config: QSTConfig, problem: str) -> QSTUnsupportedModelError:
     """The error for a side network that QST's shrink rules built for a model but that cannot be used."""
     heads = "" if qst_config.side_heads is None else f", side_heads={qst_config.side_heads}"
-    return QSTUnsupportedModelError(
+    error = QSTUnsupportedModelError(
         f"QST does not support this {base_config.model_type} model with r={qst_config.r}{heads}: the side network "
         f"built from its config by QST's shrink rules cannot be used: {problem}. Some models derive widths or head "
         "layouts from their hidden size in ways the rules do not cover; QSTConfig(side_heads=None) (the model's own "
         "heads) or another r may fit, otherwise the model is not supported (see the README's supported architectures)."
     )
+    error.problem = problem  # for the error of side_heads="auto", which names its own remedies (model._update_layer)
+    return error
 
 
 class QSTSideNetwork(nn.Module):

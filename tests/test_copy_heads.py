@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from transformers.masking_utils import find_packed_sequence_indices
 
 from peft_qst import QSTConfig, QSTUnsupportedModelError
 from peft_qst.side import copy_key_mask
@@ -122,6 +123,12 @@ def test_key_mask_causal_padding_and_packed_sequences():
     packed = copy_key_mask(1, 5, 0, None, torch.tensor([[0, 1, 2, 0, 1]]), torch.device("cpu"))
     assert packed[0, 3].tolist() == [False, False, False, True, False]
     assert packed[0, 4].tolist() == [False, False, False, True, True]
+    # a sequence also starts where the positions jump without restarting at 0 (transformers' rule for the backbone)
+    jumped = torch.tensor([[0, 1, 2, 7, 8], [3, 4, 5, 6, 0]])
+    segments = find_packed_sequence_indices(jumped)
+    mask = copy_key_mask(2, 5, 0, None, jumped, torch.device("cpu"))
+    expected = torch.tril(torch.ones(5, 5, dtype=torch.bool)) & (segments.unsqueeze(2) == segments.unsqueeze(1))
+    assert torch.equal(mask, expected) and mask[0, 3].tolist() == [False, False, False, True, False]
     # decoding: one new query after 3 cached keys sees all of them
     step = copy_key_mask(2, 1, 3, torch.ones(2, 4, dtype=torch.long), None, torch.device("cpu"))
     assert step.shape == (2, 1, 4) and step.all()

@@ -213,8 +213,8 @@ def test_an_adapter_whose_auto_side_heads_took_a_later_count_loads_with_the_conf
 
 def test_auto_side_heads_name_every_count_tried_when_none_works():
     """Kolibri 1.1 rounds keys and values in blocks of 16 channels; the tiny model's side width at r=16 (8) fits no
-    such head, so every count "auto" tries fails: the error is the first count's, naming the others; at r=8 one side
-    head of 16 works."""
+    such head, so every count "auto" tries fails: the error names the first count's problem and the others tried, and
+    suggests another r, not the model's own heads it tried; at r=8 one side head of 16 works."""
     extra = dict(index_num_heads=1, layer_types=["sliding_attention", "indexed_attention"], index_layers=[1],
                  kv_source_layers=[0, 1], mlp_only_layers=[0], mlp_only_intermediate_size=256, index_topk=8,
                  index_pool_size=32, index_compression=4, index_num_local_tokens=4, index_num_sink_tokens=1)
@@ -223,6 +223,7 @@ def test_auto_side_heads_name_every_count_tried_when_none_works():
     with pytest.raises(QSTUnsupportedModelError, match=re.escape("side_heads=1: the side network")) as raised:
         get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
     assert "also tried the other head counts that fit r=16 (2, 4 (the model's own))" in str(raised.value)
+    assert "side_heads=None" not in str(raised.value)  # the model's own heads were tried: not suggested again
     assert {name for name, _ in base.named_modules()} == trunk_before  # nothing was wrapped
     model = get_peft_model(tiny("kolibri1_1", **extra), QSTConfig(task_type="CAUSAL_LM", r=8))
     assert model.peft_config["default"].side_heads == 1
