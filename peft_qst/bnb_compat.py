@@ -26,6 +26,7 @@ report of the state_dict side was found; the same CPU packing also breaks ``mode
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 #: set on a Linear4bit once its state-dict hooks are registered, so injecting a second adapter does not add more
@@ -34,6 +35,8 @@ _PROTECTED_ATTR = "_qst_state_dict_keeps_cpu_packing"
 _SNAPSHOT_ATTR = "_qst_cpu_packed_snapshot"
 #: a Linear4bit's own ``support_avx512bf16_for_cpu``, kept while backbone adapters hold it in the standard layout
 _OWN_PACKING_ATTR = "_qst_own_support_avx512bf16_for_cpu"
+#: set on a Linear4bit once its forward pre-hook of :func:`unpack_4bit_layers_when_differentiated` is registered
+_GRAD_HOOK_ATTR = "_qst_unpacks_when_differentiated"
 
 
 def _linear4bit_class():
@@ -137,6 +140,37 @@ def keep_unpacked_for_backward(modules) -> int:
         module.weight.quant_state = quant_state
         unpacked += 1
     return unpacked
+
+
+def _unpack_when_differentiated(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: a packed layer whose input carries a gradient is unpacked for good before it runs."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad and _is_cpu_packed(module):
+        keep_unpacked_for_backward([module])
+
+
+def unpack_4bit_layers_when_differentiated(model: nn.Module) -> int:
+    """Keep every bitsandbytes ``Linear4bit`` of ``model`` differentiable after an eval forward has packed it.
+
+    QST differentiates through whatever lies between the mixed final hidden state and the loss. That is usually an
+    unquantized LM head, but some heads hold 4-bit layers of their own: the BERT-style decoders' ``cls.predictions.
+    transform.dense`` (bert, roberta, electra, ernie, ... with ``is_decoder=True``). Once an eval forward has packed
+    such a layer (``Trainer.evaluate``, a ``generate``), bitsandbytes runs it through its inference kernel, which has
+    no backward: the next training step failed ("a view of a leaf Variable that requires grad is being used in an
+    in-place operation", from adding the bias in place), and a layer without a bias would have passed no gradient on.
+    This pre-hook unpacks such a layer (:func:`keep_unpacked_for_backward`) the first time its input requires a
+    gradient; from then on it runs bitsandbytes' standard kernel, in training and in eval. Layers that never see a
+    gradient (the whole frozen backbone under plain QST) are not touched. Idempotent; returns how many layers got the
+    hook now (0 without bitsandbytes)."""
+    linear4bit = _linear4bit_class()
+    if linear4bit is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, linear4bit) and not getattr(module, _GRAD_HOOK_ATTR, False):
+            module.register_forward_pre_hook(_unpack_when_differentiated)
+            setattr(module, _GRAD_HOOK_ATTR, True)
+            count += 1
+    return count
 
 
 def allow_cpu_packing_again(modules) -> int:

@@ -25,7 +25,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .backbone_lora import resolve_backbone_lora_layers
-from .bnb_compat import keep_4bit_weights_through_state_dict
+from .bnb_compat import keep_4bit_weights_through_state_dict, unpack_4bit_layers_when_differentiated
 from .config import AUTO, QSTConfig
 from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, QSTLayer
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
@@ -441,6 +441,12 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _as_offset_key(key: str) -> str:
+    """The state-dict key of parameter ``key`` stored as a :class:`~peft_qst.side.ConstantOffset` offset."""
+    parent, _, name = key.rpartition(".")
+    return f"{parent}.parametrizations.{name}.original"
+
+
 def _update_layer(layer: QSTLayer, adapter_name: str, config: QSTConfig, dtype: torch.dtype) -> None:
     """``layer.update_layer``, which builds the side network and runs it once; where ``side_heads="auto"`` chose the
     head count (the caller named none) and the model's own class refuses that side network or it does not run, the
@@ -727,6 +733,9 @@ class QSTModel(BaseTuner):
         # saving (save_pretrained, trainer checkpoints) calls model.state_dict(); after an eval forward on a CPU with
         # AVX512-BF16, bitsandbytes' Linear4bit would unpack its weights lossily in memory there (peft_qst/bnb_compat.py)
         keep_4bit_weights_through_state_dict(model)
+        # and a 4-bit layer QST differentiates through (a BERT-style LM head's dense transform) stays differentiable
+        # after an eval forward has packed it (peft_qst/bnb_compat.py)
+        unpack_4bit_layers_when_differentiated(model)
         # generation's last-position logits: with a frozen LM head, PyTorch's CPU matmul would copy the whole head
         # weight for each prefill; in training, the head's backward in the side update's low rank (peft_qst/lm_head.py)
         install_lm_head_hooks(model)
@@ -893,6 +902,18 @@ class QSTModel(BaseTuner):
         loaded = {k for k in remapped if marker in k}
         strays = {k for k in remapped if f".{SIDE_ATTR}." in k and marker not in k}
         missing, unexpected = sorted(expected - loaded), sorted((loaded - expected) | strays)
+        # an earlier peft-qst stored one-entry vectors (a one-head side block's attention sink) as offsets from their
+        # random start, which it did not save (store_constant_parameters_as_offsets): the values are lost
+        # (keys PEFT does not know are left without the adapter's name)
+        lost = [key for key in missing if {_as_offset_key(key), _as_offset_key(key).replace(marker, f".{SIDE_ATTR}.")}
+                & set(unexpected)]
+        if lost:
+            raise QSTAdapterFileError(
+                f"The checkpoint of QST adapter {adapter_name!r} stores {len(lost)} one-entry weights (e.g. "
+                f"{lost[:2]}) as offsets from a random start that the peft-qst version which saved it did not record, "
+                "so their values cannot be recovered (it loaded only where the same random draws were repeated). "
+                "Train the adapter again with this version; nothing was loaded."
+            )
         if missing or unexpected:
             raise QSTAdapterFileError(
                 f"The checkpoint does not fit QST adapter {adapter_name!r} of this model: "

@@ -656,11 +656,16 @@ class ConstantOffset(nn.Module):
 
 def store_constant_parameters_as_offsets(module: nn.Module) -> int:
     """Reparametrize every vector parameter of ``module`` (and its children) that holds one nonzero value in all its
-    entries — norm weights, gates — as a :class:`ConstantOffset`; returns how many were reparametrized."""
+    entries — norm weights, gates — as a :class:`ConstantOffset`; returns how many were reparametrized.
+
+    Only vectors of two entries or more: the constant is not saved with the adapter (the stored offset is), so it must
+    be what every build of the same side network starts from. A vector of one entry holds "one value" whatever its
+    initialisation drew: the attention sink of a side block with one head (gpt-oss, Flint) is drawn at random, and
+    stored as an offset from that draw it reloaded onto another one (silently other logits)."""
     count = 0
     for child in list(module.modules()):
         for name, parameter in list(child._parameters.items()):
-            if parameter is None or parameter.dim() != 1 or parameter.numel() == 0 or parameter.device.type == "meta":
+            if parameter is None or parameter.dim() != 1 or parameter.numel() < 2 or parameter.device.type == "meta":
                 continue
             first = parameter.detach().flatten()[0]
             if first.item() == 0.0 or not bool(torch.all(parameter.detach() == first)):

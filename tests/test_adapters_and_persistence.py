@@ -533,3 +533,42 @@ def test_auto_peft_model_loads_a_task_less_adapter_in_a_fresh_process(tmp_path, 
         IDS,
     )
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("gpt_oss", dict(intermediate_size=64, num_local_experts=2, num_experts_per_tok=1, head_dim=16,
+                     layer_types=["full_attention", "sliding_attention"], sliding_window=8)),
+    ("flint", dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=2,
+                   num_experts_per_tok=1, head_dim=16)),
+])
+def test_attention_sinks_of_one_side_head_reload_in_another_process_state(tmp_path, model_type, extra):
+    """A side block with one head has one attention sink, a vector of one entry drawn at random. It was stored as an
+    offset from that random start (as norm weights are from 1), and the start is not saved: loaded after any other
+    random draw, the adapter silently computed with another sink (logits 4e-4 off on a 4-bit Flint). Only vectors of
+    two or more entries holding one value (norm weights, gates) are stored so now."""
+    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    base = tiny_causal_lm(model_type, **sizes, **extra)
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", side_heads=1))
+    assert any(name.endswith("self_attn.sinks") for name, _ in model.named_parameters())
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    train_steps(model, ids, steps=2)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(123)  # another random state for the side network built at load
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=ids).logits, expected)
+    # as the earlier version saved it: the sinks under their offset names, the digest of those (it recorded one)
+    from peft_qst.serialization import weights_digest
+
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = {key.replace(".sinks", ".parametrizations.sinks.original"): t for key, t in load_file(path).items()}
+    save_file(tensors, path)
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["adapter_weights_sha256"] = weights_digest(tensors)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(QSTAdapterFileError, match="one-entry weights .* cannot be recovered"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")

@@ -95,3 +95,42 @@ def test_protection_is_idempotent_and_a_no_op_without_4bit_layers(tiny_model_dir
     model.add_adapter("other", QSTConfig(task_type="CAUSAL_LM", r=4))
     assert all(len(m._state_dict_pre_hooks) == 1 and len(m._state_dict_hooks) == 1 for _, m in layers)
     assert keep_4bit_weights_through_state_dict(torch.nn.Sequential(torch.nn.Linear(4, 4))) == 0
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "single-quant"])
+def test_a_4bit_layer_in_the_lm_head_trains_after_an_eval_forward(tmp_path, double_quant):
+    """A BERT-style decoder's LM head holds a 4-bit layer (``cls.predictions.transform.dense``) between the mixed
+    hidden state and the logits, which QST differentiates through. An eval forward packs it on an AVX512-BF16 CPU, and
+    bitsandbytes' packed kernel has no backward: the next training step failed. It is unpacked when a gradient first
+    reaches it, so training goes on, with the side gradients of a model never run in eval (to the bfloat16 rounding of
+    the unpacked block scales), while the frozen backbone keeps its packed inference kernel."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    config = BertConfig(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, is_decoder=True, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertLMHeadModel(config).save_pretrained(tmp_path / "base")
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def side_gradients(evaluate_first: bool) -> dict:
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config(
+            double_quant=double_quant, compute_dtype=torch.float32))
+        model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+        torch.manual_seed(2)
+        for parameter in model.parameters():  # an output path that is not zero, so every side gradient is
+            if parameter.requires_grad:
+                parameter.data.normal_(0, 0.1)
+        if evaluate_first:
+            model.eval()
+            _logits(model, ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        backbone = [m for n, m in _linear4bit_layers(model) if "cls." not in n]
+        assert not evaluate_first or not has_avx512bf16() or all(
+            getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in backbone)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    expected, after_eval = side_gradients(False), side_gradients(True)
+    assert expected.keys() == after_eval.keys() and len(expected) > 10
+    for name, gradient in expected.items():
+        assert float((after_eval[name] - gradient).norm()) <= 1e-2 * float(gradient.norm()) + 1e-9, name

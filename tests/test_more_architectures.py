@@ -302,6 +302,22 @@ def test_architecture_sweep_classifies_what_it_runs(tmp_path):
     }
 
 
+def test_architecture_sweep_in_4bit_runs_the_checks_on_a_quantized_model(tmp_path):
+    """``arch_sweep.py --4bit``: the same checks on the tiny model loaded back in 4-bit; the report says so, and the
+    hybrid's check of its start against the base model ran (within bf16 rounding on AVX512-BF16 CPUs)."""
+    import json
+    import subprocess
+    import sys
+
+    output = tmp_path / "sweep.json"
+    subprocess.run([sys.executable, f"{REPO}/integration/arch_sweep.py", "--4bit", "--output", str(output), "llama"],
+                   check=True, capture_output=True, timeout=600)
+    report = json.loads(output.read_text())
+    (record,) = report["records"]
+    assert report["quantization"] == "4-bit NF4" and record["cls"] == "OK", record
+    assert record["e_save_load"]["maxdiff"] == 0.0 and record["f_a_start_equals_base"]["pass"]
+
+
 def test_gpt_oss_real_widths_in_bf16_run_at_the_default_config():
     """gpt-oss-20b's real widths (2880, experts of 2880, 64 heads of 64) at r=16 give 180-wide side experts: 360 bytes
     a row in bf16 (the model's usual dtype), which ``torch._grouped_mm``, transformers' default experts kernel, refuses
