@@ -35,6 +35,9 @@ _PROTECTED_ATTR = "_qst_state_dict_keeps_cpu_packing"
 _SNAPSHOT_ATTR = "_qst_cpu_packed_snapshot"
 #: a Linear4bit's own ``support_avx512bf16_for_cpu``, kept while backbone adapters hold it in the standard layout
 _OWN_PACKING_ATTR = "_qst_own_support_avx512bf16_for_cpu"
+#: the packed quantization state's fields of a Linear4bit that :func:`keep_unpacked_for_backward` unpacked, and the
+#: quantization state and block scales the unpacking left, for :func:`allow_cpu_packing_again` to put back exactly
+_PACKED_FIELDS_ATTR = "_qst_packed_quant_state_fields"
 #: set on a Linear4bit once its forward pre-hook of :func:`unpack_4bit_layers_when_differentiated` is registered
 _GRAD_HOOK_ATTR = "_qst_unpacks_when_differentiated"
 
@@ -113,8 +116,9 @@ def keep_unpacked_for_backward(modules) -> int:
     40-90% after one eval forward had packed their layers). Plain QST never differentiates through the backbone; the
     layers of the blocks that carry ``backbone_lora_layers`` adapters do, so they must stay unpacked. The inverse
     conversion keeps the 4-bit codes exactly and the block scales to bfloat16 rounding (a plain ``absmax`` is moved
-    back to the standard flat layout, which bitsandbytes' own inverse leaves transposed). Returns how many layers were
-    unpacked now.
+    back to the standard flat layout, which bitsandbytes' own inverse leaves transposed). The packed state's fields are
+    kept (the bfloat16 block scales, small beside the 4-bit codes), so that :func:`allow_cpu_packing_again` packs
+    the layer back exactly as it was. Returns how many layers were unpacked now.
     """
     linear4bit = _linear4bit_class()
     if linear4bit is None:
@@ -132,14 +136,44 @@ def keep_unpacked_for_backward(modules) -> int:
         module.support_avx512bf16_for_cpu = False  # the repack condition of Linear4bit.forward
         if not _is_cpu_packed(module):
             continue
+        packed_fields = dict(module.weight.quant_state.__dict__)  # the inverse rebinds the fields it changes
         data, quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, module.weight.quant_state)
         absmax = quant_state.absmax
         if absmax.dim() == 2 and absmax.shape[1] == quant_state.shape[0]:  # plain absmax, left transposed
             quant_state.absmax = absmax.T.reshape(-1).float().contiguous()
         module.weight.data = data
         module.weight.quant_state = quant_state
+        setattr(module, _PACKED_FIELDS_ATTR, (packed_fields, quant_state, quant_state.absmax))
         unpacked += 1
     return unpacked
+
+
+def _pack_as_before(module: nn.Module) -> None:
+    """Put a layer :func:`keep_unpacked_for_backward` unpacked back into the packed layout it had, exactly: the 4-bit
+    codes are repacked (lossless), and the quantization state gets its packed fields back. Repacked by its next eval
+    forward instead, a double-quantized layer's block scales came from their re-quantization, and the base model's
+    logits (``disable_adapter()``, the other adapters', ``unload()``'s model) stayed off the never-adapted model's by
+    bfloat16 rounding after the hybrid adapter was deleted (0.003 on a tiny Llama), also after a refused
+    ``load_adapter`` of one. Left alone where the layer's weight was replaced or moved off the CPU since."""
+    kept = vars(module).pop(_PACKED_FIELDS_ATTR, None)
+    if kept is None:
+        return
+    packed_fields, unpacked_state, unpacked_absmax = kept
+    quant_state = getattr(module.weight, "quant_state", None)
+    if (
+        quant_state is not unpacked_state
+        or quant_state.absmax is not unpacked_absmax
+        or _is_cpu_packed(module)
+        or module.weight.device.type != "cpu"
+    ):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    data, quant_state = _convert_weight_packed_for_cpu(module.weight.data, quant_state)
+    quant_state.__dict__.clear()
+    quant_state.__dict__.update(packed_fields)
+    module.weight.data = data
+    module.weight.quant_state = quant_state
 
 
 def _unpack_when_differentiated(module: nn.Module, args: tuple) -> None:
@@ -178,10 +212,12 @@ def allow_cpu_packing_again(modules) -> int:
     (its adapter deleted, or the model unloaded): each gets its own ``support_avx512bf16_for_cpu`` back, so it runs
     bitsandbytes' CPU inference kernel again, as the base model does. Left off, the layers stayed on the slower
     standard kernel, and the base model's outputs (``disable_adapter()``, the model ``unload()`` hands back) differed
-    from the same model never adapted by bfloat16 rounding. Returns how many layers were given their setting back."""
+    from the same model never adapted by bfloat16 rounding. A layer that was packed when it was kept unpacked is packed
+    again as it was (:func:`_pack_as_before`). Returns how many layers were given their setting back."""
     restored = 0
     for module in modules:
         if _OWN_PACKING_ATTR in vars(module):
             module.support_avx512bf16_for_cpu = vars(module).pop(_OWN_PACKING_ATTR)
+            _pack_as_before(module)
             restored += 1
     return restored

@@ -32,7 +32,14 @@ from .backbone_lora import top_block_linears
 from .bnb_compat import allow_cpu_packing_again, keep_unpacked_for_backward
 from .fast_path import fsdp2_unit
 from .per_call import call_state, hold_call_state
-from .side import QSTSideNetwork, QSTUnsupportedModelError, copy_key_mask, find_layer_list, onloaded_tensor
+from .side import (
+    QSTSideNetwork,
+    QSTUnsupportedModelError,
+    _non_reentrant,
+    copy_key_mask,
+    find_layer_list,
+    onloaded_tensor,
+)
 
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
 BASE_ADAPTER_NAME = "__base__"
@@ -63,13 +70,6 @@ CONTINUOUS_BATCHING_REFUSAL = (
     "use_transformers_continuous_batching=True): its paged KV cache holds the backbone's attention layers only, and "
     "the side network keeps a cache of its own. Use generate() (TRL: leave use_transformers_continuous_batching off)."
 )
-
-
-def _non_reentrant(checkpoint: Callable) -> bool:
-    """Whether a block's checkpoint function is PyTorch's non-reentrant checkpoint, as transformers'
-    ``gradient_checkpointing_enable()`` builds it (``functools.partial(checkpoint, use_reentrant=False)``, its default
-    and TRL's)."""
-    return isinstance(checkpoint, functools.partial) and checkpoint.keywords.get("use_reentrant") is False
 
 
 def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:

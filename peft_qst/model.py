@@ -921,6 +921,11 @@ class QSTModel(BaseTuner):
                 f"(e.g. {unexpected[:3]}). It was saved from a different QST configuration or base model; nothing "
                 "was loaded."
             )
+        # tensors of neither the side network nor a module saved whole with it: PEFT loads every key that names a
+        # weight of the model (strict=False), so such a tensor was silently written over the frozen base model
+        foreign = foreign_tensors(model, adapter_name, set(remapped) - loaded, model_state)
+        if foreign:
+            raise refuse_foreign_tensors(adapter_name, foreign)
         # the same names with other shapes: an adapter recorded before the signature named every width, or a
         # hand-edited config; torch's own size-mismatch error would come after part of the state was loaded
         misshapen = [
@@ -971,6 +976,71 @@ class QSTModel(BaseTuner):
                 f"saved whole with the adapter, modules_to_save).{hint} Nothing was loaded."
             )
         return remapped
+
+
+def _saved_beside_the_adapter(model: nn.Module, adapter_name: str, state_keys) -> set[str]:
+    """The state keys besides the side network that an adapter saved by ``save_pretrained`` may hold: those of the
+    modules saved whole with adapter ``adapter_name`` (``modules_to_save``; as saved and as PEFT's wrappers map them
+    for loading), those of the head its task class saves (:data:`_TASK_HEADS`, which transformers' ``load_adapter``
+    with ``peft_config=`` loads into the model's own head), and those of the model's input and output token
+    embeddings, which PEFT saves with ``save_embedding_layers`` (and sets that itself when they were resized) and
+    loads into the model's own."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    def plain(name: str) -> str:
+        return name.replace("_fsdp_wrapped_module.", "")
+
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            for saved, loaded in module.adapter_state_dict_load_map(adapter_name).items():
+                keys.update((f"{plain(name)}.{saved}", f"{plain(name)}.{loaded}"))
+    embeddings = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        if layer is not None:
+            embeddings.append(layer)
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    task_type = getattr(config, "task_type", None)
+    heads = _TASK_HEADS.get(getattr(task_type, "value", task_type), ())
+    names = [
+        plain(name) for name, module in model.named_modules(remove_duplicate=False)
+        if name and (any(module is layer for layer in embeddings) or name.rpartition(".")[2] in heads)
+    ]
+    keys.update(key for key in state_keys for name in names if key.startswith(f"{name}."))
+    return keys
+
+
+def foreign_tensors(model: nn.Module, adapter_name: str, keys, state_keys) -> list[str]:
+    """The keys among ``keys`` (of a file read for QST adapter ``adapter_name``, injected into ``model`` whose state
+    has ``state_keys``) that belong neither to a side network nor to what :func:`_saved_beside_the_adapter` allows.
+    Loading writes every key that names a weight of the model into it (PEFT with ``strict=False``, transformers by
+    name), so a tensor named for a backbone layer or its norm went silently over the frozen base model that every
+    adapter and ``disable_adapter`` share; a key naming nothing was silently dropped. Side keys are left to the
+    checks of the side network's own names and shapes."""
+    prefix = "base_model.model."  # saved keys carry it; a model that no PeftModel wraps does not
+    state_keys = set(state_keys)
+    prefixed = any(key.startswith(prefix) for key in state_keys)
+    allowed = _saved_beside_the_adapter(model, adapter_name, state_keys)
+    return sorted(
+        key for key in keys
+        if f".{SIDE_ATTR}." not in f".{key}" and key not in allowed
+        and (prefixed or key.removeprefix(prefix) not in allowed)
+    )
+
+
+def refuse_foreign_tensors(adapter_name: str, foreign: list[str]) -> QSTAdapterFileError:
+    return QSTAdapterFileError(
+        f"The checkpoint does not fit QST adapter {adapter_name!r} of this model: it holds {len(foreign)} tensors "
+        f"that belong neither to the adapter's side network nor to a module saved whole with it (modules_to_save) "
+        f"nor to the token embeddings PEFT saves beside an adapter (e.g. {foreign[:3]}). Loading would write them "
+        "over the frozen base model's weights of the same names, which every adapter and disable_adapter share (or "
+        "drop them, where the model has none). The file was written by something other than save_pretrained or was "
+        "altered: save or download the adapter again; nothing was loaded."
+    )
 
 
 def undo_post_injection(model: nn.Module) -> None:

@@ -34,6 +34,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 import warnings
 import weakref
 from contextvars import ContextVar
@@ -46,9 +47,11 @@ from .model import (
     QSTModel,
     check_saved_adapter_fits,
     check_saved_config_matches,
+    foreign_tensors,
     is_bare_trunk,
     loading_adapter,
     model_signature,
+    refuse_foreign_tensors,
     remove_injected_adapters,
 )
 from .serialization import QSTAdapterFileError, read_adapter_weights
@@ -72,6 +75,7 @@ def register() -> None:
     _read_qst_weights_safely()
     _read_qst_weights_safely_in_transformers()
     _save_qst_weights_as_safetensors()
+    _keep_the_weights_of_adapters_beside_module_named_ones()
     _wrap_side_modules_in_fsdp_units()
     _return_the_bare_trunk_from_get_base_model()
     _keep_the_side_attention_on_set_attn_implementation()
@@ -536,6 +540,18 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 remove_injected_adapters(self)
                 restore_trainability(self, flags)
 
+            def load_checked(model, state_dict, *load_args, **load_kwargs):
+                # the adapter is injected, nothing is loaded yet: transformers writes every tensor that names a weight
+                # of the model into it, so one that is neither the adapter's nor a module saved with it would go
+                # over the frozen base model (undo() takes the adapter off, not a base weight written over)
+                if state_dict is not None:
+                    foreign = foreign_tensors(model, adapter_name or "default", state_dict, model.state_dict())
+                    if foreign:
+                        raise refuse_foreign_tensors(adapter_name or "default", foreign)
+                return type(model)._load_pretrained_model(model, state_dict, *load_args, **load_kwargs)
+
+            own_loader = vars(self).get("_load_pretrained_model")
+            vars(self)["_load_pretrained_model"] = load_checked
             try:
                 info = original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, *args, **kwargs)
             except BaseException:
@@ -543,6 +559,11 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 # the adapter and loading the weights that fit: without this, the half-loaded adapter stayed
                 undo()
                 raise
+            finally:
+                if own_loader is None:
+                    vars(self).pop("_load_pretrained_model", None)
+                else:
+                    vars(self)["_load_pretrained_model"] = own_loader
             if heads_deferred:
                 try:
                     check_saved_config_matches(self.peft_config[adapter_name or "default"], adapter_name or "default",
@@ -618,6 +639,38 @@ def _save_qst_weights_as_safetensors() -> None:
         return save_pretrained
 
     _patch_once(PeftModel, "save_pretrained", make)
+
+
+def _keep_the_weights_of_adapters_beside_module_named_ones() -> None:
+    """PEFT's ``get_peft_model_state_dict`` (``save_pretrained``, trainer checkpoints) first drops every key that holds
+    the name of another adapter of the model as a dotted segment (``.<name>.``). A side network's keys hold many
+    segments that are plausible adapter names (``trunk``, ``layers``, ``mlp``, ``norm``, the block numbers ``0``,
+    ``1``, ...): beside an adapter named ``"1"`` (or ``"mlp"``, ``"trunk"``), saving ``"default"`` silently wrote a
+    file without those of its weights (41 of 57 on a tiny Llama, 8 of 57 beside ``"trunk"``), which its digest
+    passed and loading refused as "saved from a different QST configuration": the trained adapter was lost. A side
+    network's key names its adapter in one place, the segment after ``qst_side.``, so those keys are kept or dropped by
+    that segment alone; every other key (LoRA's, modules saved whole) is filtered as PEFT does."""
+    import peft.utils.save_and_load as save_and_load
+
+    from .model import SIDE_ATTR
+
+    side_key = re.compile(rf"(?:^|\.){SIDE_ATTR}\.([^.]+)\.")
+
+    def make(original):
+        def _filter_state_dict_for_adapter_name(state_dict, unwanted_adapter_names):
+            kept = original(state_dict, unwanted_adapter_names)
+            unwanted = set(unwanted_adapter_names)
+            dropped_own = {
+                key for key in state_dict
+                if key not in kept and (match := side_key.search(key)) is not None and match.group(1) not in unwanted
+            }
+            if not dropped_own:
+                return kept
+            return {key: value for key, value in state_dict.items() if key in kept or key in dropped_own}
+
+        return _filter_state_dict_for_adapter_name
+
+    _patch_once(save_and_load, "_filter_state_dict_for_adapter_name", make)
 
 
 def _side_modules_with_parameters(model) -> list:

@@ -15,10 +15,11 @@ around it:
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 from contextlib import nullcontext
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -908,6 +909,13 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _non_reentrant(checkpoint: Callable) -> bool:
+    """Whether a block's checkpoint function is PyTorch's non-reentrant checkpoint, as transformers'
+    ``gradient_checkpointing_enable()`` builds it (``functools.partial(checkpoint, use_reentrant=False)``, its default
+    and TRL's)."""
+    return isinstance(checkpoint, functools.partial) and checkpoint.keywords.get("use_reentrant") is False
+
+
 # The backbone hidden state each side block that a checkpoint wrapper holds mixed in during a forward with gradients,
 # by the block's input tensor (a weak key, by identity: the entry lives as long as the input, which the wrapper keeps
 # for its recomputation in backward).
@@ -979,6 +987,17 @@ class QSTSideBlock(nn.Module):
             _BACKBONE_HIDDEN_BY_BLOCK_INPUT[hidden_states] = backbone_hidden
         block = self.block
         checkpointing = getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()
+        if (
+            checkpointing
+            and not _non_reentrant(block._gradient_checkpointing_func)
+            and not (hidden_states.requires_grad or backbone_hidden.requires_grad)
+        ):
+            # a reentrant checkpoint (use_reentrant=True, which TRL forces under DeepSpeed ZeRO-3) records a graph only
+            # through inputs that require grad, not through the block's own parameters: the first side block after a
+            # pooling downsampler ("maxpool", "avgpool", no parameters) gets only no-grad inputs, so its output carried
+            # no gradient and no side block trained. Such a block keeps its activations, as the first adapted backbone
+            # block of a hybrid does (QSTLayer._checkpoint_adapted_blocks)
+            checkpointing = False
         filled_cache = any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "layer_past"))
         if not checkpointing or filled_cache:  # with a cache the block's own checkpointing drops it, as without QST
             return self._mix_and_run(hidden_states, backbone_hidden, *args, **kwargs)

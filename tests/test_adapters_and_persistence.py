@@ -88,6 +88,33 @@ def test_load_adapter_under_a_second_name_never_changes_the_first(tmp_path, tiny
         assert torch.equal(other(input_ids=IDS).logits, trained(input_ids=IDS).logits)
 
 
+@pytest.mark.parametrize("other_name", ["1", "mlp", "trunk"])
+def test_an_adapter_named_like_a_module_leaves_the_others_saved_whole(tmp_path, tiny_model_dir, trained, other_name):
+    """PEFT drops every saved key that holds another adapter's name as a segment; a side network's keys hold block
+    numbers and module names (``...qst_side.default.trunk.layers.1.mlp...``), so beside an adapter named "1", "mlp"
+    or "trunk" saving "default" wrote an incomplete file, which loading refused: the trained weights were lost."""
+    trained.add_adapter(other_name, QSTConfig(task_type="CAUSAL_LM", r=4))
+    trained.set_adapter(other_name)
+    torch.manual_seed(1)
+    train_steps(trained, IDS, steps=2)
+    with torch.no_grad():
+        expected = {}
+        for name in ("default", other_name):
+            trained.set_adapter(name)
+            expected[name] = trained(input_ids=IDS).logits
+    trained.save_pretrained(tmp_path)
+    for name, folder in (("default", tmp_path), (other_name, tmp_path / other_name)):
+        keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+        assert len(keys) == len(side_state(trained, name))
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+    loaded.load_adapter(str(tmp_path / other_name), adapter_name=other_name)
+    with torch.no_grad():
+        for name in ("default", other_name):
+            loaded.set_adapter(name)
+            assert torch.equal(loaded(input_ids=IDS).logits, expected[name])
+
+
 def test_saved_keys_carry_qst_and_never_the_adapter_name(tmp_path, trained):
     trained.save_pretrained(tmp_path)
     keys = load_file(str(tmp_path / "adapter_model.safetensors")).keys()

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from peft_qst import QSTConfig, QSTLayer
+from peft_qst import QSTAdapterFileError, QSTConfig, QSTLayer
 from peft_qst.backbone_lora import resolve_backbone_lora_layers
 
 from .conftest import bnb_config, tiny_causal_lm, train_steps
@@ -383,6 +383,57 @@ def test_deleting_or_unloading_the_hybrid_gives_4bit_layers_their_cpu_kernel_bac
 
     unloaded = get_peft_model(load(), hybrid_config()).unload()
     assert flags(unloaded) == flags(base)
+    with torch.no_grad():
+        assert torch.equal(unloaded(input_ids=IDS).logits, expected)
+
+
+def test_a_hybrid_added_after_an_eval_forward_leaves_the_4bit_backbone_as_it_was(tmp_path):
+    """Where an eval forward had already packed the 4-bit layers for bitsandbytes' CPU kernel (evaluating the first
+    adapter, then adding a hybrid), the hybrid unpacks its blocks' layers, and bitsandbytes' inverse re-quantizes
+    double-quantized block scales. Deleting the hybrid, a refused ``load_adapter`` of one and ``unload()`` left them so:
+    the base model's and the other adapter's logits stayed 0.003 off what they were (the next eval forward repacked
+    them from the re-quantized scales). Now those layers are packed back exactly as they were. On CPUs without
+    AVX512-BF16 bitsandbytes never repacks, and this holds trivially."""
+    tiny_causal_lm(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path / "base")
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config())
+
+    with torch.no_grad():
+        expected = load()(input_ids=IDS).logits  # the never-adapted model, packed where the CPU supports it
+    model = get_peft_model(load(), hybrid_config(backbone_lora_layers=0))
+    train_steps(model, IDS, steps=1)
+
+    def logits():
+        with torch.no_grad():
+            adapted = model(input_ids=IDS).logits  # an eval forward: packs every layer no hybrid keeps unpacked
+            with model.disable_adapter():
+                return adapted, model(input_ids=IDS).logits
+
+    adapted, base = logits()
+    assert torch.equal(base, expected)
+
+    model.add_adapter("hybrid", hybrid_config())
+    model.set_adapter("hybrid")
+    train_steps(model, IDS, steps=1)
+    model.save_pretrained(tmp_path / "saved", selected_adapters=["hybrid"])
+    model.set_adapter("default")
+    model.delete_adapter("hybrid")
+    assert all(map(torch.equal, logits(), (adapted, base)))
+
+    # a refused load under a new name: PEFT adds the adapter (its blocks unpacked) before the weights are refused
+    path = tmp_path / "saved" / "hybrid" / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 64, len(data) - 8):  # garble tensor bytes, keep the header valid
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
+        model.load_adapter(str(tmp_path / "saved" / "hybrid"), adapter_name="hybrid")
+    assert "hybrid" not in model.peft_config
+    assert all(map(torch.equal, logits(), (adapted, base)))
+
+    model.add_adapter("hybrid", hybrid_config())
+    unloaded = model.unload()
     with torch.no_grad():
         assert torch.equal(unloaded(input_ids=IDS).logits, expected)
 

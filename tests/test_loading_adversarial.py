@@ -10,6 +10,8 @@ as trainers resume, transformers' ``peft_config=``); and the state a refused loa
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -360,3 +362,57 @@ def test_weights_stored_as_integers_are_refused(tmp_path, tiny_model_dir):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(QSTAdapterFileError, match=r"not stored as floating-point .*torch\.int32 for a torch\.float32"):
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+
+
+def _load_with_peft(base, folder):
+    PeftModel.from_pretrained(base, str(folder))
+
+
+def _load_into_a_new_name(base, folder):
+    get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4)).load_adapter(str(folder), adapter_name="other")
+
+
+def _resume_into_the_same_name(base, folder):
+    get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4)).load_adapter(str(folder), adapter_name="default")
+
+
+def _load_with_transformers(base, folder):
+    base.load_adapter(str(folder))
+
+
+@pytest.mark.parametrize(
+    "load",
+    [_load_with_peft, _load_into_a_new_name, _resume_into_the_same_name, _load_with_transformers],
+    ids=["from_pretrained", "load_adapter-new-name", "load_adapter-existing-name", "transformers-load_adapter"],
+)
+@pytest.mark.parametrize(
+    "key",
+    ["base_model.model.model.base_layer.layers.0.mlp.up_proj.weight", "base_model.model.model.base_layer.norm.weight",
+     "base_model.model.model.layers.0.mlp.up_proj.weight"],
+    ids=["backbone-layer", "backbone-norm", "names-nothing"],
+)
+def test_a_tensor_of_the_base_model_in_the_adapter_file_is_refused(tmp_path, tiny_model_dir, key, load):
+    """An adapter file holding, besides the side network, a tensor named for a weight of the frozen base model (a file
+    written by another tool or altered, with a digest that matches it): PEFT and transformers load every key that
+    names a weight of the model, so it was written over the backbone every adapter and disable_adapter share, without
+    a word; a key naming nothing was dropped without a word. Both are refused before anything is written."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from peft_qst.serialization import weights_digest
+
+    saved_adapter(tiny_model_dir, tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    weights[key] = torch.zeros(64) if key.endswith("norm.weight") else torch.zeros(128, 64)
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["adapter_weights_sha256"] = weights_digest(weights)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    backbone = {name: p.detach().clone() for name, p in base.named_parameters()}
+    with pytest.raises(QSTAdapterFileError, match=rf"holds 1 tensors that belong neither .*\['{re.escape(key)}'\]"):
+        load(base, tmp_path)
+    after = {name.replace("base_layer.", ""): p for name, p in base.named_parameters() if ".qst_side." not in name}
+    assert all(torch.equal(after[name], value) for name, value in backbone.items())

@@ -204,14 +204,17 @@ def test_trl_checkpointing_recomputes_side_blocks_not_the_backbone(tmp_path, smo
         assert [grad for m, grad in calls if m == mlp] == [True, True]
 
 
+@pytest.mark.parametrize("downsample", ["adapter", "maxpool", "avgpool"])
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_checkpointing_frees_side_activations_and_keeps_gradients(use_reentrant):
+def test_checkpointing_frees_side_activations_and_keeps_gradients(use_reentrant, downsample):
     """gradient_checkpointing_enable() (what the trainers call; reentrant is what TRL forces under DeepSpeed ZeRO-3)
     keeps fewer activations for backward (counted with saved_tensors_hooks) and gives the same side-network gradients
-    as without it."""
+    as without it. Also after a pooling downsampler, which has no parameters: the first side block's inputs then carry
+    no gradient, and a reentrant checkpoint of it recorded no graph, so no side block got a gradient."""
     from peft import get_peft_model
 
-    model = get_peft_model(tiny_causal_lm(num_hidden_layers=4), QSTConfig(task_type="CAUSAL_LM", r=4))
+    config = QSTConfig(task_type="CAUSAL_LM", r=4, downsample=downsample)
+    model = get_peft_model(tiny_causal_lm(num_hidden_layers=4), config)
     randomize_upsample(model)
     input_ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
 
