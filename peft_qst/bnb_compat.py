@@ -26,6 +26,9 @@ report of the state_dict side was found; the same CPU packing also breaks ``mode
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, Optional
+
 import torch
 from torch import nn
 
@@ -36,10 +39,16 @@ _SNAPSHOT_ATTR = "_qst_cpu_packed_snapshot"
 #: a Linear4bit's own ``support_avx512bf16_for_cpu``, kept while backbone adapters hold it in the standard layout
 _OWN_PACKING_ATTR = "_qst_own_support_avx512bf16_for_cpu"
 #: the packed quantization state's fields of a Linear4bit that :func:`keep_unpacked_for_backward` unpacked, and the
-#: quantization state and block scales the unpacking left, for :func:`allow_cpu_packing_again` to put back exactly
+#: quantization state and block scales the unpacking left, for :func:`allow_cpu_packing_again` to put back exactly,
+#: and whether the unpacking used up the layout :func:`route_4bit_layers_by_mode` kept (kept again when repacked)
 _PACKED_FIELDS_ATTR = "_qst_packed_quant_state_fields"
-#: set on a Linear4bit once its forward pre-hook of :func:`unpack_4bit_layers_when_differentiated` is registered
-_GRAD_HOOK_ATTR = "_qst_unpacks_when_differentiated"
+#: set on a Linear4bit once the forward hooks of :func:`route_4bit_layers_by_mode` are registered
+_ROUTING_HOOK_ATTR = "_qst_routes_by_mode"
+#: a Linear4bit's standard layout from just before bitsandbytes packed it: (weight data, quantization-state fields,
+#: the quantization-state object), kept on models with trainable parameters for training-mode forwards
+_STANDARD_LAYOUT_ATTR = "_qst_standard_layout"
+#: the packed layout (weight data, quantization-state fields) while a training-mode forward runs the standard one
+_PACKED_DURING_CALL_ATTR = "_qst_packed_layout_during_call"
 
 
 def _linear4bit_class():
@@ -137,13 +146,20 @@ def keep_unpacked_for_backward(modules) -> int:
         if not _is_cpu_packed(module):
             continue
         packed_fields = dict(module.weight.quant_state.__dict__)  # the inverse rebinds the fields it changes
-        data, quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, module.weight.quant_state)
-        absmax = quant_state.absmax
-        if absmax.dim() == 2 and absmax.shape[1] == quant_state.shape[0]:  # plain absmax, left transposed
-            quant_state.absmax = absmax.T.reshape(-1).float().contiguous()
+        standard = _standard_layout(module)
+        if standard is not None:  # the weights as they were before packing, exactly (route_4bit_layers_by_mode)
+            vars(module).pop(_STANDARD_LAYOUT_ATTR)
+            data, quant_state = standard[0], module.weight.quant_state
+            quant_state.__dict__.clear()
+            quant_state.__dict__.update(standard[1])
+        else:
+            data, quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, module.weight.quant_state)
+            absmax = quant_state.absmax
+            if absmax.dim() == 2 and absmax.shape[1] == quant_state.shape[0]:  # plain absmax, left transposed
+                quant_state.absmax = absmax.T.reshape(-1).float().contiguous()
         module.weight.data = data
         module.weight.quant_state = quant_state
-        setattr(module, _PACKED_FIELDS_ATTR, (packed_fields, quant_state, quant_state.absmax))
+        setattr(module, _PACKED_FIELDS_ATTR, (packed_fields, quant_state, quant_state.absmax, standard is not None))
         unpacked += 1
     return unpacked
 
@@ -158,7 +174,7 @@ def _pack_as_before(module: nn.Module) -> None:
     kept = vars(module).pop(_PACKED_FIELDS_ATTR, None)
     if kept is None:
         return
-    packed_fields, unpacked_state, unpacked_absmax = kept
+    packed_fields, unpacked_state, unpacked_absmax, had_standard_layout = kept
     quant_state = getattr(module.weight, "quant_state", None)
     if (
         quant_state is not unpacked_state
@@ -169,42 +185,144 @@ def _pack_as_before(module: nn.Module) -> None:
         return
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
+    standard = (module.weight.data, dict(quant_state.__dict__))
     data, quant_state = _convert_weight_packed_for_cpu(module.weight.data, quant_state)
     quant_state.__dict__.clear()
     quant_state.__dict__.update(packed_fields)
     module.weight.data = data
     module.weight.quant_state = quant_state
+    if had_standard_layout:
+        # the layout route_4bit_layers_by_mode kept for training-mode forwards (handed over at the unpacking) is kept
+        # again: without it, the remaining adapters' training steps ran the packed kernel after the hybrid was deleted
+        vars(module)[_STANDARD_LAYOUT_ATTR] = (*standard, quant_state)
 
 
-def _unpack_when_differentiated(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: a packed layer whose input carries a gradient is unpacked for good before it runs."""
-    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad and _is_cpu_packed(module):
-        keep_unpacked_for_backward([module])
+def _standard_layout(module: nn.Module) -> Optional[tuple]:
+    """The standard layout kept for this packed layer (weight data, quantization-state fields), or None; a kept
+    layout that no longer belongs to the layer (its weight replaced, moved, or no longer packed) is dropped."""
+    kept = vars(module).get(_STANDARD_LAYOUT_ATTR)
+    if kept is None:
+        return None
+    data, fields, quant_state = kept
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is not quant_state or weight.device != data.device or not _is_cpu_packed(
+        module
+    ):
+        vars(module).pop(_STANDARD_LAYOUT_ATTR)
+        return None
+    return data, fields
 
 
-def unpack_4bit_layers_when_differentiated(model: nn.Module) -> int:
-    """Keep every bitsandbytes ``Linear4bit`` of ``model`` differentiable after an eval forward has packed it.
+def _swap_layout(module: nn.Module, data: torch.Tensor, fields: dict) -> tuple:
+    """Give the layer this weight data and these quantization-state fields (the same state object, which the module
+    and its weight share); returns the ones it had."""
+    quant_state = module.weight.quant_state
+    previous = (module.weight.data, dict(quant_state.__dict__))
+    module.weight.data = data
+    quant_state.__dict__.clear()
+    quant_state.__dict__.update(fields)
+    return previous
 
-    QST differentiates through whatever lies between the mixed final hidden state and the loss. That is usually an
-    unquantized LM head, but some heads hold 4-bit layers of their own: the BERT-style decoders' ``cls.predictions.
-    transform.dense`` (bert, roberta, electra, ernie, ... with ``is_decoder=True``). Once an eval forward has packed
-    such a layer (``Trainer.evaluate``, a ``generate``), bitsandbytes runs it through its inference kernel, which has
-    no backward: the next training step failed ("a view of a leaf Variable that requires grad is being used in an
-    in-place operation", from adding the bias in place), and a layer without a bias would have passed no gradient on.
-    This pre-hook unpacks such a layer (:func:`keep_unpacked_for_backward`) the first time its input requires a
-    gradient; from then on it runs bitsandbytes' standard kernel, in training and in eval. Layers that never see a
-    gradient (the whole frozen backbone under plain QST) are not touched. Idempotent; returns how many layers got the
-    hook now (0 without bitsandbytes)."""
+
+def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of :func:`route_4bit_layers_by_mode`."""
+    leftover = vars(module).pop(_PACKED_DURING_CALL_ATTR, None)
+    if leftover is not None:  # a training-mode call that raised before its post-hook put the packed layout back
+        _swap_layout(module, *leftover)
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if x is None or x.device.type != "cpu":
+        return
+    if x.requires_grad:
+        if _is_cpu_packed(module):
+            keep_unpacked_for_backward([module])
+        return
+    if module.training:
+        standard = _standard_layout(module)
+        if standard is not None:
+            vars(module)[_PACKED_DURING_CALL_ATTR] = _swap_layout(module, *standard)
+        return
+    packs_now = module.support_avx512bf16_for_cpu and not _is_cpu_packed(module)  # Linear4bit.forward's condition
+    if packs_now and _STANDARD_LAYOUT_ATTR not in vars(module):
+        model = model_ref()
+        if model is not None and any(parameter.requires_grad for parameter in model.parameters()):
+            quant_state = module.weight.quant_state
+            vars(module)[_STANDARD_LAYOUT_ATTR] = (module.weight.data, dict(quant_state.__dict__), quant_state)
+
+
+def _packed_again_after_call(module: nn.Module, args: tuple, output) -> None:
+    """Forward post-hook of :func:`route_4bit_layers_by_mode`: the packed layout back after a training-mode call."""
+    swapped = vars(module).pop(_PACKED_DURING_CALL_ATTR, None)
+    if swapped is not None:
+        _swap_layout(module, *swapped)
+
+
+def route_4bit_layers_by_mode(model: nn.Module) -> int:
+    """Run every bitsandbytes ``Linear4bit`` of a QST model on the layout its mode needs, on CPUs with AVX512-BF16.
+
+    bitsandbytes packs a layer for its CPU inference kernel at the first eval-mode forward without gradients, and
+    keeps it packed. That kernel is fast for the few rows of a decoding step and slow for many (measured, a 576 x 1536
+    layer, 2 threads: 6.6 ms against 1.5 ms at 512 rows, 27 against 4.8 ms at 2048), and it has no backward. So:
+
+    * **Training-mode forwards** (the frozen backbone of every training step, under ``no_grad``): once an eval
+      forward had packed the layers (``Trainer.evaluate``, ``eval_on_start``, a generation before training, as in the
+      quickstart and ``examples/sft_trl.py``), every later training step ran the packed kernel: a 4-bit SmolLM2 QST
+      step of 4 x 128 tokens took 2-4x longer. On a model with trainable parameters the pre-hook now keeps each
+      layer's standard layout from just before it is packed (the same 4-bit codes again: the 4-bit weights take twice
+      their memory from the first eval forward on), and a training-mode forward runs on it, the post-hook putting the
+      packed layout back. Training steps then compute exactly what they compute without any eval forward in between
+      (also what makes a resumed run equal an uninterrupted one that evaluated). Eval-mode forwards are bitsandbytes'
+      own, packed, as for the base model never adapted: ``disable_adapter()`` stays bit for bit the base model.
+    * **Layers a gradient goes through** (a BERT-style decoder's LM head, ``cls.predictions.transform.dense``, which
+      QST differentiates through): the packed kernel's output has no backward, and the next training step after an
+      eval forward failed ("a view of a leaf Variable that requires grad is being used in an in-place operation",
+      from adding the bias in place; a layer without a bias would have passed no gradient on). Such a layer is put
+      back in the standard layout for good (:func:`keep_unpacked_for_backward`, with the kept layout where there is
+      one) the first time its input requires a gradient.
+
+    Models without trainable parameters (an adapter loaded for inference) keep nothing. Idempotent; returns how many
+    layers got the hooks now (0 without bitsandbytes). :func:`stop_routing_4bit_layers` takes it all off again."""
     linear4bit = _linear4bit_class()
     if linear4bit is None:
         return 0
+    # the hooks refer to the model weakly (the model holds them) but must survive pickling (torch.save(model) failed
+    # with "cannot pickle 'weakref.ReferenceType' object"), and a deep copy's hooks must ask the copy, not the original
+    from .layer import _ModelReference  # layer.py imports this module
+
+    model_ref = _ModelReference(model)
     count = 0
     for module in model.modules():
-        if isinstance(module, linear4bit) and not getattr(module, _GRAD_HOOK_ATTR, False):
-            module.register_forward_pre_hook(_unpack_when_differentiated)
-            setattr(module, _GRAD_HOOK_ATTR, True)
+        if isinstance(module, linear4bit) and not getattr(module, _ROUTING_HOOK_ATTR, False):
+            module.register_forward_pre_hook(functools.partial(_route_by_mode, model_ref))
+            module.register_forward_hook(_packed_again_after_call)
+            setattr(module, _ROUTING_HOOK_ATTR, True)
             count += 1
     return count
+
+
+def stop_routing_4bit_layers(model: nn.Module) -> int:
+    """Undo :func:`route_4bit_layers_by_mode` (``unload()``, which promises the base model back without QST's hooks):
+    the forward hooks come off, and so does each layer's kept standard layout, which held the 4-bit weights a second
+    time; a layer left in the standard layout by a training-mode call that raised gets its packed one back. Left on,
+    the model ``unload()`` returned kept both, and its training-mode forwards went on running the kept layout. Returns
+    how many layers were released."""
+    released = 0
+    for module in model.modules():
+        if not vars(module).pop(_ROUTING_HOOK_ATTR, False):
+            continue
+        leftover = vars(module).pop(_PACKED_DURING_CALL_ATTR, None)
+        if leftover is not None:
+            _swap_layout(module, *leftover)
+        vars(module).pop(_STANDARD_LAYOUT_ATTR, None)
+        for hooks, ours in ((module._forward_pre_hooks, _is_routing_pre_hook),
+                            (module._forward_hooks, lambda hook: hook is _packed_again_after_call)):
+            for key in [key for key, hook in hooks.items() if ours(hook)]:
+                del hooks[key]
+        released += 1
+    return released
+
+
+def _is_routing_pre_hook(hook) -> bool:
+    return isinstance(hook, functools.partial) and hook.func is _route_by_mode
 
 
 def allow_cpu_packing_again(modules) -> int:

@@ -21,9 +21,9 @@ Under ``torch.no_grad()`` this module computes the same function with far fewer,
   autograd's tracking);
 - plain rotary embeddings are computed per query/key column from the positions (``cos(position * inv_freq)``)
   instead of through the rotary module;
-- everything runs in float32 whatever the side dtype (on CPUs small float32 matmuls are several times faster than
-  bfloat16 ones, and float32 is at least as precise as the bf16 path, whose norms and attention accumulate in float32
-  too; a float64 side network, which float32 would round, takes the general path); the side network's own
+- everything runs in float32 whatever the side dtype, with autocast off (:func:`autocast_off`) (on CPUs small
+  float32 matmuls are several times faster than bfloat16 ones, and float32 is at least as precise as the bf16 path,
+  whose norms and attention accumulate in float32 too; a float64 side network, which float32 would round, takes the general path); the side network's own
   transformers ``DynamicCache`` holds float32 keys and values (:func:`keep_cache_dtype` converts when a generation
   moves between the two paths), so generate reorders, crops and selects it as before;
 - the output upsample and output gate are one ``addmm`` onto the backbone's last hidden state (:func:`fast_mix`).
@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
@@ -128,7 +128,7 @@ class PackedSideWeights:
         self.q_k_split = [self.q_width, self.kv_width]
         ffn = int(first.mlp.gate_proj.out_features)
         self.gate_up_split = [ffn, ffn]
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off(side.upsample.weight.device):
             self.downsample = _stack_downsamplers([side.embed_downsample] + [b.downsample for b in blocks])
             gates = torch.stack([torch.sigmoid(b.gate_logit) for b in blocks]).unsqueeze(1)
             self.gates = gates  # (layers, 1, side width): broadcast over tokens
@@ -248,6 +248,19 @@ def note_side_weights_loaded(module, incompatible_keys) -> None:
 def _counters() -> tuple:
     """What changes with every optimizer step, parameter registration and adapter load: O(1) to read."""
     return (_registrations, _optimizer_steps, _adapter_loads)
+
+
+def autocast_off(device: torch.device):
+    """Autocast switched off for ``device``'s type, around the fast path's packing and arithmetic. The fast path
+    computes in float32 by design (see the module docstring); under autocast, its ``torch.stack`` of the side weights
+    or of the backbone's hidden states failed where those are in the other half dtype than autocast's ("Unexpected
+    floating ScalarType in at::autocast::prioritize"), so an eval-mode forward or ``generate`` failed where the base
+    model ran: a bf16 side network (TRL casts a 4-bit model's to bf16) under float16 autocast (``fp16=True``), a
+    float16 checkpoint under ``Trainer(bf16=True)``. Nothing to enter where autocast is off (a decoding step's
+    usual case: entering costs about 30 times the check)."""
+    if not torch.is_autocast_enabled(device.type):
+        return nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _as_float32(value):
@@ -577,7 +590,7 @@ def fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, cac
     concatenating to an inference tensor saves nothing of it for backward (tests/test_fast_path.py).
     """
     batch, length = hidden_states[0].shape[:2]
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast_off(packed.gates.device):
         if batch * length > ONE_THREAD_TOKENS or (torch.get_num_threads() == 1 and not _sections_open()):
             return _fast_side_forward(side, packed, hidden_states, cache, **trunk_kwargs)
         with _one_thread_section():
@@ -744,5 +757,6 @@ def fast_mix(side, backbone_last: torch.Tensor, side_out: torch.Tensor) -> Optio
     out32 = packed.last_output[1]
     packed.last_output = None
     flat = backbone_last.reshape(-1, backbone_last.shape[-1]).to(out32.device, torch.float32)
-    mixed = torch.addmm(flat, out32, packed.upsample)
+    with autocast_off(out32.device):
+        mixed = torch.addmm(flat, out32, packed.upsample)
     return mixed.to(backbone_last.device, backbone_last.dtype).view(backbone_last.shape)

@@ -634,7 +634,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             want_hidden = getattr(config, "output_hidden_states", False)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
-            use_cache = getattr(config, "use_cache", False)
+            # a cache passed in is continued also where the config says use_cache=False (QLoRA recipes set it for
+            # training): the trunk writes to the cache it is given and returns it, so the side networks keep theirs
+            # in step. Without them the caller's next step got a backbone cache alone, refused as having no side state
+            use_cache = cache is not None or getattr(config, "use_cache", False)
 
         backbone_cache, side_caches, memories = self._split_cache(cache, adapter_names)
         routing = self._routing(adapter_names, row_adapters)

@@ -25,7 +25,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .backbone_lora import resolve_backbone_lora_layers
-from .bnb_compat import keep_4bit_weights_through_state_dict, unpack_4bit_layers_when_differentiated
+from .bnb_compat import keep_4bit_weights_through_state_dict, route_4bit_layers_by_mode, stop_routing_4bit_layers
 from .config import AUTO, QSTConfig
 from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, QSTLayer
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
@@ -733,9 +733,9 @@ class QSTModel(BaseTuner):
         # saving (save_pretrained, trainer checkpoints) calls model.state_dict(); after an eval forward on a CPU with
         # AVX512-BF16, bitsandbytes' Linear4bit would unpack its weights lossily in memory there (peft_qst/bnb_compat.py)
         keep_4bit_weights_through_state_dict(model)
-        # and a 4-bit layer QST differentiates through (a BERT-style LM head's dense transform) stays differentiable
-        # after an eval forward has packed it (peft_qst/bnb_compat.py)
-        unpack_4bit_layers_when_differentiated(model)
+        # and training-mode forwards keep bitsandbytes' standard kernel after an eval forward has packed the 4-bit
+        # layers for its CPU inference kernel, slower for many rows and without a backward (peft_qst/bnb_compat.py)
+        route_4bit_layers_by_mode(model)
         # generation's last-position logits: with a frozen LM head, PyTorch's CPU matmul would copy the whole head
         # weight for each prefill; in training, the head's backward in the side update's low rank (peft_qst/lm_head.py)
         install_lm_head_hooks(model)
@@ -1044,10 +1044,11 @@ def refuse_foreign_tensors(adapter_name: str, foreign: list[str]) -> QSTAdapterF
 
 
 def undo_post_injection(model: nn.Module) -> None:
-    """Undo what `QSTModel._post_injection_hook` did to the model: the chunked loss and the LM-head hooks come off,
-    and of the model tags, those QST added (the model's own stay)."""
+    """Undo what `QSTModel._post_injection_hook` did to the model: the chunked loss, the LM-head hooks and the 4-bit
+    layers' routing hooks come off, and of the model tags, those QST added (the model's own stay)."""
     uninstall_chunked_loss(model)
     uninstall_lm_head_hooks(model)
+    stop_routing_4bit_layers(model)
     added = vars(model).pop(_TAGS_ADDED, None)
     if added is not None:
         tags = [t for t in (getattr(model, "model_tags", None) or ()) if t not in added[0]]

@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - older PEFT without the helper
 from .cache import cache_field
 from .config import AUTO, QSTConfig
 from .fast_path import (
+    autocast_off,
     fast_mix,
     fast_side_forward,
     keep_cache_dtype,
@@ -44,7 +45,7 @@ from .fast_path import (
 )
 from .lm_head import mark_low_rank_update
 from .per_call import call_state, hold_call_state
-from .side_attention import SIDE_SDPA, register_side_sdpa, side_attention_implementation
+from .side_attention import SIDE_SDPA, mask_for_side_trunk, register_side_sdpa, side_attention_implementation
 
 #: config attributes holding the width of token embeddings where it may differ from the hidden size (OPT, ELECTRA,
 #: RoFormer, RemBERT)
@@ -763,7 +764,16 @@ class CopyHead(nn.Module):
         memory=None,
     ) -> torch.Tensor:
         """``key_mask`` (batch, queries, keys incl. past) says which keys each query may see; returns (batch, queries,
-        hidden) in ``token_rows``' dtype."""
+        hidden) in ``token_rows``' dtype.
+
+        Computed in the head's own dtype, with autocast off (its scores and softmax are float32 anyway): under an
+        autocast to the other half dtype, its ``torch.cat`` of bf16 side outputs (under float16 autocast) or of the
+        memory's float16 LM-head rows (a float16 checkpoint under bf16 autocast) failed ("Unexpected floating
+        ScalarType in at::autocast::prioritize"), in training and generation alike."""
+        with autocast_off(side_out.device):
+            return self._forward(side_out, query_hidden, key_hidden, token_rows, key_mask, memory)
+
+    def _forward(self, side_out, query_hidden, key_hidden, token_rows, key_mask, memory):
         batch, length, _ = side_out.shape
         dtype = self.query.weight.dtype
         side_out = side_out.to(dtype)
@@ -1229,6 +1239,9 @@ class QSTSideNetwork(nn.Module):
             state["backbone_hidden"] = hidden
             state["wrapped"] = runner is not block
         cache_name = "cache" if "cache" in self._trunk_params else "past_key_values"
+        if "attention_mask" in trunk_kwargs:  # a 4-D mask built for the backbone's attention, in the side trunk's form
+            implementation = self.trunk.config._attn_implementation
+            trunk_kwargs["attention_mask"] = mask_for_side_trunk(trunk_kwargs["attention_mask"], implementation, dtype)
         try:
             out = self.trunk(inputs_embeds=inputs, return_dict=True, **{cache_name: cache}, **trunk_kwargs)
         finally:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 #: the attention implementation name the side trunk's config gets
@@ -68,3 +68,27 @@ def side_attention_implementation(base_config) -> str:
         register_side_sdpa()
         return SIDE_SDPA
     return implementation
+
+
+def mask_for_side_trunk(attention_mask, implementation: str, dtype: torch.dtype):
+    """The attention mask the backbone was given, in the form the side trunk's attention ``implementation`` reads.
+
+    A 4-D mask (``generate`` with a static cache builds one per step, for the backbone's attention implementation;
+    a caller may pass one) is used by transformers as it is, and the side trunk gets the backbone's. Where the side
+    trunk's implementation is another (``side.trunk.set_attn_implementation("eager")`` on an SDPA backbone), SDPA's
+    boolean mask reached eager attention, which adds the mask to its scores: allowed positions got +1 and masked ones
+    +0, so every padding position and every unfilled slot of the static cache was attended, without an error. A
+    boolean mask for an implementation whose masks are additive (eager's) is turned into that form here, as
+    transformers' ``eager_mask`` builds it: 0 where attended, the dtype's minimum elsewhere. Every other mask is
+    returned as it is (SDPA reads both forms)."""
+    if isinstance(attention_mask, dict):  # per layer kind (sliding-window models)
+        return {kind: mask_for_side_trunk(mask, implementation, dtype) for kind, mask in attention_mask.items()}
+    if (
+        isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dim() == 4
+        and attention_mask.dtype == torch.bool
+        and ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) is eager_mask
+    ):
+        zero = torch.zeros((), device=attention_mask.device, dtype=dtype)
+        return torch.where(attention_mask, zero, torch.finfo(dtype).min)
+    return attention_mask

@@ -133,6 +133,20 @@ def logits_in_fresh_process(tmp_path, load_model: str, input_ids, env: dict | No
     return load_file(out_file)["logits"]
 
 
+def copy_of(model, how: str):
+    """A copy of a whole model, by ``copy.deepcopy`` (``how="deepcopy"``) or by pickling it (``torch.save`` and
+    ``torch.load``)."""
+    import copy
+    import io
+
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 def free_port() -> int:
     """A TCP port free on this machine now, for a launcher's rendezvous: fixed ports (accelerate's and torchrun's
     29500) collide when tests run side by side (scripts/test.sh runs two pytest workers)."""

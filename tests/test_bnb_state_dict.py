@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from peft_qst import QSTConfig
 from peft_qst.bnb_compat import keep_4bit_weights_through_state_dict
 
-from .conftest import bnb_config, train_steps
+from .conftest import bnb_config, copy_of, train_steps
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.functional import QuantState, dequantize_4bit, has_avx512bf16  # noqa: E402
@@ -134,3 +134,101 @@ def test_a_4bit_layer_in_the_lm_head_trains_after_an_eval_forward(tmp_path, doub
     assert expected.keys() == after_eval.keys() and len(expected) > 10
     for name, gradient in expected.items():
         assert float((after_eval[name] - gradient).norm()) <= 1e-2 * float(gradient.norm()) + 1e-9, name
+
+
+def test_training_after_an_eval_forward_runs_the_standard_4bit_layout(tiny_model_dir, tmp_path):
+    """After an eval forward has packed the 4-bit backbone for bitsandbytes' CPU inference kernel (slower for many
+    rows), training-mode forwards run on the standard layout kept from before packing: the same losses and side
+    weights as training without the eval forward, bit for bit, while eval forwards (and ``disable_adapter()``) keep
+    the packed kernel of the base model never adapted. An adapter loaded for inference keeps no second layout."""
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def run(evaluate_first: bool):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+        torch.manual_seed(0)
+        model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+        if evaluate_first:
+            _logits(model.eval(), ids)
+        losses = train_steps(model, ids, steps=3)
+        return model, losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_model, plain_losses, plain_weights = run(False)
+    model, losses, weights = run(True)
+    assert losses == plain_losses
+    assert all(torch.equal(weights[name], value) for name, value in plain_weights.items())
+    if has_avx512bf16():  # the eval forward packed the layers, and training left them packed
+        assert _cpu_packed(model) and not _cpu_packed(plain_model)
+        assert all("_qst_standard_layout" in vars(m) for _, m in _linear4bit_layers(model))
+    never_adapted = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+    with model.disable_adapter():
+        assert torch.equal(_logits(model.eval(), ids), _logits(never_adapted.eval(), ids))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config()), str(tmp_path))
+    torch.testing.assert_close(_logits(loaded.eval(), ids), _logits(model, ids), rtol=0, atol=0)
+    assert not any("_qst_standard_layout" in vars(m) for _, m in _linear4bit_layers(loaded))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_4bit_qst_model_pickles_and_copies_after_an_eval_forward(tiny_model_dir, how):
+    """The routing hooks of the 4-bit layers (bnb_compat.route_4bit_layers_by_mode) refer to the model weakly: a
+    whole model pickled (``torch.save(model)``) failed with "cannot pickle 'weakref.ReferenceType' object", and a deep
+    copy's hooks asked the original model whether it trains. The copy computes and trains as the original does."""
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+    torch.manual_seed(0)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    expected = _logits(model.eval(), ids)  # packs the layers where the CPU supports it
+    copied = copy_of(model, how)
+    assert torch.equal(_logits(copied, ids), expected)
+    for _, layer in _linear4bit_layers(copied):
+        routes = [hook for hook in layer._forward_pre_hooks.values() if getattr(hook, "func", None) is not None]
+        assert routes and all(hook.args[0]() is copied.get_base_model() for hook in routes)
+    copied.train()
+    copied(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in copied.parameters() if p.requires_grad)
+
+
+def test_unload_takes_the_4bit_routing_hooks_and_kept_layouts_off(tiny_model_dir):
+    """``unload()`` gives the base model back without QST's hooks: the routing hooks of its 4-bit layers, and the
+    standard layouts they kept after an eval forward (the 4-bit weights a second time), stayed on the model it
+    returned. What it returns computes, in eval and in training mode, what the model never adapted does."""
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+    before = {name: (set(vars(m)), len(m._forward_pre_hooks), len(m._forward_hooks))
+              for name, m in _linear4bit_layers(base)}
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    _logits(model.eval(), ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.unload() is base
+    after = {name: (set(vars(m)) - {"_qst_state_dict_keeps_cpu_packing"}, len(m._forward_pre_hooks),
+                    len(m._forward_hooks)) for name, m in _linear4bit_layers(base)}
+    assert after == before
+    never_adapted = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+    assert torch.equal(_logits(base.eval(), ids), _logits(never_adapted.eval(), ids))
+    assert torch.equal(_logits(base.train(), ids), _logits(never_adapted.train(), ids))
+
+
+def test_training_after_a_hybrid_is_deleted_still_runs_the_standard_4bit_layout(tiny_model_dir):
+    """A hybrid (``backbone_lora_layers``) added after an eval forward unpacks its blocks' 4-bit layers with the
+    standard layout kept for training (bnb_compat.keep_unpacked_for_backward); deleting it packs them back. They lost
+    that kept layout there, so the remaining adapter's training steps ran the packed kernel on those layers: its loss
+    was no longer the one it computed before the hybrid was added."""
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+    torch.manual_seed(0)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    expected_logits = _logits(model.eval(), ids)
+    with torch.no_grad():
+        expected_loss = model.train()(input_ids=ids, labels=ids).loss
+    model.add_adapter("hybrid", QSTConfig(task_type="CAUSAL_LM", r=4, backbone_lora_layers=1))
+    model.set_adapter("hybrid")
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.set_adapter("default")
+    model.delete_adapter("hybrid")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, labels=ids).loss, expected_loss)
+    assert torch.equal(_logits(model.eval(), ids), expected_logits)
+    if has_avx512bf16():
+        assert _cpu_packed(model) and all("_qst_standard_layout" in vars(m) for _, m in _linear4bit_layers(model))

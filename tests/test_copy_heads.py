@@ -10,7 +10,7 @@ from transformers.masking_utils import find_packed_sequence_indices
 from peft_qst import QSTConfig, QSTUnsupportedModelError
 from peft_qst.side import copy_key_mask
 
-from .conftest import tiny_causal_lm, tiny_llama_config, train_steps
+from .conftest import copy_of, tiny_causal_lm, tiny_llama_config, train_steps
 from .test_training_graph import assert_only_side_learns_and_backbone_saves_nothing
 
 IDS = torch.randint(0, 128, (3, 14), generator=torch.Generator().manual_seed(1))
@@ -272,21 +272,12 @@ def test_a_deleted_model_is_freed_without_the_garbage_collector():
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 def test_a_copied_model_reads_its_own_lm_head(how):
     """A deep copy or a pickled model (the layers refer to their model weakly) reads its own model's LM head."""
-    import copy
-    import io
-
     from peft_qst import QSTLayer
 
     model = trained_copy_model(steps=2).eval()
     with torch.no_grad():
         expected = model(input_ids=IDS).logits
-    if how == "deepcopy":
-        copied = copy.deepcopy(model)
-    else:
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        buffer.seek(0)
-        copied = torch.load(buffer, weights_only=False)
+    copied = copy_of(model, how)
     layer = next(m for m in copied.modules() if isinstance(m, QSTLayer))
     assert layer._output_head() is copied.get_base_model().get_output_embeddings()
     with torch.no_grad():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -9,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_qst import QSTConfig
 
-from .conftest import bnb_config
+from .conftest import bnb_config, train_steps
 from .test_training_graph import assert_only_side_learns_and_backbone_saves_nothing
 
 IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21], [1, 2, 3, 4, 5, 6, 7, 8]])
@@ -80,6 +82,56 @@ def test_a_float16_compute_dtype_gives_a_float32_side_network_that_fp16_mixed_pr
         QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype="float16"),
     )
     assert {p.dtype for n, p in explicit.named_parameters() if ".qst_side." in n} == {torch.float16}
+
+
+@pytest.mark.parametrize(
+    "base_dtype, side_dtype, autocast_dtype",
+    [(torch.float16, None, torch.bfloat16), (torch.float32, "bfloat16", torch.float16)],
+    ids=["fp16-model-bf16-autocast", "bf16-side-fp16-autocast"],
+)
+@pytest.mark.parametrize("copy_heads", [0, 2])
+def test_inference_under_autocast_to_the_other_half_dtype(
+    tiny_model_dir, base_dtype, side_dtype, autocast_dtype, copy_heads
+):
+    """A float16 checkpoint under bf16 autocast (Trainer(bf16=True)), and a bf16 side network (TRL casts a 4-bit
+    model's to bf16) under float16 autocast (fp16=True): the fast path's torch.stack of the hidden states or of the side
+    weights, and the copy heads' torch.cat, failed there ("Unexpected floating ScalarType in
+    at::autocast::prioritize") while the base model ran. Both compute with autocast off: the side network adds what
+    it adds without autocast, to the autocast's rounding, and generate runs."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=base_dtype)
+    config = QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype=side_dtype, copy_heads=copy_heads)
+    model = get_peft_model(base, config)
+    train_steps(model, IDS, steps=3)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=autocast_dtype):  # first: the side weights are packed under it
+            added_under_autocast = model(input_ids=IDS).logits.float()
+            with model.disable_adapter():
+                added_under_autocast -= model(input_ids=IDS).logits.float()
+            generated = model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=4,
+                                       do_sample=False)
+        added = model(input_ids=IDS).logits.float()
+        with model.disable_adapter():
+            added -= model(input_ids=IDS).logits.float()
+    assert added.abs().max() > 0.1  # the trained side network changes the logits
+    torch.testing.assert_close(added_under_autocast, added, atol=1e-2, rtol=0)
+    assert generated.shape == (2, IDS.shape[1] + 4)
+
+
+def test_a_float16_checkpoint_evaluates_under_trainer_bf16(tiny_model_dir, tmp_path):
+    """A model loaded in float16 (transformers loads a checkpoint saved in float16 so), trained with
+    Trainer(bf16=True) on the CPU (TRL's SFTConfig default): training ran, but evaluate() (eval mode, no gradients:
+    the fast path, under the bf16 autocast accelerate wraps the forward in) failed on the float16 hidden states."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    rows = Dataset.from_list([{"input_ids": ids.tolist(), "labels": ids.tolist()} for ids in IDS])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float16)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    args = TrainingArguments(str(tmp_path), bf16=True, use_cpu=True, max_steps=2, per_device_train_batch_size=2,
+                             report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows)
+    trainer.train()
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
 
 
 def test_bf16_side_parameters_that_start_at_a_constant_keep_their_updates(tiny_model_dir):

@@ -124,6 +124,29 @@ def test_manual_decoding_loop_with_either_cache_keyword(model):
             torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-4, atol=1e-4)
 
 
+def test_a_manual_decoding_loop_passing_a_cache_under_a_config_without_use_cache(model):
+    """``model.config.use_cache = False`` (set for training in QLoRA recipes) and a loop that passes its own cache
+    without ``use_cache=True``: the trunk fills the cache it is given whatever the config says, and the base model (as
+    LoRA) continues it; QST returned the backbone's cache without the side networks' halves, and the second step was
+    refused as "a plain DynamicCache ... has no side-network state"."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([ids, torch.tensor([[7, 8]])], dim=1), use_cache=False).logits[:, -1]
+        model.config.use_cache = False
+        try:
+            step = model(input_ids=ids, past_key_values=DynamicCache(config=model.config))
+            assert isinstance(step.past_key_values, QSTCache)
+            step = model(input_ids=torch.tensor([[7]]), past_key_values=step.past_key_values)
+            step = model(input_ids=torch.tensor([[8]]), past_key_values=step.past_key_values)
+            # no cache passed: none made, as the config says
+            assert model(input_ids=ids).past_key_values is None
+        finally:
+            model.config.use_cache = True
+    torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-4, atol=1e-4)
+
+
 def test_the_callers_own_cache_continues_across_generate_calls(model):
     """transformers' multi-turn pattern: one DynamicCache passed to every generate call. generate keeps the caller's
     object (the backbone half), not the paired cache the model returned; the side halves are found from it."""
@@ -256,6 +279,29 @@ def test_a_static_cache_generates_what_the_dynamic_cache_generates(model, mode):
         assert torch.equal(generate(model, ids, mask, past_key_values=cache), dynamic)
     with model.disable_adapter():
         assert not torch.equal(generate(model, ids, mask, cache_implementation="static", **mode), dynamic)
+
+
+@pytest.mark.parametrize("kind", ["llama", "sliding-window"])
+def test_a_static_cache_with_an_eager_side_trunk_on_an_sdpa_backbone(kind):
+    """With a static cache generate builds each step's 4-D masks for the backbone's attention (SDPA: boolean), and the
+    side trunk gets them too. A side trunk switched to eager attention (README: ``...trunk.set_attn_implementation``)
+    adds its mask to the scores, so it must get the additive form: with SDPA's booleans it attended to padding and to
+    the cache's unfilled slots, and its logits silently differed from recomputation (by 0.04-0.1 here). Sliding-window
+    models get a mask per layer kind (a dict)."""
+    from peft_qst.fast_path import fast_path_disabled
+
+    model = trained_model() if kind == "llama" else trained_sliding_window_model()[0]
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    model.get_base_model().model.qst_side["default"].trunk.set_attn_implementation("eager")
+    ids, mask = left_padded(PROMPTS)
+    static = generate(model, ids, mask, max_new_tokens=10, cache_implementation="static", return_dict_in_generate=True,
+                      output_logits=True)
+    with fast_path_disabled():
+        recomputed = generate(model, ids, mask, max_new_tokens=10, use_cache=False, return_dict_in_generate=True,
+                              output_logits=True)
+    assert torch.equal(static.sequences, recomputed.sequences)
+    for step, (mine, theirs) in enumerate(zip(static.logits, recomputed.logits)):
+        torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
 
 
 def trained_sliding_window_model():
