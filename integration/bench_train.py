@@ -11,7 +11,9 @@ with:
   ``ForCausalLMLoss``, to measure what the chunked loss saves; ``qst:gc=true`` turns on gradient checkpointing as
   TRL's ``SFTConfig`` does, which checkpoints the side blocks; ``qst:compile=true`` compiles the wrapped model with
   ``model.compile()`` (Inductor), as ``TrainingArguments(torch_compile=True)`` does; its compilation falls in the
-  warm-up steps, whose times are reported as ``warmup_times_s``);
+  warm-up steps, whose times are reported as ``warmup_times_s``); ``qst:eval_first=true`` runs one no-grad eval-mode
+  forward of 16 tokens before the warm-up steps, as ``Trainer.evaluate``, ``eval_on_start`` or a generation before
+  training do (on CPUs with AVX512-BF16 it packs the 4-bit layers for bitsandbytes' CPU inference kernel, see below);
 - ``qlora``: ``prepare_model_for_kbit_training(use_gradient_checkpointing=True)`` + ``LoraConfig(r=64,
   lora_alpha=16, target_modules="all-linear")``, as the QLoRA paper and PEFT's docs do it;
 - ``lora``: the same LoRA config on the 4-bit model, without ``prepare_model_for_kbit_training`` and without
@@ -190,11 +192,13 @@ def parse_method(spec: str) -> tuple[str, dict]:
         # method after the methods before it have run (their results would be lost with the whole benchmark)
         from peft_qst import QSTConfig
 
-        fields = {key: value for key, value in options.items() if key not in ("loss", "gc", "compile")}
+        fields = {key: value for key, value in options.items() if key not in ("loss", "gc", "compile", "eval_first")}
         try:
             QSTConfig(task_type="CAUSAL_LM", **fields)
         except TypeError as err:
-            raise SystemExit(f"bad option in {spec!r}: {err}; qst takes QSTConfig fields, loss= and gc=") from None
+            raise SystemExit(
+                f"bad option in {spec!r}: {err}; qst takes QSTConfig fields, loss=, gc=, compile= and eval_first="
+            ) from None
         except ValueError as err:
             raise SystemExit(f"bad option in {spec!r}: {err}") from None
     return method, options
@@ -231,6 +235,7 @@ def wrap(model, method: str, options: dict):
         loss = options.pop("loss", "chunked")
         checkpointing = str(options.pop("gc", "false")).lower() in ("1", "true", "yes")
         compiled = str(options.pop("compile", "false")).lower() in ("1", "true", "yes")
+        options.pop("eval_first", None)  # build_method's
         model = get_peft_model(model, peft_qst.QSTConfig(task_type="CAUSAL_LM", **options))
         if loss == "transformers":  # measure QST with transformers' own ForCausalLMLoss (before peft_qst/loss.py)
             uninstall_chunked_loss(model.get_base_model())
@@ -278,6 +283,10 @@ def build_method(spec: str, args):
 
     method, options = parse_method(spec)
     model = wrap(load_4bit(args.model_path, args.device), method, options)
+    if str(options.get("eval_first", "false")).lower() in ("1", "true", "yes"):
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, model.config.vocab_size, (1, 16)).to(args.device))
     if method == "floor" and options.get("mode") == "eval":
         model.eval()
     else:

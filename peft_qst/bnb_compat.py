@@ -260,13 +260,13 @@ def route_4bit_layers_by_mode(model: nn.Module) -> int:
     """Run every bitsandbytes ``Linear4bit`` of a QST model on the layout its mode needs, on CPUs with AVX512-BF16.
 
     bitsandbytes packs a layer for its CPU inference kernel at the first eval-mode forward without gradients, and
-    keeps it packed. That kernel is fast for the few rows of a decoding step and slow for many (measured, a 576 x 1536
-    layer, 2 threads: 6.6 ms against 1.5 ms at 512 rows, 27 against 4.8 ms at 2048), and it has no backward. So:
+    keeps it packed. That kernel is fast for the few rows of a decoding step, slow for many, and has no backward. So:
 
     * **Training-mode forwards** (the frozen backbone of every training step, under ``no_grad``): once an eval
       forward had packed the layers (``Trainer.evaluate``, ``eval_on_start``, a generation before training, as in the
       quickstart and ``examples/sft_trl.py``), every later training step ran the packed kernel: a 4-bit SmolLM2 QST
-      step of 4 x 128 tokens took 2-4x longer. On a model with trainable parameters the pre-hook now keeps each
+      step of 4 x 256 tokens took 1.9x longer (``integration/bench_train.py`` with ``qst:eval_first=true``, README
+      "bitsandbytes on CPU"). On a model with trainable parameters the pre-hook now keeps each
       layer's standard layout from just before it is packed (the same 4-bit codes again: the 4-bit weights take twice
       their memory from the first eval forward on), and a training-mode forward runs on it, the post-hook putting the
       packed layout back. Training steps then compute exactly what they compute without any eval forward in between

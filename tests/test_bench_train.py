@@ -103,3 +103,31 @@ def test_bench_train_qst_options_compile_and_checkpoint_the_wrapped_model():
     assert compiled._compiled_call_impl is not None and plain._compiled_call_impl is None
     assert compiled.is_gradient_checkpointing and not plain.is_gradient_checkpointing
     assert compiled.peft_config["default"].r == plain.peft_config["default"].r == 4
+
+
+def test_bench_train_eval_first_runs_one_eval_forward_then_trains(monkeypatch):
+    """``qst:eval_first=true`` (not a QSTConfig field) runs one no-grad eval-mode forward before training, as
+    ``Trainer.evaluate`` or a generation before training do, and hands the model back in training mode."""
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "integration"))
+    bench = load_script("integration/bench_train.py", "bench_train_for_eval_first")
+    monkeypatch.setattr(bench, "load_4bit", lambda path, device: tiny_causal_lm())
+    args = argparse.Namespace(model_path=None, device="cpu")
+    for spec, expected in (("qst:eval_first=true,r=4", [(False, False)]), ("qst:r=4", [])):
+        calls = []
+        wrap = bench.wrap
+
+        def recording_wrap(model, method, options):
+            wrapped = wrap(model, method, options)
+            wrapped.register_forward_pre_hook(lambda module, inputs: calls.append((module.training,
+                                                                                   torch.is_grad_enabled())))
+            return wrapped
+
+        monkeypatch.setattr(bench, "wrap", recording_wrap)
+        model, optimizer = bench.build_method(spec, args)
+        monkeypatch.setattr(bench, "wrap", wrap)
+        assert calls == expected and model.training and optimizer is not None
+        assert model.peft_config["default"].r == 4
