@@ -232,3 +232,41 @@ def test_training_after_a_hybrid_is_deleted_still_runs_the_standard_4bit_layout(
     assert torch.equal(_logits(model.eval(), ids), expected_logits)
     if has_avx512bf16():
         assert _cpu_packed(model) and all("_qst_standard_layout" in vars(m) for _, m in _linear4bit_layers(model))
+
+
+@pytest.mark.parametrize(
+    "config", [{}, {"backbone_lora_layers": 1}, {"backbone_lora_layers": 1, "gradient_checkpointing": True}],
+    ids=["qst", "hybrid", "hybrid-checkpointed"])
+def test_a_resumed_run_that_evaluates_equals_the_uninterrupted_one(tiny_model_dir, tmp_path, config):
+    """With ``eval_strategy="steps"``, an eval packs the 4-bit backbone mid-run in the uninterrupted run (steps 1-6,
+    evals at 2, 4, 6), but only at step 4 in a run resumed from its step-3 checkpoint (from another initialisation).
+    Training steps run the standard layout kept from before packing (bnb_compat.route_4bit_layers_by_mode), so both
+    runs log the same train and eval losses and end at the same adapter weights, bit for bit. Before, steps 3-6 of
+    the uninterrupted run ran the packed kernel and step 4 of the resumed run did not: the losses differed from step 4
+    on and the weights ended 3.5e-3 (QST) to 4.9e-3 (hybrid) apart."""
+    from .test_trainer import make_trainer, trainable_state
+
+    config = dict(config)
+    checkpointing = config.pop("gradient_checkpointing", False)
+
+    def run(output_dir, seed, resume_from_checkpoint=None):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+        torch.manual_seed(seed)
+        model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, **config))
+        trainer = make_trainer(output_dir, model, eval_strategy="steps", eval_steps=2,
+                               gradient_checkpointing=checkpointing)
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        losses = {(entry["step"], key): entry[key] for entry in trainer.state.log_history
+                  for key in ("loss", "eval_loss") if key in entry}
+        return model, losses, trainable_state(model)
+
+    straight, straight_losses, straight_weights = run(tmp_path / "straight", seed=0)
+    _, resumed_losses, resumed_weights = run(tmp_path / "resumed", seed=1,
+                                             resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"))
+    # the resumed run's history holds the checkpoint's (steps 1-3) and its own (steps 4-6, evals at 4 and 6)
+    assert len(straight_losses) == 9 and resumed_losses == straight_losses
+    assert resumed_weights.keys() == straight_weights.keys()
+    for name, tensor in straight_weights.items():
+        assert torch.equal(resumed_weights[name], tensor), name
+    if has_avx512bf16():  # the evals did pack the backbone (the hybrid's adapted block excepted)
+        assert _cpu_packed(straight)
