@@ -54,9 +54,10 @@ TIMEOUT_S = 120
 VOCAB = 128
 SEED = 0
 TOLERANCE = 1e-4
-#: the hybrid's logits against the base's on a 4-bit model, relative to the largest base logit (bf16 rounding of the
-#: kernels; see the docstring)
-HYBRID_4BIT_TOLERANCE = 1e-2
+#: the hybrid's logits against the base's on a 4-bit model, relative to the largest base logit (the two kernels'
+#: rounding, see the docstring; Zamba2, whose shared attention block runs at several depths, is 1.1% off, and 0.0 with
+#: both models on the standard kernel)
+HYBRID_4BIT_TOLERANCE = 2e-2
 #: set by ``--4bit``: the folder holding each type's saved float model, loaded back in 4-bit by ``build``
 QUANTIZED_FROM: dict = {}
 
@@ -237,9 +238,20 @@ def build_4bit(variant: str, folder: str):
 
     saved = os.path.join(folder, "base")
     if not os.path.isdir(saved):
-        build_float(variant).save_pretrained(saved)
+        model = build_float(variant)
+        model.save_pretrained(saved)
+        # linear layers bitsandbytes' CPU kernel cannot run at tiny widths (fewer than 32 outputs or outputs not a
+        # multiple of 32, as a router over 4 experts; inputs not a multiple of its 64-wide blocks) stay unquantized:
+        # the base model itself failed there ("N must be divisible by block_n"); real widths are multiples of both
+        skip = sorted(name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+                      and (module.out_features % 32 or module.in_features % 64))
+        with open(os.path.join(folder, "skip.json"), "w") as f:
+            json.dump(skip, f)
+    with open(os.path.join(folder, "skip.json")) as f:
+        skip = json.load(f)
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=skip + ["lm_head"] if skip else None,
     )
     model = AutoModelForCausalLM.from_pretrained(saved, quantization_config=quantization, dtype=torch.float32).eval()
     if not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
