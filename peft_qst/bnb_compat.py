@@ -44,10 +44,11 @@ _OWN_PACKING_ATTR = "_qst_own_support_avx512bf16_for_cpu"
 _PACKED_FIELDS_ATTR = "_qst_packed_quant_state_fields"
 #: set on a Linear4bit once the forward hooks of :func:`route_4bit_layers_by_mode` are registered
 _ROUTING_HOOK_ATTR = "_qst_routes_by_mode"
-#: a Linear4bit's standard layout from just before bitsandbytes packed it: (weight data, quantization-state fields,
-#: the quantization-state object), kept on models with trainable parameters for training-mode forwards
+#: a Linear4bit's standard layout from just before bitsandbytes packed it: (weight data, a quantization-state object
+#: of its own holding the standard fields, the packed quantization-state object it belongs to), kept on models with
+#: trainable parameters for training-mode forwards and forwards whose input requires a gradient
 _STANDARD_LAYOUT_ATTR = "_qst_standard_layout"
-#: the packed layout (weight data, quantization-state fields) while a training-mode forward runs the standard one
+#: the packed layout (weight data, quantization-state object) while a forward runs the kept standard one
 _PACKED_DURING_CALL_ATTR = "_qst_packed_layout_during_call"
 
 
@@ -132,10 +133,10 @@ def keep_unpacked_for_backward(modules) -> int:
     linear4bit = _linear4bit_class()
     if linear4bit is None:
         return 0
-    try:
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-    except ImportError:  # a bitsandbytes without the CPU packed layout: nothing to do
-        return 0
+    import bitsandbytes.functional
+
+    if not hasattr(bitsandbytes.functional, "_convert_weight_packed_for_cpu_inverse"):
+        return 0  # a bitsandbytes without the CPU packed layout: nothing to do
     unpacked = 0
     for module in modules:
         if not isinstance(module, linear4bit):
@@ -151,17 +152,27 @@ def keep_unpacked_for_backward(modules) -> int:
             vars(module).pop(_STANDARD_LAYOUT_ATTR)
             data, quant_state = standard[0], module.weight.quant_state
             quant_state.__dict__.clear()
-            quant_state.__dict__.update(standard[1])
+            quant_state.__dict__.update(vars(standard[1]))
         else:
-            data, quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, module.weight.quant_state)
-            absmax = quant_state.absmax
-            if absmax.dim() == 2 and absmax.shape[1] == quant_state.shape[0]:  # plain absmax, left transposed
-                quant_state.absmax = absmax.T.reshape(-1).float().contiguous()
+            data, quant_state = _inverse_packing(module.weight.data, module.weight.quant_state)
         module.weight.data = data
         module.weight.quant_state = quant_state
         setattr(module, _PACKED_FIELDS_ATTR, (packed_fields, quant_state, quant_state.absmax, standard is not None))
         unpacked += 1
     return unpacked
+
+
+def _inverse_packing(data: torch.Tensor, quant_state) -> tuple:
+    """bitsandbytes' inverse of the CPU packing, which rebinds the fields of ``quant_state`` it changes (the 4-bit
+    codes exactly, the block scales to bfloat16 rounding), with a plain ``absmax`` moved back to the standard flat
+    layout, which bitsandbytes' inverse leaves transposed. Returns the standard weight data and ``quant_state``."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    data, quant_state = _convert_weight_packed_for_cpu_inverse(data, quant_state)
+    absmax = quant_state.absmax
+    if absmax.dim() == 2 and absmax.shape[1] == quant_state.shape[0]:  # plain absmax, left transposed
+        quant_state.absmax = absmax.T.reshape(-1).float().contiguous()
+    return data, quant_state
 
 
 def _pack_as_before(module: nn.Module) -> None:
@@ -185,7 +196,7 @@ def _pack_as_before(module: nn.Module) -> None:
         return
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    standard = (module.weight.data, dict(quant_state.__dict__))
+    standard = (module.weight.data, _state_with_fields(quant_state, quant_state.__dict__))
     data, quant_state = _convert_weight_packed_for_cpu(module.weight.data, quant_state)
     quant_state.__dict__.clear()
     quant_state.__dict__.update(packed_fields)
@@ -197,30 +208,41 @@ def _pack_as_before(module: nn.Module) -> None:
         vars(module)[_STANDARD_LAYOUT_ATTR] = (*standard, quant_state)
 
 
+def _state_with_fields(quant_state, fields: dict):
+    """A quantization-state object of its own with (a shallow copy of) these fields. bitsandbytes' packing and its
+    inverse rebind the fields they change, so the kept standard state stays standard while the layer's is packed."""
+    state = type(quant_state).__new__(type(quant_state))
+    vars(state).update(fields)
+    return state
+
+
 def _standard_layout(module: nn.Module) -> Optional[tuple]:
-    """The standard layout kept for this packed layer (weight data, quantization-state fields), or None; a kept
-    layout that no longer belongs to the layer (its weight replaced, moved, or no longer packed) is dropped."""
+    """The standard layout kept for this packed layer (weight data, its own quantization-state object), or None; a
+    kept layout that no longer belongs to the layer (its weight replaced, moved, or no longer packed) is dropped."""
     kept = vars(module).get(_STANDARD_LAYOUT_ATTR)
     if kept is None:
         return None
-    data, fields, quant_state = kept
+    data, standard_state, quant_state = kept
     weight = module.weight
     if getattr(weight, "quant_state", None) is not quant_state or weight.device != data.device or not _is_cpu_packed(
         module
     ):
         vars(module).pop(_STANDARD_LAYOUT_ATTR)
         return None
-    return data, fields
+    return data, standard_state
 
 
-def _swap_layout(module: nn.Module, data: torch.Tensor, fields: dict) -> tuple:
-    """Give the layer this weight data and these quantization-state fields (the same state object, which the module
-    and its weight share); returns the ones it had."""
-    quant_state = module.weight.quant_state
-    previous = (module.weight.data, dict(quant_state.__dict__))
-    module.weight.data = data
-    quant_state.__dict__.clear()
-    quant_state.__dict__.update(fields)
+def _swap_layout(module: nn.Module, data: torch.Tensor, quant_state) -> tuple:
+    """Give the layer's weight this data and this quantization-state object; returns the ones it had.
+
+    Objects are swapped, not contents: bitsandbytes' ``MatMul4Bit`` keeps the quantization-state object and a view of
+    the weight data for its backward, which runs after the post-hook has swapped the packed layout back. The view
+    keeps the standard data (``weight.data = ...`` rebinds the parameter, not the view) and the kept state object is
+    never changed, so the backward dequantizes the standard layout the forward ran."""
+    weight = module.weight
+    previous = (weight.data, weight.quant_state)
+    weight.data = data
+    weight.quant_state = quant_state
     return previous
 
 
@@ -232,12 +254,15 @@ def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Modu
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
     if x is None or x.device.type != "cpu":
         return
-    if x.requires_grad:
-        if _is_cpu_packed(module):
-            keep_unpacked_for_backward([module])
-        return
-    if module.training:
+    if module.training or x.requires_grad:
         standard = _standard_layout(module)
+        if standard is None and x.requires_grad and _is_cpu_packed(module):
+            # packed with no layout kept (before QST was injected, or in a deep copy, whose weight no longer shares
+            # the kept state object), and the packed kernel has no backward: keep one rebuilt from the packed layout
+            quant_state = module.weight.quant_state
+            copied = _state_with_fields(quant_state, quant_state.__dict__)
+            vars(module)[_STANDARD_LAYOUT_ATTR] = (*_inverse_packing(module.weight.data, copied), quant_state)
+            standard = _standard_layout(module)
         if standard is not None:
             vars(module)[_PACKED_DURING_CALL_ATTR] = _swap_layout(module, *standard)
         return
@@ -246,11 +271,13 @@ def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Modu
         model = model_ref()
         if model is not None and any(parameter.requires_grad for parameter in model.parameters()):
             quant_state = module.weight.quant_state
-            vars(module)[_STANDARD_LAYOUT_ATTR] = (module.weight.data, dict(quant_state.__dict__), quant_state)
+            standard_state = _state_with_fields(quant_state, quant_state.__dict__)
+            vars(module)[_STANDARD_LAYOUT_ATTR] = (module.weight.data, standard_state, quant_state)
 
 
 def _packed_again_after_call(module: nn.Module, args: tuple, output) -> None:
-    """Forward post-hook of :func:`route_4bit_layers_by_mode`: the packed layout back after a training-mode call."""
+    """Forward post-hook of :func:`route_4bit_layers_by_mode`: the packed layout back after a call that ran the
+    kept standard one."""
     swapped = vars(module).pop(_PACKED_DURING_CALL_ATTR, None)
     if swapped is not None:
         _swap_layout(module, *swapped)
@@ -275,9 +302,14 @@ def route_4bit_layers_by_mode(model: nn.Module) -> int:
     * **Layers a gradient goes through** (a BERT-style decoder's LM head, ``cls.predictions.transform.dense``, which
       QST differentiates through): the packed kernel's output has no backward, and the next training step after an
       eval forward failed ("a view of a leaf Variable that requires grad is being used in an in-place operation",
-      from adding the bias in place; a layer without a bias would have passed no gradient on). Such a layer is put
-      back in the standard layout for good (:func:`keep_unpacked_for_backward`, with the kept layout where there is
-      one) the first time its input requires a gradient.
+      from adding the bias in place; a layer without a bias would have passed no gradient on). A call whose input
+      requires a gradient runs the kept standard layout too, in either mode, and its backward dequantizes that layout
+      (see :func:`_swap_layout`): the gradients of a model never run in eval, bit for bit, while eval forwards stay
+      on the packed kernel, so ``disable_adapter()`` and a reloaded adapter stay bit for bit the base model and the
+      trained model (unpacked for good instead, the layer ran the standard kernel in eval too, 0.010-0.018 off both in
+      the 4-bit architecture sweep). A packed layer with no kept layout (packed before QST was injected, as in that
+      sweep) gets one rebuilt from its packed layout the first time its input requires a gradient: the 4-bit codes
+      exactly, the block scales to bfloat16 rounding, so its gradients are off a never-packed model's by that rounding.
 
     Models without trainable parameters (an adapter loaded for inference) keep nothing. Idempotent; returns how many
     layers got the hooks now (0 without bitsandbytes). :func:`stop_routing_4bit_layers` takes it all off again."""
@@ -302,7 +334,7 @@ def route_4bit_layers_by_mode(model: nn.Module) -> int:
 def stop_routing_4bit_layers(model: nn.Module) -> int:
     """Undo :func:`route_4bit_layers_by_mode` (``unload()``, which promises the base model back without QST's hooks):
     the forward hooks come off, and so does each layer's kept standard layout, which held the 4-bit weights a second
-    time; a layer left in the standard layout by a training-mode call that raised gets its packed one back. Left on,
+    time; a layer left in the standard layout by a call that raised gets its packed one back. Left on,
     the model ``unload()`` returned kept both, and its training-mode forwards went on running the kept layout. Returns
     how many layers were released."""
     released = 0
