@@ -23,9 +23,10 @@ Under ``torch.no_grad()`` this module computes the same function with far fewer,
   instead of through the rotary module;
 - everything runs in float32 whatever the side dtype, with autocast off (:func:`autocast_off`) (on CPUs small
   float32 matmuls are several times faster than bfloat16 ones, and float32 is at least as precise as the bf16 path,
-  whose norms and attention accumulate in float32 too; a float64 side network, which float32 would round, takes the general path); the side network's own
-  transformers ``DynamicCache`` holds float32 keys and values (:func:`keep_cache_dtype` converts when a generation
-  moves between the two paths), so generate reorders, crops and selects it as before;
+  whose norms and attention accumulate in float32 too; a float64 side network, which float32 would round, takes the
+  general path); the side network's own transformers ``DynamicCache`` holds float32 keys and values
+  (:func:`keep_cache_dtype` converts when a generation moves between the two paths), so generate reorders, crops and
+  selects it as before;
 - the output upsample and output gate are one ``addmm`` onto the backbone's last hidden state (:func:`fast_mix`).
 
 The packed weights are built once and rebuilt when any side parameter may have changed (an optimizer step, fused or

@@ -488,9 +488,8 @@ def _update_layer(layer: QSTLayer, adapter_name: str, config: QSTConfig, dtype: 
     raise QSTUnsupportedModelError(
         f"QST does not support this {base_config.model_type} model with r={config.r}, side_heads={chosen}: the side "
         f"network built from its config by QST's shrink rules cannot be used: {problem}. side_heads={AUTO!r} also "
-        "tried the other "
-        f"head counts that fit r={config.r} ({tried}), and none of their side networks can be used either: another r "
-        "may fit, otherwise the model is not supported (see the README's supported architectures)."
+        f"tried the other head counts that fit r={config.r} ({tried}), and none of their side networks can be used "
+        "either: another r may fit, otherwise the model is not supported (see the README's supported architectures)."
     ) from first_error
 
 
