@@ -719,6 +719,7 @@ class QSTModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: QSTConfig, adapter_name: str) -> None:
         # a bare trunk's wrapper: tags, loss and hooks belong to the trunk, which unload() hands back
+        holder = model  # the module whose parameters include the side network (the wrapper of a bare trunk)
         model = model.get_base_layer() if isinstance(model, QSTLayer) else model
         # the tags end up in the model cards PEFT and the trainers write
         if hasattr(model, "add_model_tags"):
@@ -733,8 +734,11 @@ class QSTModel(BaseTuner):
         # AVX512-BF16, bitsandbytes' Linear4bit would unpack its weights lossily in memory there (peft_qst/bnb_compat.py)
         keep_4bit_weights_through_state_dict(model)
         # and training-mode forwards keep bitsandbytes' standard kernel after an eval forward has packed the 4-bit
-        # layers for its CPU inference kernel, slower for many rows and without a backward (peft_qst/bnb_compat.py)
-        route_4bit_layers_by_mode(model)
+        # layers for its CPU inference kernel, slower for many rows and without a backward (peft_qst/bnb_compat.py).
+        # It keeps layouts only on a model with trainable parameters, so it must see the side network: a bare trunk
+        # (FEATURE_EXTRACTION on AutoModel) has none of its own, and its training steps after an eval ran the packed
+        # kernel (the losses of a Trainer run that evaluated between steps were off an unevaluated run's from step 2)
+        route_4bit_layers_by_mode(holder)
         # generation's last-position logits: with a frozen LM head, PyTorch's CPU matmul would copy the whole head
         # weight for each prefill; in training, the head's backward in the side update's low rank (peft_qst/lm_head.py)
         install_lm_head_hooks(model)

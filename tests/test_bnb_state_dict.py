@@ -309,3 +309,42 @@ def test_a_resumed_run_that_evaluates_equals_the_uninterrupted_one(tiny_model_di
         assert torch.equal(resumed_weights[name], tensor), name
     if has_avx512bf16():  # the evals did pack the backbone (the hybrid's adapted block excepted)
         assert _cpu_packed(straight)
+
+
+def test_feature_extraction_training_after_an_eval_equals_training_without_one(tiny_model_dir):
+    """FEATURE_EXTRACTION wraps the bare trunk (``AutoModel``): the side network lives in QST's wrapper, not in the
+    trunk, and the routing hooks (bnb_compat.route_4bit_layers_by_mode) were handed the trunk, which has no trainable
+    parameters of its own. They kept no standard layout, so once an eval forward had packed the 4-bit layers every
+    training step ran the packed kernel: losses and side weights left a run that never evaluated (from step 2 of a
+    Trainer run with eval_strategy="steps", as here). Training after evals now equals training without, bit for bit."""
+    from transformers import AutoModel
+
+    ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+
+    def run(evaluate: bool):
+        base = AutoModel.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+        torch.manual_seed(0)
+        model = get_peft_model(base, QSTConfig(task_type="FEATURE_EXTRACTION", r=4))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+        losses = []
+        for _ in range(3):
+            if evaluate:
+                with torch.no_grad():
+                    model.eval()(input_ids=ids)
+            loss = model.train()(input_ids=ids).last_hidden_state.float().pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+        return model, losses
+
+    evaluated, evaluated_losses = run(evaluate=True)
+    straight, straight_losses = run(evaluate=False)
+    assert all(torch.equal(a, b) for a, b in zip(evaluated_losses, straight_losses)), (evaluated_losses, straight_losses)
+    weights = dict(straight.named_parameters())
+    for name, parameter in evaluated.named_parameters():
+        if parameter.requires_grad:
+            assert torch.equal(parameter, weights[name]), name
+    if has_avx512bf16():  # the evals did pack the backbone, and training ran the layout kept from before
+        assert _cpu_packed(evaluated)
+        assert all("_qst_standard_layout" in vars(m) for _, m in _linear4bit_layers(evaluated))
