@@ -196,7 +196,7 @@ def _pack_as_before(module: nn.Module) -> None:
         return
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    standard = (module.weight.data, _state_with_fields(quant_state, quant_state.__dict__))
+    standard = (module.weight.data, _state_copy(quant_state))
     data, quant_state = _convert_weight_packed_for_cpu(module.weight.data, quant_state)
     quant_state.__dict__.clear()
     quant_state.__dict__.update(packed_fields)
@@ -208,11 +208,12 @@ def _pack_as_before(module: nn.Module) -> None:
         vars(module)[_STANDARD_LAYOUT_ATTR] = (*standard, quant_state)
 
 
-def _state_with_fields(quant_state, fields: dict):
-    """A quantization-state object of its own with (a shallow copy of) these fields. bitsandbytes' packing and its
-    inverse rebind the fields they change, so the kept standard state stays standard while the layer's is packed."""
+def _state_copy(quant_state):
+    """A quantization-state object of its own with (a shallow copy of) the fields of ``quant_state``. bitsandbytes'
+    packing and its inverse rebind the fields they change, so the kept standard state stays standard while the layer's
+    is packed."""
     state = type(quant_state).__new__(type(quant_state))
-    vars(state).update(fields)
+    vars(state).update(vars(quant_state))
     return state
 
 
@@ -248,9 +249,7 @@ def _swap_layout(module: nn.Module, data: torch.Tensor, quant_state) -> tuple:
 
 def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Module, args: tuple) -> None:
     """Forward pre-hook of :func:`route_4bit_layers_by_mode`."""
-    leftover = vars(module).pop(_PACKED_DURING_CALL_ATTR, None)
-    if leftover is not None:  # a training-mode call that raised before its post-hook put the packed layout back
-        _swap_layout(module, *leftover)
+    _packed_again_after_call(module)  # left over where a call raised before its post-hook ran
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
     if x is None or x.device.type != "cpu":
         return
@@ -260,9 +259,8 @@ def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Modu
             # packed with no layout kept (before QST was injected, or in a deep copy, whose weight no longer shares
             # the kept state object), and the packed kernel has no backward: keep one rebuilt from the packed layout
             quant_state = module.weight.quant_state
-            copied = _state_with_fields(quant_state, quant_state.__dict__)
-            vars(module)[_STANDARD_LAYOUT_ATTR] = (*_inverse_packing(module.weight.data, copied), quant_state)
-            standard = _standard_layout(module)
+            standard = _inverse_packing(module.weight.data, _state_copy(quant_state))
+            vars(module)[_STANDARD_LAYOUT_ATTR] = (*standard, quant_state)
         if standard is not None:
             vars(module)[_PACKED_DURING_CALL_ATTR] = _swap_layout(module, *standard)
         return
@@ -271,13 +269,13 @@ def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Modu
         model = model_ref()
         if model is not None and any(parameter.requires_grad for parameter in model.parameters()):
             quant_state = module.weight.quant_state
-            standard_state = _state_with_fields(quant_state, quant_state.__dict__)
+            standard_state = _state_copy(quant_state)
             vars(module)[_STANDARD_LAYOUT_ATTR] = (module.weight.data, standard_state, quant_state)
 
 
-def _packed_again_after_call(module: nn.Module, args: tuple, output) -> None:
+def _packed_again_after_call(module: nn.Module, *_) -> None:
     """Forward post-hook of :func:`route_4bit_layers_by_mode`: the packed layout back after a call that ran the
-    kept standard one."""
+    kept standard one (also called where a call raised before this hook ran)."""
     swapped = vars(module).pop(_PACKED_DURING_CALL_ATTR, None)
     if swapped is not None:
         _swap_layout(module, *swapped)
@@ -341,9 +339,7 @@ def stop_routing_4bit_layers(model: nn.Module) -> int:
     for module in model.modules():
         if not vars(module).pop(_ROUTING_HOOK_ATTR, False):
             continue
-        leftover = vars(module).pop(_PACKED_DURING_CALL_ATTR, None)
-        if leftover is not None:
-            _swap_layout(module, *leftover)
+        _packed_again_after_call(module)
         vars(module).pop(_STANDARD_LAYOUT_ATTR, None)
         for hooks, ours in ((module._forward_pre_hooks, _is_routing_pre_hook),
                             (module._forward_hooks, lambda hook: hook is _packed_again_after_call)):

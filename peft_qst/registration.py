@@ -526,11 +526,12 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     "from_pretrained(base), adapter_folder) or AutoPeftModelForFeatureExtraction.from_pretrained("
                     "adapter_folder)."
                 )
+            name = adapter_name or "default"  # transformers' default
             if saved_config:
                 # a config given with peft_config= that computes otherwise than the one the weights were saved with:
                 # refused before anything is injected or loaded (transformers loads a module saved whole, such as
                 # lm_head, over the model's own where the config does not list it in modules_to_save)
-                heads_deferred = _check_given_config(self, peft_config, adapter_name or "default", saved_config)
+                heads_deferred = _check_given_config(self, peft_config, name, saved_config)
             else:
                 heads_deferred = False
             # injection freezes every base weight and loading sets eval mode: an undone load puts both back
@@ -545,9 +546,9 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 # of the model into it, so one that is neither the adapter's nor a module saved with it would go
                 # over the frozen base model (undo() takes the adapter off, not a base weight written over)
                 if state_dict is not None:
-                    foreign = foreign_tensors(model, adapter_name or "default", state_dict, model.state_dict())
+                    foreign = foreign_tensors(model, name, state_dict, model.state_dict())
                     if foreign:
-                        raise refuse_foreign_tensors(adapter_name or "default", foreign)
+                        raise refuse_foreign_tensors(name, foreign)
                 return type(model)._load_pretrained_model(model, state_dict, *load_args, **load_kwargs)
 
             own_loader = vars(self).get("_load_pretrained_model")
@@ -566,8 +567,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     vars(self)["_load_pretrained_model"] = own_loader
             if heads_deferred:
                 try:
-                    check_saved_config_matches(self.peft_config[adapter_name or "default"], adapter_name or "default",
-                                               saved_config)
+                    check_saved_config_matches(self.peft_config[name], name, saved_config)
                 except BaseException:
                     undo()
                     raise
