@@ -805,18 +805,29 @@ class QSTModel(BaseTuner):
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise TypeError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}.")
-        num_beams = kwargs.get("num_beams")
-        if isinstance(num_beams, int) and num_beams > 1:
-            # generate repeats every row num_beams times; so does the routing
-            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
-        adapter_names = list(adapter_names)
+        # the names of the rows the model runs now: one per input row until generate expands the batch
+        rows = {"names": list(adapter_names)}
 
-        def injecting(names: list):
+        def injecting(route):
             def inject(_module, args, module_kwargs):
-                module_kwargs["adapter_names"] = names
+                module_kwargs["adapter_names"] = route(rows["names"])
                 return args, module_kwargs
 
             return inject
+
+        def expanding(expand_size: int = 1, *args, **expand_kwargs):
+            # generate repeats each row expand_size times, consecutively (num_beams, num_return_sequences, from its
+            # keywords, a generation_config argument or the model's own generation_config); so does the routing.
+            # Read off the expansion itself, not off generate's keywords: the keywords missed a num_beams set in a
+            # generation_config and sampling's num_return_sequences, and the batch then had more rows than names
+            prompts = expand_kwargs.get("input_ids")
+            if expand_size > 1 and prompts is not None and len(rows["names"]) != prompts.shape[0]:
+                raise ValueError(
+                    f"adapter_names has {len(rows['names'])} entries for {prompts.shape[0]} prompts; give one "
+                    "adapter name per prompt: generate repeats it for each of the prompt's beams and return sequences."
+                )
+            rows["names"] = [name for name in rows["names"] for _ in range(expand_size)]
+            return expand_inputs(expand_size, *args, **expand_kwargs)
 
         from peft.utils.other import AuxiliaryTrainingWrapper
 
@@ -827,18 +838,30 @@ class QSTModel(BaseTuner):
         handles = []
         for module in self.model.modules():
             if isinstance(module, QSTLayer):
-                names = adapter_names
+                route = list
             elif isinstance(module, AuxiliaryTrainingWrapper):
-                held = getattr(module, "_adapters", ())
-                names = [name if name in held else BASE_ADAPTER_NAME for name in adapter_names]
+                held = frozenset(getattr(module, "_adapters", ()))
+                route = lambda names, held=held: [name if name in held else BASE_ADAPTER_NAME for name in names]
             else:
                 continue
-            handles.append(module.register_forward_pre_hook(injecting(names), with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(injecting(route), with_kwargs=True))
+        # the transformers model whose generate runs (PeftModel.generate calls it) expands its inputs through this
+        # method; the instance attribute shadows it for this call only. A plain forward never calls it
+        generating = self.model
+        expand_inputs = getattr(generating, "_expand_inputs_for_generation", None)
+        shadowed = generating.__dict__.get("_expand_inputs_for_generation")
+        if expand_inputs is not None:
+            generating.__dict__["_expand_inputs_for_generation"] = expanding
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            if expand_inputs is not None:
+                if shadowed is None:
+                    generating.__dict__.pop("_expand_inputs_for_generation", None)
+                else:
+                    generating.__dict__["_expand_inputs_for_generation"] = shadowed
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT upcasts bf16/fp16 adapter weights to fp32 by default; QST's dtype rule is its own (``side_dtype``:

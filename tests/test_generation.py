@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from transformers import GenerationConfig
 
 from peft_qst import QSTCache, QSTConfig
 
@@ -396,6 +397,63 @@ def test_mixed_batch_generate(two_adapters, mode):
     alone = _per_adapter(two_adapters, lambda: generate(two_adapters, ids, mask, **mode))
     for row, name in enumerate(ROUTES):
         assert torch.equal(mixed[row], alone[name][row]), name
+
+
+def _expanded_rows_match(mixed, alone, expand):
+    """Each prompt's adapter routes all ``expand`` rows generate made of it (consecutive rows, as it repeats them)."""
+    assert mixed.shape[0] == len(ROUTES) * expand
+    for row in range(mixed.shape[0]):
+        name = ROUTES[row // expand]
+        assert torch.equal(mixed[row], alone[name][row]), (row, name)
+
+
+@pytest.mark.parametrize(
+    "mode, expand",
+    [
+        (dict(generation_config=GenerationConfig(num_beams=2)), 1),
+        (dict(generation_config=GenerationConfig(num_beams=3, num_return_sequences=2)), 2),
+        ("model's generation_config", 1),
+    ],
+    ids=["num_beams-in-generation_config", "num_return_sequences-of-beams", "model-generation_config"],
+)
+def test_mixed_batch_beams_set_outside_generate_keywords(two_adapters, mode, expand):
+    """generate expands the batch for a num_beams that no keyword of generate names (a generation_config argument,
+    the model's own generation_config): adapter_names had one entry per prompt for a batch of prompts x beams.
+    ``expand``: the sequences returned per prompt."""
+    ids, mask = left_padded(PROMPTS)
+    saved = two_adapters.generation_config.num_beams
+    if mode == "model's generation_config":
+        two_adapters.generation_config.num_beams, mode = 2, {}
+    try:
+        mixed = generate(two_adapters, ids, mask, adapter_names=ROUTES, **mode)
+        alone = _per_adapter(two_adapters, lambda: generate(two_adapters, ids, mask, **mode))
+    finally:
+        two_adapters.generation_config.num_beams = saved
+    _expanded_rows_match(mixed, alone, expand)
+
+
+@pytest.mark.parametrize("where", ["keyword", "generation_config"])
+def test_mixed_batch_sampling_num_return_sequences(two_adapters, where):
+    """Sampling with num_return_sequences=2 gives two rows per prompt, both from that prompt's adapter: each row
+    samples what the same seed samples from its adapter alone (the draws of a row do not depend on the others')."""
+    ids, mask = left_padded(PROMPTS)
+    mode = dict(do_sample=True, top_k=20, num_return_sequences=2)
+    if where == "generation_config":  # do_sample stays a keyword too: the helper's default would override the config's
+        mode = dict(generation_config=GenerationConfig(**mode), do_sample=True)
+    mixed = generate(two_adapters, ids, mask, seed=7, adapter_names=ROUTES, **mode)
+    alone = _per_adapter(two_adapters, lambda: generate(two_adapters, ids, mask, seed=7, **mode))
+    _expanded_rows_match(mixed, alone, expand=2)
+    assert not torch.equal(mixed[0], mixed[1]), "the two samples of a prompt should differ"
+    assert "_expand_inputs_for_generation" not in two_adapters.get_base_model().__dict__, "the routing is undone"
+
+
+def test_mixed_batch_refuses_names_per_expanded_row(two_adapters):
+    """adapter_names takes one name per prompt, as PEFT's LoRA does; names already repeated for the beams are refused
+    with a message saying so."""
+    ids, mask = left_padded(PROMPTS)
+    with pytest.raises(ValueError, match="one adapter name per prompt"):
+        generate(two_adapters, ids, mask, adapter_names=[n for n in ROUTES for _ in range(2)], num_beams=2)
+    assert "_expand_inputs_for_generation" not in two_adapters.get_base_model().__dict__, "the routing is undone"
 
 
 def test_mixed_batch_refusals(two_adapters):
