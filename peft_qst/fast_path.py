@@ -523,31 +523,46 @@ def _denominator(hidden: torch.Tensor, root_eps: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(hidden, dim=-1, keepdim=True).hypot_(root_eps)
 
 
-def _attention_mask(attention_mask, batch: int, length: int, past: int, device) -> Optional[torch.Tensor]:
-    """Boolean (batch, 1, length, past + length) mask, or None where no position needs masking.
+def _attention_mask(attention_mask, batch: int, length: int, past: int, device):
+    """Boolean (batch, 1, length, past + length) mask, or None where no position needs masking; and for a decoding
+    step (one token per row), None or a (batch, 1) float32 tensor that is 0 on the rows that see no position.
 
     It is the general path's (transformers' SDPA mask): each position sees the earlier and its own non-padding
     positions. Padding positions' outputs are read: question answering's start/end logits of every position enter its
     loss, token classification returns them. A padding position with no non-padding position before it (left padding)
-    sees nothing, and SDPA gives it zeros, as in the general path. Only a decoding step's one-token rows (attended by
-    a softmax, which would give NaN for an empty row) let such a position see itself: a row of padding alone."""
+    sees nothing, and SDPA gives it zeros, as in the general path. A decoding step's one-token rows are attended by a
+    softmax, which gives NaN for a row that sees nothing (a row of padding alone: an empty prompt in a batch of
+    one-token prompts, or a row masked out with all its past): such a row sees itself in the mask, to keep the softmax
+    finite, and the returned factor zeroes its attention output, as SDPA does in the general path. (It saw itself and
+    kept that output before: the padding row's logits, and so the tokens generate chose for it, differed from the
+    general path's and the base model's.)"""
     total = past + length
     if attention_mask is not None:
         attention_mask = attention_mask[:, -total:].to(device=device, dtype=torch.bool)
+        if length == 1:
+            # one read from the device for both questions: does every row see every position, does any see none
+            visible = attention_mask.sum(-1)
+            fewest = int(visible.min())
+            if fewest == total:
+                return None, None
+            seen = (visible > 0).to(torch.float32).unsqueeze(1) if fewest == 0 else None
+            # the query is the last position: it sees exactly the positions its row's mask keeps (and an empty row
+            # itself, see above)
+            keys = torch.arange(total, device=device).view(1, -1)
+            mask = attention_mask if seen is None else attention_mask | ((keys == total - 1) & (visible == 0)[:, None])
+            return mask.reshape(batch, 1, 1, total), seen
         if bool(attention_mask.all()):
             attention_mask = None
     if attention_mask is None and length == 1:
-        return None
+        return None, None
     queries = torch.arange(past, total, device=device).view(-1, 1)
     keys = torch.arange(total, device=device).view(1, -1)
     mask = keys <= queries  # (length, total)
     if attention_mask is not None:
         mask = mask.unsqueeze(0) & attention_mask.unsqueeze(1)
-        if length == 1:
-            mask |= (keys == queries) & ~mask.any(-1, keepdim=True)
     else:
         mask = mask.unsqueeze(0).expand(batch, -1, -1)
-    return mask.unsqueeze(1)
+    return mask.unsqueeze(1), None
 
 
 def keep_cache_dtype(cache, dtype: torch.dtype) -> None:
@@ -689,7 +704,7 @@ def _fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, ca
         per_column = (batch, length, heads + kv_heads, head_dim)
         cos = cos.unsqueeze(2).expand(per_column).reshape(tokens, -1)
         sin = sin.unsqueeze(2).expand(per_column).reshape(tokens, -1)
-    mask = _attention_mask(attention_mask, batch, length, past, device)
+    mask, seen_rows = _attention_mask(attention_mask, batch, length, past, device)
     group = heads // kv_heads
     score_bias = None  # decoding with padding: -inf on the keys each row must not see, added by the scores' matmul
     if decoding and mask is not None:
@@ -724,6 +739,8 @@ def _fast_side_forward(side, packed: PackedSideWeights, hidden_states: tuple, ca
             query, key = query.reshape(rows, group, head_dim), key.reshape(rows, keys, head_dim).transpose(1, 2)
             scores = bmm(query, key) if score_bias is None else torch.baddbmm(score_bias, query, key)
             attended = bmm(scores.softmax(-1), value.reshape(rows, keys, head_dim)).view(batch, -1)
+            if seen_rows is not None:  # rows of padding alone attend to nothing: output 0, as SDPA's
+                attended = attended.mul_(seen_rows)
         else:
             query = query.view(batch, length, heads, head_dim).transpose(1, 2)
             key = key.view(batch, length, kv_heads, head_dim).transpose(1, 2)

@@ -121,6 +121,38 @@ def test_cached_decoding_equals_the_general_path_step_by_step(model_type, config
     torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
 
 
+def test_a_row_of_padding_alone_in_one_token_steps_equals_the_general_path():
+    """A one-token forward whose row sees no position (an empty prompt beside one-token prompts; a row masked out with
+    all its past) gets a zero attention output from SDPA on the general path, as in the backbone. The fast path let
+    such a row see itself instead: its logits differed from the general path's (by ~0.4 here), and generate picked
+    other tokens for it."""
+    model = qst_model()
+    ids, mask = torch.tensor([[5], [PAD]]), torch.tensor([[1], [0]])
+    with torch.no_grad():
+        fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+
+    def run():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=PAD,
+                              output_logits=True, return_dict_in_generate=True)
+
+    fast, general = both_paths(run)
+    assert torch.equal(fast.sequences, general.sequences)
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(general.logits), atol=2e-5, rtol=1e-4)
+
+    prompt, prompt_mask = left_padded_batch()
+    prompt_mask[0] = 0  # the first row is padding alone, in its past and in the step
+
+    def step():
+        with torch.no_grad():
+            cache = model(input_ids=prompt, attention_mask=prompt_mask, use_cache=True).past_key_values
+            step_mask = torch.cat([prompt_mask, torch.tensor([[0], [1]])], 1)
+            return model(input_ids=prompt[:, -1:], attention_mask=step_mask, past_key_values=cache).logits
+
+    fast, general = both_paths(step)
+    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", [dict(), dict(num_beams=3), dict(do_sample=True, top_k=20)],
                          ids=["greedy", "beams", "sampling"])
 def test_generate_equals_the_general_path(mode):
