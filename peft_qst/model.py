@@ -392,6 +392,54 @@ def _check_modules_to_save_before_trunk(model: nn.Module, trunk: nn.Module, conf
         )
 
 
+def _check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
+    """The modules trained and saved whole with the adapter (``modules_to_save``, and the head PEFT's task class adds
+    to it after injection: :data:`_TASK_HEADS`) must be plain, unquantized layers. transformers' bitsandbytes loading
+    keeps only the model's last parameter and its LM head unquantized by default, so a head with a bias (the
+    ``score`` of ``AutoModelForTokenClassification``, the ``qa_outputs`` of ``AutoModelForQuestionAnswering``) is
+    loaded as a 4-bit ``Linear4bit`` (``SEQ_CLS``'s bias-free ``score`` is kept). PEFT's trainable copy of it then
+    fails, after the side network was injected, with bitsandbytes' own errors: "only Tensors of floating point dtype
+    can require gradients" for a head loaded from the checkpoint, a bare ``AssertionError`` at the first forward for
+    a newly initialised one, whose weight was never quantized (LoRA fails the same way)."""
+    entries = [config.modules_to_save] if isinstance(config.modules_to_save, str) else config.modules_to_save or []
+    task_type = getattr(config.task_type, "value", config.task_type)
+    heads = set(entries) | set(_TASK_HEADS.get(task_type, ()))
+    trunk_name = next((name for name, module in model.named_modules() if module is trunk), None)
+    if not heads or trunk_name is None:
+        return
+    quantized = {}
+    for name, module in model.named_modules():
+        if (
+            not name
+            or not any(name == head or name.endswith("." + head) for head in heads)
+            or name.startswith(trunk_name + ".")
+            or (trunk_name == "" and name)
+        ):
+            continue
+        weights = list(module.parameters(recurse=False))
+        kind = type(module).__name__
+        if kind in ("Linear4bit", "Linear8bitLt") or any(
+            type(w).__name__ in ("Params4bit", "Int8Params") or not w.dtype.is_floating_point for w in weights
+        ):
+            quantized[name] = kind
+    if quantized:
+        listed = ", ".join(f"{name!r} ({kind})" for name, kind in sorted(quantized.items()))
+        skip = sorted({name.rpartition(".")[2] for name in quantized})
+        why = (
+            f"the task head PEFT trains for task_type={task_type!r}"
+            if set(skip) <= set(_TASK_HEADS.get(task_type, ())) and not set(skip) & set(entries)
+            else "modules_to_save"
+        )
+        raise QSTUnsupportedModelError(
+            f"{listed} was loaded quantized by bitsandbytes, but QST trains and saves it whole with the adapter "
+            f"({why}), and a quantized layer cannot be trained: bitsandbytes fails later with a bare AssertionError "
+            "or \"only Tensors of floating point dtype can require gradients\" (LoRA too). transformers keeps only "
+            "the LM head and the model's last parameter unquantized by default, so a head with a bias is quantized. "
+            f"Keep it out of quantization when loading the base model: BitsAndBytesConfig(..., "
+            f"llm_int8_skip_modules={skip!r}); load a saved adapter onto a base model loaded the same way."
+        )
+
+
 def _check_bare_trunk_config(model: nn.Module, config: QSTConfig) -> None:
     """A bare decoder trunk (AutoModel) is side-tuned for its features only: its QST output is the adapted
     ``last_hidden_state``, which ``PeftModelForFeatureExtraction`` returns. Other task types' PEFT wrappers would
@@ -659,6 +707,7 @@ class QSTModel(BaseTuner):
         _check_modules_to_save_outside(model, trunk, config)
         if composite:
             _check_modules_to_save_before_trunk(model, trunk, config, model_type)
+        _check_modules_to_save_unquantized(model, trunk, config)
         find_layer_list(base_trunk, int(model_config.num_hidden_layers))
         # encoder-only models (BERT, RoBERTa, ...) attend both ways and their heads read other outputs (a pooler)
         # than the final hidden state QST adapts: their attention modules say so with is_causal=False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -182,3 +184,136 @@ def test_inference_fast_path_gives_the_training_path_outputs_at_padding_position
     for name in ("loss", "logits", "start_logits", "end_logits"):
         if name in general:
             torch.testing.assert_close(fast[name], general[name].detach(), rtol=1e-5, atol=2e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Task heads that bitsandbytes quantized
+# --------------------------------------------------------------------------------------------------------------------
+
+TASK_HEADS = {"TOKEN_CLS": ("AutoModelForTokenClassification", "score"),
+              "QUESTION_ANS": ("AutoModelForQuestionAnswering", "qa_outputs"),
+              "SEQ_CLS": ("AutoModelForSequenceClassification", "score")}
+
+
+@pytest.fixture(scope="module")
+def task_model_dirs(tmp_path_factory):
+    """Tiny random Llamas saved with their task head (as a fine-tuned classifier is), per task type."""
+    import transformers
+
+    dirs = {}
+    for task_type, (auto_class, _) in TASK_HEADS.items():
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(task_type.lower())
+        getattr(transformers, auto_class).from_config(tiny_llama_config(pad_token_id=0, num_labels=3)).save_pretrained(
+            path
+        )
+        dirs[task_type] = str(path)
+    return dirs
+
+
+def _load_4bit(path, task_type, **bnb):
+    import transformers
+    from transformers import BitsAndBytesConfig
+
+    torch.manual_seed(1)  # a newly initialised head's
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                **bnb)
+    return getattr(transformers, TASK_HEADS[task_type][0]).from_pretrained(path, num_labels=3,
+                                                                           quantization_config=config).eval()
+
+
+def _untouched(base, head):
+    return type(getattr(base, head)).__name__ == "Linear4bit" and not any(
+        "qst_" in name or "modules_to_save" in name for name, _ in base.named_modules()
+    )
+
+
+@pytest.mark.parametrize(
+    "task_type, source, bnb",
+    [
+        ("TOKEN_CLS", "causal-lm", {}),  # a new head, whose 4-bit layer holds a weight never quantized
+        ("TOKEN_CLS", "task", {}),  # the saved head, packed to 4 bits
+        ("QUESTION_ANS", "task", {}),
+        ("SEQ_CLS", "causal-lm", {"llm_int8_skip_modules": []}),  # quantized only when told to
+    ],
+)
+def test_a_4bit_task_head_is_refused_before_anything_changes(tiny_model_dir, task_model_dirs, task_type, source, bnb):
+    """transformers' default bitsandbytes config keeps only the last parameter and the LM head unquantized, so a
+    head with a bias (TOKEN_CLS's score, QUESTION_ANS's qa_outputs) is loaded as a Linear4bit. PEFT's trainable copy
+    of it failed after the side network was injected: "only Tensors of floating point dtype can require gradients"
+    in get_peft_model for a saved head, a bare AssertionError at the first forward for a new one. The error names
+    the head and the BitsAndBytesConfig that keeps it unquantized, before the model is changed."""
+    from peft_qst import QSTUnsupportedModelError
+
+    head = TASK_HEADS[task_type][1]
+    base = _load_4bit(tiny_model_dir if source == "causal-lm" else task_model_dirs[task_type], task_type, **bnb)
+    assert type(getattr(base, head)).__name__ == "Linear4bit"
+    fix = re.escape(f"llm_int8_skip_modules=['{head}']")
+    with pytest.raises(QSTUnsupportedModelError, match=f"'{head}' \\(Linear4bit\\) was loaded quantized.*{fix}"):
+        get_peft_model(base, QSTConfig(task_type=task_type, r=4))
+    assert _untouched(base, head)
+
+
+def test_seq_cls_score_stays_unquantized_with_the_default_config(tiny_model_dir):
+    """SEQ_CLS's score has no bias: its weight is the model's last parameter, which transformers keeps unquantized,
+    so the default config works (tests/test_seq_cls.py trains, saves and reloads it)."""
+    assert type(_load_4bit(tiny_model_dir, "SEQ_CLS").score) is torch.nn.Linear
+
+
+def test_a_4bit_lm_head_in_modules_to_save_is_refused(tiny_model_dir):
+    """The same for a module named in modules_to_save: an LM head quantized on request (llm_int8_skip_modules=[])."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from peft_qst import QSTUnsupportedModelError
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=[]))
+    with pytest.raises(QSTUnsupportedModelError, match=re.escape("(modules_to_save)") + ".*"
+                       + re.escape("llm_int8_skip_modules=['lm_head']")):
+        get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, modules_to_save=["lm_head"]))
+    assert _untouched(base, "lm_head")
+
+
+@pytest.mark.parametrize("task_type", ["TOKEN_CLS", "QUESTION_ANS"])
+def test_a_4bit_backbone_with_the_head_kept_unquantized_trains_saves_and_reloads(tmp_path, task_model_dirs, task_type):
+    """The fix the error names works: llm_int8_skip_modules=[head] keeps the head a plain Linear beside a 4-bit
+    trunk; the head copy and the side network train, and the saved adapter loads back onto a base loaded the same
+    way to the same outputs. Loading it onto a base whose head is quantized is refused as get_peft_model is."""
+    from peft import PeftModel
+
+    from peft_qst import QSTUnsupportedModelError
+
+    head = TASK_HEADS[task_type][1]
+    path = task_model_dirs[task_type]
+    labels = ({"start_positions": torch.tensor([1, 2, 0]), "end_positions": torch.tensor([3, 4, 1])}
+              if task_type == "QUESTION_ANS" else {"labels": (IDS % 3).masked_fill(MASK == 0, -100)})
+
+    def outputs(model):
+        with torch.no_grad():
+            out = model(input_ids=IDS, attention_mask=MASK)
+        return [out[name] for name in ("start_logits", "end_logits", "logits") if name in out]
+
+    base = _load_4bit(path, task_type, llm_int8_skip_modules=[head])
+    assert type(getattr(base, head)) is torch.nn.Linear
+    assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
+    model = get_peft_model(base, QSTConfig(task_type=task_type, r=4))
+    copy = f"{head}.modules_to_save.default.weight"
+    start = next(p for n, p in model.named_parameters() if n.endswith(copy)).detach().clone()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = model(input_ids=IDS, attention_mask=MASK, **labels).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert not torch.equal(next(p for n, p in model.named_parameters() if n.endswith(copy)), start)
+    expected = outputs(model)  # before saving: see test_seq_cls.py's test_seq_cls_on_a_4bit_backbone
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_load_4bit(path, task_type, llm_int8_skip_modules=[head]), str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(outputs(loaded.eval()), expected))
+    quantized = _load_4bit(path, task_type)
+    with pytest.raises(QSTUnsupportedModelError, match=re.escape(f"llm_int8_skip_modules=['{head}']")):
+        PeftModel.from_pretrained(quantized, str(tmp_path))
+    assert _untouched(quantized, head)
