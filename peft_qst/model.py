@@ -918,7 +918,8 @@ class QSTModel(BaseTuner):
 
         PEFT calls this after creating or loading an adapter. A load with ``low_cpu_mem_usage=True`` assigns the
         file's tensors as they are, in the dtype they were saved in (an adapter trained on a 4-bit model with bf16
-        compute loaded onto an fp32 model, or the reverse); they are brought back to the rule here.
+        compute loaded onto an fp32 model, or the reverse); they are brought back to the rule here. Except weights
+        saved in float32 beside a half-precision side network (:func:`_keeps_float32_weights`), which stay float32.
         """
         config = self.peft_config.get(adapter_name)
         if config is None:
@@ -926,7 +927,11 @@ class QSTModel(BaseTuner):
         dtype = resolve_side_dtype(self.model, config)
         for layer in self.model.modules():
             if isinstance(layer, QSTLayer) and adapter_name in layer.qst_side:
-                for parameter in layer.qst_side[adapter_name].parameters():
+                side = layer.qst_side[adapter_name]
+                keep = _keeps_float32_weights(config, dtype, side.upsample.weight.dtype)
+                for parameter in side.parameters():
+                    if keep and parameter.dtype == torch.float32:
+                        continue
                     if parameter.is_floating_point() and parameter.dtype != dtype and parameter.device.type != "meta":
                         parameter.data = parameter.data.to(dtype)
 
@@ -1050,7 +1055,40 @@ class QSTModel(BaseTuner):
                 f"The checkpoint does not fit this model: {key} is {saved} in the file and {here} here (a module "
                 f"saved whole with the adapter, modules_to_save).{hint} Nothing was loaded."
             )
+        _keep_weights_saved_in_float32(model, config, marker, remapped, loaded)
         return remapped
+
+
+def _keeps_float32_weights(config: QSTConfig, dtype: torch.dtype, upsample_dtype: torch.dtype) -> bool:
+    """Whether float32 weights of a side network whose upsample is ``upsample_dtype`` stay float32 under the rule's
+    ``dtype``: where ``side_dtype`` is unset, the rule is a half dtype and the upsample (the weight the side network
+    computes in the dtype of) is one too. Such a side network was saved with some weights kept in float32 on purpose:
+    TRL's ORPO and CPO trainers (``peft_module_casting_to_bf16`` under ``bf16=True`` on a 4-bit model) cast every
+    module named ``norm`` to float32, so its norm weights and the downsamplers' LayerNorms trained in float32 beside a
+    bf16 side network. Rounded to bf16 on reload, they lost their training below bf16's resolution and the reloaded
+    adapter's logits differed from the trained model's (by 0.004 after three steps on a tiny 4-bit Llama), where a
+    LoRA adapter (float32, as PEFT keeps it) reloads exactly. A side network saved in one dtype still takes the
+    rule's (float32 loaded onto a bf16 model: bf16 throughout), and a ``side_dtype`` that is set is the dtype of
+    every weight."""
+    half = (torch.bfloat16, torch.float16)
+    return config.side_dtype is None and dtype in half and upsample_dtype in half
+
+
+def _keep_weights_saved_in_float32(
+    model: nn.Module, config: QSTConfig, marker: str, remapped: dict[str, torch.Tensor], loaded: set[str]
+) -> None:
+    """Before PEFT copies the file's tensors into the side network: the weights of a half-precision side network
+    that the file holds in float32 (see :func:`_keeps_float32_weights`) are made float32 first, so that the copy
+    keeps every bit of them (``load_state_dict`` copies into the parameter's own dtype). A load with
+    ``low_cpu_mem_usage=True`` assigns the file's tensors whole, and ``_cast_adapter_dtype`` leaves them float32."""
+    parameters = dict(model.named_parameters())
+    for key in loaded:
+        parameter = parameters.get(key)
+        if parameter is None or parameter.device.type == "meta" or remapped[key].dtype != torch.float32:
+            continue
+        upsample = remapped.get(key[: key.index(marker) + len(marker)] + "upsample.weight")
+        if upsample is not None and _keeps_float32_weights(config, parameter.dtype, upsample.dtype):
+            parameter.data = parameter.data.float()
 
 
 def _saved_beside_the_adapter(model: nn.Module, adapter_name: str, state_keys) -> set[str]:

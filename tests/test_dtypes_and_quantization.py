@@ -171,3 +171,57 @@ def test_bf16_side_parameters_that_start_at_a_constant_keep_their_updates(tiny_m
     # the value used in the forward is constant + offset, rounded to bf16 like every bf16 weight; the offset keeps
     # accumulating the updates until they show
     assert side.output_gate.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_weights_a_trainer_kept_in_float32_reload_in_float32(tiny_model_dir, tmp_path, low_cpu_mem_usage):
+    """TRL's ORPO and CPO trainers (``peft_module_casting_to_bf16``, under ``bf16=True`` on a 4-bit model) cast every
+    module named ``norm`` to float32: the side network's norms and the downsamplers' LayerNorms train in float32 beside
+    the bf16 rest, and are saved so. Reloaded onto the same 4-bit model with side_dtype unset they keep float32, so the
+    side network is the trained one bit for bit (rounded to bf16, the reload's logits were 0.004 off after three
+    steps); the rest keeps the rule's bf16. Onto an fp32 model the rule gives float32 throughout, as for any adapter."""
+    from trl.experimental.utils import peft_module_casting_to_bf16
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    peft_module_casting_to_bf16(model)
+    # the frozen embeddings and LM head the same function casts to bf16: given back, so that only the side network
+    # differs between the trained and the reloaded model (a LoRA adapter does not reload those casts either)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+    model.get_input_embeddings().weight.data = fresh.get_input_embeddings().weight.data.clone()
+    model.get_output_embeddings().weight.data = fresh.get_output_embeddings().weight.data.clone()
+    trained = {n: p for n, p in model.named_parameters() if ".qst_side." in n}
+    kept = {n for n, p in trained.items() if p.dtype == torch.float32}
+    assert kept and any(".norm." in n for n in kept) and {p.dtype for p in trained.values()} == {
+        torch.bfloat16, torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train_steps(model, IDS, lr=1e-2)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=IDS).logits
+
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config()), tmp_path,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    ).eval()
+    loaded = {n: p for n, p in reloaded.named_parameters() if ".qst_side." in n}
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = reloaded(input_ids=IDS).logits
+        assert torch.equal(got, expected), (got - expected).abs().max()
+    different = [n for n, p in trained.items() if not torch.equal(p.detach(), loaded[n].detach())]
+    assert not different, different
+    assert {n for n, p in loaded.items() if p.dtype == torch.float32} == kept
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(input_ids=IDS).logits).all()  # and it runs without autocast
+
+    onto_fp32 = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage
+    )
+    assert {p.dtype for n, p in onto_fp32.named_parameters() if ".qst_side." in n} == {torch.float32}
+
+    # loaded again into the trained adapter itself, as Trainer(resume_from_checkpoint=...) does: it stays as it trains
+    model.load_adapter(tmp_path, adapter_name="default", is_trainable=True, low_cpu_mem_usage=low_cpu_mem_usage)
+    resumed = {n: p for n, p in model.named_parameters() if ".qst_side." in n}
+    assert {n for n, p in resumed.items() if p.dtype == torch.float32} == kept
+    assert all(torch.equal(p.detach(), loaded[n].detach()) for n, p in resumed.items())

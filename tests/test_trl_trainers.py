@@ -277,12 +277,17 @@ def test_kto(tmp_path, tokenizer):
     check_adapter_reloads(trainer, tmp_path, tiny_lm(tokenizer), sample_inputs(tokenizer))
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
 @pytest.mark.parametrize("method", ["orpo", "cpo"])
-def test_orpo_and_cpo(tmp_path, tokenizer, method):
+def test_orpo_and_cpo(tmp_path, tokenizer, tiny_lm_dir, method, quantized):
     """ORPOTrainer and CPOTrainer (trl.experimental; no reference model: an odds-ratio or contrastive term plus the
     chosen completions' NLL): the loss on the fixed batch goes down, only the side network trains, and the saved
-    adapter reloads."""
+    adapter reloads. In 4-bit with bf16=True they cast (``peft_module_casting_to_bf16``) every module named ``norm`` to
+    float32, the side network's norms among them, and the frozen embeddings and LM head to bf16: the norms trained
+    in float32 reload in float32 (rounded to bf16 the reload's logits were 0.004 off); the frozen modules' cast, which
+    a LoRA adapter does not reload either, is given back to the trained model before the comparison."""
     from datasets import Dataset
+    from transformers import AutoModelForCausalLM
 
     if method == "orpo":
         from trl.experimental.orpo import ORPOConfig as Config
@@ -291,9 +296,18 @@ def test_orpo_and_cpo(tmp_path, tokenizer, method):
         from trl.experimental.cpo import CPOConfig as Config
         from trl.experimental.cpo import CPOTrainer as Trainer
 
-    trainer = Trainer(model=tiny_lm(tokenizer), args=trainer_args(Config, tmp_path, max_length=32),
+    def base_model():
+        if quantized:
+            return AutoModelForCausalLM.from_pretrained(tiny_lm_dir, quantization_config=bnb_config())
+        return tiny_lm(tokenizer)
+
+    trainer = Trainer(model=base_model(), args=trainer_args(Config, tmp_path, max_length=32, bf16=quantized),
                       train_dataset=Dataset.from_dict(preference_rows()), processing_class=tokenizer,
                       peft_config=qst_config())
+    # in 4-bit: the side trunk's RMSNorms and the downsamplers' LayerNorms (module 3 of each), beside the bf16 rest
+    float32_side = {n for n, p in trainer.model.named_parameters() if ".qst_side." in n and p.dtype == torch.float32}
+    if quantized:
+        assert float32_side and all("norm" in n or "downsample.3." in n for n in float32_side), sorted(float32_side)
     before = parameters(trainer.model)
     trainer.train()
 
@@ -301,7 +315,17 @@ def test_orpo_and_cpo(tmp_path, tokenizer, method):
     assert losses[-1] < losses[0] - 1e-3
     assert logged(trainer, "nll_loss")[-1] < logged(trainer, "nll_loss")[0]
     check_only_the_adapter_trained(trainer.model, before)
-    check_adapter_reloads(trainer, tmp_path, tiny_lm(tokenizer), sample_inputs(tokenizer))
+    if quantized:
+        fresh = base_model()
+        for module, original in ((trainer.model.get_input_embeddings(), fresh.get_input_embeddings()),
+                                 (trainer.model.get_output_embeddings(), fresh.get_output_embeddings())):
+            assert module.weight.dtype == torch.bfloat16 != original.weight.dtype  # TRL's cast
+            module.weight.data = original.weight.data.clone()
+    check_adapter_reloads(trainer, tmp_path, base_model(), sample_inputs(tokenizer))
+    if quantized:
+        reloaded = PeftModel.from_pretrained(base_model(), tmp_path / "adapter")
+        assert {n for n, p in reloaded.named_parameters() if p.dtype == torch.float32 and ".qst_side." in n} == (
+            float32_side)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
