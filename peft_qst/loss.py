@@ -59,7 +59,22 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
-        logits, safe_targets, valid, log_normalizers = ctx.saved_tensors
+        try:
+            logits, safe_targets, valid, log_normalizers = ctx.saved_tensors
+        except RuntimeError as error:
+            if "modified by an inplace operation" not in str(error):
+                raise
+            # transformers' loss keeps a float32 copy (its log-softmax) and lets the caller edit the logits it returned
+            # afterwards; this loss keeps those very logits instead of a copy, to recompute the softmax from them. The
+            # values are gone, so backward cannot run: say so, rather than autograd's message about a tensor of the
+            # loss's own (the cause is code after the forward, e.g. a distillation loss's ``logits /= temperature``)
+            raise RuntimeError(
+                "QST's causal-LM loss (peft_qst.loss.chunked_causal_lm_loss) cannot back-propagate: the logits the "
+                "model returned with this loss were modified in place after the forward (e.g. `logits /= T`, "
+                "`logits.div_(T)`, `logits[..., ids] = -inf`), and it reads them again in backward. Modify a copy "
+                "(`logits = logits / T`), or call the model without labels and compute the loss from the logits, or "
+                "put transformers' loss back with peft_qst.loss.uninstall_chunked_loss(model.get_base_model())."
+            ) from error
         rows = logits.shape[0]
         chunk = _chunk_rows(logits)
         # ignored rows get no gradient whatever flows in: with no target at all the mean divides by zero, the incoming

@@ -109,3 +109,29 @@ def test_a_loss_function_set_by_the_user_is_kept():
     assert model.get_base_model().loss_function is own_loss
     ids = torch.randint(0, 128, (1, 6))
     assert model(input_ids=ids, labels=ids).loss.item() == 7.0
+
+
+def test_logits_edited_in_place_after_the_loss_are_refused_by_name():
+    """transformers' loss keeps a float32 copy and lets code after the forward edit the returned logits in place (a
+    distillation loss's ``logits /= temperature`` beside the model's own loss); the chunked loss reads those logits
+    again in backward, so it cannot: it says so and names the ways round, instead of autograd's message about a tensor
+    of its own (``[torch.FloatTensor [18, 128]] ... is at version 1``) that points nowhere near the caller's edit."""
+    base = tiny_causal_lm()
+    model = get_peft_model(base, peft_qst.QSTConfig(task_type="CAUSAL_LM", r=4)).train()
+    ids = torch.randint(0, 128, (2, 9))
+    out = model(input_ids=ids, labels=ids)
+    out.logits.div_(2.0)
+    with pytest.raises(RuntimeError, match=r"modified in place after the forward.*uninstall_chunked_loss"):
+        out.loss.backward()
+
+    out = model(input_ids=ids, labels=ids)  # a copy edited: the loss back-propagates as transformers' does
+    distilled = (out.logits / 2.0).log_softmax(-1).mean()
+    (out.loss - distilled).backward()
+    qst_loss.uninstall_chunked_loss(model.get_base_model())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    (out.loss - (out.logits / 2.0).log_softmax(-1).mean()).backward()
+    assert grads and grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, msg=name)
