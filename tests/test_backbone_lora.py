@@ -512,3 +512,59 @@ def test_a_cache_saved_before_caches_recorded_their_routing_continues(hybrid, mo
             loaded = pickle.loads(pickle.dumps(saved))
             assert torch.equal(model.generate(input_ids=history, past_key_values=loaded, max_new_tokens=3, **kwargs),
                                expected)
+
+
+@pytest.mark.parametrize("first_layers", [0, 1], ids=["plain-beside-hybrid", "two-hybrids"])
+def test_two_adapters_of_different_depth_and_rank_each_run_as_alone(first_layers, tmp_path):
+    """Adapter "a" (plain QST or LoRA on the top block, rank 2) beside hybrid "b" (top two blocks, rank 8): each
+    adapter, picked by set_adapter or by adapter_names rows (forward; greedy, beam and sampled generation, whose
+    expanded rows keep their prompt's adapter), computes bit for bit what it computes loaded alone, "__base__" rows
+    and disable_adapter() the base model's; training one leaves the other's parameters as they were; deleting "b"
+    leaves "a" and the base model exact."""
+    tiny_causal_lm(num_hidden_layers=LAYERS).save_pretrained(tmp_path / "base")
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+
+    base = load()
+    model = get_peft_model(load(), hybrid_config(backbone_lora_layers=first_layers, backbone_lora_r=2),
+                           adapter_name="a")
+    model.add_adapter("b", hybrid_config(backbone_lora_r=8, backbone_lora_alpha=8))
+    for name, other in (("a", "b"), ("b", "a")):
+        model.set_adapter(name)
+        untouched = {n: p.clone() for n, p in model.named_parameters() if f".{other}." in n}
+        train_steps(model, IDS, steps=3, lr=3e-2)
+        assert all(torch.equal(p, untouched[n]) for n, p in model.named_parameters() if f".{other}." in n)
+    model.save_pretrained(tmp_path / "adapters")
+    alone = {n: PeftModel.from_pretrained(load(), tmp_path / "adapters" / n, adapter_name=n).eval() for n in "ab"}
+    alone["__base__"] = base
+    names = ["b", "__base__", "a"]
+    mask = torch.ones_like(IDS)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = {name: m(input_ids=IDS).logits for name, m in alone.items()}
+        for name in "ab":
+            model.set_adapter(name)
+            assert torch.equal(model(input_ids=IDS).logits, expected[name]), name
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=IDS).logits, expected["__base__"])
+        mixed = model(input_ids=IDS, adapter_names=names).logits
+        assert all(torch.equal(mixed[i], expected[name][i]) for i, name in enumerate(names))
+        for options in (dict(do_sample=False), dict(num_beams=2, do_sample=False),
+                        dict(do_sample=True, num_return_sequences=2)):
+            kwargs = dict(attention_mask=mask, max_new_tokens=6, pad_token_id=0, **options)
+            n = options.get("num_return_sequences", 1)
+            torch.manual_seed(5)
+            routed = model.generate(input_ids=IDS, adapter_names=names, **kwargs)
+            rows = []
+            for i, name in enumerate(names):
+                torch.manual_seed(5)  # the same draws: a row's sample depends on its own probabilities only
+                rows.append(alone[name].generate(input_ids=IDS, **kwargs)[i * n:(i + 1) * n])
+            assert torch.equal(routed, torch.cat(rows)), options
+
+        model.set_adapter("a")
+        model.delete_adapter("b")
+        assert torch.equal(model(input_ids=IDS).logits, expected["a"])
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=IDS).logits, expected["__base__"])
+    assert sorted(model.state_dict()) == sorted(alone["a"].state_dict())
