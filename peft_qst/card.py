@@ -150,7 +150,13 @@ def _saved_adapter_facts(folder: str) -> dict:
     """What ``usage_section`` needs from the adapter saved beside the card: the task type recorded in
     ``adapter_config.json``, for a classification adapter the number of labels (rows of the saved head in
     ``modules_to_save``), the base model's type (``base_model_signature``), and whether it was made on what
-    ``AutoModel`` loads (:func:`_made_on_auto_model`); nothing where the folder does not tell."""
+    ``AutoModel`` loads (:func:`_made_on_auto_model`); nothing where the folder does not tell.
+
+    The folder may hold a damaged adapter: ``save_pretrained`` updates the card from the old files before it writes
+    the new ones, and saving again is the fix loading names for a weights file truncated by an interrupted save or a
+    config edited by hand. What cannot be read here is left untold (the card is rewritten from the new files once they
+    are saved); raising failed that save before anything was written, where a LoRA adapter saves over such a
+    folder."""
     import json
 
     config_path = os.path.join(folder, "adapter_config.json")
@@ -158,23 +164,28 @@ def _saved_adapter_facts(folder: str) -> dict:
         return {}
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
+    task_type = config.get("task_type")
     facts = {
-        "task_type": config.get("task_type"),
+        "task_type": task_type if isinstance(task_type, str) else None,
         "model_type": _recorded_model_type(config),
         "auto_model": _made_on_auto_model(config),
     }
     weights_path = os.path.join(folder, "adapter_model.safetensors")
     heads = config.get("modules_to_save") or []
+    heads = [head for head in heads if isinstance(head, str)] if isinstance(heads, list) else []
     if facts["task_type"] not in LABELLED_TASKS or not heads or not os.path.isfile(weights_path):
         return facts
     from safetensors import safe_open
 
-    with safe_open(weights_path, framework="pt") as handle:
-        for key in handle.keys():
-            if any(key.endswith(f".{head}.weight") for head in heads):
-                shape = handle.get_slice(key).get_shape()
-                if len(shape) == 2:
-                    return {**facts, "num_labels": int(shape[0])}
+    try:
+        with safe_open(weights_path, framework="pt") as handle:
+            for key in handle.keys():
+                if any(key.endswith(f".{head}.weight") for head in heads):
+                    shape = handle.get_slice(key).get_shape()
+                    if len(shape) == 2:
+                        return {**facts, "num_labels": int(shape[0])}
+    except Exception:  # noqa: BLE001 - safetensors' SafetensorError (and OSError): a truncated or garbled file
+        pass
     return facts
 
 

@@ -609,6 +609,17 @@ class QSTModel(BaseTuner):
 
     def _bind_config_to_model(self, config: QSTConfig, model: nn.Module) -> None:
         """Check, before anything changes, that this config can side-tune this model; fill in what it records."""
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            # torch.compile(model) wraps the model (OptimizedModule), whose state dict names every weight under
+            # "_orig_mod.": an adapter built inside the wrapper saved its keys so, and loading them onto the uncompiled
+            # base model was refused as "target_modules='_orig_mod\\.model' matches no module ... leave it None", a
+            # field the caller had left None; an adapter loaded onto a compiled base failed alike
+            raise QSTUnsupportedModelError(
+                f"This {type(model._orig_mod).__name__} is wrapped by torch.compile: its weights are named under "
+                "'_orig_mod.', which the adapter's saved keys would carry and an uncompiled model does not have. "
+                "Give get_peft_model (or PeftModel.from_pretrained) the model itself and compile the result: "
+                "torch.compile(get_peft_model(model, config)), or TrainingArguments(torch_compile=True)."
+            )
         if config.trainable_token_indices:
             # TRL sets it when its chat-template cloning added tokens (SFTTrainer/RewardTrainer chat_template_path)
             warnings.warn(

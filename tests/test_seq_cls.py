@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -211,3 +211,53 @@ def test_token_classification_card_names_the_number_of_labels(tmp_path, classifi
                                        str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=IDS).logits, model.eval()(input_ids=IDS).logits)
+
+
+def _truncate_weights(folder):
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _edit_saved_config(**values):
+    def edit(folder):
+        import json
+
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "damage, refused",
+    [
+        (_truncate_weights, "truncated or corrupt"),
+        (_edit_saved_config(modules_to_save=5), None),
+        (_edit_saved_config(task_type=["SEQ_CLS"]), None),
+    ],
+    ids=["weights-truncated", "modules-to-save-int", "task-type-list"],
+)
+def test_a_classifier_saves_over_a_damaged_folder_as_the_refusal_says(tmp_path, classifier_dir, damage, refused):
+    """Saving again is the fix that loading a damaged adapter names ("Save the adapter again"; "restore the file or
+    save the adapter again"), and with LoRA it works. For a classifier the card's loading section, written before the
+    new files from the adapter the folder still holds, read the old weights' header for num_labels and the old
+    config's fields as they stood: a weights file truncated by an interrupted save failed the new save with
+    safetensors' bare "invalid header length", and a config edited by hand with a TypeError, before anything was
+    written. The old folder only informs the card, which is rewritten from the new files once they are saved."""
+    model = get_peft_model(load_classifier(classifier_dir), QSTConfig(task_type="SEQ_CLS", r=4))
+    train(model, steps=1)
+    model.save_pretrained(tmp_path)
+    damage(tmp_path)
+    if refused is not None:
+        with pytest.raises(ValueError, match=refused):
+            PeftModel.from_pretrained(load_classifier(classifier_dir), str(tmp_path))
+
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(load_classifier(classifier_dir), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS, attention_mask=MASK).logits,
+                           model.eval()(input_ids=IDS, attention_mask=MASK).logits)
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert text.count("## How to load this QST adapter") == 1
+    assert f'AutoModelForSequenceClassification.from_pretrained("{classifier_dir}", quantization_config=bnb, ' \
+           f"num_labels={NUM_LABELS})" in text

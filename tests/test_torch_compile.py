@@ -237,3 +237,23 @@ def test_trainer_torch_compile_trains_saves_and_reloads(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, trained, rtol=0, atol=0)
         with reloaded.disable_adapter():
             assert (reloaded(input_ids=ids).logits - trained).abs().max() > 1e-3  # the adapter was trained
+
+
+def test_a_base_model_wrapped_by_torch_compile_is_refused_with_the_order_that_works(tmp_path, tiny_model_dir):
+    """``get_peft_model(torch.compile(model), config)`` built the adapter inside the wrapper and saved its keys as
+    ``base_model.model._orig_mod.model.qst_side...``, which an uncompiled base model (the way an adapter is loaded) does
+    not have: loading it was refused as "target_modules='_orig_mod\\\\.model' matches no module ... leave it None",
+    a field the caller had left None, and the trained adapter was out of reach. Loading an adapter onto a compiled
+    base failed alike. Both are refused before anything changes, naming the wrapper and the order that works."""
+    from peft_qst.side import QSTUnsupportedModelError
+
+    saved = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    saved.save_pretrained(tmp_path)
+    for attach in (lambda m: get_peft_model(m, QSTConfig(task_type="CAUSAL_LM", r=4)),
+                   lambda m: PeftModel.from_pretrained(m, str(tmp_path))):
+        compiled = torch.compile(AutoModelForCausalLM.from_pretrained(tiny_model_dir), backend="eager")
+        modules = [name for name, _ in compiled.named_modules()]
+        with pytest.raises(QSTUnsupportedModelError, match=r"wrapped by torch\.compile.*'_orig_mod\.'.*"
+                           r"torch\.compile\(get_peft_model\(model, config\)\)"):
+            attach(compiled)
+        assert [name for name, _ in compiled.named_modules()] == modules and not hasattr(compiled, "peft_config")
