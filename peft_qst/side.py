@@ -1232,22 +1232,34 @@ class QSTSideNetwork(nn.Module):
         # hidden states of blocks with backbone low-rank adapters carry gradients (into those adapters); the others
         # were computed under no_grad and carry none
         first = hidden_states[0]
-        inputs = self.embed_dropout(self.embed_downsample(first.to(module_device(self.embed_downsample), dtype)))
-        run_by_trunk = getattr(*self._block_list)  # each block, or the wrapper put around it
-        for block, runner, hidden in zip(self._blocks, run_by_trunk, hidden_states[1:]):
-            state = call_state(block)
-            state["backbone_hidden"] = hidden
-            state["wrapped"] = runner is not block
-        cache_name = "cache" if "cache" in self._trunk_params else "past_key_values"
-        if "attention_mask" in trunk_kwargs:  # a 4-D mask built for the backbone's attention, in the side trunk's form
-            implementation = self.trunk.config._attn_implementation
-            trunk_kwargs["attention_mask"] = mask_for_side_trunk(trunk_kwargs["attention_mask"], implementation, dtype)
-        try:
-            out = self.trunk(inputs_embeds=inputs, return_dict=True, **{cache_name: cache}, **trunk_kwargs)
-        finally:
-            for block in self._blocks:
-                call_state(block)["backbone_hidden"] = None
-        return out.last_hidden_state, out.get(cache_field(out))
+        device = module_device(self.embed_downsample)
+        # float32 weights beside a half-precision side network (norms a trainer kept in float32, as TRL's ORPO and CPO
+        # do, and that reload so: QSTModel._keep_weights_saved_in_float32) ran under the trainer's autocast; without
+        # one, a float32 norm's output met the next half-precision Linear and failed ("expected m1 and m2 to have the
+        # same dtype") in a forward with gradients, in training mode, or a generate the fast path does not run
+        mixed = dtype in (torch.bfloat16, torch.float16) and any(p.dtype == torch.float32 for p in self.parameters())
+        autocast = mixed and not torch.is_autocast_enabled(device.type)
+        with torch.autocast(device.type, dtype=dtype) if autocast else nullcontext():
+            inputs = self.embed_dropout(self.embed_downsample(first.to(device, dtype)))
+            run_by_trunk = getattr(*self._block_list)  # each block, or the wrapper put around it
+            for block, runner, hidden in zip(self._blocks, run_by_trunk, hidden_states[1:]):
+                state = call_state(block)
+                state["backbone_hidden"] = hidden
+                state["wrapped"] = runner is not block
+            cache_name = "cache" if "cache" in self._trunk_params else "past_key_values"
+            # a 4-D mask built for the backbone's attention, in the side trunk's form
+            if "attention_mask" in trunk_kwargs:
+                implementation = self.trunk.config._attn_implementation
+                mask = trunk_kwargs["attention_mask"]
+                trunk_kwargs["attention_mask"] = mask_for_side_trunk(mask, implementation, dtype)
+            try:
+                out = self.trunk(inputs_embeds=inputs, return_dict=True, **{cache_name: cache}, **trunk_kwargs)
+            finally:
+                for block in self._blocks:
+                    call_state(block)["backbone_hidden"] = None
+        # (a float32 final norm gives a float32 output; the mix's upsample computes in the side network's dtype)
+        last = out.last_hidden_state.to(dtype) if autocast else out.last_hidden_state
+        return last, out.get(cache_field(out))
 
     def mix(
         self,

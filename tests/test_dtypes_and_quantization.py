@@ -225,3 +225,37 @@ def test_weights_a_trainer_kept_in_float32_reload_in_float32(tiny_model_dir, tmp
     resumed = {n: p for n, p in model.named_parameters() if ".qst_side." in n}
     assert {n for n, p in resumed.items() if p.dtype == torch.float32} == kept
     assert all(torch.equal(p.detach(), loaded[n].detach()) for n, p in resumed.items())
+
+
+def test_weights_kept_in_float32_run_on_the_general_path_without_autocast(tiny_model_dir, tmp_path):
+    """An adapter whose norms a trainer kept in float32 beside its bf16 side network (TRL's ORPO and CPO) reloads so;
+    they trained under the trainer's autocast. Without one, the general path (a forward with gradients, training mode,
+    a static cache) fed a float32 norm's output to a bf16 Linear and failed ("expected m1 and m2 to have the same
+    dtype"), where the all-bf16 reload of earlier versions ran; it now runs the side network under autocast, as it
+    trained, and gives the fast path's result up to bf16 rounding."""
+    from trl.experimental.utils import peft_module_casting_to_bf16
+
+    from peft_qst.fast_path import fast_path_disabled
+
+    def bf16_base():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+
+    model = get_peft_model(bf16_base(), QSTConfig(task_type="CAUSAL_LM", r=4))
+    peft_module_casting_to_bf16(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train_steps(model, IDS, lr=1e-2)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(bf16_base(), tmp_path, is_trainable=True).eval()
+    assert {p.dtype for n, p in reloaded.named_parameters() if ".qst_side." in n} == {torch.bfloat16, torch.float32}
+    with torch.no_grad():
+        fast = reloaded(input_ids=IDS).logits
+    with fast_path_disabled(), torch.no_grad():
+        general = reloaded(input_ids=IDS).logits
+    torch.testing.assert_close(general.float(), fast.float(), atol=1e-2, rtol=0)
+    out = reloaded.generate(input_ids=IDS, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert out.shape == (2, 11)
+    reloaded.train()
+    loss = reloaded(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.dtype == torch.float32 for p in reloaded.parameters() if p.requires_grad)
