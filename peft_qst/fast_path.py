@@ -36,11 +36,11 @@ a cache the weights were checked for (it walks every side parameter, a few perce
 
 It applies to side trunks of the Llama block structure (``llama``, ``mistral`` and ``qwen2`` without sliding windows)
 on one device, with a 2-D or no attention mask, outside training mode unless the side network has no dropout; packed
-sequences (no mask, restarting position ids), other keyword arguments, other architectures, gradients, side networks
-that FSDP or DeepSpeed ZeRO-3 shards (:func:`sharded`), and the copy heads' mix take the general path through the
-transformers modules. Outputs equal the general path's to floating-point rounding (tests/test_fast_path.py);
-:func:`fast_path_disabled` switches it off. Code that ``torch.compile`` traces takes the general path too
-(tests/test_torch_compile.py).
+sequences (no mask, restarting position ids), 4-D masks and masks per layer type (a dict), other keyword arguments,
+other architectures, gradients, side networks that FSDP or DeepSpeed ZeRO-3 shards (:func:`sharded`), and the copy
+heads' mix take the general path through the transformers modules. Outputs equal the general path's to
+floating-point rounding (tests/test_fast_path.py); :func:`fast_path_disabled` switches it off. Code that
+``torch.compile`` traces takes the general path too (tests/test_torch_compile.py).
 """
 
 from __future__ import annotations
@@ -480,7 +480,10 @@ def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedS
     if cache is not None and not isinstance(cache, DynamicCache):
         return None  # a static (preallocated) side cache: the general path runs it, as transformers' modules do
     mask = trunk_kwargs.get("attention_mask")
-    if mask is not None and mask.dim() != 2:
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+        # a 4-D mask, or one per layer type (a dict, which transformers' models accept and its
+        # create_masks_for_generate builds for configs with layer types, Qwen2's included): the general path hands it
+        # to the side trunk's modules as it is (``mask.dim()`` on a dict failed here with an AttributeError)
         return None
     positions = trunk_kwargs.get("position_ids")
     if mask is None and positions is not None and positions.shape[-1] > 1:

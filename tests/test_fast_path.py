@@ -472,3 +472,21 @@ def test_fast_path_follows_data_edits_that_keep_each_sum(edit):
         fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
     assert not torch.allclose(general, before)
     torch.testing.assert_close(fast[mask.bool()], general[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
+def test_a_mask_per_layer_type_takes_the_general_path():
+    """transformers' models accept an attention mask per layer type (a dict, as ``create_masks_for_generate`` builds
+    for configs with ``layer_types``, Qwen2's included); QST's general path hands it to the side trunk as it is. The
+    fast path called ``mask.dim()`` on it and failed with an AttributeError under ``torch.no_grad()``. (Llama's
+    model, without layer types, takes no dict.)"""
+    model = qst_model("qwen2")
+    ids, mask = left_padded_batch()
+    length = ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    per_layer_type = {"full_attention": causal[None, None] & mask.bool()[:, None, None, :]}
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits  # 2-D: the fast path
+        fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=per_layer_type).logits)
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], general[real])
+    torch.testing.assert_close(fast[real], reference[real], atol=2e-5, rtol=1e-4)
