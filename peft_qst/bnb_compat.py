@@ -36,12 +36,6 @@ from torch import nn
 _PROTECTED_ATTR = "_qst_state_dict_keeps_cpu_packing"
 #: where the pre-hook leaves (packed weight data, quantization-state fields, keep_vars) for the post-hook
 _SNAPSHOT_ATTR = "_qst_cpu_packed_snapshot"
-#: a Linear4bit's own ``support_avx512bf16_for_cpu``, kept while backbone adapters hold it in the standard layout
-_OWN_PACKING_ATTR = "_qst_own_support_avx512bf16_for_cpu"
-#: the packed quantization state's fields of a Linear4bit that :func:`keep_unpacked_for_backward` unpacked, and the
-#: quantization state and block scales the unpacking left, for :func:`allow_cpu_packing_again` to put back exactly,
-#: and whether the unpacking used up the layout :func:`route_4bit_layers_by_mode` kept (kept again when repacked)
-_PACKED_FIELDS_ATTR = "_qst_packed_quant_state_fields"
 #: set on a Linear4bit once the forward hooks of :func:`route_4bit_layers_by_mode` are registered
 _ROUTING_HOOK_ATTR = "_qst_routes_by_mode"
 #: a Linear4bit's standard layout from just before bitsandbytes packed it: (weight data, a quantization-state object
@@ -118,50 +112,6 @@ def keep_4bit_weights_through_state_dict(model: nn.Module) -> int:
     return count
 
 
-def keep_unpacked_for_backward(modules) -> int:
-    """Keep these bitsandbytes ``Linear4bit`` layers out of the CPU packed layout, unpacking any that already are.
-
-    Gradients through a packed layer are wrong: bitsandbytes' backward dequantizes the weight as if it were in the
-    standard layout (measured on a 4-bit tiny Llama, the LoRA gradients of ``backbone_lora_layers`` blocks changed by
-    40-90% after one eval forward had packed their layers). Plain QST never differentiates through the backbone; the
-    layers of the blocks that carry ``backbone_lora_layers`` adapters do, so they must stay unpacked. The inverse
-    conversion keeps the 4-bit codes exactly and the block scales to bfloat16 rounding (a plain ``absmax`` is moved
-    back to the standard flat layout, which bitsandbytes' own inverse leaves transposed). The packed state's fields are
-    kept (the bfloat16 block scales, small beside the 4-bit codes), so that :func:`allow_cpu_packing_again` packs
-    the layer back exactly as it was. Returns how many layers were unpacked now.
-    """
-    linear4bit = _linear4bit_class()
-    if linear4bit is None:
-        return 0
-    import bitsandbytes.functional
-
-    if not hasattr(bitsandbytes.functional, "_convert_weight_packed_for_cpu_inverse"):
-        return 0  # a bitsandbytes without the CPU packed layout: nothing to do
-    unpacked = 0
-    for module in modules:
-        if not isinstance(module, linear4bit):
-            continue
-        if _OWN_PACKING_ATTR not in vars(module):  # what allow_cpu_packing_again puts back
-            setattr(module, _OWN_PACKING_ATTR, module.support_avx512bf16_for_cpu)
-        module.support_avx512bf16_for_cpu = False  # the repack condition of Linear4bit.forward
-        if not _is_cpu_packed(module):
-            continue
-        packed_fields = dict(module.weight.quant_state.__dict__)  # the inverse rebinds the fields it changes
-        standard = _standard_layout(module)
-        if standard is not None:  # the weights as they were before packing, exactly (route_4bit_layers_by_mode)
-            vars(module).pop(_STANDARD_LAYOUT_ATTR)
-            data, quant_state = standard[0], module.weight.quant_state
-            quant_state.__dict__.clear()
-            quant_state.__dict__.update(vars(standard[1]))
-        else:
-            data, quant_state = _inverse_packing(module.weight.data, module.weight.quant_state)
-        module.weight.data = data
-        module.weight.quant_state = quant_state
-        setattr(module, _PACKED_FIELDS_ATTR, (packed_fields, quant_state, quant_state.absmax, standard is not None))
-        unpacked += 1
-    return unpacked
-
-
 def _inverse_packing(data: torch.Tensor, quant_state) -> tuple:
     """bitsandbytes' inverse of the CPU packing, which rebinds the fields of ``quant_state`` it changes (the 4-bit
     codes exactly, the block scales to bfloat16 rounding), with a plain ``absmax`` moved back to the standard flat
@@ -173,39 +123,6 @@ def _inverse_packing(data: torch.Tensor, quant_state) -> tuple:
     if absmax.dim() == 2 and absmax.shape[1] == quant_state.shape[0]:  # plain absmax, left transposed
         quant_state.absmax = absmax.T.reshape(-1).float().contiguous()
     return data, quant_state
-
-
-def _pack_as_before(module: nn.Module) -> None:
-    """Put a layer :func:`keep_unpacked_for_backward` unpacked back into the packed layout it had, exactly: the 4-bit
-    codes are repacked (lossless), and the quantization state gets its packed fields back. Repacked by its next eval
-    forward instead, a double-quantized layer's block scales came from their re-quantization, and the base model's
-    logits (``disable_adapter()``, the other adapters', ``unload()``'s model) stayed off the never-adapted model's by
-    bfloat16 rounding after the hybrid adapter was deleted (0.003 on a tiny Llama), also after a refused
-    ``load_adapter`` of one. Left alone where the layer's weight was replaced or moved off the CPU since."""
-    kept = vars(module).pop(_PACKED_FIELDS_ATTR, None)
-    if kept is None:
-        return
-    packed_fields, unpacked_state, unpacked_absmax, had_standard_layout = kept
-    quant_state = getattr(module.weight, "quant_state", None)
-    if (
-        quant_state is not unpacked_state
-        or quant_state.absmax is not unpacked_absmax
-        or _is_cpu_packed(module)
-        or module.weight.device.type != "cpu"
-    ):
-        return
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu
-
-    standard = (module.weight.data, _state_copy(quant_state))
-    data, quant_state = _convert_weight_packed_for_cpu(module.weight.data, quant_state)
-    quant_state.__dict__.clear()
-    quant_state.__dict__.update(packed_fields)
-    module.weight.data = data
-    module.weight.quant_state = quant_state
-    if had_standard_layout:
-        # the layout route_4bit_layers_by_mode kept for training-mode forwards (handed over at the unpacking) is kept
-        # again: without it, the remaining adapters' training steps ran the packed kernel after the hybrid was deleted
-        vars(module)[_STANDARD_LAYOUT_ATTR] = (*standard, quant_state)
 
 
 def _state_copy(quant_state):
@@ -308,6 +225,16 @@ def route_4bit_layers_by_mode(model: nn.Module) -> int:
       the 4-bit architecture sweep). A packed layer with no kept layout (packed before QST was injected, as in that
       sweep) gets one rebuilt from its packed layout the first time its input requires a gradient: the 4-bit codes
       exactly, the block scales to bfloat16 rounding, so its gradients are off a never-packed model's by that rounding.
+    * **The blocks of a hybrid** (``backbone_lora_layers``), whose backbone adapters are differentiated through their
+      frozen 4-bit layers: their training-mode forwards and every call whose input carries a gradient (in either mode
+      every layer fed by a lower adapted layer's delta) run the standard layout, so backward dequantizes what the
+      forward ran (bitsandbytes' backward through a packed layer dequantizes it as if it were standard: the backbone
+      adapters' gradients were 40-90% off after one eval forward). The layers that read the lowest adapted block's
+      input, computed under ``no_grad``, pass no gradient back (their deltas are computed from that input, apart
+      from the layer's output), so in eval they run packed, as every eval forward without gradients does. Before,
+      the hybrid kept its blocks' layers unpacked for good: while it was loaded, ``disable_adapter()``,
+      ``"__base__"`` rows and the other adapters were off the base model by bfloat16 rounding (0.004 on a tiny
+      Llama), and its own eval forwards and generation ran the slower standard kernel.
 
     Models without trainable parameters (an adapter loaded for inference) keep nothing. Idempotent; returns how many
     layers got the hooks now (0 without bitsandbytes). :func:`stop_routing_4bit_layers` takes it all off again."""
@@ -351,19 +278,3 @@ def stop_routing_4bit_layers(model: nn.Module) -> int:
 
 def _is_routing_pre_hook(hook) -> bool:
     return isinstance(hook, functools.partial) and hook.func is _route_by_mode
-
-
-def allow_cpu_packing_again(modules) -> int:
-    """Undo :func:`keep_unpacked_for_backward` on these layers once no backbone adapter differentiates through them
-    (its adapter deleted, or the model unloaded): each gets its own ``support_avx512bf16_for_cpu`` back, so it runs
-    bitsandbytes' CPU inference kernel again, as the base model does. Left off, the layers stayed on the slower
-    standard kernel, and the base model's outputs (``disable_adapter()``, the model ``unload()`` hands back) differed
-    from the same model never adapted by bfloat16 rounding. A layer that was packed when it was kept unpacked is packed
-    again as it was (:func:`_pack_as_before`). Returns how many layers were given their setting back."""
-    restored = 0
-    for module in modules:
-        if _OWN_PACKING_ATTR in vars(module):
-            module.support_avx512bf16_for_cpu = vars(module).pop(_OWN_PACKING_ATTR)
-            _pack_as_before(module)
-            restored += 1
-    return restored

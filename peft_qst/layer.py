@@ -29,7 +29,6 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCa
 from .cache import BackboneRouting, QSTCache, cache_field, has_cache_field, paired_cache, remember_pairing
 from .config import QSTConfig
 from .backbone_lora import top_block_linears
-from .bnb_compat import allow_cpu_packing_again, keep_unpacked_for_backward
 from .fast_path import fsdp2_unit
 from .per_call import call_state, hold_call_state
 from .side import (
@@ -385,8 +384,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
     def remove_hooks(self) -> None:
         """Remove every hook QST put on the backbone (hidden-state capture, backbone low-rank adapters, checkpointing
-        switches) and give the backbone adapters' 4-bit layers their CPU kernel back: ``unload()`` hands back the
-        trunk as it was."""
+        switches): ``unload()`` hands back the trunk as it was."""
         if vars(self.base_layer).get("_set_gradient_checkpointing") == self._set_trunk_checkpointing:
             del vars(self.base_layer)["_set_gradient_checkpointing"]
         for handle in self.__dict__.pop("_hook_handles", ()):
@@ -394,8 +392,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         self._remove_unused_backbone_hooks(())
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """PEFT's deletion (the side network and its backbone adapters go), then the backbone hooks and the
-        bitsandbytes layout pinning that no remaining adapter needs: see :meth:`_remove_unused_backbone_hooks`."""
+        """PEFT's deletion (the side network and its backbone adapters go), then the backbone hooks that no
+        remaining adapter needs: see :meth:`_remove_unused_backbone_hooks`."""
         super().delete_adapter(adapter_name)
         self._remove_unused_backbone_hooks(self.qst_side.values())
 
@@ -414,8 +412,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         blocks = getattr(parent, attr)
         self.__dict__["_backbone_blocks"] = blocks
         num_top = len(blocks) - side.backbone_lora.first_block
-        # gradients go through these blocks' frozen 4-bit layers, which bitsandbytes' CPU packed layout gets wrong
-        keep_unpacked_for_backward(module for _, _, module in top_block_linears(blocks, num_top))
+        # gradients go through these blocks' frozen 4-bit layers, which bitsandbytes' CPU packed layout gets wrong: the
+        # routing every 4-bit layer of a QST model gets (bnb_compat.route_4bit_layers_by_mode) runs calls with a
+        # gradient on the standard layout, and leaves the packed kernel to eval forwards without one
         # The hooks are partials of bound methods, not closures: copy.deepcopy rebinds a bound method to the copy, so
         # a deep-copied model's blocks call its own layer (a closure would keep calling the original's). Keyed by
         # position, not by id(module), so that the copy finds them installed too.
@@ -433,28 +432,22 @@ class QSTLayer(nn.Module, BaseTunerLayer):
     def _remove_unused_backbone_hooks(self, sides) -> None:
         """Remove the backbone hooks :meth:`_install_backbone_lora_hooks` installed that none of the side networks
         ``sides`` (the adapters that remain) uses: the linear-layer hook where none of them has a delta, the block
-        pre-hook below the lowest block any of them adapts; and give the linear layers no adapter differentiates
-        through any more their bitsandbytes CPU kernel back (:func:`~peft_qst.bnb_compat.allow_cpu_packing_again`).
-        After ``delete_adapter`` of an adapter with backbone adapters, its hooks stayed on the backbone: inert, but
-        every call of those layers took PyTorch's slower hooked path, their 4-bit layers kept bitsandbytes' slower
-        standard kernel (and outputs off the base model's by bfloat16 rounding), and the model unload() hands back
-        kept that kernel too."""
+        pre-hook below the lowest block any of them adapts. After ``delete_adapter`` of an adapter with backbone
+        adapters, its hooks stayed on the backbone: inert, but every call of those layers took PyTorch's slower hooked
+        path."""
         hooks = self.__dict__.get("_backbone_hooks")
         if not hooks:
             return
         blocks = self.__dict__["_backbone_blocks"]
         loras = [side.backbone_lora for side in sides if side.backbone_lora is not None]
         lowest = min((lora.first_block for lora in loras), default=len(blocks))
-        released = []
         for key in list(hooks):
             if key[0] == "lora":
                 if any(lora.delta(key[1], key[2]) is not None for lora in loras):
                     continue
-                released.append(blocks[key[1]].get_submodule(key[2]))
             elif key[1] >= lowest:
                 continue
             hooks.pop(key).remove()
-        allow_cpu_packing_again(released)
         if not hooks:
             del self.__dict__["_backbone_hooks"]
             del self.__dict__["_backbone_blocks"]

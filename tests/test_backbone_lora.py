@@ -252,9 +252,10 @@ def test_sft_trainer_with_backbone_lora(tmp_path, smollm2_dir):
 
 def test_gradients_stay_right_after_an_eval_forward_on_a_4bit_backbone(tmp_path):
     """bitsandbytes repacks a Linear4bit for its CPU kernel at its first eval forward (on CPUs with AVX512-BF16), and
-    gradients through a repacked layer come out wrong (40-90% off before the fix). The adapted blocks' layers are kept
-    unpacked; the gradients after evaluation/generation stay those of before, up to the packed lower blocks' slightly
-    different rounding. Where the CPU does not repack, this holds trivially."""
+    gradients through a repacked layer come out wrong (40-90% off before the fix). Training-mode forwards, and calls
+    whose input carries a gradient, run the standard layout kept from before packing
+    (bnb_compat.route_4bit_layers_by_mode): the gradients after evaluation/generation are those of before, bit for
+    bit. Where the CPU does not repack, this holds trivially."""
     tiny_causal_lm(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config()), hybrid_config()
@@ -276,7 +277,7 @@ def test_gradients_stay_right_after_an_eval_forward_on_a_4bit_backbone(tmp_path)
         model.generate(input_ids=IDS, max_new_tokens=3, do_sample=False)
     after = lora_a_grads()
     for name in before:
-        assert (after[name] - before[name]).norm() <= 0.1 * before[name].norm(), name
+        assert torch.equal(after[name], before[name]), name
 
 
 def test_a_deep_copy_runs_and_trains_its_own_backbone_adapters():
@@ -354,10 +355,11 @@ def test_delete_adapter_removes_the_backbone_hooks_no_remaining_adapter_uses():
 
 
 def test_deleting_or_unloading_the_hybrid_gives_4bit_layers_their_cpu_kernel_back(tmp_path):
-    """The hybrid keeps its blocks' 4-bit layers off bitsandbytes' CPU packed layout (gradients through it are wrong).
-    Once no adapter differentiates through them (the adapter deleted, the model unloaded) they get their own setting
-    back: before, they kept the slower standard kernel, and the base model's logits (disable_adapter(), the unloaded
-    model) differed from the never-adapted model's by bfloat16 rounding (0.004 on this model). On CPUs without
+    """Deleting the hybrid or unloading the model leaves the 4-bit layers on bitsandbytes' CPU kernel, as the base
+    model never adapted: once the hybrid kept its blocks' layers unpacked while loaded, and they kept the slower
+    standard kernel after it went, the base model's logits (disable_adapter(), the unloaded model) off the
+    never-adapted model's by bfloat16 rounding (0.004 on this model). The hybrid no longer pins the layout at all
+    (bnb_compat.route_4bit_layers_by_mode runs calls with a gradient on the standard one). On CPUs without
     AVX512-BF16 bitsandbytes never repacks, and this holds trivially."""
     tiny_causal_lm(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path)
 
@@ -375,7 +377,7 @@ def test_deleting_or_unloading_the_hybrid_gives_4bit_layers_their_cpu_kernel_bac
     model.set_adapter("hybrid")
     train_steps(model, IDS, steps=1)
     with torch.no_grad():
-        model(input_ids=IDS)  # an eval forward: the blocks below the hybrid's are packed, its own are not
+        model(input_ids=IDS)  # an eval forward: packs every 4-bit layer, the hybrid's blocks' too
     model.delete_adapter("hybrid")
     assert flags(model) == flags(base)
     with torch.no_grad(), model.disable_adapter():
@@ -389,11 +391,12 @@ def test_deleting_or_unloading_the_hybrid_gives_4bit_layers_their_cpu_kernel_bac
 
 def test_a_hybrid_added_after_an_eval_forward_leaves_the_4bit_backbone_as_it_was(tmp_path):
     """Where an eval forward had already packed the 4-bit layers for bitsandbytes' CPU kernel (evaluating the first
-    adapter, then adding a hybrid), the hybrid unpacks its blocks' layers, and bitsandbytes' inverse re-quantizes
-    double-quantized block scales. Deleting the hybrid, a refused ``load_adapter`` of one and ``unload()`` left them so:
-    the base model's and the other adapter's logits stayed 0.003 off what they were (the next eval forward repacked
-    them from the re-quantized scales). Now those layers are packed back exactly as they were. On CPUs without
-    AVX512-BF16 bitsandbytes never repacks, and this holds trivially."""
+    adapter, then adding a hybrid), the hybrid once unpacked its blocks' layers, and bitsandbytes' inverse
+    re-quantizes double-quantized block scales. Deleting the hybrid, a refused ``load_adapter`` of one and
+    ``unload()`` left them so: the base model's and the other adapter's logits stayed 0.003 off what they were (the
+    next eval forward repacked them from the re-quantized scales). The hybrid now leaves the packed layers packed
+    (bnb_compat.route_4bit_layers_by_mode runs its gradient-carrying calls on the standard layout kept from before
+    packing). On CPUs without AVX512-BF16 bitsandbytes never repacks, and this holds trivially."""
     tiny_causal_lm(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path / "base")
 
     def load():
@@ -406,7 +409,7 @@ def test_a_hybrid_added_after_an_eval_forward_leaves_the_4bit_backbone_as_it_was
 
     def logits():
         with torch.no_grad():
-            adapted = model(input_ids=IDS).logits  # an eval forward: packs every layer no hybrid keeps unpacked
+            adapted = model(input_ids=IDS).logits  # an eval forward: packs every 4-bit layer
             with model.disable_adapter():
                 return adapted, model(input_ids=IDS).logits
 
@@ -421,7 +424,7 @@ def test_a_hybrid_added_after_an_eval_forward_leaves_the_4bit_backbone_as_it_was
     model.delete_adapter("hybrid")
     assert all(map(torch.equal, logits(), (adapted, base)))
 
-    # a refused load under a new name: PEFT adds the adapter (its blocks unpacked) before the weights are refused
+    # a refused load under a new name: PEFT adds the adapter (and its backbone hooks) before the weights are refused
     path = tmp_path / "saved" / "hybrid" / "adapter_model.safetensors"
     data = bytearray(path.read_bytes())
     for i in range(len(data) - 64, len(data) - 8):  # garble tensor bytes, keep the header valid
@@ -568,3 +571,63 @@ def test_two_adapters_of_different_depth_and_rank_each_run_as_alone(first_layers
         with model.disable_adapter():
             assert torch.equal(model(input_ids=IDS).logits, expected["__base__"])
     assert sorted(model.state_dict()) == sorted(alone["a"].state_dict())
+
+
+def test_a_loaded_hybrid_leaves_the_base_model_and_other_adapters_bit_for_bit_on_a_4bit_backbone(tmp_path):
+    """The hybrid kept its blocks' 4-bit layers out of bitsandbytes' CPU packed layout for as long as it was loaded
+    (gradients through a packed layer are wrong), so on CPUs with AVX512-BF16 ``disable_adapter()``, ``"__base__"``
+    rows and the other adapters ran those layers on the standard kernel: 0.004 off the base model and off what they
+    computed before the hybrid was added. Now every 4-bit layer is routed by mode
+    (bnb_compat.route_4bit_layers_by_mode): eval forwards without gradients run packed, everything a gradient goes
+    through the standard layout, so all of them stay bit for bit, an untrained hybrid starts at the base model bit
+    for bit, and the hybrid's gradients after its own eval forwards and generation stay those of before. On CPUs
+    without AVX512-BF16 bitsandbytes never repacks, and this holds trivially."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    tiny_causal_lm(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config())
+
+    mixed = ["default", "__base__", "default"]
+    with torch.no_grad():
+        expected_base = load()(input_ids=IDS).logits  # the never-adapted model, packed where the CPU supports it
+    model = get_peft_model(load(), hybrid_config(backbone_lora_layers=0))
+    train_steps(model, IDS, steps=1)
+    with torch.no_grad():
+        expected_default = model(input_ids=IDS).logits
+        expected_mixed = model(input_ids=IDS, adapter_names=mixed).logits
+
+    def hybrid_grads():
+        model.set_adapter("hybrid")
+        model.train()
+        model.zero_grad()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        model.eval()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if ".hybrid." in n and p.grad is not None}
+
+    torch.manual_seed(1)
+    model.add_adapter("hybrid", hybrid_config())
+    model.set_adapter("hybrid")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, expected_base)  # an untrained hybrid starts at the base model
+        for name, param in model.named_parameters():
+            if ".hybrid." in name and name.endswith("lora_B"):
+                param.normal_(0, 0.1)  # open the adapters, so that gradients flow through the frozen layers
+    before_its_evals = hybrid_grads()
+    with torch.no_grad():
+        model(input_ids=IDS)  # the hybrid's eval forward and generation: the packed kernel where the CPU has one
+        model.generate(input_ids=IDS, max_new_tokens=3, do_sample=False)
+        model.set_adapter("default")
+        assert torch.equal(model(input_ids=IDS).logits, expected_default)
+        assert torch.equal(model(input_ids=IDS, adapter_names=["__base__"] * 3).logits, expected_base)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=IDS).logits, expected_base)
+        rows = model(input_ids=IDS, adapter_names=["default", "__base__", "hybrid"]).logits
+        assert torch.equal(rows[:2], expected_mixed[:2])
+    after = hybrid_grads()
+    assert after.keys() == before_its_evals.keys() and any(".backbone_lora." in n for n in after)
+    assert all(torch.equal(after[n], before_its_evals[n]) for n in after)
+    if has_avx512bf16():
+        assert all(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in model.modules() if type(m).__name__ == "Linear4bit")

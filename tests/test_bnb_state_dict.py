@@ -250,10 +250,10 @@ def test_unload_takes_the_4bit_routing_hooks_and_kept_layouts_off(tiny_model_dir
 
 
 def test_training_after_a_hybrid_is_deleted_still_runs_the_standard_4bit_layout(tiny_model_dir):
-    """A hybrid (``backbone_lora_layers``) added after an eval forward unpacks its blocks' 4-bit layers with the
-    standard layout kept for training (bnb_compat.keep_unpacked_for_backward); deleting it packs them back. They lost
-    that kept layout there, so the remaining adapter's training steps ran the packed kernel on those layers: its loss
-    was no longer the one it computed before the hybrid was added."""
+    """A hybrid (``backbone_lora_layers``) added after an eval forward once unpacked its blocks' 4-bit layers, using
+    the standard layout kept for training, and deleting it packed them back without that kept layout, so the
+    remaining adapter's training steps ran the packed kernel on those layers: its loss was no longer the one it
+    computed before the hybrid was added. The hybrid now leaves the layers packed and their kept layout in place."""
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
     torch.manual_seed(0)
