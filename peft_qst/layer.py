@@ -688,11 +688,19 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         side_kwargs["use_cache"] = bool(use_cache)
         mixed = backbone_last
         new_side_caches, new_memories = {}, {}
+        returned_cache = out.get(cache_field(out))
         for name in adapter_names:
             side = self.qst_side[name]
             side_cache = side_caches.get(name)
             if side_cache is None and use_cache:
                 side_cache = _side_cache_like(backbone_cache, side.trunk.config)
+                if side_cache is None and side.training and type(returned_cache) is DynamicCache:
+                    # a trunk that starts its cache only outside training mode (CohereCompassModel: "use_cache and
+                    # cache is None and not self.training"): a side network in training mode (as get_peft_model
+                    # leaves it, and as it is when generate runs inside a training loop) returned none beside the
+                    # eval-mode backbone's, and the next decoding step was refused as having no side state. The
+                    # side trunk's own default is this same cache
+                    side_cache = DynamicCache(config=side.trunk.config)
             side_out, new_side_caches[name] = side(hidden_states, cache=side_cache, **side_kwargs)
             copy_inputs = None
             if side.copy_head is not None:

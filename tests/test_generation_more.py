@@ -317,3 +317,44 @@ def test_input_ids_of_three_dimensions_are_refused(model, route):
                 model(input_ids=ids)
         else:
             model(input_ids=ids)
+
+
+def test_generate_in_training_mode_on_a_trunk_that_starts_no_cache_while_training():
+    """CohereCompassModel starts its cache only outside training mode ("use_cache and cache is None and not
+    self.training"). get_peft_model leaves the new side network in training mode (as PEFT leaves LoRA's dropout), and
+    generate inside a training loop runs so too: the eval-mode backbone returned its cache, the side trunk none, and
+    the second decoding step was refused ("The cache holds 9 past tokens but no side-network state"). Cached
+    generation now keeps a side cache and equals uncached generation and the eval-mode one."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peft_qst import QSTConfig
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    config = AutoConfig.for_model(
+        "cohere_compass_text", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, vocab_size=128, max_position_embeddings=128, pad_token_id=0,
+        layer_types=["full_attention", "full_attention"],
+        rope_parameters={"full_attention": rope, "sliding_attention": rope},
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # an adapter that changes the tokens
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    side = next(m for m in model.modules() if type(m).__name__ == "QSTSideNetwork")
+    assert side.training and not base.model.base_layer.training
+    ids = torch.randint(3, 128, (2, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(use_cache=True, **kwargs)
+        uncached = model.generate(use_cache=False, **kwargs)
+        model.eval()
+        in_eval = model.generate(use_cache=True, **kwargs)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, in_eval)
