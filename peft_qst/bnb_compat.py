@@ -42,6 +42,11 @@ _ROUTING_HOOK_ATTR = "_qst_routes_by_mode"
 #: of its own holding the standard fields, the packed quantization-state object it belongs to), kept on models with
 #: trainable parameters for training-mode forwards and forwards whose input requires a gradient
 _STANDARD_LAYOUT_ATTR = "_qst_standard_layout"
+#: on a model without trainable parameters, only the standard quantization state of a layer bitsandbytes packed:
+#: (a quantization-state object of its own holding the standard fields, the packed quantization-state object it
+#: belongs to), from which the standard layout is rebuilt exactly once the model trains (the 4-bit codes unpack
+#: losslessly, the block scales do not)
+_STANDARD_STATE_ATTR = "_qst_standard_quant_state"
 #: the packed layout (weight data, quantization-state object) while a forward runs the kept standard one
 _PACKED_DURING_CALL_ATTR = "_qst_packed_layout_during_call"
 
@@ -172,6 +177,8 @@ def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Modu
         return
     if module.training or x.requires_grad:
         standard = _standard_layout(module)
+        if standard is None:
+            standard = _rebuilt_from_kept_state(module)
         if standard is None and x.requires_grad and _is_cpu_packed(module):
             # packed with no layout kept (before QST was injected, or in a deep copy, whose weight no longer shares
             # the kept state object), and the packed kernel has no backward: keep one rebuilt from the packed layout
@@ -184,10 +191,35 @@ def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Modu
     packs_now = module.support_avx512bf16_for_cpu and not _is_cpu_packed(module)  # Linear4bit.forward's condition
     if packs_now and _STANDARD_LAYOUT_ATTR not in vars(module):
         model = model_ref()
+        quant_state = module.weight.quant_state
+        standard_state = _state_copy(quant_state)
         if model is not None and any(parameter.requires_grad for parameter in model.parameters()):
-            quant_state = module.weight.quant_state
-            standard_state = _state_copy(quant_state)
             vars(module)[_STANDARD_LAYOUT_ATTR] = (module.weight.data, standard_state, quant_state)
+        else:
+            # an adapter loaded for inference: not the 4-bit codes a second time, but the standard quantization state
+            # (the block scales, small beside the codes), should the model be made trainable later
+            vars(module)[_STANDARD_STATE_ATTR] = (standard_state, quant_state)
+
+
+def _rebuilt_from_kept_state(module: nn.Module) -> Optional[tuple]:
+    """The standard layout of a layer packed while its model had no trainable parameters, rebuilt exactly from the
+    quantization state kept then (the 4-bit codes unpacked losslessly) and kept from now on; None where there is no
+    such state, or it no longer belongs to the layer (its weight replaced, moved, or no longer packed).
+
+    Without it a model loaded for inference and made trainable after an eval forward (``requires_grad_`` by hand, a
+    second adapter loaded with ``is_trainable=True``) ran its training-mode forwards on the packed kernel, and the
+    calls whose input carries a gradient on a layout rebuilt with block scales rounded to bfloat16: a hybrid adapting
+    every block got gradients 4% off a never-evaluated model's."""
+    kept = vars(module).pop(_STANDARD_STATE_ATTR, None)
+    if kept is None:
+        return None
+    standard_state, quant_state = kept
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is not quant_state or not _is_cpu_packed(module):
+        return None
+    data, _ = _inverse_packing(weight.data, _state_copy(quant_state))
+    vars(module)[_STANDARD_LAYOUT_ATTR] = (data, standard_state, quant_state)
+    return data, standard_state
 
 
 def _packed_again_after_call(module: nn.Module, *_) -> None:
@@ -236,8 +268,11 @@ def route_4bit_layers_by_mode(model: nn.Module) -> int:
       ``"__base__"`` rows and the other adapters were off the base model by bfloat16 rounding (0.004 on a tiny
       Llama), and its own eval forwards and generation ran the slower standard kernel.
 
-    Models without trainable parameters (an adapter loaded for inference) keep nothing. Idempotent; returns how many
-    layers got the hooks now (0 without bitsandbytes). :func:`stop_routing_4bit_layers` takes it all off again."""
+    Models without trainable parameters (an adapter loaded for inference) keep only each packed layer's standard
+    quantization state, from which a training-mode call or one whose input requires a gradient rebuilds the standard
+    layout exactly, should the model be made trainable later (:func:`_rebuilt_from_kept_state`). Idempotent; returns
+    how many layers got the hooks now (0 without bitsandbytes). :func:`stop_routing_4bit_layers` takes it all off
+    again."""
     linear4bit = _linear4bit_class()
     if linear4bit is None:
         return 0
@@ -268,6 +303,7 @@ def stop_routing_4bit_layers(model: nn.Module) -> int:
             continue
         _packed_again_after_call(module)
         vars(module).pop(_STANDARD_LAYOUT_ATTR, None)
+        vars(module).pop(_STANDARD_STATE_ATTR, None)
         for hooks, ours in ((module._forward_pre_hooks, _is_routing_pre_hook),
                             (module._forward_hooks, lambda hook: hook is _packed_again_after_call)):
             for key in [key for key, hook in hooks.items() if ours(hook)]:

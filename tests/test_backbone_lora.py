@@ -631,3 +631,50 @@ def test_a_loaded_hybrid_leaves_the_base_model_and_other_adapters_bit_for_bit_on
     if has_avx512bf16():
         assert all(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
                    for m in model.modules() if type(m).__name__ == "Linear4bit")
+
+
+@pytest.mark.parametrize("made_trainable", ["requires_grad_", "load_adapter"])
+def test_a_hybrid_loaded_for_inference_trains_bit_for_bit_after_its_eval_forwards(made_trainable, tmp_path):
+    """An adapter loaded for inference (``PeftModel.from_pretrained`` without ``is_trainable``) keeps no second copy
+    of its 4-bit weights when an eval forward packs them. Made trainable afterwards (its parameters'
+    ``requires_grad_`` set by hand, or a second adapter loaded with ``is_trainable=True``), a hybrid adapting every
+    block got gradients 4% off a never-evaluated model's: its training-mode forwards ran the packed kernel where the
+    input carried no gradient, and the standard layout rebuilt for the others had its block scales rounded to
+    bfloat16 (before the hybrid stopped pinning its blocks' layers unpacked, they were exact). The packed layers now
+    keep their standard quantization state (small), and the standard layout is rebuilt from it exactly. On CPUs
+    without AVX512-BF16 bitsandbytes never repacks, and this holds trivially."""
+    tiny_causal_lm(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path / "base")
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config())
+
+    torch.manual_seed(1)
+    model = get_peft_model(load(), hybrid_config(backbone_lora_layers=LAYERS))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0, 0.1)  # open the adapters, so that gradients flow through the frozen layers
+    model.save_pretrained(tmp_path / "adapter")
+
+    def grads(model):
+        model.train()
+        model.zero_grad()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        return {n.replace(".second.", ".default."): p.grad.clone()
+                for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = grads(PeftModel.from_pretrained(load(), tmp_path / "adapter", is_trainable=True))
+    model = PeftModel.from_pretrained(load(), tmp_path / "adapter")
+    model.eval()
+    with torch.no_grad():
+        model.generate(input_ids=IDS, max_new_tokens=3, do_sample=False)  # packs every 4-bit layer
+    if made_trainable == "requires_grad_":
+        for name, param in model.named_parameters():
+            if ".qst_side." in name:
+                param.requires_grad_(True)
+    else:
+        model.load_adapter(str(tmp_path / "adapter"), adapter_name="second", is_trainable=True)
+        model.set_adapter("second")
+    got = grads(model)
+    assert got.keys() == expected.keys() and any(".backbone_lora." in n for n in got)
+    assert all(torch.equal(got[n], expected[n]) for n in got)
