@@ -15,8 +15,10 @@ QSTConfig(task_type="CAUSAL_LM"))`` and checks the invariants QST promises for a
 
 With ``--4bit`` each tiny model is saved once and loaded back quantized (bitsandbytes NF4, float32 compute), as
 users load theirs, and every check runs on that 4-bit model; the fresh base of e. is loaded the same way. The hybrid's
-checks there allow bf16 rounding (``HYBRID_4BIT_TOLERANCE`` of the largest base logit): its adapted 4-bit layers run
-bitsandbytes' standard kernel, not the repacked one of CPUs with AVX512-BF16 (README, "bitsandbytes on CPU").
+checks there hold to the same tolerance as the others: its adapted 4-bit layers run bitsandbytes' repacked kernel of
+CPUs with AVX512-BF16 in eval forwards, as the base model's do, and the standard one only for training steps and calls
+whose input carries a gradient (README, "bitsandbytes on CPU"). (Until the hybrid's layers were routed so, they ran
+the standard kernel throughout, and the sweep allowed 2% of the largest base logit there.)
 
 A type is OK (all pass; a hybrid refused with a ValueError is noted), REFUSED (``get_peft_model`` raised
 QSTUnsupportedModelError or ValueError), REFUSED-AT-RUN (QSTUnsupportedModelError at the first forward or the first
@@ -54,10 +56,6 @@ TIMEOUT_S = 120
 VOCAB = 128
 SEED = 0
 TOLERANCE = 1e-4
-#: the hybrid's logits against the base's on a 4-bit model, relative to the largest base logit (the two kernels'
-#: rounding, see the docstring; Zamba2, whose shared attention block runs at several depths, is 1.1% off, and 0.0 with
-#: both models on the standard kernel)
-HYBRID_4BIT_TOLERANCE = 2e-2
 #: set by ``--4bit``: the folder holding each type's saved float model, loaded back in 4-bit by ``build``
 QUANTIZED_FROM: dict = {}
 
@@ -417,8 +415,7 @@ def run_type(variant: str, rec: dict) -> None:
     except ValueError as e:
         rec["notes"].append(f"f: hybrid refused: {type(e).__name__}: {e}")
     else:
-        tolerance = HYBRID_4BIT_TOLERANCE * float(base_logits.abs().max()) if QUANTIZED_FROM else TOLERANCE
-        run_a_to_c(rec, "f_", hybrid, variant, base_logits, ids, tolerance)
+        run_a_to_c(rec, "f_", hybrid, variant, base_logits, ids)
     rec["stage"] = "done"
 
 
