@@ -694,12 +694,19 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             side_cache = side_caches.get(name)
             if side_cache is None and use_cache:
                 side_cache = _side_cache_like(backbone_cache, side.trunk.config)
-                if side_cache is None and side.training and type(returned_cache) is DynamicCache:
+                if (
+                    side_cache is None
+                    and side.training
+                    and not torch.is_grad_enabled()
+                    and type(returned_cache) is DynamicCache
+                ):
                     # a trunk that starts its cache only outside training mode (CohereCompassModel: "use_cache and
                     # cache is None and not self.training"): a side network in training mode (as get_peft_model
                     # leaves it, and as it is when generate runs inside a training loop) returned none beside the
                     # eval-mode backbone's, and the next decoding step was refused as having no side state. The
-                    # side trunk's own default is this same cache
+                    # side trunk's own default is this same cache. Only without gradients (generation): a training
+                    # forward given a cache left its side blocks to their own checkpointing, which drops the cache,
+                    # instead of QST's (see the side blocks' forward), and they ran once instead of being recomputed
                     side_cache = DynamicCache(config=side.trunk.config)
             side_out, new_side_caches[name] = side(hidden_states, cache=side_cache, **side_kwargs)
             copy_inputs = None
