@@ -15,7 +15,6 @@ With the adapters disabled the layer is a pass-through: outputs equal the base m
 
 from __future__ import annotations
 
-import functools
 import inspect
 import types
 import weakref
@@ -176,6 +175,24 @@ class _ModelReference:
         return _ModelReference, (self(),)
 
 
+class _LayerMethod:
+    """A method of a :class:`QSTLayer`, with leading arguments, called through a weak reference to the layer: the
+    hooks and the checkpointing switch the layer puts on its own trunk (its blocks, their linear layers, the trunk
+    itself). A bound method there made a cycle (layer -> trunk -> block -> hook -> layer), so ``del model`` (then
+    ``torch.cuda.empty_cache()``) left the backbone's weights in memory until the garbage collector's next run. Like
+    the bound method it replaces it follows ``copy.deepcopy`` to the copy's layer and pickles with the layer
+    (:class:`_ModelReference`); once the layer is gone it does nothing."""
+
+    def __init__(self, layer: "QSTLayer", name: str, *args) -> None:
+        self.layer = _ModelReference(layer)
+        self.name = name
+        self.args = args
+
+    def __call__(self, *args, **kwargs):
+        layer = self.layer()
+        return None if layer is None else getattr(layer, self.name)(*self.args, *args, **kwargs)
+
+
 class QSTLayer(nn.Module, BaseTunerLayer):
     """Wraps a decoder trunk; holds one :class:`~peft_qst.side.QSTSideNetwork` per adapter in ``qst_side``."""
 
@@ -330,7 +347,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         the trunk itself: ``get_base_model().gradient_checkpointing_enable()`` checkpointed no side block, whose
         activations are what QST trains through, and its ``_disable()`` left them checkpointed. Every switch sets the
         flags through the trunk's ``_set_gradient_checkpointing``, so the hook sits there, on the trunk instance (a
-        model with a head sets every module it holds, side networks too). A bound method, not a closure:
+        model with a head sets every module it holds, side networks too). A :class:`_LayerMethod`, not a closure:
         ``copy.deepcopy`` rebinds it to the copy's layer. Removed by :meth:`remove_hooks`. Trunks of transformers'
         pre-4.35 format (``_set_gradient_checkpointing(module, value)``, applied module by module) are left alone."""
         trunk = self.base_layer
@@ -339,7 +356,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             return
         if "value" in inspect.signature(setter).parameters:
             return
-        vars(trunk)["_set_gradient_checkpointing"] = self._set_trunk_checkpointing
+        vars(trunk)["_set_gradient_checkpointing"] = _LayerMethod(self, "_set_trunk_checkpointing")
 
     def _set_trunk_checkpointing(self, *args, **kwargs) -> None:
         """The trunk's own ``_set_gradient_checkpointing``, then every side network follows what it left on or off."""
@@ -366,8 +383,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         num_layers = int(self.base_layer.config.num_hidden_layers)
         parent, attr = find_layer_list(self.base_layer, num_layers)
         blocks = getattr(parent, attr)
-        handles = [blocks[0].register_forward_hook(self._capture_first_block, with_kwargs=True)]
-        handles += [block.register_forward_hook(self._capture_block) for block in blocks[1:]]
+        handles = [blocks[0].register_forward_hook(_LayerMethod(self, "_capture_first_block"), with_kwargs=True)]
+        handles += [block.register_forward_hook(_LayerMethod(self, "_capture_block")) for block in blocks[1:]]
         self.__dict__["_hook_handles"] = handles
         self.__dict__["_num_blocks"] = len(blocks)
 
@@ -385,7 +402,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
     def remove_hooks(self) -> None:
         """Remove every hook QST put on the backbone (hidden-state capture, backbone low-rank adapters, checkpointing
         switches): ``unload()`` hands back the trunk as it was."""
-        if vars(self.base_layer).get("_set_gradient_checkpointing") == self._set_trunk_checkpointing:
+        setter = vars(self.base_layer).get("_set_gradient_checkpointing")
+        if isinstance(setter, _LayerMethod) and setter.layer() is self:
             del vars(self.base_layer)["_set_gradient_checkpointing"]
         for handle in self.__dict__.pop("_hook_handles", ()):
             handle.remove()
@@ -415,18 +433,18 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         # gradients go through these blocks' frozen 4-bit layers, which bitsandbytes' CPU packed layout gets wrong: the
         # routing every 4-bit layer of a QST model gets (bnb_compat.route_4bit_layers_by_mode) runs calls with a
         # gradient on the standard layout, and leaves the packed kernel to eval forwards without one
-        # The hooks are partials of bound methods, not closures: copy.deepcopy rebinds a bound method to the copy, so
-        # a deep-copied model's blocks call its own layer (a closure would keep calling the original's). Keyed by
-        # position, not by id(module), so that the copy finds them installed too.
+        # The hooks are _LayerMethods, not closures: copy.deepcopy rebinds them to the copy, so a deep-copied model's
+        # blocks call its own layer (a closure would keep calling the original's). Keyed by position, not by
+        # id(module), so that the copy finds them installed too.
         for index, name, module in top_block_linears(blocks, num_top):
             if ("lora", index, name) not in hooks:
                 hooks[("lora", index, name)] = module.register_forward_hook(
-                    functools.partial(self._add_backbone_deltas, index, name)
+                    _LayerMethod(self, "_add_backbone_deltas", index, name)
                 )
         for index in range(side.backbone_lora.first_block, len(blocks)):
             if ("grad", index) not in hooks:
                 hooks[("grad", index)] = blocks[index].register_forward_pre_hook(
-                    functools.partial(self._enable_grad_from, index)
+                    _LayerMethod(self, "_enable_grad_from", index)
                 )
 
     def _remove_unused_backbone_hooks(self, sides) -> None:

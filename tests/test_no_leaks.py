@@ -217,3 +217,32 @@ def test_the_fast_paths_change_check_keeps_nothing_after_the_model_is_gone():
         wide(input_ids=ids)
     del wide
     assert _live_tensors() == before
+
+
+@pytest.mark.parametrize("config", [{}, {"backbone_lora_layers": 1}], ids=["qst", "hybrid"])
+def test_a_deleted_model_frees_its_backbone_without_the_garbage_collector(config):
+    """The hooks QST puts on the backbone's blocks and layers (hidden-state capture, backbone adapters) and on the
+    trunk (its checkpointing switch) call the layer that wraps that trunk. Bound methods of the layer there made
+    cycles through the trunk (layer -> trunk -> block -> hook -> layer): after a forward, ``del model`` (then
+    ``torch.cuda.empty_cache()``) freed the model object but not the backbone's weights, which waited for the
+    garbage collector's next run. (``test_a_deleted_model_is_freed_without_the_garbage_collector`` of
+    test_copy_heads.py checks the model object only.)"""
+    import weakref
+
+    ids = torch.randint(1, 128, (2, 8))
+    model = qst_model(**config)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    layer = next(m for m in model.modules() if isinstance(m, peft_qst.QSTLayer))
+    trunk, weight = weakref.ref(layer.base_layer), weakref.ref(layer.base_layer.layers[-1].mlp.down_proj.weight)
+    del layer
+    gc.collect()
+    gc.disable()
+    try:
+        del model
+        assert trunk() is None and weight() is None
+    finally:
+        gc.enable()
