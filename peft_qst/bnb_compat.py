@@ -177,14 +177,14 @@ def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Modu
         return
     if module.training or x.requires_grad:
         standard = _standard_layout(module)
-        if standard is None:
-            standard = _rebuilt_from_kept_state(module)
-        if standard is None and x.requires_grad and _is_cpu_packed(module):
-            # packed with no layout kept (before QST was injected, or in a deep copy, whose weight no longer shares
-            # the kept state object), and the packed kernel has no backward: keep one rebuilt from the packed layout
-            quant_state = module.weight.quant_state
-            standard = _inverse_packing(module.weight.data, _state_copy(quant_state))
-            vars(module)[_STANDARD_LAYOUT_ATTR] = (*standard, quant_state)
+        if standard is None and _is_cpu_packed(module):
+            # packed with no layout kept: on a model loaded for inference (its standard quantization state kept,
+            # should it be made trainable), or before QST was injected, or in a deep copy (whose weight no longer
+            # shares the kept state object), where the packed kernel has no backward for a gradient-carrying call
+            kept = vars(module).pop(_STANDARD_STATE_ATTR, None)
+            kept_state = kept[0] if kept is not None and kept[1] is module.weight.quant_state else None
+            if kept_state is not None or x.requires_grad:
+                standard = _keep_layout_rebuilt_from_packed(module, kept_state)
         if standard is not None:
             vars(module)[_PACKED_DURING_CALL_ATTR] = _swap_layout(module, *standard)
         return
@@ -201,25 +201,21 @@ def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Modu
             vars(module)[_STANDARD_STATE_ATTR] = (standard_state, quant_state)
 
 
-def _rebuilt_from_kept_state(module: nn.Module) -> Optional[tuple]:
-    """The standard layout of a layer packed while its model had no trainable parameters, rebuilt exactly from the
-    quantization state kept then (the 4-bit codes unpacked losslessly) and kept from now on; None where there is no
-    such state, or it no longer belongs to the layer (its weight replaced, moved, or no longer packed).
+def _keep_layout_rebuilt_from_packed(module: nn.Module, standard_state=None) -> tuple:
+    """Keep, and return, a standard layout for a packed layer that has none, rebuilt from its packed one: the 4-bit
+    codes exactly (they unpack losslessly), with ``standard_state``, the standard quantization state kept when the
+    layer was packed on a model without trainable parameters, exactly; without one, the block scales to bfloat16
+    rounding, so the gradients are off a never-packed model's by that rounding.
 
-    Without it a model loaded for inference and made trainable after an eval forward (``requires_grad_`` by hand, a
-    second adapter loaded with ``is_trainable=True``) ran its training-mode forwards on the packed kernel, and the
-    calls whose input carries a gradient on a layout rebuilt with block scales rounded to bfloat16: a hybrid adapting
-    every block got gradients 4% off a never-evaluated model's."""
-    kept = vars(module).pop(_STANDARD_STATE_ATTR, None)
-    if kept is None:
-        return None
-    standard_state, quant_state = kept
-    weight = module.weight
-    if getattr(weight, "quant_state", None) is not quant_state or not _is_cpu_packed(module):
-        return None
-    data, _ = _inverse_packing(weight.data, _state_copy(quant_state))
-    vars(module)[_STANDARD_LAYOUT_ATTR] = (data, standard_state, quant_state)
-    return data, standard_state
+    Without the kept state a model loaded for inference and made trainable after an eval forward (``requires_grad_``
+    by hand, a second adapter loaded with ``is_trainable=True``) ran its training-mode forwards on the packed kernel,
+    and the calls whose input carries a gradient on a layout rebuilt with block scales rounded to bfloat16: a hybrid
+    adapting every block got gradients 4% off a never-evaluated model's."""
+    quant_state = module.weight.quant_state
+    data, rebuilt_state = _inverse_packing(module.weight.data, _state_copy(quant_state))
+    state = rebuilt_state if standard_state is None else standard_state
+    vars(module)[_STANDARD_LAYOUT_ATTR] = (data, state, quant_state)
+    return data, state
 
 
 def _packed_again_after_call(module: nn.Module, *_) -> None:
@@ -270,9 +266,9 @@ def route_4bit_layers_by_mode(model: nn.Module) -> int:
 
     Models without trainable parameters (an adapter loaded for inference) keep only each packed layer's standard
     quantization state, from which a training-mode call or one whose input requires a gradient rebuilds the standard
-    layout exactly, should the model be made trainable later (:func:`_rebuilt_from_kept_state`). Idempotent; returns
-    how many layers got the hooks now (0 without bitsandbytes). :func:`stop_routing_4bit_layers` takes it all off
-    again."""
+    layout exactly, should the model be made trainable later (:func:`_keep_layout_rebuilt_from_packed`). Idempotent;
+    returns how many layers got the hooks now (0 without bitsandbytes). :func:`stop_routing_4bit_layers` takes it
+    all off again."""
     linear4bit = _linear4bit_class()
     if linear4bit is None:
         return 0

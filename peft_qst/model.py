@@ -330,10 +330,20 @@ def _target_modules_hint(model: nn.Module, config: QSTConfig) -> str:
     )
 
 
+def _modules_to_save_entries(config: QSTConfig) -> list:
+    """``modules_to_save`` as a list (a single name may be given as a string, as PEFT allows)."""
+    return [config.modules_to_save] if isinstance(config.modules_to_save, str) else config.modules_to_save or []
+
+
+def _names_an_entry(name: str, entries) -> bool:
+    """Whether module ``name`` is one that PEFT wraps for these ``modules_to_save`` entries (matched as suffixes)."""
+    return any(name == entry or name.endswith("." + entry) for entry in entries)
+
+
 def _check_modules_to_save_outside(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
     """modules_to_save inside the decoder trunk (embeddings, norms, a LoraConfig's list) cannot train: the trunk
     runs frozen under no_grad. PEFT matches entries as suffixes of module names."""
-    entries = [config.modules_to_save] if isinstance(config.modules_to_save, str) else config.modules_to_save or []
+    entries = _modules_to_save_entries(config)
     names = {module: name for name, module in model.named_modules()}
     trunk_name = names.get(trunk)
     if not entries or trunk_name is None:
@@ -363,7 +373,7 @@ def _check_modules_to_save_before_trunk(model: nn.Module, trunk: nn.Module, conf
     wrap them, count them as trainable and save them, while their gradients stayed None (LoRA trains them: its backward
     runs through the language model). They are the modules beside the trunk in the model that holds it (LlavaModel,
     Qwen2VLModel, ...); the heads after it (``lm_head``, ``score``) lie outside that model."""
-    entries = [config.modules_to_save] if isinstance(config.modules_to_save, str) else config.modules_to_save or []
+    entries = _modules_to_save_entries(config)
     names = {module: name for name, module in model.named_modules()}
     trunk_name = names.get(trunk)
     if not entries or trunk_name is None:
@@ -401,7 +411,7 @@ def _check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, confi
     fails, after the side network was injected, with bitsandbytes' own errors: "only Tensors of floating point dtype
     can require gradients" for a head loaded from the checkpoint, a bare ``AssertionError`` at the first forward for
     a newly initialised one, whose weight was never quantized (LoRA fails the same way)."""
-    entries = [config.modules_to_save] if isinstance(config.modules_to_save, str) else config.modules_to_save or []
+    entries = _modules_to_save_entries(config)
     task_type = getattr(config.task_type, "value", config.task_type)
     heads = set(entries) | set(_TASK_HEADS.get(task_type, ()))
     trunk_name = next((name for name, module in model.named_modules() if module is trunk), None)
@@ -411,7 +421,7 @@ def _check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, confi
     for name, module in model.named_modules():
         if (
             not name
-            or not any(name == head or name.endswith("." + head) for head in heads)
+            or not _names_an_entry(name, heads)
             or name.startswith(trunk_name + ".")
             or (trunk_name == "" and name)
         ):
