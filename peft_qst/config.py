@@ -126,11 +126,13 @@ class QSTConfig(PeftConfig):
             heads (of an even dimension, for rotary models); `get_peft_model` lists the values that fit when one does
             not. Paper default: 16.
         side_heads (`int`, `"auto"` or None): Number of attention heads of the side blocks. ``"auto"`` (the
-            default): the head count whose head dimension is closest to the backbone's, by ratio (heads about as wide as the
-            backbone's, as LST's structural pruning keeps whole heads): 1 head of dimension 36 for SmolLM2-135M at
-            r=16, 2 heads of 128 for LLaMA-2-7B; `get_peft_model` writes the number it chose into the config, so a
-            saved adapter records it. None: the backbone's own numbers of attention and key/value heads, as in the
-            paper's reference code, so the head dimension is the backbone's divided by ``r`` (4 for SmolLM2 at r=16).
+            default): the head count whose head dimension is closest to the backbone's, by ratio (heads about as wide
+            as the backbone's, as LST's structural pruning keeps whole heads): 1 head of dimension 36 for SmolLM2-135M
+            at r=16, 2 heads of 128 for LLaMA-2-7B; where the model's own class refuses that side network or it does
+            not run (DiffLlama's even key/value heads), the other counts that fit ``r`` are tried in the same order,
+            the backbone's own last. `get_peft_model` writes the number it chose into the config, so a saved adapter
+            records it. None: the backbone's own numbers of attention and key/value heads, as in the paper's
+            reference code, so the head dimension is the backbone's divided by ``r`` (4 for SmolLM2 at r=16).
             Measured on SmolLM2-135M (README, Performance): the same accuracy and eval loss as the paper's layout
             within what a seed moves (three seeds), and a training step 16% shorter on a 2-core CPU (attention at
             head dimension 4 costs far more than its arithmetic). The key/value heads keep the backbone's grouping
@@ -172,17 +174,17 @@ class QSTConfig(PeftConfig):
             none, the paper's QST), or a fraction of the model's depth strictly between 0 and 1 (``2 / 3``: the top
             two thirds, whatever the model's number of blocks), which `get_peft_model` rounds to a whole number of
             blocks (at least one) and writes into the config, so the saved adapter records the count. Every linear
-            layer of the last ``k`` blocks gets a LoRA delta trained together with the side network: full-width
-            changes right before the LM head, which the side network's narrow output cannot make. Gradients then
-            enter the backbone above block ``L - k`` only; the blocks below still run under ``torch.no_grad()``, so
-            the cost grows with ``k``, not with the model's depth. Measured on SmolLM2-135M with the quality harness
-            (README, Quality), with ``backbone_lora_r=64``: ``k`` = 16 of 30 blocks scored 1.3 and 4.6 points below
-            QLoRA at equal steps (two seeds) and 9.6 above it at equal wall-clock (one seed); ``k`` = 20 scored 2.1,
-            0.8 and 7.9 points below and 2.5 above at equal steps (four seeds, 2.1 below on their mean) and 7-9
-            above at equal wall-clock (three seeds); ``k`` = 24 scored 0.9 points below on the same four seeds'
-            mean and 3-9 above at equal wall-clock (four seeds), where the paper's QST (``k`` = 0) stays far below
-            on tasks that copy or compute content from the prompt. Gradient checkpointing reaches these blocks too;
-            without it they keep their activations for backward.
+            layer of the last ``k`` blocks (mixture-of-experts routers excepted) gets a LoRA delta trained together
+            with the side network: full-width changes right before the LM head, which the side network's narrow output
+            cannot make. Gradients then enter the backbone above block ``L - k`` only; the blocks below still run
+            under ``torch.no_grad()``, so the cost grows with ``k``, not with the model's depth. Measured on
+            SmolLM2-135M with the quality harness (README, Quality), with ``backbone_lora_r=64``: ``k`` = 16 of 30
+            blocks scored 1.3 and 4.6 points below QLoRA at equal steps (two seeds) and 9.6 above it at equal
+            wall-clock (one seed); ``k`` = 20 scored 2.1, 0.8 and 7.9 points below and 2.5 above at equal steps (four
+            seeds, 2.1 below on their mean) and 7-9 above at equal wall-clock (three seeds); ``k`` = 24 scored 0.9
+            points below on the same four seeds' mean and 3-9 above at equal wall-clock (four seeds), where the
+            paper's QST (``k`` = 0) stays far below on tasks that copy or compute content from the prompt. Gradient
+            checkpointing reaches these blocks too; without it they keep their activations for backward.
         backbone_lora_r (`int`): Rank of those adapters.
         backbone_lora_alpha (`float`): Their scaling numerator (the delta is scaled by alpha / rank, as in LoRA).
         side_dtype (`str`, *optional*): dtype of the side network: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
@@ -190,10 +192,13 @@ class QSTConfig(PeftConfig):
             else the model's dtype), float32 where that is float16 (float16 weights do not train under fp16 mixed
             precision's gradient scaler).
         target_modules (`str`, *optional*): Name of the decoder trunk to wrap. Found automatically
-            (``model.get_decoder()``); set it only for a model where that fails.
-        modules_to_save (`list[str]`, *optional*): Modules besides the side network to train and save, e.g. a
-            classification head (set automatically for ``task_type`` ``"SEQ_CLS"``, ``"TOKEN_CLS"`` and
-            ``"QUESTION_ANS"``).
+            (``model.get_decoder()``); set it only for a model where that fails. Not LoRA's list of layers:
+            `get_peft_model` refuses a value left over from a `LoraConfig` (``"all-linear"``, ``["q_proj",
+            "v_proj"]``), which names no trunk.
+        modules_to_save (`list[str]`, *optional*): Modules outside the decoder trunk to train and save besides the
+            side network, e.g. an LM head (``["lm_head"]``) or a classification head (set automatically for
+            ``task_type`` ``"SEQ_CLS"``, ``"TOKEN_CLS"`` and ``"QUESTION_ANS"``). Modules inside the trunk
+            (embeddings, norms) are refused: the trunk runs frozen under ``torch.no_grad()``.
         trainable_token_indices (`list[int]` or `dict`, *optional*): LoRA's option for training the embeddings of
             some tokens, which TRL sets when its chat-template cloning adds tokens. Ignored with a warning: the token
             embeddings lie inside the decoder trunk, which runs frozen; added tokens keep their initial embeddings.
@@ -208,8 +213,8 @@ class QSTConfig(PeftConfig):
     side_heads: Optional[Union[int, str]] = field(
         default="auto",
         metadata={
-            "help": "Attention heads of the side blocks; 'auto': the backbone's head dimension, None: the backbone's "
-            "head count (the paper)."
+            "help": "Attention heads of the side blocks; 'auto': heads about as wide as the backbone's, None: the "
+            "backbone's head count (the paper)."
         },
     )
     downsample: str = field(
@@ -292,7 +297,7 @@ class QSTConfig(PeftConfig):
         if self.side_heads not in (None, AUTO) and (not _is_int(self.side_heads) or self.side_heads < 1):
             raise ValueError(
                 f"QSTConfig.side_heads={self.side_heads!r} is invalid: it must be a positive integer (the side blocks' "
-                f"number of attention heads), {AUTO!r} (heads of the model's head dimension) or None (the model's "
+                f"number of attention heads), {AUTO!r} (heads about as wide as the model's) or None (the model's "
                 "head count)."
             )
         if self.downsample not in DOWNSAMPLE_KINDS:

@@ -41,6 +41,9 @@ from .conftest import tiny_causal_lm
         ({"side_heads": 0}, "QSTConfig.side_heads=0"),
         ({"side_heads": 1.5}, "QSTConfig.side_heads=1.5"),
         ({"side_heads": True}, "QSTConfig.side_heads=True"),
+        # "auto" picks the head width nearest the model's by ratio (one head of 36 for SmolLM2's heads of 64), which
+        # the message described as "heads of the model's head dimension"
+        ({"side_heads": -2}, "'auto' (heads about as wide as the model's)"),
         ({"backbone_lora_layers": -1}, "QSTConfig.backbone_lora_layers=-1"),
         ({"backbone_lora_layers": 1.0}, "strictly between 0 and 1"),
         ({"backbone_lora_layers": 0.0}, "strictly between 0 and 1"),
