@@ -75,6 +75,57 @@ def _where_saved(adapter_names: list[str]) -> str:
     return f"\nThis repository holds {len(places)} QST adapters: {', '.join(places)}.\n"
 
 
+#: ``BitsAndBytesConfig`` options a card repeats where the trained-on base model set them otherwise than the default
+#: (the value to leave out): the quantized weights and which modules stay unquantized decide what the adapter was
+#: trained against; a TOKEN_CLS or QUESTION_ANS head skipped by ``llm_int8_skip_modules`` does not load without it
+_BNB_4BIT_OPTIONS = (("bnb_4bit_quant_type", None), ("bnb_4bit_use_double_quant", False),
+                     ("bnb_4bit_compute_dtype", None), ("bnb_4bit_quant_storage", "uint8"),
+                     ("llm_int8_skip_modules", None))
+_BNB_8BIT_OPTIONS = (("llm_int8_threshold", 6.0), ("llm_int8_has_fp16_weight", False),
+                     ("llm_int8_skip_modules", None))
+
+
+def base_loading(quantization: dict | None, dtype: str | None = None) -> tuple[str, str]:
+    """(the lines that build the quantization config, the ``from_pretrained`` keywords) that load the base model as
+    the adapter was trained on it, from the base model's ``quantization_config`` (as ``to_dict()`` gives it; None
+    for a model loaded unquantized) and its dtype's name (``"bfloat16"``; float32, the default, left out).
+
+    A card that always showed QLoRA's NF4 recipe loaded an adapter trained on an 8-bit, an FP4 or an unquantized base
+    onto another base than its own, and a classifier whose head ``llm_int8_skip_modules`` kept unquantized onto a
+    quantized head, which loading refuses."""
+    keywords = f", dtype=torch.{dtype}" if dtype and dtype != "float32" else ""
+    if not quantization:
+        return "", keywords
+    method = str(getattr(quantization.get("quant_method"), "value", quantization.get("quant_method")))
+    four_bit, eight_bit = quantization.get("load_in_4bit"), quantization.get("load_in_8bit")
+    if method != "bitsandbytes" or not (four_bit or eight_bit):
+        return (f"# the base model was quantized with {method} when this adapter was trained: pass the same "
+                f"quantization_config\n"), keywords
+    options = ["load_in_4bit=True"] if four_bit else ["load_in_8bit=True"]
+    for name, default in _BNB_4BIT_OPTIONS if four_bit else _BNB_8BIT_OPTIONS:
+        value = quantization.get(name)
+        if value is None or value == default:
+            continue
+        if name in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+            options.append(f"{name}=torch.{str(value).replace('torch.', '')}")
+        else:
+            options.append(f"{name}={value!r}".replace("'", '"'))
+    return _call("bnb = BitsAndBytesConfig(", options) + "\n", ", quantization_config=bnb" + keywords
+
+
+def _call(opening: str, arguments: list[str]) -> str:
+    """``opening`` (``"name = f("``) followed by ``arguments``, wrapped under the first one within 115 columns."""
+    lines, line = [], opening
+    for index, argument in enumerate(arguments):
+        piece = argument + (", " if index < len(arguments) - 1 else ")")
+        if line.strip() and line != opening and len(line) + len(piece.rstrip()) > 115:
+            lines.append(line.rstrip())
+            line = " " * len(opening)
+        line += piece
+    lines.append(line)
+    return "\n".join(lines)
+
+
 def usage_section(
     base_model: str | None,
     task_type: str | None = None,
@@ -82,9 +133,12 @@ def usage_section(
     model_type: str | None = None,
     auto_model: bool = False,
     adapter_names: list[str] | None = None,
+    quantization: dict | None = None,
+    dtype: str | None = None,
 ) -> str:
     """The card's loading section for the adapters ``adapter_names`` (by default the one saved in the card's own
-    folder, ``"default"``), all made on the same base model, which the section loads as the first one's facts say."""
+    folder, ``"default"``), all made on the same base model, which the section loads as the first one's facts say,
+    quantized as the model saving them was (:func:`base_loading`)."""
     from .model import SUPPORTED_COMPOSITE_TYPES
 
     adapter_names = list(adapter_names or ["default"])
@@ -99,10 +153,14 @@ def usage_section(
         # an adapter made on what AutoModel loads (task_type="FEATURE_EXTRACTION" on a bare decoder trunk, or on a
         # composite model without its LM head) loads onto that alone: its trunk has another name in a model with a head
         auto_class = "AutoModel"
-    extra = ""
+    quantization_lines, extra = base_loading(quantization, dtype)
     if task_type in LABELLED_TASKS:
         # the saved head has num_labels rows; the base model must be built with the same number
-        extra = f", num_labels={num_labels if num_labels is not None else '<number of labels>'}"
+        extra += f", num_labels={num_labels if num_labels is not None else '<number of labels>'}"
+    imports = ", BitsAndBytesConfig" if "BitsAndBytesConfig(" in quantization_lines else ""
+    building = quantization_lines + _call(f"base = {auto_class}.from_pretrained(",
+                                          [_literal(base)] + [a for a in extra.split(", ") if a])
+    uses_torch = "torch." in building
     return f"""{MARKER}
 ## How to load this QST adapter
 
@@ -110,14 +168,11 @@ This adapter was trained with [Quantized Side Tuning](https://arxiv.org/abs/2401
 tuner type. Install `peft-qst` and import it before loading: the import registers the `QST` method with PEFT.
 {_where_saved(adapter_names)}
 ```python
-import torch
-import peft_qst  # registers "QST" with PEFT
+{"import torch" + chr(10) if uses_torch else ""}import peft_qst  # registers "QST" with PEFT
 from peft import PeftModel
-from transformers import {auto_class}, BitsAndBytesConfig
+from transformers import {auto_class}{imports}
 
-bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                         bnb_4bit_compute_dtype=torch.bfloat16)
-base = {auto_class}.from_pretrained({_literal(base)}, quantization_config=bnb{extra})
+{building}
 {_loading_lines(adapter_names)}
 ```
 """
@@ -215,7 +270,8 @@ def saved_qst_adapters(folder: str, adapter_names) -> list[str]:
     return saved
 
 
-def add_usage_section(folder: str, base_model: str | None, adapter_names) -> None:
+def add_usage_section(folder: str, base_model: str | None, adapter_names, quantization: dict | None = None,
+                      dtype: str | None = None) -> None:
     """Put the loading instructions for the adapters saved in ``folder`` into its card: appended where the card has
     none, rewritten where it has them already (no card, nothing to do).
 
@@ -223,7 +279,7 @@ def add_usage_section(folder: str, base_model: str | None, adapter_names) -> Non
     (:func:`saved_qst_adapters`), with the ``subfolder=`` and ``adapter_name=`` that load each; PEFT writes the card
     only at the root of a save, and saves an adapter of another name than ``"default"`` in a subfolder, where a card
     that only described the root told nothing of it. None of them there, nothing to do. The base model is loaded as
-    the first one's ``adapter_config.json`` says.
+    the first one's ``adapter_config.json`` says, quantized as ``quantization`` says (:func:`base_loading`).
 
     Rewritten, not kept: ``PeftModel.save_pretrained`` updates the card of a folder before it writes the new
     ``adapter_config.json``, and a card update of a QST model writes the section (``registration``), from the config
@@ -239,7 +295,7 @@ def add_usage_section(folder: str, base_model: str | None, adapter_names) -> Non
     if not adapter_names:
         return
     facts = _saved_adapter_facts(adapter_folder(folder, adapter_names[0]))
-    section = usage_section(base_model, **facts, adapter_names=adapter_names)
+    section = usage_section(base_model, **facts, adapter_names=adapter_names, quantization=quantization, dtype=dtype)
     written = _SECTION.search(text)
     if written is None:
         if MARKER in text:

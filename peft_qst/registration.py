@@ -95,11 +95,20 @@ def _write_loading_section(model, folder: str) -> None:
     """QST's loading section in the card at the root of ``folder``, for every QST adapter of ``model`` saved there:
     ``"default"`` in the folder itself, any other name in its subfolder (a model made with
     ``get_peft_model(..., adapter_name="side")`` saves only ``side/``, which a section written from the root's
-    ``adapter_config.json`` alone never named); the base model as the first one's config says."""
+    ``adapter_config.json`` alone never named); the base model as the first one's config says, quantized and in the
+    dtype of the model saving them."""
+    import torch
+
     names = _qst_adapter_names(model)
     base_model = next((model.peft_config[name].base_model_name_or_path for name in saved_qst_adapters(folder, names)),
                       model.active_peft_config.base_model_name_or_path)
-    add_usage_section(folder, base_model, names)
+    transformers_model = getattr(getattr(model, "base_model", None), "model", model)
+    quantization = getattr(getattr(transformers_model, "config", None), "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    dtype = getattr(transformers_model, "dtype", None)
+    add_usage_section(folder, base_model, names, quantization=quantization,
+                      dtype=str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else None)
 
 
 def _patch_once(owner, name: str, make_replacement) -> None:
