@@ -994,6 +994,8 @@ class QSTModel(BaseTuner):
         cls, model: nn.Module, config: QSTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        for key in saved_adapter_copies_of_embeddings(model, adapter_name, list(remapped)):
+            del remapped[key]
 
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         marker = f".{SIDE_ATTR}.{adapter_name}."
@@ -1112,6 +1114,20 @@ def _keep_weights_saved_in_float32(
             parameter.data = parameter.data.float()
 
 
+def _token_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The model's input and output token embeddings (the LM head), as ``get_input_embeddings`` and
+    ``get_output_embeddings`` give them: the layers PEFT's ``save_embedding_layers`` saves."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        if layer is not None:
+            layers.append(layer)
+    return layers
+
+
 def _saved_beside_the_adapter(model: nn.Module, adapter_name: str, state_keys) -> set[str]:
     """The state keys besides the side network that an adapter saved by ``save_pretrained`` may hold: those of the
     modules saved whole with adapter ``adapter_name`` (``modules_to_save``; as saved and as PEFT's wrappers map them
@@ -1129,14 +1145,7 @@ def _saved_beside_the_adapter(model: nn.Module, adapter_name: str, state_keys) -
         if isinstance(module, AuxiliaryTrainingWrapper):
             for saved, loaded in module.adapter_state_dict_load_map(adapter_name).items():
                 keys.update((f"{plain(name)}.{saved}", f"{plain(name)}.{loaded}"))
-    embeddings = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            layer = getattr(model, getter)()
-        except (AttributeError, NotImplementedError):
-            continue
-        if layer is not None:
-            embeddings.append(layer)
+    embeddings = _token_embeddings(model)
     config = getattr(model, "peft_config", {}).get(adapter_name)
     task_type = getattr(config, "task_type", None)
     heads = _TASK_HEADS.get(getattr(task_type, "value", task_type), ())
@@ -1146,6 +1155,94 @@ def _saved_beside_the_adapter(model: nn.Module, adapter_name: str, state_keys) -
     ]
     keys.update(key for key in state_keys for name in names if key.startswith(f"{name}."))
     return keys
+
+
+def saved_adapter_copies_of_embeddings(model: nn.Module, adapter_name: str, keys) -> list[str]:
+    """The keys among ``keys`` (of a file read for QST adapter ``adapter_name``) that hold the saved adapter's trained
+    copy of a token embedding wrapped by ``modules_to_save`` (the LM head of ``modules_to_save=["lm_head"]``) a second
+    time, as ``<head>.modules_to_save.weight``. PEFT's ``save_embedding_layers`` (which it sets when the vocabulary was
+    resized) saves the wrapped head's whole state: the resized frozen head (``<head>.original_module.weight``, which
+    loads into the head every adapter and ``disable_adapter`` share) and the adapter's copy with its name removed,
+    which PEFT also saves as the ``<head>.weight`` that loads into the adapter's copy. That second copy names no weight
+    of the model, so every load refused the file as foreign: an adapter trained with its LM head on a resized
+    vocabulary could be saved but never loaded. It is dropped instead (LoRA's load ignores it)."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    prefix = "base_model.model."  # saved keys carry it; a model that no PeftModel wraps does not
+    prefixed = any(name.startswith(prefix) for name, _ in model.named_parameters())
+    embeddings = _token_embeddings(model)
+    copies = set()
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper) and any(module is layer for layer in embeddings):
+            name = name.replace("_fsdp_wrapped_module.", "")
+            copies.update(f"{name}.modules_to_save.{key}" for key in module.adapter_state_dict_load_map(adapter_name))
+    return [key for key in keys if (key if prefixed else key.removeprefix(prefix)) in copies]
+
+
+def check_token_embeddings_fit(model: nn.Module, tensors: dict) -> None:
+    """The token embeddings in a file read for a QST adapter of ``model`` (PEFT saves them with
+    ``save_embedding_layers``, which it sets when the vocabulary was resized) have as many rows as the model's. An
+    adapter whose config records the vocabulary size is refused before its weights are read; one saved before it was
+    recorded, loaded onto a base model that was not resized as it had been, was refused by PEFT for "a module saved
+    whole with the adapter, modules_to_save" (which it is not) and by transformers' ``load_adapter`` with a bare
+    "You set `ignore_mismatched_sizes` to `False`", neither naming the vocabulary or the resize that fixes it."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    prefix = "base_model.model."
+    embeddings = _token_embeddings(model)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or not any(module is layer for layer in embeddings):
+            continue
+        layer = module.original_module if isinstance(module, AuxiliaryTrainingWrapper) else module
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            continue  # (a 4-bit head's packed weight does not show the vocabulary)
+        name, rows = name.replace("_fsdp_wrapped_module.", "").removeprefix(prefix), weight.shape[0]
+        for key, tensor in tensors.items():
+            if (
+                key.removeprefix(prefix).startswith(f"{name}.") and key.endswith("weight") and tensor.dim() == 2
+                and tensor.shape[0] != rows
+            ):
+                raise QSTAdapterFileError(
+                    f"The checkpoint does not fit this model: it holds token embeddings for a vocabulary of "
+                    f"{tensor.shape[0]} tokens ({key} {tuple(tensor.shape)}), and this model's has {rows}. PEFT saves "
+                    "them beside an adapter trained on a resized vocabulary (save_embedding_layers). Load the adapter "
+                    f"onto its base model resized as it was then: model.resize_token_embeddings({tensor.shape[0]}) "
+                    "(after adding the same tokens to the tokenizer). Nothing was loaded."
+                )
+
+
+def check_shared_embeddings_kept(peft_model: nn.Module, adapter_name: str, tensors: dict) -> None:
+    """The token embeddings in a file read for adapter ``adapter_name`` of a model that holds other adapters equal
+    the model's. PEFT saves them beside an adapter trained on a resized vocabulary (``save_embedding_layers``) and
+    loads them into the base model, which every adapter shares: the rows ``resize_token_embeddings`` draws for the
+    added tokens are random, so an adapter trained on a base model resized on its own, loaded beside another, silently
+    changed what the other computed (its logits no longer those it was trained to). The first adapter's load, and a
+    load into the only adapter (a trainer resuming), set the rows as they were saved."""
+    others = sorted(name for name in getattr(peft_model, "peft_config", {}) if name != adapter_name)
+    if not others:
+        return
+    embeddings = _token_embeddings(peft_model)
+    # the embedding layers' own state only: the whole model's state_dict() would serialize every 4-bit layer's
+    # quantization state for a check of two layers
+    state = {}
+    for name, module in peft_model.named_modules(remove_duplicate=False):
+        if name and any(module is layer for layer in embeddings):
+            state.update(module.state_dict(prefix=name.replace("_fsdp_wrapped_module.", "") + "."))
+    changed = [
+        key for key, tensor in tensors.items()
+        if key in state and state[key].is_floating_point() and state[key].shape == tensor.shape
+        and not torch.equal(state[key], tensor.to(device=state[key].device, dtype=state[key].dtype))
+    ]
+    if changed:
+        raise QSTAdapterFileError(
+            f"Loading QST adapter {adapter_name!r} would write the token embeddings saved with it (PEFT saves them "
+            f"when the vocabulary was resized) over the base model's, which differ ({changed[:3]}) and which "
+            f"adapter(s) {others} share: they would no longer compute what they were trained to. The rows "
+            "resize_token_embeddings draws for added tokens are random, so adapters trained on base models resized "
+            "each on its own cannot share one model. Resize the base model once, save it, and train every adapter "
+            "on that; or load this adapter into a model of its own. Nothing was loaded."
+        )
 
 
 def foreign_tensors(model: nn.Module, adapter_name: str, keys, state_keys) -> list[str]:
@@ -1275,6 +1372,8 @@ def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: 
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     check_saved_config_matches(peft_model.peft_config[adapter_name], adapter_name, saved_config)
+    check_token_embeddings_fit(peft_model, tensors)
+    check_shared_embeddings_kept(peft_model, adapter_name, tensors)
     missing = []
     for name, module in peft_model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):

@@ -47,12 +47,14 @@ from .model import (
     QSTModel,
     check_saved_adapter_fits,
     check_saved_config_matches,
+    check_token_embeddings_fit,
     foreign_tensors,
     is_bare_trunk,
     loading_adapter,
     model_signature,
     refuse_foreign_tensors,
     remove_injected_adapters,
+    saved_adapter_copies_of_embeddings,
 )
 from .serialization import QSTAdapterFileError, read_adapter_weights
 from .side import QSTSideNetwork, QSTUnsupportedModelError
@@ -555,6 +557,9 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 # of the model into it, so one that is neither the adapter's nor a module saved with it would go
                 # over the frozen base model (undo() takes the adapter off, not a base weight written over)
                 if state_dict is not None:
+                    check_token_embeddings_fit(model, state_dict)
+                    copies = set(saved_adapter_copies_of_embeddings(model, name, state_dict))
+                    state_dict = {key: value for key, value in state_dict.items() if key not in copies}
                     foreign = foreign_tensors(model, name, state_dict, model.state_dict())
                     if foreign:
                         raise refuse_foreign_tensors(name, foreign)
