@@ -70,6 +70,19 @@ CONTINUOUS_BATCHING_REFUSAL = (
 )
 
 
+#: the attribute of a side cache (or copy memory) holding the layout of the side network that filled it
+_LAYOUT_ATTR = "_peft_qst_side_layout"
+
+
+def record_cache_layout(half, side: QSTSideNetwork) -> None:
+    """Record on a side half (a side cache or copy memory) the layout of the side network that fills it
+    (:meth:`QSTSideNetwork.cache_layout`). An attribute of the half itself: it travels with it wherever the half goes
+    (paired with the caller's own cache, deep-copied, pickled)."""
+    attributes = getattr(half, "__dict__", None)
+    if attributes is not None and _LAYOUT_ATTR not in attributes:
+        attributes[_LAYOUT_ATTR] = side.cache_layout()
+
+
 def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:
     """A side cache of the backbone cache's kind where the side network cannot start with its own default.
 
@@ -762,8 +775,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             remember_pairing(paired)
             for name, side_cache in new_side_caches.items():
                 paired.with_side(name, side_cache)
+                record_cache_layout(side_cache, self.qst_side[name])
             for name, memory in new_memories.items():
                 paired.with_copy_memory(name, memory)
+                record_cache_layout(memory, self.qst_side[name])
             fields[cache_field(out)] = paired
         out = type(out)(**fields)
         if return_dict is False:
@@ -801,6 +816,36 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             "start generation again with a fresh cache."
         )
 
+    def _check_cache_layout(self, name: str, cache: QSTCache, past: int) -> None:
+        """Refuse to continue the side halves of adapter ``name`` that a side network of another shape filled: the
+        adapter was deleted and added again under the same name with another config (``r``, ``side_heads``, copy
+        heads) since the cache was filled. Continuing them failed inside attention with a bare "Sizes of tensors must
+        match" where their head sizes differ, and attended silently to another network's history where they happen
+        to fit (``r=2`` after ``r=4``, with one key-value head of the same size). A side network of the same shape
+        cannot be told from the one that filled the cache (as a model loaded again from the saved adapter is), and
+        continues it."""
+        if past == 0:
+            return
+        layout = self.qst_side[name].cache_layout()
+        for half in (cache.side_cache(name), cache.copy_memory(name)):
+            recorded = getattr(half, "__dict__", {}).get(_LAYOUT_ATTR)
+            if recorded is None or recorded == layout:
+                continue  # a half filled before halves recorded their layout is not checked
+            recorded, layout = dict(recorded), dict(layout)
+            changed = ", ".join(
+                f"{key} {recorded.get(key)} -> {layout.get(key)}"
+                for key in sorted(set(recorded) | set(layout))
+                if recorded.get(key) != layout.get(key)
+            )
+            raise ValueError(
+                f"The cache holds {past} past tokens whose side-network state for adapter {name!r} was computed by a "
+                f"side network of another shape than adapter {name!r} has now ({changed}): the adapter was deleted "
+                "and added again under the same name with another config since the cache was filled, so those keys "
+                "and values are another network's history. Start generation again with a fresh cache (no "
+                "past_key_values, or a new DynamicCache()), or continue the old one only with the adapter that "
+                "filled it."
+            )
+
     def _split_cache(self, cache, adapter_names: list[str]):
         """The backbone half of whatever cache the caller passed, and the side halves (side-trunk caches, copy-head
         memories) of the given adapters."""
@@ -819,6 +864,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                     f"The cache holds {past} past tokens but no side-network state for adapter(s) {missing}: it was "
                     "filled with other adapters or with adapters disabled. Start generation again with a fresh cache."
                 )
+            for name in adapter_names:
+                self._check_cache_layout(name, cache, past)
             # a side half that fell behind: tokens were added while this adapter was disabled or another one was
             # active (the backbone half moves on at every step, a side half only when its adapter runs)
             behind = {}

@@ -9,6 +9,7 @@ is loaded onto: the recorded base-model signature, the exact set of weight names
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import re
 import warnings
@@ -30,6 +31,7 @@ from .config import AUTO, QSTConfig
 from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, QSTLayer
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loss import install_chunked_loss, uninstall_chunked_loss
+from .per_call import call_state, held_call_state
 from .serialization import QSTAdapterFileError
 from .side import (
     QSTUnsupportedModelError,
@@ -340,6 +342,73 @@ def _names_an_entry(name: str, entries) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in entries)
 
 
+class _RowRouting:
+    """The forward pre-hook that hands one ``adapter_names=[...]`` call's row names to a QST layer or a
+    ``modules_to_save`` wrapper, for that call only (removed when it ends).
+
+    A copy of the model taken while the call runs (a stopping criterion, logits processor or streamer that
+    deep-copies the model it holds, another thread's ``copy.deepcopy``) copied the hook with the module: the copy
+    routed every later forward by that call's names (a plain forward ran the rows through other adapters, silently;
+    a beam search was refused for a wrong count of names), and a pickle (``torch.save(model)``) taken meanwhile
+    failed on the hook, a local function. Copies and pickles get an inert hook instead."""
+
+    def __init__(self, route, rows: dict):
+        self.route, self.rows = route, rows
+
+    def __call__(self, _module, args, module_kwargs):
+        module_kwargs["adapter_names"] = self.route(self.rows["names"])
+        return args, module_kwargs
+
+    def __deepcopy__(self, memo) -> "_NoRouting":
+        return _NoRouting()
+
+    def __reduce__(self):
+        return (_NoRouting, ())
+
+
+class _NoRouting:
+    """What a copy or pickle of a :class:`_RowRouting` hook becomes: a hook that changes nothing."""
+
+    def __call__(self, _module, args, module_kwargs):
+        return None
+
+
+#: the per-call state (:func:`peft_qst.per_call.call_state`) of a generating transformers model under which
+#: ``adapter_names=[...]`` notes how generate expands its rows
+_EXPANSION_KEY = "qst_expand_rows"
+
+
+def _route_expansion(model_class: type) -> None:
+    """Make ``_expand_inputs_for_generation`` of ``model_class`` (wherever it is defined, transformers'
+    ``GenerationMixin`` for most models) tell the ``adapter_names=[...]`` call running in this thread how many times
+    it repeats each row, before it does. Once per defining class; models not generating with ``adapter_names`` (this
+    thread's state holds none) are unchanged. The routing is looked up in the per-thread call state of the model
+    that generates, not set on it: an instance attribute shadowing the method for the call was carried by a copy or
+    pickle taken during it, and routed the copy's later generate calls by the old call's names."""
+    name = "_expand_inputs_for_generation"
+    owner = next((klass for klass in model_class.__mro__ if name in vars(klass)), None)
+    method = vars(owner).get(name) if owner is not None else None
+    if not inspect.isfunction(method) or getattr(method, "_peft_qst_routes", False):
+        return  # a static or class method: not expanded per row here (the layer refuses a row count that differs)
+
+    @functools.wraps(method)
+    def _expand_inputs_for_generation(self, expand_size: int = 1, *args, **kwargs):
+        state = held_call_state(self)
+        expanding = state.get(_EXPANSION_KEY) if state is not None else None
+        if expanding is None:
+            return method(self, expand_size, *args, **kwargs)
+        expanding(expand_size, kwargs.get("input_ids"))
+        # an override that calls the (also routed) method it overrides: the rows are repeated once
+        state[_EXPANSION_KEY] = None
+        try:
+            return method(self, expand_size, *args, **kwargs)
+        finally:
+            state[_EXPANSION_KEY] = expanding
+
+    _expand_inputs_for_generation._peft_qst_routes = True
+    setattr(owner, name, _expand_inputs_for_generation)
+
+
 def _check_modules_to_save_outside(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
     """modules_to_save inside the decoder trunk (embeddings, norms, a LoraConfig's list) cannot train: the trunk
     runs frozen under no_grad. PEFT matches entries as suffixes of module names."""
@@ -402,6 +471,20 @@ def _check_modules_to_save_before_trunk(model: nn.Module, trunk: nn.Module, conf
         )
 
 
+def _quantized_layers(module: nn.Module) -> list:
+    """The bitsandbytes-quantized layers in ``module`` and anywhere inside it, as [(relative name, class name)]: a
+    ``Linear4bit``/``Linear8bitLt``, or a layer holding a packed ``Params4bit``/``Int8Params`` or integer weight."""
+    return [
+        (name, type(layer).__name__)
+        for name, layer in module.named_modules()
+        if type(layer).__name__ in ("Linear4bit", "Linear8bitLt")
+        or any(
+            type(w).__name__ in ("Params4bit", "Int8Params") or not w.dtype.is_floating_point
+            for w in layer.parameters(recurse=False)
+        )
+    ]
+
+
 def _check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
     """The modules trained and saved whole with the adapter (``modules_to_save``, and the head PEFT's task class adds
     to it after injection: :data:`_TASK_HEADS`) must be plain, unquantized layers. transformers' bitsandbytes loading
@@ -410,7 +493,10 @@ def _check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, confi
     loaded as a 4-bit ``Linear4bit`` (``SEQ_CLS``'s bias-free ``score`` is kept). PEFT's trainable copy of it then
     fails, after the side network was injected, with bitsandbytes' own errors: "only Tensors of floating point dtype
     can require gradients" for a head loaded from the checkpoint, a bare ``AssertionError`` at the first forward for
-    a newly initialised one, whose weight was never quantized (LoRA fails the same way)."""
+    a newly initialised one, whose weight was never quantized (LoRA fails the same way). A head made of sub-modules
+    (an ``nn.Sequential``, a dense + out_proj classification head) is copied whole, so a quantized layer anywhere
+    inside it fails the same way: every layer inside an entry is checked. The trunk, or a module holding it, is
+    left to :func:`_check_modules_to_save_outside` and PEFT (keeping it out of quantization is no fix)."""
     entries = _modules_to_save_entries(config)
     task_type = getattr(config.task_type, "value", config.task_type)
     heads = set(entries) | set(_TASK_HEADS.get(task_type, ()))
@@ -422,16 +508,18 @@ def _check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, confi
         if (
             not name
             or not _names_an_entry(name, heads)
+            or name == trunk_name
             or name.startswith(trunk_name + ".")
+            or trunk_name.startswith(name + ".")
             or (trunk_name == "" and name)
         ):
             continue
-        weights = list(module.parameters(recurse=False))
-        kind = type(module).__name__
-        if kind in ("Linear4bit", "Linear8bitLt") or any(
-            type(w).__name__ in ("Params4bit", "Int8Params") or not w.dtype.is_floating_point for w in weights
-        ):
-            quantized[name] = kind
+        layers = _quantized_layers(module)
+        if layers and layers[0][0] == "":  # the module itself is the quantized layer
+            quantized[name] = layers[0][1]
+        elif layers:
+            inside = ", ".join(f"{kind} {name + '.' + sub!r}" for sub, kind in layers)
+            quantized[name] = f"{type(module).__name__} holding {inside}"
     if quantized:
         listed = ", ".join(f"{name!r} ({kind})" for name, kind in sorted(quantized.items()))
         skip = sorted({name.rpartition(".")[2] for name in quantized})
@@ -878,26 +966,17 @@ class QSTModel(BaseTuner):
         # the names of the rows the model runs now: one per input row until generate expands the batch
         rows = {"names": list(adapter_names)}
 
-        def injecting(route):
-            def inject(_module, args, module_kwargs):
-                module_kwargs["adapter_names"] = route(rows["names"])
-                return args, module_kwargs
-
-            return inject
-
-        def expanding(expand_size: int = 1, *args, **expand_kwargs):
+        def expanding(expand_size: int, prompts) -> None:
             # generate repeats each row expand_size times, consecutively (num_beams, num_return_sequences, from its
             # keywords, a generation_config argument or the model's own generation_config); so does the routing.
             # Read off the expansion itself, not off generate's keywords: the keywords missed a num_beams set in a
             # generation_config and sampling's num_return_sequences, and the batch then had more rows than names
-            prompts = expand_kwargs.get("input_ids")
             if expand_size > 1 and prompts is not None and len(rows["names"]) != prompts.shape[0]:
                 raise ValueError(
                     f"adapter_names has {len(rows['names'])} entries for {prompts.shape[0]} prompts; give one "
                     "adapter name per prompt: generate repeats it for each of the prompt's beams and return sequences."
                 )
             rows["names"] = [name for name in rows["names"] for _ in range(expand_size)]
-            return expand_inputs(expand_size, *args, **expand_kwargs)
 
         from peft.utils.other import AuxiliaryTrainingWrapper
 
@@ -914,24 +993,21 @@ class QSTModel(BaseTuner):
                 route = lambda names, held=held: [name if name in held else BASE_ADAPTER_NAME for name in names]
             else:
                 continue
-            handles.append(module.register_forward_pre_hook(injecting(route), with_kwargs=True))
-        # the transformers model whose generate runs (PeftModel.generate calls it) expands its inputs through this
-        # method; the instance attribute shadows it for this call only. A plain forward never calls it
+            handles.append(module.register_forward_pre_hook(_RowRouting(route, rows), with_kwargs=True))
+        # the transformers model whose generate runs (PeftModel.generate calls it) expands its inputs through
+        # _expand_inputs_for_generation, which tells this call's routing (see _route_expansion); a plain forward
+        # never calls it. The routing is this thread's state of that model, which copies and pickles leave behind
         generating = self.model
-        expand_inputs = getattr(generating, "_expand_inputs_for_generation", None)
-        shadowed = generating.__dict__.get("_expand_inputs_for_generation")
-        if expand_inputs is not None:
-            generating.__dict__["_expand_inputs_for_generation"] = expanding
+        _route_expansion(type(generating))
+        state = call_state(generating)
+        outer = state.get(_EXPANSION_KEY)
+        state[_EXPANSION_KEY] = expanding
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            if expand_inputs is not None:
-                if shadowed is None:
-                    generating.__dict__.pop("_expand_inputs_for_generation", None)
-                else:
-                    generating.__dict__["_expand_inputs_for_generation"] = shadowed
+            state[_EXPANSION_KEY] = outer
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT upcasts bf16/fp16 adapter weights to fp32 by default; QST's dtype rule is its own (``side_dtype``:

@@ -48,3 +48,10 @@ def call_state(owner: object) -> dict:
         hold_call_state(owner)
         holder = owner.__dict__[_ATTR]
     return holder.values
+
+
+def held_call_state(owner: object):
+    """This thread's call state of ``owner`` if it holds one, else None; unlike :func:`call_state`, gives none to an
+    object that has none (code patched into a transformers class runs for models QST never touched)."""
+    holder = owner.__dict__.get(_ATTR)
+    return holder.values if holder is not None else None

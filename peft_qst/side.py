@@ -1082,6 +1082,24 @@ class QSTSideNetwork(nn.Module):
         if getattr(getattr(self._modules.get("trunk"), "config", None), "_attn_implementation", None) == SIDE_SDPA:
             register_side_sdpa()
 
+    def cache_layout(self) -> tuple:
+        """What the shape of this side network's cache halves follows from, as sorted (name, value) pairs: the side
+        trunk config's integer sizes (width, layers, attention and key-value heads, head size, window) and the copy
+        heads'. Recorded on the halves a forward fills (:func:`peft_qst.layer.record_cache_layout`), so that a cache
+        continued by another side network under the same adapter name (deleted and added again with another ``r``
+        or ``side_heads``) is refused by name instead of failing inside attention, or continuing silently on the
+        deleted network's history. Computed once: the side trunk's config does not change after it is built."""
+        layout = self.__dict__.get("_cache_layout")
+        if layout is None:
+            # token ids are no sizes: a base model whose pad_token_id was set later continues a saved cache
+            sizes = {
+                k: v for k, v in self.trunk.config.to_dict().items() if type(v) is int and not k.endswith("_token_id")
+            }
+            if self.copy_head is not None:
+                sizes.update(copy_heads=self.copy_head.heads, copy_head_dim=self.copy_head.head_dim)
+            layout = self.__dict__["_cache_layout"] = tuple(sorted(sizes.items()))
+        return layout
+
     def _check_runs(self, base_config, qst_config: QSTConfig) -> None:
         """Run the freshly built side network once on made-up hidden states (one row of 4 positions), so that a model
         whose config the shrink rules do not fully cover (a width or head layout derived from the hidden size under a

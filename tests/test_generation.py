@@ -399,6 +399,17 @@ def test_mixed_batch_generate(two_adapters, mode):
         assert torch.equal(mixed[row], alone[name][row]), name
 
 
+def _routing_undone(model) -> bool:
+    """No adapter_names call's routing is left on the model: its expansion note (peft_qst.model._route_expansion)
+    and its forward hooks."""
+    from peft_qst.model import _EXPANSION_KEY, _RowRouting
+    from peft_qst.per_call import held_call_state
+
+    state = held_call_state(model.get_base_model()) or {}
+    hooks = [hook for module in model.modules() for hook in module._forward_pre_hooks.values()]
+    return state.get(_EXPANSION_KEY) is None and not any(isinstance(hook, _RowRouting) for hook in hooks)
+
+
 def _expanded_rows_match(mixed, alone, expand):
     """Each prompt's adapter routes all ``expand`` rows generate made of it (consecutive rows, as it repeats them)."""
     assert mixed.shape[0] == len(ROUTES) * expand
@@ -444,7 +455,7 @@ def test_mixed_batch_sampling_num_return_sequences(two_adapters, where):
     alone = _per_adapter(two_adapters, lambda: generate(two_adapters, ids, mask, seed=7, **mode))
     _expanded_rows_match(mixed, alone, expand=2)
     assert not torch.equal(mixed[0], mixed[1]), "the two samples of a prompt should differ"
-    assert "_expand_inputs_for_generation" not in two_adapters.get_base_model().__dict__, "the routing is undone"
+    assert _routing_undone(two_adapters), "the routing is undone"
 
 
 def test_mixed_batch_refuses_names_per_expanded_row(two_adapters):
@@ -453,7 +464,47 @@ def test_mixed_batch_refuses_names_per_expanded_row(two_adapters):
     ids, mask = left_padded(PROMPTS)
     with pytest.raises(ValueError, match="one adapter name per prompt"):
         generate(two_adapters, ids, mask, adapter_names=[n for n in ROUTES for _ in range(2)], num_beams=2)
-    assert "_expand_inputs_for_generation" not in two_adapters.get_base_model().__dict__, "the routing is undone"
+    assert _routing_undone(two_adapters), "the routing is undone"
+
+
+def test_a_copy_taken_during_a_mixed_batch_generate_keeps_none_of_its_routing(two_adapters, tmp_path):
+    """A stopping criterion (or logits processor, streamer, another thread) that deep-copies or pickles the model it
+    holds does so while generate(adapter_names=...) runs. The copy carried that call's routing (the forward hooks
+    and an instance attribute shadowing _expand_inputs_for_generation): its plain forwards kept running the rows
+    through that call's adapters, silently, and its beam search was refused for a wrong count of adapter names;
+    torch.save(model) failed on the hook, a local function. Copies now route nothing, and the call itself is
+    unchanged."""
+    import copy
+    import io
+
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    ids, mask = left_padded(PROMPTS)
+    taken = {}
+
+    class Snapshot(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if not taken:
+                taken["deepcopy"] = copy.deepcopy(two_adapters)
+                buffer = io.BytesIO()
+                torch.save(two_adapters, buffer)
+                buffer.seek(0)
+                taken["pickle"] = torch.load(buffer, weights_only=False)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    mixed = generate(two_adapters, ids, mask, adapter_names=ROUTES, num_beams=2,
+                     stopping_criteria=StoppingCriteriaList([Snapshot()]))
+    alone = _per_adapter(two_adapters, lambda: generate(two_adapters, ids, mask, num_beams=2))
+    for row, name in enumerate(ROUTES):
+        assert torch.equal(mixed[row], alone[name][row]), name
+    assert _routing_undone(two_adapters)
+    with torch.no_grad():
+        plain = two_adapters(input_ids=ids, attention_mask=mask).logits
+    for how, model in taken.items():
+        assert _routing_undone(model) and "_expand_inputs_for_generation" not in model.get_base_model().__dict__, how
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain), how
+        assert torch.equal(generate(model, ids[:1], mask[:1], num_beams=2), alone["a"][:1]), how
 
 
 def test_mixed_batch_refusals(two_adapters):

@@ -178,6 +178,44 @@ def test_the_callers_own_cache_changed_between_turns_continues_like_a_fresh_gene
     assert torch.equal(continued.sequences, fresh.sequences)
 
 
+@pytest.mark.parametrize("cache_kind", ["returned", "callers-own"])
+@pytest.mark.parametrize("shape", [dict(r=2), dict(r=4, side_heads=2)], ids=["r", "side_heads"])
+def test_a_cache_continued_after_its_adapter_was_added_again_in_another_shape_is_refused(cache_kind, shape):
+    """generate with adapter "a", delete_adapter("a"), add_adapter("a", ...) with another r or side_heads, and
+    continue the old cache: its side keys and values were computed by the deleted side network. With another
+    side_heads the continuation failed inside attention ("Sizes of tensors must match"); with another r, whose side
+    blocks keep one key-value head of the same size on this model, it continued silently on the old network's
+    history. Both are refused, naming the adapter, what changed and the fix; a fresh cache generates."""
+    from peft import get_peft_model
+    from transformers import DynamicCache
+
+    from peft_qst import QSTConfig
+
+    from .conftest import tiny_causal_lm
+
+    model = get_peft_model(tiny_causal_lm(pad_token_id=PAD), QSTConfig(task_type="CAUSAL_LM", r=4), adapter_name="a")
+    model.add_adapter("b", QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.eval()
+    ids, mask = left_padded(PROMPTS)
+    if cache_kind == "returned":
+        out = _generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True)
+        cache, history = (out.cache if "cache" in out else out.past_key_values), out.sequences
+    else:
+        cache = DynamicCache()
+        history = _generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, past_key_values=cache)
+    model.set_adapter("b")
+    model.delete_adapter("a")
+    model.add_adapter("a", QSTConfig(task_type="CAUSAL_LM", **shape))
+    model.set_adapter("a")
+    model.eval()
+    mask = torch.cat([mask, torch.ones(len(PROMPTS), 4, dtype=mask.dtype)], 1)
+    with pytest.raises(ValueError, match="side-network state for adapter 'a' was computed by a side network of "
+                       "another shape.*deleted and added again.*fresh cache"):
+        _generate(model, input_ids=history, attention_mask=mask, max_new_tokens=3, past_key_values=cache)
+    fresh = _generate(model, input_ids=history, attention_mask=mask, max_new_tokens=3)
+    assert fresh.shape == (len(PROMPTS), history.shape[1] + 3)
+
+
 def test_generate_returns_the_adapted_logits_and_final_hidden_states(model):
     """return_dict_in_generate: each step's logits are the adapted model's forward logits (general path, no cache),
     and the last hidden-state entry is the adapted one the LM head read, as under LoRA; the others are the

@@ -7,6 +7,8 @@ import re
 import pytest
 import torch
 from peft import get_peft_model
+from torch import nn
+from transformers import LlamaForSequenceClassification
 
 from peft_qst import QSTConfig
 
@@ -317,3 +319,111 @@ def test_a_4bit_backbone_with_the_head_kept_unquantized_trains_saves_and_reloads
     with pytest.raises(QSTUnsupportedModelError, match=re.escape(f"llm_int8_skip_modules=['{head}']")):
         PeftModel.from_pretrained(quantized, str(tmp_path))
     assert _untouched(quantized, head)
+
+
+class _DenseHead(nn.Module):
+    """A classification head as RoBERTa's: dense, tanh, out_proj; its Linear layers lie inside it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden_states):
+        return self.out_proj(torch.tanh(self.dense(hidden_states)))
+
+
+class LlamaMLPHeadForSequenceClassification(LlamaForSequenceClassification):
+    """A user's classifier whose head is an nn.Sequential."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.score = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(),
+                                   nn.Linear(config.hidden_size, config.num_labels))
+        self.post_init()
+
+
+class LlamaDenseHeadForSequenceClassification(LlamaForSequenceClassification):
+    """A user's classifier whose head is a module holding its Linear layers."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.score = _DenseHead(config)
+        self.post_init()
+
+
+HEADED = {"sequential": LlamaMLPHeadForSequenceClassification, "dense-head": LlamaDenseHeadForSequenceClassification}
+
+
+@pytest.fixture(scope="module")
+def headed_dirs(tmp_path_factory):
+    """Tiny random Llama classifiers with a head made of sub-modules, saved as fine-tuned classifiers are."""
+    dirs = {}
+    for kind, model_class in HEADED.items():
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(kind)
+        model_class(tiny_llama_config(pad_token_id=0, num_labels=3)).save_pretrained(path)
+        dirs[kind] = str(path)
+    return dirs
+
+
+def _load_headed_4bit(path, kind, **bnb):
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                **bnb)
+    return HEADED[kind].from_pretrained(path, quantization_config=config).eval()
+
+
+@pytest.mark.parametrize("kind", list(HEADED))
+def test_a_4bit_head_made_of_sub_modules_is_refused_and_trains_when_kept_unquantized(tmp_path, headed_dirs, kind):
+    """A head made of sub-modules (an nn.Sequential, a dense + out_proj head) is loaded with its Linear layers in
+    4 bits, and PEFT copies it whole to train it: the refusal looked at the head module's own parameters only (it has
+    none), so get_peft_model failed inside PEFT with "only Tensors of floating point dtype can require gradients",
+    after the side network was injected. Every layer inside a head or modules_to_save entry is checked now, on every
+    path that builds an adapter (get_peft_model, add_adapter, PeftModel.from_pretrained), and the fix named,
+    llm_int8_skip_modules=['score'], trains, saves and reloads."""
+    from peft import PeftModel
+
+    from peft_qst import QSTUnsupportedModelError
+
+    path = headed_dirs[kind]
+    inner = [name for name, module in _load_headed_4bit(path, kind).score.named_modules()
+             if type(module).__name__ == "Linear4bit"]
+    assert len(inner) == 2
+    holder = "Sequential" if kind == "sequential" else "_DenseHead"
+    refused = (re.escape(f"'score' ({holder} holding Linear4bit 'score.{inner[0]}', Linear4bit 'score.{inner[1]}') "
+                         "was loaded quantized") + ".*" + re.escape("llm_int8_skip_modules=['score']"))
+
+    base = _load_headed_4bit(path, kind)
+    with pytest.raises(QSTUnsupportedModelError, match=refused):
+        get_peft_model(base, QSTConfig(task_type="SEQ_CLS", r=4))
+    assert not any("qst_" in name or "modules_to_save" in name for name, _ in base.named_modules())
+    # an adapter that trains the side network only, then one that trains the head too (modules_to_save)
+    model = get_peft_model(_load_headed_4bit(path, kind), QSTConfig(r=4))
+    with pytest.raises(QSTUnsupportedModelError, match=refused):
+        model.add_adapter("head", QSTConfig(r=4, modules_to_save=["score"]))
+
+    base = _load_headed_4bit(path, kind, llm_int8_skip_modules=["score"])
+    assert not any(type(module).__name__ == "Linear4bit" for module in base.score.modules())
+    model = get_peft_model(base, QSTConfig(task_type="SEQ_CLS", r=4))
+    copied = [p for n, p in model.named_parameters() if ".modules_to_save.default." in n]
+    start = [p.detach().clone() for p in copied]
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        loss = model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 1, 2])).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert all(not torch.equal(p, s) for p, s in zip(copied, start))
+    with torch.no_grad():
+        expected = model(input_ids=IDS, attention_mask=MASK).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_load_headed_4bit(path, kind, llm_int8_skip_modules=["score"]), str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=IDS, attention_mask=MASK).logits, expected)
+    with pytest.raises(QSTUnsupportedModelError, match=refused):
+        PeftModel.from_pretrained(_load_headed_4bit(path, kind), str(tmp_path))
