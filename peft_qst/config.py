@@ -75,7 +75,7 @@ def _is_number(value: Any) -> bool:
 _SIGNATURE_TYPES = ("model_type", "text_model_type")
 #: its entries that count something (``intermediate_size`` may also be a list: one FFN width per layer)
 _SIGNATURE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                    "intermediate_size", "vocab_size")
+                    "intermediate_size", "vocab_size", "state_size", "num_heads", "n_groups")
 #: the entries every version recorded: a signature without them checks nothing of the model it is loaded onto
 _SIGNATURE_REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads")
 

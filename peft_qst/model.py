@@ -37,6 +37,7 @@ from .side import (
     QSTUnsupportedModelError,
     auto_side_head_candidates,
     find_layer_list,
+    is_state_space_model,
     resolve_side_heads,
     shrink_config,
     unsupported_reason,
@@ -204,7 +205,9 @@ def model_signature(model: nn.Module) -> dict:
     (the vocabulary the frozen LM head maps it onto), so a model that differs in any of them is another base model.
     """
     config = text_config_of(model.config)
-    heads = int(config.num_attention_heads)
+    # a pure state-space model (Mamba) has no attention heads: recorded as 0, so that the entry every adapter records
+    # is there and an SSM adapter loaded onto a model with heads is told so
+    heads = 0 if is_state_space_model(config) else int(config.num_attention_heads)
     signature = {
         # a composite model's own type (``llava``), with its language model's sizes
         "model_type": model.config.model_type,
@@ -220,7 +223,13 @@ def model_signature(model: nn.Module) -> dict:
     kv_heads = getattr(config, "num_key_value_heads", None)
     signature["num_key_value_heads"] = int(kv_heads) if kv_heads is not None else heads
     head_dim = getattr(config, "head_dim", None)
-    signature["head_dim"] = int(head_dim) if head_dim else int(config.hidden_size) // heads
+    if head_dim or heads:  # Mamba-2's head_dim is its Mamba heads' width; Mamba has none
+        signature["head_dim"] = int(head_dim) if head_dim else int(config.hidden_size) // heads
+    if heads == 0:
+        # the widths that shape a state-space side network beside hidden_size and intermediate_size
+        for name in ("state_size", "num_heads", "n_groups"):
+            if getattr(config, name, None) is not None:
+                signature[name] = int(getattr(config, name))
     for name in ("intermediate_size", "ffn_dim", "n_inner"):  # the FFN width's name differs between families
         value = getattr(config, name, None)
         if value is not None:
@@ -745,7 +754,10 @@ class QSTModel(BaseTuner):
             _check_composite_model(model_type, config)
             # the side network runs beside the language model: every size below is its config's
             model_config = text_config
-        for attribute in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+        if is_state_space_model(model_config):  # Mamba: the widths of its mixers replace heads (see shrink_config)
+            required = ("hidden_size", "num_hidden_layers")
+        for attribute in required:
             try:
                 value = getattr(model_config, attribute, None)
             except Exception as error:  # noqa: BLE001 - heterogeneous configs refuse global access to per-layer sizes
@@ -756,7 +768,13 @@ class QSTModel(BaseTuner):
             if value is None:
                 raise QSTUnsupportedModelError(
                     f"QST does not support the {model_type} model: its config has no {attribute}, which the side "
-                    "network's shape is derived from."
+                    "network's shape is derived from"
+                    + (
+                        " (without attention heads, QST's shrink rules cover the state-space models of the Mamba "
+                        "layout, whose configs set state_size and expand: Mamba, Falcon-Mamba, Mamba-2)."
+                        if attribute == "num_attention_heads"
+                        else "."
+                    )
                 )
 
         reason = unsupported_reason(model_config)

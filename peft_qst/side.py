@@ -97,6 +97,16 @@ def _num_heads(config) -> int:
     return int(config.num_attention_heads)
 
 
+def is_state_space_model(config) -> bool:
+    """Whether a config is a pure state-space model of the Mamba layout (Mamba, Falcon-Mamba, Mamba-2): no attention
+    heads; each block's mixer widens the hidden state by ``expand`` (``intermediate_size``) and keeps a recurrent state
+    of ``state_size`` per channel. Its side network shrinks those widths (:func:`_shrink_state_space`), not heads.
+    RWKV and xLSTM, also without ``num_attention_heads``, have other layouts, which no rule covers."""
+    return getattr(config, "num_attention_heads", None) is None and all(
+        _is_int_width(getattr(config, name, None)) for name in ("state_size", "expand")
+    )
+
+
 #: config attributes holding the number of key/value heads (Falcon names it ``num_kv_heads``, DBRX's attention
 #: sub-config ``kv_n_heads``)
 KV_HEAD_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads", "kv_n_heads")
@@ -158,6 +168,8 @@ def auto_side_head_candidates(config, r: int) -> list[Optional[int]]:
     `get_peft_model` builds the next only where the model's own class refuses the side network of the one before or
     it does not run (DiffLlama needs an even number of key/value heads, which one side head of its grouping does not
     give; Kolibri 1.1 rounds keys and values in blocks of 16 channels, which 8-wide side heads do not fill)."""
+    if is_state_space_model(config):
+        return []  # no attention heads to choose
     fitting = _fitting_side_heads(config, r)
     if not fitting:
         return []
@@ -177,7 +189,7 @@ def resolve_side_heads(config, qst_config: QSTConfig) -> Optional[int]:
     the model's heads), anything else as it is."""
     if qst_config.side_heads != AUTO:
         return qst_config.side_heads
-    if qst_config.init == "pruned":
+    if qst_config.init == "pruned" or is_state_space_model(config):
         return None
     return auto_side_heads(config, qst_config.r)
 
@@ -209,6 +221,8 @@ def _fitting_side_heads(config, r: int) -> list[int]:
 
 def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optional[str]:
     """Why ``r`` (with ``side_heads`` attention heads, None: the model's) cannot shrink this config, or None."""
+    if is_state_space_model(config):
+        return _state_space_problem(config, r, side_heads)
     hidden = int(config.hidden_size)
     heads = side_heads or _num_heads(config)
     if hidden % r:
@@ -249,6 +263,50 @@ def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optiona
             what = "head dimension" if factor == 1.0 else f"rotary dimension ({head_dim} x partial_rotary_factor {factor})"
             return f"r={r} gives an odd or too small side {what} ({rotary_dims}), which rotary embeddings cannot use"
     return None
+
+
+def _state_space_problem(config, r: int, side_heads: Optional[int]) -> Optional[str]:
+    """:func:`_shrink_problem` for a pure state-space model (:func:`is_state_space_model`)."""
+    hidden = int(config.hidden_size)
+    if side_heads is not None:
+        return (
+            f"side_heads={side_heads} sets the side blocks' attention heads, and this state-space model has none "
+            f"(leave side_heads at its default, {AUTO!r}, or None)"
+        )
+    if hidden % r:
+        return f"r={r} does not divide hidden_size={hidden}"
+    heads = getattr(config, "num_heads", None)
+    inner = int(config.expand) * (hidden // r)
+    if _is_int_width(heads) and inner % heads:
+        return (
+            f"r={r} gives a side Mamba width of {inner} (expand x {hidden // r}), which the model's {heads} Mamba heads "
+            "(num_heads) do not split into equal heads"
+        )
+    return None
+
+
+def _shrink_state_space(base_config, side, r: int) -> None:
+    """The rules for a pure state-space model (Mamba, Falcon-Mamba, Mamba-2), beside hidden_size / r: the mixer's
+    inner width (``intermediate_size``, ``expand`` x the hidden size) follows the side width (``expand`` kept) and
+    the rank of its time-step projection (``time_step_rank``) is divided by r, as FFN widths are; Mamba-2's heads keep
+    their number, as the hybrids' Mamba heads do (:data:`MAMBA_HEAD_ATTRIBUTES`), and narrow to tile the side's inner
+    width (``head_dim``), and its groups of B/C projections (``n_groups``, each ``state_size`` wide, which do not
+    follow the hidden size) are divided by r, to a divisor of the head count, so that the side stays about 1/r^2 of
+    the backbone. The state size and the convolution kernel, which set how much history a channel keeps and not a
+    width, are kept. Checked by :func:`_state_space_problem`."""
+    side_hidden = int(side.hidden_size)
+    inner = int(base_config.expand) * side_hidden
+    if _is_int_width(getattr(base_config, "intermediate_size", None)):
+        side.intermediate_size = inner
+    rank = getattr(base_config, "time_step_rank", None)
+    if _is_int_width(rank):
+        side.time_step_rank = max(1, math.ceil(rank / r))
+    heads = getattr(base_config, "num_heads", None)
+    if _is_int_width(heads):
+        side.head_dim = inner // heads
+        groups = getattr(base_config, "n_groups", None)
+        if _is_int_width(groups):
+            side.n_groups = math.gcd(heads, max(1, groups // r))
 
 
 def _config_attribute_names(config) -> list[str]:
@@ -418,6 +476,8 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
       a value head width set apart from ``head_dim`` (MiMo-V2-Flash's ``v_head_dim``: the same ratio to a side head);
       multi-head latent attention (DeepSeek-V2/V3) keeps its head widths and divides its low-rank compressions by r;
       per-layer token inputs (Gemma 3n/4), which need token ids, are switched off;
+    - pure state-space models (Mamba, Falcon-Mamba, Mamba-2) have no heads: their mixers' widths follow the side
+      width instead (:func:`_shrink_state_space`);
     - the vocabulary is dropped (the side trunk reads downsampled hidden states, never token ids) and embeddings are
       untied; the quantization config is removed (the side network is never quantized);
     - everything else (layer count, layer types, sliding windows, rope parameters, norms, attention implementation)
@@ -427,7 +487,16 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     r, side_heads = qst_config.r, resolve_side_heads(base_config, qst_config)
     auto = qst_config.side_heads == AUTO and qst_config.init != "pruned"
     hidden = int(base_config.hidden_size)
-    if auto and side_heads is None:  # "auto" found no head count for this r
+    state_space = is_state_space_model(base_config)
+    if state_space:  # no heads: "auto" means none
+        problem = _shrink_problem(base_config, r, side_heads)
+        if problem is not None:
+            raise ValueError(
+                f"QSTConfig.r={r}, side_heads={qst_config.side_heads!r} cannot be used with this "
+                f"{base_config.model_type} model: {problem}. Values of r that fit this model: "
+                f"{_fitting_r_values(base_config, None)}."
+            )
+    elif auto and side_heads is None:  # "auto" found no head count for this r
         problem = (
             f"r={r} does not divide hidden_size={hidden}"
             if hidden % r
@@ -436,7 +505,7 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         )
     else:
         problem = _shrink_problem(base_config, r, side_heads)
-    if problem is not None:
+    if not state_space and problem is not None:
         fitting = _fitting_r_values(base_config, AUTO if auto else side_heads)
         message = (
             f"QSTConfig.r={r} cannot be used with this {base_config.model_type} model: {problem}. "
@@ -450,6 +519,9 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     side = copy.deepcopy(base_config)
     side_hidden = hidden // r
     side.hidden_size = side_hidden
+    if is_state_space_model(base_config):
+        _shrink_state_space(base_config, side, r)
+        return _finish_side_config(base_config, side, dtype)
     heads, kv_heads = side_head_counts(base_config, side_heads)
     if side_heads is not None:
         side.num_attention_heads = heads
@@ -496,6 +568,12 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     _divide_ffn_widths(base_config, side, r, ffn_names)
     _shrink_block_sub_configs(base_config, side, r, kv_heads)
     _resample_rope_factor_lists(base_config, side, side_hidden // side.num_attention_heads)
+    return _finish_side_config(base_config, side, dtype)
+
+
+def _finish_side_config(base_config, side, dtype: torch.dtype):
+    """What every side config gets once its widths are set: no vocabulary or token ids, untied embeddings, no
+    quantization config, the side network's dtype and attention implementation (see :func:`shrink_config`)."""
     side.vocab_size = 1
     for name in ("bos_token_id", "eos_token_id"):
         if hasattr(side, name):

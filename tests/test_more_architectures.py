@@ -7,7 +7,8 @@ multi-head latent attention (DeepSeek-V3), a rotated fraction of each head (`rot
 tile a width derived from the hidden size (Bamba, Zamba2), per-layer token inputs (Gemma 4), mixture-of-experts FFN
 widths (Qwen2-MoE), a trunk that `get_decoder()` does not return (Llama 4), RoBERTa-style positions counted from the
 padding index, configs that refuse None token ids (CWM), block parts configured in sub-configs (DBRX), an attention
-width that is a multiple of the hidden size (Zamba), and "auto" side heads the model's class refuses (DiffLlama).
+width that is a multiple of the hidden size (Zamba), "auto" side heads the model's class refuses (DiffLlama), and
+pure state-space models without attention heads (Mamba, Falcon-Mamba, Mamba-2).
 `integration/arch_sweep.py` runs every type.
 """
 
@@ -17,7 +18,7 @@ import re
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from peft_qst import QSTConfig, QSTUnsupportedModelError
@@ -54,11 +55,15 @@ OVERRIDES = {
     "zamba": dict(num_hidden_layers=3, layers_block_type=["mamba", "hybrid", "hybrid"], n_mamba_heads=4,
                   attention_head_dim=32),
     "zamba2": dict(layers_block_type=["mamba", "hybrid"], n_mamba_heads=16, mamba_headdim=16, mamba_ngroups=1),
+    # pure state-space models: no attention heads (16 Mamba-2 heads of 16 tile expand 2 x 128; 4 groups of B/C)
+    "mamba": dict(state_size=16),
+    "falcon_mamba": dict(state_size=16),
+    "mamba2": dict(num_heads=16, head_dim=16, n_groups=4, state_size=16, chunk_size=8),
 }
 #: families that run end to end (init equals the base model, only the side network learns, training changes the
 #: output, cached generation equals uncached)
 WORKING = ["deepseek_v3", "gptj", "bamba", "gemma4_text", "qwen2_moe", "llama4_text", "roberta", "cwm", "dbrx", "zamba",
-           "zamba2", "diffllama", "mimo_v2_flash"]
+           "zamba2", "diffllama", "mimo_v2_flash", "mamba", "falcon_mamba", "mamba2"]
 
 
 def tiny_config(model_type, **extra):
@@ -138,6 +143,44 @@ def test_side_widths_follow_the_rules():
     dbrx = side_of(get_peft_model(tiny("dbrx"), QSTConfig(task_type="CAUSAL_LM"))).trunk.config
     assert (dbrx.ffn_config.hidden_size, dbrx.ffn_config.ffn_hidden_size, dbrx.attn_config.kv_n_heads) == (8, 16, 1)
     assert (dbrx.n_heads, dbrx.ffn_config.moe_num_experts) == (1, 4)
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "falcon_mamba", "mamba2"])
+def test_state_space_models_shrink_their_mixers_and_reload_exactly(model_type, tmp_path):
+    """Pure state-space models have no attention heads, which the side network's shape was derived from: they were
+    refused at get_peft_model ("its config has no num_attention_heads"). Their mixers' widths follow the side width
+    instead (r=16: 8): the inner width is expand x 8, the time-step rank is divided by r, Mamba-2 keeps its 16 heads,
+    narrowed to tile the inner width, and divides its 4 groups of B/C projections (to 1); the state size and the
+    convolution kernel are kept. The adapter records the state-space widths in its signature and reloads exactly."""
+    model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM"))
+    side = side_of(model).trunk.config
+    assert side.hidden_size == 8 and side.state_size == 16 and side.conv_kernel == 4
+    assert side.time_step_rank == 1  # ceil(128 / 16) = 8 in the backbone
+    if model_type == "mamba2":
+        assert (side.num_heads, side.head_dim, side.n_groups) == (16, 1, 1)
+    else:
+        assert side.intermediate_size == 16
+    assert model.peft_config["default"].side_heads is None  # no heads to choose
+    signature = model.peft_config["default"].base_model_signature
+    assert signature["num_attention_heads"] == 0 and signature["state_size"] == 16
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    train_steps(model, ids, lr=3e-2)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny(model_type), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, adapted)
+    with pytest.raises(ValueError, match="state_size 16 against 8"):
+        PeftModel.from_pretrained(tiny(model_type, state_size=8), str(tmp_path))
+
+
+def test_state_space_model_refuses_side_heads_and_names_the_fitting_r():
+    with pytest.raises(ValueError, match="this state-space model has none"):
+        get_peft_model(tiny("mamba"), QSTConfig(task_type="CAUSAL_LM", side_heads=2))
+    with pytest.raises(ValueError, match=re.escape("16 Mamba heads (num_heads) do not split into equal heads. Values "
+                                                   "of r that fit this model: [1, 2, 4, 8, 16]")):
+        get_peft_model(tiny("mamba2"), QSTConfig(task_type="CAUSAL_LM", r=64))
 
 
 def test_sub_configs_of_towers_are_left_alone():
@@ -235,8 +278,9 @@ def test_auto_side_heads_name_every_count_tried_when_none_works():
         ("electra", dict(embedding_size=64, is_decoder=True), "embedding_size=64 differs from hidden_size=128"),
         ("big_bird", dict(attention_type="original_full"), "bidirectional"),
         ("xlm", dict(emb_dim=128, n_layers=2, n_heads=4), "bidirectional"),
+        ("rwkv", dict(attention_hidden_size=128), "no num_attention_heads"),
     ],
-    ids=["embedding-width", "bert-style-encoder", "xlm-encoder"],
+    ids=["embedding-width", "bert-style-encoder", "xlm-encoder", "recurrent-without-mamba-layout"],
 )
 def test_unsupported_model_is_refused_at_get_peft_model(model_type, extra, message):
     base = tiny(model_type, **extra)
@@ -316,6 +360,23 @@ def test_architecture_sweep_in_4bit_runs_the_checks_on_a_quantized_model(tmp_pat
     (record,) = report["records"]
     assert report["quantization"] == "4-bit NF4" and record["cls"] == "OK", record
     assert record["e_save_load"]["maxdiff"] == 0.0 and record["f_a_start_equals_base"]["pass"]
+
+
+def test_architecture_sweep_runs_state_space_models_in_4bit_and_reloads_them_exactly(tmp_path):
+    """Falcon-Mamba in 4-bit: refused at get_peft_model before state-space models were supported; then its reload
+    was 6e-8 from the trained model's logits with bit-identical weights, because torch's matmul runs the side mixers'
+    x_proj (a transposed input) by another kernel when the weight requires grad. The sweep compares the reload with
+    the trained model with its side frozen, as the reloaded adapter is."""
+    import json
+    import subprocess
+    import sys
+
+    output = tmp_path / "sweep.json"
+    subprocess.run([sys.executable, f"{REPO}/integration/arch_sweep.py", "--4bit", "--output", str(output),
+                    "falcon_mamba"], check=True, capture_output=True, timeout=600)
+    (record,) = json.loads(output.read_text())["records"]
+    assert record["cls"] == "OK", record
+    assert record["e_save_load"]["maxdiff"] == 0.0 and record["d_generate_cache"]["pass"]
 
 
 def test_gpt_oss_real_widths_in_bf16_run_at_the_default_config():
