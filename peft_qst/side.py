@@ -102,9 +102,11 @@ def is_state_space_model(config) -> bool:
     heads; each block's mixer widens the hidden state by ``expand`` (``intermediate_size``) and keeps a recurrent state
     of ``state_size`` per channel. Its side network shrinks those widths (:func:`_shrink_state_space`), not heads.
     RWKV and xLSTM, also without ``num_attention_heads``, have other layouts, which no rule covers."""
-    return getattr(config, "num_attention_heads", None) is None and all(
-        _is_int_width(getattr(config, name, None)) for name in ("state_size", "expand")
-    )
+    try:
+        heads = getattr(config, "num_attention_heads", None)
+    except Exception:  # noqa: BLE001 - a heterogeneous config (dots3_note_text) refuses global access to a per-layer
+        return False  # size: it has heads, which get_peft_model's checks refuse by name
+    return heads is None and all(_is_int_width(getattr(config, name, None)) for name in ("state_size", "expand"))
 
 
 #: config attributes holding the number of key/value heads (Falcon names it ``num_kv_heads``, DBRX's attention
