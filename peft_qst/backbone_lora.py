@@ -57,7 +57,10 @@ def top_block_linears(blocks: nn.ModuleList, num_top: int) -> Iterator[tuple[int
     """(block index, name inside the block, module) of every linear layer in the last ``num_top`` blocks: every
     ``nn.Linear`` (bitsandbytes' quantized layers and model-specific subclasses such as Falcon's included) except the
     mixture-of-experts routers that subclass it (Phi-MoE's, Llama 4's): they return routing weights, not a projection
-    to add a delta to."""
+    to add a delta to; and block-diagonal grouped projections that subclass it (DeepSeek-V4's ``o_a_proj``,
+    ``n_groups`` blocks of ``in_features`` -> ``out_features / n_groups``): the output of one is not that of an
+    ``in_features`` -> ``out_features`` projection, and a delta of that shape failed to add to it ("The size of tensor
+    a (1024) must match the size of tensor b (8192)")."""
     for index in range(len(blocks) - num_top, len(blocks)):
         for name, module in blocks[index].named_modules():
             if _is_linear_projection(module):
@@ -65,7 +68,9 @@ def top_block_linears(blocks: nn.ModuleList, num_top: int) -> Iterator[tuple[int
 
 
 def _is_linear_projection(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and "Router" not in type(module).__name__
+    groups = getattr(module, "n_groups", None)
+    grouped = isinstance(groups, int) and groups > 1
+    return isinstance(module, nn.Linear) and "Router" not in type(module).__name__ and not grouped
 
 
 class BackboneLoRA(nn.Module):

@@ -33,6 +33,7 @@ from .per_call import call_state, hold_call_state
 from .side import (
     QSTSideNetwork,
     QSTUnsupportedModelError,
+    ResidualStreams,
     _non_reentrant,
     copy_key_mask,
     find_layer_list,
@@ -701,6 +702,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 f"{self.__dict__['_num_blocks'] + 1} (the embedding output and one per block): its blocks did not run "
                 "once each (a model that loops over its blocks), or something replaced their hooks."
             )
+        streams = ResidualStreams.of(self.base_layer.config)
+        if streams is not None:  # several residual streams (hyper-connections, AltUp): the side network reads one
+            captured = [streams.single(h) for h in captured]
         unexpected = next((tuple(h.shape) for h in captured[:-1] if h.shape != backbone_last.shape), None)
         if unexpected is not None:
             raise QSTUnsupportedModelError(

@@ -130,8 +130,9 @@ _COMPOSITE_REASONS = {
     "(deepstack_visual_embeds)",
     "qwen3_vl_moe": "its language model adds visual features to the hidden states inside its first blocks "
     "(deepstack_visual_embeds)",
-    "gemma3n": "its language model passes several residual streams between its blocks (AltUp) and takes per-layer "
-    "inputs computed from the token ids (per_layer_inputs)",
+    "gemma3n": "its language model, whose several residual streams (AltUp) QST reads as it does gemma3n_text's, takes "
+    "per-layer inputs the composite model computes from the token ids and hands in (per_layer_inputs), which a side "
+    "network reading its hidden states would not follow; load the language model alone (gemma3n_text)",
 }
 
 

@@ -209,6 +209,63 @@ def unsupported_reason(config) -> Optional[str]:
     return None
 
 
+class ResidualStreams:
+    """How a model's blocks pass several residual streams between them, where they do, and QST's single-stream view of
+    them. The side network reads one hidden state of the trunk's width per block; these blocks hand on a stack:
+
+    - hyper-connections stacked on a dimension after the sequence (DeepSeek-V4, HY-V4: ``hc_mult`` streams, blocks
+      pass ``(batch, sequence, hc_mult, hidden)``): the view is the mean of the streams, which the trunk's input
+      (the embeddings repeated into every stream) makes the embeddings themselves;
+    - AltUp (Gemma 3n: ``altup_num_inputs`` streams, blocks pass ``(altup_num_inputs, batch, sequence, hidden)``):
+      the view is the active stream (``altup_active_idx``), the one each block's attention and FFN compute on;
+    - hyper-connections side by side along the hidden dimension (Qwen4-Exp: ``hc_count`` streams, blocks pass
+      ``(batch, sequence, hc_count * hidden)``): the view is the mean of the streams.
+
+    Any fixed view is sound: the downsampler that reads it is learned. The side trunk, built from the model's own
+    classes, keeps the machinery at side width (its own streams, expanded from the side embeddings by its own forward
+    and collapsed by its own output head): :meth:`expand` mixes a downsampled single-stream backbone state into every
+    side stream."""
+
+    def __init__(self, count: int, dim: int, width: int, active: Optional[int] = None):
+        self.count, self.dim, self.width, self.active = count, dim, width, active
+
+    @classmethod
+    def of(cls, config) -> Optional["ResidualStreams"]:
+        """The streams of a model with this config, or None for a single residual stream."""
+        for name, dim in (("hc_mult", 2), ("altup_num_inputs", 0), ("hc_count", -1)):
+            count = getattr(config, name, None)
+            if _is_int_width(count) and count > 1:
+                active = int(getattr(config, "altup_active_idx", 0) or 0) if dim == 0 else None
+                return cls(count, dim=dim, width=int(config.hidden_size), active=active)
+        return None
+
+    def single(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The single-stream view of a backbone hidden state (unchanged where it holds one stream already)."""
+        if self.dim == -1:  # streams side by side along the hidden dimension
+            if hidden.dim() != 3 or hidden.shape[-1] != self.count * self.width:
+                return hidden
+            return hidden.unflatten(-1, (self.count, -1)).mean(dim=-2)
+        if hidden.dim() != 4 or hidden.shape[self.dim] != self.count:
+            return hidden
+        if self.active is not None:
+            return hidden.select(self.dim, self.active)
+        return hidden.mean(dim=self.dim)
+
+    def expand(self, down: torch.Tensor, side_hidden: torch.Tensor) -> torch.Tensor:
+        """``down`` (one stream, or the per-channel gate) shaped to broadcast over the streams of the side trunk's
+        hidden state."""
+        if self.dim == -1:
+            if side_hidden.shape[-1] != self.count * down.shape[-1]:
+                return down
+            return down.repeat(*([1] * (down.dim() - 1)), self.count)
+        if side_hidden.dim() != 4 or down.dim() != 3:
+            return down
+        return down.unsqueeze(self.dim)
+
+    def __repr__(self) -> str:
+        return f"ResidualStreams(count={self.count}, dim={self.dim}, width={self.width}, active={self.active})"
+
+
 def _fitting_r_values(config, side_heads=None, limit: int = 64) -> list[int]:
     """The r values up to ``limit`` that shrink this config with ``side_heads`` (a count, None or ``"auto"``)."""
     if side_heads == AUTO:
@@ -281,8 +338,8 @@ def _state_space_problem(config, r: int, side_heads: Optional[int]) -> Optional[
     inner = int(config.expand) * (hidden // r)
     if _is_int_width(heads) and inner % heads:
         return (
-            f"r={r} gives a side Mamba width of {inner} (expand x {hidden // r}), which the model's {heads} Mamba heads "
-            "(num_heads) do not split into equal heads"
+            f"r={r} gives a side Mamba width of {inner} (expand x {hidden // r}), which the model's {heads} Mamba "
+            "heads (num_heads) do not split into equal heads"
         )
     return None
 
@@ -554,9 +611,22 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     if mamba is not None:  # checked in _shrink_problem: the heads tile the side's Mamba width
         count, width = mamba
         setattr(side, width, _side_mamba_width(base_config, side_hidden) // int(getattr(base_config, count)))
+    mlp_types = getattr(base_config, "mlp_layer_types", None)
+    if isinstance(mlp_types, (list, tuple)) and "hash_moe" in mlp_types:
+        # experts chosen by token id (DeepSeek-V4's hash-routed layers look them up from input_ids), which the side
+        # trunk never sees: its side layers route with a learned router, as the model's other expert layers do
+        side.mlp_layer_types = ["moe" if kind == "hash_moe" else kind for kind in mlp_types]
+    if _is_int_width(getattr(base_config, "o_lora_rank", None)):
+        # DeepSeek-V4's grouped output projection passes through a low-rank width (1024 beside a hidden size of 4096),
+        # which like the latent attention's compressions is divided by r
+        side.o_lora_rank = max(1, int(base_config.o_lora_rank) // r)
     if getattr(base_config, "hidden_size_per_layer_input", None):
         # per-layer inputs (Gemma 3n/4) are looked up from token ids, which the side trunk never sees
         side.hidden_size_per_layer_input = 0
+    if getattr(base_config, "ple_layer_ids", None):
+        # Qwen4-Exp's per-layer n-gram embeddings, likewise looked up from token ids (recovered from the embeddings
+        # where only inputs_embeds are given, and the side trunk has no embedding to recover them from)
+        side.ple_layer_ids = []
     for name in HIDDEN_MULTIPLE_ATTRIBUTES:
         value = getattr(base_config, name, None)
         if _is_int_width(value) and value and value % hidden == 0:
@@ -594,11 +664,17 @@ def _finish_side_config(base_config, side, dtype: torch.dtype):
 
 
 def _divide_ffn_widths(source, target, r: int, names) -> None:
-    """Each of ``names`` that holds an FFN width in config ``source`` set on ``target`` divided by r (at least 1)."""
+    """Each of ``names`` that holds an FFN width in config ``source`` set on ``target`` divided by r (at least 1); a
+    width per layer (Gemma 3n's ``intermediate_size`` list) is divided layer by layer. Left as it was, Gemma 3n's side
+    FFNs kept the backbone's widths (8192 beside a 128-wide side block at r=16)."""
     for name in names:
         value = getattr(source, name, None)
-        if _is_ffn_width_attribute(name) and _is_int_width(value):
+        if not _is_ffn_width_attribute(name):
+            continue
+        if _is_int_width(value):
             setattr(target, name, max(1, value // r))
+        elif isinstance(value, (list, tuple)) and value and all(_is_int_width(width) for width in value):
+            setattr(target, name, type(value)(max(1, width // r) for width in value))
 
 
 def _shrink_block_sub_configs(base_config, side, r: int, kv_heads: Optional[int]) -> None:
@@ -1026,8 +1102,21 @@ class QSTSideBlock(nn.Module):
     grows with depth by little more than the hidden states the downsamplers need.
     """
 
-    def __init__(self, block: nn.Module, downsample: nn.Module, width: int, gate_init: float, dropout: float):
+    #: the side trunk's residual streams, where its blocks pass several (:class:`ResidualStreams`): the downsampled
+    #: backbone state, one stream, is mixed into each
+    streams: Optional[ResidualStreams] = None
+
+    def __init__(
+        self,
+        block: nn.Module,
+        downsample: nn.Module,
+        width: int,
+        gate_init: float,
+        dropout: float,
+        streams: Optional[ResidualStreams] = None,
+    ):
         super().__init__()
+        self.streams = streams
         # "wrapped": a wrapper in the trunk's list of blocks runs this block (a checkpoint wrapper, which may run it
         # again in backward); set with the backbone hidden state by QSTSideNetwork.forward
         hold_call_state(self, ("backbone_hidden", "wrapped"))
@@ -1105,6 +1194,8 @@ class QSTSideBlock(nn.Module):
     def _mix_and_run(self, hidden_states: torch.Tensor, backbone_hidden: torch.Tensor, *args, **kwargs):
         down = self.dropout(self.downsample(backbone_hidden.to(hidden_states.device, hidden_states.dtype)))
         gate = torch.sigmoid(self.gate_logit)
+        if self.streams is not None:
+            down, gate = self.streams.expand(down, hidden_states), self.streams.expand(gate, hidden_states)
         mixed = (1.0 - gate) * down + gate * hidden_states
         return self.block(mixed, *args, **kwargs)
 
@@ -1241,6 +1332,7 @@ class QSTSideNetwork(nn.Module):
                 side_hidden,
                 qst_config.side_gate_init,
                 qst_config.dropout,
+                ResidualStreams.of(side_config),
             )
             for block in side_blocks
         ]

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from peft_qst import QSTConfig, QSTUnsupportedModelError
 
 from .conftest import REPO, train_steps
-from .test_architectures import check_default_config_end_to_end
+from .test_architectures import check_default_config_end_to_end, generate_both_ways
 
 V = 128
 # Every key a type's config knows is passed (the others are left out), so one set of sizes fits all the types below
@@ -47,6 +47,16 @@ OVERRIDES = {
     "gemma3n_text": dict(num_kv_shared_layers=0, layer_types=["sliding_attention", "full_attention"],
                          intermediate_size=[256, 256], hidden_size_per_layer_input=16, vocab_size_per_layer_input=V,
                          laurel_rank=8, activation_sparsity_pattern=[0.0, 0.0], altup_num_inputs=2),
+    # several residual streams: hyper-connections (DeepSeek-V4 and HY-V4 stacked, Qwen4-Exp side by side along the
+    # hidden dimension), AltUp (Gemma 3n, above). DeepSeek-V4's two layers both route experts by token id (hash_moe)
+    "deepseek_v4": dict(q_lora_rank=32, o_lora_rank=64, index_head_dim=16, index_n_heads=2, index_topk=8,
+                        moe_intermediate_size=64),
+    "hy_v4": dict(head_dim=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, kv_lora_rank=32, q_lora_rank=32,
+                  index_topk=8, index_head_dim=16, index_n_heads=2, indexer_types=["full", "shared"]),
+    "qwen4_exp_text": dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                           linear_value_head_dim=16, hc_count=2, hc_lowrank=16, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=32,
+                           indexer_budget=8, indexer_compress_ratio=2, ngram_vocab_size_base=1024,
+                           layer_types=["linear_attention", "indexed_attention"]),
     "dbrx": dict(d_model=128, n_heads=4, n_layers=2, max_seq_len=128,
                  attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
                  ffn_config={"ffn_hidden_size": 256, "moe_num_experts": 4, "moe_top_k": 2}),
@@ -64,6 +74,10 @@ OVERRIDES = {
 #: output, cached generation equals uncached)
 WORKING = ["deepseek_v3", "gptj", "bamba", "gemma4_text", "qwen2_moe", "llama4_text", "roberta", "cwm", "dbrx", "zamba",
            "zamba2", "diffllama", "mimo_v2_flash", "mamba", "falcon_mamba", "mamba2"]
+#: blocks that pass several residual streams; run end to end by their own test below, as some of their side
+#: parameters get no gradient from a language-model loss, as the backbone's would not (an indexer's top-k selection,
+#: a compressor's position bias at 9 positions, Gemma 3n's empty per-layer input embedding)
+SEVERAL_STREAMS = ["deepseek_v4", "gemma3n_text", "hy_v4", "qwen4_exp_text"]
 
 
 def tiny_config(model_type, **extra):
@@ -91,13 +105,48 @@ def test_readme_lists_exactly_these_families():
     text = open(f"{REPO}/README.md").read()
     section = text.split("## Supported architectures", 1)[1].split("\n## ", 1)[0]
     listed = section.split("Also run end to end", 1)[1].split("\n\n", 1)[0]
-    assert re.findall(r"`([a-z0-9_-]+)`", listed.split(":", 1)[1]) == WORKING
+    assert re.findall(r"`([a-z0-9_-]+)`", listed.split(":", 1)[1]) == WORKING + SEVERAL_STREAMS
 
 
 @pytest.mark.parametrize("model_type", WORKING)
 def test_family_runs_end_to_end(model_type):
     ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
     check_default_config_end_to_end(tiny(model_type), ids)
+
+
+@pytest.mark.parametrize("model_type", SEVERAL_STREAMS)
+def test_family_with_several_residual_streams_runs_end_to_end(model_type, tmp_path):
+    """The architecture sweep's checks: the start equals the base model, the loss is finite and only side parameters
+    get gradients (the backbone none), training changes the logits, disable_adapter() gives the base back, cached
+    greedy generation equals uncached, and save/load gives the same logits."""
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    base = tiny(model_type)
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    with_grad = {name for name, param in model.named_parameters() if param.grad is not None}
+    assert with_grad and all(".qst_side." in name for name in with_grad)
+    assert any("downsample" in name for name in with_grad)
+    model.zero_grad()
+    train_steps(model, ids, lr=3e-2)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids).logits, expected)
+    assert not torch.allclose(adapted, expected)
+    cached, uncached = generate_both_ways(model, ids)
+    assert torch.equal(cached, uncached)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny(model_type), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, adapted)
 
 
 def test_prompt_lookup_decoding_on_a_hybrid_model():
@@ -306,12 +355,61 @@ def test_causality_left_open_by_flags_and_config_is_measured():
         get_peft_model(tiny("roformer"), QSTConfig(task_type="CAUSAL_LM"))
 
 
-def test_blocks_passing_several_streams_are_refused_at_the_first_forward():
-    """Gemma 3n's blocks pass a stack of residual streams (AltUp) between them; only running it shows the shape."""
-    model = get_peft_model(tiny("gemma3n_text"), QSTConfig(task_type="CAUSAL_LM"))
+@pytest.mark.parametrize(
+    ("model_type", "backbone_shape", "side_shape"),
+    [
+        ("gemma3n_text", (2, 2, 7, 128), (2, 2, 7, 8)),  # AltUp: (streams, batch, sequence, hidden)
+        ("deepseek_v4", (2, 7, 4, 128), (2, 7, 4, 8)),  # hyper-connections: (batch, sequence, streams, hidden)
+        ("qwen4_exp_text", (2, 7, 256), (2, 7, 16)),  # hyper-connections side by side: (batch, sequence, 2 x hidden)
+    ],
+)
+def test_blocks_passing_several_streams_feed_the_side_network_one(model_type, backbone_shape, side_shape):
+    """Blocks that pass several residual streams: each side block reads a single-stream view of its backbone block's
+    output (AltUp's active stream, the hyper-connections' mean), and mixes it into every stream of its own trunk, which
+    keeps the model's stream machinery at side width. They were refused at the first forward ("its blocks pass hidden
+    states of shape (2, 2, 7, 128)") or, for the side networks of hyper-connection models, at get_peft_model."""
+    model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM"))
+    side = side_of(model)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output=None):
+            value = args[0] if name != "backbone" else (output[0] if isinstance(output, tuple) else output)
+            seen.setdefault(name, tuple(value.shape))
+
+        return hook
+
+    side._blocks[1].block.register_forward_pre_hook(record("side"))
+    side._blocks[1].downsample.register_forward_pre_hook(record("down"))
+    model.get_base_model().model.layers[0].register_forward_hook(record("backbone"))
     ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(1))
-    with pytest.raises(QSTUnsupportedModelError, match="gemma3n_text model: its blocks pass hidden states of shape"):
-        model(input_ids=ids)
+    model(input_ids=ids)
+    assert tuple(seen["backbone"]) == backbone_shape
+    assert tuple(seen["down"]) == (2, 7, 128)
+    assert tuple(seen["side"]) == side_shape
+
+
+def test_side_networks_of_deepseek_v4_and_gemma3n_follow_the_shrink_rules():
+    """DeepSeek-V4's hash-routed expert layers pick experts by token id, which the side trunk never sees: its side
+    layers route with a learned router (it failed with "'NoneType' object has no attribute 'reshape'"); its grouped
+    output projection's low rank is divided by r. Gemma 3n's per-layer FFN widths are divided layer by layer (kept,
+    they were as wide as the backbone's)."""
+    deepseek = side_of(get_peft_model(tiny("deepseek_v4"), QSTConfig(task_type="CAUSAL_LM", r=16))).trunk.config
+    assert deepseek.mlp_layer_types == ["moe", "moe"] and deepseek.o_lora_rank == 4
+    gemma = side_of(get_peft_model(tiny("gemma3n_text"), QSTConfig(task_type="CAUSAL_LM", r=16))).trunk.config
+    assert gemma.intermediate_size == [16, 16]
+
+
+def test_hybrid_leaves_grouped_projections_alone():
+    """DeepSeek-V4's grouped output projection subclasses nn.Linear but maps each of its groups apart: the backbone
+    adapters leave it alone (a delta of its in_features -> out_features shape did not add to its output), and the
+    hybrid trains."""
+    model = get_peft_model(tiny("deepseek_v4"), QSTConfig(task_type="CAUSAL_LM", backbone_lora_layers=1))
+    adapted = list(side_of(model).backbone_lora.deltas["1"])
+    assert "self_attn__o_b_proj" in adapted and "self_attn__o_a_proj" not in adapted
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    losses = train_steps(model, ids, lr=3e-2)
+    assert losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("model_type", ["phimoe", "falcon"])
@@ -331,7 +429,7 @@ def test_architecture_sweep_classifies_what_it_runs(tmp_path):
     """integration/arch_sweep.py, on a type that runs end to end, two refused at get_peft_model (the sweep's
     ``dots3_note_text`` varies its heads per layer, and its config refuses a global ``num_attention_heads``: the check
     for a state-space model read it outside the guard that names it, and the type came out BROKEN) and one refused at
-    its first forward."""
+    its first forward (Dory runs its blocks more than once)."""
     import json
     import subprocess
     import sys
@@ -339,12 +437,12 @@ def test_architecture_sweep_classifies_what_it_runs(tmp_path):
     output = tmp_path / "sweep.json"
     subprocess.run(
         [sys.executable, f"{REPO}/integration/arch_sweep.py", "--output", str(output), "llama", "bert",
-         "dots3_note_text", "gemma3n_text"],
+         "dots3_note_text", "dory"],
         check=True, capture_output=True, timeout=600,
     )
     records = {rec["type"]: rec for rec in json.loads(output.read_text())["records"]}
     assert {name: rec["cls"] for name, rec in records.items()} == {
-        "llama": "OK", "bert": "REFUSED", "dots3_note_text": "REFUSED", "gemma3n_text": "REFUSED-AT-RUN",
+        "llama": "OK", "bert": "REFUSED", "dots3_note_text": "REFUSED", "dory": "REFUSED-AT-RUN",
     }
     assert "varies from layer to layer" in records["dots3_note_text"]["reason"]
 

@@ -539,8 +539,8 @@ def test_qwen3_vl_is_refused_naming_its_visual_inputs_inside_the_blocks():
 
 
 def test_gemma3n_is_refused_naming_its_residual_streams_and_per_layer_inputs():
-    """Gemma 3n's language model passes several residual streams between its blocks (AltUp) and takes per-layer
-    inputs the composite model computes from the token ids. Its vision tower needs timm, which the tests do not
+    """Gemma 3n's language model takes per-layer inputs the composite model computes from the token ids (its several
+    residual streams, AltUp, QST reads, as in gemma3n_text). Its vision tower needs timm, which the tests do not
     install, so the check is called with the type alone."""
     from peft_qst.model import _check_composite_model
 
