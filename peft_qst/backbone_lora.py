@@ -60,10 +60,11 @@ def top_block_linears(blocks: nn.ModuleList, num_top: int) -> Iterator[tuple[int
     to add a delta to; and block-diagonal grouped projections that subclass it (DeepSeek-V4's ``o_a_proj``,
     ``n_groups`` blocks of ``in_features`` -> ``out_features / n_groups``): the output of one is not that of an
     ``in_features`` -> ``out_features`` projection, and a delta of that shape failed to add to it ("The size of tensor
-    a (1024) must match the size of tensor b (8192)")."""
+    a (1024) must match the size of tensor b (8192)"); and the time-step projection of Mamba-style mixers
+    (:func:`_is_read_by_weight`)."""
     for index in range(len(blocks) - num_top, len(blocks)):
         for name, module in blocks[index].named_modules():
-            if _is_linear_projection(module):
+            if _is_linear_projection(module) and not _is_read_by_weight(blocks[index], name):
                 yield index, name, module
 
 
@@ -71,6 +72,15 @@ def _is_linear_projection(module: nn.Module) -> bool:
     groups = getattr(module, "n_groups", None)
     grouped = isinstance(groups, int) and groups > 1
     return isinstance(module, nn.Linear) and "Router" not in type(module).__name__ and not grouped
+
+
+def _is_read_by_weight(block: nn.Module, name: str) -> bool:
+    """Whether the linear layer ``name`` of ``block`` is one its mixer never calls, reading its weight instead: the
+    ``dt_proj`` of Mamba-style mixers (Mamba, Falcon-Mamba, Jamba: ``dt_proj.weight @ time_step``, its bias added
+    inside the scan). A forward hook on it never runs, so a delta there never changed the output and never got a
+    gradient: trainable parameters that did nothing."""
+    parent, _, attr = name.rpartition(".")
+    return attr == "dt_proj" and hasattr(block.get_submodule(parent) if parent else block, "A_log")
 
 
 class BackboneLoRA(nn.Module):

@@ -346,17 +346,22 @@ def _state_space_problem(config, r: int, side_heads: Optional[int]) -> Optional[
 
 def _shrink_state_space(base_config, side, r: int) -> None:
     """The rules for a pure state-space model (Mamba, Falcon-Mamba, Mamba-2), beside hidden_size / r: the mixer's
-    inner width (``intermediate_size``, ``expand`` x the hidden size) follows the side width (``expand`` kept) and
-    the rank of its time-step projection (``time_step_rank``) is divided by r, as FFN widths are; Mamba-2's heads keep
-    their number, as the hybrids' Mamba heads do (:data:`MAMBA_HEAD_ATTRIBUTES`), and narrow to tile the side's inner
-    width (``head_dim``), and its groups of B/C projections (``n_groups``, each ``state_size`` wide, which do not
-    follow the hidden size) are divided by r, to a divisor of the head count, so that the side stays about 1/r^2 of
-    the backbone. The state size and the convolution kernel, which set how much history a channel keeps and not a
-    width, are kept. Checked by :func:`_state_space_problem`."""
+    inner width is divided by r, as FFN widths are (``expand`` kept): Mamba's and Falcon-Mamba's mixers read
+    ``intermediate_size``, which is divided, and not ``expand``, which a published config may contradict
+    (falcon-mamba-7b's says ``expand`` 16 beside an ``intermediate_size`` of 8192, 2 x 4096: taken as ``expand`` x the
+    side width, its side mixers were 8 times too wide, 3.2% of the model instead of about 1/r^2); Mamba-2's mixer
+    derives it as ``expand`` x the hidden size, which follows the side width. The rank of its time-step projection
+    (``time_step_rank``) is divided by r, as FFN widths are; Mamba-2's heads keep their number, as the hybrids' Mamba
+    heads do (:data:`MAMBA_HEAD_ATTRIBUTES`), and narrow to tile the side's inner width (``head_dim``), and its groups
+    of B/C projections (``n_groups``, each ``state_size`` wide, which do not follow the hidden size) are divided by r,
+    to a divisor of the head count, so that the side stays about 1/r^2 of the backbone. The state size and the
+    convolution kernel, which set how much history a channel keeps and not a width, are kept. Checked by
+    :func:`_state_space_problem`."""
     side_hidden = int(side.hidden_size)
     inner = int(base_config.expand) * side_hidden
-    if _is_int_width(getattr(base_config, "intermediate_size", None)):
-        side.intermediate_size = inner
+    intermediate = getattr(base_config, "intermediate_size", None)
+    if _is_int_width(intermediate):
+        side.intermediate_size = max(1, intermediate // r)
     rank = getattr(base_config, "time_step_rank", None)
     if _is_int_width(rank):
         side.time_step_rank = max(1, math.ceil(rank / r))
@@ -1192,7 +1197,12 @@ class QSTSideBlock(nn.Module):
         return block._gradient_checkpointing_func(run_unwrapped, hidden_states, backbone_hidden, *args)
 
     def _mix_and_run(self, hidden_states: torch.Tensor, backbone_hidden: torch.Tensor, *args, **kwargs):
-        down = self.dropout(self.downsample(backbone_hidden.to(hidden_states.device, hidden_states.dtype)))
+        # the downsampler computes in its own dtype, not the block input's: blocks that keep their residual stream in
+        # float32 (Mamba's residual_in_fp32, set in the published Mamba, Falcon-Mamba and Mamba-2 configs) hand the
+        # next block a float32 input in a bf16 side network, and a bf16 downsampler fed that failed ("mat1 and mat2
+        # must have the same dtype"): every bf16 Mamba model, and every side_dtype="bfloat16", was refused
+        dtype = next((p.dtype for p in self.downsample.parameters()), hidden_states.dtype)
+        down = self.dropout(self.downsample(backbone_hidden.to(hidden_states.device, dtype)))
         gate = torch.sigmoid(self.gate_logit)
         if self.streams is not None:
             down, gate = self.streams.expand(down, hidden_states), self.streams.expand(gate, hidden_states)
@@ -1447,8 +1457,9 @@ class QSTSideNetwork(nn.Module):
             finally:
                 for block in self._blocks:
                     call_state(block)["backbone_hidden"] = None
-        # (a float32 final norm gives a float32 output; the mix's upsample computes in the side network's dtype)
-        last = out.last_hidden_state.to(dtype) if autocast else out.last_hidden_state
+        # (a float32 final norm, or a residual stream kept in float32, gives a float32 output; the mix's upsample
+        # computes in the side network's dtype)
+        last = out.last_hidden_state.to(dtype)
         return last, out.get(cache_field(out))
 
     def mix(

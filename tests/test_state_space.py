@@ -1,0 +1,191 @@
+"""Pure state-space models (Mamba, Falcon-Mamba, Mamba-2) beyond the default float32 checks of
+tests/test_more_architectures.py: half precision (their blocks keep the residual stream in float32), the hybrid's
+backbone adapters on Mamba mixers, TRL's SFTTrainer, and the side network's size at published shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from peft_qst import QSTConfig
+
+from .conftest import bnb_config, train_steps
+from .test_more_architectures import V, side_of, tiny
+
+IDS = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+STATE_SPACE = ["mamba", "falcon_mamba", "mamba2"]
+
+
+def check_trains_reloads_and_generates(model, reload, ids=IDS, atol=0.0):
+    """Starts at ``reload()``'s base model, trains, reloads to the same logits (side frozen: see the arch sweep's note
+    on torch's matmul), and generates with its cache the logits of full forwards: exactly, or within ``atol`` (bf16,
+    where the base models' own cached steps are up to 0.03 off theirs and greedy tokens can flip)."""
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reload(None)(input_ids=ids).logits)
+    losses = train_steps(model, ids, steps=3, lr=3e-2)
+    assert losses[-1] < losses[0]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    reloaded = reload(model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, adapted)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    if not atol:
+        assert torch.equal(model.generate(input_ids=ids, **kwargs),
+                           model.generate(input_ids=ids, use_cache=False, **kwargs))
+        return
+    out = model.generate(input_ids=ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+    with torch.no_grad():
+        full = model(input_ids=out.sequences).logits[:, ids.shape[1] - 1:-1].float()
+    torch.testing.assert_close(torch.stack(out.logits, 1).float(), full, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("model_type", STATE_SPACE)
+def test_half_precision_state_space_models(model_type, tmp_path):
+    """Their blocks keep the residual stream in float32 (``residual_in_fp32``, set in every published Mamba, Falcon-Mamba
+    and Mamba-2 config), so each side block after the first got a float32 input, to which the backbone hidden state
+    was cast before the bf16 downsampler: "mat1 and mat2 must have the same dtype". Every bf16 model, and any
+    ``side_dtype="bfloat16"``, was refused at get_peft_model."""
+    assert tiny(model_type).config.residual_in_fp32
+
+    def reload(trained, dtype=torch.bfloat16):
+        base = tiny(model_type).to(dtype)
+        if trained is None:
+            return base
+        trained.save_pretrained(tmp_path / str(dtype))
+        return PeftModel.from_pretrained(base, str(tmp_path / str(dtype))).eval()
+
+    model = get_peft_model(tiny(model_type).to(torch.bfloat16), QSTConfig(task_type="CAUSAL_LM", r=4))
+    assert side_of(model).upsample.weight.dtype == torch.bfloat16
+    check_trains_reloads_and_generates(model, reload, atol=0.1)
+    model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype="bfloat16"))
+    check_trains_reloads_and_generates(model, lambda trained: reload(trained, torch.float32), atol=0.1)
+
+
+def lora_layers(model) -> set[str]:
+    return {n.split(".deltas.")[1].rsplit(".", 1)[0] for n, _ in model.named_parameters() if ".backbone_lora." in n}
+
+
+@pytest.mark.parametrize("model_type", STATE_SPACE)
+def test_hybrid_adapts_the_linear_layers_the_mixer_calls(model_type, tmp_path):
+    """Mamba's and Falcon-Mamba's mixers never call their ``dt_proj``: they read its weight (``dt_proj.weight @
+    time_step``) and add its bias inside the scan. The hybrid's delta there (a forward hook) never ran: two trainable
+    matrices per block that got no gradient and changed nothing. Every delta left now gets a gradient, and nothing
+    frozen does."""
+    model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM", r=4, backbone_lora_layers=1))
+    calls = {"in_proj", "out_proj"} | ({"x_proj"} if model_type != "mamba2" else set())
+    assert lora_layers(model) == {f"1.mixer__{name}" for name in calls}
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.items() if n.endswith("lora_B"))
+    assert all(p.grad is not None for p in trainable.values())
+    assert not any(p.grad is not None for p in model.parameters() if not p.requires_grad)
+    model.zero_grad()
+
+    def reload(trained):
+        if trained is None:
+            return tiny(model_type)
+        trained.save_pretrained(tmp_path)
+        return PeftModel.from_pretrained(tiny(model_type), str(tmp_path)).eval()
+
+    check_trains_reloads_and_generates(model.eval(), reload)
+
+
+def test_hybrid_on_a_4bit_mamba_with_bf16_compute(tmp_path):
+    """4-bit as users load it (NF4, bf16 compute, so a bf16 side network): refused before, for the float32 residual
+    stream (above)."""
+    # x_proj's output, time_step_rank + 2 x state_size, a multiple of 32 (bitsandbytes' CPU kernel needs one)
+    tiny("mamba", time_step_rank=16, state_size=8).save_pretrained(tmp_path / "base")
+
+    # dt_proj stays unquantized: the mixer multiplies by its weight (dt_proj.weight @ time_step), which a packed
+    # 4-bit weight cannot do: the base model itself fails ("Expected size for first two dimensions of batch2 tensor")
+    quantization = bnb_config()
+    quantization.llm_int8_skip_modules = ["dt_proj", "lm_head"]
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization).eval()
+
+    def reload(trained):
+        if trained is None:
+            return load()
+        trained.save_pretrained(tmp_path / "adapter")
+        return PeftModel.from_pretrained(load(), str(tmp_path / "adapter")).eval()
+
+    model = get_peft_model(load(), QSTConfig(task_type="CAUSAL_LM", r=4, backbone_lora_layers=1))
+    assert type(model.base_model.model.backbone.layers[1].mixer.in_proj).__name__ == "Linear4bit"
+    assert lora_layers(model) == {"1.mixer__in_proj", "1.mixer__x_proj", "1.mixer__out_proj"}
+    check_trains_reloads_and_generates(model, reload, atol=0.1)
+
+
+def test_sft_trainer_on_mamba_saves_and_reloads_exactly(tmp_path):
+    """TRL's SFTTrainer with QSTConfig on a Mamba model (gradient checkpointing on, SFTConfig's default), a few steps;
+    the saved adapter reloads to the trained model's logits. A word-level tokenizer built here (no download)."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    words = ["<pad>", "<eos>", "<unk>"] + [str(i) for i in range(40)] + ["repeat", "twice", ":"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    data = Dataset.from_list([{"prompt": f"repeat {i % 40} twice :", "completion": f" {i % 40} {i % 40}"}
+                              for i in range(32)])
+    base = tiny("mamba", vocab_size=len(words), pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+                     logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True)
+    assert args.gradient_checkpointing
+    trainer = SFTTrainer(model=base, args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=QSTConfig(task_type="CAUSAL_LM", r=4))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    model = trainer.model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    ids = torch.tensor([[3, 43, 7, 44, 45]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = tiny("mamba", vocab_size=len(words), pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, adapted)
+
+
+#: published config.json values (written out by hand: no model hub here); base parameters as published
+PUBLISHED_STATE_SPACE = {
+    "mamba-130m": ("mamba", dict(hidden_size=768, num_hidden_layers=24, vocab_size=50280, state_size=16, expand=2,
+                                 intermediate_size=1536, time_step_rank=48, tie_word_embeddings=True)),
+    "falcon-mamba-7b": ("falcon_mamba", dict(hidden_size=4096, num_hidden_layers=64, vocab_size=65024, state_size=16,
+                                             expand=16, intermediate_size=8192, time_step_rank=256,
+                                             tie_word_embeddings=False)),
+    "mamba2-130m": ("mamba2", dict(hidden_size=768, num_hidden_layers=24, vocab_size=50288, state_size=128, expand=2,
+                                   num_heads=24, head_dim=64, n_groups=1, tie_word_embeddings=True)),
+    "Codestral-Mamba-7B": ("mamba2", dict(hidden_size=4096, num_hidden_layers=64, vocab_size=32768, state_size=128,
+                                          expand=2, num_heads=128, head_dim=64, n_groups=8, time_step_rank=256,
+                                          tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("name", ["falcon-mamba-7b", "Codestral-Mamba-7B"])
+def test_published_shapes_on_the_meta_device(name):
+    """falcon-mamba-7b's config says ``expand`` 16 beside ``intermediate_size`` 8192 (2 x 4096, what its mixers use):
+    the side's inner width was taken as expand x 256 = 4096, not 8192 / 16 = 512, and its side network was 230 M
+    parameters, 3.2% of the model. Now 0.46%, about 1/r^2, as the attention models' (README, Published model shapes)."""
+    model_type, sizes = PUBLISHED_STATE_SPACE[name]
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes), dtype=torch.bfloat16)
+    base_parameters = sum(p.numel() for p in base.parameters())
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    side = side_of(model).trunk.config
+    assert side.hidden_size == 256
+    if model_type == "falcon_mamba":
+        assert side.intermediate_size == 512
+    assert 0.003 < trainable / base_parameters < 0.006, trainable / base_parameters
