@@ -12,6 +12,7 @@ import copy
 import functools
 import inspect
 import re
+import threading
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -360,12 +361,18 @@ class _RowRouting:
     deep-copies the model it holds, another thread's ``copy.deepcopy``) copied the hook with the module: the copy
     routed every later forward by that call's names (a plain forward ran the rows through other adapters, silently;
     a beam search was refused for a wrong count of names), and a pickle (``torch.save(model)``) taken meanwhile
-    failed on the hook, a local function. Copies and pickles get an inert hook instead."""
+    failed on the hook, a local function. Copies and pickles get an inert hook instead.
+
+    The hook routes the forwards of the thread that made the call only: the modules are shared, and another thread
+    running the same model meanwhile (a plain forward or generate, which README allows at once) had its rows routed by
+    this call's names, silently where the row counts matched."""
 
     def __init__(self, route, rows: dict):
-        self.route, self.rows = route, rows
+        self.route, self.rows, self.thread = route, rows, threading.get_ident()
 
     def __call__(self, _module, args, module_kwargs):
+        if threading.get_ident() != self.thread:
+            return None
         module_kwargs["adapter_names"] = self.route(self.rows["names"])
         return args, module_kwargs
 

@@ -251,3 +251,21 @@ def test_trainer_checkpoints_resumes_and_pushes_a_model_whose_only_adapter_is_no
     loaded = PeftModel.from_pretrained(tiny_causal_lm(), str(uploaded), subfolder="side", adapter_name="side")
     with torch.no_grad():
         assert torch.equal(loaded.eval()(input_ids=IDS).logits, straight.eval()(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("quantization", [None, dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)],
+                         ids=["unquantized", "4bit"])
+def test_the_card_loads_a_half_precision_checkpoint_in_float32_as_it_was_trained(tmp_path, quantization):
+    """transformers 5 loads a checkpoint in the dtype it was saved in unless ``dtype=`` says otherwise
+    (``dtype="auto"``, its default). The card left the dtype out for a model in float32, as for a default, so a base
+    saved in bfloat16 (SmolLM2's checkpoints) and trained on in float32 was built by the card's code in bfloat16,
+    its side network too: other logits than the saved adapter's, silently. float32 is now written as any dtype."""
+    from transformers import BitsAndBytesConfig
+
+    tiny_causal_lm(dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16-base")
+    kwargs = {} if quantization is None else dict(quantization_config=BitsAndBytesConfig(**quantization))
+    model, logits = model_with_adapters(str(tmp_path / "bf16-base"), ["default"], dtype=torch.float32, **kwargs)
+    model.save_pretrained(tmp_path / "out")
+
+    assert "dtype=torch.float32" in loading_code(tmp_path / "out" / "README.md")
+    assert_loads_the_saved_adapters(run_card(tmp_path / "out" / "README.md"), logits)

@@ -507,6 +507,53 @@ def test_a_copy_taken_during_a_mixed_batch_generate_keeps_none_of_its_routing(tw
         assert torch.equal(generate(model, ids[:1], mask[:1], num_beams=2), alone["a"][:1]), how
 
 
+
+def test_a_mixed_batch_generate_routes_no_other_threads_forwards(two_adapters):
+    """Several threads may run one model at once. While generate(adapter_names=...) ran in one thread, its routing
+    hooks on the shared modules also routed another thread's forwards by its names: a plain forward (adapter "a" for
+    every row) ran its rows through "a", "b" and the base model, silently, and another thread's own adapter_names
+    were overridden. Each call now routes its own thread's forwards only. The other thread runs while the first is
+    held inside its generate by a stopping criterion (no timing involved)."""
+    import threading
+
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    ids, mask = left_padded(PROMPTS)
+    other = ["b", "__base__", "a"]
+    with torch.no_grad():
+        plain = two_adapters(input_ids=ids, attention_mask=mask).logits
+        alone = _per_adapter(two_adapters, lambda: two_adapters(input_ids=ids, attention_mask=mask).logits)
+    inside, release, results = threading.Event(), threading.Event(), {}
+
+    class Hold(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if not inside.is_set():
+                inside.set()
+                release.wait()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def generating():
+        results["mixed"] = generate(two_adapters, ids, mask, adapter_names=ROUTES, num_beams=2,
+                                    stopping_criteria=StoppingCriteriaList([Hold()]))
+
+    thread = threading.Thread(target=generating)
+    thread.start()
+    try:
+        assert inside.wait(timeout=120), "the generate thread never reached its first step"
+        with torch.no_grad():
+            results["plain"] = two_adapters(input_ids=ids, attention_mask=mask).logits
+            results["other"] = two_adapters(input_ids=ids, attention_mask=mask, adapter_names=other).logits
+    finally:
+        release.set()
+        thread.join()
+    assert torch.equal(results["plain"], plain)
+    for row, name in enumerate(other):
+        assert torch.equal(results["other"][row], alone[name][row]), name
+    expected = _per_adapter(two_adapters, lambda: generate(two_adapters, ids, mask, num_beams=2))
+    for row, name in enumerate(ROUTES):
+        assert torch.equal(results["mixed"][row], expected[name][row]), name
+    assert _routing_undone(two_adapters)
+
 def test_mixed_batch_refusals(two_adapters):
     ids, mask = left_padded(PROMPTS)
     with pytest.raises(ValueError, match=r"adapter\(s\) \['c'\]"):
