@@ -46,6 +46,19 @@ def has_cache_field(output) -> bool:
     return bool(_field_names(output) & {"cache", "past_key_values"})
 
 
+def past_length(cache) -> int:
+    """How many past tokens a cache holds: its first layer's count (``get_seq_length()``) or, where that layer holds
+    none, the most any of its layers holds. RecurrentGemma's first blocks are recurrent: they keep their state in
+    their own modules and leave their cache layers empty, and only its attention layers count the tokens, so its
+    ``get_seq_length()`` says 0 at every step; taken at its word, a cache it had filled was taken for a fresh one, and
+    each step started the side network's attention from nothing. Other caches' first layers count every token."""
+    length = cache.get_seq_length()
+    if length:
+        return length
+    counts = [layer.get_seq_length() for layer in getattr(cache, "layers", ()) if hasattr(layer, "get_seq_length")]
+    return max(counts, default=0)
+
+
 def _field_names(output) -> set[str]:
     return {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set(output.keys())
 
@@ -312,7 +325,7 @@ def paired_cache(cache):
     if cache is None or isinstance(cache, QSTCache):
         return cache
     halves = getattr(cache, "__dict__", {}).get(_PAIRING_ATTR)
-    if halves is None or cache.get_seq_length() == 0:
+    if halves is None or past_length(cache) == 0:
         return cache
     paired = QSTCache(cache, halves[0])
     paired.memory.update(halves[1])

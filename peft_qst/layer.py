@@ -25,7 +25,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 
-from .cache import BackboneRouting, QSTCache, cache_field, has_cache_field, paired_cache, remember_pairing
+from .cache import (
+    BackboneRouting, QSTCache, cache_field, has_cache_field, paired_cache, past_length, remember_pairing
+)
 from .config import QSTConfig
 from .backbone_lora import top_block_linears
 from .fast_path import fsdp2_unit
@@ -636,12 +638,14 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             self._check_routing(cache, None)
         out = self.base_layer(**kwargs, **{self._cache_kwarg: backbone_cache})
         if isinstance(cache, QSTCache) and not isinstance(out, tuple):
-            new_backbone_cache = out.get(cache_field(out))
+            keeps_cache = not has_cache_field(out)  # filled in place, none returned (RecurrentGemma)
+            new_backbone_cache = backbone_cache if keeps_cache else out.get(cache_field(out))
             if new_backbone_cache is not None:
                 cache.backbone = new_backbone_cache
                 cache.routing.record(None)
                 remember_pairing(cache)
-                out[cache_field(out)] = cache
+                if not keeps_cache:
+                    out[cache_field(out)] = cache
         return out
 
     def _forward_adapted(self, adapter_names: list[str], cache, kwargs: dict, row_adapters=None):
@@ -724,6 +728,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         mixed = backbone_last
         new_side_caches, new_memories = {}, {}
         returned_cache = out.get(cache_field(out))
+        # a trunk that fills the cache it is given in place and returns none (RecurrentGemma, whose generate keeps
+        # passing the cache it made): its side trunk, of the same class, does the same, so the side network gets a
+        # cache made here, and both travel on the backbone's cache object (remember_pairing, as a caller's own cache)
+        keeps_cache = bool(use_cache) and backbone_cache is not None and not has_cache_field(out)
         for name in adapter_names:
             side = self.qst_side[name]
             side_cache = side_caches.get(name)
@@ -743,7 +751,11 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                     # forward given a cache left its side blocks to their own checkpointing, which drops the cache,
                     # instead of QST's (see the side blocks' forward), and they ran once instead of being recomputed
                     side_cache = DynamicCache(config=side.trunk.config)
+            if side_cache is None and keeps_cache:
+                side_cache = DynamicCache(config=side.trunk.config)  # what such a trunk makes for itself
             side_out, new_side_caches[name] = side(hidden_states, cache=side_cache, **side_kwargs)
+            if new_side_caches[name] is None and keeps_cache:
+                new_side_caches[name] = side_cache
             copy_inputs = None
             if side.copy_head is not None:
                 memory = memories.get(name)
@@ -763,15 +775,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         fields["last_hidden_state"] = mixed
         # the last hidden state is the adapted one; the backbone's are dropped unless asked for
         fields["hidden_states"] = tuple(hidden_states[:-1]) + (mixed,) if want_hidden else None
-        new_backbone_cache = out.get(cache_field(out))
-        if use_cache and new_backbone_cache is None and cache is not None and not has_cache_field(out):
-            # the trunk filled the cache it was given and returns none (RecurrentGemma): there is no output to pair
-            # the side networks' caches with, and the next step would get the backbone's cache alone
-            raise QSTUnsupportedModelError(
-                f"QST cannot continue a cache with this {self._model_type} model: its trunk keeps the cache it is "
-                "given and returns none, so the side network's cache cannot travel with it. Generate with "
-                "use_cache=False."
-            )
+        new_backbone_cache = backbone_cache if keeps_cache else out.get(cache_field(out))
         if use_cache and new_backbone_cache is not None:
             paired = cache if isinstance(cache, QSTCache) else QSTCache(new_backbone_cache)
             paired.backbone = new_backbone_cache
@@ -783,7 +787,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             for name, memory in new_memories.items():
                 paired.with_copy_memory(name, memory)
                 record_cache_layout(memory, self.qst_side[name])
-            fields[cache_field(out)] = paired
+            if not keeps_cache:  # (an output without a cache field: the caller holds the backbone's cache already)
+                fields[cache_field(out)] = paired
         out = type(out)(**fields)
         if return_dict is False:
             return out.to_tuple()
@@ -804,7 +809,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         than this forward's: a hybrid adapter's cache continued with adapters disabled (or by another adapter)
         attended to keys and values of another model and generated neither model's tokens, without an error."""
         filled = cache.routing.rows
-        if filled == routing or not cache.routing.recorded or cache.backbone.get_seq_length() == 0:
+        if filled == routing or not cache.routing.recorded or past_length(cache.backbone) == 0:
             return
         def described(rows):
             if rows is None:
@@ -813,7 +818,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 return f"the backbone LoRA of adapter {rows!r}"
             return f"per-row backbone LoRA {list(rows)} (None: none)"
         raise ValueError(
-            f"The cache holds {cache.backbone.get_seq_length()} past tokens whose backbone keys and values were "
+            f"The cache holds {past_length(cache.backbone)} past tokens whose backbone keys and values were "
             f"computed with {described(filled)}, but this forward runs {described(routing)}: adapters with "
             "backbone_lora_layers change the backbone's keys and values, so the continuation would attend to another "
             "model's history. Continue a cache only with the adapter (and adapter_names rows) that filled it, or "
@@ -856,7 +861,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         if cache is None:
             return None, {}, {}
         if isinstance(cache, QSTCache):
-            past = cache.backbone.get_seq_length()
+            past = past_length(cache.backbone)
             missing = [
                 name
                 for name in adapter_names
@@ -875,7 +880,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             behind = {}
             for name in adapter_names:
                 for half in (cache.side_cache(name), cache.copy_memory(name)):
-                    length = half.get_seq_length() if half is not None else past
+                    length = past_length(half) if half is not None else past
                     if length != past:
                         behind[name] = length
             if behind:
@@ -891,9 +896,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 {name: cache.side_cache(name) for name in adapter_names},
                 {name: cache.copy_memory(name) for name in adapter_names},
             )
-        if cache.get_seq_length() > 0:
+        if past_length(cache) > 0:
             raise ValueError(
-                f"A plain {type(cache).__name__} with {cache.get_seq_length()} past tokens was passed to a QST model; "
+                f"A plain {type(cache).__name__} with {past_length(cache)} past tokens was passed to a QST model; "
                 "it has no side-network state. Pass the cache the QST model returned (a QSTCache), or a fresh one."
             )
         return cache, {}, {}

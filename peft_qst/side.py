@@ -53,8 +53,10 @@ EMBEDDING_WIDTH_ATTRIBUTES = ("word_embed_proj_dim", "embedding_size", "input_em
 
 #: config attributes holding a width that is a whole multiple of the hidden size, divided by r with it: Zamba's and
 #: Zamba2's attention reads the block input concatenated with the embedding output (``attention_hidden_size`` = 2 d,
-#: which their configs derive once; left at the backbone's, the side attention's norm met a narrower input)
-HIDDEN_MULTIPLE_ATTRIBUTES = ("attention_hidden_size",)
+#: which their configs derive once; left at the backbone's, the side attention's norm met a narrower input);
+#: RecurrentGemma's recurrent blocks run their RG-LRU at ``lru_width`` (d in the released models): kept, a side block's
+#: recurrence was as wide as the backbone's, and its gates (heads x (lru_width / heads)^2) larger than the backbone's
+HIDDEN_MULTIPLE_ATTRIBUTES = ("attention_hidden_size", "lru_width")
 
 #: config attributes holding the FFN width; whichever the model defines is divided by r
 FFN_SIZE_ATTRIBUTES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
@@ -78,8 +80,8 @@ MLA_RANK_ATTRIBUTES = ("q_lora_rank", "kv_lora_rank")
 
 class QSTUnsupportedModelError(ValueError):
     """Raised by `get_peft_model` for a model QST cannot side-tune, naming the model type and the reason; or, for the
-    few models where only running them shows it (blocks that pass several residual streams or loop, a trunk that
-    keeps its cache to itself), at their first forward or first cached generation step."""
+    few models where only running them shows it (blocks that pass several residual streams in an unknown layout, or
+    loop), at their first forward."""
 
 
 # --------------------------------------------------------------------------------------------------------------------

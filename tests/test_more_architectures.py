@@ -8,7 +8,8 @@ tile a width derived from the hidden size (Bamba, Zamba2), per-layer token input
 widths (Qwen2-MoE), a trunk that `get_decoder()` does not return (Llama 4), RoBERTa-style positions counted from the
 padding index, configs that refuse None token ids (CWM), block parts configured in sub-configs (DBRX), an attention
 width that is a multiple of the hidden size (Zamba), "auto" side heads the model's class refuses (DiffLlama), and
-pure state-space models without attention heads (Mamba, Falcon-Mamba, Mamba-2).
+pure state-space models without attention heads (Mamba, Falcon-Mamba, Mamba-2), and a trunk that fills the cache it is
+given and returns none (RecurrentGemma).
 `integration/arch_sweep.py` runs every type.
 """
 
@@ -69,11 +70,14 @@ OVERRIDES = {
     "mamba": dict(state_size=16),
     "falcon_mamba": dict(state_size=16),
     "mamba2": dict(num_heads=16, head_dim=16, n_groups=4, state_size=16, chunk_size=8),
+    # a recurrent (RG-LRU) block, then a local-attention one: the recurrent state lives in the blocks' modules, the
+    # attention's keys and values in the cache, which the trunk fills in place and does not return
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=128, attention_window_size=16),
 }
 #: families that run end to end (init equals the base model, only the side network learns, training changes the
 #: output, cached generation equals uncached)
 WORKING = ["deepseek_v3", "gptj", "bamba", "gemma4_text", "qwen2_moe", "llama4_text", "roberta", "cwm", "dbrx", "zamba",
-           "zamba2", "diffllama", "mimo_v2_flash", "mamba", "falcon_mamba", "mamba2"]
+           "zamba2", "diffllama", "mimo_v2_flash", "mamba", "falcon_mamba", "mamba2", "recurrent_gemma"]
 #: blocks that pass several residual streams; run end to end by their own test below, as some of their side
 #: parameters get no gradient from a language-model loss, as the backbone's would not (an indexer's top-k selection,
 #: a compressor's position bias at 9 positions, Gemma 3n's empty per-layer input embedding)
@@ -514,3 +518,29 @@ def test_gpt_oss_real_widths_in_bf16_run_at_the_default_config():
     kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(input_ids=ids, **kwargs), model.generate(input_ids=ids, use_cache=False, **kwargs))
+
+
+def test_recurrent_gemma_continues_its_cache_and_shrinks_its_recurrence():
+    """RecurrentGemma's trunk fills the cache generate gives it in place and returns none (its recurrent state lives in
+    its blocks' modules): QST refused its first cached step ("its trunk keeps the cache it is given and returns none").
+    The side network's cache now travels on the backbone's cache object, and its first, recurrent, layer counts no
+    tokens (``get_seq_length()`` is 0 at every step), so the past is read from its attention layer: taken for a fresh
+    cache, each step started the side attention from nothing. The RG-LRU width follows the side width (kept, it was
+    the backbone's 128 beside a side width of 8)."""
+    model = get_peft_model(tiny("recurrent_gemma"), QSTConfig(task_type="CAUSAL_LM"))
+    side = side_of(model)
+    assert (side.trunk.config.hidden_size, side.trunk.config.lru_width) == (8, 8)
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    train_steps(model, ids, lr=3e-2)
+    with torch.no_grad():
+        torch.nn.init.normal_(side.upsample.weight, std=1.0)  # the side network's output moves the tokens
+    model.eval()
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cached = model.generate(input_ids=ids, **kwargs)
+    uncached = model.generate(input_ids=ids, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert len(set(cached.sequences[:, 9:].flatten().tolist())) > 2  # not one token repeated
+    padded = torch.cat([torch.zeros(2, 3, dtype=ids.dtype), ids], dim=1)
+    mask = (padded != 0).long()
+    assert torch.equal(model.generate(input_ids=padded, attention_mask=mask, **kwargs).sequences,
+                       model.generate(input_ids=padded, attention_mask=mask, use_cache=False, **kwargs).sequences)
