@@ -83,6 +83,15 @@ def _is_read_by_weight(block: nn.Module, name: str) -> bool:
     return attr == "dt_proj" and hasattr(block.get_submodule(parent) if parent else block, "A_log")
 
 
+def is_time_step_delta(key: str) -> bool:
+    """Whether the saved tensor ``key`` belongs to a delta on a Mamba-style ``dt_proj``, which peft-qst put there
+    before :func:`_is_read_by_weight` left those layers out (a hybrid adapter of a Mamba, Falcon-Mamba or Jamba model
+    saved by it holds two per adapted block). Its hook never ran and it got no gradient, so it holds its start, a
+    zero delta (``lora_B`` starts at zero): dropped on load, the adapter computes what it computed when saved."""
+    owner, _, leaf = key.rpartition(".")
+    return ".backbone_lora.deltas." in key and leaf in ("lora_A", "lora_B") and owner.endswith("dt_proj")
+
+
 class BackboneLoRA(nn.Module):
     """The low-rank deltas of one QST adapter, keyed by block index and the linear layer's name inside the block."""
 

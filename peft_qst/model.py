@@ -26,7 +26,7 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
-from .backbone_lora import resolve_backbone_lora_layers
+from .backbone_lora import is_time_step_delta, resolve_backbone_lora_layers
 from .bnb_compat import keep_4bit_weights_through_state_dict, route_4bit_layers_by_mode, stop_routing_4bit_layers
 from .config import AUTO, QSTConfig
 from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, QSTLayer
@@ -1106,6 +1106,20 @@ class QSTModel(BaseTuner):
         expected = {k for k in own if marker in k}
         loaded = {k for k in remapped if marker in k}
         strays = {k for k in remapped if f".{SIDE_ATTR}." in k and marker not in k}
+        # (PEFT leaves the adapter's name out of keys the model lacks: they are strays here)
+        never_applied = sorted(key for key in (loaded - expected) | strays if is_time_step_delta(key))
+        if never_applied:
+            # an adapter saved before the hybrid left Mamba-style dt_proj layers out; refused as "saved from a
+            # different QST configuration" although it is this one, and its deltas there provably did nothing
+            warnings.warn(
+                f"QST adapter {adapter_name!r} was saved with {len(never_applied)} backbone low-rank tensors on "
+                f"Mamba-style dt_proj layers (e.g. {never_applied[:2]}), which their mixers never call (they read the "
+                "weight): those deltas never changed the output nor trained, and are not loaded. The adapter computes "
+                "what it did when saved; save it again to drop them from the file."
+            )
+            for key in never_applied:
+                del remapped[key]
+            loaded, strays = loaded - set(never_applied), strays - set(never_applied)
         missing, unexpected = sorted(expected - loaded), sorted((loaded - expected) | strays)
         # an earlier peft-qst stored one-entry vectors (a one-head side block's attention sink) as offsets from their
         # random start, which it did not save (store_constant_parameters_as_offsets): the values are lost

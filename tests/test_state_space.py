@@ -189,3 +189,29 @@ def test_published_shapes_on_the_meta_device(name):
     if model_type == "falcon_mamba":
         assert side.intermediate_size == 512
     assert 0.003 < trainable / base_parameters < 0.006, trainable / base_parameters
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "jamba"])
+def test_hybrid_saved_with_time_step_deltas_loads_without_them(model_type, tmp_path, monkeypatch):
+    """peft-qst before 3f0c521 put a delta on ``dt_proj`` too, which these mixers never call (they read its weight):
+    it never ran and never got a gradient, so a saved hybrid adapter holds it at its start, a delta of zero. Such an
+    adapter was refused as "saved from a different QST configuration or base model"; its deltas there are dropped (with
+    a warning saying why) and it loads to the outputs it trained to."""
+    from peft_qst import backbone_lora
+
+    ids = IDS[:, :6]
+    config = QSTConfig(task_type="CAUSAL_LM", r=4, backbone_lora_layers=1)
+    overrides = dict(attn_layer_offset=0, attn_layer_period=2) if model_type == "jamba" else {}  # mixer on top
+    with monkeypatch.context() as patched:  # the previous version's choice of linear layers
+        patched.setattr(backbone_lora, "_is_read_by_weight", lambda block, name: False)
+        old = get_peft_model(tiny(model_type, **overrides), config)
+    assert any("dt_proj" in name for name in lora_layers(old))
+    train_steps(old, ids, steps=2, lr=3e-2)
+    old.eval().save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = old(input_ids=ids).logits
+    with pytest.warns(UserWarning, match="dt_proj"):
+        loaded = PeftModel.from_pretrained(tiny(model_type, **overrides), str(tmp_path)).eval()
+    assert not any("dt_proj" in name for name in lora_layers(loaded))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
