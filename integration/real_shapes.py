@@ -173,6 +173,29 @@ PUBLISHED: dict[str, tuple[str, dict]] = {
         hidden_size=4096, intermediate_size=16384, num_hidden_layers=32, num_attention_heads=32,
         vocab_size=50432, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True)),
     "GPT-2-XL": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25, vocab_size=50257, n_positions=1024)),
+    # Several residual streams and recurrent blocks: the defaults of each config class in transformers 5.25, which
+    # its docstring says match the checkpoint named here (Gemma 3n: the language model of google/gemma-3n-E4B)
+    "Gemma-3n-E4B": ("gemma3n_text", {}),
+    "RecurrentGemma-2B": ("recurrent_gemma", {}),
+    "DeepSeek-V4-Flash": ("deepseek_v4", {}),
+    "Hy4-preview": ("hy_v4", {}),
+    # Qwen/Qwen4-Exp's defaults leave its sparse-attention indexer unset, which transformers cannot build (its indexed
+    # attention layers divide indexer_budget by indexer_compress_ratio): these five are ours, not published values.
+    # Nor are its n-gram per-layer embeddings (about 45 B parameters in the checkpoint) on by default
+    "Qwen4-Exp (defaults)": ("qwen4_exp_text", dict(
+        indexer_n_heads=16, indexer_kv_heads=1, indexer_head_dim=256, indexer_budget=2048, indexer_compress_ratio=4)),
+}
+
+#: what the 2-block run (check_run) changes besides the depth: per-layer lists cut to 2 layers, at least one layer of
+#: each kind, and fewer routed experts where 2 blocks of them would not fit a small machine's memory (8 GB and more
+#: in float32); the widths stay the published ones
+TWO_BLOCKS: dict[str, dict] = {
+    "Gemma-3n-E4B": dict(num_kv_shared_layers=0, activation_sparsity_pattern=[0.95, 0.0],
+                         layer_types=["sliding_attention", "full_attention"]),
+    "RecurrentGemma-2B": dict(block_types=["recurrent", "attention"]),
+    "DeepSeek-V4-Flash": dict(n_routed_experts=8, mlp_layer_types=["hash_moe", "moe"]),
+    "Hy4-preview": dict(n_routed_experts=8),
+    "Qwen4-Exp (defaults)": dict(num_experts=16, layer_types=["linear_attention", "indexed_attention"]),
 }
 
 
@@ -209,7 +232,8 @@ def check_meta(name: str) -> dict:
         if "meta" not in str(error):
             raise
         # transformers' eager experts loop (side experts whose width is not a multiple of 8, e.g. gpt-oss) reads
-        # which tokens each expert got: a value the meta device does not have. --run checks these models.
+        # which tokens each expert got, and Qwen4-Exp's indexed attention which blocks its indexer picked: values the
+        # meta device does not have. --run checks these models.
         row["meta_forward"] = f"not on the meta device ({str(error)[:200]})"
         return row
     out.loss.backward()
@@ -227,7 +251,7 @@ def check_run(name: str, layers: int = 2, vocab: int = 1024, dtype=torch.bfloat1
     """``layers`` blocks at the real widths in ``dtype`` on the CPU: start, a training step, cached generation."""
     torch.manual_seed(0)
     depth = "n_layer" if PUBLISHED[name][0] == "gpt2" else "num_hidden_layers"
-    config = build_config(name, **{depth: layers, "vocab_size": vocab})
+    config = build_config(name, **{depth: layers, "vocab_size": vocab, **TWO_BLOCKS.get(name, {})})
     for special in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids of the published vocabulary
         if isinstance(getattr(config, special, None), int) and getattr(config, special) >= vocab:
             setattr(config, special, 0)

@@ -53,6 +53,8 @@ DOWNSAMPLE_KINDS = ("adapter", "linear", "lora", "maxpool", "avgpool")
 SIDE_DTYPES = ("float32", "bfloat16", "float16")
 INIT_KINDS = ("random", "pruned")
 
+#: values of ``side_linear_heads`` (see QSTConfig)
+SIDE_LINEAR_HEADS = ("divided", "backbone")
 #: ``side_heads`` value that picks the head count from the model (see QSTConfig)
 AUTO = "auto"
 
@@ -138,6 +140,12 @@ class QSTConfig(PeftConfig):
             head dimension 4 costs far more than its arithmetic). The key/value heads keep the backbone's grouping
             where it divides (else one). A number must divide the side hidden size ``d / r``. `init="pruned"` keeps
             the backbone's heads: ``"auto"`` then means None, and any other count is refused.
+        side_linear_heads (`str`): The linear-attention (Gated DeltaNet) heads of the side blocks, for models that
+            have them (Qwen3-Next, Qwen3.5, OLMo-Hybrid, Qwen4-Exp). ``"divided"`` (the default): the model's key and
+            value head counts divided by r (at least one key head, as many value heads per key head as the model's),
+            their widths kept, as for attention heads. ``"backbone"``: the model's counts, so the side blocks' linear
+            attention is as wide as the model's and its recurrent state as large (an ``adapter_config.json`` written
+            before this option existed loads so, as it was trained). Ignored for other models.
         downsample (`str`): How each backbone hidden state (width d) is brought down to the side width d/r:
             ``"adapter"`` (the paper's best: Linear d->rank, activation, Linear rank->d/r, LayerNorm),
             ``"lora"`` (Linear d->rank->d/r, no activation), ``"linear"`` (one Linear d->d/r),
@@ -217,6 +225,13 @@ class QSTConfig(PeftConfig):
             "backbone's head count (the paper)."
         },
     )
+    side_linear_heads: str = field(
+        default="divided",
+        metadata={
+            "help": "Linear-attention (Gated DeltaNet) heads of the side blocks: 'divided' (the model's counts / r) or "
+            "'backbone' (the model's counts, as adapters saved before this option existed have)."
+        },
+    )
     downsample: str = field(
         default="adapter", metadata={"help": f"Downsampler of each hidden state, one of {DOWNSAMPLE_KINDS}."}
     )
@@ -268,10 +283,13 @@ class QSTConfig(PeftConfig):
     def check_kwargs(cls, **kwargs):
         """Called by ``from_pretrained`` on the attributes read from an ``adapter_config.json``. A file written
         before ``side_heads`` existed has no such key: its side blocks have the model's heads (None), not what
-        today's default would choose."""
+        today's default would choose; one written before ``side_linear_heads`` existed has side blocks with the
+        model's linear-attention heads (``"backbone"``)."""
         kwargs = super().check_kwargs(**kwargs)
         if "side_heads" not in kwargs:
             kwargs["side_heads"] = None
+        if "side_linear_heads" not in kwargs:
+            kwargs["side_linear_heads"] = "backbone"
         return kwargs
 
     def __post_init__(self):
@@ -293,6 +311,12 @@ class QSTConfig(PeftConfig):
             raise ValueError(
                 f"QSTConfig.r={self.r!r} is invalid: r is the reduction factor of the side network and must be a "
                 "positive integer (paper default 16)."
+            )
+        if self.side_linear_heads not in SIDE_LINEAR_HEADS:
+            raise ValueError(
+                f"QSTConfig.side_linear_heads={self.side_linear_heads!r} is invalid: it must be one of "
+                f"{SIDE_LINEAR_HEADS} ('divided': the model's linear-attention head counts divided by r, the default; "
+                "'backbone': the model's counts, as adapters saved before this option existed have)."
             )
         if self.side_heads not in (None, AUTO) and (not _is_int(self.side_heads) or self.side_heads < 1):
             raise ValueError(

@@ -627,6 +627,18 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         # DeepSeek-V4's grouped output projection passes through a low-rank width (1024 beside a hidden size of 4096),
         # which like the latent attention's compressions is divided by r
         side.o_lora_rank = max(1, int(base_config.o_lora_rank) // r)
+    key_heads, value_heads = (getattr(base_config, f"linear_num_{kind}_heads", None) for kind in ("key", "value"))
+    if (
+        qst_config.side_linear_heads == "divided" and _is_int_width(key_heads) and _is_int_width(value_heads)
+        and key_heads and value_heads % key_heads == 0
+    ):
+        # Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5, Qwen4-Exp, OLMo-Hybrid): its head widths do not follow
+        # hidden_size, and with the backbone's head counts kept the side blocks' linear attention was as wide as the
+        # backbone's (Qwen4-Exp: 32 value heads of 128 beside a 128-wide side block, 63 M of its 354 M trainable
+        # parameters, and a recurrent state as large as the backbone's). As for attention heads, the widths are kept
+        # and the counts divided by r (at least 1 key head), with as many value heads per key head as the backbone's
+        side.linear_num_key_heads = max(1, key_heads // r)
+        side.linear_num_value_heads = side.linear_num_key_heads * (value_heads // key_heads)
     if getattr(base_config, "hidden_size_per_layer_input", None):
         # per-layer inputs (Gemma 3n/4) are looked up from token ids, which the side trunk never sees
         side.hidden_size_per_layer_input = 0
