@@ -85,8 +85,8 @@ _BNB_8BIT_OPTIONS = (("llm_int8_threshold", 6.0), ("llm_int8_has_fp16_weight", F
                      ("llm_int8_skip_modules", None))
 
 
-def base_loading(quantization: dict | None, dtype: str | None = None) -> tuple[str, str]:
-    """(the lines that build the quantization config, the ``from_pretrained`` keywords) that load the base model as
+def base_loading(quantization: dict | None, dtype: str | None = None) -> tuple[str, list[str]]:
+    """(the lines that build the quantization config, the ``from_pretrained`` keyword arguments) that load the base model as
     the adapter was trained on it, from the base model's ``quantization_config`` (as ``to_dict()`` gives it; None
     for a model loaded unquantized) and its dtype's name (``"bfloat16"``). float32 is written too: transformers 5
     loads a checkpoint in the dtype it was saved in (``dtype="auto"``, its default), so a card that left float32 out
@@ -95,7 +95,7 @@ def base_loading(quantization: dict | None, dtype: str | None = None) -> tuple[s
     A card that always showed QLoRA's NF4 recipe loaded an adapter trained on an 8-bit, an FP4 or an unquantized base
     onto another base than its own, and a classifier whose head ``llm_int8_skip_modules`` kept unquantized onto a
     quantized head, which loading refuses."""
-    keywords = f", dtype=torch.{dtype}" if dtype else ""
+    keywords = [f"dtype=torch.{dtype}"] if dtype else []
     if not quantization:
         return "", keywords
     method = str(getattr(quantization.get("quant_method"), "value", quantization.get("quant_method")))
@@ -112,7 +112,7 @@ def base_loading(quantization: dict | None, dtype: str | None = None) -> tuple[s
             options.append(f"{name}=torch.{str(value).replace('torch.', '')}")
         else:
             options.append(f"{name}={value!r}".replace("'", '"'))
-    return _call("bnb = BitsAndBytesConfig(", options) + "\n", ", quantization_config=bnb" + keywords
+    return _call("bnb = BitsAndBytesConfig(", options) + "\n", ["quantization_config=bnb"] + keywords
 
 
 def _call(opening: str, arguments: list[str]) -> str:
@@ -155,13 +155,12 @@ def usage_section(
         # an adapter made on what AutoModel loads (task_type="FEATURE_EXTRACTION" on a bare decoder trunk, or on a
         # composite model without its LM head) loads onto that alone: its trunk has another name in a model with a head
         auto_class = "AutoModel"
-    quantization_lines, extra = base_loading(quantization, dtype)
+    quantization_lines, keywords = base_loading(quantization, dtype)
     if task_type in LABELLED_TASKS:
         # the saved head has num_labels rows; the base model must be built with the same number
-        extra += f", num_labels={num_labels if num_labels is not None else '<number of labels>'}"
+        keywords.append(f"num_labels={num_labels if num_labels is not None else '<number of labels>'}")
     imports = ", BitsAndBytesConfig" if "BitsAndBytesConfig(" in quantization_lines else ""
-    building = quantization_lines + _call(f"base = {auto_class}.from_pretrained(",
-                                          [_literal(base)] + [a for a in extra.split(", ") if a])
+    building = quantization_lines + _call(f"base = {auto_class}.from_pretrained(", [_literal(base)] + keywords)
     uses_torch = "torch." in building
     return f"""{MARKER}
 ## How to load this QST adapter

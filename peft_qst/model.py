@@ -1244,6 +1244,17 @@ def _token_embeddings(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def _named_token_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's token embeddings (:func:`_token_embeddings`) with every name they have in its state dict (FSDP's
+    wrapper names left out): the loading checks below look them up in a file read for an adapter."""
+    embeddings = _token_embeddings(model)
+    return [
+        (name.replace("_fsdp_wrapped_module.", ""), module)
+        for name, module in model.named_modules(remove_duplicate=False)
+        if name and any(module is layer for layer in embeddings)
+    ]
+
+
 def _saved_beside_the_adapter(model: nn.Module, adapter_name: str, state_keys) -> set[str]:
     """The state keys besides the side network that an adapter saved by ``save_pretrained`` may hold: those of the
     modules saved whole with adapter ``adapter_name`` (``modules_to_save``; as saved and as PEFT's wrappers map them
@@ -1261,13 +1272,12 @@ def _saved_beside_the_adapter(model: nn.Module, adapter_name: str, state_keys) -
         if isinstance(module, AuxiliaryTrainingWrapper):
             for saved, loaded in module.adapter_state_dict_load_map(adapter_name).items():
                 keys.update((f"{plain(name)}.{saved}", f"{plain(name)}.{loaded}"))
-    embeddings = _token_embeddings(model)
     config = getattr(model, "peft_config", {}).get(adapter_name)
     task_type = getattr(config, "task_type", None)
     heads = _TASK_HEADS.get(getattr(task_type, "value", task_type), ())
-    names = [
-        plain(name) for name, module in model.named_modules(remove_duplicate=False)
-        if name and (any(module is layer for layer in embeddings) or name.rpartition(".")[2] in heads)
+    names = [name for name, _ in _named_token_embeddings(model)] + [
+        plain(name) for name, _ in model.named_modules(remove_duplicate=False)
+        if name and name.rpartition(".")[2] in heads
     ]
     keys.update(key for key in state_keys for name in names if key.startswith(f"{name}."))
     return keys
@@ -1286,11 +1296,9 @@ def saved_adapter_copies_of_embeddings(model: nn.Module, adapter_name: str, keys
 
     prefix = "base_model.model."  # saved keys carry it; a model that no PeftModel wraps does not
     prefixed = any(name.startswith(prefix) for name, _ in model.named_parameters())
-    embeddings = _token_embeddings(model)
     copies = set()
-    for name, module in model.named_modules():
-        if isinstance(module, AuxiliaryTrainingWrapper) and any(module is layer for layer in embeddings):
-            name = name.replace("_fsdp_wrapped_module.", "")
+    for name, module in _named_token_embeddings(model):
+        if isinstance(module, AuxiliaryTrainingWrapper):
             copies.update(f"{name}.modules_to_save.{key}" for key in module.adapter_state_dict_load_map(adapter_name))
     return [key for key in keys if (key if prefixed else key.removeprefix(prefix)) in copies]
 
@@ -1305,15 +1313,12 @@ def check_token_embeddings_fit(model: nn.Module, tensors: dict) -> None:
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     prefix = "base_model.model."
-    embeddings = _token_embeddings(model)
-    for name, module in model.named_modules(remove_duplicate=False):
-        if not name or not any(module is layer for layer in embeddings):
-            continue
+    for name, module in _named_token_embeddings(model):
         layer = module.original_module if isinstance(module, AuxiliaryTrainingWrapper) else module
         weight = getattr(layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
             continue  # (a 4-bit head's packed weight does not show the vocabulary)
-        name, rows = name.replace("_fsdp_wrapped_module.", "").removeprefix(prefix), weight.shape[0]
+        name, rows = name.removeprefix(prefix), weight.shape[0]
         for key, tensor in tensors.items():
             if (
                 key.removeprefix(prefix).startswith(f"{name}.") and key.endswith("weight") and tensor.dim() == 2
@@ -1338,13 +1343,11 @@ def check_shared_embeddings_kept(peft_model: nn.Module, adapter_name: str, tenso
     others = sorted(name for name in getattr(peft_model, "peft_config", {}) if name != adapter_name)
     if not others:
         return
-    embeddings = _token_embeddings(peft_model)
     # the embedding layers' own state only: the whole model's state_dict() would serialize every 4-bit layer's
     # quantization state for a check of two layers
     state = {}
-    for name, module in peft_model.named_modules(remove_duplicate=False):
-        if name and any(module is layer for layer in embeddings):
-            state.update(module.state_dict(prefix=name.replace("_fsdp_wrapped_module.", "") + "."))
+    for name, module in _named_token_embeddings(peft_model):
+        state.update(module.state_dict(prefix=name + "."))
     changed = [
         key for key, tensor in tensors.items()
         if key in state and state[key].is_floating_point() and state[key].shape == tensor.shape
