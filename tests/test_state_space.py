@@ -215,3 +215,19 @@ def test_hybrid_saved_with_time_step_deltas_loads_without_them(model_type, tmp_p
     assert not any("dt_proj" in name for name in lora_layers(loaded))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, base_b, trainable_m", [
+    ("mamba-130m", 0.129, 0.84), ("falcon-mamba-7b", 7.27, 33.7), ("mamba2-130m", 0.129, 1.07),
+    ("Codestral-Mamba-7B", 7.29, 37.4),
+])
+def test_published_shapes_count_what_the_readme_table_says(name, base_b, trainable_m):
+    """The README's table of state-space models at their published shapes: base parameters (billions, as published)
+    and QST's trainable parameters (millions) of the default config, as measured here."""
+    model_type, sizes = PUBLISHED_STATE_SPACE[name]
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes), dtype=torch.bfloat16)
+    assert round(sum(p.numel() for p in base.parameters()) / 1e9, 3 if base_b < 1 else 2) == base_b
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert round(trainable / 1e6, 2 if trainable_m < 10 else 1) == trainable_m
