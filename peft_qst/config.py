@@ -426,13 +426,15 @@ class QSTConfig(PeftConfig):
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Save ``adapter_config.json``; when the adapter's weights were just written beside it (as
         ``PeftModel.save_pretrained`` does, weights first), record their digest so that loading can detect a
-        corrupt file."""
+        corrupt file, and warn when they hold NaN or infinite values (a diverged run)."""
         import json
         import os
 
         from peft.utils import CONFIG_NAME
 
-        from .serialization import SAFETENSORS_NAME, file_digest
+        from safetensors.torch import load_file
+
+        from .serialization import SAFETENSORS_NAME, warn_if_not_finite, weights_digest
 
         super().save_pretrained(save_directory, **kwargs)
         # the digest describes the weights beside this file, never a digest carried over in memory from a folder
@@ -441,7 +443,11 @@ class QSTConfig(PeftConfig):
         config_path = os.path.join(save_directory, CONFIG_NAME)
         with open(config_path) as handle:
             saved = json.load(handle)
-        saved["adapter_weights_sha256"] = file_digest(weights_path) if os.path.isfile(weights_path) else None
+        saved["adapter_weights_sha256"] = None
+        if os.path.isfile(weights_path):
+            tensors = load_file(weights_path)
+            saved["adapter_weights_sha256"] = weights_digest(tensors)
+            warn_if_not_finite(tensors, f"saved to {weights_path}", "They were saved as they are.")
         with open(config_path, "w") as handle:
             handle.write(json.dumps(saved, indent=2, sort_keys=True))
 

@@ -62,10 +62,32 @@ def digest_matches(tensors: Mapping[str, torch.Tensor], recorded: str) -> bool:
     return weights_digest(tensors) == recorded or _unnamed_weights_digest(tensors) == recorded
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    from safetensors.torch import load_file
+def non_finite_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity, in key order."""
+    return [
+        name for name in sorted(tensors)
+        if isinstance(tensors[name], torch.Tensor) and tensors[name].is_floating_point()
+        and not bool(torch.isfinite(tensors[name]).all())
+    ]
 
-    return weights_digest(load_file(str(path)))
+
+def warn_if_not_finite(tensors: Mapping[str, torch.Tensor], what: str, done: str) -> None:
+    """Warn, naming the tensors, when adapter weights hold NaN or infinite values. Such weights come from a training
+    run that diverged, and every output of a model using them is NaN: the file itself is intact (its digest matches),
+    so nothing refuses it, and without this the first sign was a NaN loss or an empty generation much later."""
+    import warnings
+
+    names = non_finite_names(tensors)
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(
+            f"The adapter weights {what} hold NaN or infinite values in {len(names)} of {len(tensors)} tensors "
+            f"({shown}): the training run that produced them diverged, and the model's outputs with this adapter "
+            f"will be NaN. {done} Find the step where the loss became NaN and train again from a checkpoint before "
+            "it, with a lower learning rate, gradient clipping (max_grad_norm) or bf16 instead of fp16.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def check_readable(safetensors_path: str) -> None:
@@ -173,4 +195,5 @@ def read_adapter_weights(model_id: str, device, hub_kwargs: dict) -> tuple[dict[
             f"{CONFIG_NAME} beside them when they were saved: the file is corrupt or was replaced. Save or download "
             "the adapter again."
         )
+    warn_if_not_finite(tensors, f"read from {weights_path}", "They were loaded as they are.")
     return tensors, saved_config

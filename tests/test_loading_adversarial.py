@@ -11,6 +11,7 @@ as trainers resume, transformers' ``peft_config=``); and the state a refused loa
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -416,3 +417,27 @@ def test_a_tensor_of_the_base_model_in_the_adapter_file_is_refused(tmp_path, tin
         load(base, tmp_path)
     after = {name.replace("base_layer.", ""): p for name, p in base.named_parameters() if ".qst_side." not in name}
     assert all(torch.equal(after[name], value) for name, value in backbone.items())
+
+
+def test_weights_of_a_diverged_run_are_saved_and_loaded_with_a_warning_naming_them(tmp_path, tiny_model_dir):
+    """A run that diverged leaves NaN in the side network. The file is intact (its digest matches), so nothing
+    refuses it; saving and loading it warn, naming the tensors, and still save and load it as it is (it is the
+    user's to inspect). A finite adapter saves and loads without that warning."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    with warnings.catch_warnings(record=True) as finite:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "finite")
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "finite")
+    assert not [w for w in finite if "NaN or infinite" in str(w.message)]
+
+    name, parameter = next((n, p) for n, p in model.named_parameters() if p.requires_grad and p.dim() == 2)
+    with torch.no_grad():
+        parameter[0, 0] = float("nan")
+        parameter[1, 1] = float("inf")
+    saved_name = re.escape(name.replace(".default", ""))  # PEFT saves the key without the adapter's name
+    with pytest.warns(UserWarning, match=rf"saved to .*NaN or infinite values in 1 of \d+ tensors \({saved_name}\)"):
+        model.save_pretrained(tmp_path / "diverged")
+    with pytest.warns(UserWarning, match=rf"read from .*NaN or infinite values in 1 of .*{saved_name}.*loaded as they"):
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "diverged")
+    reloaded = dict(loaded.named_parameters())[name]
+    assert torch.isnan(reloaded[0, 0]) and torch.isinf(reloaded[1, 1])
