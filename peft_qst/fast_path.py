@@ -131,7 +131,10 @@ class PackedSideWeights:
         self.gate_up_split = [ffn, ffn]
         with torch.no_grad(), autocast_off(side.upsample.weight.device):
             self.downsample = _stack_downsamplers([side.embed_downsample] + [b.downsample for b in blocks])
-            gates = torch.stack([torch.sigmoid(b.gate_logit) for b in blocks]).unsqueeze(1)
+            # the sigmoid in float32 too: computed in the side dtype, a bf16 side network's gates and (1 - gate) were
+            # rounded to bfloat16, the one rounding to the side dtype in the fast path (its side output 0.4% off the
+            # float32 computation of the same weights, its logits 1e-3 off on a tiny 4-bit Llama)
+            gates = torch.stack([torch.sigmoid(b.gate_logit.float()) for b in blocks]).unsqueeze(1)
             self.gates = gates  # (layers, 1, side width): broadcast over tokens
             self.keep = 1.0 - gates
             self.layers = [self._pack_block(b.block) for b in blocks]
