@@ -692,8 +692,12 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         captured = state["captured"] = []
         try:
             with torch.no_grad():
+                # never the backbone's own hidden states, even where the caller asks for them: the capture hooks
+                # record the same tensors, and the output's hidden_states are built from those below. Asked once,
+                # transformers installs its recording hooks on every block and attention module and keeps them: every
+                # later forward and decoding step took the slower hooked path, for hidden states that were dropped
                 out = self.base_layer(
-                    **kwargs, **{self._cache_kwarg: backbone_cache}, output_hidden_states=want_hidden, return_dict=True
+                    **kwargs, **{self._cache_kwarg: backbone_cache}, output_hidden_states=False, return_dict=True
                 )
         finally:
             state["captured"] = state["lora_routing"] = state["grad_from"] = None

@@ -119,6 +119,22 @@ def test_output_hidden_states_are_the_backbones_but_the_last_the_adapted_one(mod
 
 
 @torch.no_grad()
+def test_output_hidden_states_leave_no_recording_hooks_on_the_backbone():
+    """The hidden states an adapted forward returns are the ones QST's own block hooks record: the backbone is not
+    asked for its own. transformers installs its recording hooks (on every block and attention module) the first
+    time a model is asked for hidden states and keeps them, so one ``output_hidden_states=True`` call left them on
+    the backbone for good, and every later forward and decoding step took PyTorch's slower hooked path through those
+    modules, for hidden states QST dropped."""
+    model = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4)).eval()
+    trunk = model.get_base_model().model.get_base_layer()
+    hooks = {name: len(module._forward_hooks) for name, module in trunk.named_modules()}
+    out = model(input_ids=IDS, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert all(h is not None for h in out.hidden_states)
+    assert {name: len(module._forward_hooks) for name, module in trunk.named_modules()} == hooks
+
+
+@torch.no_grad()
 def test_output_attentions_with_eager_attention_are_the_backbones(eager_model):
     expected = eager_model(input_ids=IDS).logits
     adapted = eager_model(input_ids=IDS, output_attentions=True)
