@@ -55,6 +55,8 @@ INIT_KINDS = ("random", "pruned")
 
 #: values of ``side_linear_heads`` (see QSTConfig)
 SIDE_LINEAR_HEADS = ("divided", "backbone")
+#: values of ``side_inner_widths`` (see QSTConfig)
+SIDE_INNER_WIDTHS = ("divided", "backbone")
 #: ``side_heads`` value that picks the head count from the model (see QSTConfig)
 AUTO = "auto"
 
@@ -146,6 +148,15 @@ class QSTConfig(PeftConfig):
             their widths kept, as for attention heads. ``"backbone"``: the model's counts, so the side blocks' linear
             attention is as wide as the model's and its recurrent state as large (an ``adapter_config.json`` written
             before this option existed loads so, as it was trained). Ignored for other models.
+        side_inner_widths (`str`): Widths inside the side blocks that do not follow the hidden size, for the models
+            that have them: the hyper-connection mixing rank (Qwen4-Exp's ``hc_lowrank``), the query heads of a
+            sparse-attention indexer (Qwen4-Exp's ``indexer_n_heads``), the rank of a Mamba mixer's time-step
+            projection (Jamba's and Zamba's ``mamba_dt_rank``), the LAuReL rank (Gemma 3n's ``laurel_rank``) and
+            Nemotron-H's Mamba head width and groups (``mamba_head_dim``, ``n_groups``). ``"divided"`` (the default):
+            divided by r (head and group counts: heads kept narrower, or counts divided, as for attention heads).
+            ``"backbone"``: the model's, so these parts of the side blocks are as wide as the backbone's (an
+            ``adapter_config.json`` written before this option existed loads so, as it was trained). Ignored for
+            other models.
         downsample (`str`): How each backbone hidden state (width d) is brought down to the side width d/r:
             ``"adapter"`` (the paper's best: Linear d->rank, activation, Linear rank->d/r, LayerNorm),
             ``"lora"`` (Linear d->rank->d/r, no activation), ``"linear"`` (one Linear d->d/r),
@@ -232,6 +243,14 @@ class QSTConfig(PeftConfig):
             "'backbone' (the model's counts, as adapters saved before this option existed have)."
         },
     )
+    side_inner_widths: str = field(
+        default="divided",
+        metadata={
+            "help": "Widths inside the side blocks that do not follow the hidden size (hc_lowrank, indexer heads, "
+            "mamba_dt_rank, laurel_rank, Nemotron-H's Mamba heads): 'divided' (by r) or 'backbone' (the model's, as "
+            "adapters saved before this option existed have)."
+        },
+    )
     downsample: str = field(
         default="adapter", metadata={"help": f"Downsampler of each hidden state, one of {DOWNSAMPLE_KINDS}."}
     )
@@ -284,12 +303,15 @@ class QSTConfig(PeftConfig):
         """Called by ``from_pretrained`` on the attributes read from an ``adapter_config.json``. A file written
         before ``side_heads`` existed has no such key: its side blocks have the model's heads (None), not what
         today's default would choose; one written before ``side_linear_heads`` existed has side blocks with the
-        model's linear-attention heads (``"backbone"``)."""
+        model's linear-attention heads (``"backbone"``), and one written before ``side_inner_widths`` existed has side
+        blocks with the model's inner widths (``"backbone"``)."""
         kwargs = super().check_kwargs(**kwargs)
         if "side_heads" not in kwargs:
             kwargs["side_heads"] = None
         if "side_linear_heads" not in kwargs:
             kwargs["side_linear_heads"] = "backbone"
+        if "side_inner_widths" not in kwargs:
+            kwargs["side_inner_widths"] = "backbone"
         return kwargs
 
     def __post_init__(self):
@@ -317,6 +339,12 @@ class QSTConfig(PeftConfig):
                 f"QSTConfig.side_linear_heads={self.side_linear_heads!r} is invalid: it must be one of "
                 f"{SIDE_LINEAR_HEADS} ('divided': the model's linear-attention head counts divided by r, the default; "
                 "'backbone': the model's counts, as adapters saved before this option existed have)."
+            )
+        if self.side_inner_widths not in SIDE_INNER_WIDTHS:
+            raise ValueError(
+                f"QSTConfig.side_inner_widths={self.side_inner_widths!r} is invalid: it must be one of "
+                f"{SIDE_INNER_WIDTHS} ('divided': the side blocks' inner widths divided by r, the default; 'backbone': "
+                "the model's, as adapters saved before this option existed have)."
             )
         if self.side_heads not in (None, AUTO) and (not _is_int(self.side_heads) or self.side_heads < 1):
             raise ValueError(

@@ -542,6 +542,9 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
       a value head width set apart from ``head_dim`` (MiMo-V2-Flash's ``v_head_dim``: the same ratio to a side head);
       multi-head latent attention (DeepSeek-V2/V3) keeps its head widths and divides its low-rank compressions by r;
       per-layer token inputs (Gemma 3n/4), which need token ids, are switched off;
+    - widths inside the blocks that follow none of these rules (low ranks, indexer and linear-attention head counts,
+      Mamba widths set apart from the hidden size) are divided by r too (``side_inner_widths``,
+      :func:`_divide_inner_widths`);
     - pure state-space models (Mamba, Falcon-Mamba, Mamba-2) have no heads: their mixers' widths follow the side
       width instead (:func:`_shrink_state_space`);
     - the vocabulary is dropped (the side trunk reads downsampled hidden states, never token ids) and embeddings are
@@ -639,6 +642,8 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         # and the counts divided by r (at least 1 key head), with as many value heads per key head as the backbone's
         side.linear_num_key_heads = max(1, key_heads // r)
         side.linear_num_value_heads = side.linear_num_key_heads * (value_heads // key_heads)
+    if qst_config.side_inner_widths == "divided":
+        _divide_inner_widths(base_config, side, r, side.num_attention_heads)
     if getattr(base_config, "hidden_size_per_layer_input", None):
         # per-layer inputs (Gemma 3n/4) are looked up from token ids, which the side trunk never sees
         side.hidden_size_per_layer_input = 0
@@ -660,6 +665,79 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     _shrink_block_sub_configs(base_config, side, r, kv_heads)
     _resample_rope_factor_lists(base_config, side, side_hidden // side.num_attention_heads)
     return _finish_side_config(base_config, side, dtype)
+
+
+#: ranks and widths inside a block that do not follow hidden_size, divided by r (rounded up) under
+#: ``side_inner_widths="divided"``: Qwen4-Exp's hyper-connection mixing (hc_count x d -> hc_lowrank -> hc_count x d),
+#: Gemma 3n's LAuReL residual (d -> laurel_rank -> d), Jamba's and Zamba's Mamba time-step projection
+#: (``mamba_dt_rank``, d / 16 of the backbone, which pure Mamba models divide as ``time_step_rank``:
+#: :func:`_shrink_state_space`), Zamba2's shared-block adapters (``adapter_rank``) and Zaya's router MLP
+#: (``router_hidden_size``: 256 beside a 128-wide side block) and A.X-K2's gated norm (d -> gated_norm_rank -> d)
+INNER_RANK_ATTRIBUTES = (
+    "hc_lowrank", "laurel_rank", "mamba_dt_rank", "adapter_rank", "router_hidden_size", "gated_norm_rank"
+)
+
+#: head counts of block parts whose head width does not follow hidden_size, divided by r (at least 1) with their
+#: widths kept, as attention heads are (``side_heads``): sparse-attention indexers (Qwen4-Exp's ``indexer_n_heads``,
+#: the ``index_n_heads`` of DeepSeek-V3.2, GLM-MoE-DSA, DeepSeek-V4, HY-V4, MiniMax-M3, A.X-K) and the linear attention
+#: of Kimi Linear and Bailing-hybrid (``linear_num_heads``)
+INNER_HEAD_COUNT_ATTRIBUTES = ("indexer_n_heads", "index_n_heads", "linear_num_heads")
+
+
+def _divide_inner_widths(base_config, side, r: int, heads: int) -> None:
+    """The widths inside a side block that follow neither hidden_size nor an FFN or attention-head rule
+    (``side_inner_widths="divided"``). Kept, each made its part of the side block as wide as the backbone's, about
+    1/r of it instead of 1/r^2 (Qwen4-Exp: ``hc_lowrank`` 320 and its indexer's 16 query heads of 256, 29.8 M of its
+    293.7 M side network at its published shape; Kimi Linear: 32 linear-attention heads of 128 beside a 144-wide
+    side block). Ranks (:data:`INNER_RANK_ATTRIBUTES`) are divided by r, rounded up; head counts
+    (:data:`INNER_HEAD_COUNT_ATTRIBUTES`) are divided by r, at least 1, their widths kept (an indexer's is set by
+    its rotary embedding); an indexer with a head per key/value head (MiniMax-M3's) keeps one per side key/value
+    head. The sliding-window layers' own heads (Inkling's ``swa_num_attention_heads`` and
+    ``swa_num_key_value_heads``) are divided as the linear attention's are (at least 1 key/value head, as many query
+    heads per key/value head as the model's); per-layer head counts (Laguna's ``num_attention_heads_per_layer``)
+    follow the side blocks' attention heads (``heads``) in the model's proportion. Mamba mixers whose channels are
+    not derived from hidden_size: Nemotron-H's (``mamba_num_heads`` x ``mamba_head_dim``) keep their head count and
+    narrow each head by r, as Mamba-2's side mixers do; Falcon-H1's (``mamba_d_ssm``, heads of ``mamba_d_head``, 8
+    wide in the released models) divide their head count by r instead. Both divide their B/C groups by r to a
+    divisor of the head count (:func:`_shrink_state_space`)."""
+    for name in INNER_RANK_ATTRIBUTES:
+        value = getattr(base_config, name, None)
+        if _is_int_width(value) and value:
+            setattr(side, name, max(1, math.ceil(value / r)))
+    for name in INNER_HEAD_COUNT_ATTRIBUTES:
+        value = getattr(base_config, name, None)
+        if _is_int_width(value) and value:
+            setattr(side, name, max(1, value // r))
+    if getattr(base_config, "index_n_heads", None) == _num_kv_heads(base_config) and _num_kv_heads(side):
+        # one indexer head per key/value group (MiniMax-M3's indexer selects key blocks for each group)
+        side.index_n_heads = _num_kv_heads(side)
+    swa_heads, swa_kv_heads = (
+        getattr(base_config, name, None) for name in ("swa_num_attention_heads", "swa_num_key_value_heads")
+    )
+    if _is_int_width(swa_heads) and _is_int_width(swa_kv_heads) and swa_kv_heads and swa_heads % swa_kv_heads == 0:
+        side.swa_num_key_value_heads = max(1, swa_kv_heads // r)
+        side.swa_num_attention_heads = side.swa_num_key_value_heads * (swa_heads // swa_kv_heads)
+    per_layer = getattr(base_config, "num_attention_heads_per_layer", None)
+    if isinstance(per_layer, (list, tuple)) and per_layer and all(_is_int_width(count) for count in per_layer):
+        kv_heads = _num_kv_heads(side) or 1
+        ratio = heads / _num_heads(base_config)
+        side.num_attention_heads_per_layer = type(per_layer)(
+            max(1, round(count * ratio / kv_heads)) * kv_heads for count in per_layer
+        )
+    mamba_heads = getattr(base_config, "mamba_num_heads", None)
+    mamba_head_dim = getattr(base_config, "mamba_head_dim", None)
+    groups_name = None
+    if _is_int_width(mamba_heads) and mamba_heads and _is_int_width(mamba_head_dim) and mamba_head_dim:
+        side.mamba_head_dim = max(1, mamba_head_dim // r)
+        side_mamba_heads, groups_name = mamba_heads, "n_groups"
+    ssm_width, ssm_heads = getattr(base_config, "mamba_d_ssm", None), getattr(base_config, "mamba_n_heads", None)
+    if _is_int_width(ssm_width) and _is_int_width(ssm_heads) and ssm_heads and ssm_width % ssm_heads == 0:
+        side_mamba_heads = side.mamba_n_heads = max(1, ssm_heads // r)
+        side.mamba_d_ssm = side_mamba_heads * (ssm_width // ssm_heads)
+        groups_name = "mamba_n_groups"
+    groups = getattr(base_config, groups_name, None) if groups_name else None
+    if _is_int_width(groups) and groups:
+        setattr(side, groups_name, math.gcd(side_mamba_heads, max(1, groups // r)))
 
 
 def _finish_side_config(base_config, side, dtype: torch.dtype):

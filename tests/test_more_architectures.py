@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from peft_qst import QSTConfig, QSTUnsupportedModelError
 
-from .conftest import REPO, train_steps
+from .conftest import REPO, load_script, train_steps
 from .test_architectures import check_default_config_end_to_end, generate_both_ways
 
 V = 128
@@ -402,6 +402,106 @@ def test_side_networks_of_deepseek_v4_and_gemma3n_follow_the_shrink_rules():
     assert deepseek.mlp_layer_types == ["moe", "moe"] and deepseek.o_lora_rank == 4
     gemma = side_of(get_peft_model(tiny("gemma3n_text"), QSTConfig(task_type="CAUSAL_LM", r=16))).trunk.config
     assert gemma.intermediate_size == [16, 16]
+
+
+arch_sweep = load_script("integration/arch_sweep.py", "arch_sweep")
+
+#: per type, at the architecture sweep's tiny config and r=16: widths inside the side blocks that follow no hidden-size
+#: rule (ranks, head counts of parts whose head width is set apart, Mamba widths set apart) -> (the model's, the side
+#: blocks'). Each was the model's, so that part of every side block was as wide as the backbone's
+INNER_WIDTHS = {
+    "qwen4_exp_text": {"hc_lowrank": (16, 1), "indexer_n_heads": (2, 1)},
+    "gemma3n_text": {"laurel_rank": (8, 1)},
+    "jamba": {"mamba_dt_rank": (8, 1)},
+    "zamba": {"mamba_dt_rank": (8, 1)},
+    "zamba2": {"adapter_rank": (128, 8)},
+    "zaya": {"router_hidden_size": (256, 16)},
+    "axk2": {"gated_norm_rank": (16, 1), "index_n_heads": (2, 1)},
+    "deepseek_v32": {"index_n_heads": (2, 1)},
+    "glm_moe_dsa": {"index_n_heads": (2, 1)},
+    "deepseek_v4": {"index_n_heads": (64, 4)},
+    "hy_v4": {"index_n_heads": (2, 1)},
+    "minimax_m3_vl_text": {"index_n_heads": (2, 1)},  # one per key/value head, as the model's (below)
+    "kimi_linear": {"linear_num_heads": (4, 1)},
+    "bailing_hybrid": {"linear_num_heads": (4, 1), "index_n_heads": (2, 1)},
+    "inkling_text": {"swa_num_attention_heads": (64, 4), "swa_num_key_value_heads": (16, 1)},
+    "laguna": {"num_attention_heads_per_layer": ([48, 48], [12, 12])},  # 4 heads in the sweep's config, 1 side head
+    "nemotron_h": {"mamba_num_heads": (8, 8), "mamba_head_dim": (32, 2)},
+    "falcon_h1": {"mamba_n_heads": (4, 1), "mamba_d_ssm": (256, 64)},
+}
+
+
+#: changes to the sweep's tiny config where it builds no layer that reads the width
+INNER_WIDTH_CONFIGS = {
+    "minimax_m3_vl_text": dict(layer_types=["full_attention", "minimax_m3_sparse"], index_n_heads=2, index_head_dim=32,
+                               index_block_size=2, index_topk_blocks=2),
+}
+
+
+def inner_width_model(model_type):
+    config = arch_sweep.make_config(model_type)
+    for name, value in INNER_WIDTH_CONFIGS.get(model_type, {}).items():
+        setattr(config, name, value)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", INNER_WIDTHS)
+def test_side_blocks_divide_their_inner_widths_by_r(model_type):
+    """Widths inside a block that do not follow hidden_size (Qwen4-Exp's hyper-connection rank 320 and its indexer's
+    16 heads of 256, about 11% of its side network at its published shape; Jamba's time-step rank of d / 16; Kimi
+    Linear's 32 linear-attention heads of 128; Nemotron-H's Mamba mixer as wide as the backbone's ...) are divided by r
+    (``side_inner_widths="divided"``, the default), and the side network runs and learns; ``"backbone"`` keeps the
+    model's, as adapters saved before the option existed were built."""
+    model = get_peft_model(inner_width_model(model_type), QSTConfig(task_type="CAUSAL_LM"))
+    config = side_of(model).trunk.config
+    assert {name: getattr(config, name) for name in INNER_WIDTHS[model_type]} == {
+        name: side for name, (_, side) in INNER_WIDTHS[model_type].items()
+    }
+    ids = torch.randint(3, arch_sweep.VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and side_of(model).upsample.weight.grad.abs().sum() > 0
+    divided = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kept = get_peft_model(
+        inner_width_model(model_type), QSTConfig(task_type="CAUSAL_LM", side_inner_widths="backbone")
+    )
+    assert {name: getattr(side_of(kept).trunk.config, name) for name in INNER_WIDTHS[model_type]} == {
+        name: backbone for name, (backbone, _) in INNER_WIDTHS[model_type].items()
+    }
+    assert divided < sum(p.numel() for p in kept.parameters() if p.requires_grad)
+
+
+def test_an_adapter_saved_before_side_inner_widths_loads_with_the_models_inner_widths(tmp_path):
+    """Side blocks kept the model's inner widths (Qwen4-Exp's ``hc_lowrank`` and indexer heads, ...) until
+    ``side_inner_widths="divided"`` became the default. An ``adapter_config.json`` written before the option existed
+    has no such key: it loads as ``"backbone"``, the layout its weights have, with the trained logits; refused with a
+    shape error before, it would have been lost. A new value is refused naming the choices."""
+    import json
+
+    model = get_peft_model(
+        arch_sweep.build_float("qwen4_exp_text"), QSTConfig(task_type="CAUSAL_LM", side_inner_widths="backbone")
+    )
+    assert (side_of(model).trunk.config.hc_lowrank, side_of(model).trunk.config.indexer_n_heads) == (16, 2)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.02 * torch.randn_like(parameter))
+    ids = torch.randint(3, arch_sweep.VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    del saved["side_inner_widths"]  # as the version before the option wrote it
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+
+    loaded = PeftModel.from_pretrained(arch_sweep.build_float("qwen4_exp_text"), str(tmp_path)).eval()
+    assert loaded.peft_config["default"].side_inner_widths == "backbone"
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    with pytest.raises(ValueError, match="side_inner_widths='narrow' is invalid"):
+        QSTConfig(task_type="CAUSAL_LM", side_inner_widths="narrow")
 
 
 def test_hybrid_leaves_grouped_projections_alone():
