@@ -25,7 +25,8 @@ the model card PEFT just wrote with a generic transformers card (``library_name:
 uploading. For models holding a QST adapter, the card is restored on the way to the upload: PEFT's fields
 (``library_name: peft``, ``base_model``, tags) over whatever the push wrote, its tags kept, and QST's loading section.
 The same section is kept in every ``create_or_update_model_card`` of a QST model, which transformers'
-``Trainer.create_model_card`` (run by ``Trainer.push_to_hub``) calls after replacing the card with a training summary.
+``Trainer.create_model_card`` (run by ``Trainer.push_to_hub``) calls after replacing the card with a training summary,
+and TRL's trainers' own ``create_model_card`` is followed by PEFT's fields and the section.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def register() -> None:
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = QSTModel.prefix
     _restore_model_card_on_push()
     _keep_the_loading_section_in_updated_cards()
-    _restore_model_card_on_trainer_push()
+    _restore_model_card_after_trainer_cards()
     _load_the_best_checkpoint_of_the_trained_adapter()
     _read_qst_weights_safely()
     _read_qst_weights_safely_in_transformers()
@@ -167,38 +168,53 @@ def _restore_peft_card(model, folder: str) -> None:
     card.save(card_path)
 
 
-def _restore_model_card_on_trainer_push() -> None:
-    """``Trainer.push_to_hub`` saves the model (PEFT's card with QST's loading section), then writes the trainer's own
-    card over it with ``create_model_card`` and uploads the output folder. TRL's trainers (``SFTTrainer``,
-    ``DPOTrainer``, ...) override ``create_model_card`` with a card of their own (``library_name: transformers``, no
-    PEFT fields, no base model for a local one), so the Hub card of a QST adapter trained with TRL did not say that
-    loading it needs ``import peft_qst``. For a model holding a QST adapter, the trainer's card is followed, within the
-    push, by PEFT's fields and the loading section (the trainer's text and tags kept). The class's own
-    ``create_model_card`` is left as it is: the instance gets a wrapped one for the push only."""
+def _restore_model_card_after_trainer_cards() -> None:
+    """TRL's trainers (``SFTTrainer``, ``DPOTrainer``, ... through TRL's base trainer) override
+    ``Trainer.create_model_card`` with a card of their own (``library_name: transformers``, no PEFT fields, no base
+    model for a local one, a quick start that loads the folder with ``pipeline``), written over the output folder's
+    ``README.md`` by ``Trainer.push_to_hub`` just before the upload, at each checkpoint, and by scripts that call it
+    after ``save_model`` (Philipp Schmid's ``run_sft.py``, the alignment handbook's ``run_sft.py``). The card of a QST
+    adapter trained with TRL then did not say that loading it needs ``import peft_qst``, and its quick start failed with
+    a bare ``KeyError: 'QST'`` (a LoRA adapter's loads). For a model holding a QST adapter, every such card is followed
+    by PEFT's fields and QST's loading section, the trainer's text and tags kept (transformers' own
+    ``create_model_card`` has PEFT update the card, which keeps the section already). The override is wrapped on the
+    class that defines it: the subclasses of ``Trainer`` defined now, and those defined later (TRL imports its trainers
+    lazily); an instance's own ``create_model_card`` is left as it is."""
     from transformers import Trainer
 
     def make(original):
-        def push_to_hub(self, *args, **kwargs):
-            model = self.model
-            if not _holds_qst_adapter(model) or "create_model_card" in vars(self):
-                return original(self, *args, **kwargs)
-            trainer_card = self.create_model_card
+        def create_model_card(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            model = getattr(self, "model", None)
+            if _holds_qst_adapter(model) and self.is_world_process_zero():
+                _restore_peft_card(model, self.args.output_dir)
+            return result
 
-            def create_model_card(*card_args, **card_kwargs):
-                result = trainer_card(*card_args, **card_kwargs)
-                if self.is_world_process_zero():
-                    _restore_peft_card(model, self.args.output_dir)
-                return result
+        return create_model_card
 
-            self.create_model_card = create_model_card
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                del self.create_model_card
+    def wrap_own_card(cls) -> None:
+        if "create_model_card" in vars(cls):
+            _patch_once(cls, "create_model_card", make)
 
-        return push_to_hub
+    pending = list(Trainer.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        wrap_own_card(cls)
+        pending.extend(cls.__subclasses__())
 
-    _patch_once(Trainer, "push_to_hub", make)
+    previous = vars(Trainer).get("__init_subclass__")
+    if getattr(getattr(previous, "__func__", None), "_peft_qst_patch", False):
+        return
+
+    def __init_subclass__(cls, **kwargs):
+        if previous is not None:
+            previous.__func__(cls, **kwargs)
+        else:
+            super(Trainer, cls).__init_subclass__(**kwargs)
+        wrap_own_card(cls)
+
+    __init_subclass__._peft_qst_patch = True
+    Trainer.__init_subclass__ = classmethod(__init_subclass__)
 
 
 def _load_the_best_checkpoint_of_the_trained_adapter() -> None:
@@ -209,7 +225,7 @@ def _load_the_best_checkpoint_of_the_trained_adapter() -> None:
     configuration; otherwise with a refusal that blamed the checkpoint). For a model holding a QST adapter whose active
     adapter is not ``"default"``, that reload reads the active adapter's own subfolder. Resuming
     (``resume_from_checkpoint``) already loads each subfolder into its own name. The instance gets a wrapped
-    ``load_adapter`` for the reload only, as :func:`_restore_model_card_on_trainer_push` does. A model that holds no
+    ``load_adapter`` for the reload only. A model that holds no
     ``"default"`` (``get_peft_model(..., adapter_name="b")``) saves nothing at the checkpoint's root, where
     transformers looks before it calls ``load_adapter``: it only warned that it "could not locate the best model" and
     kept the last step's weights, so that subfolder is loaded here directly."""

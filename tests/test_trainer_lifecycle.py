@@ -243,7 +243,7 @@ def test_sft_trainer_push_to_hub_uploads_trls_card_with_peft_fields_and_the_load
     """SFTTrainer's create_model_card (TRL's own, which Trainer.push_to_hub writes over the saved card just before the
     upload) has library_name transformers and no word of peft_qst: the uploaded card of a QST adapter trained with TRL
     did not say how to load it. Within the push, PEFT's fields and QST's loading section follow TRL's card, whose
-    text and tags stay; the output folder's card outside a push (TRL's, at each checkpoint) is TRL's business."""
+    text and tags stay."""
     from huggingface_hub import ModelCard
     from transformers import AutoTokenizer
 
@@ -262,4 +262,33 @@ def test_sft_trainer_push_to_hub_uploads_trls_card_with_peft_fields_and_the_load
     assert card.data.library_name == "peft"
     assert {"qst", "peft-qst", "sft", "trl"} <= set(card.data.tags)
     assert card.text.count("## How to load this QST adapter") == 1 and "import peft_qst" in card.text
-    assert "create_model_card" not in vars(trainer)  # the wrapper lives for the push only
+    assert "create_model_card" not in vars(trainer)  # TRL's class is wrapped, not the instance
+
+
+@pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer
+def test_sft_trainer_create_model_card_after_save_model_keeps_the_loading_section(tmp_path, smollm2_dir):
+    """Philipp Schmid's run_sft.py and the alignment handbook's run_sft.py call trainer.create_model_card() after
+    trainer.save_model(): TRL's card (library_name transformers, a quick start that loads the folder with pipeline)
+    replaced the folder's card, so a QST adapter's folder no longer said that loading needs import peft_qst, and its
+    quick start failed with KeyError: 'QST' (a LoRA adapter's loads). The card now keeps TRL's text and tags and gets
+    PEFT's fields and QST's loading section, once."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoTokenizer
+
+    from .test_trl import chat_rows, tiny_sft_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    out = tmp_path / "run"
+    trainer = tiny_sft_trainer(out, tokenizer, chat_rows("messages", 8), max_steps=2, per_device_train_batch_size=4)
+    trainer.train()
+    trainer.save_model(str(out))
+    trainer.create_model_card(tags=["sft", "tutorial"])
+
+    card = ModelCard.load(str(out / "README.md"))
+    assert "This model was trained with SFT" in card.text  # TRL's card, kept
+    assert card.data.library_name == "peft"
+    assert {"qst", "peft-qst", "sft", "trl", "tutorial"} <= set(card.data.tags)
+    assert card.text.count("## How to load this QST adapter") == 1 and "import peft_qst" in card.text
+    trainer.create_model_card(tags=["sft", "tutorial"])  # again: still one section
+    assert ModelCard.load(str(out / "README.md")).text.count("## How to load this QST adapter") == 1
+    assert "create_model_card" not in vars(trainer)
