@@ -49,10 +49,14 @@ BASE_ADAPTER_NAME = "__base__"
 #: ``num_items_in_batch`` (the Trainer's token count for the loss) reaches the trunk through the model's **kwargs and
 #: means nothing to the side network; passed on, it would keep evaluation off the inference fast path.
 #: ``token_type_ids`` (GPT-2, GPT-J) are embedded with the token embedding the side trunk does not have; the backbone's
-#: embedding output, which the side network reads, already holds them.
+#: embedding output, which the side network reads, already holds them. ``encoder_hidden_states`` and
+#: ``encoder_attention_mask`` (a decoder of an encoder-decoder model run alone, BART's or Whisper's) feed the backbone's
+#: cross-attention, whose outputs the side network reads in the backbone's hidden states; the side blocks have none
+#: (:data:`peft_qst.side.UNREACHED_BLOCK_PARTS`), and handed backbone-width encoder states they failed ("mat1 and mat2
+#: shapes cannot be multiplied").
 _BACKBONE_ONLY_KWARGS = (
     "input_ids", "inputs_embeds", "output_hidden_states", "output_attentions", "return_dict", "num_items_in_batch",
-    "token_type_ids",
+    "token_type_ids", "encoder_hidden_states", "encoder_attention_mask",
 )
 
 #: the trunk's methods that count or measure the parameters of the model they are called on. On a bare trunk's wrapper,
@@ -207,6 +211,19 @@ class _LayerMethod:
     def __call__(self, *args, **kwargs):
         layer = self.layer()
         return None if layer is None else getattr(layer, self.name)(*self.args, *args, **kwargs)
+
+
+def _selected_hidden_states(value) -> Optional[list[int]]:
+    """The hidden-state indices an ``output_hidden_states`` value selects, or None where it is a flag. transformers 5
+    takes an index or a list of indices there (negative ones counting from the end; a falsy value, ``0`` included,
+    asks for none, as its own models read it), and its models return every position, None at the ones not
+    selected. An adapted forward builds its hidden states itself and read any selection as ``True``: every position
+    came back, where the base model (and the adapter disabled) gave None at those not selected."""
+    if not value or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return [value]
+    return [int(index) for index in value]
 
 
 class QSTLayer(nn.Module, BaseTunerLayer):
@@ -661,6 +678,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         want_hidden = kwargs.pop("output_hidden_states", None)
         if want_hidden is None:
             want_hidden = getattr(config, "output_hidden_states", False)
+        # an index or a list of indices (transformers 5's select_hidden_states) asks for those hidden states only
+        selected = _selected_hidden_states(want_hidden)
+        want_hidden = bool(want_hidden) if selected is None else True
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             # a cache passed in is continued also where the config says use_cache=False (QLoRA recipes set it for
@@ -779,6 +799,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         fields["last_hidden_state"] = mixed
         # the last hidden state is the adapted one; the backbone's are dropped unless asked for
         fields["hidden_states"] = tuple(hidden_states[:-1]) + (mixed,) if want_hidden else None
+        if selected is not None:
+            count = len(fields["hidden_states"])
+            kept = {i % count for i in selected if -count <= i < count}
+            fields["hidden_states"] = tuple(h if i in kept else None for i, h in enumerate(fields["hidden_states"]))
         new_backbone_cache = backbone_cache if keeps_cache else out.get(cache_field(out))
         if use_cache and new_backbone_cache is not None:
             paired = cache if isinstance(cache, QSTCache) else QSTCache(new_backbone_cache)

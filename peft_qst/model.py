@@ -39,6 +39,7 @@ from .side import (
     auto_side_head_candidates,
     find_layer_list,
     is_state_space_model,
+    is_unreached_part,
     resolve_side_heads,
     shrink_config,
     unsupported_reason,
@@ -1120,6 +1121,24 @@ class QSTModel(BaseTuner):
             for key in never_applied:
                 del remapped[key]
             loaded, strays = loaded - set(never_applied), strays - set(never_applied)
+        # tensors of parts an earlier peft-qst built into the side trunk although its forward never runs them (image
+        # and audio towers, cross-attention: side.drop_unreached_parts): their random start, which never changed an
+        # output nor trained, so they are left out without a word (the adapter computes exactly what it computed
+        # when saved, and nothing is lost by loading it as it is)
+        unreached = sorted({
+            part
+            for layer in model.modules()
+            if isinstance(layer, QSTLayer) and adapter_name in layer.qst_side
+            for part in getattr(layer.qst_side[adapter_name], "unreached_parts", ())
+        })
+        if unreached:
+            never_run = [
+                key for key in (loaded - expected) | strays
+                if is_unreached_part(key, marker, unreached) or is_unreached_part(key, f".{SIDE_ATTR}.", unreached)
+            ]
+            for key in never_run:
+                del remapped[key]
+            loaded, strays = loaded - set(never_run), strays - set(never_run)
         missing, unexpected = sorted(expected - loaded), sorted((loaded - expected) | strays)
         # an earlier peft-qst stored one-entry vectors (a one-head side block's attention sink) as offsets from their
         # random start, which it did not save (store_constant_parameters_as_offsets): the values are lost
@@ -1491,6 +1510,7 @@ def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: 
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     check_saved_config_matches(peft_model.peft_config[adapter_name], adapter_name, saved_config)
+    check_width_options_of_earlier_files(peft_model, adapter_name, saved_config)
     check_token_embeddings_fit(peft_model, tensors)
     check_shared_embeddings_kept(peft_model, adapter_name, tensors)
     missing = []
@@ -1504,6 +1524,46 @@ def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: 
             f"The checkpoint does not fit QST adapter {adapter_name!r} of this model: it lacks {len(missing)} weights "
             f"of the modules saved whole with the adapter (modules_to_save), e.g. {missing[:3]}. It was saved with "
             "another modules_to_save or task_type; nothing was loaded."
+        )
+
+
+#: options that narrowed parts of the side blocks, with "divided" as their default: an ``adapter_config.json`` written
+#: before one existed holds side blocks of the model's widths there (``QSTConfig.check_kwargs`` reads it "backbone")
+_WIDTH_OPTIONS = ("side_linear_heads", "side_inner_widths")
+
+
+def check_width_options_of_earlier_files(peft_model: nn.Module, adapter_name: str, saved_config: dict) -> None:
+    """Weights whose ``adapter_config.json`` predates ``side_linear_heads`` or ``side_inner_widths``, loaded into an
+    adapter built with ``"divided"`` (today's default: a training script's ``QSTConfig(...)`` resuming a checkpoint
+    saved before, or ``config=``), on a model whose side blocks the option narrows: the shapes cannot fit, and the
+    refusal said only "saved from a different base model or QST configuration", naming neither the option nor the
+    fix. Refused naming them; models the option does not change load as before."""
+    config = peft_model.peft_config[adapter_name]
+    options = [name for name in _WIDTH_OPTIONS
+               if saved_config and name not in saved_config and getattr(config, name, "backbone") != "backbone"]
+    layer = next((m for m in peft_model.modules() if isinstance(m, QSTLayer) and adapter_name in m.qst_side), None)
+    if not options or layer is None:
+        return
+    base_config = layer.get_base_layer().config
+    try:
+        built = shrink_config(base_config, config, torch.float32).to_dict()
+        changed = []
+        for name in options:
+            as_saved = copy.copy(config)
+            setattr(as_saved, name, "backbone")
+            if shrink_config(base_config, as_saved, torch.float32).to_dict() != built:
+                changed.append(name)
+    except Exception:  # noqa: BLE001 - the adapter was built from this config: the shape check reports the rest
+        return
+    if changed:
+        settings = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
+        fix = ", ".join(f'{name}="backbone"' for name in changed)
+        raise QSTAdapterFileError(
+            f"The adapter_config.json saved with these weights predates {' and '.join(changed)}: its side blocks "
+            f"have the model's widths there (\"backbone\"), but adapter {adapter_name!r} was built with {settings}, "
+            f"which narrows them on this {getattr(base_config, 'model_type', 'model')} model. Build the adapter with "
+            f"QSTConfig(..., {fix}) to load or resume it, or load the folder without config= (PeftModel."
+            "from_pretrained reads the file with QSTConfig.from_pretrained). Nothing was loaded."
         )
 
 

@@ -62,6 +62,22 @@ HIDDEN_MULTIPLE_ATTRIBUTES = ("attention_hidden_size", "lru_width")
 FFN_SIZE_ATTRIBUTES = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 
 
+#: parts of the side trunk that only run on inputs it is never given, dropped once it is built
+#: (:func:`drop_unreached_parts`): it is called with ``inputs_embeds`` only (the downsampled embedding output), never
+#: with token ids, images or audio, and only its ``last_hidden_state`` is read. Phi-4 multimodal's image and audio
+#: towers (``embed_tokens_extend``, run only on ``input_ids``: 870.5 M of the 885.9 M trainable parameters of its side
+#: network at the config's defaults), Gemma 3n's per-layer token embedding (``embed_tokens_per_layer``, empty once
+#: per-layer inputs are switched off) and a pooler (BigBird's, read into ``pooler_output`` only). Kept, they were
+#: counted as trainable, saved and held in memory, and never got a gradient.
+UNREACHED_TRUNK_PARTS = ("embed_tokens_extend", "embed_tokens_per_layer", "pooler")
+
+#: parts of each side block that only run on encoder states (the cross-attention of the decoders of BART, mBART,
+#: Marian, Pegasus, Blenderbot, PLBart, MVP, BigBird-Pegasus, TrOCR, Whisper and MusicGen, built whatever the config,
+#: and of BERT-style decoders built with ``add_cross_attention``). The side trunk is never handed encoder states
+#: (``encoder_hidden_states`` goes to the backbone only: ``peft_qst.layer._BACKBONE_ONLY_KWARGS``).
+UNREACHED_BLOCK_PARTS = ("encoder_attn", "encoder_attn_layer_norm", "crossattention")
+
+
 def _is_ffn_width_attribute(name: str) -> bool:
     """Whether a config attribute holds an FFN width: the names above, and the variants mixture-of-experts and
     other models add (``moe_intermediate_size``, ``shared_expert_intermediate_size``, ``decoder_ffn_dim``,
@@ -1315,6 +1331,34 @@ def _unsupported_side_network(base_config, qst_config: QSTConfig, problem: str) 
     return error
 
 
+def drop_unreached_parts(side: nn.Module) -> tuple[str, ...]:
+    """Set the parts of ``side``'s trunk and blocks that its forward never runs (:data:`UNREACHED_TRUNK_PARTS`,
+    :data:`UNREACHED_BLOCK_PARTS`) to None, as the token embedding is, and return their names inside ``side``. The
+    models' forwards test these attributes for None or only reach them with inputs the side trunk is never given. An
+    adapter saved while they were built holds their tensors: their random start, which never changed an output nor got a
+    gradient; loading drops them (:func:`is_unreached_part`)."""
+    dropped = []
+    for name in UNREACHED_TRUNK_PARTS:
+        if isinstance(getattr(side.trunk, name, None), nn.Module):
+            setattr(side.trunk, name, None)
+            dropped.append(f"trunk.{name}")
+    for path, module in side.named_modules():
+        if isinstance(module, QSTSideBlock):
+            for name in UNREACHED_BLOCK_PARTS:
+                if isinstance(getattr(module.block, name, None), nn.Module):
+                    setattr(module.block, name, None)
+                    dropped.append(f"{path}.block.{name}")
+    return tuple(dropped)
+
+
+def is_unreached_part(key: str, side_marker: str, unreached: tuple[str, ...]) -> bool:
+    """Whether the saved tensor ``key`` belongs to a part of a side network that :func:`drop_unreached_parts` dropped
+    (``unreached``, names inside the side network; ``side_marker``, ``".qst_side."`` with or without the adapter's name
+    after it)."""
+    _, found, inside = key.partition(side_marker)
+    return bool(found) and any(inside.startswith(f"{part}.") for part in unreached)
+
+
 class QSTSideNetwork(nn.Module):
     """Everything one QST adapter owns: the side trunk (blocks with downsamplers and gates), the downsampler of the
     embedding output, the upsample and the output gate.
@@ -1442,6 +1486,9 @@ class QSTSideNetwork(nn.Module):
         # where the trunk finds its blocks: a wrapper put around one (activation checkpointing) replaces it there
         self._block_list = (side_parent, side_attr)
         self.trunk = trunk
+        #: names of the parts dropped as never run (see drop_unreached_parts), whose tensors loading an older adapter
+        #: leaves out
+        self.unreached_parts = drop_unreached_parts(self)
         self.embed_downsample = build_downsample(qst_config, hidden, side_hidden)
         self.embed_dropout = nn.Dropout(qst_config.dropout)
         self.upsample = nn.Linear(side_hidden, hidden, bias=False)

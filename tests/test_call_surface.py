@@ -119,6 +119,24 @@ def test_output_hidden_states_are_the_backbones_but_the_last_the_adapted_one(mod
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("selection", [[0], -1, 1, [0, 2], [1, -1]])
+def test_output_hidden_states_given_as_indices_select_as_transformers_does(model, selection):
+    """transformers 5 takes ``output_hidden_states`` as an index or a list of indices too (``select_hidden_states``):
+    the tuple keeps every position, the ones not selected None. QST builds the adapted forward's hidden states itself
+    and read any selection as ``True``: every position came back, where the base model gives None at those not
+    selected (code that keeps the entries that are not None got all of them)."""
+    adapted = model(input_ids=IDS, output_hidden_states=selection)
+    full = model(input_ids=IDS, output_hidden_states=True).hidden_states
+    with model.disable_adapter():
+        base = model(input_ids=IDS, output_hidden_states=selection).hidden_states
+    assert adapted.hidden_states is not None and len(adapted.hidden_states) == len(base) == len(full)
+    assert [h is None for h in adapted.hidden_states] == [h is None for h in base]
+    for mine, everything in zip(adapted.hidden_states, full):
+        assert mine is None or torch.equal(mine, everything)
+    assert torch.equal(adapted.logits, model(input_ids=IDS).logits)
+
+
+@torch.no_grad()
 def test_output_hidden_states_leave_no_recording_hooks_on_the_backbone():
     """The hidden states an adapted forward returns are the ones QST's own block hooks record: the backbone is not
     asked for its own. transformers installs its recording hooks (on every block and attention module) the first

@@ -80,7 +80,7 @@ WORKING = ["deepseek_v3", "gptj", "bamba", "gemma4_text", "qwen2_moe", "llama4_t
            "zamba2", "diffllama", "mimo_v2_flash", "mamba", "falcon_mamba", "mamba2", "recurrent_gemma"]
 #: blocks that pass several residual streams; run end to end by their own test below, as some of their side
 #: parameters get no gradient from a language-model loss, as the backbone's would not (an indexer's top-k selection,
-#: a compressor's position bias at 9 positions, Gemma 3n's empty per-layer input embedding)
+#: a compressor's position bias at 9 positions)
 SEVERAL_STREAMS = ["deepseek_v4", "gemma3n_text", "hy_v4", "qwen4_exp_text"]
 
 
@@ -504,6 +504,53 @@ def test_an_adapter_saved_before_side_inner_widths_loads_with_the_models_inner_w
         QSTConfig(task_type="CAUSAL_LM", side_inner_widths="narrow")
 
 
+def test_resuming_an_adapter_saved_before_the_width_options_with_todays_default_names_the_option(tmp_path):
+    """A training script that builds its adapter with ``QSTConfig(...)`` and resumes a checkpoint saved before
+    ``side_inner_widths`` existed (``load_adapter`` into the adapter's name, as the Trainer resumes) meets weights of
+    the model's inner widths in side blocks built narrower: refused, but as "saved from a different base model or
+    QST configuration", naming neither the option nor the fix. The refusal names them, and the adapter built with
+    the named setting loads the checkpoint; a model whose side blocks the options do not change loads such a file
+    with today's defaults as before."""
+    import json
+
+    from peft_qst.serialization import QSTAdapterFileError
+
+    from .conftest import tiny_causal_lm
+
+    model = get_peft_model(
+        arch_sweep.build_float("qwen4_exp_text"), QSTConfig(task_type="CAUSAL_LM", side_inner_widths="backbone")
+    )
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.02 * torch.randn_like(parameter))
+    ids = torch.randint(3, arch_sweep.VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "qwen")
+    llama = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4))
+    llama.save_pretrained(tmp_path / "llama")
+    for folder, written_before in (("qwen", ["side_inner_widths"]), ("llama", ["side_inner_widths",
+                                                                            "side_linear_heads"])):
+        saved = json.loads((tmp_path / folder / "adapter_config.json").read_text())
+        for name in written_before:  # as the versions before the options wrote it
+            del saved[name]
+        (tmp_path / folder / "adapter_config.json").write_text(json.dumps(saved))
+
+    resumed = get_peft_model(arch_sweep.build_float("qwen4_exp_text"), QSTConfig(task_type="CAUSAL_LM"))
+    with pytest.raises(QSTAdapterFileError, match=r"predates side_inner_widths: .*side_inner_widths=\"backbone\""):
+        resumed.load_adapter(str(tmp_path / "qwen"), "default")
+    resumed = get_peft_model(
+        arch_sweep.build_float("qwen4_exp_text"), QSTConfig(task_type="CAUSAL_LM", side_inner_widths="backbone")
+    )
+    resumed.load_adapter(str(tmp_path / "qwen"), "default")
+    with torch.no_grad():
+        assert torch.equal(resumed.eval()(input_ids=ids).logits, expected)
+    get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4)).load_adapter(
+        str(tmp_path / "llama"), "default"
+    )
+
+
 def test_hybrid_leaves_grouped_projections_alone():
     """DeepSeek-V4's grouped output projection subclasses nn.Linear but maps each of its groups apart: the backbone
     adapters leave it alone (a delta of its in_features -> out_features shape did not add to its output), and the
@@ -644,3 +691,86 @@ def test_recurrent_gemma_continues_its_cache_and_shrinks_its_recurrence():
     mask = (padded != 0).long()
     assert torch.equal(model.generate(input_ids=padded, attention_mask=mask, **kwargs).sequences,
                        model.generate(input_ids=padded, attention_mask=mask, use_cache=False, **kwargs).sequences)
+
+
+#: parts of the side trunk its forward never runs (it reads downsampled hidden states, never token ids, images, audio or
+#: encoder states), per variant of the architecture sweep: the name of one such part
+NEVER_RUN_PARTS = {
+    "bart": "encoder_attn", "whisper": "encoder_attn", "musicgen": "encoder_attn", "trocr": "encoder_attn",
+    "big_bird+dec": "pooler",
+}
+
+
+def _tiny_phi4_multimodal():
+    audio = dict(hidden_size=128, intermediate_size=256, num_blocks=2, num_attention_heads=4,
+                 depthwise_separable_out_channel=128, nemo_conv_channels=128, ext_pw_out_channel=128)
+    vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    return tiny("phi4_multimodal", audio_config=audio, vision_config=vision)
+
+
+@pytest.mark.parametrize("variant", [*NEVER_RUN_PARTS, "phi4_multimodal", "roberta+cross"])
+def test_side_trunk_keeps_no_part_its_forward_never_runs(variant):
+    """The side trunk is a copy of the model's trunk class, which builds parts the side trunk never runs: Phi-4
+    multimodal's image and audio towers (run on token ids only: 98% of its side network's trainable parameters at the
+    config's defaults), the cross-attention of decoders of encoder-decoder models (built whatever the config; BERT-style
+    decoders' with ``add_cross_attention``), BigBird's pooler. They were trainable, saved and counted, and never got a
+    gradient. Now they are dropped: every trainable parameter gets a gradient from a training step, and the side network
+    starts at the model's output. Encoder states handed to such a decoder feed the backbone's cross-attention only (the
+    side network reads its outputs in the hidden states); handed to the side trunk too, they failed on its width."""
+    if variant == "phi4_multimodal":
+        base, part = _tiny_phi4_multimodal(), "embed_tokens_extend"
+    elif variant == "roberta+cross":
+        base, part = tiny("roberta", add_cross_attention=True), "crossattention"
+    else:
+        base, part = arch_sweep.build_float(variant), NEVER_RUN_PARTS[variant]
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    encoder = torch.randn(2, 3, base.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    cross = part in ("encoder_attn", "crossattention") and variant not in ("whisper", "musicgen")  # (no such input)
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+        expected_with_encoder = base(input_ids=ids, encoder_hidden_states=encoder).logits if cross else None
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert not [name for name in names if f".{part}." in name]
+    assert f".{part}." not in "".join(f"{key}\n" for key in model.state_dict() if ".qst_side." in key)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-5)
+    model.train()
+    labels = arch_sweep.labels_for(variant, ids) if variant in NEVER_RUN_PARTS else ids
+    model(input_ids=ids, labels=labels).loss.backward()
+    no_gradient = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_gradient
+    if cross:
+        with torch.no_grad():
+            with_encoder = model.eval()(input_ids=ids, encoder_hidden_states=encoder).logits
+        assert torch.allclose(with_encoder, expected_with_encoder, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["bart", "phi4_multimodal"])
+def test_an_adapter_saved_with_parts_never_run_loads_exactly(variant, tmp_path, monkeypatch, recwarn):
+    """Adapters saved while the side trunk still built parts it never runs (image and audio towers, cross-attention)
+    hold their tensors: their random start, which never changed an output. They load without them, to the logits
+    they had, without a warning (nothing was lost, and nothing is to be done); refused before as "saved from a
+    different QST configuration"."""
+    from peft_qst import side as side_module
+
+    build = _tiny_phi4_multimodal if variant == "phi4_multimodal" else (lambda: arch_sweep.build_float(variant))
+    with monkeypatch.context() as patch:  # the side trunk as an earlier peft-qst built it
+        patch.setattr(side_module, "UNREACHED_TRUNK_PARTS", ())
+        patch.setattr(side_module, "UNREACHED_BLOCK_PARTS", ())
+        old = get_peft_model(build(), QSTConfig(task_type="CAUSAL_LM"))
+    assert any(".embed_tokens_extend." in k or ".encoder_attn." in k for k in old.state_dict() if ".qst_side." in k)
+    with torch.no_grad():
+        for parameter in old.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.02 * torch.randn_like(parameter))
+    ids = torch.randint(3, V, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = old.eval()(input_ids=ids).logits
+    old.save_pretrained(tmp_path)
+
+    recwarn.clear()
+    loaded = PeftModel.from_pretrained(build(), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    assert not [w for w in recwarn.list if "QST" in str(w.message)]
