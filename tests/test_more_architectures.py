@@ -473,13 +473,9 @@ def test_side_blocks_divide_their_inner_widths_by_r(model_type):
     assert divided < sum(p.numel() for p in kept.parameters() if p.requires_grad)
 
 
-def test_an_adapter_saved_before_side_inner_widths_loads_with_the_models_inner_widths(tmp_path):
-    """Side blocks kept the model's inner widths (Qwen4-Exp's ``hc_lowrank`` and indexer heads, ...) until
-    ``side_inner_widths="divided"`` became the default. An ``adapter_config.json`` written before the option existed
-    has no such key: it loads as ``"backbone"``, the layout its weights have, with the trained logits; refused with a
-    shape error before, it would have been lost. A new value is refused naming the choices."""
-    import json
-
+def saved_qwen4_exp_adapter_of_backbone_widths(folder):
+    """A tiny Qwen4-Exp adapter with ``side_inner_widths="backbone"`` (the side blocks adapters saved before the
+    option have), its side network moved off its start, saved to ``folder``; returns test ids and their logits."""
     model = get_peft_model(
         arch_sweep.build_float("qwen4_exp_text"), QSTConfig(task_type="CAUSAL_LM", side_inner_widths="backbone")
     )
@@ -491,7 +487,18 @@ def test_an_adapter_saved_before_side_inner_widths_loads_with_the_models_inner_w
     ids = torch.randint(3, arch_sweep.VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(folder)
+    return ids, expected
+
+
+def test_an_adapter_saved_before_side_inner_widths_loads_with_the_models_inner_widths(tmp_path):
+    """Side blocks kept the model's inner widths (Qwen4-Exp's ``hc_lowrank`` and indexer heads, ...) until
+    ``side_inner_widths="divided"`` became the default. An ``adapter_config.json`` written before the option existed
+    has no such key: it loads as ``"backbone"``, the layout its weights have, with the trained logits; refused with a
+    shape error before, it would have been lost. A new value is refused naming the choices."""
+    import json
+
+    ids, expected = saved_qwen4_exp_adapter_of_backbone_widths(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     del saved["side_inner_widths"]  # as the version before the option wrote it
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
@@ -517,17 +524,7 @@ def test_resuming_an_adapter_saved_before_the_width_options_with_todays_default_
 
     from .conftest import tiny_causal_lm
 
-    model = get_peft_model(
-        arch_sweep.build_float("qwen4_exp_text"), QSTConfig(task_type="CAUSAL_LM", side_inner_widths="backbone")
-    )
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.02 * torch.randn_like(parameter))
-    ids = torch.randint(3, arch_sweep.VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "qwen")
+    ids, expected = saved_qwen4_exp_adapter_of_backbone_widths(tmp_path / "qwen")
     llama = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4))
     llama.save_pretrained(tmp_path / "llama")
     for folder, written_before in (("qwen", ["side_inner_widths"]), ("llama", ["side_inner_widths",
