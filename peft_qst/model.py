@@ -1510,7 +1510,7 @@ def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: 
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     check_saved_config_matches(peft_model.peft_config[adapter_name], adapter_name, saved_config)
-    check_width_options_of_earlier_files(peft_model, adapter_name, saved_config)
+    check_width_options_of_earlier_files(peft_model, adapter_name, saved_config, tensors)
     check_token_embeddings_fit(peft_model, tensors)
     check_shared_embeddings_kept(peft_model, adapter_name, tensors)
     missing = []
@@ -1532,18 +1532,36 @@ def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: 
 _WIDTH_OPTIONS = ("side_linear_heads", "side_inner_widths")
 
 
-def check_width_options_of_earlier_files(peft_model: nn.Module, adapter_name: str, saved_config: dict) -> None:
+def check_width_options_of_earlier_files(
+    peft_model: nn.Module, adapter_name: str, saved_config: dict, tensors: dict
+) -> None:
     """Weights whose ``adapter_config.json`` predates ``side_linear_heads`` or ``side_inner_widths``, loaded into an
     adapter built with ``"divided"`` (today's default: a training script's ``QSTConfig(...)`` resuming a checkpoint
     saved before, or ``config=``), on a model whose side blocks the option narrows: the shapes cannot fit, and the
     refusal said only "saved from a different base model or QST configuration", naming neither the option nor the
-    fix. Refused naming them; models the option does not change load as before."""
+    fix. Refused naming them; models the option does not change load as before. Only where a saved side tensor does
+    not fit its parameter (``tensors``): a config can hold a width attribute its blocks do not build (MiniMax-M3's
+    ``index_n_heads`` without sparse layers), which the option changes in the side config but in no side block, and
+    such files loaded, and load, as they are."""
     config = peft_model.peft_config[adapter_name]
     options = [name for name in _WIDTH_OPTIONS
                if saved_config and name not in saved_config and getattr(config, name, "backbone") != "backbone"]
-    layer = next((m for m in peft_model.modules() if isinstance(m, QSTLayer) and adapter_name in m.qst_side), None)
-    if not options or layer is None:
+    if not options:
         return
+    layers = [
+        (name, module) for name, module in peft_model.named_modules()
+        if isinstance(module, QSTLayer) and adapter_name in module.qst_side
+    ]
+    if not layers:
+        return
+    shapes = {
+        f"{name}.{SIDE_ATTR}.{key}": tuple(value.shape)
+        for name, layer in layers
+        for key, value in layer.qst_side[adapter_name].state_dict().items()
+    }
+    if not any(key in shapes and tuple(tensor.shape) != shapes[key] for key, tensor in tensors.items()):
+        return
+    layer = layers[0][1]
     base_config = layer.get_base_layer().config
     try:
         built = shrink_config(base_config, config, torch.float32).to_dict()

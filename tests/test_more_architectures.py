@@ -473,13 +473,13 @@ def test_side_blocks_divide_their_inner_widths_by_r(model_type):
     assert divided < sum(p.numel() for p in kept.parameters() if p.requires_grad)
 
 
-def saved_qwen4_exp_adapter_of_backbone_widths(folder):
-    """A tiny Qwen4-Exp adapter with ``side_inner_widths="backbone"`` (the side blocks adapters saved before the
-    option have), its side network moved off its start, saved to ``folder``; returns test ids and their logits."""
+def saved_adapter_of_backbone_widths(model_type, folder):
+    """A tiny adapter of ``model_type`` with ``side_inner_widths="backbone"`` (the side blocks adapters saved before
+    the option have), its side network moved off its start, saved to ``folder``; returns the model, test ids and
+    their logits."""
     model = get_peft_model(
-        arch_sweep.build_float("qwen4_exp_text"), QSTConfig(task_type="CAUSAL_LM", side_inner_widths="backbone")
-    )
-    assert (side_of(model).trunk.config.hc_lowrank, side_of(model).trunk.config.indexer_n_heads) == (16, 2)
+        arch_sweep.build_float(model_type), QSTConfig(task_type="CAUSAL_LM", side_inner_widths="backbone")
+    ).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
@@ -488,7 +488,7 @@ def saved_qwen4_exp_adapter_of_backbone_widths(folder):
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     model.save_pretrained(folder)
-    return ids, expected
+    return model, ids, expected
 
 
 def test_an_adapter_saved_before_side_inner_widths_loads_with_the_models_inner_widths(tmp_path):
@@ -498,7 +498,8 @@ def test_an_adapter_saved_before_side_inner_widths_loads_with_the_models_inner_w
     shape error before, it would have been lost. A new value is refused naming the choices."""
     import json
 
-    ids, expected = saved_qwen4_exp_adapter_of_backbone_widths(tmp_path)
+    model, ids, expected = saved_adapter_of_backbone_widths("qwen4_exp_text", tmp_path)
+    assert (side_of(model).trunk.config.hc_lowrank, side_of(model).trunk.config.indexer_n_heads) == (16, 2)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     del saved["side_inner_widths"]  # as the version before the option wrote it
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
@@ -524,7 +525,7 @@ def test_resuming_an_adapter_saved_before_the_width_options_with_todays_default_
 
     from .conftest import tiny_causal_lm
 
-    ids, expected = saved_qwen4_exp_adapter_of_backbone_widths(tmp_path / "qwen")
+    _, ids, expected = saved_adapter_of_backbone_widths("qwen4_exp_text", tmp_path / "qwen")
     llama = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4))
     llama.save_pretrained(tmp_path / "llama")
     for folder, written_before in (("qwen", ["side_inner_widths"]), ("llama", ["side_inner_widths",
@@ -546,6 +547,29 @@ def test_resuming_an_adapter_saved_before_the_width_options_with_todays_default_
     get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4)).load_adapter(
         str(tmp_path / "llama"), "default"
     )
+
+
+def test_an_adapter_saved_before_the_width_options_loads_where_they_change_no_shape(tmp_path):
+    """``side_inner_widths="divided"`` changes a width attribute a model's config holds but its blocks do not build
+    (MiniMax-M3's ``index_n_heads``, 4 at the config's defaults, whose layers are all full attention: no indexer).
+    The side network is the same with either setting, so a checkpoint saved before the option loads into today's
+    default as it did before; it was refused as predating the option (the side configs differ), naming a fix the
+    adapter did not need."""
+    import json
+
+    def build():
+        return arch_sweep.build_float("minimax_m3_vl_text")
+
+    assert build().config.index_n_heads == 4 and not [n for n, _ in build().named_modules() if "indexer" in n]
+    _, ids, expected = saved_adapter_of_backbone_widths("minimax_m3_vl_text", tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    del saved["side_inner_widths"]  # as the versions before the option wrote it
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+
+    resumed = get_peft_model(build(), QSTConfig(task_type="CAUSAL_LM"))
+    resumed.load_adapter(str(tmp_path), "default")
+    with torch.no_grad():
+        assert torch.equal(resumed.eval()(input_ids=ids).logits, expected)
 
 
 def test_hybrid_leaves_grouped_projections_alone():
