@@ -1108,7 +1108,8 @@ class QSTModel(BaseTuner):
         loaded = {k for k in remapped if marker in k}
         strays = {k for k in remapped if f".{SIDE_ATTR}." in k and marker not in k}
         # (PEFT leaves the adapter's name out of keys the model lacks: they are strays here)
-        never_applied = sorted(key for key in (loaded - expected) | strays if is_time_step_delta(key))
+        left_out = (loaded - expected) | strays
+        never_applied = sorted(key for key in left_out if is_time_step_delta(key))
         if never_applied:
             # an adapter saved before the hybrid left Mamba-style dt_proj layers out; refused as "saved from a
             # different QST configuration" although it is this one, and its deltas there provably did nothing
@@ -1118,9 +1119,6 @@ class QSTModel(BaseTuner):
                 "weight): those deltas never changed the output nor trained, and are not loaded. The adapter computes "
                 "what it did when saved; save it again to drop them from the file."
             )
-            for key in never_applied:
-                del remapped[key]
-            loaded, strays = loaded - set(never_applied), strays - set(never_applied)
         # tensors of parts an earlier peft-qst built into the side trunk although its forward never runs them (image
         # and audio towers, cross-attention: side.drop_unreached_parts): their random start, which never changed an
         # output nor trained, so they are left out without a word (the adapter computes exactly what it computed
@@ -1131,14 +1129,14 @@ class QSTModel(BaseTuner):
             if isinstance(layer, QSTLayer) and adapter_name in layer.qst_side
             for part in getattr(layer.qst_side[adapter_name], "unreached_parts", ())
         })
-        if unreached:
-            never_run = [
-                key for key in (loaded - expected) | strays
-                if is_unreached_part(key, marker, unreached) or is_unreached_part(key, f".{SIDE_ATTR}.", unreached)
-            ]
-            for key in never_run:
-                del remapped[key]
-            loaded, strays = loaded - set(never_run), strays - set(never_run)
+        never_run = {
+            key for key in left_out
+            if is_unreached_part(key, marker, unreached) or is_unreached_part(key, f".{SIDE_ATTR}.", unreached)
+        }
+        dropped = set(never_applied) | never_run
+        for key in dropped:
+            del remapped[key]
+        loaded, strays = loaded - dropped, strays - dropped
         missing, unexpected = sorted(expected - loaded), sorted((loaded - expected) | strays)
         # an earlier peft-qst stored one-entry vectors (a one-head side block's attention sink) as offsets from their
         # random start, which it did not save (store_constant_parameters_as_offsets): the values are lost
