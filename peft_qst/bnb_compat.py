@@ -26,7 +26,9 @@ report of the state_dict side was found; the same CPU packing also breaks ``mode
 
 from __future__ import annotations
 
+import copy
 import functools
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -39,13 +41,13 @@ _SNAPSHOT_ATTR = "_qst_cpu_packed_snapshot"
 #: set on a Linear4bit once the forward hooks of :func:`route_4bit_layers_by_mode` are registered
 _ROUTING_HOOK_ATTR = "_qst_routes_by_mode"
 #: a Linear4bit's standard layout from just before bitsandbytes packed it: (weight data, a quantization-state object
-#: of its own holding the standard fields, the packed quantization-state object it belongs to), kept on models with
-#: trainable parameters for training-mode forwards and forwards whose input requires a gradient
+#: of its own holding the standard fields, the :class:`_PackedState` it belongs to), kept on models with trainable
+#: parameters for training-mode forwards and forwards whose input requires a gradient
 _STANDARD_LAYOUT_ATTR = "_qst_standard_layout"
-#: on a model without trainable parameters, only the standard quantization state of a layer bitsandbytes packed:
-#: (a quantization-state object of its own holding the standard fields, the packed quantization-state object it
-#: belongs to), from which the standard layout is rebuilt exactly once the model trains (the 4-bit codes unpack
-#: losslessly, the block scales do not)
+#: on a model without trainable parameters, and on a layer ``unload()`` released, only the standard quantization state
+#: of a layer bitsandbytes packed: (a quantization-state object of its own holding the standard fields, the
+#: :class:`_PackedState` it belongs to), from which the standard layout is rebuilt exactly once the model trains (the
+#: 4-bit codes unpack losslessly, the block scales do not)
 _STANDARD_STATE_ATTR = "_qst_standard_quant_state"
 #: the packed layout (weight data, quantization-state object) while a forward runs the kept standard one
 _PACKED_DURING_CALL_ATTR = "_qst_packed_layout_during_call"
@@ -117,6 +119,43 @@ def keep_4bit_weights_through_state_dict(model: nn.Module) -> int:
     return count
 
 
+class _PackedState:
+    """The packed quantization-state object of a layer's weight that a kept standard layout or state belongs to,
+    compared by identity: a weight replaced or re-quantized since has another, and its kept layout is dropped.
+
+    It follows ``copy.deepcopy`` to the copy's weight. bitsandbytes' ``Params4bit.__deepcopy__`` copies the weight's
+    quantization state without deepcopy's memo, so the kept layout's reference, copied through the memo, pointed to an
+    object no weight held: a deep copy made after an eval forward lost its kept layouts, ran its training-mode forwards
+    on the packed kernel and rebuilt the standard layout for its gradient-carrying calls with block scales rounded to
+    bfloat16 (a tiny hybrid adapting every block: gradients up to 2.9% off a never-evaluated model's, the loss 1.5e-4).
+    The weight itself is copied through the memo (deepcopy hands both the copy's own weight, whichever it reaches
+    first), so the copy of this refers to that weight's quantization state. Pickling needs none of this (the pickle's
+    memo keeps the weight's quantization state one object); the weight is referred to weakly, so that a kept layout
+    does not keep a replaced weight in memory."""
+
+    __slots__ = ("quant_state", "_weight")
+
+    def __init__(self, weight: Optional[torch.Tensor], quant_state=None) -> None:
+        """The quantization state ``weight`` holds now, or ``quant_state`` (a stale one, or one being unpickled)."""
+        self.quant_state = weight.quant_state if quant_state is None else quant_state
+        self._weight = weakref.ref(weight) if weight is not None else None
+
+    def belongs_to(self, weight) -> bool:
+        return getattr(weight, "quant_state", None) is self.quant_state
+
+    def _weight_now(self) -> Optional[torch.Tensor]:
+        return self._weight() if self._weight is not None else None
+
+    def __deepcopy__(self, memo) -> "_PackedState":
+        weight = self._weight_now()
+        if weight is None or not self.belongs_to(weight):  # stale already: the copy belongs to no weight either
+            return _PackedState(None, object())
+        return _PackedState(copy.deepcopy(weight, memo))
+
+    def __reduce__(self):
+        return _PackedState, (self._weight_now(), self.quant_state)
+
+
 def _inverse_packing(data: torch.Tensor, quant_state) -> tuple:
     """bitsandbytes' inverse of the CPU packing, which rebinds the fields of ``quant_state`` it changes (the 4-bit
     codes exactly, the block scales to bfloat16 rounding), with a plain ``absmax`` moved back to the standard flat
@@ -145,11 +184,9 @@ def _standard_layout(module: nn.Module) -> Optional[tuple]:
     kept = vars(module).get(_STANDARD_LAYOUT_ATTR)
     if kept is None:
         return None
-    data, standard_state, quant_state = kept
+    data, standard_state, packed = kept
     weight = module.weight
-    if getattr(weight, "quant_state", None) is not quant_state or weight.device != data.device or not _is_cpu_packed(
-        module
-    ):
+    if not packed.belongs_to(weight) or weight.device != data.device or not _is_cpu_packed(module):
         vars(module).pop(_STANDARD_LAYOUT_ATTR)
         return None
     return data, standard_state
@@ -178,11 +215,11 @@ def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Modu
     if module.training or x.requires_grad:
         standard = _standard_layout(module)
         if standard is None and _is_cpu_packed(module):
-            # packed with no layout kept: on a model loaded for inference (its standard quantization state kept,
-            # should it be made trainable), or before QST was injected, or in a deep copy (whose weight no longer
-            # shares the kept state object), where the packed kernel has no backward for a gradient-carrying call
+            # packed with no layout kept: on a model loaded for inference, or adapted again after unload() (their
+            # standard quantization state kept, should they be made trainable), or before QST was injected, where the
+            # packed kernel has no backward for a gradient-carrying call
             kept = vars(module).pop(_STANDARD_STATE_ATTR, None)
-            kept_state = kept[0] if kept is not None and kept[1] is module.weight.quant_state else None
+            kept_state = kept[0] if kept is not None and kept[1].belongs_to(module.weight) else None
             if kept_state is not None or x.requires_grad:
                 standard = _keep_layout_rebuilt_from_packed(module, kept_state)
         if standard is not None:
@@ -191,14 +228,14 @@ def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Modu
     packs_now = module.support_avx512bf16_for_cpu and not _is_cpu_packed(module)  # Linear4bit.forward's condition
     if packs_now and _STANDARD_LAYOUT_ATTR not in vars(module):
         model = model_ref()
-        quant_state = module.weight.quant_state
-        standard_state = _state_copy(quant_state)
+        standard_state = _state_copy(module.weight.quant_state)
+        packed = _PackedState(module.weight)  # the same object once packed: bitsandbytes packs it in place
         if model is not None and any(parameter.requires_grad for parameter in model.parameters()):
-            vars(module)[_STANDARD_LAYOUT_ATTR] = (module.weight.data, standard_state, quant_state)
+            vars(module)[_STANDARD_LAYOUT_ATTR] = (module.weight.data, standard_state, packed)
         else:
             # an adapter loaded for inference: not the 4-bit codes a second time, but the standard quantization state
             # (the block scales, small beside the codes), should the model be made trainable later
-            vars(module)[_STANDARD_STATE_ATTR] = (standard_state, quant_state)
+            vars(module)[_STANDARD_STATE_ATTR] = (standard_state, packed)
 
 
 def _keep_layout_rebuilt_from_packed(module: nn.Module, standard_state=None) -> tuple:
@@ -211,10 +248,9 @@ def _keep_layout_rebuilt_from_packed(module: nn.Module, standard_state=None) -> 
     by hand, a second adapter loaded with ``is_trainable=True``) ran its training-mode forwards on the packed kernel,
     and the calls whose input carries a gradient on a layout rebuilt with block scales rounded to bfloat16: a hybrid
     adapting every block got gradients 4% off a never-evaluated model's."""
-    quant_state = module.weight.quant_state
-    data, rebuilt_state = _inverse_packing(module.weight.data, _state_copy(quant_state))
+    data, rebuilt_state = _inverse_packing(module.weight.data, _state_copy(module.weight.quant_state))
     state = rebuilt_state if standard_state is None else standard_state
-    vars(module)[_STANDARD_LAYOUT_ATTR] = (data, state, quant_state)
+    vars(module)[_STANDARD_LAYOUT_ATTR] = (data, state, _PackedState(module.weight))
     return data, state
 
 
@@ -291,15 +327,22 @@ def stop_routing_4bit_layers(model: nn.Module) -> int:
     """Undo :func:`route_4bit_layers_by_mode` (``unload()``, which promises the base model back without QST's hooks):
     the forward hooks come off, and so does each layer's kept standard layout, which held the 4-bit weights a second
     time; a layer left in the standard layout by a call that raised gets its packed one back. Left on,
-    the model ``unload()`` returned kept both, and its training-mode forwards went on running the kept layout. Returns
-    how many layers were released."""
+    the model ``unload()`` returned kept both, and its training-mode forwards went on running the kept layout.
+
+    A packed layer keeps its standard quantization state (as a model loaded for inference does: the block scales, small
+    beside the 4-bit codes; bitsandbytes never reads it), so that QST injected again (``get_peft_model``,
+    ``PeftModel.from_pretrained(..., is_trainable=True)`` on the returned model) rebuilds the standard layout exactly.
+    Dropped with the layout, the block scales could only be rebuilt from the packed ones, rounded to bfloat16: a tiny
+    hybrid adapting every block, reloaded as trainable on a base model evaluated before ``unload()``, trained with
+    gradients up to 2.9% off a never-evaluated model's. Returns how many layers were released."""
     released = 0
     for module in model.modules():
         if not vars(module).pop(_ROUTING_HOOK_ATTR, False):
             continue
         _packed_again_after_call(module)
-        vars(module).pop(_STANDARD_LAYOUT_ATTR, None)
-        vars(module).pop(_STANDARD_STATE_ATTR, None)
+        if _standard_layout(module) is not None:  # still the layer's: its quantization state outlives the routing
+            _, standard_state, packed = vars(module).pop(_STANDARD_LAYOUT_ATTR)
+            vars(module)[_STANDARD_STATE_ATTR] = (standard_state, packed)
         for hooks, ours in ((module._forward_pre_hooks, _is_routing_pre_hook),
                             (module._forward_hooks, lambda hook: hook is _packed_again_after_call)):
             for key in [key for key, hook in hooks.items() if ours(hook)]:

@@ -7,6 +7,8 @@ saving), which holds whether or not the CPU running them repacks. Where it does,
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -16,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from peft_qst import QSTConfig
 from peft_qst.bnb_compat import keep_4bit_weights_through_state_dict
 
-from .conftest import bnb_config, copy_of, train_steps
+from .conftest import bnb_config, copy_of, tiny_causal_lm, train_steps
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.functional import QuantState, dequantize_4bit, has_avx512bf16  # noqa: E402
@@ -231,7 +233,9 @@ def test_a_4bit_qst_model_pickles_and_copies_after_an_eval_forward(tiny_model_di
 def test_unload_takes_the_4bit_routing_hooks_and_kept_layouts_off(tiny_model_dir):
     """``unload()`` gives the base model back without QST's hooks: the routing hooks of its 4-bit layers, and the
     standard layouts they kept after an eval forward (the 4-bit weights a second time), stayed on the model it
-    returned. What it returns computes, in eval and in training mode, what the model never adapted does."""
+    returned. What it returns computes, in eval and in training mode, what the model never adapted does. A packed
+    layer keeps its standard quantization state only (the block scales, for QST injected again: see
+    test_training_after_a_deep_copy_or_a_reload_after_unload_is_bit_for_bit), not the 4-bit codes."""
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
     before = {name: (set(vars(m)), len(m._forward_pre_hooks), len(m._forward_hooks))
@@ -241,9 +245,14 @@ def test_unload_takes_the_4bit_routing_hooks_and_kept_layouts_off(tiny_model_dir
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.unload() is base
-    after = {name: (set(vars(m)) - {"_qst_state_dict_keeps_cpu_packing"}, len(m._forward_pre_hooks),
-                    len(m._forward_hooks)) for name, m in _linear4bit_layers(base)}
+    after = {name: (set(vars(m)) - {"_qst_state_dict_keeps_cpu_packing", "_qst_standard_quant_state"},
+                    len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in _linear4bit_layers(base)}
     assert after == before
+    for _, layer in _linear4bit_layers(base):
+        kept = vars(layer).get("_qst_standard_quant_state")
+        assert (kept is not None) == has_avx512bf16()  # the eval forward packed every layer where the CPU does
+        assert kept is None or isinstance(kept[0], QuantState)
+        assert kept is None or not getattr(kept[0], "packing_format_for_cpu", False)  # the standard state, not data
     never_adapted = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
     assert torch.equal(_logits(base.eval(), ids), _logits(never_adapted.eval(), ids))
     assert torch.equal(_logits(base.train(), ids), _logits(never_adapted.train(), ids))
@@ -348,3 +357,67 @@ def test_feature_extraction_training_after_an_eval_equals_training_without_one(t
     if has_avx512bf16():  # the evals did pack the backbone, and training ran the layout kept from before
         assert _cpu_packed(evaluated)
         assert all("_qst_standard_layout" in vars(m) for _, m in _linear4bit_layers(evaluated))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "reload-after-unload"])
+@pytest.mark.parametrize("kind", ["hybrid", "bert-lm-head"])
+def test_training_after_a_deep_copy_or_a_reload_after_unload_is_bit_for_bit(tmp_path, kind, how):
+    """Two ways a model whose 4-bit layers an eval forward had packed lost the standard layouts kept from before
+    packing, and trained on the packed kernel and on layouts rebuilt from it with block scales rounded to bfloat16:
+    gradients through the layers up to 2.9% off a never-evaluated model's (a tiny hybrid adapting every block):
+
+    * ``copy.deepcopy`` of the model: bitsandbytes copies a weight's quantization state outside deepcopy's memo, so
+      the copied kept layouts belonged to no layer of the copy;
+    * ``unload()``, then the adapter loaded again as trainable on the base model it returned: ``unload()`` dropped
+      the kept layouts, block scales included.
+
+    Both now train exactly as a model never run in eval, in a hybrid (``backbone_lora_layers``, gradients through
+    every block's 4-bit layers) and in a BERT-style decoder (gradients through the LM head's 4-bit transform layer).
+    On CPUs without AVX512-BF16 bitsandbytes never packs, and this holds trivially."""
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    if kind == "hybrid":
+        tiny_causal_lm(num_hidden_layers=2, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path / "base")
+        config = QSTConfig(task_type="CAUSAL_LM", r=4, backbone_lora_layers=2, backbone_lora_r=4)
+        compute_dtype = torch.bfloat16
+    else:
+        _save_tiny_bert_decoder(tmp_path / "base")
+        config = QSTConfig(task_type="CAUSAL_LM")
+        compute_dtype = torch.float32
+
+    def load_base():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config(
+            compute_dtype=compute_dtype))
+
+    def load_trainable(base):
+        return PeftModel.from_pretrained(base, str(tmp_path / "adapter"), is_trainable=True)
+
+    model = get_peft_model(load_base(), config)
+    torch.manual_seed(2)
+    for parameter in model.parameters():  # open every path (the hybrid's lora_B start at zero), so gradients flow
+        if parameter.requires_grad:
+            parameter.data.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+
+    def loss_and_gradients(model):
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(3)  # the same dropout masks (BERT's) in every run
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected_loss, expected = loss_and_gradients(load_trainable(load_base()))
+    assert len(expected) > 10 and (kind != "hybrid" or any(".backbone_lora." in name for name in expected))
+    model = load_trainable(load_base())
+    _logits(model.eval(), ids)  # packs every 4-bit layer where the CPU supports it
+    trained = copy.deepcopy(model) if how == "deepcopy" else load_trainable(model.unload())
+    assert not has_avx512bf16() or _packed_everywhere(trained)
+    loss, gradients = loss_and_gradients(trained)
+    assert gradients.keys() == expected.keys()
+    assert torch.equal(loss, expected_loss), (loss, expected_loss)
+    for name, gradient in expected.items():
+        assert torch.equal(gradients[name], gradient), name
+    if how == "deepcopy":  # and the original, whose layers the copy's share nothing with, still trains as before
+        loss, gradients = loss_and_gradients(model)
+        assert torch.equal(loss, expected_loss) and all(torch.equal(gradients[n], g) for n, g in expected.items())
+    assert not has_avx512bf16() or _packed_everywhere(trained)  # training left the layers packed for eval
