@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache, StaticCache
 
 from .cache import (
     BackboneRouting, QSTCache, cache_field, has_cache_field, paired_cache, past_length, remember_pairing
@@ -33,6 +33,7 @@ from .backbone_lora import top_block_linears
 from .fast_path import fsdp2_unit
 from .per_call import call_state, hold_call_state
 from .side import (
+    UNREACHED_BLOCK_PARTS,
     QSTSideNetwork,
     QSTUnsupportedModelError,
     ResidualStreams,
@@ -688,6 +689,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             # in step. Without them the caller's next step got a backbone cache alone, refused as having no side state
             use_cache = cache is not None or getattr(config, "use_cache", False)
 
+        cache = self._with_cross_attention_half(cache, kwargs)
         backbone_cache, side_caches, memories = self._split_cache(cache, adapter_names)
         routing = self._routing(adapter_names, row_adapters)
         if isinstance(cache, QSTCache):
@@ -882,6 +884,63 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 "past_key_values, or a new DynamicCache()), or continue the old one only with the adapter that "
                 "filled it."
             )
+
+    def _has_cross_attention(self) -> bool:
+        """Whether the backbone's blocks have a cross-attention (:data:`peft_qst.side.UNREACHED_BLOCK_PARTS`): the
+        decoder of an encoder-decoder model run alone (BART's, TrOCR's), a BERT-style decoder built with
+        ``add_cross_attention``. Looked up once."""
+        known = self.__dict__.get("_cross_attention")
+        if known is None:
+            known = any(
+                name.rpartition(".")[2] in UNREACHED_BLOCK_PARTS for name, _ in self.base_layer.named_modules()
+            )
+            self.__dict__["_cross_attention"] = known
+        return known
+
+    def _with_cross_attention_half(self, cache, kwargs: dict):
+        """``cache`` with a backbone half that keeps the cross-attention's keys and values apart from the
+        self-attention's, where the backbone has a cross-attention and this forward is given ``encoder_hidden_states``.
+
+        transformers' cross-attention writes the encoder's keys and values into a plain cache (one that is not an
+        ``EncoderDecoderCache``) at the self-attention's layer index, and generate hands such a model (not an
+        encoder-decoder model itself) a plain ``DynamicCache``: the base model's cached scores are then not its
+        uncached ones (a transformers problem), and an adapted generation was refused at its second step with a
+        misleading "tokens were added to it with adapters disabled" (the backbone half counted the encoder's positions
+        too, the side half did not). An empty plain ``DynamicCache`` that the caller did not hand to generate
+        (generate's own, or one passed to a forward) becomes the self-attention half of an ``EncoderDecoderCache``,
+        as the decoder builds for itself when given no cache: cached generation is then uncached recomputation. One
+        the caller handed to generate, or kept to continue, cannot be: the caller would continue their own object,
+        which holds the self-attention half alone. Those, and plain caches of other kinds, are refused with the fix.
+        The base model (adapters disabled) is left as it is."""
+        backbone = cache.backbone if isinstance(cache, QSTCache) else cache
+        if (
+            backbone is None
+            or isinstance(backbone, EncoderDecoderCache)
+            or kwargs.get("encoder_hidden_states") is None
+            or not self._has_cross_attention()
+        ):
+            return cache
+        # generate marks a cache the caller passed it with ``_is_user_defined`` (transformers 5); without the mark a
+        # caller's fresh cache is paired too, and their object (the self-attention half) is refused when continued
+        if (
+            isinstance(backbone, DynamicCache)
+            and past_length(backbone) == 0
+            and not getattr(backbone, "_is_user_defined", False)
+        ):
+            halves = EncoderDecoderCache(backbone, DynamicCache(offloading=getattr(backbone, "offloading", False)))
+            if isinstance(cache, QSTCache):
+                cache.backbone = halves
+                return cache
+            return halves
+        raise ValueError(
+            f"This {self._model_type} decoder has cross-attention and was given encoder_hidden_states, but its cache "
+            f"is a plain {type(backbone).__name__} ({past_length(backbone)} past tokens), not an EncoderDecoderCache: "
+            "transformers' cross-attention writes the encoder's keys and values into the self-attention's cache "
+            "layers, so cached results would be wrong (the base model's own are wrong there, or fail). Pass "
+            "cache=EncoderDecoderCache(DynamicCache(), DynamicCache()) (from transformers) and keep that object for "
+            "later turns, or pass no cache and keep generate's default dynamic cache (QST then gives it a "
+            "cross-attention half); in a loop of forwards, continue with the cache the model returned."
+        )
 
     def _split_cache(self, cache, adapter_names: list[str]):
         """The backbone half of whatever cache the caller passed, and the side halves (side-trunk caches, copy-head

@@ -396,3 +396,116 @@ def test_generate_in_training_mode_on_a_trunk_that_starts_no_cache_while_trainin
         in_eval = model.generate(use_cache=True, **kwargs)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, in_eval)
+
+
+#: tiny decoders with cross-attention, run alone as causal LMs (encoder states given by the caller)
+CROSS_ATTENTION_DECODERS = {
+    "bart": dict(d_model=128, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4, encoder_attention_heads=4,
+                 decoder_ffn_dim=256, encoder_ffn_dim=256),
+    "trocr": dict(d_model=128, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=256),
+    "roberta": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                    is_decoder=True, add_cross_attention=True),
+}
+
+
+def _cross_attention_decoder(model_type: str, folder=None):
+    """The tiny decoder of ``model_type`` (float32), or, given a folder, saved there and loaded back in 4 bits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .conftest import bnb_config
+
+    config = AutoConfig.for_model(model_type, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
+                                  **CROSS_ATTENTION_DECODERS[model_type])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    if folder is None:
+        return model
+    model.save_pretrained(folder)  # safetensors
+    quantization = bnb_config(compute_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization)
+    assert any(type(m).__name__ == "Linear4bit" for m in quantized.modules())
+    return quantized.eval()
+
+
+def _adapted(base):
+    """``base`` with a QST adapter whose side network visibly moves the logits."""
+    from peft import get_peft_model
+
+    from peft_qst import QSTConfig
+
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator).to(parameter.dtype) * 0.1)
+    return model.eval()
+
+
+def _encoder_inputs(hidden_size: int):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(3, 128, (2, 5), generator=generator), torch.randn(2, 3, hidden_size, generator=generator)
+
+
+@pytest.mark.parametrize("variant", ["bart", "bart-4bit", "trocr", "roberta"])
+def test_a_cross_attention_decoder_generates_from_encoder_states_with_the_default_cache(variant, tmp_path):
+    """A decoder with cross-attention run alone (``BartForCausalLM``) gets a plain ``DynamicCache`` from generate,
+    into which transformers' cross-attention writes the encoder's keys and values at the self-attention's layers (the
+    base model's cached logits are then not its uncached ones; RoBERTa's decoder fails). The adapted generation was
+    refused at its second step with a misleading "tokens were added to it with adapters disabled". QST now gives that
+    cache a cross-attention half: the cached tokens and logits are those of uncached recomputation, and those of one
+    forward without a cache over the generated sequence. The adapter disabled still generates what the base model
+    does, unchanged."""
+    model_type, _, quantized = variant.partition("-")
+    base = _cross_attention_decoder(model_type, tmp_path if quantized else None)
+    ids, encoder = _encoder_inputs(base.config.hidden_size)
+    kwargs = dict(input_ids=ids, encoder_hidden_states=encoder, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        base_default = base.generate(**kwargs) if model_type != "roberta" else None  # (RoBERTa's fails)
+    model = _adapted(base)
+    tolerance = dict(atol=2e-4, rtol=1e-4) if quantized else dict(atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        cached = model.generate(**kwargs)
+        uncached = model.generate(use_cache=False, **kwargs)
+        forward = model(input_ids=cached.sequences, encoder_hidden_states=encoder, use_cache=False).logits
+        with model.disable_adapter():
+            disabled = model.generate(**kwargs) if base_default is not None else None
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), **tolerance)
+    if model_type != "roberta":  # (generate numbers RoBERTa's positions from 0, its own forward from the pad id on)
+        torch.testing.assert_close(torch.stack(cached.logits), forward[:, ids.shape[1] - 1:-1].transpose(0, 1),
+                                   **tolerance)
+    if base_default is not None:
+        assert torch.equal(disabled.sequences, base_default.sequences)
+        assert torch.equal(torch.stack(disabled.logits), torch.stack(base_default.logits))
+        assert not torch.allclose(torch.stack(cached.logits), torch.stack(disabled.logits), atol=1e-2)
+
+
+def test_a_plain_cache_given_with_encoder_states_is_refused_naming_the_encoder_decoder_cache():
+    """A plain cache the caller passes with encoder states (``generate(cache=DynamicCache())``, a forward's own cache
+    continued) cannot keep the cross-attention's keys apart from the self-attention's: refused at once, naming
+    ``EncoderDecoderCache`` (before: a misleading "tokens were added to it with adapters disabled" at the second
+    step). An ``EncoderDecoderCache`` passed in continues across turns as uncached recomputation does."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    model = _adapted(_cross_attention_decoder("bart"))
+    ids, encoder = _encoder_inputs(model.config.hidden_size)
+    kwargs = dict(encoder_hidden_states=encoder, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"plain DynamicCache.*EncoderDecoderCache\(DynamicCache\(\), Dyn"):
+            model.generate(input_ids=ids, cache=DynamicCache(), **kwargs)
+        own = DynamicCache()
+        first = model(input_ids=ids, encoder_hidden_states=encoder, cache=own, use_cache=True)
+        step = first.logits[:, -1:].argmax(-1)
+        continued = model(input_ids=step, encoder_hidden_states=encoder, cache=first.past_key_values, use_cache=True)
+        full = model(input_ids=torch.cat([ids, step], 1), encoder_hidden_states=encoder, use_cache=False)
+        torch.testing.assert_close(continued.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match=r"6 past tokens\), not an EncoderDecoderCache.*the cache the model ret"):
+            model(input_ids=step, encoder_hidden_states=encoder, cache=own, use_cache=True)
+
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        turn = model.generate(input_ids=ids, cache=cache, **kwargs)
+        prompt = torch.cat([turn, ids[:, :2]], 1)
+        assert torch.equal(model.generate(input_ids=prompt, cache=cache, **kwargs),
+                           model.generate(input_ids=prompt, use_cache=False, **kwargs))
