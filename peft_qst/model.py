@@ -33,7 +33,7 @@ from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, QSTLayer
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loss import install_chunked_loss, uninstall_chunked_loss
 from .per_call import call_state, held_call_state
-from .serialization import QSTAdapterFileError
+from .serialization import QSTAdapterFileError, user_stacklevel
 from .side import (
     QSTUnsupportedModelError,
     auto_side_head_candidates,
@@ -743,7 +743,7 @@ class QSTModel(BaseTuner):
                 "embeddings lie inside the decoder trunk, which QST runs frozen under no_grad, so they cannot train. "
                 "Added tokens keep the embeddings they were given when the vocabulary was resized; the side network "
                 "still reads them. To let the model generate them, add 'lm_head' to modules_to_save.",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             config.trainable_token_indices = None
         model_config = getattr(model, "config", None)
@@ -1540,7 +1540,11 @@ def check_width_options_of_earlier_files(
     fix. Refused naming them; models the option does not change load as before. Only where a saved side tensor does
     not fit its parameter (``tensors``): a config can hold a width attribute its blocks do not build (MiniMax-M3's
     ``index_n_heads`` without sparse layers), which the option changes in the side config but in no side block, and
-    such files loaded, and load, as they are."""
+    such files loaded, and load, as they are.
+
+    ``peft_model`` is a PeftModel, or a transformers model that transformers' ``load_adapter(..., peft_config=...)``
+    injected the adapter into: the file's keys carry ``base_model.model.`` and module names of the latter do not, so
+    both are compared without it."""
     config = peft_model.peft_config[adapter_name]
     options = [name for name in _WIDTH_OPTIONS
                if saved_config and name not in saved_config and getattr(config, name, "backbone") != "backbone"]
@@ -1552,12 +1556,14 @@ def check_width_options_of_earlier_files(
     ]
     if not layers:
         return
+    prefix = "base_model.model."  # saved keys carry it; a model that no PeftModel wraps does not
     shapes = {
-        f"{name}.{SIDE_ATTR}.{key}": tuple(value.shape)
+        f"{name}.{SIDE_ATTR}.{key}".removeprefix(prefix): tuple(value.shape)
         for name, layer in layers
         for key, value in layer.qst_side[adapter_name].state_dict().items()
     }
-    if not any(key in shapes and tuple(tensor.shape) != shapes[key] for key, tensor in tensors.items()):
+    if not any(tuple(tensor.shape) != shapes.get(key.removeprefix(prefix), tuple(tensor.shape))
+               for key, tensor in tensors.items()):
         return
     layer = layers[0][1]
     base_config = layer.get_base_layer().config
@@ -1578,8 +1584,9 @@ def check_width_options_of_earlier_files(
             f"The adapter_config.json saved with these weights predates {' and '.join(changed)}: its side blocks "
             f"have the model's widths there (\"backbone\"), but adapter {adapter_name!r} was built with {settings}, "
             f"which narrows them on this {getattr(base_config, 'model_type', 'model')} model. Build the adapter with "
-            f"QSTConfig(..., {fix}) to load or resume it, or load the folder without config= (PeftModel."
-            "from_pretrained reads the file with QSTConfig.from_pretrained). Nothing was loaded."
+            f"QSTConfig(..., {fix}) to load or resume it, or load the folder without a config of your own "
+            "(PeftModel.from_pretrained without config=, transformers' load_adapter without peft_config=: the file is "
+            "then read with QSTConfig.from_pretrained). Nothing was loaded."
         )
 
 

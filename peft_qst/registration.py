@@ -49,6 +49,7 @@ from .model import (
     check_saved_adapter_fits,
     check_saved_config_matches,
     check_token_embeddings_fit,
+    check_width_options_of_earlier_files,
     foreign_tensors,
     is_bare_trunk,
     loading_adapter,
@@ -57,7 +58,7 @@ from .model import (
     remove_injected_adapters,
     saved_adapter_copies_of_embeddings,
 )
-from .serialization import QSTAdapterFileError, read_adapter_weights
+from .serialization import QSTAdapterFileError, read_adapter_weights, user_stacklevel
 from .side import QSTSideNetwork, QSTUnsupportedModelError
 
 #: the download arguments of transformers' loaders that ``hf_hub_download`` (and so the QST reader) takes too
@@ -83,6 +84,7 @@ def register() -> None:
     _return_the_bare_trunk_from_get_base_model()
     _keep_the_side_attention_on_set_attn_implementation()
     _name_the_file_in_config_refusals()
+    _read_qst_files_as_qst_config_does()
 
 
 def _qst_adapter_names(model) -> list[str]:
@@ -573,6 +575,10 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 # of the model into it, so one that is neither the adapter's nor a module saved with it would go
                 # over the frozen base model (undo() takes the adapter off, not a base weight written over)
                 if state_dict is not None:
+                    # the widths the file's side blocks have, with a config given here that narrows them (only now,
+                    # with the side network built, do its shapes tell): refused naming the option, as PEFT's loaders
+                    # are, not as the shape mismatch transformers reports
+                    check_width_options_of_earlier_files(model, name, saved_config, state_dict)
                     check_token_embeddings_fit(model, state_dict)
                     copies = set(saved_adapter_copies_of_embeddings(model, name, state_dict))
                     state_dict = {key: value for key, value in state_dict.items() if key not in copies}
@@ -652,7 +658,7 @@ def _save_qst_weights_as_safetensors() -> None:
                     "safe_serialization=False is ignored for QST adapters: they are saved as "
                     "adapter_model.safetensors, because QST loads weights only from safetensors and never unpickles "
                     "adapter_model.bin.",
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
                 if args:
                     args[0] = True
@@ -853,3 +859,26 @@ def _name_the_file_in_config_refusals() -> None:
 
     _patch_classmethod_once(PeftConfigMixin, "from_pretrained", make_from_pretrained)
     _patch_classmethod_once(PeftConfigMixin, "_get_peft_type", make_get_peft_type)
+
+
+def _read_qst_files_as_qst_config_does() -> None:
+    """PEFT's ``from_pretrained`` passes the attributes read from an ``adapter_config.json`` through the
+    ``check_kwargs`` of the class it was called on, then builds the config of the class the file's ``peft_type``
+    names. ``QSTConfig.check_kwargs`` reads a file written before ``side_heads``, ``side_linear_heads`` or
+    ``side_inner_widths`` existed as the side blocks its weights have (the model's heads and widths), but
+    ``PeftConfig.from_pretrained(folder)`` (the user's, ``AutoPeftModel``'s, transformers' own) never called it: the
+    config it returned said today's defaults, ``"auto"`` and ``"divided"``, for an adapter that every loader builds
+    with the model's, and a config copied from it built side blocks the weights do not fit. A file of peft_type QST
+    is read through ``QSTConfig.check_kwargs`` whatever class ``from_pretrained`` was called on; configs built in code
+    keep today's defaults, and other methods' files pass unchanged."""
+    from peft.config import PeftConfigMixin
+
+    def make(original):
+        def check_kwargs(cls, **kwargs):
+            if kwargs.get("peft_type") == PEFT_TYPE and not issubclass(cls, QSTConfig):
+                return QSTConfig.check_kwargs(**kwargs)
+            return original(cls, **kwargs)
+
+        return check_kwargs
+
+    _patch_classmethod_once(PeftConfigMixin, "check_kwargs", make)

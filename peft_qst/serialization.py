@@ -71,6 +71,31 @@ def non_finite_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     ]
 
 
+#: the packages between a user's call and a warning of peft_qst: a load or save passes through PEFT, transformers (the
+#: Trainer resuming or reloading its best checkpoint, its own load_adapter), TRL's trainers, accelerate and torch
+_LIBRARIES = ("peft_qst", "peft", "transformers", "trl", "accelerate", "torch", "safetensors", "huggingface_hub")
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` in the function calling this point at the user's code: the
+    first frame outside the packages of :data:`_LIBRARIES`. A fixed count pointed into peft_qst's own wrappers (QST's
+    loaders are PEFT's and transformers' methods wrapped, reached through a varying number of their frames), where
+    the warning named a line of this package instead of the user's ``from_pretrained``, ``load_adapter``,
+    ``save_pretrained`` or ``trainer.train()``, and Python's filters by module (``-W``, ``filterwarnings``) could not
+    tell one caller from another. Where every frame is a library's (a script run from inside one), the outermost."""
+    import sys
+
+    folders = tuple(
+        os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+        for module in (sys.modules.get(name) for name in _LIBRARIES)
+        if getattr(module, "__file__", None)
+    )
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(folders):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_if_not_finite(tensors: Mapping[str, torch.Tensor], what: str, done: str) -> None:
     """Warn, naming the tensors, when adapter weights hold NaN or infinite values. Such weights come from a training
     run that diverged, and every output of a model using them is NaN: the file itself is intact (its digest matches),
@@ -86,7 +111,7 @@ def warn_if_not_finite(tensors: Mapping[str, torch.Tensor], what: str, done: str
             f"will be NaN. {done} Find the step where the loss became NaN and train again from a checkpoint before "
             "it, with a lower learning rate, gradient clipping (max_grad_norm) or bf16 instead of fp16.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -437,9 +437,10 @@ def test_a_module_to_save_missing_from_the_file_is_refused(tmp_path, tiny_model_
 
 
 def test_a_config_from_before_side_heads_is_not_loaded_into_other_heads(tmp_path):
-    """A config file without side_heads (written before it existed) means the model's heads; read with PeftConfig and
-    passed as config=, it would build today's default instead. With as many key/value heads as query heads the
-    weights have the same shapes either way, so only the config can tell."""
+    """A config file without side_heads (written before it existed) means the model's heads; a config of today's
+    default passed as config= would build other heads. With as many key/value heads as query heads the weights have
+    the same shapes either way, so only the config can tell. PeftConfig reads such a file as QSTConfig does (it read
+    today's default, "auto"), so the config it reads loads the adapter as it was trained."""
     from peft import PeftConfig
 
     tiny_causal_lm(num_key_value_heads=4).save_pretrained(tmp_path / "base")
@@ -452,13 +453,14 @@ def test_a_config_from_before_side_heads_is_not_loaded_into_other_heads(tmp_path
     del config["side_heads"]
     config_path.write_text(json.dumps(config))
     read = PeftConfig.from_pretrained(str(tmp_path / "adapter"))
-    assert read.side_heads == "auto"
+    assert read.side_heads is None
     with pytest.raises(QSTAdapterFileError, match="predates side_heads"):
-        PeftModel.from_pretrained(base(), str(tmp_path / "adapter"), config=read)
-    loaded = PeftModel.from_pretrained(base(), str(tmp_path / "adapter")).eval()
-    assert loaded.peft_config["default"].side_heads is None
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=IDS).logits, legacy.eval()(input_ids=IDS).logits)
+        PeftModel.from_pretrained(base(), str(tmp_path / "adapter"), config=QSTConfig(task_type="CAUSAL_LM", r=4))
+    for config in (None, read):
+        loaded = PeftModel.from_pretrained(base(), str(tmp_path / "adapter"), config=config).eval()
+        assert loaded.peft_config["default"].side_heads is None
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=IDS).logits, legacy.eval()(input_ids=IDS).logits)
 
 
 def test_weights_of_another_configuration_fail_loudly(tmp_path, tiny_model_dir, trained):

@@ -441,3 +441,54 @@ def test_weights_of_a_diverged_run_are_saved_and_loaded_with_a_warning_naming_th
         loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "diverged")
     reloaded = dict(loaded.named_parameters())[name]
     assert torch.isnan(reloaded[0, 0]) and torch.isinf(reloaded[1, 1])
+
+
+def test_the_warning_for_weights_of_a_diverged_run_points_at_the_users_call(tmp_path, tiny_model_dir):
+    """The warning for NaN or infinite adapter weights is raised deep inside a save or a load (PEFT's and
+    transformers' methods, which QST wraps, and the Trainer's checkpointing around them): a fixed stacklevel reported
+    it at a line of peft_qst/registration.py or PEFT, not at the user's call, which is what a warning's location is
+    for (and what ``-W``/``filterwarnings`` by module select on). Each entry point reports the line that called it:
+    ``save_pretrained``, ``PeftModel.from_pretrained``, PEFT's ``load_adapter`` (a new name, and the adapter's own
+    name, as trainers resume), transformers' ``load_adapter``, and the Trainer's checkpoint save and
+    ``resume_from_checkpoint``."""
+    from .test_trainer_options import make_trainer
+
+    def diverged():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               QSTConfig(task_type="CAUSAL_LM", r=4))
+        parameter = next(p for p in model.parameters() if p.requires_grad and p.dim() == 2)
+        with torch.no_grad():
+            parameter[0, 0] = float("nan")
+        return model
+
+    def nan_warnings(caught):
+        found = [w for w in caught if "NaN or infinite" in str(w.message)]
+        assert found
+        return found
+
+    folder = str(tmp_path / "diverged")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = diverged()
+        model.save_pretrained(folder)
+        assert [w.filename for w in nan_warnings(caught)] == [__file__]
+    for load in (
+        lambda: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder),
+        lambda: model.load_adapter(folder, "other"),
+        lambda: model.load_adapter(folder, "default"),
+        lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir).load_adapter(folder),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load()
+            assert {w.filename for w in nan_warnings(caught)} == {__file__}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path / "run", diverged(), save_strategy="steps", save_steps=1).train()
+        assert {w.filename for w in nan_warnings(caught)} == {__file__}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint = str(tmp_path / "run" / "checkpoint-1")
+        make_trainer(tmp_path / "resumed", diverged()).train(resume_from_checkpoint=checkpoint)
+        assert {w.filename for w in nan_warnings(caught)} == {__file__}

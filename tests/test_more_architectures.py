@@ -549,6 +549,72 @@ def test_resuming_an_adapter_saved_before_the_width_options_with_todays_default_
     )
 
 
+def written_before_the_width_options(folder, names=("side_inner_widths",)):
+    """Drop ``names`` from the ``adapter_config.json`` in ``folder``, as the versions before those options wrote it."""
+    import json
+
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    for name in names:
+        del saved[name]
+    (folder / "adapter_config.json").write_text(json.dumps(saved))
+
+
+def test_a_config_read_from_a_file_written_before_the_options_says_what_its_side_blocks_have(tmp_path):
+    """An ``adapter_config.json`` written before ``side_heads``, ``side_linear_heads`` or ``side_inner_widths``
+    existed holds side blocks of the model's heads and widths, and every loader builds the adapter so. The config
+    ``PeftConfig.from_pretrained`` read from it (the user's, ``AutoPeftModel``'s, transformers') said today's
+    defaults, ``"auto"`` and ``"divided"``, as QSTConfig.from_pretrained did not: given back to a loader
+    (``config=``), it built side blocks the weights do not fit, and the load was refused. Every class reads such a
+    file as QSTConfig does; a file holding the keys, a config built in code and another method's file keep theirs."""
+    from peft import LoraConfig, PeftConfig
+
+    old = tmp_path / "old"
+    QSTConfig(task_type="CAUSAL_LM", side_heads=4).save_pretrained(old)
+    written_before_the_width_options(old, ("side_heads", "side_linear_heads", "side_inner_widths"))
+    for read in (PeftConfig.from_pretrained, QSTConfig.from_pretrained):
+        config = read(str(old))
+        assert isinstance(config, QSTConfig)
+        assert (config.side_heads, config.side_linear_heads, config.side_inner_widths) == (None, "backbone", "backbone")
+    QSTConfig(task_type="CAUSAL_LM", side_heads=4).save_pretrained(tmp_path / "new")
+    config = PeftConfig.from_pretrained(str(tmp_path / "new"))
+    assert (config.side_heads, config.side_linear_heads, config.side_inner_widths) == (4, "divided", "divided")
+    config = QSTConfig(task_type="CAUSAL_LM")
+    assert (config.side_heads, config.side_linear_heads, config.side_inner_widths) == ("auto", "divided", "divided")
+    LoraConfig(task_type="CAUSAL_LM", r=3).save_pretrained(tmp_path / "lora")
+    assert PeftConfig.from_pretrained(str(tmp_path / "lora")).r == 3
+
+    _, ids, expected = saved_adapter_of_backbone_widths("qwen4_exp_text", tmp_path / "qwen")
+    written_before_the_width_options(tmp_path / "qwen")
+    folder = str(tmp_path / "qwen")
+    loaded = PeftModel.from_pretrained(arch_sweep.build_float("qwen4_exp_text"), folder,
+                                       config=PeftConfig.from_pretrained(folder)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+def test_transformers_load_adapter_of_a_file_before_the_width_options_with_todays_default_names_the_option(tmp_path):
+    """transformers' ``model.load_adapter(folder, peft_config=QSTConfig(...))`` with today's default, of weights
+    saved before ``side_inner_widths`` existed: refused, as PEFT's loaders refuse it, naming the option and the
+    setting that loads it (it reported transformers' table of mismatched shapes and "You set
+    `ignore_mismatched_sizes` to `False`"); nothing stays injected, and the named setting, or no peft_config (the file
+    then builds the adapter), loads the trained logits."""
+    from peft_qst.serialization import QSTAdapterFileError
+
+    _, ids, expected = saved_adapter_of_backbone_widths("qwen4_exp_text", tmp_path)
+    written_before_the_width_options(tmp_path)
+    model = arch_sweep.build_float("qwen4_exp_text")
+    with pytest.raises(QSTAdapterFileError, match=r"predates side_inner_widths: .*side_inner_widths=\"backbone\".*"
+                                                  r"load_adapter without peft_config="):
+        model.load_adapter(str(tmp_path), peft_config=QSTConfig(task_type="CAUSAL_LM"))
+    assert not getattr(model, "peft_config", None) and not [n for n, _ in model.named_modules() if "qst_side" in n]
+    model.load_adapter(str(tmp_path), peft_config=QSTConfig(task_type="CAUSAL_LM", side_inner_widths="backbone"))
+    from_the_file = arch_sweep.build_float("qwen4_exp_text")
+    from_the_file.load_adapter(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids).logits, expected)
+        assert torch.equal(from_the_file.eval()(input_ids=ids).logits, expected)
+
+
 def test_an_adapter_saved_before_the_width_options_loads_where_they_change_no_shape(tmp_path):
     """``side_inner_widths="divided"`` changes a width attribute a model's config holds but its blocks do not build
     (MiniMax-M3's ``index_n_heads``, 4 at the config's defaults, whose layers are all full attention: no indexer).

@@ -348,7 +348,10 @@ def test_training_output_is_the_trainers_own(tmp_path, smollm2_dir, capfd, caplo
     assert "3/3" in err  # tqdm's bar reached the end
     lines = [line.strip() for line in out.splitlines() if line.strip()]
     assert len(lines) == 4 and all(line.startswith("{'") for line in lines)  # 3 step logs + the train summary
-    assert not [w for w in caught if os.path.abspath(w.filename).startswith(package_dir)]
+    # peft_qst's warnings name the user's line that reached them (peft_qst.serialization.user_stacklevel): here,
+    # this file's trainer.train()
+    assert not [w for w in caught
+                if os.path.abspath(w.filename).startswith(package_dir) or os.path.abspath(w.filename) == __file__]
     assert not [r for r in caplog.records if os.path.abspath(r.pathname).startswith(package_dir)]
 
 
