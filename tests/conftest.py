@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -84,6 +85,23 @@ def train_steps(model, input_ids, steps: int = 3, lr: float = 1e-2) -> list[floa
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+@contextlib.contextmanager
+def parameters_frozen(model):
+    """``model`` with every parameter's ``requires_grad`` off for the block, then as it was: logits to compare exactly
+    with a model whose parameters are frozen (a base model under an adapter, an adapter loaded for inference). torch's
+    matmul folds a transposed 3-D operand (Mamba mixers' ``x_proj`` and scan) into one matrix product when an operand
+    requires grad, even under ``no_grad``, and runs a batched product when none does; on some CPUs the two round
+    differently (1e-7 to 1e-6 on a tiny Mamba on an AMD EPYC, 0 on a Xeon), with bit-identical weights."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
 
 
 def bnb_config(quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16, quant_storage=torch.uint8):

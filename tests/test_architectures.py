@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from peft_qst import QSTConfig, QSTUnsupportedModelError
 
-from .conftest import REPO, bnb_config, train_steps
+from .conftest import REPO, bnb_config, parameters_frozen, train_steps
 from .test_training_graph import assert_only_side_learns_and_backbone_saves_nothing
 
 V = 96
@@ -62,7 +62,7 @@ def check_default_config_end_to_end(base, ids):
     """The default QSTConfig on a base model: it starts at the base model's logits, only the side network learns
     (nothing the backbone computed is kept for backward), training changes the output, and cached greedy generation
     equals uncached. Returns the adapted model and its logits."""
-    with torch.no_grad():
+    with torch.no_grad(), parameters_frozen(base):  # as get_peft_model leaves the backbone
         expected_start = base(input_ids=ids).logits
     model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
     with torch.no_grad():

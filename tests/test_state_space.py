@@ -23,7 +23,8 @@ def check_trains_reloads_and_generates(model, reload, ids=IDS, atol=0.0):
     on torch's matmul), and generates with its cache the logits of full forwards: exactly, or within ``atol`` (bf16,
     where the base models' own cached steps are up to 0.03 off theirs and greedy tokens can flip)."""
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, reload(None)(input_ids=ids).logits)
+        base = reload(None).requires_grad_(False)  # frozen, as under the adapter (conftest.parameters_frozen)
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
     losses = train_steps(model, ids, steps=3, lr=3e-2)
     assert losses[-1] < losses[0]
     for parameter in model.parameters():
