@@ -80,15 +80,31 @@ CONTINUOUS_BATCHING_REFUSAL = (
 
 #: the attribute of a side cache (or copy memory) holding the layout of the side network that filled it
 _LAYOUT_ATTR = "_peft_qst_side_layout"
+#: the attribute of a side cache (or copy memory) holding the identity of the side network that filled it
+_IDENTITY_ATTR = "_peft_qst_side_identity"
 
 
 def record_cache_layout(half, side: QSTSideNetwork) -> None:
-    """Record on a side half (a side cache or copy memory) the layout of the side network that fills it
-    (:meth:`QSTSideNetwork.cache_layout`). An attribute of the half itself: it travels with it wherever the half goes
-    (paired with the caller's own cache, deep-copied, pickled)."""
+    """Record on a side half (a side cache or copy memory) the layout and the identity of the side network that
+    fills it (:meth:`QSTSideNetwork.cache_layout`, :meth:`QSTSideNetwork.cache_identity`). Attributes of the half
+    itself: they travel with it wherever the half goes (paired with the caller's own cache, deep-copied, pickled)."""
     attributes = getattr(half, "__dict__", None)
     if attributes is not None and _LAYOUT_ATTR not in attributes:
         attributes[_LAYOUT_ATTR] = side.cache_layout()
+        attributes[_IDENTITY_ATTR] = side.cache_identity()
+
+
+def identify_loaded_adapter(model: nn.Module, adapter_name: str, weights_digest: Optional[str]) -> None:
+    """Give the side networks of ``adapter_name``, just built by loading the saved weights of digest
+    ``weights_digest`` (``PeftModel.from_pretrained``, ``load_adapter`` into a new name), that digest as their
+    identity (:meth:`QSTSideNetwork.cache_identity`): a cache filled by the same saved adapter, loaded in another
+    process or again after ``delete_adapter``, continues. Weights loaded into an existing adapter keep its identity."""
+    if not weights_digest:
+        return
+    for module in model.modules():
+        sides = getattr(module, "qst_side", None)
+        if isinstance(sides, nn.ModuleDict) and adapter_name in sides:
+            sides[adapter_name].identify_as_loaded(weights_digest)
 
 
 def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:
@@ -860,9 +876,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         adapter was deleted and added again under the same name with another config (``r``, ``side_heads``, copy
         heads) since the cache was filled. Continuing them failed inside attention with a bare "Sizes of tensors must
         match" where their head sizes differ, and attended silently to another network's history where they happen
-        to fit (``r=2`` after ``r=4``, with one key-value head of the same size). A side network of the same shape
-        cannot be told from the one that filled the cache (as a model loaded again from the saved adapter is), and
-        continues it."""
+        to fit (``r=2`` after ``r=4``, with one key-value head of the same size). A side network of the same shape is
+        told apart by its identity (:meth:`QSTSideNetwork.cache_identity`): re-added with fresh weights or loaded
+        from other saved weights, it attended silently to the deleted network's history. The same network with
+        weights loaded in place, a copy of it, or the same saved adapter loaded again continues the cache."""
         if past == 0:
             return
         layout = self.qst_side[name].cache_layout()
@@ -879,10 +896,23 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             raise ValueError(
                 f"The cache holds {past} past tokens whose side-network state for adapter {name!r} was computed by a "
                 f"side network of another shape than adapter {name!r} has now ({changed}): the adapter was deleted "
-                "and added again under the same name with another config since the cache was filled, so those keys "
-                "and values are another network's history. Start generation again with a fresh cache (no "
-                "past_key_values, or a new DynamicCache()), or continue the old one only with the adapter that "
-                "filled it."
+                "and added again under the same name with another config (or loaded again onto a base model of "
+                "another config) since the cache was filled, so those keys and values are another network's "
+                "history. Start generation again with a fresh cache (no past_key_values, or a new DynamicCache()), "
+                "or continue the old one only with the adapter that filled it."
+            )
+        identity = self.qst_side[name].cache_identity()
+        for half in (cache.side_cache(name), cache.copy_memory(name)):
+            recorded = getattr(half, "__dict__", {}).get(_IDENTITY_ATTR)
+            if recorded is None or recorded == identity:
+                continue  # a half filled before halves recorded their side network is not checked
+            raise ValueError(
+                f"The cache holds {past} past tokens whose side-network state for adapter {name!r} was computed by "
+                f"another side network than the one adapter {name!r} has now: the adapter was deleted and added "
+                "again under the same name (add_adapter, or load_adapter of other weights) since the cache was "
+                "filled, so those keys and values are the deleted network's history. Start generation again with a "
+                "fresh cache (call generate without past_key_values, or pass a new DynamicCache()), or continue the "
+                "old one only with the adapter that filled it."
             )
 
     def _has_cross_attention(self) -> bool:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .backbone_lora import is_time_step_delta, resolve_backbone_lora_layers
 from .bnb_compat import keep_4bit_weights_through_state_dict, route_4bit_layers_by_mode, stop_routing_4bit_layers
-from .config import AUTO, QSTConfig
+from .config import AUTO, PEFT_TYPE, QSTConfig
 from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, QSTLayer
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loss import install_chunked_loss, uninstall_chunked_loss
@@ -1592,7 +1592,21 @@ def check_width_options_of_earlier_files(
 
 def check_saved_config_matches(config: QSTConfig, adapter_name: str, saved_config: dict) -> None:
     """The ``adapter_config.json`` saved with the weights (``saved_config``, {} where there is none) describes an
-    adapter that computes what ``config``, the config of adapter ``adapter_name`` they are loaded into, computes."""
+    adapter that computes what ``config``, the config of adapter ``adapter_name`` they are loaded into, computes.
+
+    Weights saved by another PEFT method (a LoRA folder given a ``QSTConfig`` with ``config=``, or loaded into an
+    existing QST adapter, as a trainer resuming from the wrong checkpoint does) were refused as a QST file that
+    "predates side_heads", with the advice to set ``side_heads=None``, which only led to another wrong diagnosis
+    ("saved from a different QST configuration"): they are refused naming the method the file says."""
+    saved_type = saved_config.get("peft_type") if saved_config else None
+    if isinstance(saved_type, str) and saved_type.strip().upper() != PEFT_TYPE:
+        raise QSTAdapterFileError(
+            f"The weights loaded into QST adapter {adapter_name!r} were saved by a {saved_type} adapter (the "
+            "peft_type of the adapter_config.json beside them), not a QST one: they cannot be loaded into a side "
+            "network. Load a folder saved from a QST adapter, or load this one as what it is, without a QSTConfig "
+            "(PeftModel.from_pretrained(base_model, folder) without config=, into a model holding no QST adapter). "
+            "Nothing was loaded."
+        )
     if saved_config and "side_heads" not in saved_config and config.side_heads is not None:
         raise QSTAdapterFileError(
             f"The adapter_config.json saved with these weights predates side_heads: its side blocks have the model's "

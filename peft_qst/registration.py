@@ -44,6 +44,7 @@ from typing import Optional
 from .card import add_usage_section, saved_qst_adapters
 from .config import PEFT_TYPE, QSTConfig
 from .fast_path import note_adapter_loaded
+from .layer import identify_loaded_adapter
 from .model import (
     QSTModel,
     check_saved_adapter_fits,
@@ -58,7 +59,7 @@ from .model import (
     remove_injected_adapters,
     saved_adapter_copies_of_embeddings,
 )
-from .serialization import QSTAdapterFileError, read_adapter_weights, user_stacklevel
+from .serialization import QSTAdapterFileError, read_adapter_weights, user_stacklevel, weights_digest
 from .side import QSTSideNetwork, QSTUnsupportedModelError
 
 #: the download arguments of transformers' loaders that ``hf_hub_download`` (and so the QST reader) takes too
@@ -85,6 +86,7 @@ def register() -> None:
     _keep_the_side_attention_on_set_attn_implementation()
     _name_the_file_in_config_refusals()
     _read_qst_files_as_qst_config_does()
+    _refuse_qst_adapters_in_lora_hotswap_helpers()
 
 
 def _qst_adapter_names(model) -> list[str]:
@@ -295,6 +297,17 @@ def _keep_the_loading_section_in_updated_cards() -> None:
     _patch_once(PeftModel, "create_or_update_model_card", make)
 
 
+#: while QST's ``PeftModel.load_adapter`` builds an adapter for the weights it loads: a list that receives the digest
+#: of the weights its reader read
+_read_digests: ContextVar = ContextVar("peft_qst_read_digests", default=None)
+
+
+def _digest_of(tensors: dict, saved_config: dict) -> str:
+    """The digest of adapter weights as read from their file: the one recorded beside them when they were saved
+    (checked against them on reading), else computed."""
+    return saved_config.get("adapter_weights_sha256") or weights_digest(tensors)
+
+
 def _read_qst_weights_safely() -> None:
     import peft.peft_model as peft_model_module
     from peft import PeftModel
@@ -302,15 +315,24 @@ def _read_qst_weights_safely() -> None:
     def make_load_adapter(original):
         def load_adapter(self, model_id, adapter_name, *args, **kwargs):
             built = _built_by_from_pretrained.get()
+            new_name = adapter_name not in self.peft_config
+            # the adapter is built for this load (a new name, or the one PeftModel.from_pretrained just injected): it
+            # takes the identity of the weights read (see QSTSideNetwork.cache_identity); an existing one keeps its own
+            built_here = new_name or (built is not None and not built)
             if built is not None and not built:
                 built.append(self)  # the PeftModel PeftModel.from_pretrained is loading into: undone if this fails
-            new_name = adapter_name not in self.peft_config
             token = loading_adapter.set((self, adapter_name, bool(kwargs.get("ignore_mismatched_sizes", False))))
+            digests = []
+            digest_token = _read_digests.set(digests if built_here else None)
             try:
                 if _holds_qst_adapter(self):
                     with _accelerate_dispatch_kept(self.get_base_model()):
-                        return original(self, model_id, adapter_name, *args, **kwargs)
-                return original(self, model_id, adapter_name, *args, **kwargs)
+                        result = original(self, model_id, adapter_name, *args, **kwargs)
+                else:
+                    result = original(self, model_id, adapter_name, *args, **kwargs)
+                if built_here and len(digests) == 1:
+                    identify_loaded_adapter(self, adapter_name, digests[0])
+                return result
             except BaseException:
                 # PEFT adds an adapter of a new name before it reads the weights: a refused load left it there, with
                 # its fresh weights, to be activated by set_adapter (and a second try into that name built with the
@@ -320,6 +342,7 @@ def _read_qst_weights_safely() -> None:
                     self.delete_adapter(adapter_name)
                 raise
             finally:
+                _read_digests.reset(digest_token)
                 loading_adapter.reset(token)
                 note_adapter_loaded()  # a continued generation cache checks the weights again
 
@@ -332,6 +355,9 @@ def _read_qst_weights_safely() -> None:
             if getattr(config, "peft_type", None) != PEFT_TYPE:
                 return original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
             tensors, saved_config = read_adapter_weights(model_id, device, dict(hf_hub_download_kwargs))
+            digests = _read_digests.get()
+            if digests is not None:
+                digests.append(_digest_of(tensors, saved_config))
             if key_mapping:
                 # PEFT's renaming, on a file now known to be safetensors, readable and as saved
                 tensors = original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
@@ -530,11 +556,13 @@ def _read_qst_weights_safely_in_transformers() -> None:
                          *args, **kwargs):
             # the adapter_config.json saved with the weights, where a config given here builds the adapter instead
             saved_config = {}
+            digest = None  # of weights read from a folder here (not of an adapter_state_dict passed in)
             if adapter_state_dict is None and peft_model_id is not None:
                 hub_kwargs = _transformers_hub_kwargs(kwargs)
                 config = peft_config if peft_config is not None else _saved_qst_config(peft_model_id, hub_kwargs)
                 if getattr(config, "peft_type", None) == PEFT_TYPE:
                     adapter_state_dict, read_config = read_adapter_weights(peft_model_id, None, hub_kwargs)
+                    digest = _digest_of(adapter_state_dict, read_config)
                     saved_config = read_config if peft_config is not None else {}
                     peft_config = config
             if getattr(peft_config, "peft_type", None) != PEFT_TYPE:
@@ -623,6 +651,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     "saved with another configuration or is damaged; it was removed again, so the model is as it "
                     "was before load_adapter."
                 )
+            identify_loaded_adapter(self, name, digest)
             return info
 
         return load_adapter
@@ -751,6 +780,58 @@ def _wrap_side_modules_in_fsdp_units() -> None:
         return fsdp_auto_wrap_policy
 
     _patch_once(peft_other, "fsdp_auto_wrap_policy", make)
+
+
+def _holds_qst_side_network(model) -> bool:
+    """Whether ``model`` (a PeftModel, a model ``inject_adapter_in_model`` adapted, or a ``torch.compile`` wrapper of
+    either) holds a QST adapter."""
+    import torch
+
+    from .layer import QSTLayer
+
+    return _holds_qst_adapter(model) or (
+        isinstance(model, torch.nn.Module) and any(isinstance(module, QSTLayer) for module in model.modules())
+    )
+
+
+def _refuse_qst_adapters_in_lora_hotswap_helpers() -> None:
+    """PEFT's ``hotswap_adapter`` refuses a QST adapter by its type before it touches the model. The two helpers it is
+    built on, which LoRA users call themselves to compile once and swap adapters in place, did not:
+    ``prepare_model_for_compiled_hotswap`` told a model holding a QST adapter that it had "no adapter layers" and to
+    call it "after loading the first adapter", and ``hotswap_adapter_from_state_dict``, given the side network's
+    weights with the prefix PEFT maps QST to (``parameter_prefix="qst_"``, as ``hotswap_adapter`` passes it), first
+    zeroed every weight of the adapter the state dict left out, then failed on LoRA's ``rank_pattern``
+    (``AttributeError``): the adapter in use was damaged by a call that reported an unrelated error. Both refuse a
+    model holding a QST adapter (or a QST config) before anything is changed, naming QST's own swap."""
+    import peft.utils.hotswap as hotswap
+
+    def refusal(function: str) -> ValueError:
+        return ValueError(
+            f"{function} works on LoRA adapters only, and this model holds a QST adapter (a side network, not "
+            "LoRA's low-rank matrices, so there is nothing to pad or swap in place). To swap a QST adapter, load the "
+            "new one into the name in use: model.load_adapter(folder, adapter_name=name), or, for weights in "
+            "memory, set_peft_model_state_dict(model, state_dict, adapter_name=name); both check that the weights "
+            "fit first. Nothing was changed."
+        )
+
+    def make_prepare(original):
+        def prepare_model_for_compiled_hotswap(model, *args, **kwargs):
+            if _holds_qst_side_network(model):
+                raise refusal("prepare_model_for_compiled_hotswap")
+            return original(model, *args, **kwargs)
+
+        return prepare_model_for_compiled_hotswap
+
+    def make_from_state_dict(original):
+        def hotswap_adapter_from_state_dict(model, state_dict, adapter_name, config, *args, **kwargs):
+            if _holds_qst_side_network(model) or getattr(config, "peft_type", None) == PEFT_TYPE:
+                raise refusal("hotswap_adapter_from_state_dict")
+            return original(model, state_dict, adapter_name, config, *args, **kwargs)
+
+        return hotswap_adapter_from_state_dict
+
+    _patch_once(hotswap, "prepare_model_for_compiled_hotswap", make_prepare)
+    _patch_once(hotswap, "hotswap_adapter_from_state_dict", make_from_state_dict)
 
 
 def _return_the_bare_trunk_from_get_base_model() -> None:

@@ -18,6 +18,7 @@ import copy
 import functools
 import inspect
 import math
+import uuid
 from contextlib import nullcontext
 from typing import Any, Callable, Optional
 
@@ -1377,6 +1378,7 @@ class QSTSideNetwork(nn.Module):
         self._check_runs(base_config, qst_config)
         # weights loaded in place between two turns of a cache: the fast path checks them again (see the hook)
         self.register_load_state_dict_post_hook(note_side_weights_loaded)
+        self.__dict__["_cache_identity"] = uuid.uuid4().hex  # see cache_identity
 
     #: what the inference fast path keeps on the side network (peft_qst/fast_path.py), derived from its parameters:
     #: left out of copies and pickles, which build their own from their own parameters. The packed weights hold a weak
@@ -1416,6 +1418,25 @@ class QSTSideNetwork(nn.Module):
                 sizes.update(copy_heads=self.copy_head.heads, copy_head_dim=self.copy_head.head_dim)
             layout = self.__dict__["_cache_layout"] = tuple(sorted(sizes.items()))
         return layout
+
+    def cache_identity(self) -> str:
+        """Which side network this is, for the cache halves it fills: recorded on them with their layout
+        (:func:`peft_qst.layer.record_cache_layout`), so that a cache continued by another network under the same
+        adapter name and of the same shape (deleted and added again, or another folder loaded into the new name) is
+        refused instead of attending silently to the deleted network's keys and values. A new network draws a fresh
+        one; copies and pickles keep it (their weights are the same), and so do weights loaded into this network in
+        place (a cache continues across an optimizer step or a checkpoint load, as with any model). A network built by
+        loading a saved adapter takes its weights' digest instead (:meth:`identify_as_loaded`): loaded again from the
+        same folder (another process, ``delete_adapter`` and ``load_adapter``), it continues a cache it filled.
+        A network pickled before networks had an identity draws one at first use."""
+        identity = self.__dict__.get("_cache_identity")
+        if identity is None:
+            identity = self.__dict__["_cache_identity"] = uuid.uuid4().hex
+        return identity
+
+    def identify_as_loaded(self, weights_digest: str) -> None:
+        """Take the identity of the saved weights just loaded into this new network (see :meth:`cache_identity`)."""
+        self.__dict__["_cache_identity"] = f"weights-sha256:{weights_digest}"
 
     def _check_runs(self, base_config, qst_config: QSTConfig) -> None:
         """Run the freshly built side network once on made-up hidden states (one row of 4 positions), so that a model

@@ -178,6 +178,32 @@ def test_the_callers_own_cache_changed_between_turns_continues_like_a_fresh_gene
     assert torch.equal(continued.sequences, fresh.sequences)
 
 
+def _assert_continuation_refused_and_fresh_cache_generates(model, cache, history, mask, computed_by: str):
+    """Adapter "a" made active again after its re-adding: continuing ``cache`` is refused, naming what computed its
+    side state and the fix; generation without it goes on."""
+    model.set_adapter("a")
+    model.eval()
+    with pytest.raises(ValueError, match=f"side-network state for adapter 'a' was computed by {computed_by}.*"
+                       "deleted and added again.*fresh cache"):
+        _generate(model, input_ids=history, attention_mask=mask, max_new_tokens=3, past_key_values=cache)
+    fresh = _generate(model, input_ids=history, attention_mask=mask, max_new_tokens=3)
+    assert fresh.shape == (len(PROMPTS), history.shape[1] + 3)
+
+
+def _first_turn(model, cache_kind):
+    """A first turn of four new tokens: the cache to continue, the history and its attention mask."""
+    from transformers import DynamicCache
+
+    ids, mask = left_padded(PROMPTS)
+    if cache_kind == "returned":
+        out = _generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True)
+        cache, history = (out.cache if "cache" in out else out.past_key_values), out.sequences
+    else:
+        cache = DynamicCache()
+        history = _generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, past_key_values=cache)
+    return cache, history, torch.cat([mask, torch.ones(len(PROMPTS), 4, dtype=mask.dtype)], 1)
+
+
 @pytest.mark.parametrize("cache_kind", ["returned", "callers-own"])
 @pytest.mark.parametrize("shape", [dict(r=2), dict(r=4, side_heads=2)], ids=["r", "side_heads"])
 def test_a_cache_continued_after_its_adapter_was_added_again_in_another_shape_is_refused(cache_kind, shape):
@@ -187,7 +213,6 @@ def test_a_cache_continued_after_its_adapter_was_added_again_in_another_shape_is
     blocks keep one key-value head of the same size on this model, it continued silently on the old network's
     history. Both are refused, naming the adapter, what changed and the fix; a fresh cache generates."""
     from peft import get_peft_model
-    from transformers import DynamicCache
 
     from peft_qst import QSTConfig
 
@@ -196,24 +221,100 @@ def test_a_cache_continued_after_its_adapter_was_added_again_in_another_shape_is
     model = get_peft_model(tiny_causal_lm(pad_token_id=PAD), QSTConfig(task_type="CAUSAL_LM", r=4), adapter_name="a")
     model.add_adapter("b", QSTConfig(task_type="CAUSAL_LM", r=4))
     model.eval()
-    ids, mask = left_padded(PROMPTS)
-    if cache_kind == "returned":
-        out = _generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True)
-        cache, history = (out.cache if "cache" in out else out.past_key_values), out.sequences
-    else:
-        cache = DynamicCache()
-        history = _generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, past_key_values=cache)
+    cache, history, mask = _first_turn(model, cache_kind)
     model.set_adapter("b")
     model.delete_adapter("a")
     model.add_adapter("a", QSTConfig(task_type="CAUSAL_LM", **shape))
-    model.set_adapter("a")
+    _assert_continuation_refused_and_fresh_cache_generates(model, cache, history, mask, "a side network of another "
+                                                           "shape")
+
+
+def _saved_adapter(folder, seed):
+    """A QST adapter "a" trained a little from ``seed`` and saved to ``folder``."""
+    from peft import get_peft_model
+
+    from peft_qst import QSTConfig
+
+    from .conftest import tiny_causal_lm
+
+    model = get_peft_model(tiny_causal_lm(pad_token_id=PAD), QSTConfig(task_type="CAUSAL_LM", r=4), adapter_name="a")
+    torch.manual_seed(seed)
+    train_steps(model, torch.randint(1, 128, (4, 24)), steps=2, lr=3e-2)
+    model.save_pretrained(folder)
+    return folder / "a" if (folder / "a").is_dir() else folder
+
+
+@pytest.mark.parametrize("cache_kind", ["returned", "callers-own"])
+@pytest.mark.parametrize("how", ["add_adapter", "load_adapter-other-weights"])
+def test_a_cache_continued_after_its_adapter_was_added_again_in_the_same_shape_is_refused(tmp_path, cache_kind, how):
+    """generate with adapter "a", delete_adapter("a"), then add_adapter("a", the same config) or load_adapter of
+    other saved weights into "a", and continue the old cache: the new side network has the shape of the deleted one,
+    so the layout check passed, and the continuation attended silently to the deleted network's side keys and values
+    (tokens neither network generates). Refused, naming the adapter and the fix; a fresh cache generates."""
+    from peft import PeftModel
+
+    from peft_qst import QSTConfig
+
+    from .conftest import tiny_causal_lm
+
+    folder = _saved_adapter(tmp_path / "first", seed=56)
+    model = PeftModel.from_pretrained(tiny_causal_lm(pad_token_id=PAD), folder, adapter_name="a").eval()
+    cache, history, mask = _first_turn(model, cache_kind)
+    model.delete_adapter("a")
+    if how == "add_adapter":
+        model.add_adapter("a", QSTConfig(task_type="CAUSAL_LM", r=4))
+    else:
+        model.load_adapter(str(_saved_adapter(tmp_path / "other", seed=57)), adapter_name="a")
+    _assert_continuation_refused_and_fresh_cache_generates(model, cache, history, mask, "another side network")
+
+
+@pytest.mark.parametrize("cache_kind", ["returned", "callers-own"])
+@pytest.mark.parametrize(
+    "how",
+    ["same-model", "load_adapter-same-folder", "from_pretrained-again", "transformers-load_adapter", "deepcopy",
+     "torch.save"],
+)
+def test_a_cache_continues_with_the_side_network_that_filled_it_or_the_same_saved_weights(tmp_path, cache_kind, how):
+    """The identity check refuses only another side network: the adapter that filled the cache, a copy of the model
+    (deepcopy, torch.save and torch.load), the same saved adapter loaded again after delete_adapter, or into another
+    model by PEFT or by transformers (as in a fresh process that loads the adapter and a cache saved with torch.save)
+    continue it, and the continuation equals generating from the whole history without a cache."""
+    import io
+
+    from peft import PeftModel
+
+    from .conftest import copy_of, tiny_causal_lm
+
+    folder = _saved_adapter(tmp_path, seed=56)
+    model = PeftModel.from_pretrained(tiny_causal_lm(pad_token_id=PAD), folder, adapter_name="a").eval()
+    cache, history, mask = _first_turn(model, cache_kind)
+    if how == "load_adapter-same-folder":
+        model.add_adapter("b", model.peft_config["a"])
+        model.set_adapter("b")
+        model.delete_adapter("a")
+        model.load_adapter(str(folder), adapter_name="a")
+        model.set_adapter("a")
+        model.delete_adapter("b")
+    elif how in ("from_pretrained-again", "transformers-load_adapter"):
+        buffer = io.BytesIO()
+        torch.save(cache, buffer)
+        buffer.seek(0)
+        cache = torch.load(buffer, weights_only=False)
+        if how == "from_pretrained-again":
+            model = PeftModel.from_pretrained(tiny_causal_lm(pad_token_id=PAD), folder, adapter_name="a")
+        else:
+            model = tiny_causal_lm(pad_token_id=PAD)
+            model.load_adapter(str(folder), adapter_name="a")
+    elif how in ("deepcopy", "torch.save"):
+        model = copy_of(model, how)
     model.eval()
-    mask = torch.cat([mask, torch.ones(len(PROMPTS), 4, dtype=mask.dtype)], 1)
-    with pytest.raises(ValueError, match="side-network state for adapter 'a' was computed by a side network of "
-                       "another shape.*deleted and added again.*fresh cache"):
-        _generate(model, input_ids=history, attention_mask=mask, max_new_tokens=3, past_key_values=cache)
-    fresh = _generate(model, input_ids=history, attention_mask=mask, max_new_tokens=3)
-    assert fresh.shape == (len(PROMPTS), history.shape[1] + 3)
+    kwargs = dict(input_ids=torch.cat([history, torch.full((len(PROMPTS), 2), 7)], 1),
+                  attention_mask=torch.cat([mask, torch.ones(len(PROMPTS), 2, dtype=mask.dtype)], 1),
+                  max_new_tokens=4, return_dict_in_generate=True, output_logits=True)
+    continued = _generate(model, past_key_values=cache, **kwargs)
+    fresh = _generate(model, **kwargs)
+    torch.testing.assert_close(torch.stack(continued.logits), torch.stack(fresh.logits), atol=2e-5, rtol=1e-4)
+    assert torch.equal(continued.sequences, fresh.sequences)
 
 
 def test_generate_returns_the_adapted_logits_and_final_hidden_states(model):

@@ -343,6 +343,40 @@ def test_a_misspelt_peft_type_is_refused_naming_the_file_and_the_fix(tmp_path, t
         assert torch.equal(loaded(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
 
 
+def test_weights_of_another_peft_method_are_refused_naming_it(tmp_path, tiny_model_dir):
+    """A LoRA folder given a QSTConfig (``config=``, transformers' ``peft_config=``) or loaded into an existing QST
+    adapter (a trainer resuming from the wrong checkpoint) was refused as a QST file that "predates side_heads", with
+    the advice to set ``side_heads=None``, which led to "saved from a different QST configuration". Each way is refused
+    naming the method the folder holds; the models are left as they were, and the folder loads as LoRA without the
+    QSTConfig."""
+    from peft import LoraConfig
+
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    folder = str(tmp_path / "lora")
+    qst = saved_adapter(tiny_model_dir, tmp_path / "qst")
+    with torch.no_grad():
+        expected = qst(input_ids=IDS).logits
+    refusal = "saved by a LORA adapter .*not a QST one.*without a QSTConfig"
+    for side_heads in ({}, {"side_heads": None}):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with pytest.raises(QSTAdapterFileError, match=refusal):
+            PeftModel.from_pretrained(base, folder, config=QSTConfig(task_type="CAUSAL_LM", r=4, **side_heads))
+        assert not hasattr(base, "peft_config") and all(p.requires_grad for p in base.parameters())
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with pytest.raises(QSTAdapterFileError, match=refusal):
+            plain.load_adapter(folder, peft_config=QSTConfig(task_type="CAUSAL_LM", r=4, **side_heads))
+        assert not getattr(plain, "peft_config", None)
+    with pytest.raises(QSTAdapterFileError, match=refusal):
+        qst.load_adapter(folder, adapter_name="default", is_trainable=True)
+    with torch.no_grad():
+        assert torch.equal(qst.eval()(input_ids=IDS).logits, expected)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, lora.eval()(input_ids=IDS).logits)
+
+
 def test_weights_stored_as_integers_are_refused(tmp_path, tiny_model_dir):
     """A tensor of the right name and shape but an integer dtype (a file not written by save_pretrained, whose config
     carries no digest or a digest of that file) was cast into the float weight by load_state_dict: the side network

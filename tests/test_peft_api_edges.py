@@ -287,6 +287,45 @@ def test_lora_only_features_refuse_a_qst_adapter_before_touching_it(tmp_path):
         get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4), mixed=True)
 
 
+def test_the_lora_hotswap_helpers_refuse_a_qst_adapter_before_touching_it(tmp_path):
+    """The helpers hotswap_adapter is built on, which LoRA users call themselves to compile once and swap in place:
+    prepare_model_for_compiled_hotswap told a QST model it had "no adapter layers" (call it "after loading the first
+    adapter"), and hotswap_adapter_from_state_dict, given some side weights under QST's prefix ("qst_", as
+    hotswap_adapter passes it), zeroed all the others before failing on LoRA's rank_pattern. Both refuse now, the
+    model unchanged, a PeftModel or a model adapted by inject_adapter_in_model; LoRA models swap as before."""
+    from peft import LoraConfig
+    from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap
+
+    other = trained_model(tiny_causal_lm(seed=1))
+    side_weights = {key: value for key, value in other.state_dict().items() if ".qst_side.default." in key}
+    some = dict(list(side_weights.items())[:5])
+    injected = inject_adapter_in_model(QSTConfig(task_type="CAUSAL_LM", r=4), tiny_causal_lm())
+    train_steps(injected, IDS)
+    for model in (trained_model(), injected):
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        with pytest.raises(ValueError, match="prepare_model_for_compiled_hotswap works on LoRA adapters only.*"
+                                             "load_adapter\\(folder, adapter_name=name\\)"):
+            prepare_model_for_compiled_hotswap(model, target_rank=8)
+        for config in (QSTConfig(task_type="CAUSAL_LM", r=4), LoraConfig(r=4)):
+            for prefix in ("qst_", "lora_"):
+                with pytest.raises(ValueError, match="hotswap_adapter_from_state_dict works on LoRA adapters only"):
+                    hotswap_adapter_from_state_dict(model, some, "default", config, parameter_prefix=prefix)
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in before)
+
+    def lora_model(seed):
+        return get_peft_model(tiny_causal_lm(seed=seed), LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False))
+
+    lora, lora_other = lora_model(0), lora_model(1)
+    lora_other.save_pretrained(tmp_path / "lora")
+    prepare_model_for_compiled_hotswap(lora, target_rank=8)
+    hotswap_adapter(lora, str(tmp_path / "lora"), adapter_name="default", torch_device="cpu")
+    with torch.no_grad():
+        swapped = lora.eval()(input_ids=IDS).logits
+        reference = PeftModel.from_pretrained(tiny_causal_lm(seed=0), str(tmp_path / "lora")).eval()(input_ids=IDS)
+    torch.testing.assert_close(swapped, reference.logits)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # dtypes
 # --------------------------------------------------------------------------------------------------------------------
