@@ -156,6 +156,16 @@ class _PackedState:
         return _PackedState, (self._weight_now(), self.quant_state)
 
 
+def _belongs(packed, weight) -> bool:
+    """Whether a kept layout or state (its :class:`_PackedState`) still belongs to ``weight``. A model pickled
+    (``torch.save(model)``) by peft-qst before :class:`_PackedState` keeps the packed quantization-state object itself
+    there, which unpickling leaves the weight's, as it was: such a model failed every training-mode forward and
+    ``unload()`` with "'QuantState' object has no attribute 'belongs_to'"."""
+    if isinstance(packed, _PackedState):
+        return packed.belongs_to(weight)
+    return getattr(weight, "quant_state", None) is packed
+
+
 def _inverse_packing(data: torch.Tensor, quant_state) -> tuple:
     """bitsandbytes' inverse of the CPU packing, which rebinds the fields of ``quant_state`` it changes (the 4-bit
     codes exactly, the block scales to bfloat16 rounding), with a plain ``absmax`` moved back to the standard flat
@@ -186,7 +196,7 @@ def _standard_layout(module: nn.Module) -> Optional[tuple]:
         return None
     data, standard_state, packed = kept
     weight = module.weight
-    if not packed.belongs_to(weight) or weight.device != data.device or not _is_cpu_packed(module):
+    if not _belongs(packed, weight) or weight.device != data.device or not _is_cpu_packed(module):
         vars(module).pop(_STANDARD_LAYOUT_ATTR)
         return None
     return data, standard_state
@@ -219,7 +229,7 @@ def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Modu
             # standard quantization state kept, should they be made trainable), or before QST was injected, where the
             # packed kernel has no backward for a gradient-carrying call
             kept = vars(module).pop(_STANDARD_STATE_ATTR, None)
-            kept_state = kept[0] if kept is not None and kept[1].belongs_to(module.weight) else None
+            kept_state = kept[0] if kept is not None and _belongs(kept[1], module.weight) else None
             if kept_state is not None or x.requires_grad:
                 standard = _keep_layout_rebuilt_from_packed(module, kept_state)
         if standard is not None:

@@ -1451,10 +1451,17 @@ def remove_injected_adapters(model: nn.Module) -> None:
 #: QSTConfig fields that decide what an adapter's weights compute without changing their names or shapes: the
 #: activation of the "adapter" downsampler, the pooling kind of a parameter-free one, the side blocks' head layout
 #: (with as many key/value heads as query heads, every head count gives the same shapes), the backbone low-rank
-#: adapters' scaling, and the modules saved whole beside the side network (without them in the adapter's
-#: modules_to_save, a saved ``lm_head.weight`` is loaded over the frozen base model's own LM head). Weights loaded
-#: into a side network built with other values would load without an error and compute something else.
-_COMPUTATION_FIELDS = ("downsample", "activation", "side_heads", "backbone_lora_alpha", "modules_to_save")
+#: adapters' scaling, the modules saved whole beside the side network (without them in the adapter's
+#: modules_to_save, a saved ``lm_head.weight`` is loaded over the frozen base model's own LM head), and the starting
+#: values of the output gate and the side gates, which are saved as offsets from them (``ConstantOffset``: a saved
+#: output gate read beside ``output_gate_init=2.0`` instead of 1.0 is 1.0 larger). Weights loaded into a side network
+#: built with other values would load without an error and compute something else.
+_COMPUTATION_FIELDS = (
+    "downsample", "activation", "side_heads", "backbone_lora_alpha", "modules_to_save", "side_gate_init",
+    "output_gate_init",
+)
+#: the fields of _COMPUTATION_FIELDS holding numbers, compared as such (JSON's 16.0 against a config's 16)
+_NUMBER_FIELDS = ("backbone_lora_alpha", "side_gate_init", "output_gate_init")
 
 #: the heads PEFT's task classes (``PeftModelForSequenceClassification`` and its siblings) add to ``modules_to_save``
 #: of every adapter they hold, so that a saved adapter lists them whether or not its user did. transformers'
@@ -1489,7 +1496,7 @@ def _computation_differences(saved_config: dict, config: QSTConfig) -> dict:
             task_type = getattr(config, "task_type", None)
             heads = _TASK_HEADS.get(getattr(task_type, "value", task_type), ())
             saved, here = sorted(set(saved or ()) | set(heads)), sorted(set(here or ()) | set(heads))
-        elif name == "backbone_lora_alpha" and isinstance(saved, (int, float)) and isinstance(here, (int, float)):
+        elif name in _NUMBER_FIELDS and isinstance(saved, (int, float)) and isinstance(here, (int, float)):
             saved, here = float(saved), float(here)
         if saved != here:
             differences[name] = (saved, here)
@@ -1502,9 +1509,9 @@ def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: 
     saved by an adapter that computes what ``adapter_name`` computes. The adapter's config comes from the folder when
     ``PeftModel.from_pretrained`` reads it there, but not when it is given (``config=``) or when the adapter already
     exists (``load_adapter`` into its name, as trainers do to resume a checkpoint): a config of another activation,
-    pooling kind, head layout, backbone-adapter scaling or ``modules_to_save`` builds a side network the weights load
-    into without an error (:data:`_COMPUTATION_FIELDS`). An ``adapter_config.json`` written before ``side_heads``
-    existed means the model's head count."""
+    pooling kind, head layout, backbone-adapter scaling, ``modules_to_save`` or gate start builds a side network the
+    weights load into without an error (:data:`_COMPUTATION_FIELDS`). An ``adapter_config.json`` written before
+    ``side_heads`` existed means the model's head count."""
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     check_saved_config_matches(peft_model.peft_config[adapter_name], adapter_name, saved_config)

@@ -359,6 +359,16 @@ def test_feature_extraction_training_after_an_eval_equals_training_without_one(t
         assert all("_qst_standard_layout" in vars(m) for _, m in _linear4bit_layers(evaluated))
 
 
+def _loss_and_gradients(model, ids):
+    """One training-mode forward and backward: the loss and every gradient (the same dropout masks in every run)."""
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(3)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "reload-after-unload"])
 @pytest.mark.parametrize("kind", ["hybrid", "bert-lm-head"])
 def test_training_after_a_deep_copy_or_a_reload_after_unload_is_bit_for_bit(tmp_path, kind, how):
@@ -398,26 +408,69 @@ def test_training_after_a_deep_copy_or_a_reload_after_unload_is_bit_for_bit(tmp_
             parameter.data.normal_(0, 0.1)
     model.save_pretrained(tmp_path / "adapter")
 
-    def loss_and_gradients(model):
-        model.train()
-        model.zero_grad()
-        torch.manual_seed(3)  # the same dropout masks (BERT's) in every run
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    expected_loss, expected = loss_and_gradients(load_trainable(load_base()))
+    expected_loss, expected = _loss_and_gradients(load_trainable(load_base()), ids)
     assert len(expected) > 10 and (kind != "hybrid" or any(".backbone_lora." in name for name in expected))
     model = load_trainable(load_base())
     _logits(model.eval(), ids)  # packs every 4-bit layer where the CPU supports it
     trained = copy.deepcopy(model) if how == "deepcopy" else load_trainable(model.unload())
     assert not has_avx512bf16() or _packed_everywhere(trained)
-    loss, gradients = loss_and_gradients(trained)
+    loss, gradients = _loss_and_gradients(trained, ids)
     assert gradients.keys() == expected.keys()
     assert torch.equal(loss, expected_loss), (loss, expected_loss)
     for name, gradient in expected.items():
         assert torch.equal(gradients[name], gradient), name
     if how == "deepcopy":  # and the original, whose layers the copy's share nothing with, still trains as before
-        loss, gradients = loss_and_gradients(model)
+        loss, gradients = _loss_and_gradients(model, ids)
         assert torch.equal(loss, expected_loss) and all(torch.equal(gradients[n], g) for n, g in expected.items())
     assert not has_avx512bf16() or _packed_everywhere(trained)  # training left the layers packed for eval
+
+
+@pytest.mark.parametrize("trainable", [True, False], ids=["trainable", "loaded-for-inference"])
+def test_a_model_pickled_before_kept_layouts_named_their_weight_trains_and_unloads(tiny_model_dir, tmp_path, trainable):
+    """A whole model pickled (``torch.save(model)``) after an eval forward by peft-qst before kept layouts referred to
+    their layer's weight (``_PackedState``) holds, where a kept standard layout or quantization state names the packed
+    quantization state it belongs to, that quantization-state object itself (written here by putting it in place of
+    its ``_PackedState``, all that changed). Loaded by this version, every training-mode forward and ``unload()``
+    failed with "'QuantState' object has no attribute 'belongs_to'". It trains as a model never run in eval, bit for
+    bit (its kept layouts still belong to its layers), and unloads; made trainable, so does one loaded for inference."""
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def load(is_trainable):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+        return PeftModel.from_pretrained(base, str(tmp_path / "adapter"), is_trainable=is_trainable)
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config()),
+        QSTConfig(task_type="CAUSAL_LM", r=4),
+    )
+    torch.manual_seed(2)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    expected_loss, expected = _loss_and_gradients(load(True), ids)
+    assert expected
+
+    model = load(trainable)
+    _logits(model.eval(), ids)  # packs every 4-bit layer where the CPU supports it
+    old_format = 0
+    for _, layer in _linear4bit_layers(model):
+        for attribute, at in (("_qst_standard_layout", 2), ("_qst_standard_quant_state", 1)):
+            kept = vars(layer).get(attribute)
+            if kept is not None:
+                vars(layer)[attribute] = kept[:at] + (kept[at].quant_state,)
+                old_format += 1
+    assert old_format == (len(_linear4bit_layers(model)) if has_avx512bf16() else 0)
+    loaded = copy_of(model, "pickle")
+    if not trainable:
+        for name, parameter in loaded.named_parameters():
+            if name in expected:
+                parameter.requires_grad_(True)
+    loss, gradients = _loss_and_gradients(loaded, ids)
+    assert gradients.keys() == expected.keys()
+    assert torch.equal(loss, expected_loss), (loss, expected_loss)
+    for name, gradient in expected.items():
+        assert torch.equal(gradients[name], gradient), name
+    base = loaded.unload()
+    assert not any(vars(m).get("_qst_routes_by_mode") or "_qst_standard_layout" in vars(m)
+                   for _, m in _linear4bit_layers(base))

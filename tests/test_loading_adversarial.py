@@ -2,7 +2,8 @@
 
 The weights' names, shapes and digest are checked elsewhere (test_adapters_and_persistence.py). These tests cover
 what those checks cannot see: an adapter whose config computes otherwise with weights of the same names and shapes
-(another activation, pooling kind, head layout, backbone-adapter scaling, or ``modules_to_save``), which loads
+(another activation, pooling kind, head layout, backbone-adapter scaling, ``modules_to_save``, or starting value of
+the output gate or side gates, from which those are saved as offsets), which loads
 whenever the adapter is not built from the folder's own config (``config=``, ``load_adapter`` into an existing name
 as trainers resume, transformers' ``peft_config=``); and the state a refused load leaves: PEFT adds the adapter (and
 ``from_pretrained`` injects it into the caller's base model) before the weights are read.
@@ -54,8 +55,15 @@ SAME_SHAPES_OTHER_COMPUTATION = [
     (dict(side_heads=None), dict(side_heads=2), "side_heads=None"),
     (dict(backbone_lora_layers=1), dict(backbone_lora_layers=1, backbone_lora_alpha=64.0), "backbone_lora_alpha=16.0"),
     (dict(modules_to_save=["lm_head"]), dict(), r"modules_to_save=\['lm_head'\]"),
+    # the output gate and the side gates are saved as offsets from their starting values (ConstantOffset): read beside
+    # another start, the same offsets gave other gates (logits 0.05 apart on the tiny Llama after 3 steps)
+    (dict(), dict(output_gate_init=2.0), "output_gate_init=1.0"),
+    (dict(side_gate_init=0.7), dict(side_gate_init=0.3), "side_gate_init=0.7"),
 ]
-IDS_OF_CASES = ["activation", "pooling-kind", "side-heads", "backbone-lora-alpha", "modules-to-save"]
+IDS_OF_CASES = [
+    "activation", "pooling-kind", "side-heads", "backbone-lora-alpha", "modules-to-save", "output-gate-init",
+    "side-gate-init",
+]
 
 
 def _from_pretrained_with_config(base, folder, options):
@@ -100,13 +108,15 @@ def test_weights_are_not_loaded_into_an_adapter_that_computes_otherwise(
 
 def test_the_same_options_given_again_still_load(tmp_path, tiny_model_dir):
     """A config given to the loaders that builds what was saved (side_heads "auto" resolving to the saved count, the
-    task class adding its head to modules_to_save) is not refused, for a causal LM and a classifier."""
+    task class adding its head to modules_to_save, a number written as an integer) is not refused, for a causal LM
+    and a classifier."""
     from transformers import AutoModelForSequenceClassification
 
     trained = saved_adapter(tiny_model_dir, tmp_path / "lm", backbone_lora_layers=1)
     with torch.no_grad():
         expected = trained.eval()(input_ids=IDS).logits
-    options = dict(task_type="CAUSAL_LM", r=4, backbone_lora_layers=1)
+    # output_gate_init=1: the saved 1.0, written as an integer
+    options = dict(task_type="CAUSAL_LM", r=4, backbone_lora_layers=1, output_gate_init=1)
     loaded = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "lm"), config=QSTConfig(**options)
     ).eval()
