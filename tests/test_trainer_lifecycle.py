@@ -48,7 +48,9 @@ def test_load_best_model_at_end_by_eval_loss_restores_the_best_checkpoint(tmp_pa
     trainer.train()
     losses = dict(eval_losses(trainer))
     best_step = min(losses, key=losses.get)
-    assert best_step != 12 and min(losses.values()) < losses[12] - 0.01, losses  # the best is clearly not the last
+    # the best is not the last, by far more than the 1e-6 the checks below tell apart (LoRA's eval losses at lr 1.0
+    # rose by 0.009 after the best on an AMD EPYC, by more on a Xeon: how far depends on the CPU's rounding)
+    assert best_step != 12 and min(losses.values()) < losses[12] - 1e-3, losses
     assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{best_step}")
     assert os.path.isdir(trainer.state.best_model_checkpoint)
     assert_holds_checkpoint(model, trainer.state.best_model_checkpoint)
