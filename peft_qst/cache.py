@@ -26,7 +26,7 @@ from contextvars import ContextVar
 from typing import Any, Optional
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 
 _LAYOUT_METHODS = (
     "reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset", "activate_past_recording"
@@ -235,13 +235,37 @@ _PAIRING_ATTR = "_peft_qst_side_halves"
 
 
 def remember_pairing(paired: QSTCache) -> None:
-    """Record ``paired``'s side halves on its backbone cache, so that the caller's own cache object leads back to
-    them. The halves, not the `QSTCache`: that refers to the backbone cache, and a reference back would make a cycle
-    that keeps every generation's caches alive until the garbage collector runs."""
-    backbone_vars = getattr(paired.backbone, "__dict__", None)
+    """Record ``paired``'s side halves on its backbone cache (on the caller's plain cache inside it, where QST gave
+    that one a cross-attention half: :func:`with_cross_attention_half`), so that the caller's own cache object leads
+    back to them. The halves, not the `QSTCache`: that refers to the backbone cache, and a reference back would make a
+    cycle that keeps every generation's caches alive until the garbage collector runs."""
+    holder = _pairing_holder(paired.backbone)
+    backbone_vars = getattr(holder, "__dict__", None)
     if backbone_vars is not None:
-        backbone_vars[_PAIRING_ATTR] = _SideHalves(type(paired.backbone), paired.side, paired.memory, paired.routing)
-        _follow_layout_methods(type(paired.backbone))
+        backbone_vars[_PAIRING_ATTR] = _SideHalves(type(holder), paired.side, paired.memory, paired.routing)
+        _follow_layout_methods(type(holder))
+
+
+#: marks an ``EncoderDecoderCache`` that QST built around a plain cache (:func:`with_cross_attention_half`)
+_WRAPPER_ATTR = "_peft_qst_wraps_plain_cache"
+
+
+def with_cross_attention_half(cache: Cache) -> EncoderDecoderCache:
+    """``cache`` as the self-attention half of a new ``EncoderDecoderCache`` with an empty cross-attention half, as
+    GPT-2 with ``add_cross_attention`` wraps a plain cache it is given. The caller keeps and continues ``cache``, not
+    the wrapper: the side halves are recorded on ``cache`` (:func:`remember_pairing`), and the next turn wraps it
+    again, its cross-attention half computed again from the encoder states given then."""
+    halves = EncoderDecoderCache(cache, DynamicCache(offloading=getattr(cache, "offloading", False)))
+    halves.__dict__[_WRAPPER_ATTR] = True
+    return halves
+
+
+def _pairing_holder(backbone):
+    """The cache object that the side halves are recorded on: the plain cache inside a wrapper that QST built, else
+    the backbone cache itself."""
+    if getattr(backbone, "__dict__", {}).get(_WRAPPER_ATTR):
+        return backbone.self_attention_cache
+    return backbone
 
 
 class _SideHalves(tuple):
@@ -277,7 +301,8 @@ _halves_handled: ContextVar[frozenset] = ContextVar("peft_qst_halves_handled", d
 
 @contextmanager
 def _halves_applied_here(backbone):
-    token = _halves_handled.set(_halves_handled.get() | {id(backbone)})
+    # the plain cache inside a wrapper QST built holds the halves and is moved by the wrapper's methods: once only
+    token = _halves_handled.set(_halves_handled.get() | {id(backbone), id(_pairing_holder(backbone))})
     try:
         yield
     finally:

@@ -26,7 +26,14 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache, StaticCache
 
 from .cache import (
-    BackboneRouting, QSTCache, cache_field, has_cache_field, paired_cache, past_length, remember_pairing
+    BackboneRouting,
+    QSTCache,
+    cache_field,
+    has_cache_field,
+    paired_cache,
+    past_length,
+    remember_pairing,
+    with_cross_attention_half,
 )
 from .config import QSTConfig
 from .backbone_lora import top_block_linears
@@ -59,6 +66,16 @@ _BACKBONE_ONLY_KWARGS = (
     "input_ids", "inputs_embeds", "output_hidden_states", "output_attentions", "return_dict", "num_items_in_batch",
     "token_type_ids", "encoder_hidden_states", "encoder_attention_mask",
 )
+
+#: model types whose decoder with cross-attention wraps a plain cache it is given into an ``EncoderDecoderCache`` itself
+#: (the given cache as the self-attention half): GPT-2 built with ``add_cross_attention``. The other transformers 5.25
+#: decoders with cross-attention that run alone as causal LMs write the encoder's keys and values into the
+#: self-attention's layers of a plain cache (BART, mBART, Marian, Pegasus, Blenderbot, Blenderbot-small, PLBart, MVP,
+#: BigBird-Pegasus, TrOCR, XGLM, RemBERT, RoFormer: cached logits wrong) or fail on one (BERT, RoBERTa, XLM-RoBERTa,
+#: CamemBERT, ELECTRA, ERNIE, Data2VecText, RoBERTa-PreLayerNorm, RoCBert, XLM-RoBERTa-XL, BertGeneration:
+#: ``AttributeError``), checked by generating from a plain cache against uncached generation
+#: (``tests/test_generation_more.py`` covers gpt2, xglm and bart)
+_WRAPS_GIVEN_PLAIN_CACHE = frozenset({"gpt2"})
 
 #: the trunk's methods that count or measure the parameters of the model they are called on. On a bare trunk's wrapper,
 #: the root model under ``task_type="FEATURE_EXTRACTION"``, ``PeftModel.num_parameters()`` reached the trunk's own and
@@ -437,6 +454,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         handles += [block.register_forward_hook(_LayerMethod(self, "_capture_block")) for block in blocks[1:]]
         self.__dict__["_hook_handles"] = handles
         self.__dict__["_num_blocks"] = len(blocks)
+        self.__dict__["_configured_layers"] = num_layers
 
     def _capture_first_block(self, module, args, kwargs, output) -> None:
         captured = call_state(self).get("captured")
@@ -639,7 +657,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         if type(cache).__name__ == "PagedAttentionCache":  # not a transformers Cache; not imported to check
             raise QSTUnsupportedModelError(CONTINUOUS_BATCHING_REFUSAL)
         row_adapters = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
+        if self.disable_adapters or self._drafting_early_exit():
             return self._forward_base(cache, kwargs)
         if row_adapters is not None:
             return self._forward_adapted(self._adapters_of_rows(row_adapters), cache, kwargs, row_adapters)
@@ -652,6 +670,21 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 "one, or pass adapter_names=[...] to route each row of a batch to an adapter."
             )
         return self._forward_adapted(active, cache, kwargs)
+
+    def _drafting_early_exit(self) -> bool:
+        """Whether transformers' self-speculative decoding (``generate(assistant_early_exit=n)``) is drafting: it
+        lowers the trunk config's ``num_hidden_layers`` to ``n`` while the model, its own assistant, proposes tokens
+        from its first ``n`` blocks, and restores it for the full forwards that check them.
+
+        A side network reads every block's output, so it cannot run on the first ``n``: the drafts are the frozen
+        backbone's own early exit (QST leaves those blocks as they are; ``backbone_lora_layers`` are not applied), in
+        the assistant's own cache. Only drafts: the full adapted forwards accept or replace each token, so the output
+        is the adapted model's greedy tokens. Before, the drafting forward failed as a "model that loops over its
+        blocks", and transformers left ``num_hidden_layers`` lowered, so every later forward of the model failed too.
+        """
+        configured = self.__dict__.get("_configured_layers")
+        current = getattr(self.base_layer.config, "num_hidden_layers", None)
+        return configured is not None and isinstance(current, int) and current < configured
 
     def _adapters_of_rows(self, row_adapters) -> list[str]:
         if isinstance(row_adapters, str) or not all(isinstance(name, str) for name in row_adapters):
@@ -910,9 +943,12 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 f"The cache holds {past} past tokens whose side-network state for adapter {name!r} was computed by "
                 f"another side network than the one adapter {name!r} has now: the adapter was deleted and added "
                 "again under the same name (add_adapter, or load_adapter of other weights) since the cache was "
-                "filled, so those keys and values are the deleted network's history. Start generation again with a "
-                "fresh cache (call generate without past_key_values, or pass a new DynamicCache()), or continue the "
-                "old one only with the adapter that filled it."
+                "filled, or this model loaded it from saved weights (PeftModel.from_pretrained, load_adapter) and "
+                "the cache was filled by another model, such as the one that trained and saved them (a cache "
+                "continues with the model that filled it, its copies, or the same saved adapter loaded again), so "
+                "those keys and values are another network's history. Start generation again with a fresh cache "
+                "(call generate without past_key_values, or pass a new DynamicCache()), or continue the old one only "
+                "with the adapter that filled it."
             )
 
     def _has_cross_attention(self) -> bool:
@@ -931,24 +967,36 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         """``cache`` with a backbone half that keeps the cross-attention's keys and values apart from the
         self-attention's, where the backbone has a cross-attention and this forward is given ``encoder_hidden_states``.
 
-        transformers' cross-attention writes the encoder's keys and values into a plain cache (one that is not an
-        ``EncoderDecoderCache``) at the self-attention's layer index, and generate hands such a model (not an
-        encoder-decoder model itself) a plain ``DynamicCache``: the base model's cached scores are then not its
-        uncached ones (a transformers problem), and an adapted generation was refused at its second step with a
-        misleading "tokens were added to it with adapters disabled" (the backbone half counted the encoder's positions
-        too, the side half did not). An empty plain ``DynamicCache`` that the caller did not hand to generate
-        (generate's own, or one passed to a forward) becomes the self-attention half of an ``EncoderDecoderCache``,
-        as the decoder builds for itself when given no cache: cached generation is then uncached recomputation. One
-        the caller handed to generate, or kept to continue, cannot be: the caller would continue their own object,
-        which holds the self-attention half alone. Those, and plain caches of other kinds, are refused with the fix.
-        The base model (adapters disabled) is left as it is."""
+        Most of transformers' decoders with cross-attention write the encoder's keys and values into a plain cache
+        (one that is not an ``EncoderDecoderCache``) at the self-attention's layer index, and generate hands such a
+        model (not an encoder-decoder model itself) a plain ``DynamicCache``: the base model's cached scores are then
+        not its uncached ones (a transformers problem), and an adapted generation was refused at its second step with
+        a misleading "tokens were added to it with adapters disabled" (the backbone half counted the encoder's
+        positions too, the side half did not). An empty plain ``DynamicCache`` that the caller did not hand to
+        generate (generate's own, or one passed to a forward) becomes the self-attention half of an
+        ``EncoderDecoderCache``, as the decoder builds for itself when given no cache: cached generation is then
+        uncached recomputation. One the caller handed to generate, or kept to continue, is refused with the fix: the
+        base model's own results with it are wrong, or fail, and continued with adapters disabled it would be filled
+        so.
+
+        GPT-2 with ``add_cross_attention`` (:data:`_WRAPS_GIVEN_PLAIN_CACHE`) wraps any cache it is given that way
+        itself, with or without encoder states, so the caller's own ``DynamicCache`` is right there across turns (a
+        static one fails there). QST wraps a ``DynamicCache`` first, the same way, so that the side halves are
+        recorded on the caller's object (:func:`~peft_qst.cache.with_cross_attention_half`): wrapped by the model,
+        they were recorded on the model's wrapper, and the caller's next turn was refused as a plain cache without
+        side-network state (and then, by an earlier version of this method, its first turn, with a false claim that
+        its cache would be filled wrong). The base model (adapters disabled) is left as it is."""
         backbone = cache.backbone if isinstance(cache, QSTCache) else cache
-        if (
-            backbone is None
-            or isinstance(backbone, EncoderDecoderCache)
-            or kwargs.get("encoder_hidden_states") is None
-            or not self._has_cross_attention()
-        ):
+        if backbone is None or isinstance(backbone, EncoderDecoderCache) or not self._has_cross_attention():
+            return cache
+        wraps_itself = self._wraps_given_plain_cache()
+        if wraps_itself and isinstance(backbone, DynamicCache):
+            if isinstance(cache, QSTCache):
+                cache.backbone = with_cross_attention_half(backbone)
+                return cache
+            # a plain cache that holds tokens but no side halves: _split_cache refuses it as such
+            return with_cross_attention_half(backbone) if past_length(backbone) == 0 else cache
+        if kwargs.get("encoder_hidden_states") is None:
             return cache
         # generate marks a cache the caller passed it with ``_is_user_defined`` (transformers 5); without the mark a
         # caller's fresh cache is paired too, and their object (the self-attention half) is refused when continued
@@ -957,20 +1005,32 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             and past_length(backbone) == 0
             and not getattr(backbone, "_is_user_defined", False)
         ):
-            halves = EncoderDecoderCache(backbone, DynamicCache(offloading=getattr(backbone, "offloading", False)))
+            halves = with_cross_attention_half(backbone)
             if isinstance(cache, QSTCache):
                 cache.backbone = halves
                 return cache
             return halves
+        reason = (
+            "QST gives a cross-attention half here only to a DynamicCache (GPT-2's own generation fails with a static "
+            "cache)"
+            if wraps_itself
+            else f"the {self._model_type} cross-attention writes the encoder's keys and values into the "
+            "self-attention's cache layers of a plain cache, so cached results would be wrong (the base model's own "
+            "are wrong there, or fail)"
+        )
         raise ValueError(
             f"This {self._model_type} decoder has cross-attention and was given encoder_hidden_states, but its cache "
             f"is a plain {type(backbone).__name__} ({past_length(backbone)} past tokens), not an EncoderDecoderCache: "
-            "transformers' cross-attention writes the encoder's keys and values into the self-attention's cache "
-            "layers, so cached results would be wrong (the base model's own are wrong there, or fail). Pass "
-            "cache=EncoderDecoderCache(DynamicCache(), DynamicCache()) (from transformers) and keep that object for "
-            "later turns, or pass no cache and keep generate's default dynamic cache (QST then gives it a "
-            "cross-attention half); in a loop of forwards, continue with the cache the model returned."
+            f"{reason}. Pass cache=EncoderDecoderCache(DynamicCache(), DynamicCache()) (from transformers) and keep "
+            "that object for later turns, or pass no cache and keep generate's default dynamic cache (QST then gives "
+            "it a cross-attention half); in a loop of forwards, continue with the cache the model returned."
         )
+
+    def _wraps_given_plain_cache(self) -> bool:
+        """Whether the backbone wraps a plain cache it is given into an ``EncoderDecoderCache`` itself
+        (:data:`_WRAPS_GIVEN_PLAIN_CACHE`)."""
+        config = self.base_layer.config
+        return self._model_type in _WRAPS_GIVEN_PLAIN_CACHE and bool(getattr(config, "add_cross_attention", False))
 
     def _split_cache(self, cache, adapter_names: list[str]):
         """The backbone half of whatever cache the caller passed, and the side halves (side-trunk caches, copy-head

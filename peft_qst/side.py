@@ -1387,6 +1387,10 @@ class QSTSideNetwork(nn.Module):
     _DERIVED_STATE = ("_packed_weights", "_parameter_list", "_position_weights")
 
     def __getstate__(self) -> dict:
+        # a network unpickled from a version before identities (see cache_identity) draws one now, not at first use:
+        # drawn lazily, a copy made before that use (deepcopy, torch.save) and the original drew different ones, and
+        # a cache one of them filled was refused by the other
+        self.cache_identity()
         state = dict(super().__getstate__())
         for name in self._DERIVED_STATE:
             state.pop(name, None)
@@ -1428,7 +1432,7 @@ class QSTSideNetwork(nn.Module):
         place (a cache continues across an optimizer step or a checkpoint load, as with any model). A network built by
         loading a saved adapter takes its weights' digest instead (:meth:`identify_as_loaded`): loaded again from the
         same folder (another process, ``delete_adapter`` and ``load_adapter``), it continues a cache it filled.
-        A network pickled before networks had an identity draws one at first use."""
+        A network pickled before networks had an identity draws one at first use or copy, which its copies keep."""
         identity = self.__dict__.get("_cache_identity")
         if identity is None:
             identity = self.__dict__["_cache_identity"] = uuid.uuid4().hex

@@ -351,6 +351,27 @@ def test_assisted_decoding_continues_the_cache_qst_returned():
                        plain)
 
 
+@pytest.mark.parametrize("kind", ["llama", "sliding-window"])
+def test_self_speculative_early_exit_generates_the_greedy_tokens(kind):
+    """generate(assistant_early_exit=n) drafts with the model's own first n blocks (transformers lowers the config's
+    num_hidden_layers meanwhile) and checks the drafts with full forwards: the adapted greedy tokens. The drafting
+    forward used to fail (the side network found n blocks run, not all of them), and left the config lowered, so
+    that every later generate of the model failed too."""
+    from peft_qst.fast_path import fast_path_disabled
+
+    model = trained_model() if kind == "llama" else trained_sliding_window_model()[0]
+    layers = model.config.num_hidden_layers
+    ids = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21, 3, 9, 5, 17, 33]])
+    with fast_path_disabled():
+        greedy = generate(model, ids, use_cache=False, max_new_tokens=16)
+    for exit_layer in range(1, layers):
+        assert torch.equal(generate(model, ids, max_new_tokens=16, assistant_early_exit=exit_layer), greedy)
+        assert model.config.num_hidden_layers == layers
+    assert torch.equal(generate(model, ids, max_new_tokens=16), greedy)
+    with model.disable_adapter():
+        assert not torch.equal(generate(model, ids, max_new_tokens=16), greedy)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # mixed-adapter batches
 # --------------------------------------------------------------------------------------------------------------------
@@ -607,4 +628,32 @@ def test_smollm2_4bit_cached_equals_uncached(smollm2_dir):
         # allowed only at a genuine near-tie: bf16 logits of the two tokens within bf16 resolution of each other
         scores = runs[False].scores[step][0]
         gap = (scores[uncached[step]] - scores[cached[step]]).abs().item()
+        assert gap <= 2 ** -7 * scores.abs().max().item(), f"diverged at step {step} with a logit gap of {gap}"
+
+
+@pytest.mark.smollm2
+def test_smollm2_4bit_self_speculative_early_exit(smollm2_dir):
+    """assistant_early_exit on the real 4-bit SmolLM2 with a trained adapter: the drafts of its first 10 blocks are
+    checked by the adapted model, which generates its own greedy tokens (a difference allowed only at a bf16 near-tie
+    of the top two logits, as for the cache above)."""
+    from transformers import AutoTokenizer
+
+    from .conftest import load_smollm2_4bit
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = get_peft_model(load_smollm2_4bit(smollm2_dir), QSTConfig(task_type="CAUSAL_LM"))
+    train_steps(model, tokenizer("The capital of France is Paris. The capital of Italy is Rome.",
+                                 return_tensors="pt").input_ids)
+    chat = [{"role": "user", "content": "Name three rivers in Europe."}]
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt_length = inputs["input_ids"].shape[1]
+    plain = model.generate(**inputs, max_new_tokens=24, do_sample=False, output_scores=True,
+                           return_dict_in_generate=True)
+    drafted = model.generate(**inputs, max_new_tokens=24, do_sample=False, assistant_early_exit=10)
+    assert model.config.num_hidden_layers == 30
+    expected, got = plain.sequences[0, prompt_length:], drafted[0, prompt_length:]
+    step = first_divergence(got, expected)
+    if step is not None:
+        scores = plain.scores[step][0]
+        gap = (scores[expected[step]] - scores[got[step]]).abs().item()
         assert gap <= 2 ** -7 * scores.abs().max().item(), f"diverged at step {step} with a logit gap of {gap}"

@@ -190,6 +190,18 @@ def _assert_continuation_refused_and_fresh_cache_generates(model, cache, history
     assert fresh.shape == (len(PROMPTS), history.shape[1] + 3)
 
 
+def _assert_continues_as_fresh(model, cache, history, mask):
+    """Two more prompt tokens after ``history``: generation continuing ``cache`` gives the logits and tokens of a
+    fresh generation from the whole history."""
+    kwargs = dict(input_ids=torch.cat([history, torch.full((len(PROMPTS), 2), 7)], 1),
+                  attention_mask=torch.cat([mask, torch.ones(len(PROMPTS), 2, dtype=mask.dtype)], 1),
+                  max_new_tokens=4, return_dict_in_generate=True, output_logits=True)
+    continued = _generate(model, past_key_values=cache, **kwargs)
+    fresh = _generate(model, **kwargs)
+    torch.testing.assert_close(torch.stack(continued.logits), torch.stack(fresh.logits), atol=2e-5, rtol=1e-4)
+    assert torch.equal(continued.sequences, fresh.sequences)
+
+
 def _first_turn(model, cache_kind):
     """A first turn of four new tokens: the cache to continue, the history and its attention mask."""
     from transformers import DynamicCache
@@ -268,6 +280,31 @@ def test_a_cache_continued_after_its_adapter_was_added_again_in_the_same_shape_i
     _assert_continuation_refused_and_fresh_cache_generates(model, cache, history, mask, "another side network")
 
 
+def test_a_cache_of_the_training_model_continued_by_its_saved_adapter_is_refused_naming_that(tmp_path):
+    """A cache filled by the model that trained an adapter, continued by a model that loaded the adapter it saved
+    (``PeftModel.from_pretrained``, as in a fresh process with the cache saved by ``torch.save``): the loaded side
+    network takes the saved weights' digest as its identity, the training one had its own, so the continuation is
+    refused (README: start a new cache there). The refusal said only that the adapter "was deleted and added again
+    under the same name", which the user had not done; it names this case too, and the fix."""
+    from peft import PeftModel, get_peft_model
+
+    from peft_qst import QSTConfig
+
+    from .conftest import tiny_causal_lm
+
+    model = get_peft_model(tiny_causal_lm(pad_token_id=PAD), QSTConfig(task_type="CAUSAL_LM", r=4), adapter_name="a")
+    torch.manual_seed(56)
+    train_steps(model, torch.randint(1, 128, (4, 24)), steps=2, lr=3e-2)
+    cache, history, mask = _first_turn(model.eval(), "callers-own")
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_causal_lm(pad_token_id=PAD), str(tmp_path / "a"), adapter_name="a")
+    loaded.eval()
+    with pytest.raises(ValueError, match="adapter 'a' was computed by another side network.*loaded it from saved "
+                       "weights .*filled by another model, such as the one that trained and saved them.*fresh cache"):
+        _generate(loaded, input_ids=history, attention_mask=mask, max_new_tokens=3, past_key_values=cache)
+    fresh = _generate(loaded, input_ids=history, attention_mask=mask, max_new_tokens=3)
+    assert fresh.shape == (len(PROMPTS), history.shape[1] + 3)
+
 @pytest.mark.parametrize("cache_kind", ["returned", "callers-own"])
 @pytest.mark.parametrize(
     "how",
@@ -307,14 +344,30 @@ def test_a_cache_continues_with_the_side_network_that_filled_it_or_the_same_save
             model.load_adapter(str(folder), adapter_name="a")
     elif how in ("deepcopy", "torch.save"):
         model = copy_of(model, how)
-    model.eval()
-    kwargs = dict(input_ids=torch.cat([history, torch.full((len(PROMPTS), 2), 7)], 1),
-                  attention_mask=torch.cat([mask, torch.ones(len(PROMPTS), 2, dtype=mask.dtype)], 1),
-                  max_new_tokens=4, return_dict_in_generate=True, output_logits=True)
-    continued = _generate(model, past_key_values=cache, **kwargs)
-    fresh = _generate(model, **kwargs)
-    torch.testing.assert_close(torch.stack(continued.logits), torch.stack(fresh.logits), atol=2e-5, rtol=1e-4)
-    assert torch.equal(continued.sequences, fresh.sequences)
+    _assert_continues_as_fresh(model.eval(), cache, history, mask)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copies_of_a_model_pickled_before_side_networks_had_an_identity_continue_each_others_caches(how):
+    """A whole model pickled (``torch.save(model)``) by a version before side networks had an identity holds networks
+    without one (written here by removing it, all that differs), which draw one when first asked. A copy made before
+    that (``copy.deepcopy``, ``torch.save`` again) drew its own: a cache the loaded model filled was refused by its
+    copy, and the copy's by it, as "computed by another side network", although both networks hold the same weights.
+    The copy keeps the original's identity, as copies of today's models do, and continues the cache as a fresh
+    generation from the whole history."""
+    from peft_qst.side import QSTSideNetwork
+
+    from .conftest import copy_of
+
+    trained = trained_model()
+    for module in trained.modules():
+        if isinstance(module, QSTSideNetwork):
+            del module.__dict__["_cache_identity"]
+    loaded = copy_of(trained, "torch.save").eval()  # as this version reads the earlier version's pickle
+    copied = copy_of(loaded, how).eval()
+    for filled_by, continued_by in ((loaded, copied), (copied, loaded)):
+        cache, history, mask = _first_turn(filled_by, "callers-own")
+        _assert_continues_as_fresh(continued_by, cache, history, mask)
 
 
 def test_generate_returns_the_adapted_logits_and_final_hidden_states(model):
@@ -506,6 +559,8 @@ CROSS_ATTENTION_DECODERS = {
     "trocr": dict(d_model=128, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=256),
     "roberta": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
                     is_decoder=True, add_cross_attention=True),
+    "gpt2": dict(n_embd=128, n_layer=2, n_head=4, add_cross_attention=True),
+    "xglm": dict(d_model=128, num_layers=2, attention_heads=4, ffn_dim=256, add_cross_attention=True),
 }
 
 
@@ -548,7 +603,7 @@ def _encoder_inputs(hidden_size: int):
     return torch.randint(3, 128, (2, 5), generator=generator), torch.randn(2, 3, hidden_size, generator=generator)
 
 
-@pytest.mark.parametrize("variant", ["bart", "bart-4bit", "trocr", "roberta"])
+@pytest.mark.parametrize("variant", ["bart", "bart-4bit", "trocr", "roberta", "gpt2", "xglm"])
 def test_a_cross_attention_decoder_generates_from_encoder_states_with_the_default_cache(variant, tmp_path):
     """A decoder with cross-attention run alone (``BartForCausalLM``) gets a plain ``DynamicCache`` from generate,
     into which transformers' cross-attention writes the encoder's keys and values at the self-attention's layers (the
@@ -610,3 +665,90 @@ def test_a_plain_cache_given_with_encoder_states_is_refused_naming_the_encoder_d
         prompt = torch.cat([turn, ids[:, :2]], 1)
         assert torch.equal(model.generate(input_ids=prompt, cache=cache, **kwargs),
                            model.generate(input_ids=prompt, use_cache=False, **kwargs))
+
+
+def _scores_equal(a, b, tolerance):
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.scores), torch.stack(b.scores), **tolerance)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "gpt2-4bit"])
+def test_a_plain_cache_of_the_caller_continues_across_turns_where_the_decoder_wraps_it_itself(variant, tmp_path):
+    """GPT-2 built with ``add_cross_attention`` wraps a plain cache it is given into an ``EncoderDecoderCache``
+    itself (the given cache as the self-attention half), so the base model's own generation from the caller's
+    ``DynamicCache`` is its uncached one, turn after turn. The adapted generation was refused at its first step with
+    a false claim that the cache would be filled wrong (before that refusal, at the second turn, as a plain cache
+    without side-network state). Now the caller's own object continues across turns, in generate (greedy and beam
+    search, ``cache=`` and ``past_key_values=``, with encoder states and without) and in a loop of forwards, as
+    uncached recomputation."""
+    from transformers import DynamicCache
+
+    model_type, _, quantized = variant.partition("-")
+    base = _cross_attention_decoder(model_type, tmp_path if quantized else None)
+    ids, encoder = _encoder_inputs(base.config.hidden_size)
+    kwargs = dict(encoder_hidden_states=encoder, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_scores=True)
+    tolerance = dict(atol=2e-4, rtol=1e-4) if quantized else dict(atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the base model's own: its plain cache continues as uncached recomputation
+        own = DynamicCache()
+        turn = base.generate(input_ids=ids, cache=own, **kwargs)
+        _scores_equal(turn, base.generate(input_ids=ids, use_cache=False, **kwargs), tolerance)
+        prompt = torch.cat([turn.sequences, ids[:, :2]], 1)
+        _scores_equal(base.generate(input_ids=prompt, cache=own, **kwargs),
+                      base.generate(input_ids=prompt, use_cache=False, **kwargs), tolerance)
+
+    model = _adapted(base)
+    with torch.no_grad():
+        own = DynamicCache()
+        first = model.generate(input_ids=ids, cache=own, **kwargs)
+        _scores_equal(first, model.generate(input_ids=ids, use_cache=False, **kwargs), tolerance)
+        assert type(own) is DynamicCache and own.get_seq_length() == ids.shape[1] + 3
+        prompt = torch.cat([first.sequences, ids[:, :2]], 1)
+        second = model.generate(input_ids=prompt, cache=own, **kwargs)
+        _scores_equal(second, model.generate(input_ids=prompt, use_cache=False, **kwargs), tolerance)
+        # the adapter moves the logits: these are not the base model's
+        assert not torch.allclose(torch.stack(first.scores), torch.stack(turn.scores), atol=1e-2)
+
+        beams = dict(kwargs, num_beams=3)  # beam search reorders the caller's cache inside the wrapper
+        _scores_equal(model.generate(input_ids=ids, cache=DynamicCache(), **beams),
+                      model.generate(input_ids=ids, use_cache=False, **beams), tolerance)
+        _scores_equal(model.generate(input_ids=ids, past_key_values=DynamicCache(), **kwargs), first, tolerance)
+        # (the base model's own fails with a static cache: refused, not wrapped)
+        with pytest.raises(ValueError, match=r"plain StaticCache .*cross-attention half here only to a DynamicCache"):
+            model.generate(input_ids=ids, cache_implementation="static", **kwargs)
+
+        alone = {k: v for k, v in kwargs.items() if k != "encoder_hidden_states"}
+        own = DynamicCache()  # without encoder states GPT-2 wraps it too: the next turn was refused as without sides
+        turn = model.generate(input_ids=ids, cache=own, **alone)
+        prompt = torch.cat([turn.sequences, ids[:, :2]], 1)
+        _scores_equal(model.generate(input_ids=prompt, cache=own, **alone),
+                      model.generate(input_ids=prompt, use_cache=False, **alone), tolerance)
+
+        own = DynamicCache()  # a loop of forwards passing the caller's own object again
+        out = model(input_ids=ids, encoder_hidden_states=encoder, cache=own, use_cache=True)
+        step = out.logits[:, -1:].argmax(-1)
+        continued = model(input_ids=step, encoder_hidden_states=encoder, cache=own, use_cache=True)
+        full = model(input_ids=torch.cat([ids, step], 1), encoder_hidden_states=encoder, use_cache=False)
+        torch.testing.assert_close(continued.logits[:, -1], full.logits[:, -1], **tolerance)
+
+
+@pytest.mark.parametrize("model_type", ["xglm", "bart"])
+def test_a_plain_cache_of_the_caller_is_refused_where_the_decoder_fills_it_wrong(model_type):
+    """XGLM's and BART's decoders write the encoder's keys and values into the self-attention's layers of a plain
+    cache they are given: the base model's own generation from the caller's ``DynamicCache`` is not its uncached one.
+    The adapted generation is refused at its first step, saying so and naming ``EncoderDecoderCache``."""
+    from transformers import DynamicCache
+
+    base = _cross_attention_decoder(model_type)
+    ids, encoder = _encoder_inputs(base.config.hidden_size)
+    kwargs = dict(encoder_hidden_states=encoder, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        cached = base.generate(input_ids=ids, cache=DynamicCache(), **kwargs)
+        uncached = base.generate(input_ids=ids, use_cache=False, **kwargs)
+    assert not torch.allclose(torch.stack(cached.scores), torch.stack(uncached.scores), atol=1e-3)
+    model = _adapted(base)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=rf"the {model_type} cross-attention writes .* into the self-attention's "
+                                             r"cache layers.*EncoderDecoderCache\(DynamicCache\(\), Dyn"):
+            model.generate(input_ids=ids, cache=DynamicCache(), **kwargs)

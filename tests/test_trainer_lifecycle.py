@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
+from peft import AutoPeftModelForCausalLM, get_peft_model
 from safetensors.torch import load_file
 
 from peft_qst import QSTConfig
