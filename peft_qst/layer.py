@@ -16,6 +16,7 @@ With the adapters disabled the layer is a pass-through: outputs equal the base m
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 import weakref
 from typing import Any, Callable, Optional
@@ -260,6 +261,25 @@ def _selected_hidden_states(value) -> Optional[list[int]]:
     return [int(index) for index in value]
 
 
+def _early_exit_drafting() -> bool:
+    """Whether transformers' self-speculative decoding is drafting on this thread: an
+    ``EarlyExitCandidateGenerator`` (or a subclass) is in its ``get_candidates``, the only place transformers lowers
+    the config's ``num_hidden_layers`` (:meth:`QSTLayer._drafting_early_exit`). Walked only where the count is lowered.
+    """
+    try:
+        from transformers.generation.candidate_generator import EarlyExitCandidateGenerator
+    except ImportError:  # a transformers without self-speculative decoding
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "get_candidates" and isinstance(
+            frame.f_locals.get("self"), EarlyExitCandidateGenerator
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class QSTLayer(nn.Module, BaseTunerLayer):
     """Wraps a decoder trunk; holds one :class:`~peft_qst.side.QSTSideNetwork` per adapter in ``qst_side``."""
 
@@ -454,7 +474,6 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         handles += [block.register_forward_hook(_LayerMethod(self, "_capture_block")) for block in blocks[1:]]
         self.__dict__["_hook_handles"] = handles
         self.__dict__["_num_blocks"] = len(blocks)
-        self.__dict__["_configured_layers"] = num_layers
 
     def _capture_first_block(self, module, args, kwargs, output) -> None:
         captured = call_state(self).get("captured")
@@ -681,10 +700,29 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         the assistant's own cache. Only drafts: the full adapted forwards accept or replace each token, so the output
         is the adapted model's greedy tokens. Before, the drafting forward failed as a "model that loops over its
         blocks", and transformers left ``num_hidden_layers`` lowered, so every later forward of the model failed too.
+
+        Only while transformers drafts (:func:`_early_exit_drafting` on this thread's stack): a count lowered
+        otherwise, by a caller running a truncated model or left so by an early-exit generate interrupted while
+        drafting (transformers restores it without ``finally``), was taken for a draft, and every later forward
+        returned the base model's outputs with the adapter silently dropped. The adapted forward runs there (GPT-2's
+        blocks ignore the count; the others' refusal names it). Compared with the blocks QST was built on, so that a
+        model pickled before this check drafts too.
         """
-        configured = self.__dict__.get("_configured_layers")
         current = getattr(self.base_layer.config, "num_hidden_layers", None)
-        return configured is not None and isinstance(current, int) and current < configured
+        lowered = isinstance(current, int) and current < self.__dict__.get("_num_blocks", 0)
+        return lowered and _early_exit_drafting()
+
+    def _lowered_layers(self) -> str:
+        """A hint for the refusal of a forward whose blocks did not all run, where the config's count is lowered."""
+        current = getattr(self.base_layer.config, "num_hidden_layers", None)
+        blocks = self.__dict__["_num_blocks"]
+        if not (isinstance(current, int) and current < blocks):
+            return ""
+        return (
+            f" Its config's num_hidden_layers is {current}, lower than the {blocks} blocks QST was built on, so the "
+            "backbone ran only the first ones (a generate(assistant_early_exit=...) interrupted while drafting leaves "
+            f"it lowered): restore it with model.config.num_hidden_layers = {blocks}."
+        )
 
     def _adapters_of_rows(self, row_adapters) -> list[str]:
         if isinstance(row_adapters, str) or not all(isinstance(name, str) for name in row_adapters):
@@ -780,6 +818,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 f"states from the {type(self.base_layer).__name__} backbone, expected "
                 f"{self.__dict__['_num_blocks'] + 1} (the embedding output and one per block): its blocks did not run "
                 "once each (a model that loops over its blocks), or something replaced their hooks."
+                + self._lowered_layers()
             )
         streams = ResidualStreams.of(self.base_layer.config)
         if streams is not None:  # several residual streams (hyper-connections, AltUp): the side network reads one

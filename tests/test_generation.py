@@ -372,6 +372,43 @@ def test_self_speculative_early_exit_generates_the_greedy_tokens(kind):
         assert not torch.equal(generate(model, ids, max_new_tokens=16), greedy)
 
 
+def test_a_num_hidden_layers_left_lowered_outside_drafting_does_not_drop_the_adapter():
+    """transformers lowers the config's num_hidden_layers while generate(assistant_early_exit=n) drafts, and restores
+    it without ``finally``: a generate interrupted while drafting (here by a logits processor, which the drafts run
+    too; in a notebook, Ctrl-C) leaves it lowered, as does a caller running a truncated model. Every later forward was
+    taken for a draft and returned the base model's truncated outputs, the adapter dropped silently. It is refused,
+    naming the count and how to restore it; restored, the model gives its adapted logits again."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from peft_qst import QSTUnsupportedModelError
+
+    class Interrupted(Exception):
+        pass
+
+    class Interrupt(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            raise Interrupted
+
+    model = trained_model()
+    layers = model.config.num_hidden_layers
+    ids = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    with pytest.raises(Interrupted):
+        generate(model, ids, assistant_early_exit=1, logits_processor=LogitsProcessorList([Interrupt()]))
+    assert model.config.num_hidden_layers == 1  # transformers' own: left lowered
+    with torch.no_grad(), pytest.raises(
+        QSTUnsupportedModelError, match=rf"num_hidden_layers is 1, lower than the {layers} blocks.*"
+        rf"model.config.num_hidden_layers = {layers}"
+    ):
+        model(input_ids=ids)
+    model.config.num_hidden_layers = layers
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, adapted)
+    assert torch.equal(generate(model, ids, max_new_tokens=8, assistant_early_exit=1),
+                       generate(model, ids, max_new_tokens=8))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # mixed-adapter batches
 # --------------------------------------------------------------------------------------------------------------------
