@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -52,6 +53,8 @@ PEFT_TYPE = QSTPeftType("QST")
 DOWNSAMPLE_KINDS = ("adapter", "linear", "lora", "maxpool", "avgpool")
 SIDE_DTYPES = ("float32", "bfloat16", "float16")
 INIT_KINDS = ("random", "pruned")
+#: the ``task_type`` values QST supports (PEFT's, less ``"SEQ_2_SEQ_LM"``: encoder-decoder models are refused)
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 #: values of ``side_linear_heads`` (see QSTConfig)
 SIDE_LINEAR_HEADS = ("divided", "backbone")
@@ -315,12 +318,16 @@ class QSTConfig(PeftConfig):
         return kwargs
 
     def __post_init__(self):
+        # before PEFT's own check, whose "Invalid task type: 'causal_lm'" named neither the field nor (read from an
+        # adapter_config.json) the file
+        self._validate_task_type()
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         self._validate()
 
-    def _validate(self) -> None:
-        if getattr(self.task_type, "value", self.task_type) == "SEQ_2_SEQ_LM":
+    def _validate_task_type(self) -> None:
+        task_type = getattr(self.task_type, "value", self.task_type)
+        if task_type == "SEQ_2_SEQ_LM":
             # PEFT would wrap a decoder-only model in PeftModelForSeq2SeqLM without a word, and the adapter saved from
             # it names AutoModelForSeq2SeqLM, which cannot load a decoder-only base model
             raise ValueError(
@@ -329,6 +336,15 @@ class QSTConfig(PeftConfig):
                 "task_type='CAUSAL_LM' (or 'SEQ_CLS', 'TOKEN_CLS', 'QUESTION_ANS', 'FEATURE_EXTRACTION'); for an "
                 "encoder-decoder model use LoRA."
             )
+        if task_type is not None and task_type not in TASK_TYPES:
+            near = task_type.strip().upper() if isinstance(task_type, str) else None
+            hint = f" (PEFT matches the name exactly: did you mean {near!r}?)" if near in TASK_TYPES else ""
+            raise ValueError(
+                f"QSTConfig.task_type={task_type!r} is invalid{hint}: choose one of "
+                f"{', '.join(repr(name) for name in TASK_TYPES)} (a causal LM: 'CAUSAL_LM'), or None."
+            )
+
+    def _validate(self) -> None:
         if not _is_int(self.r) or self.r < 1:
             raise ValueError(
                 f"QSTConfig.r={self.r!r} is invalid: r is the reduction factor of the side network and must be a "
@@ -421,20 +437,42 @@ class QSTConfig(PeftConfig):
             )
         if self.modules_to_save is not None and not (
             isinstance(self.modules_to_save, (list, tuple, set))
-            and all(isinstance(name, str) for name in self.modules_to_save)
+            and all(isinstance(name, str) and name.strip() for name in self.modules_to_save)
         ):
             # a bare string reached PEFT, which matches each of its characters as a module name ("lm_head": every
             # module whose name ends in "l", the wrapped trunk "model" among them) and failed with "modules_to_save
-            # cannot be applied to modules of type QSTLayer"; other values failed deeper still
+            # cannot be applied to modules of type QSTLayer"; an empty name, a suffix of every module name, failed
+            # so too; other values failed deeper still
             example = [self.modules_to_save] if isinstance(self.modules_to_save, str) else ["lm_head"]
             raise ValueError(
-                f"QSTConfig.modules_to_save={self.modules_to_save!r} is invalid: give a list of module names, e.g. "
+                f"QSTConfig.modules_to_save={self.modules_to_save!r} is invalid: give a list of module names "
+                "(non-empty strings), e.g. "
                 f"modules_to_save={example!r}, or None."
             )
-        if self.target_modules is not None and not isinstance(self.target_modules, (str, list, set)):
+        if self.target_modules is not None and not (
+            isinstance(self.target_modules, str)
+            or (isinstance(self.target_modules, (list, set)) and all(isinstance(n, str) for n in self.target_modules))
+        ):
+            # a list holding a non-string failed inside PEFT with "'int' object has no attribute 'split'"
             raise ValueError(
                 f"QSTConfig.target_modules={self.target_modules!r} is invalid: give the name of the decoder trunk "
-                "(a string), or None to find it automatically."
+                "(a string, or a list of module names), or None to find it automatically."
+            )
+        if not isinstance(self.inference_mode, bool):
+            # any truthy value ("false" read from a hand-edited file among them) froze the adapter: nothing trained
+            raise ValueError(
+                f"QSTConfig.inference_mode={self.inference_mode!r} is invalid: give True (the adapter frozen, for "
+                "inference) or False (trainable, the default)."
+            )
+        digest = self.adapter_weights_sha256
+        if digest is not None and not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
+            # loading compared it with the weights' digest and blamed the weights file ("corrupt or replaced")
+            raise ValueError(
+                f"QSTConfig.adapter_weights_sha256={digest!r} is invalid: it is the SHA-256 digest (64 hexadecimal "
+                "digits) of the adapter weights that save_pretrained records beside them, and loading checks the "
+                "weights against it, so another value means an adapter_config.json edited by hand or damaged: "
+                "restore the file from where the adapter came from, or save the adapter again. Building a "
+                "QSTConfig yourself, leave it None."
             )
         problem = None if self.base_model_signature is None else _signature_problem(self.base_model_signature)
         if problem is not None:

@@ -120,9 +120,8 @@ def identify_loaded_adapter(model: nn.Module, adapter_name: str, weights_digest:
     if not weights_digest:
         return
     for module in model.modules():
-        sides = getattr(module, "qst_side", None)
-        if isinstance(sides, nn.ModuleDict) and adapter_name in sides:
-            sides[adapter_name].identify_as_loaded(weights_digest)
+        if isinstance(module, QSTLayer) and adapter_name in module.qst_side:
+            module.qst_side[adapter_name].identify_as_loaded(weights_digest)
 
 
 def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:
@@ -141,7 +140,11 @@ def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:
       check, call ``activate_past_recording`` before the first forward, so that ``crop`` can roll back sliding-window
       layers): the side cache must record them from its first token too, or its sliding layers cannot be cropped.
 
-    For every other backbone cache the side trunk starts its own ``DynamicCache`` (None here)."""
+    For every other backbone cache the side trunk starts its own ``DynamicCache`` (None here). An
+    ``EncoderDecoderCache`` (a decoder with cross-attention) counts as its self-attention half, the one the side
+    network's cache stands beside."""
+    if isinstance(backbone_cache, EncoderDecoderCache):
+        backbone_cache = backbone_cache.self_attention_cache
     if backbone_cache is None:
         return None
     if isinstance(backbone_cache, StaticCache):
@@ -708,15 +711,18 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         blocks ignore the count; the others' refusal names it). Compared with the blocks QST was built on, so that a
         model pickled before this check drafts too.
         """
+        return self._lowered_num_hidden_layers() is not None and _early_exit_drafting()
+
+    def _lowered_num_hidden_layers(self) -> Optional[int]:
+        """The trunk config's ``num_hidden_layers`` where it is lower than the number of blocks QST was built on
+        (:meth:`_drafting_early_exit`), else None."""
         current = getattr(self.base_layer.config, "num_hidden_layers", None)
-        lowered = isinstance(current, int) and current < self.__dict__.get("_num_blocks", 0)
-        return lowered and _early_exit_drafting()
+        return current if isinstance(current, int) and current < self.__dict__.get("_num_blocks", 0) else None
 
     def _lowered_layers(self) -> str:
         """A hint for the refusal of a forward whose blocks did not all run, where the config's count is lowered."""
-        current = getattr(self.base_layer.config, "num_hidden_layers", None)
-        blocks = self.__dict__["_num_blocks"]
-        if not (isinstance(current, int) and current < blocks):
+        current, blocks = self._lowered_num_hidden_layers(), self.__dict__["_num_blocks"]
+        if current is None:
             return ""
         return (
             f" Its config's num_hidden_layers is {current}, lower than the {blocks} blocks QST was built on, so the "
@@ -1004,7 +1010,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
     def _with_cross_attention_half(self, cache, kwargs: dict):
         """``cache`` with a backbone half that keeps the cross-attention's keys and values apart from the
-        self-attention's, where the backbone has a cross-attention and this forward is given ``encoder_hidden_states``.
+        self-attention's, where the backbone has a cross-attention and this forward is given ``encoder_hidden_states``
+        (on GPT-2, with or without them).
 
         Most of transformers' decoders with cross-attention write the encoder's keys and values into a plain cache
         (one that is not an ``EncoderDecoderCache``) at the self-attention's layer index, and generate hands such a
@@ -1019,17 +1026,18 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         so.
 
         GPT-2 with ``add_cross_attention`` (:data:`_WRAPS_GIVEN_PLAIN_CACHE`) wraps any cache it is given that way
-        itself, with or without encoder states, so the caller's own ``DynamicCache`` is right there across turns (a
-        static one fails there). QST wraps a ``DynamicCache`` first, the same way, so that the side halves are
-        recorded on the caller's object (:func:`~peft_qst.cache.with_cross_attention_half`): wrapped by the model,
-        they were recorded on the model's wrapper, and the caller's next turn was refused as a plain cache without
-        side-network state (and then, by an earlier version of this method, its first turn, with a false claim that
-        its cache would be filled wrong). The base model (adapters disabled) is left as it is."""
+        itself, with or without encoder states, so the caller's own ``DynamicCache`` or ``StaticCache`` is right there
+        across turns. QST wraps it first, the same way, so that the side halves are recorded on the caller's object
+        (:func:`~peft_qst.cache.with_cross_attention_half`): wrapped by the model, they were recorded on the model's
+        wrapper, and the caller's next turn was refused as a plain cache without side-network state (and then, by
+        earlier versions of this method, its first turn, with a false claim that its cache would be filled wrong, or
+        for a static cache that GPT-2's own generation fails with, which it does not). The base model (adapters
+        disabled) is left as it is."""
         backbone = cache.backbone if isinstance(cache, QSTCache) else cache
         if backbone is None or isinstance(backbone, EncoderDecoderCache) or not self._has_cross_attention():
             return cache
         wraps_itself = self._wraps_given_plain_cache()
-        if wraps_itself and isinstance(backbone, DynamicCache):
+        if wraps_itself:
             if isinstance(cache, QSTCache):
                 cache.backbone = with_cross_attention_half(backbone)
                 return cache
@@ -1049,18 +1057,12 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 cache.backbone = halves
                 return cache
             return halves
-        reason = (
-            "QST gives a cross-attention half here only to a DynamicCache (GPT-2's own generation fails with a static "
-            "cache)"
-            if wraps_itself
-            else f"the {self._model_type} cross-attention writes the encoder's keys and values into the "
-            "self-attention's cache layers of a plain cache, so cached results would be wrong (the base model's own "
-            "are wrong there, or fail)"
-        )
         raise ValueError(
             f"This {self._model_type} decoder has cross-attention and was given encoder_hidden_states, but its cache "
             f"is a plain {type(backbone).__name__} ({past_length(backbone)} past tokens), not an EncoderDecoderCache: "
-            f"{reason}. Pass cache=EncoderDecoderCache(DynamicCache(), DynamicCache()) (from transformers) and keep "
+            f"the {self._model_type} cross-attention writes the encoder's keys and values into the self-attention's "
+            "cache layers of a plain cache, so cached results would be wrong (the base model's own are wrong there, "
+            "or fail). Pass cache=EncoderDecoderCache(DynamicCache(), DynamicCache()) (from transformers) and keep "
             "that object for later turns, or pass no cache and keep generate's default dynamic cache (QST then gives "
             "it a cross-attention half); in a loop of forwards, continue with the cache the model returned."
         )

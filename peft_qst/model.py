@@ -580,6 +580,31 @@ def _check_bare_trunk_config(model: nn.Module, config: QSTConfig) -> None:
         )
 
 
+def _check_task_head(model: nn.Module, config: QSTConfig) -> None:
+    """``task_type`` against the model's head. PEFT's task class for a classifier trains the head it finds by name
+    (:data:`_TASK_HEADS`); a causal LM has none, so ``task_type="SEQ_CLS"`` on an ``*ForCausalLM`` trained no head and
+    its loss, the LM's on class labels, came out NaN without a word. ``task_type="CAUSAL_LM"`` on a model without
+    generation (an ``*ForSequenceClassification``) failed in PEFT with "object has no attribute
+    'prepare_inputs_for_generation'"."""
+    task_type = getattr(config.task_type, "value", config.task_type)
+    name = type(model).__name__
+    heads = _TASK_HEADS.get(task_type)
+    # matched as PEFT matches modules_to_save: as suffixes of module names
+    if heads and not any(module.endswith(heads) for module, _ in model.named_modules()):
+        raise ValueError(
+            f"QSTConfig.task_type={task_type!r} trains the model's task head ({' or '.join(heads)}), but {name} has "
+            "none. Load the model with the class of that task (AutoModelForSequenceClassification for 'SEQ_CLS', "
+            "AutoModelForTokenClassification for 'TOKEN_CLS', AutoModelForQuestionAnswering for 'QUESTION_ANS'), "
+            f"or give the task_type of this model{' (CAUSAL_LM)' if name.endswith('ForCausalLM') else ''}."
+        )
+    if task_type == "CAUSAL_LM" and not callable(getattr(model, "prepare_inputs_for_generation", None)):
+        raise ValueError(
+            f"QSTConfig.task_type='CAUSAL_LM' needs a model that generates (AutoModelForCausalLM), but {name} does "
+            "not. Give the task_type of this model (e.g. 'SEQ_CLS' for an *ForSequenceClassification model), or "
+            "load it with AutoModelForCausalLM."
+        )
+
+
 def resolve_side_dtype(model: nn.Module, config: QSTConfig) -> torch.dtype:
     """The side network's dtype: the config's, else the 4-bit compute dtype, else the model's dtype; float32 where
     that is float16. Trainable float16 weights do not train under fp16 mixed precision (``Trainer(fp16=True)``: its
@@ -840,6 +865,8 @@ class QSTModel(BaseTuner):
             )
         if composite:
             _check_composite_trunk(model_type, base_trunk, text_config)
+        if not is_bare_trunk(model):
+            _check_task_head(model, config)
         _check_modules_to_save_outside(model, trunk, config)
         if composite:
             _check_modules_to_save_before_trunk(model, trunk, config, model_type)
@@ -1117,7 +1144,8 @@ class QSTModel(BaseTuner):
                 f"QST adapter {adapter_name!r} was saved with {len(never_applied)} backbone low-rank tensors on "
                 f"Mamba-style dt_proj layers (e.g. {never_applied[:2]}), which their mixers never call (they read the "
                 "weight): those deltas never changed the output nor trained, and are not loaded. The adapter computes "
-                "what it did when saved; save it again to drop them from the file."
+                "what it did when saved; save it again to drop them from the file.",
+                stacklevel=user_stacklevel(),
             )
         # tensors of parts an earlier peft-qst built into the side trunk although its forward never runs them (image
         # and audio towers, cross-attention: side.drop_unreached_parts): their random start, which never changed an

@@ -44,7 +44,7 @@ from typing import Optional
 from .card import add_usage_section, saved_qst_adapters
 from .config import PEFT_TYPE, QSTConfig
 from .fast_path import note_adapter_loaded
-from .layer import identify_loaded_adapter
+from .layer import QSTLayer, identify_loaded_adapter
 from .model import (
     QSTModel,
     check_saved_adapter_fits,
@@ -746,8 +746,6 @@ def _side_modules_with_parameters(model) -> list:
     from torch.nn.utils import parametrize
     from torch.nn.utils.parametrize import ParametrizationList
 
-    from .layer import QSTLayer
-
     owners = []
     for layer in model.modules():
         if not isinstance(layer, QSTLayer):
@@ -786,8 +784,6 @@ def _holds_qst_side_network(model) -> bool:
     """Whether ``model`` (a PeftModel, a model ``inject_adapter_in_model`` adapted, or a ``torch.compile`` wrapper of
     either) holds a QST adapter."""
     import torch
-
-    from .layer import QSTLayer
 
     return _holds_qst_adapter(model) or (
         isinstance(model, torch.nn.Module) and any(isinstance(module, QSTLayer) for module in model.modules())
@@ -840,8 +836,6 @@ def _return_the_bare_trunk_from_get_base_model() -> None:
     passed in, as the Trainer expects (it reads the forward's signature to keep the dataset's columns). Its forward
     is the trunk's own, without the side network around it; the PeftModel runs the adapted one."""
     from peft import PeftModel
-
-    from .layer import QSTLayer
 
     def make(original):
         def get_base_model(self):

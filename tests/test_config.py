@@ -50,6 +50,20 @@ from .conftest import tiny_causal_lm
         ({"backbone_lora_layers": 2.5}, "backbone_lora_layers=2.5"),
         ({"backbone_lora_layers": True}, "backbone_lora_layers=True"),
         ({"task_type": "SEQ_2_SEQ_LM"}, "task_type='CAUSAL_LM'"),
+        # PEFT's own refusal ("Invalid task type: 'causal_lm'") named neither the field nor the accepted spelling
+        ({"task_type": "causal_lm"}, "QSTConfig.task_type='causal_lm' is invalid (PEFT matches the name exactly: "
+                                     "did you mean 'CAUSAL_LM'?)"),
+        ({"task_type": "LM"}, "choose one of 'CAUSAL_LM', 'SEQ_CLS'"),
+        # a non-string entry failed inside PEFT with "'int' object has no attribute 'split'"
+        ({"target_modules": ["model", 3]}, "QSTConfig.target_modules=['model', 3]"),
+        # an empty name, a suffix of every module name, failed in PEFT ("cannot be applied to modules of type QSTLayer")
+        ({"modules_to_save": ["lm_head", ""]}, "(non-empty strings)"),
+        # any truthy value froze the adapter: get_peft_model left nothing trainable
+        ({"inference_mode": "false"}, "QSTConfig.inference_mode='false'"),
+        ({"inference_mode": 0}, "give True (the adapter frozen, for inference) or False"),
+        # loading compared it with the weights' digest and blamed the weights file
+        ({"adapter_weights_sha256": "abc"}, "64 hexadecimal digits"),
+        ({"adapter_weights_sha256": 3}, "QSTConfig.adapter_weights_sha256=3"),
     ],
 )
 def test_bad_values_are_refused_at_construction(kwargs, fragment):
@@ -367,3 +381,51 @@ def test_trainable_token_indices_are_ignored_with_a_warning():
     assert model.peft_config["default"].trainable_token_indices is None
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".qst_side." in n for n in trainable)
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        ({"task_type": "causal_lm"}, "did you mean 'CAUSAL_LM'?"),
+        ({"target_modules": ["model", 3]}, "QSTConfig.target_modules=['model', 3] is invalid"),
+        ({"modules_to_save": [""]}, "QSTConfig.modules_to_save=[''] is invalid"),
+        ({"inference_mode": "false"}, "QSTConfig.inference_mode='false' is invalid"),
+        ({"adapter_weights_sha256": "abc"}, "QSTConfig.adapter_weights_sha256='abc' is invalid"),
+    ],
+    ids=["task_type", "target_modules", "modules_to_save", "inference_mode", "digest"],
+)
+def test_hand_edited_adapter_config_values_are_refused_naming_the_file_and_field(edit, fragment, tmp_path):
+    """A value edited into adapter_config.json by hand failed in PEFT without naming the file or field (a misspelt
+    task_type, an AttributeError or TypeError for odd target_modules or modules_to_save entries), was taken as True
+    ("false" for inference_mode), or had loading blame the weights file as corrupt (a digest that is none). Each is
+    refused when the config is read, naming the file, the field and the value, before the model is touched."""
+    get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    for load in (lambda: PeftConfig.from_pretrained(str(tmp_path)),
+                 lambda: PeftModel.from_pretrained(tiny_causal_lm(), str(tmp_path))):
+        with pytest.raises(ValueError) as info:
+            load()
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and fragment in message
+
+
+def test_task_type_that_does_not_fit_the_models_head_is_refused():
+    """task_type="SEQ_CLS" on an *ForCausalLM built without a word: PEFT's task class found no head to train and the
+    loss, the LM's on class labels, came out NaN. task_type="CAUSAL_LM" on a classifier failed inside PEFT with
+    "object has no attribute 'prepare_inputs_for_generation'". Both are refused naming the task type, the model class
+    and the fix; a classifier with its own task type still builds, its head trainable."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .conftest import tiny_llama_config
+
+    for task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
+        with pytest.raises(ValueError, match=rf"task_type='{task_type}' trains the model's task head .* but "
+                                             r"LlamaForCausalLM has none.*task_type of this model \(CAUSAL_LM\)"):
+            get_peft_model(tiny_causal_lm(), QSTConfig(task_type=task_type, r=4))
+    config = tiny_llama_config(num_labels=3, pad_token_id=0)
+    with pytest.raises(ValueError, match="task_type='CAUSAL_LM' needs a model that generates .* but "
+                                         "LlamaForSequenceClassification does not"):
+        get_peft_model(AutoModelForSequenceClassification.from_config(config), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model = get_peft_model(AutoModelForSequenceClassification.from_config(config), QSTConfig(task_type="SEQ_CLS", r=4))
+    assert any(".score." in n for n, p in model.named_parameters() if p.requires_grad)

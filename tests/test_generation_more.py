@@ -713,9 +713,6 @@ def test_a_plain_cache_of_the_caller_continues_across_turns_where_the_decoder_wr
         _scores_equal(model.generate(input_ids=ids, cache=DynamicCache(), **beams),
                       model.generate(input_ids=ids, use_cache=False, **beams), tolerance)
         _scores_equal(model.generate(input_ids=ids, past_key_values=DynamicCache(), **kwargs), first, tolerance)
-        # (the base model's own fails with a static cache: refused, not wrapped)
-        with pytest.raises(ValueError, match=r"plain StaticCache .*cross-attention half here only to a DynamicCache"):
-            model.generate(input_ids=ids, cache_implementation="static", **kwargs)
 
         alone = {k: v for k, v in kwargs.items() if k != "encoder_hidden_states"}
         own = DynamicCache()  # without encoder states GPT-2 wraps it too: the next turn was refused as without sides
@@ -730,6 +727,40 @@ def test_a_plain_cache_of_the_caller_continues_across_turns_where_the_decoder_wr
         continued = model(input_ids=step, encoder_hidden_states=encoder, cache=own, use_cache=True)
         full = model(input_ids=torch.cat([ids, step], 1), encoder_hidden_states=encoder, use_cache=False)
         torch.testing.assert_close(continued.logits[:, -1], full.logits[:, -1], **tolerance)
+
+
+@pytest.mark.parametrize("encoder_states", [True, False], ids=["encoder-states", "no-encoder-states"])
+def test_a_static_cache_of_the_caller_continues_across_turns_where_the_decoder_wraps_it_itself(encoder_states):
+    """GPT-2 built with ``add_cross_attention`` wraps a static cache it is given as it wraps a ``DynamicCache``, and
+    its own generation with one is its uncached one. The adapted generation with encoder states was refused at once,
+    claiming that GPT-2's own generation fails with a static cache; without encoder states, the caller's own
+    ``StaticCache`` was refused at its second turn as a plain cache without side-network state. Both continue now
+    (``cache_implementation="static"``, the caller's object across turns, beam search) as uncached recomputation."""
+    from transformers import StaticCache
+
+    base = _cross_attention_decoder("gpt2")
+    ids, encoder = _encoder_inputs(base.config.hidden_size)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    if encoder_states:
+        kwargs["encoder_hidden_states"] = encoder
+    tolerance = dict(atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the base model's own generation with a static cache
+        _scores_equal(base.generate(input_ids=ids, cache_implementation="static", **kwargs),
+                      base.generate(input_ids=ids, use_cache=False, **kwargs), tolerance)
+    model = _adapted(base)
+    with torch.no_grad():
+        _scores_equal(model.generate(input_ids=ids, cache_implementation="static", **kwargs),
+                      model.generate(input_ids=ids, use_cache=False, **kwargs), tolerance)
+        own = StaticCache(config=base.config, max_cache_len=32)
+        first = model.generate(input_ids=ids, cache=own, **kwargs)
+        _scores_equal(first, model.generate(input_ids=ids, use_cache=False, **kwargs), tolerance)
+        assert type(own) is StaticCache and own.get_seq_length() == ids.shape[1] + 3
+        prompt = torch.cat([first.sequences, ids[:, :2]], 1)
+        _scores_equal(model.generate(input_ids=prompt, cache=own, **kwargs),
+                      model.generate(input_ids=prompt, use_cache=False, **kwargs), tolerance)
+        beams = dict(kwargs, num_beams=3)
+        _scores_equal(model.generate(input_ids=ids, cache_implementation="static", **beams),
+                      model.generate(input_ids=ids, use_cache=False, **beams), tolerance)
 
 
 @pytest.mark.parametrize("model_type", ["xglm", "bart"])

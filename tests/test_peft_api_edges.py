@@ -314,7 +314,8 @@ def test_the_lora_hotswap_helpers_refuse_a_qst_adapter_before_touching_it(tmp_pa
         assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in before)
 
     def lora_model(seed):
-        return get_peft_model(tiny_causal_lm(seed=seed), LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False))
+        return get_peft_model(tiny_causal_lm(seed=seed),
+                              LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False))
 
     lora, lora_other = lora_model(0), lora_model(1)
     lora_other.save_pretrained(tmp_path / "lora")

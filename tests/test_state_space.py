@@ -197,7 +197,7 @@ def test_hybrid_saved_with_time_step_deltas_loads_without_them(model_type, tmp_p
     """peft-qst before 3f0c521 put a delta on ``dt_proj`` too, which these mixers never call (they read its weight):
     it never ran and never got a gradient, so a saved hybrid adapter holds it at its start, a delta of zero. Such an
     adapter was refused as "saved from a different QST configuration or base model"; its deltas there are dropped (with
-    a warning saying why) and it loads to the outputs it trained to."""
+    a warning saying why, at the caller's line) and it loads to the outputs it trained to."""
     from peft_qst import backbone_lora
 
     ids = IDS[:, :6]
@@ -211,8 +211,10 @@ def test_hybrid_saved_with_time_step_deltas_loads_without_them(model_type, tmp_p
     old.eval().save_pretrained(tmp_path)
     with torch.no_grad():
         expected = old(input_ids=ids).logits
-    with pytest.warns(UserWarning, match="dt_proj"):
+    with pytest.warns(UserWarning, match="dt_proj") as caught:
         loaded = PeftModel.from_pretrained(tiny(model_type, **overrides), str(tmp_path)).eval()
+    # reported at this line, the user's call, as peft_qst's other loading warnings are (not inside peft_qst)
+    assert {w.filename for w in caught if "dt_proj" in str(w.message)} == {__file__}
     assert not any("dt_proj" in name for name in lora_layers(loaded))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
