@@ -585,17 +585,21 @@ def _check_task_head(model: nn.Module, config: QSTConfig) -> None:
     (:data:`_TASK_HEADS`); a causal LM has none, so ``task_type="SEQ_CLS"`` on an ``*ForCausalLM`` trained no head and
     its loss, the LM's on class labels, came out NaN without a word. ``task_type="CAUSAL_LM"`` on a model without
     generation (an ``*ForSequenceClassification``) failed in PEFT with "object has no attribute
-    'prepare_inputs_for_generation'"."""
+    'prepare_inputs_for_generation'". A head of another name that the config's ``modules_to_save`` lists (a model
+    whose head is ``classification_head``, trained with ``modules_to_save=["classification_head"]``) counts: PEFT
+    trains it beside the ones it adds."""
     task_type = getattr(config.task_type, "value", config.task_type)
     name = type(model).__name__
     heads = _TASK_HEADS.get(task_type)
     # matched as PEFT matches modules_to_save: as suffixes of module names
-    if heads and not any(module.endswith(heads) for module, _ in model.named_modules()):
+    trained = tuple(heads or ()) + tuple(_modules_to_save_entries(config))
+    if heads and not any(module.endswith(trained) for module, _ in model.named_modules()):
         raise ValueError(
             f"QSTConfig.task_type={task_type!r} trains the model's task head ({' or '.join(heads)}), but {name} has "
             "none. Load the model with the class of that task (AutoModelForSequenceClassification for 'SEQ_CLS', "
             "AutoModelForTokenClassification for 'TOKEN_CLS', AutoModelForQuestionAnswering for 'QUESTION_ANS'), "
-            f"or give the task_type of this model{' (CAUSAL_LM)' if name.endswith('ForCausalLM') else ''}."
+            f"or give the task_type of this model{' (CAUSAL_LM)' if name.endswith('ForCausalLM') else ''}; a head "
+            "of another name is trained when modules_to_save names it."
         )
     if task_type == "CAUSAL_LM" and not callable(getattr(model, "prepare_inputs_for_generation", None)):
         raise ValueError(

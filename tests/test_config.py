@@ -429,3 +429,25 @@ def test_task_type_that_does_not_fit_the_models_head_is_refused():
         get_peft_model(AutoModelForSequenceClassification.from_config(config), QSTConfig(task_type="CAUSAL_LM", r=4))
     model = get_peft_model(AutoModelForSequenceClassification.from_config(config), QSTConfig(task_type="SEQ_CLS", r=4))
     assert any(".score." in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_task_head_of_another_name_listed_in_modules_to_save_is_accepted():
+    """A classifier whose head is not named ``score``/``classifier`` (here ``classification_head``, as BART's is) is
+    trained by PEFT's task class when ``modules_to_save`` names it, as it was before the task-head check: that check
+    refused it as a model without a head. Without the entry it is still refused (PEFT would train no head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .conftest import tiny_llama_config
+
+    def classifier():
+        model = AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels=3, pad_token_id=0))
+        model.classification_head = model.score
+        del model.score
+        return model
+
+    model = get_peft_model(classifier(), QSTConfig(task_type="SEQ_CLS", r=4, modules_to_save=["classification_head"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".classification_head." in n for n in trainable)
+    assert any(".qst_side." in n for n in trainable)
+    with pytest.raises(ValueError, match="a head of another name is trained when modules_to_save names it"):
+        get_peft_model(classifier(), QSTConfig(task_type="SEQ_CLS", r=4))
