@@ -78,6 +78,10 @@ _BACKBONE_ONLY_KWARGS = (
 #: (``tests/test_generation_more.py`` covers gpt2, xglm and bart)
 _WRAPS_GIVEN_PLAIN_CACHE = frozenset({"gpt2"})
 
+#: the cache that a decoder with cross-attention which fills a plain cache wrong takes from a caller, named by the
+#: refusals' fixes (:meth:`QSTLayer._with_cross_attention_half`, :meth:`QSTLayer._fresh_cache_advice`)
+_ENCODER_DECODER_CACHE = "EncoderDecoderCache(DynamicCache(), DynamicCache())"
+
 #: the trunk's methods that count or measure the parameters of the model they are called on. On a bare trunk's wrapper,
 #: the root model under ``task_type="FEATURE_EXTRACTION"``, ``PeftModel.num_parameters()`` reached the trunk's own and
 #: counted the trunk alone (``only_trainable=True``: 0, where PEFT's ``get_nb_trainable_parameters()`` counts the side
@@ -976,8 +980,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 f"side network of another shape than adapter {name!r} has now ({changed}): the adapter was deleted "
                 "and added again under the same name with another config (or loaded again onto a base model of "
                 "another config) since the cache was filled, so those keys and values are another network's "
-                "history. Start generation again with a fresh cache (no past_key_values, or a new DynamicCache()), "
-                "or continue the old one only with the adapter that filled it."
+                f"history. {self._fresh_cache_advice()}, or continue the old one only with the adapter that "
+                "filled it."
             )
         identity = self.qst_side[name].cache_identity()
         for half in (cache.side_cache(name), cache.copy_memory(name)):
@@ -991,9 +995,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 "filled, or this model loaded it from saved weights (PeftModel.from_pretrained, load_adapter) and "
                 "the cache was filled by another model, such as the one that trained and saved them (a cache "
                 "continues with the model that filled it, its copies, or the same saved adapter loaded again), so "
-                "those keys and values are another network's history. Start generation again with a fresh cache "
-                "(call generate without past_key_values, or pass a new DynamicCache()), or continue the old one only "
-                "with the adapter that filled it."
+                f"those keys and values are another network's history. {self._fresh_cache_advice()}, or continue "
+                "the old one only with the adapter that filled it."
             )
 
     def _has_cross_attention(self) -> bool:
@@ -1062,9 +1065,21 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             f"is a plain {type(backbone).__name__} ({past_length(backbone)} past tokens), not an EncoderDecoderCache: "
             f"the {self._model_type} cross-attention writes the encoder's keys and values into the self-attention's "
             "cache layers of a plain cache, so cached results would be wrong (the base model's own are wrong there, "
-            "or fail). Pass cache=EncoderDecoderCache(DynamicCache(), DynamicCache()) (from transformers) and keep "
+            f"or fail). Pass cache={_ENCODER_DECODER_CACHE} (from transformers) and keep "
             "that object for later turns, or pass no cache and keep generate's default dynamic cache (QST then gives "
             "it a cross-attention half); in a loop of forwards, continue with the cache the model returned."
+        )
+
+    def _fresh_cache_advice(self) -> str:
+        """The fix that refusals to continue a cache name: start again with a fresh cache. A new ``DynamicCache()``,
+        except on a backbone with cross-attention that fills a plain cache wrong (the BART family; not GPT-2, which
+        wraps a plain cache itself): given encoder states, :meth:`_with_cross_attention_half` refuses a caller's
+        plain cache there, so advising one led to a second refusal. The advice names the cache it takes instead."""
+        fresh = "DynamicCache()"
+        if self._has_cross_attention() and not self._wraps_given_plain_cache():
+            fresh = f"{_ENCODER_DECODER_CACHE} (from transformers)"
+        return (
+            f"Start generation again with a fresh cache (call generate without past_key_values, or pass a new {fresh})"
         )
 
     def _wraps_given_plain_cache(self) -> bool:

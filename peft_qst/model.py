@@ -60,6 +60,8 @@ _QST_TAGS = ("qst", "peft-qst")
 _TAGS_ADDED = "_qst_tags_added"
 #: where a bound config keeps those fields as they were before binding (an instance attribute, never saved)
 _AS_WRITTEN = "_qst_as_written"
+#: whether a PEFT task class wraps the model a tuner adapts (a tuner attribute; False for inject_adapter_in_model)
+_TASK_CLASS_WRAPS = "_qst_task_class_wraps"
 
 
 #: ``target_modules`` of an adapter on a bare decoder trunk (as ``AutoModel`` loads it, for
@@ -718,6 +720,13 @@ class QSTModel(BaseTuner):
                 "a LoRA adapter in it, merge it first (model = model.merge_and_unload()); to start over, pass "
                 "model.unload() (or the base model as loaded)."
             )
+        # PEFT's PeftModel (its task classes: get_peft_model, PeftModel.from_pretrained, AutoPeftModel*) builds the
+        # tuner with a dict of configs by adapter name; inject_adapter_in_model (also transformers' load_adapter)
+        # with the config itself, and no task class wraps the model there: task_type is ignored, so
+        # _check_task_head, which guards what a task class does with it, does not run (it refused a mismatched
+        # task_type that worked there)
+        peft_config = args[0] if args else kwargs.get("peft_config")
+        self.__dict__[_TASK_CLASS_WRAPS] = isinstance(peft_config, dict)
         super().__init__(model, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -851,6 +860,10 @@ class QSTModel(BaseTuner):
             target_modules = config.target_modules or re.escape(find_trunk_name(model))
             trunk = self._matching_trunk(model, target_modules)
         if trunk is None:
+            # an adapter saved from a model of another task class records that class's trunk name (LlamaForQuestion
+            # Answering's "transformer", the others' "model"): loaded onto a causal LM or another classifier, the
+            # missing task head is the problem to name, not the target_modules the user never set
+            _check_task_head(model, config)
             raise QSTUnsupportedModelError(
                 f"QSTConfig.target_modules={target_modules!r} matches no module of {type(model).__name__}."
                 + _target_modules_hint(model, config)
@@ -869,7 +882,7 @@ class QSTModel(BaseTuner):
             )
         if composite:
             _check_composite_trunk(model_type, base_trunk, text_config)
-        if not is_bare_trunk(model):
+        if not is_bare_trunk(model) and self.__dict__.get(_TASK_CLASS_WRAPS, True):
             _check_task_head(model, config)
         _check_modules_to_save_outside(model, trunk, config)
         if composite:

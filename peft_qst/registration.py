@@ -273,6 +273,31 @@ def _load_the_best_checkpoint_of_the_trained_adapter() -> None:
     _patch_once(Trainer, "_load_best_model", make)
 
 
+#: the Hub pipeline of each PEFT task class beside the causal LM's ("text-generation", which PEFT's card sets itself)
+_PIPELINE_OF_TASK_CLASS = {
+    "PeftModelForSequenceClassification": "text-classification",
+    "PeftModelForTokenClassification": "token-classification",
+    "PeftModelForQuestionAnswering": "question-answering",
+    "PeftModelForFeatureExtraction": "feature-extraction",
+}
+
+
+def _name_the_pipeline_of_the_task(model, folder: str) -> None:
+    """The card's ``pipeline_tag`` for a task class: PEFT's card names it for a causal LM only, so the card of a
+    classifier, a question-answering or a feature-extraction adapter named no task at all, and the Hub listed it
+    under none. Set from the PEFT class that saves it, where the card names none yet (one set by hand is kept)."""
+    from huggingface_hub import ModelCard
+
+    pipeline = next((tag for cls in type(model).__mro__ if (tag := _PIPELINE_OF_TASK_CLASS.get(cls.__name__))), None)
+    card_path = os.path.join(folder, "README.md")
+    if pipeline is None or not os.path.isfile(card_path):
+        return
+    card = ModelCard.load(card_path)
+    if not card.data.pipeline_tag:
+        card.data.pipeline_tag = pipeline
+        card.save(card_path)
+
+
 def _keep_the_loading_section_in_updated_cards() -> None:
     """transformers' ``Trainer.create_model_card`` (which ``Trainer.push_to_hub`` calls before uploading the output
     folder) overwrites the card ``save_model`` just wrote with a training summary, then has PEFT's
@@ -289,6 +314,7 @@ def _keep_the_loading_section_in_updated_cards() -> None:
         def create_or_update_model_card(self, output_dir, *args, **kwargs):
             result = original(self, output_dir, *args, **kwargs)
             if _holds_qst_adapter(self):
+                _name_the_pipeline_of_the_task(self, output_dir)
                 _write_loading_section(self, output_dir)
             return result
 
@@ -453,7 +479,8 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
                         restore_trainability(model, flags)
                     except Exception as err:  # noqa: BLE001 - the refusal is what the caller must see
                         warnings.warn(
-                            f"The base model could not be handed back unwrapped ({err!r}); load it again."
+                            f"The base model could not be handed back unwrapped ({err!r}); load it again.",
+                            stacklevel=user_stacklevel(),
                         )
                 raise
             finally:

@@ -269,3 +269,32 @@ def test_the_card_loads_a_half_precision_checkpoint_in_float32_as_it_was_trained
 
     assert "dtype=torch.float32" in loading_code(tmp_path / "out" / "README.md")
     assert_loads_the_saved_adapters(run_card(tmp_path / "out" / "README.md"), logits)
+
+
+@pytest.mark.parametrize(
+    "task_type, auto_class, pipeline",
+    [
+        ("SEQ_CLS", "AutoModelForSequenceClassification", "text-classification"),
+        ("TOKEN_CLS", "AutoModelForTokenClassification", "token-classification"),
+        ("QUESTION_ANS", "AutoModelForQuestionAnswering", "question-answering"),
+        ("FEATURE_EXTRACTION", "AutoModel", "feature-extraction"),
+        ("CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
+    ],
+)
+def test_the_card_names_the_pipeline_of_the_adapters_task(tmp_path, tiny_model_dir, task_type, auto_class, pipeline):
+    """PEFT's card sets ``pipeline_tag`` for a causal LM only: the card of a classifier (a reward model with one
+    label too), a question-answering or a feature-extraction adapter named no task. Each names its own, and keeps its
+    loading section; a pipeline_tag already in the card is kept when the adapter is saved again."""
+    import transformers
+
+    kwargs = {"num_labels": 1} if task_type == "SEQ_CLS" else {}
+    base = getattr(transformers, auto_class).from_pretrained(tiny_model_dir, **kwargs)
+    model = get_peft_model(base, QSTConfig(task_type=task_type, r=4))
+    model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.pipeline_tag == pipeline
+    assert card.text.count(MARKER) == 1 and f"base = {auto_class}.from_pretrained(" in card.text
+    card.data.pipeline_tag = "text-ranking"
+    card.save(tmp_path / "README.md")
+    model.save_pretrained(tmp_path)
+    assert ModelCard.load(tmp_path / "README.md").data.pipeline_tag == "text-ranking"

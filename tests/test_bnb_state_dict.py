@@ -474,3 +474,48 @@ def test_a_model_pickled_before_kept_layouts_named_their_weight_trains_and_unloa
     base = loaded.unload()
     assert not any(vars(m).get("_qst_routes_by_mode") or "_qst_standard_layout" in vars(m)
                    for _, m in _linear4bit_layers(base))
+
+
+
+@pytest.mark.skipif(not has_avx512bf16(), reason="bitsandbytes packs for the CPU, and layouts are kept, only with it")
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_kept_layouts_their_weight_does_not_hold_now_copy_and_pickle_alike(tiny_model_dir, how):
+    """A training-mode call that raised between a packed layer's pre- and post-hook leaves the standard layout on the
+    weight, the packed one waiting on the layer for the next call to swap back: the kept layout does not belong to
+    the weight until then. A deep copy took it as stale for good (a pickled copy did not), so the copy's next
+    training call dropped its kept layouts and rebuilt them with block scales rounded to bfloat16: its loss and
+    gradients were not the original's. Both copies now train as the original, bit for bit. A weight re-quantized
+    since (another quantization-state object for good) keeps a layout of its copies belonging to no weight."""
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def raised_mid_call():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+        torch.manual_seed(0)
+        model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+        _logits(model.eval(), ids)  # packs every 4-bit layer and keeps its standard layout
+        _, layer = _linear4bit_layers(model)[-1]
+
+        def interrupt(*_):
+            raise KeyboardInterrupt
+
+        handle = layer.register_forward_pre_hook(interrupt)  # after QST's, which swapped the standard layout in
+        with pytest.raises(KeyboardInterrupt):
+            model.train()(input_ids=ids, labels=ids)
+        handle.remove()
+        assert "_qst_packed_layout_during_call" in vars(layer)
+        return model
+
+    expected_loss, expected = _loss_and_gradients(raised_mid_call(), ids)
+    copied = copy_of(raised_mid_call(), how)
+    loss, gradients = _loss_and_gradients(copied, ids)
+    assert torch.equal(loss, expected_loss) and gradients.keys() == expected.keys()
+    for name, gradient in expected.items():
+        assert torch.equal(gradients[name], gradient), name
+    assert all("_qst_standard_layout" in vars(m) for _, m in _linear4bit_layers(copied))
+
+    _, layer = _linear4bit_layers(copied)[0]
+    layer.weight.quant_state = copy.copy(layer.weight.quant_state)  # re-quantized in place
+    again = copy_of(copied, how)
+    entry = vars(again.get_submodule(_linear4bit_layers(copied)[0][0]))["_qst_standard_layout"][2]
+    assert not any(entry.belongs_to(m.weight) for _, m in _linear4bit_layers(again))
+    again(input_ids=ids, labels=ids).loss.backward()

@@ -431,6 +431,47 @@ def test_task_type_that_does_not_fit_the_models_head_is_refused():
     assert any(".score." in n for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_task_type_is_checked_against_the_head_only_where_a_peft_task_class_wraps_the_model(tmp_path):
+    """inject_adapter_in_model (and transformers' load_adapter, which goes through it) wraps the model in no PEFT task
+    class and ignores task_type: a QSTConfig of another task_type than the model's head injected and ran there, and
+    the task-head check, meant for get_peft_model, refused it. It runs only where a task class wraps the model
+    (get_peft_model, PeftModel.from_pretrained); there the mismatch is still refused."""
+    import torch
+    from peft import inject_adapter_in_model
+    from transformers import AutoModelForSequenceClassification
+
+    from peft_qst import QSTLayer
+
+    from .conftest import tiny_llama_config
+
+    ids = torch.tensor([[5, 17, 33, 2, 99, 64]])
+
+    def classifier():
+        return AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels=3, pad_token_id=0))
+
+    for base, task_type in ((tiny_causal_lm(), "SEQ_CLS"), (classifier(), "CAUSAL_LM")):
+        expected = base(input_ids=ids).logits.shape
+        injected = inject_adapter_in_model(QSTConfig(task_type=task_type, r=4), base)
+        assert injected is base and any(isinstance(m, QSTLayer) for m in injected.modules())
+        assert injected(input_ids=ids).logits.shape == expected
+    with pytest.raises(ValueError, match="task_type='SEQ_CLS' trains the model's task head"):
+        get_peft_model(tiny_causal_lm(), QSTConfig(task_type="SEQ_CLS", r=4))
+    with pytest.raises(ValueError, match="task_type='CAUSAL_LM' needs a model that generates"):
+        get_peft_model(classifier(), QSTConfig(task_type="CAUSAL_LM", r=4))
+
+    # a saved adapter whose config says SEQ_CLS: transformers' load_adapter injects it into a causal LM; PEFT's
+    # from_pretrained, whose task class would train a head the model lacks, refuses it
+    get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "task_type": "SEQ_CLS"}))
+    loaded = tiny_causal_lm()
+    loaded.load_adapter(str(tmp_path))
+    assert any(isinstance(m, QSTLayer) for m in loaded.modules())
+    assert loaded(input_ids=ids).logits.shape == (1, ids.shape[1], loaded.config.vocab_size)
+    with pytest.raises(ValueError, match="task_type='SEQ_CLS' trains the model's task head"):
+        PeftModel.from_pretrained(tiny_causal_lm(), str(tmp_path))
+
+
 def test_task_head_of_another_name_listed_in_modules_to_save_is_accepted():
     """A classifier whose head is not named ``score``/``classifier`` (here ``classification_head``, as BART's is) is
     trained by PEFT's task class when ``modules_to_save`` names it, as it was before the task-head check: that check

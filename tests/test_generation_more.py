@@ -783,3 +783,41 @@ def test_a_plain_cache_of_the_caller_is_refused_where_the_decoder_fills_it_wrong
         with pytest.raises(ValueError, match=rf"the {model_type} cross-attention writes .* into the self-attention's "
                                              r"cache layers.*EncoderDecoderCache\(DynamicCache\(\), Dyn"):
             model.generate(input_ids=ids, cache=DynamicCache(), **kwargs)
+
+
+@pytest.mark.parametrize("model_type", ["bart", "gpt2"])
+@pytest.mark.parametrize("readded", ["same-shape", "another-shape"])
+def test_the_fresh_cache_that_a_refused_continuation_advises_generates_on_a_cross_attention_decoder(model_type,
+                                                                                                      readded):
+    """A cache continued after its adapter was deleted and added again is refused with the advice to start again
+    with a fresh cache. That advice named a new ``DynamicCache()``, which a decoder with cross-attention that fills a
+    plain cache wrong (BART) refuses in turn when given encoder states: it names
+    ``EncoderDecoderCache(DynamicCache(), DynamicCache())`` there, and following it generates. GPT-2, which wraps a
+    plain cache itself, keeps the advice of a new ``DynamicCache()``, which generates there."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    from peft_qst import QSTConfig
+
+    model = _adapted(_cross_attention_decoder(model_type))
+    ids, encoder = _encoder_inputs(model.config.hidden_size)
+    kwargs = dict(encoder_hidden_states=encoder, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, return_dict_in_generate=True, **kwargs)
+    cache, history = out.past_key_values, out.sequences
+    model.add_adapter("b", QSTConfig(task_type="CAUSAL_LM"))
+    model.set_adapter("b")
+    model.delete_adapter("default")
+    model.add_adapter("default", QSTConfig(task_type="CAUSAL_LM", **({"r": 4} if readded == "another-shape" else {})))
+    model.set_adapter("default")
+    model.eval()
+    computed_by = "another side network" if readded == "same-shape" else "a side network of another shape"
+    advised = (r"EncoderDecoderCache\(DynamicCache\(\), DynamicCache\(\)\) \(from transformers\)"
+               if model_type == "bart" else r"DynamicCache\(\)")
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=rf"computed by {computed_by}.*or pass a new {advised}\), or") as refused:
+            model.generate(input_ids=history, cache=cache, **kwargs)
+        if model_type == "gpt2":
+            assert "EncoderDecoderCache" not in str(refused.value)
+        fresh = EncoderDecoderCache(DynamicCache(), DynamicCache()) if model_type == "bart" else DynamicCache()
+        followed = model.generate(input_ids=history, cache=fresh, **kwargs)
+        assert torch.equal(followed, model.generate(input_ids=history, use_cache=False, **kwargs))

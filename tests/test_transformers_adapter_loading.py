@@ -193,3 +193,99 @@ def test_a_refused_load_leaves_the_model_trainable_as_it_was(tiny_model_dir, sav
     assert all(p.requires_grad for p in model.parameters())
     assert all(module.training for module in model.modules())
     assert model(input_ids=IDS, labels=IDS).loss.requires_grad
+
+
+#: the task classes beside the causal LM: PEFT task type, transformers Auto class, PEFT Auto class
+TASKS = {
+    "TOKEN_CLS": ("AutoModelForTokenClassification", "AutoPeftModelForTokenClassification"),
+    "QUESTION_ANS": ("AutoModelForQuestionAnswering", "AutoPeftModelForQuestionAnswering"),
+}
+
+
+def _task_outputs(model):
+    with torch.no_grad():
+        out = model(input_ids=IDS, attention_mask=torch.ones_like(IDS))
+    return torch.cat([out.start_logits, out.end_logits]) if "start_logits" in out else out.logits
+
+
+@pytest.fixture(params=list(TASKS))
+def saved_task_adapter(request, tmp_path):
+    """A QST adapter of a task class trained a few steps on a tiny random base model of that class saved to disk (so
+    its head and trunk load as saved: LlamaForQuestionAnswering names its trunk ``transformer`` and finds nothing of a
+    causal LM's checkpoint), saved; returns the task type, the base folder, the adapter folder and trained outputs."""
+    import transformers
+
+    from .conftest import tiny_llama_config
+
+    task_type = request.param
+    auto_class = getattr(transformers, TASKS[task_type][0])
+    torch.manual_seed(0)
+    auto_class.from_config(tiny_llama_config(pad_token_id=0, num_labels=3)).save_pretrained(tmp_path / "base")
+    model = get_peft_model(auto_class.from_pretrained(tmp_path / "base"), QSTConfig(task_type=task_type, r=4))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        out = model(input_ids=IDS, attention_mask=torch.ones_like(IDS))
+        logits = torch.cat([out.start_logits, out.end_logits]) if "start_logits" in out else out.logits
+        logits.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")
+    return task_type, str(tmp_path / "base"), str(tmp_path / "adapter"), _task_outputs(model)
+
+
+@pytest.mark.parametrize("how", ["AutoPeftModel", "PeftModel.from_pretrained", "transformers-from_pretrained",
+                                 "transformers-load_adapter"])
+def test_a_task_adapter_loads_through_every_route_to_the_trained_outputs(saved_task_adapter, how):
+    """TOKEN_CLS and QUESTION_ANS adapters load back exactly, their trained heads included, through PEFT's Auto class
+    for the task, PeftModel.from_pretrained, and transformers' own adapter loading (which reads the base model's path
+    from adapter_config.json, or injects into a model loaded first)."""
+    import peft
+    import transformers
+
+    task_type, base, folder, trained = saved_task_adapter
+    auto_class = getattr(transformers, TASKS[task_type][0])
+    if how == "AutoPeftModel":
+        model = getattr(peft, TASKS[task_type][1]).from_pretrained(folder, num_labels=3)
+    elif how == "PeftModel.from_pretrained":
+        model = PeftModel.from_pretrained(auto_class.from_pretrained(base), folder)
+    elif how == "transformers-from_pretrained":
+        model = auto_class.from_pretrained(folder)
+    else:
+        model = auto_class.from_pretrained(base)
+        model.load_adapter(folder)
+    assert torch.equal(_task_outputs(model.eval()), trained)
+
+
+@pytest.mark.parametrize("wrong_class", ["AutoModelForCausalLM", "AutoModelForSequenceClassification"])
+@pytest.mark.parametrize("how", ["from_pretrained", "load_adapter"])
+def test_a_question_answering_adapter_loaded_onto_another_task_class_names_the_missing_head(tmp_path, wrong_class,
+                                                                                             how):
+    """LlamaForQuestionAnswering names its trunk ``transformer``, which the adapter records (target_modules); loaded
+    through transformers onto a causal LM or another classifier, the refusal said that target_modules='transformer'
+    matches no module and to "leave it None", a field the user never set. It names the missing qa_outputs head and
+    the class to load with, and leaves the model as it was."""
+    import transformers
+
+    from .conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(pad_token_id=0, num_labels=3)
+    transformers.AutoModelForQuestionAnswering.from_config(config).save_pretrained(tmp_path / "base")
+    qa = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path / "base")
+    get_peft_model(qa, QSTConfig(task_type="QUESTION_ANS", r=4)).save_pretrained(tmp_path / "adapter")
+    wrong = getattr(transformers, wrong_class)
+    refusal = r"task_type='QUESTION_ANS' trains the model's task head \(qa_outputs\).*AutoModelForQuestionAnswering"
+    if how == "from_pretrained":
+        with pytest.raises(ValueError, match=refusal):
+            wrong.from_pretrained(str(tmp_path / "adapter"), num_labels=3)
+        return
+    wrong.from_config(config).save_pretrained(tmp_path / "other")
+    model = wrong.from_pretrained(tmp_path / "other").eval()
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=refusal):
+        model.load_adapter(str(tmp_path / "adapter"))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+    assert not getattr(model, "_hf_peft_config_loaded", False)
