@@ -116,6 +116,15 @@ def record_cache_layout(half, side: QSTSideNetwork) -> None:
         attributes[_IDENTITY_ATTR] = side.cache_identity()
 
 
+def layers_holding(model: nn.Module, adapter_name: str) -> list[tuple[str, "QSTLayer"]]:
+    """The QST layers of ``model`` that hold a side network of adapter ``adapter_name``, with their module names (one
+    per adapted trunk)."""
+    return [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, QSTLayer) and adapter_name in module.qst_side
+    ]
+
+
 def identify_loaded_adapter(model: nn.Module, adapter_name: str, weights_digest: Optional[str]) -> None:
     """Give the side networks of ``adapter_name``, just built by loading the saved weights of digest
     ``weights_digest`` (``PeftModel.from_pretrained``, ``load_adapter`` into a new name), that digest as their
@@ -123,9 +132,8 @@ def identify_loaded_adapter(model: nn.Module, adapter_name: str, weights_digest:
     process or again after ``delete_adapter``, continues. Weights loaded into an existing adapter keep its identity."""
     if not weights_digest:
         return
-    for module in model.modules():
-        if isinstance(module, QSTLayer) and adapter_name in module.qst_side:
-            module.qst_side[adapter_name].identify_as_loaded(weights_digest)
+    for _, layer in layers_holding(model, adapter_name):
+        layer.qst_side[adapter_name].identify_as_loaded(weights_digest)
 
 
 def _side_cache_like(backbone_cache, side_config) -> Optional[Cache]:

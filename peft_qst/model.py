@@ -29,7 +29,7 @@ from torch import nn
 from .backbone_lora import is_time_step_delta, resolve_backbone_lora_layers
 from .bnb_compat import keep_4bit_weights_through_state_dict, route_4bit_layers_by_mode, stop_routing_4bit_layers
 from .config import AUTO, PEFT_TYPE, QSTConfig
-from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, QSTLayer
+from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, QSTLayer, layers_holding
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loss import install_chunked_loss, uninstall_chunked_loss
 from .per_call import call_state, held_call_state
@@ -1093,15 +1093,14 @@ class QSTModel(BaseTuner):
         if config is None:
             return
         dtype = resolve_side_dtype(self.model, config)
-        for layer in self.model.modules():
-            if isinstance(layer, QSTLayer) and adapter_name in layer.qst_side:
-                side = layer.qst_side[adapter_name]
-                keep = _keeps_float32_weights(config, dtype, side.upsample.weight.dtype)
-                for parameter in side.parameters():
-                    if keep and parameter.dtype == torch.float32:
-                        continue
-                    if parameter.is_floating_point() and parameter.dtype != dtype and parameter.device.type != "meta":
-                        parameter.data = parameter.data.to(dtype)
+        for _, layer in layers_holding(self.model, adapter_name):
+            side = layer.qst_side[adapter_name]
+            keep = _keeps_float32_weights(config, dtype, side.upsample.weight.dtype)
+            for parameter in side.parameters():
+                if keep and parameter.dtype == torch.float32:
+                    continue
+                if parameter.is_floating_point() and parameter.dtype != dtype and parameter.device.type != "meta":
+                    parameter.data = parameter.data.to(dtype)
 
     def generate_batch(self, *args, **kwargs):
         raise QSTUnsupportedModelError(CONTINUOUS_BATCHING_REFUSAL)
@@ -1170,8 +1169,7 @@ class QSTModel(BaseTuner):
         # when saved, and nothing is lost by loading it as it is)
         unreached = sorted({
             part
-            for layer in model.modules()
-            if isinstance(layer, QSTLayer) and adapter_name in layer.qst_side
+            for _, layer in layers_holding(model, adapter_name)
             for part in getattr(layer.qst_side[adapter_name], "unreached_parts", ())
         })
         never_run = {
@@ -1602,10 +1600,7 @@ def check_width_options_of_earlier_files(
                if saved_config and name not in saved_config and getattr(config, name, "backbone") != "backbone"]
     if not options:
         return
-    layers = [
-        (name, module) for name, module in peft_model.named_modules()
-        if isinstance(module, QSTLayer) and adapter_name in module.qst_side
-    ]
+    layers = layers_holding(peft_model, adapter_name)
     if not layers:
         return
     prefix = "base_model.model."  # saved keys carry it; a model that no PeftModel wraps does not
