@@ -1047,36 +1047,35 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         backbone = cache.backbone if isinstance(cache, QSTCache) else cache
         if backbone is None or isinstance(backbone, EncoderDecoderCache) or not self._has_cross_attention():
             return cache
-        wraps_itself = self._wraps_given_plain_cache()
-        if wraps_itself:
-            if isinstance(cache, QSTCache):
-                cache.backbone = with_cross_attention_half(backbone)
+        if self._wraps_given_plain_cache():
+            # a plain cache that holds tokens but no side halves is left to _split_cache, which refuses it as such
+            if not isinstance(cache, QSTCache) and past_length(backbone) > 0:
                 return cache
-            # a plain cache that holds tokens but no side halves: _split_cache refuses it as such
-            return with_cross_attention_half(backbone) if past_length(backbone) == 0 else cache
-        if kwargs.get("encoder_hidden_states") is None:
+        elif kwargs.get("encoder_hidden_states") is None:
             return cache
-        # generate marks a cache the caller passed it with ``_is_user_defined`` (transformers 5); without the mark a
-        # caller's fresh cache is paired too, and their object (the self-attention half) is refused when continued
-        if (
-            isinstance(backbone, DynamicCache)
-            and past_length(backbone) == 0
-            and not getattr(backbone, "_is_user_defined", False)
+        elif (
+            # generate marks a cache the caller passed it with ``_is_user_defined`` (transformers 5); without the mark
+            # a caller's fresh cache is paired too, and their object (the self-attention half) is refused when
+            # continued
+            not isinstance(backbone, DynamicCache)
+            or past_length(backbone) > 0
+            or getattr(backbone, "_is_user_defined", False)
         ):
-            halves = with_cross_attention_half(backbone)
-            if isinstance(cache, QSTCache):
-                cache.backbone = halves
-                return cache
-            return halves
-        raise ValueError(
-            f"This {self._model_type} decoder has cross-attention and was given encoder_hidden_states, but its cache "
-            f"is a plain {type(backbone).__name__} ({past_length(backbone)} past tokens), not an EncoderDecoderCache: "
-            f"the {self._model_type} cross-attention writes the encoder's keys and values into the self-attention's "
-            "cache layers of a plain cache, so cached results would be wrong (the base model's own are wrong there, "
-            f"or fail). Pass cache={_ENCODER_DECODER_CACHE} (from transformers) and keep "
-            "that object for later turns, or pass no cache and keep generate's default dynamic cache (QST then gives "
-            "it a cross-attention half); in a loop of forwards, continue with the cache the model returned."
-        )
+            raise ValueError(
+                f"This {self._model_type} decoder has cross-attention and was given encoder_hidden_states, but its "
+                f"cache is a plain {type(backbone).__name__} ({past_length(backbone)} past tokens), not an "
+                f"EncoderDecoderCache: the {self._model_type} cross-attention writes the encoder's keys and values "
+                "into the self-attention's cache layers of a plain cache, so cached results would be wrong (the base "
+                f"model's own are wrong there, or fail). Pass cache={_ENCODER_DECODER_CACHE} (from transformers) and "
+                "keep that object for later turns, or pass no cache and keep generate's default dynamic cache (QST "
+                "then gives it a cross-attention half); in a loop of forwards, continue with the cache the model "
+                "returned."
+            )
+        halves = with_cross_attention_half(backbone)
+        if isinstance(cache, QSTCache):
+            cache.backbone = halves
+            return cache
+        return halves
 
     def _fresh_cache_advice(self) -> str:
         """The fix that refusals to continue a cache name: start again with a fresh cache. A new ``DynamicCache()``,
