@@ -48,6 +48,7 @@ from .side import (
     _non_reentrant,
     copy_key_mask,
     find_layer_list,
+    num_blocks,
     onloaded_tensor,
 )
 
@@ -482,8 +483,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         """
         if "_hook_handles" in self.__dict__:
             return
-        num_layers = int(self.base_layer.config.num_hidden_layers)
-        parent, attr = find_layer_list(self.base_layer, num_layers)
+        parent, attr = find_layer_list(self.base_layer, num_blocks(self.base_layer.config))
         blocks = getattr(parent, attr)
         handles = [blocks[0].register_forward_hook(_LayerMethod(self, "_capture_first_block"), with_kwargs=True)]
         handles += [block.register_forward_hook(_LayerMethod(self, "_capture_block")) for block in blocks[1:]]

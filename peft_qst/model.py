@@ -40,6 +40,7 @@ from .side import (
     find_layer_list,
     is_state_space_model,
     is_unreached_part,
+    num_blocks,
     resolve_side_heads,
     shrink_config,
     unsupported_reason,
@@ -888,7 +889,7 @@ class QSTModel(BaseTuner):
         if composite:
             _check_modules_to_save_before_trunk(model, trunk, config, model_type)
         _check_modules_to_save_unquantized(model, trunk, config)
-        find_layer_list(base_trunk, int(model_config.num_hidden_layers))
+        find_layer_list(base_trunk, num_blocks(model_config))
         # encoder-only models (BERT, RoBERTa, ...) attend both ways and their heads read other outputs (a pooler)
         # than the final hidden state QST adapts: their attention modules say so with is_causal=False
         # (a composite model's language model may be flagged bidirectional: PaliGemma's attends both ways over the
@@ -915,7 +916,7 @@ class QSTModel(BaseTuner):
                     "head. Use side_heads=None (or \"auto\") with init=\"pruned\", or init=\"random\" with another "
                     "head count."
                 )
-        num_layers = int(model_config.num_hidden_layers)
+        num_layers = num_blocks(model_config)
         backbone_lora_layers = resolve_backbone_lora_layers(config.backbone_lora_layers, num_layers)
         if backbone_lora_layers > num_layers:
             raise ValueError(

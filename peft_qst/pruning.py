@@ -56,6 +56,7 @@ from .side import (
     QSTUnsupportedModelError,
     _uses_rotary,
     find_layer_list,
+    num_blocks,
     onloaded_tensor,
 )
 
@@ -476,7 +477,7 @@ def _copy_selected(side_block, plan, dense, indices, layout) -> None:
 
 
 def _trunk_parts(side_network, base_trunk, base_config):
-    num_layers = int(base_config.num_hidden_layers)
+    num_layers = num_blocks(base_config)
     base_parent, base_attr = find_layer_list(base_trunk, num_layers)
     side_parent, side_attr = find_layer_list(side_network.trunk, num_layers)
     base_blocks = list(getattr(base_parent, base_attr))

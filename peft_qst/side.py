@@ -1101,6 +1101,18 @@ def copy_key_mask(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def num_blocks(config) -> int:
+    """The number of decoder blocks of a model with ``config``: its ``num_hidden_layers``, except where the config of an
+    encoder-decoder model maps that to the encoder's count (BART's family, Whisper: ``encoder_layers``), whose
+    ``*ForCausalLM`` classes run the decoder alone, of ``decoder_layers`` blocks. The two counts differ on distilled
+    models, the assistants these decoders run as (distil-whisper: 32 and 2; whisper-large-v3-turbo: 32 and 4): read
+    as the encoder's, QST looked for a list of 32 blocks in the decoder and refused the model ("cannot find the list
+    of 32 decoder blocks")."""
+    if getattr(config, "attribute_map", {}).get("num_hidden_layers") == "encoder_layers":
+        return int(config.decoder_layers)
+    return int(config.num_hidden_layers)
+
+
 def find_layer_list(trunk: nn.Module, num_layers: int) -> tuple[nn.Module, str]:
     """The ``nn.ModuleList`` of decoder blocks inside a trunk, as (parent module, attribute name)."""
     candidates = []
@@ -1472,7 +1484,7 @@ class QSTSideNetwork(nn.Module):
             raise _unsupported_side_network(base_config, qst_config, f"the side network does not run ({problem})")
 
     def _build(self, base_trunk: nn.Module, base_config, qst_config: QSTConfig, dtype: torch.dtype) -> None:
-        num_layers = int(base_config.num_hidden_layers)
+        num_layers = num_blocks(base_config)
         side_config = shrink_config(base_config, qst_config, dtype)
         hidden, side_hidden = int(base_config.hidden_size), int(side_config.hidden_size)
 

@@ -561,6 +561,10 @@ CROSS_ATTENTION_DECODERS = {
                     is_decoder=True, add_cross_attention=True),
     "gpt2": dict(n_embd=128, n_layer=2, n_head=4, add_cross_attention=True),
     "xglm": dict(d_model=128, num_layers=2, attention_heads=4, ffn_dim=256, add_cross_attention=True),
+    # distil-whisper's shape: fewer decoder blocks than encoder ones (the checkpoint's: 2 and 32)
+    "whisper": dict(d_model=128, decoder_layers=2, encoder_layers=4, decoder_attention_heads=4,
+                    encoder_attention_heads=4, decoder_ffn_dim=256, encoder_ffn_dim=256, max_target_positions=64,
+                    max_source_positions=32, num_mel_bins=16, decoder_start_token_id=1),
 }
 
 
@@ -821,3 +825,96 @@ def test_the_fresh_cache_that_a_refused_continuation_advises_generates_on_a_cros
         fresh = EncoderDecoderCache(DynamicCache(), DynamicCache()) if model_type == "bart" else DynamicCache()
         followed = model.generate(input_ids=history, cache=fresh, **kwargs)
         assert torch.equal(followed, model.generate(input_ids=history, use_cache=False, **kwargs))
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+def test_a_distilled_whisper_decoder_trains_generates_and_reloads_with_encoder_outputs(quantized, tmp_path):
+    """``WhisperForCausalLM`` (the decoder that distil-whisper checkpoints run as Whisper's assistant model) takes the
+    encoder states as ``encoder_outputs``. Its config's ``num_hidden_layers`` is the encoder's block count, and
+    distilled checkpoints have fewer decoder blocks (distil-whisper: 32 and 2): QST looked for a list of 4 blocks in
+    this 2-block decoder and refused the model ("cannot find the list of 4 decoder blocks in WhisperDecoder"). Now it
+    counts the decoder's blocks: a training step with encoder states has a finite loss and trains the side network
+    only; cached generation (also continued after a crop, as assisted decoding rolls its cache back) gives the tokens
+    and logits of uncached recomputation; a plain cache the caller passes is refused naming the
+    ``EncoderDecoderCache``, as on BART; the adapter disabled generates as the base model; a saved adapter reloads to
+    the same logits."""
+    from peft import PeftModel, get_peft_model
+    from transformers import DynamicCache
+
+    from peft_qst import QSTConfig
+
+    base = _cross_attention_decoder("whisper", tmp_path / "base" if quantized else None)
+    assert base.config.num_hidden_layers == 4 and len(base.model.decoder.layers) == 2
+    ids, encoder = _encoder_inputs(base.config.hidden_size)
+    encoder_outputs = (encoder,)
+    kwargs = dict(input_ids=ids, encoder_outputs=encoder_outputs, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        base_default = base.generate(**kwargs)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(input_ids=ids, encoder_outputs=encoder_outputs, labels=ids).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        trained = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        assert trained and all(".qst_side." in n for n in trained)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+    # (in 4 bits the base model's own cached logits are 1.6e-3 from its uncached ones: bitsandbytes' CPU kernel rounds
+    # by the number of rows it is given)
+    tolerance = dict(atol=5e-3, rtol=1e-3) if quantized else dict(atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        cached = model.generate(**kwargs)
+        uncached = model.generate(use_cache=False, **kwargs)
+        forward = model(input_ids=cached.sequences, encoder_outputs=encoder_outputs, use_cache=False).logits
+        cache = cached.past_key_values
+        cache.crop(-2)
+        continued = model.generate(**dict(kwargs, input_ids=cached.sequences[:, :-2], cache=cache))
+        recomputed = model.generate(**dict(kwargs, input_ids=cached.sequences[:, :-2], use_cache=False))
+        with model.disable_adapter():
+            disabled = model.generate(**kwargs)
+        with pytest.raises(ValueError, match=r"This whisper decoder .*EncoderDecoderCache\(DynamicCache\(\), Dyn"):
+            model.generate(**dict(kwargs, cache=DynamicCache()))
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), **tolerance)
+    torch.testing.assert_close(torch.stack(cached.logits), forward[:, ids.shape[1] - 1:-1].transpose(0, 1),
+                               **tolerance)
+    assert torch.equal(continued.sequences, recomputed.sequences)
+    torch.testing.assert_close(torch.stack(continued.logits), torch.stack(recomputed.logits), **tolerance)
+    assert torch.equal(disabled.sequences, base_default.sequences)
+    assert torch.equal(torch.stack(disabled.logits), torch.stack(base_default.logits))
+    assert not torch.allclose(torch.stack(cached.logits), torch.stack(disabled.logits), atol=1e-2)
+
+    with torch.no_grad():
+        expected = model(input_ids=ids, encoder_outputs=encoder_outputs).logits
+    model.save_pretrained(tmp_path / "adapter")  # safetensors
+    fresh = _cross_attention_decoder("whisper", tmp_path / "base" if quantized else None)
+    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, encoder_outputs=encoder_outputs).logits, expected,
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_a_distilled_whisper_decoder_with_an_adapter_drafts_for_whisper_as_its_assistant_model():
+    """Whisper's ``generate(input_features, assistant_model=...)`` with a distil-whisper-shaped ``WhisperForCausalLM``
+    as the assistant hands it the main model's ``encoder_outputs`` and rolls its cache back (``crop``) after each
+    rejected draft. The assistant with a QST adapter was refused when the adapter was added (its 2 decoder blocks
+    looked for as the encoder's 4); now it drafts, and greedy assisted decoding gives the main model's own tokens."""
+    from transformers import GenerationMixin, WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(vocab_size=128, pad_token_id=0, **CROSS_ATTENTION_DECODERS["whisper"])
+    torch.manual_seed(0)
+    main = WhisperForConditionalGeneration(config).eval()
+    assistant = _adapted(_cross_attention_decoder("whisper"))
+    features = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(2))
+    kwargs = dict(input_features=features, decoder_input_ids=torch.tensor([[1, 5, 9]]), max_new_tokens=8,
+                  do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        # (GenerationMixin's generate: Whisper's own needs a real generation config, with timestamps and languages)
+        alone = GenerationMixin.generate(main, **kwargs)
+        assisted = GenerationMixin.generate(main, assistant_model=assistant, **kwargs)
+    assert torch.equal(assisted, alone)
