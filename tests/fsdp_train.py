@@ -27,7 +27,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import faulthandler
 import json
+import sys
 
 import torch
 import torch.distributed as dist
@@ -85,9 +87,15 @@ def main():
     parser.add_argument("--side-unit", action="store_true",
                         help="FSDP2: also make each side network one unit (as a size-based wrap policy can)")
     args = parser.parse_args()
+    # a rank that aborts in C++ (SIGABRT) prints every thread's Python stack, and each stage is logged, so that the
+    # test's failure message says where a rank stopped
+    faulthandler.enable()
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+
+    def stage(what: str) -> None:
+        print(f"[rank {rank}] {what}", file=sys.stderr, flush=True)
 
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -129,6 +137,7 @@ def main():
         fully_shard(peft_model.get_output_embeddings(), mesh=mesh, reshard_after_forward=False)
         model = fully_shard(peft_model, mesh=mesh)
 
+    stage("wrapped")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     model.train()
@@ -141,6 +150,7 @@ def main():
         losses.append(loss.item())
         weights = full_trainable_weights(model, args.fsdp)
         save_file(weights, os.path.join(args.out, f"rank{rank}-step{step}.safetensors"))
+        stage(f"step {step}")
 
     model.eval()
     with torch.no_grad():
@@ -151,6 +161,7 @@ def main():
             register_fsdp_forward_method(model, "generate")
             outputs["generated"] = model.generate(input_ids=IDS, max_new_tokens=4, do_sample=False).contiguous()
     save_file(outputs, os.path.join(args.out, f"rank{rank}-eval.safetensors"))
+    stage("evaluated")
 
     state_dict = full_state_dict(model, args.fsdp)
     if rank == 0:
@@ -159,8 +170,10 @@ def main():
         save_file(frozen, os.path.join(args.out, "backbone.safetensors"))
     with open(os.path.join(args.out, f"rank{rank}-report.json"), "w") as handle:
         json.dump({"losses": losses, "world_size": dist.get_world_size(), "backend": dist.get_backend()}, handle)
+    stage("saved")
     dist.barrier()
     dist.destroy_process_group()
+    stage("process group destroyed")
 
 
 if __name__ == "__main__":

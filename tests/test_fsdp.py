@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -25,6 +27,15 @@ from peft_qst import QSTConfig
 from .conftest import REPO, free_port, tiny_causal_lm
 
 STEPS = 3
+
+
+def _native_abort(stderr: str) -> bool:
+    """Whether a rank died of SIGABRT from C++ (a crash in the process-group runtime, not a Python error)."""
+    return "terminate called" in stderr or "exitcode  : -6" in stderr
+
+
+def _stages(stderr: str) -> str:
+    return "\n".join(line for line in stderr.splitlines() if line.startswith("[rank "))
 
 
 def reference_training(qst: dict):
@@ -63,6 +74,14 @@ def test_fsdp_training_saving_and_reloading(tmp_path, fsdp, qst, side_unit):
         "--qst", json.dumps(qst),
     ] + (["--side-unit"] if side_unit else [])
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    if result.returncode != 0 and _native_abort(result.stderr):
+        # Seen once in some forty runs on a 2-core VM: a rank aborted in C++ ("terminate called without an active
+        # exception", no Python error). The run is repeated once from scratch, and everything below is checked on the
+        # repeat; the first run's stages (tests/fsdp_train.py logs them) are kept in the warning.
+        warnings.warn(f"torchrun rank aborted natively; running again. Stages reached:\n{_stages(result.stderr)}")
+        shutil.rmtree(tmp_path)
+        tmp_path.mkdir()
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
     reports = [json.load(open(tmp_path / f"rank{rank}-report.json")) for rank in (0, 1)]
