@@ -1,4 +1,6 @@
-"""Keep a 4-bit backbone unchanged by ``state_dict()`` on CPUs where bitsandbytes repacks it for inference.
+"""Keep a 4-bit backbone unchanged by ``state_dict()`` on CPUs where bitsandbytes repacks it for inference, and run
+its training-mode forwards, and those a gradient goes through, on the standard layout there
+(:func:`route_4bit_layers_by_mode`).
 
 On a CPU with AVX512-BF16, bitsandbytes (0.49+) converts a ``Linear4bit`` weight into a CPU-only layout the first time
 the layer runs in eval mode without gradients (``Linear4bit.forward`` -> ``_convert_weight_packed_for_cpu``): the

@@ -11,6 +11,8 @@ import json
 import os
 import re
 
+from .serialization import CONFIG_NAME, SAFETENSORS_NAME
+
 MARKER = "<!-- peft-qst usage -->"
 
 #: a section as :func:`usage_section` writes it: the marker, the heading and text, and the code block up to its closing
@@ -213,9 +215,7 @@ def _saved_adapter_facts(folder: str) -> dict:
     config edited by hand. What cannot be read here is left untold (the card is rewritten from the new files once they
     are saved); raising failed that save before anything was written, where a LoRA adapter saves over such a
     folder."""
-    import json
-
-    config_path = os.path.join(folder, "adapter_config.json")
+    config_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_path):
         return {}
     with open(config_path, encoding="utf-8") as handle:
@@ -226,7 +226,7 @@ def _saved_adapter_facts(folder: str) -> dict:
         "model_type": _recorded_model_type(config),
         "auto_model": _made_on_auto_model(config),
     }
-    weights_path = os.path.join(folder, "adapter_model.safetensors")
+    weights_path = os.path.join(folder, SAFETENSORS_NAME)
     heads = config.get("modules_to_save") or []
     heads = [head for head in heads if isinstance(head, str)] if isinstance(heads, list) else []
     if facts["task_type"] not in LABELLED_TASKS or not heads or not os.path.isfile(weights_path):
@@ -258,7 +258,7 @@ def saved_qst_adapters(folder: str, adapter_names) -> list[str]:
 
     saved = []
     for name in adapter_names:
-        config_path = os.path.join(adapter_folder(folder, name), "adapter_config.json")
+        config_path = os.path.join(adapter_folder(folder, name), CONFIG_NAME)
         if not os.path.isfile(config_path):
             continue
         try:

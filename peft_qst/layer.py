@@ -396,7 +396,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         past = memory.get_seq_length() if memory is not None else 0
         batch, length = input_ids.shape
         key_mask = copy_key_mask(
-            batch, length, past, kwargs.get("attention_mask"), kwargs.get("position_ids"), weight.device
+            batch, length, past, attention_mask, kwargs.get("position_ids"), weight.device
         )
         return {
             "key_hidden": hidden_states[-2],

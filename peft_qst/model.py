@@ -112,7 +112,10 @@ def find_trunk_name(model: nn.Module) -> str:
     for name, module in model.named_modules():
         if module is trunk:
             return name
-    raise QSTUnsupportedModelError(f"the decoder trunk of {type(model).__name__} is not one of its submodules")
+    raise QSTUnsupportedModelError(
+        f"The decoder trunk of {type(model).__name__} (model.get_decoder()) is not one of its submodules, so QST "
+        "cannot put the side network in its place. Set QSTConfig(target_modules=<trunk module name>)."
+    )
 
 
 #: composite (multimodal) model types whose language model QST side-tunes, each checked end to end with images
@@ -348,13 +351,16 @@ def _target_modules_hint(model: nn.Module, config: QSTConfig) -> str:
 
 
 def _modules_to_save_entries(config: QSTConfig) -> list:
-    """``modules_to_save`` as a list (a single name may be given as a string, as PEFT allows)."""
+    """``modules_to_save`` as a list. ``QSTConfig`` refuses a bare string when it is built; one assigned to the field
+    afterwards counts as one name here (PEFT would match each of its characters)."""
     return [config.modules_to_save] if isinstance(config.modules_to_save, str) else config.modules_to_save or []
 
 
 def _names_an_entry(name: str, entries) -> bool:
-    """Whether module ``name`` is one that PEFT wraps for these ``modules_to_save`` entries (matched as suffixes)."""
-    return any(name == entry or name.endswith("." + entry) for entry in entries)
+    """Whether module ``name`` is one that PEFT wraps for these ``modules_to_save`` entries. PEFT (``_set_trainable``)
+    matches each entry as a plain suffix of the name, not as whole name segments: ``"layernorm"`` wraps every
+    ``input_layernorm``, which a check of whole segments let through into the frozen trunk."""
+    return any(name.endswith(entry) for entry in entries)
 
 
 class _RowRouting:
@@ -444,7 +450,7 @@ def _check_modules_to_save_outside(model: nn.Module, trunk: nn.Module, config: Q
             for name in names.values()
             if name.startswith(trunk_name + ".") or (trunk_name == "" and name)  # a bare trunk: every module
             for entry in entries
-            if name == entry or name.endswith("." + entry)
+            if _names_an_entry(name, (entry,))
         }
     )
     if inside:
@@ -479,7 +485,7 @@ def _check_modules_to_save_before_trunk(model: nn.Module, trunk: nn.Module, conf
             and not name.startswith(trunk_name + ".")
             and not trunk_name.startswith(name + ".")  # a module holding the trunk: the trunk check's concern
             for entry in entries
-            if name == entry or name.endswith("." + entry)
+            if _names_an_entry(name, (entry,))
         }
     )
     if before:
@@ -596,7 +602,7 @@ def _check_task_head(model: nn.Module, config: QSTConfig) -> None:
     heads = _TASK_HEADS.get(task_type)
     # matched as PEFT matches modules_to_save: as suffixes of module names
     trained = tuple(heads or ()) + tuple(_modules_to_save_entries(config))
-    if heads and not any(module.endswith(trained) for module, _ in model.named_modules()):
+    if heads and not any(_names_an_entry(module, trained) for module, _ in model.named_modules()):
         raise ValueError(
             f"QSTConfig.task_type={task_type!r} trains the model's task head ({' or '.join(heads)}), but {name} has "
             "none. Load the model with the class of that task (AutoModelForSequenceClassification for 'SEQ_CLS', "
@@ -789,12 +795,15 @@ class QSTModel(BaseTuner):
         model_type = getattr(model_config, "model_type", None) or type(model).__name__
         if model_config is None:
             raise QSTUnsupportedModelError(
-                f"QST side-tunes transformers models; {type(model).__name__} has no transformers config."
+                f"QST side-tunes transformers models; {type(model).__name__} has no transformers config. Pass a "
+                "transformers model (e.g. AutoModelForCausalLM.from_pretrained(...)), or the transformers model "
+                "inside your wrapper."
             )
         if getattr(model_config, "is_encoder_decoder", False):
             raise QSTUnsupportedModelError(
                 f"QST does not support the {model_type} model: it is an encoder-decoder model, and QST side-tunes "
-                "decoder-only models."
+                "decoder-only models. Use a decoder-only model (see the README's supported architectures), or LoRA "
+                "for this one."
             )
         text_config = text_config_of(model_config)
         composite = text_config is not model_config
@@ -833,7 +842,10 @@ class QSTModel(BaseTuner):
         recorded = config.base_model_signature
         differences = signature_differences(dict(recorded), signature) if recorded is not None else {}
         if differences:
-            listed = ", ".join(f"{name} {ours} against {theirs}" for name, (ours, theirs) in differences.items())
+            listed = ", ".join(
+                f"{name} {recorded_value} against {model_value}"
+                for name, (recorded_value, model_value) in differences.items()
+            )
             raise ValueError(
                 f"This QST adapter was built for {_describe(recorded)} but is being loaded onto {_describe(signature)}"
                 f" ({type(model).__name__}); they differ in {listed}. Load it onto the base model it was trained on"
@@ -1032,7 +1044,10 @@ class QSTModel(BaseTuner):
             yield
             return
         if self.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+            raise ValueError(
+                "Cannot pass `adapter_names` when the model is in training mode: routing rows to adapters is for "
+                "inference. Call model.eval() first (and model.train() again to go on training)."
+            )
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise TypeError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}.")
         # the names of the rows the model runs now: one per input row until generate expands the batch

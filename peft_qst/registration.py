@@ -42,10 +42,11 @@ from contextvars import ContextVar
 from typing import Optional
 
 from .card import add_usage_section, saved_qst_adapters
-from .config import PEFT_TYPE, QSTConfig
+from .config import AUTO, PEFT_TYPE, QSTConfig
 from .fast_path import note_adapter_loaded
 from .layer import QSTLayer, identify_loaded_adapter
 from .model import (
+    SIDE_ATTR,
     QSTModel,
     check_saved_adapter_fits,
     check_saved_config_matches,
@@ -58,9 +59,10 @@ from .model import (
     refuse_foreign_tensors,
     remove_injected_adapters,
     saved_adapter_copies_of_embeddings,
+    text_config_of,
 )
 from .serialization import QSTAdapterFileError, read_adapter_weights, user_stacklevel, weights_digest
-from .side import QSTSideNetwork, QSTUnsupportedModelError
+from .side import QSTSideNetwork, QSTUnsupportedModelError, auto_side_head_candidates, resolve_side_heads
 
 #: the download arguments of transformers' loaders that ``hf_hub_download`` (and so the QST reader) takes too
 _HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
@@ -547,10 +549,6 @@ def _check_given_config(model, config: QSTConfig, adapter_name: str, saved_confi
     as saved with another head count)."""
     import copy
 
-    from .config import AUTO
-    from .model import text_config_of
-    from .side import auto_side_head_candidates, resolve_side_heads
-
     deferred = False
     if config.side_heads == AUTO:
         try:
@@ -743,8 +741,6 @@ def _keep_the_weights_of_adapters_beside_module_named_ones() -> None:
     network's key names its adapter in one place, the segment after ``qst_side.``, so those keys are kept or dropped by
     that segment alone; every other key (LoRA's, modules saved whole) is filtered as PEFT does."""
     import peft.utils.save_and_load as save_and_load
-
-    from .model import SIDE_ATTR
 
     side_key = re.compile(rf"(?:^|\.){SIDE_ATTR}\.([^.]+)\.")
 

@@ -605,7 +605,7 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     side = copy.deepcopy(base_config)
     side_hidden = hidden // r
     side.hidden_size = side_hidden
-    if is_state_space_model(base_config):
+    if state_space:
         _shrink_state_space(base_config, side, r)
         return _finish_side_config(base_config, side, dtype)
     heads, kv_heads = side_head_counts(base_config, side_heads)
@@ -1120,8 +1120,15 @@ def find_layer_list(trunk: nn.Module, num_layers: int) -> tuple[nn.Module, str]:
         if isinstance(module, nn.ModuleList) and len(module) == num_layers:
             candidates.append(name)
     if not candidates:
+        lists = [(name, len(module)) for name, module in trunk.named_modules() if isinstance(module, nn.ModuleList)]
+        outer = min(lists, key=lambda item: item[0].count("."), default=None)
         raise QSTUnsupportedModelError(
-            f"cannot find the list of {num_layers} decoder blocks in {type(trunk).__name__}"
+            f"QST cannot find the decoder blocks of {type(trunk).__name__}: the side network reads the output of each "
+            f"of its config.num_hidden_layers={num_layers} blocks, but it holds no nn.ModuleList of {num_layers} "
+            "modules" + (f" ({outer[0]!r} holds {outer[1]})" if outer is not None else "") + ". Where "
+            "num_hidden_layers was changed after loading, set it back to the number of blocks the model has; a "
+            "model that does not keep its blocks in one list is not supported (see the README's supported "
+            "architectures)."
         )
     name = min(candidates, key=lambda n: n.count("."))  # the outermost one: blocks, not sub-blocks
     parent_name, _, attr = name.rpartition(".")

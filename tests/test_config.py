@@ -253,8 +253,39 @@ def test_encoder_decoder_model_is_refused():
 
     config = AutoConfig.for_model("t5", d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64)
     model = AutoModelForSeq2SeqLM.from_config(config)
-    with pytest.raises(QSTUnsupportedModelError, match="t5.*encoder-decoder"):
+    with pytest.raises(QSTUnsupportedModelError, match="t5.*encoder-decoder") as info:
         get_peft_model(model, QSTConfig(r=2))
+    # the refusal names what to do instead, as the encoder-only one does
+    assert "Use a decoder-only model" in str(info.value) and "LoRA" in str(info.value)
+
+
+def test_block_count_that_matches_no_block_list_is_refused_naming_the_fix():
+    """A config whose num_hidden_layers no longer matches the blocks (changed after loading) was refused with a bare
+    "cannot find the list of 2 decoder blocks in LlamaModel": the refusal names the list it found and the fix."""
+    model = tiny_causal_lm()  # 3 blocks
+    model.config.num_hidden_layers = 2
+    with pytest.raises(QSTUnsupportedModelError) as info:
+        get_peft_model(model, QSTConfig(r=4))
+    message = str(info.value)
+    assert "num_hidden_layers=2" in message
+    assert "'layers' holds 3" in message
+    assert "set it back to the number of blocks the model has" in message
+
+
+def test_model_without_a_transformers_config_is_refused_naming_the_fix():
+    import torch
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, inputs_embeds=None):
+            return self.linear(inputs_embeds)
+
+    with pytest.raises(QSTUnsupportedModelError, match="has no transformers config") as info:
+        get_peft_model(Plain(), QSTConfig(r=2))
+    assert "AutoModelForCausalLM.from_pretrained" in str(info.value)
 
 
 @pytest.mark.parametrize("head", ["SequenceClassification", "MaskedLM"])
@@ -353,6 +384,20 @@ def test_lora_settings_left_in_the_config_are_refused_with_what_they_mean_for_qs
     modules_to_save along: the error says what the field means for QST."""
     with pytest.raises(ValueError, match=fragment):
         get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4, **kwargs))
+
+
+@pytest.mark.parametrize("entry", ["layernorm", "_layernorm"])
+def test_modules_to_save_entries_are_matched_as_peft_matches_them(entry):
+    """PEFT wraps every module whose name ends with a modules_to_save entry (a plain suffix: "layernorm" matches
+    "input_layernorm"). QST's check matched whole name segments only, so such an entry passed: PEFT then wrapped the
+    backbone's norms inside the frozen trunk (and the side network's own), counted them trainable and saved them,
+    and the backbone's copies never got a gradient. It is refused like "norm"."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    model = tiny_causal_lm()
+    with pytest.raises(ValueError, match=rf"\['{entry}'\] lie inside the decoder trunk"):
+        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4, modules_to_save=[entry]))
+    assert not any(isinstance(module, ModulesToSaveWrapper) for module in model.modules())
 
 
 def test_lora_only_options_are_refused_by_name_with_the_fix(tmp_path):
