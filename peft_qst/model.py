@@ -757,6 +757,13 @@ class QSTModel(BaseTuner):
             written = {name: getattr(config, name) for name in _BOUND_FIELDS}
         self._bind_config_to_model(config, model)
         config.__dict__[_AS_WRITTEN] = written
+        # inject_adapter_in_model(..., state_dict=...) lets PEFT pick the modules to adapt from the keys of a
+        # checkpoint instead of the config: the modules the keys lead up to, as written in a file saved from a
+        # PeftModel, with its "base_model.model." prefix, which the model injected into lacks, so loading a saved QST
+        # folder that way (state_dict=load_peft_weights(folder)) failed with "Target modules model not found". A side
+        # network always goes on the trunk the config names, whatever the keys: they are checked when the weights are
+        # loaded (set_peft_model_state_dict), not used to place it.
+        kwargs.pop("state_dict", None)
         wrapping_root = config.target_modules == ROOT_TRUNK and not isinstance(model, QSTLayer)
         if wrapping_root:
             # a bare trunk: PEFT never targets the root model, so the tuner wraps it here and PEFT targets the trunk
@@ -1155,6 +1162,16 @@ class QSTModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: QSTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        prefix = "base_model.model."
+        if (
+            state_dict and not any(key.startswith(prefix) for key in state_dict)
+            and any(name.startswith(prefix) for name, _ in model.named_parameters())
+        ):
+            # weights taken with get_peft_model_state_dict from a model that inject_adapter_in_model adapted (a
+            # custom loop's model, no PeftModel around it) have no PeftModel prefix: set_peft_model_state_dict takes
+            # the prefix off for such a model but does not put it back for a PeftModel, and every weight was refused
+            # as missing and unexpected, "saved from a different QST configuration". The keys name the same weights.
+            state_dict = {prefix + key: value for key, value in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         for key in saved_adapter_copies_of_embeddings(model, adapter_name, list(remapped)):
             del remapped[key]
@@ -1295,7 +1312,13 @@ def _keep_weights_saved_in_float32(
     """Before PEFT copies the file's tensors into the side network: the weights of a half-precision side network
     that the file holds in float32 (see :func:`_keeps_float32_weights`) are made float32 first, so that the copy
     keeps every bit of them (``load_state_dict`` copies into the parameter's own dtype). A load with
-    ``low_cpu_mem_usage=True`` assigns the file's tensors whole, and ``_cast_adapter_dtype`` leaves them float32."""
+    ``low_cpu_mem_usage=True`` assigns the file's tensors whole, and ``_cast_adapter_dtype`` leaves them float32.
+
+    Every other weight of the file is brought to its parameter's dtype here, as the copy would do:
+    ``set_peft_model_state_dict(..., low_cpu_mem_usage=True)`` called directly (after ``inject_adapter_in_model``,
+    as PEFT's docs pair them) assigns the tensors as they are and has no ``_cast_adapter_dtype`` after it, so a side
+    network saved in float32 and loaded onto a bf16 model stayed float32 (and one saved in bf16 from a 4-bit model
+    stayed bf16 on a float32 model), computing otherwise than ``PeftModel.from_pretrained`` of the same folder."""
     parameters = dict(model.named_parameters())
     for key in loaded:
         parameter = parameters.get(key)
@@ -1304,6 +1327,13 @@ def _keep_weights_saved_in_float32(
         upsample = remapped.get(key[: key.index(marker) + len(marker)] + "upsample.weight")
         if upsample is not None and _keeps_float32_weights(config, parameter.dtype, upsample.dtype):
             parameter.data = parameter.data.float()
+    for key in loaded:  # (after the loop above, which reads the upsample's dtype as saved)
+        parameter = parameters.get(key)
+        if (
+            parameter is not None and parameter.device.type != "meta" and parameter.is_floating_point()
+            and remapped[key].is_floating_point() and remapped[key].dtype != parameter.dtype
+        ):
+            remapped[key] = remapped[key].to(parameter.dtype)
 
 
 def _token_embeddings(model: nn.Module) -> list[nn.Module]:

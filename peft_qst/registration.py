@@ -9,7 +9,8 @@ Two guards ride along. Loading: every load of QST weights, whatever the path (``
 ``config=``, ``load_adapter`` into a new or existing name as trainers do to resume, local or Hub), reads them through
 `serialization.read_adapter_weights` (safetensors only, readable, the digest of the folder's own config) and checks
 that they fit the model before PEFT loads anything; PEFT's own reader would fall back to unpickling
-``adapter_model.bin``. Saving: the recorded base-model signature is refreshed (token embeddings resized since
+``adapter_model.bin``. PEFT's public ``load_peft_weights``, which custom loops call themselves, reads a folder whose
+config names QST the same way. Saving: the recorded base-model signature is refreshed (token embeddings resized since
 ``get_peft_model`` are saved resized), and ``safe_serialization=False`` is ignored with a warning for QST adapters,
 which are read only from safetensors (a pickle written would be refused when loaded, and could sit beside an older
 safetensors file that would then load instead).
@@ -379,7 +380,13 @@ def _read_qst_weights_safely() -> None:
     def make_load_peft_weights(original):
         def load_peft_weights(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
             loading = loading_adapter.get()
-            config = loading[0].peft_config.get(loading[1]) if loading is not None else None
+            if loading is None:  # called directly, not by load_adapter: the public helper, which reads QST folders
+                import peft.utils.save_and_load as save_and_load
+
+                return save_and_load.load_peft_weights(
+                    model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs
+                )
+            config = loading[0].peft_config.get(loading[1])
             if getattr(config, "peft_type", None) != PEFT_TYPE:
                 return original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
             tensors, saved_config = read_adapter_weights(model_id, device, dict(hf_hub_download_kwargs))
@@ -397,6 +404,71 @@ def _read_qst_weights_safely() -> None:
     _patch_once(PeftModel, "load_adapter", make_load_adapter)
     _patch_once(peft_model_module, "load_peft_weights", make_load_peft_weights)
     _keep_accelerate_dispatch_in_from_pretrained()
+    _read_qst_folders_safely_in_load_peft_weights()
+
+
+def _is_qst_folder(model_id, hub_kwargs: dict) -> bool:
+    """Whether the ``adapter_config.json`` at ``model_id`` (a local folder, or a Hub repository through the download
+    cache, with the hub arguments given) names QST as its ``peft_type`` (misspelt as ``"qst"`` too: its weights are
+    QST's); False where there is none or it cannot be read, so that the caller reads the folder as PEFT does."""
+    import json
+
+    from .serialization import CONFIG_NAME, _locate
+
+    hub_kwargs = dict(hub_kwargs)
+    legacy_token = hub_kwargs.pop("use_auth_token", None)  # as read_adapter_weights takes it
+    if legacy_token is not None and hub_kwargs.get("token") is None:
+        hub_kwargs["token"] = legacy_token
+    try:
+        path = _locate(os.fspath(model_id), CONFIG_NAME, hub_kwargs, required=False)
+        if path is None:
+            return False
+        with open(path) as handle:
+            peft_type = json.load(handle).get("peft_type")
+    except Exception:  # noqa: BLE001 - no readable config: PEFT's reader runs and reports what is wrong
+        return False
+    return isinstance(peft_type, str) and peft_type.strip().upper() == PEFT_TYPE
+
+
+def _read_qst_folders_safely_in_load_peft_weights() -> None:
+    """PEFT's public ``load_peft_weights(folder)`` (``peft.load_peft_weights``, ``peft.utils.load_peft_weights``),
+    which custom training and inference scripts call themselves before ``set_peft_model_state_dict``, falls back to
+    unpickling ``adapter_model.bin`` where a folder or Hub repository holds no safetensors file, and knows nothing of
+    the digest recorded beside the weights: a QST folder holding only a pickle was read by it (every peft-qst path
+    refuses that file), and a corrupt or replaced safetensors file was returned as it was. For a folder whose
+    ``adapter_config.json`` names QST, the weights are read by `serialization.read_adapter_weights` instead (safetensors
+    only, readable, as recorded, with the warning for NaN weights), onto the device PEFT would use; ``key_mapping``
+    then renames them as PEFT does. Folders of other methods (and folders without a config) are read by PEFT as
+    before; for a Hub repository, that lookup downloads its ``adapter_config.json`` first. The helper is replaced
+    where PEFT exports it; a name bound before ``import peft_qst`` (``from peft import load_peft_weights`` above the
+    import) keeps PEFT's own."""
+    import sys
+
+    import peft.utils.save_and_load as save_and_load
+    from peft.utils.other import infer_device
+
+    original = save_and_load.load_peft_weights
+    if getattr(original, "_peft_qst_patch", False):
+        return
+
+    def load_peft_weights(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
+        if not _is_qst_folder(model_id, hf_hub_download_kwargs):
+            return original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+        tensors, _ = read_adapter_weights(
+            os.fspath(model_id), infer_device() if device is None else device, dict(hf_hub_download_kwargs)
+        )
+        if key_mapping:
+            # PEFT's renaming, on a file now known to be safetensors, readable and as saved
+            tensors = original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+        return tensors
+
+    replacement = functools.wraps(original)(load_peft_weights)
+    replacement._peft_qst_patch = True
+    # the modules that bound PEFT's function at import (hotswap and cartridge helpers read folders with it too)
+    for name in ("peft.utils.save_and_load", "peft.utils", "peft", "peft.utils.hotswap", "peft.tuners.cartridge.utils"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "load_peft_weights", None) is original:
+            setattr(module, "load_peft_weights", replacement)
 
 
 def _offloaded_device_map(model) -> Optional[dict]:

@@ -6,6 +6,8 @@ import json
 import os
 import textwrap
 
+import peft
+import peft.utils
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -307,8 +309,12 @@ def pickled_adapter_folder(model, folder) -> None:
         lambda base, path, fresh: fresh.load_adapter(path, adapter_name="other"),
         # what Trainer's resume_from_checkpoint and load_best_model_at_end do
         lambda base, path, fresh: fresh.load_adapter(path, adapter_name="default", is_trainable=True),
+        # PEFT's public reader, which custom training loops call before set_peft_model_state_dict
+        lambda base, path, fresh: peft.load_peft_weights(path),
+        lambda base, path, fresh: peft.utils.load_peft_weights(path, device="cpu"),
     ],
-    ids=["from_pretrained", "from_pretrained-config", "load_adapter-new-name", "load_adapter-existing-name"],
+    ids=["from_pretrained", "from_pretrained-config", "load_adapter-new-name", "load_adapter-existing-name",
+         "peft.load_peft_weights", "peft.utils.load_peft_weights"],
 )
 def test_pickled_weights_are_never_read(tmp_path, tiny_model_dir, trained, monkeypatch, load):
     pickled_adapter_folder(trained, tmp_path)
@@ -320,6 +326,45 @@ def test_pickled_weights_are_never_read(tmp_path, tiny_model_dir, trained, monke
     monkeypatch.setattr(torch, "load", no_unpickling)
     with pytest.raises(QSTAdapterFileError, match="never unpickles"):
         load(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path), fresh)
+
+
+def test_peft_load_peft_weights_reads_a_qst_folder_as_qst_loaders_do(tmp_path, tiny_model_dir, trained):
+    """PEFT's public load_peft_weights(folder), which custom loops (accelerate scripts, diffusers-style code) call
+    before set_peft_model_state_dict, read a QST folder without QST's checks: a pickled adapter_model.bin (above) and
+    a corrupt or replaced safetensors file were returned as they were. A QST folder is now read by QST's reader: the
+    weights as saved, which load into a model adapted with inject_adapter_in_model computing the trained logits,
+    and a file that does not match its recorded digest is refused. Other methods' folders are read by PEFT as before
+    (a LoRA folder's pickle included)."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    qst = tmp_path / "qst"
+    trained.save_pretrained(qst)
+    weights = load_peft_weights(str(qst))
+    expected = get_peft_model_state_dict(trained)
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    injected = inject_adapter_in_model(QSTConfig(task_type="CAUSAL_LM", r=4),
+                                       AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert set_peft_model_state_dict(injected, weights).unexpected_keys == []
+    with torch.no_grad():
+        assert torch.equal(injected.eval()(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
+    # the same bytes under a subfolder, as save_pretrained writes an adapter of another name
+    (tmp_path / "root").mkdir()
+    os.replace(qst, tmp_path / "root" / "side")
+    assert load_peft_weights(str(tmp_path / "root"), subfolder="side").keys() == expected.keys()
+
+    path = tmp_path / "root" / "side" / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # a tensor byte: the header stays valid, the digest does not match
+    path.write_bytes(bytes(data))
+    with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
+        load_peft_weights(str(tmp_path / "root"), subfolder="side")
+
+    lora = get_peft_model(tiny_causal_lm(), LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False))
+    lora.peft_config["default"].save_pretrained(str(tmp_path / "lora"))
+    torch.save(get_peft_model_state_dict(lora), tmp_path / "lora" / "adapter_model.bin")
+    read = load_peft_weights(str(tmp_path / "lora"))
+    assert read.keys() == get_peft_model_state_dict(lora).keys()
 
 
 def test_save_with_safe_serialization_false_writes_safetensors(tmp_path, tiny_model_dir, trained):

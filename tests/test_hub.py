@@ -108,7 +108,8 @@ def test_save_pretrained_writes_the_card(tmp_path, tiny_model_dir):
 
 def test_a_hub_adapter_with_pickled_weights_only_is_refused(tmp_path, tiny_model_dir):
     """A repository holding adapter_model.bin and no safetensors file (an older PEFT's upload): refused before
-    anything is unpickled, through the Hub cache as through a local folder."""
+    anything is unpickled, through the Hub cache as through a local folder, and by PEFT's public load_peft_weights
+    (which custom training loops call themselves; it unpickled the file)."""
     from peft import get_peft_model_state_dict
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
@@ -129,7 +130,13 @@ try:
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({tiny_model_dir!r}), {REPO_ID!r})
 except peft_qst.QSTAdapterFileError as err:
     print("refused:", err)
+from peft import load_peft_weights
+try:
+    load_peft_weights({REPO_ID!r})
+except peft_qst.QSTAdapterFileError as err:
+    print("load_peft_weights refused:", err)
 """,
         env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"},
     )
     assert "refused:" in out and "never unpickles" in out
+    assert "load_peft_weights refused:" in out and f"The Hub repository {REPO_ID!r}" in out

@@ -263,6 +263,111 @@ def test_state_dict_helpers_move_an_adapter_between_names_and_models():
         assert torch.equal(again.eval()(input_ids=IDS).logits, injected_logits)
 
 
+@pytest.mark.parametrize("flags", [{}, {"ignore_mismatched_sizes": True}, {"low_cpu_mem_usage": True}],
+                         ids=["plain", "ignore_mismatched_sizes", "low_cpu_mem_usage"])
+def test_set_peft_model_state_dict_refuses_side_weights_of_other_shapes_whatever_the_flags(flags):
+    """PEFT's ignore_mismatched_sizes=True drops weights of other shapes and loads the rest, so a side network would
+    be left half loaded: weights of another QST configuration (r=4 into r=8) are refused naming the shapes, whatever
+    the flags, and nothing of the adapter changes (the README's "Loading safely" says so)."""
+    weights = get_peft_model_state_dict(trained_model())
+    model = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=8))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="have other shapes than this model's side network"):
+        set_peft_model_state_dict(model, weights, **flags)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in before)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+def test_weights_of_an_injected_model_load_into_a_peft_model(tmp_path, tiny_model_dir, quantized):
+    """A custom loop trains a model adapted with inject_adapter_in_model (no PeftModel) and keeps
+    get_peft_model_state_dict of it, whose keys lack PeftModel's "base_model.model." prefix;
+    set_peft_model_state_dict takes that prefix off for such a model but did not put it back for a PeftModel, and
+    QST refused every weight as missing and unexpected, "saved from a different QST configuration". They load into a
+    PeftModel (made with get_peft_model, or loaded from a folder and holding another adapter) computing what the
+    injected model computes, and its saved folder loads the same."""
+    kwargs = {"quantization_config": bnb_config()} if quantized else {}
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs)
+
+    injected = inject_adapter_in_model(QSTConfig(task_type="CAUSAL_LM", r=4), base())
+    train_steps(injected, IDS)
+    with torch.no_grad():
+        expected = injected.eval()(input_ids=IDS).logits
+    weights = get_peft_model_state_dict(injected)
+    assert not any(key.startswith("base_model.") for key in weights)
+
+    model = get_peft_model(base(), QSTConfig(task_type="CAUSAL_LM", r=4))
+    result = set_peft_model_state_dict(model, weights)
+    assert result.unexpected_keys == [] and not any(".qst_side." in key for key in result.missing_keys)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=IDS).logits, expected)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(base(), str(tmp_path), adapter_name="trained")
+    loaded.add_adapter("other", QSTConfig(task_type="CAUSAL_LM", r=4))
+    set_peft_model_state_dict(loaded, weights, adapter_name="other")
+    for name in ("trained", "other"):
+        loaded.set_adapter(name)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(input_ids=IDS).logits, expected)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+def test_inject_adapter_in_model_with_the_weights_of_a_saved_folder(tmp_path, tiny_model_dir, quantized):
+    """inject_adapter_in_model(config, model, state_dict=weights) has PEFT pick the modules to adapt from the
+    checkpoint's keys; those of a saved folder (load_peft_weights) carry PeftModel's "base_model.model." prefix, and
+    the injection failed with "Target modules model not found in the base model". The side network goes on the trunk
+    the config names; the weights then load with set_peft_model_state_dict (also with low_cpu_mem_usage=True, as
+    PEFT's docs pair the two) computing the trained logits, with the keys of an injected model too."""
+    from peft import load_peft_weights
+
+    kwargs = {"quantization_config": bnb_config()} if quantized else {}
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs)
+
+    model = trained_model(base())
+    with torch.no_grad():
+        expected = model.eval()(input_ids=IDS).logits
+    model.save_pretrained(tmp_path)
+    weights = load_peft_weights(str(tmp_path))
+    for low_cpu_mem_usage in (False, True):
+        injected = inject_adapter_in_model(QSTConfig(task_type="CAUSAL_LM", r=4), base(), state_dict=weights,
+                                           low_cpu_mem_usage=low_cpu_mem_usage)
+        result = set_peft_model_state_dict(injected, weights, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert result.unexpected_keys == []
+        with torch.no_grad():
+            assert torch.equal(injected.eval()(input_ids=IDS).logits, expected)
+    again = inject_adapter_in_model(QSTConfig(task_type="CAUSAL_LM", r=4), base(),
+                                    state_dict=get_peft_model_state_dict(injected))
+    set_peft_model_state_dict(again, get_peft_model_state_dict(injected))
+    with torch.no_grad():
+        assert torch.equal(again.eval()(input_ids=IDS).logits, expected)
+
+
+@pytest.mark.parametrize("saved_on, loaded_on", [("float32", "bfloat16"), ("4bit", "float32")])
+def test_assigned_weights_take_the_side_dtype_rule(tmp_path, tiny_model_dir, saved_on, loaded_on):
+    """set_peft_model_state_dict(..., low_cpu_mem_usage=True) assigns the tensors as they are, and PEFT casts them
+    only in load_adapter: after inject_adapter_in_model, a side network saved in float32 stayed float32 on a bf16
+    model, and one saved in bf16 from a 4-bit model stayed bf16 on a float32 one, computing otherwise than
+    PeftModel.from_pretrained of the same folder. Both ways give the same dtypes and logits now."""
+    from peft import load_peft_weights
+
+    def base(kind):
+        if kind == "4bit":
+            return AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, kind))
+
+    trained_model(base(saved_on)).save_pretrained(tmp_path)
+    reference = PeftModel.from_pretrained(base(loaded_on), str(tmp_path), low_cpu_mem_usage=True).eval()
+    injected = inject_adapter_in_model(QSTConfig(task_type="CAUSAL_LM", r=4), base(loaded_on), low_cpu_mem_usage=True)
+    set_peft_model_state_dict(injected, load_peft_weights(str(tmp_path)), low_cpu_mem_usage=True)
+    assert side_dtypes(injected) == side_dtypes(reference) == {getattr(torch, loaded_on)}
+    with torch.no_grad():
+        assert torch.equal(injected.eval()(input_ids=IDS).logits, reference(input_ids=IDS).logits)
+
+
 def test_lora_only_features_refuse_a_qst_adapter_before_touching_it(tmp_path):
     """PEFT's hot-swapping and mixed models take LoRA-family adapters only; they refuse QST by its type (QST's own
     swap is ``load_adapter(folder, adapter_name="default")``, which checks the weights fit first)."""
