@@ -98,6 +98,9 @@ def _signature_problem(signature: Any) -> Optional[str]:
     missing = [name for name in _SIGNATURE_REQUIRED if name not in signature]
     if missing:
         return f"it lacks {', '.join(missing)}, which every QST adapter records"
+    if signature.get("sizes_of", "decoder") != "decoder":
+        return (f"its sizes_of is {signature['sizes_of']!r} where \"decoder\" is expected (recorded where the model's "
+                "config maps its sizes to the encoder's: they are its decoder's)")
     for name in _SIGNATURE_TYPES:
         if name in signature and not isinstance(signature[name], str):
             return (f"its {name} is {signature[name]!r} (of type {type(signature[name]).__name__}) where a model type "
@@ -226,7 +229,9 @@ class QSTConfig(PeftConfig):
             embeddings lie inside the decoder trunk, which runs frozen; added tokens keep their initial embeddings.
         base_model_signature (`dict`, *optional*): Filled in by `get_peft_model`: the model type, hidden size,
             number of layers, attention and key/value heads, head dimension, FFN width and vocabulary size of the
-            model the adapter was built for. Loading refuses a model that differs in any of them.
+            model the adapter was built for (of the decoder where the config maps them to the encoder's, as
+            Whisper's and the BART family's do: ``"sizes_of": "decoder"``). Loading refuses a model that differs in
+            any of them.
         adapter_weights_sha256 (`str`, *optional*): Filled in by `save_pretrained`: a digest of the saved weights,
             checked when they are loaded so that a corrupt file fails loudly.
     """
@@ -307,9 +312,13 @@ class QSTConfig(PeftConfig):
         before ``side_heads`` existed has no such key: its side blocks have the model's heads (None), not what
         today's default would choose; one written before ``side_linear_heads`` existed has side blocks with the
         model's linear-attention heads (``"backbone"``), and one written before ``side_inner_widths`` existed has side
-        blocks with the model's inner widths (``"backbone"``)."""
+        blocks with the model's inner widths (``"backbone"``). One written for a model whose config maps its sizes to
+        the encoder's (BART's family, Whisper) before QST read the decoder's has side blocks with the decoder's heads
+        whatever its ``side_heads`` says (None; see ``peft_qst.side.signature_predates_decoder_sizes``)."""
+        from .side import signature_predates_decoder_sizes
+
         kwargs = super().check_kwargs(**kwargs)
-        if "side_heads" not in kwargs:
+        if "side_heads" not in kwargs or signature_predates_decoder_sizes(kwargs.get("base_model_signature")):
             kwargs["side_heads"] = None
         if "side_linear_heads" not in kwargs:
             kwargs["side_linear_heads"] = "backbone"

@@ -41,8 +41,12 @@ from .side import (
     is_state_space_model,
     is_unreached_part,
     num_blocks,
+    decoder_attribute,
     resolve_side_heads,
     shrink_config,
+    side_head_counts,
+    signature_predates_decoder_sizes,
+    sizes_mapped_to_encoder,
     unsupported_reason,
 )
 
@@ -207,29 +211,42 @@ def _json_size(value):
     return int(value)
 
 
-def model_signature(model: nn.Module) -> dict:
+def model_signature(model: nn.Module, decoder_sizes: bool = True) -> dict:
     """What an adapter must match: model type, widths, depth, head layout, FFN width and vocabulary.
 
     Every entry shapes the side network (its widths and heads are the model's divided by r) or what its output means
     (the vocabulary the frozen LM head maps it onto), so a model that differs in any of them is another base model.
+
+    The counts are those of the decoder blocks QST side-tunes: where a config maps them to its encoder's (BART's
+    family, Whisper: :func:`~peft_qst.side.decoder_attribute`), its decoder's, with ``"sizes_of": "decoder"`` to say
+    so; an adapter saved before recorded the encoder's (an adapter of whisper-large-v3-turbo's 4-block decoder loaded
+    onto distil-whisper's 2-block one was told "32 layers" on both sides), which ``decoder_sizes=False`` gives to
+    compare it with.
     """
     config = text_config_of(model.config)
+    of_decoder = decoder_sizes and sizes_mapped_to_encoder(config)
+
+    def size(name):
+        return getattr(config, decoder_attribute(config, name) if of_decoder else name, None)
+
     # a pure state-space model (Mamba) has no attention heads: recorded as 0, so that the entry every adapter records
     # is there and an SSM adapter loaded onto a model with heads is told so
-    heads = 0 if is_state_space_model(config) else int(config.num_attention_heads)
+    heads = 0 if is_state_space_model(config) else int(size("num_attention_heads"))
     signature = {
         # a composite model's own type (``llava``), with its language model's sizes
         "model_type": model.config.model_type,
         "hidden_size": int(config.hidden_size),
-        "num_hidden_layers": int(config.num_hidden_layers),
+        "num_hidden_layers": int(size("num_hidden_layers")),
         "num_attention_heads": heads,
     }
+    if of_decoder:
+        signature["sizes_of"] = "decoder"
     if config is not model.config:
         # and its language model's type: the side network is built from that model's class (a Llava with a Llama or a
         # Mistral language model of the same sizes holds side networks of the same weight names and shapes, which
         # would load into each other silently, where the text models alone are refused by their model_type)
         signature["text_model_type"] = config.model_type
-    kv_heads = getattr(config, "num_key_value_heads", None)
+    kv_heads = size("num_key_value_heads")
     signature["num_key_value_heads"] = int(kv_heads) if kv_heads is not None else heads
     head_dim = getattr(config, "head_dim", None)
     if head_dim or heads:  # Mamba-2's head_dim is its Mamba heads' width; Mamba has none
@@ -239,7 +256,8 @@ def model_signature(model: nn.Module) -> dict:
         for name in ("state_size", "num_heads", "n_groups"):
             if getattr(config, name, None) is not None:
                 signature[name] = int(getattr(config, name))
-    for name in ("intermediate_size", "ffn_dim", "n_inner"):  # the FFN width's name differs between families
+    # the FFN width's name differs between families (and the decoder's has its own beside the encoder's)
+    for name in ("decoder_ffn_dim",) * of_decoder + ("intermediate_size", "ffn_dim", "n_inner"):
         value = getattr(config, name, None)
         if value is not None:
             signature["intermediate_size"] = _json_size(value)
@@ -267,7 +285,8 @@ def _describe(signature: dict) -> str:
         f"a {signature.get('model_type')} model"
         + (f" with a {text} language model" if text else "")
         + f" (hidden_size={signature.get('hidden_size')}, "
-        f"{signature.get('num_hidden_layers')} layers, {signature.get('num_attention_heads')} attention heads)"
+        f"{signature.get('num_hidden_layers')} {'decoder ' if signature.get('sizes_of') == 'decoder' else ''}layers, "
+        f"{signature.get('num_attention_heads')} attention heads)"
     )
 
 
@@ -675,7 +694,7 @@ def _update_layer(layer: QSTLayer, adapter_name: str, config: QSTConfig, dtype: 
     config.side_heads = chosen
     if not others:
         raise first_error
-    own = int(base_config.num_attention_heads)
+    own = side_head_counts(base_config, None)[0]
     tried = ", ".join(
         "None (the model's own heads)" if heads is None else f"{heads} (the model's own)" if heads == own else str(heads)
         for heads in others
@@ -847,6 +866,10 @@ class QSTModel(BaseTuner):
 
         signature = model_signature(model)
         recorded = config.base_model_signature
+        if recorded is not None and "sizes_of" in signature and "sizes_of" not in recorded:
+            # recorded before QST read the decoder's sizes of this config: the encoder's, compared as such (the file's
+            # side_heads was read as None, the heads its side blocks have: signature_predates_decoder_sizes)
+            signature = model_signature(model, decoder_sizes=False)
         differences = signature_differences(dict(recorded), signature) if recorded is not None else {}
         if differences:
             listed = ", ".join(
@@ -948,7 +971,7 @@ class QSTModel(BaseTuner):
         # every check passed: record what the adapter is bound to, the head count "auto" chose and the number of
         # blocks a fraction of the depth came to, so that a saved adapter says what it holds whatever a later
         # version's "auto" or rounding would choose
-        config.base_model_signature = signature
+        config.base_model_signature = model_signature(model)
         config.target_modules = target_modules
         config.side_heads = resolve_side_heads(model_config, config)
         config.backbone_lora_layers = backbone_lora_layers
@@ -1579,6 +1602,8 @@ def _computation_differences(saved_config: dict, config: QSTConfig) -> dict:
             continue
         if name == "side_heads" and saved == AUTO:
             continue  # a config written by hand, never bound to a model: "auto" means what binding this one chose
+        if name == "side_heads" and signature_predates_decoder_sizes(saved_config.get("base_model_signature")):
+            continue  # means None, the model's heads (check_saved_config_matches refused any other count)
         if name == "modules_to_save":
             # PEFT's task classes add their head names to the list (order and repeats vary, and a config given to
             # transformers' load_adapter lacks them): compare the sets, with the task's heads on both sides
@@ -1700,9 +1725,17 @@ def check_saved_config_matches(config: QSTConfig, adapter_name: str, saved_confi
             "(PeftModel.from_pretrained(base_model, folder) without config=, into a model holding no QST adapter). "
             "Nothing was loaded."
         )
-    if saved_config and "side_heads" not in saved_config and config.side_heads is not None:
+    if saved_config and config.side_heads is not None and (
+        "side_heads" not in saved_config
+        or signature_predates_decoder_sizes(saved_config.get("base_model_signature"))
+    ):
+        what = (
+            "side_heads" if "side_heads" not in saved_config
+            else "the decoder head count of this model type (QST set side_heads on its encoder, which the side "
+            f"network does not build; the file's side_heads={saved_config['side_heads']!r} was not applied)"
+        )
         raise QSTAdapterFileError(
-            f"The adapter_config.json saved with these weights predates side_heads: its side blocks have the model's "
+            f"The adapter_config.json saved with these weights predates {what}: its side blocks have the model's "
             f"head count, but adapter {adapter_name!r} was built with side_heads={config.side_heads!r}. Load the "
             "folder without config= (PeftModel.from_pretrained reads it with QSTConfig.from_pretrained), or set "
             "config.side_heads = None. Nothing was loaded."

@@ -113,7 +113,7 @@ def _uses_rotary(config) -> bool:
 
 
 def _num_heads(config) -> int:
-    return int(config.num_attention_heads)
+    return int(getattr(config, decoder_attribute(config, "num_attention_heads")))
 
 
 def is_state_space_model(config) -> bool:
@@ -139,7 +139,17 @@ def _kv_head_attribute(config) -> Optional[str]:
 
 def _num_kv_heads(config) -> Optional[int]:
     name = _kv_head_attribute(config)
-    return int(getattr(config, name)) if name is not None else None
+    return int(getattr(config, decoder_attribute(config, name))) if name is not None else None
+
+
+def _set_size(config, name: str, value) -> None:
+    """Set a size attribute of a side config, on the decoder's counterpart too where the config maps ``name`` to the
+    encoder's (:func:`decoder_attribute`): the decoder's is the one its ``*ForCausalLM`` builds, and the generic name
+    then says the side's value to whatever reads it (the encoder is never built)."""
+    setattr(config, name, value)
+    counterpart = decoder_attribute(config, name)
+    if counterpart != name:
+        setattr(config, counterpart, value)
 
 
 def side_head_counts(config, side_heads: Optional[int]) -> tuple[int, Optional[int]]:
@@ -610,9 +620,9 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         return _finish_side_config(base_config, side, dtype)
     heads, kv_heads = side_head_counts(base_config, side_heads)
     if side_heads is not None:
-        side.num_attention_heads = heads
+        _set_size(side, "num_attention_heads", heads)
         if kv_heads is not None:
-            setattr(side, _kv_head_attribute(base_config), kv_heads)
+            _set_size(side, _kv_head_attribute(base_config), kv_heads)
     head_dim_is_derived = isinstance(getattr(type(base_config), "head_dim", None), property)
     latent_attention = getattr(base_config, MLA_ATTRIBUTE, None) is not None
     if latent_attention:
@@ -660,7 +670,7 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         side.linear_num_key_heads = max(1, key_heads // r)
         side.linear_num_value_heads = side.linear_num_key_heads * (value_heads // key_heads)
     if qst_config.side_inner_widths == "divided":
-        _divide_inner_widths(base_config, side, r, side.num_attention_heads)
+        _divide_inner_widths(base_config, side, r, heads)
     if getattr(base_config, "hidden_size_per_layer_input", None):
         # per-layer inputs (Gemma 3n/4) are looked up from token ids, which the side trunk never sees
         side.hidden_size_per_layer_input = 0
@@ -680,7 +690,7 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     ffn_names = dict.fromkeys([*FFN_SIZE_ATTRIBUTES, *_config_attribute_names(base_config)])
     _divide_ffn_widths(base_config, side, r, ffn_names)
     _shrink_block_sub_configs(base_config, side, r, kv_heads)
-    _resample_rope_factor_lists(base_config, side, side_hidden // side.num_attention_heads)
+    _resample_rope_factor_lists(base_config, side, side_hidden // heads)
     return _finish_side_config(base_config, side, dtype)
 
 
@@ -1108,9 +1118,50 @@ def num_blocks(config) -> int:
     models, the assistants these decoders run as (distil-whisper: 32 and 2; whisper-large-v3-turbo: 32 and 4): read
     as the encoder's, QST looked for a list of 32 blocks in the decoder and refused the model ("cannot find the list
     of 32 decoder blocks")."""
-    if getattr(config, "attribute_map", {}).get("num_hidden_layers") == "encoder_layers":
-        return int(config.decoder_layers)
-    return int(config.num_hidden_layers)
+    return int(getattr(config, decoder_attribute(config, "num_hidden_layers")))
+
+
+def decoder_attribute(config, name: str) -> str:
+    """The attribute of ``config`` (a config or config class) that holds size ``name`` for the decoder blocks QST
+    side-tunes: ``name`` itself, except where the config of an encoder-decoder family maps it to the encoder's
+    (``attribute_map``: BART's family and Whisper map ``num_hidden_layers`` and ``num_attention_heads``, Whisper also
+    ``num_key_value_heads``, to ``encoder_layers`` and ``encoder_attention_heads``), whose ``*ForCausalLM`` runs the
+    decoder alone: then its ``decoder_`` counterpart (``decoder_layers``, ``decoder_attention_heads``). Read and set
+    through the generic names, the side network's head count (``side_heads``) went to the encoder, which the side
+    trunk does not build, and its decoder kept the backbone's heads."""
+    mapped = (getattr(config, "attribute_map", None) or {}).get(name)
+    if isinstance(mapped, str) and mapped.startswith("encoder_"):
+        counterpart = "decoder_" + mapped.removeprefix("encoder_")
+        if hasattr(config, counterpart):
+            return counterpart
+    return name
+
+
+#: the sizes model signatures record that a config may map to its encoder's (see :func:`decoder_attribute`)
+DECODER_SIZES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+
+def sizes_mapped_to_encoder(config) -> bool:
+    """Whether ``config`` (a config or config class) maps any of :data:`DECODER_SIZES` to its encoder's, so that QST
+    reads the decoder's instead (:func:`decoder_attribute`)."""
+    return any(decoder_attribute(config, name) != name for name in DECODER_SIZES)
+
+
+def signature_predates_decoder_sizes(signature) -> bool:
+    """Whether a ``base_model_signature`` read from a file was recorded before QST read the decoder's sizes of configs
+    that map them to the encoder's (:func:`decoder_attribute`): one of such a model type without the ``sizes_of``
+    entry that versions since record. Its counts are the encoder's (the generic names'), and its side blocks have the
+    backbone decoder's heads whatever its ``side_heads`` says (that count went to the side config's encoder): such a
+    file is read as ``side_heads=None`` (``QSTConfig.check_kwargs``), the layout its weights were trained in, which
+    loads them to the logits they were saved with (a head count is no part of the weights' shapes)."""
+    if not isinstance(signature, dict) or "sizes_of" in signature:
+        return False
+    model_type = signature.get("text_model_type", signature.get("model_type"))
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return False
+    return sizes_mapped_to_encoder(CONFIG_MAPPING[model_type])
 
 
 def find_layer_list(trunk: nn.Module, num_layers: int) -> tuple[nn.Module, str]:

@@ -918,3 +918,150 @@ def test_a_distilled_whisper_decoder_with_an_adapter_drafts_for_whisper_as_its_a
         alone = GenerationMixin.generate(main, **kwargs)
         assisted = GenerationMixin.generate(main, assistant_model=assistant, **kwargs)
     assert torch.equal(assisted, alone)
+
+
+#: tiny decoders of configs that map their sizes to the encoder's (``num_attention_heads`` -> ``encoder_attention_heads``,
+#: ``num_hidden_layers`` -> ``encoder_layers``), with encoder and decoder of other depths, head counts and FFN widths
+SPLIT_SIZE_DECODERS = {
+    "bart": dict(CROSS_ATTENTION_DECODERS["bart"], encoder_layers=3, encoder_attention_heads=2,
+                 decoder_attention_heads=8, encoder_ffn_dim=512),
+    "whisper": dict(CROSS_ATTENTION_DECODERS["whisper"], encoder_attention_heads=2, decoder_attention_heads=8),
+}
+
+
+def _split_size_decoder(model_type: str, folder=None, **sizes):
+    """The tiny decoder of ``model_type`` of :data:`SPLIT_SIZE_DECODERS` (float32), saved to ``folder`` and loaded back
+    from its safetensors where one is given."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
+                                  **dict(SPLIT_SIZE_DECODERS[model_type], **sizes))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    if folder is None:
+        return model
+    if not (folder / "model.safetensors").exists():
+        model.save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder).float().eval()
+
+
+def _logits_with_encoder_states(model, model_type: str):
+    ids, encoder = _encoder_inputs(128)
+    states = dict(encoder_outputs=(encoder,)) if model_type == "whisper" else dict(encoder_hidden_states=encoder)
+    with torch.no_grad():
+        return model(input_ids=ids, **states).logits
+
+
+@pytest.mark.parametrize("model_type", ["bart", "whisper"])
+def test_side_heads_shape_the_side_decoder_of_a_config_that_maps_its_heads_to_the_encoder(model_type):
+    """BART's and Whisper's configs map ``num_attention_heads`` to ``encoder_attention_heads`` (and Whisper's
+    ``num_key_value_heads`` too), and their ``*ForCausalLM`` runs the decoder alone: QST set ``side_heads`` on the side
+    config's encoder, which the side trunk does not build, so the side decoder kept the backbone decoder's 8 heads (of
+    width 1 at r=16) whatever ``side_heads`` said, and "auto" chose from the encoder's head width. Now the side blocks
+    have the heads ``side_heads`` names ("auto": one head of 8, as wide as it gets beside the decoder's 16-wide heads),
+    the FFN widths are the decoder's divided by r, and the signature records the decoder's sizes."""
+    from peft import get_peft_model
+
+    from peft_qst import QSTConfig
+
+    for side_heads, resolved, heads in (("auto", 1, 1), (2, 2, 2), (None, None, 8)):
+        model = get_peft_model(_split_size_decoder(model_type), QSTConfig(task_type="CAUSAL_LM", side_heads=side_heads))
+        config = model.peft_config["default"]
+        assert config.side_heads == resolved
+        attentions = [module for name, module in model.named_modules() if ".qst_side." in name and
+                      name.endswith(".self_attn")]
+        assert len(attentions) == 2
+        assert [(a.num_heads, a.head_dim) for a in attentions] == [(heads, 8 // heads)] * 2, side_heads
+        fc1 = [module for name, module in model.named_modules() if ".qst_side." in name and name.endswith(".fc1")]
+        assert [layer.out_features for layer in fc1] == [256 // 16] * 2
+        assert torch.isfinite(_logits_with_encoder_states(model, model_type)).all()
+        assert config.base_model_signature == {
+            "model_type": model_type, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
+            "sizes_of": "decoder", "num_key_value_heads": 8, "head_dim": 16, "intermediate_size": 256,
+            "vocab_size": 128,
+        }
+
+
+#: the ``base_model_signature`` the previous version recorded for :data:`SPLIT_SIZE_DECODERS` (the encoder's sizes,
+#: read through the configs' generic names; checked by running that version), and the ``side_heads`` its "auto" chose
+#: from the encoder's 64-wide heads (one head at r=16), which its side decoder did not apply: its blocks had the
+#: backbone decoder's 8 heads
+EARLIER_SIGNATURES = {
+    model_type: {"head_dim": 64, "hidden_size": 128, "model_type": model_type, "num_attention_heads": 2,
+                 "num_hidden_layers": layers, "num_key_value_heads": 2, "vocab_size": 128}
+    for model_type, layers in (("bart", 3), ("whisper", 4))
+}
+
+
+@pytest.mark.parametrize("model_type", ["bart", "whisper"])
+def test_an_adapter_saved_before_the_decoder_heads_were_read_loads_as_it_was_trained(model_type, tmp_path):
+    """An adapter saved before QST read the decoder's sizes of these configs records the encoder's sizes and a
+    ``side_heads`` its side decoder never had (the backbone decoder's heads were kept). Its weights fit any head count
+    (q/k/v are d -> d), so honouring that ``side_heads`` now would load them silently into another attention layout.
+    Such a file (no ``sizes_of`` in its signature) is read as ``side_heads=None``: it loads to the logits it was saved
+    with, through PEFT and transformers alike, its encoder-sized signature is accepted, and saved again it records the
+    decoder's sizes and None. A config of today's default given with its weights is refused, naming the fix."""
+    import json
+
+    from peft import PeftConfig, PeftModel, get_peft_model
+
+    from peft_qst import QSTConfig
+    from peft_qst.serialization import QSTAdapterFileError
+
+    base_folder, folder = tmp_path / "base", tmp_path / "adapter"
+    # the side network the previous version built: the backbone decoder's heads, whatever side_heads said
+    model = get_peft_model(_split_size_decoder(model_type, base_folder),
+                           QSTConfig(task_type="CAUSAL_LM", side_heads=None))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    model.eval()
+    trained = _logits_with_encoder_states(model, model_type)
+    model.save_pretrained(folder)
+    file = folder / "adapter_config.json"
+    saved = json.loads(file.read_text())
+    saved.update(side_heads=1, base_model_signature=EARLIER_SIGNATURES[model_type])  # as the previous version wrote
+    file.write_text(json.dumps(saved))
+
+    assert PeftConfig.from_pretrained(str(folder)).side_heads is None
+    loaded = PeftModel.from_pretrained(_split_size_decoder(model_type, base_folder), str(folder)).eval()
+    assert loaded.peft_config["default"].side_heads is None
+    assert torch.equal(_logits_with_encoder_states(loaded, model_type), trained)
+
+    through_transformers = _split_size_decoder(model_type, base_folder)
+    through_transformers.load_adapter(str(folder))
+    assert torch.equal(_logits_with_encoder_states(through_transformers.eval(), model_type), trained)
+
+    loaded.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())
+    assert resaved["side_heads"] is None and resaved["base_model_signature"]["sizes_of"] == "decoder"
+    assert resaved["base_model_signature"]["num_hidden_layers"] == 2
+    again = PeftModel.from_pretrained(_split_size_decoder(model_type, base_folder), str(tmp_path / "resaved"))
+    assert torch.equal(_logits_with_encoder_states(again.eval(), model_type), trained)
+
+    given = QSTConfig(task_type="CAUSAL_LM")
+    with pytest.raises(QSTAdapterFileError, match=r"predates the decoder head count .*side_heads=1 was not applied"
+                                                  r".*built with side_heads=1.*config.side_heads = None"):
+        PeftModel.from_pretrained(_split_size_decoder(model_type, base_folder), str(folder), config=given)
+    given = QSTConfig(task_type="CAUSAL_LM", side_heads=None)
+    with_none = PeftModel.from_pretrained(_split_size_decoder(model_type, base_folder), str(folder), config=given)
+    assert torch.equal(_logits_with_encoder_states(with_none.eval(), model_type), trained)
+
+
+def test_an_adapter_of_a_deeper_whisper_decoder_is_refused_naming_the_decoder_depths(tmp_path):
+    """An adapter of whisper-large-v3-turbo's decoder (32 encoder and 4 decoder blocks) loaded onto distil-whisper's
+    (32 and 2): both signatures recorded the encoder's 32 layers, and the load failed only on the weight names. The
+    signature records the decoder's depth now, and the refusal names it."""
+    from peft import PeftModel, get_peft_model
+
+    from peft_qst import QSTConfig
+
+    get_peft_model(_split_size_decoder("whisper", decoder_layers=4), QSTConfig(task_type="CAUSAL_LM")).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(ValueError, match=r"whisper model \(hidden_size=128, 4 decoder layers, 8 attention heads\) but "
+                                         r"is being loaded onto a whisper model \(hidden_size=128, 2 decoder layers.*"
+                                         r"differ in num_hidden_layers 4 against 2"):
+        PeftModel.from_pretrained(_split_size_decoder("whisper"), str(tmp_path))
