@@ -110,9 +110,11 @@ OVERRIDES = {
     "granitemoehybrid": dict(MAMBA, layer_types=["linear_attention", "full_attention"]),
     "falcon_h1": dict(MAMBA, mamba_d_ssm=256),
     "falcon": dict(head_dim=None),
-    # Kolibri 1.1 (transformers 5.25): one indexed-attention layer after a sliding one, a dense MLP then experts
-    "kolibri1_1": dict(index_num_heads=1, layer_types=["sliding_attention", "indexed_attention"], index_layers=[1],
-                       kv_source_layers=[0, 1], mlp_only_layers=[0], mlp_only_intermediate_size=256,
+    # Kolibri 1.1 (transformers 5.25): one indexed-attention layer after a sliding one, a dense MLP then experts;
+    # 256 wide, as it rounds keys and values in blocks of 16 channels, which a 128-wide model's side width at r=16 (8)
+    # cannot hold (refused: tests/test_more_architectures.py; a real Kolibri's 2560 gives one side head of 160)
+    "kolibri1_1": dict(hidden_size=256, index_num_heads=1, layer_types=["sliding_attention", "indexed_attention"],
+                       index_layers=[1], kv_source_layers=[0, 1], mlp_only_layers=[0], mlp_only_intermediate_size=256,
                        moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4,
                        num_experts_per_tok=2, index_topk=8, index_pool_size=32, index_compression=4,
                        index_num_local_tokens=4, index_num_sink_tokens=1),

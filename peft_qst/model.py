@@ -37,16 +37,17 @@ from .serialization import QSTAdapterFileError, user_stacklevel
 from .side import (
     QSTUnsupportedModelError,
     auto_side_head_candidates,
+    decoder_attribute,
     find_layer_list,
     is_state_space_model,
     is_unreached_part,
     num_blocks,
-    decoder_attribute,
     resolve_side_heads,
     shrink_config,
     side_head_counts,
     signature_predates_decoder_sizes,
     sizes_mapped_to_encoder,
+    unsupported_blocks_reason,
     unsupported_reason,
 )
 
@@ -931,7 +932,10 @@ class QSTModel(BaseTuner):
         if composite:
             _check_modules_to_save_before_trunk(model, trunk, config, model_type)
         _check_modules_to_save_unquantized(model, trunk, config)
-        find_layer_list(base_trunk, num_blocks(model_config))
+        parent, blocks_name = find_layer_list(base_trunk, num_blocks(model_config))
+        reason = unsupported_blocks_reason(getattr(parent, blocks_name))
+        if reason is not None:
+            raise QSTUnsupportedModelError(f"QST does not support this {model_type} model: {reason}.")
         # encoder-only models (BERT, RoBERTa, ...) attend both ways and their heads read other outputs (a pooler)
         # than the final hidden state QST adapts: their attention modules say so with is_causal=False
         # (a composite model's language model may be flagged bidirectional: PaliGemma's attends both ways over the

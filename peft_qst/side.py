@@ -235,6 +235,37 @@ def unsupported_reason(config) -> Optional[str]:
                 f"its {name}={width} differs from hidden_size={hidden}: its trunk projects embeddings in and hidden "
                 "states out at another width, which QST does not support"
             )
+    ngram = getattr(config, "ngram", None)
+    if _is_int_width(ngram) and ngram > 0:
+        # ProphetNet's causal LM: its LM head reads the predicting streams (outputs[1]) and never last_hidden_state.
+        # Built, its side network's output was added to a state no logit depends on: the first training step's loss
+        # had no gradient (the side network's first run had failed before that, on the streams its blocks pass)
+        return (
+            f"its causal LM computes its logits from the decoder's {ngram} n-gram predicting streams "
+            "(last_hidden_state_ngram, which its blocks carry after the main stream along the sequence), not from the "
+            "last hidden state QST's side network adds its output to, so no side network could change a logit. Use "
+            "LoRA for this model"
+        )
+    return None
+
+
+def unsupported_blocks_reason(blocks: nn.ModuleList) -> Optional[str]:
+    """Why QST cannot side-tune a model whose decoder blocks are ``blocks``, whatever r is, or None.
+
+    Reversible blocks (Reformer's RevNet layers, which define ``backward_pass``) pass two residual streams, and their
+    trunk runs them inside an autograd Function that records no graph in forward and recomputes each block's input
+    from its output in backward. A side trunk of the same class runs its blocks so too: the downsampled backbone
+    state QST mixes into each side block's input would get no gradient and break that recomputation. No shrink rule
+    mends that (before this check, the side network's config was refused first, for its axial position embeddings,
+    and with those narrowed its blocks refused the single hidden state a side block hands on)."""
+    block = next(iter(blocks), None)
+    if block is not None and callable(getattr(type(block), "backward_pass", None)):
+        return (
+            f"its blocks are reversible ({type(block).__name__} defines backward_pass: RevNet residuals, two streams "
+            "per block), run inside an autograd Function that records no graph and recomputes each block's input "
+            "from its output in backward; a side network of the same classes could not mix the backbone's hidden "
+            "states into its blocks and be trained. Use LoRA for this model"
+        )
     return None
 
 
@@ -1178,7 +1209,8 @@ def find_layer_list(trunk: nn.Module, num_layers: int) -> tuple[nn.Module, str]:
             f"of its config.num_hidden_layers={num_layers} blocks, but it holds no nn.ModuleList of {num_layers} "
             "modules" + (f" ({outer[0]!r} holds {outer[1]})" if outer is not None else "") + ". Where "
             "num_hidden_layers was changed after loading, set it back to the number of blocks the model has; a "
-            "model that does not keep its blocks in one list is not supported (see the README's supported "
+            "model that does not keep its blocks in one list, or that runs them more than once per forward and counts "
+            "each run as a layer (HRM's two stacks, run in cycles), is not supported (see the README's supported "
             "architectures)."
         )
     name = min(candidates, key=lambda n: n.count("."))  # the outermost one: blocks, not sub-blocks

@@ -332,8 +332,18 @@ def test_auto_side_heads_name_every_count_tried_when_none_works():
         ("big_bird", dict(attention_type="original_full"), "bidirectional"),
         ("xlm", dict(emb_dim=128, n_layers=2, n_heads=4), "bidirectional"),
         ("rwkv", dict(attention_hidden_size=128), "no num_attention_heads"),
+        # reversible (RevNet) blocks; before, refused for its axial position embeddings as if another r might fit
+        ("reformer", dict(is_decoder=True, attn_layers=["local", "local"], axial_pos_shape=[8, 16],
+                          axial_pos_embds_dim=[64, 64], feed_forward_size=256, attention_head_size=32,
+                          local_attn_chunk_length=8, max_position_embeddings=None),
+         "its blocks are reversible (ReformerLayer defines backward_pass"),
+        # logits from the n-gram predicting streams; before, refused as a side network that "does not run"
+        ("prophetnet", dict(num_encoder_layers=2, num_decoder_layers=2, num_encoder_attention_heads=4,
+                            num_decoder_attention_heads=4, decoder_ffn_dim=256, encoder_ffn_dim=256),
+         "computes its logits from the decoder's 2 n-gram predicting streams"),
     ],
-    ids=["embedding-width", "bert-style-encoder", "xlm-encoder", "recurrent-without-mamba-layout"],
+    ids=["embedding-width", "bert-style-encoder", "xlm-encoder", "recurrent-without-mamba-layout",
+         "reversible-blocks", "logits-from-ngram-streams"],
 )
 def test_unsupported_model_is_refused_at_get_peft_model(model_type, extra, message):
     base = tiny(model_type, **extra)
@@ -342,6 +352,15 @@ def test_unsupported_model_is_refused_at_get_peft_model(model_type, extra, messa
         get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
     assert model_type in str(raised.value)
     assert {name for name, _ in base.named_modules()} == trunk_before  # nothing was wrapped
+
+
+def test_blocks_run_in_cycles_are_refused_naming_the_cycles():
+    """HRM runs two stacks of 2 blocks in cycles and counts each run as a layer (num_hidden_layers 4, the cache's
+    slots): no list holds 4 blocks, and the refusal says why besides a changed num_hidden_layers."""
+    base = tiny("hrm_text", num_layers_per_stack=2, H_cycles=1, L_cycles=1, L_bp_cycles=[1], num_hidden_layers=4)
+    with pytest.raises(QSTUnsupportedModelError, match=re.escape("runs them more than once per forward")) as raised:
+        get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    assert "num_hidden_layers=4" in str(raised.value) and "'L_module.layers' holds 2" in str(raised.value)
 
 
 def test_a_model_whose_own_heads_fit_runs_with_side_heads_none():
