@@ -47,6 +47,7 @@ from .side import (
     ResidualStreams,
     _non_reentrant,
     copy_key_mask,
+    decoder_attribute,
     find_layer_list,
     num_blocks,
     onloaded_tensor,
@@ -727,8 +728,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
     def _lowered_num_hidden_layers(self) -> Optional[int]:
         """The trunk config's ``num_hidden_layers`` where it is lower than the number of blocks QST was built on
-        (:meth:`_drafting_early_exit`), else None."""
-        current = getattr(self.base_layer.config, "num_hidden_layers", None)
+        (:meth:`_drafting_early_exit`), else None. (Where the config maps ``num_hidden_layers`` to the encoder's count,
+        as Whisper's does, its decoder's ``decoder_layers``: the blocks QST was built on.)"""
+        config = self.base_layer.config
+        current = getattr(config, decoder_attribute(config, "num_hidden_layers"), None)
         return current if isinstance(current, int) and current < self.__dict__.get("_num_blocks", 0) else None
 
     def _lowered_layers(self) -> str:

@@ -1189,16 +1189,7 @@ class QSTModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: QSTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        prefix = "base_model.model."
-        if (
-            state_dict and not any(key.startswith(prefix) for key in state_dict)
-            and any(name.startswith(prefix) for name, _ in model.named_parameters())
-        ):
-            # weights taken with get_peft_model_state_dict from a model that inject_adapter_in_model adapted (a
-            # custom loop's model, no PeftModel around it) have no PeftModel prefix: set_peft_model_state_dict takes
-            # the prefix off for such a model but does not put it back for a PeftModel, and every weight was refused
-            # as missing and unexpected, "saved from a different QST configuration". The keys name the same weights.
-            state_dict = {prefix + key: value for key, value in state_dict.items()}
+        state_dict = with_peft_model_prefix(model, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         for key in saved_adapter_copies_of_embeddings(model, adapter_name, list(remapped)):
             del remapped[key]
@@ -1316,6 +1307,25 @@ class QSTModel(BaseTuner):
             )
         _keep_weights_saved_in_float32(model, config, marker, remapped, loaded)
         return remapped
+
+
+def with_peft_model_prefix(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with PeftModel's ``"base_model.model."`` prefix on its keys where ``model`` is a PeftModel and
+    none of them has it. Weights taken with ``get_peft_model_state_dict`` from a model that ``inject_adapter_in_model``
+    adapted (a custom loop's model, no PeftModel around it) lack the prefix: ``set_peft_model_state_dict`` takes it off
+    for such a model but does not put it back for a PeftModel, and every weight was refused as missing and unexpected
+    ("saved from a different QST configuration"), or, for a module saved whole (``modules_to_save``), PEFT failed with
+    a bare KeyError. The keys name the same weights. Run in PEFT's ``set_peft_model_state_dict`` before it gives
+    those modules' keys the adapter's name (``registration``), and in
+    :meth:`QSTModel._remap_adapter_state_dict_for_load` for a ``set_peft_model_state_dict`` bound before
+    ``import peft_qst``."""
+    prefix = "base_model.model."
+    if (
+        state_dict and not any(key.startswith(prefix) for key in state_dict)
+        and any(name.startswith(prefix) for name, _ in model.named_parameters())
+    ):
+        return {prefix + key: value for key, value in state_dict.items()}
+    return state_dict
 
 
 def _keeps_float32_weights(config: QSTConfig, dtype: torch.dtype, upsample_dtype: torch.dtype) -> bool:

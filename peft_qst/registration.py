@@ -10,10 +10,12 @@ Two guards ride along. Loading: every load of QST weights, whatever the path (``
 `serialization.read_adapter_weights` (safetensors only, readable, the digest of the folder's own config) and checks
 that they fit the model before PEFT loads anything; PEFT's own reader would fall back to unpickling
 ``adapter_model.bin``. PEFT's public ``load_peft_weights``, which custom loops call themselves, reads a folder whose
-config names QST the same way. Saving: the recorded base-model signature is refreshed (token embeddings resized since
-``get_peft_model`` are saved resized), and ``safe_serialization=False`` is ignored with a warning for QST adapters,
-which are read only from safetensors (a pickle written would be refused when loaded, and could sit beside an older
-safetensors file that would then load instead).
+config names QST the same way, and its ``set_peft_model_state_dict`` takes into a PeftModel the weights of a model
+adapted with ``inject_adapter_in_model`` (keys without PeftModel's prefix). Saving: the recorded base-model
+signature is refreshed (token embeddings resized since ``get_peft_model`` are saved resized), and
+``safe_serialization=False`` is ignored with a warning for QST adapters, which are read only from safetensors (a
+pickle written would be refused when loaded, and could sit beside an older safetensors file that would then load
+instead).
 
 FSDP: PEFT's ``fsdp_auto_wrap_policy(model)`` (which the Trainer installs for a PEFT model under FSDP1, and which
 accelerate recipes call) gives each trainable leaf layer with a ``weight`` its own FSDP unit, so that no unit mixes
@@ -61,6 +63,7 @@ from .model import (
     remove_injected_adapters,
     saved_adapter_copies_of_embeddings,
     text_config_of,
+    with_peft_model_prefix,
 )
 from .serialization import QSTAdapterFileError, read_adapter_weights, user_stacklevel, weights_digest
 from .side import QSTSideNetwork, QSTUnsupportedModelError, auto_side_head_candidates, resolve_side_heads
@@ -405,6 +408,7 @@ def _read_qst_weights_safely() -> None:
     _patch_once(peft_model_module, "load_peft_weights", make_load_peft_weights)
     _keep_accelerate_dispatch_in_from_pretrained()
     _read_qst_folders_safely_in_load_peft_weights()
+    _prefix_the_weights_of_injected_models_in_set_peft_model_state_dict()
 
 
 def _is_qst_folder(model_id, hub_kwargs: dict) -> bool:
@@ -469,6 +473,38 @@ def _read_qst_folders_safely_in_load_peft_weights() -> None:
         module = sys.modules.get(name)
         if module is not None and getattr(module, "load_peft_weights", None) is original:
             setattr(module, "load_peft_weights", replacement)
+
+
+def _prefix_the_weights_of_injected_models_in_set_peft_model_state_dict() -> None:
+    """``set_peft_model_state_dict(peft_model, weights)`` with the weights of a model adapted by
+    ``inject_adapter_in_model`` (keys without PeftModel's ``"base_model.model."`` prefix): before the tuner sees the
+    weights, PEFT gives the keys of the modules saved whole (``modules_to_save``: an LM head, a classification head)
+    the adapter's name, looking each one up in the dict it was given with the prefix, and failed with a bare KeyError
+    ('base_model.model.lm_head.weight'). For a QST adapter the prefix is put on first
+    (:func:`model.with_peft_model_prefix`). The function is replaced in every ``peft`` module that bound it
+    (``peft.set_peft_model_state_dict``, ``peft.utils``, ``PeftModel.load_adapter``'s); a name bound before
+    ``import peft_qst`` keeps PEFT's own, with which the side network's weights still load
+    (:meth:`QSTModel._remap_adapter_state_dict_for_load` prefixes them too) and a module saved whole does not."""
+    import sys
+
+    import peft.utils.save_and_load as save_and_load
+
+    original = save_and_load.set_peft_model_state_dict
+    if getattr(original, "_peft_qst_patch", False):
+        return
+
+    def set_peft_model_state_dict(model, peft_model_state_dict, adapter_name="default", *args, **kwargs):
+        config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+        if getattr(config, "peft_type", None) == PEFT_TYPE:
+            peft_model_state_dict = with_peft_model_prefix(model, peft_model_state_dict)
+        return original(model, peft_model_state_dict, adapter_name, *args, **kwargs)
+
+    replacement = functools.wraps(original)(set_peft_model_state_dict)
+    replacement._peft_qst_patch = True
+    for name, module in list(sys.modules.items()):
+        bound = getattr(module, "set_peft_model_state_dict", None) is original
+        if bound and (name == "peft" or name.startswith("peft.")):
+            setattr(module, "set_peft_model_state_dict", replacement)
 
 
 def _offloaded_device_map(model) -> Optional[dict]:

@@ -1204,11 +1204,12 @@ def find_layer_list(trunk: nn.Module, num_layers: int) -> tuple[nn.Module, str]:
     if not candidates:
         lists = [(name, len(module)) for name, module in trunk.named_modules() if isinstance(module, nn.ModuleList)]
         outer = min(lists, key=lambda item: item[0].count("."), default=None)
+        count = decoder_attribute(getattr(trunk, "config", None), "num_hidden_layers")  # Whisper's: decoder_layers
         raise QSTUnsupportedModelError(
             f"QST cannot find the decoder blocks of {type(trunk).__name__}: the side network reads the output of each "
-            f"of its config.num_hidden_layers={num_layers} blocks, but it holds no nn.ModuleList of {num_layers} "
-            "modules" + (f" ({outer[0]!r} holds {outer[1]})" if outer is not None else "") + ". Where "
-            "num_hidden_layers was changed after loading, set it back to the number of blocks the model has; a "
+            f"of its config.{count}={num_layers} blocks, but it holds no nn.ModuleList of {num_layers} "
+            "modules" + (f" ({outer[0]!r} holds {outer[1]})" if outer is not None else "") + f". Where "
+            f"{count} was changed after loading, set it back to the number of blocks the model has; a "
             "model that does not keep its blocks in one list, or that runs them more than once per forward and counts "
             "each run as a layer (HRM's two stacks, run in cycles), is not supported (see the README's supported "
             "architectures)."

@@ -272,6 +272,23 @@ def test_block_count_that_matches_no_block_list_is_refused_naming_the_fix():
     assert "set it back to the number of blocks the model has" in message
 
 
+def test_block_count_of_a_whisper_decoder_is_named_as_its_config_holds_it():
+    """A decoder run alone (WhisperForCausalLM) counts its blocks in decoder_layers (num_hidden_layers is the
+    encoder's): a refusal named num_hidden_layers with the decoder's count, a value the config does not hold there."""
+    from transformers import WhisperConfig, WhisperForCausalLM
+
+    model = WhisperForCausalLM(WhisperConfig(
+        vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, d_model=32,
+        decoder_layers=2, encoder_layers=4, decoder_attention_heads=2,
+        encoder_attention_heads=2, decoder_ffn_dim=64, encoder_ffn_dim=64, max_target_positions=32,
+        max_source_positions=16, num_mel_bins=8,
+    ))
+    model.config.decoder_layers = 3
+    with pytest.raises(QSTUnsupportedModelError, match=r"config\.decoder_layers=3 blocks.*'layers' holds 2.* Where "
+                       r"decoder_layers was changed"):
+        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))
+
+
 def test_model_without_a_transformers_config_is_refused_naming_the_fix():
     import torch
 

@@ -313,6 +313,41 @@ def test_weights_of_an_injected_model_load_into_a_peft_model(tmp_path, tiny_mode
             assert torch.equal(loaded.eval()(input_ids=IDS).logits, expected)
 
 
+@pytest.mark.parametrize("task_type, head", [("CAUSAL_LM", "lm_head"), ("SEQ_CLS", "score")])
+def test_weights_of_an_injected_model_with_a_module_saved_whole_load_into_a_peft_model(task_type, head):
+    """The keys of an injected model's modules_to_save (a trained LM head, a classification head) lack the
+    "base_model.model." prefix too, and PEFT looks each one up with the prefix to give it the adapter's name before
+    QST's tuner sees the weights: set_peft_model_state_dict into a PeftModel failed with a bare KeyError
+    ('base_model.model.lm_head.weight'). They load, the head's trained weights included."""
+    from transformers import AutoModelForSequenceClassification
+
+    def base():
+        torch.manual_seed(0)
+        if task_type == "SEQ_CLS":
+            from .conftest import tiny_llama_config
+
+            return AutoModelForSequenceClassification.from_config(tiny_llama_config(num_labels=3, pad_token_id=0))
+        return tiny_causal_lm()
+
+    def config():
+        return QSTConfig(task_type=task_type, r=4, modules_to_save=[head])
+
+    injected = inject_adapter_in_model(config(), base())
+    for parameter in (p for n, p in injected.named_parameters() if p.requires_grad):
+        with torch.no_grad():  # every trained weight away from its start, the head's included
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    with torch.no_grad():
+        expected = injected.eval()(input_ids=IDS).logits
+    weights = get_peft_model_state_dict(injected)
+    assert f"{head}.weight" in weights
+
+    model = get_peft_model(base(), config())
+    result = set_peft_model_state_dict(model, weights)
+    assert result.unexpected_keys == [] and not any(".qst_side." in key for key in result.missing_keys)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=IDS).logits, expected)
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
 def test_inject_adapter_in_model_with_the_weights_of_a_saved_folder(tmp_path, tiny_model_dir, quantized):
     """inject_adapter_in_model(config, model, state_dict=weights) has PEFT pick the modules to adapt from the
