@@ -868,9 +868,13 @@ class QSTModel(BaseTuner):
         signature = model_signature(model)
         recorded = config.base_model_signature
         if recorded is not None and "sizes_of" in signature and "sizes_of" not in recorded:
-            # recorded before QST read the decoder's sizes of this config: the encoder's, compared as such (the file's
-            # side_heads was read as None, the heads its side blocks have: signature_predates_decoder_sizes)
+            # recorded before QST read the decoder's sizes of this config: the encoder's, compared as such. Its side
+            # blocks have the decoder's heads whatever its side_heads says (signature_predates_decoder_sizes), which
+            # check_kwargs reads so from the file for the model types transformers registers; a config of remote code
+            # (trust_remote_code, a subclass of BART's under its own model type) is known to map its sizes only here,
+            # where None is set too (before, the file's count was applied to weights trained with the decoder's heads)
             signature = model_signature(model, decoder_sizes=False)
+            config.side_heads = None
         differences = signature_differences(dict(recorded), signature) if recorded is not None else {}
         if differences:
             listed = ", ".join(
@@ -1600,7 +1604,26 @@ _TASK_HEADS = {
 }
 
 
-def _computation_differences(saved_config: dict, config: QSTConfig) -> dict:
+def _predates_decoder_sizes(saved_signature, config: QSTConfig, model: Optional[nn.Module] = None) -> bool:
+    """:func:`~peft_qst.side.signature_predates_decoder_sizes`, or, for a model type transformers does not register
+    (remote code), one without ``"sizes_of"`` where the model's signature records it: that of ``model``, else of the
+    model ``config`` is bound to (a file's ``side_heads`` is set to None when it is bound there:
+    ``QSTModel._bind_config_to_model``)."""
+    if signature_predates_decoder_sizes(saved_signature):
+        return True
+    bound = config.base_model_signature
+    if model is not None:
+        try:
+            bound = model_signature(model)
+        except Exception:  # noqa: BLE001 - a model binding refuses: binding it reports why
+            return False
+    return (
+        isinstance(saved_signature, dict) and "sizes_of" not in saved_signature
+        and isinstance(bound, dict) and "sizes_of" in bound
+    )
+
+
+def _computation_differences(saved_config: dict, config: QSTConfig, model: Optional[nn.Module] = None) -> dict:
     """The fields of :data:`_COMPUTATION_FIELDS` in which the ``adapter_config.json`` saved with the weights and the
     config of the adapter they are loaded into differ, as {field: (saved, adapter's)}; a field the file does not hold
     (written by an earlier version) is not compared, nor one that cannot matter (the activation of another downsampler,
@@ -1616,7 +1639,7 @@ def _computation_differences(saved_config: dict, config: QSTConfig) -> dict:
             continue
         if name == "side_heads" and saved == AUTO:
             continue  # a config written by hand, never bound to a model: "auto" means what binding this one chose
-        if name == "side_heads" and signature_predates_decoder_sizes(saved_config.get("base_model_signature")):
+        if name == "side_heads" and _predates_decoder_sizes(saved_config.get("base_model_signature"), config, model):
             continue  # means None, the model's heads (check_saved_config_matches refused any other count)
         if name == "modules_to_save":
             # PEFT's task classes add their head names to the list (order and repeats vary, and a config given to
@@ -1722,9 +1745,13 @@ def check_width_options_of_earlier_files(
         )
 
 
-def check_saved_config_matches(config: QSTConfig, adapter_name: str, saved_config: dict) -> None:
+def check_saved_config_matches(
+    config: QSTConfig, adapter_name: str, saved_config: dict, model: Optional[nn.Module] = None
+) -> None:
     """The ``adapter_config.json`` saved with the weights (``saved_config``, {} where there is none) describes an
     adapter that computes what ``config``, the config of adapter ``adapter_name`` they are loaded into, computes.
+    ``model``: the model a ``config`` not bound yet is for (whether the file predates the decoder sizes of a config of
+    remote code: :func:`_predates_decoder_sizes`).
 
     Weights saved by another PEFT method (a LoRA folder given a ``QSTConfig`` with ``config=``, or loaded into an
     existing QST adapter, as a trainer resuming from the wrong checkpoint does) were refused as a QST file that
@@ -1741,7 +1768,7 @@ def check_saved_config_matches(config: QSTConfig, adapter_name: str, saved_confi
         )
     if saved_config and config.side_heads is not None and (
         "side_heads" not in saved_config
-        or signature_predates_decoder_sizes(saved_config.get("base_model_signature"))
+        or _predates_decoder_sizes(saved_config.get("base_model_signature"), config, model)
     ):
         what = (
             "side_heads" if "side_heads" not in saved_config
@@ -1754,7 +1781,7 @@ def check_saved_config_matches(config: QSTConfig, adapter_name: str, saved_confi
             "folder without config= (PeftModel.from_pretrained reads it with QSTConfig.from_pretrained), or set "
             "config.side_heads = None. Nothing was loaded."
         )
-    differences = _computation_differences(saved_config, config) if saved_config else {}
+    differences = _computation_differences(saved_config, config, model) if saved_config else {}
     if differences:
         listed = ", ".join(f"{name}={saved!r} (adapter {adapter_name!r}: {here!r})" for name, (saved, here) in
                            differences.items())

@@ -669,7 +669,7 @@ def _check_given_config(model, config: QSTConfig, adapter_name: str, saved_confi
         saved = saved_config.get("side_heads", resolved)
         deferred = saved != resolved and saved in later
         config.side_heads = saved if deferred else resolved
-    check_saved_config_matches(config, adapter_name, saved_config)
+    check_saved_config_matches(config, adapter_name, saved_config, model)
     return deferred
 
 

@@ -1184,7 +1184,9 @@ def signature_predates_decoder_sizes(signature) -> bool:
     entry that versions since record. Its counts are the encoder's (the generic names'), and its side blocks have the
     backbone decoder's heads whatever its ``side_heads`` says (that count went to the side config's encoder): such a
     file is read as ``side_heads=None`` (``QSTConfig.check_kwargs``), the layout its weights were trained in, which
-    loads them to the logits they were saved with (a head count is no part of the weights' shapes)."""
+    loads them to the logits they were saved with (a head count is no part of the weights' shapes). Only the model
+    types transformers registers are known from the file alone; a config of remote code that maps its sizes so is
+    told by the model it is loaded onto (``peft_qst.model._predates_decoder_sizes``, ``_bind_config_to_model``)."""
     if not isinstance(signature, dict) or "sizes_of" in signature:
         return False
     model_type = signature.get("text_model_type", signature.get("model_type"))

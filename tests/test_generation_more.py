@@ -1065,3 +1065,63 @@ def test_an_adapter_of_a_deeper_whisper_decoder_is_refused_naming_the_decoder_de
                                          r"is being loaded onto a whisper model \(hidden_size=128, 2 decoder layers.*"
                                          r"differ in num_hidden_layers 4 against 2"):
         PeftModel.from_pretrained(_split_size_decoder("whisper"), str(tmp_path))
+
+
+def test_an_adapter_saved_before_the_decoder_heads_were_read_loads_as_trained_on_a_config_of_remote_code(tmp_path):
+    """A model of remote code (``trust_remote_code=True``) whose config subclasses BART's keeps BART's
+    ``attribute_map`` under a model type transformers does not register (``CONFIG_MAPPING``), so the file alone cannot
+    tell that an adapter saved before QST read the decoder's sizes has side blocks of the decoder's heads whatever its
+    ``side_heads`` says. Before, such an adapter's ``side_heads=1`` was applied on loading, and its weights, trained with
+    the decoder's 8 heads, ran as one head: other logits, silently. The model's config tells it when the adapter is
+    bound: it loads to the logits it was saved with, and saved again records the decoder's sizes and None."""
+    import json
+
+    from peft import PeftModel, get_peft_model
+    from transformers import BartConfig, BartForCausalLM
+
+    from peft_qst import QSTConfig
+    from peft_qst.serialization import QSTAdapterFileError
+
+    class RemoteBartConfig(BartConfig):  # as a checkpoint's configuration_*.py defines it
+        model_type = "remote_bart_of_a_test"
+
+    def base():
+        config = RemoteBartConfig(vocab_size=128, max_position_embeddings=64, pad_token_id=0,
+                                  **SPLIT_SIZE_DECODERS["bart"])
+        torch.manual_seed(0)
+        return BartForCausalLM(config).float().eval()
+
+    model = get_peft_model(base(), QSTConfig(task_type="CAUSAL_LM", side_heads=None))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    trained = _logits_with_encoder_states(model.eval(), "bart")
+    model.save_pretrained(tmp_path / "adapter")
+    file = tmp_path / "adapter" / "adapter_config.json"
+    saved = json.loads(file.read_text())
+    saved.update(side_heads=1,
+                 base_model_signature=dict(EARLIER_SIGNATURES["bart"], model_type=RemoteBartConfig.model_type))
+    file.write_text(json.dumps(saved))
+
+    loaded = PeftModel.from_pretrained(base(), str(tmp_path / "adapter")).eval()
+    assert torch.equal(_logits_with_encoder_states(loaded, "bart"), trained)
+    assert loaded.peft_config["default"].side_heads is None
+    through_transformers = base()
+    through_transformers.load_adapter(str(tmp_path / "adapter"))
+    assert torch.equal(_logits_with_encoder_states(through_transformers.eval(), "bart"), trained)
+    loaded.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())
+    assert resaved["side_heads"] is None and resaved["base_model_signature"]["sizes_of"] == "decoder"
+
+    with pytest.raises(QSTAdapterFileError, match=r"predates the decoder head count .*side_heads=1 was not applied"):
+        PeftModel.from_pretrained(base(), str(tmp_path / "adapter"), config=QSTConfig(task_type="CAUSAL_LM"))
+    with_none = QSTConfig(task_type="CAUSAL_LM", side_heads=None)
+    given = PeftModel.from_pretrained(base(), str(tmp_path / "adapter"), config=with_none).eval()
+    assert torch.equal(_logits_with_encoder_states(given, "bart"), trained)
+    with pytest.raises(QSTAdapterFileError, match=r"predates the decoder head count .*side_heads=1 was not applied"):
+        base().load_adapter(str(tmp_path / "adapter"), peft_config=QSTConfig(task_type="CAUSAL_LM"))
+    through_transformers = base()
+    through_transformers.load_adapter(str(tmp_path / "adapter"), peft_config=with_none)
+    assert torch.equal(_logits_with_encoder_states(through_transformers.eval(), "bart"), trained)
