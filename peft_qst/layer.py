@@ -64,10 +64,15 @@ BASE_ADAPTER_NAME = "__base__"
 #: ``encoder_attention_mask`` (a decoder of an encoder-decoder model run alone, BART's or Whisper's) feed the backbone's
 #: cross-attention, whose outputs the side network reads in the backbone's hidden states; the side blocks have none
 #: (:data:`peft_qst.side.UNREACHED_BLOCK_PARTS`), and handed backbone-width encoder states they failed ("mat1 and mat2
-#: shapes cannot be multiplied").
+#: shapes cannot be multiplied"). ``deepstack_visual_embeds`` and ``visual_pos_masks`` (Qwen3-VL's language model) are
+#: visual features the backbone adds to its hidden states at the image tokens after each of its first blocks: the
+#: side network reads them there, in the next block's output and the trunk's final one, as the paper's side network
+#: reads every backbone state, downsampled; handed to the narrower side trunk of the same class, the backbone-width
+#: features would be added to its own states ("The size of tensor a must match the size of tensor b").
 _BACKBONE_ONLY_KWARGS = (
     "input_ids", "inputs_embeds", "output_hidden_states", "output_attentions", "return_dict", "num_items_in_batch",
-    "token_type_ids", "encoder_hidden_states", "encoder_attention_mask",
+    "token_type_ids", "encoder_hidden_states", "encoder_attention_mask", "deepstack_visual_embeds",
+    "visual_pos_masks",
 )
 
 #: model types whose decoder with cross-attention wraps a plain cache it is given into an ``EncoderDecoderCache`` itself

@@ -125,13 +125,17 @@ def find_trunk_name(model: nn.Module) -> str:
 
 #: composite (multimodal) model types whose language model QST side-tunes, each checked end to end with images
 #: (tests/test_multimodal.py). Their composite model merges the image features into ``inputs_embeds`` and calls its
-#: language model on them (with the 1-D positions of a text model, or the multimodal rotary positions of Qwen2-VL and
-#: GLM-4.1V, which the side trunk, of the same class, is handed too); the side network reads that trunk's hidden
-#: states, so it sees the image (and video) tokens; the side output is added to the trunk's final hidden state, before
-#: the composite model's LM head.
+#: language model on them (with the 1-D positions of a text model, or the multimodal rotary positions of Qwen2-VL,
+#: Qwen3-VL, Qwen3.5 and GLM-4.1V, which the side trunk, of the same class, is handed too); the side network reads that
+#: trunk's hidden states, so it sees the image (and video) tokens; the side output is added to the trunk's final hidden
+#: state, before the composite model's LM head. Qwen3-VL's language model also adds visual features to its hidden
+#: states after its first blocks (deepstack): the side network reads them in the backbone states that follow, and its
+#: trunk is not handed them (``peft_qst.layer._BACKBONE_ONLY_KWARGS``).
 SUPPORTED_COMPOSITE_TYPES = (
     "llava", "idefics3", "smolvlm", "paligemma", "gemma3", "mistral3", "qwen2_vl", "qwen2_5_vl", "llava_next",
-    "llava_next_video", "llava_onevision", "idefics2", "internvl", "aya_vision", "got_ocr2", "glm4v",
+    "llava_next_video", "llava_onevision", "idefics2", "internvl", "aya_vision", "got_ocr2", "glm4v", "qwen3_vl",
+    "qwen3_vl_moe", "lfm2_vl", "qwen3_5", "qwen3_5_moe", "vipllava", "video_llava", "deepseek_vl", "cohere2_vision",
+    "glm4v_moe", "llava_onevision1_5", "janus", "ovis2",
 )
 
 
@@ -139,10 +143,6 @@ SUPPORTED_COMPOSITE_TYPES = (
 #: a side network reading its hidden states would not follow
 _COMPOSITE_REASONS = {
     "mllama": "its language model cross-attends to the vision states in dedicated layers (cross_attention_states)",
-    "qwen3_vl": "its language model adds visual features to the hidden states inside its first blocks "
-    "(deepstack_visual_embeds)",
-    "qwen3_vl_moe": "its language model adds visual features to the hidden states inside its first blocks "
-    "(deepstack_visual_embeds)",
     "gemma3n": "its language model, whose several residual streams (AltUp) QST reads as it does gemma3n_text's, takes "
     "per-layer inputs the composite model computes from the token ids and hands in (per_layer_inputs), which a side "
     "network reading its hidden states would not follow; load the language model alone (gemma3n_text)",
@@ -323,8 +323,8 @@ def _check_copy_head_support(model: nn.Module, model_type: str) -> None:
 def _check_composite_model(model_type: str, config: QSTConfig) -> None:
     """A composite (multimodal) model: QST side-tunes its language model where the type was checked end to end with
     images (:data:`SUPPORTED_COMPOSITE_TYPES`), and refuses the others, whose language models may take inputs the
-    side network would have to follow too (cross-attention to image states in Mllama, visual features added inside
-    the blocks in Qwen3-VL, several text models in one) and would otherwise silently ignore."""
+    side network would have to follow too (cross-attention to image states in Mllama, per-layer inputs computed from
+    the token ids in Gemma 3n, several text models in one) and would otherwise silently ignore."""
     if model_type not in SUPPORTED_COMPOSITE_TYPES:
         reason = _COMPOSITE_REASONS.get(model_type)
         raise QSTUnsupportedModelError(

@@ -2,11 +2,11 @@
 
 Tiny random models of each supported family (Llava with a Llama text model, Idefics3, SmolVLM, PaliGemma, Gemma 3,
 Mistral 3, Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision, Idefics2, InternVL, Aya Vision,
-GOT-OCR2, GLM-4.1V) are fed real ``pixel_values`` (random tensors of the vision tower's shape) with as many image
-tokens in ``input_ids`` as each model's processor would put there. For each family: the start (and
-``disable_adapter()``) equals the base model exactly, training changes side parameters only and the frozen model
-records nothing for backward, the side network's output depends on the image, cached greedy generation equals
-token-by-token recomputation, and a saved adapter reloads onto a fresh base model with identical logits.
+GOT-OCR2, GLM-4.1V, Qwen3-VL, Qwen3-VL-MoE, LFM2-VL, Qwen3.5) are fed real ``pixel_values`` (random tensors of the
+vision tower's shape) with as many image tokens in ``input_ids`` as each model's processor would put there. For each
+family: the start (and ``disable_adapter()``) equals the base model exactly, training changes side parameters only and
+the frozen model records nothing for backward, the side network's output depends on the image, cached greedy generation
+equals token-by-token recomputation, and a saved adapter reloads onto a fresh base model with identical logits.
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ def _vision(**overrides):
 
 
 def _qwen_vision(version: str):
+    if version in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
+        # Qwen3-VL's deepstack: the vision tower's block outputs at deepstack_visual_indexes, merged, are added to the
+        # language model's hidden states at the image tokens after its first blocks (here after both); Qwen3.5 has none
+        deepstack = {} if version == "qwen3_5" else dict(deepstack_visual_indexes=[0, 1])
+        return dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, **deepstack)
     if version == "qwen2_vl":
         return dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
                     temporal_patch_size=2)
@@ -102,7 +108,93 @@ FAMILIES = {
                    vision_config=dict(_qwen_vision("qwen2_5_vl"), image_size=28), image_token_id=IMAGE,
                    video_token_id=203, image_start_token_id=201, image_end_token_id=202), 4),
 }
-MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "glm4v")
+FAMILIES.update({
+    # Qwen3-VL: interleaved multimodal rotary sections, and the deepstack visual features its language model adds
+    # inside (see _qwen_vision); the MoE variant's text model routes over 4 experts
+    **{
+        version: (dict(text_config=dict(TEXT, model_type=f"{version}_text", **moe,
+                                        rope_parameters=dict(MROPE, mrope_interleaved=True)),
+                       vision_config=_qwen_vision(version), image_token_id=IMAGE, video_token_id=203,
+                       vision_start_token_id=201, vision_end_token_id=202), 4)
+        for version, moe in (
+            ("qwen3_vl", {}),
+            ("qwen3_vl_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+        )
+    },
+    # LFM2-VL: a hybrid text model (short convolutions and attention) behind a SigLIP2 NaFlex vision tower (patches
+    # flattened, spatial_shapes); a 4x4 patch grid, pixel-unshuffled by downsample_factor 2, takes 4 tokens
+    "lfm2_vl": (dict(text_config=dict(TEXT, model_type="lfm2", layer_types=["conv", "full_attention"]),
+                     vision_config=_vision(model_type="siglip2_vision_model", num_patches=16),
+                     image_token_id=IMAGE, projector_hidden_size=64, downsample_factor=2), 4),
+    # Qwen3.5: a hybrid text model (Gated DeltaNet linear attention and full attention), multimodal rotary sections
+    # interleaved over the rotated quarter of each head (here half of 32, as GLM-4.1V's); the MoE variant's text model
+    # routes over 4 experts beside a shared one
+    **{
+        version: (dict(text_config=dict(TEXT, model_type=f"{version}_text", num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=32,
+                                        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                                        rope_parameters=dict(MROPE, partial_rotary_factor=0.5, mrope_interleaved=True),
+                                        **moe),
+                       vision_config=_qwen_vision("qwen3_5"), image_token_id=IMAGE, video_token_id=203,
+                       vision_start_token_id=201, vision_end_token_id=202), 4)
+        for version, moe in (
+            ("qwen3_5", {}),
+            ("qwen3_5_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=32)),
+        )
+    },
+    # GLM-4.5V: GLM-4.1V's layout (see glm4v) with a text model that routes over 4 experts after its first, dense block
+    "glm4v_moe": (dict(text_config=dict(TEXT, model_type="glm4v_moe_text", num_attention_heads=2, num_key_value_heads=1,
+                                        head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                        rope_parameters=dict(MROPE, partial_rotary_factor=0.5)),
+                       vision_config=dict(_qwen_vision("qwen2_5_vl"), image_size=28), image_token_id=IMAGE,
+                       video_token_id=203, image_start_token_id=201, image_end_token_id=202), 4),
+    # LLaVA-OneVision-1.5: a Qwen3 text model (1-D positions) behind a RICE vision tower fed Qwen2-VL-style rows of
+    # patches (one frame, no temporal patch) with image_grid_thw; a 1x4x4 patch grid merged 2x2
+    "llava_onevision1_5": (dict(text_config=dict(TEXT, model_type="qwen3"), image_token_id=IMAGE, video_token_id=203,
+                                vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                                                   num_heads=2, patch_size=14, spatial_merge_size=2),
+                                vision_start_token_id=201,
+                                vision_end_token_id=202), 4),
+    # Janus: its own SigLIP-style vision tower (2x2 patches, num_image_tokens); the VQ model and generation head it
+    # has for generating images are not used for text
+    "janus": (dict(text_config=dict(TEXT, model_type="llama"), image_token_id=IMAGE,
+                   vision_config=dict(_vision(), projection_dim=64, num_image_tokens=4, depth=2),
+                   vq_config=dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 1],
+                                  num_res_blocks=1, projection_dim=64, image_token_embed_dim=64, latent_channels=8,
+                                  num_patches=4)), 4),
+    # Ovis2: a visual tokenizer (2x2 patches, hidden_stride 2: 1 visual word) whose probabilities weight a visual
+    # embedding table as wide as the text model (hidden_size)
+    "ovis2": (dict(text_config=dict(TEXT, model_type="qwen2"), image_token_id=IMAGE, hidden_size=64, vocab_size=256,
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=28, patch_size=14, vocab_size=64, hidden_stride=2,
+                                      num_visual_indicator_tokens=5),
+                   visual_indicator_token_ids=[204, 205, 206, 207, 208]), 1),
+    # VipLlava: the image features of several vision layers (vision_feature_layers), concatenated; Video-LLaVA's image
+    # path (CLS dropped, 2x2 patches); DeepSeek-VL's SigLIP vision tower (2x2 patches); Command A Vision (Cohere2
+    # text model, 2x2 patches pixel-unshuffled by downsample_factor 2: 1 token)
+    "vipllava": (dict(text_config=dict(TEXT, model_type="llama"), image_token_index=IMAGE,
+                      vision_config=_vision(model_type="clip_vision_model", num_hidden_layers=2),
+                      vision_feature_layers=[-2, -1]), 4),
+    "video_llava": (dict(text_config=dict(TEXT, model_type="llama"), image_token_index=IMAGE, video_token_index=203,
+                         vision_config=_vision(model_type="clip_vision_model")), 4),
+    "deepseek_vl": (dict(text_config=dict(TEXT, model_type="llama"), image_token_id=IMAGE,
+                         vision_config=_vision(model_type="siglip_vision_model")), 4),
+    "cohere2_vision": (dict(text_config=dict(TEXT, model_type="cohere2", sliding_window=4,
+                                             layer_types=["sliding_attention", "full_attention"]),
+                            vision_config=_vision(model_type="siglip_vision_model"), image_token_id=IMAGE,
+                            downsample_factor=2, alignment_intermediate_size=64), 1),
+})
+#: families whose language model routes tokens over experts: its grouped expert kernel (grouped_mm) multiplies the
+#: tokens each expert gets, from the whole batch, as one product, so another image changes the rounding of the text
+#: before it (by 6e-8 in the base model's own final hidden state)
+MOE_FAMILIES = ("qwen3_vl_moe", "glm4v_moe", "qwen3_5_moe")
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "glm4v", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "glm4v_moe",
+                  "qwen3_5_moe")
+#: families fed rows of flattened patches with image_grid_thw (1x4x4 patches per image: 16 rows each)
+PATCH_ROW_FAMILIES = MROPE_FAMILIES + ("llava_onevision1_5",)
 #: LLaVA-NeXT-style models: a 28x56 image is tiled (anyres) as the 1x2 grid of image_grid_pinpoints
 ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")
 
@@ -135,11 +227,13 @@ def make_inputs(family: str, batch: int = 2, words: int = 5, pixel_seed: int = 0
 
     pixels = torch.Generator().manual_seed(pixel_seed)
     extra = {}
-    if family in MROPE_FAMILIES:
+    if family in PATCH_ROW_FAMILIES:
         ids = torch.cat([col(1), col(201), image, col(202), text], 1)
-        extra["pixel_values"] = torch.randn(batch * 16, 3 * 2 * 14 * 14, generator=pixels)
+        frames = 1 if family == "llava_onevision1_5" else 2  # the temporal patch (an image repeated twice)
+        extra["pixel_values"] = torch.randn(batch * 16, 3 * frames * 14 * 14, generator=pixels)
         extra["image_grid_thw"] = torch.tensor([[1, 4, 4]] * batch)
-        extra["mm_token_type_ids"] = (ids == IMAGE).long()
+        if family in MROPE_FAMILIES:
+            extra["mm_token_type_ids"] = (ids == IMAGE).long()
     elif family == "gemma3":
         ids = torch.cat([col(1), col(201), image, col(202), text], 1)
         extra["pixel_values"] = torch.randn(batch, 3, 28, 28, generator=pixels)
@@ -152,6 +246,11 @@ def make_inputs(family: str, batch: int = 2, words: int = 5, pixel_seed: int = 0
         ids = torch.cat([col(1), image, text], 1)
         extra["pixel_values"] = torch.randn(batch, 3, 56, 56, generator=pixels)
         extra["image_sizes"] = torch.tensor([[56, 56]] * batch)
+    elif family == "lfm2_vl":
+        ids = torch.cat([col(1), image, text], 1)
+        extra["pixel_values"] = torch.randn(batch, 16, 3 * 14 * 14, generator=pixels)  # 4x4 flattened patches
+        extra["pixel_attention_mask"] = torch.ones(batch, 16, dtype=torch.long)
+        extra["spatial_shapes"] = torch.tensor([[4, 4]] * batch)
     elif family in ANYRES_FAMILIES:
         ids = torch.cat([col(1), image, text], 1)
         extra["pixel_values"] = torch.randn(batch, 3, 3, 28, 28, generator=pixels)  # the whole image, then 2 tiles
@@ -333,7 +432,10 @@ def test_the_side_network_sees_the_image(family):
     # the image tokens and the text after them differ (Llava-style models: the text before the image does not)
     after_image = (ids == IMAGE).int().cumsum(1) > 0
     assert (first - second).abs()[after_image].amax() > 1e-3
-    assert torch.equal(first[~after_image], second[~after_image])
+    if family in MOE_FAMILIES:  # see MOE_FAMILIES: the base model's text before the image moves in the last bits too
+        torch.testing.assert_close(first[~after_image], second[~after_image], rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(first[~after_image], second[~after_image])
     # and so its contribution to the logits changes with the image
     perturb_upsample(model)
     with model.disable_adapter():
@@ -343,7 +445,7 @@ def test_the_side_network_sees_the_image(family):
 
 
 @pytest.mark.parametrize("family,r", [("qwen2_vl", 4), ("qwen2_vl", 8), ("qwen2_5_vl", 4), ("qwen2_5_vl", 8),
-                                      ("glm4v", 4)])
+                                      ("glm4v", 4), ("qwen3_vl", 4), ("qwen3_vl", 8), ("qwen3_5", 4)])
 def test_side_rotary_follows_the_multimodal_positions(family, r):
     """Qwen2-VL's language model rotates by 3-D positions (time, height, width of each image token): the side trunk
     gets the same position ids, and its multimodal rotary sections are scaled to its rotated head width (r=8: heads
@@ -454,7 +556,7 @@ def test_left_padded_batch_generates_as_each_row_alone(family):
     uncached = model.generate(input_ids=padded, attention_mask=mask, **padded_extra, **options, use_cache=False)
     assert torch.equal(cached, uncached)
     _, alone_extra = make_inputs(family, batch=1)
-    if family in MROPE_FAMILIES:  # the same image as the second row's: its patches are rows 16-31 of the batch's
+    if family in PATCH_ROW_FAMILIES:  # the same image as the second row's: its patches are rows 16-31 of the batch's
         alone_extra["pixel_values"] = extra["pixel_values"][16:]
     else:
         alone_extra["pixel_values"] = extra["pixel_values"][1:]
@@ -474,14 +576,19 @@ def test_save_and_load_on_a_fresh_base_model(family, tmp_path):
 
 
 def test_unsupported_composite_types_are_refused_by_name():
+    """Mllama's language model cross-attends to the vision states in layers of its own (cross_attention_states), which
+    a side network reading its hidden states would not follow: refused, naming the type and the reason."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.for_model(
-        "vipllava", text_config=dict(TEXT, model_type="llama"), image_token_index=IMAGE,
-        vision_config=_vision(model_type="clip_vision_model", projection_dim=32),
+        "mllama", text_config=dict(TEXT, model_type="mllama_text_model", cross_attention_layers=[1]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1,
+                           attention_heads=2, image_size=28, patch_size=14, max_num_tiles=4, vision_output_dim=64,
+                           intermediate_layers_indices=[0]),
+        image_token_index=IMAGE,
     )
     model = AutoModelForImageTextToText.from_config(config)
-    with pytest.raises(QSTUnsupportedModelError, match="vipllava.*composite.*checked with images"):
+    with pytest.raises(QSTUnsupportedModelError, match="mllama.*checked with images.*cross_attention_states"):
         get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))
 
 
@@ -490,10 +597,11 @@ def test_copy_heads_are_refused_for_composite_models():
         get_peft_model(build("llava"), QSTConfig(task_type="CAUSAL_LM", r=4, copy_heads=1))
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen3_vl"])
 def test_llava_in_4bit_trains_generates_and_reloads(family, tmp_path):
     """The QLoRA setting: the whole composite model (vision tower, projector, language model) in bitsandbytes 4-bit
-    with bf16 compute; LLaVA-NeXT with its anyres tiles (``image_sizes``). The side network starts at the base
+    with bf16 compute; LLaVA-NeXT with its anyres tiles (``image_sizes``); Qwen3-VL with its deepstack features and
+    multimodal rotary positions (the test's name is older than its families). The side network starts at the base
     model, trains in bf16, generates with the image and reloads onto a fresh 4-bit base with identical logits. (The
     vision tower is 64 wide here: bitsandbytes' CPU 4-bit layout does not take a layer narrower than its block of
     64.)"""
@@ -524,18 +632,41 @@ def test_llava_in_4bit_trains_generates_and_reloads(family, tmp_path):
     assert torch.equal(logits(loaded, ids, extra), trained)
 
 
-def test_qwen3_vl_is_refused_naming_its_visual_inputs_inside_the_blocks():
-    """Qwen3-VL adds visual features to the language model's hidden states inside its first blocks (deepstack):
-    a side network reading those hidden states would not see them added to its own, so the type is refused."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_the_side_network_reads_the_deepstack_features_in_the_backbone_states(family):
+    """Qwen3-VL's language model adds visual features (deepstack_visual_embeds, backbone-wide, at visual_pos_masks) to
+    its hidden states after its first blocks. The side network reads them as the paper's side network reads every
+    backbone state, downsampled, in the blocks' outputs that follow and the trunk's final one; its trunk, of the same
+    class but narrower, is not handed the backbone-wide features (it failed adding them to its own states). Zeroing
+    the features the backbone gets changes the side output at the image tokens and after, and nothing before."""
+    ids, extra = make_inputs(family)
+    model = get_peft_model(build(family), QSTConfig(task_type="CAUSAL_LM", r=4))
+    side, backbone = side_network(model), qst_layer(model).get_base_layer()
+    handed = {}
+    handles = [
+        backbone.register_forward_pre_hook(lambda _m, _a, kwargs: handed.update(backbone=kwargs), with_kwargs=True),
+        side.trunk.register_forward_pre_hook(lambda _m, _a, kwargs: handed.update(side=kwargs), with_kwargs=True),
+    ]
+    try:
+        with_features = _side_output(model, ids, extra)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(handed["backbone"]["deepstack_visual_embeds"]) == 2  # after both blocks
+    assert "deepstack_visual_embeds" not in handed["side"] and "visual_pos_masks" not in handed["side"]
 
-    text = dict(TEXT, model_type="qwen3_vl_text", rope_parameters=dict(MROPE, mrope_interleaved=True))
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0])
-    config = AutoConfig.for_model("qwen3_vl", text_config=text, vision_config=vision, image_token_id=IMAGE)
-    model = AutoModelForImageTextToText.from_config(config)
-    with pytest.raises(QSTUnsupportedModelError, match="qwen3_vl.*deepstack_visual_embeds"):
-        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))
+    def zero_features(_module, args, kwargs):
+        kwargs["deepstack_visual_embeds"] = [torch.zeros_like(e) for e in kwargs["deepstack_visual_embeds"]]
+        return args, kwargs
+
+    handle = backbone.register_forward_pre_hook(zero_features, with_kwargs=True)
+    try:
+        without = _side_output(model, ids, extra)
+    finally:
+        handle.remove()
+    after_image = (ids == IMAGE).int().cumsum(1) > 0
+    assert (with_features - without).abs()[after_image].amax() > 1e-3
+    torch.testing.assert_close(with_features[~after_image], without[~after_image], rtol=0, atol=1e-5)
 
 
 def test_gemma3n_is_refused_naming_its_residual_streams_and_per_layer_inputs():
@@ -608,14 +739,15 @@ def test_the_model_card_of_a_composite_adapter_loads_the_base_model_with_its_aut
 
 
 #: the composite types whose configs AutoModelForCausalLM also builds (the README says so for AutoPeftModelForCausalLM)
-CAUSAL_LM_AUTO_CLASS_LOADS = ("gemma3", "got_ocr2")
+CAUSAL_LM_AUTO_CLASS_LOADS = ("gemma3", "got_ocr2", "qwen3_5", "qwen3_5_moe")
 
 
 @pytest.mark.parametrize("family", SUPPORTED)
 def test_auto_model_for_causal_lm_refuses_the_composite_configs_the_readme_names(family):
     """The README sends composite adapters through AutoModelForImageTextToText because AutoPeftModelForCausalLM's
-    AutoModelForCausalLM refuses these configs, all but Gemma 3's and GOT-OCR2's: a transformers fact the README states,
-    checked here so that a transformers release that changes it shows up."""
+    AutoModelForCausalLM refuses these configs, all but Gemma 3's, GOT-OCR2's and Qwen3.5's (and its MoE variant's,
+    for which it builds the language model alone): a transformers fact the README states, checked here so that a
+    transformers release that changes it shows up."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(family, **FAMILIES[family][0])
