@@ -125,7 +125,9 @@ class QSTConfig(PeftConfig):
     backbone block, built from the model's own transformers classes with hidden and FFN sizes divided by ``r`` —
     reads every backbone hidden state through a downsampler and a learnable gate, and its output is upsampled and
     gated into the backbone's final hidden state, in front of the model's own frozen LM head. Only the side network
-    is trained and saved.
+    is trained and saved. The hidden states are those of transformers' ``output_hidden_states``: the embedding
+    output, then each block's output, the last one after the trunk's final norm (the state the side output is added
+    to; the paper's reference code feeds the last side block the last block's output before that norm).
 
     Use it wherever a `LoraConfig` would go: ``get_peft_model(model, QSTConfig(task_type="CAUSAL_LM"))``, or
     ``SFTTrainer(..., peft_config=QSTConfig(...))``.
