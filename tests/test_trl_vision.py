@@ -27,7 +27,7 @@ from peft import PeftModel
 from peft_qst import QSTConfig, QSTLayer
 
 from .test_multimodal import FAMILIES as MODEL_CONFIGS
-from .test_multimodal import PINPOINTS, TEXT
+from .test_multimodal import PINPOINTS
 
 pytestmark = pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer and chat tokens
 
