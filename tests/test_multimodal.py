@@ -2,11 +2,13 @@
 
 Tiny random models of each supported family (Llava with a Llama text model, Idefics3, SmolVLM, PaliGemma, Gemma 3,
 Mistral 3, Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT, LLaVA-NeXT-Video, LLaVA-OneVision, Idefics2, InternVL, Aya Vision,
-GOT-OCR2, GLM-4.1V, Qwen3-VL, Qwen3-VL-MoE, LFM2-VL, Qwen3.5) are fed real ``pixel_values`` (random tensors of the
-vision tower's shape) with as many image tokens in ``input_ids`` as each model's processor would put there. For each
-family: the start (and ``disable_adapter()``) equals the base model exactly, training changes side parameters only and
-the frozen model records nothing for backward, the side network's output depends on the image, cached greedy generation
-equals token-by-token recomputation, and a saved adapter reloads onto a fresh base model with identical logits.
+GOT-OCR2, GLM-4.1V, GLM-4.5V, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, LFM2-VL, LLaVA-OneVision-1.5, VipLlava,
+Video-LLaVA, DeepSeek-VL, Janus, Ovis2, Command A Vision) are fed real ``pixel_values`` (random tensors of the vision
+tower's shape) with as many image tokens in ``input_ids`` as each model's processor would put there. For each family:
+the start (and ``disable_adapter()``) equals the base model exactly, training changes side parameters only and the
+frozen model records nothing for backward, the side network's output depends on the image, cached greedy generation
+equals token-by-token recomputation (also for a left-padded batch), and a saved adapter reloads onto a fresh base model
+with identical logits.
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ FAMILIES.update({
 })
 #: families whose language model routes tokens over experts: its grouped expert kernel (grouped_mm) multiplies the
 #: tokens each expert gets, from the whole batch, as one product, so another image changes the rounding of the text
-#: before it (by 6e-8 in the base model's own final hidden state)
+#: before it (by up to 2.4e-7 in the base model's own final hidden state)
 MOE_FAMILIES = ("qwen3_vl_moe", "glm4v_moe", "qwen3_5_moe")
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "glm4v", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "glm4v_moe",
                   "qwen3_5_moe")
@@ -666,7 +668,10 @@ def test_the_side_network_reads_the_deepstack_features_in_the_backbone_states(fa
         handle.remove()
     after_image = (ids == IMAGE).int().cumsum(1) > 0
     assert (with_features - without).abs()[after_image].amax() > 1e-3
-    torch.testing.assert_close(with_features[~after_image], without[~after_image], rtol=0, atol=1e-5)
+    if family in MOE_FAMILIES:  # see MOE_FAMILIES: the text before the image moves in the last bits too
+        torch.testing.assert_close(with_features[~after_image], without[~after_image], rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(with_features[~after_image], without[~after_image])
 
 
 def test_gemma3n_is_refused_naming_its_residual_streams_and_per_layer_inputs():
@@ -756,6 +761,24 @@ def test_auto_model_for_causal_lm_refuses_the_composite_configs_the_readme_names
     else:
         with pytest.raises(ValueError, match="Unrecognized configuration class"):
             AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_auto_peft_model_for_causal_lm_refuses_a_qwen3_5_adapter_on_the_language_model_alone(family, tmp_path):
+    """What the README says of Qwen3.5's composite adapters loaded with AutoPeftModelForCausalLM: its
+    AutoModelForCausalLM builds the language model alone from the composite config, and the adapter, trained on the
+    composite model, is refused there naming both types (not loaded onto a model without its vision tower)."""
+    from peft import AutoPeftModelForCausalLM
+
+    base_dir = str(tmp_path / "base")
+    build(family).save_pretrained(base_dir)
+    model = get_peft_model(build(family), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.peft_config["default"].base_model_name_or_path = base_dir
+    model.save_pretrained(tmp_path / "adapter")
+    text_type = FAMILIES[family][0]["text_config"]["model_type"]
+    with pytest.raises(ValueError, match=f"built for a {family} model with a {text_type} language model.*onto a "
+                                         f"{text_type} model"):
+        AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
 
 
 def test_an_adapter_is_refused_on_a_composite_model_with_another_language_model_of_the_same_sizes(tmp_path):
