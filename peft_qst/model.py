@@ -131,11 +131,12 @@ def find_trunk_name(model: nn.Module) -> str:
 #: state, before the composite model's LM head. Qwen3-VL's language model also adds visual features to its hidden
 #: states after its first blocks (deepstack): the side network reads them in the backbone states that follow, and its
 #: trunk is not handed them (``peft_qst.layer._BACKBONE_ONLY_KWARGS``).
+#: Fuyu has no vision tower: it projects its image patches linearly into ``inputs_embeds``.
 SUPPORTED_COMPOSITE_TYPES = (
     "llava", "idefics3", "smolvlm", "paligemma", "gemma3", "mistral3", "qwen2_vl", "qwen2_5_vl", "llava_next",
     "llava_next_video", "llava_onevision", "idefics2", "internvl", "aya_vision", "got_ocr2", "glm4v", "qwen3_vl",
     "qwen3_vl_moe", "lfm2_vl", "qwen3_5", "qwen3_5_moe", "vipllava", "video_llava", "deepseek_vl", "cohere2_vision",
-    "glm4v_moe", "llava_onevision1_5", "janus", "ovis2",
+    "glm4v_moe", "llava_onevision1_5", "janus", "ovis2", "fuyu",
 )
 
 
@@ -150,17 +151,17 @@ _COMPOSITE_REASONS = {
 
 
 def text_config_of(config):
-    """The config the side network is sized from: a composite (multimodal) model's ``text_config`` where the config
-    itself has no sizes (Llava, Gemma 3, Qwen2-VL, ...), else the config itself. A composite config that carries the
-    text sizes at its top level (Phi-4-multimodal) is its own text config, as before."""
+    """The config the side network is sized from: a composite (multimodal) model's ``text_config`` where it has one
+    with sizes (Llava, Gemma 3, Qwen2-VL, ...), else the config itself (text models; Phi-4-multimodal, whose text sizes
+    are at its top level and which has no ``text_config``). Sizes at the top level beside a ``text_config`` do not make
+    a config its own text config: a flat config.json (adept/fuyu-8b's: ``hidden_size``, ``num_hidden_layers``, ... at
+    the top level and in ``text_config``) leaves them there as extra attributes, while the language model is built from
+    ``text_config``; taken for a text model, a composite type was side-tuned unchecked (Fuyu was, though refused
+    without them) and sized from copies its language model does not read."""
     text = getattr(config, "text_config", None)
     if text is None or not hasattr(text, "hidden_size"):
         return config
-    try:
-        sized = all(getattr(config, name, None) is not None for name in ("hidden_size", "num_hidden_layers"))
-    except Exception:  # noqa: BLE001 - heterogeneous configs; the size checks name the problem
-        return config
-    return config if sized else text
+    return text
 
 
 def _takes_inputs_embeds(module: nn.Module) -> bool:

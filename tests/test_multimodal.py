@@ -29,7 +29,13 @@ TEXT = dict(
     head_dim=16, vocab_size=256, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-PINPOINTS = [[28, 56], [56, 28], [56, 56]]  # the anyres tile grids (1x2, 2x1, 2x2 tiles of the vision tower's 28x28)
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+#: adept/fuyu-8b's text keys (config.json), at tiny sizes
+FUYU_TEXT = dict(
+    model_type="persimmon", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=256, hidden_act="relu2", qk_layernorm=True, partial_rotary_factor=0.5, max_position_embeddings=512,
+    layer_norm_eps=1e-5, rope_theta=25000.0, hidden_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # the anyres tile grids (1x2, 2x1, 2x2 tiles of the vision tower's 28x28)
 
 
 def _vision(**overrides):
@@ -188,6 +194,11 @@ FAMILIES.update({
                                              layer_types=["sliding_attention", "full_attention"]),
                             vision_config=_vision(model_type="siglip_vision_model"), image_token_id=IMAGE,
                             downsample_factor=2, alignment_intermediate_size=64), 1),
+    # Fuyu: no vision tower, its image patches (30x30 here, flattened) projected linearly into the text model's
+    # embeddings (one token each); built from a flat config as adept/fuyu-8b's config.json is, the text model's sizes
+    # at the top level and in text_config (Persimmon: half of each head rotated, query/key layer norms, relu2)
+    "fuyu": (dict({k: v for k, v in FUYU_TEXT.items() if k != "model_type"}, text_config=FUYU_TEXT, image_size=30,
+                  patch_size=15, num_channels=3, image_token_id=IMAGE), 4),
 })
 #: families whose language model routes tokens over experts: its grouped expert kernel (grouped_mm) multiplies the
 #: tokens each expert gets, from the whole batch, as one product, so another image changes the rounding of the text
@@ -205,7 +216,8 @@ def build(family: str, seed: int = 0, **vision_overrides):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     kwargs = dict(FAMILIES[family][0])
-    kwargs["vision_config"] = {**kwargs["vision_config"], **vision_overrides}
+    if "vision_config" in kwargs:  # Fuyu has no vision tower
+        kwargs["vision_config"] = {**kwargs["vision_config"], **vision_overrides}
     config = AutoConfig.for_model(family, **kwargs)
     torch.manual_seed(seed)
     # frozen, as get_peft_model leaves it: PyTorch multiplies a non-contiguous 3-D input (LLaVA-OneVision's projector
@@ -253,6 +265,9 @@ def make_inputs(family: str, batch: int = 2, words: int = 5, pixel_seed: int = 0
         extra["pixel_values"] = torch.randn(batch, 16, 3 * 14 * 14, generator=pixels)  # 4x4 flattened patches
         extra["pixel_attention_mask"] = torch.ones(batch, 16, dtype=torch.long)
         extra["spatial_shapes"] = torch.tensor([[4, 4]] * batch)
+    elif family == "fuyu":
+        ids = torch.cat([col(1), image, text], 1)
+        extra["pixel_values"] = torch.randn(batch, image_tokens, 15 * 15 * 3, generator=pixels)  # flattened patches
     elif family in ANYRES_FAMILIES:
         ids = torch.cat([col(1), image, text], 1)
         extra["pixel_values"] = torch.randn(batch, 3, 3, 28, 28, generator=pixels)  # the whole image, then 2 tiles
@@ -580,6 +595,11 @@ def test_save_and_load_on_a_fresh_base_model(family, tmp_path):
 def test_unsupported_composite_types_are_refused_by_name():
     """Mllama's language model cross-attends to the vision states in layers of its own (cross_attention_states), which
     a side network reading its hidden states would not follow: refused, naming the type and the reason."""
+    with pytest.raises(QSTUnsupportedModelError, match="mllama.*checked with images.*cross_attention_states"):
+        get_peft_model(_mllama(), QSTConfig(task_type="CAUSAL_LM", r=4))
+
+
+def _mllama(**top_level):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.for_model(
@@ -587,11 +607,47 @@ def test_unsupported_composite_types_are_refused_by_name():
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1,
                            attention_heads=2, image_size=28, patch_size=14, max_num_tiles=4, vision_output_dim=64,
                            intermediate_layers_indices=[0]),
-        image_token_index=IMAGE,
+        image_token_index=IMAGE, **top_level,
     )
-    model = AutoModelForImageTextToText.from_config(config)
+    return AutoModelForImageTextToText.from_config(config)
+
+
+#: the text sizes a flat config.json (adept/fuyu-8b's) also has at its top level, beside text_config
+FLAT = {name: TEXT[name] for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}
+
+
+def test_a_flat_config_of_an_unsupported_composite_type_is_refused_by_name():
+    """Text sizes at the top level of a composite config (left there by a flat config.json, as adept/fuyu-8b's) made
+    it pass for a text model's: Mllama was side-tuned, its cross-attention to the image states unfollowed, instead of
+    refused as it is without them."""
     with pytest.raises(QSTUnsupportedModelError, match="mllama.*checked with images.*cross_attention_states"):
-        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))
+        get_peft_model(_mllama(**FLAT), QSTConfig(task_type="CAUSAL_LM", r=4))
+
+
+@pytest.mark.parametrize("family", ["fuyu", "llava"])
+def test_a_flat_config_is_side_tuned_as_the_composite_model_it_is(family):
+    """A supported composite model whose config also has the text sizes at its top level (Fuyu's is built from
+    fuyu-8b's flat keys, see FAMILIES; a Llava given them here) is side-tuned as a composite model: its signature
+    records the language model's type, and its sizes are the language model's, not the top-level copies (Llava's has
+    no num_key_value_heads there: the side network took the 4 of a model without grouped queries for the Llama's 2)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    kwargs = dict(FAMILIES[family][0], **FLAT)
+    torch.manual_seed(0)
+    base = AutoModelForImageTextToText.from_config(AutoConfig.for_model(family, **kwargs))
+    assert base.config.hidden_size == TEXT["hidden_size"]  # the top-level copies are there
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    signature = model.peft_config["default"].base_model_signature
+    text = base.config.text_config
+    assert signature["text_model_type"] == text.model_type
+    assert signature["num_key_value_heads"] == getattr(text, "num_key_value_heads", text.num_attention_heads)
+    ids, extra = make_inputs(family)
+    perturb_upsample(model)
+    with torch.no_grad():
+        side_tuned = model(input_ids=ids, **extra).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids, **extra).logits
+    assert not torch.equal(side_tuned, plain)
 
 
 def test_copy_heads_are_refused_for_composite_models():
@@ -744,15 +800,15 @@ def test_the_model_card_of_a_composite_adapter_loads_the_base_model_with_its_aut
 
 
 #: the composite types whose configs AutoModelForCausalLM also builds (the README says so for AutoPeftModelForCausalLM)
-CAUSAL_LM_AUTO_CLASS_LOADS = ("gemma3", "got_ocr2", "qwen3_5", "qwen3_5_moe")
+CAUSAL_LM_AUTO_CLASS_LOADS = ("gemma3", "got_ocr2", "qwen3_5", "qwen3_5_moe", "fuyu")
 
 
 @pytest.mark.parametrize("family", SUPPORTED)
 def test_auto_model_for_causal_lm_refuses_the_composite_configs_the_readme_names(family):
     """The README sends composite adapters through AutoModelForImageTextToText because AutoPeftModelForCausalLM's
-    AutoModelForCausalLM refuses these configs, all but Gemma 3's, GOT-OCR2's and Qwen3.5's (and its MoE variant's,
-    for which it builds the language model alone): a transformers fact the README states, checked here so that a
-    transformers release that changes it shows up."""
+    AutoModelForCausalLM refuses these configs, all but Gemma 3's, GOT-OCR2's, Fuyu's and Qwen3.5's (and its MoE
+    variant's, for which it builds the language model alone): a transformers fact the README states, checked here so
+    that a transformers release that changes it shows up."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(family, **FAMILIES[family][0])
