@@ -866,7 +866,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         side_kwargs = {k: v for k, v in kwargs.items() if k not in _BACKBONE_ONLY_KWARGS}
         side_kwargs["use_cache"] = bool(use_cache)
         mixed = backbone_last
-        new_side_caches, new_memories = {}, {}
+        new_side_caches, new_memories, side_router_logits = {}, {}, {}
         returned_cache = out.get(cache_field(out))
         # a trunk that fills the cache it is given in place and returns none (RecurrentGemma, whose generate keeps
         # passing the cache it made): its side trunk, of the same class, does the same, so the side network gets a
@@ -893,7 +893,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                     side_cache = DynamicCache(config=side.trunk.config)
             if side_cache is None and keeps_cache:
                 side_cache = DynamicCache(config=side.trunk.config)  # what such a trunk makes for itself
-            side_out, new_side_caches[name] = side(hidden_states, cache=side_cache, **side_kwargs)
+            side_out, new_side_caches[name], side_router_logits[name] = side(
+                hidden_states, cache=side_cache, **side_kwargs
+            )
             if new_side_caches[name] is None and keeps_cache:
                 new_side_caches[name] = side_cache
             copy_inputs = None
@@ -913,6 +915,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
         fields = dict(out.items())
         fields["last_hidden_state"] = mixed
+        if fields.get("router_logits") is not None:
+            fields["router_logits"] = self._adapted_router_logits(out.router_logits, side_router_logits, row_adapters)
         # the last hidden state is the adapted one; the backbone's are dropped unless asked for
         fields["hidden_states"] = tuple(hidden_states[:-1]) + (mixed,) if want_hidden else None
         if selected is not None:
@@ -937,6 +941,41 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         if return_dict is False:
             return out.to_tuple()
         return out
+
+    def _adapted_router_logits(self, backbone_logits: tuple, side_logits: dict, row_adapters=None) -> tuple:
+        """The router logits an adapted forward returns where they are asked for (``output_router_logits``, in a
+        mixture-of-experts model's config or forward): each side network's own, one tensor per side block, in place of
+        the frozen backbone's. The model's causal-LM head computes its load-balancing ``aux_loss`` from these (and adds
+        ``router_aux_loss_coef`` times it to the loss), so the side routers, which train, are balanced as the model
+        balances its routers. The backbone's, computed under no_grad, added only a constant: the side experts were
+        left unbalanced although the loss asked for balance. With ``row_adapters`` each row takes the logits of the
+        network that adapts it (the backbone's for ``"__base__"`` rows).
+
+        The side blocks have the backbone's number of experts and experts per token (the shrink rules divide widths
+        only) and route the same tokens, so the model's load-balancing function, its attention mask included, applies
+        unchanged.
+        """
+        for name, logits in side_logits.items():
+            if logits is None or len(logits) != len(backbone_logits):
+                raise QSTUnsupportedModelError(
+                    f"QST's side network {name!r} of this {self._model_type} model returned "
+                    f"{'no' if logits is None else len(logits)} router logits where the backbone returned "
+                    f"{len(backbone_logits)}, so the load-balancing loss cannot be computed over its routers. Pass "
+                    "output_router_logits=False (or set model.config.output_router_logits = False) to go without it."
+                )
+        if row_adapters is None:
+            (logits,) = side_logits.values()
+            return tuple(logits)
+        batch = len(row_adapters)
+        layers = []
+        for index, combined in enumerate(backbone_logits):
+            shape = combined.shape
+            for name, logits in side_logits.items():
+                rows = torch.tensor([n == name for n in row_adapters], device=combined.device).view(batch, 1, 1)
+                side = logits[index].to(combined.device).reshape(batch, -1, shape[-1])
+                combined = torch.where(rows, side, combined.reshape(batch, -1, shape[-1])).reshape(shape)
+            layers.append(combined)
+        return tuple(layers)
 
     def _routing(self, adapter_names: list[str], row_adapters=None):
         """The :class:`~peft_qst.cache.BackboneRouting` rows of a forward of ``adapter_names`` (one per row with

@@ -1470,8 +1470,9 @@ class QSTSideNetwork(nn.Module):
     embedding output, the upsample and the output gate.
 
     ``forward(hidden_states, **trunk_kwargs)`` takes the backbone's hidden states (embedding output, then each block's
-    output, the last one after the final norm) and returns the side trunk's output (after the side final norm) and
-    its cache. :meth:`mix` then combines it with the backbone's final hidden state.
+    output, the last one after the final norm) and returns the side trunk's output (after the side final norm), its
+    cache, and its routers' logits (mixture-of-experts side blocks, where the forward asks for ``output_router_logits``;
+    else None). :meth:`mix` then combines the output with the backbone's final hidden state.
     """
 
     def __init__(self, base_trunk: nn.Module, base_config, qst_config: QSTConfig, dtype: torch.dtype):
@@ -1565,7 +1566,7 @@ class QSTSideNetwork(nn.Module):
         self.eval()
         try:
             with torch.enable_grad():
-                out, _ = self(states, use_cache=False)
+                out = self(states, use_cache=False)[0]
             expected = (1, 4, self.upsample.in_features)
             problem = None if tuple(out.shape) == expected else f"an output of shape {tuple(out.shape)}, not {expected}"
         except Exception as error:  # noqa: BLE001 - any failure here is a model the rules do not cover
@@ -1693,8 +1694,8 @@ class QSTSideNetwork(nn.Module):
                 "along the batch dimension."
             )
         packed = packed_weights_for(self, trunk_kwargs, cache)
-        if packed is not None:  # inference, Llama-style blocks: the same function in far fewer operations
-            return fast_side_forward(self, packed, hidden_states, cache, **trunk_kwargs)
+        if packed is not None:  # inference, Llama-style blocks (no experts, so no router logits): far fewer operations
+            return (*fast_side_forward(self, packed, hidden_states, cache, **trunk_kwargs), None)
         dtype = self.upsample.weight.dtype
         if cache is not None:  # the fast path keeps its side cache in float32
             keep_cache_dtype(cache, dtype)
@@ -1729,7 +1730,9 @@ class QSTSideNetwork(nn.Module):
         # (a float32 final norm, or a residual stream kept in float32, gives a float32 output; the mix's upsample
         # computes in the side network's dtype)
         last = out.last_hidden_state.to(dtype)
-        return last, out.get(cache_field(out))
+        # the side routers' logits where the forward asks for them (output_router_logits): the model's own
+        # load-balancing loss is computed from them (QSTLayer._forward_adapted)
+        return last, out.get(cache_field(out)), out.get("router_logits")
 
     def mix(
         self,

@@ -1,0 +1,186 @@
+"""Mixture-of-experts models asked for their router logits (``output_router_logits=True``, as QLoRA recipes for
+Mixtral, Qwen-MoE, OLMoE, gpt-oss set it): the model's load-balancing ``aux_loss`` balances the side network's routers,
+which train, not the frozen backbone's (whose logits, computed under no_grad, added only a constant)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from peft_qst import QSTConfig
+
+#: tiny float32 models of two families whose routers return (logits, scores, indices) and whose causal-LM heads add
+#: ``router_aux_loss_coef * load_balancing_loss_func(outputs.router_logits, ...)`` to the loss
+FAMILIES = {
+    "mixtral": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+    ),
+    "qwen2_moe": dict(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=4,
+        num_experts_per_tok=2,
+    ),
+}
+
+
+def _model(model_type: str, output_router_logits: bool):
+    config = AutoConfig.for_model(
+        model_type, **FAMILIES[model_type], output_router_logits=output_router_logits, router_aux_loss_coef=0.5
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).float().eval()
+
+
+def _qst(model_type: str, output_router_logits: bool = True, **config):
+    base = _model(model_type, output_router_logits)
+    model = get_peft_model(_model(model_type, output_router_logits), QSTConfig(task_type="CAUSAL_LM", r=4, **config))
+    return base, model
+
+
+def _batch():
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded row: the load-balancing loss leaves its padding out
+    labels = ids.masked_fill(mask == 0, -100)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def _side_gates(model):
+    """The side blocks' router modules (``...qst_side.default.trunk.layers.i.block.mlp.gate``), in block order."""
+    return [m for n, m in model.named_modules() if ".qst_side.default.trunk.layers." in n and n.endswith("mlp.gate")]
+
+
+def _side_routers(model):
+    return [p for n, p in model.named_parameters() if ".qst_side." in n and n.endswith("mlp.gate.weight")]
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_aux_loss_balances_the_side_routers(model_type):
+    base, model = _qst(model_type)
+    config = base.config
+    gates = _side_gates(model)
+    assert len(gates) == config.num_hidden_layers
+    recorded = []
+    handles = [gate.register_forward_hook(lambda m, a, out: recorded.append(out[0])) for gate in gates]
+    model.train()
+    batch = _batch()
+    out = model(**batch)
+    for handle in handles:
+        handle.remove()
+    # the side blocks keep the backbone's number of experts and experts per token
+    assert all(gate.num_experts == base.num_experts and gate.top_k == base.num_experts_per_tok for gate in gates)
+    balancing = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    expected = balancing.load_balancing_loss_func(
+        tuple(recorded), base.num_experts, base.num_experts_per_tok, batch["attention_mask"]
+    )
+    assert len(out.router_logits) == len(recorded)
+    assert all(mine is theirs for mine, theirs in zip(out.router_logits, recorded))
+    torch.testing.assert_close(out.aux_loss, expected, rtol=0, atol=0)
+    # the untrained adapter (zero upsample) predicts as the base model; its loss differs by the side's aux loss only
+    with torch.no_grad():
+        reference = base(**batch)
+    torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.loss - 0.5 * out.aux_loss, reference.loss - 0.5 * reference.aux_loss)
+    out.loss.backward()
+    grads = [router.grad for router in _side_routers(model)]
+    assert len(grads) == config.num_hidden_layers
+    # the upsample starts at zero, so on the first step the side routers' gradient comes from the aux loss alone
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in grads)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_without_router_logits_nothing_changes(model_type):
+    base, model = _qst(model_type, output_router_logits=False)
+    batch = _batch()
+    with torch.no_grad():
+        out, reference = model(**batch), base(**batch)
+    assert out.aux_loss is None and out.router_logits is None
+    torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.loss, reference.loss, rtol=0, atol=0)
+    # the forward kwarg turns them on for one call
+    with torch.no_grad():
+        asked = model(**batch, output_router_logits=True)
+    assert asked.aux_loss is not None and len(asked.router_logits) == base.config.num_hidden_layers
+
+
+def test_disabled_adapter_returns_the_base_models_router_logits_and_aux_loss():
+    base, model = _qst("mixtral")
+    model.eval()
+    batch = _batch()
+    with torch.no_grad():
+        reference = base(**batch)
+        with model.disable_adapter():
+            out = model(**batch)
+        adapted = model(**batch)
+    torch.testing.assert_close(out.aux_loss, reference.aux_loss, rtol=0, atol=0)
+    torch.testing.assert_close(out.loss, reference.loss, rtol=0, atol=0)
+    for mine, theirs in zip(out.router_logits, reference.router_logits, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    # the adapted forward reports its side routers, not the backbone's
+    assert not torch.equal(adapted.router_logits[0], reference.router_logits[0])
+
+
+def test_rows_of_several_adapters_take_their_own_router_logits():
+    base, model = _qst("mixtral")
+    model.add_adapter("other", QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.eval()
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=["other", "__base__"])
+        reference = base(input_ids=ids)
+        model.set_adapter("other")
+        other = model(input_ids=ids)
+    for index, logits in enumerate(mixed.router_logits):
+        rows = logits.view(2, ids.shape[1], -1)
+        torch.testing.assert_close(rows[0], other.router_logits[index].view(2, ids.shape[1], -1)[0], rtol=0, atol=0)
+        torch.testing.assert_close(rows[1], reference.router_logits[index].view(2, ids.shape[1], -1)[1], rtol=0, atol=0)
+        assert not torch.equal(rows[0], reference.router_logits[index].view(2, ids.shape[1], -1)[0])
+
+
+def test_cached_generation_with_router_logits():
+    base, model = _qst("mixtral")
+    model.eval()
+    ids = _batch()["input_ids"][:1]
+    expected = base.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    # the untrained adapter generates as the base model does, from a cache, with router logits on in the config
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_4bit_backbone_balances_the_side_routers(tmp_path):
+    from .conftest import bnb_config
+
+    _model("mixtral", True).save_pretrained(tmp_path / "base")  # safetensors
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config())
+    assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    recorded = []
+    for gate in _side_gates(model):
+        gate.register_forward_hook(lambda m, a, out: recorded.append(out[0]))
+    model.train()
+    batch = _batch()
+    out = model(**batch)
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    expected = load_balancing_loss_func(tuple(recorded), 4, 2, batch["attention_mask"])
+    assert len(recorded) == 2
+    torch.testing.assert_close(out.aux_loss, expected, rtol=0, atol=0)
+    out.loss.backward()
+    assert all(router.grad is not None and router.grad.abs().sum() > 0 for router in _side_routers(model))
+
+
+def test_gradient_checkpointing_keeps_the_aux_loss_gradient():
+    """TRL's default checkpointing (non-reentrant) recomputes the side blocks in backward; the router logits recorded
+    in their forward keep their graph."""
+    _, model = _qst("mixtral")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    out = model(**_batch())
+    out.loss.backward()
+    assert all(router.grad is not None and router.grad.abs().sum() > 0 for router in _side_routers(model))
