@@ -944,24 +944,39 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
     def _adapted_router_logits(self, backbone_logits: tuple, side_logits: dict, row_adapters=None) -> tuple:
         """The router logits an adapted forward returns where they are asked for (``output_router_logits``, in a
-        mixture-of-experts model's config or forward): each side network's own, one tensor per side block, in place of
-        the frozen backbone's. The model's causal-LM head computes its load-balancing ``aux_loss`` from these (and adds
-        ``router_aux_loss_coef`` times it to the loss), so the side routers, which train, are balanced as the model
-        balances its routers. The backbone's, computed under no_grad, added only a constant: the side experts were
+        mixture-of-experts model's config or forward): each side network's own, one tensor per side router, in place
+        of the frozen backbone's. The model's causal-LM head computes its load-balancing ``aux_loss`` from these (and
+        adds ``router_aux_loss_coef`` times it to the loss), so the side routers, which train, are balanced as the
+        model balances its routers. The backbone's, computed under no_grad, added only a constant: the side experts were
         left unbalanced although the loss asked for balance. With ``row_adapters`` each row takes the logits of the
         network that adapts it (the backbone's for ``"__base__"`` rows).
 
         The side blocks have the backbone's number of experts and experts per token (the shrink rules divide widths
         only) and route the same tokens, so the model's load-balancing function, its attention mask included, applies
-        unchanged.
+        unchanged. It takes any number of layers (it concatenates them): a side network may have more routers than
+        the backbone records (DeepSeek-V4's hash-routed layers pick experts by token id and record none; their side
+        layers, which see no token ids, route with a learned router), each with logits of the backbone's shape. Only
+        rows of several adapters, combined layer by layer, need the backbone's count.
         """
+        if not backbone_logits and not any(side_logits.values()):
+            return backbone_logits  # no routers recorded on either side (Nemotron-H as configured: no expert layers)
+        shapes = {tuple(logits.shape) for logits in backbone_logits}
         for name, logits in side_logits.items():
-            if logits is None or len(logits) != len(backbone_logits):
+            count = None if logits is None else len(logits)
+            # (a backbone whose expert layers all route by token id records none, and its shapes are unknown)
+            fits = bool(count) and (not shapes or all(tuple(layer.shape) in shapes for layer in logits))
+            if not fits or (row_adapters is not None and count != len(backbone_logits)):
                 raise QSTUnsupportedModelError(
                     f"QST's side network {name!r} of this {self._model_type} model returned "
-                    f"{'no' if logits is None else len(logits)} router logits where the backbone returned "
-                    f"{len(backbone_logits)}, so the load-balancing loss cannot be computed over its routers. Pass "
-                    "output_router_logits=False (or set model.config.output_router_logits = False) to go without it."
+                    f"{count or 'no'} router logits where the backbone returned {len(backbone_logits)}"
+                    + ("" if fits else f" of shapes {sorted(shapes)}")
+                    + (
+                        ", so the load-balancing loss cannot be computed over its routers"
+                        if not fits
+                        else ", so the rows of several adapters (adapter_names) cannot take theirs layer by layer"
+                    )
+                    + ". Pass output_router_logits=False (or set model.config.output_router_logits = False) to go "
+                    "without it."
                 )
         if row_adapters is None:
             (logits,) = side_logits.values()

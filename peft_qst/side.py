@@ -1000,6 +1000,23 @@ def _picklable_parametrized_class(module: nn.Module) -> None:
     :func:`_rebuild_parametrized` with the same parametrizations, offsets and parameter objects (``copy.deepcopy``
     keeps torch's own ``__deepcopy__`` for such classes)."""
     type(module).__reduce_ex__ = _reduce_parametrized
+    _keep_output_recording(module)
+
+
+def _keep_output_recording(module: nn.Module) -> None:
+    """Register a parametrized transformers model (a side trunk with a constant vector of its own, ZAYA's
+    ``input_hidden_states_scale``: ``ParametrizedZayaModel``) with transformers' output recorder under its new class.
+    The recorder looks up what a model records (``_can_record_outputs``: router logits, attentions) by the model's
+    class, registered when the model was built; under the parametrized class it found nothing, so the side trunk
+    returned no router logits and a forward with ``output_router_logits`` was refused."""
+    recordable = getattr(module, "_can_record_outputs", None)
+    if recordable is None:
+        return
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers release without the registry looks the recorded outputs up otherwise
+        return
+    _CAN_RECORD_REGISTRY[module] = recordable
 
 
 def _reduce_parametrized(module: nn.Module, protocol: int):

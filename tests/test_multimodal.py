@@ -29,13 +29,13 @@ TEXT = dict(
     head_dim=16, vocab_size=256, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]  # the anyres tile grids (1x2, 2x1, 2x2 tiles of the vision tower's 28x28)
 #: adept/fuyu-8b's text keys (config.json), at tiny sizes
 FUYU_TEXT = dict(
     model_type="persimmon", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     vocab_size=256, hidden_act="relu2", qk_layernorm=True, partial_rotary_factor=0.5, max_position_embeddings=512,
     layer_norm_eps=1e-5, rope_theta=25000.0, hidden_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)  # the anyres tile grids (1x2, 2x1, 2x2 tiles of the vision tower's 28x28)
+)
 
 
 def _vision(**overrides):
