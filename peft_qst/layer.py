@@ -950,8 +950,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         model balances its routers. The backbone's, computed under no_grad, added only a constant: the side experts were
         left unbalanced although the loss asked for balance. (With the hybrid, ``backbone_lora_layers``, the routers of
         the adapted backbone blocks do carry a gradient, through the LoRA-adapted states they route; they are replaced
-        too, so their balance is not in the aux loss: a known limit, in the README.) With ``row_adapters`` each row takes the logits of the
-        network that adapts it (the backbone's for ``"__base__"`` rows).
+        too, so their balance is not in the aux loss: a known limit, in the README.) With ``row_adapters`` each row
+        takes the logits of the network that adapts it (the backbone's for ``"__base__"`` rows).
 
         The side blocks have the backbone's number of experts and experts per token (the shrink rules divide widths
         only) and route the same tokens, so the model's load-balancing function, its attention mask included, applies

@@ -68,6 +68,9 @@ _TAGS_ADDED = "_qst_tags_added"
 _AS_WRITTEN = "_qst_as_written"
 #: whether a PEFT task class wraps the model a tuner adapts (a tuner attribute; False for inject_adapter_in_model)
 _TASK_CLASS_WRAPS = "_qst_task_class_wraps"
+#: the prefix of a PeftModel's parameter names (``base_model.model.`` + the transformers model's own): saved adapter
+#: keys carry it, the names of a model that no PeftModel wraps (``inject_adapter_in_model``) do not
+PEFT_MODEL_PREFIX = "base_model.model."
 
 
 #: ``target_modules`` of an adapter on a bare decoder trunk (as ``AutoModel`` loads it, for
@@ -866,7 +869,7 @@ class QSTModel(BaseTuner):
         if reason is not None:
             raise QSTUnsupportedModelError(f"QST does not support this {model_type} model: {reason}.")
 
-        signature = model_signature(model)
+        signature = current_signature = model_signature(model)
         recorded = config.base_model_signature
         if recorded is not None and "sizes_of" in signature and "sizes_of" not in recorded:
             # recorded before QST read the decoder's sizes of this config: the encoder's, compared as such. Its side
@@ -980,7 +983,7 @@ class QSTModel(BaseTuner):
         # every check passed: record what the adapter is bound to, the head count "auto" chose and the number of
         # blocks a fraction of the depth came to, so that a saved adapter says what it holds whatever a later
         # version's "auto" or rounding would choose
-        config.base_model_signature = model_signature(model)
+        config.base_model_signature = current_signature
         config.target_modules = target_modules
         config.side_heads = resolve_side_heads(model_config, config)
         config.backbone_lora_layers = backbone_lora_layers
@@ -1314,6 +1317,11 @@ class QSTModel(BaseTuner):
         return remapped
 
 
+def _wrapped_by_peft_model(model: nn.Module) -> bool:
+    """Whether ``model``'s parameter names carry :data:`PEFT_MODEL_PREFIX` (a PeftModel, not an injected model)."""
+    return any(name.startswith(PEFT_MODEL_PREFIX) for name, _ in model.named_parameters())
+
+
 def with_peft_model_prefix(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state_dict`` with PeftModel's ``"base_model.model."`` prefix on its keys where ``model`` is a PeftModel and
     none of them has it. Weights taken with ``get_peft_model_state_dict`` from a model that ``inject_adapter_in_model``
@@ -1324,12 +1332,9 @@ def with_peft_model_prefix(model: nn.Module, state_dict: dict[str, torch.Tensor]
     those modules' keys the adapter's name (``registration``), and in
     :meth:`QSTModel._remap_adapter_state_dict_for_load` for a ``set_peft_model_state_dict`` bound before
     ``import peft_qst``."""
-    prefix = "base_model.model."
-    if (
-        state_dict and not any(key.startswith(prefix) for key in state_dict)
-        and any(name.startswith(prefix) for name, _ in model.named_parameters())
-    ):
-        return {prefix + key: value for key, value in state_dict.items()}
+    prefixed = any(key.startswith(PEFT_MODEL_PREFIX) for key in state_dict)
+    if state_dict and not prefixed and _wrapped_by_peft_model(model):
+        return {PEFT_MODEL_PREFIX + key: value for key, value in state_dict.items()}
     return state_dict
 
 
@@ -1442,8 +1447,8 @@ def saved_adapter_copies_of_embeddings(model: nn.Module, adapter_name: str, keys
     vocabulary could be saved but never loaded. It is dropped instead (LoRA's load ignores it)."""
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    prefix = "base_model.model."  # saved keys carry it; a model that no PeftModel wraps does not
-    prefixed = any(name.startswith(prefix) for name, _ in model.named_parameters())
+    prefix = PEFT_MODEL_PREFIX
+    prefixed = _wrapped_by_peft_model(model)
     copies = set()
     for name, module in _named_token_embeddings(model):
         if isinstance(module, AuxiliaryTrainingWrapper):
@@ -1460,7 +1465,7 @@ def check_token_embeddings_fit(model: nn.Module, tensors: dict) -> None:
     "You set `ignore_mismatched_sizes` to `False`", neither naming the vocabulary or the resize that fixes it."""
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    prefix = "base_model.model."
+    prefix = PEFT_MODEL_PREFIX
     for name, module in _named_token_embeddings(model):
         layer = module.original_module if isinstance(module, AuxiliaryTrainingWrapper) else module
         weight = getattr(layer, "weight", None)
@@ -1519,7 +1524,7 @@ def foreign_tensors(model: nn.Module, adapter_name: str, keys, state_keys) -> li
     name), so a tensor named for a backbone layer or its norm went silently over the frozen base model that every
     adapter and ``disable_adapter`` share; a key naming nothing was silently dropped. Side keys are left to the
     checks of the side network's own names and shapes."""
-    prefix = "base_model.model."  # saved keys carry it; a model that no PeftModel wraps does not
+    prefix = PEFT_MODEL_PREFIX
     state_keys = set(state_keys)
     prefixed = any(key.startswith(prefix) for key in state_keys)
     allowed = _saved_beside_the_adapter(model, adapter_name, state_keys)
@@ -1712,7 +1717,7 @@ def check_width_options_of_earlier_files(
     layers = layers_holding(peft_model, adapter_name)
     if not layers:
         return
-    prefix = "base_model.model."  # saved keys carry it; a model that no PeftModel wraps does not
+    prefix = PEFT_MODEL_PREFIX
     shapes = {
         f"{name}.{SIDE_ATTR}.{key}".removeprefix(prefix): tuple(value.shape)
         for name, layer in layers
