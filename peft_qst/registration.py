@@ -65,7 +65,13 @@ from .model import (
     text_config_of,
     with_peft_model_prefix,
 )
-from .serialization import QSTAdapterFileError, read_adapter_weights, user_stacklevel, weights_digest
+from .serialization import (
+    QSTAdapterFileError,
+    read_adapter_weights,
+    rename_as_peft_does,
+    user_stacklevel,
+    weights_digest,
+)
 from .side import QSTSideNetwork, QSTUnsupportedModelError, auto_side_head_candidates, resolve_side_heads
 
 #: the download arguments of transformers' loaders that ``hf_hub_download`` (and so the QST reader) takes too
@@ -396,9 +402,8 @@ def _read_qst_weights_safely() -> None:
             digests = _read_digests.get()
             if digests is not None:
                 digests.append(_digest_of(tensors, saved_config))
-            if key_mapping:
-                # PEFT's renaming, on a file now known to be safetensors, readable and as saved
-                tensors = original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+            # PEFT's renaming, on the tensors read and checked above (PEFT's own would read the file again, unchecked)
+            tensors = rename_as_peft_does(tensors, key_mapping, repr(model_id))
             check_saved_adapter_fits(loading[0], loading[1], tensors, saved_config)
             return tensors
 
@@ -442,10 +447,11 @@ def _read_qst_folders_safely_in_load_peft_weights() -> None:
     refuses that file), and a corrupt or replaced safetensors file was returned as it was. For a folder whose
     ``adapter_config.json`` names QST, the weights are read by `serialization.read_adapter_weights` instead (safetensors
     only, readable, as recorded, with the warning for NaN weights), onto the device PEFT would use; ``key_mapping``
-    then renames them as PEFT does. Folders of other methods (and folders without a config) are read by PEFT as
-    before; for a Hub repository, that lookup downloads its ``adapter_config.json`` first. The helper is replaced
-    where PEFT exports it; a name bound before ``import peft_qst`` (``from peft import load_peft_weights`` above the
-    import) keeps PEFT's own."""
+    then renames those tensors as PEFT does (:func:`serialization.rename_as_peft_does`), without a second, unchecked
+    read of the file. Folders of other methods (and folders without a config) are read by PEFT as before; for a Hub
+    repository, that lookup downloads its ``adapter_config.json`` first. The helper is replaced where PEFT exports it;
+    a name bound before ``import peft_qst`` (``from peft import load_peft_weights`` above the import) keeps PEFT's
+    own."""
     import sys
 
     import peft.utils.save_and_load as save_and_load
@@ -461,10 +467,8 @@ def _read_qst_folders_safely_in_load_peft_weights() -> None:
         tensors, _ = read_adapter_weights(
             os.fspath(model_id), infer_device() if device is None else device, dict(hf_hub_download_kwargs)
         )
-        if key_mapping:
-            # PEFT's renaming, on a file now known to be safetensors, readable and as saved
-            tensors = original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
-        return tensors
+        # PEFT's renaming, on the tensors read and checked above (PEFT's own would read the file again, unchecked)
+        return rename_as_peft_does(tensors, key_mapping, repr(model_id))
 
     replacement = functools.wraps(original)(load_peft_weights)
     replacement._peft_qst_patch = True

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Optional
 
@@ -222,3 +223,39 @@ def read_adapter_weights(model_id: str, device, hub_kwargs: dict) -> tuple[dict[
         )
     warn_if_not_finite(tensors, f"read from {weights_path}", "They were loaded as they are.")
     return tensors, saved_config
+
+
+def rename_as_peft_does(tensors: Mapping[str, torch.Tensor], key_mapping: Optional[Mapping[str, str]], where: str):
+    """The weights read from ``where`` with the names PEFT's ``load_peft_weights(..., key_mapping=...)`` gives them:
+    the PeftModel prefix (``base_model.model.``, else ``base_model.``) taken off, the first pattern of
+    ``key_mapping`` (a regex, in the mapping's order) that matches replaced as ``re.subn`` does, the prefix put back.
+    QST applies it to the tensors its reader has already read and checked: PEFT's own renaming reads the file a second
+    time, unchecked, so a file replaced after the check was returned as it was (and, with the safetensors file gone, a
+    pickle beside it was unpickled). Two weights renamed to one name are refused (PEFT kept the last one, silently
+    dropping a weight)."""
+    if not key_mapping:
+        return dict(tensors)
+    renamed: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), None)
+        if prefix is None:
+            raise QSTAdapterFileError(
+                f"key_mapping renames the weights of a saved PeftModel, whose names start with 'base_model.', but "
+                f"{key!r} in {where} does not: the file was not written by save_pretrained. Load it without "
+                "key_mapping, or save the adapter again with save_pretrained."
+            )
+        name = key[len(prefix):]
+        for pattern, replacement in key_mapping.items():
+            new_name, replaced = re.subn(pattern, replacement, name)
+            if replaced:
+                name = new_name
+                break
+        name = prefix + name
+        if name in renamed:
+            raise ValueError(
+                f"key_mapping renames both {origin[name]!r} and {key!r} of {where} to {name!r}: one of the two "
+                "weights would be lost. Make the patterns of key_mapping tell the two apart."
+            )
+        renamed[name], origin[name] = tensor, key
+    return renamed

@@ -87,6 +87,22 @@ def train_steps(model, input_ids, steps: int = 3, lr: float = 1e-2) -> list[floa
     return losses
 
 
+def saved_under_another_trunk_name(model, folder) -> None:
+    """``model`` saved as from a model whose trunk was called ``old_trunk`` (the digest recorded for those bytes): a
+    folder that loads only with a ``key_mapping``."""
+    from safetensors.torch import load_file, save_file
+
+    from peft_qst.serialization import weights_digest
+
+    model.save_pretrained(folder)
+    weights = load_file(folder / "adapter_model.safetensors")
+    renamed = {key.replace(".model.model.", ".model.old_trunk.", 1): value for key, value in weights.items()}
+    save_file(renamed, folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["adapter_weights_sha256"] = weights_digest(renamed)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
 @contextlib.contextmanager
 def parameters_frozen(model):
     """``model`` with every parameter's ``requires_grad`` off for the block, then as it was: logits to compare exactly

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_qst import QSTConfig
 
-from .conftest import logits_in_fresh_process, tiny_causal_lm, train_steps
+from .conftest import logits_in_fresh_process, saved_under_another_trunk_name, tiny_causal_lm, train_steps
 from .test_generation import PAD, PROMPTS, left_padded, trained_model
 
 IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21], [3, 9, 11, 12, 13, 40, 41, 42]])
@@ -276,10 +275,6 @@ def test_from_pretrained_loading_arguments(tmp_path, tiny_model_dir, how):
     ``adapter_name`` (active), ``torch_device="cpu"``, a ``revision`` (ignored for a local folder, as PEFT does),
     ``ephemeral_gpu_offload`` (which QST has no use for: PEFT warns that it is ignored), and a ``key_mapping`` that
     renames the weights of an adapter saved under another trunk name."""
-    from safetensors.torch import load_file, save_file
-
-    from peft_qst.serialization import weights_digest
-
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
     train_steps(model, IDS)
     with torch.no_grad():
@@ -295,12 +290,7 @@ def test_from_pretrained_loading_arguments(tmp_path, tiny_model_dir, how):
         "key_mapping": dict(key_mapping={"^old_trunk": "model"}),
     }[how]
     if how == "key_mapping":  # the weights as saved from a model whose trunk was called old_trunk
-        weights = load_file(folder / "adapter_model.safetensors")
-        renamed = {k.replace(".model.model.", ".model.old_trunk.", 1): v for k, v in weights.items()}
-        save_file(renamed, folder / "adapter_model.safetensors")
-        config = json.loads((folder / "adapter_config.json").read_text())
-        config["adapter_weights_sha256"] = weights_digest(renamed)
-        (folder / "adapter_config.json").write_text(json.dumps(config))
+        saved_under_another_trunk_name(model, folder)
     path = str(tmp_path) if how == "subfolder" else str(folder)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     if how == "ephemeral_gpu_offload":

@@ -16,7 +16,14 @@ from transformers import AutoModelForCausalLM
 
 from peft_qst import QSTAdapterFileError, QSTConfig
 
-from .conftest import load_smollm2_4bit, logits_in_fresh_process, run_python, tiny_causal_lm, train_steps
+from .conftest import (
+    load_smollm2_4bit,
+    logits_in_fresh_process,
+    run_python,
+    saved_under_another_trunk_name,
+    tiny_causal_lm,
+    train_steps,
+)
 
 IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21], [1, 2, 3, 4, 5, 6, 7, 8]])
 
@@ -365,6 +372,84 @@ def test_peft_load_peft_weights_reads_a_qst_folder_as_qst_loaders_do(tmp_path, t
     torch.save(get_peft_model_state_dict(lora), tmp_path / "lora" / "adapter_model.bin")
     read = load_peft_weights(str(tmp_path / "lora"))
     assert read.keys() == get_peft_model_state_dict(lora).keys()
+
+
+#: PEFT's semantics: the prefix off, the first pattern that matches (regex, groups) applied, the prefix back; the
+#: last pattern matches every key too, and must never apply
+KEY_MAPPING = {r"^old_trunk\.qst_side\.trunk\.layers\.(\d+)\.": r"model.qst_side.trunk.layers.\1.",
+               r"^old_trunk\.": "model.", "qst_side": "never_applied"}
+
+
+@pytest.mark.parametrize("how", ["load_peft_weights", "from_pretrained", "load_adapter"])
+def test_key_mapping_renames_the_weights_qst_read_and_checked(tmp_path, tiny_model_dir, trained, monkeypatch, how):
+    """``load_peft_weights(folder, key_mapping=...)`` (which ``PeftModel.from_pretrained`` and ``load_adapter`` with a
+    ``key_mapping`` call) read a QST folder with QST's reader, then read the file a second time with PEFT's own code
+    for the renaming, unchecked: a file replaced after QST's check was returned, and loaded into the model, as it was.
+    The renaming is now applied to the tensors QST read and checked, as PEFT applies it; a ``key_mapping`` on a
+    corrupt file is refused by QST's reader."""
+    import safetensors.torch
+    from peft import get_peft_model_state_dict
+    from peft.utils import load_peft_weights, save_and_load
+
+    folder = tmp_path / "adapter"
+    saved_under_another_trunk_name(trained, folder)
+    # PEFT's own load_peft_weights (the function peft_qst wraps), on the file as saved
+    expected = save_and_load.load_peft_weights.__wrapped__(str(folder), device="cpu", key_mapping=KEY_MAPPING)
+    state = get_peft_model_state_dict(trained)
+    assert expected.keys() == state.keys() and all(torch.equal(expected[k], state[k]) for k in state)
+    with torch.no_grad():
+        trained_logits = trained.eval()(input_ids=IDS).logits
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+
+    real_load_file = safetensors.torch.load_file
+    weights_path = str(folder / "adapter_model.safetensors")
+    reads = []
+
+    def replaced_after_the_first_read(filename, *args, **kwargs):
+        # the file is replaced (other values, same names and shapes) right after it was read: a second read gets
+        # weights that do not match the digest QST checked
+        tensors = real_load_file(filename, *args, **kwargs)
+        if os.path.abspath(filename) == weights_path:
+            reads.append(filename)
+            if len(reads) == 1:
+                save_file({key: -value for key, value in tensors.items()}, weights_path)
+        return tensors
+
+    monkeypatch.setattr(safetensors.torch, "load_file", replaced_after_the_first_read)
+    if how == "load_peft_weights":
+        weights = load_peft_weights(str(folder), key_mapping=KEY_MAPPING)
+        assert weights.keys() == expected.keys()
+        assert all(torch.equal(weights[key], expected[key]) for key in expected)
+
+        def load():
+            return load_peft_weights(str(folder), key_mapping=KEY_MAPPING)
+    else:
+        if how == "from_pretrained":
+            model = PeftModel.from_pretrained(base, str(folder), key_mapping=KEY_MAPPING)
+        else:
+            model = fresh
+            model.load_adapter(str(folder), adapter_name="other", key_mapping=KEY_MAPPING)
+            model.set_adapter("other")
+        with torch.no_grad():
+            assert torch.equal(model.eval()(input_ids=IDS).logits, trained_logits)
+
+        def load():
+            return fresh.load_adapter(str(folder), adapter_name="again", key_mapping=KEY_MAPPING)
+    assert len(reads) == 1
+    # the file on disk is now the replaced one: refused by QST's reader, key_mapping or not
+    with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
+        load()
+
+
+def test_key_mapping_that_renames_two_weights_to_one_is_refused(tmp_path, trained):
+    """PEFT's renaming keeps the last of two weights renamed to the same name, silently dropping the other; for a QST
+    folder that is refused, naming both."""
+    from peft.utils import load_peft_weights
+
+    saved_under_another_trunk_name(trained, tmp_path)
+    with pytest.raises(ValueError, match="one of the two weights would be lost"):
+        load_peft_weights(str(tmp_path), key_mapping={r"^old_trunk\.qst_side\.trunk\.layers\.\d+\.": "model.merged."})
 
 
 def test_save_with_safe_serialization_false_writes_safetensors(tmp_path, tiny_model_dir, trained):
