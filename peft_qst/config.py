@@ -211,7 +211,9 @@ class QSTConfig(PeftConfig):
             seeds, 2.1 below on their mean) and 7-9 above at equal wall-clock (three seeds); ``k`` = 24 scored 0.9
             points below on the same four seeds' mean and 3-9 above at equal wall-clock (four seeds), where the
             paper's QST (``k`` = 0) stays far below on tasks that copy or compute content from the prompt. Gradient
-            checkpointing reaches these blocks too; without it they keep their activations for backward.
+            checkpointing reaches these blocks too; without it they keep their activations for backward. With
+            ``output_router_logits`` (mixture-of-experts models) the routers of these blocks, which route LoRA-adapted
+            states and carry a gradient, are balanced in ``aux_loss`` together with the side routers.
         backbone_lora_r (`int`): Rank of those adapters.
         backbone_lora_alpha (`float`): Their scaling numerator (the delta is scaled by alpha / rank, as in LoRA).
         side_dtype (`str`, *optional*): dtype of the side network: ``"float32"``, ``"bfloat16"`` or ``"float16"``.

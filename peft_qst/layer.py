@@ -302,6 +302,20 @@ def _early_exit_drafting() -> bool:
     return False
 
 
+def _router_logits_recorded() -> Optional[int]:
+    """How many router logits the running transformers forward has recorded so far (its output recorder, which
+    collects ``output_router_logits`` from hooks on the router modules, in call order), or None where none are being
+    recorded."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers without the output recorder
+        return None
+    collected = _active_collector.get()
+    if not isinstance(collected, dict) or not isinstance(collected.get("router_logits"), list):
+        return None
+    return len(collected["router_logits"])
+
+
 class QSTLayer(nn.Module, BaseTunerLayer):
     """Wraps a decoder trunk; holds one :class:`~peft_qst.side.QSTSideNetwork` per adapter in ``qst_side``."""
 
@@ -312,7 +326,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.qst_side = nn.ModuleDict()
-        hold_call_state(self, ("captured", "lora_routing", "grad_from"))
+        hold_call_state(self, ("captured", "lora_routing", "grad_from", "routers_below"))
         self._disable_adapters = False
         self.merged_adapters = []
         # PEFT's disable_input_dtype_casting toggles this on every tuner layer (LoRA layers define it); QST casts the
@@ -595,10 +609,18 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
     def _enable_grad_from(self, index: int, module, args) -> None:
         """Forward pre-hook of a top block: inside the backbone's no_grad, from block ``grad_from`` up, autograd
-        records (into the adapters); the no_grad context restores the previous mode when the backbone returns."""
-        start = call_state(self).get("grad_from")
+        records (into the adapters); the no_grad context restores the previous mode when the backbone returns. Also
+        notes how many router logits the backbone has recorded before this block (``routers_below``): those of the
+        blocks a hybrid adapts, from its first one up, join the side routers' in the aux loss."""
+        state = call_state(self)
+        start = state.get("grad_from")
         if start is not None and index >= start:
             torch.set_grad_enabled(True)
+        routers_below = state.get("routers_below")
+        if routers_below is not None:  # (an adapted forward's first run of its blocks, not a checkpoint's recompute)
+            recorded = _router_logits_recorded()
+            if recorded is not None:
+                routers_below[index] = recorded
 
     def _checkpoint_adapted_blocks(self, grad_from: Optional[int]) -> Callable[[], None]:
         """Prepare the gradient checkpointing of the backbone blocks that train adapters in this forward (from block
@@ -823,6 +845,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         state["lora_routing"] = [(name, rows) for name, rows, _ in lora_routing]
         grad_from = min(first for _, _, first in lora_routing) if lora_routing and torch.is_grad_enabled() else None
         state["grad_from"] = grad_from
+        # how many router logits the backbone has recorded when each adapted block starts: the logits of the blocks a
+        # hybrid adapts are those recorded from its first block on (see _adapted_router_logits)
+        routers_below = state["routers_below"] = {}
         restore_checkpointing = self._checkpoint_adapted_blocks(grad_from)
         captured = state["captured"] = []
         try:
@@ -835,7 +860,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                     **kwargs, **{self._cache_kwarg: backbone_cache}, output_hidden_states=False, return_dict=True
                 )
         finally:
-            state["captured"] = state["lora_routing"] = state["grad_from"] = None
+            state["captured"] = state["lora_routing"] = state["grad_from"] = state["routers_below"] = None
             restore_checkpointing()
         backbone_last = out.last_hidden_state
         if len(captured) != self.__dict__["_num_blocks"] + 1:
@@ -916,7 +941,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         fields = dict(out.items())
         fields["last_hidden_state"] = mixed
         if fields.get("router_logits") is not None:
-            fields["router_logits"] = self._adapted_router_logits(out.router_logits, side_router_logits, row_adapters)
+            adapted_from = {name: routers_below.get(first) for name, _, first in lora_routing}
+            fields["router_logits"] = self._adapted_router_logits(
+                out.router_logits, side_router_logits, row_adapters, adapted_from
+            )
         # the last hidden state is the adapted one; the backbone's are dropped unless asked for
         fields["hidden_states"] = tuple(hidden_states[:-1]) + (mixed,) if want_hidden else None
         if selected is not None:
@@ -942,23 +970,32 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             return out.to_tuple()
         return out
 
-    def _adapted_router_logits(self, backbone_logits: tuple, side_logits: dict, row_adapters=None) -> tuple:
+    def _adapted_router_logits(
+        self, backbone_logits: tuple, side_logits: dict, row_adapters=None, adapted_from: Optional[dict] = None
+    ) -> tuple:
         """The router logits an adapted forward returns where they are asked for (``output_router_logits``, in a
         mixture-of-experts model's config or forward): each side network's own, one tensor per side router, in place
         of the frozen backbone's. The model's causal-LM head computes its load-balancing ``aux_loss`` from these (and
         adds ``router_aux_loss_coef`` times it to the loss), so the side routers, which train, are balanced as the
         model balances its routers. The backbone's, computed under no_grad, added only a constant: the side experts were
-        left unbalanced although the loss asked for balance. (With the hybrid, ``backbone_lora_layers``, the routers of
-        the adapted backbone blocks do carry a gradient, through the LoRA-adapted states they route; they are replaced
-        too, so their balance is not in the aux loss: a known limit, in the README.) With ``row_adapters`` each row
-        takes the logits of the network that adapts it (the backbone's for ``"__base__"`` rows).
+        left unbalanced although the loss asked for balance. With ``row_adapters`` each row takes the logits of the
+        network that adapts it (the backbone's for ``"__base__"`` rows).
+
+        A hybrid adapter (``backbone_lora_layers``) adds the logits of the backbone routers in the blocks it adapts,
+        after its side routers: those routers route LoRA-adapted states and their logits carry a gradient (into the
+        LoRA below them), so their experts' use is balanced too; before, they were replaced with the rest and their
+        use could drift as the LoRA trained. The frozen blocks below stay out: their routers see the base model's
+        states and carry no gradient. ``adapted_from`` maps each hybrid of the forward to the index of its first
+        adapted block's first router logit in ``backbone_logits`` (recorded in call order, block by block; None where
+        the backbone records them some other way, refused).
 
         The side blocks have the backbone's number of experts and experts per token (the shrink rules divide widths
         only) and route the same tokens, so the model's load-balancing function, its attention mask included, applies
-        unchanged. It takes any number of layers (it concatenates them): a side network may have more routers than
-        the backbone records (DeepSeek-V4's hash-routed layers pick experts by token id and record none; their side
-        layers, which see no token ids, route with a learned router), each with logits of the backbone's shape. Only
-        rows of several adapters, combined layer by layer, need the backbone's count.
+        unchanged. It takes any number of layers (it concatenates them, each with the batch's mask): a side network
+        may have more routers than the backbone records (DeepSeek-V4's hash-routed layers pick experts by token id and
+        record none; their side layers, which see no token ids, route with a learned router), each with logits of the
+        backbone's shape. Only rows of several adapters, combined layer by layer, need the backbone's count, and the
+        same number of adapted backbone routers in every row.
         """
         if not backbone_logits and not any(side_logits.values()):
             return backbone_logits  # no routers recorded on either side (Nemotron-H as configured: no expert layers)
@@ -980,9 +1017,21 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                     + ". Pass output_router_logits=False (or set model.config.output_router_logits = False) to go "
                     "without it."
                 )
+        adapted = self._adapted_backbone_router_logits(backbone_logits, side_logits, adapted_from or {})
         if row_adapters is None:
-            (logits,) = side_logits.values()
-            return tuple(logits)
+            ((name, logits),) = side_logits.items()
+            return tuple(logits) + adapted.get(name, ())
+        counts = {name: len(adapted.get(name, ())) for name in dict.fromkeys(row_adapters)}
+        if len(set(counts.values())) > 1:
+            raise QSTUnsupportedModelError(
+                f"QST cannot compute one load-balancing loss over the rows of this adapter_names batch of a "
+                f"{self._model_type} model: with output_router_logits, the rows of a hybrid adapter "
+                "(backbone_lora_layers) are balanced over its side routers and the backbone routers of the blocks it "
+                "adapts, and the rows here take different numbers of those backbone routers ("
+                + ", ".join(f"{name!r}: {count}" for name, count in counts.items())
+                + "), which one aux_loss over the batch's layers cannot hold. Pass output_router_logits=False (or set "
+                "model.config.output_router_logits = False), or batch the rows of each adapter apart."
+            )
         batch = len(row_adapters)
         layers = []
         for index, combined in enumerate(backbone_logits):
@@ -992,7 +1041,38 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 side = logits[index].to(combined.device).reshape(batch, -1, shape[-1])
                 combined = torch.where(rows, side, combined.reshape(batch, -1, shape[-1])).reshape(shape)
             layers.append(combined)
-        return tuple(layers)
+        # every row is of a hybrid adapting the same blocks here (or none is): those blocks ran each row with its own
+        # adapter's LoRA, so their logits are each row's own
+        return tuple(layers) + next(iter(adapted.values()), ())
+
+    def _adapted_backbone_router_logits(self, backbone_logits: tuple, side_logits: dict, adapted_from: dict) -> dict:
+        """For each hybrid adapter among ``side_logits``, the backbone's router logits of the blocks it adapts (see
+        :meth:`_adapted_router_logits`); refused where they cannot be told apart, or where they and the side routers
+        have different numbers of experts, which one call of the model's load-balancing function cannot take."""
+        adapted = {}
+        for name, logits in side_logits.items():
+            if name not in adapted_from:
+                continue  # not a hybrid: its backbone blocks are all frozen
+            start = adapted_from[name]
+            if start is None or start > len(backbone_logits):  # (recorded by another model than the trunk's)
+                raise QSTUnsupportedModelError(
+                    f"QST cannot tell which router logits of this {self._model_type} model come from the backbone "
+                    f"blocks that the hybrid adapter {name!r} (backbone_lora_layers) adapts: the model does not record "
+                    "them with transformers' output recorder while its blocks run. Their routers carry a gradient and "
+                    "belong in the load-balancing loss. Pass output_router_logits=False (or set "
+                    "model.config.output_router_logits = False) to go without it."
+                )
+            adapted[name] = tuple(backbone_logits[start:])
+            experts = {layer.shape[-1] for layer in tuple(logits) + adapted[name]}
+            if len(experts) > 1:
+                raise QSTUnsupportedModelError(
+                    f"QST cannot balance the side routers of the hybrid adapter {name!r} of this {self._model_type} "
+                    f"model together with the backbone routers of the blocks it adapts: their logits are over "
+                    f"{sorted(experts)} experts, and the model's load-balancing function takes one number of experts. "
+                    "Pass output_router_logits=False (or set model.config.output_router_logits = False) to go "
+                    "without it."
+                )
+        return adapted
 
     def _routing(self, adapter_names: list[str], row_adapters=None):
         """The :class:`~peft_qst.cache.BackboneRouting` rows of a forward of ``adapter_names`` (one per row with
