@@ -227,7 +227,9 @@ class QSTConfig(PeftConfig):
         modules_to_save (`list[str]`, *optional*): Modules outside the decoder trunk to train and save besides the
             side network, e.g. an LM head (``["lm_head"]``) or a classification head (set automatically for
             ``task_type`` ``"SEQ_CLS"``, ``"TOKEN_CLS"`` and ``"QUESTION_ANS"``). Modules inside the trunk
-            (embeddings, norms) are refused: the trunk runs frozen under ``torch.no_grad()``.
+            (embeddings, norms) are refused: the trunk runs frozen under ``torch.no_grad()``. Each entry matches
+            the modules whose names end with it (as PEFT matches them); one that matches no module (a typo) is
+            refused by `get_peft_model`, naming close module names: PEFT would skip it, training nothing for it.
         trainable_token_indices (`list[int]` or `dict`, *optional*): LoRA's option for training the embeddings of
             some tokens, which TRL sets when its chat-template cloning adds tokens. Ignored with a warning: the token
             embeddings lie inside the decoder trunk, which runs frozen; added tokens keep their initial embeddings.

@@ -9,6 +9,7 @@ is loaded onto: the recorded base-model signature, the exact set of weight names
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import inspect
 import re
@@ -385,6 +386,104 @@ def _names_an_entry(name: str, entries) -> bool:
     matches each entry as a plain suffix of the name, not as whole name segments: ``"layernorm"`` wraps every
     ``input_layernorm``, which a check of whole segments let through into the frozen trunk."""
     return any(name.endswith(entry) for entry in entries)
+
+
+#: the modules inside PEFT's wrapper of a module saved whole (``ModulesToSaveWrapper``), and QST's side networks: not
+#: modules of the model to suggest for a ``modules_to_save`` entry
+_NOT_SUGGESTED = ("original_module", "modules_to_save", SIDE_ATTR)
+
+
+def _unmatched_entries(model: nn.Module, entries) -> list[str]:
+    """The ``modules_to_save`` entries that name no module of ``model`` as PEFT matches them: ``_set_trainable``
+    wraps every module whose name ends with an entry (:func:`_names_an_entry`), over
+    ``named_modules(remove_duplicate=False)``, so that a module registered under two names counts under both, and
+    skips an entry that matches none without a word (for LoRA too)."""
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    return [entry for entry in dict.fromkeys(entries) if not any(_names_an_entry(name, (entry,)) for name in names)]
+
+
+def _suggested_module_names(model: nn.Module, entries, trunk_name: Optional[str]) -> str:
+    """What to say instead of ``modules_to_save`` entries that match nothing: for each, a few names of the modules of
+    ``model`` outside the decoder trunk (whole names and their last parts) close to it; where none is close, those
+    modules (the ones that can be trained: one inside the trunk is refused, and suggesting one misleads)."""
+    modules = {}
+    for name, _ in model.named_modules(remove_duplicate=False):
+        if (
+            not name
+            or any(part in _NOT_SUGGESTED for part in name.split("."))
+            or trunk_name is not None
+            and (trunk_name == "" or name == trunk_name or name.startswith(trunk_name + ".")
+                 or trunk_name.startswith(name + "."))  # inside the trunk, or holding it
+        ):
+            continue
+        modules[name] = None
+    names = list(dict.fromkeys([*modules, *(name.rpartition(".")[2] for name in modules)]))
+    close = {entry: difflib.get_close_matches(entry, names, n=3) for entry in entries}
+    if any(close.values()):
+        return "close module names of this model: " + "; ".join(
+            f"{entry!r}: {found}" for entry, found in close.items() if found
+        )
+    heads = sorted(name for name in modules if name.rpartition(".")[0] not in modules)  # the outermost
+    if not heads:
+        return "no module of this model lies outside the decoder trunk"
+    return f"the modules of this model outside the decoder trunk: {heads[:8]}"
+
+
+def _check_modules_to_save_match(model: nn.Module, trunk: nn.Module, config: QSTConfig, added_tokens: bool) -> None:
+    """Every ``modules_to_save`` entry of a new adapter names a module of the model. PEFT skips one that matches
+    nothing without a word (LoRA too): a typo (``"lm_haed"``, ``"scroe"``) trained and saved nothing for that module,
+    which showed only after training. Not checked are the heads PEFT's task classes add to every adapter's list
+    (:data:`_TASK_HEADS`: ``"classifier"`` and ``"score"`` for ``SEQ_CLS``, of which a model has one), and the
+    ``"lm_head"`` TRL adds beside ``trainable_token_indices`` when its chat-template cloning added tokens (a
+    classifier has none). A loaded adapter's entries are checked against its weights instead
+    (:func:`check_saved_modules_to_save_present`)."""
+    task_type = getattr(config.task_type, "value", config.task_type)
+    exempt = set(_TASK_HEADS.get(task_type, ())) | ({"lm_head"} if added_tokens else set())
+    unmatched = [entry for entry in _unmatched_entries(model, _modules_to_save_entries(config)) if entry not in exempt]
+    if not unmatched:
+        return
+    trunk_name = next((name for name, module in model.named_modules() if module is trunk), None)
+    raise ValueError(
+        f"QSTConfig.modules_to_save={_modules_to_save_entries(config)!r}: {unmatched} match no module of "
+        f"{type(model).__name__} (PEFT matches each entry as the end of a module name), so nothing would be trained "
+        f"or saved for them ({_suggested_module_names(model, unmatched, trunk_name)}). Correct these entries or "
+        "remove them."
+    )
+
+
+def check_saved_modules_to_save_present(model: nn.Module, adapter_name: str, entries, keys) -> None:
+    """Before an adapter's weights are loaded: each entry of its ``modules_to_save`` (``entries``: as saved where the
+    file's config is known) whose weights the file holds (``keys``) names a module of ``model``. PEFT skips an entry
+    that matches nothing without a word, so a head the adapter trained that this model lacks (an adapter saved from
+    another model class, or with another head name) was reported as weights missing for the model's own head, or as
+    tensors "written by something other than save_pretrained", neither naming the cause. An entry that matches
+    nothing and has no weights in the file trained nothing (an adapter saved before
+    :func:`_check_modules_to_save_match`, TRL's ``"lm_head"`` on a classifier) and loads as it was saved."""
+    entries = [entries] if isinstance(entries, str) else entries if isinstance(entries, (list, tuple, set)) else ()
+    entries = [entry for entry in entries if isinstance(entry, str) and entry]  # a bad file's: refused elsewhere
+    unmatched = _unmatched_entries(model, entries)
+    if not unmatched:
+        return
+    modules = set()
+    for key in keys:
+        key = key.removeprefix(PEFT_MODEL_PREFIX)
+        if f".{SIDE_ATTR}." in f".{key}":
+            continue
+        parts = key.split(".")[:-1]
+        modules.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
+    saved = {entry: sorted(name for name in modules if _names_an_entry(name, (entry,))) for entry in unmatched}
+    saved = {entry: names for entry, names in saved.items() if names}
+    if not saved:
+        return
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    trunk = next((module for module in base.modules() if isinstance(module, QSTLayer)), None)
+    trunk_name = next((name for name, module in base.named_modules() if module is trunk), None)
+    raise QSTAdapterFileError(
+        f"QST adapter {adapter_name!r} was saved with modules_to_save entries {sorted(saved)} and their trained "
+        f"weights (modules {sorted(name for names in saved.values() for name in names)[:3]}), but they match no "
+        f"module of {type(base).__name__} ({_suggested_module_names(base, sorted(saved), trunk_name)}). Load the "
+        "adapter onto the model class (and head) it was trained with; nothing was loaded."
+    )
 
 
 class _RowRouting:
@@ -812,6 +911,7 @@ class QSTModel(BaseTuner):
                 "Give get_peft_model (or PeftModel.from_pretrained) the model itself and compile the result: "
                 "torch.compile(get_peft_model(model, config)), or TrainingArguments(torch_compile=True)."
             )
+        added_tokens = bool(config.trainable_token_indices)  # TRL adds "lm_head" to modules_to_save beside it
         if config.trainable_token_indices:
             # TRL sets it when its chat-template cloning added tokens (SFTTrainer/RewardTrainer chat_template_path)
             warnings.warn(
@@ -934,6 +1034,8 @@ class QSTModel(BaseTuner):
             )
         if composite:
             _check_composite_trunk(model_type, base_trunk, text_config)
+        if recorded is None:  # a new adapter; a loaded one is checked against its weights
+            _check_modules_to_save_match(model, trunk, config, added_tokens)
         if not is_bare_trunk(model) and self.__dict__.get(_TASK_CLASS_WRAPS, True):
             _check_task_head(model, config)
         _check_modules_to_save_outside(model, trunk, config)
@@ -1671,6 +1773,9 @@ def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: 
     ``side_heads`` existed means the model's head count."""
     from peft.utils.other import AuxiliaryTrainingWrapper
 
+    config = peft_model.peft_config[adapter_name]
+    entries = saved_config.get("modules_to_save", config.modules_to_save) if saved_config else config.modules_to_save
+    check_saved_modules_to_save_present(peft_model, adapter_name, entries, tensors)
     check_saved_config_matches(peft_model.peft_config[adapter_name], adapter_name, saved_config)
     check_width_options_of_earlier_files(peft_model, adapter_name, saved_config, tensors)
     check_token_embeddings_fit(peft_model, tensors)

@@ -53,6 +53,7 @@ from .model import (
     QSTModel,
     check_saved_adapter_fits,
     check_saved_config_matches,
+    check_saved_modules_to_save_present,
     check_token_embeddings_fit,
     check_width_options_of_earlier_files,
     foreign_tensors,
@@ -743,6 +744,9 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     # the widths the file's side blocks have, with a config given here that narrows them (only now,
                     # with the side network built, do its shapes tell): refused naming the option, as PEFT's loaders
                     # are, not as the shape mismatch transformers reports
+                    check_saved_modules_to_save_present(
+                        model, name, saved_config.get("modules_to_save", peft_config.modules_to_save), state_dict
+                    )
                     check_width_options_of_earlier_files(model, name, saved_config, state_dict)
                     check_token_embeddings_fit(model, state_dict)
                     copies = set(saved_adapter_copies_of_embeddings(model, name, state_dict))
