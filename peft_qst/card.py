@@ -139,10 +139,12 @@ def usage_section(
     adapter_names: list[str] | None = None,
     quantization: dict | None = None,
     dtype: str | None = None,
+    resized_vocab_size: int | None = None,
 ) -> str:
     """The card's loading section for the adapters ``adapter_names`` (by default the one saved in the card's own
     folder, ``"default"``), all made on the same base model, which the section loads as the first one's facts say,
-    quantized as the model saving them was (:func:`base_loading`)."""
+    quantized as the model saving them was (:func:`base_loading`), its token embeddings resized to
+    ``resized_vocab_size`` where the adapter was trained on a resized vocabulary (:func:`_resized_vocab_size`)."""
     from .model import SUPPORTED_COMPOSITE_TYPES
 
     adapter_names = list(adapter_names or ["default"])
@@ -163,6 +165,10 @@ def usage_section(
         keywords.append(f"num_labels={num_labels if num_labels is not None else '<number of labels>'}")
     imports = ", BitsAndBytesConfig" if "BitsAndBytesConfig(" in quantization_lines else ""
     building = quantization_lines + _call(f"base = {auto_class}.from_pretrained(", [_literal(base)] + keywords)
+    if resized_vocab_size is not None:
+        building += (f"\n# the adapter was trained with tokens added to the vocabulary: resize as then (the added "
+                     f"tokens'\n# embeddings are saved with the adapter and load with it)\n"
+                     f"base.resize_token_embeddings({resized_vocab_size})")
     uses_torch = "torch." in building
     return f"""{MARKER}
 ## How to load this QST adapter
@@ -227,6 +233,9 @@ def _saved_adapter_facts(folder: str) -> dict:
         "auto_model": _made_on_auto_model(config),
     }
     weights_path = os.path.join(folder, SAFETENSORS_NAME)
+    resized = _resized_vocab_size(config, weights_path)
+    if resized is not None:
+        facts["resized_vocab_size"] = resized
     heads = config.get("modules_to_save") or []
     heads = [head for head in heads if isinstance(head, str)] if isinstance(heads, list) else []
     if facts["task_type"] not in LABELLED_TASKS or not heads or not os.path.isfile(weights_path):
@@ -243,6 +252,34 @@ def _saved_adapter_facts(folder: str) -> dict:
     except Exception:  # noqa: BLE001 - safetensors' SafetensorError (and OSError): a truncated or garbled file
         pass
     return facts
+
+
+def _resized_vocab_size(config: dict, weights_path: str) -> int | None:
+    """The vocabulary size the base model was resized to when the adapter of this ``adapter_config.json`` and weights
+    file was trained, None where it was not resized (or the files do not tell). PEFT saves the token embeddings beside
+    an adapter only when the vocabulary differs from the base model's (``save_embedding_layers``, which it sets
+    itself): a QST adapter's weights hold a tensor of the trunk (``...base_layer...``) only then, one row per token
+    (of the size ``base_model_signature`` records, where it records one). Loading refuses the base model as its
+    checkpoint builds it (another vocabulary size), so the card's code resizes it first; without that line, QLoRA
+    recipes that add chat tokens (PEFT's ``examples/sft``: ``resize_token_embeddings(len(tokenizer),
+    pad_to_multiple_of=8)``) got a card whose code failed."""
+    signature = config.get("base_model_signature")
+    recorded = signature.get("vocab_size") if isinstance(signature, dict) else None  # None: saved before it was
+    if not os.path.isfile(weights_path):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights_path, framework="pt") as handle:
+            for key in handle.keys():
+                if ".qst_side." in key or "lora_" in key or ".base_layer." not in key or not key.endswith("weight"):
+                    continue
+                shape = handle.get_slice(key).get_shape()
+                if len(shape) == 2 and (recorded is None or shape[0] == recorded):
+                    return int(shape[0])
+    except Exception:  # noqa: BLE001 - safetensors' SafetensorError (and OSError): a truncated or garbled file
+        pass
+    return None
 
 
 def adapter_folder(folder: str, adapter_name: str) -> str:

@@ -991,7 +991,14 @@ class QSTModel(BaseTuner):
                 + (f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else "")
                 + (
                     f", with its token embeddings resized to {differences['vocab_size'][0]} "
-                    "(model.resize_token_embeddings) as they were when the adapter was saved."
+                    "(model.resize_token_embeddings) as they were when the adapter was saved. "
+                    # PEFT's AutoPeftModel* resizes to len(tokenizer) saved with the adapter by itself: a resize with
+                    # pad_to_multiple_of (PEFT's examples/sft, TRL's clone_chat_template) made another size, and the
+                    # refusal named a resize the user never called
+                    "AutoPeftModel*.from_pretrained resizes the base model to the length of the tokenizer saved "
+                    "with the adapter, which is not that size where the training script resized with "
+                    "pad_to_multiple_of: load the base model, resize it, then call PeftModel.from_pretrained "
+                    "(the adapter's model card shows how)."
                     if set(differences) == {"vocab_size"}
                     else "."
                 )

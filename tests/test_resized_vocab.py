@@ -144,3 +144,46 @@ def test_an_adapter_trained_on_another_resize_is_not_loaded_over_the_embeddings_
     model.load_adapter(str(tmp_path / "first"), adapter_name="again")  # the same rows: loads
     model.set_adapter("again")
     assert torch.equal(outputs(model)[0], expected)
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["frozen-head", "trained-head"])
+def test_the_card_of_an_adapter_on_a_resized_vocabulary_resizes_the_base_model(tmp_path, base_dir, head):
+    """The card's loading code built the base model as its checkpoint is (128 tokens) and loaded the adapter onto it,
+    which refuses it ("they differ in vocab_size 136 against 128"): a QLoRA recipe that adds chat tokens and resizes
+    the embeddings (PEFT's examples/sft, TRL's clone_chat_template) got a card whose code failed. The card now
+    resizes the base model as it was when the adapter was trained, and its code gives the trained outputs exactly;
+    an adapter on a vocabulary left as it was (its trained LM head saved with it, one row per token too) gets no
+    resize."""
+    from .test_adapter_names_and_cards import loading_code, run_card
+
+    model = trained(base_dir, modules_to_save=["lm_head"] if head else None)
+    expected = outputs(model)
+    model.save_pretrained(tmp_path / "adapter")
+    card = tmp_path / "adapter" / "README.md"
+    assert f"base.resize_token_embeddings({VOCAB})" in loading_code(card)
+    for reloaded, wanted in zip(outputs(run_card(card)), expected):
+        assert torch.equal(reloaded, wanted)
+
+    plain = get_peft_model(resized_4bit(base_dir, None), QSTConfig(task_type="CAUSAL_LM", r=4,
+                                                                    modules_to_save=["lm_head"] if head else None))
+    plain.save_pretrained(tmp_path / "plain")
+    assert "resize_token_embeddings" not in loading_code(tmp_path / "plain" / "README.md")
+
+
+def test_auto_peft_model_resizing_to_the_tokenizer_is_named_in_the_refusal(tmp_path, base_dir):
+    """PEFT's examples/sft adds chat tokens and resizes with ``pad_to_multiple_of=8``; ``trainer.save_model()``
+    saves the tokenizer beside the adapter, and ``AutoPeftModelForCausalLM.from_pretrained(folder)`` resizes the
+    base model to ``len(tokenizer)`` by itself: another size than the padded one. The refusal named a
+    ``resize_token_embeddings`` the user never called; it now names AutoPeftModel's resize and the way that loads."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    trained(base_dir).save_pretrained(tmp_path / "adapter")  # embeddings padded to VOCAB = 136 rows
+    vocab = {f"t{i}": i for i in range(VOCAB - 3)}  # the tokenizer: 133 tokens, padded to 136 by the script
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0"))).save_pretrained(
+        tmp_path / "adapter"
+    )
+    with pytest.raises(ValueError, match=rf"vocab_size {VOCAB} against {VOCAB - 3}.*AutoPeftModel\*.from_pretrained "
+                                         r"resizes the base model to the length of the tokenizer.*PeftModel.from_"):
+        AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), quantization_config=bnb_config())

@@ -278,6 +278,70 @@ def test_dpo(tmp_path, tokenizer, tiny_lm_dir, quantized):
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
+def test_dpo_continues_a_saved_adapter_against_a_frozen_copy_of_it(tmp_path, tokenizer, tiny_lm_dir, quantized):
+    """QLoRA recipes that run DPO after SFT (Hands-On Large Language Models, ch. 12) merge the SFT adapter first and
+    DPO-train a new LoRA on the merged model; a QST adapter cannot be merged, so its form of that recipe loads the SFT
+    adapter trainable and passes that model to DPOTrainer without a peft_config. TRL then adds a ``"ref"`` adapter
+    with the loaded one's config and copies its weights in place (``param.data.copy_``): the reference is the SFT
+    adapter, frozen, not the base model. Checked: both adapters start equal, every reference log-probability equals a
+    separately loaded copy of the SFT adapter's, the first loss is log 2, only ``"default"`` trains and ``"ref"``
+    ends bit for bit as it started."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from .conftest import train_steps
+
+    def base_model():
+        if quantized:
+            return AutoModelForCausalLM.from_pretrained(tiny_lm_dir, quantization_config=bnb_config())
+        return tiny_lm(tokenizer)
+
+    sft = get_peft_model(base_model(), qst_config())
+    train_steps(sft, sample_inputs(tokenizer)["input_ids"], steps=3)
+    sft.save_pretrained(tmp_path / "sft")
+
+    model = PeftModel.from_pretrained(base_model(), tmp_path / "sft", is_trainable=True)
+    trainer = DPOTrainer(model=model, args=trainer_args(DPOConfig, tmp_path, max_length=32, bf16=quantized),
+                         train_dataset=Dataset.from_dict(preference_rows()), processing_class=tokenizer)
+    model = trainer.model
+    assert sorted(model.peft_config) == ["default", "ref"] and model.active_adapter == "default"
+    side = {name: p.detach().clone() for name, p in model.named_parameters() if ".qst_side." in name}
+    ref = {name: p for name, p in side.items() if ".qst_side.ref." in name}
+    assert ref and all(torch.equal(p, side[name.replace(".ref.", ".default.")]) for name, p in ref.items())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in side if ".default." in n}
+
+    calls, trunk = [], {}
+    # autocast as the trunk sees it: mixed precision wraps the model's forward inside the hooks
+    qst_layer(model).register_forward_pre_hook(lambda *_: trunk.update(autocast=torch.is_autocast_enabled("cpu")))
+    model.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((module.active_adapter, module.training, trunk["autocast"],
+                                                           dict(kwargs), output.log_probs.detach().clone()))
+        if kwargs.get("fused_lm_head") else None,
+        with_kwargs=True,
+    )
+    trainer.train()
+
+    # policy and reference hold the same weights at the first step, but the policy runs with gradients and the
+    # reference without them (QST's inference fast path): equal to float rounding, bf16's under 4-bit's autocast
+    assert logged(trainer)[0] == pytest.approx(math.log(2), abs=1e-4 if quantized else 1e-6)
+    references = [call for call in calls if call[0] == "ref"]
+    assert len(references) == STEPS
+    base = base_model()
+    add_fused_lm_head(base)  # as TRL does, before PEFT wraps the model
+    frozen_sft = PeftModel.from_pretrained(base, tmp_path / "sft")
+    for _, training, autocast, inputs, log_probs in references:
+        frozen_sft.train(training)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert torch.equal(log_probs, frozen_sft(**inputs).log_probs)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[name], p) for name, p in ref.items())
+    assert any(not torch.equal(after[name], p) for name, p in side.items() if ".default." in name)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "4bit"])
 def test_kto(tmp_path, tokenizer, tiny_lm_dir, quantized):
     """KTOTrainer (unpaired completions with a desirable/undesirable label): its reference forwards, the completions'
     and the KL estimate's mismatched pairs alike, are the base model exactly (adapter disabled); the first step is at
