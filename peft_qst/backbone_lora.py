@@ -16,12 +16,14 @@ current forward and which rows of the batch it owns.
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from .config import QSTConfig
+from .side import QSTUnsupportedModelError
 
 
 class LowRankDelta(nn.Module):
@@ -90,6 +92,43 @@ def is_time_step_delta(key: str) -> bool:
     zero delta (``lora_B`` starts at zero): dropped on load, the adapter computes what it computed when saved."""
     owner, _, leaf = key.rpartition(".")
     return ".backbone_lora.deltas." in key and leaf in ("lora_A", "lora_B") and owner.endswith("dt_proj")
+
+
+#: a routed expert built as a module of its own: ``experts.<i>`` (Mixtral-style), ``experts.expert_<i>`` (Switch)
+_ROUTED_EXPERT = re.compile(r"(^|\.)experts\.(expert_)?\d+(\.|$)")
+
+
+def token_rows(
+    rows: torch.Tensor, seq_len: Optional[int], tokens: torch.Tensor, index: int, name: str
+) -> torch.Tensor:
+    """The mask of an ``adapter_names`` batch's rows ``rows`` (one bool per row) over the tokens ``tokens`` that the
+    backbone's linear layer ``name`` of block ``index`` reads, shaped to scale the delta computed from them.
+
+    Most layers read their block's layout, batch first (``(batch, sequence, hidden)``, or multi-head latent
+    attention's ``(batch, 1, sequence, rank)``): the mask runs along the first dimension. Some read the batch's
+    tokens flattened row by row to ``(batch * sequence, hidden)``: the shared experts of mixture-of-experts blocks
+    (Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE, Llama 4, ERNIE 4.5-MoE, Cohere2-MoE, ...), the linear layers inside router
+    modules (DBRX, JetMoE, Hunyuan-MoE), OPT's ``fc1`` and ``fc2``; token ``t`` then belongs to row ``t // sequence``.
+    The row mask applied along their first dimension failed there ("The size of tensor a (14) must match the size of
+    tensor b (2)"). Routed experts that are modules of their own (``experts.<i>``) read the tokens routed to them,
+    gathered in expert order: no mask can tell their rows apart, even where their number happens to match, so such a
+    layer, like any whose first dimension is neither, is refused, naming the way out. (transformers' own routed
+    experts hold their weights in grouped tensors, not ``nn.Linear`` layers, and take no backbone adapter.)
+    """
+    batch = rows.shape[0]
+    leading = tokens.shape[0] if tokens.dim() > 1 else None
+    if _ROUTED_EXPERT.search(name) is None:
+        if leading == batch:
+            return rows.view(-1, *([1] * (tokens.dim() - 1)))
+        if seq_len is not None and tokens.dim() == 2 and leading == batch * seq_len:
+            return rows.repeat_interleave(seq_len).view(-1, 1)
+    raise QSTUnsupportedModelError(
+        f"QST cannot give the rows of this adapter_names batch their own backbone adapters in {name!r} of block "
+        f"{index}: that layer reads tokens of shape {tuple(tokens.shape)}, neither one entry per row (batch of "
+        f"{batch}) first nor the batch's tokens flattened row by row ({batch} x {seq_len}), so which row each token "
+        "comes from is unknown (a routed expert reads the tokens routed to it, in expert order). Run the rows of each "
+        "hybrid adapter (backbone_lora_layers) in a batch of their own."
+    )
 
 
 class BackboneLoRA(nn.Module):

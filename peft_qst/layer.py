@@ -37,7 +37,7 @@ from .cache import (
     with_cross_attention_half,
 )
 from .config import QSTConfig
-from .backbone_lora import top_block_linears
+from .backbone_lora import token_rows, top_block_linears
 from .fast_path import fsdp2_unit
 from .per_call import call_state, hold_call_state
 from .side import (
@@ -326,7 +326,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.qst_side = nn.ModuleDict()
-        hold_call_state(self, ("captured", "lora_routing", "grad_from", "routers_below"))
+        hold_call_state(self, ("captured", "lora_routing", "lora_seq_len", "grad_from", "routers_below"))
         self._disable_adapters = False
         self.merged_adapters = []
         # PEFT's disable_input_dtype_casting toggles this on every tuner layer (LoRA layers define it); QST casts the
@@ -603,7 +603,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 continue
             delta = delta_module(args[0])
             if rows is not None:  # a mixed-adapter batch: only this adapter's rows
-                delta = delta * rows.view(-1, *([1] * (delta.dim() - 1))).to(delta.device, delta.dtype)
+                mask = token_rows(rows, call_state(self).get("lora_seq_len"), args[0], index, name)
+                delta = delta * mask.to(delta.device, delta.dtype)
             output = output + delta.to(output.dtype)
         return output
 
@@ -843,6 +844,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 lora_routing.append((name, rows, lora.first_block))
         state = call_state(self)
         state["lora_routing"] = [(name, rows) for name, rows, _ in lora_routing]
+        # the tokens per row, for the layers that see the batch flattened to (batch * sequence, hidden)
+        state["lora_seq_len"] = inputs.shape[1] if inputs is not None and inputs.dim() >= 2 else None
         grad_from = min(first for _, _, first in lora_routing) if lora_routing and torch.is_grad_enabled() else None
         state["grad_from"] = grad_from
         # how many router logits the backbone has recorded when each adapted block starts: the logits of the blocks a
@@ -861,6 +864,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 )
         finally:
             state["captured"] = state["lora_routing"] = state["grad_from"] = state["routers_below"] = None
+            state["lora_seq_len"] = None
             restore_checkpointing()
         backbone_last = out.last_hidden_state
         if len(captured) != self.__dict__["_num_blocks"] + 1:
