@@ -55,7 +55,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 import torch.nn.functional as F
 import transformers.activations
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 
 #: model types whose decoder block this path reproduces (pre-norm RMSNorm, rotary attention with q/k/v/o projections,
 #: gated MLP with gate/up/down projections, no q/k norms)
@@ -573,8 +573,18 @@ def _attention_mask(attention_mask, batch: int, length: int, past: int, device):
 
 def keep_cache_dtype(cache, dtype: torch.dtype) -> None:
     """Cast the side cache's filled layers to ``dtype`` where they hold another: the fast path keeps its keys and
-    values in float32, the general path in the side dtype, and a generation may switch between them."""
+    values in float32, the general path in the side dtype, and a generation may switch between them.
+
+    Static layers (``generate(cache_implementation="static")``, a ``StaticCache`` passed in) are left as they are:
+    only the general path fills them (:func:`packed_weights_for` leaves a static side cache to it), and their
+    preallocated tensors take the dtype of the first keys written, which is not always the side dtype. Under an
+    autocast to another dtype (a float32 side network under the bf16 or fp16 autocast a Trainer evaluates in) the keys
+    are autocast's dtype: cast to the side dtype at the next step, the layer's storage no longer took them
+    ("index_copy_(): self and source expected to have the same dtype"), and static-cache generation failed where the
+    base model's ran (tests/test_generation.py)."""
     for layer in getattr(cache, "layers", ()):
+        if isinstance(layer, StaticLayer):
+            continue
         keys = getattr(layer, "keys", None)
         if isinstance(keys, torch.Tensor) and keys.dtype != dtype and keys.numel():
             layer.keys = keys.to(dtype)

@@ -282,6 +282,33 @@ def test_a_static_cache_generates_what_the_dynamic_cache_generates(model, mode):
         assert not torch.equal(generate(model, ids, mask, cache_implementation="static", **mode), dynamic)
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bf16-autocast", "fp16-autocast"])
+def test_a_static_cache_under_an_autocast_to_another_dtype_than_the_side_network(autocast_dtype):
+    """Under an autocast to another dtype than the side network's (a float32 side network, as ``side_dtype`` makes it
+    for a float16 model so that ``Trainer(fp16=True)`` can unscale its gradients, under the Trainer's autocast, in
+    which it evaluates and generates), the side trunk's keys are autocast's dtype, and the static side cache is
+    allocated in it at the first step. The general path then cast that cache to the side dtype before the next step,
+    and the static layer no longer took its keys ("index_copy_(): self and source expected to have the same dtype"):
+    generation failed where the base model's ran. It now generates what the dynamic cache generates under the same
+    autocast through the same modules."""
+    from peft_qst.fast_path import fast_path_disabled
+
+    model = trained_model()
+    assert model.get_base_model().model.qst_side["default"].upsample.weight.dtype == torch.float32
+    ids, mask = left_padded(PROMPTS)
+
+    def under_autocast(**kwargs):
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            return generate(model, ids, mask, max_new_tokens=8, **kwargs)
+
+    with model.disable_adapter():
+        base = under_autocast(cache_implementation="static")  # the base model generates so
+    static = under_autocast(cache_implementation="static")
+    with fast_path_disabled():  # (the fast path computes in float32 with autocast off: other roundings)
+        assert torch.equal(static, under_autocast())
+    assert not torch.equal(static, base), "the adapter should change the generation"
+
+
 @pytest.mark.parametrize("kind", ["llama", "sliding-window"])
 def test_a_static_cache_with_an_eager_side_trunk_on_an_sdpa_backbone(kind):
     """With a static cache generate builds each step's 4-D masks for the backbone's attention (SDPA: boolean), and the
