@@ -998,8 +998,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         unchanged. It takes any number of layers (it concatenates them, each with the batch's mask): a side network
         may have more routers than the backbone records (DeepSeek-V4's hash-routed layers pick experts by token id and
         record none; their side layers, which see no token ids, route with a learned router), each with logits of the
-        backbone's shape. Only rows of several adapters, combined layer by layer, need the backbone's count, and the
-        same number of adapted backbone routers in every row.
+        backbone's shape. Only rows of several adapters, combined layer by layer, need the backbone's count, and, with
+        gradients enabled, the same number of adapted backbone routers in every row (without gradients, in generation
+        and evaluation, such rows take the layers they all have, leaving the adapted backbone routers out).
         """
         if not backbone_logits and not any(side_logits.values()):
             return backbone_logits  # no routers recorded on either side (Nemotron-H as configured: no expert layers)
@@ -1026,15 +1027,22 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             ((name, logits),) = side_logits.items()
             return tuple(logits) + adapted.get(name, ())
         counts = {name: len(adapted.get(name, ())) for name in dict.fromkeys(row_adapters)}
-        if len(set(counts.values())) > 1:
+        if len(set(counts.values())) > 1 and not torch.is_grad_enabled():
+            # generation and evaluation (adapter_names batches are refused in training mode): nothing trains from this
+            # aux_loss, and generate() computes it at every step where the config asks for router logits. It covers
+            # the layers every row has, its side routers' (the backbone's for "__base__" rows), as before the hybrid's
+            # adapted routers were added; refusing failed a mixed-adapter generate() of a hybrid on such a model
+            adapted = {}
+        elif len(set(counts.values())) > 1:
             raise QSTUnsupportedModelError(
                 f"QST cannot compute one load-balancing loss over the rows of this adapter_names batch of a "
                 f"{self._model_type} model: with output_router_logits, the rows of a hybrid adapter "
                 "(backbone_lora_layers) are balanced over its side routers and the backbone routers of the blocks it "
                 "adapts, and the rows here take different numbers of those backbone routers ("
                 + ", ".join(f"{name!r}: {count}" for name, count in counts.items())
-                + "), which one aux_loss over the batch's layers cannot hold. Pass output_router_logits=False (or set "
-                "model.config.output_router_logits = False), or batch the rows of each adapter apart."
+                + "), which one aux_loss over the batch's layers cannot hold where it trains (gradients are enabled "
+                "here). Pass output_router_logits=False (or set model.config.output_router_logits = False), run the "
+                "forward under torch.no_grad(), or batch the rows of each adapter apart."
             )
         batch = len(row_adapters)
         layers = []

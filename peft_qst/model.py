@@ -59,6 +59,12 @@ SIDE_ATTR = "qst_side"
 #: registration.py): the weights PEFT is about to read are for that adapter, loaded with those options
 loading_adapter: ContextVar = ContextVar("peft_qst_loading_adapter", default=None)
 
+#: True while a saved adapter is being loaded (``PeftModel.from_pretrained``, ``PeftModel.load_adapter``, transformers'
+#: ``load_adapter``; set by their wrappers in registration.py): the config PEFT injects is the saved one, whose
+#: ``modules_to_save`` is checked against the weights read with it (:func:`check_saved_modules_to_save_present`), not as
+#: a new adapter's, also where it records no ``base_model_signature`` (a hand-written or older config)
+reading_saved_adapter: ContextVar = ContextVar("peft_qst_reading_saved_adapter", default=False)
+
 #: the QSTConfig fields get_peft_model fills in for the model it binds the config to
 _BOUND_FIELDS = ("base_model_signature", "target_modules", "side_heads", "backbone_lora_layers")
 #: the model tags QST adds (they end up in the model cards PEFT and the trainers write), and the model attribute that
@@ -1041,7 +1047,7 @@ class QSTModel(BaseTuner):
             )
         if composite:
             _check_composite_trunk(model_type, base_trunk, text_config)
-        if recorded is None:  # a new adapter; a loaded one is checked against its weights
+        if recorded is None and not reading_saved_adapter.get():  # a new adapter; a loaded one: against its weights
             _check_modules_to_save_match(model, trunk, config, added_tokens)
         if not is_bare_trunk(model) and self.__dict__.get(_TASK_CLASS_WRAPS, True):
             _check_task_head(model, config)

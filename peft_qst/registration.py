@@ -60,6 +60,7 @@ from .model import (
     is_bare_trunk,
     loading_adapter,
     model_signature,
+    reading_saved_adapter,
     refuse_foreign_tensors,
     remove_injected_adapters,
     saved_adapter_copies_of_embeddings,
@@ -361,6 +362,7 @@ def _read_qst_weights_safely() -> None:
             if built is not None and not built:
                 built.append(self)  # the PeftModel PeftModel.from_pretrained is loading into: undone if this fails
             token = loading_adapter.set((self, adapter_name, bool(kwargs.get("ignore_mismatched_sizes", False))))
+            reading_token = reading_saved_adapter.set(True)
             digests = []
             digest_token = _read_digests.set(digests if built_here else None)
             try:
@@ -382,6 +384,7 @@ def _read_qst_weights_safely() -> None:
                 raise
             finally:
                 _read_digests.reset(digest_token)
+                reading_saved_adapter.reset(reading_token)
                 loading_adapter.reset(token)
                 note_adapter_loaded()  # a continued generation cache checks the weights again
 
@@ -585,6 +588,7 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
             flags = trainability(model) if fresh else None
             built = []
             token = _built_by_from_pretrained.set(built)
+            reading_token = reading_saved_adapter.set(True)
             try:
                 return _from_pretrained(cls, model, model_id, *args, **kwargs)
             except BaseException:
@@ -599,6 +603,7 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
                         )
                 raise
             finally:
+                reading_saved_adapter.reset(reading_token)
                 _built_by_from_pretrained.reset(token)
 
         def _from_pretrained(cls, model, model_id, *args, **kwargs):
@@ -758,6 +763,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
 
             own_loader = vars(self).get("_load_pretrained_model")
             vars(self)["_load_pretrained_model"] = load_checked
+            reading_token = reading_saved_adapter.set(True)
             try:
                 info = original(self, peft_model_id, adapter_name, peft_config, adapter_state_dict, *args, **kwargs)
             except BaseException:
@@ -766,6 +772,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 undo()
                 raise
             finally:
+                reading_saved_adapter.reset(reading_token)
                 if own_loader is None:
                     vars(self).pop("_load_pretrained_model", None)
                 else:

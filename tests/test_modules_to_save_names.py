@@ -151,3 +151,34 @@ def test_an_adapter_whose_saved_head_the_model_lacks_is_refused_naming_it(tmp_pa
     loaded = PeftModel.from_pretrained(tiny_causal_lm(), str(tmp_path / "lm"))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(input_ids=IDS).logits, model.eval()(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("loader", ["peft", "peft_trainable", "transformers"])
+def test_a_saved_config_without_signature_is_checked_against_its_weights_not_as_a_new_adapter(tmp_path, loader):
+    """A config that records no base_model_signature (written by hand, or by a version before the signature) looked
+    like a new adapter's to the binding, which refused its entry that matches nothing ("lm_haed", no weights for it in
+    the file) as a typo to correct before training: the adapter, which trained nothing for it, could not be loaded at
+    all, by PEFT or transformers. Loading checks the saved entries against the weights read with them, as for an
+    adapter that records its signature: such an adapter loads as it was saved."""
+    model = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+        expected = model.eval()(input_ids=IDS).logits
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved.pop("base_model_signature")
+    path.write_text(json.dumps({**saved, "modules_to_save": ["lm_haed"]}))
+    base = tiny_causal_lm()
+    if loader == "transformers":
+        base.load_adapter(str(tmp_path))
+        loaded = base
+    else:
+        loaded = PeftModel.from_pretrained(base, str(tmp_path), is_trainable=loader == "peft_trainable")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=IDS).logits, expected)
+    # a new adapter with that entry is still refused
+    with pytest.raises(ValueError, match=_typo_refusal("lm_haed", "LlamaForCausalLM", "lm_head")):
+        get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4, modules_to_save=["lm_haed"]))

@@ -159,7 +159,8 @@ def test_gradient_checkpointing_keeps_the_adapted_routers():
 def test_rows_of_several_adapters_with_a_hybrid():
     """Rows of one hybrid take its side routers layer by layer and the adapted routers, as the hybrid alone; rows that
     would take different numbers of backbone routers (the base model's beside a hybrid's) cannot share one aux loss
-    over the batch's layers: refused, naming the way out, not a loss of neither model."""
+    over the batch's layers where it could train (gradients enabled): refused, naming the way out, not a loss of
+    neither model. Without gradients (generation, evaluation) they take the layers they all have."""
     model = _hybrid(_model("mixtral"))
     model.eval()
     ids = _batch()["input_ids"]
@@ -170,10 +171,40 @@ def test_rows_of_several_adapters_with_a_hybrid():
         for mine, theirs in zip(rows.router_logits, alone.router_logits, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
         torch.testing.assert_close(rows.aux_loss, alone.aux_loss, rtol=0, atol=0)
-        with pytest.raises(QSTUnsupportedModelError, match=r"'default': 2, '__base__': 0.*output_router_logits=False"):
-            model(input_ids=ids, adapter_names=["default", "__base__"])
         mixed = model(input_ids=ids, adapter_names=["default", "__base__"], output_router_logits=False)
     assert mixed.router_logits is None
+    with pytest.raises(QSTUnsupportedModelError, match=r"'default': 2, '__base__': 0.*output_router_logits=False"):
+        model(input_ids=ids, adapter_names=["default", "__base__"])
+
+
+def test_mixed_adapter_generation_of_a_hybrid_with_router_logits_in_the_config():
+    """generate(adapter_names=[...]) runs without gradients and computes aux_loss at every step where the config asks
+    for router logits (QLoRA recipes save it so): rows of a hybrid beside the base model's or a plain adapter's were
+    refused as unable to share one aux loss, failing the mixed-adapter generation that worked before the hybrid's
+    adapted routers were balanced. Without gradients such rows take the layers they all have (each row its own
+    network's routers, layer by layer), and each row generates as its adapter alone."""
+    model = _hybrid(_model("mixtral"))
+    model.add_adapter("plain", QSTConfig(task_type="CAUSAL_LM", r=4))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:  # trained adapters: every row's network computes something else
+                parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    model.eval()
+    ids = _batch()["input_ids"][:, 2:]
+    side = _recorded_side_router_logits(model)
+    backbone = _recorded_backbone_router_logits(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, adapter_names=["default", "__base__"])
+    assert len(out.router_logits) == LAYERS
+    for layer, logits in enumerate(out.router_logits):
+        rows = logits.reshape(2, ids.shape[1], -1)
+        torch.testing.assert_close(rows[0], side[layer].reshape(2, ids.shape[1], -1)[0], rtol=0, atol=0)
+        torch.testing.assert_close(rows[1], backbone[layer].reshape(2, ids.shape[1], -1)[1], rtol=0, atol=0)
+    generate = functools.partial(model.generate, max_new_tokens=4, do_sample=False)
+    for other in ("__base__", "plain"):
+        mixed = generate(input_ids=ids, adapter_names=["default", other])
+        assert torch.equal(mixed[0], generate(input_ids=ids[:1], adapter_names=["default"])[0])
+        assert torch.equal(mixed[1], generate(input_ids=ids[1:], adapter_names=[other])[0])
 
 
 def test_4bit_backbone_balances_the_adapted_routers(tmp_path):
