@@ -201,9 +201,10 @@ class QSTConfig(PeftConfig):
             none, the paper's QST), or a fraction of the model's depth strictly between 0 and 1 (``2 / 3``: the top
             two thirds, whatever the model's number of blocks), which `get_peft_model` rounds to a whole number of
             blocks (at least one) and writes into the config, so the saved adapter records the count. Every linear
-            layer of the last ``k`` blocks (mixture-of-experts routers excepted) gets a LoRA delta trained together
-            with the side network: full-width changes right before the LM head, which the side network's narrow output
-            cannot make. Gradients then enter the backbone above block ``L - k`` only; the blocks below still run
+            layer of the last ``k`` blocks (routers built as linear subclasses, Phi-MoE's and Llama 4's, excepted; a
+            plain linear inside a router module is adapted) gets a LoRA delta trained together with the side
+            network: full-width changes right before the LM head, which the side network's narrow output cannot make.
+            Gradients then enter the backbone above block ``L - k`` only; the blocks below still run
             under ``torch.no_grad()``, so the cost grows with ``k``, not with the model's depth. Measured on
             SmolLM2-135M with the quality harness (README, Quality), with ``backbone_lora_r=64``: ``k`` = 16 of 30
             blocks scored 1.3 and 4.6 points below QLoRA at equal steps (two seeds) and 9.6 above it at equal
