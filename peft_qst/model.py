@@ -998,13 +998,12 @@ class QSTModel(BaseTuner):
                 + (
                     f", with its token embeddings resized to {differences['vocab_size'][0]} "
                     "(model.resize_token_embeddings) as they were when the adapter was saved. "
-                    # PEFT's AutoPeftModel* resizes to len(tokenizer) saved with the adapter by itself: a resize with
-                    # pad_to_multiple_of (PEFT's examples/sft, TRL's clone_chat_template) made another size, and the
-                    # refusal named a resize the user never called
-                    "AutoPeftModel*.from_pretrained resizes the base model to the length of the tokenizer saved "
-                    "with the adapter, which is not that size where the training script resized with "
-                    "pad_to_multiple_of: load the base model, resize it, then call PeftModel.from_pretrained "
-                    "(the adapter's model card shows how)."
+                    # see resize_to_the_adapters_vocabulary: where it does not resize, the user must
+                    "A load resizes the base model itself only where the model holds no adapter yet (a resize "
+                    "would change the embeddings its adapters were trained with) and the adapter's file holds the "
+                    "trained token embeddings, and an LM head not tied to them, for every token (PEFT's "
+                    "save_embedding_layers): otherwise resize it before loading (after adding the same tokens to "
+                    "the tokenizer; the adapter's model card shows how)."
                     if set(differences) == {"vocab_size"}
                     else "."
                 )
@@ -1599,6 +1598,123 @@ def check_token_embeddings_fit(model: nn.Module, tensors: dict) -> None:
                     f"onto its base model resized as it was then: model.resize_token_embeddings({tensor.shape[0]}) "
                     "(after adding the same tokens to the tokenizer). Nothing was loaded."
                 )
+
+
+def _saved_state_names(key: str) -> set[str]:
+    """The names a tensor saved with an adapter (``key``, as in its file) has in the state of its base model before the
+    adapter is injected: the PeftModel prefix off, and the wrappers' levels that injection adds (the trunk's
+    ``base_layer``, a ``modules_to_save`` head's ``original_module``, whose trained copy saves as the head itself)."""
+    names = set()
+    for prefix in (PEFT_MODEL_PREFIX, "base_model."):
+        if key.startswith(prefix):
+            names.add(re.sub(r"(^|\.)(?:base_layer|original_module)\.", r"\1", key[len(prefix):]))
+    return names
+
+
+def _vocabulary_tensors_missing(model: nn.Module, vocab_size: int, shapes: dict) -> Optional[list[str]]:
+    """The state keys of ``model`` that resizing its token embeddings to ``vocab_size`` rows would give new rows and
+    that the file of tensor ``shapes`` ({key: shape}) does not hold at that size; [] where it holds them all, None
+    where QST does not resize them: input embeddings or an LM head that is not a floating-point ``nn.Embedding`` or
+    ``nn.Linear`` on a device (a head quantized to 4 bits, weights offloaded by accelerate or partitioned by ZeRO-3).
+
+    Those keys are the input embeddings' weight and, where the LM head is not tied to them, the head's weight (and
+    bias): a tied head reads the embeddings' rows. PEFT saves them all with ``save_embedding_layers``, under the names
+    of the adapter's wrappers (:func:`_saved_state_names`), tied or not."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    needed = {}
+    for module in (embeddings, head):
+        if module is None:
+            continue
+        weight = getattr(module, "weight", None)
+        if (
+            not isinstance(module, (nn.Embedding, nn.Linear)) or not isinstance(weight, nn.Parameter)
+            or not weight.is_floating_point() or weight.device.type == "meta" or weight.dim() != 2
+        ):
+            return None
+        if module is head and embeddings is not None and weight is embeddings.weight:
+            continue  # tied: the embeddings' rows
+        name = next(name for name, layer in model.named_modules() if layer is module)
+        needed[f"{name}.weight"] = (vocab_size, weight.shape[1])
+        if isinstance(getattr(module, "bias", None), torch.Tensor):
+            needed[f"{name}.bias"] = (vocab_size,)
+    if embeddings is None:
+        return None
+    held = {
+        name for key, shape in shapes.items() for name in _saved_state_names(key) if tuple(shape) == needed.get(name)
+    }
+    return sorted(set(needed) - held)
+
+
+def resize_to_the_adapters_vocabulary(model: nn.Module, config, saved_shapes):
+    """Resize ``model``'s token embeddings to the vocabulary size the QST adapter of ``config`` recorded, where the
+    adapter's file (whose tensor shapes, {key: shape}, ``saved_shapes()`` gives) holds every tensor the resize gives
+    new rows to (:func:`_vocabulary_tensors_missing`): loading then writes each of their rows, so the model computes
+    as trained. Returns a function that undoes the resize (for a load refused later), or None where nothing was resized.
+
+    A QLoRA recipe that adds chat tokens resizes with ``pad_to_multiple_of`` (PEFT's examples/sft, TRL's
+    ``clone_chat_template``), and ``AutoPeftModelForCausalLM.from_pretrained(folder)`` resizes the base model it loads
+    to ``len(tokenizer)`` of the tokenizer saved there: another size, which the binding refused as "another vocabulary
+    size" (LoRA fails there too, with a bare size mismatch), so the documented one-line load never worked. Only a model
+    that holds no adapter is given here (a resize would change the embeddings its adapters were trained with); a file
+    that lacks some of those tensors keeps the refusal (the rows a resize draws for added tokens are random)."""
+    recorded = (getattr(config, "base_model_signature", None) or {}).get("vocab_size")
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded <= 0:
+        return None
+    try:
+        signature = model_signature(model)
+        differences = signature_differences(dict(config.base_model_signature), signature)
+        resize = getattr(model, "resize_token_embeddings", None)
+        if set(differences) != {"vocab_size"} or resize is None:
+            return None
+        missing = _vocabulary_tensors_missing(model, recorded, saved_shapes())
+    except Exception:  # noqa: BLE001 - a model QST cannot read this way: the binding's own checks report it
+        return None
+    if missing is None or missing:
+        return None
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    # transformers resizes the input embeddings in place (their weight takes new data) and builds a new head
+    tied = head is None or head.weight is embeddings.weight
+    weight, data = embeddings.weight, embeddings.weight.data
+    rows, padding_idx = embeddings.num_embeddings, embeddings.padding_idx
+    text_config = model.config.get_text_config()
+    config_vocab_size = text_config.vocab_size
+    had_vocab_size, vocab_size = "vocab_size" in vars(model), vars(model).get("vocab_size")
+
+    def undo() -> None:
+        embeddings.weight = weight  # (tied, the old head's weight too)
+        weight.data = data
+        embeddings.num_embeddings, embeddings.padding_idx = rows, padding_idx
+        model.set_input_embeddings(embeddings)
+        if head is not None:
+            model.set_output_embeddings(head)
+        text_config.vocab_size = config_vocab_size
+        if had_vocab_size:
+            model.vocab_size = vocab_size
+        else:
+            vars(model).pop("vocab_size", None)
+
+    before = signature["vocab_size"]
+    # mean_resizing=False: the rows drawn are overwritten by the saved ones (the mean and covariance of a large
+    # vocabulary's embeddings are costly to compute for nothing)
+    try:
+        resize(recorded, mean_resizing=False)
+        resized = model_signature(model).get("vocab_size") == recorded  # not: a config keeping it elsewhere
+    except Exception:  # noqa: BLE001 - a layout transformers cannot resize: refused as another vocabulary size
+        resized = False
+    if not resized:
+        undo()
+        return None
+    warnings.warn(
+        f"The base model's token embeddings were resized from {before} to {recorded} tokens "
+        f"(model.resize_token_embeddings({recorded})): the QST adapter was trained on a vocabulary of {recorded} "
+        f"tokens (recorded in its adapter_config.json), and the file saved with it holds the trained token "
+        f"embeddings{'' if tied else ' and LM head'} for all of them, which are loaded over every row, so the model "
+        "computes as it did in training. (AutoPeftModel*.from_pretrained resizes the base model to the length of the "
+        "tokenizer saved with the adapter, another size where the training script resized with pad_to_multiple_of.)",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
+    return undo
 
 
 def check_shared_embeddings_kept(peft_model: nn.Module, adapter_name: str, tensors: dict) -> None:

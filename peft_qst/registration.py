@@ -63,6 +63,7 @@ from .model import (
     reading_saved_adapter,
     refuse_foreign_tensors,
     remove_injected_adapters,
+    resize_to_the_adapters_vocabulary,
     saved_adapter_copies_of_embeddings,
     text_config_of,
     with_peft_model_prefix,
@@ -71,6 +72,7 @@ from .serialization import (
     QSTAdapterFileError,
     read_adapter_weights,
     rename_as_peft_does,
+    saved_tensor_shapes,
     user_stacklevel,
     weights_digest,
 )
@@ -426,14 +428,10 @@ def _is_qst_folder(model_id, hub_kwargs: dict) -> bool:
     QST's); False where there is none or it cannot be read, so that the caller reads the folder as PEFT does."""
     import json
 
-    from .serialization import CONFIG_NAME, _locate
+    from .serialization import CONFIG_NAME, _locate, download_kwargs
 
-    hub_kwargs = dict(hub_kwargs)
-    legacy_token = hub_kwargs.pop("use_auth_token", None)  # as read_adapter_weights takes it
-    if legacy_token is not None and hub_kwargs.get("token") is None:
-        hub_kwargs["token"] = legacy_token
     try:
-        path = _locate(os.fspath(model_id), CONFIG_NAME, hub_kwargs, required=False)
+        path = _locate(os.fspath(model_id), CONFIG_NAME, download_kwargs(hub_kwargs), required=False)
         if path is None:
             return False
         with open(path) as handle:
@@ -587,20 +585,25 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
             )
             flags = trainability(model) if fresh else None
             built = []
+            undo_resize = None
             token = _built_by_from_pretrained.set(built)
             reading_token = reading_saved_adapter.set(True)
             try:
+                if fresh:  # (a model holding adapters keeps its vocabulary: they were trained with it)
+                    undo_resize = _resize_to_the_vocabulary_of_the_folder(model, model_id, args, kwargs)
                 return _from_pretrained(cls, model, model_id, *args, **kwargs)
             except BaseException:
-                if flags is not None and built and _holds_qst_adapter(built[0]):
-                    try:
+                try:
+                    if flags is not None and built and _holds_qst_adapter(built[0]):
                         built[0].base_model.unload()
                         restore_trainability(model, flags)
-                    except Exception as err:  # noqa: BLE001 - the refusal is what the caller must see
-                        warnings.warn(
-                            f"The base model could not be handed back unwrapped ({err!r}); load it again.",
-                            stacklevel=user_stacklevel(),
-                        )
+                    if undo_resize is not None:
+                        undo_resize()
+                except Exception as err:  # noqa: BLE001 - the refusal is what the caller must see
+                    warnings.warn(
+                        f"The base model could not be handed back unwrapped ({err!r}); load it again.",
+                        stacklevel=user_stacklevel(),
+                    )
                 raise
             finally:
                 reading_saved_adapter.reset(reading_token)
@@ -627,6 +630,22 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
         return from_pretrained
 
     _patch_classmethod_once(PeftModel, "from_pretrained", make)
+
+
+def _resize_to_the_vocabulary_of_the_folder(model, model_id, args: tuple, kwargs: dict):
+    """:func:`~peft_qst.model.resize_to_the_adapters_vocabulary` for ``PeftModel.from_pretrained(model, model_id,
+    *args, **kwargs)`` of a QST adapter (the config given, else the one saved at ``model_id``), with the shapes of
+    the tensors in its file, before PEFT injects the adapter into ``model``; returns the resize's undo, or None."""
+    config = args[2] if len(args) > 2 else kwargs.get("config")
+    hub_kwargs = {name: kwargs[name] for name in (*_HUB_ARGUMENTS, "use_auth_token") if kwargs.get(name) is not None}
+    if config is None:
+        try:
+            config = _saved_qst_config(model_id, hub_kwargs)
+        except Exception:  # noqa: BLE001 - PEFT's own reading of the config reports it
+            return None
+    if getattr(config, "peft_type", None) != PEFT_TYPE:
+        return None
+    return resize_to_the_adapters_vocabulary(model, config, lambda: saved_tensor_shapes(model_id, hub_kwargs))
 
 
 def _transformers_hub_kwargs(kwargs: dict) -> dict:
@@ -734,12 +753,19 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 heads_deferred = _check_given_config(self, peft_config, name, saved_config)
             else:
                 heads_deferred = False
+            # a vocabulary resized with pad_to_multiple_of in training: resized again where the file holds every
+            # tensor the resize gives new rows (undone with the load)
+            undo_resize = resize_to_the_adapters_vocabulary(
+                self, peft_config, lambda: {key: list(value.shape) for key, value in adapter_state_dict.items()}
+            ) if adapter_state_dict is not None else None
             # injection freezes every base weight and loading sets eval mode: an undone load puts both back
             flags = trainability(self)
 
             def undo():
                 remove_injected_adapters(self)
                 restore_trainability(self, flags)
+                if undo_resize is not None:
+                    undo_resize()
 
             def load_checked(model, state_dict, *load_args, **load_kwargs):
                 # the adapter is injected, nothing is loaded yet: transformers writes every tensor that names a weight

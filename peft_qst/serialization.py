@@ -195,15 +195,22 @@ def _cached(model_id: str, filename: str, hub_kwargs: dict) -> bool:
     return True
 
 
+def download_kwargs(hub_kwargs: dict) -> dict:
+    """PEFT's hub arguments as ``hf_hub_download`` takes them: PEFT passes the legacy ``use_auth_token`` on, where
+    ``hf_hub_download`` takes ``token=``."""
+    hub_kwargs = dict(hub_kwargs)
+    legacy_token = hub_kwargs.pop("use_auth_token", None)
+    if legacy_token is not None and hub_kwargs.get("token") is None:
+        hub_kwargs["token"] = legacy_token
+    return hub_kwargs
+
+
 def read_adapter_weights(model_id: str, device, hub_kwargs: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors of the QST adapter at ``model_id`` and the ``adapter_config.json`` saved with them ({} when the
     folder has none), after the checks above: safetensors only, readable, and equal to the recorded digest."""
     from safetensors.torch import load_file
 
-    hub_kwargs = dict(hub_kwargs)
-    legacy_token = hub_kwargs.pop("use_auth_token", None)  # PEFT passes it on; hf_hub_download takes token=
-    if legacy_token is not None and hub_kwargs.get("token") is None:
-        hub_kwargs["token"] = legacy_token
+    hub_kwargs = download_kwargs(hub_kwargs)
     weights_path = _locate(model_id, SAFETENSORS_NAME, hub_kwargs, required=True)
     check_readable(weights_path)
     config_path = _locate(model_id, CONFIG_NAME, hub_kwargs, required=False)
@@ -223,6 +230,22 @@ def read_adapter_weights(model_id: str, device, hub_kwargs: dict) -> tuple[dict[
         )
     warn_if_not_finite(tensors, f"read from {weights_path}", "They were loaded as they are.")
     return tensors, saved_config
+
+
+def saved_tensor_shapes(model_id: str, hub_kwargs: dict) -> dict[str, list[int]]:
+    """The names and shapes of the tensors in the safetensors file of the adapter at ``model_id``, read from its
+    header alone (nothing is loaded or checked: :func:`read_adapter_weights` does that when the weights are loaded);
+    {} where there is no readable file, which that read then reports."""
+    from safetensors import safe_open
+
+    try:
+        path = _locate(os.fspath(model_id), SAFETENSORS_NAME, download_kwargs(hub_kwargs), required=False)
+        if path is None:
+            return {}
+        with safe_open(path, framework="pt") as handle:
+            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception:  # noqa: BLE001 - the load's own read reports what is wrong with the file
+        return {}
 
 
 def rename_as_peft_does(tensors: Mapping[str, torch.Tensor], key_mapping: Optional[Mapping[str, str]], where: str):

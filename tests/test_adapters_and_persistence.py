@@ -648,8 +648,14 @@ def test_token_embeddings_resized_after_wrapping_are_saved_for_a_base_resized_th
     loaded = PeftModel.from_pretrained(resized, str(tmp_path)).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected)
+    # a base model that was not resized is resized to 130: the file holds the embeddings and head for every token
+    with pytest.warns(UserWarning, match=r"resized from 128 to 130 tokens"):
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids).logits, expected)
+    model.save_pretrained(tmp_path / "without", save_embedding_layers=False)
     with pytest.raises(ValueError, match=r"vocab_size 130 against 128.*resized to 130"):
-        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "without"))
 
 
 def test_low_cpu_mem_usage_loading_keeps_the_side_dtype(tmp_path, tiny_model_dir, trained):

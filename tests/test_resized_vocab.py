@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from peft_qst import QSTAdapterFileError, QSTConfig
 
@@ -27,15 +27,21 @@ def base_dir(request, tmp_path):
     return str(tmp_path / "base")
 
 
-def resized_4bit(base_dir, vocab=VOCAB):
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb_config())
+def resized_4bit(base_dir, vocab=VOCAB, quantized=True, **resize_options):
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **quantized_as(quantized))
     if vocab is not None:
-        model.resize_token_embeddings(vocab)  # the added rows are drawn at random, differently at every call
+        # the added rows are drawn at random, differently at every call
+        model.resize_token_embeddings(vocab, **resize_options)
     return model
 
 
-def trained(base_dir, **options):
-    model = get_peft_model(resized_4bit(base_dir), QSTConfig(task_type="CAUSAL_LM", r=4, **options))
+def quantized_as(quantized: bool) -> dict:
+    return {"quantization_config": bnb_config()} if quantized else {}
+
+
+def trained(base_dir, base=None, **options):
+    base = resized_4bit(base_dir) if base is None else base
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, **options))
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     losses = train_steps(model, IDS)
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -68,14 +74,103 @@ def test_vocabulary_resized_before_get_peft_model_trains_and_reloads_exactly(tmp
 
 
 @pytest.mark.parametrize("vocab", [None, 140], ids=["not-resized", "resized-otherwise"])
-def test_a_base_model_of_another_vocabulary_size_is_refused_with_the_size_to_resize_to(tmp_path, base_dir, vocab):
-    trained(base_dir).save_pretrained(tmp_path / "adapter")
-    refusal = rf"vocab_size {VOCAB} against {vocab or 128}.*token embeddings resized to {VOCAB} \(model.resize_token_"
+def test_a_base_model_of_another_vocabulary_size_is_resized_to_the_adapters(tmp_path, base_dir, vocab):
+    """The file holds the trained embeddings (and the untied head) for every token: the base model is resized to the
+    recorded size, with a warning, and the saved rows overwrite every row, so the model computes as trained, whatever
+    size the base model had (PeftModel, with is_trainable too, and transformers' own loading). It was refused as
+    "another vocabulary size"."""
+    model = trained(base_dir)
+    expected = outputs(model)
+    model.save_pretrained(tmp_path / "adapter")
+    resize = rf"resized from {vocab or 128} to {VOCAB} tokens \(model.resize_token_embeddings\({VOCAB}\)\)"
+    with pytest.warns(UserWarning, match=resize):
+        loaded = PeftModel.from_pretrained(resized_4bit(base_dir, vocab), str(tmp_path / "adapter"))
+    for reloaded, wanted in zip(outputs(loaded), expected):
+        assert torch.equal(reloaded, wanted)
+    with pytest.warns(UserWarning, match=resize):
+        trainable = PeftModel.from_pretrained(resized_4bit(base_dir, vocab), str(tmp_path / "adapter"),
+                                              is_trainable=True)
+    assert torch.equal(outputs(trainable)[0], expected[0])
+    assert any(p.requires_grad for p in trainable.parameters())
     base = resized_4bit(base_dir, vocab)
+    with pytest.warns(UserWarning, match=resize):
+        base.load_adapter(str(tmp_path / "adapter"))  # transformers' own loading
+    with torch.no_grad():
+        assert torch.equal(base.eval()(input_ids=IDS).logits, expected[0])
+
+
+def edit(folder, change) -> None:
+    """The adapter at ``folder`` with the tensors of its file changed by ``change`` (a function of the dict of them),
+    and the digest recorded for the new bytes."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from peft_qst.serialization import weights_digest
+
+    weights = change(load_file(str(folder / "adapter_model.safetensors")))
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["adapter_weights_sha256"] = weights_digest(weights)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("lacking", ["embeddings", "lm_head"])
+def test_a_file_without_every_vocabulary_sized_tensor_keeps_the_refusal(tmp_path, base_dir, lacking):
+    """A resize draws the added tokens' rows at random: only where the file holds every row the model reads does it
+    give the trained model. Saved without the embeddings (save_embedding_layers=False), the adapter is refused as
+    before, the base model left as it was; without the LM head, an untied head is refused too, while a tied one reads
+    the embeddings' rows and loads exactly."""
+    tied = AutoConfig.from_pretrained(base_dir).tie_word_embeddings
+    model = trained(base_dir)
+    expected = outputs(model)[0]
+    if lacking == "embeddings":
+        model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    else:
+        model.save_pretrained(tmp_path / "adapter")
+        edit(tmp_path / "adapter", lambda weights: {key: w for key, w in weights.items() if "lm_head" not in key})
+    if lacking == "lm_head" and tied:
+        with pytest.warns(UserWarning, match=rf"resized from 128 to {VOCAB} tokens"):
+            loaded = PeftModel.from_pretrained(resized_4bit(base_dir, None), str(tmp_path / "adapter"))
+        assert torch.equal(outputs(loaded)[0], expected)
+        return
+    refusal = rf"vocab_size {VOCAB} against 128.*token embeddings resized to {VOCAB} \(model.resize_token_.*itself only"
+    base = resized_4bit(base_dir, None)
+    weight = base.get_input_embeddings().weight.detach().clone()
     with pytest.raises(ValueError, match=refusal):
         PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     with pytest.raises(ValueError, match=refusal):
-        resized_4bit(base_dir, vocab).load_adapter(str(tmp_path / "adapter"))  # transformers' own loading
+        base.load_adapter(str(tmp_path / "adapter"))  # transformers' own loading
+    assert base.config.vocab_size == 128 and torch.equal(base.get_input_embeddings().weight, weight)
+
+
+def test_a_load_refused_after_the_resize_hands_the_base_model_back_at_its_size(tmp_path, base_dir):
+    """The resize happens before the weights are loaded: where the load is refused after it (here, a file holding a
+    tensor for a weight of the frozen base model), the base model goes back to its vocabulary, embeddings and head,
+    as every refused load hands it back, and loads the adapter once the file is right."""
+    model = trained(base_dir)
+    expected = outputs(model)[0]
+    model.save_pretrained(tmp_path / "adapter")
+    model.save_pretrained(tmp_path / "foreign")
+    norm = "base_model.model.model.base_layer.norm.weight"
+    edit(tmp_path / "foreign", lambda weights: {**weights, norm: torch.ones(64)})
+    base = resized_4bit(base_dir, None)
+    embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
+    weights = (embeddings.weight.detach().clone(), head.weight.detach().clone())
+    with torch.no_grad():
+        logits = base(input_ids=IDS % 128).logits
+    for load in (lambda: PeftModel.from_pretrained(base, str(tmp_path / "foreign")),
+                 lambda: base.load_adapter(str(tmp_path / "foreign"))):  # and transformers' own loading
+        with pytest.warns(UserWarning, match="resized from 128"), pytest.raises(QSTAdapterFileError, match="neither"):
+            load()
+        assert base.config.vocab_size == 128 and base.get_input_embeddings() is embeddings
+        assert base.get_output_embeddings() is head and embeddings.num_embeddings == 128
+        assert torch.equal(embeddings.weight, weights[0]) and torch.equal(head.weight, weights[1])
+        assert not hasattr(base, "peft_config")
+        with torch.no_grad():
+            assert torch.equal(base(input_ids=IDS % 128).logits, logits)
+    with pytest.warns(UserWarning, match="resized from 128"):
+        assert torch.equal(outputs(PeftModel.from_pretrained(base, str(tmp_path / "adapter")))[0], expected)
 
 
 def test_an_lm_head_trained_on_a_resized_vocabulary_reloads(tmp_path, base_dir):
@@ -170,20 +265,80 @@ def test_the_card_of_an_adapter_on_a_resized_vocabulary_resizes_the_base_model(t
     assert "resize_token_embeddings" not in loading_code(tmp_path / "plain" / "README.md")
 
 
-def test_auto_peft_model_resizing_to_the_tokenizer_is_named_in_the_refusal(tmp_path, base_dir):
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+def test_auto_peft_model_loads_an_adapter_on_a_vocabulary_padded_by_the_training_script(tmp_path, base_dir, quantized):
     """PEFT's examples/sft adds chat tokens and resizes with ``pad_to_multiple_of=8``; ``trainer.save_model()``
     saves the tokenizer beside the adapter, and ``AutoPeftModelForCausalLM.from_pretrained(folder)`` resizes the
-    base model to ``len(tokenizer)`` by itself: another size than the padded one. The refusal named a
-    ``resize_token_embeddings`` the user never called; it now names AutoPeftModel's resize and the way that loads."""
-    from peft import AutoPeftModelForCausalLM
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
+    base model to ``len(tokenizer)`` by itself: another size than the padded one, refused as another vocabulary size
+    (a LoRA adapter fails there too). The file holds the trained embeddings and head for the padded size, so QST
+    resizes the base model to it, with a warning, and the model computes exactly as trained (as it does loaded by
+    transformers' AutoModelForCausalLM.from_pretrained(folder)); saved again, the adapter records the same size and
+    holds the same tensors."""
+    import json
 
-    trained(base_dir).save_pretrained(tmp_path / "adapter")  # embeddings padded to VOCAB = 136 rows
-    vocab = {f"t{i}": i for i in range(VOCAB - 3)}  # the tokenizer: 133 tokens, padded to 136 by the script
+    from peft import AutoPeftModelForCausalLM
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = VOCAB - 3  # the tokenizer: 133 tokens, padded to 136 by the script
+    model = trained(base_dir, resized_4bit(base_dir, tokens, quantized, pad_to_multiple_of=8))
+    expected = outputs(model)
+    model.save_pretrained(tmp_path / "adapter")
+    vocab = {f"t{i}": i for i in range(tokens)}
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0"))).save_pretrained(
         tmp_path / "adapter"
     )
-    with pytest.raises(ValueError, match=rf"vocab_size {VOCAB} against {VOCAB - 3}.*AutoPeftModel\*.from_pretrained "
-                                         r"resizes the base model to the length of the tokenizer.*PeftModel.from_"):
-        AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), quantization_config=bnb_config())
+    with pytest.warns(UserWarning, match=rf"resized from {tokens} to {VOCAB} tokens .*AutoPeftModel"):
+        loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), **quantized_as(quantized))
+    for reloaded, wanted in zip(outputs(loaded), expected):
+        assert torch.equal(reloaded, wanted)
+    with pytest.warns(UserWarning, match=rf"resized from 128 to {VOCAB} tokens"):  # transformers' own one-liner
+        direct = AutoModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), **quantized_as(quantized))
+    with torch.no_grad():
+        assert torch.equal(direct.eval()(input_ids=IDS).logits, expected[0])
+    loaded.save_pretrained(tmp_path / "again")
+    signature = [json.loads((tmp_path / name / "adapter_config.json").read_text())["base_model_signature"]
+                 for name in ("adapter", "again")]
+    assert signature[0] == signature[1] and signature[0]["vocab_size"] == VOCAB
+    saved, again = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("adapter", "again"))
+    assert saved.keys() == again.keys() and all(torch.equal(saved[key], again[key]) for key in saved)
+
+
+def test_an_adapter_of_another_vocabulary_is_not_loaded_beside_one_by_resizing(tmp_path, base_dir):
+    """A model that holds an adapter is not resized for a second one: the resize would change the embeddings the
+    first computes with. Refused as before, naming why the load did not resize; the first adapter is untouched."""
+    first = trained(base_dir)
+    expected = outputs(first)[0]
+    first.save_pretrained(tmp_path / "first")
+    trained(base_dir, resized_4bit(base_dir, VOCAB + 8)).save_pretrained(tmp_path / "second")
+    model = PeftModel.from_pretrained(resized_4bit(base_dir), str(tmp_path / "first"))
+    with pytest.raises(ValueError, match=rf"vocab_size {VOCAB + 8} against {VOCAB}.*holds no adapter yet"):
+        model.load_adapter(str(tmp_path / "second"), adapter_name="second")
+    assert sorted(model.peft_config) == ["default"] and model.config.vocab_size == VOCAB
+    assert torch.equal(outputs(model)[0], expected)
+
+
+def test_a_multimodal_model_resized_to_the_adapters_vocabulary(tmp_path):
+    """A VLM keeps its vocabulary size in text_config, which the resize sets and the signature reads. PEFT's
+    save_embedding_layers="auto" reads the top-level config's vocab_size, which a Llava config lacks, and saves no
+    embeddings: that adapter keeps the refusal; saved with save_embedding_layers=True, it loads exactly."""
+    from transformers import AutoModelForImageTextToText
+
+    from .test_multimodal import build, logits, make_inputs, train
+
+    ids, extra = make_inputs("llava")
+    build("llava").save_pretrained(tmp_path / "base")
+    base = AutoModelForImageTextToText.from_pretrained(tmp_path / "base")
+    base.resize_token_embeddings(261, pad_to_multiple_of=8)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    train(model, "llava", ids, extra)
+    expected = logits(model, ids, extra)
+    model.save_pretrained(tmp_path / "auto")
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    with pytest.raises(ValueError, match="vocab_size 264 against 256"):
+        PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tmp_path / "base"), tmp_path / "auto")
+    with pytest.warns(UserWarning, match="resized from 256 to 264 tokens"):
+        loaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tmp_path / "base"),
+                                           tmp_path / "adapter")
+    assert loaded.config.text_config.vocab_size == 264
+    assert torch.equal(logits(loaded, ids, extra), expected)
