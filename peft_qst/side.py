@@ -1441,6 +1441,45 @@ class QSTSideBlock(nn.Module):
         return self.block(mixed, *args, **kwargs)
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def side_dtype_autocast(side: nn.Module, device: torch.device, dtype: torch.dtype):
+    """The autocast the side network's general path runs under: one to its own dtype ``dtype`` where the caller's
+    would not compute it as that dtype intends, else nothing entered (the caller's autocast, or none, as it is).
+
+    - float32 weights beside a half-precision side network (norms a trainer kept in float32, as TRL's ORPO and CPO
+      do, and that reload so: QSTModel._keep_weights_saved_in_float32) ran under the trainer's autocast; without one,
+      a float32 norm's output met the next half-precision Linear and failed ("expected m1 and m2 to have the same
+      dtype") in a forward with gradients, in training mode, or a generate the fast path does not run.
+    - a half-precision side network under an autocast to the other half dtype (a bf16 side network, as TRL casts a
+      4-bit model's, under a float16 autocast: ``Trainer(fp16=True)``'s on a GPU, one's own on the CPU; a float16 one
+      under ``Trainer(bf16=True)``'s): its Linears computed in autocast's dtype, and the downsampler's LayerNorm (and
+      a side trunk's own LayerNorms, GPT-2's or OPT's) met that input beside its own half-precision weights. CPU
+      autocast leaves ``layer_norm`` out of its float32 list, and the CPU kernel takes half weights only with an input
+      of their dtype: every training step, and every forward the fast path does not take, failed ("mixed dtype (CPU):
+      expect parameter to have scalar type of Float"). CUDA autocast runs ``layer_norm`` in float32 and did not fail,
+      but it rounded the side weights into the other half dtype for every Linear (bf16's range into float16's). On
+      every device the side network now computes as under an autocast to its own dtype, which is what it computes
+      under the matching autocast (that case, and a float32 side network under either autocast, unchanged). Its
+      backward belongs outside the caller's autocast, as PyTorch asks of every backward: one run inside it can meet
+      the side network's half gradients in a ``cat`` (the backward of GPT-2's split of its fused attention
+      projection) and fail, as the fast path's ``torch.stack`` did in forward ("Unexpected floating ScalarType in
+      at::autocast::prioritize").
+
+    Entered only where it changes something: an autocast's entry costs about 30 times the check (see
+    fast_path.autocast_off)."""
+    if dtype not in HALF_DTYPES:
+        return nullcontext()
+    if torch.is_autocast_enabled(device.type):
+        autocast_dtype = torch.get_autocast_dtype(device.type)
+        other_half = autocast_dtype in HALF_DTYPES and autocast_dtype != dtype
+        return torch.autocast(device.type, dtype=dtype) if other_half else nullcontext()
+    if any(p.dtype == torch.float32 for p in side.parameters()):
+        return torch.autocast(device.type, dtype=dtype)
+    return nullcontext()
+
+
 def _unsupported_side_network(base_config, qst_config: QSTConfig, problem: str) -> QSTUnsupportedModelError:
     """The error for a side network that QST's shrink rules built for a model but that cannot be used."""
     heads = "" if qst_config.side_heads is None else f", side_heads={qst_config.side_heads}"
@@ -1720,13 +1759,7 @@ class QSTSideNetwork(nn.Module):
         # were computed under no_grad and carry none
         first = hidden_states[0]
         device = module_device(self.embed_downsample)
-        # float32 weights beside a half-precision side network (norms a trainer kept in float32, as TRL's ORPO and CPO
-        # do, and that reload so: QSTModel._keep_weights_saved_in_float32) ran under the trainer's autocast; without
-        # one, a float32 norm's output met the next half-precision Linear and failed ("expected m1 and m2 to have the
-        # same dtype") in a forward with gradients, in training mode, or a generate the fast path does not run
-        mixed = dtype in (torch.bfloat16, torch.float16) and any(p.dtype == torch.float32 for p in self.parameters())
-        autocast = mixed and not torch.is_autocast_enabled(device.type)
-        with torch.autocast(device.type, dtype=dtype) if autocast else nullcontext():
+        with side_dtype_autocast(self, device, dtype):
             inputs = self.embed_dropout(self.embed_downsample(first.to(device, dtype)))
             run_by_trunk = getattr(*self._block_list)  # each block, or the wrapper put around it
             for block, runner, hidden in zip(self._blocks, run_by_trunk, hidden_states[1:]):

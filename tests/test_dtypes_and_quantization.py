@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -259,3 +260,125 @@ def test_weights_kept_in_float32_run_on_the_general_path_without_autocast(tiny_m
     loss.backward()
     assert torch.isfinite(loss)
     assert any(p.grad is not None and p.dtype == torch.float32 for p in reloaded.parameters() if p.requires_grad)
+
+
+OTHER_HALF = {"bfloat16": torch.float16, "float16": torch.bfloat16}
+
+
+def _autocast_steps(model, autocast_dtype, steps: int = 3) -> list[float]:
+    """``train_steps`` under a CPU autocast, with the gradient scaler's sequence where it is float16 (as accelerate
+    runs ``Trainer(fp16=True)``) and the side network is not (the scaler refuses float16 gradients). AdamW's eps is
+    one float16 resolves: its default 1e-8 rounds to 0 there, and a squared gradient that underflows gave inf."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, eps=1e-4)
+    scaling = autocast_dtype == torch.float16 and all(p.dtype != torch.float16 for p in params)
+    scaler = torch.amp.GradScaler("cpu", enabled=scaling)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            loss = model(input_ids=IDS, labels=IDS).loss
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("side_dtype", list(OTHER_HALF), ids=["bf16-side-fp16-autocast", "fp16-side-bf16-autocast"])
+@pytest.mark.parametrize("base", ["fp32", "nf4-bf16-compute", "nf4-fp16-compute", "gpt2-fp32"])
+def test_training_under_autocast_to_the_other_half_dtype(tiny_model_dir, side_dtype, base):
+    """A bf16 side network (TRL casts a 4-bit model's to bf16) under a float16 CPU autocast (Trainer(fp16=True)'s on
+    an accelerator), and a float16 one under bf16 autocast (Trainer(bf16=True)'s): every training step failed in the
+    downsampler's LayerNorm ("mixed dtype (CPU): expect parameter to have scalar type of Float"), CPU autocast handing
+    it the other half dtype's input beside its own half weights, and so did evaluation and generate off the fast
+    path. The side network now computes as under the autocast to its own dtype: for the same hidden states, bit for
+    bit; the model's loss, gradients and logits follow those under the matching autocast within the backbone's
+    rounding to the other half dtype. GPT-2's side blocks have LayerNorms of their own, which failed alike."""
+    from peft_qst.fast_path import fast_path_disabled
+
+    from .conftest import tiny_causal_lm
+    from .test_training_graph import qst_layer
+
+    autocast_dtype, own_dtype = OTHER_HALF[side_dtype], getattr(torch, side_dtype)
+    if base == "gpt2-fp32":
+        base_model = tiny_causal_lm("gpt2", n_embd=64, n_layer=3, n_head=4, vocab_size=128, n_positions=64)
+    else:
+        kwargs = {"fp32": dict(dtype=torch.float32)}.get(base) or dict(
+            quantization_config=bnb_config(compute_dtype=torch.bfloat16 if "bf16" in base else torch.float16)
+        )
+        base_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs)
+    model = get_peft_model(base_model, QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype=side_dtype))
+    side = qst_layer(model).qst_side["default"].train()
+    torch.manual_seed(1)
+    hidden = tuple(torch.randn(2, IDS.shape[1], 64) for _ in range(4))
+    outputs = {}
+    for dtype in (autocast_dtype, own_dtype):
+        torch.manual_seed(2)  # the same dropout (GPT-2's side blocks keep its 0.1)
+        with torch.autocast("cpu", dtype=dtype):
+            outputs[dtype] = side(hidden)[0]
+    assert outputs[autocast_dtype].dtype == own_dtype
+    assert torch.equal(outputs[autocast_dtype], outputs[own_dtype])
+
+    losses = _autocast_steps(model, autocast_dtype)
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    # the trained model in training mode (the general path), then in eval mode, under each autocast
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    loss, grads = {}, {}
+    for dtype in (autocast_dtype, own_dtype):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=dtype):
+            loss[dtype] = model(input_ids=IDS, labels=IDS).loss
+        grads[dtype] = torch.autograd.grad(loss[dtype], list(params.values()))
+    torch.testing.assert_close(loss[autocast_dtype], loss[own_dtype], atol=1e-2, rtol=0)
+    for name, grad, expected in zip(params, grads[autocast_dtype], grads[own_dtype]):
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad.float(), expected.float(), atol=0.05 * expected.abs().max().item() + 1e-6,
+                                   rtol=0, msg=name)
+    model.eval()
+    with torch.no_grad(), fast_path_disabled(), torch.autocast("cpu", dtype=own_dtype):
+        expected_logits = model(input_ids=IDS).logits.float()
+        with model.disable_adapter():
+            assert (model(input_ids=IDS).logits.float() - expected_logits).abs().max() > 0.1  # the side network counts
+    for fast in (False, True):
+        with torch.no_grad(), (nullcontext() if fast else fast_path_disabled()):
+            with torch.autocast("cpu", dtype=autocast_dtype):
+                logits = model(input_ids=IDS).logits.float()
+                generated = model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=4,
+                                           do_sample=False)
+        torch.testing.assert_close(logits, expected_logits, atol=4e-2, rtol=0)
+        assert generated.shape == (2, IDS.shape[1] + 4)
+
+
+def test_trainer_bf16_trains_and_evaluates_a_float16_side_network(tiny_model_dir, tmp_path):
+    """Trainer(bf16=True) on the CPU (accelerate's bf16 autocast; TRL's SFTConfig default) with a float16 side network
+    (``side_dtype="float16"``) on a 4-bit base computing in float16: train() failed at its first step ("mixed dtype
+    (CPU): expect parameter to have scalar type of Float"), and so did evaluate() off the fast path. (Trainer(fp16=True)
+    runs no autocast on the CPU: accelerate enables its float16 mixed precision on accelerators only.)"""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from peft_qst.fast_path import fast_path_disabled
+
+    from .test_training_graph import qst_layer
+
+    rows = Dataset.from_list([{"input_ids": ids.tolist(), "labels": ids.tolist()} for ids in IDS])
+    fp16_compute = bnb_config(compute_dtype=torch.float16)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=fp16_compute)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype="float16"))
+    autocasts = set()
+    qst_layer(model).qst_side["default"].register_forward_pre_hook(
+        lambda *_: autocasts.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(str(tmp_path), bf16=True, use_cpu=True, max_steps=2, per_device_train_batch_size=2,
+                             report_to=[], save_strategy="no", disable_tqdm=True, learning_rate=1e-2)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows)
+    assert math.isfinite(trainer.train().training_loss)
+    assert autocasts == {torch.bfloat16}  # the mixed precision's autocast, the other half dtype
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    with fast_path_disabled():
+        assert math.isfinite(trainer.evaluate()["eval_loss"])
