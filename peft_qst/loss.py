@@ -106,6 +106,15 @@ def chunked_causal_lm_loss(
         shift_labels = labels[..., 1:]
     logits = logits.reshape(-1, vocab_size)
     targets = shift_labels.reshape(-1).to(logits.device)
+    if targets.numel() != logits.shape[0]:
+        # cross_entropy refuses this (transformers' loss raises its ValueError); the chunks would not: a single target
+        # broadcasts against every row of a chunk, and labels of shape (1, 1) for a longer sequence gave a NaN loss
+        raise ValueError(
+            f"Expected input batch_size ({logits.shape[0]}) to match target batch_size ({targets.numel()}): QST's "
+            f"causal-LM loss (peft_qst.loss.chunked_causal_lm_loss) got logits for {logits.shape[0]} positions and "
+            f"labels for {targets.numel()}. Pass labels of the same shape as input_ids (and no logits_to_keep with "
+            "labels), as for transformers' loss."
+        )
     losses = _ChunkedCrossEntropy.apply(logits, targets, ignore_index)
     if num_items_in_batch is not None:  # "sum" reduction over the items of the whole (accumulated) batch
         if torch.is_tensor(num_items_in_batch):

@@ -135,3 +135,30 @@ def test_logits_edited_in_place_after_the_loss_are_refused_by_name():
     assert grads and grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for name, grad in grads.items():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    "batch_size,inputs",
+    [
+        (1, {"labels": slice(0, 1)}),  # a single label for a longer sequence: a NaN loss, where transformers raises
+        (2, {"labels": slice(0, 5)}),
+        (2, {"labels": slice(None), "logits_to_keep": 3}),
+    ],
+    ids=["one-label", "short-labels", "logits-to-keep"],
+)
+def test_labels_that_do_not_match_the_logits_are_refused_as_by_transformers_loss(batch_size, inputs):
+    """cross_entropy refuses targets of another length than the logits' rows; the chunked loss must not compute a
+    value (nor a cryptic gather error) there, where transformers' loss raises its ValueError."""
+    base = tiny_causal_lm()
+    model = get_peft_model(base, peft_qst.QSTConfig(task_type="CAUSAL_LM", r=4)).train()
+    ids = torch.randint(0, 128, (batch_size, 9))
+    kwargs = dict(inputs, labels=ids[:, inputs["labels"]])
+    messages = []
+    for installed in (True, False):
+        if not installed:
+            qst_loss.uninstall_chunked_loss(model.get_base_model())
+        assert (model.get_base_model().loss_function is qst_loss.chunked_causal_lm_loss) is installed
+        with pytest.raises(ValueError, match=r"Expected input batch_size \(\d+\) to match target batch_size") as info:
+            model(input_ids=ids, **kwargs)
+        messages.append(str(info.value))
+    assert messages[0].startswith(messages[1].rstrip("."))  # the same numbers as transformers' message
