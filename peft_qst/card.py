@@ -258,7 +258,9 @@ def _resized_vocab_size(config: dict, weights_path: str) -> int | None:
     """The vocabulary size the base model was resized to when the adapter of this ``adapter_config.json`` and weights
     file was trained, None where it was not resized (or the files do not tell). PEFT saves the token embeddings beside
     an adapter only when the vocabulary differs from the base model's (``save_embedding_layers``, which it sets
-    itself): a QST adapter's weights hold a tensor of the trunk (``...base_layer...``) only then, one row per token
+    itself, and QST's ``save_pretrained`` for a multimodal model, whose vocabulary size PEFT does not find in
+    ``text_config``; its trunk's embeddings are ``...language_model.base_layer.embed_tokens.weight``): a QST adapter's
+    weights hold a tensor of the trunk (``...base_layer...``) only then, one row per token
     (of the size ``base_model_signature`` records, where it records one). Loading refuses the base model as its
     checkpoint builds it (another vocabulary size), so the card's code resizes it first; without that line, QLoRA
     recipes that add chat tokens (PEFT's ``examples/sft``: ``resize_token_embeddings(len(tokenizer),

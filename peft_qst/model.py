@@ -12,6 +12,7 @@ import copy
 import difflib
 import functools
 import inspect
+import os
 import re
 import threading
 import warnings
@@ -1600,6 +1601,87 @@ def check_token_embeddings_fit(model: nn.Module, tensors: dict) -> None:
                 )
 
 
+def checkpoint_vocab_size(model_id, config_class, local_files_only: bool = True) -> Optional[int]:
+    """The vocabulary size in the config of checkpoint ``model_id`` (a folder or a Hub id), read as ``config_class``:
+    its text config's where it has one (:func:`text_config_of`; a Llava or Qwen2-VL config keeps it in
+    ``text_config``, which PEFT's ``save_embedding_layers="auto"`` does not read). None where the config cannot be
+    read (with ``local_files_only``, without the network: a folder, or the Hub cache)."""
+    if not model_id or not isinstance(model_id, (str, os.PathLike)):
+        return None
+    try:
+        config = config_class.from_pretrained(model_id, local_files_only=local_files_only)
+        vocab_size = getattr(text_config_of(config), "vocab_size", None)
+    except Exception:  # noqa: BLE001 - no such folder or cached repo, another config class, a garbled file
+        return None
+    return int(vocab_size) if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) else None
+
+
+def vocabulary_resized_from_checkpoint(model: nn.Module, model_id) -> Optional[tuple[int, int]]:
+    """(the checkpoint's, the model's) vocabulary sizes where the language model of composite ``model`` (its vocabulary
+    size in ``text_config``) was resized from checkpoint ``model_id``'s, else None. PEFT's ``save_embedding_layers=
+    "auto"`` compares the top-level configs' ``vocab_size``, which a composite config lacks (or keeps unresized beside
+    its ``text_config``): it saved no embeddings for a resized VLM. The checkpoint's config is found as PEFT finds it
+    (a folder, else the Hub: ``check_file_exists_on_hf_hub``, which warns itself where it cannot tell and PEFT then
+    assumes the vocabulary unchanged)."""
+    from peft.utils.other import check_file_exists_on_hf_hub
+
+    config = model.config
+    vocab_size = getattr(text_config_of(config), "vocab_size", None)
+    if text_config_of(config) is config or not isinstance(vocab_size, int) or not model_id:
+        return None  # a plain config: PEFT decides itself; a from-config model (no name): PEFT does not check either
+    local = os.path.exists(os.path.join(model_id, "config.json"))
+    if not (local or check_file_exists_on_hf_hub(model_id, "config.json")):
+        return None
+    base_vocab_size = checkpoint_vocab_size(model_id, type(config), local_files_only=False)
+    if base_vocab_size is None or base_vocab_size == vocab_size:
+        return None
+    return base_vocab_size, vocab_size
+
+
+def warn_added_token_embeddings_not_saved(model: nn.Module, adapter_name: str, config, tensors) -> None:
+    """Warn where QST adapter ``adapter_name`` (of ``config``) was trained on a vocabulary larger than the checkpoint
+    the model was loaded from (``base_model_signature`` records the size at saving; the checkpoint's config tells
+    its own) while the file read for it (``tensors``) holds no input embeddings: the model was resized by hand, its
+    added tokens' rows are those the resize drew (random), not those the adapter was trained with, and it computes
+    otherwise on them, though every shape fits. PEFT saves no embeddings where ``save_embedding_layers=False`` or
+    where it could not tell the vocabulary was resized (a VLM before peft-qst checked its ``text_config``; a base
+    model built from a config, with no checkpoint to compare). The model's own checkpoint is read first (a base saved
+    after its resize holds the trained rows), then the adapter's ``base_model_name_or_path``; neither read: no
+    warning (the network is not used here)."""
+    recorded = (getattr(config, "base_model_signature", None) or {}).get("vocab_size")
+    if not isinstance(recorded, int) or isinstance(recorded, bool):
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        embeddings = base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    names = {
+        name.replace("_fsdp_wrapped_module.", "").removeprefix(PEFT_MODEL_PREFIX)
+        for name, module in model.named_modules(remove_duplicate=False) if name and module is embeddings
+    }
+    if any(key.removeprefix(PEFT_MODEL_PREFIX).startswith(f"{name}.") for key in tensors for name in names):
+        return  # loaded over the model's rows
+    for model_id in (getattr(base.config, "name_or_path", None), getattr(config, "base_model_name_or_path", None)):
+        checkpoint = checkpoint_vocab_size(model_id, type(base.config))
+        if checkpoint is not None:
+            break
+    if checkpoint is None or checkpoint >= recorded:
+        return
+    warnings.warn(
+        f"QST adapter {adapter_name!r} was trained on a vocabulary of {recorded} tokens (recorded in its "
+        f"adapter_config.json), resized from the {checkpoint} of base checkpoint {model_id!r}, but its file holds no "
+        f"token embeddings: the {recorded - checkpoint} added tokens' rows are the ones this model's "
+        "resize_token_embeddings drew (random), not the ones the adapter was trained with, so its outputs on those "
+        "tokens differ from the trained model's. It was saved with save_embedding_layers=False, or by an earlier "
+        "peft-qst (for a multimodal model, whose vocabulary size is in text_config, PEFT's save_embedding_layers="
+        "\"auto\" did not save them). Save the adapter again from the trained model (save_pretrained saves them), or "
+        "load it onto the base model it was trained on, saved after its resize.",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
 def _saved_state_names(key: str) -> set[str]:
     """The names a tensor saved with an adapter (``key``, as in its file) has in the state of its base model before the
     adapter is injected: the PeftModel prefix off, and the wrappers' levels that injection adds (the trunk's
@@ -1909,6 +1991,7 @@ def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: 
     check_width_options_of_earlier_files(peft_model, adapter_name, saved_config, tensors)
     check_token_embeddings_fit(peft_model, tensors)
     check_shared_embeddings_kept(peft_model, adapter_name, tensors)
+    warn_added_token_embeddings_not_saved(peft_model, adapter_name, config, tensors)
     missing = []
     for name, module in peft_model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):

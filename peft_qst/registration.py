@@ -66,6 +66,8 @@ from .model import (
     resize_to_the_adapters_vocabulary,
     saved_adapter_copies_of_embeddings,
     text_config_of,
+    vocabulary_resized_from_checkpoint,
+    warn_added_token_embeddings_not_saved,
     with_peft_model_prefix,
 )
 from .serialization import (
@@ -780,6 +782,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     )
                     check_width_options_of_earlier_files(model, name, saved_config, state_dict)
                     check_token_embeddings_fit(model, state_dict)
+                    warn_added_token_embeddings_not_saved(model, name, peft_config, state_dict)
                     copies = set(saved_adapter_copies_of_embeddings(model, name, state_dict))
                     state_dict = {key: value for key, value in state_dict.items() if key not in copies}
                     foreign = foreign_tensors(model, name, state_dict, model.state_dict())
@@ -867,6 +870,14 @@ def _save_qst_weights_as_safetensors() -> None:
                     args[0] = True
                 else:
                     kwargs["safe_serialization"] = True
+            if holds_qst and arguments.get("save_embedding_layers", "auto") == "auto":
+                names = arguments.get("selected_adapters")
+                if _vocabulary_resized_for_an_adapter(self, list(self.peft_config) if names is None else names):
+                    position = list(inspect.signature(original).parameters).index("save_embedding_layers") - 2
+                    if len(args) > position:
+                        args[position] = True
+                    else:
+                        kwargs["save_embedding_layers"] = True
             result = original(self, save_directory, *args, **kwargs)
             # PEFT writes the card at the root before it saves the adapters ("default" there, each of another name
             # in its own subfolder): the root card's loading section is written once they are all saved, from
@@ -878,6 +889,30 @@ def _save_qst_weights_as_safetensors() -> None:
         return save_pretrained
 
     _patch_once(PeftModel, "save_pretrained", make)
+
+
+def _vocabulary_resized_for_an_adapter(model, adapter_names) -> bool:
+    """Whether a QST adapter of ``model`` among ``adapter_names`` (those to be saved) was trained on a multimodal model
+    whose language model's vocabulary was resized (:func:`~peft_qst.model.vocabulary_resized_from_checkpoint`), with
+    PEFT's warning where it was: the embeddings are then saved with it. PEFT's ``save_embedding_layers="auto"`` saves
+    the token embeddings beside an adapter where the vocabulary differs from the base checkpoint's, but reads only the
+    top-level config: a resized Llava or Qwen2-VL was saved without them, and loaded onto a base model resized by hand
+    (whose shapes the adapter's signature accepts) computed with the random rows that resize drew."""
+    for name in adapter_names:
+        config = getattr(model, "peft_config", {}).get(name)
+        if getattr(config, "peft_type", None) != PEFT_TYPE:
+            continue
+        resized = vocabulary_resized_from_checkpoint(model, getattr(config, "base_model_name_or_path", None))
+        if resized is not None:
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as the embedding layer has been resized during "
+                f"finetuning: the language model's vocabulary (text_config.vocab_size) has {resized[1]} tokens, the "
+                f"base checkpoint's {resized[0]} (PEFT reads the top-level config's vocab_size, which a multimodal "
+                "config does not resize).",
+                stacklevel=user_stacklevel(),
+            )
+            return True
+    return False
 
 
 def _keep_the_weights_of_adapters_beside_module_named_ones() -> None:

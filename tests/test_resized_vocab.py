@@ -319,9 +319,9 @@ def test_an_adapter_of_another_vocabulary_is_not_loaded_beside_one_by_resizing(t
 
 
 def test_a_multimodal_model_resized_to_the_adapters_vocabulary(tmp_path):
-    """A VLM keeps its vocabulary size in text_config, which the resize sets and the signature reads. PEFT's
-    save_embedding_layers="auto" reads the top-level config's vocab_size, which a Llava config lacks, and saves no
-    embeddings: that adapter keeps the refusal; saved with save_embedding_layers=True, it loads exactly."""
+    """A VLM keeps its vocabulary size in text_config, which the resize sets and the signature reads. Saved with
+    save_embedding_layers=True (and by default, see the test below), the adapter loads onto the base model as its
+    checkpoint builds it, resized by the load, and computes exactly as trained."""
     from transformers import AutoModelForImageTextToText
 
     from .test_multimodal import build, logits, make_inputs, train
@@ -333,12 +333,120 @@ def test_a_multimodal_model_resized_to_the_adapters_vocabulary(tmp_path):
     model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
     train(model, "llava", ids, extra)
     expected = logits(model, ids, extra)
-    model.save_pretrained(tmp_path / "auto")
     model.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
-    with pytest.raises(ValueError, match="vocab_size 264 against 256"):
-        PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tmp_path / "base"), tmp_path / "auto")
     with pytest.warns(UserWarning, match="resized from 256 to 264 tokens"):
         loaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tmp_path / "base"),
                                            tmp_path / "adapter")
     assert loaded.config.text_config.vocab_size == 264
     assert torch.equal(logits(loaded, ids, extra), expected)
+
+
+def multimodal_base(folder, quantized: bool):
+    """The tiny Llava of test_multimodal.py saved at ``folder`` and a loader of it, in float32 or in bitsandbytes
+    4-bit (the vision tower 64 wide, as test_llava_in_4bit_trains_generates_and_reloads builds it)."""
+    from transformers import AutoModelForImageTextToText
+
+    from .test_multimodal import build
+
+    build("llava", **(dict(hidden_size=64, intermediate_size=128) if quantized else {})).save_pretrained(folder)
+    return lambda: AutoModelForImageTextToText.from_pretrained(folder, **quantized_as(quantized))
+
+
+def multimodal_inputs(quantized: bool):
+    """An image and text with added tokens (ids 256 and over) for the tiny Llava."""
+    from .test_multimodal import make_inputs
+
+    ids, extra = make_inputs("llava")
+    ids = ids.clone()
+    ids[:, -3], ids[0, -1], ids[1, -2] = 258, 263, 256
+    if quantized:
+        extra["pixel_values"] = extra["pixel_values"].to(torch.bfloat16)
+    return ids, extra
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+def test_a_multimodal_adapter_on_a_resized_vocabulary_saves_its_embeddings_by_default(tmp_path, quantized):
+    """PEFT's save_embedding_layers="auto" compares the top-level config's vocab_size with the base checkpoint's; a
+    Llava config keeps it in text_config only, so PEFT saved no embeddings: the adapter loaded onto its base model
+    resized by hand (every shape fits the recorded signature) computed with the rows that resize drew, silently
+    other logits on the added tokens. QST now compares text_config's vocabulary with the checkpoint's and saves the
+    embeddings as PEFT does for a plain config: the adapter reloads onto a base model resized by hand, or as its
+    checkpoint builds it (resized by the load), and onto both computes exactly as trained; the card resizes too."""
+    import re
+    import warnings
+
+    from .test_adapter_names_and_cards import loading_code, run_card
+    from .test_multimodal import logits, train
+
+    load = multimodal_base(tmp_path / "base", quantized)
+
+    def resized():
+        base = load()
+        base.resize_token_embeddings(264)  # the added rows drawn at random, differently at every call
+        return base
+
+    ids, extra = multimodal_inputs(quantized)
+    model = get_peft_model(resized(), QSTConfig(task_type="CAUSAL_LM", r=4))
+    train(model, "llava", ids, extra)
+    expected = logits(model, ids, extra)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "adapter")
+    assert torch.equal(logits(PeftModel.from_pretrained(resized(), tmp_path / "adapter"), ids, extra), expected)
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved["base_model.model.model.language_model.base_layer.embed_tokens.weight"].shape[0] == 264
+    assert any(re.search(r"save_embedding_layers.*text_config.vocab_size\) has 264 tokens.*256", str(w.message))
+               for w in caught)
+    with pytest.warns(UserWarning, match="resized from 256 to 264 tokens"):
+        loaded = PeftModel.from_pretrained(load(), tmp_path / "adapter")
+    assert torch.equal(logits(loaded, ids, extra), expected)
+    assert "base.resize_token_embeddings(264)" in loading_code(tmp_path / "adapter" / "README.md")
+    assert torch.equal(logits(run_card(tmp_path / "adapter" / "README.md"), ids, extra), expected)
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "llava"])
+def test_an_adapter_saved_without_the_embeddings_of_a_resized_vocabulary_warns(tmp_path, multimodal):
+    """An adapter that records a vocabulary larger than the base checkpoint's but whose file holds no embeddings
+    (save_embedding_layers=False, or saved by an earlier peft-qst from a VLM) loads onto a base model resized by hand
+    with the rows that resize drew, not the trained ones: it computes otherwise on the added tokens. That load now
+    warns, naming both sizes and the fix; an adapter trained without a resize loads with no such warning."""
+    import warnings
+
+    from .test_multimodal import logits, train
+
+    if multimodal:
+        load = multimodal_base(tmp_path / "base", False)
+        ids, extra = multimodal_inputs(False)
+        vocab, checkpoint = 264, 256
+    else:
+        tiny_causal_lm().save_pretrained(tmp_path / "base")
+
+        def load():
+            return AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+
+        ids, extra, vocab, checkpoint = IDS, {}, VOCAB, 128
+
+    def resized():
+        base = load()
+        base.resize_token_embeddings(vocab)
+        return base
+
+    model = get_peft_model(resized(), QSTConfig(task_type="CAUSAL_LM", r=4))
+    if multimodal:
+        train(model, "llava", ids, extra)
+    else:
+        train_steps(model, IDS)
+    expected = logits(model, ids, extra)
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    warning = (rf"trained on a vocabulary of {vocab} tokens.*resized from the {checkpoint} of base checkpoint.*holds "
+               "no token embeddings.*Save the adapter again")
+    with pytest.warns(UserWarning, match=warning):
+        loaded = PeftModel.from_pretrained(resized(), tmp_path / "adapter")
+    assert not torch.equal(logits(loaded, ids, extra), expected)  # what the warning is about
+    with pytest.warns(UserWarning, match=warning):
+        resized().load_adapter(str(tmp_path / "adapter"))  # transformers' own loading
+
+    get_peft_model(load(), QSTConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(tmp_path / "plain")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*holds no token embeddings")
+        PeftModel.from_pretrained(load(), tmp_path / "plain")
