@@ -1192,6 +1192,20 @@ class QSTModel(BaseTuner):
         _update_layer(new_module, adapter_name, peft_config, dtype)
         setattr(parent, target_name, new_module)
 
+    def forward(self, *args, **kwargs):
+        """The wrapped model's forward, with the rows of an ``adapter_names=[...]`` that reaches it routed.
+
+        ``PeftModelForCausalLM.forward`` routes ``adapter_names`` (:meth:`_enable_peft_forward_hooks`) and drops it,
+        except on MPT models: a branch of its own for ``model_type == "mpt"`` hands every keyword to this forward
+        without routing, and ``MptForCausalLM.forward`` swallowed ``adapter_names`` in its ``**kwargs``: every row ran
+        the active adapter, silently (a hybrid's and a plain adapter's rows alike; ``generate`` routes through the
+        hooks and was right). Routed here as the other models' forwards are."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._enable_peft_forward_hooks(adapter_names=adapter_names):
+            return self.model(*args, **kwargs)
+
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         """Route ``adapter_names=[...]`` (one adapter per row, ``"__base__"`` for the base model) from

@@ -30,6 +30,7 @@ FAMILIES = {
     "opt": {"fc1", "fc2"},
     "mixtral": set(),
     "deepseek_v3": set(),
+    "mpt": set(),  # every layer reads the block's layout; see test_rows_of_plain_adapters_on_mpt
 }
 
 
@@ -153,3 +154,20 @@ def test_tokens_of_unknown_rows_are_refused():
     for tokens, name in ((torch.zeros(10, 16), "mlp.up_proj"), (torch.zeros(21, 16), "block_sparse_moe.experts.2.w1")):
         with pytest.raises(QSTUnsupportedModelError, match=f"{name!r} of block 1.*in a batch of their own"):
             token_rows(rows, 7, tokens, 1, name)
+
+
+def test_rows_of_plain_adapters_on_mpt():
+    """PEFT's ``PeftModelForCausalLM.forward`` has a branch of its own for MPT models that hands ``adapter_names`` to
+    the base model without routing it; ``MptForCausalLM.forward`` swallowed it in its ``**kwargs``, and every row ran
+    the active adapter, silently (hybrids too: the ``"mpt"`` case above). Each row now gets its own adapter's output,
+    in a forward as in ``generate``."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_config("mpt")).float().eval()
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4), adapter_name="a")
+    model.add_adapter("b", QSTConfig(task_type="CAUSAL_LM", r=4))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".qst_side." in name:  # both adapters trained apart: each changes the output its own way
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    _check_rows_as_alone(model.eval(), exact=True)
