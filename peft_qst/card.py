@@ -264,13 +264,16 @@ def _resized_vocab_size(config: dict, weights_path: str) -> int | None:
     (of the size ``base_model_signature`` records, where it records one). Loading refuses the base model as its
     checkpoint builds it (another vocabulary size), so the card's code resizes it first; without that line, QLoRA
     recipes that add chat tokens (PEFT's ``examples/sft``: ``resize_token_embeddings(len(tokenizer),
-    pad_to_multiple_of=8)``) got a card whose code failed."""
+    pad_to_multiple_of=8)``) got a card whose code failed. The embeddings saved with ``save_embedding_layers=True``
+    on a vocabulary left as the base checkpoint has it (whose config is read locally, where it can be) need no resize:
+    None then, so that the card does not say tokens were added."""
     signature = config.get("base_model_signature")
     recorded = signature.get("vocab_size") if isinstance(signature, dict) else None  # None: saved before it was
     if not os.path.isfile(weights_path):
         return None
     from safetensors import safe_open
 
+    size = None
     try:
         with safe_open(weights_path, framework="pt") as handle:
             for key in handle.keys():
@@ -278,10 +281,18 @@ def _resized_vocab_size(config: dict, weights_path: str) -> int | None:
                     continue
                 shape = handle.get_slice(key).get_shape()
                 if len(shape) == 2 and (recorded is None or shape[0] == recorded):
-                    return int(shape[0])
+                    size = int(shape[0])
+                    break
     except Exception:  # noqa: BLE001 - safetensors' SafetensorError (and OSError): a truncated or garbled file
-        pass
-    return None
+        return None
+    if size is not None:
+        from transformers import AutoConfig
+
+        from .model import checkpoint_vocab_size
+
+        if checkpoint_vocab_size(config.get("base_model_name_or_path"), AutoConfig) == size:
+            return None  # the checkpoint's own size: nothing was resized
+    return size
 
 
 def adapter_folder(folder: str, adapter_name: str) -> str:

@@ -263,6 +263,13 @@ def test_the_card_of_an_adapter_on_a_resized_vocabulary_resizes_the_base_model(t
                                                                     modules_to_save=["lm_head"] if head else None))
     plain.save_pretrained(tmp_path / "plain")
     assert "resize_token_embeddings" not in loading_code(tmp_path / "plain" / "README.md")
+    # the embeddings saved on request, the vocabulary the checkpoint's: a resize line would say tokens were added
+    plain.save_pretrained(tmp_path / "plain_embeddings", save_embedding_layers=True)
+    card = tmp_path / "plain_embeddings" / "README.md"
+    assert "resize_token_embeddings" not in loading_code(card)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(run_card(card)(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
