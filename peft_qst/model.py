@@ -1636,15 +1636,22 @@ def vocabulary_resized_from_checkpoint(model: nn.Module, model_id) -> Optional[t
     "auto"`` compares the top-level configs' ``vocab_size``, which a composite config lacks (or keeps unresized beside
     its ``text_config``): it saved no embeddings for a resized VLM. The checkpoint's config is found as PEFT finds it
     (a folder, else the Hub: ``check_file_exists_on_hf_hub``, which warns itself where it cannot tell and PEFT then
-    assumes the vocabulary unchanged)."""
+    assumes the vocabulary unchanged). Its warning is PEFT's to give, once: the same lookup, which PEFT's
+    ``save_pretrained`` makes next for every adapter with a ``base_model_name_or_path``, reports the same failure
+    itself; this one's is held back (each save of a VLM named by Hub id, without the network, printed PEFT's
+    "Unable to fetch remote file ... config.json" twice, once for a lookup the user never asked for)."""
     from peft.utils.other import check_file_exists_on_hf_hub
 
     config = model.config
     vocab_size = getattr(text_config_of(config), "vocab_size", None)
     if text_config_of(config) is config or not isinstance(vocab_size, int) or not model_id:
         return None  # a plain config: PEFT decides itself; a from-config model (no name): PEFT does not check either
-    local = os.path.exists(os.path.join(model_id, "config.json"))
-    if not (local or check_file_exists_on_hf_hub(model_id, "config.json")):
+    exists = os.path.exists(os.path.join(model_id, "config.json"))
+    if not exists:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unable to fetch remote file", category=UserWarning)
+            exists = check_file_exists_on_hf_hub(model_id, "config.json")
+    if not exists:
         return None
     base_vocab_size = checkpoint_vocab_size(model_id, type(config), local_files_only=False)
     if base_vocab_size is None or base_vocab_size == vocab_size:

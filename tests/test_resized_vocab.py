@@ -457,3 +457,65 @@ def test_an_adapter_saved_without_the_embeddings_of_a_resized_vocabulary_warns(t
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*holds no token embeddings")
         PeftModel.from_pretrained(load(), tmp_path / "plain")
+
+
+def test_saving_a_multimodal_adapter_whose_base_is_named_by_hub_id_warns_of_an_unreachable_hub_once(
+        tmp_path, monkeypatch):
+    """Saving the adapter of a VLM reads the base checkpoint's text_config.vocab_size (save_embedding_layers="auto");
+    where the base model is named by a Hub id and the Hub cannot be reached, PEFT's own lookup warns "Unable to fetch
+    remote file ... config.json" (and that it assumes the vocabulary unchanged). The lookup peft-qst makes beside it
+    printed that warning a second time at every save (and at every Trainer checkpoint): it is given once."""
+    import warnings
+
+    from huggingface_hub import hf_api
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # offline mode skips the lookup, and PEFT says so itself
+    monkeypatch.setattr(hf_api.api, "endpoint", "http://127.0.0.1:9")  # a Hub that refuses every connection
+    load = multimodal_base(tmp_path / "base", False)
+    base = load()
+    base.name_or_path = "peft-qst-tests/tiny-llava"
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "adapter")
+    unreachable = [str(w.message) for w in caught if "Unable to fetch remote file" in str(w.message)]
+    assert len(unreachable) == 1 and "peft-qst-tests/tiny-llava" in unreachable[0]
+    assert [w for w in caught if "will assume that the vocabulary was not modified" in str(w.message)]
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+def test_the_usual_lifecycle_without_a_resize_gives_no_warning_of_peft_qst(tmp_path, quantized):
+    """get_peft_model, training, save_pretrained, PeftModel.from_pretrained (to infer and with is_trainable=True, then
+    training on and saving again), AutoPeftModelForCausalLM and transformers' AutoModelForCausalLM on the adapter's
+    folder, generate: none of it resizes a vocabulary, and none of peft-qst's warnings (those about resized
+    vocabularies and embeddings saved or not included) may fire. peft-qst's warnings name the user's line
+    (serialization.user_stacklevel): here, a line of this file; a library's warning that peft-qst's own call caused
+    names a line of peft_qst."""
+    import os
+    import warnings
+
+    from peft import AutoPeftModelForCausalLM
+
+    import peft_qst
+
+    package_dir = os.path.dirname(os.path.abspath(peft_qst.__file__)) + os.sep
+    tiny_causal_lm().save_pretrained(tmp_path / "base")
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", **quantized_as(quantized))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(load(), QSTConfig(task_type="CAUSAL_LM", r=4))
+        train_steps(model, IDS[:, :4] % 128)
+        model.save_pretrained(tmp_path / "adapter")
+        for loaded in (PeftModel.from_pretrained(load(), tmp_path / "adapter"),
+                       AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", **quantized_as(quantized)),
+                       AutoModelForCausalLM.from_pretrained(tmp_path / "adapter", **quantized_as(quantized))):
+            loaded.generate(input_ids=IDS[:, :4] % 128, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        resumed = PeftModel.from_pretrained(load(), tmp_path / "adapter", is_trainable=True)
+        train_steps(resumed, IDS[:, :4] % 128, steps=2)
+        resumed.save_pretrained(tmp_path / "resumed")
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+            if os.path.abspath(w.filename).startswith(package_dir) or os.path.abspath(w.filename) == __file__]
+    assert not ours
