@@ -1391,7 +1391,7 @@ class QSTSideBlock(nn.Module):
                     "found; so does a checkpoint applied to a side block in place rather than by a wrapper put in the "
                     "trunk's list of blocks. Use a non-reentrant wrapper (use_reentrant=False, "
                     "CheckpointImpl.NO_REENTRANT, as accelerate's FSDP activation checkpointing does) or the model's "
-                    "gradient_checkpointing_enable()."
+                    "activation_checkpointing_enable() (gradient_checkpointing_enable(), its deprecated name)."
                 )
         elif state.get("wrapped") and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # only under a wrapper: the entry keeps the backbone hidden state until backward, which a pooling
