@@ -87,6 +87,24 @@ _SIGNATURE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "
 _SIGNATURE_REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
+def _fingerprint_problem(fingerprint: Any) -> Optional[str]:
+    """What is wrong with a ``base_model_fingerprint`` (None where nothing is): ``{"rows": int, kind: [[row, column,
+    value], ...], ...}`` (see ``peft_qst.model.base_model_fingerprint``)."""
+    if not isinstance(fingerprint, dict):
+        return f"it is {fingerprint!r} (of type {type(fingerprint).__name__}) where a dict is expected"
+    for kind, entries in fingerprint.items():
+        if kind == "rows":
+            if not (_is_int(entries) and entries > 0):
+                return f"its rows is {entries!r}, where a positive int is expected"
+        elif not isinstance(entries, list) or not all(
+            isinstance(entry, list) and len(entry) == 3 and _is_int(entry[0]) and _is_int(entry[1])
+            and entry[0] >= 0 and entry[1] >= 0 and _is_number(entry[2])
+            for entry in entries
+        ):
+            return f"its {kind} is not a list of [row, column, value] entries"
+    return None
+
+
 def _signature_problem(signature: Any) -> Optional[str]:
     """What is wrong with a ``base_model_signature`` (None where nothing is). Loading compares it entry by entry with
     the model's own, so a value of another type than ``get_peft_model`` records never matches (the string ``"64"``
@@ -241,6 +259,9 @@ class QSTConfig(PeftConfig):
             any of them.
         adapter_weights_sha256 (`str`, *optional*): Filled in by `save_pretrained`: a digest of the saved weights,
             checked when they are loaded so that a corrupt file fails loudly.
+        base_model_fingerprint (`dict`, *optional*): Filled in by `save_pretrained`: sampled entries of the base
+            model's token embeddings (and untied LM head); loading warns where the model's differ (another
+            checkpoint of the same architecture and sizes).
     """
 
     r: int = field(default=16, metadata={"help": "Reduction factor of the side network's hidden and FFN sizes."})
@@ -311,6 +332,15 @@ class QSTConfig(PeftConfig):
     )
     adapter_weights_sha256: Optional[str] = field(
         default=None, metadata={"help": "Set by save_pretrained: digest of the saved adapter weights."}
+    )
+    # beside base_model_signature, not in it: every entry of the signature must match, so a key there would make
+    # earlier versions (and the comparison) refuse a file that has it; an unknown top-level key is dropped with PEFT's
+    # warning by an earlier version
+    base_model_fingerprint: Optional[dict] = field(
+        default=None, metadata={
+            "help": "Set by save_pretrained: sampled entries of the base model's token embeddings, to warn when the "
+            "adapter is loaded onto another checkpoint of the same shapes."
+        }
     )
 
     @classmethod
@@ -488,6 +518,15 @@ class QSTConfig(PeftConfig):
                 "digits) of the adapter weights that save_pretrained records beside them, and loading checks the "
                 "weights against it, so another value means an adapter_config.json edited by hand or damaged: "
                 "restore the file from where the adapter came from, or save the adapter again. Building a "
+                "QSTConfig yourself, leave it None."
+            )
+        if self.base_model_fingerprint is not None and _fingerprint_problem(self.base_model_fingerprint):
+            raise ValueError(
+                f"QSTConfig.base_model_fingerprint is invalid: "
+                f"{_fingerprint_problem(self.base_model_fingerprint)}. save_pretrained records it (sampled entries of "
+                "the base model's token embeddings, as [row, column, value]) and loading compares it with the model "
+                "the adapter is loaded onto, so another value means an adapter_config.json edited by hand or damaged: "
+                "restore the file, delete the entry (nothing is compared then), or save the adapter again. Building a "
                 "QSTConfig yourself, leave it None."
             )
         problem = None if self.base_model_signature is None else _signature_problem(self.base_model_signature)

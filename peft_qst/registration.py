@@ -51,6 +51,7 @@ from .layer import QSTLayer, identify_loaded_adapter
 from .model import (
     SIDE_ATTR,
     QSTModel,
+    base_model_fingerprint,
     check_saved_adapter_fits,
     check_saved_config_matches,
     check_saved_modules_to_save_present,
@@ -60,6 +61,7 @@ from .model import (
     is_bare_trunk,
     loading_adapter,
     model_signature,
+    original_vocabulary_rows,
     reading_saved_adapter,
     refuse_foreign_tensors,
     remove_injected_adapters,
@@ -68,6 +70,7 @@ from .model import (
     text_config_of,
     vocabulary_resized_from_checkpoint,
     warn_added_token_embeddings_not_saved,
+    warn_if_base_model_differs,
     with_peft_model_prefix,
 )
 from .serialization import (
@@ -719,7 +722,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
         def load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None,
                          *args, **kwargs):
             # the adapter_config.json saved with the weights, where a config given here builds the adapter instead
-            saved_config = {}
+            saved_config = file_config = {}  # file_config: read whether or not a config is given here
             digest = None  # of weights read from a folder here (not of an adapter_state_dict passed in)
             if adapter_state_dict is None and peft_model_id is not None:
                 hub_kwargs = _transformers_hub_kwargs(kwargs)
@@ -727,6 +730,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 if getattr(config, "peft_type", None) == PEFT_TYPE:
                     adapter_state_dict, read_config = read_adapter_weights(peft_model_id, None, hub_kwargs)
                     digest = _digest_of(adapter_state_dict, read_config)
+                    file_config = read_config
                     saved_config = read_config if peft_config is not None else {}
                     peft_config = config
             if getattr(peft_config, "peft_type", None) != PEFT_TYPE:
@@ -783,6 +787,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     check_width_options_of_earlier_files(model, name, saved_config, state_dict)
                     check_token_embeddings_fit(model, state_dict)
                     warn_added_token_embeddings_not_saved(model, name, peft_config, state_dict)
+                    warn_if_base_model_differs(model, name, file_config)
                     copies = set(saved_adapter_copies_of_embeddings(model, name, state_dict))
                     state_dict = {key: value for key, value in state_dict.items() if key not in copies}
                     foreign = foreign_tensors(model, name, state_dict, model.state_dict())
@@ -843,9 +848,17 @@ def _save_qst_weights_as_safetensors() -> None:
         def save_pretrained(self, save_directory, *args, **kwargs):
             # the base model as it is now: its token embeddings may have been resized since get_peft_model, and PEFT
             # then saves the resized embeddings with the adapter, which fit only a base model resized the same way
+            # and a fingerprint of its weights (the checkpoint's vocabulary rows, drawn before the signature's
+            # vocabulary size is updated to a resize), which loading compares: another checkpoint of the same shapes
             for config in self.peft_config.values():
                 if getattr(config, "peft_type", None) == PEFT_TYPE and config.base_model_signature is not None:
-                    config.base_model_signature = model_signature(self.get_base_model())
+                    base = self.get_base_model()
+                    # (where the weights cannot be read now, FSDP's shards, the one get_peft_model recorded)
+                    config.base_model_fingerprint = (
+                        base_model_fingerprint(base, original_vocabulary_rows(base, config))
+                        or config.base_model_fingerprint
+                    )
+                    config.base_model_signature = model_signature(base)
             arguments = inspect.signature(original).bind(self, save_directory, *args, **kwargs).arguments
             # PEFT's weight conversion (PiSSA/CorDA/OLoRA) first rewrites the adapter_config.json of the folder it is
             # given with this model's config and a digest of that folder's own weights, and only then refuses QST:

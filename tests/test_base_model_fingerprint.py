@@ -1,0 +1,158 @@
+"""The fingerprint of the base model's weights an adapter records (``base_model_fingerprint``): loading onto another
+checkpoint of the same architecture and sizes (an Instruct model and its base, a fine-tune), which the base model's
+signature cannot tell apart, warns naming both checkpoints; the same checkpoint in float32, bf16 or real 4-bit, a
+resized vocabulary and an adapter saved before the fingerprint existed load without that warning."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from peft_qst import QSTConfig
+from peft_qst.serialization import weights_digest
+
+from .conftest import load_smollm2_4bit, tiny_causal_lm, train_steps
+
+IDS = torch.tensor([[5, 17, 30, 2, 35, 64, 7, 21], [28, 2, 3, 4, 29, 6, 7, 8]])
+
+
+def fingerprint_warnings(load):
+    """The result of ``load()`` and the messages of the fingerprint warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = load()
+    found = [w for w in caught if "base_model_fingerprint" in str(w.message)]
+    assert all(w.filename == __file__ for w in found)  # reported at the user's line that loaded
+    return result, [str(w.message) for w in found]
+
+
+def fine_tuned(model, steps: int, lr: float):
+    """``model`` after ``steps`` AdamW steps of full fine-tuning (every weight trained), as a fine-tuned checkpoint."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        model(input_ids=IDS % model.config.vocab_size, labels=IDS % model.config.vocab_size).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_the_same_checkpoint_in_float32_bf16_and_4bit_loads_without_a_warning(tmp_path, smollm2_dir):
+    model = get_peft_model(load_smollm2_4bit(smollm2_dir), QSTConfig(task_type="CAUSAL_LM", r=16))
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    fingerprint = saved["base_model_fingerprint"]
+    assert fingerprint["rows"] == 49152 and len(fingerprint["input_embeddings"]) == 64
+    assert "output_embeddings" not in fingerprint  # tied to the token embeddings
+    assert "base_model_fingerprint" not in saved["base_model_signature"]  # which must match entry by entry
+    # the digest covers the weights, not the config: it still verifies
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved["adapter_weights_sha256"] == weights_digest(weights)
+    for load_base in (
+        lambda: AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32),
+        lambda: AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16),
+        lambda: AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float16),
+        lambda: load_smollm2_4bit(smollm2_dir),
+        lambda: AutoModelForCausalLM.from_pretrained(
+            smollm2_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+        ),
+    ):
+        loaded, found = fingerprint_warnings(lambda: PeftModel.from_pretrained(load_base(), str(tmp_path / "adapter")))
+        assert found == [] and isinstance(loaded, PeftModel)
+
+
+def test_a_fine_tuned_checkpoint_of_the_same_shapes_warns_on_every_load_path(tmp_path, smollm2_dir):
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32), QSTConfig(task_type="CAUSAL_LM", r=16)
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    # a colleague's fine-tune: a few full fine-tuning steps, saved as a checkpoint of its own
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    fine_tuned(base, steps=3, lr=1e-4).save_pretrained(tmp_path / "fine-tune")
+    other = str(tmp_path / "fine-tune")
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32)
+
+    adapter = str(tmp_path / "adapter")
+    loads = {
+        "PeftModel.from_pretrained": lambda: PeftModel.from_pretrained(base(), adapter),
+        "load_adapter": lambda: PeftModel.from_pretrained(base(), adapter).load_adapter(adapter, "second"),
+        "transformers' load_adapter": lambda: base().load_adapter(adapter),
+    }
+    for how, load in loads.items():
+        _, found = fingerprint_warnings(load)
+        assert len(found) == (2 if how == "load_adapter" else 1), how
+        assert smollm2_dir in found[0] and other in found[0], found[0]
+    # an adapter saved before the fingerprint was recorded: nothing to compare, no warning
+    path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config["base_model_fingerprint"]
+    path.write_text(json.dumps(config))
+    loaded, found = fingerprint_warnings(lambda: PeftModel.from_pretrained(base(), adapter))
+    assert found == [] and isinstance(loaded, PeftModel)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_resized_vocabulary_gives_no_false_warning(tmp_path, when):
+    tiny_causal_lm(tie_word_embeddings=False).save_pretrained(tmp_path / "base")
+
+    def base(resize):
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+        if resize:
+            model.resize_token_embeddings(136)  # the added rows are drawn at random, differently each time
+        return model
+
+    model = get_peft_model(base(when == "before"), QSTConfig(task_type="CAUSAL_LM", r=4))
+    if when == "after":
+        model.base_model.model.resize_token_embeddings(136)
+    model.save_pretrained(tmp_path / "adapter")
+    fingerprint = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_fingerprint"]
+    assert fingerprint["rows"] == 128 and len(fingerprint["output_embeddings"]) == 64  # untied: the LM head too
+    assert all(row < 128 for row, _, _ in fingerprint["input_embeddings"] + fingerprint["output_embeddings"])
+    for resize in (True, False):  # resized as in training, and resized by the load itself
+        loaded, found = fingerprint_warnings(lambda: PeftModel.from_pretrained(base(resize), str(tmp_path / "adapter")))
+        assert found == [] and loaded.get_input_embeddings().weight.shape[0] == 136
+    # the LM head alone of another checkpoint (an untied model fine-tuned on few tokens) is told too
+    other = base(True)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.01)
+    _, found = fingerprint_warnings(lambda: PeftModel.from_pretrained(other, str(tmp_path / "adapter")))
+    assert len(found) == 1
+
+
+def test_an_lm_head_trained_with_the_adapter_is_not_taken_for_another_checkpoint(tmp_path, tiny_model_dir):
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        QSTConfig(task_type="CAUSAL_LM", r=4, modules_to_save=["lm_head"]),
+    )
+    train_steps(model, IDS, steps=2)  # the saved copy of the head moves; the base model's own does not
+    model.save_pretrained(tmp_path / "adapter")
+    for load in (
+        lambda: PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "adapter")
+        ),
+        lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir).load_adapter(str(tmp_path / "adapter")),
+    ):
+        _, found = fingerprint_warnings(load)
+        assert found == []
+    # saved again from the loaded model, onto which it was loaded: the same fingerprint
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "adapter"))
+    loaded.save_pretrained(tmp_path / "again")
+    assert (json.loads((tmp_path / "again" / "adapter_config.json").read_text())["base_model_fingerprint"]
+            == json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_fingerprint"])
+
+
+def test_unreadable_weights_and_a_damaged_fingerprint(tmp_path):
+    from peft_qst.model import base_model_fingerprint
+
+    with torch.device("meta"):
+        assert base_model_fingerprint(tiny_causal_lm()) is None  # nothing recorded, nothing compared
+    with pytest.raises(ValueError, match="base_model_fingerprint is invalid"):
+        QSTConfig(base_model_fingerprint={"input_embeddings": [[0, 1]]})
