@@ -87,15 +87,24 @@ _SIGNATURE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "
 _SIGNATURE_REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
+#: the entries of a ``base_model_fingerprint`` that are not sampled values: the rows they were drawn from, and the
+#: ``name_or_path`` of the checkpoint they were read from (PEFT keeps an adapter's first ``base_model_name_or_path``
+#: when it is loaded onto another checkpoint and saved again, while the fingerprint then describes that other one)
+FINGERPRINT_METADATA = ("rows", "name_or_path")
+
+
 def _fingerprint_problem(fingerprint: Any) -> Optional[str]:
-    """What is wrong with a ``base_model_fingerprint`` (None where nothing is): ``{"rows": int, kind: [[row, column,
-    value], ...], ...}`` (see ``peft_qst.model.base_model_fingerprint``)."""
+    """What is wrong with a ``base_model_fingerprint`` (None where nothing is): ``{"rows": int, "name_or_path": str,
+    kind: [[row, column, value], ...], ...}`` (see ``peft_qst.model.base_model_fingerprint``)."""
     if not isinstance(fingerprint, dict):
         return f"it is {fingerprint!r} (of type {type(fingerprint).__name__}) where a dict is expected"
     for kind, entries in fingerprint.items():
         if kind == "rows":
             if not (_is_int(entries) and entries > 0):
                 return f"its rows is {entries!r}, where a positive int is expected"
+        elif kind == "name_or_path":
+            if not isinstance(entries, str):
+                return f"its name_or_path is {entries!r}, where a string is expected"
         elif not isinstance(entries, list) or not all(
             isinstance(entry, list) and len(entry) == 3 and _is_int(entry[0]) and _is_int(entry[1])
             and entry[0] >= 0 and entry[1] >= 0 and _is_number(entry[2])

@@ -30,7 +30,7 @@ from torch import nn
 
 from .backbone_lora import is_time_step_delta, resolve_backbone_lora_layers
 from .bnb_compat import keep_4bit_weights_through_state_dict, route_4bit_layers_by_mode, stop_routing_4bit_layers
-from .config import AUTO, PEFT_TYPE, QSTConfig
+from .config import AUTO, FINGERPRINT_METADATA, PEFT_TYPE, QSTConfig
 from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, QSTLayer, layers_holding
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loss import install_chunked_loss, uninstall_chunked_loss
@@ -1662,17 +1662,21 @@ def vocabulary_resized_from_checkpoint(model: nn.Module, model_id) -> Optional[t
     return base_vocab_size, vocab_size
 
 
-def warn_added_token_embeddings_not_saved(model: nn.Module, adapter_name: str, config, tensors) -> None:
-    """Warn where QST adapter ``adapter_name`` (of ``config``) was trained on a vocabulary larger than the checkpoint
-    the model was loaded from (``base_model_signature`` records the size at saving; the checkpoint's config tells
-    its own) while the file read for it (``tensors``) holds no input embeddings: the model was resized by hand, its
+def warn_added_token_embeddings_not_saved(model: nn.Module, adapter_name: str, saved_config: dict, tensors) -> None:
+    """Warn where QST adapter ``adapter_name`` was trained on a vocabulary larger than the checkpoint the model was
+    loaded from (the ``base_model_signature`` of ``saved_config``, the ``adapter_config.json`` read with the weights,
+    records the size at saving, {} where none was read; the checkpoint's config tells its own; not the config of the
+    adapter loaded into, which binding to this model, with ``config=`` or into an existing adapter, gives this model's
+    size) while the file read for it (``tensors``) holds no input embeddings: the model was resized by hand, its
     added tokens' rows are those the resize drew (random), not those the adapter was trained with, and it computes
     otherwise on them, though every shape fits. PEFT saves no embeddings where ``save_embedding_layers=False`` or
     where it could not tell the vocabulary was resized (a VLM before peft-qst checked its ``text_config``; a base
     model built from a config, with no checkpoint to compare). The model's own checkpoint is read first (a base saved
     after its resize holds the trained rows), then the adapter's ``base_model_name_or_path``; neither read: no
     warning (the network is not used here)."""
-    recorded = (getattr(config, "base_model_signature", None) or {}).get("vocab_size")
+    saved_config = saved_config or {}
+    signature = saved_config.get("base_model_signature")
+    recorded = signature.get("vocab_size") if isinstance(signature, dict) else None
     if not isinstance(recorded, int) or isinstance(recorded, bool):
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -1686,7 +1690,7 @@ def warn_added_token_embeddings_not_saved(model: nn.Module, adapter_name: str, c
     }
     if any(key.removeprefix(PEFT_MODEL_PREFIX).startswith(f"{name}.") for key in tensors for name in names):
         return  # loaded over the model's rows
-    for model_id in (getattr(base.config, "name_or_path", None), getattr(config, "base_model_name_or_path", None)):
+    for model_id in (getattr(base.config, "name_or_path", None), saved_config.get("base_model_name_or_path")):
         checkpoint = checkpoint_vocab_size(model_id, type(base.config))
         if checkpoint is not None:
             break
@@ -1754,14 +1758,19 @@ def base_model_fingerprint(model: nn.Module, original_rows: Optional[int] = None
     :data:`FINGERPRINT_ENTRIES` entries of each token-embedding matrix (:func:`_fingerprinted_weights`), at fixed
     pseudo-random positions, as [row, column, value]. Rows are drawn from the first ``original_rows`` only (the
     checkpoint's vocabulary: a resize adds rows after them, drawn afresh by each resize), recorded as ``"rows"``. The
-    positions are recorded with the values, so that a later version may draw others and still read this one. None
-    where the weights cannot be read (:func:`_fingerprinted_weights`)."""
+    positions are recorded with the values, so that a later version may draw others and still read this one; the
+    model's ``name_or_path`` as ``"name_or_path"`` (where it has one), which the warning names: an adapter loaded onto
+    another checkpoint and saved again keeps its first ``base_model_name_or_path`` (PEFT sets it once) but records
+    this checkpoint's entries. None where the weights cannot be read (:func:`_fingerprinted_weights`)."""
     weights = _fingerprinted_weights(model)
     if weights is None:
         return None
     rows = min(weight.shape[0] for weight in weights.values())
     rows = min(rows, original_rows) if original_rows else rows
     fingerprint = {"rows": rows}
+    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None)
+    if isinstance(name_or_path, (str, os.PathLike)) and str(name_or_path):
+        fingerprint["name_or_path"] = str(name_or_path)
     for kind, weight in weights.items():
         generator = torch.Generator().manual_seed(0)
         row_index = torch.randint(rows, (FINGERPRINT_ENTRIES,), generator=generator)
@@ -1791,7 +1800,7 @@ def fingerprint_differences(recorded: dict, model: nn.Module) -> Optional[tuple[
     here, or a recorded matrix, the LM head of an untied model, is tied or missing in this one: a model of another
     layout, which the base model's signature tells)."""
     weights = _fingerprinted_weights(model)
-    recorded = {kind: entries for kind, entries in recorded.items() if kind != "rows"}
+    recorded = {kind: entries for kind, entries in recorded.items() if kind not in FINGERPRINT_METADATA}
     if weights is None or set(recorded) - set(weights):
         return None
     changed = compared = 0
@@ -1826,7 +1835,8 @@ def warn_if_base_model_differs(model: nn.Module, adapter_name: str, saved_config
     if differences is None or differences[0] == 0:
         return
     changed, compared = differences
-    saved_on = saved_config.get("base_model_name_or_path") or "(not recorded)"
+    # the checkpoint the entries were read from; the adapter's first base where they were recorded without its name
+    saved_on = recorded.get("name_or_path") or saved_config.get("base_model_name_or_path") or "(not recorded)"
     loaded_on = getattr(base.config, "name_or_path", None) or "(built from a config)"
     warnings.warn(
         f"QST adapter {adapter_name!r} was trained on other base model weights than this model's: {changed} of "
@@ -2151,7 +2161,7 @@ def check_saved_adapter_fits(peft_model: nn.Module, adapter_name: str, tensors: 
     check_width_options_of_earlier_files(peft_model, adapter_name, saved_config, tensors)
     check_token_embeddings_fit(peft_model, tensors)
     check_shared_embeddings_kept(peft_model, adapter_name, tensors)
-    warn_added_token_embeddings_not_saved(peft_model, adapter_name, config, tensors)
+    warn_added_token_embeddings_not_saved(peft_model, adapter_name, saved_config, tensors)
     missing = []
     for name, module in peft_model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):

@@ -786,7 +786,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     )
                     check_width_options_of_earlier_files(model, name, saved_config, state_dict)
                     check_token_embeddings_fit(model, state_dict)
-                    warn_added_token_embeddings_not_saved(model, name, peft_config, state_dict)
+                    warn_added_token_embeddings_not_saved(model, name, file_config, state_dict)
                     warn_if_base_model_differs(model, name, file_config)
                     copies = set(saved_adapter_copies_of_embeddings(model, name, state_dict))
                     state_dict = {key: value for key, value in state_dict.items() if key not in copies}

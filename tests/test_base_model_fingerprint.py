@@ -156,3 +156,30 @@ def test_unreadable_weights_and_a_damaged_fingerprint(tmp_path):
         assert base_model_fingerprint(tiny_causal_lm()) is None  # nothing recorded, nothing compared
     with pytest.raises(ValueError, match="base_model_fingerprint is invalid"):
         QSTConfig(base_model_fingerprint={"input_embeddings": [[0, 1]]})
+
+
+def test_an_adapter_saved_again_from_another_checkpoint_names_the_one_its_fingerprint_describes(tmp_path):
+    """An adapter loaded onto another checkpoint (warned) and saved again records that checkpoint's fingerprint (it is
+    the base the adapter was last trained or saved on), but PEFT keeps the adapter's first base_model_name_or_path:
+    loading it onto that first checkpoint warned "It was saved on <it> and is being loaded onto <it>", told to load it
+    onto the checkpoint it was being loaded onto. The warning names the checkpoint whose weights were sampled."""
+    tiny_causal_lm().save_pretrained(tmp_path / "base")
+    fine_tuned(tiny_causal_lm(), steps=3, lr=1e-2).save_pretrained(tmp_path / "fine-tune")
+    base, other = str(tmp_path / "base"), str(tmp_path / "fine-tune")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), QSTConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(
+        tmp_path / "adapter")
+    resumed, found = fingerprint_warnings(
+        lambda: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(other), tmp_path / "adapter",
+                                          is_trainable=True))
+    assert len(found) == 1 and f"It was saved on {base!r} and is being loaded onto {other!r}" in found[0]
+    resumed.save_pretrained(tmp_path / "again")
+    _, found = fingerprint_warnings(
+        lambda: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "again"))
+    assert len(found) == 1 and f"It was saved on {other!r} and is being loaded onto {base!r}" in found[0], found
+    _, found = fingerprint_warnings(
+        lambda: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(other), tmp_path / "again"))
+    assert found == []
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["base_model_fingerprint"][
+        "name_or_path"] == other
+    with pytest.raises(ValueError, match="base_model_fingerprint is invalid: its name_or_path is 3"):
+        QSTConfig(base_model_fingerprint={"rows": 8, "name_or_path": 3})

@@ -459,6 +459,39 @@ def test_an_adapter_saved_without_the_embeddings_of_a_resized_vocabulary_warns(t
         PeftModel.from_pretrained(load(), tmp_path / "plain")
 
 
+
+def test_an_adapter_trained_without_a_resize_loaded_with_a_config_onto_a_resized_base_gives_no_such_warning(tmp_path):
+    """The warning about embeddings not saved reads the vocabulary the adapter's adapter_config.json records. It read
+    the config of the adapter being loaded into, which get_peft_model (or PeftModel.from_pretrained with config=, or
+    transformers' load_adapter with peft_config=) binds to the model it is given: an adapter trained on the
+    checkpoint's 128 tokens, loaded that way onto a base model resized to add tokens, was said to have been "trained
+    on a vocabulary of 136 tokens (recorded in its adapter_config.json)", which its file does not say."""
+    import warnings
+
+    tiny_causal_lm().save_pretrained(tmp_path / "base")
+
+    def resized():
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        base.resize_token_embeddings(VOCAB)
+        return base
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                   QSTConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+    loads = {
+        "PeftModel.from_pretrained(config=)": lambda: PeftModel.from_pretrained(
+            resized(), adapter, config=QSTConfig(task_type="CAUSAL_LM", r=4)),
+        "load_adapter into an adapter": lambda: get_peft_model(
+            resized(), QSTConfig(task_type="CAUSAL_LM", r=4)).load_adapter(adapter, "default"),
+        "transformers' load_adapter(peft_config=)": lambda: resized().load_adapter(
+            adapter, peft_config=QSTConfig(task_type="CAUSAL_LM", r=4)),
+    }
+    for how, load in loads.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load()
+        assert not [w for w in caught if "holds no token embeddings" in str(w.message)], how
+
 def test_saving_a_multimodal_adapter_whose_base_is_named_by_hub_id_warns_of_an_unreachable_hub_once(
         tmp_path, monkeypatch):
     """Saving the adapter of a VLM reads the base checkpoint's text_config.vocab_size (save_embedding_layers="auto");
