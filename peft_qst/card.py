@@ -88,8 +88,8 @@ _BNB_8BIT_OPTIONS = (("llm_int8_threshold", 6.0), ("llm_int8_has_fp16_weight", F
 
 
 def base_loading(quantization: dict | None, dtype: str | None = None) -> tuple[str, list[str]]:
-    """(the lines that build the quantization config, the ``from_pretrained`` keyword arguments) that load the base model as
-    the adapter was trained on it, from the base model's ``quantization_config`` (as ``to_dict()`` gives it; None
+    """(the lines that build the quantization config, the ``from_pretrained`` keyword arguments) that load the base
+    model as the adapter was trained on it, from the base model's ``quantization_config`` (as ``to_dict()`` gives it; None
     for a model loaded unquantized) and its dtype's name (``"bfloat16"``). float32 is written too: transformers 5
     loads a checkpoint in the dtype it was saved in (``dtype="auto"``, its default), so a card that left float32 out
     built a base saved in bfloat16 (SmolLM2's) and trained on in float32 in bfloat16, with other logits.
@@ -297,7 +297,8 @@ def _resized_vocab_size(config: dict, weights_path: str) -> int | None:
 
 def adapter_folder(folder: str, adapter_name: str) -> str:
     """Where ``PeftModel.save_pretrained(folder)`` saves the adapter ``adapter_name``: ``"default"`` in ``folder``
-    itself, any other in a subfolder of its name (and only there does ``from_pretrained`` find it, by ``subfolder=``)."""
+    itself, any other in a subfolder of its name (and only there does ``from_pretrained`` find it, by
+    ``subfolder=``)."""
     return folder if adapter_name == "default" else os.path.join(folder, adapter_name)
 
 

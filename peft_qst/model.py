@@ -807,7 +807,9 @@ def _update_layer(layer: QSTLayer, adapter_name: str, config: QSTConfig, dtype: 
         raise first_error
     own = side_head_counts(base_config, None)[0]
     tried = ", ".join(
-        "None (the model's own heads)" if heads is None else f"{heads} (the model's own)" if heads == own else str(heads)
+        "None (the model's own heads)" if heads is None
+        else f"{heads} (the model's own)" if heads == own
+        else str(heads)
         for heads in others
     )
     problem = getattr(first_error, "problem", None)
@@ -1133,7 +1135,8 @@ class QSTModel(BaseTuner):
         # most of a QST step's memory and a large part of its time (peft_qst/loss.py)
         install_chunked_loss(model)
         # saving (save_pretrained, trainer checkpoints) calls model.state_dict(); after an eval forward on a CPU with
-        # AVX512-BF16, bitsandbytes' Linear4bit would unpack its weights lossily in memory there (peft_qst/bnb_compat.py)
+        # AVX512-BF16, bitsandbytes' Linear4bit would unpack its weights lossily in memory there
+        # (peft_qst/bnb_compat.py)
         keep_4bit_weights_through_state_dict(model)
         # and training-mode forwards keep bitsandbytes' standard kernel after an eval forward has packed the 4-bit
         # layers for its CPU inference kernel, slower for many rows and without a backward (peft_qst/bnb_compat.py).

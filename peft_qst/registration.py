@@ -519,7 +519,8 @@ def _prefix_the_weights_of_injected_models_in_set_peft_model_state_dict() -> Non
 
 
 def _offloaded_device_map(model) -> Optional[dict]:
-    """The ``hf_device_map`` of a model that accelerate offloads parts of (``"cpu"`` or ``"disk"`` entries), else None."""
+    """The ``hf_device_map`` of a model that accelerate offloads parts of (``"cpu"`` or ``"disk"`` entries), else
+    None."""
     device_map = vars(model).get("hf_device_map")
     if isinstance(device_map, dict) and {"cpu", "disk"} & {str(device) for device in device_map.values()}:
         return device_map

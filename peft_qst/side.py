@@ -379,7 +379,9 @@ def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optiona
         factor = _partial_rotary_factor(config)
         rotary_dims = int(head_dim * factor)
         if rotary_dims < 2 or rotary_dims % 2:
-            what = "head dimension" if factor == 1.0 else f"rotary dimension ({head_dim} x partial_rotary_factor {factor})"
+            what = (
+                "head dimension" if factor == 1.0 else f"rotary dimension ({head_dim} x partial_rotary_factor {factor})"
+            )
             return f"r={r} gives an odd or too small side {what} ({rotary_dims}), which rotary embeddings cannot use"
     return None
 
@@ -1067,8 +1069,8 @@ class CopyHead(nn.Module):
     tokens' logits — a pointer, as in pointer-generator networks, built in hidden-state space so that the model's own
     LM head, loss and generate stay unchanged. Queries read the side output and the backbone's last hidden state at
     position i, keys the side output and the second-to-last backbone block's output at position j (both carry what the
-    token means in context and where it stands). The gates start at zero: the adapted model starts at the pretrained output, and
-    the gates' gradient opens the heads where copying lowers the loss.
+    token means in context and where it stands). The gates start at zero: the adapted model starts at the pretrained
+    output, and the gates' gradient opens the heads where copying lowers the loss.
 
     During cached generation, the keys and the token rows of past positions are kept in a cache of their own
     (``memory``, a transformers ``DynamicCache`` with one layer), which QSTCache reorders, crops and selects with the
