@@ -89,10 +89,11 @@ _BNB_8BIT_OPTIONS = (("llm_int8_threshold", 6.0), ("llm_int8_has_fp16_weight", F
 
 def base_loading(quantization: dict | None, dtype: str | None = None) -> tuple[str, list[str]]:
     """(the lines that build the quantization config, the ``from_pretrained`` keyword arguments) that load the base
-    model as the adapter was trained on it, from the base model's ``quantization_config`` (as ``to_dict()`` gives it; None
-    for a model loaded unquantized) and its dtype's name (``"bfloat16"``). float32 is written too: transformers 5
-    loads a checkpoint in the dtype it was saved in (``dtype="auto"``, its default), so a card that left float32 out
-    built a base saved in bfloat16 (SmolLM2's) and trained on in float32 in bfloat16, with other logits.
+    model as the adapter was trained on it, from the base model's ``quantization_config`` (as ``to_dict()`` gives
+    it; None for a model loaded unquantized) and its dtype's name (``"bfloat16"``). float32 is written too:
+    transformers 5 loads a checkpoint in the dtype it was saved in (``dtype="auto"``, its default), so a card that
+    left float32 out built a base saved in bfloat16 (SmolLM2's) and trained on in float32 in bfloat16, with other
+    logits.
 
     A card that always showed QLoRA's NF4 recipe loaded an adapter trained on an 8-bit, an FP4 or an unquantized base
     onto another base than its own, and a classifier whose head ``llm_int8_skip_modules`` kept unquantized onto a
