@@ -1905,6 +1905,10 @@ def resize_to_the_adapters_vocabulary(model: nn.Module, config, saved_shapes):
     adapter's file (whose tensor shapes, {key: shape}, ``saved_shapes()`` gives) holds every tensor the resize gives
     new rows to (:func:`_vocabulary_tensors_missing`): loading then writes each of their rows, so the model computes
     as trained. Returns a function that undoes the resize (for a load refused later), or None where nothing was resized.
+    The warning that says the model was resized is that function's ``announce()``, for the caller to give once the load
+    succeeded: given at the resize, it preceded every refusal of the load after it (the digest, the weights' names,
+    the config), saying that the model was resized and "computes as it did in training" of a model handed back at its
+    size with nothing loaded.
 
     A QLoRA recipe that adds chat tokens resizes with ``pad_to_multiple_of`` (PEFT's examples/sft, TRL's
     ``clone_chat_template``), and ``AutoPeftModelForCausalLM.from_pretrained(folder)`` resizes the base model it loads
@@ -1959,16 +1963,15 @@ def resize_to_the_adapters_vocabulary(model: nn.Module, config, saved_shapes):
     if not resized:
         undo()
         return None
-    warnings.warn(
+    message = (
         f"The base model's token embeddings were resized from {before} to {recorded} tokens "
         f"(model.resize_token_embeddings({recorded})): the QST adapter was trained on a vocabulary of {recorded} "
         f"tokens (recorded in its adapter_config.json), and the file saved with it holds the trained token "
-        f"embeddings{'' if tied else ' and LM head'} for all of them, which are loaded over every row, so the model "
+        f"embeddings{'' if tied else ' and LM head'} for all of them, which were loaded over every row, so the model "
         "computes as it did in training. (AutoPeftModel*.from_pretrained resizes the base model to the length of the "
-        "tokenizer saved with the adapter, another size where the training script resized with pad_to_multiple_of.)",
-        UserWarning,
-        stacklevel=user_stacklevel(),
+        "tokenizer saved with the adapter, another size where the training script resized with pad_to_multiple_of.)"
     )
+    undo.announce = lambda: warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
     return undo
 
 

@@ -57,6 +57,7 @@ from .model import (
     check_saved_modules_to_save_present,
     check_token_embeddings_fit,
     check_width_options_of_earlier_files,
+    checkpoint_vocab_size,
     foreign_tensors,
     is_bare_trunk,
     loading_adapter,
@@ -597,7 +598,10 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
             try:
                 if fresh:  # (a model holding adapters keeps its vocabulary: they were trained with it)
                     undo_resize = _resize_to_the_vocabulary_of_the_folder(model, model_id, args, kwargs)
-                return _from_pretrained(cls, model, model_id, *args, **kwargs)
+                loaded = _from_pretrained(cls, model, model_id, *args, **kwargs)
+                if undo_resize is not None:
+                    undo_resize.announce()  # only now: a refused load hands the model back at its size
+                return loaded
             except BaseException:
                 try:
                     if flags is not None and built and _holds_qst_adapter(built[0]):
@@ -641,8 +645,15 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
 def _resize_to_the_vocabulary_of_the_folder(model, model_id, args: tuple, kwargs: dict):
     """:func:`~peft_qst.model.resize_to_the_adapters_vocabulary` for ``PeftModel.from_pretrained(model, model_id,
     *args, **kwargs)`` of a QST adapter (the config given, else the one saved at ``model_id``), with the shapes of
-    the tensors in its file, before PEFT injects the adapter into ``model``; returns the resize's undo, or None."""
+    the tensors in its file, before PEFT injects the adapter into ``model``; returns the resize's undo, or None.
+
+    The tensors are named as the load will name them, after its ``key_mapping``
+    (:func:`serialization.rename_as_peft_does`): a file saved under an older layout's module names holds the
+    embeddings under those names, and read as saved the resize found none of them, so that the load (which renames
+    them) was refused as "another vocabulary size". Where the renaming refuses the file, the names are taken as saved
+    (the load's own renaming then refuses it, and the resize is undone)."""
     config = args[2] if len(args) > 2 else kwargs.get("config")
+    key_mapping = args[6] if len(args) > 6 else kwargs.get("key_mapping")
     hub_kwargs = {name: kwargs[name] for name in (*_HUB_ARGUMENTS, "use_auth_token") if kwargs.get(name) is not None}
     if config is None:
         try:
@@ -651,7 +662,15 @@ def _resize_to_the_vocabulary_of_the_folder(model, model_id, args: tuple, kwargs
             return None
     if getattr(config, "peft_type", None) != PEFT_TYPE:
         return None
-    return resize_to_the_adapters_vocabulary(model, config, lambda: saved_tensor_shapes(model_id, hub_kwargs))
+
+    def shapes() -> dict:
+        saved = saved_tensor_shapes(model_id, hub_kwargs)
+        try:
+            return rename_as_peft_does(saved, key_mapping, repr(model_id))
+        except ValueError:  # (QSTAdapterFileError too) reported by the load's own renaming
+            return saved
+
+    return resize_to_the_adapters_vocabulary(model, config, shapes)
 
 
 def _transformers_hub_kwargs(kwargs: dict) -> dict:
@@ -835,6 +854,8 @@ def _read_qst_weights_safely_in_transformers() -> None:
                     "was before load_adapter."
                 )
             identify_loaded_adapter(self, name, digest)
+            if undo_resize is not None:
+                undo_resize.announce()  # only now: a refused load hands the model back at its size
             return info
 
         return load_adapter
@@ -911,18 +932,35 @@ def _vocabulary_resized_for_an_adapter(model, adapter_names) -> bool:
     PEFT's warning where it was: the embeddings are then saved with it. PEFT's ``save_embedding_layers="auto"`` saves
     the token embeddings beside an adapter where the vocabulary differs from the base checkpoint's, but reads only the
     top-level config: a resized Llava or Qwen2-VL was saved without them, and loaded onto a base model resized by hand
-    (whose shapes the adapter's signature accepts) computed with the random rows that resize drew."""
+    (whose shapes the adapter's signature accepts) computed with the random rows that resize drew.
+
+    An adapter added with ``add_adapter`` has no ``base_model_name_or_path`` until PEFT's ``save_pretrained`` records
+    it, after saving its weights: PEFT's "auto" compared no vocabulary for it, and saved it without the embeddings of
+    a resized one, on any model (the first adapter's file held them). Loaded alone it was refused as "another
+    vocabulary size", or, onto a base resized by hand, computed with the rows that resize drew; loaded beside the
+    first, it warned of those rows though the first one's load had written the trained ones. Its vocabulary is
+    compared with the checkpoint PEFT will record (the base model's ``name_or_path``, a folder or a cached repository;
+    :func:`~peft_qst.model.checkpoint_vocab_size`)."""
     for name in adapter_names:
         config = getattr(model, "peft_config", {}).get(name)
         if getattr(config, "peft_type", None) != PEFT_TYPE:
             continue
-        resized = vocabulary_resized_from_checkpoint(model, getattr(config, "base_model_name_or_path", None))
+        model_id = getattr(config, "base_model_name_or_path", None)
+        if model_id:
+            resized = vocabulary_resized_from_checkpoint(model, model_id)
+            what = "the language model's vocabulary (text_config.vocab_size)"
+            why = "PEFT reads the top-level config's vocab_size, which a multimodal config does not resize"
+        else:
+            base = model.get_base_model()
+            checkpoint = checkpoint_vocab_size(base.__dict__.get("name_or_path"), type(base.config))
+            vocab_size = getattr(text_config_of(base.config), "vocab_size", None)
+            resized = (checkpoint, vocab_size) if checkpoint not in (None, vocab_size) else None
+            what = "the vocabulary"
+            why = f"adapter {name!r}, added with add_adapter, records no base_model_name_or_path, which PEFT reads"
         if resized is not None:
             warnings.warn(
                 "Setting `save_embedding_layers` to `True` as the embedding layer has been resized during "
-                f"finetuning: the language model's vocabulary (text_config.vocab_size) has {resized[1]} tokens, the "
-                f"base checkpoint's {resized[0]} (PEFT reads the top-level config's vocab_size, which a multimodal "
-                "config does not resize).",
+                f"finetuning: {what} has {resized[1]} tokens, the base checkpoint's {resized[0]} ({why}).",
                 stacklevel=user_stacklevel(),
             )
             return True

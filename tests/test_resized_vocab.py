@@ -7,6 +7,8 @@ test_adapters_and_persistence.py and test_peft_api_compat.py.)"""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -15,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from peft_qst import QSTAdapterFileError, QSTConfig
 
-from .conftest import bnb_config, tiny_causal_lm, train_steps
+from .conftest import bnb_config, saved_under_another_trunk_name, tiny_causal_lm, train_steps
 
 VOCAB = 136  # the tiny model's 128 tokens and 8 added ones
 IDS = torch.tensor([[5, 17, 130, 2, 135, 64, 7, 21], [128, 2, 3, 4, 129, 6, 7, 8]])  # with added tokens
@@ -115,6 +117,46 @@ def edit(folder, change) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
+def test_the_resize_reads_the_saved_embeddings_under_the_names_key_mapping_gives_them(tmp_path, base_dir):
+    """An adapter on a padded vocabulary saved under an older layout's trunk name, loaded with the ``key_mapping``
+    that renames its weights: the resize read the file's names as saved, found no embeddings under the model's names
+    and the load was refused as "another vocabulary size", though the load renames them and writes every row (the
+    same file without the renaming, or the base model resized by hand, loads). Named as the load names them, the base
+    model is resized and the adapter computes as trained."""
+    model = trained(base_dir)
+    expected = outputs(model)
+    saved_under_another_trunk_name(model, tmp_path / "adapter")
+    with pytest.warns(UserWarning, match=rf"resized from 128 to {VOCAB} tokens"):
+        loaded = PeftModel.from_pretrained(resized_4bit(base_dir, None), str(tmp_path / "adapter"),
+                                           key_mapping={"^old_trunk": "model"})
+    for reloaded, wanted in zip(outputs(loaded), expected):
+        assert torch.equal(reloaded, wanted)
+
+
+def test_an_adapter_added_with_add_adapter_on_a_resized_vocabulary_saves_its_embeddings(tmp_path, base_dir):
+    """A second adapter (``add_adapter``) on a resized vocabulary: PEFT records its ``base_model_name_or_path`` only
+    after saving its weights, so ``save_embedding_layers="auto"`` compared nothing and its file held no embeddings
+    (the first adapter's did). Alone it was refused as "another vocabulary size"; beside the first one it warned that
+    its added tokens' rows were random, though the first one's load had written the trained ones. It is saved with
+    them, and loads alone and beside the first exactly, without a warning of peft-qst's."""
+    model = trained(base_dir)
+    model.add_adapter("second", QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.set_adapter("second")
+    train_steps(model, IDS)
+    expected = outputs(model)[0]
+    with pytest.warns(UserWarning, match="Setting `save_embedding_layers` to `True`"):
+        model.save_pretrained(tmp_path / "adapters")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alone = PeftModel.from_pretrained(resized_4bit(base_dir, None), str(tmp_path / "adapters" / "second"))
+        assert torch.equal(outputs(alone)[0], expected)
+        beside = PeftModel.from_pretrained(resized_4bit(base_dir, None), str(tmp_path / "adapters"))
+        beside.load_adapter(str(tmp_path / "adapters" / "second"), adapter_name="second")
+        beside.set_adapter("second")
+        assert torch.equal(outputs(beside)[0], expected)
+    assert not [str(w.message) for w in caught if "file holds no token embeddings" in str(w.message)]
+
+
 @pytest.mark.parametrize("lacking", ["embeddings", "lm_head"])
 def test_a_file_without_every_vocabulary_sized_tensor_keeps_the_refusal(tmp_path, base_dir, lacking):
     """A resize draws the added tokens' rows at random: only where the file holds every row the model reads does it
@@ -147,7 +189,9 @@ def test_a_file_without_every_vocabulary_sized_tensor_keeps_the_refusal(tmp_path
 def test_a_load_refused_after_the_resize_hands_the_base_model_back_at_its_size(tmp_path, base_dir):
     """The resize happens before the weights are loaded: where the load is refused after it (here, a file holding a
     tensor for a weight of the frozen base model), the base model goes back to its vocabulary, embeddings and head,
-    as every refused load hands it back, and loads the adapter once the file is right."""
+    as every refused load hands it back, and loads the adapter once the file is right. The warning that the model was
+    resized (and "computes as it did in training") comes only with a load that succeeded: it came before the refusal,
+    of a model handed back at its size with nothing loaded."""
     model = trained(base_dir)
     expected = outputs(model)[0]
     model.save_pretrained(tmp_path / "adapter")
@@ -161,8 +205,10 @@ def test_a_load_refused_after_the_resize_hands_the_base_model_back_at_its_size(t
         logits = base(input_ids=IDS % 128).logits
     for load in (lambda: PeftModel.from_pretrained(base, str(tmp_path / "foreign")),
                  lambda: base.load_adapter(str(tmp_path / "foreign"))):  # and transformers' own loading
-        with pytest.warns(UserWarning, match="resized from 128"), pytest.raises(QSTAdapterFileError, match="neither"):
+        with warnings.catch_warnings(record=True) as caught, pytest.raises(QSTAdapterFileError, match="neither"):
+            warnings.simplefilter("always")
             load()
+        assert not [str(w.message) for w in caught if "resized from" in str(w.message)]
         assert base.config.vocab_size == 128 and base.get_input_embeddings() is embeddings
         assert base.get_output_embeddings() is head and embeddings.num_embeddings == 128
         assert torch.equal(embeddings.weight, weights[0]) and torch.equal(head.weight, weights[1])
