@@ -1839,16 +1839,18 @@ def warn_if_base_model_differs(model: nn.Module, adapter_name: str, saved_config
         return
     changed, compared = differences
     # the checkpoint the entries were read from; the adapter's first base where they were recorded without its name
-    saved_on = recorded.get("name_or_path") or saved_config.get("base_model_name_or_path") or "(not recorded)"
-    loaded_on = getattr(base.config, "name_or_path", None) or "(built from a config)"
+    saved_on = recorded.get("name_or_path") or saved_config.get("base_model_name_or_path")
+    loaded_on = getattr(base.config, "name_or_path", None)
+    saved_on = repr(saved_on) if saved_on else "a checkpoint whose name was not recorded"
+    loaded_on = repr(loaded_on) if loaded_on else "a model built from a config"
     warnings.warn(
         f"QST adapter {adapter_name!r} was trained on other base model weights than this model's: {changed} of "
         f"{compared} entries of the token embeddings recorded in its adapter_config.json (base_model_fingerprint) "
         "differ here by more than a float32/bf16/float16 load of the same checkpoint rounds them. It was saved on "
-        f"{saved_on!r} and is being loaded onto {loaded_on!r}: same architecture and sizes, another checkpoint (the "
+        f"{saved_on} and is being loaded onto {loaded_on}: same architecture and sizes, another checkpoint (the "
         "Instruct model and its base, a fine-tune). The side network reads every layer's hidden states of the base "
         "model and was trained on that checkpoint's, so its outputs here may differ from the trained model's. Load it "
-        f"onto the checkpoint it was trained on ({saved_on}), or train it on this one; if this base model is meant "
+        "onto the checkpoint it was trained on, or train it on this one; if this base model is meant "
         "(a further fine-tune of it), evaluate the adapter on it.",
         UserWarning,
         stacklevel=user_stacklevel(),

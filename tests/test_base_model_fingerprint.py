@@ -183,3 +183,14 @@ def test_an_adapter_saved_again_from_another_checkpoint_names_the_one_its_finger
         "name_or_path"] == other
     with pytest.raises(ValueError, match="base_model_fingerprint is invalid: its name_or_path is 3"):
         QSTConfig(base_model_fingerprint={"rows": 8, "name_or_path": 3})
+
+
+def test_models_built_from_configs_are_described_without_a_name(tmp_path):
+    """Two models built from configs (no checkpoint name on either side) with other weights: the warning says so in
+    words, where it printed "'(not recorded)'" and told the user to load the adapter onto "((not recorded))"."""
+    get_peft_model(tiny_causal_lm(seed=0), QSTConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(tmp_path / "a")
+    _, found = fingerprint_warnings(lambda: PeftModel.from_pretrained(tiny_causal_lm(seed=1), tmp_path / "a"))
+    assert len(found) == 1
+    assert "saved on a checkpoint whose name was not recorded and is being loaded onto a model built from a config" \
+        in found[0]
+    assert "(not recorded)" not in found[0]
