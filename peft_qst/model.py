@@ -66,6 +66,10 @@ loading_adapter: ContextVar = ContextVar("peft_qst_loading_adapter", default=Non
 #: a new adapter's, also where it records no ``base_model_signature`` (a hand-written or older config)
 reading_saved_adapter: ContextVar = ContextVar("peft_qst_reading_saved_adapter", default=False)
 
+#: while a saved adapter is being loaded (set by the outermost load wrapper, :func:`warned_once_loaded`): the warnings
+#: its checks found, as (message, category), given only once the load succeeded
+_pending_load_warnings: ContextVar = ContextVar("peft_qst_pending_load_warnings", default=None)
+
 #: the QSTConfig fields get_peft_model fills in for the model it binds the config to
 _BOUND_FIELDS = ("base_model_signature", "target_modules", "side_heads", "backbone_lora_layers")
 #: the model tags QST adds (they end up in the model cards PEFT and the trainers write), and the model attribute that
@@ -1665,6 +1669,40 @@ def vocabulary_resized_from_checkpoint(model: nn.Module, model_id) -> Optional[t
     return base_vocab_size, vocab_size
 
 
+def warn_once_loaded(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn about the adapter being loaded once its load succeeded (:func:`warned_once_loaded`), at the user's line;
+    at once where no load wrapper runs. Given where the check finds it, a warning preceded every refusal later in the
+    same load (the weights' digest, names, shapes, foreign tensors), telling of an adapter that was then not loaded."""
+    pending = _pending_load_warnings.get()
+    if pending is None:
+        warnings.warn(message, category, stacklevel=user_stacklevel())
+    elif (message, category) not in pending:
+        pending.append((message, category))
+
+
+def warned_once_loaded(load):
+    """``load`` (a load wrapper: ``PeftModel.from_pretrained``, ``PeftModel.load_adapter``, transformers'
+    ``load_adapter``) collecting the warnings of :func:`warn_once_loaded` and giving them, once each, only where it
+    returns; a refused load drops them. Within another load (``from_pretrained`` calls ``load_adapter``) the outer
+    one gives them."""
+
+    @functools.wraps(load)
+    def wrapper(*args, **kwargs):
+        if _pending_load_warnings.get() is not None:
+            return load(*args, **kwargs)
+        pending = []
+        token = _pending_load_warnings.set(pending)
+        try:
+            result = load(*args, **kwargs)
+        finally:
+            _pending_load_warnings.reset(token)
+        for message, category in pending:
+            warnings.warn(message, category, stacklevel=user_stacklevel())
+        return result
+
+    return wrapper
+
+
 def warn_added_token_embeddings_not_saved(model: nn.Module, adapter_name: str, saved_config: dict, tensors) -> None:
     """Warn where QST adapter ``adapter_name`` was trained on a vocabulary larger than the checkpoint the model was
     loaded from (the ``base_model_signature`` of ``saved_config``, the ``adapter_config.json`` read with the weights,
@@ -1699,7 +1737,7 @@ def warn_added_token_embeddings_not_saved(model: nn.Module, adapter_name: str, s
             break
     if checkpoint is None or checkpoint >= recorded:
         return
-    warnings.warn(
+    warn_once_loaded(
         f"QST adapter {adapter_name!r} was trained on a vocabulary of {recorded} tokens (recorded in its "
         f"adapter_config.json), resized from the {checkpoint} of base checkpoint {model_id!r}, but its file holds no "
         f"token embeddings: the {recorded - checkpoint} added tokens' rows are the ones this model's "
@@ -1707,9 +1745,7 @@ def warn_added_token_embeddings_not_saved(model: nn.Module, adapter_name: str, s
         "tokens differ from the trained model's. It was saved with save_embedding_layers=False, or by an earlier "
         "peft-qst (for a multimodal model, whose vocabulary size is in text_config, PEFT's save_embedding_layers="
         "\"auto\" did not save them). Save the adapter again from the trained model (save_pretrained saves them), or "
-        "load it onto the base model it was trained on, saved after its resize.",
-        UserWarning,
-        stacklevel=user_stacklevel(),
+        "load it onto the base model it was trained on, saved after its resize."
     )
 
 
@@ -1843,7 +1879,7 @@ def warn_if_base_model_differs(model: nn.Module, adapter_name: str, saved_config
     loaded_on = getattr(base.config, "name_or_path", None)
     saved_on = repr(saved_on) if saved_on else "a checkpoint whose name was not recorded"
     loaded_on = repr(loaded_on) if loaded_on else "a model built from a config"
-    warnings.warn(
+    warn_once_loaded(
         f"QST adapter {adapter_name!r} was trained on other base model weights than this model's: {changed} of "
         f"{compared} entries of the token embeddings recorded in its adapter_config.json (base_model_fingerprint) "
         "differ here by more than a float32/bf16/float16 load of the same checkpoint rounds them. It was saved on "
@@ -1851,9 +1887,7 @@ def warn_if_base_model_differs(model: nn.Module, adapter_name: str, saved_config
         "Instruct model and its base, a fine-tune). The side network reads every layer's hidden states of the base "
         "model and was trained on that checkpoint's, so its outputs here may differ from the trained model's. Load it "
         "onto the checkpoint it was trained on, or train it on this one; if this base model is meant "
-        "(a further fine-tune of it), evaluate the adapter on it.",
-        UserWarning,
-        stacklevel=user_stacklevel(),
+        "(a further fine-tune of it), evaluate the adapter on it."
     )
 
 

@@ -72,6 +72,7 @@ from .model import (
     vocabulary_resized_from_checkpoint,
     warn_added_token_embeddings_not_saved,
     warn_if_base_model_differs,
+    warned_once_loaded,
     with_peft_model_prefix,
 )
 from .serialization import (
@@ -396,7 +397,7 @@ def _read_qst_weights_safely() -> None:
                 loading_adapter.reset(token)
                 note_adapter_loaded()  # a continued generation cache checks the weights again
 
-        return load_adapter
+        return warned_once_loaded(load_adapter)
 
     def make_load_peft_weights(original):
         def load_peft_weights(model_id, device=None, key_mapping=None, **hf_hub_download_kwargs):
@@ -637,7 +638,7 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
             with _accelerate_dispatch_kept(model):
                 return original(cls, model, model_id, *args, **kwargs)
 
-        return from_pretrained
+        return warned_once_loaded(from_pretrained)
 
     _patch_classmethod_once(PeftModel, "from_pretrained", make)
 
@@ -858,7 +859,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 undo_resize.announce()  # only now: a refused load hands the model back at its size
             return info
 
-        return load_adapter
+        return warned_once_loaded(load_adapter)
 
     _patch_once(PeftAdapterMixin, "load_adapter", make)
 

@@ -194,3 +194,43 @@ def test_models_built_from_configs_are_described_without_a_name(tmp_path):
     assert "saved on a checkpoint whose name was not recorded and is being loaded onto a model built from a config" \
         in found[0]
     assert "(not recorded)" not in found[0]
+
+
+def test_a_load_refused_after_the_fingerprint_check_gives_the_refusal_alone(tmp_path):
+    """An adapter loaded onto another checkpoint whose file the load then refuses (here a tensor of neither the side
+    network nor the base model, with a digest that matches it): the fingerprint warning, given where the check found
+    it, came before the refusal, telling of an adapter "trained on other base model weights" that was then not loaded.
+    It is given only once the load succeeded: a refused load gives the refusal alone, on every load path; the same
+    load of the intact file still warns once, at the user's line."""
+    from safetensors.torch import save_file
+
+    from peft_qst.serialization import QSTAdapterFileError
+
+    get_peft_model(tiny_causal_lm(seed=0), QSTConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(tmp_path / "intact")
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    weights = load_file(str(tmp_path / "intact" / "adapter_model.safetensors"))
+    weights["base_model.model.model.layers.0.mlp.nothing.weight"] = torch.zeros(4)
+    save_file(weights, str(tampered / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "intact" / "adapter_config.json").read_text())
+    config["adapter_weights_sha256"] = weights_digest(weights)
+    (tampered / "adapter_config.json").write_text(json.dumps(config))
+
+    def loaded_elsewhere():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its own load's warning, not the one under test
+            return PeftModel.from_pretrained(tiny_causal_lm(seed=1), tmp_path / "intact")
+
+    loads = {
+        "PeftModel.from_pretrained": lambda folder: PeftModel.from_pretrained(tiny_causal_lm(seed=1), folder),
+        "load_adapter": lambda folder: loaded_elsewhere().load_adapter(folder, "second"),
+        "transformers' load_adapter": lambda folder: tiny_causal_lm(seed=1).load_adapter(str(folder)),
+    }
+    for how, load in loads.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(QSTAdapterFileError, match="belong neither"):
+                load(tampered)
+        assert [str(w.message) for w in caught if "base_model_fingerprint" in str(w.message)] == [], how
+        _, found = fingerprint_warnings(lambda: load(tmp_path / "intact"))
+        assert len(found) == 1, how

@@ -598,3 +598,38 @@ def test_the_usual_lifecycle_without_a_resize_gives_no_warning_of_peft_qst(tmp_p
     ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
             if os.path.abspath(w.filename).startswith(package_dir) or os.path.abspath(w.filename) == __file__]
     assert not ours
+
+
+def test_a_load_refused_after_the_added_tokens_check_gives_the_refusal_alone(tmp_path):
+    """An adapter whose file holds no embeddings of its resized vocabulary, altered besides (a tensor of neither the
+    side network nor the base model, with a digest that matches it): its load warned that "its file holds no token
+    embeddings" and was then refused, nothing loaded. The warning is given only once the load succeeded."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from peft_qst.serialization import weights_digest
+
+    tiny_causal_lm().save_pretrained(tmp_path / "base")
+
+    def resized():
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        base.resize_token_embeddings(VOCAB, mean_resizing=False)
+        return base
+
+    get_peft_model(resized(), QSTConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(
+        tmp_path / "adapter", save_embedding_layers=False)
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    weights["base_model.model.model.layers.0.mlp.nothing.weight"] = torch.zeros(4)
+    save_file(weights, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["adapter_weights_sha256"] = weights_digest(weights)
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+
+    for load in (lambda: PeftModel.from_pretrained(resized(), tmp_path / "adapter"),
+                 lambda: resized().load_adapter(str(tmp_path / "adapter"))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(QSTAdapterFileError, match="belong neither"):
+                load()
+        assert not [w for w in caught if "holds no token embeddings" in str(w.message)]
