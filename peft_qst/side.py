@@ -1473,7 +1473,11 @@ def side_dtype_autocast(side: nn.Module, device: torch.device, dtype: torch.dtyp
     fast_path.autocast_off)."""
     if dtype not in HALF_DTYPES:
         return nullcontext()
-    if torch.is_autocast_enabled(device.type):
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know: the meta device (shapes only), nothing to cast
+        return nullcontext()
+    if enabled:
         autocast_dtype = torch.get_autocast_dtype(device.type)
         other_half = autocast_dtype in HALF_DTYPES and autocast_dtype != dtype
         return torch.autocast(device.type, dtype=dtype) if other_half else nullcontext()
