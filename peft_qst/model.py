@@ -413,18 +413,30 @@ def _unmatched_entries(model: nn.Module, entries) -> list[str]:
     return [entry for entry in dict.fromkeys(entries) if not any(_names_an_entry(name, (entry,)) for name in names)]
 
 
-def _suggested_module_names(model: nn.Module, entries, trunk_name: Optional[str]) -> str:
+def _name_in(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:
+    """The name of ``module`` among ``model``'s modules ("" for the model itself), None where it is not one."""
+    return next((name for name, candidate in model.named_modules() if candidate is module), None)
+
+
+def _meets_trunk(name: str, trunk_name: str) -> bool:
+    """Whether the module ``name`` is the decoder trunk ``trunk_name``, lies inside it or holds it (every module does,
+    for a bare trunk: ``trunk_name`` "")."""
+    return (
+        trunk_name == "" or name == trunk_name or name.startswith(trunk_name + ".") or trunk_name.startswith(name + ".")
+    )
+
+
+def _suggested_module_names(model: nn.Module, entries, trunk: Optional[nn.Module]) -> str:
     """What to say instead of ``modules_to_save`` entries that match nothing: for each, a few names of the modules of
-    ``model`` outside the decoder trunk (whole names and their last parts) close to it; where none is close, those
-    modules (the ones that can be trained: one inside the trunk is refused, and suggesting one misleads)."""
+    ``model`` outside the decoder trunk ``trunk`` (whole names and their last parts) close to it; where none is close,
+    those modules (the ones that can be trained: one inside the trunk is refused, and suggesting one misleads)."""
+    trunk_name = _name_in(model, trunk)
     modules = {}
     for name, _ in model.named_modules(remove_duplicate=False):
         if (
             not name
             or any(part in _NOT_SUGGESTED for part in name.split("."))
-            or trunk_name is not None
-            and (trunk_name == "" or name == trunk_name or name.startswith(trunk_name + ".")
-                 or trunk_name.startswith(name + "."))  # inside the trunk, or holding it
+            or trunk_name is not None and _meets_trunk(name, trunk_name)
         ):
             continue
         modules[name] = None
@@ -453,11 +465,10 @@ def _check_modules_to_save_match(model: nn.Module, trunk: nn.Module, config: QST
     unmatched = [entry for entry in _unmatched_entries(model, _modules_to_save_entries(config)) if entry not in exempt]
     if not unmatched:
         return
-    trunk_name = next((name for name, module in model.named_modules() if module is trunk), None)
     raise ValueError(
         f"QSTConfig.modules_to_save={_modules_to_save_entries(config)!r}: {unmatched} match no module of "
         f"{type(model).__name__} (PEFT matches each entry as the end of a module name), so nothing would be trained "
-        f"or saved for them ({_suggested_module_names(model, unmatched, trunk_name)}). Correct these entries or "
+        f"or saved for them ({_suggested_module_names(model, unmatched, trunk)}). Correct these entries or "
         "remove them."
     )
 
@@ -488,11 +499,10 @@ def check_saved_modules_to_save_present(model: nn.Module, adapter_name: str, ent
         return
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     trunk = next((module for module in base.modules() if isinstance(module, QSTLayer)), None)
-    trunk_name = next((name for name, module in base.named_modules() if module is trunk), None)
     raise QSTAdapterFileError(
         f"QST adapter {adapter_name!r} was saved with modules_to_save entries {sorted(saved)} and their trained "
         f"weights (modules {sorted(name for names in saved.values() for name in names)[:3]}), but they match no "
-        f"module of {type(base).__name__} ({_suggested_module_names(base, sorted(saved), trunk_name)}). Load the "
+        f"module of {type(base).__name__} ({_suggested_module_names(base, sorted(saved), trunk)}). Load the "
         "adapter onto the model class (and head) it was trained with; nothing was loaded."
     )
 
@@ -661,19 +671,12 @@ def _check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, confi
     entries = _modules_to_save_entries(config)
     task_type = getattr(config.task_type, "value", config.task_type)
     heads = set(entries) | set(_TASK_HEADS.get(task_type, ()))
-    trunk_name = next((name for name, module in model.named_modules() if module is trunk), None)
+    trunk_name = _name_in(model, trunk)
     if not heads or trunk_name is None:
         return
     quantized = {}
     for name, module in model.named_modules():
-        if (
-            not name
-            or not _names_an_entry(name, heads)
-            or name == trunk_name
-            or name.startswith(trunk_name + ".")
-            or trunk_name.startswith(name + ".")
-            or (trunk_name == "" and name)
-        ):
+        if not name or not _names_an_entry(name, heads) or _meets_trunk(name, trunk_name):
             continue
         layers = _quantized_layers(module)
         if layers and layers[0][0] == "":  # the module itself is the quantized layer
