@@ -11,7 +11,7 @@ import json
 import os
 import re
 
-from .serialization import CONFIG_NAME, SAFETENSORS_NAME
+from .serialization import CONFIG_NAME, saved_tensor_shapes
 
 MARKER = "<!-- peft-qst usage -->"
 
@@ -233,59 +233,45 @@ def _saved_adapter_facts(folder: str) -> dict:
         "model_type": _recorded_model_type(config),
         "auto_model": _made_on_auto_model(config),
     }
-    weights_path = os.path.join(folder, SAFETENSORS_NAME)
-    resized = _resized_vocab_size(config, weights_path)
+    # the weights file's tensor names and shapes, from its header ({} where it is missing, truncated or garbled)
+    shapes = saved_tensor_shapes(folder, {})
+    resized = _resized_vocab_size(config, shapes)
     if resized is not None:
         facts["resized_vocab_size"] = resized
     heads = config.get("modules_to_save") or []
     heads = [head for head in heads if isinstance(head, str)] if isinstance(heads, list) else []
-    if facts["task_type"] not in LABELLED_TASKS or not heads or not os.path.isfile(weights_path):
+    if facts["task_type"] not in LABELLED_TASKS or not heads:
         return facts
-    from safetensors import safe_open
-
-    try:
-        with safe_open(weights_path, framework="pt") as handle:
-            for key in handle.keys():
-                if any(key.endswith(f".{head}.weight") for head in heads):
-                    shape = handle.get_slice(key).get_shape()
-                    if len(shape) == 2:
-                        return {**facts, "num_labels": int(shape[0])}
-    except Exception:  # noqa: BLE001 - safetensors' SafetensorError (and OSError): a truncated or garbled file
-        pass
+    for key, shape in shapes.items():
+        if any(key.endswith(f".{head}.weight") for head in heads) and len(shape) == 2:
+            return {**facts, "num_labels": int(shape[0])}
     return facts
 
 
-def _resized_vocab_size(config: dict, weights_path: str) -> int | None:
+def _resized_vocab_size(config: dict, shapes: dict) -> int | None:
     """The vocabulary size the base model was resized to when the adapter of this ``adapter_config.json`` and weights
-    file was trained, None where it was not resized (or the files do not tell). PEFT saves the token embeddings beside
-    an adapter only when the vocabulary differs from the base model's (``save_embedding_layers``, which it sets
-    itself, and QST's ``save_pretrained`` for a multimodal model, whose vocabulary size PEFT does not find in
-    ``text_config``; its trunk's embeddings are ``...language_model.base_layer.embed_tokens.weight``): a QST adapter's
-    weights hold a tensor of the trunk (``...base_layer...``) only then, one row per token
-    (of the size ``base_model_signature`` records, where it records one). Loading refuses the base model as its
-    checkpoint builds it (another vocabulary size), so the card's code resizes it first; without that line, QLoRA
-    recipes that add chat tokens (PEFT's ``examples/sft``: ``resize_token_embeddings(len(tokenizer),
-    pad_to_multiple_of=8)``) got a card whose code failed. The embeddings saved with ``save_embedding_layers=True``
-    on a vocabulary left as the base checkpoint has it (whose config is read locally, where it can be) need no resize:
-    None then, so that the card does not say tokens were added."""
+    file (its tensors' ``shapes``) was trained, None where it was not resized (or the files do not tell). PEFT saves
+    the token embeddings beside an adapter only when the vocabulary differs from the base model's
+    (``save_embedding_layers``, which it sets itself, and QST's ``save_pretrained`` for a multimodal model, whose
+    vocabulary size PEFT does not find in ``text_config``; its trunk's embeddings are
+    ``...language_model.base_layer.embed_tokens.weight``): a QST adapter's weights hold a tensor of the trunk
+    (``...base_layer...``) only then, one row per token (of the size ``base_model_signature`` records, where it
+    records one). Loading refuses the base model as its checkpoint builds it (another vocabulary size), so the card's
+    code resizes it first; without that line, QLoRA recipes that add chat tokens (PEFT's ``examples/sft``:
+    ``resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)``) got a card whose code failed. The embeddings
+    saved with ``save_embedding_layers=True`` on a vocabulary left as the base checkpoint has it (whose config is
+    read locally, where it can be) need no resize: None then, so that the card does not say tokens were added."""
     signature = config.get("base_model_signature")
     recorded = signature.get("vocab_size") if isinstance(signature, dict) else None  # None: saved before it was
-    if not os.path.isfile(weights_path):
-        return None
-    from safetensors import safe_open
-
-    size = None
-    try:
-        with safe_open(weights_path, framework="pt") as handle:
-            for key in handle.keys():
-                if ".qst_side." in key or "lora_" in key or ".base_layer." not in key or not key.endswith("weight"):
-                    continue
-                shape = handle.get_slice(key).get_shape()
-                if len(shape) == 2 and (recorded is None or shape[0] == recorded):
-                    size = int(shape[0])
-                    break
-    except Exception:  # noqa: BLE001 - safetensors' SafetensorError (and OSError): a truncated or garbled file
-        return None
+    size = next(
+        (
+            int(shape[0])
+            for key, shape in shapes.items()
+            if ".qst_side." not in key and "lora_" not in key and ".base_layer." in key and key.endswith("weight")
+            and len(shape) == 2 and (recorded is None or shape[0] == recorded)
+        ),
+        None,
+    )
     if size is not None:
         from transformers import AutoConfig
 
