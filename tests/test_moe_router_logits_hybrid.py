@@ -61,6 +61,21 @@ def _recorded_backbone_router_logits(model) -> dict:
     return recorded
 
 
+def _forward_recorded(model, train: bool = True):
+    """One forward of ``model`` on the test batch, in training mode (else in eval mode without gradients), with its
+    side routers' and backbone routers' logits recorded; it returns exactly the side routers' logits, then the adapted
+    blocks'. Returns (output, batch, side logits, backbone logits by block, adapted blocks' logits)."""
+    side = _recorded_side_router_logits(model)
+    backbone = _recorded_backbone_router_logits(model)
+    model.train(train)
+    batch = _batch()
+    with torch.set_grad_enabled(train):
+        out = model(**batch)
+    adapted = [backbone[i] for i in range(LAYERS - ADAPTED, LAYERS)]
+    assert all(mine is theirs for mine, theirs in zip(out.router_logits, side + adapted, strict=True))
+    return out, batch, side, backbone, adapted
+
+
 def _lora_b(model):
     """The hybrid's LoRA ``B`` matrices (the ``A`` ones get no gradient while ``B`` is at zero), block -> list."""
     found = {}
@@ -75,16 +90,10 @@ def _lora_b(model):
 def test_aux_loss_balances_the_side_routers_and_the_adapted_backbone_routers(model_type):
     base = _model(model_type)
     model = _hybrid(_model(model_type))
-    side = _recorded_side_router_logits(model)
-    backbone = _recorded_backbone_router_logits(model)
-    model.train()
-    batch = _batch()
-    out = model(**batch)
-    assert len(side) == LAYERS and sorted(backbone) == list(range(LAYERS))
-    adapted = [backbone[i] for i in range(LAYERS - ADAPTED, LAYERS)]
     # exactly the side routers, then the adapted blocks' routers; the frozen blocks' routers stay out
+    out, batch, side, backbone, adapted = _forward_recorded(model)
+    assert len(side) == LAYERS and sorted(backbone) == list(range(LAYERS))
     assert len(out.router_logits) == LAYERS + ADAPTED
-    assert all(mine is theirs for mine, theirs in zip(out.router_logits, side + adapted, strict=True))
     assert all(logits.requires_grad for logits in adapted)
     assert not any(backbone[i].requires_grad for i in range(LAYERS - ADAPTED))
     balancing = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
@@ -119,14 +128,7 @@ def test_eval_and_generation_take_the_same_routers():
     """Without gradients (evaluation, generation) the aux loss covers the same routers as in training."""
     base = _model("mixtral")
     model = _hybrid(_model("mixtral"))
-    side = _recorded_side_router_logits(model)
-    backbone = _recorded_backbone_router_logits(model)
-    model.eval()
-    batch = _batch()
-    with torch.no_grad():
-        out = model(**batch)
-    adapted = [backbone[i] for i in range(LAYERS - ADAPTED, LAYERS)]
-    assert all(mine is theirs for mine, theirs in zip(out.router_logits, side + adapted, strict=True))
+    out, batch, side, _, adapted = _forward_recorded(model, train=False)
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     expected = load_balancing_loss_func(tuple(side + adapted), 4, 2, batch["attention_mask"])
@@ -143,13 +145,7 @@ def test_gradient_checkpointing_keeps_the_adapted_routers():
     forward, stay in the aux loss once and carry its gradient into the LoRA."""
     model = _hybrid(_model("mixtral"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    side = _recorded_side_router_logits(model)
-    backbone = _recorded_backbone_router_logits(model)
-    model.train()
-    batch = _batch()
-    out = model(**batch)
-    adapted = [backbone[i] for i in range(LAYERS - ADAPTED, LAYERS)]
-    assert all(mine is theirs for mine, theirs in zip(out.router_logits, side + adapted, strict=True))
+    out, _, _, _, adapted = _forward_recorded(model)
     (grad,) = torch.autograd.grad(out.aux_loss, [adapted[-1]], retain_graph=True)
     assert grad.abs().sum() > 0
     out.loss.backward()
@@ -214,15 +210,9 @@ def test_4bit_backbone_balances_the_adapted_routers(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config())
     assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
     model = _hybrid(base)
-    side = _recorded_side_router_logits(model)
-    backbone = _recorded_backbone_router_logits(model)
-    model.train()
-    batch = _batch()
-    out = model(**batch)
+    out, batch, side, _, adapted = _forward_recorded(model)
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    adapted = [backbone[i] for i in range(LAYERS - ADAPTED, LAYERS)]
-    assert all(mine is theirs for mine, theirs in zip(out.router_logits, side + adapted, strict=True))
     expected = load_balancing_loss_func(tuple(side + adapted), 4, 2, batch["attention_mask"])
     torch.testing.assert_close(out.aux_loss, expected, rtol=0, atol=0)
     (grad,) = torch.autograd.grad(out.aux_loss, [adapted[0]], retain_graph=True)
