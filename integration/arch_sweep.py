@@ -18,8 +18,8 @@ With ``--4bit`` each tiny model is saved once and loaded back quantized (bitsand
 users load theirs, and every check runs on that 4-bit model; the fresh base of e. is loaded the same way. The hybrid's
 checks there hold to the same tolerance as the others: its adapted 4-bit layers run bitsandbytes' repacked kernel of
 CPUs with AVX512-BF16 in eval forwards, as the base model's do, and the standard one only for training steps and calls
-whose input carries a gradient (README, "bitsandbytes on CPU"). (Until the hybrid's layers were routed so, they ran
-the standard kernel throughout, and the sweep allowed 2% of the largest base logit there.)
+whose input carries a gradient (docs/quality.md, "bitsandbytes on CPU"). (Until the hybrid's layers were routed so,
+they ran the standard kernel throughout, and the sweep allowed 2% of the largest base logit there.)
 
 A type is OK (all pass; a hybrid refused with a ValueError is noted), REFUSED (``get_peft_model`` raised
 QSTUnsupportedModelError or ValueError), REFUSED-AT-RUN (QSTUnsupportedModelError at the first forward or the first

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one command, for a GPU machine lent without internet (README, "Benchmarks").
+# The checks that need a CUDA GPU, in one command, for a GPU machine lent without internet
+# (docs/performance.md, "On a GPU").
 #
 #   bash integration/gpu_checks.sh OUT_DIR [WHEEL_DIR]
 #

@@ -291,8 +291,8 @@ def route_4bit_layers_by_mode(model: nn.Module) -> int:
     * **Training-mode forwards** (the frozen backbone of every training step, under ``no_grad``): once an eval
       forward had packed the layers (``Trainer.evaluate``, ``eval_on_start``, a generation before training, as in the
       quickstart and ``examples/sft_trl.py``), every later training step ran the packed kernel: a 4-bit SmolLM2 QST
-      step of 4 x 256 tokens took 1.9x longer (``integration/bench_train.py`` with ``qst:eval_first=true``, README
-      "bitsandbytes on CPU"). On a model with trainable parameters the pre-hook now keeps each
+      step of 4 x 256 tokens took 1.9x longer (``integration/bench_train.py`` with ``qst:eval_first=true``,
+      docs/quality.md, "bitsandbytes on CPU"). On a model with trainable parameters the pre-hook now keeps each
       layer's standard layout from just before it is packed (the same 4-bit codes again: the 4-bit weights take twice
       their memory from the first eval forward on), and a training-mode forward runs on it, the post-hook putting the
       packed layout back. Training steps then compute exactly what they compute without any eval forward in between

@@ -172,7 +172,7 @@ class QSTConfig(PeftConfig):
             the backbone's own last. `get_peft_model` writes the number it chose into the config, so a saved adapter
             records it. None: the backbone's own numbers of attention and key/value heads, as in the paper's
             reference code, so the head dimension is the backbone's divided by ``r`` (4 for SmolLM2 at r=16).
-            Measured on SmolLM2-135M (README, Performance): the same accuracy and eval loss as the paper's layout
+            Measured on SmolLM2-135M (docs/performance.md): the same accuracy and eval loss as the paper's layout
             within what a seed moves (three seeds), and a training step 16% shorter on a 2-core CPU (attention at
             head dimension 4 costs far more than its arithmetic). The key/value heads keep the backbone's grouping
             where it divides (else one). A number must divide the side hidden size ``d / r``. `init="pruned"` keeps
@@ -201,7 +201,7 @@ class QSTConfig(PeftConfig):
         dropout (`float`): Dropout on each downsampled hidden state during training, in [0, 1).
         side_gate_init (`float`): Initial value, in (0, 1), of the per-channel gates of the side recurrence
             ``g = (1 - s) * down(h_i) + s * g``: how much of the side network's own state each block keeps.
-            0.9 and 0.98 did not learn better than 0.5 in the quality harness (README, Quality).
+            0.9 and 0.98 did not learn better than 0.5 in the quality harness (docs/quality.md).
         output_gate_init (`float`): Initial value of the per-channel output gate ``a`` in
             ``h_out = h_L + a * up(side)``. The upsample ``up`` starts at zero (as LoRA's B matrix does), so the
             adapted model starts exactly at the pretrained model's output whatever ``a`` is, while ``up`` gets a
@@ -233,7 +233,7 @@ class QSTConfig(PeftConfig):
             network: full-width changes right before the LM head, which the side network's narrow output cannot make.
             Gradients then enter the backbone above block ``L - k`` only; the blocks below still run
             under ``torch.no_grad()``, so the cost grows with ``k``, not with the model's depth. Measured on
-            SmolLM2-135M with the quality harness (README, Quality), with ``backbone_lora_r=64``: ``k`` = 16 of 30
+            SmolLM2-135M with the quality harness (docs/quality.md), with ``backbone_lora_r=64``: ``k`` = 16 of 30
             blocks scored 1.3 and 4.6 points below QLoRA at equal steps (two seeds) and 9.6 above it at equal
             wall-clock (one seed); ``k`` = 20 scored 2.1, 0.8 and 7.9 points below and 2.5 above at equal steps (four
             seeds, 2.1 below on their mean) and 7-9 above at equal wall-clock (three seeds); ``k`` = 24 scored 0.9

@@ -187,7 +187,7 @@ def auto_side_heads(config, r: int) -> Optional[int]:
     Why not the model's head count, as the paper's reference code keeps it: that divides the head dimension by ``r``
     (4 for SmolLM2-135M, 8 for LLaMA-2-7B at r=16), and attention at such widths costs far more than its arithmetic:
     on a 2-core CPU a QST training step of SmolLM2-135M took 2.21 s with its 9 side heads of 4 and 1.86 s with one
-    head of 36, for the same accuracy on the quality harness over three seeds (README, Performance)."""
+    head of 36, for the same accuracy on the quality harness over three seeds (docs/performance.md)."""
     candidates = auto_side_head_candidates(config, r)
     return candidates[0] if candidates else None
 

@@ -20,6 +20,20 @@ warnings.filterwarnings("ignore", message=".*kernels.*")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def documentation() -> dict[str, str]:
+    """The README and the pages under ``docs/``, as ``{path relative to the repository: text}``, the README first.
+
+    The README keeps the user documentation and short summaries; the measurement logs and details it links to live in
+    ``docs/*.md``. Tests of what the documentation quotes (commands, file paths, links) read all of them."""
+    pages = glob.glob(os.path.join(REPO, "docs", "*.md"))
+    paths = ["README.md"] + sorted(os.path.relpath(path, REPO) for path in pages)
+    texts = {}
+    for path in paths:
+        with open(os.path.join(REPO, path), encoding="utf-8") as handle:
+            texts[path] = handle.read()
+    return texts
+
+
 def load_script(path: str, name: str, register: bool = False):
     """A script of the repository (``path`` relative to its root) imported as module ``name``; ``register`` puts it
     in ``sys.modules`` (needed where its dataclasses or pickling look the module up)."""

@@ -816,16 +816,17 @@ def test_the_model_card_of_a_composite_adapter_loads_the_base_model_with_its_aut
     PeftModel.from_pretrained(base, tmp_path / "adapter")
 
 
-#: the composite types whose configs AutoModelForCausalLM also builds (the README says so for AutoPeftModelForCausalLM)
+#: the composite types whose configs AutoModelForCausalLM also builds (docs/architectures.md says so for
+#: AutoPeftModelForCausalLM)
 CAUSAL_LM_AUTO_CLASS_LOADS = ("gemma3", "got_ocr2", "qwen3_5", "qwen3_5_moe", "fuyu")
 
 
 @pytest.mark.parametrize("family", SUPPORTED)
 def test_auto_model_for_causal_lm_refuses_the_composite_configs_the_readme_names(family):
-    """The README sends composite adapters through AutoModelForImageTextToText because AutoPeftModelForCausalLM's
-    AutoModelForCausalLM refuses these configs, all but Gemma 3's, GOT-OCR2's, Fuyu's and Qwen3.5's (and its MoE
-    variant's, for which it builds the language model alone): a transformers fact the README states, checked here so
-    that a transformers release that changes it shows up."""
+    """docs/architectures.md sends composite adapters through AutoModelForImageTextToText because
+    AutoPeftModelForCausalLM's AutoModelForCausalLM refuses these configs, all but Gemma 3's, GOT-OCR2's, Fuyu's and
+    Qwen3.5's (and its MoE variant's, for which it builds the language model alone): a transformers fact the docs
+    state, checked here so that a transformers release that changes it shows up."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(family, **FAMILIES[family][0])
@@ -838,7 +839,7 @@ def test_auto_model_for_causal_lm_refuses_the_composite_configs_the_readme_names
 
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
 def test_auto_peft_model_for_causal_lm_refuses_a_qwen3_5_adapter_on_the_language_model_alone(family, tmp_path):
-    """What the README says of Qwen3.5's composite adapters loaded with AutoPeftModelForCausalLM: its
+    """What docs/architectures.md says of Qwen3.5's composite adapters loaded with AutoPeftModelForCausalLM: its
     AutoModelForCausalLM builds the language model alone from the composite config, and the adapter, trained on the
     composite model, is refused there naming both types (not loaded onto a model without its vision tower)."""
     from peft import AutoPeftModelForCausalLM

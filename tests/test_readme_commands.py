@@ -1,10 +1,11 @@
-"""The README's commands and file references still match the repository.
+"""The commands, file references and links of the README and the ``docs/`` pages still match the repository.
 
-The README quotes dozens of commands (benchmarks, the quality harness with its method specs, the examples) and names
-the results files its figures come from. Scripts and options get renamed; a quoted command that no longer parses, or a
-results file that is gone, is found here instead of by a reader. Every quoted command is parsed by its own script's
-``parse_args`` (flags, values, method specs: the checks each script makes before any work), in a temporary working
-directory so that ``--output`` folders land there; nothing is run.
+The README and its ``docs/*.md`` pages (the measurement logs and details the README links to) quote dozens of commands
+(benchmarks, the quality harness with its method specs, the examples) and name the results files their figures come
+from. Scripts and options get renamed; a quoted command that no longer parses, a results file that is gone, or a link
+to a page or section that moved is found here instead of by a reader. Every quoted command is parsed by its own
+script's ``parse_args`` (flags, values, method specs: the checks each script makes before any work), in a temporary
+working directory so that ``--output`` folders land there; nothing is run.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import sys
 
 import pytest
 
-from .conftest import REPO, load_script
+from .conftest import REPO, documentation, load_script
 
-README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+DOCS = documentation()
+README = DOCS["README.md"]
 
 SCRIPTS = {
     "examples/quickstart.py": "readme_quickstart",
@@ -59,24 +61,26 @@ def _shell_lines(block: str) -> list[str]:
     return commands
 
 
-def readme_commands() -> list[tuple[str, list[str]]]:
-    """``(script, argv)`` for every quoted invocation of an example or integration script: in fenced code blocks,
-    and in inline code spans that start with ``.venv/bin/python`` or ``python``."""
-    candidates = []
-    for block in re.findall(r"^```[\w-]*\n(.*?)^```", README, flags=re.S | re.M):
-        candidates += _shell_lines(block)
-    candidates += re.findall(r"`((?:\.venv/bin/)?python [^`]+)`", README)
+def readme_commands() -> list[tuple[str, str, list[str]]]:
+    """``(file, script, argv)`` for every quoted invocation of an example or integration script in the README and the
+    ``docs/`` pages: in fenced code blocks, and in inline code spans that start with ``.venv/bin/python`` or
+    ``python``."""
     commands = []
-    for line in candidates:
-        if not SCRIPT_PATTERN.search(line):
-            continue
-        words = shlex.split(line, comments=True)
-        for index, word in enumerate(words):
-            if word in SCRIPTS:
-                commands.append((word, words[index + 1:]))
-                break
-        else:
-            raise AssertionError(f"the README quotes a script this test does not know (add it to SCRIPTS): {line}")
+    for path, text in DOCS.items():
+        candidates = []
+        for block in re.findall(r"^```[\w-]*\n(.*?)^```", text, flags=re.S | re.M):
+            candidates += _shell_lines(block)
+        candidates += re.findall(r"`((?:\.venv/bin/)?python [^`]+)`", text)
+        for line in candidates:
+            if not SCRIPT_PATTERN.search(line):
+                continue
+            words = shlex.split(line, comments=True)
+            for index, word in enumerate(words):
+                if word in SCRIPTS:
+                    commands.append((path, word, words[index + 1:]))
+                    break
+            else:
+                raise AssertionError(f"{path} quotes a script this test does not know (add it to SCRIPTS): {line}")
     return commands
 
 
@@ -86,12 +90,15 @@ COMMANDS = readme_commands()
 def test_the_readme_quotes_commands_of_every_kind():
     """The extraction itself works: each kind of quoted command is found (a change of the README's code-block style
     would otherwise silently leave nothing to check)."""
-    quoted = {script for script, _ in COMMANDS}
+    quoted = {script for _, script, _ in COMMANDS}
     assert {"integration/quality/harness.py", "integration/bench_train.py", "integration/bench_generate.py",
             "integration/real_shapes.py", "integration/arch_sweep.py", "examples/sft_trl.py"} <= quoted
-    harness_specs = [argv for script, argv in COMMANDS if script == "integration/quality/harness.py"]
+    harness_specs = [argv for _, script, argv in COMMANDS if script == "integration/quality/harness.py"]
     assert any("qst:backbone_lora_layers=24,backbone_lora_r=64,backbone_lora_alpha=16,time_s=795.0,"
                "label=qst+lora24-wallclock" in argv for argv in harness_specs)
+    # the README's own commands and those of the docs pages are both found
+    assert {"README.md", "docs/quality.md", "docs/performance.md", "docs/architectures.md"} <= {
+        path for path, _, _ in COMMANDS}
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +108,9 @@ def scripts():
     return {path: load_script(path, name) for path, name in SCRIPTS.items()}
 
 
-@pytest.mark.parametrize("script, argv", COMMANDS, ids=[f"{s}:{' '.join(a)[:60]}" for s, a in COMMANDS])
-def test_readme_command_parses(script, argv, scripts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path, script, argv", COMMANDS,
+                         ids=[f"{p}:{s}:{' '.join(a)[:60]}" for p, s, a in COMMANDS])
+def test_readme_command_parses(path, script, argv, scripts, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if script == "examples/generate.py":  # the adapter the quickstart would have saved
         os.makedirs("outputs/qst-smollm2-quickstart")
@@ -110,7 +118,7 @@ def test_readme_command_parses(script, argv, scripts, tmp_path, monkeypatch):
     try:
         scripts[script].parse_args(argv)
     except SystemExit as err:  # argparse's usage error, printed to stderr
-        pytest.fail(f"the README's command `{script} {shlex.join(argv)}` is refused (exit {err.code})")
+        pytest.fail(f"{path}'s command `{script} {shlex.join(argv)}` is refused (exit {err.code})")
 
 
 def _expand_braces(path: str) -> list[str]:
@@ -121,22 +129,82 @@ def _expand_braces(path: str) -> list[str]:
             for expanded in _expand_braces(path[:match.start()] + choice + path[match.end():])]
 
 
-def readme_paths() -> list[str]:
-    """Repository paths the README names: ``integration/...``, ``examples/...``, ``tests/...``, ``peft_qst/...``,
-    ``scripts/...`` (with ``{a,b}`` and ``*`` patterns), and bare results-file names, which live in
-    ``integration/results/``."""
-    named = re.findall(r"(?<![\w/.-])((?:integration|examples|tests|peft_qst|scripts)/[\w./*{},+-]*[\w*}/])", README)
+def readme_paths(text: str) -> list[str]:
+    """Repository paths a documentation page names: ``integration/...``, ``examples/...``, ``tests/...``,
+    ``peft_qst/...``, ``scripts/...`` (with ``{a,b}`` and ``*`` patterns), and bare results-file names, which live in
+    ``integration/results/``. Targets of markdown links are left to the link check below (relative to the page)."""
+    text = re.sub(r"\]\([^)\s]+\)", "]", text)
+    named = re.findall(r"(?<![\w/.-])((?:integration|examples|tests|peft_qst|scripts)/[\w./*{},+-]*[\w*}/])", text)
     bare = re.findall(r"(?<![\w/.-])((?:quality|bench|profile|arch_sweep|real_shapes)_[\w.{},*-]*\.(?:json|txt))",
-                      README)
+                      text)
     return sorted(set(named) | {f"integration/results/{name}" for name in bare})
 
 
-def test_every_path_the_readme_names_exists():
-    paths = readme_paths()
-    assert "integration/results/quality_hybrid24_seed3_cpu.json" in {p for x in paths for p in _expand_braces(x)}
-    missing = [path for pattern in paths for path in _expand_braces(pattern)
-               if not glob.glob(os.path.join(REPO, path))]
-    assert not missing, f"the README names files that do not exist: {missing}"
+@pytest.mark.parametrize("path", list(DOCS))
+def test_every_path_the_readme_names_exists(path):
+    paths = readme_paths(DOCS[path])
+    if path == "docs/quality.md":  # the extraction itself works
+        assert "integration/results/quality_hybrid24_seed3_cpu.json" in {p for x in paths for p in _expand_braces(x)}
+    missing = [name for pattern in paths for name in _expand_braces(pattern)
+               if not glob.glob(os.path.join(REPO, name))]
+    assert not missing, f"{path} names files that do not exist: {missing}"
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a markdown page's headings: lower case, punctuation dropped (``-`` and ``_`` kept),
+    spaces turned into ``-``, and ``-1``, ``-2``, ... after repeats. Lines inside fenced code blocks are no headings."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", text, flags=re.M):
+        anchor = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(anchor if anchor not in seen else f"{anchor}-{seen[anchor]}")
+        seen[anchor] = seen.get(anchor, 0) + 1
+    return anchors
+
+
+def relative_links(text: str) -> list[str]:
+    """Targets of the page's markdown links that are not URLs (``docs/quality.md#anchor``, ``#anchor``)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return [target for target in re.findall(r"\[[^\[\]]*\]\(([^)\s]+)\)", text)
+            if not re.match(r"[a-z][\w+.-]*:", target)]
+
+
+def test_link_extraction_and_anchors():
+    """The helpers themselves: GitHub's anchor rules on headings of this README, and a link broken over lines."""
+    anchors = heading_anchors(README)
+    assert {"performance-a-training-step-against-qlora-benchmark-integrationbench_trainpy", "options-qstconfig",
+            "the-papers-design-options-downsample-x-r-x-initialisation", "supported-architectures"} <= anchors
+    assert relative_links("see [the\nH200 section](docs/performance.md#on-a-gpu) and [PEFT](https://x.y/z)") == [
+        "docs/performance.md#on-a-gpu"]
+
+
+@pytest.mark.parametrize("path", list(DOCS))
+def test_relative_links_resolve(path):
+    """Every relative link of the README and the docs pages points to a file that exists and, where it names an
+    anchor in a markdown page, to a heading of that page: the material moved between README.md and docs/*.md, and a
+    "see X" that points nowhere is found here."""
+    broken = []
+    for target in relative_links(DOCS[path]):
+        file, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(REPO, os.path.dirname(path), file)) if file else os.path.join(REPO, path)
+        if not os.path.exists(full):
+            broken.append(f"{target} (no such file)")
+        elif anchor and full.endswith(".md"):
+            with open(full, encoding="utf-8") as handle:
+                if anchor not in heading_anchors(handle.read()):
+                    broken.append(f"{target} (no such heading)")
+    assert not broken, f"{path} has broken links: {broken}"
+
+
+def test_the_readme_links_every_docs_page():
+    """Each docs page is reachable from the README (its table of contents), and links back to it."""
+    linked = {os.path.normpath(target.partition("#")[0]) for target in relative_links(README)}
+    pages = [path for path in DOCS if path != "README.md"]
+    assert pages, "no docs/*.md pages found"
+    unlinked = [page for page in pages if page not in linked]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
+    for page in pages:
+        assert any(target.startswith("../README.md") for target in relative_links(DOCS[page])), page
 
 
 def test_options_table_matches_qstconfig_defaults():

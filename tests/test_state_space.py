@@ -178,7 +178,8 @@ PUBLISHED_STATE_SPACE = {
 def test_published_shapes_on_the_meta_device(name):
     """falcon-mamba-7b's config says ``expand`` 16 beside ``intermediate_size`` 8192 (2 x 4096, what its mixers use):
     the side's inner width was taken as expand x 256 = 4096, not 8192 / 16 = 512, and its side network was 230 M
-    parameters, 3.2% of the model. Now 0.46%, about 1/r^2, as the attention models' (README, Published model shapes)."""
+    parameters, 3.2% of the model. Now 0.46%, about 1/r^2, as the attention models' (docs/architectures.md,
+    Published model shapes)."""
     model_type, sizes = PUBLISHED_STATE_SPACE[name]
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes), dtype=torch.bfloat16)
@@ -225,8 +226,8 @@ def test_hybrid_saved_with_time_step_deltas_loads_without_them(model_type, tmp_p
     ("Codestral-Mamba-7B", 7.29, 37.4),
 ])
 def test_published_shapes_count_what_the_readme_table_says(name, base_b, trainable_m):
-    """The README's table of state-space models at their published shapes: base parameters (billions, as published)
-    and QST's trainable parameters (millions) of the default config, as measured here."""
+    """The table of state-space models at their published shapes in docs/architectures.md: base parameters
+    (billions, as published) and QST's trainable parameters (millions) of the default config, as measured here."""
     model_type, sizes = PUBLISHED_STATE_SPACE[name]
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes), dtype=torch.bfloat16)
