@@ -737,3 +737,75 @@ def test_attention_sinks_of_one_side_head_reload_in_another_process_state(tmp_pa
     config_path.write_text(json.dumps(config))
     with pytest.raises(QSTAdapterFileError, match="one-entry weights .* cannot be recovered"):
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+
+
+def test_the_digest_tells_a_tensor_whose_shape_was_changed_in_the_header(tmp_path, trained):
+    """The digest covers each tensor's shape, not only its bytes: a file whose header was edited to give a tensor
+    another shape of the same size (its bytes untouched) is refused by the reader itself, including PEFT's public
+    load_peft_weights, which returns the tensors to a custom loop without the side network's shape checks."""
+    from peft.utils import load_peft_weights
+
+    trained.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k, t in tensors.items() if t.dim() == 2 and t.shape[0] != t.shape[1])
+    tensors[key] = tensors[key].reshape(tensors[key].shape[1], tensors[key].shape[0])  # same bytes, another shape
+    save_file(tensors, str(path))
+    with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
+        load_peft_weights(str(tmp_path))
+
+
+def test_a_config_saved_without_weights_records_no_digest_of_another_folder(tmp_path, tiny_model_dir, trained):
+    """A config read from a saved adapter carries that folder's digest in memory. Saved alone into another folder (a
+    custom loop writes the config, then its own weights with safetensors), it must not record that digest beside
+    weights it never described: loading refused the new folder's intact weights as "corrupt or was replaced"."""
+    from peft import get_peft_model_state_dict
+
+    trained.save_pretrained(tmp_path / "first")
+    config = QSTConfig.from_pretrained(str(tmp_path / "first"))
+    assert config.adapter_weights_sha256 is not None
+    config.inference_mode = False  # to train on
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+    train_steps(model, IDS, steps=1)
+    folder = tmp_path / "custom-loop"
+    model.peft_config["default"].save_pretrained(str(folder))
+    assert json.loads((folder / "adapter_config.json").read_text())["adapter_weights_sha256"] is None
+    save_file(get_peft_model_state_dict(model), str(folder / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(folder)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, model.eval()(input_ids=IDS).logits)
+
+
+def test_an_adapter_with_more_side_weights_than_the_config_builds_is_refused(tmp_path, tiny_model_dir, trained):
+    """Weights the side network built from the given config does not have (an adapter trained with copy heads, loaded
+    with a config without them, as a training script resuming with an edited QSTConfig does) are unexpected, not
+    dropped: PEFT loads with strict=False, and the adapter would load without its copy heads, computing something
+    else than the trained model, without a word."""
+    with_copy_heads = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                     QSTConfig(task_type="CAUSAL_LM", r=4, copy_heads=2, copy_head_dim=8))
+    with_copy_heads.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert len(saved) > len(peft.get_peft_model_state_dict(trained))  # the copy heads' weights on top
+    with pytest.raises(QSTAdapterFileError, match=r"0 weights missing .*, \d+ unexpected"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path),
+                                  config=QSTConfig(task_type="CAUSAL_LM", r=4))
+    before = side_state(trained, "default")
+    with pytest.raises(QSTAdapterFileError, match=r"0 weights missing .*, \d+ unexpected"):
+        trained.load_adapter(str(tmp_path), adapter_name="default", is_trainable=True)
+    after = side_state(trained, "default")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_peft_load_peft_weights_reads_a_qst_folder_of_a_misspelt_peft_type_as_qst(tmp_path, trained):
+    """An adapter_config.json whose peft_type was written "qst" (by hand, or a script) holds QST weights all the same:
+    PEFT's public load_peft_weights reads them with QST's checks, where PEFT's own reader returned a replaced or
+    corrupt file as it was (and unpickled adapter_model.bin where the safetensors file is missing)."""
+    trained.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "peft_type": "qst"}))
+    path = tmp_path / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # a tensor byte: the header stays valid, the digest does not match
+    path.write_bytes(bytes(data))
+    with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
+        peft.load_peft_weights(str(tmp_path))

@@ -156,6 +156,9 @@ def test_unreadable_weights_and_a_damaged_fingerprint(tmp_path):
         assert base_model_fingerprint(tiny_causal_lm()) is None  # nothing recorded, nothing compared
     with pytest.raises(ValueError, match="base_model_fingerprint is invalid"):
         QSTConfig(base_model_fingerprint={"input_embeddings": [[0, 1]]})
+    # a negative position would index from the end and compare another entry than the one recorded
+    with pytest.raises(ValueError, match="its input_embeddings is not a list of"):
+        QSTConfig(base_model_fingerprint={"rows": 8, "input_embeddings": [[-1, 0, 0.5]]})
 
 
 def test_an_adapter_saved_again_from_another_checkpoint_names_the_one_its_fingerprint_describes(tmp_path):
@@ -234,3 +237,36 @@ def test_a_load_refused_after_the_fingerprint_check_gives_the_refusal_alone(tmp_
         assert [str(w.message) for w in caught if "base_model_fingerprint" in str(w.message)] == [], how
         _, found = fingerprint_warnings(lambda: load(tmp_path / "intact"))
         assert len(found) == 1, how
+
+
+def test_an_adapter_saved_on_a_float32_load_gives_no_warning_on_half_precision_loads(tmp_path, tiny_model_dir):
+    """The other direction of the test above, whose checkpoint is stored in bf16: a checkpoint stored in float32 (the
+    adapter saved on a float32 load records float32 values) loaded in bf16, float16 or 4-bit rounds every entry to
+    the load's dtype, by up to 2^-9 of its value in bf16. Those are the same weights and give no warning."""
+    from .conftest import bnb_config
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.save_pretrained(tmp_path / "adapter")
+    for load_base in (
+        lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16),
+        lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float16),
+        lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config()),
+    ):
+        loaded, found = fingerprint_warnings(lambda: PeftModel.from_pretrained(load_base(), str(tmp_path / "adapter")))
+        assert found == [] and isinstance(loaded, PeftModel)
+
+
+def test_a_checkpoint_differing_in_one_recorded_entry_is_told(tmp_path, tiny_model_dir):
+    """A fine-tune that trained the token embeddings on a small data set moves only the rows of the tokens it saw, so
+    few of the sampled entries differ: one entry beyond the load's rounding is already another checkpoint, and warns
+    (1 of the 128 compared). Any tolerance in the count would let such a fine-tune through without a word."""
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4)
+                   ).save_pretrained(tmp_path / "adapter")
+    fingerprint = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_fingerprint"]
+    row, column, _ = fingerprint["input_embeddings"][0]
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        other.get_input_embeddings().weight[row, column] += 0.05  # one token's row, trained a little
+    _, found = fingerprint_warnings(lambda: PeftModel.from_pretrained(other, str(tmp_path / "adapter")))
+    assert len(found) == 1 and "this model's: 1 of 128 entries" in found[0], found  # 64 each, untied LM head

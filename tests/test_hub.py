@@ -140,3 +140,32 @@ except peft_qst.QSTAdapterFileError as err:
     )
     assert "refused:" in out and "never unpickles" in out
     assert "load_peft_weights refused:" in out and f"The Hub repository {REPO_ID!r}" in out
+
+
+def test_a_hub_adapter_loads_with_the_legacy_use_auth_token_argument(tmp_path, tiny_model_dir):
+    """PEFT still takes ``use_auth_token=`` (the token's name before huggingface_hub renamed it ``token=``) and passes
+    it on with the download arguments, which ``hf_hub_download`` no longer accepts: QST's reader of Hub repositories
+    hands it over as ``token=``, so a script written against the earlier name loads the weights into its adapter."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    train_steps(model, IDS, steps=2)
+    model.save_pretrained(tmp_path / "adapter")
+    cache = str(tmp_path / "hub-cache")
+    lay_out_as_hub_cache(cache, REPO_ID, {name: str(tmp_path / "adapter" / name)
+                                         for name in ("adapter_config.json", "adapter_model.safetensors")})
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    got = logits_in_fresh_process(
+        tmp_path,
+        f"""
+        from transformers import AutoModelForCausalLM
+        import peft_qst
+        from peft import get_peft_model
+        # a trainer script resuming into its adapter (PEFT itself refuses the argument where it reads the config)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained({tiny_model_dir!r}),
+                               peft_qst.QSTConfig(task_type="CAUSAL_LM", r=4))
+        model.load_adapter({REPO_ID!r}, adapter_name="default", use_auth_token="hf_legacy_token_argument")
+        """,
+        IDS,
+        env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"},
+    )
+    assert torch.equal(got, expected)

@@ -536,3 +536,20 @@ def test_the_warning_for_weights_of_a_diverged_run_points_at_the_users_call(tmp_
         checkpoint = str(tmp_path / "run" / "checkpoint-1")
         make_trainer(tmp_path / "resumed", diverged()).train(resume_from_checkpoint=checkpoint)
         assert {w.filename for w in nan_warnings(caught)} == {__file__}
+
+
+def test_weights_with_infinities_and_no_nan_are_warned_of_too(tmp_path, tiny_model_dir):
+    """A float16 run that overflowed leaves infinities without a NaN (the next step's arithmetic makes the NaN): every
+    output of the model is then inf or NaN as well. Saving and loading such weights warn as for NaN, naming the
+    tensor; a check for NaN alone let them through without a word."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    name, parameter = next((n, p) for n, p in model.named_parameters() if p.requires_grad and p.dim() == 2)
+    with torch.no_grad():
+        parameter[0, 0] = float("-inf")
+    saved_name = re.escape(name.replace(".default", ""))
+    with pytest.warns(UserWarning, match=rf"saved to .*NaN or infinite values in 1 of \d+ tensors \({saved_name}\)"):
+        model.save_pretrained(tmp_path / "overflowed")
+    with pytest.warns(UserWarning, match=rf"read from .*NaN or infinite values in 1 of .*{saved_name}"):
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                           tmp_path / "overflowed")
+    assert torch.isneginf(dict(loaded.named_parameters())[name][0, 0])
