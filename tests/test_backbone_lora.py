@@ -678,3 +678,80 @@ def test_a_hybrid_loaded_for_inference_trains_bit_for_bit_after_its_eval_forward
     got = grads(model)
     assert got.keys() == expected.keys() and any(".backbone_lora." in n for n in got)
     assert all(torch.equal(got[n], expected[n]) for n in got)
+
+
+def test_the_backbone_deltas_are_scaled_by_alpha_over_rank():
+    """Each adapted linear layer computes ``W x + (alpha / rank) B A x`` (``backbone_lora_alpha`` over
+    ``backbone_lora_r``, as LoRA's ``lora_alpha``): with the side network's update at its start (zero), the logits are
+    those of the base model with ``(alpha / rank) B A`` merged into the weights of the top blocks' linear layers. A
+    scaling of 1 (the default alpha of 16 over the default rank of 16) would not tell the two apart."""
+    from peft_qst.backbone_lora import LowRankDelta
+
+    alpha, rank = 10.0, 4
+    model = hybrid_model(backbone_lora_alpha=alpha, backbone_lora_r=rank)
+    merged = tiny_causal_lm(num_hidden_layers=LAYERS)
+    generator = torch.Generator().manual_seed(3)
+    count = 0
+    with torch.no_grad():
+        for name, delta in model.named_modules():
+            if not isinstance(delta, LowRankDelta):
+                continue
+            delta.lora_B.copy_(torch.randn(delta.lora_B.shape, generator=generator) * 0.1)
+            index, key = name.split(".deltas.")[1].split(".")
+            target = merged.model.layers[int(index)].get_submodule(key.replace("__", "."))
+            target.weight += (alpha / rank) * delta.lora_B @ delta.lora_A
+            count += 1
+        assert count == 2 * 7  # q, k, v, o, gate, up, down of blocks 2 and 3
+        expected = merged(input_ids=IDS).logits
+        assert (expected - tiny_causal_lm(num_hidden_layers=LAYERS)(input_ids=IDS).logits).abs().max() > 1e-2
+        torch.testing.assert_close(model(input_ids=IDS).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_mixed_batch_cache_repeated_row_by_row_keeps_each_rows_backbone():
+    """``batch_repeat_interleave`` repeats each row of a cache in place (rows a, b -> a, a, b, b), as generate's
+    expansions do: the cache's record of which hybrid adapter filled each row follows it, so that the repeated rows
+    continue under their own adapters (matching a forward without a cache) instead of being refused as routed to
+    another backbone."""
+    model = hybrid_model()
+    model.add_adapter("other", hybrid_config(backbone_lora_layers=1))
+    model.set_adapter("default")
+    train_steps(model, IDS, steps=2, lr=3e-2)
+    model.set_adapter("other")
+    train_steps(model, IDS, steps=2, lr=3e-2)
+    routes = ["default", "__base__", "other"]
+    repeated = [name for name in routes for _ in range(2)]
+    with torch.no_grad():
+        cache = model(input_ids=IDS, adapter_names=routes, use_cache=True).cache
+        cache.batch_repeat_interleave(2)
+        step = torch.arange(7, 13).view(6, 1)
+        continued = model(input_ids=step, cache=cache, adapter_names=repeated, use_cache=True).logits
+        full = model(input_ids=torch.cat([IDS.repeat_interleave(2, 0), step], 1), adapter_names=repeated).logits
+    torch.testing.assert_close(continued[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_through_a_mixed_batch_of_two_hybrids_of_different_depth():
+    """A forward with gradients whose rows go to two hybrid adapters of different depth (``adapter_names``, in eval
+    mode, e.g. for a gradient-based attribution) records autograd from the lowest block either adapts: each adapter's
+    backbone deltas get the gradients of a forward of its rows alone, the deeper adapter's lowest block included."""
+    model = hybrid_model()  # "default": blocks 2 and 3
+    model.add_adapter("other", hybrid_config(backbone_lora_layers=1))  # block 3
+    model.eval()
+    for name, parameter in model.named_parameters():  # both adapters train (set_adapter leaves only one trainable)
+        if ".qst_side." in name:
+            parameter.requires_grad_(True)
+    routes = ["default", "other"]
+
+    def gradients(ids, **kwargs):  # of a loss that is a sum over rows: each row's part is its own
+        model.zero_grad()
+        model(input_ids=ids, **kwargs).logits.pow(2).sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if ".backbone_lora." in n and n.endswith("lora_B")}
+
+    mixed = {n: None if g is None else g.clone() for n, g in gradients(IDS[:2], adapter_names=routes).items()}
+    for row, name in enumerate(routes):
+        model.set_adapter(name)
+        alone = gradients(IDS[row:row + 1])
+        own = [n for n in alone if f".{name}." in n]
+        assert len(own) == (14 if name == "default" else 7)
+        for n in own:
+            assert mixed[n] is not None, n
+            torch.testing.assert_close(mixed[n], alone[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -3,6 +3,8 @@ computes, is used where it applies and only there, and follows every change of t
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.utils.parametrize as parametrize
@@ -519,3 +521,64 @@ def test_a_mask_per_layer_type_takes_the_general_path():
     real = mask.bool()
     torch.testing.assert_close(fast[real], general[real])
     torch.testing.assert_close(fast[real], reference[real], atol=2e-5, rtol=1e-4)
+
+
+def test_a_cache_continued_after_a_training_step_runs_on_the_new_weights():
+    """Decoding steps that continue a cache skip the weights check (see the test above), but not after an optimizer
+    step: the next turn of a chat, with a training step between the turns, runs its new tokens on the trained
+    weights, as the general path does, not on the weights its earlier tokens were computed with."""
+    model = qst_model()
+    ids, mask = left_padded_batch()
+    step = torch.tensor([[7], [9]])
+    step_mask = torch.cat([mask, torch.ones_like(step)], 1)
+    with torch.no_grad():
+        untrained = model(input_ids=torch.cat([ids, step], 1), attention_mask=step_mask).logits[:, -1]
+        with fast_path_disabled():
+            general_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        fast_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+    # the packed weights were checked for this cache: its continuation skips the check of the weights themselves
+    assert side_of(model).__dict__["_packed_weights"].checked_cache() is fast_cache.side_cache("default")
+    train_steps(model, torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(4)), steps=2, lr=1e-2)
+    with torch.no_grad():
+        fast = model(input_ids=step, attention_mask=step_mask, past_key_values=fast_cache).logits[:, -1]
+        with fast_path_disabled():
+            general = model(input_ids=step, attention_mask=step_mask, past_key_values=general_cache).logits[:, -1]
+    assert (general - untrained).abs().max() > 1e-2  # the training step changed the new token's logits
+    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+
+
+def test_a_4d_mask_gives_what_the_2d_mask_gives():
+    """A 4-D mask (a caller's own, as transformers accepts one) is not the (batch, length) padding mask the fast path
+    reads: the general path hands it to the side trunk's attention as it is, and the logits are those of the same
+    positions masked by the 2-D mask."""
+    model = qst_model()
+    ids, mask = left_padded_batch()
+    length = ids.shape[1]
+    mask_4d = torch.ones(length, length, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=mask_4d).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fast_first", [True, False], ids=["fast-then-general", "general-then-fast"])
+def test_switching_paths_in_the_middle_of_a_generation_under_eager_attention(fast_first):
+    """As above, with a side trunk on eager attention (a backbone loaded with ``attn_implementation="eager"``), which
+    multiplies the query by the cached keys as they are: the cache filled by one path is cast to the dtype the other
+    computes in (float32 on the fast path, the side dtype on the general one) before it is continued."""
+    model = qst_model(side_dtype="bfloat16", base={"attn_implementation": "eager"})
+    assert side_of(model).trunk.config._attn_implementation == "eager"
+    ids, mask = left_padded_batch()
+    first, second = (contextlib.nullcontext(), fast_path_disabled()) if fast_first else (fast_path_disabled(),
+                                                                                          contextlib.nullcontext())
+    with torch.no_grad():
+        with first:
+            prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        step = prefill.logits[:, -1].argmax(-1, keepdim=True)
+        step_mask = torch.cat([mask, torch.ones_like(step)], 1)
+        with second:
+            continued = model(input_ids=step, attention_mask=step_mask, past_key_values=prefill.past_key_values)
+        with fast_path_disabled():
+            reference = model(input_ids=torch.cat([ids, step], 1), attention_mask=step_mask).logits[:, -1]
+    torch.testing.assert_close(continued.logits[:, -1], reference, atol=0.05, rtol=0.05)

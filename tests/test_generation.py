@@ -722,3 +722,26 @@ def test_smollm2_4bit_self_speculative_early_exit(smollm2_dir):
         scores = plain.scores[step][0]
         gap = (scores[expected[step]] - scores[got[step]]).abs().item()
         assert gap <= 2 ** -7 * scores.abs().max().item(), f"diverged at step {step} with a logit gap of {gap}"
+
+
+def test_a_static_cache_of_a_model_with_sliding_and_full_attention_layers():
+    """A static cache of a model whose layers mix sliding-window and full attention (Qwen2 with
+    ``use_sliding_window``) preallocates the window for its sliding layers and the whole length for the others: the
+    side network's static cache is as long as the longest of them, so that its full-attention layers hold the whole
+    generation, and static generation gives the dynamic cache's tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, pad_token_id=PAD, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1,
+    )
+    assert sorted(set(config.layer_types)) == ["full_attention", "sliding_attention"]
+    model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(), QSTConfig(task_type="CAUSAL_LM", r=4))
+    train_steps(model, torch.randint(1, 128, (4, 24), generator=torch.Generator().manual_seed(1)), steps=4, lr=3e-2)
+    ids, mask = left_padded(PROMPTS)
+    dynamic = generate(model, ids, mask, max_new_tokens=12)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=12, cache_implementation="static"), dynamic)
+    with model.disable_adapter():
+        assert not torch.equal(generate(model, ids, mask, max_new_tokens=12), dynamic)

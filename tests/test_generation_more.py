@@ -8,6 +8,8 @@ import copy
 import pytest
 import torch
 
+from peft_qst import QSTCache
+
 from .conftest import train_steps
 from .test_generation import PAD, PROMPTS, left_padded, trained_model
 
@@ -141,18 +143,25 @@ def test_an_optimizer_stepping_another_model_during_generation_keeps_the_packed_
     assert packings == []
 
 
+@pytest.mark.parametrize("owner", ["callers-own", "returned"])
 @pytest.mark.parametrize("change", ["reorder_cache", "batch_select_indices", "crop", "batch_repeat_interleave"])
-def test_the_callers_own_cache_changed_between_turns_continues_like_a_fresh_generation(change):
+def test_the_callers_own_cache_changed_between_turns_continues_like_a_fresh_generation(change, owner):
     """The caller's own cache object is the backbone half; its layout methods, called between two turns (crop to
     regenerate a reply, batch_select_indices to drop finished rows, a reorder), must move the side halves recorded on
     it too, as they do under LoRA. Left behind, a reorder continued every row with another row's side history (wrong
-    logits and tokens, no error), and the other changes failed with shape errors or a refusal."""
+    logits and tokens, no error), and the other changes failed with shape errors or a refusal. The same holds for the
+    QSTCache a generation returns (``owner="returned"``), whose layout methods move each of its halves."""
     from transformers import DynamicCache
 
     model = trained_model()
     ids, mask = left_padded(PROMPTS)
-    cache = DynamicCache()
-    first = _generate(model, input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4)
+    cache = DynamicCache() if owner == "callers-own" else None
+    output = _generate(model, input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4,
+                       return_dict_in_generate=True)
+    first = output.sequences
+    if cache is None:
+        cache = output.past_key_values
+        assert isinstance(cache, QSTCache)
     history, history_mask = first, torch.cat([mask, torch.ones(len(PROMPTS), 4, dtype=mask.dtype)], 1)
     if change == "reorder_cache":
         rows = torch.tensor([2, 0, 1])

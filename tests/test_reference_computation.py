@@ -117,7 +117,9 @@ def llama_block(w: dict, p: str, x, heads: int, kv_heads: int, key_bias, config)
     return x + F.linear(up, w[f"{p}.mlp.down_proj.weight"])
 
 
-def reference_logits(base, w: dict, qst: QSTConfig, input_ids, attention_mask) -> torch.Tensor:
+def reference_logits(base, w: dict, qst: QSTConfig, input_ids, attention_mask, dropout: float = 0.0) -> torch.Tensor:
+    """``dropout`` (training mode): dropout on each downsampled hidden state, ``down_0(h_0)`` first and then
+    ``down_i(h_i)`` block by block, the order the documented computation reads them in."""
     config = base.config
     with torch.no_grad():  # the frozen backbone
         hidden = base.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
@@ -129,11 +131,12 @@ def reference_logits(base, w: dict, qst: QSTConfig, input_ids, attention_mask) -
     allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
     key_bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
-    g = downsample(w, "embed_downsample", hidden[0], qst.downsample, qst.r)
+    g = F.dropout(downsample(w, "embed_downsample", hidden[0], qst.downsample, qst.r), dropout)
     for i in range(layers):
         p = f"trunk.layers.{i}"
         s = torch.sigmoid(w[f"{p}.gate_logit"])
-        g = (1 - s) * downsample(w, f"{p}.downsample", hidden[i + 1], qst.downsample, qst.r) + s * g
+        down = F.dropout(downsample(w, f"{p}.downsample", hidden[i + 1], qst.downsample, qst.r), dropout)
+        g = (1 - s) * down + s * g
         g = llama_block(w, f"{p}.block", g, heads, kv_heads, key_bias, config)
     side = rms_norm(g, w["trunk.norm.weight"], config.rms_norm_eps)
     last = hidden[-1] + w["output_gate.weight"] * F.linear(side, w["upsample.weight"])
@@ -167,6 +170,8 @@ CASES = {
     "avgpool": dict(downsample="avgpool"),
     "maxpool": dict(downsample="maxpool"),
     "model_heads": dict(side_heads=None),
+    # 4 side heads keep the model's grouping of 2 query heads per key/value head: 2 key/value heads
+    "grouped_side_heads": dict(side_heads=4),
     "side_dtype_float32": dict(side_dtype="float32"),
     "gate_offsets": dict(side_gate_init=0.8, output_gate_init=0.5),
 }
@@ -217,3 +222,34 @@ def test_logits_and_gradients_match_the_documented_computation(case):
     start = math.log(qst.side_gate_init / (1 - qst.side_gate_init))
     assert len(gates) == SIZES["num_hidden_layers"] and all((g - start).abs().max() > 1e-3 for g in gates)
     assert (weights["output_gate.weight"] - qst.output_gate_init).abs().max() > 1e-3
+
+
+def test_training_mode_dropout_matches_the_documented_computation():
+    """``dropout`` drops entries of every downsampled hidden state in training mode, the embedding's ``down_0(h_0)``
+    and each block's ``down_i(h_i)``: the general path's logits and gradients are the reference's computed with the
+    same random draws (the backbone and the side blocks draw none: no attention dropout in these Llama blocks)."""
+    p = 0.3
+    qst = QSTConfig(task_type="CAUSAL_LM", r=R, dropout=p)
+    model = get_peft_model(tiny_causal_lm(**SIZES), qst)
+    base = tiny_causal_lm(**SIZES)
+    input_ids, attention_mask, labels = _inputs()
+    train_steps(model, input_ids, steps=3, lr=1e-2)
+    weights = effective_weights(get_peft_model_state_dict(model), model.peft_config["default"])
+    valid = attention_mask.bool()
+
+    model.train()
+    torch.manual_seed(5)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    torch.manual_seed(5)
+    expected = reference_logits(base, weights, qst, input_ids, attention_mask, dropout=p)
+    torch.manual_seed(5)
+    undropped = reference_logits(base, weights, qst, input_ids, attention_mask)
+    assert (expected - undropped)[valid].abs().max() > 1e-2  # the dropout visibly changes the logits
+    torch.testing.assert_close(out.logits[valid], expected.detach()[valid], atol=1e-5, rtol=1e-5)
+
+    expected_loss = causal_lm_loss(expected, labels)
+    out.loss.backward()
+    expected_loss.backward()
+    for name, parameter in model.named_parameters():
+        if name.endswith("default.upsample.weight"):  # every side parameter's gradient flows through it
+            torch.testing.assert_close(parameter.grad, weights["upsample.weight"].grad, atol=1e-6, rtol=1e-4)

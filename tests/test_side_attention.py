@@ -101,3 +101,20 @@ def test_switching_the_backbones_attention_keeps_the_side_trunks():
     side.trunk.set_attn_implementation("eager")
     assert side.trunk.config._attn_implementation == "eager"
     assert base.config._attn_implementation == "sdpa"
+
+
+def test_a_half_precision_additive_mask_is_added_in_float32():
+    """An additive (float) mask in the inputs' half precision, as a caller builds a 4-D mask for a bf16 model, is
+    cast to float32 with the query, key and value: SDPA takes a float mask only in the query's dtype."""
+    module = _Attention()
+    query, key, value = _inputs(torch.bfloat16)
+    lowest = torch.finfo(torch.bfloat16).min
+    mask = torch.zeros(2, 1, 16, 16).masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), lowest)
+    mask[1, :, :, :3] = lowest  # left padding in the second row
+    mask = mask.to(torch.bfloat16)
+    output, _ = side_sdpa_attention_forward(module, query, key, value, mask, scaling=0.5)
+    assert output.dtype == torch.bfloat16
+    reference, _ = sdpa_attention_forward(
+        module, *(t.detach().float() for t in (query, key, value)), mask.float(), scaling=0.5
+    )
+    assert torch.equal(output, reference.to(torch.bfloat16))
