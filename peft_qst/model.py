@@ -1001,9 +1001,14 @@ class QSTModel(BaseTuner):
                 f"{name} {recorded_value} against {model_value}"
                 for name, (recorded_value, model_value) in differences.items()
             )
+            built_for, loaded_onto = _describe(recorded), _describe(signature)
+            # where only what _describe leaves out differs (a resized vocabulary, a head_dim), the two descriptions are
+            # the same text, and "built for X but loaded onto X" read as if the check itself were wrong
+            loaded_onto = "one of the same type and those sizes" if loaded_onto == built_for else loaded_onto
             raise ValueError(
-                f"This QST adapter was built for {_describe(recorded)} but is being loaded onto {_describe(signature)}"
-                f" ({type(model).__name__}); they differ in {listed}. Load it onto the base model it was trained on"
+                f"This QST adapter was built for {built_for} but is being loaded onto {loaded_onto}"
+                f" ({type(model).__name__}); they differ in {listed} (the adapter's value first). Load it onto the "
+                "base model it was trained on"
                 + (f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else "")
                 + (
                     f", with its token embeddings resized to {differences['vocab_size'][0]} "

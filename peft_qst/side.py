@@ -587,6 +587,20 @@ def _auto_heads_alternative(base_config, qst_config: QSTConfig) -> str:
     return f" side_heads={AUTO!r} (the default: heads about as wide as the model's) {fits}."
 
 
+def _not_a_lora_rank(r: int, fitting: list) -> str:
+    """The reminder a refused ``r`` ends with. QLoRA scripts set ``r`` (64 in many recipes), and one switched to QST
+    by renaming ``LoraConfig`` to ``QSTConfig`` keeps it: ``r=64`` then reads as a reduction factor, and on small models
+    (SmolLM2-135M: 576 / 64 = 9 channels) it fits no head layout. The list of fitting values alone did not say that
+    the value came from the LoRA line, nor that leaving it out is the fix."""
+    default = QSTConfig.__dataclass_fields__["r"].default
+    if r == default:
+        return ""
+    reminder = " Note that r is the side network's reduction factor here, not a LoRA rank"
+    if default in fitting:
+        return f"{reminder}: leave it out to use the default, {default} (the paper's), which fits this model."
+    return f"{reminder}."
+
+
 def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     """Return the config of the side trunk: the base config with hidden and FFN sizes divided by ``r``.
 
@@ -620,10 +634,11 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     if state_space:  # no heads: "auto" means none
         problem = _shrink_problem(base_config, r, side_heads)
         if problem is not None:
+            fitting = _fitting_r_values(base_config, None)
             raise ValueError(
                 f"QSTConfig.r={r}, side_heads={qst_config.side_heads!r} cannot be used with this "
-                f"{base_config.model_type} model: {problem}. Values of r that fit this model: "
-                f"{_fitting_r_values(base_config, None)}."
+                f"{base_config.model_type} model: {problem}. Values of r that fit this model: {fitting}."
+                + _not_a_lora_rank(r, fitting)
             )
     elif auto and side_heads is None:  # "auto" found no head count for this r
         problem = (
@@ -642,9 +657,9 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         )
         if side_heads and hidden % r == 0:
             message += f" Values of side_heads that fit r={r}: {_fitting_side_heads(base_config, r)}."
-        elif side_heads is None:
+        elif side_heads is None and not auto:  # "auto" itself found no count: naming it as the way out says nothing
             message += _auto_heads_alternative(base_config, qst_config)
-        raise ValueError(message)
+        raise ValueError(message + _not_a_lora_rank(r, fitting))
     side = copy.deepcopy(base_config)
     side_hidden = hidden // r
     side.hidden_size = side_hidden

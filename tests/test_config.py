@@ -110,6 +110,27 @@ def test_r_that_breaks_the_head_layout_is_refused():
     assert "Values of r that fit this model: [1, 2, 4, 8, 16, 32]" in message
 
 
+def test_r_kept_from_a_lora_config_is_named_as_such_when_refused():
+    """A QLoRA script switched to QST by renaming LoraConfig keeps its r (64 in many recipes), which reads as the
+    reduction factor here; where it does not fit, the refusal listed the fitting values without saying that r is not
+    a LoRA rank nor that leaving it out (the default, 16) is the fix, and offered side_heads="auto", which the config
+    already had, as the way out."""
+    with pytest.raises(ValueError) as info:
+        get_peft_model(tiny_causal_lm(), QSTConfig(r=64, task_type="CAUSAL_LM"))  # hidden 64: one channel
+    message = str(info.value)
+    assert "Values of r that fit this model: [1, 2, 4, 8, 16, 32]" in message
+    # the config already has side_heads="auto": it was offered as the way out, with the same list of values
+    assert "side_heads='auto' (the default" not in message
+    assert message.endswith(
+        "Note that r is the side network's reduction factor here, not a LoRA rank: leave it out to use the default, "
+        "16 (the paper's), which fits this model."
+    )
+    # the default itself refused (here by the model's own heads): no reminder to leave it out
+    with pytest.raises(ValueError) as info:
+        get_peft_model(tiny_causal_lm(), QSTConfig(r=16, side_heads=None))
+    assert "not a LoRA rank" not in str(info.value)
+
+
 @pytest.mark.parametrize("r, heads, kv_heads, head_dim", [(4, 1, 1, 16), (2, 2, 1, 16), (1, 4, 2, 16), (16, 1, 1, 4)])
 def test_auto_side_heads_keep_the_models_head_dimension(r, heads, kv_heads, head_dim, tmp_path):
     model = get_peft_model(tiny_causal_lm(), QSTConfig(r=r))  # hidden 64, 4 heads of 16, 2 key/value heads

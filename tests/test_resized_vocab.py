@@ -633,3 +633,25 @@ def test_a_load_refused_after_the_added_tokens_check_gives_the_refusal_alone(tmp
             with pytest.raises(QSTAdapterFileError, match="belong neither"):
                 load()
         assert not [w for w in caught if "holds no token embeddings" in str(w.message)]
+
+
+def test_a_refusal_for_the_vocabulary_alone_does_not_describe_both_models_alike(tmp_path):
+    """An adapter saved at the checkpoint's vocabulary, loaded onto the same base model resized to add tokens: only
+    the vocabulary differs, which the models' descriptions leave out, so the refusal read "built for a llama model
+    (hidden_size=64, ...) but is being loaded onto a llama model (hidden_size=64, ...)", the same text twice, as if
+    the check had compared a model with itself. It now says the model is of the same type and sizes, and which value
+    is the adapter's."""
+    tiny_causal_lm().save_pretrained(tmp_path / "base")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), QSTConfig(task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    base.resize_token_embeddings(VOCAB)
+    with pytest.raises(ValueError) as info:
+        PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    message = str(info.value)
+    assert message.startswith(
+        "This QST adapter was built for a llama model (hidden_size=64, 3 layers, 4 attention heads) but is being "
+        "loaded onto one of the same type and those sizes (LlamaForCausalLM); they differ in vocab_size 128 against "
+        f"{VOCAB} (the adapter's value first). Load it onto the base model it was trained on"
+    ), message
+    assert message.count("hidden_size=64") == 1
