@@ -82,6 +82,17 @@ def test_add_set_delete_adapter(trained):
     assert not any(".qst_side.second." in n for n, _ in trained.named_parameters())
 
 
+def test_several_active_adapters_are_refused_naming_the_fix(trained):
+    """PEFT's tuner lets several adapters be active at once (``base_model.set_adapter([...])``), which LoRA sums. QST
+    adapters are separate side networks that cannot be combined: a forward with two active is refused, naming
+    set_adapter and adapter_names, instead of running some combination of them silently."""
+    trained.add_adapter("second", QSTConfig(task_type="CAUSAL_LM", r=2))
+    trained.base_model.set_adapter(["default", "second"])
+    refusal = r"one adapter at a time.*\['default', 'second'\].*set_adapter"
+    with pytest.raises(ValueError, match=refusal), torch.no_grad():
+        trained(input_ids=IDS)
+
+
 def test_load_adapter_under_a_second_name_never_changes_the_first(tmp_path, tiny_model_dir, trained):
     trained.save_pretrained(tmp_path / "a")
     other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))

@@ -282,6 +282,27 @@ def test_training_after_a_hybrid_is_deleted_still_runs_the_standard_4bit_layout(
         assert _cpu_packed(model) and all("_qst_standard_layout" in vars(m) for _, m in _linear4bit_layers(model))
 
 
+def test_a_4bit_weight_replaced_after_an_eval_forward_is_what_training_forwards_compute_with(tmp_path):
+    """A training-mode forward of a packed layer runs the standard layout kept from before the packing
+    (bnb_compat.route_4bit_layers_by_mode) only while that layout still belongs to the layer's weight. A weight
+    replaced since (another model's layer, here already packed by its own eval forward) computes with its own
+    values: a kept layout of the old weight would silently run the old weights in every training step."""
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    for seed in (0, 1):
+        tiny_causal_lm(seed=seed).save_pretrained(tmp_path / str(seed))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "0", quantization_config=bnb_config()),
+                           QSTConfig(task_type="CAUSAL_LM", r=4))
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "1", quantization_config=bnb_config()).eval()
+    _logits(model.eval(), ids), _logits(other, ids)  # both packed where bitsandbytes packs, one layout kept
+    name = "model.layers.0.self_attn.q_proj"
+    layer, source = model.get_base_model().get_submodule(name), other.get_submodule(name)
+    layer.weight = source.weight
+    model.train(), other.train()
+    hidden = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(hidden), source(hidden))
+
+
 @pytest.mark.parametrize(
     "config", [{}, {"backbone_lora_layers": 1}, {"backbone_lora_layers": 1, "gradient_checkpointing": True}],
     ids=["qst", "hybrid", "hybrid-checkpointed"])

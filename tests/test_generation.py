@@ -593,6 +593,34 @@ def test_a_copy_taken_during_a_mixed_batch_generate_keeps_none_of_its_routing(tw
 
 
 
+def test_a_copy_generating_during_a_mixed_batch_generate_leaves_both_calls_their_own_rows(two_adapters):
+    """Copies and pickles of a model get per-call state of their own (peft_qst.per_call): a copy taken during
+    generate(adapter_names=...) and generating itself meanwhile (a stopping criterion or streamer that runs a copy of
+    the model it holds) does not see the running call's row routing. Shared, the copy's beam search expanded the
+    original call's adapter names and was refused for their count ("adapter_names has 6 entries for 1 prompts")."""
+    import copy
+
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    ids, mask = left_padded(PROMPTS)
+    taken = {}
+
+    class CopyAndGenerate(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if not taken:
+                taken["copy"] = copy.deepcopy(two_adapters)
+                taken["generated"] = generate(taken["copy"], ids[:1], mask[:1], num_beams=2)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    mixed = generate(two_adapters, ids, mask, adapter_names=ROUTES, num_beams=2,
+                     stopping_criteria=StoppingCriteriaList([CopyAndGenerate()]))
+    alone = _per_adapter(two_adapters, lambda: generate(two_adapters, ids, mask, num_beams=2))
+    for row, name in enumerate(ROUTES):
+        assert torch.equal(mixed[row], alone[name][row]), name
+    assert torch.equal(taken["generated"], alone["a"][:1])
+    assert _routing_undone(two_adapters) and _routing_undone(taken["copy"])
+
+
 def test_a_mixed_batch_generate_routes_no_other_threads_forwards(two_adapters):
     """Several threads may run one model at once. While generate(adapter_names=...) ran in one thread, its routing
     hooks on the shared modules also routed another thread's forwards by its names: a plain forward (adapter "a" for

@@ -153,6 +153,30 @@ def test_gradient_checkpointing_switched_on_before_wrapping_reaches_the_side_blo
     assert _side_block_runs_in_a_training_step(model, ids, monkeypatch) == 2 * blocks
 
 
+def test_side_blocks_follow_which_backbone_blocks_checkpoint(monkeypatch):
+    """Side block i checkpoints as backbone block i does: a block left out of checkpointing (its flag switched off
+    after gradient_checkpointing_enable(), as selective checkpointing does) keeps its side block's activations too,
+    while the others run again in backward."""
+    from peft_qst.side import QSTSideBlock
+
+    from .conftest import tiny_causal_lm
+
+    base = tiny_causal_lm()
+    base.gradient_checkpointing_enable()
+    base.model.layers[1].gradient_checkpointing = False
+    model = get_peft_model(base, QSTConfig(r=4))
+    side = model.base_model.model.model.qst_side["default"]
+    assert [block.block.gradient_checkpointing for block in side._blocks] == [True, False, True]
+    runs, position = [], {id(block): i for i, block in enumerate(side._blocks)}
+    original = QSTSideBlock._mix_and_run
+    monkeypatch.setattr(QSTSideBlock, "_mix_and_run",
+                        lambda self, *a, **k: runs.append(position[id(self)]) or original(self, *a, **k))
+    model.train()
+    ids = torch.randint(0, 128, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert sorted(runs) == [0, 0, 1, 2, 2]  # the checkpointed side blocks run again in backward
+
+
 def test_training_starts_at_the_pretrained_output(tiny_model):
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
