@@ -591,9 +591,11 @@ def _not_a_lora_rank(r: int, fitting: list) -> str:
     """The reminder a refused ``r`` ends with. QLoRA scripts set ``r`` (64 in many recipes), and one switched to QST
     by renaming ``LoraConfig`` to ``QSTConfig`` keeps it: ``r=64`` then reads as a reduction factor, and on small models
     (SmolLM2-135M: 576 / 64 = 9 channels) it fits no head layout. The list of fitting values alone did not say that
-    the value came from the LoRA line, nor that leaving it out is the fix."""
+    the value came from the LoRA line, nor that leaving it out is the fix. Nothing where ``r`` is the default or
+    itself in ``fitting``: then something else is refused (``side_heads`` set on a state-space model, whose ``fitting``
+    is listed without heads), and telling to leave a fitting ``r`` out said the wrong value was at fault."""
     default = QSTConfig.__dataclass_fields__["r"].default
-    if r == default:
+    if r == default or r in fitting:
         return ""
     reminder = " Note that r is the side network's reduction factor here, not a LoRA rank"
     if default in fitting:

@@ -131,6 +131,25 @@ def test_r_kept_from_a_lora_config_is_named_as_such_when_refused():
     assert "not a LoRA rank" not in str(info.value)
 
 
+def test_a_fitting_r_gets_no_lora_rank_reminder_when_side_heads_is_refused():
+    """A state-space model has no attention heads, so ``side_heads=2`` is what its refusal names, whatever r is; at
+    r=32, which fits the model (it is in the listed values), the reminder told to leave r out to use 16, "which fits
+    this model", as if r were at fault, and that config (still with ``side_heads=2``) is refused again."""
+    from .test_more_architectures import tiny
+
+    with pytest.raises(ValueError) as info:
+        get_peft_model(tiny("mamba"), QSTConfig(task_type="CAUSAL_LM", r=32, side_heads=2))
+    message = str(info.value)
+    assert "side_heads=2 sets the side blocks' attention heads, and this state-space model has none" in message
+    assert "Values of r that fit this model: [1, 2, 4, 8, 16, 32, 64]." in message
+    assert "not a LoRA rank" not in message
+    # an r that does not fit the same model still gets the reminder, with the default that fits
+    with pytest.raises(ValueError) as info:
+        get_peft_model(tiny("mamba"), QSTConfig(task_type="CAUSAL_LM", r=3))
+    assert str(info.value).endswith("not a LoRA rank: leave it out to use the default, 16 (the paper's), which fits "
+                                    "this model.")
+
+
 @pytest.mark.parametrize("r, heads, kv_heads, head_dim", [(4, 1, 1, 16), (2, 2, 1, 16), (1, 4, 2, 16), (16, 1, 1, 4)])
 def test_auto_side_heads_keep_the_models_head_dimension(r, heads, kv_heads, head_dim, tmp_path):
     model = get_peft_model(tiny_causal_lm(), QSTConfig(r=r))  # hidden 64, 4 heads of 16, 2 key/value heads

@@ -268,7 +268,7 @@ def test_state_dict_helpers_move_an_adapter_between_names_and_models():
 def test_set_peft_model_state_dict_refuses_side_weights_of_other_shapes_whatever_the_flags(flags):
     """PEFT's ignore_mismatched_sizes=True drops weights of other shapes and loads the rest, so a side network would
     be left half loaded: weights of another QST configuration (r=4 into r=8) are refused naming the shapes, whatever
-    the flags, and nothing of the adapter changes (the README's "Loading safely" says so)."""
+    the flags, and nothing of the adapter changes (docs/loading.md, the details of the README's "Loading safely")."""
     weights = get_peft_model_state_dict(trained_model())
     model = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=8))
     before = {key: value.clone() for key, value in model.state_dict().items()}

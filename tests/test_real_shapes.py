@@ -149,7 +149,7 @@ def test_phi4_multimodal_side_network_has_no_image_or_audio_towers(monkeypatch):
     """Phi-4-multimodal at its config class's defaults (5.31 B parameters): the side trunk is handed hidden states,
     never images or audio, and its copies of the image and audio towers (870.5 M parameters, 98% of what was counted
     trainable) are dropped once built: 15.3 M trainable parameters (0.29%), every one of them gets a gradient, as the
-    README's "Supported architectures" says."""
+    README's "Supported architectures" and its details in docs/architectures.md say."""
     monkeypatch.setitem(real_shapes.PUBLISHED, "Phi-4-multimodal (defaults)", ("phi4_multimodal", {}))
     row = real_shapes.check_meta("Phi-4-multimodal (defaults)")
     assert row["base_parameters"] == 5_308_268_992
