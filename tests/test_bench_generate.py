@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -33,4 +34,13 @@ def test_bench_generate_runs_and_reports(tmp_path):
         for key in ("base_tokens_per_s", "qst_tokens_per_s", "qst_general_path_tokens_per_s"):
             assert math.isfinite(row[key]) and row[key] > 0
         assert set(row["timings_s"]) == {"base", "qst", "qst_general"}
+        # the published figures follow from the medians of the timed runs: tokens/s = generated tokens / median time,
+        # the overhead = QST's median time over the base model's, minus one
+        median = {name: statistics.median(times) for name, times in row["timings_s"].items()}
+        tokens = row["batch_size"] * row["new_tokens"]
+        assert row["base_tokens_per_s"] == pytest.approx(tokens / median["base"], abs=0.051)
+        assert row["qst_tokens_per_s"] == pytest.approx(tokens / median["qst"], abs=0.051)
+        assert row["qst_overhead_percent"] == pytest.approx(100 * (median["qst"] / median["base"] - 1), abs=0.051)
+        assert row["qst_general_path_overhead_percent"] == pytest.approx(
+            100 * (median["qst_general"] / median["base"] - 1), abs=0.051)
     assert "| batch | base tokens/s | QST tokens/s |" in completed.stdout
