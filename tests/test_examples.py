@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from .conftest import REPO, load_script
 
@@ -24,11 +26,82 @@ def test_quickstart_then_generate(tmp_path):
     assert "training: 100%" in out  # tqdm's progress bar reached the end
     assert "reloaded adapter answers the same: yes" in out
     assert f"QST adapter saved to {tmp_path / 'adapter'}" in out
+    # the loading snippet it prints for the user names the folder it saved to
+    assert f"model = PeftModel.from_pretrained(base_model, {str(tmp_path / 'adapter')!r})" in out
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
-    answer = run_example("examples/generate.py", "--adapter", str(tmp_path / "adapter"), "--prompt",
-                         "Classify the sentiment of this review: \"The soup was superb.\"", "--max-new-tokens", "8")
-    assert answer.strip()
+    # what the run shows is what happened: the loss its log prints falls (the optimizer stepped), the "before" answer
+    # is the untrained model's free text and the "after" answer, on the same held-out prompt, is in the trained format
+    losses = [float(value) for value in re.findall(r"^step +\d+/12  loss (\d+\.\d+)$", out, flags=re.M)]
+    assert len(losses) >= 2 and losses[-1] < losses[0] / 2, losses
+    blocks = re.findall(r"^--- (before|after) training.*---\nuser: +(.*)\nassistant: (.*)$", out, flags=re.M)
+    shown = {when: (prompt, reply) for when, prompt, reply in blocks}
+    (prompt, before), (same_prompt, after) = shown["before"], shown["after"]
+    assert prompt == same_prompt
+    assert not before.startswith("Sentiment:") and re.fullmatch(r"Sentiment: (positive|negative|mixed)", after), (
+        before, after)
+
+    # generate.py with the saved adapter answers that prompt as the trained model did (greedy, same tokens), and with
+    # --no-adapter as the model did before training (an untrained QST adapter starts at the base model)
+    for flags, expected in [([], after), (["--no-adapter"], before)]:
+        result = subprocess.run([sys.executable, "examples/generate.py", "--adapter", str(tmp_path / "adapter"),
+                                 "--prompt", prompt, "--max-new-tokens", "32", *flags],
+                                capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.stdout.strip() == expected, flags
+
+
+def is_4bit(model) -> bool:
+    import bitsandbytes as bnb
+
+    return any(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
+
+
+def scramble_side_network(model) -> None:
+    """Overwrite the loaded QST parameters (side network, gates, ...) with noise: a reload gone wrong."""
+    with torch.no_grad():
+        scrambled = [param.normal_(std=1.0) for name, param in model.named_parameters() if "qst_" in name]
+    assert scrambled, "no QST parameters found"
+
+
+@pytest.mark.smollm2
+def test_quickstart_trains_in_4bit_and_notices_a_reload_that_answers_differently(tmp_path, monkeypatch):
+    """The quickstart's last check ("reloaded adapter answers the same") compares the adapter loaded back from disk
+    with the trained model: a reload that does not reproduce it (its side network scrambled here, after a real
+    ``PeftModel.from_pretrained``) fails the run, instead of printing "yes" about a comparison of nothing. And the
+    model it trains and the one it reloads onto are the 4-bit ones the script is about (the printed parameter count is
+    the same for a float model), and its accuracies are measured on the held-out reviews."""
+    example = load_script("examples/quickstart.py", "quickstart_example")
+    get_peft_model, from_pretrained = example.get_peft_model, example.PeftModel.from_pretrained
+    bases = []
+
+    def wrap(model, *args, **kwargs):
+        bases.append(model)
+        return get_peft_model(model, *args, **kwargs)
+
+    def reload_gone_wrong(base, folder, *args, **kwargs):
+        bases.append(base)
+        model = from_pretrained(base, folder, *args, **kwargs)
+        scramble_side_network(model)
+        return model
+
+    make_dataset, accuracy = example.make_dataset, example.accuracy
+    scored = []
+
+    def recorded_accuracy(model, tokenizer, pairs):
+        scored.append(pairs)
+        return accuracy(model, tokenizer, pairs)
+
+    monkeypatch.setattr(example, "make_dataset", lambda seed: make_dataset(seed, n_train=64, n_eval=4))  # shorter
+    monkeypatch.setattr(example, "accuracy", recorded_accuracy)
+    monkeypatch.setattr(example, "get_peft_model", wrap)
+    monkeypatch.setattr(example.PeftModel, "from_pretrained", reload_gone_wrong)
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--steps", "1", "--output-dir", str(tmp_path / "adapter")])
+    with pytest.raises(SystemExit, match="the reloaded adapter does not reproduce"):
+        example.main()
+    assert len(bases) == 2 and all(is_4bit(base) for base in bases)
+    # the accuracy it prints, before and after training, is the held-out set's
+    assert scored == [make_dataset(42, n_train=64, n_eval=4)[1]] * 2
 
 
 @pytest.mark.smollm2
@@ -40,6 +113,47 @@ def test_classify(tmp_path):
     assert "held-out accuracy before training:" in out and "held-out accuracy after training:" in out
     assert "reloaded adapter gives the same logits: yes" in out
     assert (tmp_path / "classifier" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.smollm2
+def test_classify_trains_in_4bit_and_notices_a_reload_that_gives_other_logits(tmp_path, monkeypatch):
+    """As for the quickstart: classify.py's "reloaded adapter gives the same logits" compares the classifier loaded
+    back from disk with the trained one, so a reload that does not reproduce it fails the run; both are 4-bit, and
+    the evaluation set is the held-out one."""
+    example = load_script("examples/classify.py", "classify_example")
+    get_peft_model = example.get_peft_model
+    from_pretrained = example.AutoPeftModelForSequenceClassification.from_pretrained
+    models = []
+
+    def wrap(model, *args, **kwargs):
+        models.append(model)
+        return get_peft_model(model, *args, **kwargs)
+
+    def reload_gone_wrong(folder, *args, **kwargs):
+        model = from_pretrained(folder, *args, **kwargs)
+        models.append(model)
+        scramble_side_network(model)
+        return model
+
+    datasets = {}
+
+    class Trainer(example.Trainer):
+        def __init__(self, *args, **kwargs):
+            datasets.update(train=kwargs["train_dataset"], eval=kwargs["eval_dataset"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(example, "Trainer", Trainer)
+    monkeypatch.setattr(example, "get_peft_model", wrap)
+    monkeypatch.setattr(example.AutoPeftModelForSequenceClassification, "from_pretrained", reload_gone_wrong)
+    monkeypatch.setattr(sys, "argv", ["classify.py", "--max-steps", "1", "--batch-size", "2", "--eval-size", "4",
+                                      "--output-dir", str(tmp_path / "classifier")])
+    with pytest.raises(SystemExit, match="the reloaded adapter does not reproduce"):
+        example.main()
+    assert len(models) == 2 and all(is_4bit(model) for model in models)
+    # the accuracies it prints are the held-out sentences' (other topics and adjectives), none of them trained on
+    train = {tuple(ids) for ids in datasets["train"]["input_ids"]}
+    held_out = [tuple(ids) for ids in datasets["eval"]["input_ids"]]
+    assert len(held_out) == 4 and not train & set(held_out)
 
 
 def test_generate_uses_the_base_model_it_is_given(tmp_path, monkeypatch, tiny_model_dir):
