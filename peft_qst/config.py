@@ -529,14 +529,16 @@ class QSTConfig(PeftConfig):
                 "restore the file from where the adapter came from, or save the adapter again. Building a "
                 "QSTConfig yourself, leave it None."
             )
-        if self.base_model_fingerprint is not None and _fingerprint_problem(self.base_model_fingerprint):
+        fingerprint_problem = (
+            None if self.base_model_fingerprint is None else _fingerprint_problem(self.base_model_fingerprint)
+        )
+        if fingerprint_problem:
             raise ValueError(
-                f"QSTConfig.base_model_fingerprint is invalid: "
-                f"{_fingerprint_problem(self.base_model_fingerprint)}. save_pretrained records it (sampled entries of "
-                "the base model's token embeddings, as [row, column, value]) and loading compares it with the model "
-                "the adapter is loaded onto, so another value means an adapter_config.json edited by hand or damaged: "
-                "restore the file, delete the entry (nothing is compared then), or save the adapter again. Building a "
-                "QSTConfig yourself, leave it None."
+                f"QSTConfig.base_model_fingerprint is invalid: {fingerprint_problem}. save_pretrained records it "
+                "(sampled entries of the base model's token embeddings, as [row, column, value]) and loading compares "
+                "it with the model the adapter is loaded onto, so another value means an adapter_config.json edited "
+                "by hand or damaged: restore the file, delete the entry (nothing is compared then), or save the "
+                "adapter again. Building a QSTConfig yourself, leave it None."
             )
         problem = None if self.base_model_signature is None else _signature_problem(self.base_model_signature)
         if problem is not None:

@@ -37,6 +37,7 @@ from .loss import install_chunked_loss, uninstall_chunked_loss
 from .per_call import call_state, held_call_state
 from .serialization import QSTAdapterFileError, user_stacklevel
 from .side import (
+    HALF_DTYPES,
     QSTUnsupportedModelError,
     auto_side_head_candidates,
     decoder_attribute,
@@ -1496,8 +1497,7 @@ def _keeps_float32_weights(config: QSTConfig, dtype: torch.dtype, upsample_dtype
     LoRA adapter (float32, as PEFT keeps it) reloads exactly. A side network saved in one dtype still takes the
     rule's (float32 loaded onto a bf16 model: bf16 throughout), and a ``side_dtype`` that is set is the dtype of
     every weight."""
-    half = (torch.bfloat16, torch.float16)
-    return config.side_dtype is None and dtype in half and upsample_dtype in half
+    return config.side_dtype is None and dtype in HALF_DTYPES and upsample_dtype in HALF_DTYPES
 
 
 def _keep_weights_saved_in_float32(
@@ -1932,7 +1932,9 @@ def _vocabulary_tensors_missing(model: nn.Module, vocab_size: int, shapes: dict)
             return None
         if module is head and embeddings is not None and weight is embeddings.weight:
             continue  # tied: the embeddings' rows
-        name = next(name for name, layer in model.named_modules() if layer is module)
+        name = _name_in(model, module)
+        if name is None:  # (not a module of the model: nothing QST resizes)
+            return None
         needed[f"{name}.weight"] = (vocab_size, weight.shape[1])
         if isinstance(getattr(module, "bias", None), torch.Tensor):
             needed[f"{name}.bias"] = (vocab_size,)
