@@ -552,6 +552,29 @@ def test_mixed_batch_refuses_names_per_expanded_row(two_adapters):
     assert _routing_undone(two_adapters), "the routing is undone"
 
 
+def _mixed_generate_running_once(model, ids, mask, during):
+    """``generate(adapter_names=ROUTES)`` with beams, calling ``during()`` once from a stopping criterion while it runs
+    (as a criterion, logits processor or streamer holding the model can); each row must come out as that adapter's
+    generation alone. Returns those generations ({adapter name: sequences})."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    calls = []
+
+    class Once(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if not calls:
+                calls.append(during())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    mixed = generate(model, ids, mask, adapter_names=ROUTES, num_beams=2,
+                     stopping_criteria=StoppingCriteriaList([Once()]))
+    assert calls, "the stopping criterion never ran"
+    alone = _per_adapter(model, lambda: generate(model, ids, mask, num_beams=2))
+    for row, name in enumerate(ROUTES):
+        assert torch.equal(mixed[row], alone[name][row]), name
+    return alone
+
+
 def test_a_copy_taken_during_a_mixed_batch_generate_keeps_none_of_its_routing(two_adapters, tmp_path):
     """A stopping criterion (or logits processor, streamer, another thread) that deep-copies or pickles the model it
     holds does so while generate(adapter_names=...) runs. The copy carried that call's routing (the forward hooks
@@ -562,26 +585,17 @@ def test_a_copy_taken_during_a_mixed_batch_generate_keeps_none_of_its_routing(tw
     import copy
     import io
 
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
     ids, mask = left_padded(PROMPTS)
     taken = {}
 
-    class Snapshot(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            if not taken:
-                taken["deepcopy"] = copy.deepcopy(two_adapters)
-                buffer = io.BytesIO()
-                torch.save(two_adapters, buffer)
-                buffer.seek(0)
-                taken["pickle"] = torch.load(buffer, weights_only=False)
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    def snapshot():
+        taken["deepcopy"] = copy.deepcopy(two_adapters)
+        buffer = io.BytesIO()
+        torch.save(two_adapters, buffer)
+        buffer.seek(0)
+        taken["pickle"] = torch.load(buffer, weights_only=False)
 
-    mixed = generate(two_adapters, ids, mask, adapter_names=ROUTES, num_beams=2,
-                     stopping_criteria=StoppingCriteriaList([Snapshot()]))
-    alone = _per_adapter(two_adapters, lambda: generate(two_adapters, ids, mask, num_beams=2))
-    for row, name in enumerate(ROUTES):
-        assert torch.equal(mixed[row], alone[name][row]), name
+    alone = _mixed_generate_running_once(two_adapters, ids, mask, snapshot)
     assert _routing_undone(two_adapters)
     with torch.no_grad():
         plain = two_adapters(input_ids=ids, attention_mask=mask).logits
@@ -592,7 +606,6 @@ def test_a_copy_taken_during_a_mixed_batch_generate_keeps_none_of_its_routing(tw
         assert torch.equal(generate(model, ids[:1], mask[:1], num_beams=2), alone["a"][:1]), how
 
 
-
 def test_a_copy_generating_during_a_mixed_batch_generate_leaves_both_calls_their_own_rows(two_adapters):
     """Copies and pickles of a model get per-call state of their own (peft_qst.per_call): a copy taken during
     generate(adapter_names=...) and generating itself meanwhile (a stopping criterion or streamer that runs a copy of
@@ -600,23 +613,14 @@ def test_a_copy_generating_during_a_mixed_batch_generate_leaves_both_calls_their
     original call's adapter names and was refused for their count ("adapter_names has 6 entries for 1 prompts")."""
     import copy
 
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
     ids, mask = left_padded(PROMPTS)
     taken = {}
 
-    class CopyAndGenerate(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            if not taken:
-                taken["copy"] = copy.deepcopy(two_adapters)
-                taken["generated"] = generate(taken["copy"], ids[:1], mask[:1], num_beams=2)
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    def copy_and_generate():
+        taken["copy"] = copy.deepcopy(two_adapters)
+        taken["generated"] = generate(taken["copy"], ids[:1], mask[:1], num_beams=2)
 
-    mixed = generate(two_adapters, ids, mask, adapter_names=ROUTES, num_beams=2,
-                     stopping_criteria=StoppingCriteriaList([CopyAndGenerate()]))
-    alone = _per_adapter(two_adapters, lambda: generate(two_adapters, ids, mask, num_beams=2))
-    for row, name in enumerate(ROUTES):
-        assert torch.equal(mixed[row], alone[name][row]), name
+    alone = _mixed_generate_running_once(two_adapters, ids, mask, copy_and_generate)
     assert torch.equal(taken["generated"], alone["a"][:1])
     assert _routing_undone(two_adapters) and _routing_undone(taken["copy"])
 
