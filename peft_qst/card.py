@@ -275,7 +275,7 @@ def _resized_vocab_size(config: dict, shapes: dict) -> int | None:
     if size is not None:
         from transformers import AutoConfig
 
-        from .model import checkpoint_vocab_size
+        from .vocabulary import checkpoint_vocab_size
 
         if checkpoint_vocab_size(config.get("base_model_name_or_path"), AutoConfig) == size:
             return None  # the checkpoint's own size: nothing was resized

@@ -78,7 +78,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-#: ``base_model_signature`` entries (see ``peft_qst.model.model_signature``) that name a model type
+#: ``base_model_signature`` entries (see ``peft_qst.signature.model_signature``) that name a model type
 _SIGNATURE_TYPES = ("model_type", "text_model_type")
 #: its entries that count something (``intermediate_size`` may also be a list: one FFN width per layer)
 _SIGNATURE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -95,7 +95,7 @@ FINGERPRINT_METADATA = ("rows", "name_or_path")
 
 def _fingerprint_problem(fingerprint: Any) -> Optional[str]:
     """What is wrong with a ``base_model_fingerprint`` (None where nothing is): ``{"rows": int, "name_or_path": str,
-    kind: [[row, column, value], ...], ...}`` (see ``peft_qst.model.base_model_fingerprint``)."""
+    kind: [[row, column, value], ...], ...}`` (see ``peft_qst.fingerprint.base_model_fingerprint``)."""
     if not isinstance(fingerprint, dict):
         return f"it is {fingerprint!r} (of type {type(fingerprint).__name__}) where a dict is expected"
     for kind, entries in fingerprint.items():

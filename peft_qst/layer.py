@@ -107,6 +107,9 @@ CONTINUOUS_BATCHING_REFUSAL = (
 )
 
 
+#: attribute holding the side networks inside a QSTLayer; every saved key goes through it
+SIDE_ATTR = "qst_side"
+
 #: the attribute of a side cache (or copy memory) holding the layout of the side network that filled it
 _LAYOUT_ATTR = "_peft_qst_side_layout"
 #: the attribute of a side cache (or copy memory) holding the identity of the side network that filled it

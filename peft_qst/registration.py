@@ -44,37 +44,21 @@ import weakref
 from contextvars import ContextVar
 from typing import Optional
 
+from .adapter_checks import (
+    check_saved_adapter_fits,
+    check_saved_config_matches,
+    check_width_options_of_earlier_files,
+    foreign_tensors,
+    refuse_foreign_tensors,
+)
 from .card import add_usage_section, saved_qst_adapters
 from .config import AUTO, PEFT_TYPE, QSTConfig
 from .fast_path import note_adapter_loaded
-from .layer import QSTLayer, identify_loaded_adapter
-from .model import (
-    SIDE_ATTR,
-    QSTModel,
-    base_model_fingerprint,
-    check_saved_adapter_fits,
-    check_saved_config_matches,
-    check_saved_modules_to_save_present,
-    check_token_embeddings_fit,
-    check_width_options_of_earlier_files,
-    checkpoint_vocab_size,
-    foreign_tensors,
-    is_bare_trunk,
-    loading_adapter,
-    model_signature,
-    original_vocabulary_rows,
-    reading_saved_adapter,
-    refuse_foreign_tensors,
-    remove_injected_adapters,
-    resize_to_the_adapters_vocabulary,
-    saved_adapter_copies_of_embeddings,
-    text_config_of,
-    vocabulary_resized_from_checkpoint,
-    warn_added_token_embeddings_not_saved,
-    warn_if_base_model_differs,
-    warned_once_loaded,
-    with_peft_model_prefix,
-)
+from .fingerprint import base_model_fingerprint, original_vocabulary_rows, warn_if_base_model_differs
+from .layer import SIDE_ATTR, QSTLayer, identify_loaded_adapter
+from .loading import loading_adapter, reading_saved_adapter, warned_once_loaded, with_peft_model_prefix
+from .model import QSTModel, is_bare_trunk, remove_injected_adapters
+from .modules_to_save import check_saved_modules_to_save_present
 from .serialization import (
     QSTAdapterFileError,
     read_adapter_weights,
@@ -84,6 +68,15 @@ from .serialization import (
     weights_digest,
 )
 from .side import QSTSideNetwork, QSTUnsupportedModelError, auto_side_head_candidates, resolve_side_heads
+from .signature import model_signature, text_config_of
+from .vocabulary import (
+    check_token_embeddings_fit,
+    checkpoint_vocab_size,
+    resize_to_the_adapters_vocabulary,
+    saved_adapter_copies_of_embeddings,
+    vocabulary_resized_from_checkpoint,
+    warn_added_token_embeddings_not_saved,
+)
 
 #: the download arguments of transformers' loaders that ``hf_hub_download`` (and so the QST reader) takes too
 _HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
@@ -644,7 +637,7 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
 
 
 def _resize_to_the_vocabulary_of_the_folder(model, model_id, args: tuple, kwargs: dict):
-    """:func:`~peft_qst.model.resize_to_the_adapters_vocabulary` for ``PeftModel.from_pretrained(model, model_id,
+    """:func:`~peft_qst.vocabulary.resize_to_the_adapters_vocabulary` for ``PeftModel.from_pretrained(model, model_id,
     *args, **kwargs)`` of a QST adapter (the config given, else the one saved at ``model_id``), with the shapes of
     the tensors in its file, before PEFT injects the adapter into ``model``; returns the resize's undo, or None.
 
@@ -929,8 +922,9 @@ def _save_qst_weights_as_safetensors() -> None:
 
 def _vocabulary_resized_for_an_adapter(model, adapter_names) -> bool:
     """Whether a QST adapter of ``model`` among ``adapter_names`` (those to be saved) was trained on a multimodal model
-    whose language model's vocabulary was resized (:func:`~peft_qst.model.vocabulary_resized_from_checkpoint`), with
-    PEFT's warning where it was: the embeddings are then saved with it. PEFT's ``save_embedding_layers="auto"`` saves
+    whose language model's vocabulary was resized
+    (:func:`~peft_qst.vocabulary.vocabulary_resized_from_checkpoint`), with PEFT's warning where it was: the
+    embeddings are then saved with it. PEFT's ``save_embedding_layers="auto"`` saves
     the token embeddings beside an adapter where the vocabulary differs from the base checkpoint's, but reads only the
     top-level config: a resized Llava or Qwen2-VL was saved without them, and loaded onto a base model resized by hand
     (whose shapes the adapter's signature accepts) computed with the random rows that resize drew.
@@ -941,7 +935,7 @@ def _vocabulary_resized_for_an_adapter(model, adapter_names) -> bool:
     vocabulary size", or, onto a base resized by hand, computed with the rows that resize drew; loaded beside the
     first, it warned of those rows though the first one's load had written the trained ones. Its vocabulary is
     compared with the checkpoint PEFT will record (the base model's ``name_or_path``, a folder or a cached repository;
-    :func:`~peft_qst.model.checkpoint_vocab_size`)."""
+    :func:`~peft_qst.vocabulary.checkpoint_vocab_size`)."""
     for name in adapter_names:
         config = getattr(model, "peft_config", {}).get(name)
         if getattr(config, "peft_type", None) != PEFT_TYPE:

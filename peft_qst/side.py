@@ -1222,7 +1222,8 @@ def signature_predates_decoder_sizes(signature) -> bool:
     file is read as ``side_heads=None`` (``QSTConfig.check_kwargs``), the layout its weights were trained in, which
     loads them to the logits they were saved with (a head count is no part of the weights' shapes). Only the model
     types transformers registers are known from the file alone; a config of remote code that maps its sizes so is
-    told by the model it is loaded onto (``peft_qst.model._predates_decoder_sizes``, ``_bind_config_to_model``)."""
+    told by the model it is loaded onto (``peft_qst.adapter_checks._predates_decoder_sizes``,
+    ``_bind_config_to_model``)."""
     if not isinstance(signature, dict) or "sizes_of" in signature:
         return False
     model_type = signature.get("text_model_type", signature.get("model_type"))

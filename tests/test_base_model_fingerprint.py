@@ -150,7 +150,7 @@ def test_an_lm_head_trained_with_the_adapter_is_not_taken_for_another_checkpoint
 
 
 def test_unreadable_weights_and_a_damaged_fingerprint(tmp_path):
-    from peft_qst.model import base_model_fingerprint
+    from peft_qst.fingerprint import base_model_fingerprint
 
     with torch.device("meta"):
         assert base_model_fingerprint(tiny_causal_lm()) is None  # nothing recorded, nothing compared
