@@ -250,12 +250,15 @@ def test_sft_trainer_with_backbone_lora(tmp_path, smollm2_dir):
     assert all(p.any() for p in lora_b.values())  # gradients reached the adapters of the top blocks
 
 
-def test_gradients_stay_right_after_an_eval_forward_on_a_4bit_backbone(tmp_path):
+@pytest.mark.parametrize("grad_mode", ["train", "eval"])
+def test_gradients_stay_right_after_an_eval_forward_on_a_4bit_backbone(tmp_path, grad_mode):
     """bitsandbytes repacks a Linear4bit for its CPU kernel at its first eval forward (on CPUs with AVX512-BF16), and
     gradients through a repacked layer come out wrong (40-90% off before the fix). Training-mode forwards, and calls
     whose input carries a gradient, run the standard layout kept from before packing
     (bnb_compat.route_4bit_layers_by_mode): the gradients after evaluation/generation are those of before, bit for
-    bit. Where the CPU does not repack, this holds trivially."""
+    bit. Where the CPU does not repack, this holds trivially. ``grad_mode="eval"``: gradients taken in eval mode (a
+    training loop that keeps dropout off with ``model.eval()``, an attribution method) go through layers whose input
+    carries a gradient, which run the kept standard layout too."""
     tiny_causal_lm(num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config()), hybrid_config()
@@ -266,7 +269,7 @@ def test_gradients_stay_right_after_an_eval_forward_on_a_4bit_backbone(tmp_path)
                 param.normal_(0, 0.1)  # open the adapters, so that gradients flow through the frozen layers
 
     def lora_a_grads():
-        model.train()
+        model.train(grad_mode == "train")
         model.zero_grad()
         model(input_ids=IDS, labels=IDS).loss.backward()
         return {n: p.grad.float().clone() for n, p in model.named_parameters() if n.endswith("lora_A")}
@@ -755,3 +758,26 @@ def test_gradients_through_a_mixed_batch_of_two_hybrids_of_different_depth():
         for n in own:
             assert mixed[n] is not None, n
             torch.testing.assert_close(mixed[n], alone[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_a_mixed_batch_cache_narrowed_to_one_adapters_rows_continues_without_adapter_names():
+    """A mixed batch whose remaining rows all belong to one hybrid adapter (``batch_select_indices`` dropping the
+    others, or ``adapter_names`` naming one adapter for every row) is that adapter's cache: it continues with the
+    adapter active and no ``adapter_names``, as a cache that adapter filled alone does, rather than being refused as
+    routed per row."""
+    model = hybrid_model()
+    model.add_adapter("other", hybrid_config(backbone_lora_layers=1))
+    model.set_adapter("default")
+    train_steps(model, IDS, steps=2, lr=3e-2)
+    model.eval()
+    kept = torch.tensor([0, 2])
+    step = torch.tensor([[7], [8]])
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([IDS[kept], step], 1)).logits
+        cache = model(input_ids=IDS, adapter_names=["default", "other", "default"], use_cache=True).cache
+        cache.batch_select_indices(kept)
+        continued = model(input_ids=step, cache=cache, use_cache=True).logits
+        torch.testing.assert_close(continued[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)
+        cache = model(input_ids=IDS[kept], adapter_names=["default", "default"], use_cache=True).cache
+        continued = model(input_ids=step, cache=cache, use_cache=True).logits
+        torch.testing.assert_close(continued[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)

@@ -540,3 +540,36 @@ def test_kept_layouts_their_weight_does_not_hold_now_copy_and_pickle_alike(tiny_
     entry = vars(again.get_submodule(_linear4bit_layers(copied)[0][0]))["_qst_standard_layout"][2]
     assert not any(entry.belongs_to(m.weight) for _, m in _linear4bit_layers(again))
     again(input_ids=ids, labels=ids).loss.backward()
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "single-quant"])
+def test_gradients_through_a_4bit_layer_packed_before_injection_are_a_never_packed_models(tmp_path, double_quant):
+    """A layer packed before ``get_peft_model`` (no standard layout kept) gets one rebuilt from the packed layout when
+    a gradient first reaches it: the 4-bit codes exactly, the block scales to bfloat16 rounding. bitsandbytes' inverse
+    leaves a plain (not double-quantized) ``absmax`` transposed; read as the flat standard vector, each block got
+    another block's scale. The side gradients through the BERT-style LM head's 4-bit layer are a never-packed model's,
+    up to that rounding."""
+    _save_tiny_bert_decoder(tmp_path / "base")
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def side_gradients(packed_first: bool) -> dict:
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config(
+            double_quant=double_quant, compute_dtype=torch.float32))
+        if packed_first:
+            _logits(base.eval(), ids)  # packs every layer, before QST is injected
+        model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+        torch.manual_seed(2)
+        for parameter in model.parameters():  # an output path that is not zero, so every side gradient is
+            if parameter.requires_grad:
+                parameter.data.normal_(0, 0.1)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert not packed_first or not has_avx512bf16() or _packed_everywhere(model)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    expected = side_gradients(False)
+    got = side_gradients(True)
+    assert expected.keys() == got.keys() and len(expected) > 10
+    expected_all = torch.cat([gradient.flatten() for gradient in expected.values()])
+    got_all = torch.cat([got[name].flatten() for name in expected])
+    assert (got_all - expected_all).norm() <= 0.02 * expected_all.norm()

@@ -309,16 +309,19 @@ def test_a_static_cache_under_an_autocast_to_another_dtype_than_the_side_network
     assert not torch.equal(static, base), "the adapter should change the generation"
 
 
-@pytest.mark.parametrize("kind", ["llama", "sliding-window"])
+@pytest.mark.parametrize("kind", ["llama", "sliding-window", "sliding-and-full"])
 def test_a_static_cache_with_an_eager_side_trunk_on_an_sdpa_backbone(kind):
     """With a static cache generate builds each step's 4-D masks for the backbone's attention (SDPA: boolean), and the
     side trunk gets them too. A side trunk switched to eager attention (README: ``...trunk.set_attn_implementation``)
     adds its mask to the scores, so it must get the additive form: with SDPA's booleans it attended to padding and to
-    the cache's unfilled slots, and its logits silently differed from recomputation (by 0.04-0.1 here). Sliding-window
-    models get a mask per layer kind (a dict)."""
+    the cache's unfilled slots, and its logits silently differed from recomputation (by 0.04-0.1 here). Models with
+    sliding and full layers get one mask per layer kind (a dict): each must reach the side trunk additive."""
     from peft_qst.fast_path import fast_path_disabled
 
-    model = trained_model() if kind == "llama" else trained_sliding_window_model()[0]
+    if kind == "llama":
+        model = trained_model()
+    else:
+        model = trained_sliding_window_model(full_layers=kind == "sliding-and-full")[0]
     assert model.get_base_model().config._attn_implementation == "sdpa"
     model.get_base_model().model.qst_side["default"].trunk.set_attn_implementation("eager")
     ids, mask = left_padded(PROMPTS)
@@ -332,14 +335,19 @@ def test_a_static_cache_with_an_eager_side_trunk_on_an_sdpa_backbone(kind):
         torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
 
 
-def trained_sliding_window_model():
-    """A tiny Mistral with a 4-token sliding window and a trained QST adapter, and its config."""
+def trained_sliding_window_model(full_layers: bool = False):
+    """A tiny Mistral with a 4-token sliding window and a trained QST adapter, and its config; with ``full_layers`` a
+    tiny Qwen2 whose first layer attends through the window and whose second attends to everything."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, sliding_window=4,
-                                  pad_token_id=PAD)
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, sliding_window=4, pad_token_id=PAD)
+    if full_layers:
+        config = AutoConfig.for_model("qwen2", use_sliding_window=True, max_window_layers=1, **sizes)
+        assert set(config.layer_types) == {"sliding_attention", "full_attention"}
+    else:
+        config = AutoConfig.for_model("mistral", **sizes)
     model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(), QSTConfig(task_type="CAUSAL_LM", r=4))
     torch.manual_seed(7)
     train_steps(model, torch.randint(1, 128, (4, 24)), steps=8, lr=3e-2)
@@ -777,3 +785,17 @@ def test_a_static_cache_of_a_model_with_sliding_and_full_attention_layers():
     assert torch.equal(generate(model, ids, mask, max_new_tokens=12, cache_implementation="static"), dynamic)
     with model.disable_adapter():
         assert not torch.equal(generate(model, ids, mask, max_new_tokens=12), dynamic)
+
+
+def test_a_returned_cache_reset_starts_over_like_a_fresh_generation(model):
+    """``reset()`` on the cache generate returned (a `QSTCache`) empties every half, not only the backbone's: with
+    the side halves left full, the next generation on it paired an empty backbone cache with the last prompt's side
+    history."""
+    out = generate(model, torch.tensor([PROMPTS[0]]), max_new_tokens=5, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, QSTCache) and cache.get_seq_length() > 0
+    cache.reset()
+    assert all(half.get_seq_length() == 0 for half in cache.side.values())
+    prompt = torch.tensor([PROMPTS[2]])
+    assert torch.equal(generate(model, prompt, past_key_values=cache, max_new_tokens=6),
+                       generate(model, prompt, max_new_tokens=6))

@@ -240,3 +240,35 @@ def test_logits_edited_in_place_keep_autograds_gradients(monkeypatch):
     assert set(mine) == set(reference) and len(mine) > 10
     for name in reference:
         torch.testing.assert_close(mine[name], reference[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("frozen", ["output_gate", "upsample"])
+def test_low_rank_backward_with_the_gate_or_the_upsample_frozen_gives_autograds_gradients(monkeypatch, frozen):
+    """A user may freeze one of the two parameters the low-rank backward computes (the output gate, to keep the
+    side output's scale, or the upsample): the other's gradient is still computed, and equals autograd's."""
+    model = qst_model()
+    for name, parameter in model.named_parameters():
+        if frozen in name:
+            parameter.requires_grad_(False)
+    trained = "upsample" if frozen == "output_gate" else "output_gate"
+    calls = count_low_rank_backwards(monkeypatch)
+    mine = gradients(model, True, **batch())
+    assert len(calls) == 1
+    reference = gradients(model, False, **batch())
+    assert set(mine) == set(reference)
+    assert not any(frozen in name for name in mine)
+    assert any(trained in name and grad.abs().max() > 0 for name, grad in mine.items())
+    for name in reference:
+        torch.testing.assert_close(mine[name], reference[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_an_lm_head_whose_bias_trains_keeps_autograds_backward(monkeypatch):
+    """A frozen head weight with a trainable bias (BitFit-style, on a head with a bias such as GPT-J's or Phi's): the
+    low-rank backward computes no gradient for the head, so autograd's backward runs and the bias trains."""
+    model = qst_model()
+    head = model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(V))
+    calls = count_low_rank_backwards(monkeypatch)
+    grads = gradients(model, True, **batch())
+    assert calls == [] and head.bias.grad is not None and head.bias.grad.abs().max() > 0
+    assert any("upsample" in name for name in grads)
