@@ -23,7 +23,7 @@ from .layer import SIDE_ATTR, layers_holding
 from .loading import PEFT_MODEL_PREFIX
 from .modules_to_save import _TASK_HEADS, check_saved_modules_to_save_present
 from .serialization import QSTAdapterFileError
-from .side import shrink_config, signature_predates_decoder_sizes
+from .side_config import shrink_config, signature_predates_decoder_sizes
 from .signature import model_signature
 from .vocabulary import (
     _named_token_embeddings,
@@ -107,9 +107,9 @@ _NUMBER_FIELDS = ("backbone_lora_alpha", "side_gate_init", "output_gate_init")
 
 
 def _predates_decoder_sizes(saved_signature, config: QSTConfig, model: Optional[nn.Module] = None) -> bool:
-    """:func:`~peft_qst.side.signature_predates_decoder_sizes`, or, for a model type transformers does not register
-    (remote code), one without ``"sizes_of"`` where the model's signature records it: that of ``model``, else of the
-    model ``config`` is bound to (a file's ``side_heads`` is set to None when it is bound there:
+    """:func:`~peft_qst.side_config.signature_predates_decoder_sizes`, or, for a model type transformers does not
+    register (remote code), one without ``"sizes_of"`` where the model's signature records it: that of ``model``, else
+    of the model ``config`` is bound to (a file's ``side_heads`` is set to None when it is bound there:
     ``QSTModel._bind_config_to_model``)."""
     if signature_predates_decoder_sizes(saved_signature):
         return True

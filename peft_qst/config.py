@@ -3,7 +3,7 @@
 Only plain values live here, validated the moment the config is built, so that a bad value fails where the user
 wrote it and not as a shape error deep inside a forward pass. Whether a value fits a *particular* model (does ``r``
 divide its hidden size and head layout?) is checked by `get_peft_model`, which has the model at hand
-(see :mod:`peft_qst.side`).
+(see :mod:`peft_qst.side_config`).
 """
 
 from __future__ import annotations
@@ -360,8 +360,8 @@ class QSTConfig(PeftConfig):
         model's linear-attention heads (``"backbone"``), and one written before ``side_inner_widths`` existed has side
         blocks with the model's inner widths (``"backbone"``). One written for a model whose config maps its sizes to
         the encoder's (BART's family, Whisper) before QST read the decoder's has side blocks with the decoder's heads
-        whatever its ``side_heads`` says (None; see ``peft_qst.side.signature_predates_decoder_sizes``)."""
-        from .side import signature_predates_decoder_sizes
+        whatever its ``side_heads`` says (None; see ``peft_qst.side_config.signature_predates_decoder_sizes``)."""
+        from .side_config import signature_predates_decoder_sizes
 
         kwargs = super().check_kwargs(**kwargs)
         if "side_heads" not in kwargs or signature_predates_decoder_sizes(kwargs.get("base_model_signature")):

@@ -47,11 +47,10 @@ from .side import (
     ResidualStreams,
     _non_reentrant,
     copy_key_mask,
-    decoder_attribute,
     find_layer_list,
-    num_blocks,
     onloaded_tensor,
 )
+from .side_config import decoder_attribute, num_blocks
 
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
 BASE_ADAPTER_NAME = "__base__"

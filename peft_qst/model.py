@@ -55,12 +55,10 @@ from .modules_to_save import (
 )
 from .per_call import call_state, held_call_state
 from .serialization import QSTAdapterFileError, user_stacklevel
-from .side import (
-    QSTUnsupportedModelError,
+from .side import QSTUnsupportedModelError, find_layer_list, is_unreached_part
+from .side_config import (
     auto_side_head_candidates,
-    find_layer_list,
     is_state_space_model,
-    is_unreached_part,
     num_blocks,
     resolve_side_heads,
     shrink_config,

@@ -50,15 +50,8 @@ import torch
 from torch import nn
 
 from .fast_path import zero3_partitioned
-from .side import (
-    FFN_SIZE_ATTRIBUTES,
-    QSTSideBlock,
-    QSTUnsupportedModelError,
-    _uses_rotary,
-    find_layer_list,
-    num_blocks,
-    onloaded_tensor,
-)
+from .side import QSTSideBlock, QSTUnsupportedModelError, find_layer_list, onloaded_tensor
+from .side_config import FFN_SIZE_ATTRIBUTES, _uses_rotary, num_blocks
 
 #: model types whose decoder blocks follow the layouts mapped here (checked on the real modules as well)
 PRUNABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")

@@ -67,7 +67,8 @@ from .serialization import (
     user_stacklevel,
     weights_digest,
 )
-from .side import QSTSideNetwork, QSTUnsupportedModelError, auto_side_head_candidates, resolve_side_heads
+from .side import QSTSideNetwork, QSTUnsupportedModelError
+from .side_config import auto_side_head_candidates, resolve_side_heads
 from .signature import model_signature, text_config_of
 from .vocabulary import (
     check_token_embeddings_fit,

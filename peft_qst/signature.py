@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .side import decoder_attribute, is_state_space_model, sizes_mapped_to_encoder
+from .side_config import decoder_attribute, is_state_space_model, sizes_mapped_to_encoder
 
 
 def text_config_of(config):
@@ -42,10 +42,10 @@ def model_signature(model: nn.Module, decoder_sizes: bool = True) -> dict:
     (the vocabulary the frozen LM head maps it onto), so a model that differs in any of them is another base model.
 
     The counts are those of the decoder blocks QST side-tunes: where a config maps them to its encoder's (BART's
-    family, Whisper: :func:`~peft_qst.side.decoder_attribute`), its decoder's, with ``"sizes_of": "decoder"`` to say
-    so; an adapter saved before recorded the encoder's (an adapter of whisper-large-v3-turbo's 4-block decoder loaded
-    onto distil-whisper's 2-block one was told "32 layers" on both sides), which ``decoder_sizes=False`` gives to
-    compare it with.
+    family, Whisper: :func:`~peft_qst.side_config.decoder_attribute`), its decoder's, with ``"sizes_of": "decoder"``
+    to say so; an adapter saved before recorded the encoder's (an adapter of whisper-large-v3-turbo's 4-block decoder
+    loaded onto distil-whisper's 2-block one was told "32 layers" on both sides), which ``decoder_sizes=False`` gives
+    to compare it with.
     """
     config = text_config_of(model.config)
     of_decoder = decoder_sizes and sizes_mapped_to_encoder(config)

@@ -166,7 +166,7 @@ def test_auto_side_heads_keep_the_models_head_dimension(r, heads, kv_heads, head
 def test_auto_side_heads_for_real_model_shapes():
     from transformers import LlamaConfig
 
-    from peft_qst.side import auto_side_heads
+    from peft_qst.side_config import auto_side_heads
 
     smollm2_135m = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
     llama2_7b = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32)
