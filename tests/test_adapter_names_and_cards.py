@@ -88,7 +88,13 @@ def test_the_card_loads_every_adapter_saved_under_its_name(tmp_path, tiny_model_
     for name in names:
         if name != "default":
             assert f'subfolder="{name}"' in code and f'adapter_name="{name}"' in code
-    assert_loads_the_saved_adapters(run_card(tmp_path / "out" / "README.md"), logits)
+    where = {"side": "The adapter is saved under the name `side` (in `side/`).",
+             "default+side": "This repository holds 2 QST adapters: `default` (at the top level), `side` (in `side/`).",
+             "a+b": "This repository holds 2 QST adapters: `a` (in `a/`), `b` (in `b/`)."}["+".join(names)]
+    assert where in ModelCard.load(str(tmp_path / "out" / "README.md")).text
+    loaded = run_card(tmp_path / "out" / "README.md")
+    assert loaded.active_adapter == names[0]  # the adapter the section loads first runs, as its comment says
+    assert_loads_the_saved_adapters(loaded, logits)
 
 
 @pytest.mark.parametrize("quantization", [
@@ -97,7 +103,8 @@ def test_the_card_loads_every_adapter_saved_under_its_name(tmp_path, tiny_model_
     dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
          bnb_4bit_compute_dtype=torch.bfloat16),
     dict(load_in_8bit=True),
-], ids=["unquantized", "fp4", "nf4-double-bf16", "8bit"])
+    dict(load_in_8bit=True, llm_int8_threshold=4.0),
+], ids=["unquantized", "fp4", "nf4-double-bf16", "8bit", "8bit-threshold"])
 def test_the_card_loads_the_base_model_quantized_as_it_was_trained(tmp_path, tiny_model_dir, quantization):
     """The card showed QLoRA's NF4 recipe whatever the base model was: run as written, it loaded an adapter trained
     on an FP4, an 8-bit or an unquantized base onto an NF4 one (logits 0.01-0.05 off on this tiny Llama, no error).
@@ -112,8 +119,25 @@ def test_the_card_loads_the_base_model_quantized_as_it_was_trained(tmp_path, tin
     assert ("BitsAndBytesConfig(" in code) == (quantization is not None)
     if quantization and quantization.get("bnb_4bit_quant_type") == "nf4":
         assert 'bnb_4bit_quant_type="nf4"' in code and "bnb_4bit_compute_dtype=torch.bfloat16" in code
+    for name in set(quantization or {}) - {"load_in_4bit", "load_in_8bit", "bnb_4bit_compute_dtype"}:
+        assert f"{name}={quantization[name]!r}".replace("'", '"') in code  # each option set otherwise than default
     compile(code, "card", "exec")
     assert_loads_the_saved_adapters(run_card(tmp_path / "out" / "README.md"), logits)
+
+
+def test_the_card_of_a_base_model_quantized_otherwise_than_by_bitsandbytes_says_so():
+    """The card writes out bitsandbytes' options only; for a base model quantized by another method (GPTQ, AWQ, ...)
+    it cannot, and its code, which loads the base model unquantized, says which method to configure instead."""
+    from transformers import GPTQConfig
+
+    from peft_qst.card import usage_section
+
+    section = usage_section("some/base", "CAUSAL_LM", quantization=GPTQConfig(bits=4).to_dict(), dtype="float16")
+    code = re.search(r"```python\n(.*?)\n```", section, re.DOTALL).group(1)
+    assert "# the base model was quantized with gptq when this adapter was trained: pass the same " \
+           "quantization_config" in code
+    assert "BitsAndBytesConfig" not in code
+    compile(code, "card", "exec")
 
 
 def test_the_card_of_a_4bit_token_classifier_keeps_its_head_unquantized(tmp_path, tiny_model_dir):
@@ -157,6 +181,24 @@ def test_the_card_quotes_adapter_names_and_base_model_paths_of_any_characters(tm
     compile(code, "card", "exec")
     assert 'adapter_name="it\'s \\"x\\""' in code and 'subfolder="C:\\\\new"' in code
     assert_loads_the_saved_adapters(run_card(tmp_path / "out" / "README.md"), logits)
+
+
+def test_saving_again_keeps_what_a_user_wrote_around_or_in_the_loading_section(tmp_path):
+    """The loading section is rewritten on each save from the adapters saved, and only it: text written below it
+    stays, and a section whose code a user rewrote (here under another language tag) is no longer recognised, and is
+    left as it is rather than followed by a second section."""
+    model = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.save_pretrained(tmp_path)
+    card = tmp_path / "README.md"
+    card.write_text(card.read_text() + "\n## My notes\n\nTrained on my data.\n")
+    model.save_pretrained(tmp_path)
+    text = card.read_text()
+    assert text.count(MARKER) == 1 and text.rstrip().endswith("## My notes\n\nTrained on my data.")
+
+    card.write_text(text.replace("```python\n", "```py\n# my own loading code\n"))
+    model.save_pretrained(tmp_path)
+    text = card.read_text()
+    assert text.count(MARKER) == 1 and "```py\n# my own loading code\n" in text
 
 
 def test_adapters_saved_one_at_a_time_with_selected_adapters_are_all_named(tmp_path, tiny_model_dir):

@@ -330,9 +330,11 @@ def pickled_adapter_folder(model, folder) -> None:
         # PEFT's public reader, which custom training loops call before set_peft_model_state_dict
         lambda base, path, fresh: peft.load_peft_weights(path),
         lambda base, path, fresh: peft.utils.load_peft_weights(path, device="cpu"),
+        # the config alone, for get_peft_model(model, QSTConfig.from_pretrained(folder)): refused before it is used
+        lambda base, path, fresh: QSTConfig.from_pretrained(path),
     ],
     ids=["from_pretrained", "from_pretrained-config", "load_adapter-new-name", "load_adapter-existing-name",
-         "peft.load_peft_weights", "peft.utils.load_peft_weights"],
+         "peft.load_peft_weights", "peft.utils.load_peft_weights", "QSTConfig.from_pretrained"],
 )
 def test_pickled_weights_are_never_read(tmp_path, tiny_model_dir, trained, monkeypatch, load):
     pickled_adapter_folder(trained, tmp_path)
@@ -475,6 +477,11 @@ def test_save_with_safe_serialization_false_writes_safetensors(tmp_path, tiny_mo
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path)).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
+    # given by position, as PeftModel.save_pretrained's second parameter
+    with pytest.warns(UserWarning, match="safe_serialization=False is ignored"):
+        trained.save_pretrained(tmp_path / "positional", False)
+    assert sorted(path.name for path in (tmp_path / "positional").iterdir() if path.name.startswith("adapter_model")) \
+        == ["adapter_model.safetensors"]
 
 
 def test_weight_conversion_is_refused_before_another_saved_adapter_is_touched(tmp_path, tiny_model_dir, trained):

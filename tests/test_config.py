@@ -64,12 +64,62 @@ from .conftest import tiny_causal_lm
         # loading compared it with the weights' digest and blamed the weights file
         ({"adapter_weights_sha256": "abc"}, "64 hexadecimal digits"),
         ({"adapter_weights_sha256": 3}, "QSTConfig.adapter_weights_sha256=3"),
+        # a digest with anything after its 64 digits is none either
+        ({"adapter_weights_sha256": "0" * 65}, "64 hexadecimal digits"),
+        ({"side_linear_heads": "narrow"}, "QSTConfig.side_linear_heads='narrow' is invalid"),
+        # zero scales every backbone LoRA delta to nothing: those adapters would never change the output
+        ({"backbone_lora_alpha": 0}, "QSTConfig.backbone_lora_alpha=0 is invalid"),
+        ({"backbone_lora_alpha": float("nan")}, "QSTConfig.backbone_lora_alpha=nan is invalid"),
+        # a name of blanks matches no module as PEFT matches them, as an empty one does
+        ({"modules_to_save": ["  "]}, "(non-empty strings)"),
+        ({"task_type": " causal_lm "}, "did you mean 'CAUSAL_LM'?"),
     ],
 )
 def test_bad_values_are_refused_at_construction(kwargs, fragment):
     with pytest.raises(ValueError) as info:
         QSTConfig(**kwargs)
     assert fragment in str(info.value)
+
+
+SIGNATURE = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4}
+
+
+@pytest.mark.parametrize(
+    "entries, fragment",
+    [
+        ({"sizes_of": "encoder"}, "its sizes_of is 'encoder' where \"decoder\" is expected"),
+        ({"text_model_type": 3}, "its text_model_type is 3 (of type int) where a model type"),
+        ({"intermediate_size": [128, "128"]}, "its intermediate_size is [128, '128'] (of type list) where an integer "
+                                              "(or a list of them, one per layer)"),
+    ],
+    ids=["sizes-of", "text-model-type", "per-layer-width"],
+)
+def test_signature_entries_are_accepted_as_get_peft_model_writes_them_and_refused_otherwise(entries, fragment):
+    """What ``get_peft_model`` writes into ``base_model_signature`` is accepted (a list of FFN widths, one per layer, as
+    Gemma 3n's config holds them; the decoder's sizes, ``"sizes_of": "decoder"``), and any other value of those
+    entries is refused by name when the config is built: loading compares the signature entry by entry, so a value
+    of another type or meaning would only be reported as the model differing from it."""
+    QSTConfig(base_model_signature={**SIGNATURE, "intermediate_size": [128, 256], "sizes_of": "decoder",
+                                    "text_model_type": "llama"})
+    with pytest.raises(ValueError) as info:
+        QSTConfig(base_model_signature={**SIGNATURE, **entries})
+    assert f"QSTConfig.base_model_signature is invalid: {fragment}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "fingerprint, fragment",
+    [
+        ({"rows": 0}, "its rows is 0, where a positive int is expected"),
+        # a negative column would index from the end and compare another entry than the one recorded
+        ({"rows": 8, "input_embeddings": [[0, -1, 0.5]]}, "its input_embeddings is not a list of [row, column, value]"),
+    ],
+    ids=["no-rows", "negative-column"],
+)
+def test_a_damaged_base_model_fingerprint_is_refused_by_its_entry(fingerprint, fragment):
+    QSTConfig(base_model_fingerprint={"rows": 8, "name_or_path": "base", "input_embeddings": [[0, 3, 0.5]]})
+    with pytest.raises(ValueError) as info:
+        QSTConfig(base_model_fingerprint=fingerprint)
+    assert f"QSTConfig.base_model_fingerprint is invalid: {fragment}" in str(info.value)
 
 
 def test_defaults_follow_the_paper():

@@ -352,6 +352,15 @@ def test_a_misspelt_peft_type_is_refused_naming_the_file_and_the_fix(tmp_path, t
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
 
+    # in a subfolder (where an adapter of another name than "default" is saved): the file in it
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": peft_type}))
+    for load in (lambda: PeftModel.from_pretrained(fresh(), str(tmp_path), subfolder="sub"),
+                 lambda: PeftConfig.from_pretrained(str(tmp_path), subfolder="sub")):
+        with pytest.raises(ValueError) as info:
+            load()
+        assert str(info.value).startswith(f"{tmp_path / 'sub' / 'adapter_config.json'}: peft_type {peft_type!r} ")
+
 
 def test_weights_of_another_peft_method_are_refused_naming_it(tmp_path, tiny_model_dir):
     """A LoRA folder given a QSTConfig (``config=``, transformers' ``peft_config=``) or loaded into an existing QST

@@ -458,6 +458,12 @@ def test_the_lora_hotswap_helpers_refuse_a_qst_adapter_before_touching_it(tmp_pa
                               LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False))
 
     lora, lora_other = lora_model(0), lora_model(1)
+    # a QST adapter's weights and config handed to a LoRA model: refused by the config, the LoRA weights untouched
+    before = {key: value.clone() for key, value in lora.state_dict().items()}
+    with pytest.raises(ValueError, match="hotswap_adapter_from_state_dict works on LoRA adapters only"):
+        hotswap_adapter_from_state_dict(lora, some, "default", QSTConfig(task_type="CAUSAL_LM", r=4),
+                                        parameter_prefix="qst_")
+    assert all(torch.equal(value, before[key]) for key, value in lora.state_dict().items())
     lora_other.save_pretrained(tmp_path / "lora")
     prepare_model_for_compiled_hotswap(lora, target_rank=8)
     hotswap_adapter(lora, str(tmp_path / "lora"), adapter_name="default", torch_device="cpu")

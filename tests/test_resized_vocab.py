@@ -7,6 +7,7 @@ test_adapters_and_persistence.py and test_peft_api_compat.py.)"""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -144,6 +145,12 @@ def test_an_adapter_added_with_add_adapter_on_a_resized_vocabulary_saves_its_emb
     model.set_adapter("second")
     train_steps(model, IDS)
     expected = outputs(model)[0]
+    # "auto" given by position (save_directory, safe_serialization, selected_adapters, save_embedding_layers), in a
+    # copy: the first save records the adapter's base_model_name_or_path
+    with pytest.warns(UserWarning, match="Setting `save_embedding_layers` to `True`"):
+        copy.deepcopy(model).save_pretrained(tmp_path / "positional", True, ["second"], "auto")
+    saved = load_file(tmp_path / "positional" / "second" / "adapter_model.safetensors")
+    assert any(".base_layer." in key and "embed_tokens" in key for key in saved)
     with pytest.warns(UserWarning, match="Setting `save_embedding_layers` to `True`"):
         model.save_pretrained(tmp_path / "adapters")
     with warnings.catch_warnings(record=True) as caught:

@@ -5,7 +5,9 @@ that PEFT, transformers and TRL read as an enum member (``.value``, ``"PeftType.
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -124,6 +126,11 @@ def test_peft_type_reads_like_a_peft_type_member(tiny_model_dir, saved_adapter):
     assert model.get_model_status().peft_types == {"default": "QST"}
     assert model.peft_config["default"].peft_type.value == "QST"
     assert model.peft_config["default"].peft_type == "QST"
+    # a config copied (PEFT deep-copies configs) or pickled (torch.save of a whole model) keeps the type's reading
+    config = model.peft_config["default"]
+    for copied in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert type(copied.peft_type) is type(config.peft_type)
+        assert copied.peft_type.value == "QST" and str(copied.peft_type) == "PeftType.QST"
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "QST"
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(folder))
     assert reloaded.get_model_status().peft_types == {"default": "QST"}
