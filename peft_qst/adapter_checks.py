@@ -21,12 +21,12 @@ from .config import AUTO, PEFT_TYPE, QSTConfig
 from .fingerprint import warn_if_base_model_differs
 from .layer import SIDE_ATTR, layers_holding
 from .loading import PEFT_MODEL_PREFIX
-from .modules_to_save import _TASK_HEADS, check_saved_modules_to_save_present
+from .modules_to_save import TASK_HEADS, check_saved_modules_to_save_present
 from .serialization import QSTAdapterFileError
 from .side_config import shrink_config, signature_predates_decoder_sizes
 from .signature import model_signature
 from .vocabulary import (
-    _named_token_embeddings,
+    named_token_embeddings,
     check_shared_embeddings_kept,
     check_token_embeddings_fit,
     warn_added_token_embeddings_not_saved,
@@ -36,7 +36,7 @@ from .vocabulary import (
 def _saved_beside_the_adapter(model: nn.Module, adapter_name: str, state_keys) -> set[str]:
     """The state keys besides the side network that an adapter saved by ``save_pretrained`` may hold: those of the
     modules saved whole with adapter ``adapter_name`` (``modules_to_save``; as saved and as PEFT's wrappers map them for
-    loading), those of the head its task class saves (:data:`~peft_qst.modules_to_save._TASK_HEADS`, which transformers'
+    loading), those of the head its task class saves (:data:`~peft_qst.modules_to_save.TASK_HEADS`, which transformers'
     ``load_adapter`` with ``peft_config=`` loads into the model's own head), and those of the model's input and output
     token embeddings, which PEFT saves with ``save_embedding_layers`` (and sets that itself when they were resized) and
     loads into the model's own."""
@@ -52,8 +52,8 @@ def _saved_beside_the_adapter(model: nn.Module, adapter_name: str, state_keys) -
                 keys.update((f"{plain(name)}.{saved}", f"{plain(name)}.{loaded}"))
     config = getattr(model, "peft_config", {}).get(adapter_name)
     task_type = getattr(config, "task_type", None)
-    heads = _TASK_HEADS.get(getattr(task_type, "value", task_type), ())
-    names = [name for name, _ in _named_token_embeddings(model)] + [
+    heads = TASK_HEADS.get(getattr(task_type, "value", task_type), ())
+    names = [name for name, _ in named_token_embeddings(model)] + [
         plain(name) for name, _ in model.named_modules(remove_duplicate=False)
         if name and name.rpartition(".")[2] in heads
     ]
@@ -147,7 +147,7 @@ def _computation_differences(saved_config: dict, config: QSTConfig, model: Optio
             # PEFT's task classes add their head names to the list (order and repeats vary, and a config given to
             # transformers' load_adapter lacks them): compare the sets, with the task's heads on both sides
             task_type = getattr(config, "task_type", None)
-            heads = _TASK_HEADS.get(getattr(task_type, "value", task_type), ())
+            heads = TASK_HEADS.get(getattr(task_type, "value", task_type), ())
             saved, here = sorted(set(saved or ()) | set(heads)), sorted(set(here or ()) | set(heads))
         elif name in _NUMBER_FIELDS and isinstance(saved, (int, float)) and isinstance(here, (int, float)):
             saved, here = float(saved), float(here)

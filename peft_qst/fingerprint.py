@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import FINGERPRINT_METADATA
 from .loading import warn_once_loaded
-from .vocabulary import _token_embeddings, checkpoint_vocab_size
+from .vocabulary import token_embeddings, checkpoint_vocab_size
 
 
 #: how many entries of each token-embedding matrix :func:`base_model_fingerprint` records
@@ -41,7 +41,7 @@ def _fingerprinted_weights(model: nn.Module) -> Optional[dict]:
     from .fast_path import sharded
 
     weights = {}
-    layers = _token_embeddings(model)
+    layers = token_embeddings(model)
     if not layers or sharded(model):
         return None
     for kind, layer in zip(("input_embeddings", "output_embeddings"), layers):

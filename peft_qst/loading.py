@@ -45,7 +45,7 @@ _pending_load_warnings: ContextVar = ContextVar("peft_qst_pending_load_warnings"
 PEFT_MODEL_PREFIX = "base_model.model."
 
 
-def _wrapped_by_peft_model(model: nn.Module) -> bool:
+def wrapped_by_peft_model(model: nn.Module) -> bool:
     """Whether ``model``'s parameter names carry :data:`PEFT_MODEL_PREFIX` (a PeftModel, not an injected model)."""
     return any(name.startswith(PEFT_MODEL_PREFIX) for name, _ in model.named_parameters())
 
@@ -61,12 +61,12 @@ def with_peft_model_prefix(model: nn.Module, state_dict: dict[str, torch.Tensor]
     :meth:`~peft_qst.model.QSTModel._remap_adapter_state_dict_for_load` for a ``set_peft_model_state_dict`` bound before
     ``import peft_qst``."""
     prefixed = any(key.startswith(PEFT_MODEL_PREFIX) for key in state_dict)
-    if state_dict and not prefixed and _wrapped_by_peft_model(model):
+    if state_dict and not prefixed and wrapped_by_peft_model(model):
         return {PEFT_MODEL_PREFIX + key: value for key, value in state_dict.items()}
     return state_dict
 
 
-def _keeps_float32_weights(config: QSTConfig, dtype: torch.dtype, upsample_dtype: torch.dtype) -> bool:
+def keeps_float32_weights(config: QSTConfig, dtype: torch.dtype, upsample_dtype: torch.dtype) -> bool:
     """Whether float32 weights of a side network whose upsample is ``upsample_dtype`` stay float32 under the rule's
     ``dtype``: where ``side_dtype`` is unset, the rule is a half dtype and the upsample (the weight the side network
     computes in the dtype of) is one too. Such a side network was saved with some weights kept in float32 on purpose:
@@ -80,11 +80,11 @@ def _keeps_float32_weights(config: QSTConfig, dtype: torch.dtype, upsample_dtype
     return config.side_dtype is None and dtype in HALF_DTYPES and upsample_dtype in HALF_DTYPES
 
 
-def _keep_weights_saved_in_float32(
+def keep_weights_saved_in_float32(
     model: nn.Module, config: QSTConfig, marker: str, remapped: dict[str, torch.Tensor], loaded: set[str]
 ) -> None:
     """Before PEFT copies the file's tensors into the side network: the weights of a half-precision side network
-    that the file holds in float32 (see :func:`_keeps_float32_weights`) are made float32 first, so that the copy
+    that the file holds in float32 (see :func:`keeps_float32_weights`) are made float32 first, so that the copy
     keeps every bit of them (``load_state_dict`` copies into the parameter's own dtype). A load with
     ``low_cpu_mem_usage=True`` assigns the file's tensors whole, and ``_cast_adapter_dtype`` leaves them float32.
 
@@ -99,7 +99,7 @@ def _keep_weights_saved_in_float32(
         if parameter is None or parameter.device.type == "meta" or remapped[key].dtype != torch.float32:
             continue
         upsample = remapped.get(key[: key.index(marker) + len(marker)] + "upsample.weight")
-        if upsample is not None and _keeps_float32_weights(config, parameter.dtype, upsample.dtype):
+        if upsample is not None and keeps_float32_weights(config, parameter.dtype, upsample.dtype):
             parameter.data = parameter.data.float()
     for key in loaded:  # (after the loop above, which reads the upsample's dtype as saved)
         parameter = parameters.get(key)

@@ -38,20 +38,20 @@ from .fingerprint import base_model_fingerprint, original_vocabulary_rows
 from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, SIDE_ATTR, QSTLayer, layers_holding
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loading import (
-    _keep_weights_saved_in_float32,
-    _keeps_float32_weights,
+    keep_weights_saved_in_float32,
+    keeps_float32_weights,
     loading_adapter,
     reading_saved_adapter,
     with_peft_model_prefix,
 )
 from .loss import install_chunked_loss, uninstall_chunked_loss
 from .modules_to_save import (
-    _TASK_HEADS,
-    _meets_trunk,
-    _name_in,
-    _names_an_entry,
-    _suggested_module_names,
-    _unmatched_entries,
+    TASK_HEADS,
+    meets_trunk,
+    name_in,
+    names_an_entry,
+    suggested_module_names,
+    unmatched_entries,
 )
 from .per_call import call_state, held_call_state
 from .serialization import QSTAdapterFileError, user_stacklevel
@@ -304,19 +304,19 @@ def _check_modules_to_save_match(model: nn.Module, trunk: nn.Module, config: QST
     """Every ``modules_to_save`` entry of a new adapter names a module of the model. PEFT skips one that matches nothing
     without a word (LoRA too): a typo (``"lm_haed"``, ``"scroe"``) trained and saved nothing for that module, which
     showed only after training. Not checked are the heads PEFT's task classes add to every adapter's list
-    (:data:`~peft_qst.modules_to_save._TASK_HEADS`: ``"classifier"`` and ``"score"`` for ``SEQ_CLS``, of which a model
+    (:data:`~peft_qst.modules_to_save.TASK_HEADS`: ``"classifier"`` and ``"score"`` for ``SEQ_CLS``, of which a model
     has one), and the ``"lm_head"`` TRL adds beside ``trainable_token_indices`` when its chat-template cloning added
     tokens (a classifier has none). A loaded adapter's entries are checked against its weights instead
     (:func:`~peft_qst.modules_to_save.check_saved_modules_to_save_present`)."""
     task_type = getattr(config.task_type, "value", config.task_type)
-    exempt = set(_TASK_HEADS.get(task_type, ())) | ({"lm_head"} if added_tokens else set())
-    unmatched = [entry for entry in _unmatched_entries(model, _modules_to_save_entries(config)) if entry not in exempt]
+    exempt = set(TASK_HEADS.get(task_type, ())) | ({"lm_head"} if added_tokens else set())
+    unmatched = [entry for entry in unmatched_entries(model, _modules_to_save_entries(config)) if entry not in exempt]
     if not unmatched:
         return
     raise ValueError(
         f"QSTConfig.modules_to_save={_modules_to_save_entries(config)!r}: {unmatched} match no module of "
         f"{type(model).__name__} (PEFT matches each entry as the end of a module name), so nothing would be trained "
-        f"or saved for them ({_suggested_module_names(model, unmatched, trunk)}). Correct these entries or "
+        f"or saved for them ({suggested_module_names(model, unmatched, trunk)}). Correct these entries or "
         "remove them."
     )
 
@@ -408,7 +408,7 @@ def _check_modules_to_save_outside(model: nn.Module, trunk: nn.Module, config: Q
             for name in names.values()
             if name.startswith(trunk_name + ".") or (trunk_name == "" and name)  # a bare trunk: every module
             for entry in entries
-            if _names_an_entry(name, (entry,))
+            if names_an_entry(name, (entry,))
         }
     )
     if inside:
@@ -443,7 +443,7 @@ def _check_modules_to_save_before_trunk(model: nn.Module, trunk: nn.Module, conf
             and not name.startswith(trunk_name + ".")
             and not trunk_name.startswith(name + ".")  # a module holding the trunk: the trunk check's concern
             for entry in entries
-            if _names_an_entry(name, (entry,))
+            if names_an_entry(name, (entry,))
         }
     )
     if before:
@@ -472,7 +472,7 @@ def _quantized_layers(module: nn.Module) -> list:
 
 def _check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
     """The modules trained and saved whole with the adapter (``modules_to_save``, and the head PEFT's task class adds to
-    it after injection: :data:`~peft_qst.modules_to_save._TASK_HEADS`) must be plain, unquantized layers. transformers'
+    it after injection: :data:`~peft_qst.modules_to_save.TASK_HEADS`) must be plain, unquantized layers. transformers'
     bitsandbytes loading keeps only the model's last parameter and its LM head unquantized by default, so a head with a
     bias (the ``score`` of ``AutoModelForTokenClassification``, the ``qa_outputs`` of ``AutoModelForQuestionAnswering``)
     is loaded as a 4-bit ``Linear4bit`` (``SEQ_CLS``'s bias-free ``score`` is kept). PEFT's trainable copy of it then
@@ -484,13 +484,13 @@ def _check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, confi
     :func:`_check_modules_to_save_outside` and PEFT (keeping it out of quantization is no fix)."""
     entries = _modules_to_save_entries(config)
     task_type = getattr(config.task_type, "value", config.task_type)
-    heads = set(entries) | set(_TASK_HEADS.get(task_type, ()))
-    trunk_name = _name_in(model, trunk)
+    heads = set(entries) | set(TASK_HEADS.get(task_type, ()))
+    trunk_name = name_in(model, trunk)
     if not heads or trunk_name is None:
         return
     quantized = {}
     for name, module in model.named_modules():
-        if not name or not _names_an_entry(name, heads) or _meets_trunk(name, trunk_name):
+        if not name or not names_an_entry(name, heads) or meets_trunk(name, trunk_name):
             continue
         layers = _quantized_layers(module)
         if layers and layers[0][0] == "":  # the module itself is the quantized layer
@@ -503,7 +503,7 @@ def _check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, confi
         skip = sorted({name.rpartition(".")[2] for name in quantized})
         why = (
             f"the task head PEFT trains for task_type={task_type!r}"
-            if set(skip) <= set(_TASK_HEADS.get(task_type, ())) and not set(skip) & set(entries)
+            if set(skip) <= set(TASK_HEADS.get(task_type, ())) and not set(skip) & set(entries)
             else "modules_to_save"
         )
         raise QSTUnsupportedModelError(
@@ -542,7 +542,7 @@ def _check_bare_trunk_config(model: nn.Module, config: QSTConfig) -> None:
 
 def _check_task_head(model: nn.Module, config: QSTConfig) -> None:
     """``task_type`` against the model's head. PEFT's task class for a classifier trains the head it finds by name
-    (:data:`~peft_qst.modules_to_save._TASK_HEADS`); a causal LM has none, so ``task_type="SEQ_CLS"`` on an
+    (:data:`~peft_qst.modules_to_save.TASK_HEADS`); a causal LM has none, so ``task_type="SEQ_CLS"`` on an
     ``*ForCausalLM`` trained no head and its loss, the LM's on class labels, came out NaN without a word.
     ``task_type="CAUSAL_LM"`` on a model without generation (an ``*ForSequenceClassification``) failed in PEFT with
     "object has no attribute 'prepare_inputs_for_generation'". A head of another name that the config's
@@ -550,10 +550,10 @@ def _check_task_head(model: nn.Module, config: QSTConfig) -> None:
     ``modules_to_save=["classification_head"]``) counts: PEFT trains it beside the ones it adds."""
     task_type = getattr(config.task_type, "value", config.task_type)
     name = type(model).__name__
-    heads = _TASK_HEADS.get(task_type)
+    heads = TASK_HEADS.get(task_type)
     # matched as PEFT matches modules_to_save: as suffixes of module names
     trained = tuple(heads or ()) + tuple(_modules_to_save_entries(config))
-    if heads and not any(_names_an_entry(module, trained) for module, _ in model.named_modules()):
+    if heads and not any(names_an_entry(module, trained) for module, _ in model.named_modules()):
         raise ValueError(
             f"QSTConfig.task_type={task_type!r} trains the model's task head ({' or '.join(heads)}), but {name} has "
             "none. Load the model with the class of that task (AutoModelForSequenceClassification for 'SEQ_CLS', "
@@ -1106,7 +1106,7 @@ class QSTModel(BaseTuner):
         PEFT calls this after creating or loading an adapter. A load with ``low_cpu_mem_usage=True`` assigns the file's
         tensors as they are, in the dtype they were saved in (an adapter trained on a 4-bit model with bf16 compute
         loaded onto an fp32 model, or the reverse); they are brought back to the rule here. Except weights saved in
-        float32 beside a half-precision side network (:func:`~peft_qst.loading._keeps_float32_weights`), which stay
+        float32 beside a half-precision side network (:func:`~peft_qst.loading.keeps_float32_weights`), which stay
         float32.
         """
         config = self.peft_config.get(adapter_name)
@@ -1115,7 +1115,7 @@ class QSTModel(BaseTuner):
         dtype = resolve_side_dtype(self.model, config)
         for _, layer in layers_holding(self.model, adapter_name):
             side = layer.qst_side[adapter_name]
-            keep = _keeps_float32_weights(config, dtype, side.upsample.weight.dtype)
+            keep = keeps_float32_weights(config, dtype, side.upsample.weight.dtype)
             for parameter in side.parameters():
                 if keep and parameter.dtype == torch.float32:
                     continue
@@ -1275,7 +1275,7 @@ class QSTModel(BaseTuner):
                 f"The checkpoint does not fit this model: {key} is {saved} in the file and {here} here (a module "
                 f"saved whole with the adapter, modules_to_save).{hint} Nothing was loaded."
             )
-        _keep_weights_saved_in_float32(model, config, marker, remapped, loaded)
+        keep_weights_saved_in_float32(model, config, marker, remapped, loaded)
         return remapped
 
 

@@ -23,14 +23,14 @@ from .serialization import QSTAdapterFileError
 #: of every adapter they hold, so that a saved adapter lists them whether or not its user did. transformers'
 #: ``load_adapter(..., peft_config=...)`` builds the adapter without a task class: the user's config does not list
 #: them, and the saved head is loaded into the base model's own head, which computes what the saved adapter did.
-_TASK_HEADS = {
+TASK_HEADS = {
     "SEQ_CLS": ("classifier", "score"),
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
 
 
-def _names_an_entry(name: str, entries) -> bool:
+def names_an_entry(name: str, entries) -> bool:
     """Whether module ``name`` is one that PEFT wraps for these ``modules_to_save`` entries. PEFT (``_set_trainable``)
     matches each entry as a plain suffix of the name, not as whole name segments: ``"layernorm"`` wraps every
     ``input_layernorm``, which a check of whole segments let through into the frozen trunk."""
@@ -42,21 +42,21 @@ def _names_an_entry(name: str, entries) -> bool:
 _NOT_SUGGESTED = ("original_module", "modules_to_save", SIDE_ATTR)
 
 
-def _unmatched_entries(model: nn.Module, entries) -> list[str]:
+def unmatched_entries(model: nn.Module, entries) -> list[str]:
     """The ``modules_to_save`` entries that name no module of ``model`` as PEFT matches them: ``_set_trainable``
-    wraps every module whose name ends with an entry (:func:`_names_an_entry`), over
+    wraps every module whose name ends with an entry (:func:`names_an_entry`), over
     ``named_modules(remove_duplicate=False)``, so that a module registered under two names counts under both, and
     skips an entry that matches none without a word (for LoRA too)."""
     names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
-    return [entry for entry in dict.fromkeys(entries) if not any(_names_an_entry(name, (entry,)) for name in names)]
+    return [entry for entry in dict.fromkeys(entries) if not any(names_an_entry(name, (entry,)) for name in names)]
 
 
-def _name_in(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:
+def name_in(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:
     """The name of ``module`` among ``model``'s modules ("" for the model itself), None where it is not one."""
     return next((name for name, candidate in model.named_modules() if candidate is module), None)
 
 
-def _meets_trunk(name: str, trunk_name: str) -> bool:
+def meets_trunk(name: str, trunk_name: str) -> bool:
     """Whether the module ``name`` is the decoder trunk ``trunk_name``, lies inside it or holds it (every module does,
     for a bare trunk: ``trunk_name`` "")."""
     return (
@@ -64,17 +64,17 @@ def _meets_trunk(name: str, trunk_name: str) -> bool:
     )
 
 
-def _suggested_module_names(model: nn.Module, entries, trunk: Optional[nn.Module]) -> str:
+def suggested_module_names(model: nn.Module, entries, trunk: Optional[nn.Module]) -> str:
     """What to say instead of ``modules_to_save`` entries that match nothing: for each, a few names of the modules of
     ``model`` outside the decoder trunk ``trunk`` (whole names and their last parts) close to it; where none is close,
     those modules (the ones that can be trained: one inside the trunk is refused, and suggesting one misleads)."""
-    trunk_name = _name_in(model, trunk)
+    trunk_name = name_in(model, trunk)
     modules = {}
     for name, _ in model.named_modules(remove_duplicate=False):
         if (
             not name
             or any(part in _NOT_SUGGESTED for part in name.split("."))
-            or trunk_name is not None and _meets_trunk(name, trunk_name)
+            or trunk_name is not None and meets_trunk(name, trunk_name)
         ):
             continue
         modules[name] = None
@@ -101,7 +101,7 @@ def check_saved_modules_to_save_present(model: nn.Module, adapter_name: str, ent
     saved."""
     entries = [entries] if isinstance(entries, str) else entries if isinstance(entries, (list, tuple, set)) else ()
     entries = [entry for entry in entries if isinstance(entry, str) and entry]  # a bad file's: refused elsewhere
-    unmatched = _unmatched_entries(model, entries)
+    unmatched = unmatched_entries(model, entries)
     if not unmatched:
         return
     modules = set()
@@ -111,7 +111,7 @@ def check_saved_modules_to_save_present(model: nn.Module, adapter_name: str, ent
             continue
         parts = key.split(".")[:-1]
         modules.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
-    saved = {entry: sorted(name for name in modules if _names_an_entry(name, (entry,))) for entry in unmatched}
+    saved = {entry: sorted(name for name in modules if names_an_entry(name, (entry,))) for entry in unmatched}
     saved = {entry: names for entry, names in saved.items() if names}
     if not saved:
         return
@@ -120,6 +120,6 @@ def check_saved_modules_to_save_present(model: nn.Module, adapter_name: str, ent
     raise QSTAdapterFileError(
         f"QST adapter {adapter_name!r} was saved with modules_to_save entries {sorted(saved)} and their trained "
         f"weights (modules {sorted(name for names in saved.values() for name in names)[:3]}), but they match no "
-        f"module of {type(base).__name__} ({_suggested_module_names(base, sorted(saved), trunk)}). Load the "
+        f"module of {type(base).__name__} ({suggested_module_names(base, sorted(saved), trunk)}). Load the "
         "adapter onto the model class (and head) it was trained with; nothing was loaded."
     )

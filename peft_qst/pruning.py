@@ -51,7 +51,7 @@ from torch import nn
 
 from .fast_path import zero3_partitioned
 from .side import QSTSideBlock, QSTUnsupportedModelError, find_layer_list, onloaded_tensor
-from .side_config import FFN_SIZE_ATTRIBUTES, _uses_rotary, num_blocks
+from .side_config import FFN_SIZE_ATTRIBUTES, uses_rotary, num_blocks
 
 #: model types whose decoder blocks follow the layouts mapped here (checked on the real modules as well)
 PRUNABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
@@ -224,7 +224,7 @@ class _Layout:
         if ffn is not None and side_ffn is not None:
             self.sizes["ffn"] = (int(ffn), int(side_ffn))
         factor = 1.0
-        if _uses_rotary(base_config):
+        if uses_rotary(base_config):
             rope = getattr(base_config, "rope_parameters", None) or {}
             factor = float(rope.get("partial_rotary_factor", 1.0) or 1.0) if isinstance(rope, dict) else 1.0
             self.rotary_dim, self.side_rotary_dim = int(head_dim * factor), int(side_head_dim * factor)

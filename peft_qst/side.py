@@ -54,7 +54,7 @@ from .fast_path import (
 from .lm_head import mark_low_rank_update
 from .per_call import call_state, hold_call_state
 from .side_attention import SIDE_SDPA, mask_for_side_trunk, register_side_sdpa
-from .side_config import _is_int_width, decoder_attribute, num_blocks, shrink_config
+from .side_config import is_int_width, decoder_attribute, num_blocks, shrink_config
 
 #: parts of the side trunk that only run on inputs it is never given, dropped once it is built
 #: (:func:`drop_unreached_parts`): it is called with ``inputs_embeds`` only (the downsampled embedding output), never
@@ -103,7 +103,7 @@ class ResidualStreams:
         """The streams of a model with this config, or None for a single residual stream."""
         for name, dim in (("hc_mult", 2), ("altup_num_inputs", 0), ("hc_count", -1)):
             count = getattr(config, name, None)
-            if _is_int_width(count) and count > 1:
+            if is_int_width(count) and count > 1:
                 active = int(getattr(config, "altup_active_idx", 0) or 0) if dim == 0 else None
                 return cls(count, dim=dim, width=int(config.hidden_size), active=active)
         return None
@@ -640,7 +640,7 @@ def side_dtype_autocast(side: nn.Module, device: torch.device, dtype: torch.dtyp
     would not compute it as that dtype intends, else nothing entered (the caller's autocast, or none, as it is).
 
     - float32 weights beside a half-precision side network (norms a trainer kept in float32, as TRL's ORPO and CPO
-      do, and that reload so: QSTModel._keep_weights_saved_in_float32) ran under the trainer's autocast; without one,
+      do, and that reload so: loading.keep_weights_saved_in_float32) ran under the trainer's autocast; without one,
       a float32 norm's output met the next half-precision Linear and failed ("expected m1 and m2 to have the same
       dtype") in a forward with gradients, in training mode, or a generate the fast path does not run.
     - a half-precision side network under an autocast to the other half dtype (a bf16 side network, as TRL casts a

@@ -60,7 +60,7 @@ MLA_RANK_ATTRIBUTES = ("q_lora_rank", "kv_lora_rank")
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _uses_rotary(config) -> bool:
+def uses_rotary(config) -> bool:
     return any(
         getattr(config, name, None) is not None for name in ("rope_parameters", "rope_theta", "rope_scaling")
     ) or getattr(config, "position_embedding_type", None) == "rotary"
@@ -79,7 +79,7 @@ def is_state_space_model(config) -> bool:
         heads = getattr(config, "num_attention_heads", None)
     except Exception:  # noqa: BLE001 - a heterogeneous config (dots3_note_text) refuses global access to a per-layer
         return False  # size: it has heads, which get_peft_model's checks refuse by name
-    return heads is None and all(_is_int_width(getattr(config, name, None)) for name in ("state_size", "expand"))
+    return heads is None and all(is_int_width(getattr(config, name, None)) for name in ("state_size", "expand"))
 
 
 #: config attributes holding the number of key/value heads (Falcon names it ``num_kv_heads``, DBRX's attention
@@ -190,7 +190,7 @@ def unsupported_reason(config) -> Optional[str]:
                 "states out at another width, which QST does not support"
             )
     ngram = getattr(config, "ngram", None)
-    if _is_int_width(ngram) and ngram > 0:
+    if is_int_width(ngram) and ngram > 0:
         # ProphetNet's causal LM: its LM head reads the predicting streams (outputs[1]) and never last_hidden_state.
         # Built, its side network's output was added to a state no logit depends on: the first training step's loss
         # had no gradient (the side network's first run had failed before that, on the streams its blocks pass)
@@ -271,7 +271,7 @@ def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optiona
                 f"r={r} gives a side head dimension of {side_hidden // heads}, too small for the model's rotary "
                 f"fraction (rotary_dim {rotary_dim} of head dimension {_backbone_head_dim(config)})"
             )
-    elif _uses_rotary(config):
+    elif uses_rotary(config):
         head_dim = side_hidden // heads
         factor = _partial_rotary_factor(config)
         rotary_dims = int(head_dim * factor)
@@ -295,7 +295,7 @@ def _state_space_problem(config, r: int, side_heads: Optional[int]) -> Optional[
         return f"r={r} does not divide hidden_size={hidden}"
     heads = getattr(config, "num_heads", None)
     inner = int(config.expand) * (hidden // r)
-    if _is_int_width(heads) and inner % heads:
+    if is_int_width(heads) and inner % heads:
         return (
             f"r={r} gives a side Mamba width of {inner} (expand x {hidden // r}), which the model's {heads} Mamba "
             "heads (num_heads) do not split into equal heads"
@@ -319,16 +319,16 @@ def _shrink_state_space(base_config, side, r: int) -> None:
     side_hidden = int(side.hidden_size)
     inner = int(base_config.expand) * side_hidden
     intermediate = getattr(base_config, "intermediate_size", None)
-    if _is_int_width(intermediate):
+    if is_int_width(intermediate):
         side.intermediate_size = max(1, intermediate // r)
     rank = getattr(base_config, "time_step_rank", None)
-    if _is_int_width(rank):
+    if is_int_width(rank):
         side.time_step_rank = max(1, math.ceil(rank / r))
     heads = getattr(base_config, "num_heads", None)
-    if _is_int_width(heads):
+    if is_int_width(heads):
         side.head_dim = inner // heads
         groups = getattr(base_config, "n_groups", None)
-        if _is_int_width(groups):
+        if is_int_width(groups):
             side.n_groups = math.gcd(heads, max(1, groups // r))
 
 
@@ -580,9 +580,9 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
             value = getattr(base_config, name, None)
             if isinstance(value, int) and not isinstance(value, bool):
                 setattr(side, name, max(1, value // r))
-    elif not head_dim_is_derived and (getattr(base_config, "head_dim", None) is not None or _uses_rotary(base_config)):
+    elif not head_dim_is_derived and (getattr(base_config, "head_dim", None) is not None or uses_rotary(base_config)):
         side.head_dim = side_hidden // heads
-    if not latent_attention and _is_int_width(getattr(base_config, "v_head_dim", None)):
+    if not latent_attention and is_int_width(getattr(base_config, "v_head_dim", None)):
         # a value head width set apart from head_dim (MiMo-V2-Flash: values of 128 beside queries and keys of 192)
         # follows the side head width in the same ratio; kept, the side blocks' values were as wide as the backbone's
         ratio = (side_hidden // heads) / _backbone_head_dim(base_config)
@@ -601,13 +601,13 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         # experts chosen by token id (DeepSeek-V4's hash-routed layers look them up from input_ids), which the side
         # trunk never sees: its side layers route with a learned router, as the model's other expert layers do
         side.mlp_layer_types = ["moe" if kind == "hash_moe" else kind for kind in mlp_types]
-    if _is_int_width(getattr(base_config, "o_lora_rank", None)):
+    if is_int_width(getattr(base_config, "o_lora_rank", None)):
         # DeepSeek-V4's grouped output projection passes through a low-rank width (1024 beside a hidden size of 4096),
         # which like the latent attention's compressions is divided by r
         side.o_lora_rank = max(1, int(base_config.o_lora_rank) // r)
     key_heads, value_heads = (getattr(base_config, f"linear_num_{kind}_heads", None) for kind in ("key", "value"))
     if (
-        qst_config.side_linear_heads == "divided" and _is_int_width(key_heads) and _is_int_width(value_heads)
+        qst_config.side_linear_heads == "divided" and is_int_width(key_heads) and is_int_width(value_heads)
         and key_heads and value_heads % key_heads == 0
     ):
         # Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5, Qwen4-Exp, OLMo-Hybrid): its head widths do not follow
@@ -628,7 +628,7 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         side.ple_layer_ids = []
     for name in HIDDEN_MULTIPLE_ATTRIBUTES:
         value = getattr(base_config, name, None)
-        if _is_int_width(value) and value and value % hidden == 0:
+        if is_int_width(value) and value and value % hidden == 0:
             setattr(side, name, value // hidden * side_hidden)
     for name in EMBEDDING_WIDTH_ATTRIBUTES:
         # a separate embedding width (OPT's word_embed_proj_dim) projects in and out of the trunk; the side trunk reads
@@ -677,11 +677,11 @@ def _divide_inner_widths(base_config, side, r: int, heads: int) -> None:
     divisor of the head count (:func:`_shrink_state_space`)."""
     for name in INNER_RANK_ATTRIBUTES:
         value = getattr(base_config, name, None)
-        if _is_int_width(value) and value:
+        if is_int_width(value) and value:
             setattr(side, name, max(1, math.ceil(value / r)))
     for name in INNER_HEAD_COUNT_ATTRIBUTES:
         value = getattr(base_config, name, None)
-        if _is_int_width(value) and value:
+        if is_int_width(value) and value:
             setattr(side, name, max(1, value // r))
     if getattr(base_config, "index_n_heads", None) == _num_kv_heads(base_config) and _num_kv_heads(side):
         # one indexer head per key/value group (MiniMax-M3's indexer selects key blocks for each group)
@@ -689,11 +689,11 @@ def _divide_inner_widths(base_config, side, r: int, heads: int) -> None:
     swa_heads, swa_kv_heads = (
         getattr(base_config, name, None) for name in ("swa_num_attention_heads", "swa_num_key_value_heads")
     )
-    if _is_int_width(swa_heads) and _is_int_width(swa_kv_heads) and swa_kv_heads and swa_heads % swa_kv_heads == 0:
+    if is_int_width(swa_heads) and is_int_width(swa_kv_heads) and swa_kv_heads and swa_heads % swa_kv_heads == 0:
         side.swa_num_key_value_heads = max(1, swa_kv_heads // r)
         side.swa_num_attention_heads = side.swa_num_key_value_heads * (swa_heads // swa_kv_heads)
     per_layer = getattr(base_config, "num_attention_heads_per_layer", None)
-    if isinstance(per_layer, (list, tuple)) and per_layer and all(_is_int_width(count) for count in per_layer):
+    if isinstance(per_layer, (list, tuple)) and per_layer and all(is_int_width(count) for count in per_layer):
         kv_heads = _num_kv_heads(side) or 1
         ratio = heads / _num_heads(base_config)
         side.num_attention_heads_per_layer = type(per_layer)(
@@ -702,16 +702,16 @@ def _divide_inner_widths(base_config, side, r: int, heads: int) -> None:
     mamba_heads = getattr(base_config, "mamba_num_heads", None)
     mamba_head_dim = getattr(base_config, "mamba_head_dim", None)
     groups_name = None
-    if _is_int_width(mamba_heads) and mamba_heads and _is_int_width(mamba_head_dim) and mamba_head_dim:
+    if is_int_width(mamba_heads) and mamba_heads and is_int_width(mamba_head_dim) and mamba_head_dim:
         side.mamba_head_dim = max(1, mamba_head_dim // r)
         side_mamba_heads, groups_name = mamba_heads, "n_groups"
     ssm_width, ssm_heads = getattr(base_config, "mamba_d_ssm", None), getattr(base_config, "mamba_n_heads", None)
-    if _is_int_width(ssm_width) and _is_int_width(ssm_heads) and ssm_heads and ssm_width % ssm_heads == 0:
+    if is_int_width(ssm_width) and is_int_width(ssm_heads) and ssm_heads and ssm_width % ssm_heads == 0:
         side_mamba_heads = side.mamba_n_heads = max(1, ssm_heads // r)
         side.mamba_d_ssm = side_mamba_heads * (ssm_width // ssm_heads)
         groups_name = "mamba_n_groups"
     groups = getattr(base_config, groups_name, None) if groups_name else None
-    if _is_int_width(groups) and groups:
+    if is_int_width(groups) and groups:
         setattr(side, groups_name, math.gcd(side_mamba_heads, max(1, groups // r)))
 
 
@@ -743,9 +743,9 @@ def _divide_ffn_widths(source, target, r: int, names) -> None:
         value = getattr(source, name, None)
         if not _is_ffn_width_attribute(name):
             continue
-        if _is_int_width(value):
+        if is_int_width(value):
             setattr(target, name, max(1, value // r))
-        elif isinstance(value, (list, tuple)) and value and all(_is_int_width(width) for width in value):
+        elif isinstance(value, (list, tuple)) and value and all(is_int_width(width) for width in value):
             setattr(target, name, type(value)(max(1, width // r) for width in value))
 
 
@@ -794,7 +794,7 @@ def _avoid_misaligned_grouped_experts(base_config, side) -> None:
     ffn = {
         name: int(getattr(side, name))
         for name in _config_attribute_names(side)
-        if _is_ffn_width_attribute(name) and _is_int_width(getattr(side, name, None))
+        if _is_ffn_width_attribute(name) and is_int_width(getattr(side, name, None))
     }
     experts = [width for name, width in ffn.items() if "moe" in name or ("expert" in name and "shared" not in name)]
     widths = [int(side.hidden_size), *(experts or ffn.values())]
@@ -802,7 +802,7 @@ def _avoid_misaligned_grouped_experts(base_config, side) -> None:
         side._experts_implementation = "eager"
 
 
-def _is_int_width(value) -> bool:
+def is_int_width(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -18,13 +18,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .loading import PEFT_MODEL_PREFIX, _wrapped_by_peft_model, warn_once_loaded
-from .modules_to_save import _name_in
+from .loading import PEFT_MODEL_PREFIX, wrapped_by_peft_model, warn_once_loaded
+from .modules_to_save import name_in
 from .serialization import QSTAdapterFileError, user_stacklevel
 from .signature import model_signature, signature_differences, text_config_of
 
 
-def _token_embeddings(model: nn.Module) -> list[nn.Module]:
+def token_embeddings(model: nn.Module) -> list[nn.Module]:
     """The model's input and output token embeddings (the LM head), as ``get_input_embeddings`` and
     ``get_output_embeddings`` give them: the layers PEFT's ``save_embedding_layers`` saves."""
     layers = []
@@ -38,10 +38,10 @@ def _token_embeddings(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def _named_token_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's token embeddings (:func:`_token_embeddings`) with every name they have in its state dict (FSDP's
+def named_token_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's token embeddings (:func:`token_embeddings`) with every name they have in its state dict (FSDP's
     wrapper names left out): the loading checks below look them up in a file read for an adapter."""
-    embeddings = _token_embeddings(model)
+    embeddings = token_embeddings(model)
     return [
         (name.replace("_fsdp_wrapped_module.", ""), module)
         for name, module in model.named_modules(remove_duplicate=False)
@@ -61,9 +61,9 @@ def saved_adapter_copies_of_embeddings(model: nn.Module, adapter_name: str, keys
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     prefix = PEFT_MODEL_PREFIX
-    prefixed = _wrapped_by_peft_model(model)
+    prefixed = wrapped_by_peft_model(model)
     copies = set()
-    for name, module in _named_token_embeddings(model):
+    for name, module in named_token_embeddings(model):
         if isinstance(module, AuxiliaryTrainingWrapper):
             copies.update(f"{name}.modules_to_save.{key}" for key in module.adapter_state_dict_load_map(adapter_name))
     return [key for key in keys if (key if prefixed else key.removeprefix(prefix)) in copies]
@@ -79,7 +79,7 @@ def check_token_embeddings_fit(model: nn.Module, tensors: dict) -> None:
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     prefix = PEFT_MODEL_PREFIX
-    for name, module in _named_token_embeddings(model):
+    for name, module in named_token_embeddings(model):
         layer = module.original_module if isinstance(module, AuxiliaryTrainingWrapper) else module
         weight = getattr(layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
@@ -222,7 +222,7 @@ def _vocabulary_tensors_missing(model: nn.Module, vocab_size: int, shapes: dict)
             return None
         if module is head and embeddings is not None and weight is embeddings.weight:
             continue  # tied: the embeddings' rows
-        name = _name_in(model, module)
+        name = name_in(model, module)
         if name is None:  # (not a module of the model: nothing QST resizes)
             return None
         needed[f"{name}.weight"] = (vocab_size, weight.shape[1])
@@ -324,7 +324,7 @@ def check_shared_embeddings_kept(peft_model: nn.Module, adapter_name: str, tenso
     # the embedding layers' own state only: the whole model's state_dict() would serialize every 4-bit layer's
     # quantization state for a check of two layers
     state = {}
-    for name, module in _named_token_embeddings(peft_model):
+    for name, module in named_token_embeddings(peft_model):
         state.update(module.state_dict(prefix=name + "."))
     changed = [
         key for key, tensor in tensors.items()
