@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +50,25 @@ def test_quickstart_then_generate(tmp_path):
                                 capture_output=True, text=True, timeout=900, cwd=REPO)
         assert result.returncode == 0, result.stderr[-4000:]
         assert result.stdout.strip() == expected, flags
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(
+    Path(sys.executable).resolve() != (Path(REPO) / ".venv" / "bin" / "python").resolve(),
+    reason="scripts/main.sh runs the repository's .venv (scripts/setup.sh's), which is not the Python running the tests",
+)
+def test_the_readmes_main_command_runs_the_quickstart_after_its_setup(tmp_path):
+    """``bash scripts/main.sh``, the README's main job: the set-up (nothing to do where it already ran for this
+    pyproject.toml and setup.sh, as under scripts/test.sh) and then the quickstart, in .venv's Python, with the
+    arguments given passed on to it."""
+    result = subprocess.run(["bash", "scripts/main.sh", "--steps", "2", "--batch-size", "2", "--output-dir",
+                             str(tmp_path / "adapter")], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = result.stdout + result.stderr
+    assert re.search(r"^step +2/2  loss \d+\.\d+$", out, flags=re.M), out[-4000:]
+    assert "before training (held-out prompt)" in out and "after training (same held-out prompt)" in out
+    assert f"QST adapter saved to {tmp_path / 'adapter'}" in out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def is_4bit(model) -> bool:
