@@ -21,12 +21,14 @@ REPO_ID = "qst-user/tiny-qst-adapter"
 COMMIT = "3f1c2b9e8d7a6f5e4d3c2b1a0f9e8d7c6b5a4f3e"
 
 
-def lay_out_as_hub_cache(cache: str, repo_id: str, files: dict[str, str]) -> None:
-    """Write files as huggingface_hub's cache holds a downloaded snapshot: blobs by hash, snapshot links, refs/main."""
+def lay_out_as_hub_cache(cache: str, repo_id: str, files: dict[str, str], commit: str = COMMIT,
+                         ref: str = "main") -> None:
+    """Write files as huggingface_hub's cache holds a downloaded snapshot: blobs by hash, snapshot links, and the ref
+    (``refs/main``, or a tag or branch ``ref``) naming the snapshot's ``commit``."""
     repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
     os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
     os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
-    snapshot = os.path.join(repo, "snapshots", COMMIT)
+    snapshot = os.path.join(repo, "snapshots", commit)
     for path_in_repo, local in files.items():
         data = open(local, "rb").read()
         blob = os.path.join(repo, "blobs", hashlib.sha256(data).hexdigest())
@@ -34,8 +36,8 @@ def lay_out_as_hub_cache(cache: str, repo_id: str, files: dict[str, str]) -> Non
         link = os.path.join(snapshot, path_in_repo)
         os.makedirs(os.path.dirname(link), exist_ok=True)
         os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
-    with open(os.path.join(repo, "refs", "main"), "w") as handle:
-        handle.write(COMMIT)
+    with open(os.path.join(repo, "refs", ref), "w") as handle:
+        handle.write(commit)
 
 
 def push_to_recording_hub(model, repo_id: str, staging, monkeypatch, **push_kwargs) -> dict[str, str]:
@@ -169,3 +171,40 @@ def test_a_hub_adapter_loads_with_the_legacy_use_auth_token_argument(tmp_path, t
         env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"},
     )
     assert torch.equal(got, expected)
+
+
+def test_a_hub_adapter_loads_from_the_revision_asked_for(tmp_path, tiny_model_dir):
+    """``revision=`` picks the adapter's commit on the Hub (a tag, a branch): QST's reader of the weights, and its
+    look at the saved config and tensor shapes before PEFT injects the adapter, read that revision's files, for
+    ``PeftModel.from_pretrained(..., revision=)`` and transformers' ``load_adapter(..., adapter_kwargs={"revision":
+    ...})`` alike. Read from ``main`` instead, the weights of another training run went with the asked-for revision's
+    config."""
+    folders, expected = {}, {}
+    for revision, steps in (("main", 1), ("v2", 4)):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               QSTConfig(task_type="CAUSAL_LM", r=4))
+        train_steps(model, IDS, steps=steps)
+        model.save_pretrained(tmp_path / revision)
+        folders[revision] = {name: str(tmp_path / revision / name)
+                             for name in ("adapter_config.json", "adapter_model.safetensors")}
+        with torch.no_grad():
+            expected[revision] = model(input_ids=IDS).logits
+    assert not torch.equal(expected["main"], expected["v2"])
+    cache = str(tmp_path / "hub-cache")
+    lay_out_as_hub_cache(cache, REPO_ID, folders["main"])
+    lay_out_as_hub_cache(cache, REPO_ID, folders["v2"], commit="a" * 40, ref="v2")
+    env = {"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+    for load in (
+        f"""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({tiny_model_dir!r}), {REPO_ID!r},
+                                          revision="v2")
+        """,
+        f"""
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({tiny_model_dir!r})
+        model.load_adapter({REPO_ID!r}, adapter_kwargs={{"revision": "v2"}})
+        """,
+    ):
+        assert torch.equal(logits_in_fresh_process(tmp_path, load, IDS, env=env), expected["v2"])
