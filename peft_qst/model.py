@@ -101,13 +101,12 @@ def is_bare_trunk(model: nn.Module) -> bool:
 
 
 def find_trunk_name(model: nn.Module) -> str:
-    """Module name of the decoder trunk to wrap (an already wrapped one counts); "" for a bare trunk, the model
-    itself."""
+    """Module name of the decoder trunk to wrap (an already wrapped one counts) in a model with a head around its
+    trunk. A bare trunk (:func:`is_bare_trunk`), the model itself, is not looked up here:
+    :meth:`QSTModel._bind_config_to_model` wraps it as ``ROOT_TRUNK`` before it would call this."""
     for name, module in model.named_modules():
         if isinstance(module, QSTLayer):
             return name
-    if is_bare_trunk(model):
-        return ""
     get_decoder = getattr(model, "get_decoder", None)
     trunk = get_decoder() if callable(get_decoder) else None
     if trunk is None or trunk is model or not _takes_inputs_embeds(trunk):

@@ -465,6 +465,31 @@ def test_key_mapping_that_renames_two_weights_to_one_is_refused(tmp_path, traine
         load_peft_weights(str(tmp_path), key_mapping={r"^old_trunk\.qst_side\.trunk\.layers\.\d+\.": "model.merged."})
 
 
+def test_key_mapping_on_weights_not_saved_by_save_pretrained_is_refused(tmp_path, trained):
+    """``key_mapping`` renames the weights of a saved PeftModel (names from ``base_model.``); a file whose names lack
+    the prefix (written by hand, without a digest to catch it first) is refused naming the name and the fix, not
+    renamed as far as it goes."""
+    from peft.utils import load_peft_weights
+
+    trained.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({key.removeprefix("base_model.model."): value for key, value in load_file(str(path)).items()}, str(path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["adapter_weights_sha256"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(QSTAdapterFileError, match=r"key_mapping renames the weights of a saved PeftModel, whose names "
+                                                  r"start with 'base_model\.', but 'model\.qst_side\..*' in .* does "
+                                                  r"not: the file was not written by save_pretrained"):
+        load_peft_weights(str(tmp_path), key_mapping={"^old_trunk": "model"})
+
+
+def test_a_folder_without_the_weights_file_is_refused_as_no_saved_adapter(tmp_path, tiny_model_dir, trained):
+    trained.save_pretrained(tmp_path)
+    os.remove(tmp_path / "adapter_model.safetensors")
+    with pytest.raises(QSTAdapterFileError, match="holds no adapter_model.safetensors: it is not a saved QST adapter"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+
+
 def test_save_with_safe_serialization_false_writes_safetensors(tmp_path, tiny_model_dir, trained):
     """No pickle is written (it could not be loaded), and an older adapter's safetensors file in the same folder is
     replaced, not left to load in place of the new one."""

@@ -781,3 +781,16 @@ def test_a_mixed_batch_cache_narrowed_to_one_adapters_rows_continues_without_ada
         cache = model(input_ids=IDS[kept], adapter_names=["default", "default"], use_cache=True).cache
         continued = model(input_ids=step, cache=cache, use_cache=True).logits
         torch.testing.assert_close(continued[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_blocks_without_linear_layers_are_refused_naming_the_fix():
+    """GPT-2's blocks project with transformers' ``Conv1D``, not ``nn.Linear``: the hybrid finds nothing to adapt in
+    the top blocks and says so, naming ``backbone_lora_layers=0``, with which the same model is adapted."""
+    def gpt2():
+        return tiny_causal_lm("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128)
+
+    with pytest.raises(ValueError, match=r"backbone_lora_layers=1 found no nn.Linear layer in the top backbone blocks "
+                                         r".*use backbone_lora_layers=0"):
+        get_peft_model(gpt2(), hybrid_config(backbone_lora_layers=1))
+    model = get_peft_model(gpt2(), hybrid_config(backbone_lora_layers=0))
+    assert model(input_ids=IDS).logits.shape == (*IDS.shape, 128)

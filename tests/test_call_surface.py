@@ -94,6 +94,22 @@ def test_tuple_outputs_put_the_loss_first_and_the_adapted_logits_next(model):
 
 
 @torch.no_grad()
+def test_the_wrapped_trunk_called_directly_takes_its_forwards_arguments(model):
+    """Code that calls the decoder trunk itself (``model.model(input_ids)``, as feature extractors do) reaches the
+    QSTLayer in its place: positional arguments bind as the trunk's forward binds them, ``return_dict=False`` gives the
+    tuple, and calls the trunk's own signature refuses are refused naming the trunk's forward."""
+    trunk = model.get_base_model().model
+    expected = trunk(input_ids=IDS).last_hidden_state
+    assert torch.equal(trunk(IDS).last_hidden_state, expected)
+    as_tuple = trunk(input_ids=IDS, return_dict=False)
+    assert type(as_tuple) is tuple and torch.equal(as_tuple[0], expected)
+    with pytest.raises(TypeError, match="LlamaModel.forward got multiple values for argument 'input_ids'"):
+        trunk(IDS, input_ids=IDS)
+    with pytest.raises(TypeError, match="LlamaModel.forward got too many positional arguments"):
+        trunk(IDS, *[None] * 20)
+
+
+@torch.no_grad()
 def test_output_hidden_states_are_the_backbones_but_the_last_the_adapted_one(model):
     """As the README says: the embedding output and block outputs of the frozen backbone, then the final hidden state
     the LM head reads (after the final norm and QST's side output), so ``lm_head(hidden_states[-1])`` are the logits;

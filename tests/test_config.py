@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 
 from peft_qst import QSTConfig
@@ -70,6 +71,9 @@ from .conftest import tiny_causal_lm
         # zero scales every backbone LoRA delta to nothing: those adapters would never change the output
         ({"backbone_lora_alpha": 0}, "QSTConfig.backbone_lora_alpha=0 is invalid"),
         ({"backbone_lora_alpha": float("nan")}, "QSTConfig.backbone_lora_alpha=nan is invalid"),
+        ({"backbone_lora_alpha": "16"}, "QSTConfig.backbone_lora_alpha='16' is invalid"),
+        # the recorded fields of a hand-edited adapter_config.json, refused naming what is wrong with them
+        ({"base_model_fingerprint": [[0, 1, 0.5]]}, "it is [[0, 1, 0.5]] (of type list) where a dict is expected"),
         # a name of blanks matches no module as PEFT matches them, as an empty one does
         ({"modules_to_save": ["  "]}, "(non-empty strings)"),
         ({"task_type": " causal_lm "}, "did you mean 'CAUSAL_LM'?"),
@@ -120,6 +124,16 @@ def test_a_damaged_base_model_fingerprint_is_refused_by_its_entry(fingerprint, f
     with pytest.raises(ValueError) as info:
         QSTConfig(base_model_fingerprint=fingerprint)
     assert f"QSTConfig.base_model_fingerprint is invalid: {fragment}" in str(info.value)
+
+
+def test_peft_type_reads_as_a_member_of_pefts_enum():
+    """PEFT's PeftType is a closed enum: QST's type is the string "QST" with the members' name, value, str and repr."""
+    from peft import PeftType
+
+    peft_type, lora = QSTConfig().peft_type, PeftType.LORA
+    assert peft_type == "QST" and peft_type.name == peft_type.value == "QST"
+    assert (str(peft_type), repr(peft_type)) == ("PeftType.QST", "<PeftType.QST: 'QST'>")
+    assert (str(lora), repr(lora)) == ("PeftType.LORA", "<PeftType.LORA: 'LORA'>")  # the same forms as PEFT's own
 
 
 def test_defaults_follow_the_paper():
@@ -491,6 +505,19 @@ def test_lora_settings_left_in_the_config_are_refused_with_what_they_mean_for_qs
     modules_to_save along: the error says what the field means for QST."""
     with pytest.raises(ValueError, match=fragment):
         get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4, **kwargs))
+
+
+@pytest.mark.parametrize("target_modules", ["model", ["model"]], ids=["regex", "list"])
+def test_target_modules_naming_the_trunk_build_what_the_default_builds(target_modules):
+    """target_modules names the decoder trunk, as a regex matched in full or as a list of names (PEFT's two forms):
+    either builds the adapter the default (found automatically) builds."""
+    ids = torch.tensor([[5, 17, 33, 2]])
+    default = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4))
+    torch.manual_seed(0)
+    named = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4, target_modules=target_modules))
+    assert sorted(named.state_dict()) == sorted(default.state_dict())
+    with torch.no_grad():
+        assert torch.equal(named(input_ids=ids).logits, default(input_ids=ids).logits)  # starts at the base output
 
 
 @pytest.mark.parametrize("entry", ["layernorm", "_layernorm"])

@@ -64,10 +64,11 @@ FAST_TYPES = [
     ("llama", {}),
     ("mistral", {"base": {"sliding_window": None}}),
     ("qwen2", {}),  # q/k/v biases
+    ("llama", {"base": {"attention_bias": True, "mlp_bias": True}}),  # biases on every projection, o and mlp too
 ]
 
 
-@pytest.mark.parametrize("model_type,config", FAST_TYPES, ids=[t for t, _ in FAST_TYPES])
+@pytest.mark.parametrize("model_type,config", FAST_TYPES, ids=["llama", "mistral", "qwen2", "llama-biases"])
 def test_forward_equals_the_general_path(model_type, config):
     model = qst_model(model_type, **dict(config))
     ids, mask = left_padded_batch()
@@ -108,20 +109,21 @@ def test_cached_decoding_equals_the_general_path_step_by_step(model_type, config
     """Prefill and decode steps with the paired cache, left padding included: logits of every step agree."""
     model = qst_model(model_type, **dict(config))
     ids, mask = left_padded_batch()
-
-    def decode():
-        steps, cache, step_ids, step_mask = [], None, ids, mask
-        with torch.no_grad():
-            for _ in range(6):
-                out = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                steps.append(out.logits[:, -1])
-                step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-                step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], 1)
-        return torch.stack(steps)
-
-    fast, general = both_paths(decode)
+    fast, general = both_paths(lambda: greedy_decoding_logits(model, ids, mask, steps=6))
     torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+
+
+def greedy_decoding_logits(model, ids, mask, steps: int) -> torch.Tensor:
+    """The last position's logits of a prefill and ``steps - 1`` greedy one-token steps with the paired cache."""
+    logits, cache, step_ids, step_mask = [], None, ids, mask
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits[:, -1])
+            step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+            step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], 1)
+    return torch.stack(logits)
 
 
 def test_a_row_of_padding_alone_in_one_token_steps_equals_the_general_path():
@@ -356,13 +358,28 @@ def test_general_path_where_the_fast_path_does_not_apply():
     model = qst_model()
     model(input_ids=ids, attention_mask=mask)
     assert side_of(model).__dict__.get("_packed_weights") is None
+    # dropout in training mode (QST's own, the attention's), and an activation the fast path does not compute
     dropout = qst_model(dropout=0.1).train()
-    with torch.no_grad():
-        dropout(input_ids=ids, attention_mask=mask)
-    assert side_of(dropout).__dict__.get("_packed_weights") is None
-    with torch.no_grad():
-        dropout.eval()(input_ids=ids, attention_mask=mask)
-    assert side_of(dropout).__dict__.get("_packed_weights") is not None
+    attention_dropout = qst_model(base={"attention_dropout": 0.1}).train()
+    gelu_new = qst_model(base={"hidden_act": "gelu_new"})
+    for model in (dropout, attention_dropout, gelu_new):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        assert side_of(model).__dict__.get("_packed_weights") is None
+    for model in (dropout, attention_dropout):  # in evaluation mode nothing is dropped: the fast path runs
+        with torch.no_grad():
+            model.eval()(input_ids=ids, attention_mask=mask)
+        assert side_of(model).__dict__.get("_packed_weights") is not None
+
+
+def test_cached_decoding_of_unpadded_rows_with_a_mask_equals_the_general_path():
+    """Decoding steps whose mask keeps every position (a batch without padding, the mask passed all the same) attend
+    to the whole cache, as the general path does."""
+    model = qst_model()
+    ids = torch.tensor([[5, 17, 33, 2, 99], [11, 12, 13, 14, 15]])
+    fast, general = both_paths(lambda: greedy_decoding_logits(model, ids, torch.ones_like(ids), steps=4))
+    assert side_of(model).__dict__.get("_packed_weights") is not None
+    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
 
 
 def test_packed_sequences_take_the_general_path():

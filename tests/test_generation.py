@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -247,6 +249,26 @@ def test_a_plain_filled_cache_is_refused(model):
     assert not isinstance(plain, QSTCache)
     with pytest.raises(ValueError, match="no side-network state"):
         model(input_ids=torch.tensor([[7]]), cache=plain, use_cache=True)
+
+
+def test_a_cache_filled_by_another_adapter_is_refused_naming_the_adapter(two_adapters):
+    """A QSTCache holds the side state of the adapters that filled it: continued after set_adapter() to another one,
+    whose side network never saw the history, it is refused naming that adapter, not run on an empty side cache."""
+    ids, active = torch.tensor([PROMPTS[0]]), two_adapters.active_adapter
+    try:
+        two_adapters.set_adapter("a")
+        with torch.no_grad():
+            cache = two_adapters(input_ids=ids, use_cache=True).cache
+        assert isinstance(cache, QSTCache)
+        two_adapters.set_adapter("b")
+        with pytest.raises(ValueError, match=rf"holds {ids.shape[1]} past tokens but no side-network state for "
+                                             r"adapter\(s\) \['b'\]: it was filled with other adapters"):
+            two_adapters(input_ids=torch.tensor([[7]]), cache=cache, use_cache=True)
+        two_adapters.set_adapter("a")
+        with torch.no_grad():
+            two_adapters(input_ids=torch.tensor([[7]]), cache=cache, use_cache=True)  # its own adapter continues it
+    finally:
+        two_adapters.set_adapter(active)
 
 
 def test_a_side_cache_left_behind_is_refused(model):
@@ -685,6 +707,10 @@ def test_mixed_batch_refusals(two_adapters):
         two_adapters(input_ids=ids, attention_mask=mask, adapter_names=["a", "c", "b"])
     with pytest.raises(ValueError, match="one adapter name per row"):
         two_adapters(input_ids=ids, attention_mask=mask, adapter_names=["a", "b"])
+    # a bare name (not a list of one per row), and names that are not strings
+    for names in ("a", ["a", 3, "b"]):
+        with pytest.raises(TypeError, match=f"one adapter name per row, got {re.escape(repr(names))}"):
+            two_adapters(input_ids=ids, attention_mask=mask, adapter_names=names)
     two_adapters.train()
     try:
         # the refusal names the fix (LoRA's own message does not)
@@ -785,17 +811,3 @@ def test_a_static_cache_of_a_model_with_sliding_and_full_attention_layers():
     assert torch.equal(generate(model, ids, mask, max_new_tokens=12, cache_implementation="static"), dynamic)
     with model.disable_adapter():
         assert not torch.equal(generate(model, ids, mask, max_new_tokens=12), dynamic)
-
-
-def test_a_returned_cache_reset_starts_over_like_a_fresh_generation(model):
-    """``reset()`` on the cache generate returned (a `QSTCache`) empties every half, not only the backbone's: with
-    the side halves left full, the next generation on it paired an empty backbone cache with the last prompt's side
-    history."""
-    out = generate(model, torch.tensor([PROMPTS[0]]), max_new_tokens=5, return_dict_in_generate=True)
-    cache = out.past_key_values
-    assert isinstance(cache, QSTCache) and cache.get_seq_length() > 0
-    cache.reset()
-    assert all(half.get_seq_length() == 0 for half in cache.side.values())
-    prompt = torch.tensor([PROMPTS[2]])
-    assert torch.equal(generate(model, prompt, past_key_values=cache, max_new_tokens=6),
-                       generate(model, prompt, max_new_tokens=6))

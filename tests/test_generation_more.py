@@ -143,6 +143,27 @@ def test_an_optimizer_stepping_another_model_during_generation_keeps_the_packed_
     assert packings == []
 
 
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_a_reset_cache_is_reused_like_a_fresh_one(kind):
+    """``cache.reset()`` (how a preallocated static cache is reused for the next prompt) empties every half of the
+    QSTCache a generation returned, side caches too: generating into it again gives what a fresh generation gives."""
+    from transformers import DynamicCache, StaticCache
+
+    model = trained_model()
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, return_dict_in_generate=True,
+                  output_logits=True)
+    cache = StaticCache(config=model.config, max_cache_len=32) if kind == "static" else DynamicCache()
+    cache = _generate(model, past_key_values=cache, **kwargs).past_key_values
+    assert repr(cache).startswith("QSTCache(backbone=") and repr(cache).endswith("side=['default'])")
+    cache.reset()
+    assert int(cache.get_seq_length()) == 0 and int(cache.side_cache("default").get_seq_length()) == 0
+    again, fresh = _generate(model, past_key_values=cache, **kwargs), _generate(model, **kwargs)
+    assert torch.equal(again.sequences, fresh.sequences)
+    for step, expected in zip(again.logits, fresh.logits):
+        torch.testing.assert_close(step, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("owner", ["callers-own", "returned"])
 @pytest.mark.parametrize("change", ["reorder_cache", "batch_select_indices", "crop", "batch_repeat_interleave"])
 def test_the_callers_own_cache_changed_between_turns_continues_like_a_fresh_generation(change, owner):

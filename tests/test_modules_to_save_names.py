@@ -96,6 +96,18 @@ def test_an_entry_without_close_names_lists_the_modules_that_can_train():
         )
 
 
+def test_an_entry_on_a_bare_trunk_says_that_nothing_lies_outside_it():
+    """A bare decoder trunk (AutoModel, for its features) has no head: an entry naming one is refused saying that no
+    module lies outside the trunk, rather than listing an empty set of trainable modules."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_config(tiny_llama_config())
+    with pytest.raises(ValueError, match=re.escape("['lm_head'] match no module of LlamaModel") + ".*"
+                       + re.escape("(no module of this model lies outside the decoder trunk)")):
+        get_peft_model(model, QSTConfig(task_type="FEATURE_EXTRACTION", r=4, modules_to_save=["lm_head"]))
+    assert _untouched(model)
+
+
 def test_the_entries_peft_and_trl_add_themselves_still_pass(tmp_path):
     """PEFT's task class adds both "classifier" and "score" for SEQ_CLS (a model has one of them), and TRL adds
     "lm_head" beside trainable_token_indices when its chat-template cloning added tokens, also for a classifier

@@ -172,6 +172,16 @@ def test_prompt_lookup_decoding_on_a_hybrid_model():
     assert torch.equal(lookup, greedy)
 
 
+def test_an_r_whose_side_mamba_width_the_mamba_heads_do_not_tile_is_refused_with_the_fitting_values():
+    """Bamba's 16 Mamba heads must tile mamba_expand x the side width: r=32 leaves a width of 8 (2 x 4), refused
+    naming the widths, the r values that fit the model's heads, and those that fit with side_heads="auto"."""
+    with pytest.raises(ValueError, match=re.escape(
+            "r=32 gives a side Mamba width of 8 (mamba_expand x 4), which the model's 16 Mamba heads (mamba_n_heads) "
+            "do not split into equal heads. Values of r that fit this model: [1, 2, 4, 8]. side_heads='auto' (the "
+            "default: heads about as wide as the model's) fits r in [1, 2, 4, 8, 16].")):
+        get_peft_model(tiny("bamba"), QSTConfig(task_type="CAUSAL_LM", r=32, side_heads=None))
+
+
 def test_side_widths_follow_the_rules():
     """What each rule does to the side config (r=16, side width 8): the expert FFNs are divided like the dense one;
     latent attention keeps its head widths and divides its compressions; GPT-J rotates the same fraction of a side

@@ -13,6 +13,8 @@ with identical logits.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -399,6 +401,18 @@ def test_training_changes_only_the_side_network_and_saves_nothing_frozen(family)
     assert not leaked, f"frozen activations saved for backward: {leaked[:5]}"
     assert len(handed_over) == base.config.get_text_config().num_hidden_layers + 1
     assert all(h.grad_fn is None for h in handed_over.values())
+
+
+def test_target_modules_naming_the_whole_multimodal_trunk_is_refused_naming_the_fix():
+    """The side network is built from the language model's class and text config: ``target_modules="model"`` (the
+    trunk name of a text model, which here names LlavaModel, vision tower and all) is refused, naming the fix; the
+    language model itself may be named."""
+    with pytest.raises(QSTUnsupportedModelError, match=re.escape(
+            "QST side-tunes the language model of a llava model, but the module it would wrap (LlavaModel) is not it "
+            "(its config is not the model's text_config). Leave QSTConfig.target_modules None")):
+        get_peft_model(build("llava"), QSTConfig(task_type="CAUSAL_LM", r=4, target_modules="model"))
+    named = QSTConfig(task_type="CAUSAL_LM", r=4, target_modules=r"model\.language_model")
+    assert isinstance(get_peft_model(build("llava"), named).base_model.model.model.language_model, QSTLayer)
 
 
 def test_input_require_grads_does_not_pull_the_vision_tower_into_backward():

@@ -218,12 +218,17 @@ def test_linear_downsample_starts_as_the_residual_channel_selection(base_dir):
 #: every other model type init="pruned" supports (Gemma 1 is not among the README's tested architectures)
 CONFIGS = {name: TINY[name] for name in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")}
 CONFIGS["gemma"] = dict(TINY["gemma2"], sliding_window=None)
+# layouts of the supported types that the others lack (after the colon: the variant): biases on the projections that
+# write the residual stream (o_proj, down_proj), which select residual channels as the weights' rows do; a rotary part
+# of half of each head, whose other half is selected as plain dimensions
+CONFIGS["llama:biases"] = dict(TINY["llama"], attention_bias=True, mlp_bias=True)
+CONFIGS["phi3:partial-rotary"] = dict(TINY["phi3"], partial_rotary_factor=0.5)
 
 
 @pytest.mark.parametrize("model_type", list(CONFIGS))
 def test_pruned_init_on_other_architectures(model_type):
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **CONFIGS[model_type])
+    config = AutoConfig.for_model(model_type.partition(":")[0], **CONFIGS[model_type])
     base = randomise_norms(AutoModelForCausalLM.from_config(config)).eval()
     ids = IDS % 96
     with torch.no_grad():
@@ -276,6 +281,56 @@ def test_fused_phi3_projections_prune_as_the_same_weights_in_the_llama_layout():
             assert torch.equal(ours[role], llamas[role]), role
 
 
+def _selected(base):
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))
+    side = side_network(model)
+    return select_indices(side, model.base_model.model.model.get_base_layer(), model.base_model.model.config,
+                          side.trunk.config)
+
+
+def test_biases_of_projections_into_the_residual_stream_do_not_vote_for_residual_channels():
+    """The residual channels are chosen by the weights and norm scales reading and writing them; the biases o_proj and
+    down_proj add to the stream (Llama with attention_bias and mlp_bias) are sliced along, not scored: the same
+    channels are kept whatever the biases hold."""
+    def base(biases):
+        torch.manual_seed(0)
+        config = AutoConfig.for_model("llama", **dict(TINY["llama"], attention_bias=True, mlp_bias=True))
+        model = randomise_norms(AutoModelForCausalLM.from_config(config)).eval()
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith(".bias"):
+                    parameter.copy_(torch.randn(parameter.shape) * 5 if biases == "large" else 0)
+        return model
+
+    large, zero = _selected(base("large")), _selected(base("zero"))
+    for with_biases, without in zip(large, zero):
+        assert torch.equal(with_biases["residual"], without["residual"])
+
+
+def test_a_partial_rotary_head_keeps_its_most_important_pass_through_dimensions():
+    """Phi-3's layout with half of each head rotated (``partial_rotary_factor``, as Phi-4-mini has): the side head
+    keeps rotary pairs from the rotated half and, from the half that is not rotated, the dimensions with the largest
+    query-key importance (the product of the query and key rows' norms), in each key/value group."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("phi3", **dict(TINY["phi3"], partial_rotary_factor=0.5))
+    base = randomise_norms(AutoModelForCausalLM.from_config(config)).eval()
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    rotary, side_head_dim = head_dim // 2, head_dim // 4  # r=4 narrows each of the model's heads
+    side_rotary = side_head_dim // 2  # the side head is rotated in the same proportion
+    for layer, index_sets in zip(base.model.layers, _selected(base)):
+        norms = layer.self_attn.qkv_proj.weight.detach().float().norm(dim=1)
+        q = norms[: heads * head_dim].reshape(kv, heads // kv, head_dim).sum(1)
+        k = norms[heads * head_dim: (heads + kv) * head_dim].reshape(kv, head_dim)
+        importance = q * k
+        dims = index_sets["k"].reshape(kv, side_head_dim) - torch.arange(kv).unsqueeze(1) * head_dim
+        for group in range(kv):
+            pairs = (importance[group, : rotary // 2] + importance[group, rotary // 2: rotary])
+            pairs = pairs.topk(side_rotary // 2).indices.sort().values
+            passthrough = importance[group, rotary:].topk(side_head_dim - side_rotary).indices.sort().values + rotary
+            assert torch.equal(dims[group], torch.cat([pairs, pairs + rotary // 2, passthrough]))
+
+
 def test_unmapped_architecture_is_refused_naming_the_model_type():
     config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=1, n_head=4, vocab_size=V, n_positions=32)
     model = AutoModelForCausalLM.from_config(config)
@@ -286,6 +341,18 @@ def test_unmapped_architecture_is_refused_naming_the_model_type():
     assert config.base_model_signature is None and config.target_modules is None  # refused before anything changed
     assert type(model.transformer).__name__ == "GPT2Model"  # nothing was wrapped
     get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))  # the paper's random start works for it
+
+
+def test_a_model_without_loaded_weights_is_refused_naming_the_fix():
+    """A model built on the meta device (``init_empty_weights``, no offload hook holding its values) has no weights to
+    select from: refused as such, naming a loaded or dispatched model and the random start, which builds."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY["llama"]))
+    with pytest.raises(QSTUnsupportedModelError, match=r"its weights are not loaded \(meta device, and no accelerate "
+                                                       r"offload hook holds them\); build the adapter on a loaded"):
+        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4, init="pruned"))
 
 
 def test_pruning_reads_4bit_weights_bitsandbytes_repacked_for_its_cpu_kernel(base_dir):

@@ -32,12 +32,20 @@ def saved_adapter(tmp_path, tiny_model_dir):
     return folder, model.eval()
 
 
-@pytest.mark.parametrize("how", ["AutoModelForCausalLM.from_pretrained", "load_adapter"])
+@pytest.mark.parametrize("how", ["AutoModelForCausalLM.from_pretrained", "load_adapter", "adapter_state_dict"])
 def test_transformers_loads_a_qst_adapter_as_peft_does(tiny_model_dir, saved_adapter, how):
     folder, reference = saved_adapter
     if how == "load_adapter":
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         model.load_adapter(str(folder))
+    elif how == "adapter_state_dict":  # the weights and config given in memory, no folder read
+        from peft_qst.layer import SIDE_ATTR
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model.load_adapter(peft_config=QSTConfig.from_pretrained(str(folder)),
+                           adapter_state_dict=load_file(folder / "adapter_model.safetensors"))
+        # no file was read, so there is no saved weights' digest for the side network to take as its identity
+        assert not getattr(model.model, SIDE_ATTR)["default"].cache_identity().startswith("weights-sha256:")
     else:  # reads the base model's path from adapter_config.json
         model = AutoModelForCausalLM.from_pretrained(str(folder))
     model.eval()
