@@ -74,6 +74,14 @@ HEAD_DIM_NORMS = ("q_norm", "k_norm")
 
 
 def _refuse(model_type: str, reason: str) -> QSTUnsupportedModelError:
+    """The refusal of ``init="pruned"`` for a ``model_type`` model, for ``reason``. The types pruning is mapped for
+    are listed only where ``model_type`` is not one of them: the refusal of a mapped model for the state of its
+    weights (8-bit, not loaded) or the side heads chosen said that pruning did not support, and did support, llama."""
+    if model_type in PRUNABLE_MODEL_TYPES:
+        return QSTUnsupportedModelError(
+            f'QSTConfig(init="pruned") cannot start from this {model_type} model: {reason}. Or use init="random" '
+            "(the default)."
+        )
     return QSTUnsupportedModelError(
         f'QSTConfig(init="pruned") does not support the {model_type} model: {reason}. Use init="random" (the '
         f"default) for this model; pruned initialisation supports {', '.join(PRUNABLE_MODEL_TYPES)}."
