@@ -207,6 +207,13 @@ def test_the_readme_links_every_docs_page():
         assert any(target.startswith("../README.md") for target in relative_links(DOCS[page])), page
 
 
+def test_the_code_map_names_every_module_of_the_package():
+    """docs/code.md lists the package module by module: a module added, split or removed is found here."""
+    listed = set(re.findall(r"^\| `(peft_qst/\w+\.py)` \|", DOCS["docs/code.md"], flags=re.M))
+    modules = {f"peft_qst/{name}" for name in os.listdir(os.path.join(REPO, "peft_qst")) if name.endswith(".py")}
+    assert listed == modules, f"docs/code.md vs peft_qst/: {sorted(listed ^ modules)}"
+
+
 def test_options_table_matches_qstconfig_defaults():
     """The README's Options table lists every user-facing ``QSTConfig`` field with the default the code has."""
     from peft_qst import QSTConfig
