@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import FINGERPRINT_METADATA
 from .loading import warn_once_loaded
-from .vocabulary import token_embeddings, checkpoint_vocab_size
+from .vocabulary import checkpoint_vocab_size, token_embeddings
 
 
 #: how many entries of each token-embedding matrix :func:`base_model_fingerprint` records

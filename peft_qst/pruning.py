@@ -51,7 +51,7 @@ from torch import nn
 
 from .fast_path import zero3_partitioned
 from .side import QSTSideBlock, QSTUnsupportedModelError, find_layer_list, onloaded_tensor
-from .side_config import FFN_SIZE_ATTRIBUTES, uses_rotary, num_blocks
+from .side_config import FFN_SIZE_ATTRIBUTES, num_blocks, uses_rotary
 
 #: model types whose decoder blocks follow the layouts mapped here (checked on the real modules as well)
 PRUNABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")

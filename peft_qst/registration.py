@@ -488,7 +488,7 @@ def _prefix_the_weights_of_injected_models_in_set_peft_model_state_dict() -> Non
     weights, PEFT gives the keys of the modules saved whole (``modules_to_save``: an LM head, a classification head)
     the adapter's name, looking each one up in the dict it was given with the prefix, and failed with a bare KeyError
     ('base_model.model.lm_head.weight'). For a QST adapter the prefix is put on first
-    (:func:`model.with_peft_model_prefix`). The function is replaced in every ``peft`` module that bound it
+    (:func:`loading.with_peft_model_prefix`). The function is replaced in every ``peft`` module that bound it
     (``peft.set_peft_model_state_dict``, ``peft.utils``, ``PeftModel.load_adapter``'s); a name bound before
     ``import peft_qst`` keeps PEFT's own, with which the side network's weights still load
     (:meth:`QSTModel._remap_adapter_state_dict_for_load` prefixes them too) and a module saved whole does not."""

@@ -54,7 +54,7 @@ from .fast_path import (
 from .lm_head import mark_low_rank_update
 from .per_call import call_state, hold_call_state
 from .side_attention import SIDE_SDPA, mask_for_side_trunk, register_side_sdpa
-from .side_config import is_int_width, decoder_attribute, num_blocks, shrink_config
+from .side_config import decoder_attribute, is_int_width, num_blocks, shrink_config
 
 #: parts of the side trunk that only run on inputs it is never given, dropped once it is built
 #: (:func:`drop_unreached_parts`): it is called with ``inputs_embeds`` only (the downsampled embedding output), never

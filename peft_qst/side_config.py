@@ -6,8 +6,8 @@ FFN sizes by ``r``, chooses the side blocks' attention heads (``side_heads``: :f
 :func:`auto_side_heads`), rescales the widths that follow from the head width (rotary, multimodal rotary, Mamba heads,
 LongRoPE factor lists) and the ranks and head counts inside the blocks, and refuses an ``r`` that fits no layout,
 naming the values that fit. Kept apart from the network built from it, so that the rules read as one, and so that the
-code that only needs a config's sizes (``get_peft_model``'s checks, the loading checks, :mod:`peft_qst.signature`)
-imports them without the network. Also here: the models no shrink rule can serve (:func:`unsupported_reason`,
+code that only needs a config's sizes (:mod:`peft_qst.signature`, ``QSTConfig.check_kwargs``) does not depend on the
+network's module. Also here: the models no shrink rule can serve (:func:`unsupported_reason`,
 :func:`unsupported_blocks_reason`), and where an encoder-decoder config keeps its decoder's sizes
 (:func:`decoder_attribute`, :func:`num_blocks`), through which everything reads a size of the blocks QST side-tunes.
 """

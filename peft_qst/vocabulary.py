@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .loading import PEFT_MODEL_PREFIX, wrapped_by_peft_model, warn_once_loaded
+from .loading import PEFT_MODEL_PREFIX, warn_once_loaded, wrapped_by_peft_model
 from .modules_to_save import name_in
 from .serialization import QSTAdapterFileError, user_stacklevel
 from .signature import model_signature, signature_differences, text_config_of

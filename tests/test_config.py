@@ -510,14 +510,20 @@ def test_lora_settings_left_in_the_config_are_refused_with_what_they_mean_for_qs
 @pytest.mark.parametrize("target_modules", ["model", ["model"]], ids=["regex", "list"])
 def test_target_modules_naming_the_trunk_build_what_the_default_builds(target_modules):
     """target_modules names the decoder trunk, as a regex matched in full or as a list of names (PEFT's two forms):
-    either builds the adapter the default (found automatically) builds."""
+    either builds the adapter the default (found automatically) builds: the same weights (``tiny_causal_lm`` seeds the
+    random start of both), and with the upsample opened, the same logits."""
     ids = torch.tensor([[5, 17, 33, 2]])
     default = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4))
-    torch.manual_seed(0)
     named = get_peft_model(tiny_causal_lm(), QSTConfig(task_type="CAUSAL_LM", r=4, target_modules=target_modules))
-    assert sorted(named.state_dict()) == sorted(default.state_dict())
+    expected = default.state_dict()
+    assert sorted(named.state_dict()) == sorted(expected)
+    assert all(torch.equal(value, expected[key]) for key, value in named.state_dict().items())
     with torch.no_grad():
-        assert torch.equal(named(input_ids=ids).logits, default(input_ids=ids).logits)  # starts at the base output
+        for model in (default, named):  # at zero, any side network gives the base output
+            for name, parameter in model.named_parameters():
+                if name.endswith("upsample.weight"):
+                    parameter.fill_(0.1)
+        assert torch.equal(named(input_ids=ids).logits, default(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("entry", ["layernorm", "_layernorm"])
