@@ -118,15 +118,3 @@ def test_a_half_precision_additive_mask_is_added_in_float32():
         module, *(t.detach().float() for t in (query, key, value)), mask.float(), scaling=0.5
     )
     assert torch.equal(output, reference.to(torch.bfloat16))
-
-
-def test_an_eager_backbone_keeps_an_eager_side_trunk():
-    """Only an SDPA backbone's side trunk gets :data:`SIDE_SDPA`: a backbone loaded with ``attn_implementation="eager"``
-    (to match a reference computation, say) has a side trunk that runs eager attention too, the backbone's code
-    paths."""
-    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
-    base = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
-    side = next(m for m in model.modules() if type(m).__name__ == "QSTLayer").qst_side["default"]
-    assert side.trunk.config._attn_implementation == "eager"
