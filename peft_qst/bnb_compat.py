@@ -152,7 +152,13 @@ class _PackedState:
     def __deepcopy__(self, memo) -> "_PackedState":
         weight = self._weight_now()
         if weight is not None and self.belongs_to(weight):
-            return _PackedState(copy.deepcopy(weight, memo))
+            copied = copy.deepcopy(weight, memo)
+            if getattr(copied, "quant_state", None) is None:
+                # a weight unpickled by torch.load is a plain Parameter, whose deep copy loses its attributes: it gets
+                # its quantization state back through the memo, the object the copy's layer holds (bitsandbytes keeps
+                # one on the layer and its weight; see _give_weight_its_quant_state for layers with no kept layout)
+                copied.quant_state = copy.deepcopy(self.quant_state, memo)
+            return _PackedState(copied)
         # not the weight's now, as pickled: its own quantization state through the memo. Where a training-mode call
         # raised between the layer's pre- and post-hook, the weight holds the standard layout and the packed one
         # waits on the layer to be swapped back by the next call, after which this belongs to the weight again. The
@@ -226,9 +232,22 @@ def _swap_layout(module: nn.Module, data: torch.Tensor, quant_state) -> tuple:
     return previous
 
 
+def _give_weight_its_quant_state(module: nn.Module) -> None:
+    """Give the layer's weight back the quantization state the layer holds, where the weight lost it: a whole model
+    loaded by ``torch.load`` holds plain ``Parameter`` weights with a ``quant_state`` attribute, which
+    ``copy.deepcopy`` of the model does not copy. bitsandbytes gives it back in ``Linear4bit.forward``, after this
+    hook, which read it: a deep copy of a loaded 4-bit QST model failed its first call with "'Parameter' object has no
+    attribute 'quant_state'". (bitsandbytes' own repair also asserts the 4-bit shape, which a CPU-packed weight has
+    not.)"""
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is None and getattr(module, "quant_state", None) is not None:
+        weight.quant_state = module.quant_state
+
+
 def _route_by_mode(model_ref: Callable[[], Optional[nn.Module]], module: nn.Module, args: tuple) -> None:
     """Forward pre-hook of :func:`route_4bit_layers_by_mode`."""
     _packed_again_after_call(module)  # left over where a call raised before its post-hook ran
+    _give_weight_its_quant_state(module)
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
     if x is None or x.device.type != "cpu":
         return
