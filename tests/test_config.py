@@ -341,6 +341,29 @@ def test_side_heads_set_the_side_blocks_heads_and_key_value_grouping(side_heads,
     assert attention.q_proj.weight.grad is not None
 
 
+@pytest.mark.parametrize(
+    "side_heads, expected", [("auto", (4, 1, 18)), (6, (6, 2, 12)), (3, (3, 1, 24)), (2, (2, 1, 36))]
+)
+def test_side_heads_that_the_grouping_does_not_divide_get_one_key_value_head(side_heads, expected):
+    """SmolLM2-135M's layout (9 heads, 3 key/value heads: 3 query heads each) at 144 channels, r=2 (72 side channels):
+    a side head count the grouping divides keeps it (6 heads: 2 key/value heads; 3: 1), any other gets one key/value
+    head for all ("auto": 4 heads of 18, the nearest to 16; 2 heads), not one per query head."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=144, intermediate_size=64, num_hidden_layers=1, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=64)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), QSTConfig(r=2, side_heads=side_heads))
+    side = model.base_model.model.model.qst_side["default"]
+    attention = side._blocks[0].block.self_attn
+    heads, kv_heads, head_dim = expected
+    assert (side.trunk.config.num_attention_heads, side.trunk.config.num_key_value_heads) == (heads, kv_heads)
+    assert attention.k_proj.weight.shape == (kv_heads * head_dim, 72)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert attention.k_proj.weight.grad is not None
+
+
 def test_side_heads_that_do_not_fit_are_refused_with_the_fitting_values():
     with pytest.raises(ValueError) as info:  # hidden 64 / r=4 = 16 side channels: 3 heads do not split them
         get_peft_model(tiny_causal_lm(), QSTConfig(r=4, side_heads=3))
@@ -350,6 +373,23 @@ def test_side_heads_that_do_not_fit_are_refused_with_the_fitting_values():
     assert "Values of side_heads that fit r=4: [1, 2, 4, 8]" in message  # 16 channels, even head dimensions
     with pytest.raises(ValueError, match="pruning keeps each of the model's 4 attention heads"):
         get_peft_model(tiny_causal_lm(), QSTConfig(r=4, side_heads=2, init="pruned"))
+
+
+def test_side_heads_refusal_lists_every_count_that_fits_and_no_counts_where_r_does_not_divide():
+    """A model without rotary embeddings (GPT-2) takes side heads of any width, one channel included: at r=16 its 8
+    side channels fit 1, 2, 4 and 8 heads, all listed where 3 are refused. An r that does not divide the hidden size
+    fits no head count at all: the refusal names the r values that fit, and lists no side_heads (an empty list
+    that said no count fits, where another r is the fix)."""
+    gpt2 = dict(n_embd=128, n_layer=1, n_head=4, vocab_size=64, n_positions=64)
+    with pytest.raises(ValueError) as info:
+        get_peft_model(tiny_causal_lm("gpt2", **gpt2), QSTConfig(r=16, side_heads=3))
+    assert "Values of side_heads that fit r=16: [1, 2, 4, 8]." in str(info.value)
+    with pytest.raises(ValueError) as info:
+        get_peft_model(tiny_causal_lm("gpt2", **gpt2), QSTConfig(r=3, side_heads=2))
+    message = str(info.value)
+    assert "r=3 does not divide hidden_size=128" in message
+    assert "Values of r that fit this model with side_heads=2: [1, 2, 4, 8, 16, 32, 64]." in message
+    assert "Values of side_heads" not in message
 
 
 def test_encoder_decoder_model_is_refused():

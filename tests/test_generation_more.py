@@ -1012,6 +1012,29 @@ def test_side_heads_shape_the_side_decoder_of_a_config_that_maps_its_heads_to_th
         }
 
 
+@pytest.mark.parametrize("model_type", ["bart", "whisper"])
+def test_an_adapter_of_a_config_that_maps_its_heads_to_the_encoder_reloads_with_its_side_heads(model_type, tmp_path):
+    """An adapter saved by this version for BART or Whisper records the decoder's sizes (``sizes_of``), so its
+    ``side_heads`` (1, chosen by "auto") is read as saved and reloads to the logits it was saved with. Only a file
+    without ``sizes_of`` (written before the decoder's sizes were read, below) is read as ``side_heads=None``: taken so,
+    this one would have loaded its weights silently into the decoder's 8 heads (q/k/v are d -> d whatever the heads)."""
+    from peft import PeftConfig, PeftModel, get_peft_model
+
+    from peft_qst import QSTConfig
+
+    model = get_peft_model(_split_size_decoder(model_type), QSTConfig(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    expected = _logits_with_encoder_states(model.eval(), model_type)  # eval: the side decoder's dropout off
+    model.save_pretrained(tmp_path)
+    assert PeftConfig.from_pretrained(str(tmp_path)).side_heads == 1
+    reloaded = PeftModel.from_pretrained(_split_size_decoder(model_type), str(tmp_path)).eval()
+    assert reloaded.peft_config["default"].side_heads == 1
+    assert torch.equal(_logits_with_encoder_states(reloaded, model_type), expected)
+
+
 #: the ``base_model_signature`` the previous version recorded for :data:`SPLIT_SIZE_DECODERS` (the encoder's sizes,
 #: read through the configs' generic names; checked by running that version), and the ``side_heads`` its "auto" chose
 #: from the encoder's 64-wide heads (one head at r=16), which its side decoder did not apply: its blocks had the

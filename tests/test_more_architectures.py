@@ -208,6 +208,18 @@ def test_side_widths_follow_the_rules():
     assert (dbrx.n_heads, dbrx.ffn_config.moe_num_experts) == (1, 4)
 
 
+def test_gptj_side_heads_rotate_an_even_number_of_channels():
+    """GPT-J rotates channel pairs: a side head gets the backbone's fraction of rotated channels rounded down to an
+    even number. Heads of 24 rotating 12 (half), at r=4 and four side heads of 6: half is 3, so 2 are rotated, and
+    the side network trains; an odd rotary_dim made GPT-J's rotary embedding fail inside the side blocks."""
+    base = tiny("gptj", hidden_size=96, rotary_dim=12)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, side_heads=4))
+    side = side_of(model).trunk.config
+    assert (side.n_embd, side.n_head, side.rotary_dim) == (24, 4, 2)
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    assert all(torch.isfinite(torch.tensor(train_steps(model, ids, steps=2))))
+
+
 @pytest.mark.parametrize("model_type", ["mamba", "falcon_mamba", "mamba2"])
 def test_state_space_models_shrink_their_mixers_and_reload_exactly(model_type, tmp_path):
     """Pure state-space models have no attention heads, which the side network's shape was derived from: they were
@@ -364,6 +376,17 @@ def test_unsupported_model_is_refused_at_get_peft_model(model_type, extra, messa
     assert {name for name, _ in base.named_modules()} == trunk_before  # nothing was wrapped
 
 
+def test_an_embedding_width_equal_to_the_hidden_size_becomes_the_side_width():
+    """ELECTRA holds its embedding width apart from its hidden size (``embedding_size``), refused above where the two
+    differ. Where they are equal, as a decoder (``is_decoder=True``), it runs end to end: the side trunk's embedding
+    width is its own hidden width (8 at r=16). Left at the backbone's 128, the side trunk's embeddings were 128 wide
+    with a projection to its 8 channels, and its side network did not run."""
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    model, _ = check_default_config_end_to_end(tiny("electra", is_decoder=True), ids)
+    side = side_of(model).trunk.config
+    assert (side.hidden_size, side.embedding_size) == (8, 8)
+
+
 def test_blocks_run_in_cycles_are_refused_naming_the_cycles():
     """HRM runs two stacks of 2 blocks in cycles and counts each run as a layer (num_hidden_layers 4, the cache's
     slots): no list holds 4 blocks, and the refusal says why besides a changed num_hidden_layers."""
@@ -500,6 +523,34 @@ def test_side_blocks_divide_their_inner_widths_by_r(model_type):
         name: backbone for name, (backbone, _) in INNER_WIDTHS[model_type].items()
     }
     assert divided < sum(p.numel() for p in kept.parameters() if p.requires_grad)
+
+
+def test_inner_widths_that_r_does_not_divide_follow_their_rounding_rules():
+    """The inner-width rules where the sweep's tiny configs divide evenly and these do not. Each side network runs.
+    Zamba2's shared-block adapters of rank 136 at r=16 get rank 9 (8.5, rounded up). Laguna's per-layer head counts
+    48 and 46 (4 heads) beside one side head get 12 and 12 (11.5 rounded to the nearest even count). Nemotron-H's 18
+    Mamba heads in 18 groups at r=4 divide to 4 groups, which 18 heads do not share: 2, the greatest divisor of the
+    head count not above 4 (4 groups failed in the side mixer). MiniMax-M3's indexer has one head per key/value head
+    (its block selection is per key/value group): with the model's own heads (side_heads=None: 4 heads, 2 key/value
+    heads) its side indexer keeps 2, not 2 // 16 raised to 1."""
+    def side(model_type, r=16, side_heads="auto", **overrides):
+        config = arch_sweep.make_config(model_type)
+        for name, value in {**INNER_WIDTH_CONFIGS.get(model_type, {}), **overrides}.items():
+            setattr(config, name, value)
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(config).eval()
+        model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=r, side_heads=side_heads))
+        ids = torch.randint(3, arch_sweep.VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+        return side_of(model).trunk.config
+
+    assert side("zamba2", adapter_rank=136).adapter_rank == 9
+    laguna = side("laguna", num_attention_heads_per_layer=[48, 46])
+    assert (laguna.num_attention_heads, laguna.num_attention_heads_per_layer) == (1, [12, 12])
+    nemotron = side("nemotron_h", r=4, mamba_num_heads=18, n_groups=18)
+    assert (nemotron.mamba_num_heads, nemotron.n_groups) == (18, 2)
+    minimax = side("minimax_m3_vl_text", side_heads=None)
+    assert (minimax.num_attention_heads, minimax.num_key_value_heads, minimax.index_n_heads) == (4, 2, 2)
 
 
 def saved_adapter_of_backbone_widths(model_type, folder):
@@ -745,6 +796,20 @@ def test_architecture_sweep_runs_state_space_models_in_4bit_and_reloads_them_exa
     (record,) = json.loads(output.read_text())["records"]
     assert record["cls"] == "OK", record
     assert record["e_save_load"]["maxdiff"] == 0.0 and record["d_generate_cache"]["pass"]
+
+
+def test_side_experts_keep_the_grouped_kernel_where_the_expert_widths_suit_it():
+    """The side trunk falls back to the eager experts loop only where its expert widths are not multiples of 8 (see
+    below): Qwen2-MoE sizes its experts by ``moe_intermediate_size``, and its dense ``intermediate_size`` runs no
+    grouped product. At r=4, experts of 64 -> 16 keep ``grouped_mm`` beside a dense width of 40 -> 10; experts of
+    72 -> 18 take the eager loop."""
+    def side_kernel(**sizes):
+        model = get_peft_model(tiny("qwen2_moe", **sizes), QSTConfig(task_type="CAUSAL_LM", r=4))
+        assert model.base_model.model.config._experts_implementation == "grouped_mm"
+        return side_of(model).trunk.config._experts_implementation
+
+    assert side_kernel(intermediate_size=40) == "grouped_mm"
+    assert side_kernel(moe_intermediate_size=72) == "eager"
 
 
 def test_gpt_oss_real_widths_in_bf16_run_at_the_default_config():

@@ -508,6 +508,40 @@ def test_side_rotary_follows_the_multimodal_positions(family, r):
     assert not torch.equal(positions["side"][1, 0, image], positions["side"][2, 0, image])  # heights != widths
 
 
+def test_side_heads_need_a_rotary_frequency_for_each_multimodal_section():
+    """Qwen2-VL's three multimodal rotary sections (time, height, width) need at least one rotary frequency each in a
+    side head. A Qwen2-VL language model of six heads of 16 at r=4 (24 side channels): four side heads of 6 rotate
+    three frequencies, one per section, and run; six heads of 4 rotate two, which three sections cannot share, and are
+    refused naming the sections (the side network otherwise got sections adding up to more than its head rotates).
+    Three heads of 8 rotate four: the sections [2, 3, 3] scale to [1, 1.5, 1.5], and the frequency left over by rounding
+    goes to the first section that lost most (height), so time, height and width keep the backbone's order of
+    shares."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    kwargs = dict(FAMILIES["qwen2_vl"][0])
+    kwargs["text_config"] = dict(kwargs["text_config"], hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+    kwargs["vision_config"] = dict(kwargs["vision_config"], hidden_size=96)  # its merger's output: the text width
+    config = AutoConfig.for_model("qwen2_vl", **kwargs)
+
+    def qst(side_heads):
+        torch.manual_seed(0)
+        base = AutoModelForImageTextToText.from_config(config).eval()
+        return get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, side_heads=side_heads))
+
+    with pytest.raises(ValueError, match=re.escape(
+            "r=4 gives a side head dimension of 4, too small for the model's 3 multimodal rotary sections "
+            "(mrope_section [2, 3, 3])")):
+        qst(6)
+    model = qst(4)
+    side = side_network(model)
+    assert (side.trunk.config.head_dim, side.trunk.config.rope_parameters["mrope_section"]) == (6, [1, 1, 1])
+    perturb_upsample(model)
+    ids, extra = make_inputs("qwen2_vl")
+    assert torch.isfinite(logits(model, ids, extra)).all()
+    three = side_network(qst(3)).trunk.config
+    assert (three.head_dim, three.rope_parameters["mrope_section"]) == (8, [1, 2, 1])
+
+
 def _grown(family, extra, new_tokens: int):
     """The per-token keyword arguments of a prompt grown by ``new_tokens`` generated tokens, for recomputing the
     whole sequence (PaliGemma: generated tokens are the causal suffix)."""

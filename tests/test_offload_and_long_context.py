@@ -101,6 +101,38 @@ def test_longrope_factor_lists_follow_a_side_head_of_another_width():
     assert torch.equal(model.generate(input_ids=prompt, **kwargs), model.generate(input_ids=prompt, use_cache=False, **kwargs))
 
 
+def test_longrope_factor_lists_are_interpolated_for_a_partially_rotated_side_head():
+    """Phi-4-mini's layout: LongRoPE on part of each head (partial_rotary_factor), and side heads whose frequencies fall
+    between the backbone's. Heads of 16 rotating half (4 frequencies); two side heads of 12 at r=4 rotate 6 channels,
+    3 frequencies, which sit at the backbone's frequencies 0, 4/3 and 8/3: the lists have 3 entries (not 6, as a full
+    rotation of 12 would have), each read between its two neighbours. The side network runs past
+    original_max_position_embeddings (the long factors), cached as recomputed."""
+    config = AutoConfig.for_model(
+        "phi3", hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, vocab_size=128, pad_token_id=0, max_position_embeddings=64,
+        original_max_position_embeddings=16,
+        rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 4,
+            long_factor=[2.0 + 0.1 * index for index in range(4)], original_max_position_embeddings=16,
+            partial_rotary_factor=0.5,
+        ),
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(),
+                           QSTConfig(task_type="CAUSAL_LM", r=4, side_heads=2))
+    side = side_of(model)
+    rope = side.trunk.config.rope_parameters
+    assert side.trunk.config.head_dim == 12 and rope["short_factor"] == [1.0] * 3
+    torch.testing.assert_close(torch.tensor(rope["long_factor"]), torch.tensor([2.0, 2.0 + 0.4 / 3, 2.0 + 0.8 / 3]))
+    assert side.trunk.rotary_emb.inv_freq.shape == (3,)
+    with torch.no_grad():
+        side.upsample.weight.normal_(std=0.3, generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = model.generate(input_ids=prompt, **kwargs)
+    assert torch.equal(cached, model.generate(input_ids=prompt, use_cache=False, **kwargs))
+
+
 def test_peft_model_from_pretrained_onto_a_disk_offloaded_base(tmp_path, tiny_model_dir):
     """PEFT's from_pretrained removes accelerate's hooks of an offloading base model and load_adapter re-dispatches
     the PeftModel under LoRA's module names (KeyError for QST, which replaces no backbone module). A QST adapter loads

@@ -235,3 +235,21 @@ def test_published_shapes_count_what_the_readme_table_says(name, base_b, trainab
     model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert round(trainable / 1e6, 2 if trainable_m < 10 else 1) == trainable_m
+
+
+def test_side_mixers_round_their_time_step_rank_up_and_keep_groups_that_divide_their_heads():
+    """Two rounding rules of the state-space side mixers that the released shapes (whose ranks and groups r divides)
+    do not reach. A time-step rank of 24 at r=16 is 1.5: rounded up to 2, the rank of the side mixer's time-step
+    projection, as for the hybrids' ``mamba_dt_rank``. Mamba-2's 18 heads in 18 groups of B/C at r=4 divide to 4
+    groups, which 18 heads do not share evenly: the side takes 2 (the greatest divisor of its head count not above 4),
+    and its mixers run."""
+    mamba = side_of(get_peft_model(tiny("mamba", time_step_rank=24), QSTConfig(task_type="CAUSAL_LM")))
+    assert mamba.trunk.config.time_step_rank == 2
+    assert mamba.trunk.layers[0].block.mixer.dt_proj.in_features == 2
+    model = get_peft_model(tiny("mamba2", hidden_size=144, num_heads=18, head_dim=16, n_groups=18),
+                           QSTConfig(task_type="CAUSAL_LM", r=4))
+    side = side_of(model).trunk.config
+    assert (side.hidden_size, side.num_heads, side.head_dim, side.n_groups) == (36, 18, 4, 2)
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    losses = train_steps(model, ids, steps=2)
+    assert all(torch.isfinite(torch.tensor(losses)))
