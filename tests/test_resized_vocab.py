@@ -86,6 +86,9 @@ def test_a_base_model_of_another_vocabulary_size_is_resized_to_the_adapters(tmp_
     expected = outputs(model)
     model.save_pretrained(tmp_path / "adapter")
     resize = rf"resized from {vocab or 128} to {VOCAB} tokens \(model.resize_token_embeddings\({VOCAB}\)\)"
+    # what the file holds that was loaded over every row: the head too where it is not tied to the embeddings
+    tied = AutoConfig.from_pretrained(base_dir).tie_word_embeddings
+    resize += rf".*trained token embeddings{'' if tied else ' and LM head'} for all of them"
     with pytest.warns(UserWarning, match=resize):
         loaded = PeftModel.from_pretrained(resized_4bit(base_dir, vocab), str(tmp_path / "adapter"))
     for reloaded, wanted in zip(outputs(loaded), expected):
@@ -193,6 +196,32 @@ def test_a_file_without_every_vocabulary_sized_tensor_keeps_the_refusal(tmp_path
     assert base.config.vocab_size == 128 and torch.equal(base.get_input_embeddings().weight, weight)
 
 
+def test_a_file_without_the_bias_of_an_lm_head_that_has_one_keeps_the_refusal(tmp_path):
+    """Phi's LM head has a bias, one entry per token: a resize draws the added tokens' entries too, so a file that
+    holds the head's weight for every token but not its bias does not give the trained model (its logits on the
+    added tokens would be offset at random). The load is refused as another vocabulary size, the base model left at
+    its own; the whole file loads, resizing the model, and computes as trained."""
+    from transformers import AutoConfig
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "phi", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+    )).save_pretrained(tmp_path / "base")
+    base_dir = str(tmp_path / "base")
+    model = trained(base_dir, base=resized_4bit(base_dir, quantized=False))
+    expected = outputs(model)[0]
+    model.save_pretrained(tmp_path / "adapter")
+    assert load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))["base_model.model.lm_head.bias"].shape \
+        == (VOCAB,)
+    with pytest.warns(UserWarning, match=rf"resized from 128 to {VOCAB} tokens"):
+        loaded = PeftModel.from_pretrained(resized_4bit(base_dir, None, quantized=False), str(tmp_path / "adapter"))
+    assert torch.equal(outputs(loaded)[0], expected)
+    edit(tmp_path / "adapter", lambda weights: {key: w for key, w in weights.items() if not key.endswith("head.bias")})
+    base = resized_4bit(base_dir, None, quantized=False)
+    with pytest.raises(ValueError, match=rf"vocab_size {VOCAB} against 128"):
+        PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert base.config.vocab_size == 128 and base.get_output_embeddings().bias.shape == (128,)
+
+
 def test_a_load_refused_after_the_resize_hands_the_base_model_back_at_its_size(tmp_path, base_dir):
     """The resize happens before the weights are loaded: where the load is refused after it (here, a file holding a
     tensor for a weight of the frozen base model), the base model goes back to its vocabulary, embeddings and head,
@@ -272,6 +301,10 @@ def test_an_adapter_that_predates_the_recorded_vocabulary_size_names_the_resize(
     with pytest.raises(QSTAdapterFileError, match=refusal):
         base.load_adapter(str(tmp_path / "adapter"))  # transformers' own loading, on the model handed back as it was
     assert not hasattr(base, "peft_config")
+    # a base model resized to more tokens than the adapter's is refused too, not only one with fewer
+    larger = rf"vocabulary of {VOCAB} tokens .*this model's has 144.*resize_token_embeddings\({VOCAB}\)"
+    with pytest.raises(QSTAdapterFileError, match=larger):
+        PeftModel.from_pretrained(resized_4bit(base_dir, 144), str(tmp_path / "adapter"))
     PeftModel.from_pretrained(resized_4bit(base_dir), str(tmp_path / "adapter"))  # resized, it loads
 
 
@@ -506,10 +539,43 @@ def test_an_adapter_saved_without_the_embeddings_of_a_resized_vocabulary_warns(t
     with pytest.warns(UserWarning, match=warning):
         resized().load_adapter(str(tmp_path / "adapter"))  # transformers' own loading
 
-    get_peft_model(load(), QSTConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(tmp_path / "plain")
+    # trained without a resize: saved without embeddings (the vocabulary is the checkpoint's, for a VLM's
+    # text_config too) and without PEFT's "Setting `save_embedding_layers`", and loaded without a warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(load(), QSTConfig(task_type="CAUSAL_LM", r=4)).save_pretrained(tmp_path / "plain")
+    assert not [str(w.message) for w in caught if "save_embedding_layers" in str(w.message)]
+    saved = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    assert not [key for key in saved if "embed_tokens" in key]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*holds no token embeddings")
         PeftModel.from_pretrained(load(), tmp_path / "plain")
+
+
+def test_an_adapter_saved_without_embeddings_loads_without_a_warning_onto_its_base_saved_after_the_resize(tmp_path):
+    """The warning about embeddings not saved reads the vocabulary of the checkpoint the model was loaded from before
+    the adapter's base_model_name_or_path: a base model saved after its resize holds the rows the adapter was trained
+    with (its name_or_path names the checkpoint before the resize, with 128 tokens), so the adapter loaded onto it
+    computes as trained, with no warning of random rows."""
+    import warnings
+
+    tiny_causal_lm().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    base.resize_token_embeddings(VOCAB)
+    base.save_pretrained(tmp_path / "resized")  # the added tokens' rows kept with the base model
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    train_steps(model, IDS)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=IDS).logits
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    assert model.peft_config["default"].base_model_name_or_path == str(tmp_path / "base")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "resized"),
+                                           tmp_path / "adapter")
+    assert not [str(w.message) for w in caught if "holds no token embeddings" in str(w.message)]
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=IDS).logits, expected)
 
 
 
@@ -662,3 +728,19 @@ def test_a_refusal_for_the_vocabulary_alone_does_not_describe_both_models_alike(
         f"{VOCAB} (the adapter's value first). Load it onto the base model it was trained on"
     ), message
     assert message.count("hidden_size=64") == 1
+
+
+def test_an_adapter_of_a_resized_vocabulary_onto_a_base_model_of_other_sizes_too_is_refused_unresized(tmp_path):
+    """The load resizes the base model to the adapter's vocabulary only where the vocabulary is all that differs: onto
+    a model of another depth as well (another base model), the refusal names both differences and the model is
+    handed back at its own vocabulary, not resized for an adapter that cannot load."""
+    tiny_causal_lm(tie_word_embeddings=False).save_pretrained(tmp_path / "base")
+    trained(str(tmp_path / "base"), base=resized_4bit(str(tmp_path / "base"), quantized=False)).save_pretrained(
+        tmp_path / "adapter")
+    other = tiny_causal_lm(tie_word_embeddings=False, num_hidden_layers=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=rf"num_hidden_layers 3 against 2, vocab_size {VOCAB} against 128"):
+            PeftModel.from_pretrained(other, str(tmp_path / "adapter"))
+    assert not [w for w in caught if "resized from" in str(w.message)]
+    assert other.config.vocab_size == 128 and other.get_input_embeddings().num_embeddings == 128
