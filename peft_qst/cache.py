@@ -167,7 +167,6 @@ class QSTCache(Cache):
         return all(cache.is_croppable for cache in self._each())
 
 
-
 class BackboneRouting:
     """Which hybrid adapter (``backbone_lora_layers``) adapted the backbone blocks that filled each row of a backbone
     cache: ``rows`` is None (no row's backbone was adapted), an adapter name (every row's was, by that adapter), or a

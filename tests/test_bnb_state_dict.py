@@ -519,7 +519,6 @@ def test_a_model_pickled_before_kept_layouts_named_their_weight_trains_and_unloa
                    for _, m in _linear4bit_layers(base))
 
 
-
 @pytest.mark.skipif(not has_avx512bf16(), reason="bitsandbytes packs for the CPU, and layouts are kept, only with it")
 @pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
 def test_kept_layouts_their_weight_does_not_hold_now_copy_and_pickle_alike(tiny_model_dir, how):

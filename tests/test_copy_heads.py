@@ -248,7 +248,6 @@ def test_copy_heads_read_the_frozen_lm_head_under_modules_to_save():
     assert torch.equal(captured[1], original[IDS[:1]])
 
 
-
 def test_a_deleted_model_is_freed_without_the_garbage_collector():
     """The layers look the LM head up on the model at each forward. A strong reference from a layer to the model that
     holds it made a cycle: ``del model`` (then ``torch.cuda.empty_cache()``) no longer freed the model's weights, only

@@ -578,7 +578,6 @@ def test_an_adapter_saved_without_embeddings_loads_without_a_warning_onto_its_ba
         assert torch.equal(loaded.eval()(input_ids=IDS).logits, expected)
 
 
-
 def test_an_adapter_trained_without_a_resize_loaded_with_a_config_onto_a_resized_base_gives_no_such_warning(tmp_path):
     """The warning about embeddings not saved reads the vocabulary the adapter's adapter_config.json records. It read
     the config of the adapter being loaded into, which get_peft_model (or PeftModel.from_pretrained with config=, or
