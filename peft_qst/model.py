@@ -47,11 +47,12 @@ from .loading import (
 from .loss import install_chunked_loss, uninstall_chunked_loss
 from .modules_to_save import (
     TASK_HEADS,
-    meets_trunk,
-    name_in,
+    check_modules_to_save_before_trunk,
+    check_modules_to_save_match,
+    check_modules_to_save_outside,
+    check_modules_to_save_unquantized,
+    modules_to_save_entries,
     names_an_entry,
-    suggested_module_names,
-    unmatched_entries,
 )
 from .per_call import call_state, held_call_state
 from .serialization import QSTAdapterFileError, user_stacklevel
@@ -293,33 +294,6 @@ def _target_modules_hint(model: nn.Module, config: QSTConfig) -> str:
     )
 
 
-def _modules_to_save_entries(config: QSTConfig) -> list:
-    """``modules_to_save`` as a list. ``QSTConfig`` refuses a bare string when it is built; one assigned to the field
-    afterwards counts as one name here (PEFT would match each of its characters)."""
-    return [config.modules_to_save] if isinstance(config.modules_to_save, str) else config.modules_to_save or []
-
-
-def _check_modules_to_save_match(model: nn.Module, trunk: nn.Module, config: QSTConfig, added_tokens: bool) -> None:
-    """Every ``modules_to_save`` entry of a new adapter names a module of the model. PEFT skips one that matches nothing
-    without a word (LoRA too): a typo (``"lm_haed"``, ``"scroe"``) trained and saved nothing for that module, which
-    showed only after training. Not checked are the heads PEFT's task classes add to every adapter's list
-    (:data:`~peft_qst.modules_to_save.TASK_HEADS`: ``"classifier"`` and ``"score"`` for ``SEQ_CLS``, of which a model
-    has one), and the ``"lm_head"`` TRL adds beside ``trainable_token_indices`` when its chat-template cloning added
-    tokens (a classifier has none). A loaded adapter's entries are checked against its weights instead
-    (:func:`~peft_qst.modules_to_save.check_saved_modules_to_save_present`)."""
-    task_type = getattr(config.task_type, "value", config.task_type)
-    exempt = set(TASK_HEADS.get(task_type, ())) | ({"lm_head"} if added_tokens else set())
-    unmatched = [entry for entry in unmatched_entries(model, _modules_to_save_entries(config)) if entry not in exempt]
-    if not unmatched:
-        return
-    raise ValueError(
-        f"QSTConfig.modules_to_save={_modules_to_save_entries(config)!r}: {unmatched} match no module of "
-        f"{type(model).__name__} (PEFT matches each entry as the end of a module name), so nothing would be trained "
-        f"or saved for them ({suggested_module_names(model, unmatched, trunk)}). Correct these entries or "
-        "remove them."
-    )
-
-
 class _RowRouting:
     """The forward pre-hook that hands one ``adapter_names=[...]`` call's row names to a QST layer or a
     ``modules_to_save`` wrapper, for that call only (removed when it ends).
@@ -393,128 +367,6 @@ def _route_expansion(model_class: type) -> None:
     setattr(owner, name, _expand_inputs_for_generation)
 
 
-def _check_modules_to_save_outside(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
-    """modules_to_save inside the decoder trunk (embeddings, norms, a LoraConfig's list) cannot train: the trunk
-    runs frozen under no_grad. PEFT matches entries as suffixes of module names."""
-    entries = _modules_to_save_entries(config)
-    names = {module: name for name, module in model.named_modules()}
-    trunk_name = names.get(trunk)
-    if not entries or trunk_name is None:
-        return
-    inside = sorted(
-        {
-            entry
-            for name in names.values()
-            if name.startswith(trunk_name + ".") or (trunk_name == "" and name)  # a bare trunk: every module
-            for entry in entries
-            if names_an_entry(name, (entry,))
-        }
-    )
-    if inside:
-        raise ValueError(
-            f"QSTConfig.modules_to_save={entries!r}: {inside} lie inside the decoder trunk "
-            f"{repr(trunk_name) if trunk_name else '(the bare trunk is the whole model)'}, which QST "
-            "runs frozen without gradients, so they could not train. Only modules outside it can be trained and "
-            "saved with the adapter (an LM head, a classification head); remove these entries."
-        )
-
-
-def _check_modules_to_save_before_trunk(model: nn.Module, trunk: nn.Module, config: QSTConfig, model_type: str) -> None:
-    """modules_to_save before the language model of a composite (multimodal) model (its vision tower, its projector)
-    cannot train either: their output reaches the loss only through the language model, which QST runs frozen under
-    no_grad, and the side network reads the merged embeddings detached (:meth:`QSTLayer._forward_adapted`). PEFT would
-    wrap them, count them as trainable and save them, while their gradients stayed None (LoRA trains them: its backward
-    runs through the language model). They are the modules beside the trunk in the model that holds it (LlavaModel,
-    Qwen2VLModel, ...); the heads after it (``lm_head``, ``score``) lie outside that model."""
-    entries = _modules_to_save_entries(config)
-    names = {module: name for name, module in model.named_modules()}
-    trunk_name = names.get(trunk)
-    if not entries or trunk_name is None:
-        return
-    holder = trunk_name.rpartition(".")[0]  # "" where the composite base model itself was passed (LlavaModel)
-    before = sorted(
-        {
-            entry
-            for name in names.values()
-            if name
-            and (not holder or name == holder or name.startswith(holder + "."))
-            and name != trunk_name
-            and not name.startswith(trunk_name + ".")
-            and not trunk_name.startswith(name + ".")  # a module holding the trunk: the trunk check's concern
-            for entry in entries
-            if names_an_entry(name, (entry,))
-        }
-    )
-    if before:
-        raise ValueError(
-            f"QSTConfig.modules_to_save={entries!r}: {before} lie before the language model {trunk_name!r} of this "
-            f"{model_type} model (its vision tower or projector). Their output reaches the loss only through the "
-            "language model, which QST runs frozen without gradients (the side network reads its hidden states "
-            "detached), so they could not train. Remove these entries: QST trains the side network beside the "
-            "language model, and modules after it (the LM head)."
-        )
-
-
-def _quantized_layers(module: nn.Module) -> list:
-    """The bitsandbytes-quantized layers in ``module`` and anywhere inside it, as [(relative name, class name)]: a
-    ``Linear4bit``/``Linear8bitLt``, or a layer holding a packed ``Params4bit``/``Int8Params`` or integer weight."""
-    return [
-        (name, type(layer).__name__)
-        for name, layer in module.named_modules()
-        if type(layer).__name__ in ("Linear4bit", "Linear8bitLt")
-        or any(
-            type(w).__name__ in ("Params4bit", "Int8Params") or not w.dtype.is_floating_point
-            for w in layer.parameters(recurse=False)
-        )
-    ]
-
-
-def _check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
-    """The modules trained and saved whole with the adapter (``modules_to_save``, and the head PEFT's task class adds to
-    it after injection: :data:`~peft_qst.modules_to_save.TASK_HEADS`) must be plain, unquantized layers. transformers'
-    bitsandbytes loading keeps only the model's last parameter and its LM head unquantized by default, so a head with a
-    bias (the ``score`` of ``AutoModelForTokenClassification``, the ``qa_outputs`` of ``AutoModelForQuestionAnswering``)
-    is loaded as a 4-bit ``Linear4bit`` (``SEQ_CLS``'s bias-free ``score`` is kept). PEFT's trainable copy of it then
-    fails, after the side network was injected, with bitsandbytes' own errors: "only Tensors of floating point dtype can
-    require gradients" for a head loaded from the checkpoint, a bare ``AssertionError`` at the first forward for a newly
-    initialised one, whose weight was never quantized (LoRA fails the same way). A head made of sub-modules (an
-    ``nn.Sequential``, a dense + out_proj classification head) is copied whole, so a quantized layer anywhere inside it
-    fails the same way: every layer inside an entry is checked. The trunk, or a module holding it, is left to
-    :func:`_check_modules_to_save_outside` and PEFT (keeping it out of quantization is no fix)."""
-    entries = _modules_to_save_entries(config)
-    task_type = getattr(config.task_type, "value", config.task_type)
-    heads = set(entries) | set(TASK_HEADS.get(task_type, ()))
-    trunk_name = name_in(model, trunk)
-    if not heads or trunk_name is None:
-        return
-    quantized = {}
-    for name, module in model.named_modules():
-        if not name or not names_an_entry(name, heads) or meets_trunk(name, trunk_name):
-            continue
-        layers = _quantized_layers(module)
-        if layers and layers[0][0] == "":  # the module itself is the quantized layer
-            quantized[name] = layers[0][1]
-        elif layers:
-            inside = ", ".join(f"{kind} {name + '.' + sub!r}" for sub, kind in layers)
-            quantized[name] = f"{type(module).__name__} holding {inside}"
-    if quantized:
-        listed = ", ".join(f"{name!r} ({kind})" for name, kind in sorted(quantized.items()))
-        skip = sorted({name.rpartition(".")[2] for name in quantized})
-        why = (
-            f"the task head PEFT trains for task_type={task_type!r}"
-            if set(skip) <= set(TASK_HEADS.get(task_type, ())) and not set(skip) & set(entries)
-            else "modules_to_save"
-        )
-        raise QSTUnsupportedModelError(
-            f"{listed} was loaded quantized by bitsandbytes, but QST trains and saves it whole with the adapter "
-            f"({why}), and a quantized layer cannot be trained: bitsandbytes fails later with a bare AssertionError "
-            "or \"only Tensors of floating point dtype can require gradients\" (LoRA too). transformers keeps only "
-            "the LM head and the model's last parameter unquantized by default, so a head with a bias is quantized. "
-            f"Keep it out of quantization when loading the base model: BitsAndBytesConfig(..., "
-            f"llm_int8_skip_modules={skip!r}); load a saved adapter onto a base model loaded the same way."
-        )
-
-
 def _check_bare_trunk_config(model: nn.Module, config: QSTConfig) -> None:
     """A bare decoder trunk (AutoModel) is side-tuned for its features only: its QST output is the adapted
     ``last_hidden_state``, which ``PeftModelForFeatureExtraction`` returns. Other task types' PEFT wrappers would
@@ -551,7 +403,7 @@ def _check_task_head(model: nn.Module, config: QSTConfig) -> None:
     name = type(model).__name__
     heads = TASK_HEADS.get(task_type)
     # matched as PEFT matches modules_to_save: as suffixes of module names
-    trained = tuple(heads or ()) + tuple(_modules_to_save_entries(config))
+    trained = tuple(heads or ()) + tuple(modules_to_save_entries(config))
     if heads and not any(names_an_entry(module, trained) for module, _ in model.named_modules()):
         raise ValueError(
             f"QSTConfig.task_type={task_type!r} trains the model's task head ({' or '.join(heads)}), but {name} has "
@@ -875,13 +727,13 @@ class QSTModel(BaseTuner):
         if composite:
             _check_composite_trunk(model_type, base_trunk, text_config)
         if recorded is None and not reading_saved_adapter.get():  # a new adapter; a loaded one: against its weights
-            _check_modules_to_save_match(model, trunk, config, added_tokens)
+            check_modules_to_save_match(model, trunk, config, added_tokens)
         if not is_bare_trunk(model) and self.__dict__.get(_TASK_CLASS_WRAPS, True):
             _check_task_head(model, config)
-        _check_modules_to_save_outside(model, trunk, config)
+        check_modules_to_save_outside(model, trunk, config)
         if composite:
-            _check_modules_to_save_before_trunk(model, trunk, config, model_type)
-        _check_modules_to_save_unquantized(model, trunk, config)
+            check_modules_to_save_before_trunk(model, trunk, config, model_type)
+        check_modules_to_save_unquantized(model, trunk, config)
         parent, blocks_name = find_layer_list(base_trunk, num_blocks(model_config))
         reason = unsupported_blocks_reason(getattr(parent, blocks_name))
         if reason is not None:

@@ -3,8 +3,8 @@ nothing, and whether a saved adapter's entries name modules of the model it is l
 
 PEFT wraps every module whose name ends with an entry and skips an entry that matches nothing without a word, so a
 typo trains and saves nothing, and a saved head the model lacks shows up as unrelated missing weights. The checks of a
-new adapter's entries (``peft_qst.model._check_modules_to_save_*``) and of a loaded adapter's
-(:func:`check_saved_modules_to_save_present`) share the matching and the suggestions here.
+new adapter's entries (``check_modules_to_save_*``, called by :class:`~peft_qst.model.QSTModel` before injecting) and
+of a loaded adapter's (:func:`check_saved_modules_to_save_present`) share the matching and the suggestions here.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from typing import Optional
 
 from torch import nn
 
+from .config import QSTConfig
 from .layer import SIDE_ATTR, QSTLayer
 from .loading import PEFT_MODEL_PREFIX
 from .serialization import QSTAdapterFileError
+from .side import QSTUnsupportedModelError
 
 
 #: the heads PEFT's task classes (``PeftModelForSequenceClassification`` and its siblings) add to ``modules_to_save``
@@ -97,7 +99,7 @@ def check_saved_modules_to_save_present(model: nn.Module, adapter_name: str, ent
     another model class, or with another head name) was reported as weights missing for the model's own head, or as
     tensors "written by something other than save_pretrained", neither naming the cause. An entry that matches nothing
     and has no weights in the file trained nothing (an adapter saved before
-    :func:`~peft_qst.model._check_modules_to_save_match`, TRL's ``"lm_head"`` on a classifier) and loads as it was
+    :func:`check_modules_to_save_match`, TRL's ``"lm_head"`` on a classifier) and loads as it was
     saved."""
     entries = [entries] if isinstance(entries, str) else entries if isinstance(entries, (list, tuple, set)) else ()
     entries = [entry for entry in entries if isinstance(entry, str) and entry]  # a bad file's: refused elsewhere
@@ -123,3 +125,152 @@ def check_saved_modules_to_save_present(model: nn.Module, adapter_name: str, ent
         f"module of {type(base).__name__} ({suggested_module_names(base, sorted(saved), trunk)}). Load the "
         "adapter onto the model class (and head) it was trained with; nothing was loaded."
     )
+
+
+def modules_to_save_entries(config: QSTConfig) -> list:
+    """``modules_to_save`` as a list. ``QSTConfig`` refuses a bare string when it is built; one assigned to the field
+    afterwards counts as one name here (PEFT would match each of its characters)."""
+    return [config.modules_to_save] if isinstance(config.modules_to_save, str) else config.modules_to_save or []
+
+
+def check_modules_to_save_match(model: nn.Module, trunk: nn.Module, config: QSTConfig, added_tokens: bool) -> None:
+    """Every ``modules_to_save`` entry of a new adapter names a module of the model. PEFT skips one that matches nothing
+    without a word (LoRA too): a typo (``"lm_haed"``, ``"scroe"``) trained and saved nothing for that module, which
+    showed only after training. Not checked are the heads PEFT's task classes add to every adapter's list
+    (:data:`~peft_qst.modules_to_save.TASK_HEADS`: ``"classifier"`` and ``"score"`` for ``SEQ_CLS``, of which a model
+    has one), and the ``"lm_head"`` TRL adds beside ``trainable_token_indices`` when its chat-template cloning added
+    tokens (a classifier has none). A loaded adapter's entries are checked against its weights instead
+    (:func:`~peft_qst.modules_to_save.check_saved_modules_to_save_present`)."""
+    task_type = getattr(config.task_type, "value", config.task_type)
+    exempt = set(TASK_HEADS.get(task_type, ())) | ({"lm_head"} if added_tokens else set())
+    unmatched = [entry for entry in unmatched_entries(model, modules_to_save_entries(config)) if entry not in exempt]
+    if not unmatched:
+        return
+    raise ValueError(
+        f"QSTConfig.modules_to_save={modules_to_save_entries(config)!r}: {unmatched} match no module of "
+        f"{type(model).__name__} (PEFT matches each entry as the end of a module name), so nothing would be trained "
+        f"or saved for them ({suggested_module_names(model, unmatched, trunk)}). Correct these entries or "
+        "remove them."
+    )
+
+
+def check_modules_to_save_outside(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
+    """modules_to_save inside the decoder trunk (embeddings, norms, a LoraConfig's list) cannot train: the trunk
+    runs frozen under no_grad. PEFT matches entries as suffixes of module names."""
+    entries = modules_to_save_entries(config)
+    names = {module: name for name, module in model.named_modules()}
+    trunk_name = names.get(trunk)
+    if not entries or trunk_name is None:
+        return
+    inside = sorted(
+        {
+            entry
+            for name in names.values()
+            if name.startswith(trunk_name + ".") or (trunk_name == "" and name)  # a bare trunk: every module
+            for entry in entries
+            if names_an_entry(name, (entry,))
+        }
+    )
+    if inside:
+        raise ValueError(
+            f"QSTConfig.modules_to_save={entries!r}: {inside} lie inside the decoder trunk "
+            f"{repr(trunk_name) if trunk_name else '(the bare trunk is the whole model)'}, which QST "
+            "runs frozen without gradients, so they could not train. Only modules outside it can be trained and "
+            "saved with the adapter (an LM head, a classification head); remove these entries."
+        )
+
+
+def check_modules_to_save_before_trunk(model: nn.Module, trunk: nn.Module, config: QSTConfig, model_type: str) -> None:
+    """modules_to_save before the language model of a composite (multimodal) model (its vision tower, its projector)
+    cannot train either: their output reaches the loss only through the language model, which QST runs frozen under
+    no_grad, and the side network reads the merged embeddings detached (:meth:`QSTLayer._forward_adapted`). PEFT would
+    wrap them, count them as trainable and save them, while their gradients stayed None (LoRA trains them: its backward
+    runs through the language model). They are the modules beside the trunk in the model that holds it (LlavaModel,
+    Qwen2VLModel, ...); the heads after it (``lm_head``, ``score``) lie outside that model."""
+    entries = modules_to_save_entries(config)
+    names = {module: name for name, module in model.named_modules()}
+    trunk_name = names.get(trunk)
+    if not entries or trunk_name is None:
+        return
+    holder = trunk_name.rpartition(".")[0]  # "" where the composite base model itself was passed (LlavaModel)
+    before = sorted(
+        {
+            entry
+            for name in names.values()
+            if name
+            and (not holder or name == holder or name.startswith(holder + "."))
+            and name != trunk_name
+            and not name.startswith(trunk_name + ".")
+            and not trunk_name.startswith(name + ".")  # a module holding the trunk: the trunk check's concern
+            for entry in entries
+            if names_an_entry(name, (entry,))
+        }
+    )
+    if before:
+        raise ValueError(
+            f"QSTConfig.modules_to_save={entries!r}: {before} lie before the language model {trunk_name!r} of this "
+            f"{model_type} model (its vision tower or projector). Their output reaches the loss only through the "
+            "language model, which QST runs frozen without gradients (the side network reads its hidden states "
+            "detached), so they could not train. Remove these entries: QST trains the side network beside the "
+            "language model, and modules after it (the LM head)."
+        )
+
+
+def _quantized_layers(module: nn.Module) -> list:
+    """The bitsandbytes-quantized layers in ``module`` and anywhere inside it, as [(relative name, class name)]: a
+    ``Linear4bit``/``Linear8bitLt``, or a layer holding a packed ``Params4bit``/``Int8Params`` or integer weight."""
+    return [
+        (name, type(layer).__name__)
+        for name, layer in module.named_modules()
+        if type(layer).__name__ in ("Linear4bit", "Linear8bitLt")
+        or any(
+            type(w).__name__ in ("Params4bit", "Int8Params") or not w.dtype.is_floating_point
+            for w in layer.parameters(recurse=False)
+        )
+    ]
+
+
+def check_modules_to_save_unquantized(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
+    """The modules trained and saved whole with the adapter (``modules_to_save``, and the head PEFT's task class adds to
+    it after injection: :data:`~peft_qst.modules_to_save.TASK_HEADS`) must be plain, unquantized layers. transformers'
+    bitsandbytes loading keeps only the model's last parameter and its LM head unquantized by default, so a head with a
+    bias (the ``score`` of ``AutoModelForTokenClassification``, the ``qa_outputs`` of ``AutoModelForQuestionAnswering``)
+    is loaded as a 4-bit ``Linear4bit`` (``SEQ_CLS``'s bias-free ``score`` is kept). PEFT's trainable copy of it then
+    fails, after the side network was injected, with bitsandbytes' own errors: "only Tensors of floating point dtype can
+    require gradients" for a head loaded from the checkpoint, a bare ``AssertionError`` at the first forward for a newly
+    initialised one, whose weight was never quantized (LoRA fails the same way). A head made of sub-modules (an
+    ``nn.Sequential``, a dense + out_proj classification head) is copied whole, so a quantized layer anywhere inside it
+    fails the same way: every layer inside an entry is checked. The trunk, or a module holding it, is left to
+    :func:`check_modules_to_save_outside` and PEFT (keeping it out of quantization is no fix)."""
+    entries = modules_to_save_entries(config)
+    task_type = getattr(config.task_type, "value", config.task_type)
+    heads = set(entries) | set(TASK_HEADS.get(task_type, ()))
+    trunk_name = name_in(model, trunk)
+    if not heads or trunk_name is None:
+        return
+    quantized = {}
+    for name, module in model.named_modules():
+        if not name or not names_an_entry(name, heads) or meets_trunk(name, trunk_name):
+            continue
+        layers = _quantized_layers(module)
+        if layers and layers[0][0] == "":  # the module itself is the quantized layer
+            quantized[name] = layers[0][1]
+        elif layers:
+            inside = ", ".join(f"{kind} {name + '.' + sub!r}" for sub, kind in layers)
+            quantized[name] = f"{type(module).__name__} holding {inside}"
+    if quantized:
+        listed = ", ".join(f"{name!r} ({kind})" for name, kind in sorted(quantized.items()))
+        skip = sorted({name.rpartition(".")[2] for name in quantized})
+        why = (
+            f"the task head PEFT trains for task_type={task_type!r}"
+            if set(skip) <= set(TASK_HEADS.get(task_type, ())) and not set(skip) & set(entries)
+            else "modules_to_save"
+        )
+        raise QSTUnsupportedModelError(
+            f"{listed} was loaded quantized by bitsandbytes, but QST trains and saves it whole with the adapter "
+            f"({why}), and a quantized layer cannot be trained: bitsandbytes fails later with a bare AssertionError "
+            "or \"only Tensors of floating point dtype can require gradients\" (LoRA too). transformers keeps only "
+            "the LM head and the model's last parameter unquantized by default, so a head with a bias is quantized. "
+            f"Keep it out of quantization when loading the base model: BitsAndBytesConfig(..., "
+            f"llm_int8_skip_modules={skip!r}); load a saved adapter onto a base model loaded the same way."
+        )
