@@ -65,10 +65,12 @@ FAST_TYPES = [
     ("mistral", {"base": {"sliding_window": None}}),
     ("qwen2", {}),  # q/k/v biases
     ("llama", {"base": {"attention_bias": True, "mlp_bias": True}}),  # biases on every projection, o and mlp too
+    ("llama", {"base": {"rms_norm_eps": 0.5}}),  # an epsilon that counts: each RMS denominator must add its own
 ]
 
 
-@pytest.mark.parametrize("model_type,config", FAST_TYPES, ids=["llama", "mistral", "qwen2", "llama-biases"])
+@pytest.mark.parametrize("model_type,config", FAST_TYPES,
+                         ids=["llama", "mistral", "qwen2", "llama-biases", "large-epsilon"])
 def test_forward_equals_the_general_path(model_type, config):
     model = qst_model(model_type, **dict(config))
     ids, mask = left_padded_batch()
@@ -390,7 +392,11 @@ def test_packed_sequences_take_the_general_path():
         positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
         packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions, use_cache=False)
         alone = model(input_ids=second[None], use_cache=False).logits
+        # the shortest packed row: two one-token sequences
+        pair = model(input_ids=torch.tensor([[5, 11]]), position_ids=torch.tensor([[0, 0]]), use_cache=False).logits
+        single = model(input_ids=torch.tensor([[11]]), use_cache=False).logits
     torch.testing.assert_close(packed.logits[:, 5:], alone, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(pair[:, 1:], single, atol=2e-5, rtol=1e-4)
 
 
 def test_lm_head_gets_one_token_inputs_with_standard_strides():
@@ -599,3 +605,111 @@ def test_switching_paths_in_the_middle_of_a_generation_under_eager_attention(fas
         with fast_path_disabled():
             reference = model(input_ids=torch.cat([ids, step], 1), attention_mask=step_mask).logits[:, -1]
     torch.testing.assert_close(continued.logits[:, -1], reference, atol=0.05, rtol=0.05)
+
+
+def test_dynamic_rotary_scaling_follows_the_rotary_module():
+    """Dynamic NTK scaling recomputes the rotary frequencies once a sequence runs past ``max_position_embeddings``: the
+    fast path must take them from the rotary module at each forward (only plain rotary embeddings, whose frequencies
+    never change, are computed from the frequencies seen when the weights were packed), or every position past the
+    limit is rotated with the unscaled frequencies."""
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    model = qst_model(base={"rope_parameters": rope, "max_position_embeddings": 8})
+    ids, mask = left_padded_batch()  # 8 tokens: the decoding steps run past position 8
+    # transformers' dynamic rotary modules keep the longest frequencies they have computed (the backbone's too), so
+    # one generation first puts both paths' runs below in the same state
+    with torch.no_grad():
+        greedy_decoding_logits(model, ids, mask, steps=6)
+    assert side_of(model).__dict__.get("_packed_weights") is not None  # the fast path ran
+    fast, general = both_paths(lambda: greedy_decoding_logits(model, ids, mask, steps=6))
+    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+
+
+def test_a_parameter_replaced_between_two_turns_of_a_cache_is_followed():
+    """Weight surgery that assigns a new Parameter (``module.weight = nn.Parameter(...)``) is no optimizer step, no
+    load and no write to the old tensor: the registration counter makes a cache continued after it check the weights
+    again, and the check reads the side network's parameters anew (not the list it kept, which holds the old
+    tensor). The next turn, and the next sequence, run on the new weight, as on the general path."""
+    model = qst_model()
+    ids, mask = left_padded_batch()
+    step = torch.tensor([[7], [9]])
+    step_mask = torch.cat([mask, torch.ones_like(step)], 1)
+    with torch.no_grad():
+        before = model(input_ids=torch.cat([ids, step], 1), attention_mask=step_mask).logits[:, -1]
+        with fast_path_disabled():
+            general_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        fast_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+    side = side_of(model)
+    side.upsample.weight = torch.nn.Parameter(side.upsample.weight.detach().flip(0).clone())
+    with torch.no_grad():
+        fast = model(input_ids=step, attention_mask=step_mask, past_key_values=fast_cache).logits[:, -1]
+        with fast_path_disabled():
+            general = model(input_ids=step, attention_mask=step_mask, past_key_values=general_cache).logits[:, -1]
+    assert (general - before).abs().max() > 1e-2  # the new weight changed the new token's logits
+    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(fast[mask.bool()], general[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
+def test_other_keyword_arguments_take_the_general_path():
+    """Keyword arguments the fast path does not read (here packed-sequence metadata for a single sequence, as a
+    padding-free collator gives it, with consecutive positions) go to the general path, which hands them to the side
+    trunk; the fast path's forward takes only the arguments it understands."""
+    model = qst_model()
+    ids = torch.tensor([[5, 17, 33, 2, 99, 64]])
+    bounds = torch.tensor([0, ids.shape[1]], dtype=torch.int32)
+    with torch.no_grad():
+        plain = model(input_ids=ids, use_cache=False).logits  # the fast path
+        del side_of(model).__dict__["_packed_weights"]
+        flattened = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], cu_seq_lens_q=bounds,
+                          cu_seq_lens_k=bounds, max_length_q=ids.shape[1], max_length_k=ids.shape[1],
+                          use_cache=False).logits
+    assert side_of(model).__dict__.get("_packed_weights") is None  # the general path ran
+    torch.testing.assert_close(flattened, plain, atol=2e-5, rtol=1e-4)
+
+
+def test_a_static_cache_passed_to_forward_takes_the_general_path():
+    """A ``StaticCache`` handed to the model's forward with a 2-D mask (``generate`` builds a 4-D mask for one, a
+    direct call need not): its side half is preallocated, so its layers return keys of the full cache length, which
+    the fast path's attention does not mask; the general path runs it, prefill and decoding step."""
+    from transformers import StaticCache
+
+    model = qst_model()
+    ids, mask = left_padded_batch()
+    step = torch.tensor([[7], [9]])
+    step_mask = torch.cat([mask, torch.ones_like(step)], 1)
+
+    def prefill_and_step():
+        with torch.no_grad():
+            cache = StaticCache(config=model.config, max_cache_len=16)
+            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            following = model(input_ids=step, attention_mask=step_mask, past_key_values=out.past_key_values)
+            return out.logits, following.logits
+
+    (fast, fast_step), (general, general_step) = both_paths(prefill_and_step)
+    torch.testing.assert_close(fast[mask.bool()], general[mask.bool()], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fast_step, general_step, atol=2e-5, rtol=1e-4)
+
+
+def test_a_reset_cache_reused_after_a_data_edit_runs_on_the_edited_weights():
+    """``cache.reset()`` empties the cache a generation filled, for the next prompt; a forward that continues a cache
+    the packed weights were checked for skips the check, but an emptied one starts a new sequence and is checked
+    again: an update through ``param.data`` between the two generations (an EMA, weight surgery), which no counter
+    records, is followed as on the general path."""
+    from transformers import DynamicCache
+
+    model = qst_model()
+    ids, mask = left_padded_batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        cache = model.generate(past_key_values=DynamicCache(), **kwargs).past_key_values
+        cache.reset()
+        for p in side_of(model).parameters():
+            if p.dim() == 2:
+                p.data.copy_(p.data.flip(0))
+    fast = model.generate(past_key_values=cache, **kwargs)
+    with fast_path_disabled():
+        general = model.generate(**kwargs)
+    assert torch.equal(fast.sequences, general.sequences)
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(general.logits), atol=2e-5, rtol=1e-4)
