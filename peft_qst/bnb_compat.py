@@ -226,7 +226,9 @@ def _swap_layout(module: nn.Module, data: torch.Tensor, quant_state) -> tuple:
     keeps the standard data (``weight.data = ...`` rebinds the parameter, not the view) and the kept state object is
     never changed, so the backward dequantizes the standard layout the forward ran."""
     weight = module.weight
-    previous = (weight.data, weight.quant_state)
+    # none on the plain Parameter of a deep copy of a model read back by torch.load, where a call had raised mid-way:
+    # the packed layout swapped back there is the whole of what the weight needs
+    previous = (weight.data, getattr(weight, "quant_state", None))
     weight.data = data
     weight.quant_state = quant_state
     return previous

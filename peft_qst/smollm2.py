@@ -60,8 +60,10 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_file()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
+    # a symlinked folder is written where it points: a folder cannot be renamed onto the link itself
+    written = target.resolve()
+    written.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=written.parent))
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.bfloat16)
     # The de-quantised model still carries the GGUF quantizer, which refuses serialisation; it is a plain
@@ -72,7 +74,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     try:
-        os.replace(staging, target)
+        os.replace(staging, written)
     except OSError as error:
         # another process finished the same conversion first; keep theirs
         import shutil
@@ -92,7 +94,11 @@ def _occupied(target: Path) -> FileExistsError:
     """The error for a ``target`` the conversion cannot be renamed onto: a file, or a folder that holds other files
     and no conversion. The rename failed there, and the folder was returned as if it held the model (after a
     conversion of about 20 s, thrown away), to fail at its first ``from_pretrained`` without naming the cause."""
+    if target.is_file():
+        held = f"is a file, not a folder, so the conversion of {MODEL_NAME}"
+    else:
+        held = f"holds other files and no converted {MODEL_NAME} (config.json and model.safetensors), so the conversion"
     return FileExistsError(
-        f"{target} holds other files and no converted {MODEL_NAME} (config.json and model.safetensors), so the "
-        "conversion cannot be written there. Give smollm2_path a new or empty folder (cache_dir), or remove this one."
+        f"{target} {held} cannot be written there. Give smollm2_path a new or empty folder (cache_dir), or remove "
+        "this one."
     )

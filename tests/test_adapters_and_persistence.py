@@ -214,14 +214,17 @@ def test_smollm2_path_converts_into_the_folder_given_a_checkpoint_loading_in_4bi
     bf16 safetensors checkpoint with its tokenizer, without the GGUF quantizer's quantization_config (which refuses
     bitsandbytes' 4-bit load), holding the weights of the default cache's conversion, and no staging folder left
     beside it. A folder that holds a conversion is returned without converting again; $PEFT_QST_CACHE moves the
-    default cache."""
+    default cache. The folder given here is a link to an empty folder, which the conversion is written into (renamed
+    onto the link, it failed: "Not a directory")."""
     from transformers import AutoTokenizer
 
     from peft_qst import smollm2
 
     folder = tmp_path / "converted"
+    (tmp_path / "elsewhere").mkdir()
+    folder.symlink_to(tmp_path / "elsewhere")
     assert smollm2.smollm2_path(folder) == str(folder)
-    assert [path.name for path in tmp_path.iterdir()] == ["converted"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["converted", "elsewhere"] and folder.is_symlink()
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     converted = load_file(str(folder / "model.safetensors"))
@@ -257,6 +260,9 @@ def test_smollm2_path_refuses_a_folder_that_holds_other_files_than_a_conversion(
     with pytest.raises(FileExistsError, match=expected):
         smollm2_path(tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == held
+    expected = rf"{re.escape(held[0])} is a file, not a folder, so the conversion of SmolLM2.*new or empty"
+    with pytest.raises(FileExistsError, match=expected):
+        smollm2_path(tmp_path / held[0])
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -520,14 +520,17 @@ def test_a_model_pickled_before_kept_layouts_named_their_weight_trains_and_unloa
 
 
 @pytest.mark.skipif(not has_avx512bf16(), reason="bitsandbytes packs for the CPU, and layouts are kept, only with it")
-@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy", "deepcopy-of-torch.load"])
 def test_kept_layouts_their_weight_does_not_hold_now_copy_and_pickle_alike(tiny_model_dir, how):
     """A training-mode call that raised between a packed layer's pre- and post-hook leaves the standard layout on the
     weight, the packed one waiting on the layer for the next call to swap back: the kept layout does not belong to
     the weight until then. A deep copy took it as stale for good (a pickled copy did not), so the copy's next
     training call dropped its kept layouts and rebuilt them with block scales rounded to bfloat16: its loss and
     gradients were not the original's. Both copies now train as the original, bit for bit. A weight re-quantized
-    since (another quantization-state object for good) keeps a layout of its copies belonging to no weight."""
+    since (another quantization-state object for good) keeps a layout of its copies belonging to no weight. A deep
+    copy of such a model read back by ``torch.load`` (whose weights, plain ``Parameter`` objects there, lose the
+    standard quantization state in the copy) failed its next call and ``unload()`` with "'Parameter' object has no
+    attribute 'quant_state'"."""
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
     def raised_mid_call():
@@ -547,8 +550,11 @@ def test_kept_layouts_their_weight_does_not_hold_now_copy_and_pickle_alike(tiny_
         assert "_qst_packed_layout_during_call" in vars(layer)
         return model
 
+    def copy_of_it(model):
+        return copy.deepcopy(copy_of(model, "torch.save")) if how == "deepcopy-of-torch.load" else copy_of(model, how)
+
     expected_loss, expected = _loss_and_gradients(raised_mid_call(), ids)
-    copied = copy_of(raised_mid_call(), how)
+    copied = copy_of_it(raised_mid_call())
     loss, gradients = _loss_and_gradients(copied, ids)
     assert torch.equal(loss, expected_loss) and gradients.keys() == expected.keys()
     for name, gradient in expected.items():
@@ -557,10 +563,12 @@ def test_kept_layouts_their_weight_does_not_hold_now_copy_and_pickle_alike(tiny_
 
     _, layer = _linear4bit_layers(copied)[0]
     layer.weight.quant_state = copy.copy(layer.weight.quant_state)  # re-quantized in place
-    again = copy_of(copied, how)
+    again = copy_of_it(copied)
     entry = vars(again.get_submodule(_linear4bit_layers(copied)[0][0]))["_qst_standard_layout"][2]
     assert not any(entry.belongs_to(m.weight) for _, m in _linear4bit_layers(again))
     again(input_ids=ids, labels=ids).loss.backward()
+    unloaded = copy_of_it(raised_mid_call()).unload()  # the packed layout back, as the next call would
+    assert _packed_everywhere(unloaded)
 
 
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "single-quant"])

@@ -342,15 +342,16 @@ def test_side_heads_set_the_side_blocks_heads_and_key_value_grouping(side_heads,
 
 
 @pytest.mark.parametrize(
-    "side_heads, expected", [("auto", (4, 1, 18)), (6, (6, 2, 12)), (3, (3, 1, 24)), (2, (2, 1, 36))]
+    "side_heads, expected", [("auto", (4, 1, 36)), (6, (6, 2, 24)), (3, (3, 1, 48)), (8, (8, 1, 18))]
 )
 def test_side_heads_that_the_grouping_does_not_divide_get_one_key_value_head(side_heads, expected):
-    """SmolLM2-135M's layout (9 heads, 3 key/value heads: 3 query heads each) at 144 channels, r=2 (72 side channels):
-    a side head count the grouping divides keeps it (6 heads: 2 key/value heads; 3: 1), any other gets one key/value
-    head for all ("auto": 4 heads of 18, the nearest to 16; 2 heads), not one per query head."""
+    """SmolLM2-135M's layout (9 heads, 3 key/value heads: 3 query heads each) at 288 channels, r=2 (144 side
+    channels): a side head count the grouping divides keeps it (6 heads: 2 key/value heads; 3: 1), any other gets one
+    key/value head for all ("auto": 4 heads of 36, the nearest to the backbone's 32; 8 heads: not 8 // 3 = 2, groups
+    of 4 that are not the backbone's grouping), not one per query head."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(hidden_size=144, intermediate_size=64, num_hidden_layers=1, num_attention_heads=9,
+    config = LlamaConfig(hidden_size=288, intermediate_size=64, num_hidden_layers=1, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=64)
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_config(config), QSTConfig(r=2, side_heads=side_heads))
@@ -358,7 +359,7 @@ def test_side_heads_that_the_grouping_does_not_divide_get_one_key_value_head(sid
     attention = side._blocks[0].block.self_attn
     heads, kv_heads, head_dim = expected
     assert (side.trunk.config.num_attention_heads, side.trunk.config.num_key_value_heads) == (heads, kv_heads)
-    assert attention.k_proj.weight.shape == (kv_heads * head_dim, 72)
+    assert attention.k_proj.weight.shape == (kv_heads * head_dim, 144)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     model(input_ids=ids, labels=ids).loss.backward()
     assert attention.k_proj.weight.grad is not None

@@ -528,9 +528,9 @@ def test_side_blocks_divide_their_inner_widths_by_r(model_type):
 def test_inner_widths_that_r_does_not_divide_follow_their_rounding_rules():
     """The inner-width rules where the sweep's tiny configs divide evenly and these do not. Each side network runs.
     Zamba2's shared-block adapters of rank 136 at r=16 get rank 9 (8.5, rounded up). Laguna's per-layer head counts
-    48 and 46 (4 heads) beside one side head get 12 and 12 (11.5 rounded to the nearest even count). Nemotron-H's 18
-    Mamba heads in 18 groups at r=4 divide to 4 groups, which 18 heads do not share: 2, the greatest divisor of the
-    head count not above 4 (4 groups failed in the side mixer). MiniMax-M3's indexer has one head per key/value head
+    48 and 46 (4 heads) beside one side head get 12 and 12 (11.5, Python's round: half to even). Nemotron-H's 18
+    Mamba heads in 18 groups at r=4 divide to 4 groups, which 18 heads do not share: 2, the greatest common divisor
+    of 18 and 4 (4 groups failed in the side mixer). MiniMax-M3's indexer has one head per key/value head
     (its block selection is per key/value group): with the model's own heads (side_heads=None: 4 heads, 2 key/value
     heads) its side indexer keeps 2, not 2 // 16 raised to 1."""
     def side(model_type, r=16, side_heads="auto", **overrides):

@@ -241,8 +241,8 @@ def test_side_mixers_round_their_time_step_rank_up_and_keep_groups_that_divide_t
     """Two rounding rules of the state-space side mixers that the released shapes (whose ranks and groups r divides)
     do not reach. A time-step rank of 24 at r=16 is 1.5: rounded up to 2, the rank of the side mixer's time-step
     projection, as for the hybrids' ``mamba_dt_rank``. Mamba-2's 18 heads in 18 groups of B/C at r=4 divide to 4
-    groups, which 18 heads do not share evenly: the side takes 2 (the greatest divisor of its head count not above 4),
-    and its mixers run."""
+    groups, which 18 heads do not share evenly: the side takes 2 (the greatest common divisor of 18 and 4; 3 would
+    divide 18 too), and its mixers run."""
     mamba = side_of(get_peft_model(tiny("mamba", time_step_rank=24), QSTConfig(task_type="CAUSAL_LM")))
     assert mamba.trunk.config.time_step_rank == 2
     assert mamba.trunk.layers[0].block.mixer.dt_proj.in_features == 2
