@@ -1165,6 +1165,16 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 "the old one only with the adapter that filled it."
             )
 
+    def _filled_by_another(self, name: str, half) -> bool:
+        """Whether the side half ``half`` records (:func:`record_cache_layout`) another layout or identity than the
+        side network adapter ``name`` has now. A half without a record (filled before halves recorded theirs) is not."""
+        attributes = getattr(half, "__dict__", {})
+        side = self.qst_side[name]
+        return any(
+            attributes.get(attribute) is not None and attributes[attribute] != current
+            for attribute, current in ((_LAYOUT_ATTR, side.cache_layout()), (_IDENTITY_ATTR, side.cache_identity()))
+        )
+
     def _has_cross_attention(self) -> bool:
         """Whether the backbone's blocks have a cross-attention (:data:`peft_qst.side.UNREACHED_BLOCK_PARTS`): the
         decoder of an encoder-decoder model run alone (BART's, TrOCR's), a BERT-style decoder built with
@@ -1273,11 +1283,22 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 )
             for name in adapter_names:
                 self._check_cache_layout(name, cache, past)
+            sides = {name: cache.side_cache(name) for name in adapter_names}
+            memories = {name: cache.copy_memory(name) for name in adapter_names}
+            if past == 0:
+                # an emptied cache (cache.reset(), how a static cache is reused for the next prompt) starts afresh: a
+                # side half filled by another side network than the adapter has now (added again, or loaded from
+                # other weights, since) is replaced by a new one. Kept, it kept that network's record, and the second
+                # step of the new generation was refused as continuing another network's history
+                sides = {name: None if self._filled_by_another(name, half) else half for name, half in sides.items()}
+                memories = {
+                    name: None if self._filled_by_another(name, half) else half for name, half in memories.items()
+                }
             # a side half that fell behind: tokens were added while this adapter was disabled or another one was
             # active (the backbone half moves on at every step, a side half only when its adapter runs)
             behind = {}
             for name in adapter_names:
-                for half in (cache.side_cache(name), cache.copy_memory(name)):
+                for half in (sides[name], memories[name]):
                     length = past_length(half) if half is not None else past
                     if length != past:
                         behind[name] = length
@@ -1289,11 +1310,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                     "them, or the cache was cropped or changed outside the model. Continue a cache only with the "
                     "adapter that filled it, or start generation again with a fresh cache."
                 )
-            return (
-                cache.backbone,
-                {name: cache.side_cache(name) for name in adapter_names},
-                {name: cache.copy_memory(name) for name in adapter_names},
-            )
+            return cache.backbone, sides, memories
         if past_length(cache) > 0:
             raise ValueError(
                 f"A plain {type(cache).__name__} with {past_length(cache)} past tokens was passed to a QST model; "

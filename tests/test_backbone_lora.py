@@ -357,6 +357,27 @@ def test_delete_adapter_removes_the_backbone_hooks_no_remaining_adapter_uses():
         assert not torch.allclose(model(input_ids=IDS).logits, before)
 
 
+def test_delete_adapter_keeps_the_block_hooks_of_the_deepest_remaining_hybrid():
+    """Deleting an adapter while hybrids of different depths remain keeps every block pre-hook down to the lowest
+    block any of them adapts: without the pre-hooks of its lower blocks the deeper hybrid's backbone adapters there
+    would run under the backbone's no_grad and stop training."""
+    model = hybrid_model(backbone_lora_layers=0)
+    model.add_adapter("wide", hybrid_config(backbone_lora_layers=3))
+    model.add_adapter("narrow", hybrid_config(backbone_lora_layers=1))
+    model.add_adapter("gone", hybrid_config(backbone_lora_layers=2))
+    model.delete_adapter("gone")
+    assert backbone_hooks(model) == backbone_hooks(hybrid_model(backbone_lora_layers=3))
+    model.set_adapter("wide")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".wide." in name and name.endswith("lora_B"):
+                param.normal_(0, 0.1)  # (zero-initialized lora_B leaves lora_A without a gradient)
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if ".wide." in n and ".lora_" in n}
+    assert grads and all(grad is not None and grad.abs().sum() > 0 for grad in grads.values())
+
+
 def test_deleting_or_unloading_the_hybrid_gives_4bit_layers_their_cpu_kernel_back(tmp_path):
     """Deleting the hybrid or unloading the model leaves the 4-bit layers on bitsandbytes' CPU kernel, as the base
     model never adapted: once the hybrid kept its blocks' layers unpacked while loaded, and they kept the slower
@@ -465,6 +486,32 @@ def test_a_hybrid_adapters_cache_is_not_continued_under_another_backbone(own_cac
             model.generate(input_ids=history, past_key_values=cache, max_new_tokens=6, **kwargs)
         continued = model.generate(input_ids=history, past_key_values=cache, max_new_tokens=6, **kwargs)
         assert torch.equal(continued, model.generate(input_ids=history, max_new_tokens=6, use_cache=False, **kwargs))
+
+
+@pytest.mark.parametrize("empty", ["reset", "crop"])
+def test_an_emptied_hybrid_cache_is_reused_under_another_backbone_like_a_fresh_one(empty):
+    """The refusal to continue a hybrid adapter's cache under another backbone is about the tokens it holds: emptied
+    (``cache.reset()``, or cropped to no tokens to regenerate from the start) it holds none, and generating into it
+    again, with the hybrid or with adapters disabled, gives what a fresh generation gives, at every step."""
+    from transformers import DynamicCache
+
+    model = hybrid_model()
+    train_steps(model, IDS, steps=3, lr=3e-2)
+    kwargs = dict(input_ids=IDS[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    def emptied(cache):
+        cache.reset() if empty == "reset" else cache.crop(-cache.get_seq_length())
+        assert cache.get_seq_length() == 0
+        return cache
+
+    with torch.no_grad():
+        first = model.generate(past_key_values=DynamicCache(), return_dict_in_generate=True, **kwargs)
+        adapted, cache = first.sequences, first.past_key_values  # the QSTCache, which records its routing
+        assert torch.equal(model.generate(past_key_values=emptied(cache), **kwargs), adapted)
+        with model.disable_adapter():
+            fresh = model.generate(**kwargs)
+            assert not torch.equal(fresh, adapted)
+            assert torch.equal(model.generate(past_key_values=emptied(cache), **kwargs), fresh)
 
 
 def test_a_mixed_batch_cache_follows_its_rows_and_refuses_other_rows():

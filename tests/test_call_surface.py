@@ -110,6 +110,19 @@ def test_the_wrapped_trunk_called_directly_takes_its_forwards_arguments(model):
 
 
 @torch.no_grad()
+def test_the_wrapped_trunk_called_directly_routes_adapter_names_and_refuses_a_bare_name(model):
+    """``adapter_names`` given to the trunk itself (not through ``PeftModel``, which checks them first) route each row
+    as they do through the model, and a bare name (a string, which iterates as one-letter names) is refused."""
+    trunk = model.get_base_model().model
+    rows = trunk(input_ids=IDS[:2], adapter_names=["default", "__base__"]).last_hidden_state
+    torch.testing.assert_close(rows[0], trunk(input_ids=IDS[:2]).last_hidden_state[0])
+    with model.disable_adapter():
+        torch.testing.assert_close(rows[1], trunk(input_ids=IDS[:2]).last_hidden_state[1])
+    with pytest.raises(TypeError, match="one adapter name per row, got 'default'"):
+        trunk(input_ids=IDS[:1], adapter_names="default")
+
+
+@torch.no_grad()
 def test_output_hidden_states_are_the_backbones_but_the_last_the_adapted_one(model):
     """As the README says: the embedding output and block outputs of the frozen backbone, then the final hidden state
     the LM head reads (after the final norm and QST's side output), so ``lm_head(hidden_states[-1])`` are the logits;
@@ -150,6 +163,22 @@ def test_output_hidden_states_given_as_indices_select_as_transformers_does(model
     for mine, everything in zip(adapted.hidden_states, full):
         assert mine is None or torch.equal(mine, everything)
     assert torch.equal(adapted.logits, model(input_ids=IDS).logits)
+
+
+@torch.no_grad()
+def test_output_hidden_states_select_the_lowest_index_and_read_zero_as_none_as_transformers_does(model):
+    """The edges of a selection: the lowest negative index, ``-(num_hidden_layers + 1)``, selects the embedding
+    output, and a falsy value (``0`` too, not index 0) asks for no hidden states, as the base model reads them."""
+    lowest = -(model.config.num_hidden_layers + 1)
+    for selection in (lowest, [lowest, -1]):
+        adapted = model(input_ids=IDS, output_hidden_states=selection).hidden_states
+        with model.disable_adapter():
+            base = model(input_ids=IDS, output_hidden_states=selection).hidden_states
+        assert adapted[0] is not None and [h is None for h in adapted] == [h is None for h in base]
+    for falsy in (0, []):
+        with model.disable_adapter():
+            assert model(input_ids=IDS, output_hidden_states=falsy).hidden_states is None
+        assert model(input_ids=IDS, output_hidden_states=falsy).hidden_states is None
 
 
 @torch.no_grad()

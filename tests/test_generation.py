@@ -267,8 +267,28 @@ def test_a_cache_filled_by_another_adapter_is_refused_naming_the_adapter(two_ada
         two_adapters.set_adapter("a")
         with torch.no_grad():
             two_adapters(input_ids=torch.tensor([[7]]), cache=cache, use_cache=True)  # its own adapter continues it
+            # emptied, it holds no history, and the other adapter starts its own side state in it
+            cache.reset()
+            two_adapters.set_adapter("b")
+            fresh = two_adapters(input_ids=ids).logits
+            torch.testing.assert_close(two_adapters(input_ids=ids, cache=cache, use_cache=True).logits, fresh)
+            assert cache.side_cache("b").get_seq_length() == ids.shape[1]
     finally:
         two_adapters.set_adapter(active)
+
+
+def test_a_side_cache_ahead_of_the_backbone_half_is_refused(model):
+    """A backbone half cropped outside the model (its layers cropped directly, not through the cache) leaves the side
+    half holding tokens the backbone half no longer has: refused as a cache changed outside the model, not continued
+    on a side history of other positions."""
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).cache
+        for layer in cache.backbone.layers:
+            layer.crop(-2)
+        assert cache.side_cache("default").get_seq_length() == cache.backbone.get_seq_length() + 2
+        with pytest.raises(ValueError, match="cropped or changed outside the model"):
+            model(input_ids=torch.tensor([[7]]), cache=cache, use_cache=True)
 
 
 def test_a_side_cache_left_behind_is_refused(model):
@@ -464,6 +484,26 @@ def test_a_num_hidden_layers_left_lowered_outside_drafting_does_not_drop_the_ada
         assert torch.equal(model(input_ids=ids).logits, adapted)
     assert torch.equal(generate(model, ids, max_new_tokens=8, assistant_early_exit=1),
                        generate(model, ids, max_new_tokens=8))
+
+
+def test_a_lowered_num_hidden_layers_counts_as_drafting_only_in_transformers_early_exit_generator():
+    """Only transformers' ``EarlyExitCandidateGenerator.get_candidates`` drafts on the lowered count: a forward from
+    another ``get_candidates`` (a candidate generator of the caller's, or assisted decoding's) with the count left
+    lowered is refused as any other such forward is, not run as the base model's early exit."""
+    from peft_qst import QSTUnsupportedModelError
+
+    class CandidateGenerator:  # not transformers' EarlyExitCandidateGenerator
+        def get_candidates(self, model, ids):
+            return model(input_ids=ids)
+
+    model = trained_model()
+    layers = model.config.num_hidden_layers
+    model.config.num_hidden_layers = 1
+    try:
+        with torch.no_grad(), pytest.raises(QSTUnsupportedModelError, match="num_hidden_layers is 1"):
+            CandidateGenerator().get_candidates(model, torch.tensor([[5, 17, 33, 2]]))
+    finally:
+        model.config.num_hidden_layers = layers
 
 
 # --------------------------------------------------------------------------------------------------------------------

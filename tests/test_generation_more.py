@@ -164,6 +164,44 @@ def test_a_reset_cache_is_reused_like_a_fresh_one(kind):
         torch.testing.assert_close(step, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kind, first, again",
+    [
+        *[(kind, dict(r=4), dict(r=4)) for kind in ("static", "dynamic")],
+        *[(kind, dict(r=4), dict(r=2)) for kind in ("static", "dynamic")],
+        ("dynamic", dict(r=4, copy_heads=2, copy_head_dim=8), dict(r=4, copy_heads=2, copy_head_dim=8)),
+    ],
+    ids=["static-same-shape", "dynamic-same-shape", "static-another-shape", "dynamic-another-shape", "copy-heads"],
+)
+def test_a_reset_cache_is_reused_like_a_fresh_one_after_its_adapter_was_added_again(kind, first, again):
+    """A reset cache holds no tokens, so it starts afresh also after its adapter was deleted and added again (or
+    loaded from other weights) between the two generations. Its side halves kept the record of the side network
+    that filled them before the reset, and the new generation was refused at its second step as continuing another
+    network's history, although all of that history was its own first step."""
+    from peft import get_peft_model
+    from transformers import DynamicCache, StaticCache
+
+    from peft_qst import QSTConfig
+
+    from .conftest import tiny_causal_lm
+
+    model = get_peft_model(tiny_causal_lm(pad_token_id=PAD), QSTConfig(task_type="CAUSAL_LM", **first),
+                           adapter_name="a")
+    model.add_adapter("b", QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.eval()
+    ids, mask = left_padded(PROMPTS)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True)
+    cache = StaticCache(config=model.config, max_cache_len=32) if kind == "static" else DynamicCache()
+    cache = _generate(model, past_key_values=cache, **kwargs).past_key_values
+    cache.reset()
+    model.set_adapter("b")
+    model.delete_adapter("a")
+    model.add_adapter("a", QSTConfig(task_type="CAUSAL_LM", **again))
+    model.set_adapter("a")
+    reused = _generate(model, past_key_values=cache, **kwargs).sequences
+    assert torch.equal(reused, _generate(model, **kwargs).sequences)
+
+
 @pytest.mark.parametrize("owner", ["callers-own", "returned"])
 @pytest.mark.parametrize("change", ["reorder_cache", "batch_select_indices", "crop", "batch_repeat_interleave"])
 def test_the_callers_own_cache_changed_between_turns_continues_like_a_fresh_generation(change, owner):
@@ -247,8 +285,12 @@ def _first_turn(model, cache_kind):
 
 
 @pytest.mark.parametrize("cache_kind", ["returned", "callers-own"])
-@pytest.mark.parametrize("shape", [dict(r=2), dict(r=4, side_heads=2)], ids=["r", "side_heads"])
-def test_a_cache_continued_after_its_adapter_was_added_again_in_another_shape_is_refused(cache_kind, shape):
+@pytest.mark.parametrize(
+    "shape, changed",
+    [(dict(r=2), "hidden_size 16 -> 32"), (dict(r=4, side_heads=2), "num_attention_heads 1 -> 2")],
+    ids=["r", "side_heads"],
+)
+def test_a_cache_continued_after_its_adapter_was_added_again_in_another_shape_is_refused(cache_kind, shape, changed):
     """generate with adapter "a", delete_adapter("a"), add_adapter("a", ...) with another r or side_heads, and
     continue the old cache: its side keys and values were computed by the deleted side network. With another
     side_heads the continuation failed inside attention ("Sizes of tensors must match"); with another r, whose side
@@ -268,7 +310,7 @@ def test_a_cache_continued_after_its_adapter_was_added_again_in_another_shape_is
     model.delete_adapter("a")
     model.add_adapter("a", QSTConfig(task_type="CAUSAL_LM", **shape))
     _assert_continuation_refused_and_fresh_cache_generates(model, cache, history, mask, "a side network of another "
-                                                           "shape")
+                                                           rf"shape than adapter 'a' has now \([^)]*{changed}")
 
 
 def _saved_adapter(folder, seed):
@@ -494,6 +536,22 @@ def test_a_cache_loaded_in_a_fresh_process_moves_its_side_caches(model, tmp_path
         "moved = all(torch.equal(h, e) for h, e in zip(halves, saved['expected'], strict=True))\n"
         "assert moved, 'the side halves were not reordered'\n"
     )
+
+
+def test_the_side_caches_beside_a_configured_cache_keep_the_sliding_layers():
+    """Only the caller's config-less ``DynamicCache()`` (all full-attention layers) gets a config-less side cache:
+    beside generate's default cache, made from the model's config, the side cache keeps the side trunk's sliding
+    layers, which hold the window only, as the backbone's do."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from .test_generation import trained_sliding_window_model
+
+    model, _ = trained_sliding_window_model()
+    out = _generate(model, input_ids=torch.tensor([[5, 6, 7, 8, 9, 5, 6]]), max_new_tokens=6,
+                    return_dict_in_generate=True)
+    cache = out.past_key_values
+    for half in (cache.backbone, cache.side_cache("default")):
+        assert half.layers and all(isinstance(layer, DynamicSlidingWindowLayer) for layer in half.layers)
 
 
 @pytest.mark.parametrize("use", ["crop", "prompt-lookup"])

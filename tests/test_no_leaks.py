@@ -246,3 +246,22 @@ def test_a_deleted_model_frees_its_backbone_without_the_garbage_collector(config
         assert trunk() is None and weight() is None
     finally:
         gc.enable()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", [{}, {"backbone_lora_layers": 1}], ids=["qst", "hybrid"])
+def test_a_trunk_that_outlives_its_qst_layer_runs_as_the_base_trunk(config):
+    """The hooks on the trunk's blocks call the QST layer through a weak reference: where the trunk is kept and the
+    model that held the layer is gone, they do nothing, and the trunk runs (its blocks, their linear layers) as it
+    did before the adapter was added."""
+    ids = torch.randint(1, 128, (2, 8))
+    base = tiny_causal_lm()
+    expected = base.model(input_ids=ids).last_hidden_state
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, **config)).eval()
+    model(input_ids=ids)
+    layer = weakref.ref(model.get_base_model().model)
+    trunk = layer().get_base_layer()
+    del model, base
+    gc.collect()
+    assert layer() is None
+    assert torch.equal(trunk(input_ids=ids).last_hidden_state, expected)
