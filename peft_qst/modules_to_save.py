@@ -10,7 +10,7 @@ of a loaded adapter's (:func:`check_saved_modules_to_save_present`) share the ma
 from __future__ import annotations
 
 import difflib
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -154,23 +154,26 @@ def check_modules_to_save_match(model: nn.Module, trunk: nn.Module, config: QSTC
     )
 
 
+def _entries_matching(model: nn.Module, trunk: nn.Module, config: QSTConfig, where: Callable[[str, str], bool]):
+    """The ``modules_to_save`` entries, the trunk's name in the model, and the sorted entries that wrap a module whose
+    name satisfies ``where(name, trunk_name)`` (none where there are no entries or the trunk is not in the model)."""
+    entries = modules_to_save_entries(config)
+    names = [name for name, _ in model.named_modules()]
+    trunk_name = name_in(model, trunk)
+    if not entries or trunk_name is None:
+        return entries, trunk_name, []
+    matched = {entry for name in names if where(name, trunk_name) for entry in entries if names_an_entry(name, [entry])}
+    return entries, trunk_name, sorted(matched)
+
+
 def check_modules_to_save_outside(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
     """modules_to_save inside the decoder trunk (embeddings, norms, a LoraConfig's list) cannot train: the trunk
     runs frozen under no_grad. PEFT matches entries as suffixes of module names."""
-    entries = modules_to_save_entries(config)
-    names = {module: name for name, module in model.named_modules()}
-    trunk_name = names.get(trunk)
-    if not entries or trunk_name is None:
-        return
-    inside = sorted(
-        {
-            entry
-            for name in names.values()
-            if name.startswith(trunk_name + ".") or (trunk_name == "" and name)  # a bare trunk: every module
-            for entry in entries
-            if names_an_entry(name, (entry,))
-        }
-    )
+
+    def inside_trunk(name: str, trunk_name: str) -> bool:
+        return name.startswith(trunk_name + ".") or (trunk_name == "" and bool(name))  # a bare trunk: every module
+
+    entries, trunk_name, inside = _entries_matching(model, trunk, config, inside_trunk)
     if inside:
         raise ValueError(
             f"QSTConfig.modules_to_save={entries!r}: {inside} lie inside the decoder trunk "
@@ -187,25 +190,18 @@ def check_modules_to_save_before_trunk(model: nn.Module, trunk: nn.Module, confi
     wrap them, count them as trainable and save them, while their gradients stayed None (LoRA trains them: its backward
     runs through the language model). They are the modules beside the trunk in the model that holds it (LlavaModel,
     Qwen2VLModel, ...); the heads after it (``lm_head``, ``score``) lie outside that model."""
-    entries = modules_to_save_entries(config)
-    names = {module: name for name, module in model.named_modules()}
-    trunk_name = names.get(trunk)
-    if not entries or trunk_name is None:
-        return
-    holder = trunk_name.rpartition(".")[0]  # "" where the composite base model itself was passed (LlavaModel)
-    before = sorted(
-        {
-            entry
-            for name in names.values()
-            if name
+
+    def beside_trunk(name: str, trunk_name: str) -> bool:
+        holder = trunk_name.rpartition(".")[0]  # "" where the composite base model itself was passed (LlavaModel)
+        return bool(
+            name
             and (not holder or name == holder or name.startswith(holder + "."))
             and name != trunk_name
             and not name.startswith(trunk_name + ".")
             and not trunk_name.startswith(name + ".")  # a module holding the trunk: the trunk check's concern
-            for entry in entries
-            if names_an_entry(name, (entry,))
-        }
-    )
+        )
+
+    entries, trunk_name, before = _entries_matching(model, trunk, config, beside_trunk)
     if before:
         raise ValueError(
             f"QSTConfig.modules_to_save={entries!r}: {before} lie before the language model {trunk_name!r} of this "
