@@ -132,6 +132,12 @@ def test_key_mask_causal_padding_and_packed_sequences():
     # decoding: one new query after 3 cached keys sees all of them
     step = copy_key_mask(2, 1, 3, torch.ones(2, 4, dtype=torch.long), None, torch.device("cpu"))
     assert step.shape == (2, 1, 4) and step.all()
+    # a chunk of several tokens after cached ones, given position ids and no attention mask: causal over all keys
+    chunk = copy_key_mask(1, 2, 3, None, torch.tensor([[3, 4]]), torch.device("cpu"))
+    assert chunk[0].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    # a 2-D mask is read from its end: its last past + length columns are the keys'
+    tail = copy_key_mask(1, 1, 2, torch.tensor([[0, 0, 1, 1]]), None, torch.device("cpu"))
+    assert tail[0].tolist() == [[False, True, True]]
 
 
 def test_packed_row_equals_its_sequences_apart():

@@ -419,6 +419,23 @@ def test_a_cache_continues_with_the_side_network_that_filled_it_or_the_same_save
     _assert_continues_as_fresh(model.eval(), cache, history, mask)
 
 
+def test_a_cache_continues_on_the_same_saved_adapter_over_a_base_given_a_pad_token_id_since(tmp_path):
+    """Token ids are no sizes: the same saved adapter loaded onto the same base model whose config had no
+    pad_token_id when the cache was filled and has one now continues that cache, as a fresh generation from the whole
+    history (the side trunk's config keeps a padding index where the base has one)."""
+    from peft import PeftModel
+
+    from .conftest import tiny_causal_lm
+
+    folder = _saved_adapter(tmp_path, seed=56)
+    base = tiny_causal_lm(pad_token_id=PAD)
+    base.config.pad_token_id = None
+    model = PeftModel.from_pretrained(base, folder, adapter_name="a").eval()
+    cache, history, mask = _first_turn(model, "returned")
+    model = PeftModel.from_pretrained(tiny_causal_lm(pad_token_id=PAD), folder, adapter_name="a")
+    _assert_continues_as_fresh(model.eval(), cache, history, mask)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 def test_copies_of_a_model_pickled_before_side_networks_had_an_identity_continue_each_others_caches(how):
     """A whole model pickled (``torch.save(model)``) by a version before side networks had an identity holds networks

@@ -265,3 +265,41 @@ def test_a_side_trunk_with_parametrized_constants_records_its_router_logits():
         again = copy(input_ids=ids, output_router_logits=True)
     for mine, theirs in zip(again.router_logits, out.router_logits, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_a_side_trunk_with_parametrized_constants_pickled_records_its_router_logits_in_a_fresh_process(tmp_path):
+    """transformers' output recorder knows a model's class once a model of it was built in the process (an unpickled
+    model is not built: transformers registers none of its classes then; the child below builds a ZAYA model first, as
+    a process that loaded the base model does). The parametrized class of ZAYA's side trunk (``ParametrizedZayaModel``)
+    is rebuilt when a whole model is unpickled (``torch.load``, the child of a multiprocessing spawn) and registers
+    itself then: the side routers' logits are returned there too, those of the original."""
+    from safetensors.torch import load_file
+
+    from .conftest import run_python
+
+    config = AutoConfig.for_model(
+        "zaya", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        vocab_size=128, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_experts=4,
+        num_experts_per_tok=1, moe_intermediate_size=64, layer_types=["hybrid", "hybrid"],
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).float().eval()
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
+    path, out_file = tmp_path / "model.pt", tmp_path / "router_logits.safetensors"
+    torch.save(model, path)  # before a forward asks for router logits (its recording hooks cannot be pickled)
+    config.save_pretrained(tmp_path)
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_router_logits=True).router_logits
+    run_python(
+        "import torch\nfrom safetensors.torch import save_file\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        f"AutoModelForCausalLM.from_config(AutoConfig.from_pretrained({str(tmp_path)!r}))\n"
+        f"model = torch.load({str(path)!r}, weights_only=False)\n"
+        f"with torch.no_grad():\n    out = model(input_ids=torch.tensor({ids.tolist()}), output_router_logits=True)\n"
+        f"save_file({{str(i): t.contiguous() for i, t in enumerate(out.router_logits)}}, {str(out_file)!r})\n"
+    )
+    loaded = load_file(out_file)
+    assert len(loaded) == len(expected) == 2
+    for index, logits in enumerate(expected):
+        torch.testing.assert_close(loaded[str(index)], logits, rtol=0, atol=0)

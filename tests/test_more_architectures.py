@@ -438,11 +438,25 @@ def test_blocks_passing_several_streams_feed_the_side_network_one(model_type, ba
     side._blocks[1].block.register_forward_pre_hook(record("side"))
     side._blocks[1].downsample.register_forward_pre_hook(record("down"))
     model.get_base_model().model.layers[0].register_forward_hook(record("backbone"))
+    # the values too: the documented single-stream view of block 0's output is what side block 0's downsampler reads
+    values = {}
+    side._blocks[0].downsample.register_forward_pre_hook(lambda module, args: values.setdefault("down", args[0]))
+    model.get_base_model().model.layers[0].register_forward_hook(
+        lambda module, args, output: values.setdefault("backbone", output[0] if isinstance(output, tuple) else output)
+    )
     ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids)
     assert tuple(seen["backbone"]) == backbone_shape
     assert tuple(seen["down"]) == (2, 7, 128)
     assert tuple(seen["side"]) == side_shape
+    backbone = values["backbone"]
+    if model_type == "gemma3n_text":  # AltUp: the active stream
+        view = backbone[model.get_base_model().config.altup_active_idx]
+    elif model_type == "deepseek_v4":  # stacked hyper-connections: their mean
+        view = backbone.mean(dim=2)
+    else:  # hyper-connections side by side: the mean of the hidden dimension's 2 slices
+        view = (backbone[..., :128] + backbone[..., 128:]) / 2
+    torch.testing.assert_close(values["down"], view)
 
 
 def test_side_networks_of_deepseek_v4_and_gemma3n_follow_the_shrink_rules():

@@ -108,6 +108,27 @@ def test_forward_and_training_with_a_disk_offloaded_backbone_block(tmp_path, tin
         torch.testing.assert_close(model(input_ids=IDS).logits, plain(input_ids=IDS).logits)
 
 
+def test_a_block_offloaded_in_parts_puts_its_side_block_on_the_execution_device(tmp_path, tiny_model_dir):
+    """A device map that names a block's parts rather than the block (its attention on disk, the rest on the CPU):
+    accelerate hooks the parts only, and the block's first parameter waits on the meta device. Its side block goes to
+    the execution device of a hook inside the block (module_device), not to meta."""
+    device_map = offloading_device_map(3)
+    del device_map["model.layers.1"]
+    for part in ("input_layernorm", "mlp", "post_attention_layernorm"):
+        device_map[f"model.layers.1.{part}"] = "cpu"
+    device_map["model.layers.1.self_attn"] = "disk"
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+    block = offloaded.model.layers[1]
+    assert next(block.parameters()).device.type == "meta"  # the attention's weights really are offloaded
+    assert module_device(block) == torch.device("cpu")
+    model = get_peft_model(offloaded, QSTConfig(task_type="CAUSAL_LM", r=4))
+    assert all(p.device.type == "cpu" for p in side_of(model).parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(input_ids=IDS).logits).all()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # data parallel
 # --------------------------------------------------------------------------------------------------------------------

@@ -253,3 +253,18 @@ def test_training_mode_dropout_matches_the_documented_computation():
     for name, parameter in model.named_parameters():
         if name.endswith("default.upsample.weight"):  # every side parameter's gradient flows through it
             torch.testing.assert_close(parameter.grad, weights["upsample.weight"].grad, atol=1e-6, rtol=1e-4)
+
+
+def test_the_check_run_at_construction_draws_no_random_numbers_and_keeps_the_training_flags():
+    """A new side network runs once on made-up states (``_check_runs``) to refuse models the shrink rules do not cover.
+    That run is in eval mode, so its dropout draws nothing from the global random state (seeded runs stay
+    reproducible whether or not a side network was built in between), and it restores every module's training flag:
+    a side network built in training mode keeps its dropout on."""
+    model = get_peft_model(tiny_causal_lm(**SIZES), QSTConfig(task_type="CAUSAL_LM", r=R, dropout=0.3))
+    side = next(m for n, m in model.named_modules() if n.endswith("qst_side.default"))
+    side.train()
+    side.trunk.layers[0].training = False  # flags that differ between modules come back as they were, each its own
+    state = torch.get_rng_state()
+    side._check_runs(model.get_base_model().config, model.peft_config["default"])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(m.training == (m is not side.trunk.layers[0]) for m in side.modules())

@@ -205,7 +205,7 @@ def test_trl_checkpointing_recomputes_side_blocks_not_the_backbone(tmp_path, smo
 
 
 @pytest.mark.parametrize("downsample", ["adapter", "maxpool", "avgpool"])
-@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("use_reentrant", [False, True, None])  # None: kwargs without it, torch's default (reentrant)
 def test_checkpointing_frees_side_activations_and_keeps_gradients(use_reentrant, downsample):
     """gradient_checkpointing_enable() (what the trainers call; reentrant is what TRL forces under DeepSpeed ZeRO-3)
     keeps fewer activations for backward (counted with saved_tensors_hooks) and gives the same side-network gradients
@@ -220,7 +220,8 @@ def test_checkpointing_frees_side_activations_and_keeps_gradients(use_reentrant,
 
     def step(checkpointing: bool):
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            kwargs = {"preserve_rng_state": True} if use_reentrant is None else {"use_reentrant": use_reentrant}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_disable()
         model.train()
