@@ -546,28 +546,39 @@ def test_a_mask_per_layer_type_takes_the_general_path():
     torch.testing.assert_close(fast[real], reference[real], atol=2e-5, rtol=1e-4)
 
 
+def _next_turn_after(model, change):
+    """The next turn of a chat after ``change(fast_cache)`` changed the side weights between two turns: a left-padded
+    batch prefilled into a cache on each path, then one new token per row continuing it. The new token's logits must
+    have moved (the change reached them) and be the general path's on the fast path."""
+    ids, mask = left_padded_batch()
+    step = torch.tensor([[7], [9]])
+    step_mask = torch.cat([mask, torch.ones_like(step)], 1)
+    with torch.no_grad():
+        before = model(input_ids=torch.cat([ids, step], 1), attention_mask=step_mask).logits[:, -1]
+        with fast_path_disabled():
+            general_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        fast_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+    change(fast_cache)
+    with torch.no_grad():
+        fast = model(input_ids=step, attention_mask=step_mask, past_key_values=fast_cache).logits[:, -1]
+        with fast_path_disabled():
+            general = model(input_ids=step, attention_mask=step_mask, past_key_values=general_cache).logits[:, -1]
+    assert (general - before).abs().max() > 1e-2  # the change moved the new token's logits
+    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+
+
 def test_a_cache_continued_after_a_training_step_runs_on_the_new_weights():
     """Decoding steps that continue a cache skip the weights check (see the test above), but not after an optimizer
     step: the next turn of a chat, with a training step between the turns, runs its new tokens on the trained
     weights, as the general path does, not on the weights its earlier tokens were computed with."""
     model = qst_model()
-    ids, mask = left_padded_batch()
-    step = torch.tensor([[7], [9]])
-    step_mask = torch.cat([mask, torch.ones_like(step)], 1)
-    with torch.no_grad():
-        untrained = model(input_ids=torch.cat([ids, step], 1), attention_mask=step_mask).logits[:, -1]
-        with fast_path_disabled():
-            general_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
-        fast_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
-    # the packed weights were checked for this cache: its continuation skips the check of the weights themselves
-    assert side_of(model).__dict__["_packed_weights"].checked_cache() is fast_cache.side_cache("default")
-    train_steps(model, torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(4)), steps=2, lr=1e-2)
-    with torch.no_grad():
-        fast = model(input_ids=step, attention_mask=step_mask, past_key_values=fast_cache).logits[:, -1]
-        with fast_path_disabled():
-            general = model(input_ids=step, attention_mask=step_mask, past_key_values=general_cache).logits[:, -1]
-    assert (general - untrained).abs().max() > 1e-2  # the training step changed the new token's logits
-    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+
+    def train(fast_cache):
+        # the packed weights were checked for this cache: its continuation skips the check of the weights themselves
+        assert side_of(model).__dict__["_packed_weights"].checked_cache() is fast_cache.side_cache("default")
+        train_steps(model, torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(4)), steps=2, lr=1e-2)
+
+    _next_turn_after(model, train)
 
 
 def test_a_4d_mask_gives_what_the_2d_mask_gives():
@@ -630,22 +641,13 @@ def test_a_parameter_replaced_between_two_turns_of_a_cache_is_followed():
     again, and the check reads the side network's parameters anew (not the list it kept, which holds the old
     tensor). The next turn, and the next sequence, run on the new weight, as on the general path."""
     model = qst_model()
-    ids, mask = left_padded_batch()
-    step = torch.tensor([[7], [9]])
-    step_mask = torch.cat([mask, torch.ones_like(step)], 1)
-    with torch.no_grad():
-        before = model(input_ids=torch.cat([ids, step], 1), attention_mask=step_mask).logits[:, -1]
-        with fast_path_disabled():
-            general_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
-        fast_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
     side = side_of(model)
-    side.upsample.weight = torch.nn.Parameter(side.upsample.weight.detach().flip(0).clone())
-    with torch.no_grad():
-        fast = model(input_ids=step, attention_mask=step_mask, past_key_values=fast_cache).logits[:, -1]
-        with fast_path_disabled():
-            general = model(input_ids=step, attention_mask=step_mask, past_key_values=general_cache).logits[:, -1]
-    assert (general - before).abs().max() > 1e-2  # the new weight changed the new token's logits
-    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+
+    def replace(_):
+        side.upsample.weight = torch.nn.Parameter(side.upsample.weight.detach().flip(0).clone())
+
+    _next_turn_after(model, replace)
+    ids, mask = left_padded_batch()
     with torch.no_grad():
         fast, general = both_paths(lambda: model(input_ids=ids, attention_mask=mask).logits)
     torch.testing.assert_close(fast[mask.bool()], general[mask.bool()], atol=2e-5, rtol=1e-4)
