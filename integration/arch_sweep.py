@@ -141,7 +141,7 @@ OVERRIDES = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
     "nemotron_h": dict(layers_block_type=["mamba", "attention"], num_hidden_layers=None, mamba_num_heads=8,
                        mamba_head_dim=32, n_groups=1),
-    "longcat_flash": dict(num_layers=1, head_dim=16, expert_ffn_hidden_size=64, ffn_hidden_size=256,
+    "longcat_flash": dict(num_layers=2, head_dim=16, expert_ffn_hidden_size=64, ffn_hidden_size=256,
                           zero_expert_num=2, num_hidden_layers=None),
     **{t: dict(head_dim=16) for t in ("youtu", "minicpm3", "sarvam_mla")},
     "kimi_linear": dict(head_dim=16, linear_num_heads=4, linear_head_dim=32),

@@ -54,7 +54,7 @@ from .fast_path import (
 from .lm_head import mark_low_rank_update
 from .per_call import call_state, hold_call_state
 from .side_attention import SIDE_SDPA, mask_for_side_trunk, register_side_sdpa
-from .side_config import decoder_attribute, is_int_width, num_blocks, shrink_config
+from .side_config import block_count_attribute, is_int_width, num_blocks, shrink_config
 
 #: parts of the side trunk that only run on inputs it is never given, dropped once it is built
 #: (:func:`drop_unreached_parts`): it is called with ``inputs_embeds`` only (the downsampled embedding output), never
@@ -406,15 +406,21 @@ def copy_key_mask(
 
 
 def find_layer_list(trunk: nn.Module, num_layers: int) -> tuple[nn.Module, str]:
-    """The ``nn.ModuleList`` of decoder blocks inside a trunk, as (parent module, attribute name)."""
-    candidates = []
-    for name, module in trunk.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            candidates.append(name)
+    """The ``nn.ModuleList`` of decoder blocks inside a trunk, as (parent module, attribute name).
+
+    A list inside an element of another list (a block's sublayers) is not the block list, whatever its length: where
+    the block count was misread (LongCat-Flash's ``num_hidden_layers`` counts two sublayers per block), a one-block
+    model's lists of two sublayers were taken for its blocks, and QST side-tuned its first block's attention modules."""
+    lists = {name: len(module) for name, module in trunk.named_modules() if isinstance(module, nn.ModuleList)}
+
+    def inside_a_list(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:end]) in lists for end in range(1, len(parts) - 1))
+
+    candidates = [name for name, length in lists.items() if length == num_layers and not inside_a_list(name)]
     if not candidates:
-        lists = [(name, len(module)) for name, module in trunk.named_modules() if isinstance(module, nn.ModuleList)]
-        outer = min(lists, key=lambda item: item[0].count("."), default=None)
-        count = decoder_attribute(getattr(trunk, "config", None), "num_hidden_layers")  # Whisper's: decoder_layers
+        outer = min(lists.items(), key=lambda item: item[0].count("."), default=None)
+        count = block_count_attribute(getattr(trunk, "config", None))  # Whisper's: decoder_layers
         raise QSTUnsupportedModelError(
             f"QST cannot find the decoder blocks of {type(trunk).__name__}: the side network reads the output of each "
             f"of its config.{count}={num_layers} blocks, but it holds no nn.ModuleList of {num_layers} "

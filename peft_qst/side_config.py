@@ -811,14 +811,31 @@ def is_int_width(value) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+#: model types whose ``num_hidden_layers`` counts more than the blocks they keep in their list, with the config
+#: attribute that counts the blocks. Each LongCat-Flash block holds two attention sublayers (and two cache layers), and
+#: its config derives ``num_hidden_layers`` as 2 x ``num_layers`` (transformers' own hidden-state recorder counts
+#: ``num_layers``). Read as the block count, QST refused the published model ("no nn.ModuleList of 56 modules") and,
+#: where a block's lists of two sublayers happened to match (a one-block model), side-tuned those sublayers instead.
+BLOCK_COUNT_ATTRIBUTES = {"longcat_flash": "num_layers"}
+
+
 def num_blocks(config) -> int:
     """The number of decoder blocks of a model with ``config``: its ``num_hidden_layers``, except where the config of an
     encoder-decoder model maps that to the encoder's count (BART's family, Whisper: ``encoder_layers``), whose
     ``*ForCausalLM`` classes run the decoder alone, of ``decoder_layers`` blocks. The two counts differ on distilled
     models, the assistants these decoders run as (distil-whisper: 32 and 2; whisper-large-v3-turbo: 32 and 4): read
     as the encoder's, QST looked for a list of 32 blocks in the decoder and refused the model ("cannot find the list
-    of 32 decoder blocks")."""
-    return int(getattr(config, decoder_attribute(config, "num_hidden_layers")))
+    of 32 decoder blocks"). Where ``num_hidden_layers`` counts sublayers, the attribute that counts blocks
+    (:data:`BLOCK_COUNT_ATTRIBUTES`)."""
+    return int(getattr(config, block_count_attribute(config)))
+
+
+def block_count_attribute(config) -> str:
+    """The config attribute that holds the number of decoder blocks (:func:`num_blocks`)."""
+    name = BLOCK_COUNT_ATTRIBUTES.get(getattr(config, "model_type", None))
+    if name is not None and getattr(config, name, None) is not None:
+        return name
+    return decoder_attribute(config, "num_hidden_layers")
 
 
 def decoder_attribute(config, name: str) -> str:

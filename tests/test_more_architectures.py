@@ -73,11 +73,15 @@ OVERRIDES = {
     # a recurrent (RG-LRU) block, then a local-attention one: the recurrent state lives in the blocks' modules, the
     # attention's keys and values in the cache, which the trunk fills in place and does not return
     "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=128, attention_window_size=16),
+    # two blocks of two attention sublayers each: num_hidden_layers (derived: 2 x num_layers) counts the sublayers
+    "longcat_flash": dict(num_layers=2, num_hidden_layers=None, head_dim=16, qk_rope_head_dim=16, qk_nope_head_dim=16,
+                          v_head_dim=32, kv_lora_rank=32, q_lora_rank=32, expert_ffn_hidden_size=64,
+                          ffn_hidden_size=256, zero_expert_num=2),
 }
 #: families that run end to end (init equals the base model, only the side network learns, training changes the
 #: output, cached generation equals uncached)
 WORKING = ["deepseek_v3", "gptj", "bamba", "gemma4_text", "qwen2_moe", "llama4_text", "roberta", "cwm", "dbrx", "zamba",
-           "zamba2", "diffllama", "mimo_v2_flash", "mamba", "falcon_mamba", "mamba2", "recurrent_gemma"]
+           "zamba2", "diffllama", "mimo_v2_flash", "mamba", "falcon_mamba", "mamba2", "recurrent_gemma", "longcat_flash"]
 #: blocks that pass several residual streams; run end to end by their own test below, as some of their side
 #: parameters get no gradient from a language-model loss, as the backbone's would not (an indexer's top-k selection,
 #: a compressor's position bias at 9 positions)
@@ -387,6 +391,48 @@ def test_an_embedding_width_equal_to_the_hidden_size_becomes_the_side_width():
     assert (side.hidden_size, side.embedding_size) == (8, 8)
 
 
+def test_blocks_of_several_sublayers_are_side_tuned_as_blocks():
+    """LongCat-Flash's blocks each hold two attention sublayers (lists of two attention, MLP and norm modules), and its
+    num_hidden_layers counts those (2 x num_layers). Read as the block count, it matched no list at the published
+    shapes (refused: "no nn.ModuleList of 56 modules"), and where a block's sublayer lists happened to have that length
+    QST side-tuned them instead of the blocks (the architecture sweep's one-block model: the first block's two attention
+    modules). The side network reads the blocks, one per block, also where the sublayer lists are as long as the block
+    list (two blocks of two sublayers)."""
+    from peft_qst.side import find_layer_list
+
+    base = tiny("longcat_flash")
+    assert base.config.num_hidden_layers == 4 and len(base.model.layers) == 2
+    assert len(base.model.layers[0].self_attn) == 2  # as long as the block list
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    trunk = model.base_model.model.model.get_base_layer()
+    assert find_layer_list(trunk, 2) == (trunk, "layers")
+    side = side_of(model)
+    assert len(side.trunk.layers) == 2 and len(side.trunk.layers[0].self_attn) == 2
+    reads = []
+    hooks = [block.register_forward_hook(lambda *_: reads.append(1)) for block in trunk.layers]
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, V, (1, 5), generator=torch.Generator().manual_seed(0)))
+    assert len(reads) == 2
+    for hook in hooks:
+        hook.remove()
+
+
+def test_a_blocks_sublayer_list_is_never_taken_for_the_block_list(monkeypatch):
+    """Where the block count is misread (a model whose num_hidden_layers counts sublayers, and no rule says so: here
+    LongCat-Flash with its rule removed), a one-block model's lists of two sublayers inside its block are not taken
+    for the block list: refused, naming the list that holds the blocks, instead of side-tuning the first block's two
+    attention modules."""
+    import peft_qst.side_config
+
+    monkeypatch.setattr(peft_qst.side_config, "BLOCK_COUNT_ATTRIBUTES", {})
+    base = tiny("longcat_flash", num_layers=1)
+    with pytest.raises(QSTUnsupportedModelError, match=r"no nn\.ModuleList of 2 modules \('layers' holds 1\)"):
+        get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    monkeypatch.undo()
+    model = get_peft_model(tiny("longcat_flash", num_layers=1), QSTConfig(task_type="CAUSAL_LM"))
+    assert len(side_of(model).trunk.layers) == 1
+
+
 def test_blocks_run_in_cycles_are_refused_naming_the_cycles():
     """HRM runs two stacks of 2 blocks in cycles and counts each run as a layer (num_hidden_layers 4, the cache's
     slots): no list holds 4 blocks, and the refusal says why besides a changed num_hidden_layers."""
@@ -394,6 +440,20 @@ def test_blocks_run_in_cycles_are_refused_naming_the_cycles():
     with pytest.raises(QSTUnsupportedModelError, match=re.escape("runs them more than once per forward")) as raised:
         get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
     assert "num_hidden_layers=4" in str(raised.value) and "'L_module.layers' holds 2" in str(raised.value)
+
+
+def test_blocks_looped_over_are_refused_at_the_first_forward():
+    """Inkling2-Loop runs its layers from loop_layer_index_start to loop_layer_index_end loop_num_passes times (the
+    architecture sweep's two-layer model has none in that range, and runs each once): QST records more hidden states
+    than blocks and refuses at the first forward, naming the loop, as for Dory."""
+    config = arch_sweep.make_config("inkling2_loop_text")
+    config.num_hidden_layers, config.n_layers_per_attn_res_block = 4, 1
+    config.loop_layer_index_start, config.loop_layer_index_end = 1, 3
+    config.layer_types = (config.layer_types * 4)[:4]
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(), QSTConfig(task_type="CAUSAL_LM"))
+    with pytest.raises(QSTUnsupportedModelError, match=r"recorded 9 hidden states .* expected 5 .* loops over its"):
+        model(input_ids=torch.randint(3, arch_sweep.VOCAB, (1, 8), generator=torch.Generator().manual_seed(0)))
 
 
 def test_a_model_whose_own_heads_fit_runs_with_side_heads_none():

@@ -7,6 +7,8 @@ import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
 
 from peft_qst import QSTConfig, QSTLayer
+from peft_qst.side_config import num_blocks
+from peft_qst.signature import text_config_of
 
 from .conftest import load_smollm2_4bit, train_steps
 
@@ -76,8 +78,8 @@ def assert_only_side_learns_and_backbone_saves_nothing(model, input_ids):
     take_one_step(model, input_ids)
     out, saved, backbone_outputs, handed_over = audit_backward(model, input_ids)
     assert torch.isfinite(out.loss)
-    config = model.get_base_model().config
-    num_hidden_states = config.num_hidden_layers + 1
+    # the embedding output and one per block (LongCat-Flash's num_hidden_layers counts two sublayers per block)
+    num_hidden_states = num_blocks(text_config_of(model.get_base_model().config)) + 1
 
     # 1. every side parameter has a finite gradient, no backbone parameter has one
     side_params = {n: p for n, p in model.named_parameters() if ".qst_side." in n}
