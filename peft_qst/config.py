@@ -201,14 +201,17 @@ class QSTConfig(PeftConfig):
         dropout (`float`): Dropout on each downsampled hidden state during training, in [0, 1).
         side_gate_init (`float`): Initial value, in (0, 1), of the per-channel gates of the side recurrence
             ``g = (1 - s) * down(h_i) + s * g``: how much of the side network's own state each block keeps.
-            0.9 and 0.98 did not learn better than 0.5 in the quality harness (docs/quality.md).
+            0.9 and 0.98 did not learn better than 0.5 in the quality harness (docs/quality.md). `get_peft_model`
+            refuses a value whose gate is exactly 1 or 0 in the side network's dtype (0.999 in bfloat16), where the
+            gates and the side blocks' downsamplers would get no gradient.
         output_gate_init (`float`): Initial value of the per-channel output gate ``a`` in
             ``h_out = h_L + a * up(side)``. The upsample ``up`` starts at zero (as LoRA's B matrix does), so the
             adapted model starts exactly at the pretrained model's output whatever ``a`` is, while ``up`` gets a
             full gradient from the first step. With ``a`` at 1 that gradient is not scaled down; zero-initialising
             ``a`` instead (with a random ``up``) scales every gradient into the side network by ``a`` and learned far
             slower in our first trials. Zero itself is refused: with ``up`` at zero too, neither would get a
-            gradient.
+            gradient; so is, by `get_peft_model`, a value that is zero or infinite in the side network's dtype
+            (1e-8 or 1e5 in float16).
         init (`str`): How the side blocks' own weights start. ``"random"`` (the paper): the model's own random
             initialisation. ``"pruned"`` (LST, Sung et al. 2022): each side block starts from the corresponding
             backbone block's weights, keeping the most important residual channels, FFN neurons and per-head

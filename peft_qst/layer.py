@@ -1317,3 +1317,10 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 "it has no side-network state. Pass the cache the QST model returned (a QSTCache), or a fresh one."
             )
         return cache, {}, {}
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The class to name for ``model`` in a message. A bare trunk (``AutoModel``) is wrapped whole, so the model that
+    ``add_adapter`` and ``load_adapter`` check a further adapter against is the root ``QSTLayer``: their refusals
+    named ``QSTLayer`` ("match no module of QSTLayer") where the user's model is a ``LlamaModel``."""
+    return type(model.get_base_layer() if isinstance(model, QSTLayer) else model).__name__

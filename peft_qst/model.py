@@ -35,7 +35,14 @@ from .backbone_lora import is_time_step_delta, resolve_backbone_lora_layers
 from .bnb_compat import keep_4bit_weights_through_state_dict, route_4bit_layers_by_mode, stop_routing_4bit_layers
 from .config import AUTO, QSTConfig
 from .fingerprint import base_model_fingerprint, original_vocabulary_rows
-from .layer import BASE_ADAPTER_NAME, CONTINUOUS_BATCHING_REFUSAL, SIDE_ATTR, QSTLayer, layers_holding
+from .layer import (
+    BASE_ADAPTER_NAME,
+    CONTINUOUS_BATCHING_REFUSAL,
+    SIDE_ATTR,
+    QSTLayer,
+    layers_holding,
+    model_class_name,
+)
 from .lm_head import install_lm_head_hooks, uninstall_lm_head_hooks
 from .loading import (
     keep_weights_saved_in_float32,
@@ -56,7 +63,7 @@ from .modules_to_save import (
 )
 from .per_call import call_state, held_call_state
 from .serialization import QSTAdapterFileError, user_stacklevel
-from .side import QSTUnsupportedModelError, find_layer_list, is_unreached_part
+from .side import QSTUnsupportedModelError, check_gate_inits_fit, find_layer_list, is_unreached_part
 from .side_config import (
     auto_side_head_candidates,
     is_state_space_model,
@@ -239,7 +246,7 @@ def _check_copy_head_support(model: nn.Module, model_type: str) -> None:
     shape = tuple(shape) if shape is not None else tuple(getattr(weight, "shape", ()))
     if head is None or not isinstance(weight, torch.Tensor) or len(shape) != 2 or shape[1] != hidden:
         raise QSTUnsupportedModelError(
-            f"QSTConfig.copy_heads needs a model with an LM head ({type(model).__name__}, a {model_type} model, has "
+            f"QSTConfig.copy_heads needs a model with an LM head ({model_class_name(model)}, a {model_type} model, has "
             "none of the usual shape): copy heads add LM-head rows. Use an *ForCausalLM model, or copy_heads=0."
         )
 
@@ -373,7 +380,7 @@ def _check_bare_trunk_config(model: nn.Module, config: QSTConfig) -> None:
     run the trunk through a forward built for a model with a head (PEFT's plain ``PeftModel`` even through
     ``get_base_model()``, which is the unadapted trunk here), and an adapter saved from such a model has other weight
     names and its head."""
-    name = type(model.get_base_layer() if isinstance(model, QSTLayer) else model).__name__
+    name = model_class_name(model)
     if config.target_modules not in (None, ROOT_TRUNK):
         raise QSTUnsupportedModelError(
             f"QSTConfig.target_modules={config.target_modules!r} names a module inside the model, but {name} is a bare "
@@ -672,7 +679,7 @@ class QSTModel(BaseTuner):
             loaded_onto = "one of the same type and those sizes" if loaded_onto == built_for else loaded_onto
             raise ValueError(
                 f"This QST adapter was built for {built_for} but is being loaded onto {loaded_onto}"
-                f" ({type(model).__name__}); they differ in {listed} (the adapter's value first). Load it onto the "
+                f" ({model_class_name(model)}); they differ in {listed} (the adapter's value first). Load it onto the "
                 "base model it was trained on"
                 + (f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else "")
                 + (
@@ -771,6 +778,8 @@ class QSTModel(BaseTuner):
                 f"QSTConfig.backbone_lora_layers={config.backbone_lora_layers} exceeds the {num_layers} blocks of this "
                 f"{model_type} model; choose at most {num_layers}."
             )
+        if recorded is None and not reading_saved_adapter.get():  # a saved adapter loads as it was trained
+            check_gate_inits_fit(config, resolve_side_dtype(model, config))
         # raises a ValueError naming the fitting values when r does not fit the model's widths and heads
         shrink_config(model_config, config, torch.float32)
 

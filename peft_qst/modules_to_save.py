@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from .config import QSTConfig
-from .layer import SIDE_ATTR, QSTLayer
+from .layer import SIDE_ATTR, QSTLayer, model_class_name
 from .loading import PEFT_MODEL_PREFIX
 from .serialization import QSTAdapterFileError
 from .side import QSTUnsupportedModelError
@@ -122,7 +122,7 @@ def check_saved_modules_to_save_present(model: nn.Module, adapter_name: str, ent
     raise QSTAdapterFileError(
         f"QST adapter {adapter_name!r} was saved with modules_to_save entries {sorted(saved)} and their trained "
         f"weights (modules {sorted(name for names in saved.values() for name in names)[:3]}), but they match no "
-        f"module of {type(base).__name__} ({suggested_module_names(base, sorted(saved), trunk)}). Load the "
+        f"module of {model_class_name(base)} ({suggested_module_names(base, sorted(saved), trunk)}). Load the "
         "adapter onto the model class (and head) it was trained with; nothing was loaded."
     )
 
@@ -148,7 +148,7 @@ def check_modules_to_save_match(model: nn.Module, trunk: nn.Module, config: QSTC
         return
     raise ValueError(
         f"QSTConfig.modules_to_save={modules_to_save_entries(config)!r}: {unmatched} match no module of "
-        f"{type(model).__name__} (PEFT matches each entry as the end of a module name), so nothing would be trained "
+        f"{model_class_name(model)} (PEFT matches each entry as the end of a module name), so nothing would be trained "
         f"or saved for them ({suggested_module_names(model, unmatched, trunk)}). Correct these entries or "
         "remove them."
     )

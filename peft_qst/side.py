@@ -287,6 +287,47 @@ def _rebuild_parametrized(original_class: type, tensor_names: tuple) -> nn.Modul
     return module
 
 
+def check_gate_inits_fit(config: QSTConfig, dtype: torch.dtype) -> None:
+    """Refuse a ``side_gate_init`` or ``output_gate_init`` that the side network's dtype turns into a value
+    ``QSTConfig`` refuses, before the model changes.
+
+    ``QSTConfig`` checks the values as numbers: a side gate strictly between 0 and 1, a finite, nonzero output gate. The
+    side network computes them in its dtype: the side gates as the sigmoid of their logit, the output gate as stored
+    (both offsets from the constant, added in that dtype, see :class:`ConstantOffset`). In bfloat16 (the default side
+    dtype of a 4-bit model with bf16 compute) a side gate of 0.999 is exactly 1: ``(1 - s) * down(h)`` is zero, so the
+    side blocks read only the embedding output, never the backbone blocks' outputs, and the gates and the blocks'
+    downsamplers never got a gradient (the sigmoid's derivative ``s * (1 - s)`` is zero too); training ran on, without a
+    word. An output gate of 1e-8 is 0 in float16 (the saddle point ``output_gate_init=0`` is refused for: neither the
+    gate nor the upsample gets a gradient), and one of 1e5 is infinite there (NaN outputs from the first forward)."""
+    def in_dtype(value: float) -> torch.Tensor:  # as computed: a stored offset of zero plus the float32 constant
+        return torch.zeros((), dtype=dtype) + torch.tensor(float(value), dtype=torch.float32).item()
+
+    name = str(dtype).removeprefix("torch.")
+    finfo = torch.finfo(dtype)
+    fix = ', or side_dtype="float32"' if dtype != torch.float32 else ""
+    gate = torch.sigmoid(in_dtype(math.log(config.side_gate_init / (1.0 - config.side_gate_init))))
+    if not 0.0 < gate.item() < 1.0:
+        raise ValueError(
+            f"QSTConfig.side_gate_init={config.side_gate_init!r} is {gate.item():g} in the side network's dtype "
+            f"({name}): a sigmoid gate of exactly {gate.item():g} "
+            + ("shuts the side blocks off from the backbone blocks' outputs (they would read the embedding output "
+               "alone), and neither the gates nor the blocks' downsamplers would get a gradient" if gate.item() == 1.0
+               else "never keeps the side network's own state, and the gates would get no gradient")
+            + f". Choose a value {finfo.smallest_normal:g} <= side_gate_init <= {1 - finfo.eps / 2:.10g} for {name} "
+            f"(the default is 0.5){fix}."
+        )
+    output = in_dtype(config.output_gate_init)
+    if output.item() == 0.0 or not torch.isfinite(output):
+        raise ValueError(
+            f"QSTConfig.output_gate_init={config.output_gate_init!r} is {output.item():g} in the side network's dtype "
+            f"({name}): "
+            + ("with the upsample starting at zero, neither the gate nor the upsample would get a gradient"
+               if output.item() == 0.0 else "the adapted model's outputs would be NaN from the first forward")
+            + f". Choose a magnitude between {finfo.smallest_normal:g} and {finfo.max:g} for {name} (the default is "
+            f"1.0){fix}."
+        )
+
+
 class OutputGate(nn.Module):
     """The per-channel output gate ``a`` of ``h_L + a * up(side)``."""
 

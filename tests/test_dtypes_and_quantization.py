@@ -174,6 +174,50 @@ def test_bf16_side_parameters_that_start_at_a_constant_keep_their_updates(tiny_m
     assert side.output_gate.weight.dtype == torch.bfloat16
 
 
+def _downsampler_gradients_after_a_step(model) -> list[float]:
+    """The largest gradient of each side block's downsampler and gate in the second step (the first moves only the
+    upsample, which starts at zero)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        optimizer.step()
+    return [p.grad.abs().max().item() for n, p in model.named_parameters()
+            if ".trunk.layers." in n and (".downsample." in n or "gate_logit" in n)]
+
+
+def test_gate_inits_that_the_side_dtype_turns_into_refused_values_are_refused(tiny_model_dir):
+    """QSTConfig checks side_gate_init in (0, 1) and a finite, nonzero output_gate_init as numbers; the side network
+    computes them in its dtype. side_gate_init=0.999 is a sigmoid gate of exactly 1 in bf16, the default side dtype of
+    a 4-bit model with bf16 compute: the side blocks never read the backbone blocks' outputs, and their gates and
+    downsamplers got no gradient while training ran on without a word. output_gate_init=1e5 is inf in float16 (NaN
+    outputs from the start), 1e-8 is 0 there (the saddle point output_gate_init=0 is refused for). get_peft_model and
+    add_adapter refuse them before the model changes, naming the dtype and the fix; with side_dtype="float32" the
+    same gate trains."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+    with pytest.raises(ValueError, match=r"side_gate_init=0\.999 is 1 in the side network's dtype \(bfloat16\).*"
+                                         r"<= 0\.99609375 for bfloat16.*side_dtype=\"float32\""):
+        get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, side_gate_init=0.999))
+    assert not any(type(m).__name__ == "QSTLayer" for m in base.modules())
+
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4, side_gate_init=0.999, side_dtype="float32"))
+    gradients = _downsampler_gradients_after_a_step(model)
+    assert gradients and all(g > 0 for g in gradients), gradients
+
+    for value, shown in ((1e5, "inf"), (1e-8, "0")):
+        with pytest.raises(ValueError, match=rf"output_gate_init={value!r} is {shown} in the side network's dtype "
+                                             r"\(float16\).*between 6\.10352e-05 and 65504 for float16"):
+            model.add_adapter("other", QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype="float16",
+                                                 output_gate_init=value))
+        assert list(model.peft_config) == ["default"]
+    # what the dtype keeps is accepted: bf16 resolves 0.99 below 1
+    model.add_adapter("other", QSTConfig(task_type="CAUSAL_LM", r=4, side_gate_init=0.99))
+    model.set_adapter("other")
+    gradients = _downsampler_gradients_after_a_step(model)
+    assert gradients and all(g > 0 for g in gradients), gradients
+
+
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
 def test_weights_a_trainer_kept_in_float32_reload_in_float32(tiny_model_dir, tmp_path, low_cpu_mem_usage):
     """TRL's ORPO and CPO trainers (``peft_module_casting_to_bf16``, under ``bf16=True`` on a 4-bit model) cast every

@@ -300,6 +300,21 @@ def test_what_cannot_work_on_a_bare_trunk_is_refused(tmp_path, tiny_model_dir):
     assert not any(isinstance(m, QSTLayer) for m in base.modules()) and not getattr(base, "peft_config", None)
 
 
+def test_a_further_adapters_refusals_name_the_trunks_class(tiny_model_dir):
+    """add_adapter checks a further adapter against the model the tuner wraps, on a bare trunk the root QSTLayer: its
+    refusals named that wrapper ("match no module of QSTLayer", "an LM head (QSTLayer, a llama model, ..."), a class
+    the user never loaded. They name the trunk's (LlamaModel), as get_peft_model's do, and change nothing."""
+    model = feature_model(tiny_model_dir)
+    for options, refusal in (
+        (dict(modules_to_save=["score"]), r"\['score'\] match no module of LlamaModel "),
+        (dict(copy_heads=2), r"needs a model with an LM head \(LlamaModel, a llama model"),
+    ):
+        with pytest.raises(ValueError, match=refusal) as refused:
+            model.add_adapter("other", QSTConfig(task_type="FEATURE_EXTRACTION", r=4, **options))
+        assert "QSTLayer" not in str(refused.value)
+        assert list(model.peft_config) == ["default"]
+
+
 def test_a_composite_models_bare_model_side_tunes_its_language_model(tmp_path):
     """AutoModel on a Llava config loads LlavaModel (vision tower, projector, language model; no LM head): QST
     side-tunes its language model as in LlavaForConditionalGeneration, and the adapted features are LlavaModel's
