@@ -203,7 +203,8 @@ class QSTConfig(PeftConfig):
             ``g = (1 - s) * down(h_i) + s * g``: how much of the side network's own state each block keeps.
             0.9 and 0.98 did not learn better than 0.5 in the quality harness (docs/quality.md). `get_peft_model`
             refuses a value whose gate is exactly 1 or 0 in the side network's dtype (0.999 in bfloat16), where the
-            gates and the side blocks' downsamplers would get no gradient.
+            gates and the side blocks' downsamplers would get no gradient; so does the first training forward after
+            a cast of the untrained side network to such a dtype (TRL's SFTTrainer casts a quantized model's to bf16).
         output_gate_init (`float`): Initial value of the per-channel output gate ``a`` in
             ``h_out = h_L + a * up(side)``. The upsample ``up`` starts at zero (as LoRA's B matrix does), so the
             adapted model starts exactly at the pretrained model's output whatever ``a`` is, while ``up`` gets a

@@ -50,7 +50,7 @@ from .side import (
     find_layer_list,
     onloaded_tensor,
 )
-from .side_config import decoder_attribute, num_blocks
+from .side_config import block_count_attribute, num_blocks
 
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
 BASE_ADAPTER_NAME = "__base__"
@@ -757,11 +757,15 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         return self._lowered_num_hidden_layers() is not None and _early_exit_drafting()
 
     def _lowered_num_hidden_layers(self) -> Optional[int]:
-        """The trunk config's ``num_hidden_layers`` where it is lower than the number of blocks QST was built on
-        (:meth:`_drafting_early_exit`), else None. (Where the config maps ``num_hidden_layers`` to the encoder's count,
-        as Whisper's does, its decoder's ``decoder_layers``: the blocks QST was built on.)"""
+        """The trunk config's block count where it is lower than the number of blocks QST was built on
+        (:meth:`_drafting_early_exit`), else None. The count is :func:`~peft_qst.side_config.block_count_attribute`'s:
+        ``num_hidden_layers``; where the config maps that to the encoder's count, as Whisper's does, its decoder's
+        ``decoder_layers``; LongCat-Flash's ``num_layers``, which its ``num_hidden_layers`` (2 x ``num_layers``, two
+        sublayers per block) sets to half the value transformers lowers it to. Read as ``num_hidden_layers``, its
+        lowered count (2 of 2 blocks for an early exit at 2) was never lower than the blocks: the drafting forward was
+        refused as "a model that loops over its blocks", and a count left lowered got no hint to restore it."""
         config = self.base_layer.config
-        current = getattr(config, decoder_attribute(config, "num_hidden_layers"), None)
+        current = getattr(config, block_count_attribute(config), None)
         return current if isinstance(current, int) and current < self.__dict__.get("_num_blocks", 0) else None
 
     def _lowered_layers(self) -> str:
@@ -769,10 +773,11 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         current, blocks = self._lowered_num_hidden_layers(), self.__dict__["_num_blocks"]
         if current is None:
             return ""
+        count = block_count_attribute(self.base_layer.config)
         return (
-            f" Its config's num_hidden_layers is {current}, lower than the {blocks} blocks QST was built on, so the "
+            f" Its config's {count} is {current}, lower than the {blocks} blocks QST was built on, so the "
             "backbone ran only the first ones (a generate(assistant_early_exit=...) interrupted while drafting leaves "
-            f"it lowered): restore it with model.config.num_hidden_layers = {blocks}."
+            f"it lowered): restore it with model.config.{count} = {blocks}."
         )
 
     def _adapters_of_rows(self, row_adapters) -> list[str]:

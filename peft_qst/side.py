@@ -27,6 +27,7 @@ import inspect
 import math
 import uuid
 from contextlib import nullcontext
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
@@ -287,7 +288,7 @@ def _rebuild_parametrized(original_class: type, tensor_names: tuple) -> nn.Modul
     return module
 
 
-def check_gate_inits_fit(config: QSTConfig, dtype: torch.dtype) -> None:
+def check_gate_inits_fit(config: QSTConfig, dtype: torch.dtype, cast_from: Optional[torch.dtype] = None) -> None:
     """Refuse a ``side_gate_init`` or ``output_gate_init`` that the side network's dtype turns into a value
     ``QSTConfig`` refuses, before the model changes.
 
@@ -298,13 +299,21 @@ def check_gate_inits_fit(config: QSTConfig, dtype: torch.dtype) -> None:
     side blocks read only the embedding output, never the backbone blocks' outputs, and the gates and the blocks'
     downsamplers never got a gradient (the sigmoid's derivative ``s * (1 - s)`` is zero too); training ran on, without a
     word. An output gate of 1e-8 is 0 in float16 (the saddle point ``output_gate_init=0`` is refused for: neither the
-    gate nor the upsample gets a gradient), and one of 1e5 is infinite there (NaN outputs from the first forward)."""
+    gate nor the upsample gets a gradient), and one of 1e5 is infinite there (NaN outputs from the first forward).
+
+    ``cast_from``: the dtype the side network was built in, where its parameters were cast to ``dtype`` after that
+    (:meth:`QSTSideNetwork.check_gates_after_a_cast`); ``side_dtype`` then does not help, as the cast overrides it."""
     def in_dtype(value: float) -> torch.Tensor:  # as computed: a stored offset of zero plus the float32 constant
         return torch.zeros((), dtype=dtype) + torch.tensor(float(value), dtype=torch.float32).item()
 
-    name = str(dtype).removeprefix("torch.")
+    name = short = str(dtype).removeprefix("torch.")
     finfo = torch.finfo(dtype)
-    fix = ', or side_dtype="float32"' if dtype != torch.float32 else ""
+    fix = ', or side_dtype="float32"' if dtype != torch.float32 and cast_from is None else ""
+    if cast_from is not None:
+        name += (
+            f", which its parameters were cast to after it was built in {str(cast_from).removeprefix('torch.')}, as "
+            "TRL's SFTTrainer casts the trainable parameters of a quantized model to bfloat16 whatever side_dtype says"
+        )
     gate = torch.sigmoid(in_dtype(math.log(config.side_gate_init / (1.0 - config.side_gate_init))))
     if not 0.0 < gate.item() < 1.0:
         raise ValueError(
@@ -313,7 +322,7 @@ def check_gate_inits_fit(config: QSTConfig, dtype: torch.dtype) -> None:
             + ("shuts the side blocks off from the backbone blocks' outputs (they would read the embedding output "
                "alone), and neither the gates nor the blocks' downsamplers would get a gradient" if gate.item() == 1.0
                else "never keeps the side network's own state, and the gates would get no gradient")
-            + f". Choose a value {finfo.smallest_normal:g} <= side_gate_init <= {1 - finfo.eps / 2:.10g} for {name} "
+            + f". Choose a value {finfo.smallest_normal:g} <= side_gate_init <= {1 - finfo.eps / 2:.10g} for {short} "
             f"(the default is 0.5){fix}."
         )
     output = in_dtype(config.output_gate_init)
@@ -323,7 +332,7 @@ def check_gate_inits_fit(config: QSTConfig, dtype: torch.dtype) -> None:
             f"({name}): "
             + ("with the upsample starting at zero, neither the gate nor the upsample would get a gradient"
                if output.item() == 0.0 else "the adapted model's outputs would be NaN from the first forward")
-            + f". Choose a magnitude between {finfo.smallest_normal:g} and {finfo.max:g} for {name} (the default is "
+            + f". Choose a magnitude between {finfo.smallest_normal:g} and {finfo.max:g} for {short} (the default is "
             f"1.0){fix}."
         )
 
@@ -944,6 +953,8 @@ class QSTSideNetwork(nn.Module):
         # parameters take the side dtype; buffers (e.g. rotary inverse frequencies) keep their precision
         for parameter in self.parameters():
             parameter.data = parameter.data.to(dtype)
+        # the gate inits and the dtype check_gate_inits_fit checked them in (see check_gates_after_a_cast)
+        self.__dict__["_gate_inits"] = (qst_config.side_gate_init, qst_config.output_gate_init, dtype)
         self._blocks = list(wrapped)  # plain list: a view of the blocks, not a second registration
         self._trunk_params = set(inspect.signature(type(trunk).forward).parameters)
         self.place(base_trunk)
@@ -995,6 +1006,9 @@ class QSTSideNetwork(nn.Module):
         if packed is not None:  # inference, Llama-style blocks (no experts, so no router logits): far fewer operations
             return (*fast_side_forward(self, packed, hidden_states, cache, **trunk_kwargs), None)
         dtype = self.upsample.weight.dtype
+        gate_inits = self.__dict__.get("_gate_inits")
+        if gate_inits is not None and gate_inits[2] != dtype and torch.is_grad_enabled():
+            self.check_gates_after_a_cast(dtype)
         if cache is not None:  # the fast path keeps its side cache in float32
             keep_cache_dtype(cache, dtype)
         # hidden states of blocks with backbone low-rank adapters carry gradients (into those adapters); the others
@@ -1025,6 +1039,27 @@ class QSTSideNetwork(nn.Module):
         # the side routers' logits where the forward asks for them (output_router_logits): the model's own
         # load-balancing loss is computed from them (QSTLayer._forward_adapted)
         return last, out.get(cache_field(out)), out.get("router_logits")
+
+    def check_gates_after_a_cast(self, dtype: torch.dtype) -> None:
+        """:func:`check_gate_inits_fit` again, at the first forward with gradients after the side network's parameters
+        were cast to another dtype than the one it was built (and its gate inits checked) in, while its gates are
+        still at their inits (every offset zero). TRL's SFTTrainer casts the trainable parameters of a quantized model
+        to bfloat16 after ``get_peft_model``, whatever ``side_dtype`` says: on a 4-bit model with float32 or float16
+        compute (a float32 side network), ``side_gate_init=0.999`` passed the check and became a gate of exactly 1,
+        and the side blocks' gates and downsamplers never moved, silently, as the check is there to prevent. A
+        trained adapter cast so is left alone (its gates are its training's). Once per dtype."""
+        if torch.compiler.is_compiling():
+            return
+        side_gate_init, output_gate_init, built_in = self.__dict__["_gate_inits"]
+        gates = [(block, "gate_logit") for block in self._blocks] + [(self.output_gate, "weight")]
+        if all(
+            parametrize.is_parametrized(module, name)
+            and not bool(getattr(module.parametrizations, name).original.detach().any())
+            for module, name in gates
+        ):
+            inits = SimpleNamespace(side_gate_init=side_gate_init, output_gate_init=output_gate_init)
+            check_gate_inits_fit(inits, dtype, cast_from=built_in)
+        self.__dict__["_gate_inits"] = (side_gate_init, output_gate_init, dtype)
 
     def mix(
         self,

@@ -433,6 +433,30 @@ def test_a_blocks_sublayer_list_is_never_taken_for_the_block_list(monkeypatch):
     assert len(side_of(model).trunk.layers) == 1
 
 
+def test_a_block_count_left_lowered_names_the_attribute_that_counts_the_blocks():
+    """transformers' self-speculative decoding lowers the config's num_hidden_layers to n while it drafts, and leaves it
+    lowered where the draft fails (it restores it without ``finally``). LongCat-Flash's num_hidden_layers sets
+    num_layers to n // 2, the blocks its forward runs: read as num_hidden_layers, the lowered count (2, for an early
+    exit at 2 of its 2 blocks) was not lower than the blocks, so QST took the forward for "a model that loops over its
+    blocks" and gave no hint to restore the count. QST reads the block count (num_layers) there, as it counts the
+    blocks by, and names it and the value that restores it."""
+    model = get_peft_model(tiny("longcat_flash"), QSTConfig(task_type="CAUSAL_LM"))
+    train_steps(model, torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(0)), steps=2)
+    model.eval()
+    ids = torch.randint(3, V, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    model.config.num_hidden_layers = 2  # what generate(assistant_early_exit=2) sets, and leaves if drafting fails
+    assert model.config.num_layers == 1
+    with torch.no_grad(), pytest.raises(
+        QSTUnsupportedModelError, match=r"num_layers is 1, lower than the 2 blocks.*model\.config\.num_layers = 2\.$"
+    ):
+        model(input_ids=ids)
+    model.config.num_layers = 2  # as the refusal says
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, adapted)
+
+
 def test_blocks_run_in_cycles_are_refused_naming_the_cycles():
     """HRM runs two stacks of 2 blocks in cycles and counts each run as a layer (num_hidden_layers 4, the cache's
     slots): no list holds 4 blocks, and the refusal says why besides a changed num_hidden_layers."""

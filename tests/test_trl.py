@@ -386,3 +386,48 @@ def test_checkpointed_memory_grows_with_depth_by_the_hidden_states_only(use_reen
     hidden_state = batch * length * hidden * 4  # float32
     block_input = batch * length * (hidden // r) * 4
     assert per_layer <= 1.1 * (hidden_state + block_input), (per_layer, hidden_state, block_input)
+
+
+@pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer and chat template
+def test_gate_inits_that_trls_bf16_cast_turns_into_refused_values_are_refused(tmp_path, smollm2_dir):
+    """get_peft_model checks side_gate_init in the side network's dtype, float32 on a 4-bit model with float32 (or
+    float16) compute, where 0.999 is below 1. SFTTrainer then casts the trainable parameters of a quantized model to
+    bf16, whatever side_dtype says, and 0.999 became a gate of exactly 1 there: the side blocks' gates and
+    downsamplers never moved while training ran on, silently. The first training forward after the cast refuses it,
+    naming the cast; a value bf16 keeps below 1 trains them."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from .conftest import bnb_config
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tiny_causal_lm(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp_path / "base")
+
+    def trainer(side_gate_init: float):
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base",
+                                                    quantization_config=bnb_config(compute_dtype=torch.float32))
+        args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8,
+                         learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+                         disable_tqdm=True)
+        return SFTTrainer(model=base, args=args, train_dataset=Dataset.from_list(chat_rows("messages", 16)),
+                          processing_class=tokenizer,
+                          peft_config=QSTConfig(task_type="CAUSAL_LM", r=4, side_gate_init=side_gate_init))
+
+    def gates_and_downsamplers(model) -> dict:
+        return {n: p.detach().clone() for n, p in model.named_parameters()
+                if ".trunk.layers." in n and (".downsample." in n or "gate_logit" in n)}
+
+    refused = trainer(0.999)
+    assert all(p.dtype == torch.bfloat16 for p in gates_and_downsamplers(refused.model).values())  # TRL's cast
+    with pytest.raises(ValueError, match=r"side_gate_init=0\.999 is 1 in the side network's dtype \(bfloat16, which "
+                                         r"its parameters were cast to after it was built in float32.*"
+                                         r"<= 0\.99609375 for bfloat16 \(the default is 0\.5\)\.$"):
+        refused.train()
+
+    fitting = trainer(0.99)
+    before = gates_and_downsamplers(fitting.model)
+    fitting.train()
+    after = gates_and_downsamplers(fitting.model)
+    assert before and all(not torch.equal(before[n], after[n]) for n in before), [
+        n for n in before if torch.equal(before[n], after[n])]
