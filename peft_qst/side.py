@@ -975,7 +975,12 @@ class QSTSideNetwork(nn.Module):
         base_blocks = getattr(base_parent, base_attr)
         for side_block, base_block in zip(self._blocks, base_blocks):
             side_block.to(module_device(base_block))
-        self.embed_downsample.to(module_device(base_trunk.get_input_embeddings()))
+        input_device = module_device(base_trunk.get_input_embeddings())
+        self.embed_downsample.to(input_device)
+        # the trunk's own tensors (not a child's) meet its inputs_embeds: Zaya's input_hidden_states_bias and scale.
+        # Left where the side network was built, they were on another device than the states (the meta device, a GPU)
+        # (moved as Module.to moves them, in place where the devices allow it; not the children, placed below)
+        self.trunk._apply(lambda tensor: tensor.to(input_device), recurse=False)
         last_device = module_device(base_blocks[-1])
         side_parent, side_attr = find_layer_list(self.trunk, num_layers)
         for name, child in self.trunk.named_children():

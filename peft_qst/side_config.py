@@ -179,8 +179,39 @@ def resolve_side_heads(config, qst_config: QSTConfig) -> Optional[int]:
     return auto_side_heads(config, qst_config.r)
 
 
+#: per-layer attributes of a heterogeneous config (``per_layer_config``) that the side network keeps as they are: the
+#: attention windows (every other per-layer size is a width or a head count, which the shrink rules rescale)
+KEPT_PER_LAYER_ATTRIBUTES = frozenset({"sliding_window", "attention_chunk_size"})
+
+
+def per_layer_widths_reason(config) -> Optional[str]:
+    """Why QST cannot side-tune a model whose config sets widths or head counts per layer (transformers'
+    heterogeneous configs, ``per_layer_config``), or None.
+
+    The shrink rules rescale one value of each size per model, and a side config copies the per-layer overrides as
+    they are: they would stay at the backbone's widths. Gemma 4 at its config's defaults gives its full-attention layers
+    heads of ``global_head_dim`` = 512 beside the others' ``head_dim`` = 256; the tiny models the tests use, with the
+    two equal, have a homogeneous config and were supported, while the model at its real shape crashed inside QST
+    reading ``config.head_dim`` (AmbiguousGlobalPerLayerAttributeError)."""
+    varying = sorted(set(getattr(config, "per_layer_attributes", None) or ()) - KEPT_PER_LAYER_ATTRIBUTES)
+    if not varying:
+        return None
+    layers = list(config.per_layer_config)
+    values = ", ".join(
+        f"{name} in {sorted({getattr(layer, name) for layer in layers}, key=repr)}" for name in varying
+    )
+    return (
+        f"its config sets {', '.join(varying)} per layer (per_layer_config: {values}), and QST's side network is built "
+        "from one value of each size per model. A model whose layers share one value (Gemma 4: global_head_dim "
+        "equal to head_dim) is supported"
+    )
+
+
 def unsupported_reason(config) -> Optional[str]:
     """Why QST cannot side-tune a model with this config whatever r is, or None."""
+    reason = per_layer_widths_reason(config)
+    if reason is not None:
+        return reason
     hidden = int(config.hidden_size)
     for name in EMBEDDING_WIDTH_ATTRIBUTES:
         width = getattr(config, name, None)

@@ -1053,3 +1053,39 @@ def test_an_adapter_saved_with_parts_never_run_loads_exactly(variant, tmp_path, 
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected)
     assert not [w for w in recwarn.list if "QST" in str(w.message)]
+
+
+def test_widths_set_per_layer_are_refused_naming_them():
+    """Gemma 4 at its config's defaults gives its full-attention layers heads of ``global_head_dim`` (512) beside the
+    others' ``head_dim`` (256): transformers makes such a config heterogeneous (``per_layer_config``), and reading
+    ``config.head_dim`` raises. The tiny models (the two equal) were supported; the model at its real shape crashed
+    inside QST (AmbiguousGlobalPerLayerAttributeError from its model signature). It is refused, naming the widths."""
+    base = tiny("gemma4_text", head_dim=16)  # global_head_dim stays 32 (OVERRIDES)
+    assert base.config.per_layer_attributes == {"head_dim"}
+    trunk_before = {name for name, _ in base.named_modules()}
+    with pytest.raises(QSTUnsupportedModelError, match=re.escape(
+            "gemma4_text model: its config sets head_dim per layer (per_layer_config: head_dim in [16, 32])")):
+        get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    assert {name for name, _ in base.named_modules()} == trunk_before  # nothing was wrapped
+
+
+def test_the_side_trunks_own_tensors_go_where_its_inputs_are():
+    """Zaya's trunk holds tensors of its own (``input_hidden_states_bias`` and ``input_hidden_states_scale``, no
+    child's), applied to its inputs_embeds. ``place`` moved the side trunk's children and blocks to the backbone's
+    devices and left those where the side network was built: a model on another device than the CPU (here the meta
+    device, as ``integration/real_shapes.py`` builds published models; a GPU alike) failed its first forward
+    ("Tensor on device cpu is not on the expected device meta"). 512 wide: side widths the grouped experts kernel
+    takes (a tiny model's run transformers' eager experts loop, which reads values the meta device does not have)."""
+    config = AutoConfig.for_model("zaya", hidden_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=V, num_experts=4, num_experts_per_tok=1)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    trunk = side_of(model).trunk
+    own = [*trunk.parameters(recurse=False), *trunk.buffers(recurse=False)]
+    assert own and {t.device.type for t in own} == {"meta"}
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.shape == (2, 8, V)
+    assert side_of(model).upsample.weight.grad is not None
