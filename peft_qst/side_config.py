@@ -845,8 +845,9 @@ def is_int_width(value) -> bool:
 #: model types whose ``num_hidden_layers`` counts more than the blocks they keep in their list, with the config
 #: attribute that counts the blocks. Each LongCat-Flash block holds two attention sublayers (and two cache layers), and
 #: its config derives ``num_hidden_layers`` as 2 x ``num_layers`` (transformers' own hidden-state recorder counts
-#: ``num_layers``). Read as the block count, QST refused the published model ("no nn.ModuleList of 56 modules") and,
-#: where a block's lists of two sublayers happened to match (a one-block model), side-tuned those sublayers instead.
+#: ``num_layers``). Read as the block count, QST refused a model at its config's defaults ("no nn.ModuleList of 56
+#: modules") and, where a block's lists of two sublayers happened to match (a one-block model), side-tuned those
+#: sublayers instead.
 BLOCK_COUNT_ATTRIBUTES = {"longcat_flash": "num_layers"}
 
 
