@@ -393,8 +393,8 @@ def test_an_embedding_width_equal_to_the_hidden_size_becomes_the_side_width():
 
 def test_blocks_of_several_sublayers_are_side_tuned_as_blocks():
     """LongCat-Flash's blocks each hold two attention sublayers (lists of two attention, MLP and norm modules), and its
-    num_hidden_layers counts those (2 x num_layers). Read as the block count, it matched no list at the published
-    shapes (refused: "no nn.ModuleList of 56 modules"), and where a block's sublayer lists happened to have that length
+    num_hidden_layers counts those (2 x num_layers). Read as the block count, it matched no list at its config's
+    defaults (refused: "no nn.ModuleList of 56 modules"), and where a block's sublayer lists happened to have that length
     QST side-tuned them instead of the blocks (the architecture sweep's one-block model: the first block's two attention
     modules). The side network reads the blocks, one per block, also where the sublayer lists are as long as the block
     list (two blocks of two sublayers)."""
