@@ -754,9 +754,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         blocks ignore the count; the others' refusal names it). Compared with the blocks QST was built on, so that a
         model pickled before this check drafts too.
         """
-        return self._lowered_num_hidden_layers() is not None and _early_exit_drafting()
+        return self._lowered_block_count() is not None and _early_exit_drafting()
 
-    def _lowered_num_hidden_layers(self) -> Optional[int]:
+    def _lowered_block_count(self) -> Optional[int]:
         """The trunk config's block count where it is lower than the number of blocks QST was built on
         (:meth:`_drafting_early_exit`), else None. The count is :func:`~peft_qst.side_config.block_count_attribute`'s:
         ``num_hidden_layers``; where the config maps that to the encoder's count, as Whisper's does, its decoder's
@@ -770,7 +770,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
     def _lowered_layers(self) -> str:
         """A hint for the refusal of a forward whose blocks did not all run, where the config's count is lowered."""
-        current, blocks = self._lowered_num_hidden_layers(), self.__dict__["_num_blocks"]
+        current, blocks = self._lowered_block_count(), self.__dict__["_num_blocks"]
         if current is None:
             return ""
         count = block_count_attribute(self.base_layer.config)
@@ -1288,17 +1288,16 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 )
             for name in adapter_names:
                 self._check_cache_layout(name, cache, past)
-            sides = {name: cache.side_cache(name) for name in adapter_names}
-            memories = {name: cache.copy_memory(name) for name in adapter_names}
-            if past == 0:
+
+            def kept(name: str, half):
                 # an emptied cache (cache.reset(), how a static cache is reused for the next prompt) starts afresh: a
                 # side half filled by another side network than the adapter has now (added again, or loaded from
                 # other weights, since) is replaced by a new one. Kept, it kept that network's record, and the second
                 # step of the new generation was refused as continuing another network's history
-                sides = {name: None if self._filled_by_another(name, half) else half for name, half in sides.items()}
-                memories = {
-                    name: None if self._filled_by_another(name, half) else half for name, half in memories.items()
-                }
+                return None if past == 0 and self._filled_by_another(name, half) else half
+
+            sides = {name: kept(name, cache.side_cache(name)) for name in adapter_names}
+            memories = {name: kept(name, cache.copy_memory(name)) for name in adapter_names}
             # a side half that fell behind: tokens were added while this adapter was disabled or another one was
             # active (the backbone half moves on at every step, a side half only when its adapter runs)
             behind = {}
