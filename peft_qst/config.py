@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -275,6 +276,8 @@ class QSTConfig(PeftConfig):
         base_model_fingerprint (`dict`, *optional*): Filled in by `save_pretrained`: sampled entries of the base
             model's token embeddings (and untied LM head); loading warns where the model's differ (another
             checkpoint of the same architecture and sizes).
+        peft_qst_version (`str`, *optional*): Filled in by `save_pretrained`: the peft-qst version that wrote the
+            file. Loading warns when it is newer than the installed version, whose reading of the file may differ.
     """
 
     r: int = field(default=16, metadata={"help": "Reduction factor of the side network's hidden and FFN sizes."})
@@ -354,6 +357,10 @@ class QSTConfig(PeftConfig):
             "help": "Set by save_pretrained: sampled entries of the base model's token embeddings, to warn when the "
             "adapter is loaded onto another checkpoint of the same shapes."
         }
+    )
+
+    peft_qst_version: Optional[str] = field(
+        default=None, metadata={"help": "Set by save_pretrained: the peft-qst version that wrote the file."}
     )
 
     @classmethod
@@ -544,6 +551,7 @@ class QSTConfig(PeftConfig):
                 "by hand or damaged: restore the file, delete the entry (nothing is compared then), or save the "
                 "adapter again. Building a QSTConfig yourself, leave it None."
             )
+        self._check_writer_version()
         problem = None if self.base_model_signature is None else _signature_problem(self.base_model_signature)
         if problem is not None:
             raise ValueError(
@@ -553,6 +561,35 @@ class QSTConfig(PeftConfig):
                 "edited by hand or damaged: restore the file from where the adapter came from, or save the adapter "
                 "again (PeftModel.save_pretrained) from the model it was trained with. Building a QSTConfig yourself, "
                 "leave it None. Nothing was loaded."
+            )
+
+    def _check_writer_version(self) -> None:
+        """Refuse a ``peft_qst_version`` that is not a version, and warn when the file was written by a newer
+        peft-qst than the installed one: PEFT drops (with its warning) options this version does not know, and a
+        newer version may read or save a field in a way this one does not, so the adapter may not load as it was
+        saved."""
+        from packaging.version import InvalidVersion, Version
+
+        from . import __version__
+
+        written = self.peft_qst_version
+        if written is None:
+            return
+        try:
+            newer = Version(written) > Version(__version__)
+        except (InvalidVersion, TypeError):
+            raise ValueError(
+                f"QSTConfig.peft_qst_version={written!r} is invalid: save_pretrained records there the peft-qst "
+                "version (e.g. '0.1.0') that wrote the adapter, so another value means an adapter_config.json edited "
+                "by hand or damaged: restore the file, or delete the entry. Building a QSTConfig yourself, leave it "
+                "None."
+            ) from None
+        if newer:
+            warnings.warn(
+                f"This QST adapter was saved by peft-qst {written}, newer than the installed peft-qst {__version__}: "
+                "options or formats added since may be read differently or dropped (PEFT warns of the keys it "
+                "drops). Upgrade peft-qst (pip install -U peft-qst) to load it as it was saved.",
+                stacklevel=3,
             )
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -570,6 +607,7 @@ class QSTConfig(PeftConfig):
 
         from safetensors.torch import load_file
 
+        from . import __version__
         from .serialization import SAFETENSORS_NAME, warn_if_not_finite, weights_digest
 
         super().save_pretrained(save_directory, **kwargs)
@@ -580,6 +618,7 @@ class QSTConfig(PeftConfig):
         with open(config_path) as handle:
             saved = json.load(handle)
         saved["adapter_weights_sha256"] = None
+        saved["peft_qst_version"] = __version__
         if os.path.isfile(weights_path):
             tensors = load_file(weights_path)
             saved["adapter_weights_sha256"] = weights_digest(tensors)

@@ -910,3 +910,42 @@ def test_peft_load_peft_weights_reads_a_qst_folder_of_a_misspelt_peft_type_as_qs
     path.write_bytes(bytes(data))
     with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
         peft.load_peft_weights(str(tmp_path))
+
+
+def test_the_writing_version_is_recorded_and_a_newer_one_is_named_when_loaded(tmp_path, tiny_model_dir, trained):
+    """adapter_config.json names the peft-qst version that wrote it; an adapter written by a newer version (whose
+    options or formats this one may read differently) loads with a warning naming both versions and the upgrade,
+    one written by this version or an earlier one (which recorded no version) without it, and a damaged entry is
+    refused naming the field."""
+    import warnings
+
+    import peft_qst
+
+    trained.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert config["peft_qst_version"] == peft_qst.__version__
+
+    def load():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = PeftModel.from_pretrained(base, str(tmp_path)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
+        # a set: PEFT reads the config twice when it loads an adapter
+        return {str(w.message) for w in caught if "peft-qst" in str(w.message)}
+
+    assert load() == set()
+    del config["peft_qst_version"]
+    config_path.write_text(json.dumps(config))
+    assert load() == set()
+    config["peft_qst_version"] = "99.0.0"
+    config_path.write_text(json.dumps(config))
+    (message,) = load()
+    assert f"saved by peft-qst 99.0.0, newer than the installed peft-qst {peft_qst.__version__}" in message
+    assert "pip install -U peft-qst" in message
+    config["peft_qst_version"] = 3
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"peft_qst_version=3 is invalid.*edited by hand or damaged"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
