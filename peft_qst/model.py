@@ -480,6 +480,8 @@ def _update_layer(layer: QSTLayer, adapter_name: str, config: QSTConfig, dtype: 
             layer.update_layer(adapter_name, config, dtype)
             return
         except QSTUnsupportedModelError as error:
+            if getattr(error, "runs_in_float32", False):
+                raise  # the side dtype is the problem, not the head count
             first_error = first_error or error
     config.side_heads = chosen
     if not others:

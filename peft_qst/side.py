@@ -22,6 +22,7 @@ name them by this module.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -863,11 +864,33 @@ class QSTSideNetwork(nn.Module):
         inference fast path keeps no packed weights); its training flags are restored."""
         if any(p.device.type == "meta" for p in self.parameters()):
             return
+        problem = self._construction_run_problem(int(base_config.hidden_size))
+        if problem is None:
+            return
+        dtype = self.upsample.weight.dtype
+        if dtype in HALF_DTYPES and copy.deepcopy(self).float()._construction_run_problem(
+            int(base_config.hidden_size)
+        ) is None:
+            # MiniMax in bf16: its lightning attention multiplies its float32 decay buffers into bf16 states with
+            # matmul, which does not promote. The head count and r are not the problem: "auto" tries no others
+            name = str(dtype).removeprefix("torch.")
+            heads = "" if qst_config.side_heads is None else f", side_heads={qst_config.side_heads}"
+            error = QSTUnsupportedModelError(
+                f"QST cannot build this {base_config.model_type} model's side network in {name} (r={qst_config.r}"
+                f"{heads}): it does not run in {name} ({problem}), and runs in float32. Use "
+                "QSTConfig(side_dtype=\"float32\"): the side network in float32, the frozen model in its own dtype."
+            )
+            error.runs_in_float32 = True
+            raise error
+        raise _unsupported_side_network(base_config, qst_config, f"the side network does not run ({problem})")
+
+    def _construction_run_problem(self, hidden_size: int) -> Optional[str]:
+        """What went wrong running this side network once on made-up hidden states (see :meth:`_check_runs`), or
+        None. It runs in eval mode with gradients on; its training flags are restored."""
         device, dtype = self.upsample.weight.device, self.upsample.weight.dtype
         generator = torch.Generator().manual_seed(0)
         states = tuple(
-            torch.randn(1, 4, int(base_config.hidden_size), generator=generator).to(device, dtype)
-            for _ in range(len(self._blocks) + 1)
+            torch.randn(1, 4, hidden_size, generator=generator).to(device, dtype) for _ in range(len(self._blocks) + 1)
         )
         modes = {module: module.training for module in self.modules()}
         self.eval()
@@ -875,14 +898,12 @@ class QSTSideNetwork(nn.Module):
             with torch.enable_grad():
                 out = self(states, use_cache=False)[0]
             expected = (1, 4, self.upsample.in_features)
-            problem = None if tuple(out.shape) == expected else f"an output of shape {tuple(out.shape)}, not {expected}"
+            return None if tuple(out.shape) == expected else f"an output of shape {tuple(out.shape)}, not {expected}"
         except Exception as error:  # noqa: BLE001 - any failure here is a model the rules do not cover
-            problem = f"{type(error).__name__}: {error}"
+            return f"{type(error).__name__}: {error}"
         finally:
             for module, training in modes.items():
                 module.training = training
-        if problem is not None:
-            raise _unsupported_side_network(base_config, qst_config, f"the side network does not run ({problem})")
 
     def _build(self, base_trunk: nn.Module, base_config, qst_config: QSTConfig, dtype: torch.dtype) -> None:
         num_layers = num_blocks(base_config)
