@@ -736,6 +736,21 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             )
         return self._forward_adapted(active, cache, kwargs)
 
+    def _checkpointing_turns_cache_off(self) -> bool:
+        """Whether transformers would run this forward without a cache: a trunk with gradient checkpointing on, in
+        training mode, with gradients enabled (``merge_with_config_defaults`` sets ``use_cache=False`` then, whatever
+        the config or the caller said, as a recomputed block would write the cache twice).
+
+        The backbone runs under ``torch.no_grad()`` inside QST, so it no longer sees that condition and kept the cache
+        on: a padding-free batch (``DataCollatorWithFlattening``: position ids restarting per sequence, no attention
+        mask) in a ``Trainer(gradient_checkpointing=True)`` step, which passes no ``use_cache``, then attended across
+        its sequences in the backbone and the side network, because transformers derives the per-sequence mask from
+        the position ids only without a cache; the base model (and LoRA) kept them apart. Each training step also
+        built caches nobody reads. The trunk's own flag, as transformers reads it (blocks flagged alone drop only
+        their own cache layer, and the trunk's mask is built with a cache)."""
+        trunk = self.base_layer
+        return bool(getattr(trunk, "gradient_checkpointing", False)) and trunk.training and torch.is_grad_enabled()
+
     def _drafting_early_exit(self) -> bool:
         """Whether transformers' self-speculative decoding (``generate(assistant_early_exit=n)``) is drafting: it
         lowers the trunk config's ``num_hidden_layers`` to ``n`` while the model, its own assistant, proposes tokens
@@ -831,6 +846,12 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             # training): the trunk writes to the cache it is given and returns it, so the side networks keep theirs
             # in step. Without them the caller's next step got a backbone cache alone, refused as having no side state
             use_cache = cache is not None or getattr(config, "use_cache", False)
+        if use_cache and cache is None and self._checkpointing_turns_cache_off():
+            # transformers turns the cache off here (it checks under the gradients the backbone runs without below,
+            # so the backbone would keep it on), and without a cache its masks separate packed sequences
+            use_cache = False
+            if "use_cache" in kwargs or "use_cache" in inspect.signature(type(self.base_layer).forward).parameters:
+                kwargs["use_cache"] = False
 
         cache = self._with_cross_attention_half(cache, kwargs)
         backbone_cache, side_caches, memories = self._split_cache(cache, adapter_names)

@@ -278,6 +278,43 @@ def test_packed_row_equals_the_sequences_alone(attn_implementation):
     assert not torch.allclose(base_packed, packed, atol=1e-3)  # the side network is part of what was compared
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_flattened_batch_under_gradient_checkpointing_keeps_its_sequences_apart(attn_implementation):
+    """A training step as ``Trainer(gradient_checkpointing=True)`` runs it on a ``DataCollatorWithFlattening`` batch
+    (position ids restarting per sequence, no attention mask, no ``use_cache`` passed): transformers turns the cache
+    off under gradient checkpointing, and without a cache its masks keep the sequences apart. QST's backbone runs
+    under no_grad, where transformers' check does not fire: the backbone and the side network kept a cache and
+    attended across sequences (the later sequences' logits units off on a tiny Llama), where the base model kept them
+    apart."""
+    from peft import get_peft_model
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_causal_lm(attn_implementation=attn_implementation)
+    model = get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4))
+    randomize_upsample(model)
+    sequences = [torch.randint(3, 128, (n,)) for n in (6, 4, 5)]
+    batch = DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in sequences])
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    model.gradient_checkpointing_enable()  # what the Trainer does for gradient_checkpointing=True
+    model.train()
+    out = model(**batch)
+    out.loss.backward()  # a training step
+    with model.disable_adapter():
+        base = model(**batch)
+    model.eval()
+    with torch.no_grad():
+        alone = [model(input_ids=s[None]).logits[0] for s in sequences]
+        with model.disable_adapter():
+            base_alone = [model(input_ids=s[None]).logits[0] for s in sequences]
+    losses = [torch.nn.functional.cross_entropy(lg[:-1], s[1:], reduction="sum") for lg, s in zip(alone, sequences)]
+    torch.testing.assert_close(out.logits[0].detach(), torch.cat(alone), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss.detach(), sum(losses) / sum(len(s) - 1 for s in sequences))
+    # the invariant holds for the base model in the same step, and the side network is part of what was compared
+    torch.testing.assert_close(base.logits[0], torch.cat(base_alone), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(base.logits, out.logits, atol=1e-3)
+    assert out.past_key_values is None  # no cache was built for a training step, as without QST
+
+
 @pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer and chat template
 @pytest.mark.parametrize("mode", ["padding_free", "packing"])
 def test_sft_padding_free_loss_equals_padded_loss(tmp_path, smollm2_dir, mode):
