@@ -142,7 +142,22 @@ def _signature_problem(signature: Any) -> Optional[str]:
         ):
             expected = "an integer" + (" (or a list of them, one per layer)" if name == "intermediate_size" else "")
             return f"its {name} is {value!r} (of type {type(value).__name__}) where {expected} is expected"
+    per_layer = signature.get("per_layer_sizes", {})
+    if not isinstance(per_layer, dict) or not all(
+        isinstance(name, str) and isinstance(values, list) and all(_is_layer_size(v) for v in values)
+        for name, values in per_layer.items()
+    ):
+        return (f"its per_layer_sizes is {per_layer!r} where a dict of sizes set per layer, each a list of one integer "
+                "(or None) per layer, is expected (e.g. {'head_dim': [256, 512]})")
     return None
+
+
+def _is_layer_size(value: Any) -> bool:
+    """Whether ``value`` is one layer's entry of a signature's ``per_layer_sizes``: an integer, None (a layer without
+    the size), or a list of integers (a layer's own list of widths)."""
+    if isinstance(value, list):
+        return all(_is_int(v) and v >= 0 for v in value)
+    return value is None or (_is_int(value) and value >= 0)
 
 
 @dataclass

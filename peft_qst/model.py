@@ -66,6 +66,7 @@ from .serialization import QSTAdapterFileError, user_stacklevel
 from .side import QSTUnsupportedModelError, check_gate_inits_fit, find_layer_list, is_unreached_part
 from .side_config import (
     auto_side_head_candidates,
+    global_size,
     is_state_space_model,
     num_blocks,
     resolve_side_heads,
@@ -637,7 +638,9 @@ class QSTModel(BaseTuner):
             required = ("hidden_size", "num_hidden_layers")
         for attribute in required:
             try:
-                value = getattr(model_config, attribute, None)
+                # a size a heterogeneous config sets per layer: the global one, and the sizes set per layer that no
+                # shrink rule rescales are refused by name below (unsupported_reason: dots3_note_text's heads)
+                value = global_size(model_config, attribute)
             except Exception as error:  # noqa: BLE001 - heterogeneous configs refuse global access to per-layer sizes
                 raise QSTUnsupportedModelError(
                     f"QST does not support the {model_type} model: its config's {attribute} varies from layer to layer "

@@ -4,7 +4,8 @@ The side trunk is the backbone trunk's own class built from a shrunk config (:mo
 head layout of the side network is decided here, from the config alone: :func:`shrink_config` divides the hidden and
 FFN sizes by ``r``, chooses the side blocks' attention heads (``side_heads``: :func:`resolve_side_heads`,
 :func:`auto_side_heads`), rescales the widths that follow from the head width (rotary, multimodal rotary, Mamba heads,
-LongRoPE factor lists) and the ranks and head counts inside the blocks, and refuses an ``r`` that fits no layout,
+LongRoPE factor lists) and the ranks and head counts inside the blocks, gives each layer the sizes its config sets
+for it by the same rules (Gemma 4's: :func:`side_per_layer_config`), and refuses an ``r`` that fits no layout,
 naming the values that fit. Kept apart from the network built from it, so that the rules read as one, and so that the
 code that only needs a config's sizes (:mod:`peft_qst.signature`, ``QSTConfig.check_kwargs``) does not depend on the
 network's module. Also here: the models no shrink rule can serve (:func:`unsupported_reason`,
@@ -67,7 +68,7 @@ def uses_rotary(config) -> bool:
 
 
 def _num_heads(config) -> int:
-    return int(getattr(config, decoder_attribute(config, "num_attention_heads")))
+    return int(global_size(config, decoder_attribute(config, "num_attention_heads")))
 
 
 def is_state_space_model(config) -> bool:
@@ -88,12 +89,12 @@ KV_HEAD_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads", "kv_n_heads")
 
 
 def _kv_head_attribute(config) -> Optional[str]:
-    return next((name for name in KV_HEAD_ATTRIBUTES if getattr(config, name, None) is not None), None)
+    return next((name for name in KV_HEAD_ATTRIBUTES if global_size(config, name) is not None), None)
 
 
 def _num_kv_heads(config) -> Optional[int]:
     name = _kv_head_attribute(config)
-    return int(getattr(config, decoder_attribute(config, name))) if name is not None else None
+    return int(global_size(config, decoder_attribute(config, name))) if name is not None else None
 
 
 def _set_size(config, name: str, value) -> None:
@@ -124,7 +125,7 @@ def side_head_counts(config, side_heads: Optional[int]) -> tuple[int, Optional[i
 
 
 def _backbone_head_dim(config) -> int:
-    head_dim = getattr(config, "head_dim", None)
+    head_dim = global_size(config, "head_dim")
     return int(head_dim) if head_dim else int(config.hidden_size) // _num_heads(config)
 
 
@@ -184,27 +185,140 @@ def resolve_side_heads(config, qst_config: QSTConfig) -> Optional[int]:
 KEPT_PER_LAYER_ATTRIBUTES = frozenset({"sliding_window", "attention_chunk_size"})
 
 
-def per_layer_widths_reason(config) -> Optional[str]:
-    """Why QST cannot side-tune a model whose config sets widths or head counts per layer (transformers'
-    heterogeneous configs, ``per_layer_config``), or None.
+def global_size(config, name: str, default=None):
+    """A config's value of ``name`` for the layers that do not override it: on a heterogeneous config (transformers'
+    ``per_layer_config``), where reading a size set per layer raises (AmbiguousGlobalPerLayerAttributeError), the
+    global value the other layers keep; elsewhere ``getattr``. The shrink rules size the side network from these, and
+    the layers that override them from their own values (:func:`side_per_layer_config`)."""
+    if not isinstance(config, type) and getattr(config, "is_heterogeneous", False) is True:
+        return config._getattr_without_heterogeneous_validation(name, default)
+    return getattr(config, name, default)
 
-    The shrink rules rescale one value of each size per model, and a side config copies the per-layer overrides as
-    they are: they would stay at the backbone's widths. Gemma 4 at its config's defaults gives its full-attention layers
-    heads of ``global_head_dim`` = 512 beside the others' ``head_dim`` = 256; the tiny models the tests use, with the
-    two equal, have a homogeneous config and were supported, while the model at its real shape crashed inside QST
-    reading ``config.head_dim`` (AmbiguousGlobalPerLayerAttributeError)."""
-    varying = sorted(set(getattr(config, "per_layer_attributes", None) or ()) - KEPT_PER_LAYER_ATTRIBUTES)
-    if not varying:
+
+def per_layer_sizes(config) -> dict[str, list]:
+    """The sizes a heterogeneous config sets per layer, other than the windows the side network keeps
+    (:data:`KEPT_PER_LAYER_ATTRIBUTES`), as {name: [value of layer 0, layer 1, ...]}; empty for other configs. Gemma 4
+    at its config's defaults: ``{"head_dim": [256, 256, 256, 256, 256, 512, ...]}`` (its full-attention layers have
+    heads of ``global_head_dim``), and ``num_key_value_heads`` too where ``attention_k_eq_v`` gives them
+    ``num_global_key_value_heads``."""
+    names = sorted(set(getattr(config, "per_layer_attributes", None) or ()) - KEPT_PER_LAYER_ATTRIBUTES)
+    if not names:
+        return {}
+    layers = config.per_layer_config
+    return {name: [getattr(layers[index], name) for index in range(len(layers))] for name in names}
+
+
+def _rescaled_per_layer(config, name: str) -> bool:
+    """Whether the shrink rules rescale per-layer size ``name`` layer by layer (:func:`side_per_layer_config`): a head
+    width (``head_dim``, outside multi-head latent attention, whose head widths do not follow the side width), a
+    key/value head count, or an FFN width."""
+    if name == "head_dim":
+        return global_size(config, MLA_ATTRIBUTE) is None
+    return name in KV_HEAD_ATTRIBUTES or _is_ffn_width_attribute(name)
+
+
+def per_layer_widths_reason(config) -> Optional[str]:
+    """Why QST cannot side-tune a model whose config sets sizes per layer (transformers' heterogeneous configs,
+    ``per_layer_config``) that no shrink rule rescales layer by layer, or None.
+
+    Head widths, key/value head counts and FFN widths set per layer are rescaled layer by layer
+    (:func:`side_per_layer_config`): Gemma 4 at its config's defaults gives its full-attention layers heads of
+    ``global_head_dim`` = 512 beside the others' ``head_dim`` = 256 (and, with ``attention_k_eq_v``, their own number of
+    key/value heads). Before they were, such a model crashed inside QST reading ``config.head_dim``
+    (AmbiguousGlobalPerLayerAttributeError), then was refused. Other sizes set per layer (a number of attention heads,
+    which the side blocks choose once for all layers, ``side_heads``; a hidden size; the head widths of multi-head
+    latent attention) are still refused, naming them."""
+    refused = [name for name in per_layer_sizes(config) if not _rescaled_per_layer(config, name)]
+    if not refused:
         return None
-    layers = list(config.per_layer_config)
+    layers = config.per_layer_config
     values = ", ".join(
-        f"{name} in {sorted({getattr(layer, name) for layer in layers}, key=repr)}" for name in varying
+        f"{name} in {sorted({getattr(layers[i], name) for i in range(len(layers))}, key=repr)}" for name in refused
     )
     return (
-        f"its config sets {', '.join(varying)} per layer (per_layer_config: {values}), and QST's side network is built "
-        "from one value of each size per model. A model whose layers share one value (Gemma 4: global_head_dim "
-        "equal to head_dim) is supported"
+        f"its config sets {', '.join(refused)} per layer (per_layer_config: {values}), and QST's shrink rules rescale "
+        "layer by layer only head widths (head_dim, outside multi-head latent attention), key/value head counts and "
+        "FFN widths; the side network is built from one value of each other size per model"
     )
+
+
+def _per_layer_head_dim_problem(config, side_head_dim: int) -> Optional[str]:
+    """Why a side head of ``side_head_dim`` (the side width of the layers that keep the config's ``head_dim``) does not
+    scale to the head widths a heterogeneous config sets per layer, or None: each such layer's side heads are as much
+    wider or narrower than the others' as the model's (Gemma 4's full-attention heads of 512 beside 256 give side heads
+    twice as wide), which must be a whole number of channels, and an even one where the model uses rotary
+    embeddings."""
+    widths = per_layer_sizes(config).get("head_dim")
+    if not widths or not _rescaled_per_layer(config, "head_dim"):
+        return None
+    reference = _backbone_head_dim(config)
+    for index, width in enumerate(widths):
+        if not is_int_width(width) or width == reference:
+            continue
+        side = width * side_head_dim / reference
+        if side != int(side) or side < 1:
+            return (
+                f"its side head dimension of {side_head_dim} does not scale to layer {index}'s head_dim {width} (the "
+                f"others' is {reference}): {side_head_dim} x {width} / {reference} is not a whole number of channels"
+            )
+        if uses_rotary(config) and int(side) % 2:
+            return (
+                f"its side head dimension of {side_head_dim} scales to an odd one ({int(side)}) for layer {index}'s "
+                f"head_dim {width} (the others' is {reference}), which rotary embeddings cannot use"
+            )
+    return None
+
+
+def side_per_layer_config(base_config, side, r: int, side_heads: Optional[int]) -> dict[int, dict]:
+    """The ``per_layer_config`` of the side network of a heterogeneous model: each layer's sizes by the rules the
+    config's global ones took, so that the side network has the backbone's per-layer structure at 1/r of its widths.
+
+    A head width set per layer keeps its ratio to the side head width of the other layers (Gemma 4's full-attention
+    heads of 512 beside 256: side heads twice as wide as the others', checked whole and even by
+    :func:`_per_layer_head_dim_problem`); a key/value head count set per layer follows ``side_heads`` as the global one
+    does (:func:`side_head_counts` with that layer's grouping); an FFN width set per layer is divided by r; the windows
+    (:data:`KEPT_PER_LAYER_ATTRIBUTES`) are kept. Empty for a homogeneous config."""
+    names = sorted(set(getattr(base_config, "per_layer_attributes", None) or ()))
+    if not names:  # homogeneous (transformers marks a config heterogeneous even where no layer overrides a size)
+        return {}
+    layers = base_config.per_layer_config
+    reference_head_dim = _backbone_head_dim(base_config) if "head_dim" in names else None
+    overrides: dict[int, dict] = {}
+    for index in range(len(layers)):
+        layer, values = layers[index], {}
+        for name in names:
+            value = getattr(layer, name)
+            if name in KEPT_PER_LAYER_ATTRIBUTES or value is None:
+                values[name] = value
+            elif name == "head_dim":
+                values[name] = int(value) * _backbone_head_dim(side) // reference_head_dim
+            elif name in KV_HEAD_ATTRIBUTES:
+                values[name] = side_head_counts(layer, side_heads)[1]
+            elif is_int_width(value):
+                values[name] = max(1, value // r)
+            else:  # a list of FFN widths (per layer of a layer): divided one by one, as _divide_ffn_widths does
+                values[name] = type(value)(max(1, width // r) for width in value)
+        overrides[index] = values
+    return overrides
+
+
+def _without_per_layer_sizes(config):
+    """A heterogeneous config as a homogeneous one, every layer at the global sizes (those of the layers that do not
+    override them), for the shrink rules to read and copy; ``config`` itself where it is homogeneous. The layers'
+    own sizes are set on the side config afterwards (:func:`_set_per_layer_sizes`)."""
+    if not getattr(config, "per_layer_attributes", None):
+        return config
+    reference = copy.copy(config)  # as transformers' per_layer_config[i] builds a layer's config
+    reference.__dict__.pop("_heterogeneity_spec", None)
+    return reference
+
+
+def _set_per_layer_sizes(base_config, side, r: int, side_heads: Optional[int]):
+    """``side`` with the per-layer sizes of a heterogeneous ``base_config`` (:func:`side_per_layer_config`)."""
+    overrides = side_per_layer_config(base_config, side, r, side_heads)
+    if overrides:
+        side.per_layer_config = overrides
+    return side
 
 
 def unsupported_reason(config) -> Optional[str]:
@@ -311,7 +425,8 @@ def _shrink_problem(config, r: int, side_heads: Optional[int] = None) -> Optiona
                 "head dimension" if factor == 1.0 else f"rotary dimension ({head_dim} x partial_rotary_factor {factor})"
             )
             return f"r={r} gives an odd or too small side {what} ({rotary_dims}), which rotary embeddings cannot use"
-    return None
+    problem = _per_layer_head_dim_problem(config, side_hidden // heads)
+    return f"r={r} gives a side hidden size of {side_hidden} in {heads} heads, and {problem}" if problem else None
 
 
 def _state_space_problem(config, r: int, side_heads: Optional[int]) -> Optional[str]:
@@ -578,6 +693,9 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
             else f"r={r} gives a side hidden size of {hidden // r}, which no number of heads splits into heads of an "
             "even dimension (rotary embeddings need one)"
         )
+        layered = None if hidden % r else _per_layer_head_dim_problem(base_config, hidden // r)
+        if layered is not None:  # head widths set per layer (Gemma 4's): each layer's side heads must be whole too
+            problem += f" that scales to every layer's own head_dim: with one side head, {layered}"
     else:
         problem = _shrink_problem(base_config, r, side_heads)
     if not state_space and problem is not None:
@@ -591,12 +709,14 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
         elif side_heads is None and not auto:  # "auto" itself found no count: naming it as the way out says nothing
             message += _auto_heads_alternative(base_config, qst_config)
         raise ValueError(message + _not_a_lora_rank(r, fitting))
+    layered = base_config  # a heterogeneous config: its layers' own sizes are set last (_set_per_layer_sizes)
+    base_config = _without_per_layer_sizes(base_config)
     side = copy.deepcopy(base_config)
     side_hidden = hidden // r
     side.hidden_size = side_hidden
     if state_space:
         _shrink_state_space(base_config, side, r)
-        return _finish_side_config(base_config, side, dtype)
+        return _set_per_layer_sizes(layered, _finish_side_config(base_config, side, dtype), r, side_heads)
     heads, kv_heads = side_head_counts(base_config, side_heads)
     if side_heads is not None:
         _set_size(side, "num_attention_heads", heads)
@@ -670,7 +790,7 @@ def shrink_config(base_config, qst_config: QSTConfig, dtype: torch.dtype):
     _divide_ffn_widths(base_config, side, r, ffn_names)
     _shrink_block_sub_configs(base_config, side, r, kv_heads)
     _resample_rope_factor_lists(base_config, side, side_hidden // heads)
-    return _finish_side_config(base_config, side, dtype)
+    return _set_per_layer_sizes(layered, _finish_side_config(base_config, side, dtype), r, side_heads)
 
 
 #: ranks and widths inside a block that do not follow hidden_size, divided by r (rounded up) under

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .side_config import decoder_attribute, is_state_space_model, sizes_mapped_to_encoder
+from .side_config import (
+    decoder_attribute, global_size, is_state_space_model, per_layer_sizes, sizes_mapped_to_encoder,
+)
 
 
 def text_config_of(config):
@@ -29,14 +31,17 @@ def text_config_of(config):
 
 
 def _json_size(value):
-    """A config size as JSON stores it: an int, or a list of ints for per-layer sizes."""
+    """A config size as JSON stores it: an int, or a list of ints for per-layer sizes (None where a layer has none)."""
+    if value is None:
+        return None
     if isinstance(value, (list, tuple)):
         return [int(v) for v in value]
     return int(value)
 
 
 def model_signature(model: nn.Module, decoder_sizes: bool = True) -> dict:
-    """What an adapter must match: model type, widths, depth, head layout, FFN width and vocabulary.
+    """What an adapter must match: model type, widths, depth, head layout, FFN width and vocabulary, and the sizes a
+    heterogeneous config sets per layer (``per_layer_sizes``: {name: one value per layer}).
 
     Every entry shapes the side network (its widths and heads are the model's divided by r) or what its output means
     (the vocabulary the frozen LM head maps it onto), so a model that differs in any of them is another base model.
@@ -51,7 +56,7 @@ def model_signature(model: nn.Module, decoder_sizes: bool = True) -> dict:
     of_decoder = decoder_sizes and sizes_mapped_to_encoder(config)
 
     def size(name):
-        return getattr(config, decoder_attribute(config, name) if of_decoder else name, None)
+        return global_size(config, decoder_attribute(config, name) if of_decoder else name)
 
     # a pure state-space model (Mamba) has no attention heads: recorded as 0, so that the entry every adapter records
     # is there and an SSM adapter loaded onto a model with heads is told so
@@ -72,7 +77,7 @@ def model_signature(model: nn.Module, decoder_sizes: bool = True) -> dict:
         signature["text_model_type"] = config.model_type
     kv_heads = size("num_key_value_heads")
     signature["num_key_value_heads"] = int(kv_heads) if kv_heads is not None else heads
-    head_dim = getattr(config, "head_dim", None)
+    head_dim = size("head_dim")
     if head_dim or heads:  # Mamba-2's head_dim is its Mamba heads' width; Mamba has none
         signature["head_dim"] = int(head_dim) if head_dim else int(config.hidden_size) // heads
     if heads == 0:
@@ -82,22 +87,33 @@ def model_signature(model: nn.Module, decoder_sizes: bool = True) -> dict:
                 signature[name] = int(getattr(config, name))
     # the FFN width's name differs between families (and the decoder's has its own beside the encoder's)
     for name in ("decoder_ffn_dim",) * of_decoder + ("intermediate_size", "ffn_dim", "n_inner"):
-        value = getattr(config, name, None)
+        value = global_size(config, name)
         if value is not None:
             signature["intermediate_size"] = _json_size(value)
             break
     vocab_size = getattr(config, "vocab_size", None)
     if vocab_size is not None:
         signature["vocab_size"] = int(vocab_size)
+    per_layer = per_layer_sizes(config)
+    if per_layer:
+        # a heterogeneous config (Gemma 4 at its defaults): the sizes above are those of the layers that do not set
+        # their own, and each layer's own shape its side block too (a Gemma 4 whose full-attention heads are 512 wide
+        # and one whose are 256, of the same global sizes, hold side networks of other shapes)
+        signature["per_layer_sizes"] = {name: [_json_size(v) for v in values] for name, values in per_layer.items()}
     return signature
 
 
 def signature_differences(recorded: dict, signature: dict) -> dict:
     """The recorded entries this model does not match, as {name: (recorded, this model's)}.
 
-    Only the entries the adapter recorded are compared: adapters saved by earlier versions recorded fewer of them."""
+    Only the entries the adapter recorded are compared: adapters saved by earlier versions recorded fewer of them. The
+    sizes a model sets per layer (``per_layer_sizes``) are compared whether recorded or not: versions that did not
+    record them refused every such model, so an adapter without them was made for a model whose layers share their
+    sizes, and its side blocks do not fit one whose layers do not (a homogeneous Gemma 4's adapter, 16-wide heads in
+    every layer, onto one whose full-attention heads are 32 wide)."""
+    names = dict.fromkeys([*recorded, *(["per_layer_sizes"] if "per_layer_sizes" in signature else [])])
     return {
-        name: (value, signature.get(name))
-        for name, value in recorded.items()
-        if signature.get(name) != value
+        name: (recorded.get(name), signature.get(name))
+        for name in names
+        if signature.get(name) != recorded.get(name)
     }

@@ -95,16 +95,19 @@ SIGNATURE = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 3, "
         ({"text_model_type": 3}, "its text_model_type is 3 (of type int) where a model type"),
         ({"intermediate_size": [128, "128"]}, "its intermediate_size is [128, '128'] (of type list) where an integer "
                                               "(or a list of them, one per layer)"),
+        ({"per_layer_sizes": {"head_dim": 512}}, "its per_layer_sizes is {'head_dim': 512} where a dict of sizes set "
+                                                 "per layer, each a list of one integer (or None) per layer"),
     ],
-    ids=["sizes-of", "text-model-type", "per-layer-width"],
+    ids=["sizes-of", "text-model-type", "per-layer-width", "per-layer-sizes"],
 )
 def test_signature_entries_are_accepted_as_get_peft_model_writes_them_and_refused_otherwise(entries, fragment):
     """What ``get_peft_model`` writes into ``base_model_signature`` is accepted (a list of FFN widths, one per layer, as
-    Gemma 3n's config holds them; the decoder's sizes, ``"sizes_of": "decoder"``), and any other value of those
+    Gemma 3n's config holds them; the decoder's sizes, ``"sizes_of": "decoder"``; the sizes a heterogeneous config
+    sets per layer, ``per_layer_sizes``, as Gemma 4's head widths), and any other value of those
     entries is refused by name when the config is built: loading compares the signature entry by entry, so a value
     of another type or meaning would only be reported as the model differing from it."""
     QSTConfig(base_model_signature={**SIGNATURE, "intermediate_size": [128, 256], "sizes_of": "decoder",
-                                    "text_model_type": "llama"})
+                                    "text_model_type": "llama", "per_layer_sizes": {"head_dim": [16, 16, 32]}})
     with pytest.raises(ValueError) as info:
         QSTConfig(base_model_signature={**SIGNATURE, **entries})
     assert f"QSTConfig.base_model_signature is invalid: {fragment}" in str(info.value)

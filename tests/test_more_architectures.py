@@ -844,8 +844,8 @@ def test_hybrid_adapts_projections_and_leaves_mixture_of_experts_routers_alone(m
 def test_architecture_sweep_classifies_what_it_runs(tmp_path):
     """integration/arch_sweep.py, on a type that runs end to end, two refused at get_peft_model (the sweep's
     ``dots3_note_text`` varies its heads per layer, and its config refuses a global ``num_attention_heads``: the check
-    for a state-space model read it outside the guard that names it, and the type came out BROKEN) and one refused at
-    its first forward (Dory runs its blocks more than once)."""
+    for a state-space model read it outside the guard that names it, and the type came out BROKEN; it is refused
+    naming the sizes it sets per layer) and one refused at its first forward (Dory runs its blocks more than once)."""
     import json
     import subprocess
     import sys
@@ -860,7 +860,7 @@ def test_architecture_sweep_classifies_what_it_runs(tmp_path):
     assert {name: rec["cls"] for name, rec in records.items()} == {
         "llama": "OK", "bert": "REFUSED", "dots3_note_text": "REFUSED", "dory": "REFUSED-AT-RUN",
     }
-    assert "varies from layer to layer" in records["dots3_note_text"]["reason"]
+    assert "sets head_dim, kv_lora_rank, num_attention_heads" in records["dots3_note_text"]["reason"]
 
 
 def test_architecture_sweep_in_4bit_runs_the_checks_on_a_quantized_model(tmp_path):
@@ -1055,16 +1055,21 @@ def test_an_adapter_saved_with_parts_never_run_loads_exactly(variant, tmp_path, 
     assert not [w for w in recwarn.list if "QST" in str(w.message)]
 
 
-def test_widths_set_per_layer_are_refused_naming_them():
-    """Gemma 4 at its config's defaults gives its full-attention layers heads of ``global_head_dim`` (512) beside the
-    others' ``head_dim`` (256): transformers makes such a config heterogeneous (``per_layer_config``), and reading
-    ``config.head_dim`` raises. The tiny models (the two equal) were supported; the model at its real shape crashed
-    inside QST (AmbiguousGlobalPerLayerAttributeError from its model signature). It is refused, naming the widths."""
-    base = tiny("gemma4_text", head_dim=16)  # global_head_dim stays 32 (OVERRIDES)
-    assert base.config.per_layer_attributes == {"head_dim"}
+def test_sizes_set_per_layer_that_no_rule_rescales_are_refused_naming_them():
+    """Head widths, key/value head counts and FFN widths set per layer are rescaled layer by layer (Gemma 4 at its
+    defaults: tests/test_per_layer_widths.py). dots3_note_text's sliding layers set their own number of attention
+    heads (one count for the side blocks of every layer: side_heads) and their own multi-head latent attention widths
+    and ranks: refused, naming them, and nothing is wrapped. (Its config refuses a global ``num_attention_heads``,
+    which refused it at the check of the sizes every model needs, without naming the sizes it sets per layer.)"""
+    base = tiny("dots3_note_text", num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=16,
+                qk_nope_head_dim=16, v_head_dim=32, head_dim=16, first_k_dense_replace=1, n_group=1, topk_group=1,
+                mlp_layer_types=["dense", "sparse"], index_topk=64, index_head_dim=16, index_n_heads=2,
+                layer_types=["indexed_attention", "sliding_attention"])
+    assert "num_attention_heads" in base.config.per_layer_attributes
     trunk_before = {name for name, _ in base.named_modules()}
     with pytest.raises(QSTUnsupportedModelError, match=re.escape(
-            "gemma4_text model: its config sets head_dim per layer (per_layer_config: head_dim in [16, 32])")):
+            "dots3_note_text model: its config sets head_dim, kv_lora_rank, num_attention_heads, q_lora_rank, "
+            "qk_nope_head_dim, qk_rope_head_dim, v_head_dim per layer (per_layer_config: head_dim in [16, 256], ")):
         get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
     assert {name for name, _ in base.named_modules()} == trunk_before  # nothing was wrapped
 
