@@ -39,6 +39,41 @@ def test_sft_trainer_with_qst_config(tmp_path, smollm2_dir):
     assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".qst_side." not in n)
 
 
+def test_trl_sft_script_route_model_id_and_quantization_config(tmp_path, smollm2_dir):
+    """TRL's own ``trl/scripts/sft.py`` hands SFTTrainer a model id and ``quantization_config=`` (SFTTrainer loads the
+    model in 4-bit itself) with ``model_init_kwargs`` from its command line; with ``get_peft_config(model_args)``
+    replaced by a QSTConfig, the trainer side-tunes the 4-bit model it loaded, and the saved adapter reloads onto the
+    4-bit base with the trained side weights bit for bit."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from .conftest import bnb_config
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    base_dir, out = tmp_path / "base", tmp_path / "out"
+    tiny_causal_lm(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    args = SFTConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=3e-3,
+                     report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                     model_init_kwargs=dict(dtype=torch.bfloat16, attn_implementation=None))
+    trainer = SFTTrainer(model=str(base_dir), args=args, train_dataset=Dataset.from_list(chat_rows("prompt", 12)),
+                         quantization_config=bnb_config(), peft_config=QSTConfig(task_type="CAUSAL_LM", r=4))
+    assert getattr(trainer.model.get_base_model(), "is_loaded_in_4bit", False)
+    assert any(isinstance(m, QSTLayer) for m in trainer.model.modules())
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    trainer.save_model(str(out))
+    trained = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(start[n], trained[n]) for n in trained)
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb_config(), dtype=torch.bfloat16), str(out)
+    )
+    loaded = dict(reloaded.named_parameters())
+    assert all(torch.equal(loaded[n].float(), p.float()) for n, p in trained.items())
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # What SFTTrainer reports, checked against the model's own logits
 # ----------------------------------------------------------------------------------------------------------------------
