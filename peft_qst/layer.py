@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import sys
 import types
+import warnings
 import weakref
 from typing import Any, Callable, Optional
 
@@ -40,6 +41,7 @@ from .config import QSTConfig
 from .backbone_lora import token_rows, top_block_linears
 from .fast_path import fsdp2_unit
 from .per_call import call_state, hold_call_state
+from .serialization import user_stacklevel
 from .side import (
     UNREACHED_BLOCK_PARTS,
     QSTSideNetwork,
@@ -50,7 +52,7 @@ from .side import (
     find_layer_list,
     onloaded_tensor,
 )
-from .side_config import block_count_attribute, num_blocks
+from .side_config import block_count_attribute, is_state_space_model, num_blocks
 
 #: the adapter name that routes a row of a mixed batch to the base model, as in PEFT's LoRA
 BASE_ADAPTER_NAME = "__base__"
@@ -751,6 +753,79 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         trunk = self.base_layer
         return bool(getattr(trunk, "gradient_checkpointing", False)) and trunk.training and torch.is_grad_enabled()
 
+    def _drop_cache_under_checkpointing(self, cache):
+        """What transformers does with a cache passed into a forward that :meth:`_checkpointing_turns_cache_off`:
+        ``merge_with_config_defaults`` sets ``use_cache=False`` (with a warning) and each checkpointed block drops the
+        cache it is handed (``GradientCheckpointingLayer``: "Setting `cache=None`"), so the base model neither reads
+        nor fills it (Mamba's trunk turns ``use_cache`` off itself and its blocks drop the cache alike). The backbone
+        runs under ``no_grad`` inside QST, where its blocks keep the cache: QST filled the caller's cache (the
+        backbone's half, and the side halves on an attention model; on Mamba the backbone's alone, which the next
+        step refused as having no side state) in a training forward the base model leaves it untouched in. The forward
+        now runs without a cache, backbone and side networks alike, and the cache, all its halves, is left as given.
+        Where the cache holds past tokens the base model failed on attention models (its mask counted them, its
+        blocks did not see them) and ignored them on Mamba; QST ignores them too, with the warning saying so."""
+        past = int(past_length(cache.backbone if isinstance(cache, QSTCache) else cache))
+        warnings.warn(
+            f"A cache was passed to a forward of this {self._model_type} model in training mode with gradient "
+            "checkpointing on and gradients enabled: transformers turns the cache off there (use_cache=False; a "
+            "checkpointed block would write it twice), so the forward runs without it, leaves it as it was"
+            + (f" and does not read the {past} past tokens it holds" if past else "")
+            + ", and returns none. Call model.eval(), run under torch.no_grad(), or call "
+            "gradient_checkpointing_disable() to run with the cache.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+        return None
+
+    def _state_space_step_mask(self, backbone_cache, kwargs: dict) -> None:
+        """The attention mask of a cached step of a pure state-space model (Mamba, Falcon-Mamba, Mamba-2), cut to the
+        new tokens. Their mixers multiply each token's state by its mask entry (``hidden_states *
+        attention_mask[:, :, None]``), so the mask they take covers the tokens given, not the cached ones; their own
+        ``generate`` passes none after the first step. A generation loop written for attention models passes one over
+        every token so far (cached and new): Mamba's and Falcon-Mamba's mixers broadcast a step's one token against it
+        and the base model returns logits for as many positions as the mask has, all wrong (4.2 off on a tiny Mamba),
+        and they write those states into its cache; QST refused, naming the model as unsupported. Such a mask is
+        unambiguous (its last entries are the new tokens'), so the adapted forward takes those, as Mamba-2's mixers,
+        which skip the mask for one token, in effect do: the logits equal the uncached forward's. A mask of another
+        length is refused before the backbone runs, the cache left as it was."""
+        mask = kwargs.get("attention_mask")
+        if backbone_cache is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if inputs is None or inputs.dim() < 2 or mask.shape[-1] == inputs.shape[1]:
+            return
+        if not is_state_space_model(self.base_layer.config):
+            return
+        new, past = inputs.shape[1], int(past_length(backbone_cache))
+        if mask.shape[-1] == past + new:
+            kwargs["attention_mask"] = mask[:, -new:]
+            return
+        raise ValueError(
+            f"The attention mask of this cached {self._model_type} step covers {mask.shape[-1]} tokens, where the "
+            f"step has {new} new token(s) and its cache holds {past}: a state-space model's mixers mask the new "
+            f"tokens' states only, so pass a mask of shape (batch, {new}) for the new tokens, one over all "
+            f"{past + new} tokens so far (the last {new} columns are used), or none (as its generate() does after "
+            "the first step)."
+        )
+
+    def _collects_own_hidden_states(self) -> bool:
+        """Whether the trunk collects its hidden states itself in its forward (Mamba, Falcon-Mamba, Bloom: ``if
+        output_hidden_states: all_hidden_states += ...``) rather than through transformers' output capturing
+        (``_can_record_outputs["hidden_states"]``, which Llama and Mamba-2 declare). Such a trunk reads
+        ``output_hidden_states`` as a flag: given indices (``[0, -1]``), it returns all of them, where QST returned
+        only those selected (None at the others). Its layout is its own too: Mamba's tuple is each block's output and
+        then the normed last one, with no embedding output, where QST returned the embedding output first, as the
+        trunks that capture them do. Such a trunk is asked for its own (no hooks are installed for them), and the
+        adapted forward returns those, the last one adapted. A trunk any of whose submodels records them (a composite
+        model's language model, Fuyu's) passes the selection on to it and keeps QST's own. Looked up once."""
+        own = self.__dict__.get("_own_hidden_states")
+        if own is None:
+            own = self.__dict__["_own_hidden_states"] = not any(
+                "hidden_states" in (getattr(module, "_can_record_outputs", None) or {})
+                for module in self.base_layer.modules()
+            )
+        return own
+
     def _drafting_early_exit(self) -> bool:
         """Whether transformers' self-speculative decoding (``generate(assistant_early_exit=n)``) is drafting: it
         lowers the trunk config's ``num_hidden_layers`` to ``n`` while the model, its own assistant, proposes tokens
@@ -837,16 +912,21 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         want_hidden = kwargs.pop("output_hidden_states", None)
         if want_hidden is None:
             want_hidden = getattr(config, "output_hidden_states", False)
-        # an index or a list of indices (transformers 5's select_hidden_states) asks for those hidden states only
-        selected = _selected_hidden_states(want_hidden)
+        # an index or a list of indices (transformers 5's select_hidden_states) asks for those hidden states only,
+        # where the trunk records them with transformers' output capturing; a trunk that collects them itself reads
+        # the value as a flag and gives all of them, in its own layout (see _collects_own_hidden_states)
+        own_hidden = self._collects_own_hidden_states()
+        selected = None if own_hidden else _selected_hidden_states(want_hidden)
         want_hidden = bool(want_hidden) if selected is None else True
+        if cache is not None and self._checkpointing_turns_cache_off():
+            cache = self._drop_cache_under_checkpointing(cache)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             # a cache passed in is continued also where the config says use_cache=False (QLoRA recipes set it for
             # training): the trunk writes to the cache it is given and returns it, so the side networks keep theirs
             # in step. Without them the caller's next step got a backbone cache alone, refused as having no side state
             use_cache = cache is not None or getattr(config, "use_cache", False)
-        if use_cache and cache is None and self._checkpointing_turns_cache_off():
+        if use_cache and self._checkpointing_turns_cache_off():
             # transformers turns the cache off here (it checks under the gradients the backbone runs without below,
             # so the backbone would keep it on), and without a cache its masks separate packed sequences
             use_cache = False
@@ -855,6 +935,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
 
         cache = self._with_cross_attention_half(cache, kwargs)
         backbone_cache, side_caches, memories = self._split_cache(cache, adapter_names)
+        self._state_space_step_mask(backbone_cache, kwargs)
         routing = self._routing(adapter_names, row_adapters)
         if isinstance(cache, QSTCache):
             self._check_routing(cache, routing)
@@ -883,12 +964,15 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         captured = state["captured"] = []
         try:
             with torch.no_grad():
-                # never the backbone's own hidden states, even where the caller asks for them: the capture hooks
-                # record the same tensors, and the output's hidden_states are built from those below. Asked once,
-                # transformers installs its recording hooks on every block and attention module and keeps them: every
-                # later forward and decoding step took the slower hooked path, for hidden states that were dropped
+                # never the backbone's own hidden states where transformers records them (output capturing), even
+                # where the caller asks for them: the capture hooks record the same tensors, and the output's
+                # hidden_states are built from those below. Asked once, transformers installs its recording hooks on
+                # every block and attention module and keeps them: every later forward and decoding step took the
+                # slower hooked path, for hidden states that were dropped. A trunk that collects its own in its loop
+                # (Mamba) is asked for them, as their layout is its own (_collects_own_hidden_states)
                 out = self.base_layer(
-                    **kwargs, **{self._cache_kwarg: backbone_cache}, output_hidden_states=False, return_dict=True
+                    **kwargs, **{self._cache_kwarg: backbone_cache}, output_hidden_states=own_hidden and want_hidden,
+                    return_dict=True,
                 )
         finally:
             state["captured"] = state["lora_routing"] = state["grad_from"] = state["routers_below"] = None
@@ -978,7 +1062,9 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                 out.router_logits, side_router_logits, row_adapters, adapted_from
             )
         # the last hidden state is the adapted one; the backbone's are dropped unless asked for
-        fields["hidden_states"] = tuple(hidden_states[:-1]) + (mixed,) if want_hidden else None
+        returned_hidden = out.get("hidden_states") if own_hidden and want_hidden else None
+        listed = hidden_states if returned_hidden is None else returned_hidden
+        fields["hidden_states"] = tuple(listed[:-1]) + (mixed,) if want_hidden else None
         if selected is not None:
             count = len(fields["hidden_states"])
             kept = {i % count for i in selected if -count <= i < count}

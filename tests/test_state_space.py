@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from peft_qst import QSTConfig
 
@@ -253,3 +253,85 @@ def test_side_mixers_round_their_time_step_rank_up_and_keep_groups_that_divide_t
     ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
     losses = train_steps(model, ids, steps=2)
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("model_type", STATE_SPACE)
+def test_cached_step_given_a_mask_over_every_token_so_far_takes_the_new_tokens_columns(model_type):
+    """A generation loop written for attention models passes, at each cached step, a mask over all the tokens so far.
+    Mamba's and Falcon-Mamba's mixers multiply each token's state by its mask entry, so a step's one token was
+    broadcast against the whole mask: the base model returns logits for every mask position, all wrong, and QST
+    refused, saying it did not support the model. The step's own columns are the mask it takes; a mask of any other
+    length is refused naming the shapes, before the cache is touched. Their own generate() passes no mask after the
+    first step, and keeps giving the uncached tokens."""
+    model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM", r=4)).eval()
+    train_steps(model, IDS, steps=2, lr=3e-2)
+    model.eval()
+    mask = torch.ones_like(IDS)
+    with torch.no_grad():
+        full = model(input_ids=IDS).logits
+        cache = model(input_ids=IDS[:, :-2], use_cache=True).cache
+        step = model(input_ids=IDS[:, -2:-1], attention_mask=mask[:, :-1], cache=cache, use_cache=True)
+        assert step.logits.shape[1] == 1
+        torch.testing.assert_close(step.logits[:, -1], full[:, -2], rtol=0, atol=1e-4)
+        with pytest.raises(ValueError, match=r"covers 3 tokens, where the step has 1 new token\(s\) and its cache "
+                                             r"holds 8.*shape \(batch, 1\)"):
+            model(input_ids=IDS[:, -1:], attention_mask=mask[:, :3], cache=step.cache, use_cache=True)
+        step = model(input_ids=IDS[:, -1:], attention_mask=mask, cache=step.cache, use_cache=True)
+        torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=0, atol=1e-4)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(input_ids=IDS, attention_mask=mask, **kwargs),
+                       model.generate(input_ids=IDS, attention_mask=mask, use_cache=False, **kwargs))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_type", ["mamba", "llama"])
+def test_output_hidden_states_given_as_indices_return_what_the_base_model_returns(model_type):
+    """Mamba's trunk collects its hidden states in its own loop and reads ``output_hidden_states`` as a flag: given
+    indices it returns all of them, each block's output and then the normed last one. QST returned only the selected
+    ones (None at the others), and in its own layout (the embedding output first), so even ``True`` gave other
+    tensors than the base model. A trunk that records them through transformers' output capturing (Llama) keeps its
+    selection: None at the positions not selected. Untrained, the adapter's start equals the base model entry for
+    entry."""
+    model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM", r=4)).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # as on both sides of the comparison (conftest.parameters_frozen)
+    for selection in (True, [0, -1], [1], -1):
+        adapted = model(input_ids=IDS, output_hidden_states=selection).hidden_states
+        with model.disable_adapter():
+            base = model(input_ids=IDS, output_hidden_states=selection).hidden_states
+        assert [h is None for h in adapted] == [h is None for h in base], selection
+        assert all(a is None or torch.equal(a, b) for a, b in zip(adapted, base)), selection
+    assert (None in base) == (model_type == "llama")
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "llama"])
+def test_cache_passed_to_a_checkpointed_training_forward_is_left_as_transformers_leaves_it(model_type):
+    """With gradient checkpointing on, in training mode with gradients, transformers turns the cache off: use_cache
+    becomes False and each checkpointed block drops the cache it is handed, so the base model neither reads nor
+    fills a cache passed in. QST's backbone runs under no_grad, where the blocks keep it: the caller's cache was
+    filled (on Mamba the backbone's half alone, without the side state the next step needs). Now the forward runs
+    without a cache, backbone and side networks alike, with a warning, and computes the base model's loss."""
+    base = tiny(model_type)
+    base.gradient_checkpointing_enable()
+    base.train()
+    given = DynamicCache(config=base.config)
+    expected = base(input_ids=IDS, labels=IDS, cache=given).loss
+    assert given.get_seq_length() == 0
+    model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.gradient_checkpointing_enable()
+    model.train()
+    for cache in (DynamicCache(config=model.config), None):
+        if cache is None:  # a paired cache, filled by an eval step: left as it was, both halves
+            model.eval()
+            with torch.no_grad():
+                cache = model(input_ids=IDS[:, :4], use_cache=True).cache
+            model.train()
+        before = int(cache.get_seq_length())
+        with pytest.warns(UserWarning, match="transformers turns the cache off there"):
+            out = model(input_ids=IDS, labels=IDS, cache=cache)
+        assert out.cache is None and int(cache.get_seq_length()) == before
+        out.loss.backward()
+        if before == 0:
+            torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
+        else:
+            assert all(int(half.get_seq_length()) == before for half in cache.side.values())
