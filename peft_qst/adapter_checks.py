@@ -90,6 +90,25 @@ def refuse_foreign_tensors(adapter_name: str, foreign: list[str]) -> QSTAdapterF
     )
 
 
+def refuse_qst_weights_in_other_adapter(config, adapter_name: str, tensors: dict) -> None:
+    """Weights of a QST adapter (its side network's, under ``qst_side``) loaded into an adapter of another PEFT method:
+    a LoRA model's ``load_adapter(qst_folder, "default")``, as a trainer resuming from the wrong run's checkpoint
+    does, or ``PeftModel.from_pretrained(base, qst_folder, config=LoraConfig(...))``. PEFT loaded none of them, kept
+    the adapter's own weights and returned without an error (for a new adapter, fresh ones, with a warning of
+    missing keys only): the converse of the refusal in :func:`check_saved_config_matches`."""
+    side = [key for key in tensors if f".{SIDE_ATTR}." in f".{key}"]
+    if not side:
+        return
+    kind = getattr(config.peft_type, "value", config.peft_type)
+    raise QSTAdapterFileError(
+        f"The weights loaded into {kind} adapter {adapter_name!r} were saved by a QST adapter (side-network weights, "
+        f"e.g. {side[0]!r}), not a {kind} one: PEFT would load none of them and leave the adapter as it was. Load "
+        "the folder as what it is, into a model without adapters or one holding QST adapters "
+        "(PeftModel.from_pretrained(base_model, folder) without config=, after import peft_qst), or load a folder "
+        f"saved from a {kind} adapter. Nothing was loaded."
+    )
+
+
 #: QSTConfig fields that decide what an adapter's weights compute without changing their names or shapes: the
 #: activation of the "adapter" downsampler, the pooling kind of a parameter-free one, the side blocks' head layout
 #: (with as many key/value heads as query heads, every head count gives the same shapes), the backbone low-rank

@@ -586,6 +586,7 @@ class QSTConfig(PeftConfig):
         from packaging.version import InvalidVersion, Version
 
         from . import __version__
+        from .serialization import user_stacklevel
 
         written = self.peft_qst_version
         if written is None:
@@ -604,7 +605,8 @@ class QSTConfig(PeftConfig):
                 f"This QST adapter was saved by peft-qst {written}, newer than the installed peft-qst {__version__}: "
                 "options or formats added since may be read differently or dropped (PEFT warns of the keys it "
                 "drops). Upgrade peft-qst (pip install -U peft-qst) to load it as it was saved.",
-                stacklevel=3,
+                # the user's line that loaded (a fixed count named QSTConfig.__post_init__, inside this package)
+                stacklevel=user_stacklevel(),
             )
 
     # ---------------------------------------------------------------------------------------------------------------

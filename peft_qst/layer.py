@@ -932,6 +932,14 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             use_cache = False
             if "use_cache" in kwargs or "use_cache" in inspect.signature(type(self.base_layer).forward).parameters:
                 kwargs["use_cache"] = False
+        if kwargs.get("logits_to_keep") is not None:
+            # a trunk that takes logits_to_keep (Gemma 4's, with KV-shared layers: num_kv_shared_layers) runs the
+            # positions before the last logits_to_keep through none of its blocks from its first KV-shared one on,
+            # as generate's prefill asks for the last position's logits only. The side networks read every block's
+            # states at every position (their caches hold the whole prompt), and the side trunk, of the same class,
+            # would drop them too: the first generate was refused as a model whose blocks pass states of another
+            # shape. Both trunks run every position; the LM head keeps the last logits_to_keep, as for other trunks
+            kwargs["logits_to_keep"] = 0
 
         cache = self._with_cross_attention_half(cache, kwargs)
         backbone_cache, side_caches, memories = self._split_cache(cache, adapter_names)

@@ -115,12 +115,51 @@ def chunked_causal_lm_loss(
             f"labels for {targets.numel()}. Pass labels of the same shape as input_ids (and no logits_to_keep with "
             "labels), as for transformers' loss."
         )
-    losses = _ChunkedCrossEntropy.apply(logits, targets, ignore_index)
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        # the gather below failed with "gather(): Expected dtype int32/int64 for index", which names neither the
+        # labels nor the fix (transformers' loss: "expected target dtype to be Long or Byte, but got Float")
+        raise TypeError(
+            f"QST's causal-LM loss (peft_qst.loss.chunked_causal_lm_loss) got labels of dtype {targets.dtype}: labels "
+            "are token ids, an integer tensor (torch.long) of the shape of input_ids, with ignore_index "
+            f"({ignore_index}) where no loss is wanted. Pass labels=input_ids (or its masked copy), not logits or "
+            "probabilities."
+        )
+    try:
+        losses = _ChunkedCrossEntropy.apply(logits, targets, ignore_index)
+    except RuntimeError as error:
+        _refuse_labels_outside_vocabulary(targets, vocab_size, ignore_index, error)
+        raise
     if num_items_in_batch is not None:  # "sum" reduction over the items of the whole (accumulated) batch
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(losses.device)
         return losses.sum() / num_items_in_batch
     return losses.sum() / (targets != ignore_index).sum()  # "mean" over the non-ignored targets, as cross_entropy
+
+
+def _refuse_labels_outside_vocabulary(targets: torch.Tensor, vocab_size: int, ignore_index: int, error) -> None:
+    """Raise the error of labels that are not token ids of the model (nor ``ignore_index``), if that is what ``error``
+    (from the loss's gather) is about. The gather's own "index -1 is out of bounds for dimension 1 with size 128"
+    named no labels (transformers' loss: ``IndexError: Target -1 is out of bounds.``); the usual causes are padding
+    marked with another value than ``ignore_index`` and a tokenizer with tokens the model's embeddings lack. Checked
+    only once the loss failed, so that a step with valid labels waits on no device-to-host copy."""
+    outside = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if not bool(outside.any()):
+        return
+    values = sorted(set(targets[outside].tolist()))
+    fixes = []
+    if values[0] < 0:
+        fixes.append(f"mark the positions that get no loss (padding, the prompt) with {ignore_index}")
+    if values[-1] >= vocab_size:
+        fixes.append(
+            f"labels at or above {vocab_size} come from a tokenizer with tokens the model lacks: resize the model's "
+            "token embeddings to it (model.resize_token_embeddings(len(tokenizer)))"
+        )
+    fix = "; ".join(fixes)
+    raise IndexError(
+        f"Target {values[0]} is out of bounds: QST's causal-LM loss (peft_qst.loss.chunked_causal_lm_loss) got labels "
+        f"{values[:8]}{' ...' if len(values) > 8 else ''} that are neither token ids of this model (0 to "
+        f"{vocab_size - 1}) nor ignore_index ({ignore_index}). {fix[0].upper() + fix[1:]}."
+    ) from error
 
 
 def install_chunked_loss(model: nn.Module) -> bool:

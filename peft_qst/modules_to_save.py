@@ -168,11 +168,25 @@ def _entries_matching(model: nn.Module, trunk: nn.Module, config: QSTConfig, whe
 
 def check_modules_to_save_outside(model: nn.Module, trunk: nn.Module, config: QSTConfig) -> None:
     """modules_to_save inside the decoder trunk (embeddings, norms, a LoraConfig's list) cannot train: the trunk
-    runs frozen under no_grad. PEFT matches entries as suffixes of module names."""
+    runs frozen under no_grad. Nor can the trunk itself or a module holding it (``modules_to_save=["model"]``, to
+    fine-tune the whole decoder beside the side network): PEFT then left the trunk out of the modules QST wraps and
+    failed with its ``NoMatchingPeftModuleError`` ("No modules were targeted for adaptation"), which named neither
+    the entry nor QST's reason. PEFT matches entries as suffixes of module names."""
+
+    def is_or_holds_trunk(name: str, trunk_name: str) -> bool:
+        return bool(name and trunk_name) and meets_trunk(name, trunk_name) and not name.startswith(trunk_name + ".")
 
     def inside_trunk(name: str, trunk_name: str) -> bool:
         return name.startswith(trunk_name + ".") or (trunk_name == "" and bool(name))  # a bare trunk: every module
 
+    entries, trunk_name, whole = _entries_matching(model, trunk, config, is_or_holds_trunk)
+    if whole:
+        raise ValueError(
+            f"QSTConfig.modules_to_save={entries!r}: {whole} name the decoder trunk {trunk_name!r} or a module "
+            "holding it, which QST runs frozen without gradients beside the side network, so it cannot be trained and "
+            "saved whole with the adapter. Remove these entries; to train the trunk's own weights, use "
+            "backbone_lora_layers (low-rank adapters on its top blocks) or LoRA."
+        )
     entries, trunk_name, inside = _entries_matching(model, trunk, config, inside_trunk)
     if inside:
         raise ValueError(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import os
 import re
 import warnings
@@ -50,6 +51,7 @@ from .adapter_checks import (
     check_width_options_of_earlier_files,
     foreign_tensors,
     refuse_foreign_tensors,
+    refuse_qst_weights_in_other_adapter,
 )
 from .card import add_usage_section, saved_qst_adapters
 from .config import AUTO, PEFT_TYPE, QSTConfig
@@ -377,12 +379,14 @@ def _read_qst_weights_safely() -> None:
                 if built_here and len(digests) == 1:
                     identify_loaded_adapter(self, adapter_name, digests[0])
                 return result
-            except BaseException:
+            except BaseException as error:
                 # PEFT adds an adapter of a new name before it reads the weights: a refused load left it there, with
                 # its fresh weights, to be activated by set_adapter (and a second try into that name built with the
-                # refused folder's config)
+                # refused folder's config); so too another method's adapter refused for reading QST weights
                 added = self.peft_config.get(adapter_name) if new_name else None
-                if getattr(added, "peft_type", None) == PEFT_TYPE:
+                if getattr(added, "peft_type", None) == PEFT_TYPE or (
+                    added is not None and isinstance(error, QSTAdapterFileError)
+                ):
                     self.delete_adapter(adapter_name)
                 raise
             finally:
@@ -404,7 +408,9 @@ def _read_qst_weights_safely() -> None:
                 )
             config = loading[0].peft_config.get(loading[1])
             if getattr(config, "peft_type", None) != PEFT_TYPE:
-                return original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+                tensors = original(model_id, device=device, key_mapping=key_mapping, **hf_hub_download_kwargs)
+                refuse_qst_weights_in_other_adapter(config, loading[1], tensors)
+                return tensors
             tensors, saved_config = read_adapter_weights(model_id, device, dict(hf_hub_download_kwargs))
             digests = _read_digests.get()
             if digests is not None:
@@ -597,9 +603,11 @@ def _keep_accelerate_dispatch_in_from_pretrained() -> None:
                 if undo_resize is not None:
                     undo_resize.announce()  # only now: a refused load hands the model back at its size
                 return loaded
-            except BaseException:
+            except BaseException as error:
                 try:
-                    if flags is not None and built and _holds_qst_adapter(built[0]):
+                    if flags is not None and built and (
+                        _holds_qst_adapter(built[0]) or isinstance(error, QSTAdapterFileError)
+                    ):
                         built[0].base_model.unload()
                         restore_trainability(model, flags)
                     if undo_resize is not None:
@@ -1148,6 +1156,44 @@ def _misspelt_qst_peft_type(peft_type, file: str) -> Optional[ValueError]:
     )
 
 
+def _damaged_qst_config(file: str) -> Optional[QSTAdapterFileError]:
+    """The refusal of an ``adapter_config.json`` that cannot be read as a PEFT config (not JSON, not a JSON object, or
+    without ``peft_type``: a file truncated, emptied or edited by hand) beside the weights of a QST adapter (a local
+    folder whose safetensors file holds side-network weights), which PEFT reported as a bare ``JSONDecodeError``,
+    ``TypeError`` or ``KeyError: 'peft_type'`` naming neither the file nor the fix; None for a readable file and for
+    other folders (other methods' get PEFT's own error). Called only once PEFT failed to read the file."""
+    from safetensors import safe_open
+
+    from .serialization import SAFETENSORS_NAME
+
+    weights = os.path.join(os.path.dirname(file), SAFETENSORS_NAME)
+    if not os.path.isfile(file) or not os.path.isfile(weights):
+        return None
+    try:
+        with open(file, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        problem = f"it is not valid JSON: {error}"
+    else:
+        if not isinstance(content, dict):
+            problem = "it holds no JSON object"
+        elif "peft_type" not in content:
+            problem = "it has no peft_type"
+        else:
+            return None
+    try:
+        with safe_open(weights, "pt") as handle:
+            if not any(f".{SIDE_ATTR}." in f".{key}" for key in handle.keys()):
+                return None
+    except Exception:  # noqa: BLE001 - unreadable weights are reported when they are read
+        return None
+    return QSTAdapterFileError(
+        f"{file} cannot be read as the config of the QST adapter saved beside it ({problem}): the file was damaged "
+        "or edited by hand. Restore it from where the adapter came from, or save the adapter again "
+        "(PeftModel.save_pretrained writes it, with \"peft_type\": \"QST\"). Nothing was loaded."
+    )
+
+
 def _name_the_file_in_config_refusals() -> None:
     """A value of ``adapter_config.json`` that ``QSTConfig`` refuses (its messages begin ``"QSTConfig.<field>"``) is
     reported naming the file. The patch sits on PEFT's ``from_pretrained``, which builds the config of the type the
@@ -1161,15 +1207,21 @@ def _name_the_file_in_config_refusals() -> None:
 
     def make_from_pretrained(original):
         def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+            file = _config_file(pretrained_model_name_or_path, subfolder)
             try:
                 return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
             except ValueError as error:
                 if not str(error).startswith("QSTConfig."):
-                    raise
-                raise ValueError(f"{_config_file(pretrained_model_name_or_path, subfolder)}: {error}") from error
-            except KeyError as error:
-                refusal = _misspelt_qst_peft_type(error.args[0] if error.args else None,
-                                                  _config_file(pretrained_model_name_or_path, subfolder))
+                    damaged = _damaged_qst_config(file)
+                    if damaged is None:
+                        raise
+                    raise damaged from error
+                raise ValueError(f"{file}: {error}") from error
+            except (KeyError, TypeError) as error:
+                refusal = _damaged_qst_config(file) or (
+                    _misspelt_qst_peft_type(error.args[0] if error.args else None, file)
+                    if isinstance(error, KeyError) else None
+                )
                 if refusal is None:
                     raise
                 raise refusal from None
@@ -1178,8 +1230,14 @@ def _name_the_file_in_config_refusals() -> None:
 
     def make_get_peft_type(original):
         def _get_peft_type(cls, model_id, **hf_hub_download_kwargs):
-            peft_type = original(cls, model_id, **hf_hub_download_kwargs)
             file = _config_file(model_id, hf_hub_download_kwargs.get("subfolder"))
+            try:
+                peft_type = original(cls, model_id, **hf_hub_download_kwargs)
+            except (KeyError, TypeError, ValueError) as error:
+                damaged = _damaged_qst_config(file)
+                if damaged is None:
+                    raise
+                raise damaged from error
             refusal = _misspelt_qst_peft_type(peft_type, file)
             if refusal is not None:
                 raise refusal

@@ -91,8 +91,16 @@ def user_stacklevel() -> int:
         for module in (sys.modules.get(name) for name in _LIBRARIES)
         if getattr(module, "__file__", None)
     )
+    def in_library(frame) -> bool:
+        filename = frame.f_code.co_filename
+        if filename.startswith("<") and frame.f_back is not None:
+            # code a library generated and runs, named "<string>": a dataclass's __init__ (QSTConfig's, which runs
+            # its checks through __post_init__ and is called by QSTConfig's own wrapper), a library's as its caller is
+            return in_library(frame.f_back)
+        return os.path.abspath(filename).startswith(folders)
+
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(folders):
+    while frame.f_back is not None and in_library(frame):
         frame, level = frame.f_back, level + 1
     return level
 

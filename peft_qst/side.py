@@ -879,6 +879,14 @@ class QSTSideNetwork(nn.Module):
                 f"QST cannot build this {base_config.model_type} model's side network in {name} (r={qst_config.r}"
                 f"{heads}): it does not run in {name} ({problem}), and runs in float32. Use "
                 "QSTConfig(side_dtype=\"float32\"): the side network in float32, the frozen model in its own dtype."
+                + (
+                    # a saved adapter's config (its file records no side dtype, or this one): PEFT reads the file's
+                    # values over any given to from_pretrained, so the way in is a config of one's own
+                    " Loading a saved adapter, read its config (config = QSTConfig.from_pretrained(folder)), set "
+                    "config.side_dtype = \"float32\" and pass it: PeftModel.from_pretrained(model, folder, "
+                    "config=config)."
+                    if qst_config.adapter_weights_sha256 is not None else ""
+                )
             )
             error.runs_in_float32 = True
             raise error

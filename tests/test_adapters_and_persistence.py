@@ -949,3 +949,27 @@ def test_the_writing_version_is_recorded_and_a_newer_one_is_named_when_loaded(tm
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"peft_qst_version=3 is invalid.*edited by hand or damaged"):
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+
+
+def test_the_newer_version_warning_names_the_users_line(tmp_path, tiny_model_dir, trained):
+    """The warning of an adapter written by a newer peft-qst is reported at the line of the caller's code that loaded it
+    (``PeftModel.from_pretrained``, ``QSTConfig.from_pretrained``, a QSTConfig built from the file's entries), as
+    QST's other loading warnings are: it named ``QSTConfig.__post_init__`` inside peft_qst (and, reported at the
+    first frame outside the libraries, the dataclass ``__init__``, "<string>"), so Python's filters by module could
+    not tell one caller from another."""
+    import warnings
+
+    trained.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["peft_qst_version"] = "99.0.0"
+    config_path.write_text(json.dumps(config))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(base, str(tmp_path))
+        QSTConfig.from_pretrained(str(tmp_path))
+        QSTConfig(**{**config, "peft_type": None})  # a config built from the file's entries by the caller
+    found = [w for w in caught if "saved by peft-qst 99.0.0" in str(w.message)]
+    assert len(found) >= 3
+    assert {w.filename for w in found} == {__file__}

@@ -735,3 +735,24 @@ def test_task_head_of_another_name_listed_in_modules_to_save_is_accepted():
     assert any(".qst_side." in n for n in trainable)
     with pytest.raises(ValueError, match="a head of another name is trained when modules_to_save names it"):
         get_peft_model(classifier(), QSTConfig(task_type="SEQ_CLS", r=4))
+
+
+@pytest.mark.parametrize("model_type, trunk", [("llama", "model"), ("gpt2", "transformer")])
+def test_modules_to_save_naming_the_trunk_itself_is_refused_naming_it(model_type, trunk):
+    """``modules_to_save=[<the trunk>]`` (to fine-tune the whole decoder beside the side network) cannot train: QST
+    runs the trunk frozen. The check of entries inside the trunk let the trunk itself through, and PEFT failed with
+    its NoMatchingPeftModuleError ("No modules were targeted for adaptation"), naming neither the entry nor the
+    reason; it is refused before anything changes, naming the entry, the trunk and what trains the trunk instead."""
+    from peft.utils.other import ModulesToSaveWrapper
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peft_qst import QSTLayer
+
+    if model_type == "llama":
+        model = tiny_causal_lm()
+    else:
+        config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+        model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=rf"\['{trunk}'\] name the decoder trunk '{trunk}'.*backbone_lora_layers"):
+        get_peft_model(model, QSTConfig(task_type="CAUSAL_LM", r=4, modules_to_save=[trunk, "lm_head"]))
+    assert not any(isinstance(module, (ModulesToSaveWrapper, QSTLayer)) for module in model.modules())

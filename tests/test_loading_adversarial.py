@@ -11,6 +11,7 @@ as trainers resume, transformers' ``peft_config=``); and the state a refused loa
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 
@@ -311,6 +312,46 @@ def test_a_hand_edited_adapter_config_read_by_peft_config_or_auto_peft_model_nam
     assert str(info.value).startswith(f"{tmp_path / 'sub' / 'adapter_config.json'}: QSTConfig.")
 
 
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda text: text[: len(text) // 2], "it is not valid JSON"),
+        (lambda text: "[" + text + "]", "it holds no JSON object"),
+        (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "peft_type"}),
+         "it has no peft_type"),
+    ],
+    ids=["truncated", "not-an-object", "no-peft-type"],
+)
+def test_a_damaged_adapter_config_beside_qst_weights_is_refused_naming_the_file(tmp_path, tiny_model_dir, damage,
+                                                                                problem):
+    """An adapter_config.json cut short, wrapped or stripped of its peft_type, beside a QST adapter's weights: every way
+    of loading failed with PEFT's bare JSONDecodeError, "TypeError: list indices must be integers" or
+    "KeyError: 'peft_type'", naming neither the file nor the fix. They are refused naming the file, the problem and
+    the fix; the same damage to a LoRA folder keeps PEFT's own error."""
+    from peft import AutoPeftModelForCausalLM, LoraConfig, PeftConfig
+
+    saved_adapter(tiny_model_dir, tmp_path / "qst")
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    lora.save_pretrained(tmp_path / "lora")
+    for kind in ("qst", "lora"):
+        config_path = tmp_path / kind / "adapter_config.json"
+        config_path.write_text(damage(config_path.read_text()))
+    folder = str(tmp_path / "qst")
+    loads = [
+        lambda folder: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder),
+        lambda folder: AutoPeftModelForCausalLM.from_pretrained(folder),
+        lambda folder: PeftConfig.from_pretrained(folder),
+    ]
+    for load in loads:
+        with pytest.raises(QSTAdapterFileError) as info:
+            load(folder)
+        assert str(info.value).startswith(f"{tmp_path / 'qst' / 'adapter_config.json'} cannot be read as the config")
+        assert problem in str(info.value) and "save the adapter again" in str(info.value)
+        with pytest.raises(Exception) as info:
+            load(str(tmp_path / "lora"))
+        assert not isinstance(info.value, QSTAdapterFileError)
+
+
 @pytest.mark.parametrize("peft_type", ["qst", "Qst", " QST"])
 def test_a_misspelt_peft_type_is_refused_naming_the_file_and_the_fix(tmp_path, tiny_model_dir, peft_type):
     """PEFT looks a config's class up by the exact ``peft_type``: "qst" (a file edited by hand, or written by another
@@ -394,6 +435,35 @@ def test_weights_of_another_peft_method_are_refused_naming_it(tmp_path, tiny_mod
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, lora.eval()(input_ids=IDS).logits)
+
+
+def test_qst_weights_loaded_into_another_methods_adapter_are_refused_naming_them(tmp_path, tiny_model_dir):
+    """The converse: a QST folder loaded into a LoRA adapter (a LoRA model's ``load_adapter(qst_folder, "default")``,
+    as a trainer resuming from the wrong run's checkpoint does; ``PeftModel.from_pretrained`` with
+    ``config=LoraConfig(...)``). PEFT loaded none of the side network's weights and kept the adapter's own without an
+    error (from_pretrained: fresh LoRA weights, with a warning of missing keys only). Each way is refused naming the
+    QST weights; the models are left as they were. (Under a new adapter name PEFT refuses to mix the two methods.)"""
+    from peft import LoraConfig
+
+    def lora_config():
+        return LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False)
+
+    qst_folder = str(tmp_path / "qst")
+    saved_adapter(tiny_model_dir, qst_folder)
+    refusal = r"into LORA adapter 'default' were saved by a QST adapter .*qst_side.*Nothing was loaded"
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config()).eval()
+    with torch.no_grad():
+        expected = lora(input_ids=IDS).logits
+    with pytest.raises(QSTAdapterFileError, match=refusal):
+        lora.load_adapter(qst_folder, adapter_name="default")
+    assert sorted(lora.peft_config) == ["default"]
+    with torch.no_grad():
+        assert torch.equal(lora(input_ids=IDS).logits, expected)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(QSTAdapterFileError, match=refusal):
+        PeftModel.from_pretrained(base, qst_folder, config=lora_config())
+    assert not hasattr(base, "peft_config") and all(p.requires_grad for p in base.parameters())
+    assert not any("lora" in name for name, _ in base.named_modules())
 
 
 def test_weights_stored_as_integers_are_refused(tmp_path, tiny_model_dir):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -162,3 +164,33 @@ def test_labels_that_do_not_match_the_logits_are_refused_as_by_transformers_loss
             model(input_ids=ids, **kwargs)
         messages.append(str(info.value))
     assert messages[0].startswith(messages[1].rstrip("."))  # the same numbers as transformers' message
+
+
+@pytest.mark.parametrize(
+    "make_labels, error, fragments",
+    [
+        (lambda ids: ids.float(), TypeError, ["labels of dtype torch.float32", "integer tensor"]),
+        (lambda ids: ids.masked_fill(ids < 64, -1), IndexError,
+         [r"Target -1 is out of bounds", r"labels \[-1\]", "with -100"]),
+        (lambda ids: ids.masked_fill(ids >= 64, 128), IndexError,
+         [r"Target 128 is out of bounds", r"0 to 127", "resize_token_embeddings"]),
+    ],
+    ids=["float-labels", "padding-marked-minus-one", "tokens-beyond-the-vocabulary"],
+)
+def test_labels_that_are_not_token_ids_are_refused_naming_them_and_the_fix(make_labels, error, fragments):
+    """Labels that are not token ids of the model: floats (logits or probabilities passed as labels), padding marked
+    with -1 instead of ignore_index, ids of a tokenizer with tokens the model lacks. The chunked loss's gather failed
+    with a RuntimeError about an index ("gather(): Expected dtype int32/int64 for index", "index -1 is out of bounds
+    for dimension 1 with size 128") that named neither the labels nor the fix; transformers' loss at least says
+    "Target -1 is out of bounds" (an IndexError), which the refusal keeps, naming the values and the fix."""
+    model = get_peft_model(tiny_causal_lm(), peft_qst.QSTConfig(task_type="CAUSAL_LM", r=4)).train()
+    assert model.get_base_model().loss_function is qst_loss.chunked_causal_lm_loss
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(error) as info:
+        model(input_ids=ids, labels=make_labels(ids))
+    for fragment in fragments:
+        assert re.search(fragment, str(info.value)), str(info.value)
+    # valid labels still give transformers' value
+    loss = model(input_ids=ids, labels=ids.masked_fill(ids < 64, -100)).loss
+    qst_loss.uninstall_chunked_loss(model.get_base_model())
+    assert torch.allclose(loss, model(input_ids=ids, labels=ids.masked_fill(ids < 64, -100)).loss, atol=1e-6)

@@ -1130,3 +1130,22 @@ def test_a_side_network_that_runs_only_in_float32_is_refused_naming_side_dtype()
 
     # equal here (0.031, one bf16 step of these logits); twice allows one rounding step more
     assert cache_error(model.eval()) <= 2 * cache_error(arch_sweep.build_float("minimax").to(torch.bfloat16).eval())
+
+
+def test_an_adapter_loaded_onto_a_model_its_side_network_runs_on_only_in_float32_names_the_way_to_load_it(tmp_path):
+    """An adapter saved on a float32 MiniMax (side_dtype None: float32 there) loaded onto the bf16 model, where its side
+    network would be bf16 and does not run: the refusal named QSTConfig(side_dtype="float32") only, which a load
+    cannot take (PEFT reads the file's values over those given to from_pretrained). It names the route, which loads
+    the trained weights."""
+    model = get_peft_model(arch_sweep.build_float("minimax"), QSTConfig(task_type="CAUSAL_LM"))
+    torch.nn.init.normal_(side_of(model).upsample.weight, std=0.1)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(QSTUnsupportedModelError, match=re.escape(
+            "Loading a saved adapter, read its config (config = QSTConfig.from_pretrained(folder)), set "
+            'config.side_dtype = "float32" and pass it: PeftModel.from_pretrained(model, folder, config=config).')):
+        PeftModel.from_pretrained(arch_sweep.build_float("minimax").to(torch.bfloat16), str(tmp_path))
+    config = QSTConfig.from_pretrained(str(tmp_path))
+    config.side_dtype = "float32"
+    bf16 = arch_sweep.build_float("minimax").to(torch.bfloat16)
+    loaded = PeftModel.from_pretrained(bf16, str(tmp_path), config=config)
+    assert torch.equal(side_of(loaded).upsample.weight, side_of(model).upsample.weight)

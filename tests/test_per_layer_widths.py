@@ -176,3 +176,23 @@ def test_a_per_layer_head_width_that_does_not_scale_is_refused_naming_the_layer(
     model = get_peft_model(tiny("gemma4_text", head_dim=16, global_head_dim=18), QSTConfig(task_type="CAUSAL_LM", r=8))
     assert layer_sizes(side_of(model).trunk.config, "head_dim") == [16, 18]
 
+
+
+@pytest.mark.parametrize(
+    "extra", [dict(head_dim=32), HEAD_WIDTHS_AND_KV_HEADS], ids=["homogeneous", "head_dim+kv_heads"]
+)
+def test_gemma4_with_kv_shared_layers_generates(extra):
+    """Gemma 4's top layers can reuse the keys and values of earlier ones (``num_kv_shared_layers``, as in Gemma 3n),
+    and its trunk takes ``logits_to_keep``: in generate's prefill (``logits_to_keep=1``) it runs the prompt's other
+    positions through none of the blocks from its first KV-shared one on. QST's side networks read every block's states
+    at every position, and the first generate was refused ("its blocks pass hidden states of shape (2, 9, 128) between
+    them, not (2, 1, 128)"), homogeneous or not. Both trunks now run every position: the default config trains,
+    greedy generation cached equals uncached, and ``logits_to_keep=1`` gives a full forward's last logits."""
+    base = tiny("gemma4_text", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                num_kv_shared_layers=2, **extra)
+    assert base.model.first_kv_shared_layer_idx == 2
+    model, adapted = check_default_config_end_to_end(base, IDS)
+    with torch.no_grad():
+        last = model(input_ids=IDS, logits_to_keep=1).logits
+    assert last.shape == (2, 1, V)
+    torch.testing.assert_close(last[:, 0], adapted[:, -1])
