@@ -482,6 +482,7 @@ def _update_layer(layer: QSTLayer, adapter_name: str, config: QSTConfig, dtype: 
             return
         except QSTUnsupportedModelError as error:
             if getattr(error, "runs_in_float32", False):
+                config.side_heads = chosen
                 raise  # the side dtype is the problem, not the head count
             first_error = first_error or error
     config.side_heads = chosen

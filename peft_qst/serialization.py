@@ -91,6 +91,7 @@ def user_stacklevel() -> int:
         for module in (sys.modules.get(name) for name in _LIBRARIES)
         if getattr(module, "__file__", None)
     )
+
     def in_library(frame) -> bool:
         filename = frame.f_code.co_filename
         if filename.startswith("<") and frame.f_back is not None:
