@@ -15,6 +15,10 @@ from .serialization import CONFIG_NAME, saved_tensor_shapes
 
 MARKER = "<!-- peft-qst usage -->"
 
+#: the first line of the card's loading code: PEFT without it fails with a bare ``KeyError: 'QST'``, which names
+#: neither peft-qst nor the import, so the line says it where a reader copies the code from
+_IMPORT_LINE = "import peft_qst  # registers \"QST\" with PEFT; without it, loading fails with KeyError: 'QST'"
+
 #: a section as :func:`usage_section` writes it: the marker, the heading and text, and the code block up to its closing
 #: fence (the card's last line where PEFT's card update has dropped the final newline)
 _SECTION = re.compile(re.escape(MARKER) + r"\n.*?```python\n.*?\n```(?=\n|$)", re.DOTALL)
@@ -175,10 +179,12 @@ def usage_section(
 ## How to load this QST adapter
 
 This adapter was trained with [Quantized Side Tuning](https://arxiv.org/abs/2401.07159) through `peft-qst`, a PEFT
-tuner type. Install `peft-qst` and import it before loading: the import registers the `QST` method with PEFT.
+tuner type. Install `peft-qst` and import it before loading: the import registers the `QST` method with PEFT, which
+has no plug-in discovery. Without it, `PeftModel.from_pretrained` and PEFT's `AutoPeftModel...` classes fail with
+`KeyError: 'QST'`.
 {_where_saved(adapter_names)}
 ```python
-{"import torch" + chr(10) if uses_torch else ""}import peft_qst  # registers "QST" with PEFT
+{"import torch" + chr(10) if uses_torch else ""}{_IMPORT_LINE}
 from peft import PeftModel
 from transformers import {auto_class}{imports}
 

@@ -330,7 +330,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.qst_side = nn.ModuleDict()
-        hold_call_state(self, ("captured", "lora_routing", "lora_seq_len", "grad_from", "routers_below"))
+        hold_call_state(self, ("captured", "skipped", "lora_routing", "lora_seq_len", "grad_from", "routers_below"))
         self._disable_adapters = False
         self.merged_adapters = []
         # PEFT's disable_input_dtype_casting toggles this on every tuner layer (LoRA layers define it); QST casts the
@@ -510,7 +510,11 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         parent, attr = find_layer_list(self.base_layer, num_blocks(self.base_layer.config))
         blocks = getattr(parent, attr)
         handles = [blocks[0].register_forward_hook(_LayerMethod(self, "_capture_first_block"), with_kwargs=True)]
-        handles += [block.register_forward_hook(_LayerMethod(self, "_capture_block")) for block in blocks[1:]]
+        handles += [
+            block.register_forward_hook(_LayerMethod(self, "_capture_block_at", index))
+            for index, block in enumerate(blocks)
+            if index
+        ]
         self.__dict__["_hook_handles"] = handles
         self.__dict__["_num_blocks"] = len(blocks)
 
@@ -521,9 +525,31 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             captured.append(output[0] if isinstance(output, (tuple, list)) else output)
 
     def _capture_block(self, module, args, output) -> None:
+        """The hook of blocks after the first in a model pickled before :meth:`_capture_block_at`."""
         captured = call_state(self).get("captured")
         if captured is not None:  # (OpenAI GPT's blocks return a list)
             captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    def _capture_block_at(self, index: int, module, args, output) -> None:
+        """Record the output of block ``index`` (after the first). Blocks the trunk skipped before it passed their
+        input through unchanged: where this block is handed the very tensor that the last block recorded returned,
+        each block between gets that tensor as its output, which is what the trunk computed, and is noted in
+        ``skipped``. Mllama's text model skips its cross-attention layers so when it is given no
+        ``cross_attention_states`` (text without an image); its side trunk, of the same class and called the same
+        way, skips its own, so the side network reads the states of the blocks that ran, as for a model without
+        those layers. Before, such a model recorded fewer hidden states than blocks and was refused as "a model that
+        loops over its blocks". A skip that cannot be seen so (a block handed another tensor, the first or the last
+        blocks not run, an input handed by keyword: the hook, as those before it, is registered without
+        ``with_kwargs``) still leaves fewer hidden states, refused by the forward."""
+        state = call_state(self)
+        captured = state.get("captured")
+        if captured is None:
+            return
+        recorded = len(captured) - 1  # the blocks whose outputs are recorded (the first entry is the first's input)
+        if 1 <= recorded < index and args and args[0] is captured[-1]:
+            captured.extend([args[0]] * (index - recorded))
+            state["skipped"].extend(range(recorded, index))
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)  # (OpenAI GPT's: a list)
 
     def remove_hooks(self) -> None:
         """Remove every hook QST put on the backbone (hidden-state capture, backbone low-rank adapters, checkpointing
@@ -908,6 +934,14 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         small next to the backbone, which still runs once.
         """
         config = self.base_layer.config
+        if kwargs.get("cross_attention_states") is not None:
+            # Mllama's text model: its cross-attention layers run only with them; the side trunk, at side width, was
+            # handed the backbone-width states and failed deep inside ("mat1 and mat2 shapes cannot be multiplied")
+            raise QSTUnsupportedModelError(
+                f"QST side-tunes the {self._model_type} model on text alone: given cross_attention_states (image "
+                "states), its cross-attention layers attend to them, which the side network would not follow. Call it "
+                "without cross_attention_states (it then skips those layers, as for text without an image)."
+            )
         return_dict = kwargs.pop("return_dict", None)
         want_hidden = kwargs.pop("output_hidden_states", None)
         if want_hidden is None:
@@ -970,6 +1004,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         routers_below = state["routers_below"] = {}
         restore_checkpointing = self._checkpoint_adapted_blocks(grad_from)
         captured = state["captured"] = []
+        skipped = state["skipped"] = []
         try:
             with torch.no_grad():
                 # never the backbone's own hidden states where transformers records them (output capturing), even
@@ -983,16 +1018,24 @@ class QSTLayer(nn.Module, BaseTunerLayer):
                     return_dict=True,
                 )
         finally:
-            state["captured"] = state["lora_routing"] = state["grad_from"] = state["routers_below"] = None
+            state["captured"] = state["skipped"] = state["lora_routing"] = state["grad_from"] = None
+            state["routers_below"] = None
             state["lora_seq_len"] = None
             restore_checkpointing()
         backbone_last = out.last_hidden_state
         if len(captured) != self.__dict__["_num_blocks"] + 1:
+            more = len(captured) > self.__dict__["_num_blocks"] + 1
             raise QSTUnsupportedModelError(
                 f"QST does not support this {self._model_type} model as it runs: QST recorded {len(captured)} hidden "
                 f"states from the {type(self.base_layer).__name__} backbone, expected "
-                f"{self.__dict__['_num_blocks'] + 1} (the embedding output and one per block): its blocks did not run "
-                "once each (a model that loops over its blocks), or something replaced their hooks."
+                f"{self.__dict__['_num_blocks'] + 1} (the embedding output and one per block): "
+                + (
+                    "some of its blocks ran more than once (a model that loops over its blocks)"
+                    if more
+                    else "some of its blocks did not run (QST follows a block the trunk skips only where the next "
+                    "block is handed that block's input unchanged; not the first or the last block)"
+                )
+                + ", or something replaced their hooks."
                 + self._lowered_layers()
             )
         streams = ResidualStreams.of(self.base_layer.config)
@@ -1073,6 +1116,11 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         returned_hidden = out.get("hidden_states") if own_hidden and want_hidden else None
         listed = hidden_states if returned_hidden is None else returned_hidden
         fields["hidden_states"] = tuple(listed[:-1]) + (mixed,) if want_hidden else None
+        if want_hidden and skipped and returned_hidden is None:
+            # blocks the trunk skipped: none of theirs, as the base model returns (a trunk that collects its own
+            # hidden states lists those of the blocks it ran already)
+            dropped = {index + 1 for index in skipped}
+            fields["hidden_states"] = tuple(h for i, h in enumerate(fields["hidden_states"]) if i not in dropped)
         if selected is not None:
             count = len(fields["hidden_states"])
             kept = {i % count for i in selected if -count <= i < count}

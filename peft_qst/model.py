@@ -66,6 +66,8 @@ from .serialization import QSTAdapterFileError, user_stacklevel
 from .side import QSTUnsupportedModelError, check_gate_inits_fit, find_layer_list, is_unreached_part
 from .side_config import (
     auto_side_head_candidates,
+    block_count_attribute,
+    decoder_attribute,
     global_size,
     is_state_space_model,
     num_blocks,
@@ -212,15 +214,48 @@ def _attends_only_backwards(trunk: nn.Module, model_config) -> bool:
     return torch.allclose(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
 
 
-def _describe(signature: dict) -> str:
+def _sublayers_per_block(model_config) -> Optional[tuple[str, int]]:
+    """Where a config's ``num_hidden_layers`` counts sublayers and another attribute the blocks (LongCat-Flash's
+    ``num_layers``: :data:`~peft_qst.side_config.BLOCK_COUNT_ATTRIBUTES`): that attribute and the sublayers per block,
+    else None. A signature records ``num_hidden_layers``, which such a config derives and its config.json does not
+    hold; the block count is what the user can compare."""
+    count = block_count_attribute(model_config)
+    if count == decoder_attribute(model_config, "num_hidden_layers"):
+        return None
+    blocks, sublayers = num_blocks(model_config), getattr(model_config, "num_hidden_layers", None)
+    if not isinstance(sublayers, int) or blocks <= 0 or sublayers % blocks:
+        return None
+    return count, sublayers // blocks
+
+
+def _layers(count, per_block: Optional[tuple[str, int]], decoder: bool = False) -> str:
+    """A recorded ``num_hidden_layers`` as the blocks it stands for (:func:`_sublayers_per_block`) or as layers."""
+    if per_block is None or not isinstance(count, int):
+        return f"{count} {'decoder ' if decoder else ''}layers"
+    name, sublayers = per_block
+    blocks = count // sublayers
+    return f"{blocks} block{'s' * (blocks != 1)} ({name}={blocks}, num_hidden_layers={count})"
+
+
+def _describe(signature: dict, per_block: Optional[tuple[str, int]] = None) -> str:
     text = signature.get("text_model_type")
     return (
         f"a {signature.get('model_type')} model"
         + (f" with a {text} language model" if text else "")
         + f" (hidden_size={signature.get('hidden_size')}, "
-        f"{signature.get('num_hidden_layers')} {'decoder ' if signature.get('sizes_of') == 'decoder' else ''}layers, "
+        f"{_layers(signature.get('num_hidden_layers'), per_block, signature.get('sizes_of') == 'decoder')}, "
         f"{signature.get('num_attention_heads')} attention heads)"
     )
+
+
+def _difference(name: str, recorded_value, model_value, per_block: Optional[tuple[str, int]]) -> str:
+    """One entry of a signature mismatch: LongCat-Flash's block counts beside the derived num_hidden_layers, which
+    alone (4 against 2 for adapters of 2 and 1 blocks) named a value neither config.json holds."""
+    listed = f"{name} {recorded_value} against {model_value}"
+    if name == "num_hidden_layers" and per_block is not None and isinstance(recorded_value, int):
+        count, sublayers = per_block
+        listed += f" ({count} {recorded_value // sublayers} against {model_value // sublayers})"
+    return listed
 
 
 def _check_copy_head_support(model: nn.Module, model_type: str) -> None:
@@ -675,11 +710,15 @@ class QSTModel(BaseTuner):
             config.side_heads = None
         differences = signature_differences(dict(recorded), signature) if recorded is not None else {}
         if differences:
+            per_block = _sublayers_per_block(model_config)
+            # the recorded count read so only where the adapter was built for the same type
+            same_type = all(recorded.get(key) == signature.get(key) for key in ("model_type", "text_model_type"))
+            recorded_per_block = per_block if same_type else None
             listed = ", ".join(
-                f"{name} {recorded_value} against {model_value}"
+                _difference(name, recorded_value, model_value, recorded_per_block)
                 for name, (recorded_value, model_value) in differences.items()
             )
-            built_for, loaded_onto = _describe(recorded), _describe(signature)
+            built_for, loaded_onto = _describe(recorded, recorded_per_block), _describe(signature, per_block)
             # where only what _describe leaves out differs (a resized vocabulary, a head_dim), the two descriptions are
             # the same text, and "built for X but loaded onto X" read as if the check itself were wrong
             loaded_onto = "one of the same type and those sizes" if loaded_onto == built_for else loaded_onto

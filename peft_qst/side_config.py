@@ -321,9 +321,40 @@ def _set_per_layer_sizes(base_config, side, r: int, side_heads: Optional[int]):
     return side
 
 
+#: config attributes that say a model runs a range of its blocks several times in each forward: (the first looped
+#: block, the end of the range or the number of blocks in it, whether that is a count, the number of passes)
+LOOPED_BLOCK_ATTRIBUTES = (
+    ("loop_layer_index_start", "loop_layer_index_end", False, "loop_num_passes"),  # Inkling2-Loop
+    ("n_input_layers", "n_recurrent_layers", True, "n_recurrent_loops"),  # Dory
+)
+
+
+def looped_blocks_reason(config) -> Optional[str]:
+    """Why QST cannot side-tune a model whose config has it run some of its blocks more than once per forward, or None.
+
+    The side network reads each block's output once, and a block run in several passes has one output per pass. Such
+    a model was refused only at its first forward (:meth:`~peft_qst.layer.QSTLayer.forward` counts the hidden states
+    the blocks returned: more than blocks), after ``get_peft_model`` had built a side network, and a training script had
+    set up its trainer, for nothing. A config whose range holds no block, or with one pass, runs each block once. The
+    count at the first forward stays, for models whose configs do not say that they loop."""
+    for start_name, span_name, span_is_count, passes_name in LOOPED_BLOCK_ATTRIBUTES:
+        start, span, passes = (getattr(config, name, None) for name in (start_name, span_name, passes_name))
+        if not all(is_int_width(value) for value in (start, span, passes)) or passes <= 1:
+            continue
+        looped = range(max(start, 0), min(start + span if span_is_count else span, num_blocks(config)))
+        if len(looped):
+            return (
+                f"its config has it run blocks {looped.start} to {looped.stop - 1} (of {num_blocks(config)}) "
+                f"{passes} times in each forward ({start_name}={start}, {span_name}={span}, {passes_name}={passes}), "
+                "and QST's side network reads the output of each block once, where a looped block has one per pass. "
+                "Use LoRA for this model"
+            )
+    return None
+
+
 def unsupported_reason(config) -> Optional[str]:
     """Why QST cannot side-tune a model with this config whatever r is, or None."""
-    reason = per_layer_widths_reason(config)
+    reason = per_layer_widths_reason(config) or looped_blocks_reason(config)
     if reason is not None:
         return reason
     hidden = int(config.hidden_size)

@@ -340,3 +340,46 @@ def test_the_card_names_the_pipeline_of_the_adapters_task(tmp_path, tiny_model_d
     card.save(tmp_path / "README.md")
     model.save_pretrained(tmp_path)
     assert ModelCard.load(tmp_path / "README.md").data.pipeline_tag == "text-ranking"
+
+
+def test_the_card_says_that_loading_without_import_peft_qst_fails_with_a_key_error(tmp_path, tiny_model_dir):
+    """PEFT has no plug-in discovery: in a process that did not ``import peft_qst``, ``PeftModel.from_pretrained`` and
+    ``AutoPeftModelForCausalLM.from_pretrained`` of a QST adapter fail with a bare ``KeyError: 'QST'``, which names
+    neither peft-qst nor the import (QST cannot run code before that import). The card written beside the adapter,
+    which a reader of the failing folder finds, says so in its text and on its import line, which comes first."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.save_pretrained(tmp_path)
+    without_import = f"""
+import json
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM
+base, folder = {tiny_model_dir!r}, {str(tmp_path)!r}
+errors = []
+for load in (lambda: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder),
+             lambda: AutoPeftModelForCausalLM.from_pretrained(folder)):
+    try:
+        load()
+        errors.append(None)
+    except Exception as error:
+        errors.append(f"{{type(error).__name__}}: {{error}}")
+print(json.dumps(errors))
+"""
+    result = subprocess.run([sys.executable, "-c", without_import], capture_output=True, text=True, timeout=600,
+                            cwd=REPO, check=True)
+    assert json.loads(result.stdout.splitlines()[-1]) == ["KeyError: 'QST'"] * 2
+
+    text = ModelCard.load(str(tmp_path / "README.md")).text
+    section = text[text.index(MARKER):]
+    assert "fail with\n`KeyError: 'QST'`" in section or "fail with `KeyError: 'QST'`" in section
+    lines = loading_code(tmp_path / "README.md").splitlines()
+    import_line = next(i for i, line in enumerate(lines) if line.startswith("import peft_qst"))
+    assert lines[import_line].endswith("without it, loading fails with KeyError: 'QST'")
+    assert import_line < min(i for i, line in enumerate(lines) if line.startswith(("from peft", "from transformers")))
+    assert run_card(tmp_path / "README.md").peft_config["default"].peft_type == "QST"

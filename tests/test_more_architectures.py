@@ -457,6 +457,23 @@ def test_a_block_count_left_lowered_names_the_attribute_that_counts_the_blocks()
         assert torch.equal(model(input_ids=ids).logits, adapted)
 
 
+def test_longcat_flash_adapter_on_another_block_count_is_refused_naming_its_blocks(tmp_path):
+    """LongCat-Flash's config.json holds num_layers (its blocks); its num_hidden_layers (2 x num_layers) is derived. An
+    adapter of 2 blocks loaded onto a 1-block model was refused naming only "4 layers" against "2 layers" and
+    num_hidden_layers 4 against 2, values that neither config.json holds: the refusal names the blocks and num_layers
+    beside them."""
+    get_peft_model(tiny("longcat_flash"), QSTConfig(task_type="CAUSAL_LM")).save_pretrained(tmp_path)
+    other = tiny("longcat_flash", num_layers=1)
+    with pytest.raises(ValueError, match=re.escape("num_hidden_layers 4 against 2 (num_layers 2 against 1)")) as raised:
+        PeftModel.from_pretrained(other, str(tmp_path))
+    assert "built for a longcat_flash model (hidden_size=128, 2 blocks (num_layers=2, num_hidden_layers=4)," in str(
+        raised.value
+    )
+    assert "onto a longcat_flash model (hidden_size=128, 1 block (num_layers=1, num_hidden_layers=2)," in str(
+        raised.value
+    )
+
+
 def test_blocks_run_in_cycles_are_refused_naming_the_cycles():
     """HRM runs two stacks of 2 blocks in cycles and counts each run as a layer (num_hidden_layers 4, the cache's
     slots): no list holds 4 blocks, and the refusal says why besides a changed num_hidden_layers."""
@@ -466,18 +483,114 @@ def test_blocks_run_in_cycles_are_refused_naming_the_cycles():
     assert "num_hidden_layers=4" in str(raised.value) and "'L_module.layers' holds 2" in str(raised.value)
 
 
-def test_blocks_looped_over_are_refused_at_the_first_forward():
-    """Inkling2-Loop runs its layers from loop_layer_index_start to loop_layer_index_end loop_num_passes times (the
-    architecture sweep's two-layer model has none in that range, and runs each once): QST records more hidden states
-    than blocks and refuses at the first forward, naming the loop, as for Dory."""
-    config = arch_sweep.make_config("inkling2_loop_text")
-    config.num_hidden_layers, config.n_layers_per_attn_res_block = 4, 1
-    config.loop_layer_index_start, config.loop_layer_index_end = 1, 3
+def _looping_config(model_type: str):
+    """A model of ``model_type`` whose config has it run blocks 1 and 2 of 4 twice in each forward."""
+    config = arch_sweep.make_config(model_type)
+    if model_type == "inkling2_loop_text":
+        config.num_hidden_layers, config.n_layers_per_attn_res_block = 4, 1
+        config.loop_layer_index_start, config.loop_layer_index_end, config.loop_num_passes = 1, 3, 2
+    else:  # dory
+        config.num_hidden_layers, config.n_input_layers, config.n_recurrent_layers = 4, 1, 2
+        config.n_output_layers, config.n_recurrent_loops = 1, 2
     config.layer_types = (config.layer_types * 4)[:4]
+    return config
+
+
+@pytest.mark.parametrize(
+    ("model_type", "named"),
+    [
+        ("inkling2_loop_text", "loop_layer_index_start=1, loop_layer_index_end=3, loop_num_passes=2"),
+        ("dory", "n_input_layers=1, n_recurrent_layers=2, n_recurrent_loops=2"),
+    ],
+)
+def test_blocks_looped_over_are_refused_at_get_peft_model(model_type, named):
+    """Inkling2-Loop runs its layers from loop_layer_index_start to loop_layer_index_end loop_num_passes times, Dory its
+    n_recurrent_layers after the n_input_layers first n_recurrent_loops times: the side network reads each block's
+    output once. Such models were refused only at their first forward, after get_peft_model had built a side network
+    (the architecture sweep's two-layer Inkling2-Loop has no layer in the range, runs each once and is supported); now
+    get_peft_model refuses them from the config, naming the attributes and their values."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(_looping_config(model_type)).eval()
+    with pytest.raises(QSTUnsupportedModelError, match=re.escape("run blocks 1 to 2 (of 4) 2 times")) as raised:
+        get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    assert f"({named})" in str(raised.value)
+
+
+def test_blocks_looped_over_without_the_config_saying_so_are_refused_at_the_first_forward():
+    """The count of hidden states at the first forward stays as the backstop for a model whose config did not say it
+    loops when it was wrapped (here one pass, changed to two afterwards): more hidden states than blocks, refused
+    naming the loop."""
+    config = _looping_config("inkling2_loop_text")
+    config.loop_num_passes = 1
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(), QSTConfig(task_type="CAUSAL_LM"))
-    with pytest.raises(QSTUnsupportedModelError, match=r"recorded 9 hidden states .* expected 5 .* loops over its"):
+    model.config.loop_num_passes = 2
+    with pytest.raises(QSTUnsupportedModelError, match=r"recorded 7 hidden states .* expected 5 .* loops over its"):
         model(input_ids=torch.randint(3, arch_sweep.VOCAB, (1, 8), generator=torch.Generator().manual_seed(0)))
+
+
+def _mllama_text_model():
+    """Mllama's language model with a cross-attention layer between two self-attention ones."""
+    from transformers import MllamaForCausalLM
+
+    config = AutoConfig.for_model(
+        "mllama_text_model", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=V, cross_attention_layers=[1], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    base = MllamaForCausalLM(config).eval()
+    # non-zero gates, as trained ones are (transformers starts them at 0, where the layer adds nothing)
+    with torch.no_grad():
+        base.model.layers[1].cross_attn_attn_gate.fill_(0.5)
+        base.model.layers[1].cross_attn_mlp_gate.fill_(0.5)
+    return base
+
+
+def test_mllama_text_model_skipping_its_cross_attention_layers_is_side_tuned(tmp_path):
+    """Mllama's text model skips its cross-attention layers when given no cross_attention_states (text without an
+    image), so such a block's output is its input. QST recorded fewer hidden states than blocks and refused at the
+    first forward, blaming "a model that loops over its blocks". The skipped block's state is now its input (its side
+    block is skipped by the side trunk too): the model starts at the base model (hidden states included, as many as the
+    base model returns), trains (every side parameter but the skipped block's side layer gets a gradient), generates
+    cached as uncached, and reloads. Given image states, the cross-attention layers run, which the side network would
+    not follow: refused, naming them."""
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    base = _mllama_text_model()
+    assert type(base.model.layers[1]).__name__ == "MllamaCrossAttentionDecoderLayer"
+    with torch.no_grad(), parameters_frozen(base):
+        expected = base(input_ids=ids, output_hidden_states=True)
+    model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        start = model(input_ids=ids, output_hidden_states=True)
+    assert torch.equal(start.logits, expected.logits)
+    assert len(start.hidden_states) == len(expected.hidden_states) == 3
+    assert all(torch.equal(a, b) for a, b in zip(start.hidden_states, expected.hidden_states))
+
+    # the side layer of the skipped block (its block, downsampler and gate) is the only one without a gradient: what
+    # the docs tell DDP users (find_unused_parameters=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    unused = {name for name, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert unused and all(".qst_side.default.trunk.layers.1." in name for name in unused)
+    assert any(name.endswith("trunk.layers.1.gate_logit") for name in unused)
+    model.zero_grad(set_to_none=True)
+
+    losses = train_steps(model, ids, lr=3e-2)
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids).logits, expected.logits)
+    assert not torch.allclose(adapted, expected.logits)
+    cached, uncached = generate_both_ways(model, ids)
+    assert torch.equal(cached, uncached)
+
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(_mllama_text_model(), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, adapted)
+    image_states = torch.randn(2, 5, 64)
+    with pytest.raises(QSTUnsupportedModelError, match="on text alone: given cross_attention_states"):
+        reloaded(input_ids=ids, cross_attention_states=image_states)
 
 
 def test_a_model_whose_own_heads_fit_runs_with_side_heads_none():
@@ -842,10 +955,11 @@ def test_hybrid_adapts_projections_and_leaves_mixture_of_experts_routers_alone(m
 
 
 def test_architecture_sweep_classifies_what_it_runs(tmp_path):
-    """integration/arch_sweep.py, on a type that runs end to end, two refused at get_peft_model (the sweep's
+    """integration/arch_sweep.py, on a type that runs end to end and three refused at get_peft_model (the sweep's
     ``dots3_note_text`` varies its heads per layer, and its config refuses a global ``num_attention_heads``: the check
     for a state-space model read it outside the guard that names it, and the type came out BROKEN; it is refused
-    naming the sizes it sets per layer) and one refused at its first forward (Dory runs its blocks more than once)."""
+    naming the sizes it sets per layer. Dory's config has it run its blocks more than once, refused at its first
+    forward before the config was read for it)."""
     import json
     import subprocess
     import sys
@@ -858,9 +972,10 @@ def test_architecture_sweep_classifies_what_it_runs(tmp_path):
     )
     records = {rec["type"]: rec for rec in json.loads(output.read_text())["records"]}
     assert {name: rec["cls"] for name, rec in records.items()} == {
-        "llama": "OK", "bert": "REFUSED", "dots3_note_text": "REFUSED", "dory": "REFUSED-AT-RUN",
+        "llama": "OK", "bert": "REFUSED", "dots3_note_text": "REFUSED", "dory": "REFUSED",
     }
     assert "sets head_dim, kv_lora_rank, num_attention_heads" in records["dots3_note_text"]["reason"]
+    assert "n_recurrent_loops=2" in records["dory"]["reason"]
 
 
 def test_architecture_sweep_in_4bit_runs_the_checks_on_a_quantized_model(tmp_path):
