@@ -653,6 +653,31 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             if recorded is not None:
                 routers_below[index] = recorded
 
+    def _suspend_backbone_layerdrop(self) -> Callable[[], None]:
+        """Turn off the backbone's LayerDrop (``config.layerdrop`` > 0: OPT, XGLM, BioGPT read it into their trunk's
+        ``layerdrop`` and, in training mode, skip each block with that probability) for one forward; returns what
+        turns it back on. The backbone is frozen, so LayerDrop trains nothing in it; a skipped first or last block
+        left QST fewer hidden states than blocks, and a training run stopped at a random step with a
+        QSTUnsupportedModelError (a skipped block between passed on its input, which the side block read in place of
+        a state it never reads at inference). The side trunk, of the same class, keeps its config's LayerDrop: it
+        regularizes the network that trains. The modules holding ``layerdrop`` are looked up once."""
+        holders = self.__dict__.get("_layerdrop_holders")
+        if holders is None:
+            holders = self.__dict__["_layerdrop_holders"] = [
+                module
+                for module in self.base_layer.modules()
+                if type(getattr(module, "layerdrop", None)) in (int, float) and not isinstance(module, QSTLayer)
+            ]
+        suspended = [(module, module.layerdrop) for module in holders if module.training and module.layerdrop > 0]
+        for module, _ in suspended:
+            module.layerdrop = 0.0
+
+        def restore() -> None:
+            for module, value in suspended:
+                module.layerdrop = value
+
+        return restore
+
     def _checkpoint_adapted_blocks(self, grad_from: Optional[int]) -> Callable[[], None]:
         """Prepare the gradient checkpointing of the backbone blocks that train adapters in this forward (from block
         ``grad_from`` up); returns what undoes it once the forward is over.
@@ -1003,6 +1028,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         # hybrid adapts are those recorded from its first block on (see _adapted_router_logits)
         routers_below = state["routers_below"] = {}
         restore_checkpointing = self._checkpoint_adapted_blocks(grad_from)
+        restore_layerdrop = self._suspend_backbone_layerdrop()
         captured = state["captured"] = []
         skipped = state["skipped"] = []
         try:
@@ -1022,6 +1048,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             state["routers_below"] = None
             state["lora_seq_len"] = None
             restore_checkpointing()
+            restore_layerdrop()
         backbone_last = out.last_hidden_state
         if len(captured) != self.__dict__["_num_blocks"] + 1:
             more = len(captured) > self.__dict__["_num_blocks"] + 1

@@ -1264,3 +1264,28 @@ def test_an_adapter_loaded_onto_a_model_its_side_network_runs_on_only_in_float32
     bf16 = arch_sweep.build_float("minimax").to(torch.bfloat16)
     loaded = PeftModel.from_pretrained(bf16, str(tmp_path), config=config)
     assert torch.equal(side_of(loaded).upsample.weight, side_of(model).upsample.weight)
+
+
+@pytest.mark.parametrize("model_type", ["opt", "xglm"])
+def test_layerdrop_is_off_in_the_frozen_backbone_and_training_runs_at_every_step(model_type):
+    """OPT and XGLM skip each block with probability config.layerdrop in training mode. In the frozen backbone that
+    trains nothing, and a skipped first or last block left QST fewer hidden states than blocks: training stopped at a
+    random step with a QSTUnsupportedModelError (and a skipped block between had its input read as its state). The
+    backbone runs every block (its layerdrop restored afterwards); the side trunk keeps its own LayerDrop."""
+    extra = dict(layerdrop=0.5, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    extra["num_hidden_layers"] = 4
+    model = get_peft_model(tiny(model_type, **extra), QSTConfig(task_type="CAUSAL_LM", r=4))
+    trunk = next(m for m in model.modules() if type(m).__name__ == "QSTLayer").base_layer
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids, output_hidden_states=True).hidden_states[:-1]
+    model.train()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = model(input_ids=ids, labels=ids, output_hidden_states=True)
+        assert torch.isfinite(out.loss)
+        assert len(out.hidden_states) == 5
+        assert all(torch.equal(a, b) for a, b in zip(out.hidden_states[:-1], expected))
+        out.loss.backward()
+        assert trunk.layerdrop == 0.5
+    assert side_of(model).trunk.config.layerdrop == 0.5
