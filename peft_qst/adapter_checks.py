@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import AUTO, PEFT_TYPE, QSTConfig
 from .fingerprint import warn_if_base_model_differs
-from .layer import SIDE_ATTR, layers_holding
+from .layer import SIDE_ATTR, is_side_network_key, layers_holding
 from .loading import PEFT_MODEL_PREFIX
 from .modules_to_save import TASK_HEADS, check_saved_modules_to_save_present
 from .serialization import QSTAdapterFileError
@@ -74,7 +74,7 @@ def foreign_tensors(model: nn.Module, adapter_name: str, keys, state_keys) -> li
     allowed = _saved_beside_the_adapter(model, adapter_name, state_keys)
     return sorted(
         key for key in keys
-        if f".{SIDE_ATTR}." not in f".{key}" and key not in allowed
+        if not is_side_network_key(key) and key not in allowed
         and (prefixed or key.removeprefix(prefix) not in allowed)
     )
 
@@ -96,7 +96,7 @@ def refuse_qst_weights_in_other_adapter(config, adapter_name: str, tensors: dict
     does, or ``PeftModel.from_pretrained(base, qst_folder, config=LoraConfig(...))``. PEFT loaded none of them, kept
     the adapter's own weights and returned without an error (for a new adapter, fresh ones, with a warning of
     missing keys only): the converse of the refusal in :func:`check_saved_config_matches`."""
-    side = [key for key in tensors if f".{SIDE_ATTR}." in f".{key}"]
+    side = [key for key in tensors if is_side_network_key(key)]
     if not side:
         return
     kind = getattr(config.peft_type, "value", config.peft_type)

@@ -111,6 +111,11 @@ CONTINUOUS_BATCHING_REFUSAL = (
 #: attribute holding the side networks inside a QSTLayer; every saved key goes through it
 SIDE_ATTR = "qst_side"
 
+
+def is_side_network_key(key: str) -> bool:
+    """Whether state-dict or saved key ``key`` names a tensor of a QST side network (it passes through ``qst_side``)."""
+    return f".{SIDE_ATTR}." in f".{key}"
+
 #: the attribute of a side cache (or copy memory) holding the layout of the side network that filled it
 _LAYOUT_ATTR = "_peft_qst_side_layout"
 #: the attribute of a side cache (or copy memory) holding the identity of the side network that filled it
@@ -977,7 +982,8 @@ class QSTLayer(nn.Module, BaseTunerLayer):
         own_hidden = self._collects_own_hidden_states()
         selected = None if own_hidden else _selected_hidden_states(want_hidden)
         want_hidden = bool(want_hidden) if selected is None else True
-        if cache is not None and self._checkpointing_turns_cache_off():
+        checkpointing_off = self._checkpointing_turns_cache_off()
+        if cache is not None and checkpointing_off:
             cache = self._drop_cache_under_checkpointing(cache)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -985,7 +991,7 @@ class QSTLayer(nn.Module, BaseTunerLayer):
             # training): the trunk writes to the cache it is given and returns it, so the side networks keep theirs
             # in step. Without them the caller's next step got a backbone cache alone, refused as having no side state
             use_cache = cache is not None or getattr(config, "use_cache", False)
-        if use_cache and self._checkpointing_turns_cache_off():
+        if use_cache and checkpointing_off:
             # transformers turns the cache off here (it checks under the gradients the backbone runs without below,
             # so the backbone would keep it on), and without a cache its masks separate packed sequences
             use_cache = False

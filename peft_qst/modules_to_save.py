@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from .config import QSTConfig
-from .layer import SIDE_ATTR, QSTLayer, model_class_name
+from .layer import SIDE_ATTR, QSTLayer, is_side_network_key, model_class_name
 from .loading import PEFT_MODEL_PREFIX
 from .serialization import QSTAdapterFileError
 from .side import QSTUnsupportedModelError
@@ -109,7 +109,7 @@ def check_saved_modules_to_save_present(model: nn.Module, adapter_name: str, ent
     modules = set()
     for key in keys:
         key = key.removeprefix(PEFT_MODEL_PREFIX)
-        if f".{SIDE_ATTR}." in f".{key}":
+        if is_side_network_key(key):
             continue
         parts = key.split(".")[:-1]
         modules.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))

@@ -57,7 +57,7 @@ from .card import add_usage_section, saved_qst_adapters
 from .config import AUTO, PEFT_TYPE, QSTConfig
 from .fast_path import note_adapter_loaded
 from .fingerprint import base_model_fingerprint, original_vocabulary_rows, warn_if_base_model_differs
-from .layer import SIDE_ATTR, QSTLayer, identify_loaded_adapter
+from .layer import SIDE_ATTR, QSTLayer, identify_loaded_adapter, is_side_network_key
 from .loading import loading_adapter, reading_saved_adapter, warned_once_loaded, with_peft_model_prefix
 from .model import QSTModel, is_bare_trunk, remove_injected_adapters
 from .modules_to_save import check_saved_modules_to_save_present
@@ -1162,12 +1162,7 @@ def _damaged_qst_config(file: str) -> Optional[QSTAdapterFileError]:
     folder whose safetensors file holds side-network weights), which PEFT reported as a bare ``JSONDecodeError``,
     ``TypeError`` or ``KeyError: 'peft_type'`` naming neither the file nor the fix; None for a readable file and for
     other folders (other methods' get PEFT's own error). Called only once PEFT failed to read the file."""
-    from safetensors import safe_open
-
-    from .serialization import SAFETENSORS_NAME
-
-    weights = os.path.join(os.path.dirname(file), SAFETENSORS_NAME)
-    if not os.path.isfile(file) or not os.path.isfile(weights):
+    if not os.path.isfile(file):
         return None
     try:
         with open(file, encoding="utf-8") as handle:
@@ -1181,11 +1176,8 @@ def _damaged_qst_config(file: str) -> Optional[QSTAdapterFileError]:
             problem = "it has no peft_type"
         else:
             return None
-    try:
-        with safe_open(weights, "pt") as handle:
-            if not any(f".{SIDE_ATTR}." in f".{key}" for key in handle.keys()):
-                return None
-    except Exception:  # noqa: BLE001 - unreadable weights are reported when they are read
+    # the weights file's header ({} where there is none, or it is unreadable: reported when the weights are read)
+    if not any(is_side_network_key(key) for key in saved_tensor_shapes(os.path.dirname(file), {})):
         return None
     return QSTAdapterFileError(
         f"{file} cannot be read as the config of the QST adapter saved beside it ({problem}): the file was damaged "

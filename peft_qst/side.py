@@ -864,13 +864,12 @@ class QSTSideNetwork(nn.Module):
         inference fast path keeps no packed weights); its training flags are restored."""
         if any(p.device.type == "meta" for p in self.parameters()):
             return
-        problem = self._construction_run_problem(int(base_config.hidden_size))
+        hidden = int(base_config.hidden_size)
+        problem = self._construction_run_problem(hidden)
         if problem is None:
             return
         dtype = self.upsample.weight.dtype
-        if dtype in HALF_DTYPES and copy.deepcopy(self).float()._construction_run_problem(
-            int(base_config.hidden_size)
-        ) is None:
+        if dtype in HALF_DTYPES and copy.deepcopy(self).float()._construction_run_problem(hidden) is None:
             # MiniMax in bf16: its lightning attention multiplies its float32 decay buffers into bf16 states with
             # matmul, which does not promote. The head count and r are not the problem: "auto" tries no others
             name = str(dtype).removeprefix("torch.")

@@ -228,13 +228,11 @@ def per_layer_widths_reason(config) -> Optional[str]:
     (AmbiguousGlobalPerLayerAttributeError), then was refused. Other sizes set per layer (a number of attention heads,
     which the side blocks choose once for all layers, ``side_heads``; a hidden size; the head widths of multi-head
     latent attention) are still refused, naming them."""
-    refused = [name for name in per_layer_sizes(config) if not _rescaled_per_layer(config, name)]
+    sizes = per_layer_sizes(config)
+    refused = [name for name in sizes if not _rescaled_per_layer(config, name)]
     if not refused:
         return None
-    layers = config.per_layer_config
-    values = ", ".join(
-        f"{name} in {sorted({getattr(layers[i], name) for i in range(len(layers))}, key=repr)}" for name in refused
-    )
+    values = ", ".join(f"{name} in {sorted(set(sizes[name]), key=repr)}" for name in refused)
     return (
         f"its config sets {', '.join(refused)} per layer (per_layer_config: {values}), and QST's shrink rules rescale "
         "layer by layer only head widths (head_dim, outside multi-head latent attention), key/value head counts and "
