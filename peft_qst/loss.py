@@ -100,6 +100,7 @@ def chunked_causal_lm_loss(
     **kwargs,
 ) -> torch.Tensor:
     """Drop-in for transformers' ``ForCausalLMLoss``: the same value, without float32 copies of the full logits."""
+    _refuse_labels_of_a_dtype_for_no_token_ids(labels if shift_labels is None else shift_labels, ignore_index)
     if shift_labels is None:
         # shift so that tokens < n predict n
         labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
@@ -115,15 +116,6 @@ def chunked_causal_lm_loss(
             f"labels for {targets.numel()}. Pass labels of the same shape as input_ids (and no logits_to_keep with "
             "labels), as for transformers' loss."
         )
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        # the gather below failed with "gather(): Expected dtype int32/int64 for index", which names neither the
-        # labels nor the fix (transformers' loss: "expected target dtype to be Long or Byte, but got Float")
-        raise TypeError(
-            f"QST's causal-LM loss (peft_qst.loss.chunked_causal_lm_loss) got labels of dtype {targets.dtype}: labels "
-            "are token ids, an integer tensor (torch.long) of the shape of input_ids, with ignore_index "
-            f"({ignore_index}) where no loss is wanted. Pass labels=input_ids (or its masked copy), not logits or "
-            "probabilities."
-        )
     try:
         losses = _ChunkedCrossEntropy.apply(logits, targets, ignore_index)
     except RuntimeError as error:
@@ -134,6 +126,30 @@ def chunked_causal_lm_loss(
             num_items_in_batch = num_items_in_batch.to(losses.device)
         return losses.sum() / num_items_in_batch
     return losses.sum() / (targets != ignore_index).sum()  # "mean" over the non-ignored targets, as cross_entropy
+
+
+def _refuse_labels_of_a_dtype_for_no_token_ids(labels: torch.Tensor, ignore_index: int) -> None:
+    """Refuse labels whose dtype holds no token ids: floats, complex numbers and booleans (logits, probabilities or a
+    mask passed as labels), integers narrower than 32 bits, which cannot hold the ids of a real vocabulary (so a cast
+    to them has already wrapped ids around), and unsigned ones, which cannot hold ``ignore_index``. The loss's gather failed on
+    them with "gather(): Expected dtype int32/int64 for index" and ``uint8`` labels with "value cannot be converted to
+    type uint8_t without overflow" (from padding the shifted labels with ``ignore_index``), naming neither the labels
+    nor the fix (transformers' loss: "expected target dtype to be Long or Byte, but got Float")."""
+    dtype = labels.dtype
+    if dtype in (torch.int64, torch.int32):
+        return
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        problem = "not logits, probabilities or a mask"
+    elif torch.iinfo(dtype).bits < 32:
+        problem = (f"not a {dtype} copy: {torch.iinfo(dtype).bits} bits cannot hold the ids of a real vocabulary "
+                   "(a cast to them wraps ids around)")
+    else:
+        problem = f"not a {dtype} copy, which cannot hold ignore_index ({ignore_index})"
+    raise TypeError(
+        f"QST's causal-LM loss (peft_qst.loss.chunked_causal_lm_loss) got labels of dtype {dtype}: labels are token "
+        f"ids, an integer tensor (torch.long) of the shape of input_ids, with ignore_index ({ignore_index}) where no "
+        f"loss is wanted. Pass labels=input_ids (or its masked copy) as the tokenizer gives them, {problem}."
+    )
 
 
 def _refuse_labels_outside_vocabulary(targets: torch.Tensor, vocab_size: int, ignore_index: int, error) -> None:

@@ -169,16 +169,19 @@ def test_labels_that_do_not_match_the_logits_are_refused_as_by_transformers_loss
 @pytest.mark.parametrize(
     "make_labels, error, fragments",
     [
-        (lambda ids: ids.float(), TypeError, ["labels of dtype torch.float32", "integer tensor"]),
+        (lambda ids: ids.float(), TypeError, ["labels of dtype torch.float32", "integer tensor", "not logits"]),
+        (lambda ids: ids.to(torch.uint8), TypeError, ["labels of dtype torch.uint8", "torch.long", "8 bits"]),
+        (lambda ids: ids.to(torch.int16), TypeError, ["labels of dtype torch.int16", "torch.long", "16 bits"]),
         (lambda ids: ids.masked_fill(ids < 64, -1), IndexError,
          [r"Target -1 is out of bounds", r"labels \[-1\]", "with -100"]),
         (lambda ids: ids.masked_fill(ids >= 64, 128), IndexError,
          [r"Target 128 is out of bounds", r"0 to 127", "resize_token_embeddings"]),
     ],
-    ids=["float-labels", "padding-marked-minus-one", "tokens-beyond-the-vocabulary"],
+    ids=["float-labels", "uint8-labels", "int16-labels", "padding-marked-minus-one", "tokens-beyond-the-vocabulary"],
 )
 def test_labels_that_are_not_token_ids_are_refused_naming_them_and_the_fix(make_labels, error, fragments):
-    """Labels that are not token ids of the model: floats (logits or probabilities passed as labels), padding marked
+    """Labels that are not token ids of the model: floats (logits or probabilities passed as labels), integers too
+    narrow for token ids (``uint8`` failed padding the shifted labels with -100, ``int16`` in the gather), padding marked
     with -1 instead of ignore_index, ids of a tokenizer with tokens the model lacks. The chunked loss's gather failed
     with a RuntimeError about an index ("gather(): Expected dtype int32/int64 for index", "index -1 is out of bounds
     for dimension 1 with size 128") that named neither the labels nor the fix; transformers' loss at least says
