@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+import torch
 from peft.config import PeftConfig
 
 
@@ -264,7 +265,8 @@ class QSTConfig(PeftConfig):
             states and carry a gradient, are balanced in ``aux_loss`` together with the side routers.
         backbone_lora_r (`int`): Rank of those adapters.
         backbone_lora_alpha (`float`): Their scaling numerator (the delta is scaled by alpha / rank, as in LoRA).
-        side_dtype (`str`, *optional*): dtype of the side network: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        side_dtype (`str`, *optional*): dtype of the side network: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or
+            the torch dtype, stored as its name).
             Default (None): the model's compute dtype (``bnb_4bit_compute_dtype`` for a bitsandbytes 4-bit model,
             else the model's dtype), float32 where that is float16 (float16 weights do not train under fp16 mixed
             precision's gradient scaler).
@@ -511,6 +513,9 @@ class QSTConfig(PeftConfig):
             raise ValueError(
                 f"QSTConfig.backbone_lora_alpha={self.backbone_lora_alpha!r} is invalid: it must be a positive number."
             )
+        if isinstance(self.side_dtype, torch.dtype):
+            # as transformers' dtype= takes it (torch.bfloat16); kept as its name, so that adapter_config.json stays JSON
+            self.side_dtype = str(self.side_dtype).removeprefix("torch.")
         if self.side_dtype is not None and self.side_dtype not in SIDE_DTYPES:
             raise ValueError(
                 f"QSTConfig.side_dtype={self.side_dtype!r} is invalid: choose one of {', '.join(SIDE_DTYPES)}, or "

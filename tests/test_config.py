@@ -139,6 +139,23 @@ def test_peft_type_reads_as_a_member_of_pefts_enum():
     assert (str(lora), repr(lora)) == ("PeftType.LORA", "<PeftType.LORA: 'LORA'>")  # the same forms as PEFT's own
 
 
+@pytest.mark.parametrize("dtype, name", [(torch.float32, "float32"), (torch.bfloat16, "bfloat16"),
+                                         (torch.float16, "float16")])
+def test_side_dtype_given_as_a_torch_dtype_is_kept_as_its_name(dtype, name, tmp_path):
+    """``side_dtype=torch.bfloat16``, as transformers' ``dtype=`` takes a dtype, was refused ("choose one of float32,
+    bfloat16, float16"); it is the same choice, kept as its name so that ``adapter_config.json`` stays JSON, and the
+    side network takes that dtype."""
+    config = QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype=dtype)
+    assert config.side_dtype == name
+    model = get_peft_model(tiny_causal_lm(), config)
+    assert {p.dtype for n, p in model.named_parameters() if p.requires_grad} == {dtype}
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["side_dtype"] == name
+    assert PeftConfig.from_pretrained(tmp_path).side_dtype == name
+    with pytest.raises(ValueError, match="side_dtype='float64' is invalid"):
+        QSTConfig(side_dtype=torch.float64)
+
+
 def test_defaults_follow_the_paper():
     config = QSTConfig()
     assert config.peft_type == "QST"
