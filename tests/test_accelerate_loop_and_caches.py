@@ -14,7 +14,13 @@ from transformers import AutoModelForCausalLM
 
 from peft_qst import QSTConfig
 
-from .conftest import logits_in_fresh_process, saved_under_another_trunk_name, tiny_causal_lm, train_steps
+from .conftest import (
+    bnb_config,
+    logits_in_fresh_process,
+    saved_under_another_trunk_name,
+    tiny_causal_lm,
+    train_steps,
+)
 from .test_generation import PAD, PROMPTS, left_padded, trained_model
 
 IDS = torch.tensor([[5, 17, 33, 2, 99, 64, 7, 21], [3, 9, 11, 12, 13, 40, 41, 42]])
@@ -39,11 +45,12 @@ def fresh_accelerate_state():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _loop_parts(seed: int):
-    """A QST model (its side network initialised from ``seed``), AdamW, a linear schedule and 8 batches of 2 rows."""
+def _loop_parts(seed: int, base=None):
+    """A QST model (its side network initialised from ``seed``; on ``base``, else a fresh tiny Llama), AdamW, a linear
+    schedule and 8 batches of 2 rows."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    base = tiny_causal_lm()  # the same base model for every seed
+    base = tiny_causal_lm() if base is None else base  # the same base model for every seed
     torch.manual_seed(seed)
     model = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -112,6 +119,42 @@ def test_a_custom_accelerate_loop_resumed_from_save_state_trains_as_if_uninterru
     loaded = PeftModel.from_pretrained(tiny_causal_lm(), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_a_4bit_accelerate_loop_resumed_with_load_state_strict_false_trains_as_if_uninterrupted(
+    tmp_path, tiny_model_dir, fresh_accelerate_state
+):
+    """transformers' ``run_clm_no_trainer.py`` on a 4-bit base: ``save_state`` writes bitsandbytes' quantization state
+    beside each packed weight (``weight.absmax``, ``weight.quant_map``, ...), which ``Linear4bit`` does not read back,
+    so ``load_state`` fails with "Unexpected key(s) in state_dict" (bitsandbytes#1946; for LoRA too). With
+    ``strict=False`` those keys are skipped; the base model loaded afresh from the same checkpoint holds the same
+    quantization state, and the loop continues exactly where the uninterrupted one is, the 4-bit backbone unchanged."""
+    from accelerate import Accelerator
+
+    def accelerated(seed):
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb_config())
+        return accelerator, *accelerator.prepare(*_loop_parts(seed, base))
+
+    accelerator, model, optimizer, batches, scheduler = accelerated(seed=0)
+    backbone = {n: t.clone() for n, t in model.state_dict().items() if ".qst_side." not in n}
+    uninterrupted = _train(accelerator, model, optimizer, batches, scheduler, steps=8)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    accelerator, model, optimizer, batches, scheduler = accelerated(seed=0)
+    first = _train(accelerator, model, optimizer, batches, scheduler, steps=4)
+    accelerator.save_state(str(tmp_path / "state"))
+
+    accelerator, model, optimizer, batches, scheduler = accelerated(seed=3)  # other initial side weights
+    accelerator.load_state(str(tmp_path / "state"), strict=False)
+    rest = _train(accelerator, model, optimizer, accelerator.skip_first_batches(batches, 4), scheduler, steps=4)
+    assert first + rest == uninterrupted
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert torch.equal(parameter, expected[name]), name
+    after = {n: t for n, t in model.state_dict().items() if ".qst_side." not in n}
+    assert after.keys() == backbone.keys()
+    assert all(torch.equal(after[n], t) for n, t in backbone.items())
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -74,6 +74,58 @@ def test_trl_sft_script_route_model_id_and_quantization_config(tmp_path, smollm2
     assert all(torch.equal(loaded[n].float(), p.float()) for n, p in trained.items())
 
 
+@pytest.mark.smollm2  # borrows the real SmolLM2 tokenizer
+@pytest.mark.parametrize("side_dtype", [None, "bfloat16"])
+def test_peft_sft_example_float16_compute_resized_chatml_vocabulary(tmp_path, smollm2_dir, side_dtype):
+    """PEFT's ``examples/sft`` (``create_and_prepare_model``): 4-bit with ``bnb_4bit_compute_dtype=float16`` (its
+    default), ChatML special tokens added to the tokenizer and the embeddings resized with ``pad_to_multiple_of=8``
+    before SFTTrainer, packing. SFTTrainer trains a bf16 side network; left None, ``side_dtype`` builds a float32 one
+    on reload (float32 where the compute dtype is float16), so the same weights give logits within bf16 rounding;
+    ``side_dtype="bfloat16"`` reloads, onto a base model the load resizes, the trained logits bit for bit."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from .conftest import bnb_config
+
+    base_dir, out = tmp_path / "base", tmp_path / "out"
+    tiny_causal_lm(vocab_size=len(AutoTokenizer.from_pretrained(smollm2_dir))).save_pretrained(base_dir)
+    special = ["<|im_start|>user", "<|im_start|>assistant", "<|im_start|>system", "<|im_end|>", "<s>", "<pad>"]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
+                                              additional_special_tokens=special)
+    quantization = bnb_config(compute_dtype=torch.float16)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization)
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+    rows = [{"content": tokenizer.apply_chat_template(row["messages"], tokenize=False)}
+            for row in chat_rows("messages", 12)]
+    args = SFTConfig(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                     report_to=[], save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, packing=True,
+                     dataset_text_field="content", max_length=64)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype=side_dtype))
+    trainer.train()
+    trainer.save_model(str(out))
+    trained = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trained.values()} == {torch.bfloat16}  # TRL's cast, whatever side_dtype says
+    ids = tokenizer.apply_chat_template(chat_rows("messages", 1)[0]["messages"], return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.no_grad():
+        expected = trainer.model.eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization)
+        with pytest.warns(UserWarning, match="resized from 49152 to 49160 tokens"):
+            reloaded = PeftModel.from_pretrained(base, str(out)).eval()
+        logits = reloaded(input_ids=ids).logits
+    loaded = dict(reloaded.named_parameters())
+    assert all(torch.equal(loaded[n].float(), p.float()) for n, p in trained.items())
+    if side_dtype is None:
+        assert {loaded[n].dtype for n in trained} == {torch.float32}
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-2)
+    else:
+        assert {loaded[n].dtype for n in trained} == {torch.bfloat16}
+        assert torch.equal(logits, expected)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # What SFTTrainer reports, checked against the model's own logits
 # ----------------------------------------------------------------------------------------------------------------------
