@@ -519,3 +519,52 @@ def test_casting_the_whole_model_casts_the_side_network_too(tmp_path):
         assert greedy(model, 3).shape == (1, IDS.shape[1] + 3)
     model.to(torch.bfloat16).save_pretrained(tmp_path)
     assert side_dtypes(PeftModel.from_pretrained(tiny_causal_lm(), str(tmp_path))) == {torch.float32}
+
+
+def test_lora_conversion_and_scaling_helpers_refuse_a_qst_model_without_changing_it(tmp_path):
+    """PEFT's convert_to_lora and save_as_lora approximate a weight delta by a LoRA; rescale_adapter_scale scales
+    LoRA's. A side network is neither: each refuses by name (as docs/usage.md says) and leaves the model as it was."""
+    import peft
+    from peft.helpers import rescale_adapter_scale
+
+    model = trained_model()
+    assert model.supports_lora_conversion() is False
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(TypeError, match="do not support LoRA conversion.*QSTLayer"):
+        peft.convert_to_lora(model, rank=2)
+    with pytest.raises(TypeError, match="do not support LoRA conversion.*QSTLayer"):
+        peft.save_as_lora(str(tmp_path / "lora"), model, rank=2)
+    assert not (tmp_path / "lora").exists() or not any((tmp_path / "lora").iterdir())
+    with pytest.raises(ValueError, match="LoraLayer"):
+        with rescale_adapter_scale(model, 0.5):
+            pass
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in before)
+
+
+@pytest.mark.parametrize("how", ["get_peft_model", "add_adapter", "inject_adapter_in_model"])
+def test_low_cpu_mem_usage_builds_a_side_network_that_runs_before_weights_are_loaded(tiny_model_dir, how):
+    """low_cpu_mem_usage=True puts LoRA's new weights on the meta device until set_peft_model_state_dict assigns
+    them; a side network is built with its initial weights instead (docs/usage.md): it runs at once, starting at
+    the base model's output, and loads weights as usual."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        expected = base(input_ids=IDS).logits
+    config = QSTConfig(task_type="CAUSAL_LM", r=4)
+    if how == "get_peft_model":
+        model, name = get_peft_model(base, config, low_cpu_mem_usage=True), "default"
+    elif how == "add_adapter":
+        model, name = get_peft_model(base, QSTConfig(task_type="CAUSAL_LM", r=4)), "other"
+        model.add_adapter(name, config, low_cpu_mem_usage=True)
+        model.set_adapter(name)
+    else:
+        model, name = inject_adapter_in_model(config, base, low_cpu_mem_usage=True), "default"
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(input_ids=IDS).logits, expected, atol=1e-6)
+    trained = trained_model()
+    set_peft_model_state_dict(model, get_peft_model_state_dict(trained), adapter_name=name, low_cpu_mem_usage=True)
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+        assert torch.equal(logits, trained.eval()(input_ids=IDS).logits)
+        assert not torch.allclose(logits, expected, atol=1e-4)
