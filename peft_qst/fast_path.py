@@ -35,10 +35,11 @@ checked at the start of every sequence and at every forward without a cache, not
 a cache the weights were checked for (it walks every side parameter, a few percent of a decoding step).
 
 It applies to side trunks of the Llama block structure (``llama``, ``mistral`` and ``qwen2`` without sliding windows)
-on one device, with a 2-D or no attention mask, outside training mode unless the side network has no dropout; packed
-sequences (no mask, restarting position ids), 4-D masks and masks per layer type (a dict), other keyword arguments,
-other architectures, gradients, side networks that FSDP or DeepSpeed ZeRO-3 shards (:func:`sharded`), and the copy
-heads' mix take the general path through the transformers modules. Outputs equal the general path's to
+on one device, with a 2-D attention mask over the past and new tokens or none, outside training mode unless the side
+network has no dropout; packed sequences (no mask, restarting position ids), 4-D masks, masks per layer type (a dict)
+and 2-D masks of another length (which transformers pads), other keyword arguments, other architectures, gradients,
+side networks that FSDP or DeepSpeed ZeRO-3 shards (:func:`sharded`), and the copy heads' mix take the general path
+through the transformers modules. Outputs equal the general path's to
 floating-point rounding (tests/test_fast_path.py); :func:`fast_path_disabled` switches it off. Code that
 ``torch.compile`` traces takes the general path too (tests/test_torch_compile.py).
 """
@@ -448,8 +449,10 @@ def fsdp2_unit(module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedSideWeights]:
+def packed_weights_for(side, trunk_kwargs: dict, cache=None, length: Optional[int] = None
+                       ) -> Optional[PackedSideWeights]:
     """The packed weights to run this forward on the fast path, or None where the general path must run it.
+    ``length``: the forward's new tokens per row, where known (a 2-D mask must cover the past and those).
 
     Whether the side parameters changed since the weights were packed is checked at the start of each sequence, and
     at every forward without a cache; a forward that continues a cache these weights were checked for (the decoding
@@ -488,6 +491,13 @@ def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedS
         # create_masks_for_generate builds for configs with layer types, Qwen2's included): the general path hands it
         # to the side trunk's modules as it is (``mask.dim()`` on a dict failed here with an AttributeError)
         return None
+    past = cache.get_seq_length() if cache is not None else 0
+    if mask is not None and length is not None and mask.shape[-1] != past + length:
+        # a 2-D mask over other than the past and new tokens (one over the new tokens alone, beside a filled cache):
+        # transformers reads its columns as the first positions and masks the rest, as the backbone did; the fast path
+        # read its last columns, and failed on a one-token step ("shape '[2, 1, 1, 7]' is invalid") or silently
+        # attended to other positions than the backbone and the general path
+        return None
     positions = trunk_kwargs.get("position_ids")
     if mask is None and positions is not None and positions.shape[-1] > 1:
         # without a mask, position ids that restart mark packed sequences (TRL's packing, padding-free batches):
@@ -500,7 +510,7 @@ def packed_weights_for(side, trunk_kwargs: dict, cache=None) -> Optional[PackedS
         and cache is not None
         and packed.checked_cache is not None
         and packed.checked_cache() is cache
-        and cache.get_seq_length() > 0
+        and past > 0
         # no optimizer step, parameter registration or adapter load since the check (O(1) to see): a cache continued
         # after a training step (the next turn of a chat) must run its new tokens on the new weights, as the general
         # path does, not on the weights its earlier tokens were computed with
@@ -786,10 +796,15 @@ def fast_mix(side, backbone_last: torch.Tensor, side_out: torch.Tensor) -> Optio
     """``h_L + a * up(side)`` in one matmul, from the float32 output of the fast forward that returned ``side_out``;
     None where ``side_out`` came from elsewhere (the general path computes the mix then)."""
     packed = side.__dict__.get("_packed_weights")
-    if packed is None or packed.last_output is None or packed.last_output[0] is not side_out:
+    # read once: another thread's forward of this side network may replace it at any moment (threads generating at
+    # once). Read twice, a replacement between the check and the read mixed in that forward's side output instead
+    # (silently other logits where the shapes matched), or its mix's reset failed this one with a TypeError
+    last = packed.last_output if packed is not None else None
+    if last is None or last[0] is not side_out:
         return None
-    out32 = packed.last_output[1]
-    packed.last_output = None
+    out32 = last[1]
+    if packed.last_output is last:
+        packed.last_output = None
     flat = backbone_last.reshape(-1, backbone_last.shape[-1]).to(out32.device, torch.float32)
     with autocast_off(out32.device):
         mixed = torch.addmm(flat, out32, packed.upsample)

@@ -439,7 +439,14 @@ def copy_key_mask(
     key_positions = torch.arange(total, device=device)
     mask = (key_positions.view(1, -1) <= query_positions.view(-1, 1)).expand(batch, length, total)
     if attention_mask is not None and attention_mask.dim() == 2:
-        mask = mask & attention_mask[:, -total:].to(device=device, dtype=torch.bool).unsqueeze(1)
+        padding = attention_mask[:, -total:].to(device=device, dtype=torch.bool)
+        if padding.shape[-1] < total:
+            # a mask over fewer than past + new tokens (one over the new tokens alone, beside a filled cache): as
+            # transformers reads it for the backbone's attention (``prepare_padding_mask``), its columns are the first
+            # positions and the rest are masked. It failed here ("The size of tensor a (8) must match the size of
+            # tensor b (2)"), or, one column wide, was broadcast over every key, where the base model runs
+            padding = nn.functional.pad(padding, (0, total - padding.shape[-1]))
+        mask = mask & padding.unsqueeze(1)
     elif (
         attention_mask is None and position_ids is not None and position_ids.dim() <= 2 and past == 0
         and position_ids.shape[-1] == length
@@ -1035,7 +1042,7 @@ class QSTSideNetwork(nn.Module):
                 "sequence), or inputs_embeds of shape (batch, sequence, hidden_size): for several rows, stack them "
                 "along the batch dimension."
             )
-        packed = packed_weights_for(self, trunk_kwargs, cache)
+        packed = packed_weights_for(self, trunk_kwargs, cache, hidden_states[0].shape[1])
         if packed is not None:  # inference, Llama-style blocks (no experts, so no router logits): far fewer operations
             return (*fast_side_forward(self, packed, hidden_states, cache, **trunk_kwargs), None)
         dtype = self.upsample.weight.dtype

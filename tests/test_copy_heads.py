@@ -140,6 +140,27 @@ def test_key_mask_causal_padding_and_packed_sequences():
     assert tail[0].tolist() == [[False, True, True]]
 
 
+
+@pytest.mark.parametrize("mask_length,new", [(1, 1), (3, 1), (2, 2)], ids=["new-token", "short", "two-new-tokens"])
+def test_a_2d_mask_over_fewer_than_the_past_and_new_tokens_is_read_as_transformers_reads_it(mask_length, new):
+    """A 2-D mask beside a filled cache that covers fewer than past + new tokens (one over the new tokens alone, a
+    common mistake in hand-written decoding loops), which the base model takes: transformers reads its columns as the
+    first positions and masks the rest, so it gives what that mask padded with zeros gives. The copy heads read its
+    last columns: it failed ("The size of tensor a (8) must match the size of tensor b (2)"), or, one column wide,
+    was broadcast over every key."""
+    model = trained_copy_model()
+    ids = IDS[:2, :6]
+    short = torch.ones(2, mask_length, dtype=torch.long)
+    padded = torch.nn.functional.pad(short, (0, ids.shape[1] + new - mask_length))
+
+    def step(mask):
+        with torch.no_grad():
+            cache = model(input_ids=ids, use_cache=True).past_key_values
+            return model(input_ids=IDS[:2, 6:6 + new], attention_mask=mask, past_key_values=cache).logits
+
+    torch.testing.assert_close(step(short), step(padded), atol=2e-5, rtol=1e-4)
+
+
 def test_packed_row_equals_its_sequences_apart():
     """In a packed row (no attention mask, position_ids restarting per sequence, no KV cache: what TRL's packing and
     padding-free batches pass), the copy heads of each sequence see only that sequence: their output equals the output

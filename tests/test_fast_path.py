@@ -715,3 +715,63 @@ def test_a_reset_cache_reused_after_a_data_edit_runs_on_the_edited_weights():
         general = model.generate(**kwargs)
     assert torch.equal(fast.sequences, general.sequences)
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(general.logits), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mask_length,new", [(1, 1), (3, 1), (2, 2)], ids=["new-token", "short", "two-new-tokens"])
+def test_a_2d_mask_over_other_than_the_past_and_new_tokens_gives_the_general_paths_logits(mask_length, new):
+    """A 2-D mask beside a filled cache that does not cover past + new tokens (one over the new tokens alone, a common
+    mistake in hand-written decoding loops): transformers pads it on the right with masked positions, for the
+    backbone and the general path alike, and the base model runs. The fast path read its last columns instead: a
+    one-token step failed ("shape '[2, 1, 1, 7]' is invalid for input of size 2"), a two-token one attended to other
+    positions than the backbone did (0.09 off the general path's logits)."""
+    model = qst_model()
+    ids = torch.tensor([[5, 17, 33, 2, 99, 64], [11, 12, 13, 14, 15, 16]])
+
+    def step():
+        with torch.no_grad():
+            cache = model(input_ids=ids, use_cache=True).past_key_values
+            return model(input_ids=torch.full((2, new), 7), attention_mask=torch.ones(2, mask_length, dtype=torch.long),
+                         past_key_values=cache).logits
+
+    fast, general = both_paths(step)
+    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+
+
+def test_another_threads_side_forward_during_the_fast_mix_leaves_this_forwards_output():
+    """Threads generating on one model at once each run the side network's fast forward and then its fast mix, which
+    reads the forward's float32 output kept on the packed weights. A thread switch between the mix's check that the
+    output kept is its own and its read of it let another thread's forward replace it: the mix added that forward's
+    side output (silently other logits, where the shapes matched). The switch is made here where it hurt, by a trace
+    function that runs another forward of the side network when the mix reaches that read."""
+    import inspect
+    import sys
+
+    from peft_qst import fast_path
+
+    model = qst_model()
+    side = side_of(model)
+    ids = torch.tensor([[5, 17, 33, 2], [11, 12, 13, 14]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    other = tuple(torch.randn(2, 4, 64) for _ in range(len(side._blocks) + 1))
+    source, first = inspect.getsourcelines(fast_path.fast_mix)
+    reads = {first + i for i, line in enumerate(source) if line.lstrip().startswith("out32 =")}
+    switched = []
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno in reads and not switched:
+            switched.append(frame.f_lineno)
+            side(other)  # another thread's forward of the same side network, on the fast path
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code is fast_path.fast_mix.__code__ else None
+
+    with torch.no_grad():
+        sys.settrace(tracer)
+        try:
+            got = model(input_ids=ids).logits
+        finally:
+            sys.settrace(None)
+    assert switched, "the trace never reached the mix's read of the kept output"
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
