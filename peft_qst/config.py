@@ -514,7 +514,7 @@ class QSTConfig(PeftConfig):
                 f"QSTConfig.backbone_lora_alpha={self.backbone_lora_alpha!r} is invalid: it must be a positive number."
             )
         if isinstance(self.side_dtype, torch.dtype):
-            # as transformers' dtype= takes it (torch.bfloat16); kept as its name, so that adapter_config.json stays JSON
+            # as transformers' dtype= takes it (torch.bfloat16); kept as its name: adapter_config.json stays JSON
             self.side_dtype = str(self.side_dtype).removeprefix("torch.")
         if self.side_dtype is not None and self.side_dtype not in SIDE_DTYPES:
             raise ValueError(

@@ -29,7 +29,7 @@ FINGERPRINT_RTOL = 2.0 ** -8 + 2.0 ** -11
 FINGERPRINT_ATOL = 2.0 ** -24
 
 
-def _fingerprinted_weights(model: nn.Module) -> Optional[dict]:
+def _fingerprinted_weights(model: nn.Module, tied_head: bool = False) -> Optional[dict]:
     """{"input_embeddings": weight, "output_embeddings": weight} of the base ``model`` for
     :func:`base_model_fingerprint`: the token embeddings, and the LM head where it is not tied to them. bitsandbytes
     quantizes neither (nor do ``load_in_8bit`` and ``load_in_4bit`` touch their values), so they read the same in a
@@ -37,7 +37,9 @@ def _fingerprinted_weights(model: nn.Module) -> Optional[dict]:
     moves them (a tied embedding matrix and an LM head get gradients in every row, from the softmax over the whole
     vocabulary). None where they cannot be read here: on the meta device (weights offloaded by accelerate or not
     loaded yet), partitioned by DeepSpeed ZeRO-3 or sharded by FSDP (:func:`~peft_qst.fast_path.sharded`), not a
-    plain 2-D floating-point tensor (quantized by another method, a DTensor)."""
+    plain 2-D floating-point tensor (quantized by another method, a DTensor). ``tied_head``: an LM head tied to the
+    embeddings is given as ``"output_embeddings"`` too (the rows it computes the logits with), for a comparison with
+    a fingerprint recorded on a model whose head was not tied."""
     from .fast_path import sharded
 
     weights = {}
@@ -52,6 +54,8 @@ def _fingerprinted_weights(model: nn.Module) -> Optional[dict]:
             layer = inner if isinstance(inner, nn.Module) else layer
         weight = getattr(layer, "weight", None)
         if kind == "output_embeddings" and any(weight is w for w in weights.values()):
+            if tied_head:
+                weights[kind] = weight
             continue  # tied: the embeddings' rows
         if (
             type(weight) not in (torch.Tensor, nn.Parameter) or not weight.is_floating_point() or weight.dim() != 2
@@ -107,15 +111,19 @@ def original_vocabulary_rows(model: nn.Module, config) -> Optional[int]:
 def fingerprint_differences(recorded: dict, model: nn.Module) -> Optional[tuple[int, int]]:
     """(entries that differ beyond the rounding of a load's dtype, entries compared) between a recorded
     :func:`base_model_fingerprint` and base ``model``; None where nothing can be compared (the weights cannot be read
-    here, or a recorded matrix, the LM head of an untied model, is tied or missing in this one: a model of another
-    layout, which the base model's signature tells)."""
-    weights = _fingerprinted_weights(model)
+    here). The recorded LM head of an untied model is compared with this model's head tied to its embeddings (the rows
+    it computes the logits with), and left out where this model has no LM head (a bare trunk). Whether the head is
+    tied is not in the base model's signature: such a model was left out of the comparison altogether, and an adapter
+    loaded onto another checkpoint whose head is tied (of other embeddings too) gave no warning."""
+    weights = _fingerprinted_weights(model, tied_head=True)
     recorded = {kind: entries for kind, entries in recorded.items() if kind not in FINGERPRINT_METADATA}
-    if weights is None or set(recorded) - set(weights):
+    if weights is None:
         return None
     changed = compared = 0
     for kind, entries in recorded.items():
-        weight = weights[kind]
+        weight = weights.get(kind)
+        if weight is None:
+            continue
         entries = [(r, c, v) for r, c, v in entries if r < weight.shape[0] and c < weight.shape[1]]
         if not entries:
             continue

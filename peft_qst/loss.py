@@ -131,10 +131,10 @@ def chunked_causal_lm_loss(
 def _refuse_labels_of_a_dtype_for_no_token_ids(labels: torch.Tensor, ignore_index: int) -> None:
     """Refuse labels whose dtype holds no token ids: floats, complex numbers and booleans (logits, probabilities or a
     mask passed as labels), integers narrower than 32 bits, which cannot hold the ids of a real vocabulary (so a cast
-    to them has already wrapped ids around), and unsigned ones, which cannot hold ``ignore_index``. The loss's gather failed on
-    them with "gather(): Expected dtype int32/int64 for index" and ``uint8`` labels with "value cannot be converted to
-    type uint8_t without overflow" (from padding the shifted labels with ``ignore_index``), naming neither the labels
-    nor the fix (transformers' loss: "expected target dtype to be Long or Byte, but got Float")."""
+    to them has already wrapped ids around), and unsigned ones, which cannot hold ``ignore_index``. The loss's gather
+    failed on them with "gather(): Expected dtype int32/int64 for index" and ``uint8`` labels with "value cannot be
+    converted to type uint8_t without overflow" (from padding the shifted labels with ``ignore_index``), naming neither
+    the labels nor the fix (transformers' loss: "expected target dtype to be Long or Byte, but got Float")."""
     dtype = labels.dtype
     if dtype in (torch.int64, torch.int32):
         return

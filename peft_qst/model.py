@@ -78,7 +78,7 @@ from .side_config import (
     unsupported_reason,
 )
 from .signature import model_signature, signature_differences, text_config_of
-from .vocabulary import saved_adapter_copies_of_embeddings
+from .vocabulary import saved_adapter_copies_of_embeddings, token_embeddings_named_as_in
 
 
 #: the QSTConfig fields get_peft_model fills in for the model it binds the config to
@@ -1054,17 +1054,25 @@ class QSTModel(BaseTuner):
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         """``...qst_side.<adapter>.trunk...`` -> ``...qst_side.trunk...``: saved keys never carry the adapter name,
-        so an adapter loads under any name without touching the others."""
+        so an adapter loads under any name without touching the others.
+
+        A QST adapter's own weights all lie under ``qst_side.<adapter>.``; the other keys saved with it (a module
+        saved whole, whose wrapper has taken the name out already, and the token embeddings) carry the name only as
+        the adapter's copy of a wrapped token embedding that PEFT's ``save_embedding_layers`` saves whole
+        (``lm_head.modules_to_save.<adapter>.weight``), saved without it. PEFT's generic rule strips the name
+        wherever it ends the key or its module path, so an adapter named ``"weight"``, ``"lm_head"`` or
+        ``"embed_tokens"`` saved ``lm_head.weight`` as ``lm_head`` or ``model.embed_tokens.weight`` as
+        ``model.weight``: a file that every load then refused."""
         marker = f"{SIDE_ATTR}.{adapter_name}."
         if marker in key:
             return key.replace(marker, f"{SIDE_ATTR}.", 1)
-        return super()._remove_adapter_name_from_key(key, adapter_name)
+        return re.sub(rf"(^|\.)modules_to_save\.{re.escape(adapter_name)}\.", r"\1modules_to_save.", key, count=1)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: QSTConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        state_dict = with_peft_model_prefix(model, state_dict)
+        state_dict = token_embeddings_named_as_in(model, adapter_name, with_peft_model_prefix(model, state_dict))
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         for key in saved_adapter_copies_of_embeddings(model, adapter_name, list(remapped)):
             del remapped[key]

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
 import os
 import re
 import warnings
@@ -63,6 +62,8 @@ from .model import QSTModel, is_bare_trunk, remove_injected_adapters
 from .modules_to_save import check_saved_modules_to_save_present
 from .serialization import (
     QSTAdapterFileError,
+    config_file_problem,
+    damaged_config_error,
     read_adapter_weights,
     rename_as_peft_does,
     saved_tensor_shapes,
@@ -77,6 +78,7 @@ from .vocabulary import (
     checkpoint_vocab_size,
     resize_to_the_adapters_vocabulary,
     saved_adapter_copies_of_embeddings,
+    token_embeddings_named_as_in,
     vocabulary_resized_from_checkpoint,
     warn_added_token_embeddings_not_saved,
 )
@@ -370,6 +372,7 @@ def _read_qst_weights_safely() -> None:
             reading_token = reading_saved_adapter.set(True)
             digests = []
             digest_token = _read_digests.set(digests if built_here else None)
+            wrapped = _modules_saved_whole(self) if new_name else None
             try:
                 if _holds_qst_adapter(self):
                     with _accelerate_dispatch_kept(self.get_base_model()):
@@ -388,6 +391,8 @@ def _read_qst_weights_safely() -> None:
                     added is not None and isinstance(error, QSTAdapterFileError)
                 ):
                     self.delete_adapter(adapter_name)
+                    if wrapped is not None:
+                        _unwrap_modules_saved_whole(self, wrapped)
                 raise
             finally:
                 _read_digests.reset(digest_token)
@@ -417,6 +422,8 @@ def _read_qst_weights_safely() -> None:
                 digests.append(_digest_of(tensors, saved_config))
             # PEFT's renaming, on the tensors read and checked above (PEFT's own would read the file again, unchecked)
             tensors = rename_as_peft_does(tensors, key_mapping, repr(model_id))
+            # the token embeddings saved with it, as this model holds them (its LM head wrapped or not)
+            tensors = token_embeddings_named_as_in(loading[0], loading[1], tensors)
             check_saved_adapter_fits(loading[0], loading[1], tensors, saved_config)
             return tensors
 
@@ -427,6 +434,28 @@ def _read_qst_weights_safely() -> None:
     _keep_accelerate_dispatch_in_from_pretrained()
     _read_qst_folders_safely_in_load_peft_weights()
     _prefix_the_weights_of_injected_models_in_set_peft_model_state_dict()
+
+
+def _modules_saved_whole(model) -> set[int]:
+    """The wrappers of the modules saved whole with ``model``'s adapters (``modules_to_save``) before a load adds an
+    adapter: see :func:`_unwrap_modules_saved_whole`."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return {id(module) for module in model.modules() if isinstance(module, ModulesToSaveWrapper)}
+
+
+def _unwrap_modules_saved_whole(model, before: set[int]) -> None:
+    """After a refused load's adapter is deleted: the modules that adding it wrapped for its ``modules_to_save`` (an
+    LM head, a classification head) go back in place of their wrappers, which hold no adapter now. PEFT's
+    ``delete_adapter`` keeps the wrapper, so the refused load left the model's head wrapped, its weight renamed
+    (``lm_head.original_module.weight``) in the model's state and in the token embeddings PEFT saves with the other
+    adapters."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper) and id(module) not in before and not module.modules_to_save:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.original_module)
 
 
 def _is_qst_folder(model_id, hub_kwargs: dict) -> bool:
@@ -801,6 +830,7 @@ def _read_qst_weights_safely_in_transformers() -> None:
                 # of the model into it, so one that is neither the adapter's nor a module saved with it would go
                 # over the frozen base model (undo() takes the adapter off, not a base weight written over)
                 if state_dict is not None:
+                    state_dict = token_embeddings_named_as_in(model, name, state_dict)
                     # the widths the file's side blocks have, with a config given here that narrows them (only now,
                     # with the side network built, do its shapes tell): refused naming the option, as PEFT's loaders
                     # are, not as the shape mismatch transformers reports
@@ -977,24 +1007,30 @@ def _keep_the_weights_of_adapters_beside_module_named_ones() -> None:
     segments that are plausible adapter names (``trunk``, ``layers``, ``mlp``, ``norm``, the block numbers ``0``,
     ``1``, ...): beside an adapter named ``"1"`` (or ``"mlp"``, ``"trunk"``), saving ``"default"`` silently wrote a
     file without those of its weights (41 of 57 on a tiny Llama, 8 of 57 beside ``"trunk"``), which its digest
-    passed and loading refused as "saved from a different QST configuration": the trained adapter was lost. A side
-    network's key names its adapter in one place, the segment after ``qst_side.``, so those keys are kept or dropped by
-    that segment alone; every other key (LoRA's, modules saved whole) is filtered as PEFT does."""
+    passed and loading refused as "saved from a different QST configuration": the trained adapter was lost. The keys
+    of a module saved whole (``lm_head.modules_to_save.default.weight``) and the token embeddings PEFT saves beside
+    the adapter (``model.embed_tokens.weight``) hold such segments too: beside an adapter named ``"model"``,
+    ``"weight"`` or ``"modules_to_save"``, saving failed with a bare ``KeyError: 'modules_to_save.default.weight'``,
+    and a resized vocabulary's embeddings were left out of the file without a word. In a model holding QST adapters
+    a key names its adapter in one place, the segment after ``qst_side.`` (the side network) or ``modules_to_save.``
+    (a module saved whole): such keys are kept or dropped by that segment alone, and a key naming no adapter (the
+    base model's, the embeddings, a wrapped module's original) is kept, as PEFT keeps it where no name coincides. The
+    keys of other methods' models are filtered as PEFT does."""
     import peft.utils.save_and_load as save_and_load
 
     side_key = re.compile(rf"(?:^|\.){SIDE_ATTR}\.([^.]+)\.")
+    adapter_key = re.compile(rf"(?:^|\.)(?:{SIDE_ATTR}|modules_to_save)\.([^.]+)\.")
 
     def make(original):
         def _filter_state_dict_for_adapter_name(state_dict, unwanted_adapter_names):
             kept = original(state_dict, unwanted_adapter_names)
+            if not any(side_key.search(key) for key in state_dict):
+                return kept  # no QST adapter: PEFT's filter
             unwanted = set(unwanted_adapter_names)
-            dropped_own = {
-                key for key in state_dict
-                if key not in kept and (match := side_key.search(key)) is not None and match.group(1) not in unwanted
+            return {
+                key: value for key, value in state_dict.items()
+                if (match := adapter_key.search(key)) is None or match.group(1) not in unwanted
             }
-            if not dropped_own:
-                return kept
-            return {key: value for key, value in state_dict.items() if key in kept or key in dropped_own}
 
         return _filter_state_dict_for_adapter_name
 
@@ -1164,26 +1200,13 @@ def _damaged_qst_config(file: str) -> Optional[QSTAdapterFileError]:
     other folders (other methods' get PEFT's own error). Called only once PEFT failed to read the file."""
     if not os.path.isfile(file):
         return None
-    try:
-        with open(file, encoding="utf-8") as handle:
-            content = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        problem = f"it is not valid JSON: {error}"
-    else:
-        if not isinstance(content, dict):
-            problem = "it holds no JSON object"
-        elif "peft_type" not in content:
-            problem = "it has no peft_type"
-        else:
-            return None
+    problem = config_file_problem(file)
+    if problem is None:
+        return None
     # the weights file's header ({} where there is none, or it is unreadable: reported when the weights are read)
     if not any(is_side_network_key(key) for key in saved_tensor_shapes(os.path.dirname(file), {})):
         return None
-    return QSTAdapterFileError(
-        f"{file} cannot be read as the config of the QST adapter saved beside it ({problem}): the file was damaged "
-        "or edited by hand. Restore it from where the adapter came from, or save the adapter again "
-        "(PeftModel.save_pretrained writes it, with \"peft_type\": \"QST\"). Nothing was loaded."
-    )
+    return damaged_config_error(file, problem)
 
 
 def _name_the_file_in_config_refusals() -> None:

@@ -214,6 +214,41 @@ def download_kwargs(hub_kwargs: dict) -> dict:
     return hub_kwargs
 
 
+def damaged_config_error(file: str, problem: str) -> QSTAdapterFileError:
+    """The refusal of an ``adapter_config.json`` beside a QST adapter's weights that cannot be read as a PEFT config
+    (``problem``: not JSON, no JSON object, no ``peft_type``)."""
+    return QSTAdapterFileError(
+        f"{file} cannot be read as the config of the QST adapter saved beside it ({problem}): the file was damaged "
+        "or edited by hand. Restore it from where the adapter came from, or save the adapter again "
+        "(PeftModel.save_pretrained writes it, with \"peft_type\": \"QST\"). Nothing was loaded."
+    )
+
+
+def config_file_problem(file: str) -> Optional[str]:
+    """What makes ``file`` (an ``adapter_config.json``) unreadable as a PEFT config: not JSON, no JSON object, or no
+    ``peft_type`` (a file truncated, emptied or edited by hand); None where it reads."""
+    try:
+        with open(file, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return f"it is not valid JSON: {error}"
+    if not isinstance(content, dict):
+        return "it holds no JSON object"
+    if "peft_type" not in content:
+        return "it has no peft_type"
+    return None
+
+
+def _holds_side_network_weights(safetensors_path: str) -> bool:
+    """Whether the (readable) safetensors file holds a QST side network's weights, read from its header."""
+    from safetensors import safe_open
+
+    from .layer import is_side_network_key
+
+    with safe_open(safetensors_path, framework="pt") as handle:
+        return any(is_side_network_key(key) for key in handle.keys())
+
+
 def read_adapter_weights(model_id: str, device, hub_kwargs: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors of the QST adapter at ``model_id`` and the ``adapter_config.json`` saved with them ({} when the
     folder has none), after the checks above: safetensors only, readable, and equal to the recorded digest."""
@@ -225,8 +260,15 @@ def read_adapter_weights(model_id: str, device, hub_kwargs: dict) -> tuple[dict[
     config_path = _locate(model_id, CONFIG_NAME, hub_kwargs, required=False)
     saved_config = {}
     if config_path is not None:
-        with open(config_path) as handle:
-            saved_config = json.load(handle)
+        # damaged beside the weights of an adapter being loaded as QST: loading into an existing adapter (a trainer
+        # resuming) reads no config before this, and failed with a bare JSONDecodeError or AttributeError, or was
+        # refused for a config "predating side_heads" where peft_type was missing
+        problem = config_file_problem(config_path)
+        if problem is not None and _holds_side_network_weights(weights_path):
+            raise damaged_config_error(config_path, problem)
+        if problem is None:  # (another method's weights: refused by their names, as without a config)
+            with open(config_path, encoding="utf-8") as handle:
+                saved_config = json.load(handle)
     if isinstance(device, torch.device):
         device = str(device)
     tensors = load_file(weights_path, device="cpu" if device in (None, "mps") else device)

@@ -69,6 +69,42 @@ def saved_adapter_copies_of_embeddings(model: nn.Module, adapter_name: str, keys
     return [key for key in keys if (key if prefixed else key.removeprefix(prefix)) in copies]
 
 
+def token_embeddings_named_as_in(model: nn.Module, adapter_name: str, tensors: dict) -> dict:
+    """``tensors`` (of a file read for QST adapter ``adapter_name`` of ``model``) with the token embeddings PEFT saves
+    beside an adapter (``save_embedding_layers``) named as ``model`` holds them. PEFT names them as the model that
+    saved them held them: an adapter that does not train the LM head, saved beside one that does
+    (``modules_to_save=["lm_head"]``, which wraps the head for every adapter), holds the frozen head as
+    ``lm_head.original_module.weight``, and one saved alone holds it as ``lm_head.weight``. Loaded onto a model whose
+    head is wrapped otherwise, the first was refused as a tensor "written by something other than save_pretrained"
+    (so such an adapter, trained on a resized vocabulary, could be saved but never loaded alone), and the second
+    named no weight of the model and was dropped without a word: the head's rows for the added tokens were not
+    written, nor compared with those the other adapters share. An adapter that trains the head itself
+    (``modules_to_save``) has its file as PEFT maps it, and a name the file already holds is left alone."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    renamed = dict(tensors)
+    for name, module in named_token_embeddings(model):
+        wrapped = isinstance(module, AuxiliaryTrainingWrapper)
+        if wrapped and module.adapter_state_dict_load_map(adapter_name):
+            continue  # the adapter's own modules_to_save
+        name = name.removeprefix(PEFT_MODEL_PREFIX)
+        for key in list(renamed):
+            plain = key.removeprefix(PEFT_MODEL_PREFIX)
+            if not plain.startswith(f"{name}."):
+                continue
+            rest = plain[len(name) + 1:]
+            if not wrapped and rest.startswith("original_module."):
+                new = rest.removeprefix("original_module.")
+            elif wrapped and not rest.startswith(("original_module.", "modules_to_save.")):
+                new = "original_module." + rest
+            else:
+                continue
+            new_key = key[: len(key) - len(plain)] + f"{name}.{new}"
+            if new_key not in renamed:
+                renamed[new_key] = renamed.pop(key)
+    return renamed
+
+
 def check_token_embeddings_fit(model: nn.Module, tensors: dict) -> None:
     """The token embeddings in a file read for a QST adapter of ``model`` (PEFT saves them with
     ``save_embedding_layers``, which it sets when the vocabulary was resized) have as many rows as the model's. An

@@ -128,12 +128,108 @@ def test_an_adapter_named_like_a_module_leaves_the_others_saved_whole(tmp_path, 
         keys = load_file(str(folder / "adapter_model.safetensors")).keys()
         assert len(keys) == len(side_state(trained, name))
 
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
-    loaded.load_adapter(str(tmp_path / other_name), adapter_name=other_name)
+    assert_both_reload_to(expected, tmp_path, tiny_model_dir, other_name)
+
+
+def assert_both_reload_to(expected: dict, folder, base_dir, other_name: str) -> None:
+    """The adapters ``save_pretrained`` wrote to ``folder`` ("default" at its root, ``other_name`` in its subfolder)
+    reload onto a fresh base model from ``base_dir`` to the ``expected`` logits of each, exactly."""
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(folder))
+    loaded.load_adapter(str(folder / other_name), adapter_name=other_name)
     with torch.no_grad():
         for name in ("default", other_name):
             loaded.set_adapter(name)
             assert torch.equal(loaded(input_ids=IDS).logits, expected[name])
+
+
+@pytest.mark.parametrize("other_name", ["model", "weight", "modules_to_save"])
+def test_an_adapter_named_like_a_key_segment_leaves_a_module_saved_whole_in_the_others_file(
+    tmp_path, tiny_model_dir, other_name
+):
+    """The keys of a module saved whole (``lm_head.modules_to_save.default.weight``) hold ``model``, ``weight`` and
+    ``modules_to_save`` as segments: beside an adapter of such a name, PEFT's filter dropped them and saving failed
+    with a bare ``KeyError: 'modules_to_save.default.weight'``; an adapter named ``"weight"`` saved its head as
+    ``lm_head``, which loading refused."""
+    config = dict(task_type="CAUSAL_LM", r=4, modules_to_save=["lm_head"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(**config))
+    train_steps(model, IDS)
+    model.add_adapter(other_name, QSTConfig(**config))
+    model.set_adapter(other_name)
+    torch.manual_seed(1)
+    train_steps(model, IDS, steps=2)
+    expected = {}
+    with torch.no_grad():
+        for name in ("default", other_name):
+            model.set_adapter(name)
+            expected[name] = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path)
+    for folder in (tmp_path, tmp_path / other_name):
+        keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+        assert [key for key in keys if "qst_side" not in key] == ["base_model.model.lm_head.weight"]
+
+    assert_both_reload_to(expected, tmp_path, tiny_model_dir, other_name)
+
+
+@pytest.mark.parametrize("other_name", ["model", "embed_tokens", "lm_head"])
+def test_an_adapter_named_like_a_key_segment_leaves_the_resized_embeddings_in_every_file(
+    tmp_path, tiny_model_dir, other_name
+):
+    """A resized vocabulary's embeddings are saved with every adapter: beside an adapter named ``"model"``,
+    ``"embed_tokens"`` or ``"lm_head"`` the first adapter's file was written without them (no error: loading onto
+    the checkpoint was then refused as another vocabulary size), and the adapter of that name saved them as
+    ``model.base_layer.weight`` or ``weight`` (PEFT's rule took the name off the end of their module path)."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.get_base_model().resize_token_embeddings(136)
+    train_steps(model, IDS)
+    model.add_adapter(other_name, QSTConfig(task_type="CAUSAL_LM", r=4))
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path)
+    embeddings = ["base_model.model.lm_head.weight", "base_model.model.model.base_layer.embed_tokens.weight"]
+    for folder in (tmp_path, tmp_path / other_name):
+        keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+        assert sorted(key for key in keys if "qst_side" not in key) == embeddings
+
+    # onto the checkpoint's vocabulary: the load resizes it and writes the saved rows
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, expected)
+    other = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / other_name), adapter_name=other_name
+    )
+    assert other.get_base_model().get_input_embeddings().weight.shape[0] == 136
+
+
+@pytest.mark.parametrize("load", ["PeftModel", "transformers"])
+def test_an_adapter_saved_beside_one_training_the_lm_head_on_a_resized_vocabulary_loads_alone(
+    tmp_path, tiny_model_dir, load
+):
+    """An adapter that trains the LM head (``modules_to_save=["lm_head"]``) wraps it for every adapter of the model,
+    so the other adapters' files hold the resized frozen head as ``lm_head.original_module.weight``: loaded alone (onto
+    a model whose head is not wrapped), the file was refused as holding a tensor "written by something other than
+    save_pretrained", by every loader, so the adapter could be saved but never loaded."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    model.get_base_model().resize_token_embeddings(136)
+    train_steps(model, IDS)
+    model.add_adapter("head", QSTConfig(task_type="CAUSAL_LM", r=4, modules_to_save=["lm_head"]))
+    model.set_adapter("head")
+    train_steps(model, IDS, steps=2)
+    model.set_adapter("default")
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path)
+    head_copy = load_file(str(tmp_path / "head" / "adapter_model.safetensors"))
+    assert "base_model.model.lm_head.modules_to_save.weight" in head_copy  # the copy PEFT saves, without the name
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    if load == "PeftModel":
+        loaded = PeftModel.from_pretrained(base, str(tmp_path))
+    else:
+        base.resize_token_embeddings(136)
+        base.load_adapter(str(tmp_path))
+        loaded = base
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, expected)
 
 
 def test_saved_keys_carry_qst_and_never_the_adapter_name(tmp_path, trained):

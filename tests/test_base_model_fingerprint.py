@@ -290,3 +290,22 @@ def test_a_model_without_an_lm_head_records_its_embeddings_and_warns_on_another_
     _, found = fingerprint_warnings(
         lambda: PeftModel.from_pretrained(AutoModel.from_pretrained(tmp_path / "other"), str(tmp_path / "adapter")))
     assert len(found) == 1 and str(tmp_path / "other") in found[0]
+
+
+def test_another_checkpoint_whose_lm_head_is_tied_warns(tmp_path):
+    """Whether the LM head is tied to the embeddings is not in the base model's signature, so an adapter saved on an
+    untied checkpoint loads onto one of the same sizes whose head is tied: its recorded head was compared with nothing
+    and the whole fingerprint was left out, so that a checkpoint of other embeddings too loaded without a word. The
+    tied head is compared as the embeddings it computes the logits with."""
+    tiny_causal_lm(seed=0, tie_word_embeddings=False).save_pretrained(tmp_path / "base")
+    tiny_causal_lm(seed=1, tie_word_embeddings=True).save_pretrained(tmp_path / "other")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), QSTConfig(task_type="CAUSAL_LM", r=4)
+                   ).save_pretrained(tmp_path / "adapter")
+    fingerprint = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_fingerprint"]
+    assert "output_embeddings" in fingerprint
+    _, found = fingerprint_warnings(lambda: PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "other"), str(tmp_path / "adapter")))
+    assert len(found) == 1 and str(tmp_path / "other") in found[0] and "of 128 entries" in found[0], found
+    _, found = fingerprint_warnings(lambda: PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / "adapter")))
+    assert found == []

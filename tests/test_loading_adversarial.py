@@ -174,6 +174,22 @@ def test_a_refused_load_under_a_new_name_leaves_no_adapter_behind(tmp_path, tiny
         assert torch.equal(model.eval()(input_ids=IDS).logits, trained.eval()(input_ids=IDS).logits)
 
 
+def test_a_refused_load_under_a_new_name_leaves_the_modules_it_would_save_whole_unwrapped(tmp_path, tiny_model_dir):
+    """Adding an adapter with ``modules_to_save=["lm_head"]`` wraps the model's LM head, and PEFT's delete_adapter
+    keeps the wrapper: a refused load left the head wrapped, its weight renamed ``lm_head.original_module.weight`` in
+    the model's state (and in the token embeddings PEFT saves with the other adapters)."""
+    saved_adapter(tiny_model_dir, tmp_path / "garbled", modules_to_save=["lm_head"])
+    garble(tmp_path / "garbled")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    state = {name: (tuple(p.shape), p.requires_grad) for name, p in model.named_parameters()}
+    head = model.get_base_model().lm_head
+    with pytest.raises(QSTAdapterFileError, match="do not match the digest"):
+        model.load_adapter(str(tmp_path / "garbled"), adapter_name="other")
+    assert model.get_base_model().lm_head is head
+    assert {name: (tuple(p.shape), p.requires_grad) for name, p in model.named_parameters()} == state
+    assert model.modules_to_save is None
+
+
 def _causal_lm(base_dir):
     return AutoModelForCausalLM.from_pretrained(base_dir)
 
@@ -350,6 +366,15 @@ def test_a_damaged_adapter_config_beside_qst_weights_is_refused_naming_the_file(
         with pytest.raises(Exception) as info:
             load(str(tmp_path / "lora"))
         assert not isinstance(info.value, QSTAdapterFileError)
+    # into an existing adapter, as a trainer resumes (no config is read before the weights): a bare JSONDecodeError or
+    # AttributeError, or a refusal for a config "predating side_heads"; nothing was loaded
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QSTConfig(task_type="CAUSAL_LM", r=4))
+    before = {key: value.clone() for key, value in model.state_dict().items() if "qst_side" in key}
+    with pytest.raises(QSTAdapterFileError) as info:
+        model.load_adapter(folder, adapter_name="default", is_trainable=True)
+    assert str(info.value).startswith(f"{tmp_path / 'qst' / 'adapter_config.json'} cannot be read as the config")
+    assert problem in str(info.value)
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
 
 
 @pytest.mark.parametrize("peft_type", ["qst", "Qst", " QST"])
