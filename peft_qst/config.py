@@ -174,7 +174,9 @@ class QSTConfig(PeftConfig):
     to; the paper's reference code feeds the last side block the last block's output before that norm).
 
     Use it wherever a `LoraConfig` would go: ``get_peft_model(model, QSTConfig(task_type="CAUSAL_LM"))``, or
-    ``SFTTrainer(..., peft_config=QSTConfig(...))``.
+    ``SFTTrainer(..., peft_config=QSTConfig(...))``. Learning rate: start at 1e-3 (AdamW), as the project's quality
+    harness and examples train the side network (1e-3 to 2e-3); 3e-3 was no better on the harness, and rates below
+    1e-3 (QLoRA's common 2e-4) were not measured (README, "Learning rate").
 
     Args:
         r (`int`): Reduction factor. The side network's hidden and FFN sizes are the backbone's divided by ``r``; the
