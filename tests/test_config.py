@@ -156,6 +156,25 @@ def test_side_dtype_given_as_a_torch_dtype_is_kept_as_its_name(dtype, name, tmp_
         QSTConfig(side_dtype=torch.float64)
 
 
+def test_side_dtype_set_as_a_torch_dtype_after_the_config_was_built(tmp_path):
+    """``config.side_dtype = torch.bfloat16`` after ``QSTConfig(...)`` (as for a config read with from_pretrained)
+    passes no argument check: binding the config failed with a bare "attribute name must be string, not
+    'torch.dtype'". It is kept as its name there, as the constructor keeps it, and a dtype QST has no choice for is
+    refused by name."""
+    config = QSTConfig(task_type="CAUSAL_LM", r=4)
+    config.side_dtype = torch.bfloat16
+    model = get_peft_model(tiny_causal_lm(), config)
+    assert {p.dtype for n, p in model.named_parameters() if p.requires_grad} == {torch.bfloat16}
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["side_dtype"] == "bfloat16"
+    assert {p.dtype for n, p in PeftModel.from_pretrained(tiny_causal_lm(), str(tmp_path)).named_parameters()
+            if ".qst_side." in n} == {torch.bfloat16}
+    config = QSTConfig(task_type="CAUSAL_LM", r=4)
+    config.side_dtype = torch.float64
+    with pytest.raises(ValueError, match="side_dtype='float64' is invalid"):
+        get_peft_model(tiny_causal_lm(), config)
+
+
 def test_defaults_follow_the_paper():
     config = QSTConfig()
     assert config.peft_type == "QST"
