@@ -60,14 +60,34 @@ def parse_args(argv=None):
     parser.add_argument("--eval-size", type=int, default=200, help="held-out examples (default: 200)")
     parser.add_argument("--output-dir", default="outputs/qst-smollm2-classify", help="where to save the adapter")
     parser.add_argument("--seed", type=int, default=42, help="seed of the data, the initialisation and the order")
+    parser.add_argument("--overwrite-output-dir", action="store_true",
+                        help="write into an --output-dir that already holds files (default: refuse it)")
     args = parser.parse_args(argv)
     if min(args.max_steps, args.batch_size, args.eval_size) < 1:
         parser.error("--max-steps, --batch-size and --eval-size must be at least 1")
-    try:  # fail now, not at the save after training
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as err:
-        parser.error(f"cannot write to --output-dir {args.output_dir}: {err}")
+    if not args.lr > 0:  # AdamW would refuse it only after the model loaded and the "before" evaluation ran
+        parser.error(f"--lr must be above 0, got {args.lr}")
+    check_output_dir(parser, args.output_dir, args.overwrite_output_dir, parser.get_default("output_dir"))
     return args
+
+
+def check_output_dir(parser, folder: str, overwrite: bool, default: str) -> None:
+    """Fail before minutes of training, not at the save after them, and never replace a user's files silently.
+
+    ``save_pretrained`` replaces an adapter already in the folder and turns a README.md there into the adapter's model
+    card, so a folder that already holds files is refused unless ``--overwrite-output-dir`` says to write into it
+    (transformers' examples' convention). The default folder is this script's own output: a rerun replaces it.
+    """
+    if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
+        if os.path.abspath(folder) != os.path.abspath(default):
+            held = sorted(os.listdir(folder))
+            listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            parser.error(f"--output-dir {folder} already holds files ({listed}): pass --overwrite-output-dir to write "
+                         "into it (an adapter saved there is replaced), or choose a new folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        parser.error(f"cannot write to --output-dir {folder}: {err}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.prompt is not None and not args.prompt.strip():  # e.g. --prompt "$UNSET_VARIABLE"
+        parser.error("--prompt is empty: pass the text to answer, or leave --prompt out to chat interactively")
     if os.path.exists(args.adapter) and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         parser.error(f"--adapter {args.adapter} holds no adapter_config.json: it is not a saved adapter")
     hub_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", args.adapter) and args.adapter != DEFAULT_ADAPTER

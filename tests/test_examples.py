@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -221,10 +222,18 @@ def test_generate_uses_the_base_model_it_is_given(tmp_path, monkeypatch, tiny_mo
         (["integration/quality/harness.py", "qst", "qst:time_s=match"], "an earlier qlora spec"),
         (["integration/quality/harness.py", "qlora", "qst:downsample=conv"], "QSTConfig.downsample='conv'"),
         (["integration/real_shapes.py", "Llama-9"], "unknown models ['Llama-9']"),
+        (["examples/generate.py", "--no-adapter", "--prompt", " "], "--prompt is empty"),
+        (["integration/quality/harness.py", "--steps", "0", "qst"], "--steps and --max-steps must be at least 1"),
+        (["integration/quality/harness.py", "--eval-size", "0", "base"], "--eval-size and --eval-batch-size must"),
+        (["integration/quality/harness.py", "--model", "/proc/self", "base"], "--model /proc/self is not a model"),
+        (["examples/quickstart.py", "--lr=-1e-3"], "--lr must be above 0, got -0.001"),
+        (["examples/classify.py", "--lr", "0"], "--lr must be above 0, got 0.0"),
     ],
     ids=["quickstart-steps", "quickstart-output", "sft-steps", "classify-batch", "generate-adapter",
          "generate-tokens", "harness-spec", "bench-generate-repeats", "bench-train-output", "sweep-type",
-         "generate-base", "bench-train-qst-field", "harness-match", "harness-qst-value", "real-shapes-name"],
+         "generate-base", "bench-train-qst-field", "harness-match", "harness-qst-value", "real-shapes-name",
+         "generate-empty-prompt", "harness-steps", "harness-eval-size", "harness-model", "quickstart-lr",
+         "classify-lr"],
 )
 def test_bad_arguments_are_refused_before_any_work(args, message):
     """A usage error (exit status 2, one line naming the argument) before the model loads, not a traceback after
@@ -232,3 +241,47 @@ def test_bad_arguments_are_refused_before_any_work(args, message):
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script", ["examples/quickstart.py", "examples/classify.py", "examples/sft_trl.py"])
+def test_an_output_dir_that_holds_files_is_refused_unless_overwriting(script, tmp_path, monkeypatch, capsys):
+    """save_pretrained replaces an adapter already in --output-dir and rewrites a README.md there into a model card:
+    a folder that holds files (another adapter here, and the user's notes) is refused before the model loads, with
+    the flag that allows it, and nothing in it changes. With --overwrite-output-dir it is accepted."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (folder / "README.md").write_text("# my notes\n")
+    example = load_script(script, "output_dir_" + Path(script).stem)
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error, before the model loads
+        example.parse_args(["--output-dir", str(folder)])
+    stderr = capsys.readouterr().err
+    assert refused.value.code == 2, stderr
+    assert f"--output-dir {folder} already holds files (README.md, adapter_config.json)" in stderr
+    assert "--overwrite-output-dir" in stderr
+    assert (folder / "adapter_config.json").read_text() == '{"peft_type": "LORA"}'
+    assert (folder / "README.md").read_text() == "# my notes\n"
+
+    args = example.parse_args(["--output-dir", str(folder), "--overwrite-output-dir"])
+    assert args.output_dir == str(folder)
+    (tmp_path / "empty").mkdir()  # an empty folder, or a new one, needs no flag
+    assert example.parse_args(["--output-dir", str(tmp_path / "empty")]).output_dir == str(tmp_path / "empty")
+    # the script's default folder is its own output: a rerun (the README's `bash scripts/main.sh` again) replaces it
+    default = {"examples/quickstart.py": "outputs/qst-smollm2-quickstart",
+               "examples/classify.py": "outputs/qst-smollm2-classify", "examples/sft_trl.py": "outputs/sft-trl-qst"}
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(default[script])
+    (tmp_path / default[script] / "adapter_config.json").write_text("{}")
+    assert example.parse_args([]).output_dir == default[script]
+
+
+def test_quality_harness_exits_nonzero_when_a_method_fails(tmp_path):
+    """A method whose child process fails (a --model folder whose config.json is no model's) is a failed row in the
+    table and a non-zero exit status naming it, not exit status 0 as if the comparison had run."""
+    (tmp_path / "config.json").write_text("{}")
+    result = subprocess.run([sys.executable, "integration/quality/harness.py", "--model", str(tmp_path), "base",
+                             "--train-size", "8", "--eval-size", "2"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert "| base | base | failed: child exited with 1 |" in result.stdout
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: 1 of 1 methods failed: base" in result.stderr

@@ -61,7 +61,8 @@ How to run
 
 Each child's progress goes to stderr. The parent prints a Markdown table with the machine, the library versions and the
 load average around each run (another process on the machine distorts the timings; the load average shows it), and
-writes everything -- settings, per-step losses, per-family accuracy, sample predictions -- to ``--output``.
+writes everything -- settings, per-step losses, per-family accuracy, sample predictions -- to ``--output``. A method
+whose child fails is a "failed" row, and the harness then exits with status 1, naming it.
 """
 
 from __future__ import annotations
@@ -789,6 +790,15 @@ def parse_args(argv=None):
     parser.add_argument("--result-file", default=None, help="with --run-one: write the result JSON here")
     parser.add_argument("--spec-time-budget-s", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps < 1 or (args.max_steps is not None and args.max_steps < 1):
+        parser.error(f"--steps and --max-steps must be at least 1, got {args.steps} and {args.max_steps}")
+    if args.eval_size < 1 or args.eval_batch_size < 1:
+        parser.error(f"--eval-size and --eval-batch-size must be at least 1, got {args.eval_size} and "
+                     f"{args.eval_batch_size}")
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        # checked here: each method's child process would otherwise fail alike, after the parent started them all
+        parser.error(f"--model {args.model} is not a model folder (no config.json in it): pass a folder saved with "
+                     "save_pretrained, or leave --model out for the embedded SmolLM2-135M-Instruct")
     if args.batch_size < 1 or args.train_size < args.batch_size:
         parser.error(f"--train-size ({args.train_size}) must hold at least one batch (--batch-size {args.batch_size})")
     try:
@@ -828,6 +838,10 @@ def main(argv=None):
     if args.output:
         write_output(args, results)
         print(f"\nresults written to {args.output}", file=sys.stderr)
+    failed = [result["label"] for result in results if "error" in result]
+    if failed:  # the table says so too, but a script or CI job running the harness reads the exit status
+        raise SystemExit(f"error: {len(failed)} of {len(results)} methods failed: {', '.join(failed)} (their "
+                         "output above says why)")
 
 
 if __name__ == "__main__":
