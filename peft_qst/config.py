@@ -161,6 +161,20 @@ def _is_layer_size(value: Any) -> bool:
     return value is None or (_is_int(value) and value >= 0)
 
 
+def checked_side_dtype(side_dtype):
+    """``QSTConfig.side_dtype`` as the config keeps it: a torch dtype (``torch.bfloat16``, as transformers' ``dtype=``
+    takes it) as its name, so that ``adapter_config.json`` stays JSON; a value that is none of ``SIDE_DTYPES`` (nor
+    None) is refused naming them."""
+    if isinstance(side_dtype, torch.dtype):
+        side_dtype = str(side_dtype).removeprefix("torch.")
+    if side_dtype is not None and side_dtype not in SIDE_DTYPES:
+        raise ValueError(
+            f"QSTConfig.side_dtype={side_dtype!r} is invalid: choose one of {', '.join(SIDE_DTYPES)} (or the torch "
+            "dtype), or None to follow the model's compute dtype."
+        )
+    return side_dtype
+
+
 @dataclass
 class QSTConfig(PeftConfig):
     """Configuration of a QST (Quantized Side Tuning, Zhang et al., ACL 2024) adapter.
@@ -515,14 +529,7 @@ class QSTConfig(PeftConfig):
             raise ValueError(
                 f"QSTConfig.backbone_lora_alpha={self.backbone_lora_alpha!r} is invalid: it must be a positive number."
             )
-        if isinstance(self.side_dtype, torch.dtype):
-            # as transformers' dtype= takes it (torch.bfloat16); kept as its name: adapter_config.json stays JSON
-            self.side_dtype = str(self.side_dtype).removeprefix("torch.")
-        if self.side_dtype is not None and self.side_dtype not in SIDE_DTYPES:
-            raise ValueError(
-                f"QSTConfig.side_dtype={self.side_dtype!r} is invalid: choose one of {', '.join(SIDE_DTYPES)}, or "
-                "None to follow the model's compute dtype."
-            )
+        self.side_dtype = checked_side_dtype(self.side_dtype)
         if self.modules_to_save is not None and not (
             isinstance(self.modules_to_save, (list, tuple, set))
             and all(isinstance(name, str) and name.strip() for name in self.modules_to_save)

@@ -33,7 +33,7 @@ from torch import nn
 from .adapter_checks import foreign_tensors, refuse_foreign_tensors
 from .backbone_lora import is_time_step_delta, resolve_backbone_lora_layers
 from .bnb_compat import keep_4bit_weights_through_state_dict, route_4bit_layers_by_mode, stop_routing_4bit_layers
-from .config import AUTO, SIDE_DTYPES, QSTConfig
+from .config import AUTO, QSTConfig, checked_side_dtype
 from .fingerprint import base_model_fingerprint, original_vocabulary_rows
 from .layer import (
     BASE_ADAPTER_NAME,
@@ -469,16 +469,9 @@ def resolve_side_dtype(model: nn.Module, config: QSTConfig) -> torch.dtype:
     gradient scaler refuses to unscale float16 gradients), which the float16 compute dtype of the usual QLoRA recipe
     on GPUs without bfloat16 comes with; PEFT keeps LoRA weights in float32 there for the same reason. Under autocast
     the side network's matmuls still run in float16."""
-    if isinstance(config.side_dtype, torch.dtype):
-        # set on the config after it was built (``config.side_dtype = torch.bfloat16``), which QSTConfig's check of
-        # its arguments did not see: kept as its name, as that check keeps it (``getattr(torch, dtype)`` failed with
-        # a bare "attribute name must be string", and adapter_config.json must stay JSON)
-        config.side_dtype = str(config.side_dtype).removeprefix("torch.")
-    if config.side_dtype is not None and config.side_dtype not in SIDE_DTYPES:
-        raise ValueError(
-            f"QSTConfig.side_dtype={config.side_dtype!r} is invalid: choose one of {', '.join(SIDE_DTYPES)} (or the "
-            "torch dtype), or None to follow the model's compute dtype."
-        )
+    # set on the config after it was built (``config.side_dtype = torch.bfloat16``), which QSTConfig's check of its
+    # arguments did not see (``getattr(torch, dtype)`` failed with a bare "attribute name must be string")
+    config.side_dtype = checked_side_dtype(config.side_dtype)
     if config.side_dtype is not None:
         return getattr(torch, config.side_dtype)
     dtype = _compute_dtype(model)
