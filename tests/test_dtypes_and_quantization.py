@@ -391,8 +391,10 @@ def test_training_under_autocast_to_the_other_half_dtype(tiny_model_dir, side_dt
         with torch.no_grad(), (nullcontext() if fast else fast_path_disabled()):
             with torch.autocast("cpu", dtype=autocast_dtype):
                 logits = model(input_ids=IDS).logits.float()
+                # min_new_tokens: the tiny random model's greedy tokens may reach its end-of-sequence token early (in
+                # both rows on an AVX2-only CPU), which ends generate there
                 generated = model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=4,
-                                           do_sample=False)
+                                           min_new_tokens=4, do_sample=False)
         torch.testing.assert_close(logits, expected_logits, atol=4e-2, rtol=0)
         assert generated.shape == (2, IDS.shape[1] + 4)
 
