@@ -62,9 +62,12 @@ def test_half_precision_state_space_models(model_type, tmp_path):
 
     model = get_peft_model(tiny(model_type).to(torch.bfloat16), QSTConfig(task_type="CAUSAL_LM", r=4))
     assert side_of(model).upsample.weight.dtype == torch.bfloat16
-    check_trains_reloads_and_generates(model, reload, atol=0.1)
+    # cached against uncached bf16 logits: the base model alone differs by up to 0.06 (Mamba, an AVX2-only AMD EPYC;
+    # its scan and its stepwise update round differently), and a side network adds a bf16 recurrence of its own (0.105
+    # seen there on one of 1280 logits)
+    check_trains_reloads_and_generates(model, reload, atol=0.15)
     model = get_peft_model(tiny(model_type), QSTConfig(task_type="CAUSAL_LM", r=4, side_dtype="bfloat16"))
-    check_trains_reloads_and_generates(model, lambda trained: reload(trained, torch.float32), atol=0.1)
+    check_trains_reloads_and_generates(model, lambda trained: reload(trained, torch.float32), atol=0.15)
 
 
 def lora_layers(model) -> set[str]:
