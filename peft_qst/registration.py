@@ -1023,9 +1023,8 @@ def _keep_the_weights_of_adapters_beside_module_named_ones() -> None:
 
     def make(original):
         def _filter_state_dict_for_adapter_name(state_dict, unwanted_adapter_names):
-            kept = original(state_dict, unwanted_adapter_names)
             if not any(side_key.search(key) for key in state_dict):
-                return kept  # no QST adapter: PEFT's filter
+                return original(state_dict, unwanted_adapter_names)  # no QST adapter: PEFT's filter
             unwanted = set(unwanted_adapter_names)
             return {
                 key: value for key, value in state_dict.items()
