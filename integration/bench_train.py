@@ -4,7 +4,10 @@ What is measured
 ----------------
 The same 4-bit model (bitsandbytes NF4, double quantisation, bf16 compute) is trained on the same seeded random token
 batches (labels = inputs, so the loss runs over every position and the full vocabulary, as in causal-LM training)
-with:
+with the methods below. Any method takes ``dtype=float32`` (or ``float16``), e.g. ``qst:dtype=float32``: the model is
+then loaded with that compute dtype (``bnb_4bit_compute_dtype``) and that ``dtype`` for its unquantized layers,
+which is what ``peft_qst.recommended_compute_dtype()`` picks on CPUs without AVX512-BF16; the table then gives the
+step-time ratio of each such spec against the same spec in bfloat16, where both ran.
 
 - ``qst``: ``peft_qst.QSTConfig(task_type="CAUSAL_LM")`` (``qst:key=value,...`` sets ``QSTConfig`` fields, e.g.
   ``qst:side_dtype=float32``; ``qst:loss=transformers`` swaps QST's chunked causal-LM loss back to transformers'
@@ -97,6 +100,10 @@ from measure import build_random_model, check_output_path, cpu_model, peak_rss_m
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("qst", "qlora", "lora", "floor")
+#: ``METHOD:dtype=...``: the 4-bit compute dtype and the unquantized layers' dtype (default bfloat16)
+DTYPES = ("bfloat16", "float32", "float16")
+#: qst options that are the benchmark's, not QSTConfig fields
+BENCH_OPTIONS = ("loss", "gc", "compile", "eval_first", "dtype")
 LABELS = {
     "qst": "QST (default config)",
     "qlora": "QLoRA (r=64, all linear, checkpointing)",
@@ -179,10 +186,12 @@ def parse_method(spec: str) -> tuple[str, dict]:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    if method in ("qlora", "lora") and options:
-        raise SystemExit(f"{method} takes no options (got {spec!r}); only qst:key=value sets QSTConfig fields")
-    if method == "floor" and set(options) - {"loss", "mode"}:
-        raise SystemExit(f"floor takes only loss=chunked|transformers and mode=train|eval (got {spec!r})")
+    if options.get("dtype", "bfloat16") not in DTYPES:
+        raise SystemExit(f"bad dtype={options['dtype']!r} in {spec!r}: use one of {', '.join(DTYPES)}")
+    if method in ("qlora", "lora") and set(options) - {"dtype"}:
+        raise SystemExit(f"{method} takes only dtype= (got {spec!r}); qst:key=value sets QSTConfig fields")
+    if method == "floor" and set(options) - {"loss", "mode", "dtype"}:
+        raise SystemExit(f"floor takes only loss=chunked|transformers, mode=train|eval and dtype= (got {spec!r})")
     if options.get("mode", "train") not in ("train", "eval"):
         raise SystemExit(f"bad mode={options['mode']!r} in {spec!r}: use mode=train or mode=eval")
     if options.get("loss", "chunked") not in ("chunked", "transformers"):
@@ -192,28 +201,32 @@ def parse_method(spec: str) -> tuple[str, dict]:
         # method after the methods before it have run (their results would be lost with the whole benchmark)
         from peft_qst import QSTConfig
 
-        fields = {key: value for key, value in options.items() if key not in ("loss", "gc", "compile", "eval_first")}
+        fields = {key: value for key, value in options.items() if key not in BENCH_OPTIONS}
         try:
             QSTConfig(task_type="CAUSAL_LM", **fields)
         except TypeError as err:
             raise SystemExit(
-                f"bad option in {spec!r}: {err}; qst takes QSTConfig fields, loss=, gc=, compile= and eval_first="
+                f"bad option in {spec!r}: {err}; qst takes QSTConfig fields, loss=, gc=, compile=, eval_first= "
+                "and dtype="
             ) from None
         except ValueError as err:
             raise SystemExit(f"bad option in {spec!r}: {err}") from None
     return method, options
 
 
-def load_4bit(path: str, device: str):
+def load_4bit(path: str, device: str, dtype: str = "bfloat16"):
+    """The 4-bit model, computing in ``dtype``: bitsandbytes' compute dtype and the unquantized layers' dtype."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=getattr(torch, dtype),
     )
     device_map = {"": 0} if device == "cuda" else None
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization, device_map=device_map, dtype=getattr(torch, dtype)
+    )
     model.config.use_cache = False
     return model
 
@@ -236,6 +249,7 @@ def wrap(model, method: str, options: dict):
         checkpointing = str(options.pop("gc", "false")).lower() in ("1", "true", "yes")
         compiled = str(options.pop("compile", "false")).lower() in ("1", "true", "yes")
         options.pop("eval_first", None)  # build_method's
+        options.pop("dtype", None)  # load_4bit's
         model = get_peft_model(model, peft_qst.QSTConfig(task_type="CAUSAL_LM", **options))
         if loss == "transformers":  # measure QST with transformers' own ForCausalLMLoss (before peft_qst/loss.py)
             uninstall_chunked_loss(model.get_base_model())
@@ -282,7 +296,7 @@ def build_method(spec: str, args):
     import torch
 
     method, options = parse_method(spec)
-    model = wrap(load_4bit(args.model_path, args.device), method, options)
+    model = wrap(load_4bit(args.model_path, args.device, options.get("dtype", "bfloat16")), method, options)
     if str(options.get("eval_first", "false")).lower() in ("1", "true", "yes"):
         model.eval()
         with torch.no_grad():
@@ -569,13 +583,36 @@ def ratios(rows: list[dict], args) -> dict:
     fastest = step_time_ratios({row["spec"]: row["step_s"] for row in rows}).get("qst_over_fastest_floor_step_time")
     if fastest is not None:
         out["qst_over_fastest_floor_step_time"] = fastest
+    out.update(dtype_ratios({row["spec"]: row["step_s"] for row in rows}))
     return out
+
+
+def dtype_ratios(step_s: dict) -> dict:
+    """For each spec with ``dtype=X``: the same spec in bfloat16 (``dtype`` removed) over it, where both ran."""
+    plain = {}
+    for spec in step_s:
+        method, options = parse_method(spec)
+        plain[(method, tuple(sorted(options.items())))] = spec
+    out = {}
+    for spec, seconds in step_s.items():
+        method, options = parse_method(spec)
+        dtype = options.pop("dtype", "bfloat16")
+        twin = plain.get((method, tuple(sorted(options.items()))))
+        if dtype != "bfloat16" and twin is not None:
+            out[f"{twin} bfloat16 over {dtype} step time"] = step_s[twin] / seconds
+    return out
+
+
+def readable(key: str) -> str:
+    """A ratio's key as a table line: snake_case names spelt out; keys holding specs (with spaces) left as they are."""
+    return key if " " in key else key.replace("_", " ")
 
 
 def markdown(rows: list[dict], ratio: dict, env: dict, model: dict, args) -> str:
     threads = sorted({run_threads for run_threads in args._threads_seen})
     lines = [
-        f"Training step, {model['model']} 4-bit NF4 (double quant, bf16 compute), {args.device}, batch {args.batch}, "
+        f"Training step, {model['model']} 4-bit NF4 (double quant, bf16 compute unless a spec says dtype=), "
+        f"{args.device}, batch {args.batch}, "
         f"sequence {args.seq}, AdamW; median of {args.steps} steps after {args.warmup} warm-up, "
         f"median over {args.rounds} interleaved round(s), each method in its own process",
         "Machine: " + (env.get("gpu", "") + ", " if args.device == "cuda" else "")
@@ -620,7 +657,7 @@ def markdown(rows: list[dict], ratio: dict, env: dict, model: dict, args) -> str
     if ratio:
         lines.append("")
         for key, value in ratio.items():
-            lines.append(f"- {key.replace('_', ' ')}: " + ("n/a" if value is None else f"{value:.2f}x"))
+            lines.append(f"- {readable(key)}: " + ("n/a" if value is None else f"{value:.2f}x"))
     return "\n".join(lines)
 
 
@@ -683,7 +720,7 @@ def main(argv=None) -> int:
         if args.paired:
             print("[paired] every method in one process, steps alternating", file=sys.stderr, flush=True)
             paired = run_paired_child(args, model_path)
-            paired["ratios"] = step_time_ratios(paired["step_s"])
+            paired["ratios"] = step_time_ratios(paired["step_s"]) | dtype_ratios(paired["step_s"])
     args._threads_seen = {run["torch_threads"] for run in runs}
     rows = summarise(runs, args)
     ratio = ratios(rows, args)
@@ -692,7 +729,7 @@ def main(argv=None) -> int:
     if paired is not None:
         table += "\n\nPaired (one process, every method's steps alternating; medians of the measured steps):\n"
         table += "\n".join(f"- {LABELS.get(spec, spec)}: {step_s:.3f} s" for spec, step_s in paired["step_s"].items())
-        table += "\n" + "\n".join(f"- paired {key.replace('_', ' ')}: {value:.2f}x"
+        table += "\n" + "\n".join(f"- paired {readable(key)}: {value:.2f}x"
                                    for key, value in paired["ratios"].items())
     print(table)
     for row in rows:

@@ -6,6 +6,7 @@ adapters like any built-in method. Importing it again is harmless.
 """
 
 from .cache import QSTCache
+from .compute_dtype import recommended_compute_dtype
 from .config import DOWNSAMPLE_KINDS, PEFT_TYPE, QSTConfig
 from .layer import QSTLayer
 from .model import QSTModel
@@ -27,5 +28,6 @@ __all__ = [
     "QSTModel",
     "QSTSideNetwork",
     "QSTUnsupportedModelError",
+    "recommended_compute_dtype",
     "register",
 ]

@@ -105,6 +105,30 @@ def test_bench_train_qst_options_compile_and_checkpoint_the_wrapped_model():
     assert compiled.peft_config["default"].r == plain.peft_config["default"].r == 4
 
 
+def test_bench_train_dtype_option_loads_the_4bit_model_computing_in_it(tiny_model_dir):
+    """``METHOD:dtype=float32`` (what peft_qst.recommended_compute_dtype() picks on CPUs without AVX512-BF16) loads the
+    4-bit model with that compute dtype and unquantized layers, is not passed to QSTConfig, and each such spec is
+    compared with its bfloat16 twin where both ran."""
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "integration"))
+    bench = load_script("integration/bench_train.py", "bench_train_for_dtype")
+    assert bench.parse_method("qlora:dtype=float32") == ("qlora", {"dtype": "float32"})
+    with pytest.raises(SystemExit, match="bad dtype='fp8'.*bfloat16, float32, float16"):
+        bench.parse_method("qst:dtype=fp8")
+    with pytest.raises(SystemExit, match="qlora takes only dtype="):
+        bench.parse_method("qlora:r=8")
+    model = bench.load_4bit(tiny_model_dir, "cpu", "float32")
+    assert any(type(module).__name__ == "Linear4bit" for module in model.modules())
+    assert model.config.quantization_config.bnb_4bit_compute_dtype == torch.float32
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    wrapped = bench.wrap(model, *bench.parse_method("qst:dtype=float32,r=4"))
+    assert {p.dtype for p in wrapped.parameters() if p.requires_grad} == {torch.float32}
+    assert bench.load_4bit(tiny_model_dir, "cpu").get_input_embeddings().weight.dtype == torch.bfloat16
+    step_s = {"qst": 2.0, "qst:dtype=float32": 0.5, "qlora": 3.0, "floor:loss=chunked,dtype=float32": 1.0}
+    assert bench.dtype_ratios(step_s) == {"qst bfloat16 over float32 step time": 4.0}  # the floor has no twin
+
+
 def test_bench_train_eval_first_runs_one_eval_forward_then_trains(monkeypatch):
     """``qst:eval_first=true`` (not a QSTConfig field) runs one no-grad eval-mode forward before training, as
     ``Trainer.evaluate`` or a generation before training do, and hands the model back in training mode."""
@@ -114,7 +138,7 @@ def test_bench_train_eval_first_runs_one_eval_forward_then_trains(monkeypatch):
 
     sys.path.insert(0, os.path.join(REPO, "integration"))
     bench = load_script("integration/bench_train.py", "bench_train_for_eval_first")
-    monkeypatch.setattr(bench, "load_4bit", lambda path, device: tiny_causal_lm())
+    monkeypatch.setattr(bench, "load_4bit", lambda path, device, dtype: tiny_causal_lm())
     args = argparse.Namespace(model_path=None, device="cpu")
     for spec, expected in (("qst:eval_first=true,r=4", [(False, False)]), ("qst:r=4", [])):
         calls = []
@@ -131,3 +155,28 @@ def test_bench_train_eval_first_runs_one_eval_forward_then_trains(monkeypatch):
         monkeypatch.setattr(bench, "wrap", wrap)
         assert calls == expected and model.training and optimizer is not None
         assert model.peft_config["default"].r == 4
+
+
+@pytest.mark.smollm2
+def test_bench_trl_dtype_runs_each_setting_as_configured(tmp_path):
+    """integration/bench_trl_dtype.py: each setting in its own process loads the 4-bit model in its dtype and trains
+    with SFTConfig's bf16 as the setting says (no timing is asserted)."""
+    output = tmp_path / "trl.json"
+    completed = subprocess.run(
+        [sys.executable, "integration/bench_trl_dtype.py", "--settings", "float32", "float32-autocast", "--steps", "2",
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    runs = {run["setting"]: run for run in json.loads(output.read_text())["runs"]}
+    assert [(run["model_dtype"], run["compute_dtype"], run["bf16_mixed_precision"]) for run in runs.values()] == [
+        ("float32", "float32", False), ("float32", "float32", True)]
+    for run in runs.values():
+        assert len(run["step_times_s"]) == 2 and all(math.isfinite(loss) for loss in run["losses"])
+    assert all(run["trainable_dtypes"] == ["bfloat16"] for run in runs.values())  # SFTTrainer's cast of a 4-bit model
+    assert "| float32-autocast | float32 / float32 | True | bfloat16 |" in completed.stdout
+    assert "1.00x" in completed.stdout  # float32 over itself: the reference row
+
+    refused = subprocess.run([sys.executable, "integration/bench_trl_dtype.py", "--steps", "1"],
+                             capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert refused.returncode == 2 and "--steps must be at least 2" in refused.stderr

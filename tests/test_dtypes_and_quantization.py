@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from peft_qst import QSTConfig
+from peft_qst import QSTConfig, recommended_compute_dtype
 
 from .conftest import bnb_config, train_steps
 from .test_training_graph import assert_only_side_learns_and_backbone_saves_nothing
@@ -24,8 +24,10 @@ VARIANTS = {
     "nf4-single": dict(quantization_config=bnb_config("nf4", False)),
     "fp4-double": dict(quantization_config=bnb_config("fp4", True)),
     "fp4-single": dict(quantization_config=bnb_config("fp4", False)),
+    # what peft_qst.recommended_compute_dtype() picks on CPUs without AVX512-BF16 (the examples' --dtype auto there)
+    "nf4-float32-compute": dict(quantization_config=bnb_config("nf4", True, torch.float32), dtype=torch.float32),
 }
-EXPECTED_SIDE_DTYPE = {"fp32": torch.float32}
+EXPECTED_SIDE_DTYPE = {"fp32": torch.float32, "nf4-float32-compute": torch.float32}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -428,3 +430,30 @@ def test_trainer_bf16_trains_and_evaluates_a_float16_side_network(tiny_model_dir
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
     with fast_path_disabled():
         assert math.isfinite(trainer.evaluate()["eval_loss"])
+
+
+def test_recommended_compute_dtype_on_this_cpu():
+    """bfloat16 where bitsandbytes finds AVX512-BF16 (its native kernels), float32 on other CPUs, where bfloat16 is
+    emulated (docs/performance.md); the default device is the CPU when torch sees no GPU."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    expected = torch.bfloat16 if has_avx512bf16() else torch.float32
+    assert recommended_compute_dtype("cpu") == recommended_compute_dtype(torch.device("cpu")) == expected
+    if not torch.cuda.is_available():
+        assert recommended_compute_dtype() == expected
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_recommended_compute_dtype_follows_the_cpus_bfloat16_support(monkeypatch, native):
+    import bitsandbytes.functional
+
+    monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda: native)
+    assert recommended_compute_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+
+
+def test_recommended_compute_dtype_refuses_what_it_cannot_answer():
+    with pytest.raises(ValueError, match="'gpu0' is not a device.*pass 'cpu', 'cuda' or None"):
+        recommended_compute_dtype("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' was asked for, but torch sees no GPU"):
+            recommended_compute_dtype("cuda")

@@ -41,16 +41,18 @@ def test_answers_are_right():
 
 
 @pytest.mark.smollm2
-def test_harness_runs_one_method_end_to_end(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_harness_runs_one_method_end_to_end(tmp_path, dtype):
     result_file = tmp_path / "qst.json"
     completed = subprocess.run(
         [sys.executable, "integration/quality/harness.py", "--run-one", "qst:lr=3e-3", "--steps", "3",
-         "--train-size", "48", "--eval-size", "12", "--result-file", str(result_file)],
+         "--train-size", "48", "--eval-size", "12", "--result-file", str(result_file), "--dtype", dtype],
         capture_output=True, text=True, timeout=900, cwd=REPO,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(result_file.read_text())
     assert result["method"] == "qst" and result["steps"] == 3
+    assert result["compute_dtype"] == dtype  # read back from the loaded model's quantization config
     assert result["trainable_params"] == 798544
     assert 0.0 <= result["exact_match"] <= 1.0 and result["eval_loss"] > 0
 
