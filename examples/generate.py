@@ -36,8 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-adapter", action="store_true", help="answer with the base model (adapter disabled)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                         help="compute dtype of the 4-bit model (default: auto, peft_qst.recommended_compute_dtype(): "
-                             "bfloat16 on GPUs and on CPUs with AVX512-BF16, float32 on other CPUs, as the "
-                             "quickstart trains)")
+                             "bfloat16 on GPUs since Ampere and on CPUs with AVX512-BF16, float16 on older GPUs, "
+                             "float32 on other CPUs, as the quickstart trains)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")

@@ -68,7 +68,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="seed of the data, the side network's init and the order")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                         help="compute dtype of the 4-bit model (default: auto, peft_qst.recommended_compute_dtype(): "
-                             "bfloat16 on GPUs and on CPUs with AVX512-BF16, float32 on other CPUs)")
+                             "bfloat16 on GPUs since Ampere and on CPUs with AVX512-BF16, float16 on older GPUs, "
+                             "float32 on other CPUs)")
     parser.add_argument("--overwrite-output-dir", action="store_true",
                         help="write into an --output-dir that already holds files (default: refuse it)")
     args = parser.parse_args(argv)

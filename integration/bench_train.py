@@ -333,12 +333,24 @@ def run_paired(args) -> dict:
             "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
 
 
+def reference_dtype(specs) -> str:
+    """The dtype the targets' ratios compare in: the first QST spec's (else the first spec's), so that a spec in
+    another dtype (``qlora:dtype=float32`` beside a bfloat16 ``qst``) is not set against it; ``dtype_ratios`` compares
+    the dtypes."""
+    parsed = [parse_method(spec) for spec in specs]
+    chosen = next((options for method, options in parsed if method == "qst"), parsed[0][1] if parsed else {})
+    return chosen.get("dtype", "bfloat16")
+
+
 def step_time_ratios(step_s: dict) -> dict:
     """QLoRA/QST, QST/floor and QST over the fastest floor, from each spec's step time (the first spec of each method
-    stands for it)."""
+    stands for it, among the specs in the dtype of the first QST spec: :func:`reference_dtype`)."""
     first, floors = {}, []
+    reference = reference_dtype(step_s)
     for spec, seconds in step_s.items():
-        method = parse_method(spec)[0]
+        method, options = parse_method(spec)
+        if options.get("dtype", "bfloat16") != reference:  # a bfloat16 QST over a float32 floor is no target's ratio
+            continue
         first.setdefault(method, seconds)
         if method == "floor":
             floors.append(seconds)
@@ -558,10 +570,13 @@ def memory_key(args) -> str:
 
 
 def ratios(rows: list[dict], args) -> dict:
-    """QLoRA/QST and QST/floor, for step time and peak memory (the first spec of each method)."""
+    """QLoRA/QST and QST/floor, for step time and peak memory (the first spec of each method, in the dtype of the
+    first QST spec: :func:`reference_dtype`)."""
     first = {}
+    reference = reference_dtype([row["spec"] for row in rows])
     for row in rows:
-        first.setdefault(row["method"], row)
+        if parse_method(row["spec"])[1].get("dtype", "bfloat16") == reference:
+            first.setdefault(row["method"], row)
     memory = memory_key(args)
     out = {}
 
@@ -592,7 +607,8 @@ def dtype_ratios(step_s: dict) -> dict:
     plain = {}
     for spec in step_s:
         method, options = parse_method(spec)
-        plain[(method, tuple(sorted(options.items())))] = spec
+        if options.pop("dtype", "bfloat16") == "bfloat16":  # "qst" and "qst:dtype=bfloat16" alike
+            plain[(method, tuple(sorted(options.items())))] = spec
     out = {}
     for spec, seconds in step_s.items():
         method, options = parse_method(spec)

@@ -3,10 +3,11 @@
 QLoRA recipes write ``bnb_4bit_compute_dtype=torch.bfloat16``, and QST's side network follows the compute dtype by
 default. Where the hardware multiplies bfloat16 natively (GPUs since Ampere, CPUs with AVX512-BF16) that is the fast
 choice. Elsewhere bfloat16 matmuls are emulated: on a 2-core AVX2-only CPU (AMD EPYC, no AVX-512) a QST training step
-of 4-bit SmolLM2-135M took about 7x longer in bfloat16 than in float32 (``integration/bench_train.py`` with
-``qst`` against ``qst:dtype=float32``; the table is in docs/performance.md). A QST run only ever trains the small side
-network, and the backbone's 4-bit weights stay 4-bit whatever the compute dtype, so float32 there costs memory only
-for the layers bitsandbytes leaves unquantized (embeddings, norms, the LM head).
+of 4-bit SmolLM2-135M took 5.5x as long in bfloat16 as in float32, 6.8x with the steps alternating in one process
+(``integration/bench_train.py`` with ``qst`` against ``qst:dtype=float32``; the table is in docs/performance.md). A
+QST run only ever trains the small side network, and the backbone's 4-bit weights stay 4-bit whatever the compute
+dtype, so float32 there costs memory only for the layers bitsandbytes leaves unquantized (embeddings, norms, the LM
+head).
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ def _cpu_multiplies_bfloat16() -> bool:
     return bool(has_avx512bf16())
 
 
-def recommended_compute_dtype(device: Optional[Union[str, torch.device]] = None) -> torch.dtype:
+def recommended_compute_dtype(device: Optional[Union[str, torch.device, int]] = None) -> torch.dtype:
     """The dtype to load a 4-bit base model in on ``device``: pass it as ``bnb_4bit_compute_dtype`` and as ``dtype``.
 
     Args:
-        device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), a ``torch.device``, or None for ``"cuda"`` when a GPU is
-            visible and ``"cpu"`` otherwise.
+        device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``, or a GPU index ``N``), a ``torch.device``, or None for
+            ``"cuda"`` when a GPU is visible and ``"cpu"`` otherwise. ``"meta"`` computes nothing and is refused.
 
     Returns:
-        - CUDA: ``torch.bfloat16`` where the GPU supports it natively (compute capability 8.0 and up), else
+        - CUDA: ``torch.bfloat16`` where that GPU supports it natively (compute capability 8.0 and up), else
           ``torch.float16`` (the QLoRA paper's choice on older GPUs; train with a loss scaler, e.g. ``fp16=True``);
         - CPU: ``torch.bfloat16`` on CPUs with AVX512-BF16, else ``torch.float32``: without it PyTorch and
           bitsandbytes emulate bfloat16 and a training step takes several times longer (module docstring);
@@ -53,6 +54,12 @@ def recommended_compute_dtype(device: Optional[Union[str, torch.device]] = None)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
+        if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+            # torch.device(0) is the current accelerator's device 0 (as device_map={"": 0}); without one it fails
+            raise ValueError(
+                f"recommended_compute_dtype: device {device} is a GPU index, but torch sees no GPU ({err}); "
+                "pass 'cpu' or None"
+            ) from None
         raise ValueError(
             f"recommended_compute_dtype: {device!r} is not a device ({err}); pass 'cpu', 'cuda' or None"
         ) from None
@@ -60,7 +67,20 @@ def recommended_compute_dtype(device: Optional[Union[str, torch.device]] = None)
         return torch.bfloat16 if _cpu_multiplies_bfloat16() else torch.float32
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("recommended_compute_dtype: device 'cuda' was asked for, but torch sees no GPU "
+            raise ValueError(f"recommended_compute_dtype: device {str(device)!r} was asked for, but torch sees no GPU "
                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); pass 'cpu' or None")
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"recommended_compute_dtype: device {str(device)!r} was asked for, but torch sees "
+                             f"{torch.cuda.device_count()} GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        if torch.version.hip:  # ROCm GPUs all compute bfloat16 (as torch.cuda.is_bf16_supported says)
+            return torch.bfloat16
+        # the capability of the GPU asked for: torch.cuda.is_bf16_supported() answers for the current device only,
+        # so "cuda:1" got the answer of cuda:0 on a machine with two kinds of GPU
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.bfloat16 if torch.cuda.get_device_capability(index)[0] >= 8 else torch.float16
+    if device.type == "meta":
+        # a model built on the meta device (accelerate's init_empty_weights, a lazy load) has no compute device yet;
+        # "bfloat16" would be the wrong answer for an AVX2-only CPU it is then loaded on
+        raise ValueError("recommended_compute_dtype: the 'meta' device holds no data and computes nothing; pass the "
+                         "device the model will run on ('cpu', 'cuda' or None for this machine's)")
     return torch.bfloat16

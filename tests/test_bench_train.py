@@ -180,3 +180,23 @@ def test_bench_trl_dtype_runs_each_setting_as_configured(tmp_path):
     refused = subprocess.run([sys.executable, "integration/bench_trl_dtype.py", "--steps", "1"],
                              capture_output=True, text=True, timeout=120, cwd=REPO)
     assert refused.returncode == 2 and "--steps must be at least 2" in refused.stderr
+
+
+def test_bench_train_ratios_compare_specs_of_one_dtype():
+    """The targets' ratios (QLoRA/QST, QST/floor) set specs of one dtype against each other: with a bfloat16 ``qst``
+    first and the other methods only in float32, "qlora over qst" was float32 QLoRA over bfloat16 QST (0.50x for a
+    QLoRA 2.5x slower than QST). And a bfloat16 twin spelt ``dtype=bfloat16`` is the bfloat16 twin."""
+    import argparse
+
+    sys.path.insert(0, os.path.join(REPO, "integration"))
+    bench = load_script("integration/bench_train.py", "bench_train_for_dtype_ratios")
+    step_s = {"qst": 20.0, "qst:dtype=float32": 4.0, "qlora:dtype=float32": 10.0, "floor:dtype=float32": 2.0}
+    assert bench.step_time_ratios(step_s) == {}  # no bfloat16 QLoRA or floor beside the bfloat16 QST
+    assert bench.step_time_ratios({"qst:dtype=float32": 4.0, "qst": 20.0, "qlora:dtype=float32": 10.0,
+                                   "floor": 15.0, "floor:dtype=float32": 2.0}) == {
+        "qlora_over_qst_step_time": 2.5, "qst_over_floor_step_time": 2.0, "qst_over_fastest_floor_step_time": 2.0}
+    rows = [dict(spec=spec, method=bench.parse_method(spec)[0], step_s=seconds, step_cpu_s=seconds, peak_rss_mb=100.0,
+                 step_increment_mb=10.0) for spec, seconds in step_s.items()]
+    assert bench.ratios(rows, argparse.Namespace(device="cpu")) == {"qst bfloat16 over float32 step time": 5.0}
+    assert bench.dtype_ratios({"qst:dtype=bfloat16": 2.0, "qst:dtype=float32": 0.5}) == {
+        "qst:dtype=bfloat16 bfloat16 over float32 step time": 4.0}

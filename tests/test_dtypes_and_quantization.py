@@ -457,3 +457,35 @@ def test_recommended_compute_dtype_refuses_what_it_cannot_answer():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda' was asked for, but torch sees no GPU"):
             recommended_compute_dtype("cuda")
+
+
+def test_recommended_compute_dtype_refuses_the_meta_device():
+    """A model built on the meta device (init_empty_weights, a lazy load) has no compute device yet: the "other device
+    types" answer, bfloat16, was wrong for the AVX2-only CPU it is then loaded on (float32 there)."""
+    for device in ("meta", torch.device("meta")):
+        with pytest.raises(ValueError, match="'meta' device holds no data.*pass the device the model will run on"):
+            recommended_compute_dtype(device)
+
+
+def test_recommended_compute_dtype_takes_a_gpu_index():
+    """An int is a GPU index, as in device_map={"": 0}: cuda:N on a machine with a GPU, a clear error without one
+    (it said "0 is not a device")."""
+    if torch.cuda.is_available():
+        assert recommended_compute_dtype(0) == recommended_compute_dtype("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="device 0 is a GPU index, but torch sees no GPU.*pass 'cpu' or None"):
+            recommended_compute_dtype(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_recommended_compute_dtype_answers_for_the_gpu_asked_for():
+    """cuda:N is answered by GPU N's compute capability, not by the current device's (torch.cuda.is_bf16_supported()
+    answers for the current device only), and a GPU that is not there is refused instead of answered for cuda:0."""
+    count = torch.cuda.device_count()
+    for index in range(count):
+        native = torch.cuda.get_device_capability(index)[0] >= 8 or bool(torch.version.hip)
+        expected = torch.bfloat16 if native else torch.float16
+        assert recommended_compute_dtype(f"cuda:{index}") == recommended_compute_dtype(torch.device("cuda", index))
+        assert recommended_compute_dtype(f"cuda:{index}") == expected
+    with pytest.raises(ValueError, match=f"device 'cuda:{count}' was asked for, but torch sees {count} GPU"):
+        recommended_compute_dtype(f"cuda:{count}")

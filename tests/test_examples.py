@@ -293,3 +293,15 @@ def test_quality_harness_exits_nonzero_when_a_method_fails(tmp_path):
     assert "| base | base | failed: child exited with 1 |" in result.stdout
     assert result.returncode == 1, result.stderr[-2000:]
     assert "error: 1 of 1 methods failed: base" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["examples/quickstart.py", "examples/classify.py", "examples/generate.py"])
+def test_dtype_help_names_every_dtype_auto_picks(script, capsys):
+    """--dtype auto is peft_qst.recommended_compute_dtype(), which is float16 on GPUs before Ampere (a T4, a V100);
+    the help said "bfloat16 on GPUs"."""
+    example = load_script(script, "dtype_help_" + Path(script).stem)
+    with pytest.raises(SystemExit):
+        example.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "bfloat16 on GPUs since Ampere" in text and "float16 on older GPUs" in text
+    assert "float32 on other CPUs" in text

@@ -234,3 +234,12 @@ def test_options_table_matches_qstconfig_defaults():
         expected = "None" if default is None else str(default)
         assert written == expected or (isinstance(default, float) and float(written) == default), (
             f"README says {name} defaults to {documented[name]}, QSTConfig says {default!r}")
+
+
+@pytest.mark.parametrize("page", sorted(DOCS))
+def test_pages_keep_lines_within_120_characters(page):
+    """Prose and code blocks wrap at 120 characters; only table rows may run longer (docs/code.md's list of the
+    benchmarks ran to 133, a paragraph of docs/usage.md to 122)."""
+    long = [(number, len(line)) for number, line in enumerate(DOCS[page].splitlines(), 1)
+            if len(line) > 120 and not line.startswith("|")]
+    assert not long, f"{page}: lines over 120 characters (line, length): {long}"
