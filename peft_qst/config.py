@@ -189,8 +189,8 @@ class QSTConfig(PeftConfig):
 
     Use it wherever a `LoraConfig` would go: ``get_peft_model(model, QSTConfig(task_type="CAUSAL_LM"))``, or
     ``SFTTrainer(..., peft_config=QSTConfig(...))``. Learning rate: start at 1e-3 (AdamW), as the project's quality
-    harness and examples train the side network (1e-3 to 2e-3); 3e-3 was no better on the harness, and rates below
-    1e-3 (QLoRA's common 2e-4) were not measured (README, "Learning rate").
+    harness and examples train the side network (1e-3 to 2e-3); on the harness 3e-3 was no better, and 5e-4 and
+    QLoRA's common 2e-4 were worse (README, "Learning rate").
 
     Args:
         r (`int`): Reduction factor. The side network's hidden and FFN sizes are the backbone's divided by ``r``; the
