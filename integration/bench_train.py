@@ -333,24 +333,22 @@ def run_paired(args) -> dict:
             "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
 
 
-def reference_dtype(specs) -> str:
-    """The dtype the targets' ratios compare in: the first QST spec's (else the first spec's), so that a spec in
-    another dtype (``qlora:dtype=float32`` beside a bfloat16 ``qst``) is not set against it; ``dtype_ratios`` compares
-    the dtypes."""
-    parsed = [parse_method(spec) for spec in specs]
-    chosen = next((options for method, options in parsed if method == "qst"), parsed[0][1] if parsed else {})
-    return chosen.get("dtype", "bfloat16")
+def comparable_specs(specs) -> list[str]:
+    """The specs the targets' ratios compare: those in the dtype of the first QST spec (else of the first spec), so
+    that a spec in another dtype (``qlora:dtype=float32`` beside a bfloat16 ``qst``) is not set against it;
+    ``dtype_ratios`` compares the dtypes."""
+    parsed = {spec: parse_method(spec) for spec in specs}
+    dtypes = {spec: options.get("dtype", "bfloat16") for spec, (_, options) in parsed.items()}
+    reference = next((spec for spec, (method, _) in parsed.items() if method == "qst"), next(iter(parsed), None))
+    return [spec for spec in parsed if dtypes[spec] == dtypes.get(reference)]
 
 
 def step_time_ratios(step_s: dict) -> dict:
     """QLoRA/QST, QST/floor and QST over the fastest floor, from each spec's step time (the first spec of each method
-    stands for it, among the specs in the dtype of the first QST spec: :func:`reference_dtype`)."""
+    stands for it, among the specs in the dtype of the first QST spec: :func:`comparable_specs`)."""
     first, floors = {}, []
-    reference = reference_dtype(step_s)
-    for spec, seconds in step_s.items():
-        method, options = parse_method(spec)
-        if options.get("dtype", "bfloat16") != reference:  # a bfloat16 QST over a float32 floor is no target's ratio
-            continue
+    for spec in comparable_specs(step_s):  # a bfloat16 QST over a float32 floor is no target's ratio
+        method, seconds = parse_method(spec)[0], step_s[spec]
         first.setdefault(method, seconds)
         if method == "floor":
             floors.append(seconds)
@@ -571,11 +569,11 @@ def memory_key(args) -> str:
 
 def ratios(rows: list[dict], args) -> dict:
     """QLoRA/QST and QST/floor, for step time and peak memory (the first spec of each method, in the dtype of the
-    first QST spec: :func:`reference_dtype`)."""
+    first QST spec: :func:`comparable_specs`)."""
     first = {}
-    reference = reference_dtype([row["spec"] for row in rows])
+    comparable = comparable_specs([row["spec"] for row in rows])
     for row in rows:
-        if parse_method(row["spec"])[1].get("dtype", "bfloat16") == reference:
+        if row["spec"] in comparable:
             first.setdefault(row["method"], row)
     memory = memory_key(args)
     out = {}
