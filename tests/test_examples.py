@@ -212,43 +212,81 @@ def test_generate_uses_the_base_model_it_is_given(tmp_path, monkeypatch, tiny_mo
         assert asked[-1] == expected
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["examples/quickstart.py", "--steps", "-3"], "--steps and --batch-size must be at least 1"),
-        (["examples/quickstart.py", "--output-dir", "/proc/no-such-dir/adapter"], "cannot write to --output-dir"),
-        (["examples/sft_trl.py", "--max-steps", "0"], "--max-steps must be at least 1"),
-        (["examples/classify.py", "--batch-size", "0"], "must be at least 1"),
-        (["examples/generate.py", "--adapter", "/no/such/adapter"], "no adapter at --adapter /no/such/adapter"),
-        (["examples/generate.py", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-        (["integration/quality/harness.py", "qst:foo=1"], "qst takes no option 'foo'"),
-        (["integration/bench_generate.py", "--repeats", "0"], "must be at least 1"),
-        (["integration/bench_train.py", "--output", "/proc/no-such-dir/out.json"], "cannot write --output"),
-        (["integration/arch_sweep.py", "nosuchtype"], "unknown model types"),
-        (["examples/generate.py", "--no-adapter", "--base", "/proc/self"], "--base /proc/self holds no config.json"),
-        (["integration/bench_train.py", "--methods", "qst", "qst:side_head=1"], "unexpected keyword argument"),
-        (["integration/quality/harness.py", "qst", "qst:time_s=match"], "an earlier qlora spec"),
-        (["integration/quality/harness.py", "qlora", "qst:downsample=conv"], "QSTConfig.downsample='conv'"),
-        (["integration/real_shapes.py", "Llama-9"], "unknown models ['Llama-9']"),
-        (["examples/generate.py", "--no-adapter", "--prompt", " "], "--prompt is empty"),
-        (["integration/quality/harness.py", "--steps", "0", "qst"], "--steps and --max-steps must be at least 1"),
-        (["integration/quality/harness.py", "--eval-size", "0", "base"], "--eval-size and --eval-batch-size must"),
-        (["integration/quality/harness.py", "--model", "/proc/self", "base"], "--model /proc/self is not a model"),
-        (["examples/quickstart.py", "--lr=-1e-3"], "--lr must be above 0, got -0.001"),
-        (["examples/classify.py", "--lr", "0"], "--lr must be above 0, got 0.0"),
-    ],
-    ids=["quickstart-steps", "quickstart-output", "sft-steps", "classify-batch", "generate-adapter",
-         "generate-tokens", "harness-spec", "bench-generate-repeats", "bench-train-output", "sweep-type",
-         "generate-base", "bench-train-qst-field", "harness-match", "harness-qst-value", "real-shapes-name",
-         "generate-empty-prompt", "harness-steps", "harness-eval-size", "harness-model", "quickstart-lr",
-         "classify-lr"],
-)
-def test_bad_arguments_are_refused_before_any_work(args, message):
+BAD_ARGUMENTS = [
+    (["examples/quickstart.py", "--steps", "-3"], "--steps and --batch-size must be at least 1"),
+    (["examples/quickstart.py", "--output-dir", "/proc/no-such-dir/adapter"], "cannot write to --output-dir"),
+    (["examples/sft_trl.py", "--max-steps", "0"], "--max-steps must be at least 1"),
+    (["examples/classify.py", "--batch-size", "0"], "must be at least 1"),
+    (["examples/generate.py", "--adapter", "/no/such/adapter"], "no adapter at --adapter /no/such/adapter"),
+    (["examples/generate.py", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["integration/quality/harness.py", "qst:foo=1"], "qst takes no option 'foo'"),
+    (["integration/bench_generate.py", "--repeats", "0"], "must be at least 1"),
+    (["integration/bench_train.py", "--output", "/proc/no-such-dir/out.json"], "cannot write --output"),
+    (["integration/arch_sweep.py", "nosuchtype"], "unknown model types"),
+    (["examples/generate.py", "--no-adapter", "--base", "/proc/self"], "--base /proc/self holds no config.json"),
+    (["integration/bench_train.py", "--methods", "qst", "qst:side_head=1"], "unexpected keyword argument"),
+    (["integration/quality/harness.py", "qst", "qst:time_s=match"], "an earlier qlora spec"),
+    (["integration/quality/harness.py", "qlora", "qst:downsample=conv"], "QSTConfig.downsample='conv'"),
+    (["integration/real_shapes.py", "Llama-9"], "unknown models ['Llama-9']"),
+    (["examples/generate.py", "--no-adapter", "--prompt", " "], "--prompt is empty"),
+    (["integration/quality/harness.py", "--steps", "0", "qst"], "--steps and --max-steps must be at least 1"),
+    (["integration/quality/harness.py", "--eval-size", "0", "base"], "--eval-size and --eval-batch-size must"),
+    (["integration/quality/harness.py", "--model", "/proc/self", "base"], "--model /proc/self is not a model"),
+    (["examples/quickstart.py", "--lr=-1e-3"], "--lr must be above 0, got -0.001"),
+    (["examples/classify.py", "--lr", "0"], "--lr must be above 0, got 0.0"),
+]
+BAD_ARGUMENT_IDS = ["quickstart-steps", "quickstart-output", "sft-steps", "classify-batch", "generate-adapter",
+                    "generate-tokens", "harness-spec", "bench-generate-repeats", "bench-train-output", "sweep-type",
+                    "generate-base", "bench-train-qst-field", "harness-match", "harness-qst-value", "real-shapes-name",
+                    "generate-empty-prompt", "harness-steps", "harness-eval-size", "harness-model", "quickstart-lr",
+                    "classify-lr"]
+
+# runs each command line as ``python SCRIPT ARGS`` would (``runpy`` as ``__main__``, the script's folder and not the
+# working directory on sys.path) in one process, so the imports (about 10 s of torch, transformers and PEFT) are paid
+# once, not once per command line
+REFUSAL_DRIVER = """
+import contextlib, io, json, os, runpy, sys, traceback
+results = []
+base_path = [entry for entry in sys.path if entry not in ("", os.getcwd())]
+for argv in json.loads(sys.argv[1]):
+    stderr = io.StringIO()
+    sys.argv = list(argv)
+    sys.path[:] = [os.path.dirname(os.path.abspath(argv[0]))] + base_path
+    try:
+        with contextlib.redirect_stderr(stderr):
+            runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, (int, type(None))):
+            stderr.write(str(stop.code))
+    except BaseException:
+        code = 1
+        stderr.write(traceback.format_exc())
+    results.append({"code": code, "stderr": stderr.getvalue()})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def refusals():
+    """Exit status and stderr of every command line in ``BAD_ARGUMENTS``, run in one fresh process."""
+    import json
+
+    command_lines = [args for args, _ in BAD_ARGUMENTS]
+    result = subprocess.run([sys.executable, "-c", REFUSAL_DRIVER, json.dumps(command_lines)], capture_output=True,
+                            text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return dict(zip(map(tuple, command_lines), json.loads(result.stdout.splitlines()[-1])))
+
+
+@pytest.mark.parametrize("args, message", BAD_ARGUMENTS, ids=BAD_ARGUMENT_IDS)
+def test_bad_arguments_are_refused_before_any_work(args, message, refusals):
     """A usage error (exit status 2, one line naming the argument) before the model loads, not a traceback after
     minutes of training."""
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
+    result = refusals[tuple(args)]
+    assert result["code"] == 2, result["stderr"][-2000:]
+    assert message in result["stderr"] and "Traceback" not in result["stderr"]
 
 
 @pytest.mark.parametrize("script", ["examples/quickstart.py", "examples/classify.py", "examples/sft_trl.py"])
