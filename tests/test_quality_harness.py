@@ -81,3 +81,24 @@ def test_harness_settings_are_checked_and_reported():
         assert 0.0 < harness.lr_factor(149, 10, schedule, 150) < 0.01
     # the table reports the thread count the children were given, not the parent's
     assert harness.environment(1)["torch_threads"] == 1
+
+
+def test_a_qst_spec_can_train_the_lm_head_too(tiny_model_dir):
+    """``modules_to_save=lm_head`` (names joined by "+", as a comma separates options) reaches QSTConfig as a list:
+    the LM head's copy trains beside the side network, and the table's config records it."""
+    from transformers import AutoModelForCausalLM
+
+    harness = load_harness()
+    method, options = harness.parse_spec("qst:modules_to_save=lm_head,r=4")
+    assert options["modules_to_save"] == ["lm_head"]
+    assert harness.parse_spec("qst:modules_to_save=lm_head+score")[1]["modules_to_save"] == ["lm_head", "score"]
+    harness.check_specs(["qst:modules_to_save=lm_head"])
+    model, described = harness.wrap_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method, options)
+    assert described["modules_to_save"] == ["lm_head"]
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert any("lm_head.modules_to_save" in name for name in trainable), trainable
+    assert any("side" in name for name in trainable)
+    # without it the head stays frozen
+    model, described = harness.wrap_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "qst", {"r": 4})
+    assert described["modules_to_save"] is None
+    assert not any("lm_head" in name for name, p in model.named_parameters() if p.requires_grad)

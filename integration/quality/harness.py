@@ -38,7 +38,9 @@ Methods (a *spec* is ``METHOD`` or ``METHOD:key=value,key=value``)
   only (``layers_to_transform``), no gradient checkpointing. Keys: ``k``, ``r``, ``alpha``, ``dropout``.
 - ``qst``: ``peft_qst.QSTConfig(task_type="CAUSAL_LM", ...)``. Keys: any ``QSTConfig`` field (``r``,
   ``side_heads``, ``downsample``, ``downsample_rank``, ``activation``, ``dropout``, ``side_gate_init``,
-  ``output_gate_init``, ``side_dtype``, ``copy_heads``, ``copy_head_dim``, ``init``).
+  ``output_gate_init``, ``side_dtype``, ``copy_heads``, ``copy_head_dim``, ``init``, ``backbone_lora_layers``,
+  ``backbone_lora_r``, ``backbone_lora_alpha``, ``modules_to_save``: module names joined by ``+``, e.g.
+  ``modules_to_save=lm_head`` to train the LM head too).
 - Common keys: ``lr``, ``warmup``, ``label`` (name shown in the table; default: the spec itself), ``time_s`` (train
   for that many seconds instead of ``--steps``; ``time_s=match`` uses the training time measured for the first earlier
   ``qlora`` spec of the same invocation, ``time_s=match:LABEL`` that of the spec labelled LABEL).
@@ -107,6 +109,7 @@ QST_KEYS = (
     "backbone_lora_layers",
     "backbone_lora_r",
     "backbone_lora_alpha",
+    "modules_to_save",
 )
 METHOD_KEYS = {
     "base": ("label",),
@@ -169,7 +172,12 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         if key not in METHOD_KEYS[method]:
             allowed = ", ".join(METHOD_KEYS[method])
             raise ValueError(f"{method} takes no option {key!r} (spec {spec!r}); allowed: {allowed}")
-        options[key] = value.strip() if key in ("label", "time_s") else _coerce(value.strip())
+        if key in ("label", "time_s"):
+            options[key] = value.strip()
+        elif key == "modules_to_save":  # a list: names joined by "+" (the comma separates options)
+            options[key] = [name.strip() for name in value.split("+") if name.strip()]
+        else:
+            options[key] = _coerce(value.strip())
     return method, options
 
 
