@@ -95,6 +95,8 @@ def test_a_qst_spec_can_train_the_lm_head_too(tiny_model_dir):
     harness.check_specs(["qst:modules_to_save=lm_head"])
     model, described = harness.wrap_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method, options)
     assert described["modules_to_save"] == ["lm_head"]
+    table_config = harness.describe_config({"method": "qst", "adapter_config": described, "lr": 1e-3})
+    assert table_config == "r=4 adapter/16, modules_to_save=lm_head, lr=0.001", table_config
     trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
     assert any("lm_head.modules_to_save" in name for name in trainable), trainable
     assert any("side" in name for name in trainable)

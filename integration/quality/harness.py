@@ -706,10 +706,11 @@ def describe_config(result: dict) -> str:
         defaults = QSTConfig()
         shown = ("side_heads", "activation", "dropout", "side_gate_init", "output_gate_init", "side_dtype",
                  "copy_heads", "copy_head_dim", "init", "backbone_lora_layers", "backbone_lora_r",
-                 "backbone_lora_alpha")
+                 "backbone_lora_alpha", "modules_to_save")
         for key in shown:
             if config.get(key) != getattr(defaults, key):
-                parts.append(f"{key}={config.get(key)}")
+                value = config.get(key)
+                parts.append(f"{key}={'+'.join(value) if isinstance(value, list) else value}")
     if result.get("lr") is not None:
         parts.append(f"lr={result['lr']:g}")
     if result.get("time_budget_s"):
