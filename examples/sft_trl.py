@@ -16,6 +16,11 @@ Run it from the repository root (after ``bash scripts/main.sh`` has set up ``.ve
     .venv/bin/python examples/sft_trl.py --lora          # the same script with LoraConfig (QLoRA), slower
     .venv/bin/python examples/sft_trl.py --max-steps 20  # shorter
 
+Like the QLoRA script it came from, it computes in bfloat16 (``bnb_4bit_compute_dtype`` and SFTConfig's default bf16).
+A CPU without AVX512-BF16 emulates bfloat16: a step of this script took 9.5 s on such a 2-core CPU (AVX2 only), about
+10 minutes for the 60 steps, against 2.75 s with the model in float32 and ``SFTConfig(bf16=False)``, the settings
+docs/trl.md gives for such CPUs ("On a CPU without AVX512-BF16"; ``integration/bench_trl_dtype.py``).
+
 It prints TRL's own progress bar and logs, then a summary: the training loss and TRL's ``mean_token_accuracy`` (share
 of answer tokens the model predicts right) at the first and last logging step, and the held-out eval loss and token
 accuracy before and after training. The adapter is saved to ``--output-dir``.
