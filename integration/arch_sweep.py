@@ -51,7 +51,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from peft_qst import QSTConfig, QSTUnsupportedModelError  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # integration/: measure.py
-from measure import check_output_path, versions  # noqa: E402
+from measure import add_overwrite_output_argument, check_output_path, versions  # noqa: E402
 
 TIMEOUT_S = 120
 VOCAB = 128
@@ -497,6 +497,7 @@ def all_types() -> list:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", help="write the JSON report here")
+    add_overwrite_output_argument(parser)
     parser.add_argument("--4bit", dest="four_bit", action="store_true",
                         help="load each tiny model in 4-bit (bitsandbytes NF4) and run the checks on that")
     parser.add_argument("types", nargs="*", help="model types (<type>+dec: with is_decoder=True); default: all")
@@ -505,7 +506,7 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown model types {unknown}: give MODEL_FOR_CAUSAL_LM_MAPPING types (<type>+dec for the "
                      "BERT-style ones with is_decoder=True)")
-    check_output_path(parser, args.output)
+    check_output_path(parser, args.output, args.overwrite_output)
     return args
 
 

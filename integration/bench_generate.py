@@ -35,7 +35,7 @@ from peft_qst.fast_path import fast_path_disabled
 from peft_qst.smollm2 import smollm2_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # integration/: measure.py
-from measure import build_random_model, check_output_path  # noqa: E402
+from measure import add_overwrite_output_argument, build_random_model, check_output_path  # noqa: E402
 
 #: SmolLM2-1.7B's shape (hidden 2048, 24 layers, 32 heads, FFN 8192, SmolLM2's vocabulary and tokenizer), built with
 #: random weights: generation speed does not depend on the weights' values
@@ -90,10 +90,11 @@ def parse_args(argv=None):
                         help="the embedded SmolLM2-135M-Instruct, or a randomly initialised model of SmolLM2-1.7B's "
                              "shape (built in a temporary folder, about 3.4 GB)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
+    add_overwrite_output_argument(parser)
     args = parser.parse_args(argv)
     if min(args.new_tokens, args.repeats, *args.batch_sizes) < 1:
         parser.error("--new-tokens, --repeats and every --batch-sizes value must be at least 1")
-    check_output_path(parser, args.output)
+    check_output_path(parser, args.output, args.overwrite_output)
     return args
 
 

@@ -96,7 +96,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from measure import build_random_model, check_output_path, cpu_model, peak_rss_mb, reset_peak_rss, status_kb
+from measure import (add_overwrite_output_argument, build_random_model, check_output_path, cpu_model, peak_rss_mb,
+                     reset_peak_rss, status_kb)
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("qst", "qlora", "lora", "floor")
@@ -694,6 +695,7 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the table gives medians")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write settings, environment, every run and the table as JSON")
+    add_overwrite_output_argument(parser)
     parser.add_argument("--child-timeout-s", type=float, default=3600)
     parser.add_argument("--paired", action="store_true",
                         help="also time every method in one process, steps alternating (drift-free step-time ratios)")
@@ -715,7 +717,7 @@ def parse_args(argv=None):
         parser.error("--layers must be at least 1")
     if min(args.steps, args.batch, args.seq, args.rounds) < 1 or args.warmup < 0:
         parser.error("--steps, --batch, --seq and --rounds must be at least 1, --warmup at least 0")
-    check_output_path(parser, args.output)
+    check_output_path(parser, args.output, args.overwrite_output)
     return args
 
 

@@ -35,6 +35,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the examples: spinning
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from measure import add_overwrite_output_argument, check_output_path  # noqa: E402
+
 SETTINGS = {
     # name: (model dtype, SFTConfig bf16)
     "bfloat16": ("bfloat16", True),
@@ -106,13 +109,14 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=8, help="trainer steps per setting; the first is not timed")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", default=None, help="write the environment, every run and the table as JSON")
+    add_overwrite_output_argument(parser)
     parser.add_argument("--run-one", default=None, choices=list(SETTINGS), help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error(f"--steps must be at least 2 (the first step is not timed), got {args.steps}")
-    if args.output and os.path.isdir(args.output):
-        parser.error(f"--output {args.output} is a folder: pass a file path")
+    if not args.run_one:
+        check_output_path(parser, args.output, args.overwrite_output)
     return args
 
 
@@ -123,7 +127,6 @@ def main(argv=None) -> int:
         return 0
     import trl
 
-    sys.path.insert(0, str(HERE))
     from bench_train import environment
 
     runs = []

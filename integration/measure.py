@@ -8,10 +8,22 @@ import os
 import platform
 
 
-def check_output_path(parser, path) -> None:
-    """``parser.error`` now for an ``--output`` that cannot be written, not after the minutes of the run."""
+def add_overwrite_output_argument(parser) -> None:
+    """``--overwrite-output``: what ``check_output_path`` asks for before it lets a run replace an existing file."""
+    parser.add_argument("--overwrite-output", action="store_true",
+                        help="replace the --output file if it exists (default: refuse it)")
+
+
+def check_output_path(parser, path, overwrite: bool = False) -> None:
+    """``parser.error`` now for an ``--output`` that cannot be written, not after the minutes of the run; and for one
+    that exists, unless ``overwrite``: a results file of an earlier run (a recorded table's JSON) is not replaced by a
+    rerun that reused its name."""
     if not path:
         return
+    if os.path.isdir(path):
+        parser.error(f"--output {path} is a folder: pass a file path")
+    if os.path.exists(path) and not overwrite:
+        parser.error(f"--output {path} already exists: pass --overwrite-output to replace it, or another path")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import build_random_model, check_output_path  # noqa: E402
+from measure import add_overwrite_output_argument, build_random_model, check_output_path  # noqa: E402
 from bench_train import LLAMA2_7B_SHAPE, build_method, make_batches, parse_method, run_paired, train_step  # noqa: E402
 
 SECTIONS = ("backbone", "side", "side.downsample", "side.block", "lm_head", "loss", "backward", "optimizer")
@@ -144,6 +144,7 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=None, help="backbone blocks (default: LLaMA-2-7B's 32)")
     parser.add_argument("--top", type=int, default=25, help="operators listed per table")
     parser.add_argument("--output", default=None, help="write everything as JSON")
+    add_overwrite_output_argument(parser)
     args = parser.parse_args(argv)
     for spec in args.methods + ["qst:" + args.qst if args.qst else "qst"]:
         try:
@@ -152,7 +153,7 @@ def parse_args(argv=None):
             parser.error(str(err.code))
     if min(args.batch, args.seq, args.steps) < 1 or args.warmup < 0:
         parser.error("--batch, --seq and --steps must be at least 1, --warmup at least 0")
-    check_output_path(parser, args.output)
+    check_output_path(parser, args.output, args.overwrite_output)
     return args
 
 

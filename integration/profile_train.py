@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import check_output_path  # noqa: E402
+from measure import add_overwrite_output_argument, check_output_path  # noqa: E402
 from bench_train import load_4bit, make_batches, parse_method, peak_rss_mb, reset_peak_rss, rss_mb, wrap  # noqa: E402
 
 SECTION_ORDER = ("backbone", "backbone.linear4bit", "side", "side.downsample", "side.block", "side.upsample",
@@ -101,6 +101,7 @@ def parse_args(argv=None):
     parser.add_argument("--qst", default="", help="QSTConfig fields as key=value,... (e.g. side_dtype=float32)")
     parser.add_argument("--top", type=int, default=18, help="operators listed per table")
     parser.add_argument("--output", default=None, help="write the section times and memory points as JSON")
+    add_overwrite_output_argument(parser)
     args = parser.parse_args(argv)
     if min(args.batch, args.seq, args.steps) < 1 or args.warmup < 0:
         parser.error("--batch, --seq and --steps must be at least 1, --warmup at least 0")
@@ -108,7 +109,7 @@ def parse_args(argv=None):
         parse_method("qst:" + args.qst if args.qst else "qst")  # a bad QSTConfig field fails here, before the load
     except SystemExit as err:
         parser.error(str(err.code))
-    check_output_path(parser, args.output)
+    check_output_path(parser, args.output, args.overwrite_output)
     return args
 
 

@@ -33,7 +33,7 @@ from peft_qst import QSTConfig  # noqa: E402
 from peft_qst.layer import QSTLayer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # integration/: measure.py
-from measure import check_output_path, versions  # noqa: E402
+from measure import add_overwrite_output_argument, check_output_path, versions  # noqa: E402
 
 _LLAMA3_ROPE = dict(
     rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -289,11 +289,12 @@ def parse_args(argv=None):
     parser.add_argument("names", nargs="*", help=f"models to check (default: all {len(PUBLISHED)})")
     parser.add_argument("--run", action="store_true", help="also run 2 layers at the real widths on the CPU")
     parser.add_argument("--output", help="write the results as JSON")
+    add_overwrite_output_argument(parser)
     args = parser.parse_args(argv)
     unknown = [name for name in args.names if name not in PUBLISHED]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(PUBLISHED)}")
-    check_output_path(parser, args.output)
+    check_output_path(parser, args.output, args.overwrite_output)
     return args
 
 

@@ -234,12 +234,15 @@ BAD_ARGUMENTS = [
     (["integration/quality/harness.py", "--model", "/proc/self", "base"], "--model /proc/self is not a model"),
     (["examples/quickstart.py", "--lr=-1e-3"], "--lr must be above 0, got -0.001"),
     (["examples/classify.py", "--lr", "0"], "--lr must be above 0, got 0.0"),
+    (["integration/quality/harness.py", "--output", "pyproject.toml", "qst"],
+     "--output pyproject.toml already exists: pass --overwrite-output to replace it"),
+    (["integration/bench_trl_dtype.py", "--output", "integration"], "--output integration is a folder"),
 ]
 BAD_ARGUMENT_IDS = ["quickstart-steps", "quickstart-output", "sft-steps", "classify-batch", "generate-adapter",
                     "generate-tokens", "harness-spec", "bench-generate-repeats", "bench-train-output", "sweep-type",
                     "generate-base", "bench-train-qst-field", "harness-match", "harness-qst-value", "real-shapes-name",
                     "generate-empty-prompt", "harness-steps", "harness-eval-size", "harness-model", "quickstart-lr",
-                    "classify-lr"]
+                    "classify-lr", "harness-existing-output", "bench-trl-output-folder"]
 
 # runs each command line as ``python SCRIPT ARGS`` would (``runpy`` as ``__main__``, the script's folder and not the
 # working directory on sys.path) in one process, so the imports (about 10 s of torch, transformers and PEFT) are paid

@@ -386,3 +386,38 @@ def test_harness_runs_each_method_with_the_shared_settings_and_reports_its_own_p
     # same data, same initial adapter output (zero-initialised LoRA B and QST upsample): the same first loss
     first = [results[spec]["train_losses"][0] for spec in ("qlora", "qst:r=4")]
     assert first[0] == pytest.approx(first[1], rel=0.02)
+
+
+def test_an_existing_output_file_is_replaced_only_when_asked(tmp_path):
+    """Every benchmark's ``--output`` goes through ``check_output_path``: a file that exists (the JSON of an earlier
+    run, a recorded table's) is refused with the flag that allows it, and left as it was; with ``--overwrite-output``
+    it is accepted; a folder is refused either way."""
+    sys.path.insert(0, f"{REPO}/integration")
+    try:
+        from measure import add_overwrite_output_argument, check_output_path
+    finally:
+        sys.path.remove(f"{REPO}/integration")
+
+    class Refused(Exception):
+        pass
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise Refused(message)
+
+    parser = Parser()
+    parser.add_argument("--output")
+    add_overwrite_output_argument(parser)
+    earlier = tmp_path / "results.json"
+    earlier.write_text('{"rows": []}')
+    args = parser.parse_args(["--output", str(earlier)])
+    with pytest.raises(Refused, match="already exists: pass --overwrite-output to replace it, or another path"):
+        check_output_path(parser, args.output, args.overwrite_output)
+    assert earlier.read_text() == '{"rows": []}'
+    args = parser.parse_args(["--output", str(earlier), "--overwrite-output"])
+    check_output_path(parser, args.output, args.overwrite_output)
+    check_output_path(parser, str(tmp_path / "new" / "results.json"))  # a new file, in a folder made for it
+    assert (tmp_path / "new").is_dir()
+    for overwrite in (False, True):
+        with pytest.raises(Refused, match="is a folder: pass a file path"):
+            check_output_path(parser, str(tmp_path), overwrite)

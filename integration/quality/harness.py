@@ -88,7 +88,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # integration/: measure.py
 
-from measure import check_output_path, cpu_model, peak_rss_mb, reset_peak_rss, status_kb  # noqa: E402
+from measure import add_overwrite_output_argument, check_output_path, cpu_model, peak_rss_mb, reset_peak_rss, status_kb  # noqa: E402
 
 METHODS = ("base", "qlora", "topk-lora", "qst")
 COMMON_KEYS = ("lr", "warmup", "label", "time_s")
@@ -803,6 +803,7 @@ def parse_args(argv=None):
                              "is several times faster on CPUs without AVX512-BF16, see "
                              "peft_qst.recommended_compute_dtype)")
     parser.add_argument("--output", default=None, help="write results JSON here")
+    add_overwrite_output_argument(parser)
     parser.add_argument("--child-timeout-s", type=float, default=3600)
     parser.add_argument("--run-one", default=None, metavar="SPEC", help="run one spec in this process")
     parser.add_argument("--result-file", default=None, help="with --run-one: write the result JSON here")
@@ -826,7 +827,7 @@ def parse_args(argv=None):
             check_specs(args.specs)  # fail on a bad spec before anything runs
     except ValueError as err:
         parser.error(str(err))
-    check_output_path(parser, args.output)
+    check_output_path(parser, args.output, args.overwrite_output)
     return args
 
 
