@@ -88,7 +88,9 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # integration/: measure.py
 
-from measure import add_overwrite_output_argument, check_output_path, cpu_model, peak_rss_mb, reset_peak_rss, status_kb  # noqa: E402
+from measure import (  # noqa: E402
+    add_overwrite_output_argument, check_output_path, cpu_model, peak_rss_mb, reset_peak_rss, status_kb,
+)
 
 METHODS = ("base", "qlora", "topk-lora", "qst")
 COMMON_KEYS = ("lr", "warmup", "label", "time_s")
@@ -704,9 +706,7 @@ def describe_config(result: dict) -> str:
         from peft_qst.config import QSTConfig
 
         defaults = QSTConfig()
-        shown = ("side_heads", "activation", "dropout", "side_gate_init", "output_gate_init", "side_dtype",
-                 "copy_heads", "copy_head_dim", "init", "backbone_lora_layers", "backbone_lora_r",
-                 "backbone_lora_alpha", "modules_to_save")
+        shown = [key for key in QST_KEYS if key not in ("r", "downsample", "downsample_rank")]  # those three: above
         for key in shown:
             if config.get(key) != getattr(defaults, key):
                 value = config.get(key)
