@@ -13,7 +13,7 @@ import torch
 
 from peft_qst import recommended_compute_dtype
 
-from .conftest import REPO, load_script
+from .conftest import REPO, load_script, run_python
 
 
 def run_example(*args: str, timeout: int = 900) -> str:
@@ -251,7 +251,7 @@ REFUSAL_DRIVER = """
 import contextlib, io, json, os, runpy, sys, traceback
 results = []
 base_path = [entry for entry in sys.path if entry not in ("", os.getcwd())]
-for argv in json.loads(sys.argv[1]):
+for argv in COMMAND_LINES:
     stderr = io.StringIO()
     sys.argv = list(argv)
     sys.path[:] = [os.path.dirname(os.path.abspath(argv[0]))] + base_path
@@ -277,10 +277,8 @@ def refusals():
     import json
 
     command_lines = [args for args, _ in BAD_ARGUMENTS]
-    result = subprocess.run([sys.executable, "-c", REFUSAL_DRIVER, json.dumps(command_lines)], capture_output=True,
-                            text=True, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return dict(zip(map(tuple, command_lines), json.loads(result.stdout.splitlines()[-1])))
+    stdout = run_python(f"COMMAND_LINES = {command_lines!r}\n" + REFUSAL_DRIVER)
+    return dict(zip(map(tuple, command_lines), json.loads(stdout.splitlines()[-1])))
 
 
 @pytest.mark.parametrize("args, message", BAD_ARGUMENTS, ids=BAD_ARGUMENT_IDS)
