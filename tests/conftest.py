@@ -214,6 +214,41 @@ def run_python(code: str, timeout: int = 600, env: dict | None = None) -> str:
     return result.stdout
 
 
+# runs each command line as ``python SCRIPT ARGS`` would (``runpy`` as ``__main__``, the script's folder and not the
+# working directory on sys.path), one after the other in one process
+SCRIPTS_DRIVER = """
+import contextlib, io, json, os, runpy, sys, traceback
+results = []
+base_path = [entry for entry in sys.path if entry not in ("", os.getcwd())]
+real_stdout = sys.stdout
+for argv in COMMAND_LINES:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    sys.argv = list(argv)
+    sys.path[:] = [os.path.dirname(os.path.abspath(argv[0]))] + base_path
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, (int, type(None))):
+            stderr.write(str(stop.code))
+    except BaseException:
+        code = 1
+        stderr.write(traceback.format_exc())
+    results.append({"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()})
+real_stdout.write(json.dumps(results) + "\\n")
+"""
+
+
+def run_scripts(command_lines: list[list[str]], timeout: int = 900) -> list[dict]:
+    """Exit status, stdout and stderr of each command line (a script of the repository and its arguments), run one
+    after the other in one fresh process: the imports (about 10 s of torch, transformers and PEFT) are paid once, not
+    once per command line."""
+    stdout = run_python(f"COMMAND_LINES = {command_lines!r}\n" + SCRIPTS_DRIVER, timeout=timeout)
+    return json.loads(stdout.splitlines()[-1])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Trainer runs under DeepSpeed and FSDP, compared with a plain Trainer
 # --------------------------------------------------------------------------------------------------------------------

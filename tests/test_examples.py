@@ -13,7 +13,7 @@ import torch
 
 from peft_qst import recommended_compute_dtype
 
-from .conftest import REPO, load_script, run_python
+from .conftest import REPO, load_script, run_scripts
 
 
 def run_example(*args: str, timeout: int = 900) -> str:
@@ -48,13 +48,14 @@ def test_quickstart_then_generate(tmp_path):
         before, after)
 
     # generate.py with the saved adapter answers that prompt as the trained model did (greedy, same tokens), and with
-    # --no-adapter as the model did before training (an untrained QST adapter starts at the base model)
-    for flags, expected in [([], after), (["--no-adapter"], before)]:
-        result = subprocess.run([sys.executable, "examples/generate.py", "--adapter", str(tmp_path / "adapter"),
-                                 "--prompt", prompt, "--max-new-tokens", "32", *flags],
-                                capture_output=True, text=True, timeout=900, cwd=REPO)
-        assert result.returncode == 0, result.stderr[-4000:]
-        assert result.stdout.strip() == expected, flags
+    # --no-adapter as the model did before training (an untrained QST adapter starts at the base model); both command
+    # lines in one fresh process
+    runs = [([], after), (["--no-adapter"], before)]
+    results = run_scripts([["examples/generate.py", "--adapter", str(tmp_path / "adapter"), "--prompt", prompt,
+                            "--max-new-tokens", "32", *flags] for flags, _ in runs])
+    for (flags, expected), result in zip(runs, results):
+        assert result["code"] == 0, result["stderr"][-4000:]
+        assert result["stdout"].strip() == expected, flags
 
 
 @pytest.mark.smollm2
@@ -237,48 +238,24 @@ BAD_ARGUMENTS = [
     (["integration/quality/harness.py", "--output", "pyproject.toml", "qst"],
      "--output pyproject.toml already exists: pass --overwrite-output to replace it"),
     (["integration/bench_trl_dtype.py", "--output", "integration"], "--output integration is a folder"),
+    (["integration/bench_train.py", "--methods", "qst", "dora"],
+     "unknown method 'dora' in 'dora'; choose from qst, qlora, lora, floor"),
+    (["integration/bench_train.py", "--methods", "floor:mode=inference"],
+     "bad mode='inference' in 'floor:mode=inference': use mode=train or mode=eval"),
+    (["integration/bench_trl_dtype.py", "--steps", "1"], "--steps must be at least 2"),
 ]
 BAD_ARGUMENT_IDS = ["quickstart-steps", "quickstart-output", "sft-steps", "classify-batch", "generate-adapter",
                     "generate-tokens", "harness-spec", "bench-generate-repeats", "bench-train-output", "sweep-type",
                     "generate-base", "bench-train-qst-field", "harness-match", "harness-qst-value", "real-shapes-name",
                     "generate-empty-prompt", "harness-steps", "harness-eval-size", "harness-model", "quickstart-lr",
-                    "classify-lr", "harness-existing-output", "bench-trl-output-folder"]
-
-# runs each command line as ``python SCRIPT ARGS`` would (``runpy`` as ``__main__``, the script's folder and not the
-# working directory on sys.path) in one process, so the imports (about 10 s of torch, transformers and PEFT) are paid
-# once, not once per command line
-REFUSAL_DRIVER = """
-import contextlib, io, json, os, runpy, sys, traceback
-results = []
-base_path = [entry for entry in sys.path if entry not in ("", os.getcwd())]
-for argv in COMMAND_LINES:
-    stderr = io.StringIO()
-    sys.argv = list(argv)
-    sys.path[:] = [os.path.dirname(os.path.abspath(argv[0]))] + base_path
-    try:
-        with contextlib.redirect_stderr(stderr):
-            runpy.run_path(argv[0], run_name="__main__")
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        if not isinstance(stop.code, (int, type(None))):
-            stderr.write(str(stop.code))
-    except BaseException:
-        code = 1
-        stderr.write(traceback.format_exc())
-    results.append({"code": code, "stderr": stderr.getvalue()})
-print(json.dumps(results))
-"""
-
+                    "classify-lr", "harness-existing-output", "bench-trl-output-folder", "bench-train-method",
+                    "bench-train-floor-mode", "bench-trl-steps"]
 
 @pytest.fixture(scope="module")
 def refusals():
     """Exit status and stderr of every command line in ``BAD_ARGUMENTS``, run in one fresh process."""
-    import json
-
     command_lines = [args for args, _ in BAD_ARGUMENTS]
-    stdout = run_python(f"COMMAND_LINES = {command_lines!r}\n" + REFUSAL_DRIVER)
-    return dict(zip(map(tuple, command_lines), json.loads(stdout.splitlines()[-1])))
+    return dict(zip(map(tuple, command_lines), run_scripts(command_lines)))
 
 
 @pytest.mark.parametrize("args, message", BAD_ARGUMENTS, ids=BAD_ARGUMENT_IDS)
