@@ -772,55 +772,56 @@ def first_divergence(a: torch.Tensor, b: torch.Tensor):
     return None
 
 
-@pytest.mark.smollm2
-def test_smollm2_4bit_cached_equals_uncached(smollm2_dir):
+@pytest.fixture(scope="module")
+def smollm2_trained(smollm2_dir):
+    """The real 4-bit SmolLM2 with a QST adapter trained a few steps on a fixed text (so that it changes the output),
+    a chat prompt, and its greedy cached generation with scores: shared by the two tests below, as loading, training
+    and generating on the real model are most of their time."""
     from transformers import AutoTokenizer
 
     from .conftest import load_smollm2_4bit
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = get_peft_model(load_smollm2_4bit(smollm2_dir), QSTConfig(task_type="CAUSAL_LM"))
-    # a few steps on a fixed text make the adapter change the output
     text = tokenizer("The capital of France is Paris. The capital of Italy is Rome.", return_tensors="pt").input_ids
     train_steps(model, text)
     chat = [{"role": "user", "content": "Name three rivers in Europe."}]
     inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    cached = model.generate(**inputs, max_new_tokens=SMOLLM2_NEW_TOKENS, do_sample=False, output_scores=True,
+                            return_dict_in_generate=True)
+    return model, inputs, cached
+
+
+#: tokens generated on the real model (an uncached step runs the whole sequence: 40 tokens took a minute on 2 cores)
+SMOLLM2_NEW_TOKENS = 24
+
+
+@pytest.mark.smollm2
+def test_smollm2_4bit_cached_equals_uncached(smollm2_trained):
+    model, inputs, cached_run = smollm2_trained
     prompt_length = inputs["input_ids"].shape[1]
-    runs = {}
-    for use_cache in (True, False):
-        runs[use_cache] = model.generate(**inputs, max_new_tokens=40, do_sample=False, use_cache=use_cache,
-                                         output_scores=True, return_dict_in_generate=True)
+    uncached_run = model.generate(**inputs, max_new_tokens=SMOLLM2_NEW_TOKENS, do_sample=False, use_cache=False,
+                                  output_scores=True, return_dict_in_generate=True)
     with model.disable_adapter():
-        base = model.generate(**inputs, max_new_tokens=40, do_sample=False)
-    cached, uncached = runs[True].sequences[0, prompt_length:], runs[False].sequences[0, prompt_length:]
+        base = model.generate(**inputs, max_new_tokens=SMOLLM2_NEW_TOKENS, do_sample=False)
+    cached, uncached = cached_run.sequences[0, prompt_length:], uncached_run.sequences[0, prompt_length:]
     assert not torch.equal(cached, base[0, prompt_length:]), "the adapter should change the generation"
     step = first_divergence(cached, uncached)
     if step is not None:
         # allowed only at a genuine near-tie: bf16 logits of the two tokens within bf16 resolution of each other
-        scores = runs[False].scores[step][0]
+        scores = uncached_run.scores[step][0]
         gap = (scores[uncached[step]] - scores[cached[step]]).abs().item()
         assert gap <= 2 ** -7 * scores.abs().max().item(), f"diverged at step {step} with a logit gap of {gap}"
 
 
 @pytest.mark.smollm2
-def test_smollm2_4bit_self_speculative_early_exit(smollm2_dir):
+def test_smollm2_4bit_self_speculative_early_exit(smollm2_trained):
     """assistant_early_exit on the real 4-bit SmolLM2 with a trained adapter: the drafts of its first 10 blocks are
     checked by the adapted model, which generates its own greedy tokens (a difference allowed only at a bf16 near-tie
     of the top two logits, as for the cache above)."""
-    from transformers import AutoTokenizer
-
-    from .conftest import load_smollm2_4bit
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = get_peft_model(load_smollm2_4bit(smollm2_dir), QSTConfig(task_type="CAUSAL_LM"))
-    train_steps(model, tokenizer("The capital of France is Paris. The capital of Italy is Rome.",
-                                 return_tensors="pt").input_ids)
-    chat = [{"role": "user", "content": "Name three rivers in Europe."}]
-    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    model, inputs, plain = smollm2_trained
     prompt_length = inputs["input_ids"].shape[1]
-    plain = model.generate(**inputs, max_new_tokens=24, do_sample=False, output_scores=True,
-                           return_dict_in_generate=True)
-    drafted = model.generate(**inputs, max_new_tokens=24, do_sample=False, assistant_early_exit=10)
+    drafted = model.generate(**inputs, max_new_tokens=SMOLLM2_NEW_TOKENS, do_sample=False, assistant_early_exit=10)
     assert model.config.num_hidden_layers == 30
     expected, got = plain.sequences[0, prompt_length:], drafted[0, prompt_length:]
     step = first_divergence(got, expected)

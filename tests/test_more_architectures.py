@@ -978,35 +978,37 @@ def test_architecture_sweep_classifies_what_it_runs(tmp_path):
     assert "n_recurrent_loops=2" in records["dory"]["reason"]
 
 
-def test_architecture_sweep_in_4bit_runs_the_checks_on_a_quantized_model(tmp_path):
-    """``arch_sweep.py --4bit``: the same checks on the tiny model loaded back in 4-bit; the report says so, and the
-    hybrid's check of its start against the base model ran (within bf16 rounding on AVX512-BF16 CPUs)."""
+@pytest.fixture(scope="module")
+def sweep_in_4bit(tmp_path_factory):
+    """``arch_sweep.py --4bit llama falcon_mamba``, one process for the two tests below (each sweep process spends
+    about 10 s importing before it checks anything): the report and its records by model type."""
     import json
     import subprocess
     import sys
 
-    output = tmp_path / "sweep.json"
-    subprocess.run([sys.executable, f"{REPO}/integration/arch_sweep.py", "--4bit", "--output", str(output), "llama"],
-                   check=True, capture_output=True, timeout=600)
+    output = tmp_path_factory.mktemp("sweep-4bit") / "sweep.json"
+    subprocess.run([sys.executable, f"{REPO}/integration/arch_sweep.py", "--4bit", "--output", str(output), "llama",
+                    "falcon_mamba"], check=True, capture_output=True, timeout=600)
     report = json.loads(output.read_text())
-    (record,) = report["records"]
+    return report, {record["type"]: record for record in report["records"]}
+
+
+def test_architecture_sweep_in_4bit_runs_the_checks_on_a_quantized_model(sweep_in_4bit):
+    """``arch_sweep.py --4bit``: the same checks on the tiny model loaded back in 4-bit; the report says so, and the
+    hybrid's check of its start against the base model ran (within bf16 rounding on AVX512-BF16 CPUs)."""
+    report, records = sweep_in_4bit
+    record = records["llama"]
     assert report["quantization"] == "4-bit NF4" and record["cls"] == "OK", record
     assert record["e_save_load"]["maxdiff"] == 0.0 and record["f_a_start_equals_base"]["pass"]
 
 
-def test_architecture_sweep_runs_state_space_models_in_4bit_and_reloads_them_exactly(tmp_path):
+def test_architecture_sweep_runs_state_space_models_in_4bit_and_reloads_them_exactly(sweep_in_4bit):
     """Falcon-Mamba in 4-bit: refused at get_peft_model before state-space models were supported; then its reload
     was 6e-8 from the trained model's logits with bit-identical weights, because torch's matmul runs the side mixers'
     x_proj (a transposed input) by another kernel when the weight requires grad. The sweep compares the reload with
     the trained model with its side frozen, as the reloaded adapter is."""
-    import json
-    import subprocess
-    import sys
-
-    output = tmp_path / "sweep.json"
-    subprocess.run([sys.executable, f"{REPO}/integration/arch_sweep.py", "--4bit", "--output", str(output),
-                    "falcon_mamba"], check=True, capture_output=True, timeout=600)
-    (record,) = json.loads(output.read_text())["records"]
+    _, records = sweep_in_4bit
+    record = records["falcon_mamba"]
     assert record["cls"] == "OK", record
     assert record["e_save_load"]["maxdiff"] == 0.0 and record["d_generate_cache"]["pass"]
 
