@@ -251,6 +251,7 @@ BAD_ARGUMENT_IDS = ["quickstart-steps", "quickstart-output", "sft-steps", "class
                     "classify-lr", "harness-existing-output", "bench-trl-output-folder", "bench-train-method",
                     "bench-train-floor-mode", "bench-trl-steps"]
 
+
 @pytest.fixture(scope="module")
 def refusals():
     """Exit status and stderr of every command line in ``BAD_ARGUMENTS``, run in one fresh process."""
