@@ -22,8 +22,9 @@ def test_bench_train_all_methods_tiny(tmp_path):
     output = tmp_path / "bench.json"
     completed = subprocess.run(
         # a 2-layer model of SmolLM2's shape keeps the child processes quick; "lora" (QLoRA's adapter without
-        # prepare_model_for_kbit_training and checkpointing) is left out, as each method costs two processes (about
-        # 15 s each here): its child runs in test_measurement_tools.py's test_bench_train_times_the_measured_steps_only
+        # prepare_model_for_kbit_training and checkpointing) is left out, as each method costs two processes (with it
+        # the test took 150 s on 2 cores, without it 97-108 s): its child runs in test_measurement_tools.py's
+        # test_bench_train_times_the_measured_steps_only
         [sys.executable, "integration/bench_train.py", "--methods", "qst", "qlora", "floor", "--steps", "2",
          "--warmup", "1", "--seq", "16", "--batch", "2", "--layers", "2", "--threads", "1", "--paired", "--output",
          str(output)],
