@@ -772,6 +772,10 @@ def first_divergence(a: torch.Tensor, b: torch.Tensor):
     return None
 
 
+#: tokens generated on the real model (an uncached step runs the whole sequence: 40 uncached tokens took about a minute)
+SMOLLM2_NEW_TOKENS = 24
+
+
 @pytest.fixture(scope="module")
 def smollm2_trained(smollm2_dir):
     """The real 4-bit SmolLM2 with a QST adapter trained a few steps on a fixed text (so that it changes the output),
@@ -790,10 +794,6 @@ def smollm2_trained(smollm2_dir):
     cached = model.generate(**inputs, max_new_tokens=SMOLLM2_NEW_TOKENS, do_sample=False, output_scores=True,
                             return_dict_in_generate=True)
     return model, inputs, cached
-
-
-#: tokens generated on the real model (an uncached step runs the whole sequence: 40 tokens took a minute on 2 cores)
-SMOLLM2_NEW_TOKENS = 24
 
 
 @pytest.mark.smollm2
