@@ -52,12 +52,16 @@ def parse_args(argv=None):
     parser.add_argument("--lora", action="store_true", help="run the original QLoRA form (LoraConfig) instead of QST")
     parser.add_argument("--max-steps", type=int, default=60, help="optimizer steps (default: 60)")
     parser.add_argument("--output-dir", default=None, help="where TRL writes (default: outputs/sft-trl-{qst,lora})")
+    parser.add_argument("--eval-size", type=int, default=32,
+                        help="held-out messages scored before and after training (default: 32)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the data, the adapter's init and the order")
     parser.add_argument("--overwrite-output-dir", action="store_true",
                         help="write into an --output-dir that already holds files (default: refuse it)")
     args = parser.parse_args(argv)
     if args.max_steps < 1:
         parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.eval_size < 1:
+        parser.error(f"--eval-size must be at least 1, got {args.eval_size}")
     default = f"outputs/sft-trl-{'lora' if args.lora else 'qst'}"
     args.output_dir = args.output_dir or default
     check_output_dir(parser, args.output_dir, args.overwrite_output_dir, default)
@@ -131,7 +135,7 @@ def main():
     args = parse_args()
     set_seed(args.seed)
     output_dir = args.output_dir
-    train_dataset, eval_dataset = make_datasets(args.seed)
+    train_dataset, eval_dataset = make_datasets(args.seed, n_eval=args.eval_size)
 
     model_path = smollm2_path()  # a local SmolLM2-135M-Instruct checkpoint (no Hub access needed)
     bnb_config = BitsAndBytesConfig(

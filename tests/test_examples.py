@@ -214,6 +214,7 @@ BAD_ARGUMENTS = [
     (["examples/quickstart.py", "--steps", "-3"], "--steps and --batch-size must be at least 1"),
     (["examples/quickstart.py", "--output-dir", "/proc/no-such-dir/adapter"], "cannot write to --output-dir"),
     (["examples/sft_trl.py", "--max-steps", "0"], "--max-steps must be at least 1"),
+    (["examples/sft_trl.py", "--eval-size", "0"], "--eval-size must be at least 1, got 0"),
     (["examples/classify.py", "--batch-size", "0"], "must be at least 1"),
     (["examples/generate.py", "--adapter", "/no/such/adapter"], "no adapter at --adapter /no/such/adapter"),
     (["examples/generate.py", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
@@ -241,12 +242,12 @@ BAD_ARGUMENTS = [
      "bad mode='inference' in 'floor:mode=inference': use mode=train or mode=eval"),
     (["integration/bench_trl_dtype.py", "--steps", "1"], "--steps must be at least 2"),
 ]
-BAD_ARGUMENT_IDS = ["quickstart-steps", "quickstart-output", "sft-steps", "classify-batch", "generate-adapter",
-                    "generate-tokens", "harness-spec", "bench-generate-repeats", "bench-train-output", "sweep-type",
-                    "generate-base", "bench-train-qst-field", "harness-match", "harness-qst-value", "real-shapes-name",
-                    "generate-empty-prompt", "harness-steps", "harness-eval-size", "harness-model", "quickstart-lr",
-                    "classify-lr", "harness-existing-output", "bench-trl-output-folder", "bench-train-method",
-                    "bench-train-floor-mode", "bench-trl-steps"]
+BAD_ARGUMENT_IDS = ["quickstart-steps", "quickstart-output", "sft-steps", "sft-eval-size", "classify-batch",
+                    "generate-adapter", "generate-tokens", "harness-spec", "bench-generate-repeats",
+                    "bench-train-output", "sweep-type", "generate-base", "bench-train-qst-field", "harness-match",
+                    "harness-qst-value", "real-shapes-name", "generate-empty-prompt", "harness-steps",
+                    "harness-eval-size", "harness-model", "quickstart-lr", "classify-lr", "harness-existing-output",
+                    "bench-trl-output-folder", "bench-train-method", "bench-train-floor-mode", "bench-trl-steps"]
 
 
 @pytest.fixture(scope="module")
