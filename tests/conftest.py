@@ -214,6 +214,19 @@ def run_python(code: str, timeout: int = 600, env: dict | None = None) -> str:
     return result.stdout
 
 
+def run_command(command: list[str], timeout: int = 900) -> str:
+    """Run a command (a script of the repository, or one of scripts/) from the repository's root; it must succeed.
+    Returns its stdout and stderr, together."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+def run_example(*args: str, timeout: int = 900) -> str:
+    """``python SCRIPT ARGS`` in this Python, through :func:`run_command`."""
+    return run_command([sys.executable, *args], timeout=timeout)
+
+
 # runs each command line as ``python SCRIPT ARGS`` would (``runpy`` as ``__main__``, the script's folder and not the
 # working directory on sys.path), one after the other in one process
 SCRIPTS_DRIVER = """

@@ -6,18 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO, load_script
-
-
-def run_example(*args: str, timeout: int = 900) -> str:
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout + result.stderr
+from .conftest import REPO, load_script, run_example
 
 
 def readme_diff_lines() -> list[str]:

@@ -13,13 +13,7 @@ import torch
 
 from peft_qst import recommended_compute_dtype
 
-from .conftest import REPO, load_script, run_scripts
-
-
-def run_example(*args: str, timeout: int = 900) -> str:
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout + result.stderr
+from .conftest import REPO, load_script, run_command, run_example, run_scripts
 
 
 def runs_in_the_setups_venv() -> bool:
@@ -33,14 +27,8 @@ def test_quickstart_then_generate(tmp_path):
     pyproject.toml and setup.sh, as under scripts/test.sh), then the quickstart in .venv's Python with the arguments
     given passed on to it (where the tests run in another Python, the quickstart itself, in this one). Then
     ``examples/generate.py`` on the adapter it saved."""
-    arguments = ["--steps", "12", "--output-dir", str(tmp_path / "adapter")]
-    if runs_in_the_setups_venv():
-        result = subprocess.run(["bash", "scripts/main.sh", *arguments], capture_output=True, text=True, timeout=900,
-                                cwd=REPO)
-        assert result.returncode == 0, result.stderr[-4000:]
-        out = result.stdout + result.stderr
-    else:
-        out = run_example("examples/quickstart.py", *arguments)
+    command = ["bash", "scripts/main.sh"] if runs_in_the_setups_venv() else [sys.executable, "examples/quickstart.py"]
+    out = run_command([*command, "--steps", "12", "--output-dir", str(tmp_path / "adapter")])
     assert "trainable params: 798,544 || all params: 135,313,552 || trainable%: 0.5901" in out
     assert "before training (held-out prompt)" in out and "after training (same held-out prompt)" in out
     assert "training: 100%" in out  # tqdm's progress bar reached the end
