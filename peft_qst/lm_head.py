@@ -22,7 +22,8 @@ hidden state (``QSTSideNetwork.mix`` does, where it holds: no copy heads, no gra
 and the mixed state not handed out by ``output_hidden_states=True``, where a gradient with respect to it is asked for),
 and a forward hook on the head wraps the logits of exactly that tensor in :class:`LowRankHeadGradient`; a sliced
 input, a head that trains, a quantized head (a torchao tensor-subclass weight), code that ``torch.compile`` traces,
-or anything else keeps autograd's own backward.
+or anything else keeps autograd's own backward. On the CPU the products of bfloat16 or float16 logits run in float32,
+over pieces of the vocabulary (:func:`_backward_dtype` says why).
 """
 
 from __future__ import annotations
@@ -58,6 +59,22 @@ def _low_rank_record(tensor: Optional[torch.Tensor]) -> Optional[tuple]:
     return entry[1:]
 
 
+#: elements of one float32 piece of the LM head (and of the logits' gradient) in the CPU backward below: 64 MB
+_CPU_FLOAT32_ELEMENTS = 1 << 24
+
+
+def _backward_dtype(grad: torch.Tensor) -> torch.dtype:
+    """The dtype of the low-rank backward's products: the logits' own, but float32 for bfloat16 or float16 logits on
+    the CPU. Where the CPU has no bfloat16 matmul kernel of its own (AVX2 without AVX512-BF16), PyTorch computes
+    reduced-precision matmuls in a generic loop whose speed depends on the operands' layout: measured on a 2-core AMD
+    EPYC (torch 2.13), the three products for SmolLM2's 49152 x 576 head and 1024 tokens took 6.2 s in bfloat16,
+    0.18 s in float32, and a 2-block DeepSeek-V4-Flash step spent 8.6 of its 10 s in them. Converting the head to
+    float32 piece by piece costs a copy of it per backward and 64 MB at a time."""
+    if grad.device.type == "cpu" and grad.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return grad.dtype
+
+
 class LowRankHeadGradient(torch.autograd.Function):
     """Identity on the logits in forward; in backward, the gradients of the side output, the output gate and the
     upsample weight computed through their low-rank products (see the module docstring), none for the logits'
@@ -75,24 +92,36 @@ class LowRankHeadGradient(torch.autograd.Function):
     def backward(ctx, grad_logits):
         side_out, gate, up, head_weight = ctx.saved_tensors
         grad = grad_logits.reshape(-1, grad_logits.shape[-1])  # (tokens, vocabulary)
-        dtype = grad.dtype
+        dtype = _backward_dtype(grad)
         side = side_out.reshape(-1, side_out.shape[-1]).to(dtype)  # (tokens, r')
-        weight = head_weight.to(dtype)  # (vocabulary, d)
         gate32, up32 = gate.float(), up.float()  # (d,), (d, r')
+        need_projection = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        gated_up = (gate32.unsqueeze(1) * up32).to(dtype)  # diag(a) U: (d, r')
+        projected = side_grad = None
+        # in one piece where the logits' dtype is kept; in float32, pieces of the vocabulary (the sums over it add up)
+        vocabulary, width = head_weight.shape
+        rows = vocabulary if dtype == grad.dtype else max(1, _CPU_FLOAT32_ELEMENTS // (width + grad.shape[0]))
+        for start in range(0, vocabulary, rows):
+            grad_piece = grad[:, start:start + rows].to(dtype)  # (tokens, rows)
+            weight = head_weight[start:start + rows].to(dtype)  # (rows, d)
+            # the products are written with the wide gradient as the right operand ((s^T G) W, not W^T (G^T s)): the
+            # same values, and the CPU matmul kernels handle that layout faster (2-core Xeon, SmolLM2's head, batch
+            # 4 x 256 tokens: 34.5 -> 26.8 ms for the three products)
+            if need_projection:
+                # P[k, j] = sum_tokens (G W)[n, k] s[n, j], computed as ((s^T G) W)^T
+                piece = ((side.t() @ grad_piece) @ weight).t().float()  # (d, r')
+                projected = piece if projected is None else projected + piece
+            if ctx.needs_input_grad[1]:
+                gated_columns = weight @ gated_up  # W diag(a) U: (rows, r')
+                piece = (gated_columns.t() @ grad_piece.t()).t()  # (tokens, r')
+                side_grad = piece if side_grad is None else side_grad + piece
         d_side = d_gate = d_up = None
-        # the products are written with the wide gradient as the right operand ((s^T G) W, not W^T (G^T s)): the
-        # same values, and the CPU matmul kernels handle that layout faster (2-core Xeon, SmolLM2's head, batch 4 x
-        # 256 tokens: 34.5 -> 26.8 ms for the three products)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            # P[k, j] = sum_tokens (G W)[n, k] s[n, j], computed as ((s^T G) W)^T
-            projected = ((side.t() @ grad) @ weight).t().float()  # (d, r')
-            if ctx.needs_input_grad[2]:
-                d_gate = (up32 * projected).sum(1).to(gate.dtype)
-            if ctx.needs_input_grad[3]:
-                d_up = (gate32.unsqueeze(1) * projected).to(up.dtype)
+        if ctx.needs_input_grad[2]:
+            d_gate = (up32 * projected).sum(1).to(gate.dtype)
+        if ctx.needs_input_grad[3]:
+            d_up = (gate32.unsqueeze(1) * projected).to(up.dtype)
         if ctx.needs_input_grad[1]:
-            gated_columns = weight @ (gate32.unsqueeze(1) * up32).to(dtype)  # W diag(a) U: (vocabulary, r')
-            d_side = (gated_columns.t() @ grad.t()).t().reshape(side_out.shape).to(side_out.dtype)
+            d_side = side_grad.reshape(side_out.shape).to(side_out.dtype)
         return None, d_side, d_gate, d_up, None
 
 
