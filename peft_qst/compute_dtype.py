@@ -3,7 +3,7 @@
 QLoRA recipes write ``bnb_4bit_compute_dtype=torch.bfloat16``, and QST's side network follows the compute dtype by
 default. Where the hardware multiplies bfloat16 natively (GPUs since Ampere, CPUs with AVX512-BF16) that is the fast
 choice. Elsewhere bfloat16 matmuls are emulated: on a 2-core AVX2-only CPU (AMD EPYC, no AVX-512) a QST training step
-of 4-bit SmolLM2-135M took 5.5x as long in bfloat16 as in float32, 6.8x with the steps alternating in one process
+of 4-bit SmolLM2-135M took 5.2x as long in bfloat16 as in float32, 4.8x with the steps alternating in one process
 (``integration/bench_train.py`` with ``qst`` against ``qst:dtype=float32``; the table is in docs/performance.md). A
 QST run only ever trains the small side network, and the backbone's 4-bit weights stay 4-bit whatever the compute
 dtype, so float32 there costs memory only for the layers bitsandbytes leaves unquantized (embeddings, norms, the LM
