@@ -22,12 +22,13 @@ hidden state (``QSTSideNetwork.mix`` does, where it holds: no copy heads, no gra
 and the mixed state not handed out by ``output_hidden_states=True``, where a gradient with respect to it is asked for),
 and a forward hook on the head wraps the logits of exactly that tensor in :class:`LowRankHeadGradient`; a sliced
 input, a head that trains, a quantized head (a torchao tensor-subclass weight), code that ``torch.compile`` traces,
-or anything else keeps autograd's own backward. On the CPU the products of bfloat16 or float16 logits run in float32,
-over pieces of the vocabulary (:func:`_backward_dtype` says why).
+or anything else keeps autograd's own backward. On a CPU whose bfloat16 or float16 matmuls PyTorch emulates, the
+products of such logits run in float32, over pieces of the vocabulary (:func:`_backward_dtype` says why).
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Optional
 
@@ -65,14 +66,27 @@ _CPU_FLOAT32_ELEMENTS = 1 << 24
 
 def _backward_dtype(grad: torch.Tensor) -> torch.dtype:
     """The dtype of the low-rank backward's products: the logits' own, but float32 for bfloat16 or float16 logits on
-    the CPU. Where the CPU has no bfloat16 matmul kernel of its own (AVX2 without AVX512-BF16), PyTorch computes
-    reduced-precision matmuls in a generic loop whose speed depends on the operands' layout: measured on a 2-core AMD
-    EPYC (torch 2.13), the three products for SmolLM2's 49152 x 576 head and 1024 tokens took 6.2 s in bfloat16,
-    0.18 s in float32, and a 2-block DeepSeek-V4-Flash step spent 8.6 of its 10 s in them. Converting the head to
-    float32 piece by piece costs a copy of it per backward and 64 MB at a time."""
+    a CPU where PyTorch has no oneDNN kernel for that dtype (x86 CPUs without AVX-512, such as AVX2-only ones). There
+    it computes reduced-precision matmuls in a generic loop whose speed depends on the operands' layout: measured on a
+    2-core AMD EPYC (torch 2.13), the three products for SmolLM2's 49152 x 576 head and 1024 tokens took 6.2 s in
+    bfloat16 and 0.18 s in float32, and a 2-block DeepSeek-V4-Flash step spent 8.6 of its 10 s in them. Converting
+    the head to float32 piece by piece costs a copy of it per backward, 64 MB at a time. Where oneDNN computes the
+    dtype (AVX-512 CPUs, and those with AMX or Arm's BF16 extension), the products stay in it."""
     if grad.device.type == "cpu" and grad.dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
+        if not _cpu_matmul_is_native(grad.dtype):
+            return torch.float32
     return grad.dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_matmul_is_native(dtype: torch.dtype) -> bool:
+    """Whether PyTorch multiplies CPU matrices of ``dtype`` (bfloat16 or float16) with oneDNN kernels (it checks the
+    CPU: AVX-512, AMX, or Arm's BF16 extension), rather than with its generic loop."""
+    check = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a build without oneDNN, or a version without the check
+        return False
 
 
 class LowRankHeadGradient(torch.autograd.Function):

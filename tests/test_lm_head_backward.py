@@ -275,14 +275,38 @@ def test_an_lm_head_whose_bias_trains_keeps_autograds_backward(monkeypatch):
 
 
 @pytest.mark.parametrize("pieces", [False, True], ids=["one-piece", "pieces-of-7-rows"])
-def test_bfloat16_on_the_cpu_gives_the_exact_gradients_rounded(monkeypatch, pieces):
-    """On the CPU the backward of bfloat16 logits computes in float32 (``lm_head._backward_dtype``: PyTorch's generic
-    bfloat16 matmul there took 6.2 s for SmolLM2's head where float32 took 0.18 s), over the vocabulary in pieces of
-    at most ``_CPU_FLOAT32_ELEMENTS``. Each gradient is then the float64 one rounded to bfloat16; products in
-    bfloat16, with the intermediate ``s^T G`` rounded, matched it in about half of the values."""
-    tokens, vocabulary, width, rank = 22, V, 64, 4
+def test_bfloat16_on_a_cpu_without_onednn_kernels_gives_the_exact_gradients_rounded(monkeypatch, pieces):
+    """Where PyTorch has no oneDNN kernel for bfloat16 on the CPU (AVX2-only x86 CPUs; set so here, whatever this CPU
+    is), the backward of bfloat16 logits computes in float32 (``lm_head._backward_dtype``: the generic bfloat16 matmul
+    took 6.2 s for SmolLM2's head where float32 took 0.18 s), over the vocabulary in pieces of at most
+    ``_CPU_FLOAT32_ELEMENTS``. Each gradient is then the float64 one rounded to bfloat16; products in bfloat16, with
+    the intermediate ``s^T G`` rounded, matched it in about half of the values."""
+    monkeypatch.setattr(lm_head, "_cpu_matmul_is_native", lambda dtype: False)
+    tokens, width = 22, 64
     if pieces:  # 7 vocabulary rows a piece: 15 pieces, the last of 2 rows
         monkeypatch.setattr(lm_head, "_CPU_FLOAT32_ELEMENTS", 7 * (width + tokens))
+    gradients, exact = low_rank_gradients_and_float64_ones(width)
+    for mine, reference in zip(gradients, exact):
+        assert mine.dtype == torch.bfloat16
+        assert (mine == reference.to(torch.bfloat16)).float().mean() >= 0.98
+        assert ((mine.double() - reference).abs() <= 2**-7 * reference.abs()).all()
+
+
+def test_bfloat16_on_a_cpu_with_onednn_kernels_stays_in_bfloat16(monkeypatch):
+    """Where oneDNN multiplies bfloat16 (AVX-512, AMX; set so here), the products stay in bfloat16, as on GPUs: the
+    gradients agree with the float64 ones to bfloat16's rounding of the intermediate products."""
+    monkeypatch.setattr(lm_head, "_cpu_matmul_is_native", lambda dtype: True)
+    assert lm_head._backward_dtype(torch.zeros(1, dtype=torch.bfloat16)) == torch.bfloat16
+    assert lm_head._backward_dtype(torch.zeros(1, dtype=torch.float32)) == torch.float32
+    gradients, exact = low_rank_gradients_and_float64_ones(64)
+    for mine, reference in zip(gradients, exact):
+        assert mine.dtype == torch.bfloat16
+        assert (mine.double() - reference).abs().max() <= 0.03 * reference.abs().max()
+
+
+def low_rank_gradients_and_float64_ones(width: int, rank: int = 4) -> tuple:
+    """LowRankHeadGradient's gradients of the side output, gate and upsample for random bfloat16 inputs (2 x 11 tokens,
+    vocabulary V), and the same gradients computed by autograd in float64."""
     generator = torch.Generator().manual_seed(3)
 
     def random(*shape, scale=1.0):
@@ -291,13 +315,10 @@ def test_bfloat16_on_the_cpu_gives_the_exact_gradients_rounded(monkeypatch, piec
     side, gate, up = random(2, 11, rank), random(width), random(width, rank, scale=0.1)
     for parameter in (side, gate, up):
         parameter.requires_grad_()
-    weight, grad = random(vocabulary, width, scale=0.1), random(2, 11, vocabulary)
-    logits = torch.zeros(2, 11, vocabulary, dtype=torch.bfloat16)
+    weight, grad = random(V, width, scale=0.1), random(2, 11, V)
+    logits = torch.zeros(2, 11, V, dtype=torch.bfloat16)
     lm_head.LowRankHeadGradient.apply(logits, side, gate, up, weight).backward(grad)
 
     exact = [t.detach().double().requires_grad_() for t in (side, gate, up)]
     ((exact[1] * (exact[0] @ exact[2].T)) @ weight.double().T).backward(grad.double())
-    for mine, reference in zip((side.grad, gate.grad, up.grad), (t.grad for t in exact)):
-        assert mine.dtype == torch.bfloat16
-        assert (mine == reference.to(torch.bfloat16)).float().mean() >= 0.98
-        assert ((mine.double() - reference).abs() <= 2**-7 * reference.abs()).all()
+    return (side.grad, gate.grad, up.grad), tuple(t.grad for t in exact)
