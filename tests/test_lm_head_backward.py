@@ -282,10 +282,10 @@ def test_bfloat16_on_a_cpu_without_onednn_kernels_gives_the_exact_gradients_roun
     ``_CPU_FLOAT32_ELEMENTS``. Each gradient is then the float64 one rounded to bfloat16; products in bfloat16, with
     the intermediate ``s^T G`` rounded, matched it in about half of the values."""
     monkeypatch.setattr(lm_head, "_cpu_matmul_is_native", lambda dtype: False)
-    tokens, width = 22, 64
+    batch, width = (2, 11), 64
     if pieces:  # 7 vocabulary rows a piece: 15 pieces, the last of 2 rows
-        monkeypatch.setattr(lm_head, "_CPU_FLOAT32_ELEMENTS", 7 * (width + tokens))
-    gradients, exact = low_rank_gradients_and_float64_ones(width)
+        monkeypatch.setattr(lm_head, "_CPU_FLOAT32_ELEMENTS", 7 * (width + batch[0] * batch[1]))
+    gradients, exact = low_rank_gradients_and_float64_ones(batch, width)
     for mine, reference in zip(gradients, exact):
         assert mine.dtype == torch.bfloat16
         assert (mine == reference.to(torch.bfloat16)).float().mean() >= 0.98
@@ -298,25 +298,25 @@ def test_bfloat16_on_a_cpu_with_onednn_kernels_stays_in_bfloat16(monkeypatch):
     monkeypatch.setattr(lm_head, "_cpu_matmul_is_native", lambda dtype: True)
     assert lm_head._backward_dtype(torch.zeros(1, dtype=torch.bfloat16)) == torch.bfloat16
     assert lm_head._backward_dtype(torch.zeros(1, dtype=torch.float32)) == torch.float32
-    gradients, exact = low_rank_gradients_and_float64_ones(64)
+    gradients, exact = low_rank_gradients_and_float64_ones((2, 11), 64)
     for mine, reference in zip(gradients, exact):
         assert mine.dtype == torch.bfloat16
         assert (mine.double() - reference).abs().max() <= 0.03 * reference.abs().max()
 
 
-def low_rank_gradients_and_float64_ones(width: int, rank: int = 4) -> tuple:
-    """LowRankHeadGradient's gradients of the side output, gate and upsample for random bfloat16 inputs (2 x 11 tokens,
-    vocabulary V), and the same gradients computed by autograd in float64."""
+def low_rank_gradients_and_float64_ones(batch: tuple, width: int, rank: int = 4) -> tuple:
+    """LowRankHeadGradient's gradients of the side output, gate and upsample for random bfloat16 inputs (``batch``:
+    rows x tokens, vocabulary V), and the same gradients computed by autograd in float64."""
     generator = torch.Generator().manual_seed(3)
 
     def random(*shape, scale=1.0):
         return (torch.randn(*shape, generator=generator) * scale).bfloat16()
 
-    side, gate, up = random(2, 11, rank), random(width), random(width, rank, scale=0.1)
+    side, gate, up = random(*batch, rank), random(width), random(width, rank, scale=0.1)
     for parameter in (side, gate, up):
         parameter.requires_grad_()
-    weight, grad = random(V, width, scale=0.1), random(2, 11, V)
-    logits = torch.zeros(2, 11, V, dtype=torch.bfloat16)
+    weight, grad = random(V, width, scale=0.1), random(*batch, V)
+    logits = torch.zeros(*batch, V, dtype=torch.bfloat16)
     lm_head.LowRankHeadGradient.apply(logits, side, gate, up, weight).backward(grad)
 
     exact = [t.detach().double().requires_grad_() for t in (side, gate, up)]
